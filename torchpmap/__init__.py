@@ -1,0 +1,54 @@
+"""torchpmap: an SPMD parallel map for PyTorch, with jax.pmap's semantics.
+
+    >>> import torch, torchpmap
+    >>> y = torchpmap.pmap(lambda x: x * 2)(torch.arange(12.).reshape(4, 3))
+    >>> type(y).__name__, tuple(y.shape)
+    ('ShardedTensor', (4, 3))
+"""
+from ._config import collective_timeout, set_collective_timeout
+from ._devices import (
+    device_count,
+    devices,
+    local_device_count,
+    local_devices,
+    process_count,
+    process_index,
+    set_cpu_device_count,
+)
+from ._pmap import Pmapped, pmap
+from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
+from .collectives import (
+    all_gather,
+    all_to_all,
+    axis_index,
+    axis_size,
+    pmax,
+    pmean,
+    pmin,
+    ppermute,
+    psum,
+    psum_scatter,
+    pshuffle,
+    pswapaxes,
+)
+from .errors import (
+    CollectiveError,
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    DeletedShardedTensorError,
+    ReplicaAbortedError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "pmap", "Pmapped", "ShardedTensor",
+    "devices", "local_devices", "device_count", "local_device_count",
+    "process_index", "process_count", "set_cpu_device_count",
+    "device_put_sharded", "device_put_replicated", "unreplicate",
+    "psum", "pmean", "pmax", "pmin", "all_gather", "psum_scatter", "ppermute",
+    "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
+    "set_collective_timeout", "collective_timeout",
+    "CollectiveError", "CollectiveMismatchError", "CollectiveTimeoutError",
+    "ReplicaAbortedError", "DeletedShardedTensorError",
+]

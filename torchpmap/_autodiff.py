@@ -1,0 +1,117 @@
+"""Autograd through a pmap call.
+
+Each replica builds its own autograd graph on its worker thread. pmap hides
+those graphs behind one autograd Function whose backward runs every replica's
+backward pass on its worker, concurrently and with the named axis bound again,
+so the collectives' backward rules (psum of the cotangent, ...) communicate
+exactly like the forward collectives did. Gradients then flow back to what the
+caller passed: slices are stacked, broadcast arguments summed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._communicator import InProcessCommunicator
+
+
+def differentiable_call(run: Callable, comm, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
+    """Run the replicas so that the caller's autograd sees through them.
+
+    ``sources``: (leaf index, kind, source tensors, axis) for every input leaf
+    that requires grad; kind is "mapped" (one tensor sliced along axis),
+    "broadcast" (one tensor given to all) or "shards" (one tensor per replica).
+    """
+    replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
+    grad_inputs = [[] for _ in range(n)]  # per replica: its leaves that need grad
+    for j, kind, _, _ in sources:
+        for r in range(n):
+            v = replica_inputs[r][j].detach().requires_grad_()
+            replica_inputs[r][j] = v
+            grad_inputs[r].append(v)
+
+    outs = run(lambda r: call_fun(replica_inputs[r]), comm)
+
+    flat = [tree_flatten(o) for o in outs]
+    tensor_slots = [(r, k) for r in range(n) for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)]
+    outputs = [flat[r][0][k] for r, k in tensor_slots]
+    source_tensors = [t for _, _, ts, _ in sources for t in ts]
+    state = _ReplicaGraphs(run, devices, n, sources, grad_inputs, outputs, tensor_slots)
+    results = _ThroughReplicas.apply(state, *source_tensors)
+    for (r, k), t in zip(tensor_slots, results):
+        flat[r][0][k] = t
+    return [tree_unflatten(leaves, spec) for leaves, spec in flat]
+
+
+class _ReplicaGraphs:
+    """What the backward pass needs; dropped as soon as it has run."""
+
+    def __init__(self, run, devices, n, sources, grad_inputs, outputs, tensor_slots):
+        self.run = run
+        self.devices = devices
+        self.n = n
+        self.sources = sources
+        self.grad_inputs = grad_inputs
+        self.outputs = outputs
+        self.tensor_slots = tensor_slots
+
+
+class _ThroughReplicas(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state: _ReplicaGraphs, *source_tensors):
+        ctx.state = state
+        outs = tuple(o.detach() for o in state.outputs)
+        ctx.mark_non_differentiable(*[d for o, d in zip(state.outputs, outs) if not o.requires_grad])
+        return outs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        state: _ReplicaGraphs = ctx.state
+        if state is None:
+            raise RuntimeError(
+                "Trying to backward through a pmap call a second time; the replicas' "
+                "graphs were freed after the first backward"
+            )
+        ctx.state = None
+        n = state.n
+        per_replica_outs = [[] for _ in range(n)]
+        per_replica_grads = [[] for _ in range(n)]
+        for (r, _), out, g in zip(state.tensor_slots, state.outputs, grads):
+            if g is not None and out.requires_grad:
+                per_replica_outs[r].append(out)
+                per_replica_grads[r].append(g)
+
+        def replica_backward(r):
+            if not per_replica_outs[r]:
+                return [None] * len(state.grad_inputs[r])
+            return list(torch.autograd.grad(
+                per_replica_outs[r], state.grad_inputs[r], per_replica_grads[r], allow_unused=True
+            ))
+
+        with torch.enable_grad():
+            replica_grads = state.run(replica_backward, InProcessCommunicator(state.devices))
+        source_grads = []
+        for s, (_, kind, tensors, axis) in enumerate(state.sources):
+            per_r = [replica_grads[r][s] for r in range(n)]
+            if kind == "shards":
+                source_grads += [g if g is None else g.to(t.device) for g, t in zip(per_r, tensors)]
+                continue
+            (src,) = tensors
+            if all(g is None for g in per_r):
+                source_grads.append(None)
+                continue
+            if kind == "broadcast":
+                total = None
+                for g in per_r:
+                    if g is not None:
+                        g = g.to(src.device)
+                        total = g if total is None else total + g
+                source_grads.append(total)
+            else:  # mapped: the replicas' slices back into one tensor
+                template = src.select(axis, 0)
+                parts = [torch.zeros_like(template) if g is None else g.to(src.device) for g in per_r]
+                source_grads.append(torch.stack(parts, dim=axis))
+        return (None, *source_grads)

@@ -1,0 +1,93 @@
+"""The named-axis environment of the running replica.
+
+Each worker thread binds a ``ReplicaFrame`` while it runs its replica; the
+collectives look up the axis names they are given in it. The lookup happens
+inside the op kernels at run time (never at trace time), so one compiled graph
+serves every replica. The autograd engine may run CUDA backward ops on its own
+device threads, so frames are also findable by device.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Hashable
+
+import torch
+
+if TYPE_CHECKING:
+    from ._communicator import Communicator
+
+
+@dataclass
+class ReplicaFrame:
+    axis_name: Hashable
+    axis_size: int  # global size of the axis (all processes)
+    index: int  # global index of this replica along the axis
+    device: torch.device
+    comm: "Communicator"
+
+
+_tls = threading.local()
+_frames_by_cuda_device: dict[int, ReplicaFrame] = {}
+
+
+def current_frame() -> ReplicaFrame | None:
+    return getattr(_tls, "frame", None)
+
+
+def bind(frame: ReplicaFrame | None) -> None:
+    _tls.frame = frame
+    if frame is not None and frame.device.type == "cuda":
+        _frames_by_cuda_device[frame.device.index] = frame
+
+
+def unbind() -> None:
+    frame = getattr(_tls, "frame", None)
+    _tls.frame = None
+    if frame is not None and frame.device.type == "cuda":
+        _frames_by_cuda_device.pop(frame.device.index, None)
+
+
+def in_replica() -> bool:
+    return getattr(_tls, "frame", None) is not None
+
+
+def normalize_axis_names(axis_name: Any) -> tuple:
+    """An axis name or a tuple/list of them, as a tuple."""
+    if isinstance(axis_name, (tuple, list)):
+        names = tuple(axis_name)
+        if not names:
+            raise ValueError("axis_name: an empty tuple of axis names names no axis")
+        if len(set(names)) != len(names):
+            raise ValueError(f"axis_name: axis names must be distinct, got {axis_name!r}")
+        return names
+    return (axis_name,)
+
+
+def _unbound(name: Any, frame: ReplicaFrame | None) -> NameError:
+    if frame is None:
+        return NameError(
+            f"unbound axis name: {name!r}. Collectives can only be called inside a "
+            f"function mapped by torchpmap.pmap(..., axis_name={name!r})."
+        )
+    return NameError(
+        f"unbound axis name: {name!r}; the enclosing pmap binds axis_name="
+        f"{frame.axis_name!r}."
+    )
+
+
+def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:
+    """The frame that binds ``axis_name`` (a name or tuple of names), or NameError."""
+    frame = getattr(_tls, "frame", None)
+    if frame is None and like is not None and like.device.type == "cuda":
+        frame = _frames_by_cuda_device.get(like.device.index)
+    for name in normalize_axis_names(axis_name):
+        if frame is None or name != frame.axis_name:
+            raise _unbound(name, frame)
+    return frame
+
+
+def static_axis_size(axis_name: Any) -> int:
+    """Size of the named axes, for shape logic (trace time is fine: it is fixed
+    for a compiled function, which is cached per axis size)."""
+    return resolve(axis_name).axis_size

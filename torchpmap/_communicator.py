@@ -1,0 +1,284 @@
+"""Communicators: how the replicas of one pmap call exchange tensors.
+
+A collective in torchpmap is two layers. The public functions (psum, all_gather,
+...) reduce every variant (tiled or not, any axis) to five canonical primitives
+on a leading "group" dimension; a Communicator implements those primitives for
+one pmap call. Ranks are global axis indices; ``groups`` is None (one group of
+everybody) or a tuple of tuples of ranks (``axis_index_groups``).
+
+* all_reduce(x, op)      -> the reduction of x over the group
+* all_gather(x)          -> stack([x of each member])            shape (g, *x)
+* reduce_scatter(x, op)  -> reduction of x over the group, row k  x: (g, ...)
+* all_to_all(x)          -> out[j] = x of member j, row k         x: (g, ...)
+* permute(x, pairs)      -> x of the source that sends to me, or zeros
+
+``InProcessCommunicator`` serves replicas that are threads of this process;
+another implementation (torch.distributed) plugs in with the same interface.
+"""
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from . import _config
+from .errors import CollectiveMismatchError, CollectiveTimeoutError, ReplicaAbortedError
+
+Groups = "tuple[tuple[int, ...], ...] | None"
+
+_REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "sum": torch.add,
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
+
+
+class Communicator(abc.ABC):
+    """The collective primitives for the replicas of one pmap call."""
+
+    size: int
+
+    @abc.abstractmethod
+    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def all_gather(self, rank: int, x: torch.Tensor, groups) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def all_to_all(self, rank: int, x: torch.Tensor, groups) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor: ...
+
+    def abort(self, error: BaseException, rank: int) -> None:
+        """Release every replica waiting in a collective: replica ``rank`` failed."""
+
+    def retire(self, rank: int) -> None:
+        """Replica ``rank`` returned; nobody should wait for it any more."""
+
+
+def group_of(rank: int, groups, size: int) -> tuple[int, ...]:
+    if groups is None:
+        return tuple(range(size))
+    for g in groups:
+        if rank in g:
+            return g
+    raise AssertionError(f"rank {rank} is in no group of {groups}")  # validated earlier
+
+
+class InProcessCommunicator(Communicator):
+    """A rendezvous of worker threads: each collective is one exchange.
+
+    Every replica deposits its tensor; the last one to arrive computes every
+    replica's result while the others still wait, then releases them. Computing
+    before release means no replica reads another's input after that replica
+    has moved on (and perhaps modified it in place), with a single barrier.
+    Results never alias each other, so a replica may modify its result in place.
+    """
+
+    def __init__(self, devices: Sequence[torch.device], timeout: float | None = None):
+        self.size = len(devices)
+        self._devices = list(devices)
+        self._cuda = any(d.type == "cuda" for d in devices)
+        self._timeout = _config.collective_timeout() if timeout is None else timeout
+        self._cond = threading.Condition(threading.Lock())
+        self._generation = 0
+        self._arrived = 0
+        self._deposits: list = [None] * self.size
+        self._results: list = [None, None]  # by generation parity
+        self._failure: BaseException | None = None
+        self._failed_rank: int | None = None
+        self._retired: set[int] = set()
+
+    # -- the five primitives -------------------------------------------------
+    def all_reduce(self, rank, x, op, groups):
+        reduce = _REDUCERS[op]
+
+        def compute(xs):
+            out = [None] * self.size
+            for g in groups or (tuple(range(self.size)),):
+                total = self._to(xs[g[0]], g[0])
+                for r in g[1:]:
+                    total = reduce(total, self._to(xs[r], g[0]))
+                # total is a fresh tensor unless the group has a single member;
+                # every other member gets its own copy.
+                for k, r in enumerate(g):
+                    mine = k == 0 and len(g) > 1
+                    out[r] = self._to(total, r) if mine else self._to(total, r).clone()
+            return out
+
+        return self._exchange(rank, ("all_reduce", op, groups), x, compute)
+
+    def all_gather(self, rank, x, groups):
+        def compute(xs):
+            out = [None] * self.size
+            for g in groups or (tuple(range(self.size)),):
+                stacked = torch.stack([self._to(xs[r], g[0]) for r in g])
+                for k, r in enumerate(g):
+                    out[r] = self._to(stacked if k == 0 else stacked.clone(), r)
+            return out
+
+        return self._exchange(rank, ("all_gather", groups), x, compute)
+
+    def reduce_scatter(self, rank, x, op, groups):
+        reduce = _REDUCERS[op]
+
+        def compute(xs):
+            out = [None] * self.size
+            for g in groups or (tuple(range(self.size)),):
+                total = self._to(xs[g[0]], g[0])
+                for r in g[1:]:
+                    total = reduce(total, self._to(xs[r], g[0]))
+                if len(g) == 1:
+                    total = total.clone()
+                # Rows of one fresh buffer: disjoint memory, so no aliasing.
+                for k, r in enumerate(g):
+                    out[r] = self._to(total[k], r)
+            return out
+
+        return self._exchange(rank, ("reduce_scatter", op, groups), x, compute)
+
+    def all_to_all(self, rank, x, groups):
+        def compute(xs):
+            out = [None] * self.size
+            for g in groups or (tuple(range(self.size)),):
+                for k, r in enumerate(g):
+                    out[r] = torch.stack([self._to(xs[j][k], r) for j in g])
+            return out
+
+        return self._exchange(rank, ("all_to_all", groups), x, compute)
+
+    def permute(self, rank, x, pairs):
+        def compute(xs):
+            out = [None] * self.size
+            for src, dst in pairs:
+                out[dst] = self._to(xs[src], dst).clone()
+            for r in range(self.size):
+                if out[r] is None:
+                    out[r] = torch.zeros_like(xs[r])
+            return out
+
+        return self._exchange(rank, ("ppermute", tuple(pairs)), x, compute)
+
+    # -- failure handling ----------------------------------------------------
+    def abort(self, error, rank):
+        with self._cond:
+            if self._failure is None:
+                self._failure = error
+                self._failed_rank = rank
+            self._cond.notify_all()
+
+    def retire(self, rank):
+        with self._cond:
+            self._retired.add(rank)
+            if self._arrived and self._failure is None:
+                waiting = [r for r, d in enumerate(self._deposits) if d is not None]
+                self._failure = CollectiveMismatchError(
+                    f"replica {rank} returned while replicas {waiting} wait in "
+                    f"{self._describe(self._deposits[waiting[0]][0])}: every replica "
+                    f"must call the same collectives in the same order"
+                )
+                self._failed_rank = rank
+                self._cond.notify_all()
+
+    # -- the rendezvous ------------------------------------------------------
+    def _exchange(self, rank, what, x, compute):
+        if self.size == 1:
+            # Nobody to wait for; still return a fresh tensor like every path.
+            return compute([x])[0]
+        signature = (what, tuple(x.shape), x.dtype)
+        if self._cuda and x.is_cuda:
+            # Host-side synchronisation keeps cross-device reads safe without
+            # knowing every thread's stream. NCCL would be the fast path here.
+            torch.cuda.current_stream(x.device).synchronize()
+        with self._cond:
+            self._raise_failure(rank)
+            if self._retired:
+                self._failure = CollectiveMismatchError(
+                    f"replica {rank} called {self._describe(signature)} but replicas "
+                    f"{sorted(self._retired)} had already returned: every replica "
+                    f"must call the same collectives in the same order"
+                )
+                self._failed_rank = rank
+                self._cond.notify_all()
+                self._raise_failure(rank)
+            generation = self._generation
+            self._deposits[rank] = (signature, x)
+            self._arrived += 1
+            if self._arrived == self.size:
+                self._complete(generation, compute)
+            else:
+                self._wait(rank, generation, signature)
+            result = self._results[generation & 1]
+        if isinstance(result, BaseException):
+            raise type(result)(*result.args)
+        return result[rank]
+
+    def _complete(self, generation, compute):
+        deposits = self._deposits
+        self._deposits = [None] * self.size
+        self._arrived = 0
+        signatures = [d[0] for d in deposits]
+        try:
+            if any(s != signatures[0] for s in signatures):
+                lines = "\n".join(f"  replica {r}: {self._describe(s)}" for r, s in enumerate(signatures))
+                raise CollectiveMismatchError(
+                    "replicas called different collectives (or the same one with "
+                    "different shapes, dtypes or parameters) at the same point:\n" + lines
+                )
+            result = compute([d[1] for d in deposits])
+            if self._cuda:
+                for d in {t.device for t in result if t.is_cuda}:
+                    torch.cuda.synchronize(d)
+        except Exception as e:  # reported in every replica, not just this one
+            result = e
+        self._results[generation & 1] = result
+        self._generation = generation + 1
+        self._cond.notify_all()
+
+    def _wait(self, rank, generation, signature):
+        deadline = time.monotonic() + self._timeout
+        while self._generation == generation:
+            self._raise_failure(rank)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = [r for r, d in enumerate(self._deposits) if d is None]
+                self._failure = CollectiveTimeoutError(
+                    f"{self._describe(signature)} timed out after {self._timeout:g} s "
+                    f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
+                    f"or torchpmap.set_collective_timeout to change the limit)"
+                )
+                self._failed_rank = rank
+                self._cond.notify_all()
+                self._raise_failure(rank)
+            self._cond.wait(remaining)
+
+    def _raise_failure(self, rank):
+        failure = self._failure
+        if failure is None:
+            return
+        if rank == self._failed_rank or isinstance(failure, (CollectiveMismatchError, CollectiveTimeoutError)):
+            if rank == self._failed_rank:
+                raise failure
+            raise type(failure)(*failure.args)
+        raise ReplicaAbortedError(
+            f"collective cancelled: replica {self._failed_rank} failed with "
+            f"{type(failure).__name__}: {failure}"
+        )
+
+    def _to(self, t: torch.Tensor, rank: int) -> torch.Tensor:
+        if not self._cuda:
+            return t
+        return t.to(self._devices[rank])
+
+    @staticmethod
+    def _describe(signature) -> str:
+        what, shape, dtype = signature
+        name, *params = what
+        return f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"

@@ -1,0 +1,32 @@
+"""Process-wide settings."""
+from __future__ import annotations
+
+import os
+
+_ENV_TIMEOUT = "TORCHPMAP_COLLECTIVE_TIMEOUT"
+_DEFAULT_TIMEOUT = 300.0
+_timeout: float | None = None
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long a collective waits for the other replicas before it fails
+    (default 300 s, or the TORCHPMAP_COLLECTIVE_TIMEOUT environment variable)."""
+    global _timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"set_collective_timeout: seconds must be a positive number, got {seconds!r}")
+    _timeout = float(seconds)
+
+
+def collective_timeout() -> float:
+    if _timeout is not None:
+        return _timeout
+    raw = os.environ.get(_ENV_TIMEOUT)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"{_ENV_TIMEOUT} must be a positive number of seconds, got {raw!r}")
+        return value
+    return _DEFAULT_TIMEOUT

@@ -1,0 +1,116 @@
+"""Which devices pmap can use.
+
+CUDA devices when present; otherwise a number of *virtual* CPU devices. A
+virtual device is bookkeeping only (``torch.device("cpu", i)``): every shard
+lives in ordinary CPU memory, and each virtual device gets its own worker
+thread, so programs written for N accelerators run unchanged on a laptop.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+# Eight virtual devices by default: enough to exercise real multi-device code
+# paths (rings, groups, all_to_all) on any laptop, and the count most JAX users
+# know from --xla_force_host_platform_device_count=8. Idle workers cost nothing
+# but a parked thread, and they are only started for devices a pmap uses.
+DEFAULT_CPU_DEVICES = 8
+_ENV_VAR = "TORCHPMAP_CPU_DEVICES"
+
+_lock = threading.Lock()
+_cpu_count_override: int | None = None
+_frozen_local: tuple[torch.device, ...] | None = None
+# Set by torchpmap.distributed.initialize: (process_index, process_count,
+# global device list). None means a single-process job.
+_process_layout: tuple[int, int, tuple[torch.device, ...]] | None = None
+
+
+def set_cpu_device_count(n: int) -> None:
+    """Set how many virtual CPU devices to expose when no GPU is present.
+
+    Must be called before the first use of the devices (the first pmap call or
+    ``devices()``), exactly like the environment variable TORCHPMAP_CPU_DEVICES.
+    """
+    global _cpu_count_override
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_cpu_device_count: n must be a positive int, got {n!r}")
+    with _lock:
+        if _frozen_local is not None and _frozen_local[0].type == "cpu" and len(_frozen_local) != n:
+            raise RuntimeError(
+                f"set_cpu_device_count({n}) called after the devices were already "
+                f"initialised with {len(_frozen_local)} virtual CPU devices; call it "
+                f"before the first pmap, or set {_ENV_VAR}={n} in the environment."
+            )
+        _cpu_count_override = n
+
+
+def _cpu_device_count() -> int:
+    if _cpu_count_override is not None:
+        return _cpu_count_override
+    raw = os.environ.get(_ENV_VAR)
+    if raw is None or raw == "":
+        return DEFAULT_CPU_DEVICES
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{_ENV_VAR} must be a positive integer, got {raw!r}")
+    return n
+
+
+def local_devices() -> list[torch.device]:
+    """This process's devices: every CUDA GPU, or the virtual CPU devices."""
+    global _frozen_local
+    if _frozen_local is None:
+        with _lock:
+            if _frozen_local is None:
+                if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+                    devs = tuple(torch.device("cuda", i) for i in range(torch.cuda.device_count()))
+                else:
+                    devs = tuple(torch.device("cpu", i) for i in range(_cpu_device_count()))
+                _frozen_local = devs
+    return list(_frozen_local)
+
+
+def local_device_count() -> int:
+    return len(local_devices())
+
+
+def devices() -> list[torch.device]:
+    """Every device of the job, process by process (this process's alone when
+    torch.distributed was not initialised through torchpmap.distributed)."""
+    if _process_layout is not None:
+        return list(_process_layout[2])
+    return local_devices()
+
+
+def device_count() -> int:
+    return len(devices())
+
+
+def process_index() -> int:
+    return 0 if _process_layout is None else _process_layout[0]
+
+
+def process_count() -> int:
+    return 1 if _process_layout is None else _process_layout[1]
+
+
+def _set_process_layout(layout: tuple[int, int, tuple[torch.device, ...]] | None) -> None:
+    global _process_layout
+    _process_layout = layout
+
+
+def _reset_for_tests() -> None:
+    """Forget the device list so a test can choose another count."""
+    global _frozen_local, _cpu_count_override
+    with _lock:
+        _frozen_local = None
+        _cpu_count_override = None
+
+
+def device_str(d: torch.device) -> str:
+    return f"{d.type}:{d.index}" if d.index is not None else d.type

@@ -1,0 +1,449 @@
+"""The pmap transform: argument handling, placement and output assembly.
+
+A call flattens its arguments, looks up a plan cached per call signature
+(tree structure, leaf kinds and ranks, static arguments), slices the mapped
+leaves into one argument tuple per replica, runs the replicas on the worker
+pool with a fresh communicator, and wraps the per-replica outputs into
+ShardedTensors.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import _devices, _runtime
+from ._autodiff import differentiable_call
+from ._communicator import InProcessCommunicator
+from ._sharded import ShardedTensor, _to_device
+from ._tree import broadcast_prefix, is_axis_spec, leaf_paths
+
+_TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER = range(5)
+
+
+def _kind(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return _TENSOR
+    if isinstance(v, ShardedTensor):
+        return _SHARDED
+    if isinstance(v, (np.ndarray, np.generic)):
+        return _NUMPY
+    if isinstance(v, numbers.Number):
+        return _SCALAR
+    return _OTHER
+
+
+def _ndim(v: Any, kind: int) -> int:
+    if kind in (_TENSOR, _SHARDED, _NUMPY):
+        return v.ndim
+    return 0
+
+
+@dataclass
+class _InPlan:
+    axes: list  # per input leaf: canonical mapped axis or None
+    mapped: list  # indices of mapped leaves
+    kinds: list
+    paths: list
+    arg_of_leaf: list  # positional index of the argument a leaf comes from (None: kwargs)
+
+
+@dataclass
+class _OutPlan:
+    axes: list
+    paths: list
+
+
+def pmap(
+    fun: Callable | None = None,
+    axis_name: str | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[torch.device] | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+):
+    """Map ``fun`` over the leading (or ``in_axes``) axis of its arguments, one
+    replica per device, like ``jax.pmap``. Usable as ``@pmap``,
+    ``@pmap(axis_name="i")`` or ``pmap(f, "i", in_axes=...)``.
+
+    Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
+    returns one tensor and checks that every replica produced the same value.
+    """
+    options = dict(
+        axis_name=axis_name, in_axes=in_axes, out_axes=out_axes,
+        static_broadcasted_argnums=static_broadcasted_argnums, devices=devices,
+        axis_size=axis_size, donate_argnums=donate_argnums,
+    )
+    if fun is None:
+        return lambda f: Pmapped(f, **options)
+    if isinstance(fun, str) and axis_name is None:
+        raise TypeError(
+            f"pmap: the first argument must be the function to map; to name the axis "
+            f"use pmap(axis_name={fun!r})"
+        )
+    return Pmapped(fun, **options)
+
+
+def _argnums(value: Any, name: str) -> tuple[int, ...]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return (int(value),)
+    try:
+        nums = tuple(value)
+    except TypeError:
+        raise TypeError(f"pmap: {name} must be an int or a sequence of ints, got {value!r}") from None
+    for v in nums:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"pmap: {name} must be an int or a sequence of ints, got {value!r}")
+    return tuple(int(v) for v in nums)
+
+
+class Pmapped:
+    """The callable that ``pmap`` returns."""
+
+    def __init__(self, fun, *, axis_name, in_axes, out_axes, static_broadcasted_argnums,
+                 devices, axis_size, donate_argnums):
+        if not callable(fun):
+            raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
+        if axis_name is not None and not isinstance(axis_name, str):
+            raise TypeError(f"pmap: axis_name must be a string or None, got {axis_name!r}")
+        if isinstance(in_axes, list):
+            in_axes = tuple(in_axes)  # JAX accepts a list at the top level
+        if not (is_axis_spec(in_axes) or isinstance(in_axes, tuple)):
+            raise TypeError(
+                f"pmap: in_axes must be an int, None, or a tuple with one entry per "
+                f"positional argument, got {in_axes!r}"
+            )
+        if not is_axis_spec(out_axes):
+            tree_flatten(out_axes, is_leaf=is_axis_spec)  # validated against outputs
+        if axis_size is not None and (isinstance(axis_size, bool) or not isinstance(axis_size, numbers.Integral) or axis_size < 1):
+            raise ValueError(f"pmap: axis_size must be a positive int, got {axis_size!r}")
+        if devices is not None:
+            devices = tuple(torch.device(d) for d in devices)
+            if not devices:
+                raise ValueError("pmap: devices must not be empty")
+            if len(set(devices)) != len(devices):
+                raise ValueError(f"pmap: devices lists a device twice: {devices}")
+        self._fun = fun
+        self._axis_name = axis_name
+        self._in_axes = in_axes
+        self._out_axes = out_axes
+        self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
+        self._donate = _argnums(donate_argnums, "donate_argnums")
+        self._devices = devices
+        self._axis_size = None if axis_size is None else int(axis_size)
+        self._in_plans: dict = {}
+        self._out_plans: dict = {}
+        self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
+        functools.update_wrapper(self, fun)
+
+    def __repr__(self) -> str:
+        return f"<pmap of {self._fun_name} axis_name={self._axis_name!r}>"
+
+    # -- the call ------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        static_pos = self._static_positions(len(args))
+        if static_pos:
+            static_vals = tuple(args[i] for i in static_pos)
+            dyn_args = tuple(a for i, a in enumerate(args) if i not in static_pos)
+            try:
+                hash(static_vals)
+            except TypeError:
+                bad = next(i for i in static_pos if not _hashable(args[i]))
+                raise ValueError(
+                    f"pmap: static_broadcasted_argnums argument {bad} must be hashable, got "
+                    f"{type(args[bad]).__name__}; pass it as a regular argument with "
+                    f"in_axes=None instead"
+                ) from None
+        else:
+            static_vals, dyn_args = (), args
+        leaves, treedef = tree_flatten((dyn_args, kwargs))
+        key = (treedef, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
+        plan = self._in_plans.get(key)
+        if plan is None:
+            plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
+            self._in_plans[key] = plan
+
+        n = self._axis_length(plan, leaves)
+        devices = self._choose_devices(n)
+        donated = self._donated_leaves(plan, len(args))
+        per_leaf, sources = self._place(plan, leaves, devices, n, donated)
+
+        fun, static_items = self._fun, list(zip(static_pos, static_vals))
+
+        def call_fun(replica_leaves):
+            dyn, kw = tree_unflatten(replica_leaves, treedef)
+            if static_items:
+                dyn = list(dyn)
+                for i, v in static_items:
+                    dyn.insert(i, v)
+            return fun(*dyn, **kw)
+
+        axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
+        comm = InProcessCommunicator(devices)
+        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n)  # noqa: E731
+        if sources:
+            outs = differentiable_call(run, comm, call_fun, per_leaf, sources, devices, n)
+        else:
+            replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
+            outs = run(lambda r: call_fun(replica_inputs[r]), comm)
+        return self._assemble(outs, devices)
+
+    # -- inputs --------------------------------------------------------------------------
+    def _static_positions(self, nargs: int) -> tuple[int, ...]:
+        if not self._static:
+            return ()
+        pos = []
+        for i in self._static:
+            j = i + nargs if i < 0 else i
+            if not 0 <= j < nargs:
+                raise ValueError(
+                    f"pmap: static_broadcasted_argnums entry {i} is out of range: "
+                    f"{self._fun_name} was called with {nargs} positional argument(s)"
+                )
+            pos.append(j)
+        return tuple(sorted(set(pos)))
+
+    def _make_in_plan(self, args, static_pos, dyn_args, kwargs, leaves) -> _InPlan:
+        in_axes = self._in_axes
+        if isinstance(in_axes, tuple):
+            if len(in_axes) == len(args):
+                in_axes = tuple(a for i, a in enumerate(in_axes) if i not in static_pos)
+            elif len(in_axes) != len(dyn_args):
+                raise ValueError(
+                    f"pmap: in_axes has {len(in_axes)} entries but {self._fun_name} was "
+                    f"called with {len(args)} positional argument(s); give one entry per "
+                    f"positional argument"
+                )
+        spec = (in_axes, 0)  # keyword arguments are always mapped over axis 0
+        axes = broadcast_prefix(spec, (dyn_args, {k: v for k, v in kwargs.items()}), "in_axes", "arguments")
+        # Readable paths: args[i] counts every positional argument, static ones too.
+        dyn_index = [i for i in range(len(args)) if i not in static_pos]
+        paths, arg_of_leaf = [], []
+        for j, a in enumerate(dyn_args):
+            p = leaf_paths(a, f"args[{dyn_index[j]}]")
+            paths += p
+            arg_of_leaf += [dyn_index[j]] * len(p)
+        for k, v in kwargs.items():
+            p = leaf_paths(v, f"kwargs[{k!r}]")
+            paths += p
+            arg_of_leaf += [None] * len(p)
+        kinds = [_kind(v) for v in leaves]
+        canonical = []
+        for leaf, kind, axis, path in zip(leaves, kinds, axes, paths):
+            if axis is None:
+                canonical.append(None)
+                continue
+            if leaf is None:
+                canonical.append(None)  # None holds no data: nothing to map
+                continue
+            if kind in (_SCALAR, _OTHER):
+                raise ValueError(
+                    f"pmap: cannot map over {path}, a {type(leaf).__name__} (in_axes={axis}); "
+                    f"pass a tensor, or use in_axes=None / static_broadcasted_argnums for it"
+                )
+            ndim = _ndim(leaf, kind)
+            if ndim == 0:
+                raise ValueError(
+                    f"pmap: {path} is a rank-0 tensor but in_axes={axis} maps it; a mapped "
+                    f"argument needs an axis to split (use in_axes=None to broadcast it)"
+                )
+            if not -ndim <= axis < ndim:
+                raise ValueError(
+                    f"pmap: in_axes={axis} is out of range for {path}, which has {ndim} "
+                    f"dimension(s) (shape {tuple(leaf.shape)})"
+                )
+            canonical.append(axis % ndim)
+        mapped = [j for j, a in enumerate(canonical) if a is not None]
+        if not mapped and self._axis_size is None:
+            raise ValueError(
+                f"pmap: {self._fun_name} was called with no mapped argument, so the axis "
+                f"size is unknown; map at least one argument (in_axes) or pass axis_size"
+            )
+        return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf)
+
+    def _axis_length(self, plan: _InPlan, leaves) -> int:
+        n = None
+        first = None
+        for j in plan.mapped:
+            size = leaves[j].shape[plan.axes[j]]
+            if n is None:
+                n, first = size, j
+            elif size != n:
+                sizes = "\n".join(
+                    f"  {plan.paths[k]}: axis {plan.axes[k]} of shape {tuple(leaves[k].shape)} has size "
+                    f"{leaves[k].shape[plan.axes[k]]}" for k in plan.mapped
+                )
+                raise ValueError(
+                    f"pmap: mapped arguments have different sizes along their mapped axes "
+                    f"({plan.paths[first]} has {n}, {plan.paths[j]} has {size}):\n{sizes}"
+                )
+        if self._axis_size is not None:
+            if n is not None and n != self._axis_size:
+                raise ValueError(
+                    f"pmap: axis_size={self._axis_size} but {plan.paths[first]} has size {n} "
+                    f"along its mapped axis"
+                )
+            n = self._axis_size
+        if n == 0:
+            raise ValueError(f"pmap: the mapped axis of {plan.paths[first]} has size 0; there is nothing to map")
+        return n
+
+    def _choose_devices(self, n: int) -> tuple[torch.device, ...]:
+        if self._devices is not None:
+            if len(self._devices) != n:
+                raise ValueError(
+                    f"pmap: the mapped axis has size {n} but devices= lists "
+                    f"{len(self._devices)} devices; they must be equal"
+                )
+            return self._devices
+        local = _devices.local_devices()
+        if n > len(local):
+            hint = (
+                f" Set TORCHPMAP_CPU_DEVICES={n} (or call torchpmap.set_cpu_device_count({n}) "
+                f"before the first pmap) for more virtual CPU devices."
+                if local[0].type == "cpu" else ""
+            )
+            raise ValueError(
+                f"pmap: the mapped axis has size {n}, but only {len(local)} local devices "
+                f"are available.{hint}"
+            )
+        return tuple(local[:n])
+
+    def _donated_leaves(self, plan: _InPlan, nargs: int) -> list[int]:
+        if not self._donate:
+            return []
+        donate = {i + nargs if i < 0 else i for i in self._donate}
+        if set(self._static_positions(nargs)) & donate:
+            raise ValueError("pmap: an argument cannot be both static and donated")
+        # Only a ShardedTensor's buffers are ours to release; a plain tensor
+        # still belongs to the caller.
+        return [j for j, a in enumerate(plan.arg_of_leaf) if a in donate and plan.kinds[j] == _SHARDED]
+
+    def _place(self, plan: _InPlan, leaves, devices, n: int, donated: list[int]):
+        """Per input leaf, its n per-replica values; and the leaves autograd must
+        see (those that require grad when grad mode is on)."""
+        per_leaf = []
+        grad_on = torch.is_grad_enabled()
+        sources = []
+        for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
+            if kind == _NUMPY:
+                leaf = torch.from_numpy(np.ascontiguousarray(leaf)) if isinstance(leaf, np.ndarray) else torch.as_tensor(leaf)
+                kind = _TENSOR
+            if kind == _SHARDED:
+                if axis is not None and axis == leaf.axis and leaf.devices == devices:
+                    values = list(leaf.shards)  # already in place: no data moves
+                    if grad_on and leaf.requires_grad:
+                        sources.append((j, "shards", values, None))
+                    per_leaf.append(values)
+                    continue
+                leaf = leaf.unshard()
+                kind = _TENSOR
+            if kind == _TENSOR:
+                if axis is None:
+                    values = [_to_device(leaf, d) for d in devices]
+                    if grad_on and leaf.requires_grad:
+                        sources.append((j, "broadcast", [leaf], None))
+                else:
+                    values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
+                    if grad_on and leaf.requires_grad:
+                        sources.append((j, "mapped", [leaf], axis))
+            else:
+                values = [leaf] * n
+            per_leaf.append(values)
+        for j in donated:
+            leaves[j].delete()
+        return per_leaf, sources
+
+    # -- outputs -------------------------------------------------------------------------
+    def _assemble(self, outs: list, devices):
+        flat = [tree_flatten(o) for o in outs]
+        spec = flat[0][1]
+        for r, (_, s) in enumerate(flat):
+            if s != spec:
+                raise ValueError(
+                    f"pmap: replicas returned different output structures: replica 0 "
+                    f"returned {spec} but replica {r} returned {s}"
+                )
+        first = flat[0][0]
+        key = (spec, tuple(getattr(v, "ndim", None) for v in first))
+        plan = self._out_plans.get(key)
+        if plan is None:
+            plan = self._make_out_plan(outs[0], first)
+            self._out_plans[key] = plan
+        result = []
+        for j, axis in enumerate(plan.axes):
+            values = [f[0][j] for f in flat]
+            if axis is None:
+                result.append(_check_replicated(values, plan.paths[j]))
+            else:
+                shards = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d)
+                          for v, d in zip(values, devices)]
+                result.append(ShardedTensor(shards, devices, axis=axis))
+        return tree_unflatten(result, spec)
+
+    def _make_out_plan(self, out0, first_leaves) -> _OutPlan:
+        axes = broadcast_prefix(self._out_axes, out0, "out_axes", "outputs")
+        paths = leaf_paths(out0, "out")
+        canonical = []
+        for leaf, axis, path in zip(first_leaves, axes, paths):
+            if axis is None:
+                canonical.append(None)
+                continue
+            if not isinstance(leaf, (torch.Tensor, numbers.Number)):
+                raise TypeError(
+                    f"pmap: output {path} is a {type(leaf).__name__}; mapped outputs must be "
+                    f"tensors or numbers (use out_axes=None for it)"
+                )
+            ndim = (leaf.ndim if isinstance(leaf, torch.Tensor) else 0) + 1
+            if not -ndim <= axis < ndim:
+                raise ValueError(
+                    f"pmap: out_axes={axis} is out of range for output {path}, which gets "
+                    f"{ndim} dimension(s) with the mapped axis"
+                )
+            canonical.append(axis % ndim)
+        return _OutPlan(canonical, paths)
+
+
+def _hashable(v) -> bool:
+    try:
+        hash(v)
+        return True
+    except TypeError:
+        return False
+
+
+def _anonymous_axis(p: Pmapped) -> str:
+    # An unnamed axis still needs a name internally; no user code can spell it.
+    return f"<unnamed axis of pmap {id(p):x}>"
+
+
+def _check_replicated(values: list, path: str):
+    first = values[0]
+    for r, v in enumerate(values[1:], start=1):
+        if isinstance(first, torch.Tensor) and isinstance(v, torch.Tensor):
+            same = first.shape == v.shape and first.dtype == v.dtype and _equal(first.detach(), v.detach().to(first.device))
+        else:
+            same = type(first) is type(v) and first == v
+        if not same:
+            raise ValueError(
+                f"pmap: out_axes=None for output {path}, but replica {r} returned a different "
+                f"value than replica 0; make it equal on every replica (psum/pmean/all_gather) "
+                f"or map it (out_axes=0)"
+            )
+    return first
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    if a.is_floating_point() or a.is_complex():  # NaN in the same places is equal
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return False

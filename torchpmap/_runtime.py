@@ -1,0 +1,213 @@
+"""The executor: one persistent worker thread per device.
+
+Workers are created the first time a device is used and live for the whole
+process; a pmap call hands each worker one task and waits for all of them.
+On CUDA each worker owns a stream: it waits for the caller's stream before it
+starts and the caller's stream waits for it afterwards, so inputs and outputs
+are ordered exactly as if the caller had run the work itself.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import _axis
+from ._communicator import Communicator
+from .errors import ReplicaAbortedError
+
+
+@dataclass(frozen=True)
+class CallerState:
+    """Thread-local PyTorch state of the caller, re-created in every replica."""
+
+    grad_enabled: bool
+    inference_mode: bool
+    autocast: tuple  # ((device_type, dtype), ...) for each enabled autocast
+
+    @staticmethod
+    def capture() -> "CallerState":
+        autocast = tuple(
+            (dt, torch.get_autocast_dtype(dt))
+            for dt in ("cpu", "cuda")
+            if torch.is_autocast_enabled(dt)
+        )
+        return CallerState(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
+
+
+_DEFAULT_STATE = CallerState(True, False, ())
+
+
+def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
+    if state == _DEFAULT_STATE:
+        return fn()
+    with torch.inference_mode(state.inference_mode), torch.set_grad_enabled(state.grad_enabled):
+        if not state.autocast:
+            return fn()
+        import contextlib
+
+        with contextlib.ExitStack() as stack:
+            for device_type, dtype in state.autocast:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            return fn()
+
+
+class _Worker:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(
+            target=self._loop, name=f"torchpmap-worker-{_device_name(device)}", daemon=True
+        )
+        self.thread.start()
+
+    def _loop(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        while True:
+            task = self.tasks.get()
+            task(self)
+
+
+def _device_name(d: torch.device) -> str:
+    return f"{d.type}{d.index if d.index is not None else ''}"
+
+
+class _Call:
+    """The bookkeeping of one pmap call (or one backward pass through it)."""
+
+    __slots__ = ("results", "errors", "remaining", "lock", "done")
+
+    def __init__(self, n: int):
+        self.results: list = [None] * n
+        self.errors: list = [None] * n
+        self.remaining = n
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def finish_one(self) -> None:
+        with self.lock:
+            self.remaining -= 1
+            last = self.remaining == 0
+        if last:
+            self.done.set()
+
+
+class WorkerPool:
+    def __init__(self) -> None:
+        self._workers: dict[torch.device, _Worker] = {}
+        self._lock = threading.Lock()
+
+    def worker(self, device: torch.device) -> _Worker:
+        w = self._workers.get(device)
+        if w is None:
+            with self._lock:
+                w = self._workers.get(device)
+                if w is None:
+                    w = self._workers[device] = _Worker(device)
+        return w
+
+    def thread_count(self) -> int:
+        return len(self._workers)
+
+    def run(
+        self,
+        devices: Sequence[torch.device],
+        replica_fn: Callable[[int], Any],
+        comm: Communicator,
+        axis_name: Any,
+        axis_size: int,
+        first_index: int = 0,
+    ) -> list:
+        """Run ``replica_fn(rank)`` for every local rank on its device's worker
+        with the named axis bound; return the results in rank order or raise the
+        first replica's original exception."""
+        if _axis.in_replica() or threading.current_thread().name.startswith("torchpmap-worker"):
+            raise NotImplementedError(
+                "nested pmap is not supported: a pmapped function called pmap. "
+                "Map the inner function with torch.vmap, or flatten both axes into one pmap."
+            )
+        n = len(devices)
+        state = CallerState.capture()
+        call = _Call(n)
+        workers = [self.worker(d) for d in devices]
+        caller_streams = [torch.cuda.current_stream(d) if w.stream is not None else None for d, w in zip(devices, workers)]
+
+        def make_task(rank: int):
+            def task(worker: _Worker) -> None:
+                frame = _axis.ReplicaFrame(axis_name, axis_size, first_index + rank, worker.device, comm)
+                _axis.bind(frame)
+                try:
+                    if worker.stream is not None:
+                        worker.stream.wait_stream(caller_streams[rank])
+                        with torch.cuda.stream(worker.stream):
+                            call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+                    else:
+                        call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+                    comm.retire(first_index + rank)
+                except BaseException as e:  # noqa: BLE001 - reported to the caller
+                    call.errors[rank] = e
+                    comm.abort(e, first_index + rank)
+                finally:
+                    _axis.unbind()
+                    call.finish_one()
+
+            return task
+
+        # One lock around the whole submission: every worker sees the calls in
+        # the same order, so two threads calling pmap at once cannot deadlock.
+        with self._lock:
+            for rank, w in enumerate(workers):
+                w.tasks.put(make_task(rank))
+        try:
+            call.done.wait()
+        except BaseException as e:  # e.g. KeyboardInterrupt: free the replicas
+            comm.abort(e, -1)
+            raise
+
+        for rank, w in enumerate(workers):
+            if w.stream is not None:
+                caller_streams[rank].wait_stream(w.stream)
+                _record_outputs(call.results[rank], caller_streams[rank])
+        if any(e is not None for e in call.errors):
+            raise _root_cause(call.errors, devices, first_index)
+        return call.results
+
+
+def _record_outputs(result: Any, stream) -> None:
+    # Outputs were allocated on the worker's stream; tell the caching allocator
+    # they are now also in use on the caller's.
+    from torch.utils._pytree import tree_leaves
+
+    for leaf in tree_leaves(result):
+        if isinstance(leaf, torch.Tensor) and leaf.is_cuda:
+            leaf.record_stream(stream)
+
+
+def _root_cause(errors: list, devices, first_index: int) -> BaseException:
+    """The exception the caller should see: the first replica's own failure,
+    not the cancellations it caused in the others."""
+    ranked = [(r, e) for r, e in enumerate(errors) if e is not None]
+    own = [(r, e) for r, e in ranked if not isinstance(e, ReplicaAbortedError)]
+    rank, err = (own or ranked)[0]
+    note = f"(raised in pmap replica {first_index + rank} on device {devices[rank]})"
+    if note not in getattr(err, "__notes__", ()):
+        err.add_note(note)
+    return err
+
+
+_pool: WorkerPool | None = None
+_pool_lock = threading.Lock()
+
+
+def pool() -> WorkerPool:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = WorkerPool()
+    return _pool

@@ -1,0 +1,258 @@
+"""Named-axis collectives with the signatures and semantics of ``jax.lax``.
+
+Every function takes a pytree of tensors and applies itself leaf by leaf. The
+layout work (tiled or not, which axis) happens here with ordinary torch ops,
+so autograd and torch.compile see it; the communication itself is one of the
+five custom ops in ``_ops``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import torch
+from torch.utils._pytree import tree_map
+
+from . import _axis, _ops
+
+__all__ = [
+    "psum", "pmean", "pmax", "pmin", "all_gather", "psum_scatter", "ppermute",
+    "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
+]
+
+
+# -- argument checking (all before any communication) ---------------------------------
+def _names(axis_name: Any) -> tuple[str, ...]:
+    names = _axis.normalize_axis_names(axis_name)
+    for n in names:
+        if not isinstance(n, str) or _ops.AXIS_SEP in n:
+            raise TypeError(f"axis_name must be a string or a tuple of strings, got {n!r}")
+    return names
+
+
+def _groups(axis_index_groups, size: int, fn: str, equal_sizes: bool) -> tuple[list[int], int]:
+    """Validate axis_index_groups; return it flattened, with the group size."""
+    if axis_index_groups is None:
+        return [], size
+    try:
+        groups = [[int(i) for i in g] for g in axis_index_groups]
+    except TypeError:
+        raise ValueError(f"{fn}: axis_index_groups must be a list of lists of ints, got {axis_index_groups!r}") from None
+    flat = [i for g in groups for i in g]
+    if not groups or any(not g for g in groups) or sorted(flat) != list(range(size)):
+        raise ValueError(
+            f"{fn}: axis_index_groups must cover every index of the axis (size {size}) "
+            f"exactly once, got {axis_index_groups!r}"
+        )
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        if equal_sizes:
+            raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
+        # Unequal groups for reductions: each group keeps its own size.
+        raise ValueError(f"{fn}: axis_index_groups of unequal sizes are not supported, got {axis_index_groups!r}")
+    return flat, len(groups[0])
+
+
+def _canonical_axis(axis: Any, ndim: int, fn: str, arg: str) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{fn}: {arg} must be an int, got {axis!r}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{fn}: {arg}={axis} is out of range for a tensor with {ndim} dimension(s)")
+    return axis % ndim
+
+
+def _as_tensor(x: Any, fn: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    raise TypeError(f"{fn}: expected tensors (or a pytree of tensors), got {type(x).__name__}")
+
+
+def _size(axis_name) -> int:
+    return _axis.static_axis_size(_names(axis_name))
+
+
+# -- reductions -------------------------------------------------------------------------
+def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    size = _size(names)
+    groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
+
+    def leaf(v):
+        if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
+            # A constant is the same on every replica (JAX does the same).
+            return v * group_size if op == "sum" else v
+        v = _as_tensor(v, fn)
+        if op == "sum" and v.dtype == torch.bool:
+            v = v.to(torch.int64)  # as jnp.sum: booleans count
+        if op != "sum" and v.is_complex():
+            raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
+        return _ops.all_reduce(v, op, axes, groups, group_size)
+
+    return tree_map(leaf, x), group_size
+
+
+def psum(x, axis_name, *, axis_index_groups=None):
+    """All-reduce sum of ``x`` over the named axis (booleans are summed as ints)."""
+    return _reduce(x, axis_name, "sum", axis_index_groups, "psum")[0]
+
+
+def pmean(x, axis_name, *, axis_index_groups=None):
+    """All-reduce mean; integer and boolean inputs give floating results."""
+    total, n = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
+
+    def div(v):
+        if isinstance(v, torch.Tensor):
+            return torch.true_divide(v, n)
+        return v / n
+
+    return tree_map(div, total)
+
+
+def pmax(x, axis_name, *, axis_index_groups=None):
+    """All-reduce maximum (not differentiable, as in JAX)."""
+    return _reduce(x, axis_name, "max", axis_index_groups, "pmax")[0]
+
+
+def pmin(x, axis_name, *, axis_index_groups=None):
+    """All-reduce minimum (not differentiable, as in JAX)."""
+    return _reduce(x, axis_name, "min", axis_index_groups, "pmin")[0]
+
+
+# -- gathers and scatters ---------------------------------------------------------------
+def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False):
+    """Gather ``x`` from every replica of the group: stacked on a new ``axis``,
+    or concatenated along ``axis`` when ``tiled``."""
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    groups, g = _groups(axis_index_groups, _size(names), "all_gather", equal_sizes=True)
+
+    def leaf(v):
+        v = _as_tensor(v, "all_gather")
+        if tiled and v.ndim == 0:
+            raise ValueError("all_gather: tiled=True needs a tensor with at least one dimension")
+        a = _canonical_axis(axis, v.ndim if tiled else v.ndim + 1, "all_gather", "axis")
+        stacked = _ops.all_gather(v, axes, groups, g)  # (g, *v.shape)
+        out = stacked.movedim(0, a)
+        return out.flatten(a, a + 1) if tiled else out
+
+    return tree_map(leaf, x)
+
+
+def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, tiled=False):
+    """Sum over the group, then keep this replica's block of ``scatter_dimension``
+    (untiled: that dimension must equal the group size and disappears)."""
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    groups, g = _groups(axis_index_groups, _size(names), "psum_scatter", equal_sizes=True)
+
+    def leaf(v):
+        v = _as_tensor(v, "psum_scatter")
+        if v.ndim == 0:
+            raise ValueError("psum_scatter: x must have at least one dimension to scatter")
+        d = _canonical_axis(scatter_dimension, v.ndim, "psum_scatter", "scatter_dimension")
+        n = v.shape[d]
+        if v.dtype == torch.bool:
+            v = v.to(torch.int64)
+        if tiled:
+            if n % g:
+                raise ValueError(
+                    f"psum_scatter: tiled scatter_dimension {d} has size {n}, not divisible "
+                    f"by the axis size {g}"
+                )
+            blocks = v.unflatten(d, (g, n // g)).movedim(d, 0)
+            return _ops.reduce_scatter(blocks, "sum", axes, groups, g)
+        if n != g:
+            raise ValueError(
+                f"psum_scatter: scatter_dimension {d} has size {n} but the axis size is {g}; "
+                f"they must be equal unless tiled=True"
+            )
+        return _ops.reduce_scatter(v.movedim(d, 0), "sum", axes, groups, g)
+
+    return tree_map(leaf, x)
+
+
+def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
+    """Split ``split_axis`` into one block per replica, send block j to replica j,
+    and put the received blocks along ``concat_axis`` (stacked on a new axis
+    untiled, concatenated when ``tiled``), as ``jax.lax.all_to_all``."""
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    groups, g = _groups(axis_index_groups, _size(names), "all_to_all", equal_sizes=True)
+
+    def leaf(v):
+        v = _as_tensor(v, "all_to_all")
+        if v.ndim == 0:
+            raise ValueError("all_to_all: x must have at least one dimension to split")
+        s = _canonical_axis(split_axis, v.ndim, "all_to_all", "split_axis")
+        c = _canonical_axis(concat_axis, v.ndim, "all_to_all", "concat_axis")
+        n = v.shape[s]
+        if tiled:
+            if n % g:
+                raise ValueError(
+                    f"all_to_all: split_axis {s} has size {n}, not divisible by the axis size {g}"
+                )
+            blocks = v.unflatten(s, (g, n // g)).movedim(s, 0)  # (g, …) same ndim as v after
+            received = _ops.all_to_all(blocks, axes, groups, g)
+            return received.movedim(0, c).flatten(c, c + 1)
+        if n != g:
+            raise ValueError(
+                f"all_to_all: split_axis {s} has size {n} but the axis size is {g}; "
+                f"they must be equal unless tiled=True"
+            )
+        received = _ops.all_to_all(v.movedim(s, 0), axes, groups, g)  # (g, rest)
+        return received.movedim(0, c)
+
+    return tree_map(leaf, x)
+
+
+def pswapaxes(x, axis_name, axis, *, axis_index_groups=None):
+    """Swap the mapped axis with the positional ``axis``: all_to_all(x, axis_name, axis, axis)."""
+    return all_to_all(x, axis_name, axis, axis, axis_index_groups=axis_index_groups)
+
+
+# -- permutations -----------------------------------------------------------------------
+def ppermute(x, axis_name, perm: Sequence[tuple[int, int]]):
+    """Send ``x`` from each ``source`` to its ``destination`` for every pair in
+    ``perm``; replicas that no pair sends to receive zeros."""
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    size = _size(names)
+    try:
+        pairs = [(int(s), int(d)) for s, d in perm]
+    except (TypeError, ValueError):
+        raise ValueError(f"ppermute: perm must be a list of (source, destination) pairs, got {perm!r}") from None
+    for s, d in pairs:
+        if not (0 <= s < size and 0 <= d < size):
+            raise ValueError(f"ppermute: pair ({s}, {d}) in perm is out of range for axis size {size}")
+    sources, dests = [s for s, _ in pairs], [d for _, d in pairs]
+    if len(set(sources)) != len(sources) or len(set(dests)) != len(dests):
+        raise ValueError(f"ppermute: perm has a repeated source or destination: {perm!r}")
+    flat = [v for p in pairs for v in p]
+    return tree_map(lambda v: _ops.permute(_as_tensor(v, "ppermute"), axes, flat), x)
+
+
+def pshuffle(x, axis_name, perm: Sequence[int]):
+    """Replica i receives ``x`` from replica ``perm[i]``."""
+    perm = list(perm)
+    if sorted(perm) != list(range(len(perm))) or len(perm) != _size(axis_name):
+        raise ValueError(
+            f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}"
+        )
+    return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)])
+
+
+# -- axis queries -----------------------------------------------------------------------
+def axis_index(axis_name) -> torch.Tensor:
+    """This replica's index along the named axis (row-major over a tuple of
+    names), as an int64 scalar tensor on the replica's device."""
+    names = _names(axis_name)
+    axes = _ops.encode_axes(names)
+    frame = _axis.resolve(names)
+    return _ops.axis_index(axes, frame.device)
+
+
+def axis_size(axis_name) -> int:
+    """The size of the named axis (the product over a tuple of names)."""
+    return _size(axis_name)
