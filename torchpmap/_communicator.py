@@ -87,7 +87,15 @@ class InProcessCommunicator(Communicator):
         self._devices = list(devices)
         self._cuda = any(d.type == "cuda" for d in devices)
         self._timeout = _config.collective_timeout() if timeout is None else timeout
-        self._cond = threading.Condition(threading.Lock())
+        # A short lock guards the arrival bookkeeping; nobody waits while
+        # holding it. Each replica sleeps on its own lock, which the last
+        # arrival releases: one wake-up per waiter and no convoy on a shared
+        # condition variable.
+        self._lock = threading.Lock()
+        self._wake = [threading.Lock() for _ in range(self.size)]
+        for w in self._wake:
+            w.acquire()
+        self._waiting: set[int] = set()
         self._generation = 0
         self._arrived = 0
         self._deposits: list = [None] * self.size
@@ -168,24 +176,28 @@ class InProcessCommunicator(Communicator):
 
     # -- failure handling ----------------------------------------------------
     def abort(self, error, rank):
-        with self._cond:
-            if self._failure is None:
-                self._failure = error
-                self._failed_rank = rank
-            self._cond.notify_all()
+        with self._lock:
+            self._fail(error, rank)
 
     def retire(self, rank):
-        with self._cond:
+        with self._lock:
             self._retired.add(rank)
             if self._arrived and self._failure is None:
                 waiting = [r for r, d in enumerate(self._deposits) if d is not None]
-                self._failure = CollectiveMismatchError(
+                self._fail(CollectiveMismatchError(
                     f"replica {rank} returned while replicas {waiting} wait in "
                     f"{self._describe(self._deposits[waiting[0]][0])}: every replica "
                     f"must call the same collectives in the same order"
-                )
-                self._failed_rank = rank
-                self._cond.notify_all()
+                ), rank)
+
+    def _fail(self, error, rank):
+        # Called with self._lock held. The first failure wins; wake everybody.
+        if self._failure is None:
+            self._failure = error
+            self._failed_rank = rank
+        for r in self._waiting:
+            self._wake[r].release()
+        self._waiting.clear()
 
     # -- the rendezvous ------------------------------------------------------
     def _exchange(self, rank, what, x, compute):
@@ -197,33 +209,36 @@ class InProcessCommunicator(Communicator):
             # Host-side synchronisation keeps cross-device reads safe without
             # knowing every thread's stream. NCCL would be the fast path here.
             torch.cuda.current_stream(x.device).synchronize()
-        with self._cond:
+        with self._lock:
             self._raise_failure(rank)
             if self._retired:
-                self._failure = CollectiveMismatchError(
+                self._fail(CollectiveMismatchError(
                     f"replica {rank} called {self._describe(signature)} but replicas "
                     f"{sorted(self._retired)} had already returned: every replica "
                     f"must call the same collectives in the same order"
-                )
-                self._failed_rank = rank
-                self._cond.notify_all()
+                ), rank)
                 self._raise_failure(rank)
             generation = self._generation
             self._deposits[rank] = (signature, x)
             self._arrived += 1
-            if self._arrived == self.size:
-                self._complete(generation, compute)
+            last = self._arrived == self.size
+            if last:
+                deposits = self._deposits
+                self._deposits = [None] * self.size
+                self._arrived = 0
+                self._generation = generation + 1
             else:
-                self._wait(rank, generation, signature)
-            result = self._results[generation & 1]
+                self._waiting.add(rank)
+        if last:
+            self._complete(generation, deposits, compute)
+        else:
+            self._wait(rank, generation, signature)
+        result = self._results[generation & 1]
         if isinstance(result, BaseException):
             raise type(result)(*result.args)
         return result[rank]
 
-    def _complete(self, generation, compute):
-        deposits = self._deposits
-        self._deposits = [None] * self.size
-        self._arrived = 0
+    def _complete(self, generation, deposits, compute):
         signatures = [d[0] for d in deposits]
         try:
             if any(s != signatures[0] for s in signatures):
@@ -239,25 +254,28 @@ class InProcessCommunicator(Communicator):
         except Exception as e:  # reported in every replica, not just this one
             result = e
         self._results[generation & 1] = result
-        self._generation = generation + 1
-        self._cond.notify_all()
+        with self._lock:
+            waiting = self._waiting
+            self._waiting = set()
+        for r in waiting:
+            self._wake[r].release()
 
     def _wait(self, rank, generation, signature):
-        deadline = time.monotonic() + self._timeout
-        while self._generation == generation:
-            self._raise_failure(rank)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = [r for r, d in enumerate(self._deposits) if d is None]
-                self._failure = CollectiveTimeoutError(
-                    f"{self._describe(signature)} timed out after {self._timeout:g} s "
-                    f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
-                    f"or torchpmap.set_collective_timeout to change the limit)"
-                )
-                self._failed_rank = rank
-                self._cond.notify_all()
-                self._raise_failure(rank)
-            self._cond.wait(remaining)
+        if self._wake[rank].acquire(timeout=self._timeout):
+            self._raise_failure(rank)  # woken by a failure rather than completion?
+            return
+        with self._lock:
+            if self._generation > generation:  # completed just as we timed out
+                self._wake[rank].acquire()
+                return
+            missing = [r for r, d in enumerate(self._deposits) if d is None]
+            self._waiting.discard(rank)
+            self._fail(CollectiveTimeoutError(
+                f"{self._describe(signature)} timed out after {self._timeout:g} s "
+                f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
+                f"or torchpmap.set_collective_timeout to change the limit)"
+            ), rank)
+        self._raise_failure(rank)
 
     def _raise_failure(self, rank):
         failure = self._failure

@@ -20,6 +20,30 @@ def _unflatten_groups(groups: list[int], group_size: int):
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
 
 
+OPS = torch.ops.torchpmap
+
+
+def _eager_ok(x: Tensor) -> bool:
+    """True when a plain call of the kernel is indistinguishable from the op:
+    no autograd to record, no compiler, functorch transform or mode to see it.
+    The dispatcher costs ~10 us a call, and replicas pay it under one GIL."""
+    return (
+        type(x) is Tensor
+        and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
+
+
+def call(name: str, x: Tensor, *args):
+    """Run collective ``name`` on x: the kernel directly when that is safe,
+    else the registered op (autograd, torch.compile, functorch)."""
+    if _eager_ok(x):
+        return _KERNELS[name](x, *args)
+    return getattr(OPS, name).default(x, *args)
+
 # Axis names travel as one string (the schema has no str[]), joined by a
 # control character that no sensible axis name contains.
 AXIS_SEP = "\x1f"
@@ -34,11 +58,13 @@ def _frame(axes: str, x: Tensor | None = None) -> _axis.ReplicaFrame:
 
 
 # -- all_reduce ---------------------------------------------------------------
-@torch.library.custom_op("torchpmap::all_reduce", mutates_args=())
-def all_reduce(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_reduce_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
     return f.comm.all_reduce(f.index, x, op, _unflatten_groups(groups, group_size))
 
+
+
+all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
 
 @all_reduce.register_fake
 def _(x, op, axes, groups, group_size):
@@ -57,18 +83,20 @@ def _all_reduce_backward(ctx, grad):
         )
     # JAX's pmap rule: the transpose of psum is psum (see README, 'Gradients
     # through collectives').
-    return all_reduce(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    return OPS.all_reduce.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
 
 all_reduce.register_autograd(_all_reduce_backward, setup_context=_all_reduce_setup)
 
 
 # -- all_gather: (…) -> (g, …) ------------------------------------------------
-@torch.library.custom_op("torchpmap::all_gather", mutates_args=())
-def all_gather(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_gather_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
     return f.comm.all_gather(f.index, x, _unflatten_groups(groups, group_size))
 
+
+
+all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
 
 @all_gather.register_fake
 def _(x, axes, groups, group_size):
@@ -80,18 +108,20 @@ def _gather_scatter_setup(ctx, inputs, output):
 
 
 def _all_gather_backward(ctx, grad):
-    return reduce_scatter(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    return OPS.reduce_scatter.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
 
 all_gather.register_autograd(_all_gather_backward, setup_context=_gather_scatter_setup)
 
 
 # -- reduce_scatter: (g, …) -> (…) ------------------------------------------------
-@torch.library.custom_op("torchpmap::reduce_scatter", mutates_args=())
-def reduce_scatter(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _reduce_scatter_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
     return f.comm.reduce_scatter(f.index, x, op, _unflatten_groups(groups, group_size))
 
+
+
+reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
 
 @reduce_scatter.register_fake
 def _(x, op, axes, groups, group_size):
@@ -103,18 +133,20 @@ def _reduce_scatter_setup(ctx, inputs, output):
 
 
 def _reduce_scatter_backward(ctx, grad):
-    return all_gather(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    return OPS.all_gather.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
 
 reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_reduce_scatter_setup)
 
 
 # -- all_to_all: (g, …) -> (g, …), out[j] = member j's x[k] ----------------------
-@torch.library.custom_op("torchpmap::all_to_all", mutates_args=())
-def all_to_all(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_to_all_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
     return f.comm.all_to_all(f.index, x, _unflatten_groups(groups, group_size))
 
+
+
+all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
 
 @all_to_all.register_fake
 def _(x, axes, groups, group_size):
@@ -123,18 +155,20 @@ def _(x, axes, groups, group_size):
 
 def _all_to_all_backward(ctx, grad):
     # out_k[j] = x_j[k], so the transpose is the same exchange.
-    return all_to_all(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    return OPS.all_to_all.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
 
 all_to_all.register_autograd(_all_to_all_backward, setup_context=_gather_scatter_setup)
 
 
 # -- permute: pairs flattened as [src0, dst0, src1, dst1, …] --------------------
-@torch.library.custom_op("torchpmap::permute", mutates_args=())
-def permute(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
+def _permute_kernel(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
     f = _frame(axes, x)
     return f.comm.permute(f.index, x, list(zip(pairs[0::2], pairs[1::2])))
 
+
+
+permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
 
 @permute.register_fake
 def _(x, axes, pairs):
@@ -147,20 +181,31 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad):
     inverse = [v for s, d in zip(ctx.pairs[0::2], ctx.pairs[1::2]) for v in (d, s)]
-    return permute(grad, ctx.axes, inverse), None, None
+    return OPS.permute.default(grad, ctx.axes, inverse), None, None
 
 
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 
 # -- axis_index -------------------------------------------------------------------
-@torch.library.custom_op("torchpmap::axis_index", mutates_args=())
-def axis_index(axes: str, device: torch.device) -> Tensor:
+def _axis_index_kernel(axes: str, device: torch.device) -> Tensor:
     # Evaluated at run time: a compiled graph must not bake in the index of the
     # replica that happened to trace it.
     return torch.tensor(_frame(axes).index, dtype=torch.int64, device=device)
 
 
+
+axis_index = torch.library.custom_op("torchpmap::axis_index", _axis_index_kernel, mutates_args=())
+
 @axis_index.register_fake
 def _(axes, device):
     return torch.empty((), dtype=torch.int64, device=device)
+
+
+_KERNELS = {
+    "all_reduce": _all_reduce_kernel,
+    "all_gather": _all_gather_kernel,
+    "reduce_scatter": _reduce_scatter_kernel,
+    "all_to_all": _all_to_all_kernel,
+    "permute": _permute_kernel,
+}

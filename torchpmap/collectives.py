@@ -88,7 +88,7 @@ def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
             raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
-        return _ops.all_reduce(v, op, axes, groups, group_size)
+        return _ops.call("all_reduce", v, op, axes, groups, group_size)
 
     return tree_map(leaf, x), group_size
 
@@ -133,7 +133,7 @@ def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False):
         if tiled and v.ndim == 0:
             raise ValueError("all_gather: tiled=True needs a tensor with at least one dimension")
         a = _canonical_axis(axis, v.ndim if tiled else v.ndim + 1, "all_gather", "axis")
-        stacked = _ops.all_gather(v, axes, groups, g)  # (g, *v.shape)
+        stacked = _ops.call("all_gather", v, axes, groups, g)  # (g, *v.shape)
         out = stacked.movedim(0, a)
         return out.flatten(a, a + 1) if tiled else out
 
@@ -162,13 +162,13 @@ def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, t
                     f"by the axis size {g}"
                 )
             blocks = v.unflatten(d, (g, n // g)).movedim(d, 0)
-            return _ops.reduce_scatter(blocks, "sum", axes, groups, g)
+            return _ops.call("reduce_scatter", blocks, "sum", axes, groups, g)
         if n != g:
             raise ValueError(
                 f"psum_scatter: scatter_dimension {d} has size {n} but the axis size is {g}; "
                 f"they must be equal unless tiled=True"
             )
-        return _ops.reduce_scatter(v.movedim(d, 0), "sum", axes, groups, g)
+        return _ops.call("reduce_scatter", v.movedim(d, 0), "sum", axes, groups, g)
 
     return tree_map(leaf, x)
 
@@ -194,14 +194,14 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
                     f"all_to_all: split_axis {s} has size {n}, not divisible by the axis size {g}"
                 )
             blocks = v.unflatten(s, (g, n // g)).movedim(s, 0)  # (g, …) same ndim as v after
-            received = _ops.all_to_all(blocks, axes, groups, g)
+            received = _ops.call("all_to_all", blocks, axes, groups, g)
             return received.movedim(0, c).flatten(c, c + 1)
         if n != g:
             raise ValueError(
                 f"all_to_all: split_axis {s} has size {n} but the axis size is {g}; "
                 f"they must be equal unless tiled=True"
             )
-        received = _ops.all_to_all(v.movedim(s, 0), axes, groups, g)  # (g, rest)
+        received = _ops.call("all_to_all", v.movedim(s, 0), axes, groups, g)  # (g, rest)
         return received.movedim(0, c)
 
     return tree_map(leaf, x)
@@ -230,7 +230,7 @@ def ppermute(x, axis_name, perm: Sequence[tuple[int, int]]):
     if len(set(sources)) != len(sources) or len(set(dests)) != len(dests):
         raise ValueError(f"ppermute: perm has a repeated source or destination: {perm!r}")
     flat = [v for p in pairs for v in p]
-    return tree_map(lambda v: _ops.permute(_as_tensor(v, "ppermute"), axes, flat), x)
+    return tree_map(lambda v: _ops.call("permute", _as_tensor(v, "ppermute"), axes, flat), x)
 
 
 def pshuffle(x, axis_name, perm: Sequence[int]):
@@ -250,7 +250,7 @@ def axis_index(axis_name) -> torch.Tensor:
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     frame = _axis.resolve(names)
-    return _ops.axis_index(axes, frame.device)
+    return _ops.OPS.axis_index.default(axes, frame.device)
 
 
 def axis_size(axis_name) -> int:
