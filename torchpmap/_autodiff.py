@@ -32,7 +32,7 @@ def differentiable_call(run: Callable, comm, call_fun: Callable, per_leaf: list,
             replica_inputs[r][j] = v
             grad_inputs[r].append(v)
 
-    outs = run(lambda r: call_fun(replica_inputs[r]), comm)
+    outs = run(lambda r: call_fun(r, replica_inputs[r]), comm)
 
     flat = [tree_flatten(o) for o in outs]
     tensor_slots = [(r, k) for r in range(n) for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)]

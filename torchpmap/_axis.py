@@ -87,7 +87,17 @@ def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:
     return frame
 
 
+# The two lookups below run at trace time under torch.compile and are taken as
+# constants (no guard on the thread-local frame): a compiled program is made
+# per pmap, axis size and physical device (see _compile.py), so they are fixed.
+@torch._dynamo.assume_constant_result
 def static_axis_size(axis_name: Any) -> int:
-    """Size of the named axes, for shape logic (trace time is fine: it is fixed
-    for a compiled function, which is cached per axis size)."""
+    """Size of the named axes, for shape logic."""
     return resolve(axis_name).axis_size
+
+
+@torch._dynamo.assume_constant_result
+def physical_device(axis_name: Any) -> str:
+    """Where the replica's tensors really live ("cpu" for a virtual device)."""
+    d = resolve(axis_name).device
+    return "cpu" if d.type == "cpu" else str(d)

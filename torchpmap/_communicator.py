@@ -82,8 +82,9 @@ class InProcessCommunicator(Communicator):
     Results never alias each other, so a replica may modify its result in place.
     """
 
-    def __init__(self, devices: Sequence[torch.device], timeout: float | None = None):
+    def __init__(self, devices: Sequence[torch.device], timeout: float | None = None, gate=None):
         self.size = len(devices)
+        self._gate = gate  # the compile warm-up gate (see _compile.py), if any
         self._devices = list(devices)
         self._cuda = any(d.type == "cuda" for d in devices)
         self._timeout = _config.collective_timeout() if timeout is None else timeout
@@ -232,7 +233,12 @@ class InProcessCommunicator(Communicator):
         if last:
             self._complete(generation, deposits, compute)
         else:
-            self._wait(rank, generation, signature)
+            paused = self._gate is not None and self._gate.pause()
+            try:
+                self._wait(rank, generation, signature)
+            finally:
+                if paused:
+                    self._gate.enter()
         result = self._results[generation & 1]
         if isinstance(result, BaseException):
             raise type(result)(*result.args)

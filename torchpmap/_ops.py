@@ -30,7 +30,6 @@ def _eager_ok(x: Tensor) -> bool:
     return (
         type(x) is Tensor
         and not (x.requires_grad and torch.is_grad_enabled())
-        and not torch.compiler.is_compiling()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch._C._is_torch_function_mode_enabled()
         and torch._C._len_torch_dispatch_stack() == 0
@@ -40,7 +39,7 @@ def _eager_ok(x: Tensor) -> bool:
 def call(name: str, x: Tensor, *args):
     """Run collective ``name`` on x: the kernel directly when that is safe,
     else the registered op (autograd, torch.compile, functorch)."""
-    if _eager_ok(x):
+    if not torch.compiler.is_compiling() and _eager_ok(x):
         return _KERNELS[name](x, *args)
     return getattr(OPS, name).default(x, *args)
 

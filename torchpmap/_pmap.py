@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import _devices, _runtime
 from ._autodiff import differentiable_call
 from ._communicator import InProcessCommunicator
+from ._compile import CompiledReplicas, WarmupGate, normalize_options
 from ._sharded import ShardedTensor, _to_device
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths
 
@@ -69,6 +70,7 @@ def pmap(
     devices: Sequence[torch.device] | None = None,
     axis_size: int | None = None,
     donate_argnums: int | Sequence[int] = (),
+    compile: Any = False,
 ):
     """Map ``fun`` over the leading (or ``in_axes``) axis of its arguments, one
     replica per device, like ``jax.pmap``. Usable as ``@pmap``,
@@ -80,7 +82,7 @@ def pmap(
     options = dict(
         axis_name=axis_name, in_axes=in_axes, out_axes=out_axes,
         static_broadcasted_argnums=static_broadcasted_argnums, devices=devices,
-        axis_size=axis_size, donate_argnums=donate_argnums,
+        axis_size=axis_size, donate_argnums=donate_argnums, compile=compile,
     )
     if fun is None:
         return lambda f: Pmapped(f, **options)
@@ -109,7 +111,7 @@ class Pmapped:
     """The callable that ``pmap`` returns."""
 
     def __init__(self, fun, *, axis_name, in_axes, out_axes, static_broadcasted_argnums,
-                 devices, axis_size, donate_argnums):
+                 devices, axis_size, donate_argnums, compile=False):
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
         if axis_name is not None and not isinstance(axis_name, str):
@@ -142,6 +144,8 @@ class Pmapped:
         self._in_plans: dict = {}
         self._out_plans: dict = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
+        options = normalize_options(compile)
+        self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
         functools.update_wrapper(self, fun)
 
     def __repr__(self) -> str:
@@ -176,24 +180,34 @@ class Pmapped:
         donated = self._donated_leaves(plan, len(args))
         per_leaf, sources = self._place(plan, leaves, devices, n, donated)
 
-        fun, static_items = self._fun, list(zip(static_pos, static_vals))
+        static_items = list(zip(static_pos, static_vals))
+        gate, warm_key = None, None
+        if self._compiled is None:
+            programs = [self._fun] * n
+        else:
+            programs = self._compiled.programs(devices, n)
+            warm_key = (key, n, devices, tuple((v.shape, v.dtype) for vals in per_leaf for v in vals[:1] if isinstance(v, torch.Tensor)))
+            if self._compiled.needs_warmup(warm_key):
+                gate = WarmupGate(self._compiled.gate)
 
-        def call_fun(replica_leaves):
+        def call_fun(rank, replica_leaves):
             dyn, kw = tree_unflatten(replica_leaves, treedef)
             if static_items:
                 dyn = list(dyn)
                 for i, v in static_items:
                     dyn.insert(i, v)
-            return fun(*dyn, **kw)
+            return programs[rank](*dyn, **kw)
 
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
-        comm = InProcessCommunicator(devices)
-        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n)  # noqa: E731
+        comm = InProcessCommunicator(devices, gate=gate)
+        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n, gate=gate)  # noqa: E731
         if sources:
             outs = differentiable_call(run, comm, call_fun, per_leaf, sources, devices, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-            outs = run(lambda r: call_fun(replica_inputs[r]), comm)
+            outs = run(lambda r: call_fun(r, replica_inputs[r]), comm)
+        if gate is not None:
+            self._compiled.mark_warm(warm_key)
         return self._assemble(outs, devices)
 
     # -- inputs --------------------------------------------------------------------------

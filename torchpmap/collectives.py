@@ -249,8 +249,7 @@ def axis_index(axis_name) -> torch.Tensor:
     names), as an int64 scalar tensor on the replica's device."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
-    frame = _axis.resolve(names)
-    return _ops.OPS.axis_index.default(axes, frame.device)
+    return _ops.OPS.axis_index.default(axes, torch.device(_axis.physical_device(names)))
 
 
 def axis_size(axis_name) -> int:

@@ -21,3 +21,7 @@ class ReplicaAbortedError(CollectiveError):
 
 class DeletedShardedTensorError(RuntimeError):
     """A ShardedTensor whose buffers were donated to a pmap call was used."""
+
+
+class CompileError(RuntimeError):
+    """torch.compile could not compile a pmapped function."""
