@@ -35,6 +35,7 @@ from .errors import (
     CollectiveError,
     CollectiveMismatchError,
     CollectiveTimeoutError,
+    CompileError,
     DeletedShardedTensorError,
     ReplicaAbortedError,
 )
@@ -50,5 +51,5 @@ __all__ = [
     "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
     "set_collective_timeout", "collective_timeout",
     "CollectiveError", "CollectiveMismatchError", "CollectiveTimeoutError",
-    "ReplicaAbortedError", "DeletedShardedTensorError",
+    "ReplicaAbortedError", "DeletedShardedTensorError", "CompileError",
 ]

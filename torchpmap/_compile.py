@@ -1,4 +1,4 @@
-"""torch.compile for pmap: one compiled program per device, warmed up safely.
+"""torch.compile for pmap: one compiled program per device, safe across threads.
 
 Dynamo keeps its cache on the code object and guards on tensor devices, so
 compiling one function for 8 or 16 CUDA devices would recompile per device and
@@ -7,11 +7,12 @@ gets its own copy of a small trampoline's code object: its own cache, no
 shared guard churn. Virtual CPU devices share one physical device and so share
 one program.
 
-Dynamo compiles under a process-wide lock but is not safe to race: replicas
-that miss the cache together each compile again. The first call of every new
-input signature is therefore a *warm-up*: replicas take turns holding a gate,
-and give it up only while they wait inside a collective (so the rendezvous
-still completes) and when they return.
+Dynamo is not thread-safe: replicas that miss the cache together each compile
+again, and even guard evaluation of a shared cache entry races (spurious
+recompiles). So a replica holds the process-wide ``DYNAMO_GATE`` whenever it
+is inside Dynamo (guards, tracing, compiling, eager code between graphs) and
+gives it up while a compiled graph runs and while it waits in a collective.
+Compiled graphs of all replicas still run concurrently.
 """
 from __future__ import annotations
 
@@ -50,6 +51,64 @@ def _trampoline_factory(fun: Callable) -> Callable:
     return pmap_replica
 
 
+class DynamoGate:
+    """A lock that knows whether the current thread holds it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tls = threading.local()
+
+    def held(self) -> bool:
+        return getattr(self._tls, "held", False)
+
+    def enter(self) -> None:
+        self._lock.acquire()
+        self._tls.held = True
+
+    def exit(self) -> None:
+        if self.held():
+            self._tls.held = False
+            self._lock.release()
+
+    def pause(self) -> bool:
+        """Before blocking (in a collective): give the gate up if held."""
+        if self.held():
+            self.exit()
+            return True
+        return False
+
+
+DYNAMO_GATE = DynamoGate()
+
+
+def _gated_backend(options: dict) -> Callable:
+    """The requested torch.compile backend, whose compiled graphs run with the
+    gate released."""
+    backend = options.get("backend", "inductor")
+    mode, inductor_options, dynamic = options.get("mode"), options.get("options"), options.get("dynamic")
+    if backend == "inductor":
+        if mode is None and inductor_options is None:
+            mode = "default"
+        inner = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic)
+    else:
+        inner = torch._TorchCompileWrapper(backend, mode, inductor_options, dynamic)
+
+    def backend_fn(gm, example_inputs):
+        graph = inner(gm, example_inputs)
+
+        def run_graph(*args):
+            paused = DYNAMO_GATE.pause()
+            try:
+                return graph(*args)
+            finally:
+                if paused:
+                    DYNAMO_GATE.enter()
+
+        return run_graph
+
+    return backend_fn
+
+
 class CompiledReplicas:
     """The compiled programs of one pmapped function."""
 
@@ -58,9 +117,7 @@ class CompiledReplicas:
         self._options = options
         self._fun_name = fun_name
         self._programs: dict = {}
-        self._warm: set = set()
         self._lock = threading.Lock()
-        self.gate = threading.Lock()
 
     def programs(self, devices, n: int) -> list[Callable]:
         """One callable per replica; replicas on the same physical device share."""
@@ -76,21 +133,21 @@ class CompiledReplicas:
             out.append(prog)
         return out
 
-    def needs_warmup(self, signature) -> bool:
-        return signature not in self._warm
-
-    def mark_warm(self, signature) -> None:
-        self._warm.add(signature)
-
     def _compile_copy(self, device) -> Callable:
         t = _trampoline_factory(self._fun)
         # A distinct code object: a distinct Dynamo cache (see module docstring).
         code = t.__code__.replace()
         entry = types.FunctionType(code, t.__globals__, t.__name__, t.__defaults__, t.__closure__)
-        compiled = torch.compile(entry, **self._options)
+        compiled = torch.compile(
+            entry,
+            backend=_gated_backend(self._options),
+            fullgraph=self._options.get("fullgraph", False),
+            dynamic=self._options.get("dynamic"),
+        )
         name, where = self._fun_name, device
 
         def run(*args, **kwargs):
+            DYNAMO_GATE.enter()
             try:
                 return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
@@ -98,30 +155,7 @@ class CompiledReplicas:
                     f"torch.compile failed for {name} (pmap replica on {where}): "
                     f"{type(e).__name__}: {e}\nPass compile=False to pmap to run it eagerly."
                 ) from e
+            finally:
+                DYNAMO_GATE.exit()
 
         return run
-
-
-class WarmupGate:
-    """Held by a replica while it may be compiling; dropped while it waits in a
-    collective so that the others can reach the same collective."""
-
-    def __init__(self, lock: threading.Lock):
-        self._lock = lock
-        self._owner = threading.local()
-
-    def enter(self) -> None:
-        self._lock.acquire()
-        self._owner.held = True
-
-    def exit(self) -> None:
-        if getattr(self._owner, "held", False):
-            self._owner.held = False
-            self._lock.release()
-
-    def pause(self) -> bool:
-        """Before blocking in a collective: give the gate up if we hold it."""
-        if getattr(self._owner, "held", False):
-            self.exit()
-            return True
-        return False

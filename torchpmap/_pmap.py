@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from . import _devices, _runtime
 from ._autodiff import differentiable_call
 from ._communicator import InProcessCommunicator
-from ._compile import CompiledReplicas, WarmupGate, normalize_options
+from ._compile import DYNAMO_GATE, CompiledReplicas, normalize_options
 from ._sharded import ShardedTensor, _to_device
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths
 
@@ -181,14 +181,10 @@ class Pmapped:
         per_leaf, sources = self._place(plan, leaves, devices, n, donated)
 
         static_items = list(zip(static_pos, static_vals))
-        gate, warm_key = None, None
         if self._compiled is None:
-            programs = [self._fun] * n
+            programs, gate = [self._fun] * n, None
         else:
-            programs = self._compiled.programs(devices, n)
-            warm_key = (key, n, devices, tuple((v.shape, v.dtype) for vals in per_leaf for v in vals[:1] if isinstance(v, torch.Tensor)))
-            if self._compiled.needs_warmup(warm_key):
-                gate = WarmupGate(self._compiled.gate)
+            programs, gate = self._compiled.programs(devices, n), DYNAMO_GATE
 
         def call_fun(rank, replica_leaves):
             dyn, kw = tree_unflatten(replica_leaves, treedef)
@@ -200,14 +196,12 @@ class Pmapped:
 
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
         comm = InProcessCommunicator(devices, gate=gate)
-        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n, gate=gate)  # noqa: E731
+        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n)  # noqa: E731
         if sources:
             outs = differentiable_call(run, comm, call_fun, per_leaf, sources, devices, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]), comm)
-        if gate is not None:
-            self._compiled.mark_warm(warm_key)
         return self._assemble(outs, devices)
 
     # -- inputs --------------------------------------------------------------------------

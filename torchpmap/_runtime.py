@@ -122,7 +122,6 @@ class WorkerPool:
         axis_name: Any,
         axis_size: int,
         first_index: int = 0,
-        gate=None,
     ) -> list:
         """Run ``replica_fn(rank)`` for every local rank on its device's worker
         with the named axis bound; return the results in rank order or raise the
@@ -143,8 +142,6 @@ class WorkerPool:
                 frame = _axis.ReplicaFrame(axis_name, axis_size, first_index + rank, worker.device, comm)
                 _axis.bind(frame)
                 try:
-                    if gate is not None:
-                        gate.enter()
                     if worker.stream is not None:
                         worker.stream.wait_stream(caller_streams[rank])
                         with torch.cuda.stream(worker.stream):
@@ -156,8 +153,6 @@ class WorkerPool:
                     call.errors[rank] = e
                     comm.abort(e, first_index + rank)
                 finally:
-                    if gate is not None:
-                        gate.exit()
                     _axis.unbind()
                     call.finish_one()
 

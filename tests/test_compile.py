@@ -1,0 +1,185 @@
+"""pmap(..., compile=...): torch.compile per device, warmed up once."""
+import pytest
+import torch
+from torch.func import grad_and_value
+
+import torchpmap as tp
+from torchpmap import _devices
+
+
+class CountingBackend:
+    """A torch.compile backend that counts compiles and runs of compiled graphs."""
+
+    def __init__(self):
+        self.compiles = 0
+        self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.compiles += 1
+
+        def run(*args):
+            self.runs += 1
+            return gm.forward(*args)
+
+        return run
+
+
+@pytest.fixture
+def sixteen_devices():
+    _devices._reset_for_tests()
+    tp.set_cpu_device_count(16)
+    yield tp.local_devices()
+    _devices._reset_for_tests()
+
+
+def test_default_is_eager_and_compile_true_compiles():
+    f = lambda x: x + torch.compiler.is_compiling()  # noqa: E731
+    x = torch.zeros(2, 3)
+    assert tp.pmap(f)(x).unshard().sum().item() == 0
+    compiled = tp.pmap(f, compile=dict(backend="eager"))(x)
+    assert compiled.unshard().sum().item() == 6
+
+
+def test_sixteen_devices_compile_once_and_never_fall_back(sixteen_devices):
+    backend = CountingBackend()
+
+    def f(x):
+        return torch.sin(x) * 2 + tp.axis_index("i")
+
+    pf = tp.pmap(f, "i", compile=dict(backend=backend))
+    x = torch.randn(16, 5)
+    for _ in range(3):
+        out = pf(x)
+    torch.testing.assert_close(out.unshard(), torch.sin(x) * 2 + torch.arange(16.0)[:, None])
+    # One program serves all virtual devices (one physical CPU), and every
+    # replica of every call ran it: no silent fallback to eager.
+    assert backend.compiles == 1
+    assert backend.runs == 3 * 16
+
+
+def test_recompiles_only_when_shapes_dtypes_or_static_args_change():
+    backend = CountingBackend()
+
+    def f(x, scale):
+        return x * scale
+
+    pf = tp.pmap(f, compile=dict(backend=backend, dynamic=False), static_broadcasted_argnums=1)
+    pf(torch.ones(4, 3), 2)
+    pf(torch.ones(4, 3), 2)
+    assert backend.compiles == 1
+    pf(torch.ones(4, 5), 2)  # new shape
+    assert backend.compiles == 2
+    pf(torch.ones(4, 5, dtype=torch.float64), 2)  # new dtype
+    assert backend.compiles == 3
+    out = pf(torch.ones(4, 5, dtype=torch.float64), 3)  # new static argument
+    assert backend.compiles == 4
+    assert out.unshard().eq(3).all()
+    pf(torch.ones(4, 3), 2)  # seen before
+    assert backend.compiles == 4
+
+
+def test_collectives_compile_with_fullgraph():
+    backend = CountingBackend()
+
+    def f(x):
+        s = tp.psum(x, "i")
+        g = tp.all_gather(x, "i", axis=-1)
+        p = tp.ppermute(x, "i", [(i, (i + 1) % 4) for i in range(4)])
+        sc = tp.psum_scatter(g.T.contiguous(), "i", tiled=True)
+        a = tp.all_to_all(g, "i", 1, 0)
+        return s, g, p, sc, a, tp.axis_index("i")
+
+    x = torch.randn(4, 3)
+    eager = tp.pmap(f, "i")(x)
+    compiled = tp.pmap(f, "i", compile=dict(backend=backend, fullgraph=True))(x)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.unshard(), e.unshard())
+    assert backend.compiles == 1 and backend.runs == 4
+
+
+def test_graph_breaks_run_partly_eager():
+    backend = CountingBackend()
+
+    def f(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return tp.psum(y, "i") + 1
+
+    x = torch.randn(4, 2)
+    out = tp.pmap(f, "i", compile=dict(backend=backend))(x)
+    torch.testing.assert_close(out.unshard(), (2 * x).sum(0).expand(4, 2) + 1)
+    assert backend.compiles >= 2
+
+
+def test_compile_failure_names_the_function():
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend exploded")
+
+    def my_step(x):
+        return x + 1
+
+    with pytest.raises(tp.CompileError, match="my_step"):
+        tp.pmap(my_step, compile=dict(backend=broken_backend))(torch.ones(2, 2))
+
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x
+
+    with pytest.raises(tp.CompileError, match="breaks"):
+        tp.pmap(breaks, compile=dict(backend="eager", fullgraph=True))(torch.ones(2, 2))
+
+
+def test_bad_compile_option_is_named():
+    with pytest.raises(ValueError, match="backnd"):
+        tp.pmap(lambda x: x, compile=dict(backnd="eager"))
+    with pytest.raises(TypeError, match="compile"):
+        tp.pmap(lambda x: x, compile="yes")
+
+
+def _mlp(p, x):
+    return torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+
+def test_compiled_training_step_matches_eager_and_single_device():
+    torch.manual_seed(0)
+    params = {"w1": torch.randn(8, 16), "b1": torch.zeros(16), "w2": torch.randn(16, 1), "b2": torch.zeros(1)}
+
+    def loss_fn(p, x, y):
+        return ((_mlp(p, x) - y) ** 2).mean()
+
+    def step(p, x, y):
+        g, loss = grad_and_value(loss_fn)(p, x, y)
+        g = tp.pmean(g, "i")
+        return {k: p[k] - 0.1 * g[k] for k in p}, tp.pmean(loss, "i")
+
+    X, Y = torch.randn(4, 5, 8), torch.randn(4, 5, 1)
+    rp = tp.device_put_replicated(params, tp.local_devices()[:4])
+    g, loss = grad_and_value(loss_fn)(params, X.reshape(-1, 8), Y.reshape(-1, 1))
+    for compile in (False, dict(backend="aot_eager", fullgraph=True)):
+        new, l = tp.pmap(step, "i", compile=compile)(rp, X, Y)
+        torch.testing.assert_close(l.unshard(), loss.expand(4))
+        for k in params:
+            for shard in new[k].shards:
+                torch.testing.assert_close(shard, params[k] - 0.1 * g[k], rtol=1e-5, atol=1e-6)
+
+
+def test_backward_inside_compiled_replica():
+    def f(x):
+        w = torch.ones(3, 1, requires_grad=True)
+        loss = tp.psum(((x @ w) ** 2).sum(), "i")
+        loss.backward()
+        return w.grad
+
+    x = torch.randn(4, 2, 3)
+    eager = tp.pmap(f, "i")(x)
+    compiled = tp.pmap(f, "i", compile=dict(backend="aot_eager"))(x)
+    torch.testing.assert_close(compiled.unshard(), eager.unshard())
+    # psum's backward is psum of the cotangent: each replica's grad is 4x its own.
+    own = torch.stack([2 * (x[r] @ torch.ones(3, 1)).T @ x[r] for r in range(4)]).transpose(1, 2)
+    torch.testing.assert_close(eager.unshard(), 4 * own)
+
+
+def test_inductor_default_compiles_and_matches():
+    x = torch.randn(2, 8)
+    out = tp.pmap(lambda v: tp.psum(torch.relu(v) * 3, "i"), "i", compile=True)(x)
+    torch.testing.assert_close(out.unshard(), (torch.relu(x) * 3).sum(0).expand(2, 8))
