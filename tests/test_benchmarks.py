@@ -1,5 +1,6 @@
 """The benchmark scripts run and report sane numbers (tiny settings)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -8,6 +9,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def _load(name):
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # torch.compile looks functions' modules up by name
     spec.loader.exec_module(mod)
     return mod
 
