@@ -47,8 +47,9 @@ def train_step(p, x, y, lr=0.1):
 def measure(compile, n: int, steps: int, width: int = 256, rows: int = 64) -> dict:
     devices = tp.local_devices()[:n]
     params = tp.device_put_replicated(init_params(width, 32, 10), devices)
-    x = tp.device_put_sharded(list(torch.randn(n, rows, 32)), devices)
-    y = tp.device_put_sharded(list(torch.randint(0, 10, (n, rows))), devices)
+    g = torch.Generator().manual_seed(1)  # same data for every mode
+    x = tp.device_put_sharded(list(torch.randn(n, rows, 32, generator=g)), devices)
+    y = tp.device_put_sharded(list(torch.randint(0, 10, (n, rows), generator=g)), devices)
     step = tp.pmap(train_step, "i", compile=compile)
     t0 = time.perf_counter()
     params, loss = step(params, x, y)
