@@ -31,6 +31,15 @@ from .collectives import (
     pshuffle,
     pswapaxes,
 )
+from .training import (
+    PerReplica,
+    functional_call,
+    params_of,
+    pmean_grads,
+    replicate,
+    replicate_module,
+    shard_batch,
+)
 from .errors import (
     CollectiveError,
     CollectiveMismatchError,
@@ -50,6 +59,8 @@ __all__ = [
     "psum", "pmean", "pmax", "pmin", "all_gather", "psum_scatter", "ppermute",
     "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
     "set_collective_timeout", "collective_timeout",
+    "PerReplica", "replicate", "replicate_module", "pmean_grads", "functional_call",
+    "params_of", "shard_batch",
     "CollectiveError", "CollectiveMismatchError", "CollectiveTimeoutError",
     "ReplicaAbortedError", "DeletedShardedTensorError", "CompileError",
 ]

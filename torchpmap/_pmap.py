@@ -23,8 +23,9 @@ from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, normalize_options
 from ._sharded import ShardedTensor, _to_device
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths
+from .training import PerReplica
 
-_TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER = range(5)
+_TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
 
 
 def _kind(v: Any) -> int:
@@ -32,6 +33,8 @@ def _kind(v: Any) -> int:
         return _TENSOR
     if isinstance(v, ShardedTensor):
         return _SHARDED
+    if isinstance(v, PerReplica):
+        return _PER_REPLICA
     if isinstance(v, (np.ndarray, np.generic)):
         return _NUMPY
     if isinstance(v, numbers.Number):
@@ -40,7 +43,7 @@ def _kind(v: Any) -> int:
 
 
 def _ndim(v: Any, kind: int) -> int:
-    if kind in (_TENSOR, _SHARDED, _NUMPY):
+    if kind in (_TENSOR, _SHARDED, _NUMPY, _PER_REPLICA):
         return v.ndim
     return 0
 
@@ -221,31 +224,44 @@ class Pmapped:
 
     def _make_in_plan(self, args, static_pos, dyn_args, kwargs, leaves) -> _InPlan:
         in_axes = self._in_axes
+        # Readable paths: args[i] counts every positional argument, static ones too.
+        dyn_index = [i for i in range(len(args)) if i not in static_pos]
         if isinstance(in_axes, tuple):
             if len(in_axes) == len(args):
                 in_axes = tuple(a for i, a in enumerate(in_axes) if i not in static_pos)
-            elif len(in_axes) != len(dyn_args):
+                in_index = dyn_index
+            elif len(in_axes) == len(dyn_args):
+                in_index = list(range(len(dyn_args)))
+            else:
                 raise ValueError(
                     f"pmap: in_axes has {len(in_axes)} entries but {self._fun_name} was "
                     f"called with {len(args)} positional argument(s); give one entry per "
                     f"positional argument"
                 )
-        spec = (in_axes, 0)  # keyword arguments are always mapped over axis 0
-        axes = broadcast_prefix(spec, (dyn_args, {k: v for k, v in kwargs.items()}), "in_axes", "arguments")
-        # Readable paths: args[i] counts every positional argument, static ones too.
-        dyn_index = [i for i in range(len(args)) if i not in static_pos]
-        paths, arg_of_leaf = [], []
+        # One argument at a time, so that a structure mismatch names the entry of
+        # in_axes and the argument it happens in (in_axes[1]['w'] vs args[1]['w']).
+        axes, paths, arg_of_leaf = [], [], []
         for j, a in enumerate(dyn_args):
+            if isinstance(in_axes, tuple):
+                axes += broadcast_prefix(in_axes[j], a, f"in_axes[{in_index[j]}]", f"args[{dyn_index[j]}]")
+            else:
+                axes += broadcast_prefix(in_axes, a, "in_axes", f"args[{dyn_index[j]}]")
             p = leaf_paths(a, f"args[{dyn_index[j]}]")
             paths += p
             arg_of_leaf += [dyn_index[j]] * len(p)
         for k, v in kwargs.items():
+            axes += broadcast_prefix(0, v, "in_axes", f"kwargs[{k!r}]")  # keyword arguments: always axis 0
             p = leaf_paths(v, f"kwargs[{k!r}]")
             paths += p
             arg_of_leaf += [None] * len(p)
         kinds = [_kind(v) for v in leaves]
         canonical = []
         for leaf, kind, axis, path in zip(leaves, kinds, axes, paths):
+            if kind == _PER_REPLICA and axis not in (0, -1):
+                raise ValueError(
+                    f"pmap: {path} is a PerReplica (one object per device); it is always "
+                    f"mapped over its only axis, so its in_axes must be 0, got {axis}"
+                )
             if axis is None:
                 canonical.append(None)
                 continue
@@ -345,6 +361,15 @@ class Pmapped:
             if kind == _NUMPY:
                 leaf = torch.from_numpy(np.ascontiguousarray(leaf)) if isinstance(leaf, np.ndarray) else torch.as_tensor(leaf)
                 kind = _TENSOR
+            if kind == _PER_REPLICA:
+                if leaf.devices != devices:
+                    raise ValueError(
+                        f"pmap: {plan.paths[j]} is a PerReplica made for devices "
+                        f"{[str(d) for d in leaf.devices]}, but this call runs on "
+                        f"{[str(d) for d in devices]}"
+                    )
+                per_leaf.append(list(leaf.values))
+                continue
             if kind == _SHARDED:
                 if axis is not None and axis == leaf.axis and leaf.devices == devices:
                     values = list(leaf.shards)  # already in place: no data moves
@@ -398,7 +423,7 @@ class Pmapped:
         return tree_unflatten(result, spec)
 
     def _make_out_plan(self, out0, first_leaves) -> _OutPlan:
-        axes = broadcast_prefix(self._out_axes, out0, "out_axes", "outputs")
+        axes = broadcast_prefix(self._out_axes, out0, "out_axes", "out")
         paths = leaf_paths(out0, "out")
         canonical = []
         for leaf, axis, path in zip(first_leaves, axes, paths):
