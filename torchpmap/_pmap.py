@@ -406,7 +406,9 @@ class Pmapped:
                     f"returned {spec} but replica {r} returned {s}"
                 )
         first = flat[0][0]
-        key = (spec, tuple(getattr(v, "ndim", None) for v in first))
+        # A tensor's plan depends on its rank; anything else's on its type (a
+        # None output and a number output need different plans).
+        key = (spec, tuple(v.ndim if isinstance(v, torch.Tensor) else type(v) for v in first))
         plan = self._out_plans.get(key)
         if plan is None:
             plan = self._make_out_plan(outs[0], first)
@@ -419,7 +421,10 @@ class Pmapped:
             else:
                 shards = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d)
                           for v, d in zip(values, devices)]
-                result.append(ShardedTensor(shards, devices, axis=axis))
+                try:
+                    result.append(ShardedTensor(shards, devices, axis=axis))
+                except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
+                    raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
         return tree_unflatten(result, spec)
 
     def _make_out_plan(self, out0, first_leaves) -> _OutPlan:
@@ -427,7 +432,7 @@ class Pmapped:
         paths = leaf_paths(out0, "out")
         canonical = []
         for leaf, axis, path in zip(first_leaves, axes, paths):
-            if axis is None:
+            if axis is None or leaf is None:  # a None output holds no data: returned as is (as JAX)
                 canonical.append(None)
                 continue
             if not isinstance(leaf, (torch.Tensor, numbers.Number)):

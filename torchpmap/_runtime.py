@@ -71,6 +71,10 @@ class _Worker:
         while True:
             task = self.tasks.get()
             task(self)
+            # Drop the finished task at once: its closure holds the call's inputs,
+            # results and communicator, which an idle worker would otherwise keep
+            # alive until its next task.
+            del task
 
 
 def _device_name(d: torch.device) -> str:

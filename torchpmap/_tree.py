@@ -4,44 +4,102 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import SequenceKey, keystr, tree_flatten, tree_flatten_with_path
+
+_MISSING = object()
 
 
 def is_axis_spec(v: Any) -> bool:
     return v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
-def broadcast_prefix(prefix: Any, tree: Any, what: str, tree_name: str) -> list:
+def broadcast_prefix(prefix: Any, tree: Any, prefix_name: str, tree_name: str) -> list:
     """One entry of the ``prefix`` tree for every leaf of ``tree``.
 
     ``prefix`` is an axis spec (int or None) or a pytree whose structure is a
-    prefix of ``tree``'s (as JAX's in_axes/out_axes).
+    prefix of ``tree``'s (as JAX's in_axes/out_axes). ``prefix_name`` and
+    ``tree_name`` spell the two roots in error messages (``"in_axes[1]"``,
+    ``"args[1]"``), so a mismatch names the exact path where it happens.
     """
-    spec_leaves, spec = tree_flatten(prefix, is_leaf=is_axis_spec)
-    for path, leaf in tree_flatten_with_path(prefix, is_leaf=is_axis_spec)[0]:
-        if not is_axis_spec(leaf):
-            raise TypeError(
-                f"{what} must be ints or None (or a pytree of them), got {leaf!r} at "
-                f"{what}{keystr(path)}"
-            )
-    try:
-        subtrees = spec.flatten_up_to(tree)
-    except (ValueError, TypeError) as e:
-        raise ValueError(
-            f"{what} is not a pytree prefix of the {tree_name}: {what} has structure "
-            f"{_describe(spec)} but the {tree_name} have structure "
-            f"{_describe(tree_flatten(tree)[1])} ({e})"
-        ) from None
-    out = []
-    for axis, sub in zip(spec_leaves, subtrees):
-        out.extend([axis] * tree_flatten(sub)[1].num_leaves)
+    out: list = []
+    _broadcast(prefix, tree, prefix_name, tree_name, (prefix_name, tree_name), out)
     return out
 
 
-def _describe(spec: TreeSpec) -> str:
-    text = repr(spec).replace("\n", " ")
-    return " ".join(text.split())
+def _broadcast(prefix: Any, tree: Any, pname: str, tname: str, roots: tuple, out: list) -> None:
+    if is_axis_spec(prefix):
+        out.extend([prefix] * tree_flatten(tree)[1].num_leaves)
+        return
+    p_items = _children(prefix)
+    if p_items is None:
+        raise TypeError(
+            f"pmap: {roots[0]} must be ints or None (or a pytree of them), got {prefix!r} at {pname}"
+        )
+    t_items = _children(tree)
+
+    def mismatch() -> ValueError:
+        return ValueError(
+            f"pmap: {roots[0]} must be a pytree prefix of {roots[1]}, but {pname} is "
+            f"{_describe(prefix)} while {tname} is {_describe(tree)}"
+        )
+
+    if t_items is None or type(prefix) is not type(tree):
+        raise mismatch()
+    # Children are matched by key, not by position: a registered dataclass
+    # leaves its None-valued fields out of its children, so in_axes=P(w=0, b=None)
+    # has one child where the argument P(w=x, b=y) has two. A key that only one
+    # side has is fine when the other side's value there is None (JAX treats a
+    # None in in_axes/out_axes as a leaf, and a None argument holds no data).
+    p_map = dict(p_items)
+    t_keys = {k for k, _ in t_items}
+    for k in p_map:
+        if k not in t_keys and _get(k, tree) is not None:
+            raise mismatch()
+    for k, child in t_items:
+        sub = p_map.get(k, _MISSING)
+        if sub is _MISSING:
+            sub = _get(k, prefix)
+            if sub is not None:
+                raise mismatch()
+        _broadcast(sub, child, pname + keystr((k,)), tname + keystr((k,)), roots, out)
+
+
+def _children(node: Any) -> list | None:
+    """``(key, child)`` for every child of a pytree node; None for a leaf."""
+    children, spec = tree_flatten(node, is_leaf=lambda v: v is not node)
+    if spec.is_leaf():
+        return None
+    try:
+        return [(path[0], c) for path, c in tree_flatten_with_path(node, is_leaf=lambda v: v is not node)[0]]
+    except ValueError:
+        # Registered with torch.utils._pytree.register_pytree_node but without a
+        # flatten_with_keys_fn: number the children instead of naming them.
+        return [(SequenceKey(i), c) for i, c in enumerate(children)]
+
+
+def _get(key: Any, node: Any) -> Any:
+    try:
+        return key.get(node)
+    except Exception:  # noqa: BLE001 - no such key/attribute/index: a structure mismatch
+        return _MISSING
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, dict):
+        return f"a {type(v).__name__} with keys {list(v)}"
+    if isinstance(v, tuple) and hasattr(v, "_fields"):
+        return f"a {type(v).__name__} namedtuple"
+    if isinstance(v, (tuple, list)):
+        return f"a {type(v).__name__} of length {len(v)}"
+    if is_axis_spec(v):
+        return repr(v)
+    return f"a {type(v).__name__}"
 
 
 def leaf_paths(tree: Any, root: str) -> list[str]:
-    return [root + keystr(path) for path, _ in tree_flatten_with_path(tree)[0]]
+    """A readable path (``args[0]['w']``) for every leaf of ``tree``, in
+    tree_flatten order."""
+    items = _children(tree)
+    if items is None:
+        return [root]
+    return [p for k, child in items for p in leaf_paths(child, root + keystr((k,)))]

@@ -1,0 +1,541 @@
+"""The pmap transform's argument handling: call forms, pytrees, in_axes and
+out_axes, static and donated arguments, devices and axis_size, the errors for
+every mistake, and the per-signature plan cache."""
+import dataclasses
+import threading
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import torchpmap as tp
+from torchpmap import DeletedShardedTensorError, ShardedTensor
+
+
+def _devices(k):
+    local = tp.local_devices()
+    if len(local) < k:
+        pytest.skip(f"needs {k} devices, this process has {len(local)}")
+    return local[:k]
+
+
+COUNTS = [1, 2, 4, 8]
+
+
+def _rows(n, *rest, dtype=torch.float32):
+    """A deterministic (n, *rest) tensor whose rows all differ."""
+    numel = n * int(np.prod(rest, dtype=np.int64))
+    return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * 0.5 - 3).to(dtype)
+
+
+Point = namedtuple("Point", ["x", "y"])
+
+
+@dataclasses.dataclass
+class Params:
+    w: torch.Tensor
+    b: torch.Tensor
+
+
+pytree.register_dataclass(Params)
+
+
+class Pair:
+    """A class registered without key paths (no flatten_with_keys_fn)."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+pytree.register_pytree_node(Pair, lambda p: ([p.a, p.b], None), lambda c, _ctx: Pair(*c))
+
+
+# -- call forms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", COUNTS)
+def test_maps_rows_to_replicas(n):
+    _devices(n)
+    x = _rows(n, 3)
+    y = tp.pmap(lambda r: r.sin() * 2 + r.sum())(x)
+    assert isinstance(y, ShardedTensor)
+    assert y.devices == tuple(tp.local_devices()[:n])
+    expected = x.sin() * 2 + x.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(y.unshard(), expected)
+    for i in range(n):
+        torch.testing.assert_close(y.shards[i], expected[i])
+
+
+def test_decorator_forms():
+    x = _rows(4, 3)
+
+    @tp.pmap
+    def plain(r):
+        return r * 3
+
+    @tp.pmap(axis_name="i")
+    def named(r):
+        return tp.psum(r, "i")
+
+    def f(r):
+        return tp.psum(r, "j") - r
+
+    positional_name = tp.pmap(f, "j")
+    keyword = tp.pmap(f, axis_name="j", in_axes=0, out_axes=0)
+
+    assert isinstance(plain, tp.Pmapped) and plain.__name__ == "plain"
+    torch.testing.assert_close(plain(x).unshard(), x * 3)
+    torch.testing.assert_close(named(x).unshard(), x.sum(0).expand(4, 3))
+    torch.testing.assert_close(positional_name(x).unshard(), x.sum(0) - x)
+    torch.testing.assert_close(keyword(x).unshard(), x.sum(0) - x)
+
+
+def test_axis_name_as_first_argument_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"first argument must be the function.*pmap\(axis_name='i'\)"):
+        tp.pmap("i")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(axis_name=3), r"axis_name must be a string or None, got 3"),
+        (dict(in_axes="0"), r"in_axes must be an int, None, or a tuple"),
+        (dict(axis_size=0), r"axis_size must be a positive int, got 0"),
+        (dict(axis_size=True), r"axis_size must be a positive int, got True"),
+        (dict(devices=[]), r"devices must not be empty"),
+        (dict(static_broadcasted_argnums="1"), r"static_broadcasted_argnums must be an int or a sequence of ints"),
+        (dict(donate_argnums=[0.5]), r"donate_argnums must be an int or a sequence of ints"),
+    ],
+)
+def test_bad_options_are_reported_at_pmap_time(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        tp.pmap(lambda x: x, **kwargs)
+
+
+def test_non_callable_is_rejected():
+    with pytest.raises(TypeError, match=r"fun must be callable, got int"):
+        tp.pmap(3)
+
+
+# -- pytrees ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_pytree_arguments_and_results(n):
+    _devices(n)
+    a, b, c = _rows(n, 3), _rows(n, 2) + 10, _rows(n, 2, 2) - 7
+
+    def f(tup, lst, dct, pt, params):
+        return {
+            "tuple": (tup[0] + tup[1],),
+            "list": [lst[0] * 2],
+            "point": Point(pt.x + 1, pt.y * pt.y),
+            "params": Params(w=params.w @ params.w, b=params.b.sum()),
+            "nested": dct["inner"]["deep"] - 1,
+        }
+
+    out = tp.pmap(f)((a, a), [b], {"inner": {"deep": c}}, Point(b, a), Params(w=c, b=b))
+    assert isinstance(out["tuple"], tuple) and isinstance(out["list"], list)
+    assert type(out["point"]) is Point and type(out["params"]) is Params
+    torch.testing.assert_close(out["tuple"][0].unshard(), 2 * a)
+    torch.testing.assert_close(out["list"][0].unshard(), 2 * b)
+    torch.testing.assert_close(out["point"].x.unshard(), b + 1)
+    torch.testing.assert_close(out["point"].y.unshard(), a * a)
+    torch.testing.assert_close(out["params"].w.unshard(), c @ c)
+    torch.testing.assert_close(out["params"].b.unshard(), b.sum(1))
+    torch.testing.assert_close(out["nested"].unshard(), c - 1)
+
+
+def test_class_registered_without_key_paths():
+    x = _rows(4, 3)
+    out = tp.pmap(lambda p: Pair(p.a + p.b, p.b * 2))(Pair(x, x + 1))
+    assert type(out) is Pair
+    torch.testing.assert_close(out.a.unshard(), 2 * x + 1)
+    torch.testing.assert_close(out.b.unshard(), 2 * x + 2)
+    out = tp.pmap(lambda p: p.a + p.b, in_axes=(Pair(0, None),))(Pair(x, torch.ones(3)))
+    torch.testing.assert_close(out.unshard(), x + 1)
+    with pytest.raises(ValueError, match=r"args\[0\]\[1\] is a rank-0 tensor"):
+        tp.pmap(lambda p: p.a)(Pair(x, torch.tensor(1.0)))
+
+
+def test_none_leaves_pass_through():
+    x = _rows(2, 3)
+    out = tp.pmap(lambda d: (d["a"] * 2, None))({"a": x, "b": None})
+    assert out[1] is None
+    torch.testing.assert_close(out[0].unshard(), 2 * x)
+    assert tp.pmap(lambda r: None)(x) is None
+
+
+# -- in_axes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
+def test_in_axes_int_and_negative(n, axis):
+    _devices(n)
+    shape = [3, 5, 2]
+    shape[axis] = n
+    x = _rows(*shape)
+    y = tp.pmap(lambda r: r * 10 + 1, in_axes=axis)(x)
+    assert y.shape == (n, *torch.movedim(x, axis, 0).shape[1:])
+    torch.testing.assert_close(y.unshard(), torch.movedim(x, axis, 0) * 10 + 1)
+
+
+def test_in_axes_none_broadcasts():
+    x, w = _rows(4, 3), torch.tensor([1.0, -2.0, 0.5])
+    seen = []
+
+    def f(r, full):
+        seen.append(full)
+        return r * full
+
+    y = tp.pmap(f, in_axes=(0, None))(x, w)
+    torch.testing.assert_close(y.unshard(), x * w)
+    assert len(seen) == 4 and all(torch.equal(s, w) for s in seen)
+    # A broadcast argument may have any size along axis 0.
+    y = tp.pmap(lambda r, m: m @ r, in_axes=[0, None])(x, torch.eye(3)[:2])
+    torch.testing.assert_close(y.unshard(), x[:, :2])
+
+
+def test_in_axes_pytree_prefix():
+    x = _rows(4, 3)
+    t = _rows(3, 4)
+    bias = torch.tensor([0.5, 1.5, 2.5])
+
+    def f(d, p):
+        return d["m"] + d["b"] + p.w + p.b
+
+    # dict prefix with a None leaf; dataclass prefix with a None field; in_axes=1
+    out = tp.pmap(f, in_axes=({"m": 0, "b": None}, Params(w=1, b=None)))({"m": x, "b": bias}, Params(w=t, b=bias))
+    torch.testing.assert_close(out.unshard(), x + bias + t.T + bias)
+    # a prefix that stops early maps a whole subtree the same way
+    out = tp.pmap(lambda d: d["p"][0] * d["p"][1], in_axes=({"p": -1},))({"p": (t, t + 1)})
+    torch.testing.assert_close(out.unshard(), (t * (t + 1)).T)
+
+
+def test_keyword_arguments_are_mapped_on_axis_0():
+    x, k = _rows(4, 3), _rows(4, 2) * 3
+    seen_shapes = []
+
+    def f(a, *, key):
+        seen_shapes.append(tuple(key["v"].shape))
+        return a.sum() + key["v"]
+
+    y = tp.pmap(f, in_axes=None, axis_size=4)(torch.ones(3), key={"v": k})
+    torch.testing.assert_close(y.unshard(), 3 + k)
+    assert seen_shapes == [(2,)] * 4
+    with pytest.raises(ValueError, match=r"args\[0\] has 4, kwargs\['key'\]\['v'\] has 3"):
+        tp.pmap(f)(x, key={"v": _rows(3, 4)})
+
+
+def test_numpy_arrays_and_python_scalars():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    y = tp.pmap(lambda r: r * 2)(x)
+    assert isinstance(y, ShardedTensor) and y.dtype == torch.float32
+    np.testing.assert_allclose(np.asarray(y), x * 2)
+
+    f = tp.pmap(lambda r, s, v: r * s + v, in_axes=(0, None, None))
+    y = f(torch.from_numpy(x), 3, np.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(np.asarray(y), x * 3 + np.array([1.0, 2.0, 3.0]))
+    y = f(x, 2.5, np.float32(-1))  # numpy scalar, Python float
+    np.testing.assert_allclose(np.asarray(y), x * 2.5 - 1)
+    seen = []
+    tp.pmap(lambda r, s: seen.append(s) or r, in_axes=(0, None))(x, 7)
+    assert seen == [7] * 4 and all(type(s) is int for s in seen)
+
+
+# -- out_axes -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [1, 2, -1, -3])
+def test_out_axes_places_the_mapped_axis(axis):
+    x = _rows(4, 3, 5)
+    y = tp.pmap(lambda r: r + 1, out_axes=axis)(x)
+    assert y.axis == axis % 3
+    torch.testing.assert_close(y.unshard(), torch.movedim(x + 1, 0, axis))
+
+
+def test_out_axes_pytree_prefix():
+    x = _rows(4, 3)
+    out = tp.pmap(lambda r: {"a": r, "b": (r * 2, r.sum())}, out_axes={"a": 1, "b": 0})(x)
+    torch.testing.assert_close(out["a"].unshard(), x.T)
+    torch.testing.assert_close(out["b"][0].unshard(), 2 * x)
+    torch.testing.assert_close(out["b"][1].unshard(), x.sum(1))
+    out = tp.pmap(lambda r: Params(w=r * 3, b=r.sum() * 0 + 1), out_axes=Params(w=-1, b=None))(x)
+    torch.testing.assert_close(out.w.unshard(), (3 * x).T)
+    assert not isinstance(out.b, ShardedTensor)
+    torch.testing.assert_close(out.b, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_out_axes_none_returns_one_tensor(n):
+    _devices(n)
+    x = _rows(n, 3)
+    y = tp.pmap(lambda r: tp.psum(r, "i"), "i", out_axes=None)(x)
+    assert type(y) is torch.Tensor
+    torch.testing.assert_close(y, x.sum(0))
+
+
+def test_out_axes_none_checks_replicas_agree():
+    x = _rows(4, 3)
+    with pytest.raises(ValueError, match=r"out_axes=None for output out\['b'\], but replica 1 returned a different value"):
+        tp.pmap(lambda r: {"a": r.sum() * 0, "b": r}, out_axes=None)(x)
+    # equal values, NaNs in the same places: fine
+    y = tp.pmap(lambda r: torch.tensor([float("nan"), 1.0]), out_axes=None)(x)
+    assert torch.isnan(y[0]) and y[1] == 1
+    # a replica that differs only in dtype or shape differs
+    with pytest.raises(ValueError, match=r"replica 3 returned a different value"):
+        tp.pmap(lambda r: torch.zeros(3 if tp.axis_index("i") < 3 else 2), "i", out_axes=None)(x)
+
+
+def test_mapped_outputs_of_different_shapes_name_the_output():
+    x = _rows(4, 3)
+    with pytest.raises(ValueError, match=r"cannot stack output out\['v'\] of the replicas.*shard 1 has shape"):
+        tp.pmap(lambda r: {"v": r[: 1 + int(tp.axis_index("i") > 0)]}, "i")(x)
+
+
+def test_mapped_output_must_be_a_tensor_or_number():
+    x = _rows(2, 3)
+    numbers = tp.pmap(lambda r: 1.5)(x)
+    torch.testing.assert_close(numbers.unshard(), torch.tensor([1.5, 1.5]))
+    with pytest.raises(TypeError, match=r"output out\[1\] is a str; mapped outputs must be tensors or numbers"):
+        tp.pmap(lambda r: (r, "label"))(x)
+    assert tp.pmap(lambda r: (r, "label"), out_axes=(0, None))(x)[1] == "label"
+
+
+# -- static_broadcasted_argnums -----------------------------------------------------------
+
+
+def test_static_arguments_are_passed_as_python_values():
+    x = _rows(4, 3)
+    seen = []
+
+    def f(r, op, scale):
+        seen.append((op, scale))
+        return getattr(torch, op)(r) * scale
+
+    p = tp.pmap(f, static_broadcasted_argnums=(1, 2))
+    torch.testing.assert_close(p(x, "sin", 2).unshard(), x.sin() * 2)
+    torch.testing.assert_close(p(x, "cos", 3).unshard(), x.cos() * 3)  # a new value, a new result
+    assert seen == [("sin", 2)] * 4 + [("cos", 3)] * 4
+    assert all(type(s) is int for _, s in seen)
+    neg = tp.pmap(lambda r, k: r ** k, static_broadcasted_argnums=-1)
+    torch.testing.assert_close(neg(x, 3).unshard(), x ** 3)
+
+
+def test_static_arguments_are_part_of_the_plan_cache_key():
+    x = _rows(4, 3)
+    p = tp.pmap(lambda r, k: r * k, static_broadcasted_argnums=1)
+    for _ in range(5):
+        p(x, 2)
+    assert len(p._in_plans) == 1
+    p(x, 3)
+    assert len(p._in_plans) == 2
+    torch.testing.assert_close(p(x, 5).unshard(), x * 5)
+    # in_axes given for every positional argument, the static one included
+    q = tp.pmap(lambda k, r: r + k, in_axes=(None, 1), static_broadcasted_argnums=0)
+    torch.testing.assert_close(q(4, x.T).unshard(), x + 4)
+
+
+@pytest.mark.parametrize("value, name", [([1, 2], "list"), ({"a": 1}, "dict"), (torch.ones(2).numpy(), "ndarray")])
+def test_non_hashable_static_argument(value, name):
+    with pytest.raises(ValueError, match=rf"static_broadcasted_argnums argument 1 must be hashable, got {name}"):
+        tp.pmap(lambda r, s: r, static_broadcasted_argnums=1)(_rows(2, 3), value)
+
+
+def test_static_argnum_out_of_range():
+    with pytest.raises(ValueError, match=r"static_broadcasted_argnums entry 2 is out of range.*2 positional"):
+        tp.pmap(lambda r, s: r, static_broadcasted_argnums=2)(_rows(2, 3), 1)
+
+
+# -- devices and axis_size --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", [[3, 1, 0, 2], [7, 5], [6]])
+def test_devices_select_and_order(order):
+    local = _devices(max(order) + 1)
+    chosen = [local[i] for i in order]
+    ran_on = {}
+
+    def f(r):
+        ran_on[int(tp.axis_index("i"))] = threading.current_thread().name
+        return r * 0 + tp.axis_index("i")
+
+    y = tp.pmap(f, "i", devices=chosen)(_rows(len(order), 2))
+    assert y.devices == tuple(chosen)
+    torch.testing.assert_close(y.unshard(), torch.arange(len(order)).unsqueeze(1).expand(-1, 2).float())
+    # replica i ran on the worker of devices[i]
+    assert ran_on == {i: f"torchpmap-worker-{d.type}{d.index}" for i, d in enumerate(chosen)}
+    if chosen[0].type == "cuda":
+        assert [s.device for s in y.shards] == chosen
+
+
+def test_devices_accepts_strings_and_checks_the_count():
+    devs = _devices(2)
+    names = [str(d) for d in reversed(devs)]  # e.g. ["cpu:1", "cpu:0"]
+    y = tp.pmap(lambda r: r + 1, devices=names)(_rows(2, 2))
+    assert y.devices == (devs[1], devs[0])
+    torch.testing.assert_close(y.unshard(), _rows(2, 2) + 1)
+    with pytest.raises(ValueError, match=r"mapped axis has size 3 but devices= lists 2 devices"):
+        tp.pmap(lambda r: r, devices=devs)(_rows(3, 2))
+    with pytest.raises(ValueError, match=r"devices lists a device twice"):
+        tp.pmap(lambda r: r, devices=[devs[0]] * 2)
+
+
+def test_axis_size():
+    x = _rows(4, 3)
+    torch.testing.assert_close(tp.pmap(lambda r: r * 2, axis_size=4)(x).unshard(), x * 2)
+    with pytest.raises(ValueError, match=r"axis_size=2 but args\[0\] has size 4 along its mapped axis"):
+        tp.pmap(lambda r: r, axis_size=2)(x)
+    # no mapped argument: axis_size gives the number of replicas
+    y = tp.pmap(lambda w: w * tp.axis_index("i"), "i", in_axes=None, axis_size=3)(torch.tensor([1.0, 2.0]))
+    torch.testing.assert_close(y.unshard(), torch.tensor([[0.0, 0.0], [1.0, 2.0], [2.0, 4.0]]))
+
+
+# -- donate_argnums ------------------------------------------------------------------------
+
+
+def test_donated_sharded_tensor_is_deleted():
+    x = _rows(4, 3)
+    st = tp.pmap(lambda r: r * 2)(x)
+    keep = tp.pmap(lambda r: r * 2)(x)
+    out = tp.pmap(lambda a, b: a + b, donate_argnums=0)(st, keep)
+    torch.testing.assert_close(out.unshard(), x * 4)
+    assert st.is_deleted and not keep.is_deleted
+    assert "deleted" in repr(st)
+    match = r"donated to a pmap call \(donate_argnums\)"
+    for use in (lambda: st.shards, lambda: st.unshard(), lambda: st + 1, lambda: np.asarray(st),
+                lambda: st.shape, lambda: len(st), lambda: st[0], lambda: torch.add(st, 1),
+                lambda: tp.pmap(lambda r: r)(st)):
+        with pytest.raises(DeletedShardedTensorError, match=match):
+            use()
+
+
+def test_donating_a_plain_tensor_leaves_it_usable():
+    x = _rows(2, 3)
+    out = tp.pmap(lambda r: r + 1, donate_argnums=(0,))(x)
+    torch.testing.assert_close(out.unshard(), x + 1)
+    torch.testing.assert_close(x, _rows(2, 3))
+
+
+def test_donated_pytree_argument_and_in_place_update():
+    x = _rows(4, 3)
+    state = {"w": tp.device_put_replicated(torch.zeros(3), tp.local_devices()[:4])}
+
+    def step(s, r):
+        s["w"].add_(r)  # donated: the function may update it in place
+        return s
+
+    old = state["w"]
+    new = tp.pmap(step, donate_argnums=0)(state, x)
+    assert old.is_deleted
+    torch.testing.assert_close(new["w"].unshard(), x)
+
+
+def test_static_and_donated_at_once_is_an_error():
+    with pytest.raises(ValueError, match=r"cannot be both static and donated"):
+        tp.pmap(lambda r, s: r, static_broadcasted_argnums=1, donate_argnums=1)(_rows(2, 3), 1)
+
+
+# -- errors name the argument and its path, before anything runs ----------------------------
+
+
+def _never_runs():
+    calls = []
+
+    def f(*args, **kwargs):
+        calls.append(1)
+        return args[0] if args else 0
+
+    return f, calls
+
+
+@pytest.mark.parametrize(
+    "make_call, error, match",
+    [
+        # mismatched mapped sizes
+        (lambda f: tp.pmap(f)({"w": _rows(4, 2)}, _rows(3)), ValueError,
+         r"different sizes along their mapped axes \(args\[0\]\['w'\] has 4, args\[1\] has 3\)"),
+        (lambda f: tp.pmap(f, in_axes=(1, 0))(_rows(2, 5), _rows(4)), ValueError,
+         r"args\[0\]: axis 1 of shape \(2, 5\) has size 5"),
+        # rank-0 input with a mapped axis
+        (lambda f: tp.pmap(f)(_rows(2), {"s": torch.tensor(1.0)}), ValueError,
+         r"args\[1\]\['s'\] is a rank-0 tensor but in_axes=0 maps it"),
+        # a Python scalar cannot be mapped
+        (lambda f: tp.pmap(f)(_rows(2), 3.0), ValueError, r"cannot map over args\[1\], a float"),
+        # in_axes not a prefix of the arguments
+        (lambda f: tp.pmap(f, in_axes=({"a": 0},))((_rows(2),)), ValueError,
+         r"in_axes\[0\] must be a pytree prefix of args\[0\], but in_axes\[0\] is a dict with keys \['a'\] while args\[0\] is a tuple"),
+        (lambda f: tp.pmap(f, in_axes=(0, {"a": {"b": 0}}))(_rows(2), {"a": {"c": _rows(2)}}), ValueError,
+         r"in_axes\[1\]\['a'\] is a dict with keys \['b'\] while args\[1\]\['a'\] is a dict with keys \['c'\]"),
+        (lambda f: tp.pmap(f, in_axes=((0, None, 0),))((_rows(2), _rows(2))), ValueError,
+         r"in_axes\[0\] is a tuple of length 3 while args\[0\] is a tuple of length 2"),
+        (lambda f: tp.pmap(f, in_axes=(0,))(_rows(2), _rows(2)), ValueError,
+         r"in_axes has 1 entries but .* was called with 2 positional argument"),
+        (lambda f: tp.pmap(f, in_axes=({"a": "x"},))({"a": _rows(2)}), TypeError,
+         r"in_axes\[0\] must be ints or None .* got 'x' at in_axes\[0\]\['a'\]"),
+        # no mapped argument at all
+        (lambda f: tp.pmap(f, in_axes=None)(_rows(2)), ValueError,
+         r"called with no mapped argument, so the axis size is unknown.*axis_size"),
+        (lambda f: tp.pmap(f)(), ValueError, r"no mapped argument"),
+        # out-of-range in_axes
+        (lambda f: tp.pmap(f, in_axes=2)(_rows(2, 3)), ValueError,
+         r"in_axes=2 is out of range for args\[0\], which has 2 dimension\(s\) \(shape \(2, 3\)\)"),
+        (lambda f: tp.pmap(f, in_axes=(0, -3))(_rows(2), _rows(2, 3)), ValueError,
+         r"in_axes=-3 is out of range for args\[1\]"),
+        # more replicas than devices
+        (lambda f: tp.pmap(f)(_rows(tp.local_device_count() + 1)), ValueError,
+         r"only \d+ local devices are available"),
+    ],
+)
+def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
+    f, calls = _never_runs()
+    with pytest.raises(error, match=match):
+        make_call(f)
+    assert calls == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for virtual CPU devices")
+def test_too_many_replicas_hint_names_the_env_var():
+    n = tp.local_device_count() + 1
+    with pytest.raises(ValueError, match=rf"Set TORCHPMAP_CPU_DEVICES={n} \(or call torchpmap.set_cpu_device_count\({n}\)"):
+        tp.pmap(lambda r: r)(_rows(n))
+
+
+@pytest.mark.parametrize(
+    "out_axes, out, match",
+    [
+        (2, lambda r: r, r"out_axes=2 is out of range for output out, which gets 2 dimension\(s\)"),
+        (-3, lambda r: {"k": r}, r"out_axes=-3 is out of range for output out\['k'\]"),
+        ((0, 0, 0), lambda r: (r, r), r"out_axes must be a pytree prefix of out, but out_axes is a tuple of length 3 while out is a tuple of length 2"),
+        ({"b": 0}, lambda r: {"a": r}, r"out_axes is a dict with keys \['b'\] while out is a dict with keys \['a'\]"),
+    ],
+)
+def test_bad_out_axes(out_axes, out, match):
+    with pytest.raises(ValueError, match=match):
+        tp.pmap(out, out_axes=out_axes)(_rows(2, 3))
+
+
+# -- the plan cache ----------------------------------------------------------------------------
+
+
+def test_plan_cache_is_per_call_signature():
+    p = tp.pmap(lambda a, b=None: a * 2 if b is None else a + b)
+    x = _rows(4, 3)
+    for _ in range(20):
+        p(x)
+    assert len(p._in_plans) == 1
+    p(_rows(4, 5))  # same structure and ranks: same plan
+    p(_rows(4, 5).double())
+    assert len(p._in_plans) == 1
+    p(_rows(4, 3, 2))  # another rank
+    assert len(p._in_plans) == 2
+    p(x, b=x)  # another structure
+    assert len(p._in_plans) == 3
+    p(x, b=x + 1)
+    assert len(p._in_plans) == 3
+    torch.testing.assert_close(p(x, b=x).unshard(), 2 * x)
+    # outputs: one plan per output structure
+    assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs

@@ -1,0 +1,344 @@
+"""The executor (one persistent worker per device), failures, the caller's
+thread-local state in the replicas, nested pmap, concurrent callers, and
+autograd through a pmap call from outside."""
+import gc
+import threading
+import time
+import tracemalloc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import torchpmap as tp
+
+
+def _devices(k):
+    local = tp.local_devices()
+    if len(local) < k:
+        pytest.skip(f"needs {k} devices, this process has {len(local)}")
+    return local[:k]
+
+
+def _rows(n, *rest, dtype=torch.float32):
+    numel = n * int(np.prod(rest, dtype=np.int64))
+    return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * 0.3 - 1).to(dtype)
+
+
+def _eventually(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+# -- persistent workers ------------------------------------------------------------------------
+
+
+def test_one_persistent_worker_per_device():
+    devs = _devices(4)
+    seen = []
+
+    def f(r):
+        seen.append((int(tp.axis_index("i")), threading.get_ident(), threading.current_thread().name))
+        return r
+
+    p = tp.pmap(f, "i", devices=devs)
+    for _ in range(5):
+        p(_rows(4, 2))
+    by_replica = {}
+    for i, ident, name in seen:
+        by_replica.setdefault(i, set()).add((ident, name))
+    assert all(len(v) == 1 for v in by_replica.values())  # the same thread every call
+    threads = [next(iter(by_replica[i])) for i in range(4)]
+    assert len({ident for ident, _ in threads}) == 4  # a different thread per device
+    assert [name for _, name in threads] == [f"torchpmap-worker-{d.type}{d.index}" for d in devs]
+    assert threading.main_thread().ident not in {ident for ident, _ in threads}
+
+
+def test_thread_count_stays_flat_over_10000_calls():
+    devs = _devices(2)
+    p = tp.pmap(lambda r: r + 1, devices=devs)
+    x = torch.ones(2, 3)
+    p(x)  # workers for these devices exist from now on
+    workers = {t.ident for t in threading.enumerate() if t.name.startswith("torchpmap-worker")}
+    before = {t.ident for t in threading.enumerate()}
+    count = threading.active_count()
+    for i in range(10_000):
+        y = p(x)
+        if i % 250 == 0:
+            # (threads of other tests may end meanwhile, but none may start)
+            assert threading.active_count() <= count, f"a thread was started by call {i}"
+            assert {t.ident for t in threading.enumerate()} <= before
+    assert {t.ident for t in threading.enumerate() if t.name.startswith("torchpmap-worker")} == workers
+    torch.testing.assert_close(y.unshard(), x + 1)
+
+
+def test_memory_stays_flat_over_many_calls():
+    devs = _devices(2)
+    p = tp.pmap(lambda r, w: (r * w).sum() + r, in_axes=(0, None), devices=devs)
+    x, w = torch.ones(2, 8), torch.ones(8)
+    for _ in range(200):
+        p(x, w)
+    gc.collect()
+    objects_before = len(gc.get_objects())
+    tracemalloc.start()
+    try:
+        start = tracemalloc.take_snapshot()
+        for _ in range(1500):
+            p(x, w)
+        gc.collect()
+        end = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(s.size_diff for s in end.compare_to(start, "filename"))
+    assert growth < 64 * 1024, f"{growth} bytes more after 1500 calls"
+    assert len(gc.get_objects()) - objects_before < 300
+
+
+def test_idle_workers_do_not_keep_the_last_call_alive():
+    x = torch.ones(4, 256)
+    out = tp.pmap(lambda r: r * 2)(x)
+    refs = [weakref.ref(x)] + [weakref.ref(s) for s in out.shards]
+    del x, out
+    gc.collect()
+    assert _eventually(lambda: all(r() is None for r in refs)), "a worker still holds the last call's tensors"
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+class CustomError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("n, bad", [(1, 0), (2, 1), (4, 2), (8, 5)])
+def test_exception_reaches_the_caller_with_the_replica_index(n, bad):
+    devs = _devices(n)
+
+    def f(r):
+        if int(tp.axis_index("i")) == bad:
+            raise CustomError(f"broken replica {bad}")
+        return r
+
+    with pytest.raises(CustomError, match=rf"broken replica {bad}") as info:
+        tp.pmap(f, "i", devices=devs)(_rows(n, 2))
+    notes = getattr(info.value, "__notes__", [])
+    assert notes == [f"(raised in pmap replica {bad} on device {devs[bad]})"]
+
+
+def test_exception_while_others_wait_in_a_collective_does_not_hang():
+    devs = _devices(4)
+
+    def f(r):
+        if int(tp.axis_index("i")) == 2:
+            raise KeyError("replica two")
+        return tp.psum(r, "i")
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyError, match="replica two") as info:
+        tp.pmap(f, "i", devices=devs)(_rows(4, 3))
+    assert time.monotonic() - t0 < 30
+    assert any("replica 2" in note for note in info.value.__notes__)
+
+
+def test_pool_stays_usable_after_failures():
+    devs = _devices(4)
+
+    def f(r):
+        if int(tp.axis_index("i")) in (0, 3):
+            raise RuntimeError("boom")
+        return tp.psum(r, "i")
+
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="boom") as info:
+            tp.pmap(f, "i", devices=devs)(_rows(4, 3))
+        assert info.value.__notes__ == [f"(raised in pmap replica 0 on device {devs[0]})"]
+    x = _rows(4, 3)
+    y = tp.pmap(lambda r: tp.psum(r, "i"), "i", devices=devs)(x)
+    torch.testing.assert_close(y.unshard(), x.sum(0).expand(4, 3))
+    torch.testing.assert_close(tp.pmap(lambda r: r - 1)(_rows(8, 2)).unshard(), _rows(8, 2) - 1)
+
+
+# -- the caller's state in the replicas ------------------------------------------------------------
+
+
+def _flags(r):
+    return torch.tensor([torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                         torch.is_autocast_enabled("cpu")])
+
+
+def test_grad_mode_carries_into_replicas():
+    p = tp.pmap(_flags)
+    x = _rows(4, 2)
+    assert p(x).unshard().tolist() == [[True, False, False]] * 4
+    with torch.no_grad():
+        assert p(x).unshard().tolist() == [[False, False, False]] * 4
+        with torch.enable_grad():
+            assert p(x).unshard().tolist() == [[True, False, False]] * 4
+    torch.set_grad_enabled(False)
+    try:
+        assert p(x).unshard().tolist() == [[False, False, False]] * 4
+    finally:
+        torch.set_grad_enabled(True)
+    assert p(x).unshard().tolist() == [[True, False, False]] * 4  # nothing sticks to the workers
+
+
+def test_no_grad_results_do_not_require_grad():
+    x = _rows(4, 2).requires_grad_()
+    with torch.no_grad():
+        y = tp.pmap(lambda r: r * 2)(x)
+    assert not y.requires_grad
+    assert tp.pmap(lambda r: r * 2)(x).requires_grad
+
+
+def test_inference_mode_carries_into_replicas():
+    x = _rows(4, 2)
+    with torch.inference_mode():
+        flags = tp.pmap(_flags)(x).unshard().tolist()
+        y = tp.pmap(lambda r: r + 1)(x)
+    assert flags == [[False, True, False]] * 4
+    assert all(s.is_inference() for s in y.shards)
+    assert tp.pmap(_flags)(x).unshard().tolist() == [[True, False, False]] * 4
+
+
+def test_autocast_carries_into_replicas():
+    a, b = _rows(4, 3, 5), _rows(4, 5, 2)
+    p = tp.pmap(lambda x, y: x @ y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = p(a, b)
+        flags = tp.pmap(_flags)(a).unshard().tolist()
+    assert y.dtype == torch.bfloat16
+    assert flags == [[True, False, True]] * 4
+    torch.testing.assert_close(y.unshard().float(), a @ b, rtol=2e-2, atol=2e-2)
+    assert p(a, b).dtype == torch.float32
+
+
+def test_nested_pmap_is_not_supported():
+    inner = tp.pmap(lambda r: r * 2)
+
+    def outer(r):
+        return inner(r.reshape(1, -1))
+
+    with pytest.raises(NotImplementedError, match=r"nested pmap is not supported") as info:
+        tp.pmap(outer)(_rows(2, 3))
+    assert "replica 0" in info.value.__notes__[0]
+    torch.testing.assert_close(inner(_rows(2, 3)).unshard(), 2 * _rows(2, 3))  # still fine outside
+
+
+# -- concurrent callers ----------------------------------------------------------------------------
+
+
+def test_two_threads_calling_pmaps_with_collectives_do_not_deadlock():
+    devs = _devices(4)
+    forward = tp.pmap(lambda r: tp.psum(r, "i"), "i", devices=devs)
+    backward = tp.pmap(lambda r: tp.pmean(r, "j") * 2, "j", devices=list(reversed(devs)))
+    pairs = tp.pmap(lambda r: tp.psum(r, "k"), "k", devices=devs[1:3])
+    errors = []
+
+    def loop(p, scale, n, seed):
+        try:
+            for i in range(150):
+                x = _rows(n, 3) + seed + i
+                torch.testing.assert_close(p(x).unshard(), x.sum(0).expand(n, 3) * scale)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(forward, 1.0, 4, 0)),
+               threading.Thread(target=loop, args=(backward, 0.5, 4, 1)),
+               threading.Thread(target=loop, args=(pairs, 1.0, 2, 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlock: a caller thread never finished"
+    assert errors == []
+
+
+# -- autograd through a pmap call ----------------------------------------------------------------
+
+
+def _double(*shape):
+    g = torch.Generator().manual_seed(sum(shape) * 7 + len(shape))
+    return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_gradcheck_mapped_argument(n):
+    _devices(n)
+    f = tp.pmap(lambda r: (r.sin() * r).cumsum(0))
+    assert torch.autograd.gradcheck(lambda x: f(x).unshard(), (_double(n, 3),))
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_gradcheck_mapped_and_broadcast_arguments(n):
+    _devices(n)
+    f = tp.pmap(lambda r, w, b: torch.tanh(r @ w) + b["c"], in_axes=(0, None, {"c": None}))
+    x, w, c = _double(n, 3), _double(3, 2), _double(2)
+    assert torch.autograd.gradcheck(lambda x, w, c: f(x, w, {"c": c}).unshard(), (x, w, c))
+
+
+def test_gradcheck_other_axes_and_keyword_arguments():
+    f = tp.pmap(lambda r, k: r.exp() * k, in_axes=1, out_axes=1)
+    x, k = _double(3, 4), _double(4, 3)
+    assert torch.autograd.gradcheck(lambda x, k: f(x, k=k).unshard(), (x, k))
+
+
+def test_backward_matches_the_unmapped_computation():
+    x, w = _double(4, 3), _double(3)
+    loss = tp.pmap(lambda r, w: ((r * w).sin() ** 2).sum(), in_axes=(0, None))(x, w).sum()
+    loss.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    ((x * w).sin() ** 2).sum().backward()
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_out_axes_none_output_counts_once():
+    x, w = _double(4, 3), _double(3)
+    f = tp.pmap(lambda r, w: (w * w).sum() * 3, in_axes=(0, None), out_axes=None)
+    loss = f(x, w)
+    assert type(loss) is torch.Tensor and loss.requires_grad
+    loss.backward()
+    torch.testing.assert_close(w.grad, 6 * w.detach())  # not 4x: one output, seen once
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0
+    g = tp.pmap(lambda r, w: (w.exp() * 2).sum(), in_axes=(0, None), out_axes=None)
+    assert torch.autograd.gradcheck(lambda x, w: g(x, w), (x.detach().requires_grad_(), w.detach().requires_grad_()))
+
+
+def test_gradients_flow_through_chained_pmaps_and_sharded_tensors():
+    x = _double(4, 3)
+    y = tp.pmap(lambda r: r * 2)(x)
+    z = tp.pmap(lambda r: r.sin())(y)  # y fed back: shards in place
+    (z.sum() + (y * y).sum()).backward()
+    torch.testing.assert_close(x.grad, 2 * torch.cos(2 * x.detach()) + 8 * x.detach())
+
+
+# -- CUDA --------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@needs_cuda
+def test_cuda_outputs_are_ready_for_the_caller():
+    devs = tp.local_devices()
+    n = len(devs)
+    x = torch.randn(n, 256, 256, device=devs[0])
+    y = tp.pmap(lambda r: (r @ r).relu() + 1)(x)
+    assert [s.device for s in y.shards] == devs
+    for i, d in enumerate(devs):
+        ref = (x[i].to(d) @ x[i].to(d)).relu() + 1  # on the caller's stream, no synchronize
+        torch.testing.assert_close(y.shards[i], ref)
+
+
+@needs_cuda
+def test_cuda_autocast_carries_into_replicas():
+    devs = tp.local_devices()
+    x = torch.randn(len(devs), 8, 8, device=devs[0])
+    with torch.autocast("cuda", dtype=torch.float16):
+        y = tp.pmap(lambda r: r @ r)(x)
+    assert y.dtype == torch.float16
