@@ -73,9 +73,14 @@ class _ThroughReplicas(torch.autograd.Function):
         if state is None:
             raise RuntimeError(
                 "Trying to backward through a pmap call a second time; the replicas' "
-                "graphs were freed after the first backward"
+                "graphs were freed after the first backward (use retain_graph=True "
+                "to keep them)"
             )
-        ctx.state = None
+        # backward(retain_graph=True) (gradcheck does it, as do users taking
+        # several vjps) must keep the replicas' graphs for the next pass too.
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        if not keep:
+            ctx.state = None
         n = state.n
         per_replica_outs = [[] for _ in range(n)]
         per_replica_grads = [[] for _ in range(n)]
@@ -88,7 +93,8 @@ class _ThroughReplicas(torch.autograd.Function):
             if not per_replica_outs[r]:
                 return [None] * len(state.grad_inputs[r])
             return list(torch.autograd.grad(
-                per_replica_outs[r], state.grad_inputs[r], per_replica_grads[r], allow_unused=True
+                per_replica_outs[r], state.grad_inputs[r], per_replica_grads[r],
+                retain_graph=keep, allow_unused=True,
             ))
 
         with torch.enable_grad():

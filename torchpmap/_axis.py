@@ -90,14 +90,38 @@ def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:
 # The two lookups below run at trace time under torch.compile and are taken as
 # constants (no guard on the thread-local frame): a compiled program is made
 # per pmap, axis size and physical device (see _compile.py), so they are fixed.
+# The constant parts never raise: Dynamo reports an exception raised inside an
+# assume_constant_result function as an internal compiler error, which would
+# hide the NameError of an unbound axis. They answer None instead, and the
+# NameError is raised by ``resolve`` in traced code, like any user error.
 @torch._dynamo.assume_constant_result
+def _bound_axis_size(axis_name: Any) -> int | None:
+    try:
+        return resolve(axis_name).axis_size
+    except NameError:
+        return None
+
+
+@torch._dynamo.assume_constant_result
+def _bound_device(axis_name: Any) -> str | None:
+    try:
+        d = resolve(axis_name).device
+    except NameError:
+        return None
+    return "cpu" if d.type == "cpu" else str(d)
+
+
 def static_axis_size(axis_name: Any) -> int:
     """Size of the named axes, for shape logic."""
-    return resolve(axis_name).axis_size
+    size = _bound_axis_size(axis_name)
+    if size is None:
+        resolve(axis_name)  # raises the NameError
+    return size
 
 
-@torch._dynamo.assume_constant_result
 def physical_device(axis_name: Any) -> str:
     """Where the replica's tensors really live ("cpu" for a virtual device)."""
-    d = resolve(axis_name).device
-    return "cpu" if d.type == "cpu" else str(d)
+    device = _bound_device(axis_name)
+    if device is None:
+        resolve(axis_name)  # raises the NameError
+    return device

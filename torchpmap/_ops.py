@@ -56,6 +56,22 @@ def _frame(axes: str, x: Tensor | None = None) -> _axis.ReplicaFrame:
     return _axis.resolve(tuple(axes.split(AXIS_SEP)), like=x)
 
 
+def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
+    """The backward rules communicate, so they must run in the replicas' own
+    backward pass (pmap arranges that for its arguments, see _autodiff.py). A
+    tensor that needs a gradient but reached a replica through a closure instead
+    of an argument leaves the rule to the caller's backward, where no axis is
+    bound: say how to fix that rather than just 'unbound axis name'."""
+    try:
+        _frame(axes, grad)
+    except NameError as e:
+        raise NameError(
+            f"{e} This is the backward pass of a collective running outside its pmap: "
+            f"a tensor that requires grad was probably captured by the pmapped function "
+            f"instead of passed to it; pass it as an argument (in_axes=None to broadcast it)."
+        ) from None
+
+
 # -- all_reduce ---------------------------------------------------------------
 def _all_reduce_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
@@ -80,6 +96,7 @@ def _all_reduce_backward(ctx, grad):
             f"p{ctx.op} is not differentiable (as in JAX); use psum/pmean, or "
             f"wrap the value in .detach() if no gradient should flow through it"
         )
+    _check_backward_in_replica(ctx.axes, grad)
     # JAX's pmap rule: the transpose of psum is psum (see README, 'Gradients
     # through collectives').
     return OPS.all_reduce.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
@@ -107,6 +124,7 @@ def _gather_scatter_setup(ctx, inputs, output):
 
 
 def _all_gather_backward(ctx, grad):
+    _check_backward_in_replica(ctx.axes, grad)
     return OPS.reduce_scatter.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
 
@@ -132,6 +150,7 @@ def _reduce_scatter_setup(ctx, inputs, output):
 
 
 def _reduce_scatter_backward(ctx, grad):
+    _check_backward_in_replica(ctx.axes, grad)
     return OPS.all_gather.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
 
@@ -153,6 +172,7 @@ def _(x, axes, groups, group_size):
 
 
 def _all_to_all_backward(ctx, grad):
+    _check_backward_in_replica(ctx.axes, grad)
     # out_k[j] = x_j[k], so the transpose is the same exchange.
     return OPS.all_to_all.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
@@ -179,6 +199,7 @@ def _permute_setup(ctx, inputs, output):
 
 
 def _permute_backward(ctx, grad):
+    _check_backward_in_replica(ctx.axes, grad)
     inverse = [v for s, d in zip(ctx.pairs[0::2], ctx.pairs[1::2]) for v in (d, s)]
     return OPS.permute.default(grad, ctx.axes, inverse), None, None
 

@@ -11,7 +11,7 @@ import numbers
 from typing import Any, Sequence
 
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils import _pytree
 
 from . import _axis, _ops
 
@@ -68,6 +68,12 @@ def _as_tensor(x: Any, fn: str) -> torch.Tensor:
     raise TypeError(f"{fn}: expected tensors (or a pytree of tensors), got {type(x).__name__}")
 
 
+def _tree_map(fn, tree):
+    """Apply fn to every leaf of tree. torch's pytrees make None a leaf; in JAX
+    (and in pmap's arguments) None is an empty subtree, so it passes through."""
+    return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
+
+
 def _size(axis_name) -> int:
     return _axis.static_axis_size(_names(axis_name))
 
@@ -90,7 +96,7 @@ def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
             raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
         return _ops.call("all_reduce", v, op, axes, groups, group_size)
 
-    return tree_map(leaf, x), group_size
+    return _tree_map(leaf, x), group_size
 
 
 def psum(x, axis_name, *, axis_index_groups=None):
@@ -107,7 +113,7 @@ def pmean(x, axis_name, *, axis_index_groups=None):
             return torch.true_divide(v, n)
         return v / n
 
-    return tree_map(div, total)
+    return _tree_map(div, total)
 
 
 def pmax(x, axis_name, *, axis_index_groups=None):
@@ -137,7 +143,7 @@ def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False):
         out = stacked.movedim(0, a)
         return out.flatten(a, a + 1) if tiled else out
 
-    return tree_map(leaf, x)
+    return _tree_map(leaf, x)
 
 
 def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, tiled=False):
@@ -170,7 +176,7 @@ def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, t
             )
         return _ops.call("reduce_scatter", v.movedim(d, 0), "sum", axes, groups, g)
 
-    return tree_map(leaf, x)
+    return _tree_map(leaf, x)
 
 
 def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
@@ -204,7 +210,7 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
         received = _ops.call("all_to_all", v.movedim(s, 0), axes, groups, g)  # (g, rest)
         return received.movedim(0, c)
 
-    return tree_map(leaf, x)
+    return _tree_map(leaf, x)
 
 
 def pswapaxes(x, axis_name, axis, *, axis_index_groups=None):
@@ -230,7 +236,7 @@ def ppermute(x, axis_name, perm: Sequence[tuple[int, int]]):
     if len(set(sources)) != len(sources) or len(set(dests)) != len(dests):
         raise ValueError(f"ppermute: perm has a repeated source or destination: {perm!r}")
     flat = [v for p in pairs for v in p]
-    return tree_map(lambda v: _ops.call("permute", _as_tensor(v, "ppermute"), axes, flat), x)
+    return _tree_map(lambda v: _ops.call("permute", _as_tensor(v, "ppermute"), axes, flat), x)
 
 
 def pshuffle(x, axis_name, perm: Sequence[int]):
