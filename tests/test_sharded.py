@@ -211,16 +211,13 @@ def test_assert_close_between_sharded_tensors():
     torch.testing.assert_close(a.sum(), (x + 1).sum())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="torch.testing.assert_close only compares a tensor with a tensor-like of a related type "
-           "(isinstance either way), and ShardedTensor is not a torch.Tensor subclass; needs a design "
-           "decision (make ShardedTensor a Tensor subclass), not a local fix",
-)
 def test_assert_close_between_sharded_tensor_and_tensor():
     x = _rows(4, 3)
-    torch.testing.assert_close(tp.pmap(lambda r: r + 1)(x), x + 1)
+    y = tp.pmap(lambda r: r + 1)(x)
+    assert isinstance(y, torch.Tensor)
+    torch.testing.assert_close(y, x + 1)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(y, x + 2)
 
 
 def test_requires_grad_follows_the_shards():

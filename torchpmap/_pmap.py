@@ -29,10 +29,10 @@ _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
 
 
 def _kind(v: Any) -> int:
+    if isinstance(v, ShardedTensor):  # before Tensor: it is a Tensor subclass
+        return _SHARDED
     if isinstance(v, torch.Tensor):
         return _TENSOR
-    if isinstance(v, ShardedTensor):
-        return _SHARDED
     if isinstance(v, PerReplica):
         return _PER_REPLICA
     if isinstance(v, (np.ndarray, np.generic)):

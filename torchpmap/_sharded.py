@@ -3,7 +3,12 @@
 Shard i is the slice ``i`` of the mapped axis, without that axis, on device i
 (the layout pmap produces and consumes). Feeding a ShardedTensor back into pmap
 with the same devices and axis hands each replica its shard: no copy at all.
-Anything else torch does with it goes through the assembled full tensor.
+
+It is a ``torch.Tensor`` subclass (a storage-less wrapper, like DTensor) so that
+code which checks ``isinstance(x, torch.Tensor)``, ``torch.testing.assert_close``
+among it, accepts it. Its metadata (shape, dtype, device of shard 0) answers
+without touching data; every other torch function or method runs on the
+assembled full tensor.
 """
 from __future__ import annotations
 
@@ -16,11 +21,22 @@ from torch.utils._pytree import tree_map
 from ._devices import device_str
 from .errors import DeletedShardedTensorError
 
+# Tensor methods that only read metadata the wrapper already has.
+_METADATA = {
+    torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement,
+    torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+    torch.Tensor.__len__, torch.Tensor.is_contiguous, torch.Tensor.get_device,
+}
 
-class ShardedTensor:
-    __slots__ = ("_shards", "_devices", "_axis", "_deleted", "__weakref__")
 
-    def __init__(self, shards: Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int = 0):
+class ShardedTensor(torch.Tensor):
+    _shards: tuple
+    _devices: tuple
+    _axis: int
+    _deleted: bool
+
+    @staticmethod
+    def __new__(cls, shards: Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int = 0):
         shards = tuple(shards)
         devices = tuple(torch.device(d) for d in devices)
         if not shards:
@@ -29,8 +45,8 @@ class ShardedTensor:
             raise ValueError(f"ShardedTensor: {len(shards)} shards but {len(devices)} devices")
         first = shards[0]
         for i, s in enumerate(shards):
-            if not isinstance(s, torch.Tensor):
-                raise TypeError(f"ShardedTensor: shard {i} is a {type(s).__name__}, not a tensor")
+            if not isinstance(s, torch.Tensor) or isinstance(s, ShardedTensor):
+                raise TypeError(f"ShardedTensor: shard {i} is a {type(s).__name__}, not a tensor (or is itself sharded)")
             if s.shape != first.shape or s.dtype != first.dtype:
                 raise ValueError(
                     f"ShardedTensor: shard {i} has shape {tuple(s.shape)} and dtype {s.dtype}, "
@@ -38,10 +54,17 @@ class ShardedTensor:
                 )
         if not 0 <= axis <= first.ndim:
             raise ValueError(f"ShardedTensor: axis {axis} out of range for shards of rank {first.ndim}")
+        shape = list(first.shape)
+        shape.insert(axis, len(shards))
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=first.dtype, device=first.device)
         self._shards = shards
         self._devices = devices
         self._axis = axis
         self._deleted = False
+        return self
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        pass
 
     # -- sharding -------------------------------------------------------------------
     @property
@@ -75,40 +98,10 @@ class ShardedTensor:
                 "deleted, so its buffers may have been reused; use the call's result instead"
             )
 
-    # -- tensor-like metadata -----------------------------------------------------------
     @property
-    def shape(self) -> torch.Size:
-        self._check_alive()
-        s = list(self._shards[0].shape)
-        s.insert(self._axis, len(self._shards))
-        return torch.Size(s)
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        self._check_alive()
-        return self._shards[0].dtype
-
-    @property
-    def ndim(self) -> int:
-        self._check_alive()
-        return self._shards[0].ndim + 1
-
-    def dim(self) -> int:
-        return self.ndim
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    @property
-    def requires_grad(self) -> bool:
+    def requires_grad(self) -> bool:  # the shards carry autograd, not the wrapper
         self._check_alive()
         return any(s.requires_grad for s in self._shards)
-
-    def __len__(self) -> int:
-        return self.shape[0]
 
     # -- assembling ---------------------------------------------------------------------
     def unshard(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -123,25 +116,8 @@ class ShardedTensor:
         arr = full.resolve_conj().resolve_neg().numpy()
         return arr.astype(dtype) if dtype is not None else arr
 
-    # torch.as_tensor / torch.tensor never call __array__ on a non-ndarray; they
-    # take DLPack, or else iterate the object as a sequence of shards (and fail
-    # on multi-element shards). Exporting the full tensor through DLPack makes
-    # them, and so torch.testing.assert_close between ShardedTensors, work.
-    def __dlpack__(self, *args, **kwargs):
-        return self.unshard().detach().__dlpack__(*args, **kwargs)
-
-    def __dlpack_device__(self):
-        self._check_alive()
-        return self._shards[0].__dlpack_device__()
-
-    def numpy(self) -> np.ndarray:
+    def numpy(self, *, force: bool = False) -> np.ndarray:
         return self.__array__()
-
-    def tolist(self):
-        return self.unshard("cpu").tolist()
-
-    def item(self):
-        return self.unshard("cpu").item()
 
     def __getitem__(self, index):
         # An int on the mapped axis (axis 0) is shard i itself: no copy.
@@ -156,7 +132,11 @@ class ShardedTensor:
         for i in range(len(self)):
             yield self[i]
 
-    def __repr__(self) -> str:
+    def __len__(self) -> int:
+        self._check_alive()
+        return self.shape[0]
+
+    def __repr__(self, *, tensor_contents=None) -> str:
         if self._deleted:
             return "ShardedTensor(<deleted>)"
         devs = ", ".join(device_str(d) for d in self._devices)
@@ -166,70 +146,32 @@ class ShardedTensor:
             f"devices=[{devs}],\n  {body})"
         )
 
+    def __reduce_ex__(self, protocol):
+        self._check_alive()
+        return (ShardedTensor, (self._shards, self._devices, self._axis))
+
     # -- every other torch function works on the full tensor -----------------------------------
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        full = lambda v: v.unshard() if isinstance(v, ShardedTensor) else v  # noqa: E731
-        return func(*tree_map(full, args), **tree_map(full, kwargs))
+        if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
+            # Attribute reads (shape, dtype, device, ...) and metadata methods:
+            # the wrapper knows them without assembling anything.
+            for a in args:
+                if isinstance(a, ShardedTensor):
+                    a._check_alive()
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return func(*tree_map(_full, args), **tree_map(_full, kwargs))
 
-    def __getattr__(self, name: str) -> Any:
-        # Tensor methods (x.sum(), x.float(), x.to(...)) run on the full tensor.
-        if name.startswith("_"):
-            raise AttributeError(name)
-        attr = getattr(torch.Tensor, name, None)
-        if attr is None:
-            raise AttributeError(f"'ShardedTensor' object has no attribute {name!r}")
-        full = self.unshard()
-        return getattr(full, name)
-
-    def __bool__(self) -> bool:
-        return bool(self.unshard())
-
-    def __float__(self) -> float:
-        return float(self.unshard())
-
-    def __int__(self) -> int:
-        return int(self.unshard())
-
-    def __eq__(self, other):  # elementwise, as for tensors
-        return torch.eq(self, other)
-
-    def __ne__(self, other):
-        return torch.ne(self, other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-
-def _binary(name: str):
-    def op(self, other):
-        return getattr(torch.Tensor, name)(self.unshard(), _full(other))
-
-    op.__name__ = name
-    return op
-
-
-def _unary(name: str):
-    def op(self):
-        return getattr(torch.Tensor, name)(self.unshard())
-
-    op.__name__ = name
-    return op
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        # Reached only from C++ paths that skip __torch_function__; same rule.
+        return func(*tree_map(_full, args), **tree_map(_full, kwargs or {}))
 
 
 def _full(v):
     return v.unshard() if isinstance(v, ShardedTensor) else v
-
-
-for _name in (
-    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-    "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__pow__", "__rpow__",
-    "__matmul__", "__rmatmul__", "__lt__", "__le__", "__gt__", "__ge__", "__and__",
-    "__or__", "__xor__",
-):
-    setattr(ShardedTensor, _name, _binary(_name))
-for _name in ("__neg__", "__abs__", "__invert__", "__pos__"):
-    setattr(ShardedTensor, _name, _unary(_name))
 
 
 # -- placement helpers -------------------------------------------------------------------
