@@ -396,3 +396,18 @@ def test_second_order_inside_replica():
     g, h = pmap_k(f, 4)(x)
     torch.testing.assert_close(g.unshard(), (8 * x.sum(0)).expand(4, 3))
     torch.testing.assert_close(h.unshard(), torch.full((4, 3), 32.0, dtype=torch.float64))
+
+
+def test_torch_func_grad_through_collectives_inside_replicas():
+    # The functional (JAX) idiom: torch.func.grad of a loss that communicates.
+    x = double(4, 3, seed=5)
+
+    def f(v):
+        def loss(v):
+            return tp.psum((v**2).sum(), "i") + tp.all_gather(v, "i").sum() + tp.ppermute(v, "i", [(0, 1), (1, 2), (2, 3), (3, 0)]).sum()
+
+        return torch.func.grad(loss)(v)
+
+    got = tp.pmap(f, "i")(x).unshard()
+    # psum: 4 * 2v; all_gather: psum_scatter of ones = 4; ppermute: ones come back.
+    torch.testing.assert_close(got, 8 * x + 4 + 1)

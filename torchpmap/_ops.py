@@ -38,10 +38,36 @@ def _eager_ok(x: Tensor) -> bool:
 
 def call(name: str, x: Tensor, *args):
     """Run collective ``name`` on x: the kernel directly when that is safe,
-    else the registered op (autograd, torch.compile, functorch)."""
-    if not torch.compiler.is_compiling() and _eager_ok(x):
+    else the registered op inside an autograd.Function (autograd,
+    torch.compile and functorch transforms such as torch.func.grad)."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces the op and its registered autograd rule directly.
+        return getattr(OPS, name).default(x, *args)
+    if _eager_ok(x):
         return _KERNELS[name](x, *args)
-    return getattr(OPS, name).default(x, *args)
+    return _Collective.apply(name, x, *args)
+
+
+class _Collective(torch.autograd.Function):
+    """The op with its JAX transpose rule, in the form functorch accepts.
+
+    torch.library's own autograd registration builds an old-style Function
+    that torch.func.grad rejects; this one reuses the same rules (below) with
+    a separate setup_context, so grad_and_value over a psum works."""
+
+    @staticmethod
+    def forward(name, x, *args):
+        return getattr(OPS, name).default(x, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        name, x, *args = inputs
+        ctx.name = name
+        _RULES[name][0](ctx, (x, *args), output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *_RULES[ctx.name][1](ctx, grad))
 
 # Axis names travel as one string (the schema has no str[]), joined by a
 # control character that no sensible axis name contains.
@@ -99,7 +125,7 @@ def _all_reduce_backward(ctx, grad):
     _check_backward_in_replica(ctx.axes, grad)
     # JAX's pmap rule: the transpose of psum is psum (see README, 'Gradients
     # through collectives').
-    return OPS.all_reduce.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    return call("all_reduce", grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
 
 all_reduce.register_autograd(_all_reduce_backward, setup_context=_all_reduce_setup)
@@ -125,7 +151,7 @@ def _gather_scatter_setup(ctx, inputs, output):
 
 def _all_gather_backward(ctx, grad):
     _check_backward_in_replica(ctx.axes, grad)
-    return OPS.reduce_scatter.default(grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    return call("reduce_scatter", grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
 
 all_gather.register_autograd(_all_gather_backward, setup_context=_gather_scatter_setup)
@@ -151,7 +177,7 @@ def _reduce_scatter_setup(ctx, inputs, output):
 
 def _reduce_scatter_backward(ctx, grad):
     _check_backward_in_replica(ctx.axes, grad)
-    return OPS.all_gather.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    return call("all_gather", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
 
 reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_reduce_scatter_setup)
@@ -174,7 +200,7 @@ def _(x, axes, groups, group_size):
 def _all_to_all_backward(ctx, grad):
     _check_backward_in_replica(ctx.axes, grad)
     # out_k[j] = x_j[k], so the transpose is the same exchange.
-    return OPS.all_to_all.default(grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    return call("all_to_all", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
 
 all_to_all.register_autograd(_all_to_all_backward, setup_context=_gather_scatter_setup)
@@ -201,7 +227,7 @@ def _permute_setup(ctx, inputs, output):
 def _permute_backward(ctx, grad):
     _check_backward_in_replica(ctx.axes, grad)
     inverse = [v for s, d in zip(ctx.pairs[0::2], ctx.pairs[1::2]) for v in (d, s)]
-    return OPS.permute.default(grad, ctx.axes, inverse), None, None
+    return call("permute", grad, ctx.axes, inverse), None, None
 
 
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)
@@ -228,4 +254,14 @@ _KERNELS = {
     "reduce_scatter": _reduce_scatter_kernel,
     "all_to_all": _all_to_all_kernel,
     "permute": _permute_kernel,
+}
+
+# (setup_context, backward) of each differentiable collective, shared by the
+# op registrations above and by _Collective.
+_RULES = {
+    "all_reduce": (_all_reduce_setup, _all_reduce_backward),
+    "all_gather": (_gather_scatter_setup, _all_gather_backward),
+    "reduce_scatter": (_reduce_scatter_setup, _reduce_scatter_backward),
+    "all_to_all": (_gather_scatter_setup, _all_to_all_backward),
+    "permute": (_permute_setup, _permute_backward),
 }
