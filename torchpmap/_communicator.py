@@ -106,74 +106,30 @@ class InProcessCommunicator(Communicator):
         self._retired: set[int] = set()
 
     # -- the five primitives -------------------------------------------------
+    # Each is one exchange; the last replica to arrive computes everybody's
+    # result with compute_results (below).
     def all_reduce(self, rank, x, op, groups):
-        reduce = _REDUCERS[op]
-
-        def compute(xs):
-            out = [None] * self.size
-            for g in groups or (tuple(range(self.size)),):
-                total = self._to(xs[g[0]], g[0])
-                for r in g[1:]:
-                    total = reduce(total, self._to(xs[r], g[0]))
-                # total is a fresh tensor unless the group has a single member;
-                # every other member gets its own copy.
-                for k, r in enumerate(g):
-                    mine = k == 0 and len(g) > 1
-                    out[r] = self._to(total, r) if mine else self._to(total, r).clone()
-            return out
-
-        return self._exchange(rank, ("all_reduce", op, groups), x, compute)
+        return self._exchange(rank, ("all_reduce", op, groups), x)
 
     def all_gather(self, rank, x, groups):
-        def compute(xs):
-            out = [None] * self.size
-            for g in groups or (tuple(range(self.size)),):
-                stacked = torch.stack([self._to(xs[r], g[0]) for r in g])
-                for k, r in enumerate(g):
-                    out[r] = self._to(stacked if k == 0 else stacked.clone(), r)
-            return out
-
-        return self._exchange(rank, ("all_gather", groups), x, compute)
+        return self._exchange(rank, ("all_gather", groups), x)
 
     def reduce_scatter(self, rank, x, op, groups):
-        reduce = _REDUCERS[op]
-
-        def compute(xs):
-            out = [None] * self.size
-            for g in groups or (tuple(range(self.size)),):
-                total = self._to(xs[g[0]], g[0])
-                for r in g[1:]:
-                    total = reduce(total, self._to(xs[r], g[0]))
-                if len(g) == 1:
-                    total = total.clone()
-                # Rows of one fresh buffer: disjoint memory, so no aliasing.
-                for k, r in enumerate(g):
-                    out[r] = self._to(total[k], r)
-            return out
-
-        return self._exchange(rank, ("reduce_scatter", op, groups), x, compute)
+        return self._exchange(rank, ("reduce_scatter", op, groups), x)
 
     def all_to_all(self, rank, x, groups):
-        def compute(xs):
-            out = [None] * self.size
-            for g in groups or (tuple(range(self.size)),):
-                for k, r in enumerate(g):
-                    out[r] = torch.stack([self._to(xs[j][k], r) for j in g])
-            return out
-
-        return self._exchange(rank, ("all_to_all", groups), x, compute)
+        return self._exchange(rank, ("all_to_all", groups), x)
 
     def permute(self, rank, x, pairs):
-        def compute(xs):
-            out = [None] * self.size
-            for src, dst in pairs:
-                out[dst] = self._to(xs[src], dst).clone()
-            for r in range(self.size):
-                if out[r] is None:
-                    out[r] = torch.zeros_like(xs[r])
-            return out
+        return self._exchange(rank, ("ppermute", tuple(pairs)), x)
 
-        return self._exchange(rank, ("ppermute", tuple(pairs)), x, compute)
+    def _compute(self, what, xs):
+        """Every local replica's result from every local replica's input. A
+        communicator spanning processes overrides this to talk to the others."""
+        return compute_results(what, xs, self.size, self._to)
+
+    def _local_rank(self, rank: int) -> int:
+        return rank
 
     # -- failure handling ----------------------------------------------------
     def abort(self, error, rank):
@@ -201,10 +157,11 @@ class InProcessCommunicator(Communicator):
         self._waiting.clear()
 
     # -- the rendezvous ------------------------------------------------------
-    def _exchange(self, rank, what, x, compute):
+    def _exchange(self, rank, what, x):
+        rank = self._local_rank(rank)
         if self.size == 1:
             # Nobody to wait for; still return a fresh tensor like every path.
-            return compute([x])[0]
+            return self._compute(what, [x])[0]
         signature = (what, tuple(x.shape), x.dtype)
         if self._cuda and x.is_cuda:
             # Host-side synchronisation keeps cross-device reads safe without
@@ -231,7 +188,7 @@ class InProcessCommunicator(Communicator):
             else:
                 self._waiting.add(rank)
         if last:
-            self._complete(generation, deposits, compute)
+            self._complete(generation, deposits, what)
         else:
             paused = self._gate is not None and self._gate.pause()
             try:
@@ -244,7 +201,7 @@ class InProcessCommunicator(Communicator):
             raise type(result)(*result.args)
         return result[rank]
 
-    def _complete(self, generation, deposits, compute):
+    def _complete(self, generation, deposits, what):
         signatures = [d[0] for d in deposits]
         try:
             if any(s != signatures[0] for s in signatures):
@@ -253,7 +210,7 @@ class InProcessCommunicator(Communicator):
                     "replicas called different collectives (or the same one with "
                     "different shapes, dtypes or parameters) at the same point:\n" + lines
                 )
-            result = compute([d[1] for d in deposits])
+            result = self._compute(what, [d[1] for d in deposits])
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:
                     torch.cuda.synchronize(d)
@@ -306,3 +263,42 @@ class InProcessCommunicator(Communicator):
         what, shape, dtype = signature
         name, *params = what
         return f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"
+
+
+def compute_results(what: tuple, xs: list, size: int, to: Callable) -> list:
+    """The result of collective ``what`` for each of ``size`` ranks, given every
+    rank's input ``xs[r]``. ``to(t, r)`` moves a tensor to rank r's device.
+    Results never alias each other or the inputs."""
+    name = what[0]
+    out: list = [None] * size
+    if name == "ppermute":
+        for src, dst in what[1]:
+            out[dst] = to(xs[src], dst).clone()
+        for r in range(size):
+            if out[r] is None:
+                out[r] = torch.zeros_like(xs[r])
+        return out
+    groups = what[-1] or (tuple(range(size)),)
+    for g in groups:
+        if name == "all_reduce" or name == "reduce_scatter":
+            reduce = _REDUCERS[what[1]]
+            total = to(xs[g[0]], g[0])
+            for r in g[1:]:
+                total = reduce(total, to(xs[r], g[0]))
+            if len(g) == 1:  # otherwise total is already a fresh tensor
+                total = total.clone()
+            for k, r in enumerate(g):
+                if name == "reduce_scatter":
+                    out[r] = to(total[k], r)  # rows of one fresh buffer: disjoint
+                else:
+                    out[r] = to(total, r) if k == 0 else to(total, r).clone()
+        elif name == "all_gather":
+            stacked = torch.stack([to(xs[r], g[0]) for r in g])
+            for k, r in enumerate(g):
+                out[r] = to(stacked if k == 0 else stacked.clone(), r)
+        elif name == "all_to_all":
+            for k, r in enumerate(g):
+                out[r] = torch.stack([to(xs[j][k], r) for j in g])
+        else:
+            raise AssertionError(f"unknown collective {name!r}")
+    return out
