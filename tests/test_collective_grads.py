@@ -133,13 +133,6 @@ def test_gradcheck_out_axes_none_counts_once():
     torch.testing.assert_close(w.grad, w_ref.grad)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_pmap.py routes autograd through the replicas (_autodiff.differentiable_call) only "
-    "for tensors passed as arguments; a tensor captured by the pmapped function's closure "
-    "leaves the collectives' backward rules to the caller's thread, where no axis is bound "
-    "(NameError) -- and, with several replicas, they could not rendezvous there anyway",
-)
 def test_gradient_for_a_tensor_captured_by_the_pmapped_function():
     w = double(3, seed=1).requires_grad_()
     x = double(4, 3, seed=2)

@@ -5,7 +5,9 @@ those graphs behind one autograd Function whose backward runs every replica's
 backward pass on its worker, concurrently and with the named axis bound again,
 so the collectives' backward rules (psum of the cotangent, ...) communicate
 exactly like the forward collectives did. Gradients then flow back to what the
-caller passed: slices are stacked, broadcast arguments summed.
+caller passed: slices are stacked, broadcast arguments summed. Tensors the
+function captured instead of taking as arguments (a closure's parameters) are
+found by walking the replicas' graphs, and get their gradients the same way.
 """
 from __future__ import annotations
 
@@ -14,11 +16,11 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._communicator import InProcessCommunicator
 
 
-def differentiable_call(run: Callable, comm, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
-    """Run the replicas so that the caller's autograd sees through them.
+def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
+    """Run the replicas (``run(replica_fn)``) so that the caller's autograd sees
+    through them.
 
     ``sources``: (leaf index, kind, source tensors, axis) for every input leaf
     that requires grad; kind is "mapped" (one tensor sliced along axis),
@@ -32,17 +34,46 @@ def differentiable_call(run: Callable, comm, call_fun: Callable, per_leaf: list,
             replica_inputs[r][j] = v
             grad_inputs[r].append(v)
 
-    outs = run(lambda r: call_fun(r, replica_inputs[r]), comm)
+    outs = run(lambda r: call_fun(r, replica_inputs[r]))
 
     flat = [tree_flatten(o) for o in outs]
     tensor_slots = [(r, k) for r in range(n) for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)]
     outputs = [flat[r][0][k] for r, k in tensor_slots]
+    if not any(o.requires_grad for o in outputs):
+        return outs  # nothing for the caller's autograd to see
+    captured = _captured_leaves(outputs, grad_inputs)
+    if captured:
+        sources = [*sources, *[(None, "broadcast", [t], None) for t in captured]]
+        for r in range(n):
+            grad_inputs[r] = [*grad_inputs[r], *captured]
     source_tensors = [t for _, _, ts, _ in sources for t in ts]
     state = _ReplicaGraphs(run, devices, n, sources, grad_inputs, outputs, tensor_slots)
     results = _ThroughReplicas.apply(state, *source_tensors)
     for (r, k), t in zip(tensor_slots, results):
         flat[r][0][k] = t
     return [tree_unflatten(leaves, spec) for leaves, spec in flat]
+
+
+def _captured_leaves(outputs: list, grad_inputs: list) -> list:
+    """Leaf tensors requiring grad that the replicas' graphs reach but that
+    were not passed as arguments: they came in through a closure. Without
+    this, the caller's backward would run the replicas' collective backward
+    rules on its own thread, where no replica is there to meet them."""
+    known = {id(t) for per in grad_inputs for t in per}
+    found, seen = {}, set()
+    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if var is not None:
+            if id(var) not in known:
+                found[id(var)] = var
+            continue
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(found.values())
 
 
 class _ReplicaGraphs:
@@ -98,7 +129,7 @@ class _ThroughReplicas(torch.autograd.Function):
             ))
 
         with torch.enable_grad():
-            replica_grads = state.run(replica_backward, InProcessCommunicator(state.devices))
+            replica_grads = state.run(replica_backward)
         source_grads = []
         for s, (_, kind, tensors, axis) in enumerate(state.sources):
             per_r = [replica_grads[r][s] for r in range(n)]

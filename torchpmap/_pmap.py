@@ -18,6 +18,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _devices, _runtime
+from . import distributed as _distributed
 from ._autodiff import differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, normalize_options
@@ -198,13 +199,22 @@ class Pmapped:
             return programs[rank](*dyn, **kw)
 
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
-        comm = InProcessCommunicator(devices, gate=gate)
-        run = lambda replica_fn, comm: _runtime.pool().run(devices, replica_fn, comm, axis_name, n)  # noqa: E731
-        if sources:
-            outs = differentiable_call(run, comm, call_fun, per_leaf, sources, devices, n)
+        layout = _distributed.call_layout(n)
+        if layout is None:  # one process: the axis is this call's replicas
+            size, first = n, 0
+            new_comm = lambda: InProcessCommunicator(devices, gate=gate)  # noqa: E731
+        else:  # the axis spans every process's replicas
+            size, first, make_comm = layout
+            new_comm = lambda: make_comm(devices, gate)  # noqa: E731
+
+        def run(replica_fn):  # a fresh communicator per run (forward, and each backward)
+            return _runtime.pool().run(devices, replica_fn, new_comm(), axis_name, size, first_index=first)
+
+        if torch.is_grad_enabled():
+            outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-            outs = run(lambda r: call_fun(r, replica_inputs[r]), comm)
+            outs = run(lambda r: call_fun(r, replica_inputs[r]))
         return self._assemble(outs, devices)
 
     # -- inputs --------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""pmap across processes, on torch.distributed (NCCL on GPUs, Gloo on CPU).
+
+After ``initialize()``, every process runs the same pmapped program on its own
+local devices; the named axis spans all of them, process by process, so
+``axis_index`` is the global index and collectives reach every replica of
+every process. Within a process the replicas meet in the in-process rendezvous;
+the replica that completes it then talks to the other processes for all of
+them (one cross-process operation per collective, hierarchical), and hands
+the results back to its local peers.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import zlib
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from . import _config, _devices
+from ._communicator import InProcessCommunicator, compute_results
+from ._sharded import ShardedTensor
+from .errors import CollectiveError, CollectiveMismatchError
+
+_state: dict = {}
+
+
+def initialize(
+    backend: str | None = None,
+    *,
+    init_method: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    timeout: float | None = None,
+) -> None:
+    """Join (or start) the torch.distributed job and lay out the global devices.
+
+    Under ``torchrun`` no argument is needed (RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT come from the environment). Otherwise pass ``init_method``
+    (e.g. ``"tcp://host:port"``), ``rank`` and ``world_size``. ``backend``
+    defaults to NCCL with GPUs and Gloo without. ``timeout`` (seconds, default
+    the collective timeout) bounds every cross-process wait, so a process that
+    dies or fails makes the others fail instead of hanging.
+    """
+    if _state:
+        raise RuntimeError("torchpmap.distributed.initialize() was already called in this process")
+    seconds = _config.collective_timeout() if timeout is None else float(timeout)
+    if not dist.is_initialized():
+        if rank is None:
+            rank = _env_int("RANK")
+        if world_size is None:
+            world_size = _env_int("WORLD_SIZE")
+        if init_method is None and not os.environ.get("MASTER_ADDR"):
+            raise ValueError(
+                "torchpmap.distributed.initialize: no init_method and no MASTER_ADDR in the "
+                "environment; launch with torchrun, or pass init_method='tcp://HOST:PORT'"
+            )
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=seconds),
+        )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local = _local_devices_for_process()
+    counts: list = [None] * world
+    dist.all_gather_object(counts, (len(local), local[0].type))
+    if len({c for c in counts}) != 1:
+        raise RuntimeError(
+            f"torchpmap.distributed: every process needs the same number and kind of local "
+            f"devices, got {counts} (process by process)"
+        )
+    n = len(local)
+    if local[0].type == "cpu":
+        # Virtual devices are numbered globally, so devices() names each once.
+        local = tuple(torch.device("cpu", rank * n + i) for i in range(n))
+        everything = tuple(torch.device("cpu", i) for i in range(world * n))
+    else:
+        everything = tuple(d for _ in range(world) for d in local)
+    _devices._set_process_layout((rank, world, everything), local)
+    _state.update(rank=rank, world=world, local_count=n, group=dist.group.WORLD, timeout=seconds)
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        raise ValueError(
+            f"torchpmap.distributed.initialize: {name} is not set; launch with torchrun "
+            f"or pass rank= and world_size="
+        )
+    return int(raw)
+
+
+def _local_devices_for_process() -> tuple[torch.device, ...]:
+    if torch.cuda.is_available() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        # torchrun's usual layout: one process per GPU.
+        return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),)
+    return tuple(_devices.local_devices())
+
+
+def is_initialized() -> bool:
+    return bool(_state)
+
+
+def shutdown() -> None:
+    """Leave the job (destroys the default process group)."""
+    if _state:
+        _state.clear()
+        _devices._set_process_layout(None, None)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def call_layout(n_local: int):
+    """For a pmap call over ``n_local`` local replicas: (global axis size, global
+    index of the first local replica, communicator factory)."""
+    if not _state:
+        return None
+    if n_local != _state["local_count"]:
+        raise ValueError(
+            f"pmap: in a multi-process job each process maps exactly its "
+            f"{_state['local_count']} local devices, but the mapped axis has size {n_local}"
+        )
+    world, rank = _state["world"], _state["rank"]
+    first, size = rank * n_local, world * n_local
+    return size, first, lambda devices, gate: ProcessGroupCommunicator(devices, first, size, _state["group"], gate)
+
+
+class ProcessGroupCommunicator(InProcessCommunicator):
+    """Local rendezvous, then one torch.distributed operation for all local replicas."""
+
+    def __init__(self, devices: Sequence[torch.device], first: int, global_size: int, group, gate=None):
+        super().__init__(devices, gate=gate)
+        self._first = first
+        self._global_size = global_size
+        self._group = group
+
+    def _local_rank(self, rank: int) -> int:
+        return rank - self._first
+
+    def _compute(self, what, xs_local):
+        try:
+            self._check_same_everywhere(what, xs_local[0])
+            name = what[0]
+            if name == "all_reduce" and what[2] is None:
+                return self._all_reduce(xs_local, what[1])
+            xs = self._gather_everything(xs_local)
+            results = compute_results(what, xs, self._global_size, lambda t, r: self._to_global(t, r))
+            return results[self._first : self._first + self.size]
+        except CollectiveError:
+            raise
+        except RuntimeError as e:  # Gloo/NCCL: timeouts, peers that died or failed
+            raise CollectiveError(
+                f"cross-process {what[0]} failed: {e}. Another process probably failed or "
+                f"exited; its own log shows why."
+            ) from e
+
+    def _to_global(self, t: torch.Tensor, rank: int) -> torch.Tensor:
+        local = rank - self._first
+        if 0 <= local < self.size:
+            return self._to(t, local)
+        return t
+
+    def _check_same_everywhere(self, what, x):
+        signature = repr((what, tuple(x.shape), x.dtype)).encode()
+        mine = torch.tensor([zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
+        theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(theirs, mine, group=self._group)
+        values = [int(t.item()) for t in theirs]
+        if len(set(values)) != 1:
+            odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
+            raise CollectiveMismatchError(
+                f"processes called different collectives (or shapes/dtypes) at the same point: "
+                f"this process called {self._describe((what, tuple(x.shape), x.dtype))}, "
+                f"processes {odd} called something else"
+            )
+
+    def _comm_device(self) -> torch.device:
+        d = self._devices[0]
+        return torch.device("cpu") if d.type == "cpu" else d
+
+    def _all_reduce(self, xs_local, op):
+        dev = self._comm_device()
+        total = xs_local[0].to(dev, copy=True)
+        for x in xs_local[1:]:
+            total = _REDUCE[op](total, x.to(dev))
+        wire = _to_wire(total)
+        dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group)
+        total = _from_wire(wire, total)
+        return [self._to(total, r).clone() for r in range(self.size)]
+
+    def _gather_everything(self, xs_local):
+        dev = self._comm_device()
+        stacked = _to_wire(torch.stack([x.to(dev) for x in xs_local]))
+        parts = [torch.empty_like(stacked) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(parts, stacked.contiguous(), group=self._group)
+        template = xs_local[0]
+        return [_from_wire(row, template) for part in parts for row in part]
+
+
+_REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+_DIST_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def _to_wire(t: torch.Tensor) -> torch.Tensor:
+    # Gloo has no bool or complex arithmetic; ship them as uint8 / real pairs.
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8)
+    if t.is_complex():
+        return torch.view_as_real(t.resolve_conj()).contiguous()
+    return t
+
+
+def _from_wire(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dtype == torch.bool:
+        return t.to(torch.bool)
+    if like.is_complex():
+        return torch.view_as_complex(t.contiguous())
+    return t
+
+
+def to_dtensor(x: ShardedTensor, mesh=None):
+    """This process's shards of ``x`` as a DTensor sharded over the processes
+    (``Shard(x.axis)`` on a 1-D device mesh), to hand to the rest of PyTorch's
+    distributed stack."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(x, ShardedTensor):
+        raise TypeError(f"to_dtensor: expected a ShardedTensor, got {type(x).__name__}")
+    if mesh is None:
+        kind = "cpu" if x.devices[0].type == "cpu" else x.devices[0].type
+        mesh = init_device_mesh(kind, (dist.get_world_size(),))
+    local = x.unshard("cpu" if x.devices[0].type == "cpu" else x.shards[0].device)
+    shape = list(local.shape)
+    shape[x.axis] *= mesh.size()
+    return DTensor.from_local(local, mesh, [Shard(x.axis)], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
+
+
+def _contiguous_stride(shape) -> tuple:
+    stride, acc = [], 1
+    for s in reversed(shape):
+        stride.append(acc)
+        acc *= s
+    return tuple(reversed(stride))
