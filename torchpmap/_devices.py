@@ -99,9 +99,17 @@ def process_count() -> int:
     return 1 if _process_layout is None else _process_layout[1]
 
 
-def _set_process_layout(layout: tuple[int, int, tuple[torch.device, ...]] | None) -> None:
-    global _process_layout
-    _process_layout = layout
+def _set_process_layout(
+    layout: tuple[int, int, tuple[torch.device, ...]] | None,
+    local: tuple[torch.device, ...] | None,
+) -> None:
+    """Called by torchpmap.distributed: (process index, process count, every
+    device of the job) and this process's devices; None, None to go back to a
+    single-process job."""
+    global _process_layout, _frozen_local
+    with _lock:
+        _process_layout = layout
+        _frozen_local = local
 
 
 def _reset_for_tests() -> None:

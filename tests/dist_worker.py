@@ -1,0 +1,136 @@
+"""Run under torchrun by tests/test_distributed.py: one process of a
+multi-process pmap job over Gloo. argv[1] is the scenario."""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import torchpmap as tp
+import torchpmap.distributed as tpd
+
+
+def say(line):
+    # One write per line, so two processes sharing stdout do not interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def check(name, got, want, results):
+    got = np.asarray(got)
+    ok = got.shape == np.shape(want) and np.allclose(got, want, atol=1e-5)
+    results[name] = bool(ok)
+    if not ok:
+        say(f"MISMATCH {name}: got {got.tolist()} want {np.asarray(want).tolist()}")
+
+
+def collectives():
+    tpd.initialize(timeout=30)
+    rank, world = tp.process_index(), tp.process_count()
+    local = tp.local_devices()
+    L, G = len(local), tp.device_count()
+    assert len(tp.devices()) == G == world * L, (tp.devices(), local)
+    first = rank * L
+    # Global input: row g is rng-free and known to every process.
+    full = np.arange(G * G * 3, dtype=np.float32).reshape(G, G, 3) / 7.0
+    mine = torch.tensor(full[first : first + L])
+    results = {}
+
+    def run(f, x=mine, **kw):
+        return np.asarray(tp.pmap(f, "i", **kw)(x))
+
+    idx = np.arange(first, first + L)
+    check("axis_index", run(lambda x: tp.axis_index("i")), idx, results)
+    check("axis_size", run(lambda x: torch.tensor(tp.axis_size("i"))), np.full(L, G), results)
+    check("psum", run(lambda x: tp.psum(x, "i")), np.broadcast_to(full.sum(0), (L, G, 3)), results)
+    check("pmean", run(lambda x: tp.pmean(x, "i")), np.broadcast_to(full.mean(0), (L, G, 3)), results)
+    check("pmax", run(lambda x: tp.pmax(x, "i")), np.broadcast_to(full.max(0), (L, G, 3)), results)
+    check("pmin", run(lambda x: tp.pmin(-x, "i")), np.broadcast_to((-full).min(0), (L, G, 3)), results)
+    bools = torch.tensor(full[first : first + L] > 1.0)
+    check("psum_bool", run(lambda x: tp.psum(x, "i"), bools), np.broadcast_to((full > 1.0).sum(0), (L, G, 3)), results)
+    check("all_gather", run(lambda x: tp.all_gather(x, "i")), np.broadcast_to(full, (L, G, G, 3)), results)
+    check("all_gather_tiled", run(lambda x: tp.all_gather(x, "i", axis=1, tiled=True)),
+          np.broadcast_to(np.concatenate(list(full), axis=1), (L, G, G * 3)), results)
+    check("psum_scatter", run(lambda x: tp.psum_scatter(x, "i")), full.sum(0)[idx], results)
+    perm = [(g, (g + 1) % G) for g in range(G)]
+    check("ppermute", run(lambda x: tp.ppermute(x, "i", perm)), full[(idx - 1) % G], results)
+    check("all_to_all", run(lambda x: tp.all_to_all(x, "i", 0, 0)), full.transpose(1, 0, 2)[idx], results)
+    groups = [list(range(0, G, 2)), list(range(1, G, 2))]
+    expect = np.stack([full[g].sum(0) for g in (groups[i % 2] for i in idx)])
+    check("psum_groups", run(lambda x: tp.psum(x, "i", axis_index_groups=groups)), expect, results)
+    # A ShardedTensor goes back in without copies, and converts to a DTensor.
+    y = tp.pmap(lambda x: x * 2, "i")(mine)
+    dt = tpd.to_dtensor(y)
+    check("dtensor_global_shape", np.array(dt.shape), np.array([G, G, 3]), results)
+    check("dtensor_full", dt.full_tensor().numpy(), full * 2, results)
+    say("RESULTS " + json.dumps(results))
+    tpd.shutdown()
+    sys.exit(0 if all(results.values()) else 1)
+
+
+def mlp_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w0": torch.randn(4, 8, generator=g), "b0": torch.zeros(8), "w1": torch.randn(8, 2, generator=g), "b1": torch.zeros(2)}
+
+
+def loss_fn(p, x, y):
+    h = torch.tanh(x @ p["w0"] + p["b0"])
+    return ((h @ p["w1"] + p["b1"] - y) ** 2).mean()
+
+
+def train():
+    tpd.initialize(timeout=30)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    g = torch.Generator().manual_seed(1)
+    steps, per = 3, 5
+    X, Y = torch.randn(steps, G, per, 4, generator=g), torch.randn(steps, G, per, 2, generator=g)
+
+    def step(p, x, y):
+        grads, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
+        grads = tp.pmean(grads, "i")
+        return {k: p[k] - 0.1 * grads[k] for k in p}, tp.pmean(loss, "i")
+
+    pstep = tp.pmap(step, "i")
+    params = tp.device_put_replicated(mlp_params(), tp.local_devices())
+    for s in range(steps):
+        params, loss = pstep(params, X[s, rank * L : (rank + 1) * L], Y[s, rank * L : (rank + 1) * L])
+    # The same training on one device, on the whole global batch.
+    ref = mlp_params()
+    for s in range(steps):
+        grads = torch.func.grad(loss_fn)(ref, X[s].reshape(-1, 4), Y[s].reshape(-1, 2))
+        ref = {k: ref[k] - 0.1 * grads[k] for k in ref}
+    results = {}
+    for k in ref:
+        check(f"param_{k}", params[k].shards[0].numpy(), ref[k].numpy(), results)
+    say("RESULTS " + json.dumps(results))
+    tpd.shutdown()
+    sys.exit(0 if all(results.values()) else 1)
+
+
+def failure(stay_alive=False):
+    tpd.initialize(timeout=5)
+    rank = tp.process_index()
+
+    def f(x):
+        if rank == 1:
+            raise ValueError("rank 1 gives up")
+        return tp.psum(x, "i")
+
+    t0 = time.monotonic()
+    try:
+        tp.pmap(f, "i")(torch.ones(tp.local_device_count(), 2))
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        say(f"ERROR {type(e).__name__}: {str(e).splitlines()[0]} after {time.monotonic() - t0:.1f}s")
+        if stay_alive and rank == 1:
+            time.sleep(20)  # a failed rank that lingers: the others must not wait for it
+        os._exit(3)
+    say("NO ERROR")
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    scenarios = {"collectives": collectives, "train": train, "failure": failure,
+                 "failure_stays_alive": lambda: failure(stay_alive=True)}
+    scenarios[sys.argv[1]]()

@@ -1,0 +1,79 @@
+"""Multi-process pmap: real torchrun jobs on this machine over loopback (Gloo)."""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import torchpmap as tp
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(scenario: str, nproc: int = 2, devices_per_proc: int = 2, timeout: float = 120):
+    env = {**os.environ, "TORCHPMAP_CPU_DEVICES": str(devices_per_proc), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        str(HERE / "dist_worker.py"), scenario,
+    ]
+    start = time.monotonic()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return out, time.monotonic() - start
+
+
+def test_every_collective_across_two_processes():
+    out, _ = torchrun("collectives")
+    assert out.returncode == 0, out.stdout + out.stderr
+    # both processes checked everything (their lines may interleave)
+    assert out.stdout.count("RESULTS ") == 2, out.stdout
+
+
+def test_training_matches_single_process():
+    out, _ = torchrun("train")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("RESULTS ") == 2, out.stdout
+
+
+@pytest.mark.parametrize("scenario", ["failure", "failure_stays_alive"])
+def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
+    out, elapsed = torchrun(scenario, timeout=90)
+    assert out.returncode != 0
+    errors = [l for l in out.stdout.splitlines() if "ERROR " in l]
+    # rank 1 reports its own exception; rank 0 a collective error within the timeout
+    assert any("ValueError: rank 1 gives up" in l for l in errors), out.stdout + out.stderr
+    assert any("CollectiveError" in l for l in errors), out.stdout + out.stderr
+    assert "NO ERROR" not in out.stdout
+    # rank 0 gave up within the 5 s timeout (plus slack), not after rank 1's 20 s
+    rank0 = [l for l in errors if "CollectiveError" in l][0]
+    assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 12, rank0
+    assert elapsed < 60
+
+
+def test_initialize_without_launcher_is_a_clear_error(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(var, raising=False)
+    import torchpmap.distributed as tpd
+
+    with pytest.raises(ValueError, match="torchrun"):
+        tpd.initialize()
+    assert not tpd.is_initialized() and tp.process_count() == 1
+
+
+def test_multiprocess_example_runs_under_torchrun():
+    env = {**os.environ, "TORCHPMAP_CPU_DEVICES": "2", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(HERE.parent / "examples" / "multiprocess.py")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "global indices [2, 3]" in out.stdout and "learned w = [1.99" in out.stdout
