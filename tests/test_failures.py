@@ -437,12 +437,6 @@ def test_unbound_axis_under_compile_is_a_name_error():
     assert "unbound axis name: 'j'" in str(err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_compile.py: with fullgraph=True, Dynamo turns a user exception raised in traced "
-    "code into Unsupported('Observed exception'), which pmap reports as CompileError "
-    "instead of re-raising the user's NameError/ValueError",
-)
 @pytest.mark.parametrize("case", ["unbound axis", "bad perm"])
 def test_user_errors_under_fullgraph_compile_keep_their_type(case):
     if case == "unbound axis":

@@ -144,13 +144,20 @@ class CompiledReplicas:
             fullgraph=self._options.get("fullgraph", False),
             dynamic=self._options.get("dynamic"),
         )
-        name, where = self._fun_name, device
+        name, where, fun = self._fun_name, device, self._fun
 
         def run(*args, **kwargs):
             DYNAMO_GATE.enter()
             try:
                 return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
+                if _user_exception_while_tracing(e):
+                    # With fullgraph=True Dynamo reports the user's own exception
+                    # (a bad perm, an unbound axis) as Unsupported, without the
+                    # original. Tracing ran nothing, so running the function
+                    # eagerly raises the real exception, type and all.
+                    DYNAMO_GATE.exit()
+                    return fun(*args, **kwargs)
                 raise CompileError(
                     f"torch.compile failed for {name} (pmap replica on {where}): "
                     f"{type(e).__name__}: {e}\nPass compile=False to pmap to run it eagerly."
@@ -159,3 +166,13 @@ class CompiledReplicas:
                 DYNAMO_GATE.exit()
 
         return run
+
+
+def _user_exception_while_tracing(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, torch._dynamo.exc.ObservedException):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
