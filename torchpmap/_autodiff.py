@@ -14,13 +14,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 
 def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
     """Run the replicas (``run(replica_fn)``) so that the caller's autograd sees
-    through them.
+    through them. ``call_fun(rank, leaves)`` returns a replica's flattened
+    output; so does this, one (leaves, spec) per replica.
 
     ``sources``: (leaf index, kind, source tensors, axis) for every input leaf
     that requires grad; kind is "mapped" (one tensor sliced along axis),
@@ -34,13 +34,11 @@ def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sourc
             replica_inputs[r][j] = v
             grad_inputs[r].append(v)
 
-    outs = run(lambda r: call_fun(r, replica_inputs[r]))
-
-    flat = [tree_flatten(o) for o in outs]
+    flat = run(lambda r: call_fun(r, replica_inputs[r]))  # (leaves, spec) per replica
     tensor_slots = [(r, k) for r in range(n) for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)]
     outputs = [flat[r][0][k] for r, k in tensor_slots]
     if not any(o.requires_grad for o in outputs):
-        return outs  # nothing for the caller's autograd to see
+        return flat  # nothing for the caller's autograd to see
     captured = _captured_leaves(outputs, grad_inputs)
     if captured:
         sources = [*sources, *[(None, "broadcast", [t], None) for t in captured]]
@@ -51,7 +49,7 @@ def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sourc
     results = _ThroughReplicas.apply(state, *source_tensors)
     for (r, k), t in zip(tensor_slots, results):
         flat[r][0][k] = t
-    return [tree_unflatten(leaves, spec) for leaves, spec in flat]
+    return flat
 
 
 def _captured_leaves(outputs: list, grad_inputs: list) -> list:

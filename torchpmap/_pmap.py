@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._tree import flatten
+
 from . import _devices, _runtime
 from . import distributed as _distributed
 from ._autodiff import differentiable_call
@@ -146,6 +148,7 @@ class Pmapped:
         self._devices = devices
         self._axis_size = None if axis_size is None else int(axis_size)
         self._in_plans: dict = {}
+        self._positional_specs: dict = {}
         self._out_plans: dict = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
         options = normalize_options(compile)
@@ -172,7 +175,11 @@ class Pmapped:
                 ) from None
         else:
             static_vals, dyn_args = (), args
-        leaves, treedef = tree_flatten((dyn_args, kwargs))
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
+            # The common call, positional tensors only: skip the generic flatten.
+            leaves, treedef = list(dyn_args), self._positional_spec(len(dyn_args))
+        else:
+            leaves, treedef = tree_flatten((dyn_args, kwargs))
         key = (treedef, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
         plan = self._in_plans.get(key)
         if plan is None:
@@ -190,13 +197,19 @@ class Pmapped:
         else:
             programs, gate = self._compiled.programs(devices, n), DYNAMO_GATE
 
+        positional_only = treedef is self._positional_specs.get(len(leaves))
+
         def call_fun(rank, replica_leaves):
-            dyn, kw = tree_unflatten(replica_leaves, treedef)
+            """Run replica ``rank``; its output comes back flattened."""
+            if positional_only:
+                dyn, kw = replica_leaves, {}
+            else:
+                dyn, kw = tree_unflatten(replica_leaves, treedef)
             if static_items:
                 dyn = list(dyn)
                 for i, v in static_items:
                     dyn.insert(i, v)
-            return programs[rank](*dyn, **kw)
+            return flatten(programs[rank](*dyn, **kw))
 
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
         layout = _distributed.call_layout(n)
@@ -216,6 +229,13 @@ class Pmapped:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
         return self._assemble(outs, devices)
+
+    def _positional_spec(self, n: int):
+        """The tree structure of ``((a0, ..., a{n-1}), {})`` with tensor leaves."""
+        spec = self._positional_specs.get(n)
+        if spec is None:
+            spec = self._positional_specs[n] = tree_flatten((tuple(range(n)), {}))[1]
+        return spec
 
     # -- inputs --------------------------------------------------------------------------
     def _static_positions(self, nargs: int) -> tuple[int, ...]:
@@ -406,8 +426,9 @@ class Pmapped:
         return per_leaf, sources
 
     # -- outputs -------------------------------------------------------------------------
-    def _assemble(self, outs: list, devices):
-        flat = [tree_flatten(o) for o in outs]
+    def _assemble(self, flat: list, devices):
+        """The replicas' flattened outputs as ShardedTensors (or checked
+        replicated values), in the output structure."""
         spec = flat[0][1]
         for r, (_, s) in enumerate(flat):
             if s != spec:
@@ -421,7 +442,7 @@ class Pmapped:
         key = (spec, tuple(v.ndim if isinstance(v, torch.Tensor) else type(v) for v in first))
         plan = self._out_plans.get(key)
         if plan is None:
-            plan = self._make_out_plan(outs[0], first)
+            plan = self._make_out_plan(tree_unflatten(first, spec), first)
             self._out_plans[key] = plan
         result = []
         for j, axis in enumerate(plan.axes):

@@ -91,14 +91,17 @@ class _Call:
         self.errors: list = [None] * n
         self.remaining = n
         self.lock = threading.Lock()
-        self.done = threading.Event()
+        # A bare lock as a one-shot latch: the caller blocks on it, the last
+        # replica releases it (cheaper than an Event's condition variable).
+        self.done = threading.Lock()
+        self.done.acquire()
 
     def finish_one(self) -> None:
         with self.lock:
             self.remaining -= 1
             last = self.remaining == 0
         if last:
-            self.done.set()
+            self.done.release()
 
 
 class WorkerPool:
@@ -168,7 +171,7 @@ class WorkerPool:
             for rank, w in enumerate(workers):
                 w.tasks.put(make_task(rank))
         try:
-            call.done.wait()
+            call.done.acquire()
         except BaseException as e:  # e.g. KeyboardInterrupt: free the replicas
             comm.abort(e, -1)
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import torch
 from torch.utils._pytree import SequenceKey, keystr, tree_flatten, tree_flatten_with_path
 
 _MISSING = object()
@@ -103,3 +104,13 @@ def leaf_paths(tree: Any, root: str) -> list[str]:
     if items is None:
         return [root]
     return [p for k, child in items for p in leaf_paths(child, root + keystr((k,)))]
+
+
+_LEAF = tree_flatten(0)[1]
+
+
+def flatten(tree: Any) -> tuple[list, TreeSpec]:
+    """tree_flatten, with the common single-tensor case made cheap."""
+    if isinstance(tree, torch.Tensor):
+        return [tree], _LEAF
+    return tree_flatten(tree)
