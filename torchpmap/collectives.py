@@ -85,18 +85,39 @@ def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
     size = _size(names)
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
 
-    def leaf(v):
+    def prepare(v):
         if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
-            # A constant is the same on every replica (JAX does the same).
-            return v * group_size if op == "sum" else v
+            return v
         v = _as_tensor(v, fn)
         if op == "sum" and v.dtype == torch.bool:
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
             raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
-        return _ops.call("all_reduce", v, op, axes, groups, group_size)
+        return v
 
-    return _tree_map(leaf, x), group_size
+    leaves, spec = _pytree.tree_flatten(x)
+    leaves = [None if v is None else prepare(v) for v in leaves]
+    # One collective per dtype and device, not one per leaf: a pmean over a
+    # model's gradients costs one rendezvous (the leaves travel as one flat
+    # buffer and are split again, differentiably).
+    buckets: dict = {}
+    for j, v in enumerate(leaves):
+        if isinstance(v, torch.Tensor):
+            buckets.setdefault((v.dtype, v.device), []).append(j)
+        elif v is not None:
+            # A constant is the same on every replica (JAX does the same).
+            leaves[j] = v * group_size if op == "sum" else v
+    for idx in buckets.values():
+        if len(idx) == 1:
+            (j,) = idx
+            leaves[j] = _ops.call("all_reduce", leaves[j], op, axes, groups, group_size)
+            continue
+        parts = [leaves[j] for j in idx]
+        flat = torch.cat([t.reshape(-1) for t in parts])
+        reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size)
+        for j, piece, t in zip(idx, reduced.split([t.numel() for t in parts]), parts):
+            leaves[j] = piece.view(t.shape)
+    return _pytree.tree_unflatten(leaves, spec), group_size
 
 
 def psum(x, axis_name, *, axis_index_groups=None):

@@ -1,0 +1,100 @@
+"""torchpmap's side of the benchmark cases, for one device count.
+
+    python benchmarks/cases_torchpmap.py --devices N [--quick]
+
+Prints one JSON list of results (run.py starts this in a fresh process per N).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from torch.func import grad_and_value  # noqa: E402
+
+import torchpmap as tp  # noqa: E402
+from _timing import calls_for, per_call  # noqa: E402
+
+WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
+
+
+def mlp_params(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    p = {}
+    for i, (a, b) in enumerate([(WIDTH, WIDTH), (WIDTH, WIDTH), (WIDTH, CLASSES)]):
+        p[f"w{i}"] = torch.randn(a, b, generator=g) / a**0.5
+        p[f"b{i}"] = torch.zeros(b)
+    return p
+
+
+def mlp(p, x):
+    h = torch.relu(x @ p["w0"] + p["b0"])
+    h = torch.relu(h @ p["w1"] + p["b1"])
+    return h @ p["w2"] + p["b2"]
+
+
+def loss_fn(p, x, y):
+    return torch.nn.functional.cross_entropy(mlp(p, x), y)
+
+
+def train_step(p, x, y):
+    grads, loss = grad_and_value(loss_fn)(p, x, y)
+    grads = tp.pmean(grads, "i")
+    return {k: p[k] - LR * grads[k] for k in p}, tp.pmean(loss, "i")
+
+
+def run(n: int, quick: bool) -> list[dict]:
+    devs = tp.local_devices()[:n]
+    trials = 3 if quick else 7
+    budget = 0.05 if quick else 0.3
+    out = []
+
+    def record(case, fn, guess, **extra):
+        sec = per_call(fn, calls=calls_for(guess, budget), trials=trials)
+        out.append({"case": case, "impl": "torchpmap", "devices": n, "sec_per_call": sec, **extra})
+
+    x = tp.device_put_sharded(list(torch.ones(n, 16)), devs)
+    double = tp.pmap(lambda v: v * 2, devices=devs)
+    record("dispatch", lambda: double(x), 2e-4)
+
+    x = tp.device_put_sharded(list(torch.ones(n, 1024)), devs)
+    psum = tp.pmap(lambda v: tp.psum(v, "i"), "i", devices=devs)
+    record("psum", lambda: psum(x), 5e-4)
+
+    sizes = [1_000_000] if quick else [1_000, 10_000, 100_000, 1_000_000]
+    affine = tp.pmap(lambda v: v * 2 + 1, devices=devs)
+    for size in sizes:
+        x = tp.device_put_sharded(list(torch.ones(n, size)), devs)
+        record("bandwidth" if size == 1_000_000 else f"bandwidth_{size}", lambda: affine(x), size * 4e-9 + 2e-4, size=size)
+
+    g = torch.Generator().manual_seed(1)
+    params = tp.device_put_replicated(mlp_params(), devs)
+    xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
+    yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
+    step = tp.pmap(train_step, "i", devices=devs)
+    t0 = time.perf_counter()
+    state = {"p": step(params, xb, yb)[0]}
+    out.append({"case": "train_first_call", "impl": "torchpmap", "devices": n, "sec_per_call": time.perf_counter() - t0})
+
+    def one_step():
+        state["p"], loss = step(state["p"], xb, yb)
+
+    record("train_step", one_step, 5e-3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--devices", type=int, required=True)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    print(json.dumps(run(args.devices, args.quick)))
+
+
+if __name__ == "__main__":
+    main()
