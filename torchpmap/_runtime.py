@@ -60,6 +60,7 @@ class _Worker:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.intra_op_threads = 0  # what this thread last asked torch for
         self.thread = threading.Thread(
             target=self._loop, name=f"torchpmap-worker-{_device_name(device)}", daemon=True
         )
@@ -143,6 +144,10 @@ class WorkerPool:
         call = _Call(n)
         workers = [self.worker(d) for d in devices]
         caller_streams = [torch.cuda.current_stream(d) if w.stream is not None else None for d, w in zip(devices, workers)]
+        # Virtual CPU devices share the CPU: split the caller's intra-op threads
+        # among the replicas (a per-thread setting), rather than let every
+        # replica start a full OpenMP team that spins while the others compute.
+        cpu_threads = max(1, torch.get_num_threads() // n)
 
         def make_task(rank: int):
             def task(worker: _Worker) -> None:
@@ -154,6 +159,9 @@ class WorkerPool:
                         with torch.cuda.stream(worker.stream):
                             call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     else:
+                        if worker.intra_op_threads != cpu_threads:
+                            torch.set_num_threads(cpu_threads)
+                            worker.intra_op_threads = cpu_threads
                         call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     comm.retire(first_index + rank)
                 except BaseException as e:  # noqa: BLE001 - reported to the caller
