@@ -48,7 +48,7 @@ def train_step(p, x, y):
     return {k: p[k] - LR * grads[k] for k in p}, tp.pmean(loss, "i")
 
 
-def run(n: int, quick: bool) -> list[dict]:
+def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     devs = tp.local_devices()[:n]
     trials = 3 if quick else 7
     budget = 0.05 if quick else 0.3
@@ -73,18 +73,27 @@ def run(n: int, quick: bool) -> list[dict]:
         record("bandwidth" if size == 1_000_000 else f"bandwidth_{size}", lambda: affine(x), size * 4e-9 + 2e-4, size=size)
 
     g = torch.Generator().manual_seed(1)
-    params = tp.device_put_replicated(mlp_params(), devs)
     xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
     yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
-    step = tp.pmap(train_step, "i", devices=devs)
-    t0 = time.perf_counter()
-    state = {"p": step(params, xb, yb)[0]}
-    out.append({"case": "train_first_call", "impl": "torchpmap", "devices": n, "sec_per_call": time.perf_counter() - t0})
+    variants = [("torchpmap", False)] + ([("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else [])
+    for impl, compile in variants:
+        params = tp.device_put_replicated(mlp_params(), devs)
+        step = tp.pmap(train_step, "i", devices=devs, compile=compile)
+        t0 = time.perf_counter()
+        state = {"p": step(params, xb, yb)[0]}
+        out.append({"case": "train_first_call", "impl": impl, "devices": n, "sec_per_call": time.perf_counter() - t0})
 
-    def one_step():
-        state["p"], loss = step(state["p"], xb, yb)
+        def one_step():
+            state["p"], loss = step(state["p"], xb, yb)
 
-    record("train_step", one_step, 5e-3)
+        sec = per_call(one_step, calls=calls_for(5e-3, budget), trials=trials)
+        out.append({"case": "train_step", "impl": impl, "devices": n, "sec_per_call": sec})
+        if compile:
+            x = tp.device_put_sharded(list(torch.ones(n, 1_000_000)), devs)
+            affine_c = tp.pmap(lambda v: v * 2 + 1, devices=devs, compile=compile)
+            affine_c(x)
+            sec = per_call(lambda: affine_c(x), calls=calls_for(2e-3, budget), trials=trials)
+            out.append({"case": "bandwidth", "impl": impl, "devices": n, "sec_per_call": sec, "size": 1_000_000})
     return out
 
 
@@ -92,8 +101,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="also time compiled pmap with this torch.compile backend ('none' to skip)")
     args = ap.parse_args()
-    print(json.dumps(run(args.devices, args.quick)))
+    backend = None if args.compile_backend == "none" else args.compile_backend
+    print(json.dumps(run(args.devices, args.quick, backend)))
 
 
 if __name__ == "__main__":
