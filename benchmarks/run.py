@@ -113,6 +113,7 @@ def table(rows: list[dict], devices: list[int]) -> str:
 
 def plot(rows: list[dict], devices: list[int], folder: Path) -> list[Path]:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -126,6 +127,7 @@ def plot(rows: list[dict], devices: list[int], folder: Path) -> list[Path]:
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=impl)
         ax.set(title=label, xlabel="devices", ylabel="ms per call", xscale="log", yscale="log")
         ax.set_xticks(devices, [str(d) for d in devices])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.legend(fontsize=7)
     fig.tight_layout()
     made.append(folder / "time_vs_devices.png")

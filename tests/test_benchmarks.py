@@ -22,3 +22,22 @@ def test_compile_benchmark_reports_eager_and_compiled(capsys):
     # Same program, same data: compiled and eager train identically.
     assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 1e-5
     assert "first call" in capsys.readouterr().out
+
+
+def test_run_prints_a_table_and_writes_json(tmp_path, capsys):
+    import json
+
+    out = _load("run").main([
+        "--devices", "1", "2", "--quick", "--compile-backend", "none", "--no-jax", "--no-ddp",
+        "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+    ])
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["meta"]["devices"] == [1, 2] and data["results"] == out["results"]
+    cases = {(r["case"], r["impl"], r["devices"]) for r in data["results"]}
+    for case in ("dispatch", "psum", "bandwidth", "train_first_call", "train_step"):
+        assert (case, "torchpmap", 1) in cases and (case, "torchpmap", 2) in cases
+    assert ("train_step", "pytorch_single", 2) in cases
+    assert all(r["sec_per_call"] > 0 for r in data["results"])
+    table = (tmp_path / "r.md").read_text()
+    assert "| psum of (n, 1024) | 2 |" in table and "jax is not installed" not in table
+    assert "Measured" in capsys.readouterr().out

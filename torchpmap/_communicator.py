@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import threading
-import time
 from typing import Callable, Sequence
 
 import torch
@@ -56,20 +55,13 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor: ...
 
+    @abc.abstractmethod
     def abort(self, error: BaseException, rank: int) -> None:
         """Release every replica waiting in a collective: replica ``rank`` failed."""
 
+    @abc.abstractmethod
     def retire(self, rank: int) -> None:
         """Replica ``rank`` returned; nobody should wait for it any more."""
-
-
-def group_of(rank: int, groups, size: int) -> tuple[int, ...]:
-    if groups is None:
-        return tuple(range(size))
-    for g in groups:
-        if rank in g:
-            return g
-    raise AssertionError(f"rank {rank} is in no group of {groups}")  # validated earlier
 
 
 class InProcessCommunicator(Communicator):

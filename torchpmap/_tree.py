@@ -5,7 +5,7 @@ import numbers
 from typing import Any
 
 import torch
-from torch.utils._pytree import SequenceKey, keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import SequenceKey, TreeSpec, keystr, tree_flatten, tree_flatten_with_path
 
 _MISSING = object()
 
