@@ -72,8 +72,6 @@ def collect(devices: list[int], quick: bool, compile_backend: str, jax: bool, dd
             rows += got
             if err:
                 notes.append(f"jax.pmap, {n} devices: {err}")
-    if not jax:
-        notes.append("jax is not installed: jax.pmap columns skipped (pip install -e '.[bench]')")
     return rows, notes
 
 
@@ -162,6 +160,10 @@ def main(argv=None) -> dict:
 
     jax = not args.no_jax and _have_jax()
     rows, notes = collect(args.devices, args.quick, args.compile_backend, jax, not args.no_ddp)
+    if args.no_jax:
+        notes.append("jax.pmap columns skipped (--no-jax)")
+    elif not jax:
+        notes.append("jax is not installed: jax.pmap columns skipped (pip install -e '.[bench]')")
     import torch
 
     meta = {

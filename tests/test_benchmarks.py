@@ -39,5 +39,5 @@ def test_run_prints_a_table_and_writes_json(tmp_path, capsys):
     assert ("train_step", "pytorch_single", 2) in cases
     assert all(r["sec_per_call"] > 0 for r in data["results"])
     table = (tmp_path / "r.md").read_text()
-    assert "| psum of (n, 1024) | 2 |" in table and "jax is not installed" not in table
+    assert "| psum of (n, 1024) | 2 |" in table and "skipped (--no-jax)" in table
     assert "Measured" in capsys.readouterr().out
