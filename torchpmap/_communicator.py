@@ -79,15 +79,14 @@ class InProcessCommunicator(Communicator):
         self._gate = gate  # the compile warm-up gate (see _compile.py), if any
         self._devices = list(devices)
         self._cuda = any(d.type == "cuda" for d in devices)
-        self._timeout = _config.collective_timeout() if timeout is None else timeout
+        self._timeout = timeout  # None: the configured one, read at the first wait
         # A short lock guards the arrival bookkeeping; nobody waits while
         # holding it. Each replica sleeps on its own lock, which the last
         # arrival releases: one wake-up per waiter and no convoy on a shared
-        # condition variable.
+        # condition variable. Those locks are made at the first exchange, as
+        # most pmap calls never communicate.
         self._lock = threading.Lock()
-        self._wake = [threading.Lock() for _ in range(self.size)]
-        for w in self._wake:
-            w.acquire()
+        self._wake: list = []
         self._waiting: set[int] = set()
         self._generation = 0
         self._arrived = 0
@@ -168,6 +167,12 @@ class InProcessCommunicator(Communicator):
                     f"must call the same collectives in the same order"
                 ), rank)
                 self._raise_failure(rank)
+            if not self._wake:
+                self._wake = [threading.Lock() for _ in range(self.size)]
+                for w in self._wake:
+                    w.acquire()
+                if self._timeout is None:
+                    self._timeout = _config.collective_timeout()
             generation = self._generation
             self._deposits[rank] = (signature, x)
             self._arrived += 1
