@@ -74,6 +74,21 @@ def _tree_map(fn, tree):
     return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
 
 
+def _blocks_first(v: torch.Tensor, d: int, g: int, tiled: bool, fn: str, arg: str) -> torch.Tensor:
+    """v cut along dimension d into g blocks, the block index moved to the
+    front: (g, ...). Untiled, dimension d must have size g and disappears."""
+    n = v.shape[d]
+    if tiled:
+        if n % g:
+            raise ValueError(f"{fn}: tiled {arg} {d} has size {n}, not divisible by the axis size {g}")
+        return v.unflatten(d, (g, n // g)).movedim(d, 0)
+    if n != g:
+        raise ValueError(
+            f"{fn}: {arg} {d} has size {n} but the axis size is {g}; they must be equal unless tiled=True"
+        )
+    return v.movedim(d, 0)
+
+
 def _size(axis_name) -> int:
     return _axis.static_axis_size(_names(axis_name))
 
@@ -179,23 +194,10 @@ def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, t
         if v.ndim == 0:
             raise ValueError("psum_scatter: x must have at least one dimension to scatter")
         d = _canonical_axis(scatter_dimension, v.ndim, "psum_scatter", "scatter_dimension")
-        n = v.shape[d]
         if v.dtype == torch.bool:
             v = v.to(torch.int64)
-        if tiled:
-            if n % g:
-                raise ValueError(
-                    f"psum_scatter: tiled scatter_dimension {d} has size {n}, not divisible "
-                    f"by the axis size {g}"
-                )
-            blocks = v.unflatten(d, (g, n // g)).movedim(d, 0)
-            return _ops.call("reduce_scatter", blocks, "sum", axes, groups, g)
-        if n != g:
-            raise ValueError(
-                f"psum_scatter: scatter_dimension {d} has size {n} but the axis size is {g}; "
-                f"they must be equal unless tiled=True"
-            )
-        return _ops.call("reduce_scatter", v.movedim(d, 0), "sum", axes, groups, g)
+        blocks = _blocks_first(v, d, g, tiled, "psum_scatter", "scatter_dimension")
+        return _ops.call("reduce_scatter", blocks, "sum", axes, groups, g)
 
     return _tree_map(leaf, x)
 
@@ -214,22 +216,9 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
             raise ValueError("all_to_all: x must have at least one dimension to split")
         s = _canonical_axis(split_axis, v.ndim, "all_to_all", "split_axis")
         c = _canonical_axis(concat_axis, v.ndim, "all_to_all", "concat_axis")
-        n = v.shape[s]
-        if tiled:
-            if n % g:
-                raise ValueError(
-                    f"all_to_all: split_axis {s} has size {n}, not divisible by the axis size {g}"
-                )
-            blocks = v.unflatten(s, (g, n // g)).movedim(s, 0)  # (g, …) same ndim as v after
-            received = _ops.call("all_to_all", blocks, axes, groups, g)
-            return received.movedim(0, c).flatten(c, c + 1)
-        if n != g:
-            raise ValueError(
-                f"all_to_all: split_axis {s} has size {n} but the axis size is {g}; "
-                f"they must be equal unless tiled=True"
-            )
-        received = _ops.call("all_to_all", v.movedim(s, 0), axes, groups, g)  # (g, rest)
-        return received.movedim(0, c)
+        received = _ops.call("all_to_all", _blocks_first(v, s, g, tiled, "all_to_all", "split_axis"), axes, groups, g)
+        # received[j]: member j's block for this replica, (g, ...)
+        return received.movedim(0, c).flatten(c, c + 1) if tiled else received.movedim(0, c)
 
     return _tree_map(leaf, x)
 
