@@ -183,3 +183,43 @@ def test_inductor_default_compiles_and_matches():
     x = torch.randn(2, 8)
     out = tp.pmap(lambda v: tp.psum(torch.relu(v) * 3, "i"), "i", compile=True)(x)
     torch.testing.assert_close(out.unshard(), (torch.relu(x) * 3).sum(0).expand(2, 8))
+
+
+def test_module_idiom_compiles_per_replica_without_falling_back(sixteen_devices):
+    # PerReplica modules and optimizers differ per replica, and Dynamo guards
+    # on them: every replica gets its own program, and 16 replicas must not run
+    # into the recompile limit (which would silently fall back to eager).
+    def step(model, opt, x, y):
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        tp.pmean_grads(model, "i")
+        opt.step()
+        return tp.pmean(loss.detach(), "i")
+
+    import logging
+
+    hits = []
+    handler = logging.Handler()
+    handler.emit = lambda record: hits.append(record.getMessage()) if "recompile_limit" in record.getMessage() else None
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    devs = sixteen_devices
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(16, 4, 3), torch.randn(16, 4, 1)
+    results = {}
+    for mode in ("eager", "compiled"):
+        models, opts = tp.replicate(model, lambda p: torch.optim.SGD(p, lr=0.1), devs)
+        backend = CountingBackend()
+        pstep = tp.pmap(step, "i", compile=dict(backend=backend) if mode == "compiled" else False)
+        for _ in range(3):
+            pstep(models, opts, x, y)
+        compiles, backend.runs = backend.compiles, 0
+        pstep(models, opts, x, y)
+        if mode == "compiled":
+            assert backend.compiles == compiles  # warm: nothing new to compile
+            assert backend.runs >= 16  # every replica ran a compiled graph
+        results[mode] = models[0].weight.detach().clone()
+    logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert hits == []  # Dynamo never gave up and fell back to eager
+    torch.testing.assert_close(results["compiled"], results["eager"])

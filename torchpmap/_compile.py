@@ -118,31 +118,43 @@ class CompiledReplicas:
         self._fun_name = fun_name
         self._programs: dict = {}
         self._lock = threading.Lock()
+        # One backend object for every copy: Dynamo guards on the backend's
+        # identity, so a backend per copy would recompile shared inner frames.
+        self._backend = _gated_backend(options)
 
-    def programs(self, devices, n: int) -> list[Callable]:
-        """One callable per replica; replicas on the same physical device share."""
+    def programs(self, devices, n: int, per_replica_objects: bool = False) -> list[Callable]:
+        """One callable per replica; replicas on the same physical device share,
+        unless each replica gets its own objects (PerReplica modules): Dynamo
+        guards on those, so sharing would recompile per replica until it hit
+        the recompile limit."""
         out = []
-        for d in devices:
+        for rank, d in enumerate(devices):
             key = (n, "cpu") if d.type == "cpu" else (n, str(d))
+            if per_replica_objects:
+                key = (*key, rank)
             prog = self._programs.get(key)
             if prog is None:
                 with self._lock:
                     prog = self._programs.get(key)
                     if prog is None:
-                        prog = self._programs[key] = self._compile_copy(d)
+                        prog = self._programs[key] = self._compile_copy(d, n)
             out.append(prog)
         return out
 
-    def _compile_copy(self, device) -> Callable:
+    def _compile_copy(self, device, n: int) -> Callable:
         t = _trampoline_factory(self._fun)
         # A distinct code object: a distinct Dynamo cache (see module docstring).
         code = t.__code__.replace()
         entry = types.FunctionType(code, t.__globals__, t.__name__, t.__defaults__, t.__closure__)
         compiled = torch.compile(
             entry,
-            backend=_gated_backend(self._options),
+            backend=self._backend,
             fullgraph=self._options.get("fullgraph", False),
             dynamic=self._options.get("dynamic"),
+            # Frames behind a graph break are compiled under their own (shared)
+            # code objects, once per replica when replicas hold their own
+            # modules (and again per axis size): leave room for all of them.
+            recompile_limit=torch._dynamo.config.recompile_limit + 4 * n,
         )
         name, where, fun = self._fun_name, device, self._fun
 

@@ -195,7 +195,8 @@ class Pmapped:
         if self._compiled is None:
             programs, gate = [self._fun] * n, None
         else:
-            programs, gate = self._compiled.programs(devices, n), DYNAMO_GATE
+            per_replica = _PER_REPLICA in plan.kinds
+            programs, gate = self._compiled.programs(devices, n, per_replica), DYNAMO_GATE
 
         positional_only = treedef is self._positional_specs.get(len(leaves))
 
