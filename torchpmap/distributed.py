@@ -10,7 +10,9 @@ the results back to its local peers.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
 import zlib
 from typing import Sequence
@@ -82,6 +84,7 @@ def initialize(
         everything = tuple(d for _ in range(world) for d in local)
     _devices._set_process_layout((rank, world, everything), local)
     _state.update(rank=rank, world=world, local_count=n, group=dist.group.WORLD, timeout=seconds)
+    atexit.register(_shutdown_at_exit)
 
 
 def _env_int(name: str) -> int:
@@ -101,16 +104,34 @@ def _local_devices_for_process() -> tuple[torch.device, ...]:
     return tuple(_devices.local_devices())
 
 
+def _shutdown_at_exit() -> None:
+    if _state:
+        try:
+            shutdown(wait_for_peers=False)
+        except Exception:  # noqa: BLE001 - peers may be gone already; exiting anyway
+            pass
+
+
 def is_initialized() -> bool:
     return bool(_state)
 
 
-def shutdown() -> None:
-    """Leave the job (destroys the default process group)."""
+def shutdown(*, wait_for_peers: bool = True) -> None:
+    """Leave the job; every process calls it at the end of its program.
+
+    With ``wait_for_peers`` it first waits for every process to get here, so
+    that outstanding work (DTensor's functional collectives keep some in
+    flight) is finished and freed while the interpreter is whole: Gloo threads
+    that still hold it at interpreter teardown abort the process. A process
+    that forgets is shut down at exit, without waiting (its peers may be gone).
+    """
     if _state:
         _state.clear()
         _devices._set_process_layout(None, None)
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
