@@ -11,23 +11,18 @@ import torch
 import torch.utils._pytree as pytree
 
 import torchpmap as tp
+from helpers import devices as _devices
+from helpers import rows
 from torchpmap import DeletedShardedTensorError, ShardedTensor
 
 
-def _devices(k):
-    local = tp.local_devices()
-    if len(local) < k:
-        pytest.skip(f"needs {k} devices, this process has {len(local)}")
-    return local[:k]
 
 
 COUNTS = [1, 2, 4, 8]
 
 
 def _rows(n, *rest, dtype=torch.float32):
-    """A deterministic (n, *rest) tensor whose rows all differ."""
-    numel = n * int(np.prod(rest, dtype=np.int64))
-    return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * 0.5 - 3).to(dtype)
+    return rows(n, *rest, dtype=dtype, scale=0.5, offset=-3)
 
 
 Point = namedtuple("Point", ["x", "y"])

@@ -7,23 +7,18 @@ import time
 import tracemalloc
 import weakref
 
-import numpy as np
 import pytest
 import torch
 
 import torchpmap as tp
+from helpers import devices as _devices
+from helpers import rows
 
 
-def _devices(k):
-    local = tp.local_devices()
-    if len(local) < k:
-        pytest.skip(f"needs {k} devices, this process has {len(local)}")
-    return local[:k]
 
 
 def _rows(n, *rest, dtype=torch.float32):
-    numel = n * int(np.prod(rest, dtype=np.int64))
-    return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * 0.3 - 1).to(dtype)
+    return rows(n, *rest, dtype=dtype, scale=0.3, offset=-1)
 
 
 def _eventually(predicate, timeout=5.0):

@@ -5,19 +5,15 @@ import pytest
 import torch
 
 import torchpmap as tp
+from helpers import devices as _devices
+from helpers import rows
 from torchpmap import ShardedTensor
 
 
-def _devices(k):
-    local = tp.local_devices()
-    if len(local) < k:
-        pytest.skip(f"needs {k} devices, this process has {len(local)}")
-    return local[:k]
 
 
 def _rows(n, *rest, dtype=torch.float32):
-    numel = n * int(np.prod(rest, dtype=np.int64))
-    return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * 0.25 - 1).to(dtype)
+    return rows(n, *rest, dtype=dtype, scale=0.25, offset=-1)
 
 
 # -- metadata -----------------------------------------------------------------------------
