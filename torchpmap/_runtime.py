@@ -8,6 +8,7 @@ are ordered exactly as if the caller had run the work itself.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
     with torch.inference_mode(state.inference_mode), torch.set_grad_enabled(state.grad_enabled):
         if not state.autocast:
             return fn()
-        import contextlib
-
         with contextlib.ExitStack() as stack:
             for device_type, dtype in state.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype))
