@@ -1,9 +1,10 @@
 """Shared timing helper: median seconds per call over several trials."""
+
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 
 def per_call(fn: Callable[[], object], *, calls: int, trials: int, warmup: int = 3) -> float:

@@ -7,6 +7,7 @@ per call for eager and compiled pmap, measured side by side in one run.
 
     python benchmarks/bench_compile.py [--devices 4] [--steps 50] [--backend inductor]
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@
 Same cases and sizes as cases_torchpmap.py. Every call is waited for
 (block_until_ready), as a torchpmap call returns when its work is done.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,11 +16,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from _timing import calls_for, per_call  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from _timing import calls_for, per_call
 
 WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
 
@@ -73,12 +73,19 @@ def run(n: int, quick: bool) -> list[dict]:
     affine = jax.pmap(lambda v: v * 2 + 1, devices=devs)
     for size in sizes:
         x = shard(np.ones((n, size), np.float32))
-        record("bandwidth" if size == 1_000_000 else f"bandwidth_{size}",
-               lambda: affine(x).block_until_ready(), size * 4e-9 + 1e-4, size=size)
+        record(
+            "bandwidth" if size == 1_000_000 else f"bandwidth_{size}",
+            lambda x=x: affine(x).block_until_ready(),
+            size * 4e-9 + 1e-4,
+            size=size,
+        )
 
     rng = np.random.default_rng(1)
-    params = jax.device_put_replicated(mlp_params(), devs) if hasattr(jax, "device_put_replicated") else \
-        jax.pmap(lambda _: mlp_params(), devices=devs)(np.zeros(n))
+    params = (
+        jax.device_put_replicated(mlp_params(), devs)
+        if hasattr(jax, "device_put_replicated")
+        else jax.pmap(lambda _: mlp_params(), devices=devs)(np.zeros(n))
+    )
     xb = shard(rng.standard_normal((n, ROWS, WIDTH)).astype(np.float32))
     yb = shard(rng.integers(0, CLASSES, (n, ROWS)).astype(np.int32))
     step = jax.pmap(train_step, "i", devices=devs)

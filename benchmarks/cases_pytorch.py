@@ -7,6 +7,7 @@
 
     python benchmarks/cases_pytorch.py --devices N [--quick] [--no-ddp]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from _timing import calls_for, per_call  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _timing import calls_for, per_call
 
 WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
 
@@ -31,8 +31,10 @@ WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(),
-        torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(),
+        torch.nn.Linear(WIDTH, WIDTH),
+        torch.nn.ReLU(),
+        torch.nn.Linear(WIDTH, WIDTH),
+        torch.nn.ReLU(),
         torch.nn.Linear(WIDTH, CLASSES),
     )
 
@@ -84,10 +86,13 @@ def _ddp_worker(rank: int, world: int, port: int, n: int, quick: bool, out_path:
     sec = per_call(synced, calls=calls_for(5e-3, 0.05 if quick else 0.3), trials=3 if quick else 7)
     if rank == 0:
         with open(out_path, "w") as f:
-            json.dump([
-                {"case": "train_first_call", "impl": "pytorch_ddp_2proc", "devices": n, "sec_per_call": first},
-                {"case": "train_step", "impl": "pytorch_ddp_2proc", "devices": n, "sec_per_call": sec},
-            ], f)
+            json.dump(
+                [
+                    {"case": "train_first_call", "impl": "pytorch_ddp_2proc", "devices": n, "sec_per_call": first},
+                    {"case": "train_step", "impl": "pytorch_ddp_2proc", "devices": n, "sec_per_call": sec},
+                ],
+                f,
+            )
     dist.destroy_process_group()
 
 

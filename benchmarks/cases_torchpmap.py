@@ -4,6 +4,7 @@
 
 Prints one JSON list of results (run.py starts this in a fresh process per N).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-from torch.func import grad_and_value  # noqa: E402
+import torch
+from _timing import calls_for, per_call
+from torch.func import grad_and_value
 
-import torchpmap as tp  # noqa: E402
-from _timing import calls_for, per_call  # noqa: E402
+import torchpmap as tp
 
 WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
 
@@ -70,12 +71,19 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     affine = tp.pmap(lambda v: v * 2 + 1, devices=devs)
     for size in sizes:
         x = tp.device_put_sharded(list(torch.ones(n, size)), devs)
-        record("bandwidth" if size == 1_000_000 else f"bandwidth_{size}", lambda: affine(x), size * 4e-9 + 2e-4, size=size)
+        record(
+            "bandwidth" if size == 1_000_000 else f"bandwidth_{size}",
+            lambda x=x: affine(x),
+            size * 4e-9 + 2e-4,
+            size=size,
+        )
 
     g = torch.Generator().manual_seed(1)
     xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
     yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
-    variants = [("torchpmap", False)] + ([("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else [])
+    variants = [("torchpmap", False)] + (
+        [("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else []
+    )
     for impl, compile in variants:
         params = tp.device_put_replicated(mlp_params(), devs)
         step = tp.pmap(train_step, "i", devices=devs, compile=compile)
@@ -83,8 +91,8 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
         state = {"p": step(params, xb, yb)[0]}
         out.append({"case": "train_first_call", "impl": impl, "devices": n, "sec_per_call": time.perf_counter() - t0})
 
-        def one_step():
-            state["p"], loss = step(state["p"], xb, yb)
+        def one_step(step=step, state=state):
+            state["p"], _ = step(state["p"], xb, yb)
 
         sec = per_call(one_step, calls=calls_for(5e-3, budget), trials=trials)
         out.append({"case": "train_step", "impl": impl, "devices": n, "sec_per_call": sec})
@@ -92,7 +100,7 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
             x = tp.device_put_sharded(list(torch.ones(n, 1_000_000)), devs)
             affine_c = tp.pmap(lambda v: v * 2 + 1, devices=devs, compile=compile)
             affine_c(x)
-            sec = per_call(lambda: affine_c(x), calls=calls_for(2e-3, budget), trials=trials)
+            sec = per_call(lambda x=x, affine_c=affine_c: affine_c(x), calls=calls_for(2e-3, budget), trials=trials)
             out.append({"case": "bandwidth", "impl": impl, "devices": n, "sec_per_call": sec, "size": 1_000_000})
     return out
 
@@ -101,8 +109,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--devices", type=int, required=True)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--compile-backend", default="inductor",
-                    help="also time compiled pmap with this torch.compile backend ('none' to skip)")
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="also time compiled pmap with this torch.compile backend ('none' to skip)",
+    )
     args = ap.parse_args()
     backend = None if args.compile_backend == "none" else args.compile_backend
     print(json.dumps(run(args.devices, args.quick, backend)))

@@ -10,6 +10,7 @@ TORCHPMAP_CPU_DEVICES=N), so the numbers of one table come from one run on one
 machine. JAX is optional (pip install -e '.[bench]'); without it its columns
 say so. Writes the results as JSON and the table as Markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,25 +51,50 @@ def _have_jax() -> bool:
     return probe.returncode == 0
 
 
-def collect(devices: list[int], quick: bool, compile_backend: str, jax: bool, ddp: bool) -> tuple[list[dict], list[str]]:
+def collect(
+    devices: list[int], quick: bool, compile_backend: str, jax: bool, ddp: bool
+) -> tuple[list[dict], list[str]]:
     rows, notes = [], []
     base = {**os.environ, "PYTHONUNBUFFERED": "1"}
     quick_flag = ["--quick"] if quick else []
     for n in devices:
         env = {**base, "TORCHPMAP_CPU_DEVICES": str(n)}
-        got, err = _run_json([sys.executable, str(HERE / "cases_torchpmap.py"), "--devices", str(n),
-                              "--compile-backend", compile_backend, *quick_flag], env, 900)
+        got, err = _run_json(
+            [
+                sys.executable,
+                str(HERE / "cases_torchpmap.py"),
+                "--devices",
+                str(n),
+                "--compile-backend",
+                compile_backend,
+                *quick_flag,
+            ],
+            env,
+            900,
+        )
         rows += got
         if err:
             notes.append(f"torchpmap, {n} devices: {err}")
-        got, err = _run_json([sys.executable, str(HERE / "cases_pytorch.py"), "--devices", str(n), *quick_flag,
-                              *([] if ddp else ["--no-ddp"])], env, 600)
+        got, err = _run_json(
+            [
+                sys.executable,
+                str(HERE / "cases_pytorch.py"),
+                "--devices",
+                str(n),
+                *quick_flag,
+                *([] if ddp else ["--no-ddp"]),
+            ],
+            env,
+            600,
+        )
         rows += got
         if err:
             notes.append(f"PyTorch baselines, {n} devices: {err}")
         if jax:
             jenv = {**base, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-            got, err = _run_json([sys.executable, str(HERE / "cases_jax.py"), "--devices", str(n), *quick_flag], jenv, 600)
+            got, err = _run_json(
+                [sys.executable, str(HERE / "cases_jax.py"), "--devices", str(n), *quick_flag], jenv, 600
+            )
             rows += got
             if err:
                 notes.append(f"jax.pmap, {n} devices: {err}")
@@ -90,8 +116,11 @@ def table(rows: list[dict], devices: list[int]) -> str:
                 return r["sec_per_call"]
         return None
 
-    impls = [i for i in ("torchpmap", "torchpmap_compiled", "jax", "pytorch_single", "pytorch_ddp_2proc")
-             if any(r["impl"] == i for r in rows)]
+    impls = [
+        i
+        for i in ("torchpmap", "torchpmap_compiled", "jax", "pytorch_single", "pytorch_ddp_2proc")
+        if any(r["impl"] == i for r in rows)
+    ]
     head = ["case", "devices", *impls]
     if "jax" in impls:
         head += ["torchpmap / jax"]
@@ -138,7 +167,13 @@ def plot(rows: list[dict], devices: list[int], folder: Path) -> list[Path]:
             pts = sorted((r["size"], r["sec_per_call"]) for r in sized if r["impl"] == impl and r["devices"] == n)
             if len(pts) > 1:
                 ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=impl)
-        ax.set(title=f"x * 2 + 1 over {n} devices", xlabel="elements per device", ylabel="ms per call", xscale="log", yscale="log")
+        ax.set(
+            title=f"x * 2 + 1 over {n} devices",
+            xlabel="elements per device",
+            ylabel="ms per call",
+            xscale="log",
+            yscale="log",
+        )
         ax.legend(fontsize=7)
         fig.tight_layout()
         made.append(folder / "time_vs_size.png")
@@ -175,12 +210,16 @@ def main(argv=None) -> dict:
         "quick": args.quick,
     }
     if jax:
-        meta["jax"] = subprocess.run([sys.executable, "-c", "import jax; print(jax.__version__)"],
-                                     capture_output=True, text=True).stdout.strip()
+        meta["jax"] = subprocess.run(
+            [sys.executable, "-c", "import jax; print(jax.__version__)"], capture_output=True, text=True
+        ).stdout.strip()
     text = table(rows, args.devices)
-    header = (f"Measured {meta['date']} on {meta['machine']}; Python {meta['python']}, torch {meta['torch']}"
-              + (f", jax {meta['jax']}" if jax else "") + ". Median time per call, lower is better; "
-              "`torchpmap / jax` below 1 means torchpmap is faster.")
+    header = (
+        f"Measured {meta['date']} on {meta['machine']}; Python {meta['python']}, torch {meta['torch']}"
+        + (f", jax {meta['jax']}" if jax else "")
+        + ". Median time per call, lower is better; "
+        "`torchpmap / jax` below 1 means torchpmap is faster."
+    )
     report = header + "\n\n" + text + ("\n\nNotes:\n" + "\n".join(f"- {n}" for n in notes) if notes else "") + "\n"
     print(report)
     Path(args.json).write_text(json.dumps({"meta": meta, "notes": notes, "results": rows}, indent=1))

@@ -9,6 +9,7 @@ and on two machines (run on each, with its --node_rank):
 
 Every process maps its own local devices; the named axis spans all of them.
 """
+
 import torch
 
 import torchpmap as tp

@@ -1,4 +1,5 @@
 """The seed program: list the devices, double a tensor on every one of them."""
+
 import torch
 
 import torchpmap

@@ -8,6 +8,7 @@ Each step splits the global batch across the devices with torchpmap.shard_batch
 (the last, smaller batch is padded and masked), every replica computes its
 gradients, and pmean averages them so that all replicas take the same step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,9 @@ def main(argv=None) -> float:
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
-    x_train, x_test, y_train, y_test = (torch.as_tensor(a) for a in train_test_split(x, y, test_size=0.2, random_state=0))
+    x_train, x_test, y_train, y_test = (
+        torch.as_tensor(a) for a in train_test_split(x, y, test_size=0.2, random_state=0)
+    )
 
     devices = tp.local_devices()
     n = len(devices)

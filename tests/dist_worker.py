@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_distributed.py: one process of a
 multi-process pmap job over Gloo. argv[1] is the scenario."""
+
 import json
 import os
 import sys
@@ -51,8 +52,12 @@ def collectives():
     bools = torch.tensor(full[first : first + L] > 1.0)
     check("psum_bool", run(lambda x: tp.psum(x, "i"), bools), np.broadcast_to((full > 1.0).sum(0), (L, G, 3)), results)
     check("all_gather", run(lambda x: tp.all_gather(x, "i")), np.broadcast_to(full, (L, G, G, 3)), results)
-    check("all_gather_tiled", run(lambda x: tp.all_gather(x, "i", axis=1, tiled=True)),
-          np.broadcast_to(np.concatenate(list(full), axis=1), (L, G, G * 3)), results)
+    check(
+        "all_gather_tiled",
+        run(lambda x: tp.all_gather(x, "i", axis=1, tiled=True)),
+        np.broadcast_to(np.concatenate(list(full), axis=1), (L, G, G * 3)),
+        results,
+    )
     check("psum_scatter", run(lambda x: tp.psum_scatter(x, "i")), full.sum(0)[idx], results)
     perm = [(g, (g + 1) % G) for g in range(G)]
     check("ppermute", run(lambda x: tp.ppermute(x, "i", perm)), full[(idx - 1) % G], results)
@@ -72,7 +77,12 @@ def collectives():
 
 def mlp_params(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"w0": torch.randn(4, 8, generator=g), "b0": torch.zeros(8), "w1": torch.randn(8, 2, generator=g), "b1": torch.zeros(2)}
+    return {
+        "w0": torch.randn(4, 8, generator=g),
+        "b0": torch.zeros(8),
+        "w1": torch.randn(8, 2, generator=g),
+        "b1": torch.zeros(2),
+    }
 
 
 def loss_fn(p, x, y):
@@ -121,7 +131,7 @@ def failure(stay_alive=False):
     t0 = time.monotonic()
     try:
         tp.pmap(f, "i")(torch.ones(tp.local_device_count(), 2))
-    except Exception as e:  # noqa: BLE001 - reported to the test
+    except Exception as e:
         say(f"ERROR {type(e).__name__}: {str(e).splitlines()[0]} after {time.monotonic() - t0:.1f}s")
         if stay_alive and rank == 1:
             time.sleep(20)  # a failed rank that lingers: the others must not wait for it
@@ -131,6 +141,10 @@ def failure(stay_alive=False):
 
 
 if __name__ == "__main__":
-    scenarios = {"collectives": collectives, "train": train, "failure": failure,
-                 "failure_stays_alive": lambda: failure(stay_alive=True)}
+    scenarios = {
+        "collectives": collectives,
+        "train": train,
+        "failure": failure,
+        "failure_stays_alive": lambda: failure(stay_alive=True),
+    }
     scenarios[sys.argv[1]]()

@@ -1,4 +1,5 @@
 """Small helpers shared by the test files."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """The benchmark scripts run and report sane numbers (tiny settings)."""
+
 import importlib.util
 import sys
 from pathlib import Path
@@ -27,10 +28,22 @@ def test_compile_benchmark_reports_eager_and_compiled(capsys):
 def test_run_prints_a_table_and_writes_json(tmp_path, capsys):
     import json
 
-    out = _load("run").main([
-        "--devices", "1", "2", "--quick", "--compile-backend", "none", "--no-jax", "--no-ddp",
-        "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
-    ])
+    out = _load("run").main(
+        [
+            "--devices",
+            "1",
+            "2",
+            "--quick",
+            "--compile-backend",
+            "none",
+            "--no-jax",
+            "--no-ddp",
+            "--json",
+            str(tmp_path / "r.json"),
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ]
+    )
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["meta"]["devices"] == [1, 2] and data["results"] == out["results"]
     cases = {(r["case"], r["impl"], r["devices"]) for r in data["results"]}

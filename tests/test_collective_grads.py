@@ -10,6 +10,7 @@ Two views, as in the README:
   inverse permutation for ppermute, the same exchange for all_to_all. Those
   tests compare with the values the rules give, worked out by hand in numpy.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -397,7 +398,11 @@ def test_torch_func_grad_through_collectives_inside_replicas():
 
     def f(v):
         def loss(v):
-            return tp.psum((v**2).sum(), "i") + tp.all_gather(v, "i").sum() + tp.ppermute(v, "i", [(0, 1), (1, 2), (2, 3), (3, 0)]).sum()
+            return (
+                tp.psum((v**2).sum(), "i")
+                + tp.all_gather(v, "i").sum()
+                + tp.ppermute(v, "i", [(0, 1), (1, 2), (2, 3), (3, 0)]).sum()
+            )
 
         return torch.func.grad(loss)(v)
 

@@ -5,6 +5,7 @@ devices; each replica's result is compared with what a numpy reference
 computes from all replicas' inputs (``ref_*`` below, written from the
 ``jax.lax`` documentation). Rows of the numpy arrays are replicas.
 """
+
 from __future__ import annotations
 
 import time
@@ -135,8 +136,15 @@ def ref_ppermute(X, perm):
 
 # -- reductions -----------------------------------------------------------------------------
 REDUCTION_DTYPES = [
-    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int32, torch.int64,
-    torch.bool, torch.complex64,
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
 ]
 
 
@@ -217,7 +225,7 @@ def test_pmax_pmin_reject_complex():
     x = torch.ones(2, 3, dtype=torch.complex64)
     for fn in (tp.pmax, tp.pmin):
         with pytest.raises(TypeError, match="complex"):
-            pmap_k(lambda v: fn(v, "i"), 2)(x)
+            pmap_k(lambda v, fn=fn: fn(v, "i"), 2)(x)
 
 
 def test_psum_of_complex_is_exact():
@@ -313,10 +321,7 @@ def test_all_to_all_matches_numpy(case, tiled):
     xs = [(sample(k, shape, torch.float32), sample(k, shape, torch.int16)) for shape, _, _ in cases]
 
     def f(xs):
-        return [
-            tp.all_to_all(x, "i", s, c, axis_index_groups=groups, tiled=tiled)
-            for x, (_, s, c) in zip(xs, cases)
-        ]
+        return [tp.all_to_all(x, "i", s, c, axis_index_groups=groups, tiled=tiled) for x, (_, s, c) in zip(xs, cases)]
 
     outs = pmap_k(f, k)(xs)
     for (_, s, c), pair, out in zip(cases, xs, outs):
@@ -340,7 +345,7 @@ def test_pswapaxes_swaps_the_mapped_axis(k):
     x = sample(k, (3, k), torch.float64)
     X = np_of(x)
     for axis in (1, -1):
-        y = pmap_k(lambda v: tp.pswapaxes(v, "i", axis), k)(x)
+        y = pmap_k(lambda v, axis=axis: tp.pswapaxes(v, "i", axis), k)(x)
         np.testing.assert_array_equal(np_of(y), np.swapaxes(X, 0, 2))
     x0 = sample(k, (k, 2), torch.float32)
     y0 = pmap_k(lambda v: tp.pswapaxes(v, ("i",), 0), k)(x0)
@@ -368,8 +373,12 @@ def _perms(k):
 @pytest.mark.parametrize("k", DEVICE_COUNTS)
 def test_ppermute_matches_numpy(k):
     perms = _perms(k)
-    tree = {"f": sample(k, (2, 3), torch.float32), "b": sample(k, (4,), torch.bool),
-            "z": sample(k, (), torch.complex64), "i": sample(k, (1, 2), torch.int8)}
+    tree = {
+        "f": sample(k, (2, 3), torch.float32),
+        "b": sample(k, (4,), torch.bool),
+        "z": sample(k, (), torch.complex64),
+        "i": sample(k, (1, 2), torch.int8),
+    }
 
     def f(t):
         return [tp.ppermute(t, "i", perm) for perm in perms]
@@ -412,10 +421,15 @@ def test_ppermute_results_are_fresh_tensors():
 def test_none_in_a_pytree_is_an_empty_subtree():
     """As in JAX, None holds no data: every collective passes it through."""
     fns = [
-        lambda t: tp.psum(t, "i"), lambda t: tp.pmean(t, "i"), lambda t: tp.pmax(t, "i"),
-        lambda t: tp.pmin(t, "i"), lambda t: tp.all_gather(t, "i", tiled=True),
-        lambda t: tp.psum_scatter(t, "i", tiled=True), lambda t: tp.ppermute(t, "i", [(0, 1)]),
-        lambda t: tp.pshuffle(t, "i", [1, 0]), lambda t: tp.all_to_all(t, "i", 0, 0, tiled=True),
+        lambda t: tp.psum(t, "i"),
+        lambda t: tp.pmean(t, "i"),
+        lambda t: tp.pmax(t, "i"),
+        lambda t: tp.pmin(t, "i"),
+        lambda t: tp.all_gather(t, "i", tiled=True),
+        lambda t: tp.psum_scatter(t, "i", tiled=True),
+        lambda t: tp.ppermute(t, "i", [(0, 1)]),
+        lambda t: tp.pshuffle(t, "i", [1, 0]),
+        lambda t: tp.all_to_all(t, "i", 0, 0, tiled=True),
         lambda t: tp.pswapaxes(t, "i", 0),
     ]
 
@@ -446,7 +460,9 @@ def test_axis_index_and_size(k):
 def test_axis_index_follows_device_order():
     """The index is the position along the mapped axis, not the device number."""
     devs = [tp.local_devices()[d] for d in (5, 2, 7)]
-    out = tp.pmap(lambda x: tp.axis_index("i") * 10 + tp.psum(x, "i"), "i", devices=devs)(torch.ones(3, dtype=torch.int64))
+    out = tp.pmap(lambda x: tp.axis_index("i") * 10 + tp.psum(x, "i"), "i", devices=devs)(
+        torch.ones(3, dtype=torch.int64)
+    )
     assert out.unshard().tolist() == [3, 13, 23]
 
 
@@ -553,7 +569,14 @@ def test_fullgraph_compile_traces_every_collective_without_graph_breaks():
     for _ in range(2):  # the second call reuses the program
         compiled = compiled_fn(x, y)
     assert len(backend.graphs) == 1  # fullgraph: one graph, no break, no recompile
-    assert backend.torchpmap_ops() == {"all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute", "axis_index"}
+    assert backend.torchpmap_ops() == {
+        "all_reduce",
+        "all_gather",
+        "reduce_scatter",
+        "all_to_all",
+        "permute",
+        "axis_index",
+    }
     for key in eager:
         torch.testing.assert_close(compiled[key].unshard(), eager[key].unshard())
 

@@ -1,4 +1,5 @@
 """pmap(..., compile=...): torch.compile per device, warmed up once."""
+
 import pytest
 import torch
 from torch.func import grad_and_value
@@ -156,8 +157,8 @@ def test_compiled_training_step_matches_eager_and_single_device():
     rp = tp.device_put_replicated(params, tp.local_devices()[:4])
     g, loss = grad_and_value(loss_fn)(params, X.reshape(-1, 8), Y.reshape(-1, 1))
     for compile in (False, dict(backend="aot_eager", fullgraph=True)):
-        new, l = tp.pmap(step, "i", compile=compile)(rp, X, Y)
-        torch.testing.assert_close(l.unshard(), loss.expand(4))
+        new, losses = tp.pmap(step, "i", compile=compile)(rp, X, Y)
+        torch.testing.assert_close(losses.unshard(), loss.expand(4))
         for k in params:
             for shard in new[k].shards:
                 torch.testing.assert_close(shard, params[k] - 0.1 * g[k], rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ Anything that needs a different device count runs in a fresh interpreter: the
 count is fixed at the first use of the devices, and this test process has
 already used them.
 """
+
 import json
 import os
 import subprocess
@@ -78,7 +79,11 @@ def test_set_cpu_device_count_rejects_non_positive_ints(bad):
 @cpu_only
 def test_set_cpu_device_count_after_first_use_is_an_error():
     n = tp.local_device_count()  # the devices are now initialised
-    with pytest.raises(RuntimeError, match=rf"set_cpu_device_count\({n + 1}\) called after.*initialised with {n} virtual CPU devices.*TORCHPMAP_CPU_DEVICES={n + 1}"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"set_cpu_device_count\({n + 1}\) called after.*initialised with {n} virtual CPU devices"
+        rf".*TORCHPMAP_CPU_DEVICES={n + 1}",
+    ):
         tp.set_cpu_device_count(n + 1)
     assert tp.local_device_count() == n
 
@@ -98,7 +103,9 @@ def devs():
 
 SCRIPTS = {
     # No environment variable, no call: 8 virtual devices.
-    "default": (None, """
+    "default": (
+        None,
+        """
         n = tp.local_device_count()
         ids = tp.pmap(lambda x: tp.axis_index("i") + 0 * x, "i")(torch.zeros(8)).unshard().tolist()
         try:
@@ -108,10 +115,13 @@ SCRIPTS = {
             err = str(e)
         report(devices=devs(), count=tp.device_count(), local=n, ids=ids, err=err,
                pidx=tp.process_index(), pcount=tp.process_count())
-    """),
+    """,
+    ),
     # TORCHPMAP_CPU_DEVICES=3; then (forgetting the device list, as a new
     # process would) invalid values of the variable.
-    "env3": ("3", """
+    "env3": (
+        "3",
+        """
         import os
         from torchpmap import _devices
         first, count = devs(), tp.device_count()
@@ -132,11 +142,14 @@ SCRIPTS = {
             except ValueError as e:
                 bad[raw] = str(e)
         report(devices=first, count=count, psum=s, err=err, bad=bad)
-    """),
+    """,
+    ),
     # set_cpu_device_count before the first use wins over the environment; a
     # different count afterwards is refused, the same count is accepted.
     # Workers are started only for the devices a pmap uses.
-    "call16": ("3", """
+    "call16": (
+        "3",
+        """
         tp.set_cpu_device_count(16)
         before = threading.active_count()
         first = devs()
@@ -151,7 +164,8 @@ SCRIPTS = {
         tp.set_cpu_device_count(16)
         report(devices=first, after=devs(), psum=s, late=late, started_for_two=after_two - before,
                started_total=threading.active_count() - before)
-    """),
+    """,
+    ),
 }
 
 

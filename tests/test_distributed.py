@@ -1,4 +1,5 @@
 """Multi-process pmap: real torchrun jobs on this machine over loopback (Gloo)."""
+
 import os
 import socket
 import subprocess
@@ -22,9 +23,14 @@ def free_port() -> int:
 def torchrun(scenario: str, nproc: int = 2, devices_per_proc: int = 2, timeout: float = 120):
     env = {**os.environ, "TORCHPMAP_CPU_DEVICES": str(devices_per_proc), "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-        str(HERE / "dist_worker.py"), scenario,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(HERE / "dist_worker.py"),
+        scenario,
     ]
     start = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -48,13 +54,13 @@ def test_training_matches_single_process():
 def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     out, elapsed = torchrun(scenario, timeout=90)
     assert out.returncode != 0
-    errors = [l for l in out.stdout.splitlines() if "ERROR " in l]
+    errors = [line for line in out.stdout.splitlines() if "ERROR " in line]
     # rank 1 reports its own exception; rank 0 a collective error within the timeout
-    assert any("ValueError: rank 1 gives up" in l for l in errors), out.stdout + out.stderr
-    assert any("CollectiveError" in l for l in errors), out.stdout + out.stderr
+    assert any("ValueError: rank 1 gives up" in e for e in errors), out.stdout + out.stderr
+    assert any("CollectiveError" in e for e in errors), out.stdout + out.stderr
     assert "NO ERROR" not in out.stdout
     # rank 0 gave up within the 5 s timeout (plus slack), not after rank 1's 20 s
-    rank0 = [l for l in errors if "CollectiveError" in l][0]
+    rank0 = [e for e in errors if "CollectiveError" in e][0]
     assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 12, rank0
     assert elapsed < 60
 
@@ -71,8 +77,15 @@ def test_initialize_without_launcher_is_a_clear_error(monkeypatch):
 
 def test_multiprocess_example_runs_under_torchrun():
     env = {**os.environ, "TORCHPMAP_CPU_DEVICES": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(HERE.parent / "examples" / "multiprocess.py")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(HERE.parent / "examples" / "multiprocess.py"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "global indices [2, 3]" in out.stdout and "learned w = [1.99" in out.stdout

@@ -6,6 +6,7 @@ file runs with a 5 s collective timeout (restored afterwards) as a backstop.
 The cases that must not wait for the timeout assert that they finish in well
 under a second; after each failure the worker pool must still work.
 """
+
 from __future__ import annotations
 
 import re
@@ -44,7 +45,7 @@ def call_with_deadline(fn, *args, deadline=10.0):
         t = time.perf_counter()
         try:
             box["result"] = fn(*args)
-        except BaseException as e:  # noqa: BLE001 - handed to the test
+        except BaseException as e:
             box["error"] = e
         box["seconds"] = time.perf_counter() - t
 
@@ -136,7 +137,10 @@ def test_axis_is_unbound_again_after_the_call():
 BAD_ARGUMENTS = {
     # name: (function of the replica's (4, 3) block x, on 4 devices; message)
     "ppermute repeated source": (lambda x: tp.ppermute(x, "i", [(0, 1), (0, 2)]), "repeated source or destination"),
-    "ppermute repeated destination": (lambda x: tp.ppermute(x, "i", [(0, 1), (2, 1)]), "repeated source or destination"),
+    "ppermute repeated destination": (
+        lambda x: tp.ppermute(x, "i", [(0, 1), (2, 1)]),
+        "repeated source or destination",
+    ),
     "ppermute out of range": (lambda x: tp.ppermute(x, "i", [(0, 4)]), r"out of range for axis size 4"),
     "ppermute negative index": (lambda x: tp.ppermute(x, "i", [(-1, 0)]), r"out of range for axis size 4"),
     "ppermute not pairs": (lambda x: tp.ppermute(x, "i", [0, 1, 2, 3]), "pairs"),
@@ -165,14 +169,14 @@ BAD_ARGUMENTS = {
     "groups empty group": (lambda x: tp.pmean(x, "i", axis_index_groups=[[0, 1, 2, 3], []]), "exactly once"),
     "groups no groups": (lambda x: tp.psum(x, "i", axis_index_groups=[]), "exactly once"),
     "groups not nested": (lambda x: tp.psum(x, "i", axis_index_groups=[0, 1, 2, 3]), "list of lists"),
-    "groups unequal all_gather": (
-        lambda x: tp.all_gather(x, "i", axis_index_groups=[[0, 1, 2], [3]]), "same size"
-    ),
+    "groups unequal all_gather": (lambda x: tp.all_gather(x, "i", axis_index_groups=[[0, 1, 2], [3]]), "same size"),
     "groups unequal all_to_all": (
-        lambda x: tp.all_to_all(x, "i", 0, 0, tiled=True, axis_index_groups=[[0], [1, 2, 3]]), "same size"
+        lambda x: tp.all_to_all(x, "i", 0, 0, tiled=True, axis_index_groups=[[0], [1, 2, 3]]),
+        "same size",
     ),
     "groups unequal psum_scatter": (
-        lambda x: tp.psum_scatter(x, "i", tiled=True, axis_index_groups=[[0, 3, 2], [1]]), "same size"
+        lambda x: tp.psum_scatter(x, "i", tiled=True, axis_index_groups=[[0, 3, 2], [1]]),
+        "same size",
     ),
 }
 
@@ -187,7 +191,9 @@ def test_bad_arguments_raise_clear_value_errors(case):
 
 
 def test_non_tensor_leaves_raise_type_error():
-    err, _ = expect_error(pmap_k(lambda v: tp.all_gather({"a": v, "b": "text"}, "i"), 2), torch.ones(2, 3), kind=TypeError)
+    err, _ = expect_error(
+        pmap_k(lambda v: tp.all_gather({"a": v, "b": "text"}, "i"), 2), torch.ones(2, 3), kind=TypeError
+    )
     assert "str" in str(err)
     err, _ = expect_error(pmap_k(lambda v: tp.ppermute(3.0, "i", [(0, 1)]), 2), torch.ones(2, 3), kind=TypeError)
     assert "float" in str(err)
@@ -308,16 +314,12 @@ MISMATCHES = {
     "psum vs pmax": on(1, lambda v: tp.psum(v, "i"), lambda v: tp.pmax(v, "i")),
     "different shapes": on(2, lambda v: tp.psum(v[:2], "i"), lambda v: tp.psum(v, "i")),
     "different dtypes": on(3, lambda v: tp.psum(v.double(), "i"), lambda v: tp.psum(v, "i")),
-    "different groups": on(
-        0, lambda v: tp.psum(v, "i", axis_index_groups=[[0, 1], [2, 3]]), lambda v: tp.psum(v, "i")
-    ),
+    "different groups": on(0, lambda v: tp.psum(v, "i", axis_index_groups=[[0, 1], [2, 3]]), lambda v: tp.psum(v, "i")),
     "different perms": on(
         1, lambda v: tp.ppermute(v, "i", [(0, 1), (1, 0)]), lambda v: tp.ppermute(v, "i", [(0, 1), (1, 2)])
     ),
     "gather vs all_to_all": on(0, lambda v: tp.all_gather(v, "i"), lambda v: tp.all_to_all(v, "i", 0, 0, tiled=True)),
-    "pytree of a different size": on(
-        2, lambda v: tp.psum((v, v), "i")[0], lambda v: tp.psum([v, v, v], "i")[0]
-    ),
+    "pytree of a different size": on(2, lambda v: tp.psum((v, v), "i")[0], lambda v: tp.psum([v, v, v], "i")[0]),
 }
 
 

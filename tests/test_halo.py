@@ -7,6 +7,7 @@ bounded one relies on ppermute's zeros for the devices nobody sends to, which
 is exactly a zero (dead / cold) boundary. Every program is checked against a
 sequential reference on the whole domain.
 """
+
 from __future__ import annotations
 
 import numpy as np

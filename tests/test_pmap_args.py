@@ -1,6 +1,7 @@
 """The pmap transform's argument handling: call forms, pytrees, in_axes and
 out_axes, static and donated arguments, devices and axis_size, the errors for
 every mistake, and the per-signature plan cache."""
+
 import dataclasses
 import threading
 from collections import namedtuple
@@ -9,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
-
-import torchpmap as tp
 from helpers import devices as _devices
 from helpers import rows
+
+import torchpmap as tp
 from torchpmap import DeletedShardedTensorError, ShardedTensor
-
-
-
 
 COUNTS = [1, 2, 4, 8]
 
@@ -275,7 +273,9 @@ def test_out_axes_none_returns_one_tensor(n):
 
 def test_out_axes_none_checks_replicas_agree():
     x = _rows(4, 3)
-    with pytest.raises(ValueError, match=r"out_axes=None for output out\['b'\], but replica 1 returned a different value"):
+    with pytest.raises(
+        ValueError, match=r"out_axes=None for output out\['b'\], but replica 1 returned a different value"
+    ):
         tp.pmap(lambda r: {"a": r.sum() * 0, "b": r}, out_axes=None)(x)
     # equal values, NaNs in the same places: fine
     y = tp.pmap(lambda r: torch.tensor([float("nan"), 1.0]), out_axes=None)(x)
@@ -316,8 +316,8 @@ def test_static_arguments_are_passed_as_python_values():
     torch.testing.assert_close(p(x, "cos", 3).unshard(), x.cos() * 3)  # a new value, a new result
     assert seen == [("sin", 2)] * 4 + [("cos", 3)] * 4
     assert all(type(s) is int for _, s in seen)
-    neg = tp.pmap(lambda r, k: r ** k, static_broadcasted_argnums=-1)
-    torch.testing.assert_close(neg(x, 3).unshard(), x ** 3)
+    neg = tp.pmap(lambda r, k: r**k, static_broadcasted_argnums=-1)
+    torch.testing.assert_close(neg(x, 3).unshard(), x**3)
 
 
 def test_static_arguments_are_part_of_the_plan_cache_key():
@@ -401,9 +401,17 @@ def test_donated_sharded_tensor_is_deleted():
     assert st.is_deleted and not keep.is_deleted
     assert "deleted" in repr(st)
     match = r"donated to a pmap call \(donate_argnums\)"
-    for use in (lambda: st.shards, lambda: st.unshard(), lambda: st + 1, lambda: np.asarray(st),
-                lambda: st.shape, lambda: len(st), lambda: st[0], lambda: torch.add(st, 1),
-                lambda: tp.pmap(lambda r: r)(st)):
+    for use in (
+        lambda: st.shards,
+        lambda: st.unshard(),
+        lambda: st + 1,
+        lambda: np.asarray(st),
+        lambda: st.shape,
+        lambda: len(st),
+        lambda: st[0],
+        lambda: torch.add(st, 1),
+        lambda: tp.pmap(lambda r: r)(st),
+    ):
         with pytest.raises(DeletedShardedTensorError, match=match):
             use()
 
@@ -451,38 +459,71 @@ def _never_runs():
     "make_call, error, match",
     [
         # mismatched mapped sizes
-        (lambda f: tp.pmap(f)({"w": _rows(4, 2)}, _rows(3)), ValueError,
-         r"different sizes along their mapped axes \(args\[0\]\['w'\] has 4, args\[1\] has 3\)"),
-        (lambda f: tp.pmap(f, in_axes=(1, 0))(_rows(2, 5), _rows(4)), ValueError,
-         r"args\[0\]: axis 1 of shape \(2, 5\) has size 5"),
+        (
+            lambda f: tp.pmap(f)({"w": _rows(4, 2)}, _rows(3)),
+            ValueError,
+            r"different sizes along their mapped axes \(args\[0\]\['w'\] has 4, args\[1\] has 3\)",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=(1, 0))(_rows(2, 5), _rows(4)),
+            ValueError,
+            r"args\[0\]: axis 1 of shape \(2, 5\) has size 5",
+        ),
         # rank-0 input with a mapped axis
-        (lambda f: tp.pmap(f)(_rows(2), {"s": torch.tensor(1.0)}), ValueError,
-         r"args\[1\]\['s'\] is a rank-0 tensor but in_axes=0 maps it"),
+        (
+            lambda f: tp.pmap(f)(_rows(2), {"s": torch.tensor(1.0)}),
+            ValueError,
+            r"args\[1\]\['s'\] is a rank-0 tensor but in_axes=0 maps it",
+        ),
         # a Python scalar cannot be mapped
         (lambda f: tp.pmap(f)(_rows(2), 3.0), ValueError, r"cannot map over args\[1\], a float"),
         # in_axes not a prefix of the arguments
-        (lambda f: tp.pmap(f, in_axes=({"a": 0},))((_rows(2),)), ValueError,
-         r"in_axes\[0\] must be a pytree prefix of args\[0\], but in_axes\[0\] is a dict with keys \['a'\] while args\[0\] is a tuple"),
-        (lambda f: tp.pmap(f, in_axes=(0, {"a": {"b": 0}}))(_rows(2), {"a": {"c": _rows(2)}}), ValueError,
-         r"in_axes\[1\]\['a'\] is a dict with keys \['b'\] while args\[1\]\['a'\] is a dict with keys \['c'\]"),
-        (lambda f: tp.pmap(f, in_axes=((0, None, 0),))((_rows(2), _rows(2))), ValueError,
-         r"in_axes\[0\] is a tuple of length 3 while args\[0\] is a tuple of length 2"),
-        (lambda f: tp.pmap(f, in_axes=(0,))(_rows(2), _rows(2)), ValueError,
-         r"in_axes has 1 entries but .* was called with 2 positional argument"),
-        (lambda f: tp.pmap(f, in_axes=({"a": "x"},))({"a": _rows(2)}), TypeError,
-         r"in_axes\[0\] must be ints or None .* got 'x' at in_axes\[0\]\['a'\]"),
+        (
+            lambda f: tp.pmap(f, in_axes=({"a": 0},))((_rows(2),)),
+            ValueError,
+            r"in_axes\[0\] must be a pytree prefix of args\[0\], but in_axes\[0\] is a dict with keys \['a'\] "
+            r"while args\[0\] is a tuple",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=(0, {"a": {"b": 0}}))(_rows(2), {"a": {"c": _rows(2)}}),
+            ValueError,
+            r"in_axes\[1\]\['a'\] is a dict with keys \['b'\] while args\[1\]\['a'\] is a dict with keys \['c'\]",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=((0, None, 0),))((_rows(2), _rows(2))),
+            ValueError,
+            r"in_axes\[0\] is a tuple of length 3 while args\[0\] is a tuple of length 2",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=(0,))(_rows(2), _rows(2)),
+            ValueError,
+            r"in_axes has 1 entries but .* was called with 2 positional argument",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=({"a": "x"},))({"a": _rows(2)}),
+            TypeError,
+            r"in_axes\[0\] must be ints or None .* got 'x' at in_axes\[0\]\['a'\]",
+        ),
         # no mapped argument at all
-        (lambda f: tp.pmap(f, in_axes=None)(_rows(2)), ValueError,
-         r"called with no mapped argument, so the axis size is unknown.*axis_size"),
+        (
+            lambda f: tp.pmap(f, in_axes=None)(_rows(2)),
+            ValueError,
+            r"called with no mapped argument, so the axis size is unknown.*axis_size",
+        ),
         (lambda f: tp.pmap(f)(), ValueError, r"no mapped argument"),
         # out-of-range in_axes
-        (lambda f: tp.pmap(f, in_axes=2)(_rows(2, 3)), ValueError,
-         r"in_axes=2 is out of range for args\[0\], which has 2 dimension\(s\) \(shape \(2, 3\)\)"),
-        (lambda f: tp.pmap(f, in_axes=(0, -3))(_rows(2), _rows(2, 3)), ValueError,
-         r"in_axes=-3 is out of range for args\[1\]"),
+        (
+            lambda f: tp.pmap(f, in_axes=2)(_rows(2, 3)),
+            ValueError,
+            r"in_axes=2 is out of range for args\[0\], which has 2 dimension\(s\) \(shape \(2, 3\)\)",
+        ),
+        (
+            lambda f: tp.pmap(f, in_axes=(0, -3))(_rows(2), _rows(2, 3)),
+            ValueError,
+            r"in_axes=-3 is out of range for args\[1\]",
+        ),
         # more replicas than devices
-        (lambda f: tp.pmap(f)(_rows(tp.local_device_count() + 1)), ValueError,
-         r"only \d+ local devices are available"),
+        (lambda f: tp.pmap(f)(_rows(tp.local_device_count() + 1)), ValueError, r"only \d+ local devices are available"),
     ],
 )
 def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
@@ -495,7 +536,9 @@ def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for virtual CPU devices")
 def test_too_many_replicas_hint_names_the_env_var():
     n = tp.local_device_count() + 1
-    with pytest.raises(ValueError, match=rf"Set TORCHPMAP_CPU_DEVICES={n} \(or call torchpmap.set_cpu_device_count\({n}\)"):
+    with pytest.raises(
+        ValueError, match=rf"Set TORCHPMAP_CPU_DEVICES={n} \(or call torchpmap.set_cpu_device_count\({n}\)"
+    ):
         tp.pmap(lambda r: r)(_rows(n))
 
 
@@ -504,7 +547,12 @@ def test_too_many_replicas_hint_names_the_env_var():
     [
         (2, lambda r: r, r"out_axes=2 is out of range for output out, which gets 2 dimension\(s\)"),
         (-3, lambda r: {"k": r}, r"out_axes=-3 is out of range for output out\['k'\]"),
-        ((0, 0, 0), lambda r: (r, r), r"out_axes must be a pytree prefix of out, but out_axes is a tuple of length 3 while out is a tuple of length 2"),
+        (
+            (0, 0, 0),
+            lambda r: (r, r),
+            r"out_axes must be a pytree prefix of out, but out_axes is a tuple of length 3 "
+            r"while out is a tuple of length 2",
+        ),
         ({"b": 0}, lambda r: {"a": r}, r"out_axes is a dict with keys \['b'\] while out is a dict with keys \['a'\]"),
     ],
 )

@@ -1,4 +1,5 @@
 """The README's instructions are what CI runs, and its examples run."""
+
 import os
 import re
 import shlex
@@ -66,8 +67,9 @@ def test_readme_setup_commands_are_what_ci_runs():
 
 def test_seed_example_runs():
     env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "examples/seed.py"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "examples/seed.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ShardedTensor" in proc.stdout
     n = torch.cuda.device_count() if torch.cuda.is_available() else int(env.get("TORCHPMAP_CPU_DEVICES") or 8)

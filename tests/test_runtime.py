@@ -1,6 +1,7 @@
 """The executor (one persistent worker per device), failures, the caller's
 thread-local state in the replicas, nested pmap, concurrent callers, and
 autograd through a pmap call from outside."""
+
 import gc
 import threading
 import time
@@ -9,12 +10,10 @@ import weakref
 
 import pytest
 import torch
-
-import torchpmap as tp
 from helpers import devices as _devices
 from helpers import rows
 
-
+import torchpmap as tp
 
 
 def _rows(n, *rest, dtype=torch.float32):
@@ -166,8 +165,7 @@ def test_pool_stays_usable_after_failures():
 
 
 def _flags(r):
-    return torch.tensor([torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-                         torch.is_autocast_enabled("cpu")])
+    return torch.tensor([torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu")])
 
 
 def test_grad_mode_carries_into_replicas():
@@ -243,12 +241,14 @@ def test_two_threads_calling_pmaps_with_collectives_do_not_deadlock():
             for i in range(150):
                 x = _rows(n, 3) + seed + i
                 torch.testing.assert_close(p(x).unshard(), x.sum(0).expand(n, 3) * scale)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             errors.append(e)
 
-    threads = [threading.Thread(target=loop, args=(forward, 1.0, 4, 0)),
-               threading.Thread(target=loop, args=(backward, 0.5, 4, 1)),
-               threading.Thread(target=loop, args=(pairs, 1.0, 2, 2))]
+    threads = [
+        threading.Thread(target=loop, args=(forward, 1.0, 4, 0)),
+        threading.Thread(target=loop, args=(backward, 0.5, 4, 1)),
+        threading.Thread(target=loop, args=(pairs, 1.0, 2, 2)),
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,15 +1,14 @@
 """ShardedTensor (the result type) and the placement helpers device_put_sharded,
 device_put_replicated and unreplicate."""
+
 import numpy as np
 import pytest
 import torch
-
-import torchpmap as tp
 from helpers import devices as _devices
 from helpers import rows
+
+import torchpmap as tp
 from torchpmap import ShardedTensor
-
-
 
 
 def _rows(n, *rest, dtype=torch.float32):
@@ -165,7 +164,7 @@ def test_torch_functions_and_operators_work_on_the_full_tensor():
         "*": (st * w, x * w),
         "/": (st / 2, x / 2),
         "rtruediv": (1 / (st + 10), 1 / (x + 10)),
-        "**": (st ** 2, x ** 2),
+        "**": (st**2, x**2),
         "neg": (-st, -x),
         "abs": (abs(st), x.abs()),
         "@": (st @ w, x @ w),
@@ -189,8 +188,14 @@ def test_torch_functions_and_operators_work_on_the_full_tensor():
 def test_comparisons_are_elementwise():
     x = _rows(4, 3)
     st = tp.pmap(lambda r: r * 1)(x)
-    for got, want in [(st > 0, x > 0), (st <= 0.5, x <= 0.5), (st == x, torch.ones_like(x, dtype=torch.bool)),
-                      (st != x + 1, torch.ones_like(x, dtype=torch.bool)), (st == st, x == x), (st >= x[0], x >= x[0])]:
+    for got, want in [
+        (st > 0, x > 0),
+        (st <= 0.5, x <= 0.5),
+        (st == x, torch.ones_like(x, dtype=torch.bool)),
+        (st != x + 1, torch.ones_like(x, dtype=torch.bool)),
+        (st == st, x == x),
+        (st >= x[0], x >= x[0]),
+    ]:
         assert got.dtype == torch.bool
         assert torch.equal(got, want)
     assert bool((st == x).all())
@@ -261,8 +266,9 @@ def test_device_put_sharded(n):
 
 def test_device_put_sharded_pytrees_and_errors():
     devs = _devices(2)
-    tree = tp.device_put_sharded([{"a": torch.zeros(2), "b": (torch.ones(1),)},
-                                  {"a": torch.ones(2), "b": (torch.zeros(1),)}], devs)
+    tree = tp.device_put_sharded(
+        [{"a": torch.zeros(2), "b": (torch.ones(1),)}, {"a": torch.ones(2), "b": (torch.zeros(1),)}], devs
+    )
     assert set(tree) == {"a", "b"} and isinstance(tree["b"], tuple)
     torch.testing.assert_close(tree["a"].unshard(), torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
     torch.testing.assert_close(tree["b"][0].unshard(), torch.tensor([[1.0], [0.0]]))

@@ -1,4 +1,5 @@
 """Data-parallel training: both idioms match single-device training."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_functional_call_is_safe_across_replicas():
 
     out = tp.pmap(grads)(tp.device_put_replicated(params, tp.local_devices()[:4]), x)
     for r in range(4):
-        ref = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x[r],)).square().sum())(params)
+        ref = torch.func.grad(lambda p, r=r: torch.func.functional_call(model, p, (x[r],)).square().sum())(params)
         for k in ref:
             torch.testing.assert_close(out[k].shards[r], ref[k])
 
@@ -227,7 +228,10 @@ def test_train_digits_example_reaches_95_percent(idiom, tmp_path):
     plot = tmp_path / "loss.png"
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--idiom", idiom, "--quiet", "--plot", str(plot)],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "TORCHPMAP_CPU_DEVICES": "4"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "TORCHPMAP_CPU_DEVICES": "4"},
     )
     assert out.returncode == 0, out.stderr
     acc = float(out.stdout.split("test accuracy:")[1].split()[0])

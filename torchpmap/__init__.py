@@ -1,10 +1,11 @@
 """torchpmap: an SPMD parallel map for PyTorch, with jax.pmap's semantics.
 
-    >>> import torch, torchpmap
-    >>> y = torchpmap.pmap(lambda x: x * 2)(torch.arange(12.).reshape(4, 3))
-    >>> type(y).__name__, tuple(y.shape)
-    ('ShardedTensor', (4, 3))
+>>> import torch, torchpmap
+>>> y = torchpmap.pmap(lambda x: x * 2)(torch.arange(12.).reshape(4, 3))
+>>> type(y).__name__, tuple(y.shape)
+('ShardedTensor', (4, 3))
 """
+
 from ._config import collective_timeout, set_collective_timeout
 from ._devices import (
     device_count,
@@ -26,10 +27,18 @@ from .collectives import (
     pmean,
     pmin,
     ppermute,
+    pshuffle,
     psum,
     psum_scatter,
-    pshuffle,
     pswapaxes,
+)
+from .errors import (
+    CollectiveError,
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CompileError,
+    DeletedShardedTensorError,
+    ReplicaAbortedError,
 )
 from .training import (
     PerReplica,
@@ -40,27 +49,48 @@ from .training import (
     replicate_module,
     shard_batch,
 )
-from .errors import (
-    CollectiveError,
-    CollectiveMismatchError,
-    CollectiveTimeoutError,
-    CompileError,
-    DeletedShardedTensorError,
-    ReplicaAbortedError,
-)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "pmap", "Pmapped", "ShardedTensor",
-    "devices", "local_devices", "device_count", "local_device_count",
-    "process_index", "process_count", "set_cpu_device_count",
-    "device_put_sharded", "device_put_replicated", "unreplicate",
-    "psum", "pmean", "pmax", "pmin", "all_gather", "psum_scatter", "ppermute",
-    "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
-    "set_collective_timeout", "collective_timeout",
-    "PerReplica", "replicate", "replicate_module", "pmean_grads", "functional_call",
-    "params_of", "shard_batch",
-    "CollectiveError", "CollectiveMismatchError", "CollectiveTimeoutError",
-    "ReplicaAbortedError", "DeletedShardedTensorError", "CompileError",
+    "pmap",
+    "Pmapped",
+    "ShardedTensor",
+    "devices",
+    "local_devices",
+    "device_count",
+    "local_device_count",
+    "process_index",
+    "process_count",
+    "set_cpu_device_count",
+    "device_put_sharded",
+    "device_put_replicated",
+    "unreplicate",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "psum_scatter",
+    "ppermute",
+    "pshuffle",
+    "pswapaxes",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
+    "set_collective_timeout",
+    "collective_timeout",
+    "PerReplica",
+    "replicate",
+    "replicate_module",
+    "pmean_grads",
+    "functional_call",
+    "params_of",
+    "shard_batch",
+    "CollectiveError",
+    "CollectiveMismatchError",
+    "CollectiveTimeoutError",
+    "ReplicaAbortedError",
+    "DeletedShardedTensorError",
+    "CompileError",
 ]

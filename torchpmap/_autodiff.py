@@ -9,12 +9,12 @@ caller passed: slices are stacked, broadcast arguments summed. Tensors the
 function captured instead of taking as arguments (a closure's parameters) are
 found by walking the replicas' graphs, and get their gradients the same way.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-
 
 
 def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
@@ -28,7 +28,7 @@ def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sourc
     """
     replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
     grad_inputs = [[] for _ in range(n)]  # per replica: its leaves that need grad
-    for j, kind, _, _ in sources:
+    for j, _, _, _ in sources:
         for r in range(n):
             v = replica_inputs[r][j].detach().requires_grad_()
             replica_inputs[r][j] = v
@@ -121,10 +121,15 @@ class _ThroughReplicas(torch.autograd.Function):
         def replica_backward(r):
             if not per_replica_outs[r]:
                 return [None] * len(state.grad_inputs[r])
-            return list(torch.autograd.grad(
-                per_replica_outs[r], state.grad_inputs[r], per_replica_grads[r],
-                retain_graph=keep, allow_unused=True,
-            ))
+            return list(
+                torch.autograd.grad(
+                    per_replica_outs[r],
+                    state.grad_inputs[r],
+                    per_replica_grads[r],
+                    retain_graph=keep,
+                    allow_unused=True,
+                )
+            )
 
         with torch.enable_grad():
             replica_grads = state.run(replica_backward)

@@ -6,11 +6,13 @@ inside the op kernels at run time (never at trace time), so one compiled graph
 serves every replica. The autograd engine may run CUDA backward ops on its own
 device threads, so frames are also findable by device.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +26,7 @@ class ReplicaFrame:
     axis_size: int  # global size of the axis (all processes)
     index: int  # global index of this replica along the axis
     device: torch.device
-    comm: "Communicator"
+    comm: Communicator
 
 
 _tls = threading.local()
@@ -70,10 +72,7 @@ def _unbound(name: Any, frame: ReplicaFrame | None) -> NameError:
             f"unbound axis name: {name!r}. Collectives can only be called inside a "
             f"function mapped by torchpmap.pmap(..., axis_name={name!r})."
         )
-    return NameError(
-        f"unbound axis name: {name!r}; the enclosing pmap binds axis_name="
-        f"{frame.axis_name!r}."
-    )
+    return NameError(f"unbound axis name: {name!r}; the enclosing pmap binds axis_name={frame.axis_name!r}.")
 
 
 def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:

@@ -15,11 +15,12 @@ everybody) or a tuple of tuples of ranks (``axis_index_groups``).
 ``InProcessCommunicator`` serves replicas that are threads of this process;
 another implementation (torch.distributed) plugs in with the same interface.
 """
+
 from __future__ import annotations
 
 import abc
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -132,11 +133,14 @@ class InProcessCommunicator(Communicator):
             self._retired.add(rank)
             if self._arrived and self._failure is None:
                 waiting = [r for r, d in enumerate(self._deposits) if d is not None]
-                self._fail(CollectiveMismatchError(
-                    f"replica {rank} returned while replicas {waiting} wait in "
-                    f"{self._describe(self._deposits[waiting[0]][0])}: every replica "
-                    f"must call the same collectives in the same order"
-                ), rank)
+                self._fail(
+                    CollectiveMismatchError(
+                        f"replica {rank} returned while replicas {waiting} wait in "
+                        f"{self._describe(self._deposits[waiting[0]][0])}: every replica "
+                        f"must call the same collectives in the same order"
+                    ),
+                    rank,
+                )
 
     def _fail(self, error, rank):
         # Called with self._lock held. The first failure wins; wake everybody.
@@ -161,11 +165,14 @@ class InProcessCommunicator(Communicator):
         with self._lock:
             self._raise_failure(rank)
             if self._retired:
-                self._fail(CollectiveMismatchError(
-                    f"replica {rank} called {self._describe(signature)} but replicas "
-                    f"{sorted(self._retired)} had already returned: every replica "
-                    f"must call the same collectives in the same order"
-                ), rank)
+                self._fail(
+                    CollectiveMismatchError(
+                        f"replica {rank} called {self._describe(signature)} but replicas "
+                        f"{sorted(self._retired)} had already returned: every replica "
+                        f"must call the same collectives in the same order"
+                    ),
+                    rank,
+                )
                 self._raise_failure(rank)
             if not self._wake:
                 self._wake = [threading.Lock() for _ in range(self.size)]
@@ -230,11 +237,14 @@ class InProcessCommunicator(Communicator):
                 return
             missing = [r for r, d in enumerate(self._deposits) if d is None]
             self._waiting.discard(rank)
-            self._fail(CollectiveTimeoutError(
-                f"{self._describe(signature)} timed out after {self._timeout:g} s "
-                f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
-                f"or torchpmap.set_collective_timeout to change the limit)"
-            ), rank)
+            self._fail(
+                CollectiveTimeoutError(
+                    f"{self._describe(signature)} timed out after {self._timeout:g} s "
+                    f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
+                    f"or torchpmap.set_collective_timeout to change the limit)"
+                ),
+                rank,
+            )
         self._raise_failure(rank)
 
     def _raise_failure(self, rank):
@@ -246,8 +256,7 @@ class InProcessCommunicator(Communicator):
                 raise failure
             raise type(failure)(*failure.args)
         raise ReplicaAbortedError(
-            f"collective cancelled: replica {self._failed_rank} failed with "
-            f"{type(failure).__name__}: {failure}"
+            f"collective cancelled: replica {self._failed_rank} failed with {type(failure).__name__}: {failure}"
         )
 
     def _to(self, t: torch.Tensor, rank: int) -> torch.Tensor:

@@ -14,11 +14,13 @@ is inside Dynamo (guards, tracing, compiling, eager code between graphs) and
 gives it up while a compiled graph runs and while it waits in a collective.
 Compiled graphs of all replicas still run concurrently.
 """
+
 from __future__ import annotations
 
 import threading
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

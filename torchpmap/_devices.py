@@ -5,6 +5,7 @@ virtual device is bookkeeping only (``torch.device("cpu", i)``): every shard
 lives in ordinary CPU memory, and each virtual device gets its own worker
 thread, so programs written for N accelerators run unchanged on a laptop.
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@ finds the running replica's communicator at run time. Axis names are strings;
 ``groups`` is axis_index_groups flattened (empty: one group of everybody) with
 ``group_size`` members each.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,6 +70,7 @@ class _Collective(torch.autograd.Function):
     def backward(ctx, grad):
         return (None, *_RULES[ctx.name][1](ctx, grad))
 
+
 # Axis names travel as one string (the schema has no str[]), joined by a
 # control character that no sensible axis name contains.
 AXIS_SEP = "\x1f"
@@ -104,8 +106,8 @@ def _all_reduce_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_s
     return f.comm.all_reduce(f.index, x, op, _unflatten_groups(groups, group_size))
 
 
-
 all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
+
 
 @all_reduce.register_fake
 def _(x, op, axes, groups, group_size):
@@ -137,8 +139,8 @@ def _all_gather_kernel(x: Tensor, axes: str, groups: list[int], group_size: int)
     return f.comm.all_gather(f.index, x, _unflatten_groups(groups, group_size))
 
 
-
 all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
+
 
 @all_gather.register_fake
 def _(x, axes, groups, group_size):
@@ -163,8 +165,8 @@ def _reduce_scatter_kernel(x: Tensor, op: str, axes: str, groups: list[int], gro
     return f.comm.reduce_scatter(f.index, x, op, _unflatten_groups(groups, group_size))
 
 
-
 reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
+
 
 @reduce_scatter.register_fake
 def _(x, op, axes, groups, group_size):
@@ -189,8 +191,8 @@ def _all_to_all_kernel(x: Tensor, axes: str, groups: list[int], group_size: int)
     return f.comm.all_to_all(f.index, x, _unflatten_groups(groups, group_size))
 
 
-
 all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
+
 
 @all_to_all.register_fake
 def _(x, axes, groups, group_size):
@@ -212,8 +214,8 @@ def _permute_kernel(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
     return f.comm.permute(f.index, x, list(zip(pairs[0::2], pairs[1::2])))
 
 
-
 permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
+
 
 @permute.register_fake
 def _(x, axes, pairs):
@@ -240,8 +242,8 @@ def _axis_index_kernel(axes: str, device: torch.device) -> Tensor:
     return torch.tensor(_frame(axes).index, dtype=torch.int64, device=device)
 
 
-
 axis_index = torch.library.custom_op("torchpmap::axis_index", _axis_index_kernel, mutates_args=())
+
 
 @axis_index.register_fake
 def _(axes, device):

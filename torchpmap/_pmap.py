@@ -6,18 +6,18 @@ leaves into one argument tuple per replica, runs the replicas on the worker
 pool with a fresh communicator, and wraps the per-replica outputs into
 ShardedTensors.
 """
+
 from __future__ import annotations
 
 import functools
 import numbers
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
-
-from ._tree import flatten
 
 from . import _devices, _runtime
 from . import distributed as _distributed
@@ -25,7 +25,7 @@ from ._autodiff import differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, normalize_options
 from ._sharded import ShardedTensor, _to_device
-from ._tree import broadcast_prefix, is_axis_spec, leaf_paths
+from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths
 from .training import PerReplica
 
 _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
@@ -86,16 +86,20 @@ def pmap(
     returns one tensor and checks that every replica produced the same value.
     """
     options = dict(
-        axis_name=axis_name, in_axes=in_axes, out_axes=out_axes,
-        static_broadcasted_argnums=static_broadcasted_argnums, devices=devices,
-        axis_size=axis_size, donate_argnums=donate_argnums, compile=compile,
+        axis_name=axis_name,
+        in_axes=in_axes,
+        out_axes=out_axes,
+        static_broadcasted_argnums=static_broadcasted_argnums,
+        devices=devices,
+        axis_size=axis_size,
+        donate_argnums=donate_argnums,
+        compile=compile,
     )
     if fun is None:
         return lambda f: Pmapped(f, **options)
     if isinstance(fun, str) and axis_name is None:
         raise TypeError(
-            f"pmap: the first argument must be the function to map; to name the axis "
-            f"use pmap(axis_name={fun!r})"
+            f"pmap: the first argument must be the function to map; to name the axis use pmap(axis_name={fun!r})"
         )
     return Pmapped(fun, **options)
 
@@ -116,8 +120,19 @@ def _argnums(value: Any, name: str) -> tuple[int, ...]:
 class Pmapped:
     """The callable that ``pmap`` returns."""
 
-    def __init__(self, fun, *, axis_name, in_axes, out_axes, static_broadcasted_argnums,
-                 devices, axis_size, donate_argnums, compile=False):
+    def __init__(
+        self,
+        fun,
+        *,
+        axis_name,
+        in_axes,
+        out_axes,
+        static_broadcasted_argnums,
+        devices,
+        axis_size,
+        donate_argnums,
+        compile=False,
+    ):
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
         if axis_name is not None and not isinstance(axis_name, str):
@@ -131,7 +146,9 @@ class Pmapped:
             )
         if not is_axis_spec(out_axes):
             tree_flatten(out_axes, is_leaf=is_axis_spec)  # validated against outputs
-        if axis_size is not None and (isinstance(axis_size, bool) or not isinstance(axis_size, numbers.Integral) or axis_size < 1):
+        if axis_size is not None and (
+            isinstance(axis_size, bool) or not isinstance(axis_size, numbers.Integral) or axis_size < 1
+        ):
             raise ValueError(f"pmap: axis_size must be a positive int, got {axis_size!r}")
         if devices is not None:
             devices = tuple(torch.device(d) for d in devices)
@@ -334,7 +351,8 @@ class Pmapped:
             elif size != n:
                 sizes = "\n".join(
                     f"  {plan.paths[k]}: axis {plan.axes[k]} of shape {tuple(leaves[k].shape)} has size "
-                    f"{leaves[k].shape[plan.axes[k]]}" for k in plan.mapped
+                    f"{leaves[k].shape[plan.axes[k]]}"
+                    for k in plan.mapped
                 )
                 raise ValueError(
                     f"pmap: mapped arguments have different sizes along their mapped axes "
@@ -343,8 +361,7 @@ class Pmapped:
         if self._axis_size is not None:
             if n is not None and n != self._axis_size:
                 raise ValueError(
-                    f"pmap: axis_size={self._axis_size} but {plan.paths[first]} has size {n} "
-                    f"along its mapped axis"
+                    f"pmap: axis_size={self._axis_size} but {plan.paths[first]} has size {n} along its mapped axis"
                 )
             n = self._axis_size
         if n == 0:
@@ -364,11 +381,11 @@ class Pmapped:
             hint = (
                 f" Set TORCHPMAP_CPU_DEVICES={n} (or call torchpmap.set_cpu_device_count({n}) "
                 f"before the first pmap) for more virtual CPU devices."
-                if local[0].type == "cpu" else ""
+                if local[0].type == "cpu"
+                else ""
             )
             raise ValueError(
-                f"pmap: the mapped axis has size {n}, but only {len(local)} local devices "
-                f"are available.{hint}"
+                f"pmap: the mapped axis has size {n}, but only {len(local)} local devices are available.{hint}"
             )
         return tuple(local[:n])
 
@@ -390,7 +407,11 @@ class Pmapped:
         sources = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
-                leaf = torch.from_numpy(np.ascontiguousarray(leaf)) if isinstance(leaf, np.ndarray) else torch.as_tensor(leaf)
+                leaf = (
+                    torch.from_numpy(np.ascontiguousarray(leaf))
+                    if isinstance(leaf, np.ndarray)
+                    else torch.as_tensor(leaf)
+                )
                 kind = _TENSOR
             if kind == _PER_REPLICA:
                 if leaf.devices != devices:
@@ -451,8 +472,9 @@ class Pmapped:
             if axis is None:
                 result.append(_check_replicated(values, plan.paths[j]))
             else:
-                shards = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d)
-                          for v, d in zip(values, devices)]
+                shards = [
+                    v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d) for v, d in zip(values, devices)
+                ]
                 try:
                     result.append(ShardedTensor(shards, devices, axis=axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
@@ -499,7 +521,11 @@ def _check_replicated(values: list, path: str):
     first = values[0]
     for r, v in enumerate(values[1:], start=1):
         if isinstance(first, torch.Tensor) and isinstance(v, torch.Tensor):
-            same = first.shape == v.shape and first.dtype == v.dtype and _equal(first.detach(), v.detach().to(first.device))
+            same = (
+                first.shape == v.shape
+                and first.dtype == v.dtype
+                and _equal(first.detach(), v.detach().to(first.device))
+            )
         else:
             same = type(first) is type(v) and first == v
         if not same:

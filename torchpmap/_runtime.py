@@ -6,13 +6,15 @@ On CUDA each worker owns a stream: it waits for the caller's stream before it
 starts and the caller's stream waits for it afterwards, so inputs and outputs
 are ordered exactly as if the caller had run the work itself.
 """
+
 from __future__ import annotations
 
 import contextlib
 import queue
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -30,12 +32,8 @@ class CallerState:
     autocast: tuple  # ((device_type, dtype), ...) for each enabled autocast
 
     @staticmethod
-    def capture() -> "CallerState":
-        autocast = tuple(
-            (dt, torch.get_autocast_dtype(dt))
-            for dt in ("cpu", "cuda")
-            if torch.is_autocast_enabled(dt)
-        )
+    def capture() -> CallerState:
+        autocast = tuple((dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda") if torch.is_autocast_enabled(dt))
         return CallerState(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
 
 
@@ -60,9 +58,7 @@ class _Worker:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.intra_op_threads = 0  # what this thread last asked torch for
-        self.thread = threading.Thread(
-            target=self._loop, name=f"torchpmap-worker-{_device_name(device)}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{_device_name(device)}", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
@@ -142,7 +138,9 @@ class WorkerPool:
         state = CallerState.capture()
         call = _Call(n)
         workers = [self.worker(d) for d in devices]
-        caller_streams = [torch.cuda.current_stream(d) if w.stream is not None else None for d, w in zip(devices, workers)]
+        caller_streams = [
+            torch.cuda.current_stream(d) if w.stream is not None else None for d, w in zip(devices, workers)
+        ]
         # Virtual CPU devices share the CPU: split the caller's intra-op threads
         # among the replicas (a per-thread setting), rather than let every
         # replica start a full OpenMP team that spins while the others compute.
@@ -163,7 +161,7 @@ class WorkerPool:
                             worker.intra_op_threads = cpu_threads
                         call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     comm.retire(first_index + rank)
-                except BaseException as e:  # noqa: BLE001 - reported to the caller
+                except BaseException as e:
                     call.errors[rank] = e
                     comm.abort(e, first_index + rank)
                 finally:

@@ -10,9 +10,11 @@ among it, accepts it. Its metadata (shape, dtype, device of shard 0) answers
 without touching data; every other torch function or method runs on the
 assembled full tensor.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +25,16 @@ from .errors import DeletedShardedTensorError
 
 # Tensor methods that only read metadata the wrapper already has.
 _METADATA = {
-    torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement,
-    torch.Tensor.element_size, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
-    torch.Tensor.__len__, torch.Tensor.is_contiguous, torch.Tensor.get_device,
+    torch.Tensor.dim,
+    torch.Tensor.size,
+    torch.Tensor.numel,
+    torch.Tensor.nelement,
+    torch.Tensor.element_size,
+    torch.Tensor.is_floating_point,
+    torch.Tensor.is_complex,
+    torch.Tensor.__len__,
+    torch.Tensor.is_contiguous,
+    torch.Tensor.get_device,
 }
 
 
@@ -46,7 +55,9 @@ class ShardedTensor(torch.Tensor):
         first = shards[0]
         for i, s in enumerate(shards):
             if not isinstance(s, torch.Tensor) or isinstance(s, ShardedTensor):
-                raise TypeError(f"ShardedTensor: shard {i} is a {type(s).__name__}, not a tensor (or is itself sharded)")
+                raise TypeError(
+                    f"ShardedTensor: shard {i} is a {type(s).__name__}, not a tensor (or is itself sharded)"
+                )
             if s.shape != first.shape or s.dtype != first.dtype:
                 raise ValueError(
                     f"ShardedTensor: shard {i} has shape {tuple(s.shape)} and dtype {s.dtype}, "

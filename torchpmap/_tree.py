@@ -1,4 +1,5 @@
 """Pytree helpers for pmap: axis-spec prefixes and readable leaf paths."""
+
 from __future__ import annotations
 
 import numbers
@@ -33,9 +34,7 @@ def _broadcast(prefix: Any, tree: Any, pname: str, tname: str, roots: tuple, out
         return
     p_items = _children(prefix)
     if p_items is None:
-        raise TypeError(
-            f"pmap: {roots[0]} must be ints or None (or a pytree of them), got {prefix!r} at {pname}"
-        )
+        raise TypeError(f"pmap: {roots[0]} must be ints or None (or a pytree of them), got {prefix!r} at {pname}")
     t_items = _children(tree)
 
     def mismatch() -> ValueError:
@@ -81,7 +80,7 @@ def _children(node: Any) -> list | None:
 def _get(key: Any, node: Any) -> Any:
     try:
         return key.get(node)
-    except Exception:  # noqa: BLE001 - no such key/attribute/index: a structure mismatch
+    except Exception:
         return _MISSING
 
 

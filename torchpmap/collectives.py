@@ -5,10 +5,12 @@ layout work (tiled or not, which axis) happens here with ordinary torch ops,
 so autograd and torch.compile see it; the communication itself is one of the
 five custom ops in ``_ops``.
 """
+
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree
@@ -16,8 +18,18 @@ from torch.utils import _pytree
 from . import _axis, _ops
 
 __all__ = [
-    "psum", "pmean", "pmax", "pmin", "all_gather", "psum_scatter", "ppermute",
-    "pshuffle", "pswapaxes", "all_to_all", "axis_index", "axis_size",
+    "psum",
+    "pmean",
+    "pmax",
+    "pmin",
+    "all_gather",
+    "psum_scatter",
+    "ppermute",
+    "pshuffle",
+    "pswapaxes",
+    "all_to_all",
+    "axis_index",
+    "axis_size",
 ]
 
 
@@ -37,7 +49,9 @@ def _groups(axis_index_groups, size: int, fn: str, equal_sizes: bool) -> tuple[l
     try:
         groups = [[int(i) for i in g] for g in axis_index_groups]
     except TypeError:
-        raise ValueError(f"{fn}: axis_index_groups must be a list of lists of ints, got {axis_index_groups!r}") from None
+        raise ValueError(
+            f"{fn}: axis_index_groups must be a list of lists of ints, got {axis_index_groups!r}"
+        ) from None
     flat = [i for g in groups for i in g]
     if not groups or any(not g for g in groups) or sorted(flat) != list(range(size)):
         raise ValueError(
@@ -83,9 +97,7 @@ def _blocks_first(v: torch.Tensor, d: int, g: int, tiled: bool, fn: str, arg: st
             raise ValueError(f"{fn}: tiled {arg} {d} has size {n}, not divisible by the axis size {g}")
         return v.unflatten(d, (g, n // g)).movedim(d, 0)
     if n != g:
-        raise ValueError(
-            f"{fn}: {arg} {d} has size {n} but the axis size is {g}; they must be equal unless tiled=True"
-        )
+        raise ValueError(f"{fn}: {arg} {d} has size {n} but the axis size is {g}; they must be equal unless tiled=True")
     return v.movedim(d, 0)
 
 
@@ -253,9 +265,7 @@ def pshuffle(x, axis_name, perm: Sequence[int]):
     """Replica i receives ``x`` from replica ``perm[i]``."""
     perm = list(perm)
     if sorted(perm) != list(range(len(perm))) or len(perm) != _size(axis_name):
-        raise ValueError(
-            f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}"
-        )
+        raise ValueError(f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}")
     return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)])
 
 

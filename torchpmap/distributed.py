@@ -8,6 +8,7 @@ the replica that completes it then talks to the other processes for all of
 them (one cross-process operation per collective, hierarchical), and hands
 the results back to its local peers.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -15,7 +16,7 @@ import datetime
 import gc
 import os
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,10 @@ def initialize(
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(
-            backend, init_method=init_method or "env://", rank=rank, world_size=world_size,
+            backend,
+            init_method=init_method or "env://",
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=seconds),
         )
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -91,8 +95,7 @@ def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     if raw is None:
         raise ValueError(
-            f"torchpmap.distributed.initialize: {name} is not set; launch with torchrun "
-            f"or pass rank= and world_size="
+            f"torchpmap.distributed.initialize: {name} is not set; launch with torchrun or pass rank= and world_size="
         )
     return int(raw)
 
@@ -108,7 +111,7 @@ def _shutdown_at_exit() -> None:
     if _state:
         try:
             shutdown(wait_for_peers=False)
-        except Exception:  # noqa: BLE001 - peers may be gone already; exiting anyway
+        except Exception:
             pass
 
 
@@ -258,7 +261,9 @@ def to_dtensor(x: ShardedTensor, mesh=None):
     local = x.unshard("cpu" if x.devices[0].type == "cpu" else x.shards[0].device)
     shape = list(local.shape)
     shape[x.axis] *= mesh.size()
-    return DTensor.from_local(local, mesh, [Shard(x.axis)], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape))
+    return DTensor.from_local(
+        local, mesh, [Shard(x.axis)], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
+    )
 
 
 def _contiguous_stride(shape) -> tuple:

@@ -13,12 +13,14 @@ parameters safely from many replica threads at once.
 ``shard_batch`` splits a batch over the devices, with a mask when the batch
 size is not a multiple of the device count.
 """
+
 from __future__ import annotations
 
 import copy
 import threading
 import weakref
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -117,7 +119,7 @@ def pmean_grads(params: torch.nn.Module | Iterable[torch.Tensor], axis_name, *, 
         groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
     limit = max(1, int(bucket_mb * 2**20))
     with torch.no_grad():
-        for (dtype, _), ps in groups.items():
+        for ps in groups.values():
             bucket, size = [], 0
             for p in ps:
                 bucket.append(p)
@@ -142,7 +144,7 @@ def _average_bucket(bucket: list, axis_name) -> None:
 
 
 # -- functional idiom ---------------------------------------------------------------------
-_skeletons: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_skeletons: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 _skeleton_lock = threading.Lock()
 
 
