@@ -362,7 +362,7 @@ def test_devices_select_and_order(order):
     assert y.devices == tuple(chosen)
     torch.testing.assert_close(y.unshard(), torch.arange(len(order)).unsqueeze(1).expand(-1, 2).float())
     # replica i ran on the worker of devices[i]
-    assert ran_on == {i: f"torchpmap-worker-{d.type}{d.index}" for i, d in enumerate(chosen)}
+    assert ran_on == {i: f"torchpmap-worker-{d.type}:{d.index}" for i, d in enumerate(chosen)}
     if chosen[0].type == "cuda":
         assert [s.device for s in y.shards] == chosen
 

@@ -49,7 +49,7 @@ def test_one_persistent_worker_per_device():
     assert all(len(v) == 1 for v in by_replica.values())  # the same thread every call
     threads = [next(iter(by_replica[i])) for i in range(4)]
     assert len({ident for ident, _ in threads}) == 4  # a different thread per device
-    assert [name for _, name in threads] == [f"torchpmap-worker-{d.type}{d.index}" for d in devs]
+    assert [name for _, name in threads] == [f"torchpmap-worker-{d.type}:{d.index}" for d in devs]
     assert threading.main_thread().ident not in {ident for ident, _ in threads}
 
 

@@ -85,6 +85,16 @@ def test_unshard_and_numpy():
     assert float(one) == pytest.approx(float(_rows(1, 3).sum()))
 
 
+def test_numpy_follows_torch_rules_for_force():
+    x = _rows(2, 3).requires_grad_()
+    st = tp.pmap(lambda r: r * 2)(x)
+    # as torch.Tensor.numpy: a tensor that requires grad needs force=True
+    with pytest.raises(RuntimeError, match=r"requires grad"):
+        st.numpy()
+    np.testing.assert_allclose(st.numpy(force=True), (x * 2).detach().numpy())
+    np.testing.assert_allclose(np.asarray(st), (x * 2).detach().numpy())  # np.asarray reads the values
+
+
 def test_as_tensor_reads_the_full_tensor():
     x = _rows(4, 3)
     st = tp.pmap(lambda r: r * 2, out_axes=1)(x)
@@ -280,8 +290,10 @@ def test_device_put_sharded_pytrees_and_errors():
         tp.device_put_sharded([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], devs)
     with pytest.raises(ValueError, match=r"device_put_sharded: shards must not be empty"):
         tp.device_put_sharded([], devs)
+    with pytest.raises(ValueError, match=r"device_put_sharded: devices lists a device twice"):
+        tp.device_put_sharded([torch.zeros(1)] * 2, [devs[0], devs[0]])
     n = tp.local_device_count() + 1
-    with pytest.raises(ValueError, match=rf"device_put_sharded: {n} shards but only {n - 1} devices"):
+    with pytest.raises(ValueError, match=rf"device_put_sharded: {n} shards, but only {n - 1} local devices are"):
         tp.device_put_sharded([torch.zeros(1)] * n)
 
 

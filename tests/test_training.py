@@ -186,6 +186,10 @@ def test_per_replica_errors():
         tp.pmap(lambda m, x: x, in_axes=(None, 0))(models, torch.zeros(2, 1))
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         tp.replicate(make_model(), lambda p: "sgd", tp.local_devices()[:2])
+    with pytest.raises(ValueError, match="replicate: devices must not be empty"):
+        tp.replicate(make_model(), devices=[])
+    with pytest.raises(ValueError, match="replicate: devices lists a device twice"):
+        tp.replicate(make_model(), devices=[tp.local_devices()[0]] * 2)
 
 
 def test_shard_batch_errors_and_padding():

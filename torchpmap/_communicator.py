@@ -21,15 +21,17 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable, Sequence
+from typing import TypeAlias
 
 import torch
 
 from . import _config
 from .errors import CollectiveMismatchError, CollectiveTimeoutError, ReplicaAbortedError
 
-Groups = "tuple[tuple[int, ...], ...] | None"
+# axis_index_groups as tuples of global ranks; None is one group of everybody.
+Groups: TypeAlias = "tuple[tuple[int, ...], ...] | None"
 
-_REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sum": torch.add,
     "max": torch.maximum,
     "min": torch.minimum,
@@ -42,16 +44,16 @@ class Communicator(abc.ABC):
     size: int
 
     @abc.abstractmethod
-    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups) -> torch.Tensor: ...
+    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def all_gather(self, rank: int, x: torch.Tensor, groups) -> torch.Tensor: ...
+    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups) -> torch.Tensor: ...
+    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def all_to_all(self, rank: int, x: torch.Tensor, groups) -> torch.Tensor: ...
+    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor: ...
 
     @abc.abstractmethod
     def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor: ...
@@ -75,12 +77,12 @@ class InProcessCommunicator(Communicator):
     Results never alias each other, so a replica may modify its result in place.
     """
 
-    def __init__(self, devices: Sequence[torch.device], timeout: float | None = None, gate=None):
+    def __init__(self, devices: Sequence[torch.device], gate=None):
         self.size = len(devices)
         self._gate = gate  # the compile warm-up gate (see _compile.py), if any
         self._devices = list(devices)
         self._cuda = any(d.type == "cuda" for d in devices)
-        self._timeout = timeout  # None: the configured one, read at the first wait
+        self._timeout: float | None = None  # the configured one, read at the first exchange
         # A short lock guards the arrival bookkeeping; nobody waits while
         # holding it. Each replica sleeps on its own lock, which the last
         # arrival releases: one wake-up per waiter and no convoy on a shared
@@ -287,7 +289,7 @@ def compute_results(what: tuple, xs: list, size: int, to: Callable) -> list:
     groups = what[-1] or (tuple(range(size)),)
     for g in groups:
         if name == "all_reduce" or name == "reduce_scatter":
-            reduce = _REDUCERS[what[1]]
+            reduce = REDUCERS[what[1]]
             total = to(xs[g[0]], g[0])
             for r in g[1:]:
                 total = reduce(total, to(xs[r], g[0]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -122,4 +123,39 @@ def _reset_for_tests() -> None:
 
 
 def device_str(d: torch.device) -> str:
+    """``cpu:3``, ``cuda:0``: how torchpmap names a device in messages and thread names."""
     return f"{d.type}:{d.index}" if d.index is not None else d.type
+
+
+def physical_device(d: torch.device) -> torch.device:
+    """Where a device's tensors really live: every virtual CPU device is the CPU."""
+    return torch.device("cpu") if d.type == "cpu" else d
+
+
+def default_devices(n: int | None, fn: str, need: str = "") -> tuple[torch.device, ...]:
+    """The devices a call uses when the caller names none: the first ``n``
+    local devices (all of them without ``n``). ``fn`` and ``need`` (what
+    asked for ``n`` devices) spell the error when there are fewer."""
+    local = local_devices()
+    if n is None:
+        return tuple(local)
+    if n > len(local):
+        hint = (
+            f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
+            f"pmap) for more virtual CPU devices."
+            if local[0].type == "cpu"
+            else ""
+        )
+        need = need or f"{n} devices are needed"
+        raise ValueError(f"{fn}: {need}, but only {len(local)} local devices are available.{hint}")
+    return tuple(local[:n])
+
+
+def as_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
+    """Devices the caller named, as ``torch.device``s: at least one, none twice."""
+    out = tuple(torch.device(d) for d in devices)
+    if not out:
+        raise ValueError(f"{fn}: devices must not be empty")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{fn}: devices lists a device twice: {[device_str(d) for d in out]}")
+    return out

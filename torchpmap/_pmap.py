@@ -151,11 +151,7 @@ class Pmapped:
         ):
             raise ValueError(f"pmap: axis_size must be a positive int, got {axis_size!r}")
         if devices is not None:
-            devices = tuple(torch.device(d) for d in devices)
-            if not devices:
-                raise ValueError("pmap: devices must not be empty")
-            if len(set(devices)) != len(devices):
-                raise ValueError(f"pmap: devices lists a device twice: {devices}")
+            devices = _devices.as_devices(devices, "pmap")
         self._fun = fun
         self._axis_name = axis_name
         self._in_axes = in_axes
@@ -376,18 +372,7 @@ class Pmapped:
                     f"{len(self._devices)} devices; they must be equal"
                 )
             return self._devices
-        local = _devices.local_devices()
-        if n > len(local):
-            hint = (
-                f" Set TORCHPMAP_CPU_DEVICES={n} (or call torchpmap.set_cpu_device_count({n}) "
-                f"before the first pmap) for more virtual CPU devices."
-                if local[0].type == "cpu"
-                else ""
-            )
-            raise ValueError(
-                f"pmap: the mapped axis has size {n}, but only {len(local)} local devices are available.{hint}"
-            )
-        return tuple(local[:n])
+        return _devices.default_devices(n, "pmap", f"the mapped axis has size {n}")
 
     def _donated_leaves(self, plan: _InPlan, nargs: int) -> list[int]:
         if not self._donate:

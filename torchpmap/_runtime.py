@@ -20,6 +20,7 @@ import torch
 
 from . import _axis
 from ._communicator import Communicator
+from ._devices import device_str
 from .errors import ReplicaAbortedError
 
 
@@ -58,7 +59,7 @@ class _Worker:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tasks: queue.SimpleQueue = queue.SimpleQueue()
         self.intra_op_threads = 0  # what this thread last asked torch for
-        self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{_device_name(device)}", daemon=True)
+        self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{device_str(device)}", daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
@@ -71,10 +72,6 @@ class _Worker:
             # results and communicator, which an idle worker would otherwise keep
             # alive until its next task.
             del task
-
-
-def _device_name(d: torch.device) -> str:
-    return f"{d.type}{d.index if d.index is not None else ''}"
 
 
 class _Call:

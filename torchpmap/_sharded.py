@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from ._devices import device_str
+from ._devices import as_devices, default_devices, device_str
 from .errors import DeletedShardedTensorError
 
 # Tensor methods that only read metadata the wrapper already has.
@@ -128,7 +128,9 @@ class ShardedTensor(torch.Tensor):
         return arr.astype(dtype) if dtype is not None else arr
 
     def numpy(self, *, force: bool = False) -> np.ndarray:
-        return self.__array__()
+        """The full tensor as a numpy array, with ``torch.Tensor.numpy``'s rules:
+        shards that require grad or live on a GPU need ``force=True``."""
+        return self.unshard().numpy(force=force)
 
     def __getitem__(self, index):
         # An int on the mapped axis (axis 0) is shard i itself: no copy.
@@ -187,19 +189,11 @@ def _full(v):
 
 # -- placement helpers -------------------------------------------------------------------
 def _check_devices(devices, n: int | None, fn: str) -> tuple[torch.device, ...]:
-    from ._devices import local_devices
-
     if devices is None:
-        devices = local_devices()
-        if n is not None:
-            if n > len(devices):
-                raise ValueError(f"{fn}: {n} shards but only {len(devices)} devices")
-            devices = devices[:n]
-    devices = tuple(torch.device(d) for d in devices)
+        return default_devices(n, fn, f"{n} shards")
+    devices = as_devices(devices, fn)
     if n is not None and len(devices) != n:
         raise ValueError(f"{fn}: {n} shards but {len(devices)} devices")
-    if not devices:
-        raise ValueError(f"{fn}: devices must not be empty")
     return devices
 
 

@@ -60,9 +60,9 @@ def _groups(axis_index_groups, size: int, fn: str, equal_sizes: bool) -> tuple[l
         )
     sizes = {len(g) for g in groups}
     if len(sizes) != 1:
-        if equal_sizes:
+        if equal_sizes:  # the result's shape depends on the group size
             raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
-        # Unequal groups for reductions: each group keeps its own size.
+        # JAX allows unequal groups for the reductions; torchpmap does not yet.
         raise ValueError(f"{fn}: axis_index_groups of unequal sizes are not supported, got {axis_index_groups!r}")
     return flat, len(groups[0])
 

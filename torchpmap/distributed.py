@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import InProcessCommunicator, compute_results
+from ._communicator import REDUCERS, InProcessCommunicator, compute_results
+from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError
 
@@ -87,7 +88,7 @@ def initialize(
     else:
         everything = tuple(d for _ in range(world) for d in local)
     _devices._set_process_layout((rank, world, everything), local)
-    _state.update(rank=rank, world=world, local_count=n, group=dist.group.WORLD, timeout=seconds)
+    _state.update(rank=rank, world=world, local_count=n, group=dist.group.WORLD)
     atexit.register(_shutdown_at_exit)
 
 
@@ -203,14 +204,13 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             )
 
     def _comm_device(self) -> torch.device:
-        d = self._devices[0]
-        return torch.device("cpu") if d.type == "cpu" else d
+        return physical_device(self._devices[0])
 
     def _all_reduce(self, xs_local, op):
         dev = self._comm_device()
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
-            total = _REDUCE[op](total, x.to(dev))
+            total = REDUCERS[op](total, x.to(dev))
         wire = _to_wire(total)
         dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group)
         total = _from_wire(wire, total)
@@ -225,7 +225,6 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         return [_from_wire(row, template) for part in parts for row in part]
 
 
-_REDUCE = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
 _DIST_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -256,9 +255,9 @@ def to_dtensor(x: ShardedTensor, mesh=None):
     if not isinstance(x, ShardedTensor):
         raise TypeError(f"to_dtensor: expected a ShardedTensor, got {type(x).__name__}")
     if mesh is None:
-        kind = "cpu" if x.devices[0].type == "cpu" else x.devices[0].type
+        kind = x.devices[0].type
         mesh = init_device_mesh(kind, (dist.get_world_size(),))
-    local = x.unshard("cpu" if x.devices[0].type == "cpu" else x.shards[0].device)
+    local = x.unshard(physical_device(x.devices[0]))
     shape = list(local.shape)
     shape[x.axis] *= mesh.size()
     return DTensor.from_local(

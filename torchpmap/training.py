@@ -26,7 +26,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import _axis
-from ._devices import local_devices
+from ._devices import as_devices, default_devices, physical_device
 from .collectives import pmean
 
 
@@ -67,23 +67,12 @@ class PerReplica:
         return f"PerReplica({'/'.join(kinds)} x {len(self.values)}, devices={[str(d) for d in self.devices]})"
 
 
-def _devices_or_default(devices) -> tuple[torch.device, ...]:
-    devices = tuple(torch.device(d) for d in (devices if devices is not None else local_devices()))
-    if not devices:
-        raise ValueError("devices must not be empty")
-    return devices
-
-
 def replicate_module(module: torch.nn.Module, devices: Sequence[torch.device] | None = None) -> PerReplica:
     """An identical copy of ``module`` on every device (each with its own storage)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"replicate_module: module must be an nn.Module, got {type(module).__name__}")
-    devices = _devices_or_default(devices)
-    copies = []
-    for d in devices:
-        m = copy.deepcopy(module)
-        copies.append(m.to("cpu" if d.type == "cpu" else d))
-    return PerReplica(copies, devices)
+    devices = default_devices(None, "replicate") if devices is None else as_devices(devices, "replicate")
+    return PerReplica([copy.deepcopy(module).to(physical_device(d)) for d in devices], devices)
 
 
 def replicate(
@@ -192,7 +181,7 @@ def shard_batch(batch: Any, num_devices: int | None = None, *, pad: bool = False
     (num_devices, per_device), bool) marks the real rows. Use it to weight the
     loss: ``psum((loss * mask).sum()) / psum(mask.sum())``.
     """
-    n = num_devices if num_devices is not None else len(local_devices())
+    n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"shard_batch: num_devices must be a positive int, got {num_devices!r}")
     leaves, spec = tree_flatten(batch)
