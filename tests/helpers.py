@@ -15,6 +15,11 @@ def devices(k):
     return local[:k]
 
 
+def pmap_k(f, k, **kwargs):
+    """pmap f over the first k local devices on axis 'i' (skips the test with fewer)."""
+    return tp.pmap(f, "i", devices=devices(k), **kwargs)
+
+
 def rows(n, *rest, dtype=torch.float32, scale=0.5, offset=-3.0):
     """A deterministic (n, *rest) tensor whose rows all differ."""
     numel = n * int(np.prod(rest, dtype=np.int64))

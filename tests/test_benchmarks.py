@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -15,6 +17,7 @@ def _load(name):
     return mod
 
 
+@pytest.mark.slow
 def test_compile_benchmark_reports_eager_and_compiled(capsys):
     rows = _load("bench_compile").main(["--devices", "2", "--steps", "2", "--backend", "eager"])
     assert [r["mode"] for r in rows] == ["eager", "compiled (eager)"]
@@ -25,6 +28,7 @@ def test_compile_benchmark_reports_eager_and_compiled(capsys):
     assert "first call" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_run_prints_a_table_and_writes_json(tmp_path, capsys):
     import json
 

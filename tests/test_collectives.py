@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import pmap_k
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpmap as tp
@@ -33,11 +34,6 @@ K_AND_GROUPS = [(k, g) for k in DEVICE_COUNTS for g in GROUPS[k]]
 def _ids(case):
     k, g = case
     return f"k{k}-{'all' if g is None else 'g' + ''.join(map(str, sum(g, [])))}"
-
-
-def pmap_k(f, k, **kwargs):
-    """pmap f over the first k devices, on axis 'i'."""
-    return tp.pmap(f, "i", devices=tp.local_devices()[:k], **kwargs)
 
 
 def np_of(x) -> np.ndarray:

@@ -180,12 +180,14 @@ def test_backward_inside_compiled_replica():
     torch.testing.assert_close(eager.unshard(), 4 * own)
 
 
+@pytest.mark.slow
 def test_inductor_default_compiles_and_matches():
     x = torch.randn(2, 8)
     out = tp.pmap(lambda v: tp.psum(torch.relu(v) * 3, "i"), "i", compile=True)(x)
     torch.testing.assert_close(out.unshard(), (torch.relu(x) * 3).sum(0).expand(2, 8))
 
 
+@pytest.mark.slow
 def test_module_idiom_compiles_per_replica_without_falling_back(sixteen_devices):
     # PerReplica modules and optimizers differ per replica, and Dynamo guards
     # on them: every replica gets its own program, and 16 replicas must not run

@@ -55,7 +55,7 @@ def test_virtual_cpu_devices_by_default():
     assert tp.local_devices() == [torch.device("cpu", i) for i in range(expected)]
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_devices_are_every_gpu():
     assert tp.local_devices() == [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
 
@@ -204,6 +204,7 @@ def _result(launched, name):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_default_is_eight_virtual_cpu_devices(launched):
     r = _result(launched, "default")
     assert r["devices"] == [f"cpu:{i}" for i in range(8)]
@@ -213,6 +214,7 @@ def test_default_is_eight_virtual_cpu_devices(launched):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_more_replicas_than_devices_hints_at_the_env_var(launched):
     r = _result(launched, "default")
     assert r["err"] is not None
@@ -223,6 +225,7 @@ def test_more_replicas_than_devices_hints_at_the_env_var(launched):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_env_var_sets_the_device_count(launched):
     r = _result(launched, "env3")
     assert r["devices"] == ["cpu:0", "cpu:1", "cpu:2"]
@@ -232,6 +235,7 @@ def test_env_var_sets_the_device_count(launched):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_invalid_env_var_is_a_clear_error(launched):
     r = _result(launched, "env3")
     assert r["bad"] == {
@@ -240,6 +244,7 @@ def test_invalid_env_var_is_a_clear_error(launched):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_set_cpu_device_count_before_first_use(launched):
     r = _result(launched, "call16")
     assert r["devices"] == r["after"] == [f"cpu:{i}" for i in range(16)]  # the call beat the env var (3)
@@ -248,6 +253,7 @@ def test_set_cpu_device_count_before_first_use(launched):
 
 
 @cpu_only
+@pytest.mark.subprocess
 def test_workers_start_only_for_used_devices(launched):
     r = _result(launched, "call16")
     assert r["started_for_two"] == 2  # one worker per device used, no more

@@ -11,6 +11,8 @@ import pytest
 
 import torchpmap as tp
 
+pytestmark = pytest.mark.subprocess
+
 HERE = Path(__file__).resolve().parent
 
 

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from helpers import pmap_k
 
 import torchpmap as tp
 from torchpmap import _config, _runtime
@@ -30,10 +31,6 @@ def guard_timeout(monkeypatch):
     threads = assert_pool_usable()
     yield
     assert assert_pool_usable() == threads, "a failure left the pool with extra worker threads"
-
-
-def pmap_k(f, k, **kwargs):
-    return tp.pmap(f, "i", devices=tp.local_devices()[:k], **kwargs)
 
 
 def call_with_deadline(fn, *args, deadline=10.0):

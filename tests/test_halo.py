@@ -13,14 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import pmap_k
 
 import torchpmap as tp
 
 DEVICE_COUNTS = [1, 2, 4, 8]
-
-
-def pmap_k(f, k, **kwargs):
-    return tp.pmap(f, "i", devices=tp.local_devices()[:k], **kwargs)
 
 
 def halo(block: torch.Tensor, periodic: bool):

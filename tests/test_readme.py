@@ -62,9 +62,16 @@ def test_readme_setup_commands_are_what_ci_runs():
     # and they are what the README says they are
     assert readme[0] == ["python3", "-m", "venv", ".venv"]
     assert readme[-1] == [".venv/bin/python", "-m", "pytest"]
+    # lint, format and types are checked before the tests, and fail CI
+    assert readme[-4:-1] == [
+        [".venv/bin/ruff", "check", "."],
+        [".venv/bin/ruff", "format", "--check", "."],
+        [".venv/bin/mypy"],
+    ]
     assert [".venv/bin/python", "examples/seed.py"] in readme
 
 
+@pytest.mark.subprocess
 def test_seed_example_runs():
     env = dict(os.environ)
     proc = subprocess.run(

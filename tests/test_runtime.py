@@ -53,6 +53,7 @@ def test_one_persistent_worker_per_device():
     assert threading.main_thread().ident not in {ident for ident, _ in threads}
 
 
+@pytest.mark.slow
 def test_thread_count_stays_flat_over_10000_calls():
     devs = _devices(2)
     p = tp.pmap(lambda r: r + 1, devices=devs)
@@ -71,6 +72,7 @@ def test_thread_count_stays_flat_over_10000_calls():
     torch.testing.assert_close(y.unshard(), x + 1)
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_many_calls():
     devs = _devices(2)
     p = tp.pmap(lambda r, w: (r * w).sum() + r, in_axes=(0, None), devices=devs)
@@ -319,7 +321,7 @@ def test_gradients_flow_through_chained_pmaps_and_sharded_tensors():
 
 # -- CUDA --------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.cuda
 
 
 @needs_cuda

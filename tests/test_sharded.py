@@ -343,7 +343,7 @@ def test_unreplicate_takes_shard_zero():
     torch.testing.assert_close(tp.unreplicate(params), torch.tensor([10.0, 12.0]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_shards_live_on_their_devices():
     devs = tp.local_devices()
     n = len(devs)

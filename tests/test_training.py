@@ -227,6 +227,7 @@ def test_masked_training_on_uneven_batch_matches_single_device():
         torch.testing.assert_close(v.detach(), expected[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("idiom", ["module", "functional"])
 def test_train_digits_example_reaches_95_percent(idiom, tmp_path):
     plot = tmp_path / "loss.png"
