@@ -6,6 +6,8 @@
 ('ShardedTensor', (4, 3))
 """
 
+from __future__ import annotations
+
 from ._config import collective_timeout, set_collective_timeout
 from ._devices import (
     device_count,

@@ -12,12 +12,32 @@ found by walking the replicas' graphs, and get their gradients the same way.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeAlias
 
 import torch
+from torch.autograd.graph import Node
+from torch.utils._pytree import TreeSpec
+
+# A replica's output, flattened: (leaves, tree structure).
+FlatOutput: TypeAlias = "tuple[list[Any], TreeSpec]"
+# A tensor autograd must see (see differentiable_call): (leaf index, kind, source
+# tensors, axis). InputSource is an argument's leaf; a Source's leaf index is None
+# for a tensor the function captured instead.
+InputSource: TypeAlias = "tuple[int, Literal['mapped', 'broadcast', 'shards'], list[torch.Tensor], int | None]"
+Source: TypeAlias = "tuple[int | None, Literal['mapped', 'broadcast', 'shards'], list[torch.Tensor], int | None]"
+# run(replica_fn): replica_fn(rank) on every replica with the axis bound, the results in rank order.
+Runner: TypeAlias = "Callable[[Callable[[int], Any]], list[Any]]"
 
 
-def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sources: list, devices, n: int):
+def differentiable_call(
+    run: Runner,
+    call_fun: Callable[[int, list[Any]], FlatOutput],
+    per_leaf: list[list[Any]],
+    sources: Sequence[InputSource],
+    devices: Sequence[torch.device],
+    n: int,
+) -> list[FlatOutput]:
     """Run the replicas (``run(replica_fn)``) so that the caller's autograd sees
     through them. ``call_fun(rank, leaves)`` returns a replica's flattened
     output; so does this, one (leaves, spec) per replica.
@@ -27,7 +47,7 @@ def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sourc
     "broadcast" (one tensor given to all) or "shards" (one tensor per replica).
     """
     replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-    grad_inputs = [[] for _ in range(n)]  # per replica: its leaves that need grad
+    grad_inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per replica: its leaves that need grad
     for j, _, _, _ in sources:
         for r in range(n):
             v = replica_inputs[r][j].detach().requires_grad_()
@@ -40,26 +60,28 @@ def differentiable_call(run: Callable, call_fun: Callable, per_leaf: list, sourc
     if not any(o.requires_grad for o in outputs):
         return flat  # nothing for the caller's autograd to see
     captured = _captured_leaves(outputs, grad_inputs)
+    every_source: Sequence[Source] = sources
     if captured:
-        sources = [*sources, *[(None, "broadcast", [t], None) for t in captured]]
+        every_source = [*sources, *[(None, "broadcast", [t], None) for t in captured]]
         for r in range(n):
             grad_inputs[r] = [*grad_inputs[r], *captured]
-    source_tensors = [t for _, _, ts, _ in sources for t in ts]
-    state = _ReplicaGraphs(run, devices, n, sources, grad_inputs, outputs, tensor_slots)
+    source_tensors = [t for _, _, ts, _ in every_source for t in ts]
+    state = _ReplicaGraphs(run, devices, n, every_source, grad_inputs, outputs, tensor_slots)
     results = _ThroughReplicas.apply(state, *source_tensors)
     for (r, k), t in zip(tensor_slots, results):
         flat[r][0][k] = t
     return flat
 
 
-def _captured_leaves(outputs: list, grad_inputs: list) -> list:
+def _captured_leaves(outputs: list[torch.Tensor], grad_inputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
     """Leaf tensors requiring grad that the replicas' graphs reach but that
     were not passed as arguments: they came in through a closure. Without
     this, the caller's backward would run the replicas' collective backward
     rules on its own thread, where no replica is there to meet them."""
     known = {id(t) for per in grad_inputs for t in per}
-    found, seen = {}, set()
-    stack = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    stack: list[Node | None] = [o.grad_fn for o in outputs if o.grad_fn is not None]
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -77,7 +99,16 @@ def _captured_leaves(outputs: list, grad_inputs: list) -> list:
 class _ReplicaGraphs:
     """What the backward pass needs; dropped as soon as it has run."""
 
-    def __init__(self, run, devices, n, sources, grad_inputs, outputs, tensor_slots):
+    def __init__(
+        self,
+        run: Runner,
+        devices: Sequence[torch.device],
+        n: int,
+        sources: Sequence[Source],
+        grad_inputs: list[list[torch.Tensor]],
+        outputs: list[torch.Tensor],
+        tensor_slots: list[tuple[int, int]],
+    ) -> None:
         self.run = run
         self.devices = devices
         self.n = n
@@ -89,7 +120,7 @@ class _ReplicaGraphs:
 
 class _ThroughReplicas(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, state: _ReplicaGraphs, *source_tensors):
+    def forward(ctx: Any, state: _ReplicaGraphs, *source_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.state = state
         outs = tuple(o.detach() for o in state.outputs)
         ctx.mark_non_differentiable(*[d for o, d in zip(state.outputs, outs) if not o.requires_grad])
@@ -97,7 +128,7 @@ class _ThroughReplicas(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         state: _ReplicaGraphs = ctx.state
         if state is None:
             raise RuntimeError(
@@ -111,14 +142,14 @@ class _ThroughReplicas(torch.autograd.Function):
         if not keep:
             ctx.state = None
         n = state.n
-        per_replica_outs = [[] for _ in range(n)]
-        per_replica_grads = [[] for _ in range(n)]
+        per_replica_outs: list[list[torch.Tensor]] = [[] for _ in range(n)]
+        per_replica_grads: list[list[torch.Tensor]] = [[] for _ in range(n)]
         for (r, _), out, g in zip(state.tensor_slots, state.outputs, grads):
             if g is not None and out.requires_grad:
                 per_replica_outs[r].append(out)
                 per_replica_grads[r].append(g)
 
-        def replica_backward(r):
+        def replica_backward(r: int) -> list[torch.Tensor | None]:
             if not per_replica_outs[r]:
                 return [None] * len(state.grad_inputs[r])
             return list(
@@ -133,7 +164,7 @@ class _ThroughReplicas(torch.autograd.Function):
 
         with torch.enable_grad():
             replica_grads = state.run(replica_backward)
-        source_grads = []
+        source_grads: list[torch.Tensor | None] = []
         for s, (_, kind, tensors, axis) in enumerate(state.sources):
             per_r = [replica_grads[r][s] for r in range(n)]
             if kind == "shards":
@@ -151,6 +182,7 @@ class _ThroughReplicas(torch.autograd.Function):
                         total = g if total is None else total + g
                 source_grads.append(total)
             else:  # mapped: the replicas' slices back into one tensor
+                assert axis is not None  # a mapped source has its axis
                 template = src.select(axis, 0)
                 parts = [torch.zeros_like(template) if g is None else g.to(src.device) for g in per_r]
                 source_grads.append(torch.stack(parts, dim=axis))

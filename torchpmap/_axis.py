@@ -10,19 +10,22 @@ device threads, so frames are also findable by device.
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
 if TYPE_CHECKING:
     from ._communicator import Communicator
 
+# What the collectives accept as axis_name: one name, or a tuple or list of
+# names (the product of those axes).
+AxisName: TypeAlias = "str | tuple[str, ...] | list[str]"
+
 
 @dataclass
 class ReplicaFrame:
-    axis_name: Hashable
+    axis_name: str
     axis_size: int  # global size of the axis (all processes)
     index: int  # global index of this replica along the axis
     device: torch.device
@@ -54,7 +57,7 @@ def in_replica() -> bool:
     return getattr(_tls, "frame", None) is not None
 
 
-def normalize_axis_names(axis_name: Any) -> tuple:
+def normalize_axis_names(axis_name: AxisName) -> tuple[str, ...]:
     """An axis name or a tuple/list of them, as a tuple."""
     if isinstance(axis_name, (tuple, list)):
         names = tuple(axis_name)
@@ -66,7 +69,7 @@ def normalize_axis_names(axis_name: Any) -> tuple:
     return (axis_name,)
 
 
-def _unbound(name: Any, frame: ReplicaFrame | None) -> NameError:
+def _unbound(name: str, frame: ReplicaFrame | None) -> NameError:
     if frame is None:
         return NameError(
             f"unbound axis name: {name!r}. Collectives can only be called inside a "
@@ -75,13 +78,16 @@ def _unbound(name: Any, frame: ReplicaFrame | None) -> NameError:
     return NameError(f"unbound axis name: {name!r}; the enclosing pmap binds axis_name={frame.axis_name!r}.")
 
 
-def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:
+def resolve(axis_name: AxisName, like: torch.Tensor | None = None) -> ReplicaFrame:
     """The frame that binds ``axis_name`` (a name or tuple of names), or NameError."""
-    frame = getattr(_tls, "frame", None)
+    frame: ReplicaFrame | None = getattr(_tls, "frame", None)
     if frame is None and like is not None and like.device.type == "cuda":
         frame = _frames_by_cuda_device.get(like.device.index)
-    for name in normalize_axis_names(axis_name):
-        if frame is None or name != frame.axis_name:
+    names = normalize_axis_names(axis_name)  # never empty
+    if frame is None:
+        raise _unbound(names[0], None)
+    for name in names:
+        if name != frame.axis_name:
             raise _unbound(name, frame)
     return frame
 
@@ -94,7 +100,7 @@ def resolve(axis_name: Any, like: torch.Tensor | None = None) -> ReplicaFrame:
 # hide the NameError of an unbound axis. They answer None instead, and the
 # NameError is raised by ``resolve`` in traced code, like any user error.
 @torch._dynamo.assume_constant_result
-def _bound_axis_size(axis_name: Any) -> int | None:
+def _bound_axis_size(axis_name: AxisName) -> int | None:
     try:
         return resolve(axis_name).axis_size
     except NameError:
@@ -102,7 +108,7 @@ def _bound_axis_size(axis_name: Any) -> int | None:
 
 
 @torch._dynamo.assume_constant_result
-def _bound_device(axis_name: Any) -> str | None:
+def _bound_device(axis_name: AxisName) -> str | None:
     try:
         d = resolve(axis_name).device
     except NameError:
@@ -110,7 +116,7 @@ def _bound_device(axis_name: Any) -> str | None:
     return "cpu" if d.type == "cpu" else str(d)
 
 
-def static_axis_size(axis_name: Any) -> int:
+def static_axis_size(axis_name: AxisName) -> int:
     """Size of the named axes, for shape logic."""
     size = _bound_axis_size(axis_name)
     if size is None:
@@ -118,7 +124,7 @@ def static_axis_size(axis_name: Any) -> int:
     return size
 
 
-def physical_device(axis_name: Any) -> str:
+def physical_device(axis_name: AxisName) -> str:
     """Where the replica's tensors really live ("cpu" for a virtual device)."""
     device = _bound_device(axis_name)
     if device is None:

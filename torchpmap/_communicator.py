@@ -21,15 +21,25 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable, Sequence
-from typing import TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 
 from . import _config
 from .errors import CollectiveMismatchError, CollectiveTimeoutError, ReplicaAbortedError
 
+if TYPE_CHECKING:
+    from ._compile import DynamoGate
+
 # axis_index_groups as tuples of global ranks; None is one group of everybody.
 Groups: TypeAlias = "tuple[tuple[int, ...], ...] | None"
+# One collective and its parameters, the same on every replica: ("all_reduce", op,
+# groups), ("all_gather", groups), ("reduce_scatter", op, groups), ("all_to_all",
+# groups) or ("ppermute", ((src, dst), ...)).
+What: TypeAlias = "tuple[Any, ...]"
+# What a replica brings to an exchange, compared across replicas: (what, shape, dtype).
+Signature: TypeAlias = "tuple[What, tuple[int, ...], torch.dtype]"
+_Deposit: TypeAlias = "tuple[Signature, torch.Tensor]"
 
 REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sum": torch.add,
@@ -77,7 +87,7 @@ class InProcessCommunicator(Communicator):
     Results never alias each other, so a replica may modify its result in place.
     """
 
-    def __init__(self, devices: Sequence[torch.device], gate=None):
+    def __init__(self, devices: Sequence[torch.device], gate: DynamoGate | None = None) -> None:
         self.size = len(devices)
         self._gate = gate  # the compile warm-up gate (see _compile.py), if any
         self._devices = list(devices)
@@ -89,12 +99,13 @@ class InProcessCommunicator(Communicator):
         # condition variable. Those locks are made at the first exchange, as
         # most pmap calls never communicate.
         self._lock = threading.Lock()
-        self._wake: list = []
+        self._wake: list[threading.Lock] = []
         self._waiting: set[int] = set()
         self._generation = 0
         self._arrived = 0
-        self._deposits: list = [None] * self.size
-        self._results: list = [None, None]  # by generation parity
+        self._deposits: list[_Deposit | None] = [None] * self.size
+        # By generation parity; () until that generation's exchange completes.
+        self._results: list[Sequence[torch.Tensor] | Exception] = [(), ()]
         self._failure: BaseException | None = None
         self._failed_rank: int | None = None
         self._retired: set[int] = set()
@@ -102,22 +113,22 @@ class InProcessCommunicator(Communicator):
     # -- the five primitives -------------------------------------------------
     # Each is one exchange; the last replica to arrive computes everybody's
     # result with compute_results (below).
-    def all_reduce(self, rank, x, op, groups):
+    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor:
         return self._exchange(rank, ("all_reduce", op, groups), x)
 
-    def all_gather(self, rank, x, groups):
+    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         return self._exchange(rank, ("all_gather", groups), x)
 
-    def reduce_scatter(self, rank, x, op, groups):
+    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor:
         return self._exchange(rank, ("reduce_scatter", op, groups), x)
 
-    def all_to_all(self, rank, x, groups):
+    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor:
         return self._exchange(rank, ("all_to_all", groups), x)
 
-    def permute(self, rank, x, pairs):
+    def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
         return self._exchange(rank, ("ppermute", tuple(pairs)), x)
 
-    def _compute(self, what, xs):
+    def _compute(self, what: What, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every local replica's result from every local replica's input. A
         communicator spanning processes overrides this to talk to the others."""
         return compute_results(what, xs, self.size, self._to)
@@ -126,25 +137,27 @@ class InProcessCommunicator(Communicator):
         return rank
 
     # -- failure handling ----------------------------------------------------
-    def abort(self, error, rank):
+    def abort(self, error: BaseException, rank: int) -> None:
         with self._lock:
             self._fail(error, rank)
 
-    def retire(self, rank):
+    def retire(self, rank: int) -> None:
         with self._lock:
             self._retired.add(rank)
             if self._arrived and self._failure is None:
                 waiting = [r for r, d in enumerate(self._deposits) if d is not None]
+                first = self._deposits[waiting[0]]
+                assert first is not None  # waiting lists the replicas that deposited
                 self._fail(
                     CollectiveMismatchError(
                         f"replica {rank} returned while replicas {waiting} wait in "
-                        f"{self._describe(self._deposits[waiting[0]][0])}: every replica "
+                        f"{self._describe(first[0])}: every replica "
                         f"must call the same collectives in the same order"
                     ),
                     rank,
                 )
 
-    def _fail(self, error, rank):
+    def _fail(self, error: BaseException, rank: int) -> None:
         # Called with self._lock held. The first failure wins; wake everybody.
         if self._failure is None:
             self._failure = error
@@ -154,7 +167,7 @@ class InProcessCommunicator(Communicator):
         self._waiting.clear()
 
     # -- the rendezvous ------------------------------------------------------
-    def _exchange(self, rank, what, x):
+    def _exchange(self, rank: int, what: What, x: torch.Tensor) -> torch.Tensor:
         rank = self._local_rank(rank)
         if self.size == 1:
             # Nobody to wait for; still return a fresh tensor like every path.
@@ -196,19 +209,27 @@ class InProcessCommunicator(Communicator):
         if last:
             self._complete(generation, deposits, what)
         else:
-            paused = self._gate is not None and self._gate.pause()
-            try:
+            gate = self._gate
+            if gate is not None and gate.pause():
+                try:
+                    self._wait(rank, generation, signature)
+                finally:
+                    gate.enter()
+            else:
                 self._wait(rank, generation, signature)
-            finally:
-                if paused:
-                    self._gate.enter()
         result = self._results[generation & 1]
         if isinstance(result, BaseException):
             raise type(result)(*result.args)
         return result[rank]
 
-    def _complete(self, generation, deposits, what):
-        signatures = [d[0] for d in deposits]
+    def _complete(self, generation: int, deposits: list[_Deposit | None], what: What) -> None:
+        signatures: list[Signature] = []
+        inputs: list[torch.Tensor] = []
+        for deposit in deposits:
+            assert deposit is not None  # the last replica to arrive completes: all have deposited
+            signatures.append(deposit[0])
+            inputs.append(deposit[1])
+        result: list[torch.Tensor] | Exception
         try:
             if any(s != signatures[0] for s in signatures):
                 lines = "\n".join(f"  replica {r}: {self._describe(s)}" for r, s in enumerate(signatures))
@@ -216,7 +237,7 @@ class InProcessCommunicator(Communicator):
                     "replicas called different collectives (or the same one with "
                     "different shapes, dtypes or parameters) at the same point:\n" + lines
                 )
-            result = self._compute(what, [d[1] for d in deposits])
+            result = self._compute(what, inputs)
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:
                     torch.cuda.synchronize(d)
@@ -229,7 +250,8 @@ class InProcessCommunicator(Communicator):
         for r in waiting:
             self._wake[r].release()
 
-    def _wait(self, rank, generation, signature):
+    def _wait(self, rank: int, generation: int, signature: Signature) -> None:
+        assert self._timeout is not None  # set at the first exchange, before anybody waits
         if self._wake[rank].acquire(timeout=self._timeout):
             self._raise_failure(rank)  # woken by a failure rather than completion?
             return
@@ -249,7 +271,7 @@ class InProcessCommunicator(Communicator):
             )
         self._raise_failure(rank)
 
-    def _raise_failure(self, rank):
+    def _raise_failure(self, rank: int) -> None:
         failure = self._failure
         if failure is None:
             return
@@ -267,13 +289,15 @@ class InProcessCommunicator(Communicator):
         return t.to(self._devices[rank])
 
     @staticmethod
-    def _describe(signature) -> str:
+    def _describe(signature: Signature) -> str:
         what, shape, dtype = signature
         name, *params = what
         return f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"
 
 
-def compute_results(what: tuple, xs: list, size: int, to: Callable) -> list:
+def compute_results(
+    what: What, xs: Sequence[torch.Tensor], size: int, to: Callable[[torch.Tensor, int], torch.Tensor]
+) -> list[torch.Tensor]:
     """The result of collective ``what`` for each of ``size`` ranks, given every
     rank's input ``xs[r]``. ``to(t, r)`` moves a tensor to rank r's device.
     Results never alias each other or the inputs."""

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import threading
 import types
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import torch
 
@@ -28,8 +28,11 @@ from .errors import CompileError
 
 _COMPILE_KEYS = {"backend", "mode", "dynamic", "fullgraph", "options"}
 
+# A torch.compile backend: (graph, example inputs) -> the compiled graph.
+Backend: TypeAlias = "Callable[[torch.fx.GraphModule, list[torch.Tensor]], Callable[..., Any]]"
 
-def normalize_options(compile: Any) -> dict | None:
+
+def normalize_options(compile: Any) -> dict[str, Any] | None:
     """``compile=`` of pmap: False/None (eager), True (defaults) or torch.compile's options."""
     if compile is None or compile is False:
         return None
@@ -46,8 +49,8 @@ def normalize_options(compile: Any) -> dict | None:
     raise TypeError(f"pmap: compile must be False, True or a dict of torch.compile options, got {compile!r}")
 
 
-def _trampoline_factory(fun: Callable) -> Callable:
-    def pmap_replica(*args, **kwargs):
+def _trampoline_factory(fun: Callable[..., Any]) -> Callable[..., Any]:
+    def pmap_replica(*args: Any, **kwargs: Any) -> Any:
         return fun(*args, **kwargs)
 
     return pmap_replica
@@ -83,11 +86,12 @@ class DynamoGate:
 DYNAMO_GATE = DynamoGate()
 
 
-def _gated_backend(options: dict) -> Callable:
+def _gated_backend(options: dict[str, Any]) -> Backend:
     """The requested torch.compile backend, whose compiled graphs run with the
     gate released."""
     backend = options.get("backend", "inductor")
     mode, inductor_options, dynamic = options.get("mode"), options.get("options"), options.get("dynamic")
+    inner: Backend
     if backend == "inductor":
         if mode is None and inductor_options is None:
             mode = "default"
@@ -95,10 +99,10 @@ def _gated_backend(options: dict) -> Callable:
     else:
         inner = torch._TorchCompileWrapper(backend, mode, inductor_options, dynamic)
 
-    def backend_fn(gm, example_inputs):
+    def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         graph = inner(gm, example_inputs)
 
-        def run_graph(*args):
+        def run_graph(*args: Any) -> Any:
             paused = DYNAMO_GATE.pause()
             try:
                 return graph(*args)
@@ -114,24 +118,26 @@ def _gated_backend(options: dict) -> Callable:
 class CompiledReplicas:
     """The compiled programs of one pmapped function."""
 
-    def __init__(self, fun: Callable, options: dict, fun_name: str):
+    def __init__(self, fun: Callable[..., Any], options: dict[str, Any], fun_name: str) -> None:
         self._fun = fun
         self._options = options
         self._fun_name = fun_name
-        self._programs: dict = {}
+        self._programs: dict[tuple[int, str] | tuple[int, str, int], Callable[..., Any]] = {}
         self._lock = threading.Lock()
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
 
-    def programs(self, devices, n: int, per_replica_objects: bool = False) -> list[Callable]:
+    def programs(
+        self, devices: Sequence[torch.device], n: int, per_replica_objects: bool = False
+    ) -> list[Callable[..., Any]]:
         """One callable per replica; replicas on the same physical device share,
         unless each replica gets its own objects (PerReplica modules): Dynamo
         guards on those, so sharing would recompile per replica until it hit
         the recompile limit."""
-        out = []
+        out: list[Callable[..., Any]] = []
         for rank, d in enumerate(devices):
-            key = (n, "cpu") if d.type == "cpu" else (n, str(d))
+            key: tuple[int, str] | tuple[int, str, int] = (n, "cpu") if d.type == "cpu" else (n, str(d))
             if per_replica_objects:
                 key = (*key, rank)
             prog = self._programs.get(key)
@@ -143,12 +149,13 @@ class CompiledReplicas:
             out.append(prog)
         return out
 
-    def _compile_copy(self, device, n: int) -> Callable:
+    def _compile_copy(self, device: torch.device, n: int) -> Callable[..., Any]:
         t = _trampoline_factory(self._fun)
         # A distinct code object: a distinct Dynamo cache (see module docstring).
         code = t.__code__.replace()
         entry = types.FunctionType(code, t.__globals__, t.__name__, t.__defaults__, t.__closure__)
-        compiled = torch.compile(
+        # torch.compile's overloads leave out recompile_limit, which the function itself takes.
+        compiled = torch.compile(  # type: ignore[call-overload]
             entry,
             backend=self._backend,
             fullgraph=self._options.get("fullgraph", False),
@@ -160,7 +167,7 @@ class CompiledReplicas:
         )
         name, where, fun = self._fun_name, device, self._fun
 
-        def run(*args, **kwargs):
+        def run(*args: Any, **kwargs: Any) -> Any:
             DYNAMO_GATE.enter()
             try:
                 return compiled(*args, **kwargs)
@@ -182,7 +189,7 @@ class CompiledReplicas:
         return run
 
 
-def _user_exception_while_tracing(e: BaseException) -> bool:
+def _user_exception_while_tracing(e: BaseException | None) -> bool:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))

@@ -9,13 +9,25 @@ finds the running replica's communicator at run time. Axis names are strings;
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeAlias
+
 import torch
 from torch import Tensor
 
 from . import _axis
 
+if TYPE_CHECKING:
+    from ._communicator import Groups
 
-def _unflatten_groups(groups: list[int], group_size: int):
+# The non-tensor arguments of the ops: op names, encoded axes, flattened groups or pairs, group sizes.
+OpArg: TypeAlias = "str | int | list[int]"
+# An autograd context (torch's FunctionCtx, or the one torch.library passes): the
+# rules below keep their saved values on it as attributes.
+Ctx: TypeAlias = Any
+
+
+def _unflatten_groups(groups: list[int], group_size: int) -> Groups:
     if not groups:
         return None
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
@@ -37,7 +49,7 @@ def _eager_ok(x: Tensor) -> bool:
     )
 
 
-def call(name: str, x: Tensor, *args):
+def call(name: str, x: Tensor, *args: OpArg) -> Tensor:
     """Run collective ``name`` on x: the kernel directly when that is safe,
     else the registered op inside an autograd.Function (autograd,
     torch.compile and functorch transforms such as torch.func.grad)."""
@@ -57,17 +69,17 @@ class _Collective(torch.autograd.Function):
     a separate setup_context, so grad_and_value over a psum works."""
 
     @staticmethod
-    def forward(name, x, *args):
+    def forward(name: str, x: Tensor, *args: OpArg) -> Tensor:
         return getattr(OPS, name).default(x, *args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
         name, x, *args = inputs
         ctx.name = name
         _RULES[name][0](ctx, (x, *args), output)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         return (None, *_RULES[ctx.name][1](ctx, grad))
 
 
@@ -76,7 +88,7 @@ class _Collective(torch.autograd.Function):
 AXIS_SEP = "\x1f"
 
 
-def encode_axes(names) -> str:
+def encode_axes(names: Iterable[str]) -> str:
     return AXIS_SEP.join(names)
 
 
@@ -110,15 +122,15 @@ all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel
 
 
 @all_reduce.register_fake
-def _(x, op, axes, groups, group_size):
+def _(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     return torch.empty_like(x)
 
 
-def _all_reduce_setup(ctx, inputs, output):
+def _all_reduce_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, ctx.op, ctx.axes, ctx.groups, ctx.group_size = inputs
 
 
-def _all_reduce_backward(ctx, grad):
+def _all_reduce_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     if ctx.op != "sum":
         raise RuntimeError(
             f"p{ctx.op} is not differentiable (as in JAX); use psum/pmean, or "
@@ -143,15 +155,15 @@ all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel
 
 
 @all_gather.register_fake
-def _(x, axes, groups, group_size):
+def _(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     return x.new_empty((group_size, *x.shape))
 
 
-def _gather_scatter_setup(ctx, inputs, output):
+def _gather_scatter_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, ctx.axes, ctx.groups, ctx.group_size = inputs
 
 
-def _all_gather_backward(ctx, grad):
+def _all_gather_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     return call("reduce_scatter", grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
 
@@ -169,15 +181,15 @@ reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_sc
 
 
 @reduce_scatter.register_fake
-def _(x, op, axes, groups, group_size):
+def _(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     return x.new_empty(x.shape[1:])
 
 
-def _reduce_scatter_setup(ctx, inputs, output):
+def _reduce_scatter_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, _, ctx.axes, ctx.groups, ctx.group_size = inputs
 
 
-def _reduce_scatter_backward(ctx, grad):
+def _reduce_scatter_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     return call("all_gather", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
 
@@ -195,11 +207,11 @@ all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel
 
 
 @all_to_all.register_fake
-def _(x, axes, groups, group_size):
+def _(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     return torch.empty_like(x)
 
 
-def _all_to_all_backward(ctx, grad):
+def _all_to_all_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     # out_k[j] = x_j[k], so the transpose is the same exchange.
     return call("all_to_all", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
@@ -218,15 +230,15 @@ permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates
 
 
 @permute.register_fake
-def _(x, axes, pairs):
+def _(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
     return torch.empty_like(x)
 
 
-def _permute_setup(ctx, inputs, output):
+def _permute_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
     _, ctx.axes, ctx.pairs = inputs
 
 
-def _permute_backward(ctx, grad):
+def _permute_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     inverse = [v for s, d in zip(ctx.pairs[0::2], ctx.pairs[1::2]) for v in (d, s)]
     return call("permute", grad, ctx.axes, inverse), None, None
@@ -246,11 +258,11 @@ axis_index = torch.library.custom_op("torchpmap::axis_index", _axis_index_kernel
 
 
 @axis_index.register_fake
-def _(axes, device):
+def _(axes: str, device: torch.device) -> Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
 
 
-_KERNELS = {
+_KERNELS: dict[str, Callable[..., Tensor]] = {
     "all_reduce": _all_reduce_kernel,
     "all_gather": _all_gather_kernel,
     "reduce_scatter": _reduce_scatter_kernel,
@@ -260,7 +272,13 @@ _KERNELS = {
 
 # (setup_context, backward) of each differentiable collective, shared by the
 # op registrations above and by _Collective.
-_RULES = {
+_RULES: dict[
+    str,
+    tuple[
+        Callable[[Ctx, tuple[Any, ...], Tensor], None],
+        Callable[[Ctx, Tensor], tuple[Tensor | None, ...]],
+    ],
+] = {
     "all_reduce": (_all_reduce_setup, _all_reduce_backward),
     "all_gather": (_gather_scatter_setup, _all_gather_backward),
     "reduce_scatter": (_reduce_scatter_setup, _reduce_scatter_backward),

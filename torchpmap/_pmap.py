@@ -13,17 +13,17 @@ import functools
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias, overload
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
 from . import _devices, _runtime
 from . import distributed as _distributed
-from ._autodiff import differentiable_call
+from ._autodiff import FlatOutput, InputSource, differentiable_call
 from ._communicator import InProcessCommunicator
-from ._compile import DYNAMO_GATE, CompiledReplicas, normalize_options
+from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import ShardedTensor, _to_device
 from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths
 from .training import PerReplica
@@ -53,21 +53,29 @@ def _ndim(v: Any, kind: int) -> int:
 
 @dataclass
 class _InPlan:
-    axes: list  # per input leaf: canonical mapped axis or None
-    mapped: list  # indices of mapped leaves
-    kinds: list
-    paths: list
-    arg_of_leaf: list  # positional index of the argument a leaf comes from (None: kwargs)
+    axes: list[int | None]  # per input leaf: canonical mapped axis or None
+    mapped: list[int]  # indices of mapped leaves
+    kinds: list[int]  # per input leaf: _TENSOR, _SHARDED, ...
+    paths: list[str]  # per input leaf: readable path (args[0]['w'])
+    arg_of_leaf: list[int | None]  # positional index of the argument a leaf comes from (None: kwargs)
 
 
 @dataclass
 class _OutPlan:
-    axes: list
-    paths: list
+    axes: list[int | None]  # per output leaf: canonical mapped axis or None (out_axes=None, or a None output)
+    paths: list[str]
 
 
+# What picks a cached plan. Inputs: (tree structure, static argument values,
+# positional argument count, (type, ndim) of every leaf). Outputs: (tree
+# structure, per leaf its rank if a tensor, else its type).
+_InKey: TypeAlias = "tuple[TreeSpec, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
+_OutKey: TypeAlias = "tuple[TreeSpec, tuple[int | type, ...]]"
+
+
+@overload
 def pmap(
-    fun: Callable | None = None,
+    fun: Callable[..., Any],
     axis_name: str | None = None,
     *,
     in_axes: Any = 0,
@@ -76,8 +84,37 @@ def pmap(
     devices: Sequence[torch.device] | None = None,
     axis_size: int | None = None,
     donate_argnums: int | Sequence[int] = (),
-    compile: Any = False,
-):
+    compile: bool | dict[str, Any] | None = False,
+) -> Pmapped: ...
+
+
+@overload
+def pmap(
+    fun: None = None,
+    axis_name: str | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[torch.device] | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    compile: bool | dict[str, Any] | None = False,
+) -> Callable[[Callable[..., Any]], Pmapped]: ...
+
+
+def pmap(
+    fun: Callable[..., Any] | None = None,
+    axis_name: str | None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    static_broadcasted_argnums: int | Sequence[int] = (),
+    devices: Sequence[torch.device] | None = None,
+    axis_size: int | None = None,
+    donate_argnums: int | Sequence[int] = (),
+    compile: bool | dict[str, Any] | None = False,
+) -> Pmapped | Callable[[Callable[..., Any]], Pmapped]:
     """Map ``fun`` over the leading (or ``in_axes``) axis of its arguments, one
     replica per device, like ``jax.pmap``. Usable as ``@pmap``,
     ``@pmap(axis_name="i")`` or ``pmap(f, "i", in_axes=...)``.
@@ -122,17 +159,17 @@ class Pmapped:
 
     def __init__(
         self,
-        fun,
+        fun: Callable[..., Any],
         *,
-        axis_name,
-        in_axes,
-        out_axes,
-        static_broadcasted_argnums,
-        devices,
-        axis_size,
-        donate_argnums,
-        compile=False,
-    ):
+        axis_name: str | None,
+        in_axes: Any,
+        out_axes: Any,
+        static_broadcasted_argnums: int | Sequence[int],
+        devices: Sequence[torch.device] | None,
+        axis_size: int | None,
+        donate_argnums: int | Sequence[int],
+        compile: bool | dict[str, Any] | None = False,
+    ) -> None:
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
         if axis_name is not None and not isinstance(axis_name, str):
@@ -159,10 +196,12 @@ class Pmapped:
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
         self._devices = devices
-        self._axis_size = None if axis_size is None else int(axis_size)
-        self._in_plans: dict = {}
-        self._positional_specs: dict = {}
-        self._out_plans: dict = {}
+        # Declared: mypy does not count int as a numbers.Integral, so after the check
+        # above it would infer None.
+        self._axis_size: int | None = None if axis_size is None else int(axis_size)
+        self._in_plans: dict[_InKey, _InPlan] = {}
+        self._positional_specs: dict[int, TreeSpec] = {}  # by argument count
+        self._out_plans: dict[_OutKey, _OutPlan] = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
@@ -172,7 +211,7 @@ class Pmapped:
         return f"<pmap of {self._fun_name} axis_name={self._axis_name!r}>"
 
     # -- the call ------------------------------------------------------------------------
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         static_pos = self._static_positions(len(args))
         if static_pos:
             static_vals = tuple(args[i] for i in static_pos)
@@ -205,6 +244,8 @@ class Pmapped:
         per_leaf, sources = self._place(plan, leaves, devices, n, donated)
 
         static_items = list(zip(static_pos, static_vals))
+        programs: list[Callable[..., Any]]
+        gate: DynamoGate | None
         if self._compiled is None:
             programs, gate = [self._fun] * n, None
         else:
@@ -213,7 +254,7 @@ class Pmapped:
 
         positional_only = treedef is self._positional_specs.get(len(leaves))
 
-        def call_fun(rank, replica_leaves):
+        def call_fun(rank: int, replica_leaves: list[Any]) -> FlatOutput:
             """Run replica ``rank``; its output comes back flattened."""
             if positional_only:
                 dyn, kw = replica_leaves, {}
@@ -234,7 +275,8 @@ class Pmapped:
             size, first, make_comm = layout
             new_comm = lambda: make_comm(devices, gate)  # noqa: E731
 
-        def run(replica_fn):  # a fresh communicator per run (forward, and each backward)
+        # A fresh communicator per run (forward, and each backward).
+        def run(replica_fn: Callable[[int], Any]) -> list[Any]:
             return _runtime.pool().run(devices, replica_fn, new_comm(), axis_name, size, first_index=first)
 
         if torch.is_grad_enabled():
@@ -244,7 +286,7 @@ class Pmapped:
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
         return self._assemble(outs, devices)
 
-    def _positional_spec(self, n: int):
+    def _positional_spec(self, n: int) -> TreeSpec:
         """The tree structure of ``((a0, ..., a{n-1}), {})`` with tensor leaves."""
         spec = self._positional_specs.get(n)
         if spec is None:
@@ -266,7 +308,14 @@ class Pmapped:
             pos.append(j)
         return tuple(sorted(set(pos)))
 
-    def _make_in_plan(self, args, static_pos, dyn_args, kwargs, leaves) -> _InPlan:
+    def _make_in_plan(
+        self,
+        args: tuple[Any, ...],
+        static_pos: tuple[int, ...],
+        dyn_args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        leaves: list[Any],
+    ) -> _InPlan:
         in_axes = self._in_axes
         # Readable paths: args[i] counts every positional argument, static ones too.
         dyn_index = [i for i in range(len(args)) if i not in static_pos]
@@ -284,7 +333,9 @@ class Pmapped:
                 )
         # One argument at a time, so that a structure mismatch names the entry of
         # in_axes and the argument it happens in (in_axes[1]['w'] vs args[1]['w']).
-        axes, paths, arg_of_leaf = [], [], []
+        axes: list[int | None] = []
+        paths: list[str] = []
+        arg_of_leaf: list[int | None] = []
         for j, a in enumerate(dyn_args):
             if isinstance(in_axes, tuple):
                 axes += broadcast_prefix(in_axes[j], a, f"in_axes[{in_index[j]}]", f"args[{dyn_index[j]}]")
@@ -299,7 +350,7 @@ class Pmapped:
             paths += p
             arg_of_leaf += [None] * len(p)
         kinds = [_kind(v) for v in leaves]
-        canonical = []
+        canonical: list[int | None] = []
         for leaf, kind, axis, path in zip(leaves, kinds, axes, paths):
             if kind == _PER_REPLICA and axis not in (0, -1):
                 raise ValueError(
@@ -337,14 +388,15 @@ class Pmapped:
             )
         return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf)
 
-    def _axis_length(self, plan: _InPlan, leaves) -> int:
-        n = None
-        first = None
+    def _axis_length(self, plan: _InPlan, leaves: list[Any]) -> int:
+        n: int | None = None
+        first: int | None = None  # the leaf n comes from
         for j in plan.mapped:
             size = leaves[j].shape[plan.axes[j]]
             if n is None:
                 n, first = size, j
             elif size != n:
+                assert first is not None  # set with n
                 sizes = "\n".join(
                     f"  {plan.paths[k]}: axis {plan.axes[k]} of shape {tuple(leaves[k].shape)} has size "
                     f"{leaves[k].shape[plan.axes[k]]}"
@@ -356,11 +408,13 @@ class Pmapped:
                 )
         if self._axis_size is not None:
             if n is not None and n != self._axis_size:
+                assert first is not None  # set with n
                 raise ValueError(
                     f"pmap: axis_size={self._axis_size} but {plan.paths[first]} has size {n} along its mapped axis"
                 )
             n = self._axis_size
-        if n == 0:
+        if not n:  # 0 (never None: a plan maps an argument or the pmap has an axis_size)
+            assert first is not None  # an axis_size is positive: a mapped argument has size 0
             raise ValueError(f"pmap: the mapped axis of {plan.paths[first]} has size 0; there is nothing to map")
         return n
 
@@ -384,12 +438,14 @@ class Pmapped:
         # still belongs to the caller.
         return [j for j, a in enumerate(plan.arg_of_leaf) if a in donate and plan.kinds[j] == _SHARDED]
 
-    def _place(self, plan: _InPlan, leaves, devices, n: int, donated: list[int]):
+    def _place(
+        self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int, donated: list[int]
+    ) -> tuple[list[list[Any]], list[InputSource]]:
         """Per input leaf, its n per-replica values; and the leaves autograd must
         see (those that require grad when grad mode is on)."""
-        per_leaf = []
+        per_leaf: list[list[Any]] = []
         grad_on = torch.is_grad_enabled()
-        sources = []
+        sources: list[InputSource] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
                 leaf = (
@@ -433,7 +489,7 @@ class Pmapped:
         return per_leaf, sources
 
     # -- outputs -------------------------------------------------------------------------
-    def _assemble(self, flat: list, devices):
+    def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
         """The replicas' flattened outputs as ShardedTensors (or checked
         replicated values), in the output structure."""
         spec = flat[0][1]
@@ -451,7 +507,7 @@ class Pmapped:
         if plan is None:
             plan = self._make_out_plan(tree_unflatten(first, spec), first)
             self._out_plans[key] = plan
-        result = []
+        result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             values = [f[0][j] for f in flat]
             if axis is None:
@@ -466,10 +522,10 @@ class Pmapped:
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
         return tree_unflatten(result, spec)
 
-    def _make_out_plan(self, out0, first_leaves) -> _OutPlan:
+    def _make_out_plan(self, out0: PyTree, first_leaves: list[Any]) -> _OutPlan:
         axes = broadcast_prefix(self._out_axes, out0, "out_axes", "out")
         paths = leaf_paths(out0, "out")
-        canonical = []
+        canonical: list[int | None] = []
         for leaf, axis, path in zip(first_leaves, axes, paths):
             if axis is None or leaf is None:  # a None output holds no data: returned as is (as JAX)
                 canonical.append(None)
@@ -489,7 +545,7 @@ class Pmapped:
         return _OutPlan(canonical, paths)
 
 
-def _hashable(v) -> bool:
+def _hashable(v: Any) -> bool:
     try:
         hash(v)
         return True
@@ -502,7 +558,7 @@ def _anonymous_axis(p: Pmapped) -> str:
     return f"<unnamed axis of pmap {id(p):x}>"
 
 
-def _check_replicated(values: list, path: str):
+def _check_replicated(values: list[Any], path: str) -> Any:
     first = values[0]
     for r, v in enumerate(values[1:], start=1):
         if isinstance(first, torch.Tensor) and isinstance(v, torch.Tensor):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class CallerState:
 
     grad_enabled: bool
     inference_mode: bool
-    autocast: tuple  # ((device_type, dtype), ...) for each enabled autocast
+    autocast: tuple[tuple[str, torch.dtype], ...]  # ((device_type, dtype), ...) for each enabled autocast
 
     @staticmethod
     def capture() -> CallerState:
@@ -54,10 +55,10 @@ def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
 
 
 class _Worker:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.tasks: queue.SimpleQueue[Callable[[_Worker], None]] = queue.SimpleQueue()
         self.intra_op_threads = 0  # what this thread last asked torch for
         self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{device_str(device)}", daemon=True)
         self.thread.start()
@@ -79,9 +80,9 @@ class _Call:
 
     __slots__ = ("results", "errors", "remaining", "lock", "done")
 
-    def __init__(self, n: int):
-        self.results: list = [None] * n
-        self.errors: list = [None] * n
+    def __init__(self, n: int) -> None:
+        self.results: list[Any] = [None] * n  # each replica's return value
+        self.errors: list[BaseException | None] = [None] * n
         self.remaining = n
         self.lock = threading.Lock()
         # A bare lock as a one-shot latch: the caller blocks on it, the last
@@ -119,10 +120,10 @@ class WorkerPool:
         devices: Sequence[torch.device],
         replica_fn: Callable[[int], Any],
         comm: Communicator,
-        axis_name: Any,
+        axis_name: str,
         axis_size: int,
         first_index: int = 0,
-    ) -> list:
+    ) -> list[Any]:
         """Run ``replica_fn(rank)`` for every local rank on its device's worker
         with the named axis bound; return the results in rank order or raise the
         first replica's original exception."""
@@ -135,22 +136,26 @@ class WorkerPool:
         state = CallerState.capture()
         call = _Call(n)
         workers = [self.worker(d) for d in devices]
-        caller_streams = [
-            torch.cuda.current_stream(d) if w.stream is not None else None for d, w in zip(devices, workers)
+        # Per rank: on a CUDA device, its worker's stream and the caller's current
+        # stream there; None on a virtual CPU device.
+        streams = [
+            (w.stream, torch.cuda.current_stream(d)) if w.stream is not None else None for d, w in zip(devices, workers)
         ]
         # Virtual CPU devices share the CPU: split the caller's intra-op threads
         # among the replicas (a per-thread setting), rather than let every
         # replica start a full OpenMP team that spins while the others compute.
         cpu_threads = max(1, torch.get_num_threads() // n)
 
-        def make_task(rank: int):
+        def make_task(rank: int) -> Callable[[_Worker], None]:
             def task(worker: _Worker) -> None:
                 frame = _axis.ReplicaFrame(axis_name, axis_size, first_index + rank, worker.device, comm)
                 _axis.bind(frame)
                 try:
-                    if worker.stream is not None:
-                        worker.stream.wait_stream(caller_streams[rank])
-                        with torch.cuda.stream(worker.stream):
+                    cuda = streams[rank]
+                    if cuda is not None:
+                        worker_stream, caller_stream = cuda
+                        worker_stream.wait_stream(caller_stream)
+                        with torch.cuda.stream(worker_stream):
                             call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     else:
                         if worker.intra_op_threads != cpu_threads:
@@ -178,16 +183,17 @@ class WorkerPool:
             comm.abort(e, -1)
             raise
 
-        for rank, w in enumerate(workers):
-            if w.stream is not None:
-                caller_streams[rank].wait_stream(w.stream)
-                _record_outputs(call.results[rank], caller_streams[rank])
+        for rank, cuda in enumerate(streams):
+            if cuda is not None:
+                worker_stream, caller_stream = cuda
+                caller_stream.wait_stream(worker_stream)
+                _record_outputs(call.results[rank], caller_stream)
         if any(e is not None for e in call.errors):
             raise _root_cause(call.errors, devices, first_index)
         return call.results
 
 
-def _record_outputs(result: Any, stream) -> None:
+def _record_outputs(result: Any, stream: torch.cuda.Stream) -> None:
     # Outputs were allocated on the worker's stream; tell the caching allocator
     # they are now also in use on the caller's.
     from torch.utils._pytree import tree_leaves
@@ -197,7 +203,9 @@ def _record_outputs(result: Any, stream) -> None:
             leaf.record_stream(stream)
 
 
-def _root_cause(errors: list, devices, first_index: int) -> BaseException:
+def _root_cause(
+    errors: Sequence[BaseException | None], devices: Sequence[torch.device], first_index: int
+) -> BaseException:
     """The exception the caller should see: the first replica's own failure,
     not the cancellations it caused in the others."""
     ranked = [(r, e) for r, e in enumerate(errors) if e is not None]
@@ -205,7 +213,10 @@ def _root_cause(errors: list, devices, first_index: int) -> BaseException:
     rank, err = (own or ranked)[0]
     note = f"(raised in pmap replica {first_index + rank} on device {devices[rank]})"
     if note not in getattr(err, "__notes__", ()):
-        err.add_note(note)
+        if sys.version_info >= (3, 11):
+            err.add_note(note)
+        else:  # add_note is PEP 678 (3.11); the attribute is what it sets
+            vars(err)["__notes__"] = [*getattr(err, "__notes__", []), note]
     return err
 
 

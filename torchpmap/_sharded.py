@@ -13,12 +13,13 @@ assembled full tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, SupportsIndex
 
 import numpy as np
+import numpy.typing as npt
 import torch
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import PyTree, tree_map
 
 from ._devices import as_devices, default_devices, device_str
 from .errors import DeletedShardedTensorError
@@ -39,13 +40,15 @@ _METADATA = {
 
 
 class ShardedTensor(torch.Tensor):
-    _shards: tuple
-    _devices: tuple
+    _shards: tuple[torch.Tensor, ...]
+    _devices: tuple[torch.device, ...]
     _axis: int
     _deleted: bool
 
     @staticmethod
-    def __new__(cls, shards: Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int = 0):
+    def __new__(
+        cls: type[ShardedTensor], shards: Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int = 0
+    ) -> ShardedTensor:
         shards = tuple(shards)
         devices = tuple(torch.device(d) for d in devices)
         if not shards:
@@ -74,7 +77,7 @@ class ShardedTensor(torch.Tensor):
         self._deleted = False
         return self
 
-    def __init__(self, *args, **kwargs):  # everything happens in __new__
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
         pass
 
     # -- sharding -------------------------------------------------------------------
@@ -109,8 +112,10 @@ class ShardedTensor(torch.Tensor):
                 "deleted, so its buffers may have been reused; use the call's result instead"
             )
 
+    # The shards carry autograd, not the wrapper: read-only here, while torch's
+    # stubs type Tensor.requires_grad as a plain writable attribute.
     @property
-    def requires_grad(self) -> bool:  # the shards carry autograd, not the wrapper
+    def requires_grad(self) -> bool:  # type: ignore[override]
         self._check_alive()
         return any(s.requires_grad for s in self._shards)
 
@@ -122,7 +127,7 @@ class ShardedTensor(torch.Tensor):
         parts = [s.to(target) for s in self._shards]
         return torch.stack(parts, dim=self._axis)
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
         full = self.unshard("cpu").detach()
         arr = full.resolve_conj().resolve_neg().numpy()
         return arr.astype(dtype) if dtype is not None else arr
@@ -132,7 +137,7 @@ class ShardedTensor(torch.Tensor):
         shards that require grad or live on a GPU need ``force=True``."""
         return self.unshard().numpy(force=force)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Any) -> torch.Tensor:
         # An int on the mapped axis (axis 0) is shard i itself: no copy.
         if self._axis == 0 and isinstance(index, int) and not isinstance(index, bool):
             shards = self.shards
@@ -141,7 +146,7 @@ class ShardedTensor(torch.Tensor):
             return shards[index]
         return self.unshard()[index]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
             yield self[i]
 
@@ -149,7 +154,9 @@ class ShardedTensor(torch.Tensor):
         self._check_alive()
         return self.shape[0]
 
-    def __repr__(self, *, tensor_contents=None) -> str:
+    # Tensor.__repr__'s own signature. mypy drops the names of a dunder method's
+    # parameters, keyword-only ones too, so it cannot match this override to it.
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
         if self._deleted:
             return "ShardedTensor(<deleted>)"
         devs = ", ".join(device_str(d) for d in self._devices)
@@ -159,13 +166,21 @@ class ShardedTensor(torch.Tensor):
             f"devices=[{devs}],\n  {body})"
         )
 
-    def __reduce_ex__(self, protocol):
+    def __reduce_ex__(
+        self, protocol: SupportsIndex
+    ) -> tuple[type[ShardedTensor], tuple[tuple[torch.Tensor, ...], tuple[torch.device, ...], int]]:
         self._check_alive()
         return (ShardedTensor, (self._shards, self._devices, self._axis))
 
     # -- every other torch function works on the full tensor -----------------------------------
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
             # Attribute reads (shape, dtype, device, ...) and metadata methods:
@@ -177,18 +192,26 @@ class ShardedTensor(torch.Tensor):
                 return func(*args, **kwargs)
         return func(*tree_map(_full, args), **tree_map(_full, kwargs))
 
+    # torch's stubs type Tensor.__torch_dispatch__ as a plain function attribute
+    # (_disabled_torch_dispatch_impl), not the classmethod that subclasses define.
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: torch._ops.OpOverload,
+        types: Iterable[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         # Reached only from C++ paths that skip __torch_function__; same rule.
         return func(*tree_map(_full, args), **tree_map(_full, kwargs or {}))
 
 
-def _full(v):
+def _full(v: Any) -> Any:
     return v.unshard() if isinstance(v, ShardedTensor) else v
 
 
 # -- placement helpers -------------------------------------------------------------------
-def _check_devices(devices, n: int | None, fn: str) -> tuple[torch.device, ...]:
+def _check_devices(devices: Sequence[torch.device] | None, n: int | None, fn: str) -> tuple[torch.device, ...]:
     if devices is None:
         return default_devices(n, fn, f"{n} shards")
     devices = as_devices(devices, fn)
@@ -202,7 +225,7 @@ def _to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
     return t if d.type == "cpu" and t.device.type == "cpu" else t.to(d)
 
 
-def device_put_sharded(shards: Sequence[Any], devices: Sequence[torch.device] | None = None):
+def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device] | None = None) -> PyTree:
     """Place ``shards[i]`` (a tensor or a pytree of tensors) on ``devices[i]``; a
     pytree of ShardedTensors mapped along a new leading axis comes back."""
     shards = list(shards)
@@ -223,23 +246,23 @@ def device_put_sharded(shards: Sequence[Any], devices: Sequence[torch.device] | 
     return tree_unflatten(out, spec)
 
 
-def device_put_replicated(x: Any, devices: Sequence[torch.device] | None = None):
+def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = None) -> PyTree:
     """A copy of ``x`` (a tensor or pytree) on every device, as ShardedTensors
     with a leading axis of size len(devices). Each replica gets its own storage,
     so replicas may update their copy in place."""
     devices = _check_devices(devices, None, "device_put_replicated")
 
-    def rep(t):
+    def rep(t: Any) -> ShardedTensor:
         t = torch.as_tensor(t)
         return ShardedTensor([t.detach().to(d, copy=True) for d in devices], devices, axis=0)
 
     return tree_map(rep, x)
 
 
-def unreplicate(tree: Any):
+def unreplicate(tree: PyTree) -> PyTree:
     """Shard 0 of every ShardedTensor in ``tree`` (no gather, no copy)."""
 
-    def first(v):
+    def first(v: Any) -> Any:
         if isinstance(v, ShardedTensor):
             if v.axis != 0:
                 return v.unshard().select(v.axis, 0)

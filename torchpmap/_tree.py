@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
-from torch.utils._pytree import SequenceKey, TreeSpec, keystr, tree_flatten, tree_flatten_with_path
+from torch.utils._pytree import KeyEntry, PyTree, SequenceKey, TreeSpec, keystr, tree_flatten, tree_flatten_with_path
+
+# An in_axes/out_axes entry: None, or an int (any numbers.Integral but bool).
+AxisSpec: TypeAlias = "int | None"
 
 _MISSING = object()
 
@@ -15,7 +18,7 @@ def is_axis_spec(v: Any) -> bool:
     return v is None or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
-def broadcast_prefix(prefix: Any, tree: Any, prefix_name: str, tree_name: str) -> list:
+def broadcast_prefix(prefix: PyTree, tree: PyTree, prefix_name: str, tree_name: str) -> list[AxisSpec]:
     """One entry of the ``prefix`` tree for every leaf of ``tree``.
 
     ``prefix`` is an axis spec (int or None) or a pytree whose structure is a
@@ -23,12 +26,14 @@ def broadcast_prefix(prefix: Any, tree: Any, prefix_name: str, tree_name: str) -
     ``tree_name`` spell the two roots in error messages (``"in_axes[1]"``,
     ``"args[1]"``), so a mismatch names the exact path where it happens.
     """
-    out: list = []
+    out: list[AxisSpec] = []
     _broadcast(prefix, tree, prefix_name, tree_name, (prefix_name, tree_name), out)
     return out
 
 
-def _broadcast(prefix: Any, tree: Any, pname: str, tname: str, roots: tuple, out: list) -> None:
+def _broadcast(
+    prefix: PyTree, tree: PyTree, pname: str, tname: str, roots: tuple[str, str], out: list[AxisSpec]
+) -> None:
     if is_axis_spec(prefix):
         out.extend([prefix] * tree_flatten(tree)[1].num_leaves)
         return
@@ -64,7 +69,7 @@ def _broadcast(prefix: Any, tree: Any, pname: str, tname: str, roots: tuple, out
         _broadcast(sub, child, pname + keystr((k,)), tname + keystr((k,)), roots, out)
 
 
-def _children(node: Any) -> list | None:
+def _children(node: PyTree) -> list[tuple[KeyEntry, PyTree]] | None:
     """``(key, child)`` for every child of a pytree node; None for a leaf."""
     children, spec = tree_flatten(node, is_leaf=lambda v: v is not node)
     if spec.is_leaf():
@@ -77,7 +82,7 @@ def _children(node: Any) -> list | None:
         return [(SequenceKey(i), c) for i, c in enumerate(children)]
 
 
-def _get(key: Any, node: Any) -> Any:
+def _get(key: KeyEntry, node: PyTree) -> Any:
     try:
         return key.get(node)
     except Exception:
@@ -96,7 +101,7 @@ def _describe(v: Any) -> str:
     return f"a {type(v).__name__}"
 
 
-def leaf_paths(tree: Any, root: str) -> list[str]:
+def leaf_paths(tree: PyTree, root: str) -> list[str]:
     """A readable path (``args[0]['w']``) for every leaf of ``tree``, in
     tree_flatten order."""
     items = _children(tree)
@@ -108,7 +113,7 @@ def leaf_paths(tree: Any, root: str) -> list[str]:
 _LEAF = tree_flatten(0)[1]
 
 
-def flatten(tree: Any) -> tuple[list, TreeSpec]:
+def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
     """tree_flatten, with the common single-tensor case made cheap."""
     if isinstance(tree, torch.Tensor):
         return [tree], _LEAF

@@ -9,13 +9,18 @@ five custom ops in ``_ops``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
 import torch
 from torch.utils import _pytree
+from torch.utils._pytree import PyTree
 
 from . import _axis, _ops
+from ._axis import AxisName
+
+# axis_index_groups: None (one group of the whole axis) or groups of axis indices.
+AxisIndexGroups: TypeAlias = "Sequence[Sequence[int]] | None"
 
 __all__ = [
     "psum",
@@ -34,7 +39,7 @@ __all__ = [
 
 
 # -- argument checking (all before any communication) ---------------------------------
-def _names(axis_name: Any) -> tuple[str, ...]:
+def _names(axis_name: AxisName) -> tuple[str, ...]:
     names = _axis.normalize_axis_names(axis_name)
     for n in names:
         if not isinstance(n, str) or _ops.AXIS_SEP in n:
@@ -42,7 +47,7 @@ def _names(axis_name: Any) -> tuple[str, ...]:
     return names
 
 
-def _groups(axis_index_groups, size: int, fn: str, equal_sizes: bool) -> tuple[list[int], int]:
+def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes: bool) -> tuple[list[int], int]:
     """Validate axis_index_groups; return it flattened, with the group size."""
     if axis_index_groups is None:
         return [], size
@@ -82,7 +87,7 @@ def _as_tensor(x: Any, fn: str) -> torch.Tensor:
     raise TypeError(f"{fn}: expected tensors (or a pytree of tensors), got {type(x).__name__}")
 
 
-def _tree_map(fn, tree):
+def _tree_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
     """Apply fn to every leaf of tree. torch's pytrees make None a leaf; in JAX
     (and in pmap's arguments) None is an empty subtree, so it passes through."""
     return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
@@ -101,18 +106,18 @@ def _blocks_first(v: torch.Tensor, d: int, g: int, tiled: bool, fn: str, arg: st
     return v.movedim(d, 0)
 
 
-def _size(axis_name) -> int:
+def _size(axis_name: AxisName) -> int:
     return _axis.static_axis_size(_names(axis_name))
 
 
 # -- reductions -------------------------------------------------------------------------
-def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
+def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str) -> tuple[PyTree, int]:
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     size = _size(names)
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
 
-    def prepare(v):
+    def prepare(v: Any) -> Any:
         if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
             return v
         v = _as_tensor(v, fn)
@@ -127,7 +132,7 @@ def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
     # buffer and are split again, differentiably).
-    buckets: dict = {}
+    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for j, v in enumerate(leaves):
         if isinstance(v, torch.Tensor):
             buckets.setdefault((v.dtype, v.device), []).append(j)
@@ -147,16 +152,16 @@ def _reduce(x, axis_name, op: str, axis_index_groups, fn: str):
     return _pytree.tree_unflatten(leaves, spec), group_size
 
 
-def psum(x, axis_name, *, axis_index_groups=None):
+def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce sum of ``x`` over the named axis (booleans are summed as ints)."""
     return _reduce(x, axis_name, "sum", axis_index_groups, "psum")[0]
 
 
-def pmean(x, axis_name, *, axis_index_groups=None):
+def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
     total, n = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
 
-    def div(v):
+    def div(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
             return torch.true_divide(v, n)
         return v / n
@@ -164,25 +169,27 @@ def pmean(x, axis_name, *, axis_index_groups=None):
     return _tree_map(div, total)
 
 
-def pmax(x, axis_name, *, axis_index_groups=None):
+def pmax(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce maximum (not differentiable, as in JAX)."""
     return _reduce(x, axis_name, "max", axis_index_groups, "pmax")[0]
 
 
-def pmin(x, axis_name, *, axis_index_groups=None):
+def pmin(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce minimum (not differentiable, as in JAX)."""
     return _reduce(x, axis_name, "min", axis_index_groups, "pmin")[0]
 
 
 # -- gathers and scatters ---------------------------------------------------------------
-def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False):
+def all_gather(
+    x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None, axis: int = 0, tiled: bool = False
+) -> PyTree:
     """Gather ``x`` from every replica of the group: stacked on a new ``axis``,
     or concatenated along ``axis`` when ``tiled``."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_gather", equal_sizes=True)
 
-    def leaf(v):
+    def leaf(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "all_gather")
         if tiled and v.ndim == 0:
             raise ValueError("all_gather: tiled=True needs a tensor with at least one dimension")
@@ -194,14 +201,21 @@ def all_gather(x, axis_name, *, axis_index_groups=None, axis=0, tiled=False):
     return _tree_map(leaf, x)
 
 
-def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, tiled=False):
+def psum_scatter(
+    x: PyTree,
+    axis_name: AxisName,
+    *,
+    scatter_dimension: int = 0,
+    axis_index_groups: AxisIndexGroups = None,
+    tiled: bool = False,
+) -> PyTree:
     """Sum over the group, then keep this replica's block of ``scatter_dimension``
     (untiled: that dimension must equal the group size and disappears)."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "psum_scatter", equal_sizes=True)
 
-    def leaf(v):
+    def leaf(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "psum_scatter")
         if v.ndim == 0:
             raise ValueError("psum_scatter: x must have at least one dimension to scatter")
@@ -214,7 +228,15 @@ def psum_scatter(x, axis_name, *, scatter_dimension=0, axis_index_groups=None, t
     return _tree_map(leaf, x)
 
 
-def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None, tiled=False):
+def all_to_all(
+    x: PyTree,
+    axis_name: AxisName,
+    split_axis: int,
+    concat_axis: int,
+    *,
+    axis_index_groups: AxisIndexGroups = None,
+    tiled: bool = False,
+) -> PyTree:
     """Split ``split_axis`` into one block per replica, send block j to replica j,
     and put the received blocks along ``concat_axis`` (stacked on a new axis
     untiled, concatenated when ``tiled``), as ``jax.lax.all_to_all``."""
@@ -222,7 +244,7 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_to_all", equal_sizes=True)
 
-    def leaf(v):
+    def leaf(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "all_to_all")
         if v.ndim == 0:
             raise ValueError("all_to_all: x must have at least one dimension to split")
@@ -235,13 +257,13 @@ def all_to_all(x, axis_name, split_axis, concat_axis, *, axis_index_groups=None,
     return _tree_map(leaf, x)
 
 
-def pswapaxes(x, axis_name, axis, *, axis_index_groups=None):
+def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """Swap the mapped axis with the positional ``axis``: all_to_all(x, axis_name, axis, axis)."""
     return all_to_all(x, axis_name, axis, axis, axis_index_groups=axis_index_groups)
 
 
 # -- permutations -----------------------------------------------------------------------
-def ppermute(x, axis_name, perm: Sequence[tuple[int, int]]):
+def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> PyTree:
     """Send ``x`` from each ``source`` to its ``destination`` for every pair in
     ``perm``; replicas that no pair sends to receive zeros."""
     names = _names(axis_name)
@@ -261,7 +283,7 @@ def ppermute(x, axis_name, perm: Sequence[tuple[int, int]]):
     return _tree_map(lambda v: _ops.call("permute", _as_tensor(v, "ppermute"), axes, flat), x)
 
 
-def pshuffle(x, axis_name, perm: Sequence[int]):
+def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
     """Replica i receives ``x`` from replica ``perm[i]``."""
     perm = list(perm)
     if sorted(perm) != list(range(len(perm))) or len(perm) != _size(axis_name):
@@ -270,7 +292,7 @@ def pshuffle(x, axis_name, perm: Sequence[int]):
 
 
 # -- axis queries -----------------------------------------------------------------------
-def axis_index(axis_name) -> torch.Tensor:
+def axis_index(axis_name: AxisName) -> torch.Tensor:
     """This replica's index along the named axis (row-major over a tuple of
     names), as an int64 scalar tensor on the replica's device."""
     names = _names(axis_name)
@@ -278,6 +300,6 @@ def axis_index(axis_name) -> torch.Tensor:
     return _ops.OPS.axis_index.default(axes, torch.device(_axis.physical_device(names)))
 
 
-def axis_size(axis_name) -> int:
+def axis_size(axis_name: AxisName) -> int:
     """The size of the named axis (the product over a tuple of names)."""
     return _size(axis_name)

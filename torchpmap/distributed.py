@@ -16,18 +16,38 @@ import datetime
 import gc
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias, TypedDict
 
 import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import REDUCERS, InProcessCommunicator, compute_results
+from ._communicator import REDUCERS, InProcessCommunicator, What, compute_results
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError
 
-_state: dict = {}
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+
+    from ._compile import DynamoGate
+
+
+class _State(TypedDict, total=False):
+    """This process's place in the job: every key once initialize() ran, none before."""
+
+    rank: int
+    world: int
+    local_count: int
+    group: dist.ProcessGroup | None
+
+
+_state: _State = {}
+
+# (devices, compile gate) -> the communicator of one pmap call across the processes.
+CommunicatorFactory: TypeAlias = "Callable[[Sequence[torch.device], DynamoGate | None], ProcessGroupCommunicator]"
 
 
 def initialize(
@@ -73,7 +93,7 @@ def initialize(
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     local = _local_devices_for_process()
-    counts: list = [None] * world
+    counts: list[tuple[int, str] | None] = [None] * world
     dist.all_gather_object(counts, (len(local), local[0].type))
     if len({c for c in counts}) != 1:
         raise RuntimeError(
@@ -88,7 +108,7 @@ def initialize(
     else:
         everything = tuple(d for _ in range(world) for d in local)
     _devices._set_process_layout((rank, world, everything), local)
-    _state.update(rank=rank, world=world, local_count=n, group=dist.group.WORLD)
+    _state.update({"rank": rank, "world": world, "local_count": n, "group": dist.group.WORLD})
     atexit.register(_shutdown_at_exit)
 
 
@@ -129,8 +149,9 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
     that still hold it at interpreter teardown abort the process. A process
     that forgets is shut down at exit, without waiting (its peers may be gone).
     """
+    global _state
     if _state:
-        _state.clear()
+        _state = {}
         _devices._set_process_layout(None, None)
     if dist.is_initialized():
         if wait_for_peers:
@@ -139,7 +160,7 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def call_layout(n_local: int):
+def call_layout(n_local: int) -> tuple[int, int, CommunicatorFactory] | None:
     """For a pmap call over ``n_local`` local replicas: (global axis size, global
     index of the first local replica, communicator factory)."""
     if not _state:
@@ -157,7 +178,14 @@ def call_layout(n_local: int):
 class ProcessGroupCommunicator(InProcessCommunicator):
     """Local rendezvous, then one torch.distributed operation for all local replicas."""
 
-    def __init__(self, devices: Sequence[torch.device], first: int, global_size: int, group, gate=None):
+    def __init__(
+        self,
+        devices: Sequence[torch.device],
+        first: int,
+        global_size: int,
+        group: dist.ProcessGroup | None,
+        gate: DynamoGate | None = None,
+    ) -> None:
         super().__init__(devices, gate=gate)
         self._first = first
         self._global_size = global_size
@@ -166,7 +194,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
     def _local_rank(self, rank: int) -> int:
         return rank - self._first
 
-    def _compute(self, what, xs_local):
+    def _compute(self, what: What, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
         try:
             self._check_same_everywhere(what, xs_local[0])
             name = what[0]
@@ -189,7 +217,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             return self._to(t, local)
         return t
 
-    def _check_same_everywhere(self, what, x):
+    def _check_same_everywhere(self, what: What, x: torch.Tensor) -> None:
         signature = repr((what, tuple(x.shape), x.dtype)).encode()
         mine = torch.tensor([zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
@@ -206,7 +234,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
     def _comm_device(self) -> torch.device:
         return physical_device(self._devices[0])
 
-    def _all_reduce(self, xs_local, op):
+    def _all_reduce(self, xs_local: list[torch.Tensor], op: str) -> list[torch.Tensor]:
         dev = self._comm_device()
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
@@ -216,7 +244,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         total = _from_wire(wire, total)
         return [self._to(total, r).clone() for r in range(self.size)]
 
-    def _gather_everything(self, xs_local):
+    def _gather_everything(self, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
         dev = self._comm_device()
         stacked = _to_wire(torch.stack([x.to(dev) for x in xs_local]))
         parts = [torch.empty_like(stacked) for _ in range(dist.get_world_size(self._group))]
@@ -245,7 +273,7 @@ def _from_wire(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def to_dtensor(x: ShardedTensor, mesh=None):
+def to_dtensor(x: ShardedTensor, mesh: DeviceMesh | None = None) -> DTensor:
     """This process's shards of ``x`` as a DTensor sharded over the processes
     (``Shard(x.axis)`` on a 1-D device mesh), to hand to the rest of PyTorch's
     distributed stack."""
@@ -265,8 +293,9 @@ def to_dtensor(x: ShardedTensor, mesh=None):
     )
 
 
-def _contiguous_stride(shape) -> tuple:
-    stride, acc = [], 1
+def _contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
+    stride: list[int] = []
+    acc = 1
     for s in reversed(shape):
         stride.append(acc)
         acc *= s

@@ -1,5 +1,7 @@
 """Exceptions torchpmap raises on its own account."""
 
+from __future__ import annotations
+
 
 class CollectiveError(RuntimeError):
     """A collective could not complete: replicas disagreed, or one left early."""

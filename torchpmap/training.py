@@ -19,13 +19,14 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, TypeAlias, overload
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
 
 from . import _axis
+from ._axis import AxisName
 from ._devices import as_devices, default_devices, physical_device
 from .collectives import pmean
 
@@ -38,8 +39,10 @@ class PerReplica:
     """
 
     __slots__ = ("values", "devices")
+    values: list[Any]
+    devices: tuple[torch.device, ...]
 
-    def __init__(self, values: Sequence[Any], devices: Sequence[torch.device]):
+    def __init__(self, values: Sequence[Any], devices: Sequence[torch.device]) -> None:
         values, devices = list(values), tuple(torch.device(d) for d in devices)
         if len(values) != len(devices):
             raise ValueError(f"PerReplica: {len(values)} values but {len(devices)} devices")
@@ -59,7 +62,7 @@ class PerReplica:
     def __getitem__(self, i: int) -> Any:
         return self.values[i]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.values)
 
     def __repr__(self) -> str:
@@ -75,11 +78,26 @@ def replicate_module(module: torch.nn.Module, devices: Sequence[torch.device] | 
     return PerReplica([copy.deepcopy(module).to(physical_device(d)) for d in devices], devices)
 
 
+OptimizerFactory: TypeAlias = "Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]"
+
+
+@overload
+def replicate(
+    module: torch.nn.Module, optimizer: None = None, devices: Sequence[torch.device] | None = None
+) -> PerReplica: ...
+
+
+@overload
+def replicate(
+    module: torch.nn.Module, optimizer: OptimizerFactory, devices: Sequence[torch.device] | None = None
+) -> tuple[PerReplica, PerReplica]: ...
+
+
 def replicate(
     module: torch.nn.Module,
-    optimizer: Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+    optimizer: OptimizerFactory | None = None,
     devices: Sequence[torch.device] | None = None,
-):
+) -> PerReplica | tuple[PerReplica, PerReplica]:
     """Module copies (and, given ``optimizer``, a factory such as
     ``lambda params: torch.optim.SGD(params, lr=0.1)``, one optimizer for each
     copy), made once, to pass to a pmapped training step every step."""
@@ -93,7 +111,9 @@ def replicate(
     return modules, PerReplica(opts, modules.devices)
 
 
-def pmean_grads(params: torch.nn.Module | Iterable[torch.Tensor], axis_name, *, bucket_mb: float = 25.0) -> None:
+def pmean_grads(
+    params: torch.nn.Module | Iterable[torch.Tensor], axis_name: AxisName, *, bucket_mb: float = 25.0
+) -> None:
     """Average ``.grad`` of every parameter across the axis, in place.
 
     Gradients are flattened into buckets of about ``bucket_mb`` MB per dtype and
@@ -102,17 +122,18 @@ def pmean_grads(params: torch.nn.Module | Iterable[torch.Tensor], axis_name, *, 
     """
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
-    with_grad = [p for p in params if p.grad is not None]
-    groups: dict = {}
-    for p in with_grad:
-        groups.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.dtype, g.device), []).append(g)
     limit = max(1, int(bucket_mb * 2**20))
     with torch.no_grad():
-        for ps in groups.values():
-            bucket, size = [], 0
-            for p in ps:
-                bucket.append(p)
-                size += p.grad.numel() * p.grad.element_size()
+        for gs in groups.values():
+            bucket: list[torch.Tensor] = []
+            size = 0
+            for g in gs:
+                bucket.append(g)
+                size += g.numel() * g.element_size()
                 if size >= limit:
                     _average_bucket(bucket, axis_name)
                     bucket, size = [], 0
@@ -120,24 +141,29 @@ def pmean_grads(params: torch.nn.Module | Iterable[torch.Tensor], axis_name, *, 
                 _average_bucket(bucket, axis_name)
 
 
-def _average_bucket(bucket: list, axis_name) -> None:
-    flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+def _average_bucket(bucket: list[torch.Tensor], axis_name: AxisName) -> None:
+    flat = torch.cat([g.reshape(-1) for g in bucket])
     flat = pmean(flat, axis_name)
-    if not flat.dtype == bucket[0].grad.dtype:  # integer grads do not exist; keep dtype
-        flat = flat.to(bucket[0].grad.dtype)
+    if not flat.dtype == bucket[0].dtype:  # integer grads do not exist; keep dtype
+        flat = flat.to(bucket[0].dtype)
     offset = 0
-    for p in bucket:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+    for g in bucket:
+        n = g.numel()
+        g.copy_(flat[offset : offset + n].view_as(g))
         offset += n
 
 
 # -- functional idiom ---------------------------------------------------------------------
-_skeletons: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+_skeletons: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]] = weakref.WeakKeyDictionary()
 _skeleton_lock = threading.Lock()
 
 
-def functional_call(module: torch.nn.Module, params_and_buffers: dict, args: Any = (), kwargs: dict | None = None):
+def functional_call(
+    module: torch.nn.Module,
+    params_and_buffers: dict[str, torch.Tensor],
+    args: Any = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
     """``torch.func.functional_call`` that is safe inside pmap.
 
     torch.func.functional_call swaps the given tensors into the module object
@@ -163,7 +189,7 @@ def _skeleton(module: torch.nn.Module, index: int) -> torch.nn.Module:
     return per_replica[index]
 
 
-def params_of(module: torch.nn.Module) -> dict:
+def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers as a dict of detached tensors (a
     pytree to replicate with device_put_replicated)."""
     state = {k: v.detach() for k, v in module.named_parameters()}
@@ -172,7 +198,21 @@ def params_of(module: torch.nn.Module) -> dict:
 
 
 # -- batches --------------------------------------------------------------------------------
-def shard_batch(batch: Any, num_devices: int | None = None, *, pad: bool = False):
+@overload
+def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: Literal[False] = False) -> PyTree: ...
+
+
+@overload
+def shard_batch(
+    batch: PyTree, num_devices: int | None = None, *, pad: Literal[True]
+) -> tuple[PyTree, torch.Tensor]: ...
+
+
+@overload
+def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool) -> PyTree: ...
+
+
+def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = False) -> PyTree:
     """Reshape every leaf of ``batch`` from (B, ...) to (num_devices, B / num_devices, ...).
 
     When B is not a multiple of the device count: with ``pad=False`` a
@@ -188,9 +228,11 @@ def shard_batch(batch: Any, num_devices: int | None = None, *, pad: bool = False
     if not leaves:
         raise ValueError("shard_batch: the batch has no tensors")
     leaves = [torch.as_tensor(v) for v in leaves]
-    sizes = {v.shape[0] if v.ndim else None for v in leaves}
-    if None in sizes:
-        raise ValueError("shard_batch: every leaf needs a leading batch dimension (got a scalar)")
+    sizes: set[int] = set()
+    for v in leaves:
+        if not v.ndim:
+            raise ValueError("shard_batch: every leaf needs a leading batch dimension (got a scalar)")
+        sizes.add(v.shape[0])
     if len(sizes) != 1:
         raise ValueError(f"shard_batch: leaves have different batch sizes {sorted(sizes)}")
     (b,) = sizes
