@@ -444,3 +444,66 @@ def test_user_errors_under_fullgraph_compile_keep_their_type(case):
         fn, kind = (lambda v: tp.ppermute(v, "i", [(0, 1), (1, 1)])), ValueError
     f = pmap_k(fn, 2, compile=dict(backend="eager", fullgraph=True))
     expect_error(f, torch.ones(2, 3), kind=kind)
+
+
+# -- no lock held while a thread sleeps --------------------------------------------------------
+def test_timeout_while_the_last_replica_computes_a_large_result_does_not_deadlock():
+    """A waiter times out while the last arrival is still computing everybody's
+    results: the waiter must not hold the communicator's lock while it sleeps."""
+    tp.set_collective_timeout(0.02)
+    x = torch.ones(4, 4_000_000)  # a sum that takes longer than the timeout
+    p = pmap_k(lambda v: tp.psum(v, "i"), 4)
+
+    def calls():
+        for _ in range(3):
+            try:
+                p(x)
+            except tp.CollectiveTimeoutError:
+                pass
+
+    _, err, seconds = call_with_deadline(calls, deadline=20)
+    assert err is None, err
+
+
+def test_replica_arriving_right_at_the_timeout_never_hangs():
+    """Many calls with one replica arriving around the timeout: each call
+    returns the right result or a timeout error, never hangs."""
+    tp.set_collective_timeout(0.01)
+
+    def f(v):
+        if int(tp.axis_index("i")) == 1:
+            time.sleep(0.009 + 0.002 * float(v[0]))
+        return tp.psum(v, "i")
+
+    p = pmap_k(f, 2)
+    outcomes = {"ok": 0, "timeout": 0}
+
+    def calls():
+        for k in range(200):
+            x = torch.full((2, 1), float(k % 3))
+            try:
+                out = p(x)
+                assert out.unshard().tolist() == [[2.0 * (k % 3)]] * 2
+                outcomes["ok"] += 1
+            except tp.CollectiveTimeoutError:
+                outcomes["timeout"] += 1
+            time.sleep(0.005)  # let a late replica finish before the next call
+
+    _, err, _ = call_with_deadline(calls, deadline=60)
+    assert err is None, err
+    assert sum(outcomes.values()) == 200
+
+
+@pytest.mark.parametrize("seconds", [float("inf"), 1e10])
+def test_an_infinite_timeout_means_no_timeout(seconds):
+    tp.set_collective_timeout(seconds)
+    assert tp.collective_timeout() == seconds
+
+    def f(v):
+        if int(tp.axis_index("i")) == 0:
+            time.sleep(0.1)
+        return tp.psum(v, "i")
+
+    out, err, _ = call_with_deadline(pmap_k(f, 2), torch.ones(2, 2))
+    assert err is None, err
+    assert out.unshard().eq(2).all()

@@ -252,13 +252,19 @@ class InProcessCommunicator(Communicator):
 
     def _wait(self, rank: int, generation: int, signature: Signature) -> None:
         assert self._timeout is not None  # set at the first exchange, before anybody waits
-        if self._wake[rank].acquire(timeout=self._timeout):
+        if self._wake[rank].acquire(timeout=_config.wait_seconds(self._timeout)):
             self._raise_failure(rank)  # woken by a failure rather than completion?
             return
         with self._lock:
-            if self._generation > generation:  # completed just as we timed out
-                self._wake[rank].acquire()
-                return
+            completing = self._generation > generation
+        if completing:
+            # Every replica arrived just as we timed out: the last one is computing
+            # the results and will wake us. Wait for it without holding the lock,
+            # which it needs to wake us (holding it here deadlocked).
+            self._wake[rank].acquire()
+            self._raise_failure(rank)
+            return
+        with self._lock:
             missing = [r for r, d in enumerate(self._deposits) if d is None]
             self._waiting.discard(rank)
             self._fail(

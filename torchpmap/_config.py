@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 _ENV_TIMEOUT = "TORCHPMAP_COLLECTIVE_TIMEOUT"
 _DEFAULT_TIMEOUT = 300.0
@@ -11,11 +12,19 @@ _timeout: float | None = None
 
 def set_collective_timeout(seconds: float) -> None:
     """How long a collective waits for the other replicas before it fails
-    (default 300 s, or the TORCHPMAP_COLLECTIVE_TIMEOUT environment variable)."""
+    (default 300 s, or the TORCHPMAP_COLLECTIVE_TIMEOUT environment variable).
+    ``float("inf")`` means no timeout.
+    """
     global _timeout
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
         raise ValueError(f"set_collective_timeout: seconds must be a positive number, got {seconds!r}")
     _timeout = float(seconds)
+
+
+def wait_seconds(seconds: float) -> float:
+    """``seconds`` as a ``Lock.acquire`` timeout: -1 (wait for ever) for an
+    infinite timeout or one past what the platform can wait."""
+    return -1.0 if seconds >= threading.TIMEOUT_MAX else seconds
 
 
 def collective_timeout() -> float:

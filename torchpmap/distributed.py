@@ -89,7 +89,8 @@ def initialize(
             init_method=init_method or "env://",
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=seconds),
+            # An infinite timeout ("wait for ever") as a year: timedelta has no infinity.
+            timeout=datetime.timedelta(seconds=min(seconds, 365 * 24 * 3600.0)),
         )
     rank, world = dist.get_rank(), dist.get_world_size()
     local = _local_devices_for_process()
