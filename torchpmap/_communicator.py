@@ -93,6 +93,7 @@ class InProcessCommunicator(Communicator):
         self._devices = list(devices)
         self._cuda = any(d.type == "cuda" for d in devices)
         self._timeout: float | None = None  # the configured one, read at the first exchange
+        self._lock_timeout = -1.0  # _timeout as Lock.acquire takes it (-1: for ever)
         # A short lock guards the arrival bookkeeping; nobody waits while
         # holding it. Each replica sleeps on its own lock, which the last
         # arrival releases: one wake-up per waiter and no convoy on a shared
@@ -195,6 +196,7 @@ class InProcessCommunicator(Communicator):
                     w.acquire()
                 if self._timeout is None:
                     self._timeout = _config.collective_timeout()
+                    self._lock_timeout = _config.wait_seconds(self._timeout)
             generation = self._generation
             self._deposits[rank] = (signature, x)
             self._arrived += 1
@@ -252,7 +254,7 @@ class InProcessCommunicator(Communicator):
 
     def _wait(self, rank: int, generation: int, signature: Signature) -> None:
         assert self._timeout is not None  # set at the first exchange, before anybody waits
-        if self._wake[rank].acquire(timeout=_config.wait_seconds(self._timeout)):
+        if self._wake[rank].acquire(timeout=self._lock_timeout):
             self._raise_failure(rank)  # woken by a failure rather than completion?
             return
         with self._lock:
