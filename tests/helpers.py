@@ -1,5 +1,8 @@
 """Small helpers shared by the test files."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -24,3 +27,36 @@ def rows(n, *rest, dtype=torch.float32, scale=0.5, offset=-3.0):
     """A deterministic (n, *rest) tensor whose rows all differ."""
     numel = n * int(np.prod(rest, dtype=np.int64))
     return (torch.arange(numel, dtype=torch.float64).reshape(n, *rest) * scale + offset).to(dtype)
+
+
+def call_with_deadline(fn, *args, deadline=10.0):
+    """Run fn(*args) in a helper thread; return (result, error, seconds).
+    Fails the test if it has not finished after ``deadline`` seconds."""
+    box = {}
+
+    def target():
+        t = time.perf_counter()
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:
+            box["error"] = e
+        box["seconds"] = time.perf_counter() - t
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(deadline)
+    if th.is_alive():
+        pytest.fail(f"pmap call still running after {deadline} s: it hangs")
+    return box.get("result"), box.get("error"), box["seconds"]
+
+
+def expect_error(fn, *args, kind=Exception, deadline=10.0):
+    """The error fn(*args) raises (it must raise ``kind``), and how long it took."""
+    result, err, seconds = call_with_deadline(fn, *args, deadline=deadline)
+    assert err is not None, f"expected {kind.__name__}, got the result {result!r}"
+    assert isinstance(err, kind), f"expected {kind.__name__}, got {type(err).__name__}: {err}"
+    return err, seconds
+
+
+def notes(err) -> str:
+    return "\n".join(getattr(err, "__notes__", []))

@@ -10,12 +10,11 @@ under a second; after each failure the worker pool must still work.
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import pytest
 import torch
-from helpers import pmap_k
+from helpers import call_with_deadline, expect_error, notes, pmap_k
 
 import torchpmap as tp
 from torchpmap import _config, _runtime
@@ -31,39 +30,6 @@ def guard_timeout(monkeypatch):
     threads = assert_pool_usable()
     yield
     assert assert_pool_usable() == threads, "a failure left the pool with extra worker threads"
-
-
-def call_with_deadline(fn, *args, deadline=10.0):
-    """Run fn(*args) in a helper thread; return (result, error, seconds).
-    Fails the test if it has not finished after ``deadline`` seconds."""
-    box = {}
-
-    def target():
-        t = time.perf_counter()
-        try:
-            box["result"] = fn(*args)
-        except BaseException as e:
-            box["error"] = e
-        box["seconds"] = time.perf_counter() - t
-
-    th = threading.Thread(target=target, daemon=True)
-    th.start()
-    th.join(deadline)
-    if th.is_alive():
-        pytest.fail(f"pmap call still running after {deadline} s: it hangs")
-    return box.get("result"), box.get("error"), box["seconds"]
-
-
-def expect_error(fn, *args, kind=Exception, deadline=10.0):
-    """The error fn(*args) raises (it must raise ``kind``), and how long it took."""
-    result, err, seconds = call_with_deadline(fn, *args, deadline=deadline)
-    assert err is not None, f"expected {kind.__name__}, got the result {result!r}"
-    assert isinstance(err, kind), f"expected {kind.__name__}, got {type(err).__name__}: {err}"
-    return err, seconds
-
-
-def notes(err) -> str:
-    return "\n".join(getattr(err, "__notes__", []))
 
 
 def assert_pool_usable():
