@@ -10,6 +10,7 @@ under a second; after each failure the worker pool must still work.
 from __future__ import annotations
 
 import re
+import threading
 import time
 
 import pytest
@@ -29,6 +30,9 @@ def guard_timeout(monkeypatch):
     tp.set_collective_timeout(GUARD_TIMEOUT)
     threads = assert_pool_usable()
     yield
+    # Replicas a failed call abandoned return in their own time (sleeps of a second at most here).
+    assert _runtime.pool().wait_idle(10.0), "a replica of this test is still running after 10 s"
+    tp.set_collective_timeout(GUARD_TIMEOUT)
     assert assert_pool_usable() == threads, "a failure left the pool with extra worker threads"
 
 
@@ -356,7 +360,8 @@ def test_timeout_guards_a_collective(monkeypatch):
     err, seconds = expect_error(pmap_k(f, 4), torch.ones(4, 2), kind=tp.CollectiveTimeoutError)
     assert isinstance(err, TimeoutError) and isinstance(err, tp.CollectiveError)
     assert "timed out after 0.2 s" in str(err) and "[1]" in str(err)
-    assert 0.2 <= seconds < 0.6 + FAST  # the call still waits for the sleeper to finish
+    assert 0.2 <= seconds < 0.2 + FAST  # the call does not wait for the sleeper
+    assert _runtime.pool().wait_idle(5.0)  # the sleeper returns in its own time
 
 
 def test_timeout_applies_to_every_wait_not_just_the_first(monkeypatch):
@@ -458,6 +463,92 @@ def test_replica_arriving_right_at_the_timeout_never_hangs():
     _, err, _ = call_with_deadline(calls, deadline=60)
     assert err is None, err
     assert sum(outcomes.values()) == 200
+
+
+def test_a_replica_that_never_returns_fails_the_call_within_the_timeout():
+    tp.set_collective_timeout(0.3)
+    release = threading.Event()
+
+    def f(v):
+        if int(tp.axis_index("i")) == 2:
+            release.wait(30)  # stuck, outside any collective
+        return tp.psum(v, "i")
+
+    try:
+        err, seconds = expect_error(pmap_k(f, 4), torch.ones(4, 2), kind=tp.CollectiveTimeoutError)
+        assert seconds < 0.3 + FAST  # not when the stuck replica returns
+        assert "[2]" in str(err)  # the replica the others waited for
+        assert "replica 2" in notes(err) and "still running" in notes(err)
+        # A later call that needs the stuck replica's device fails within the
+        # timeout too, naming the device and what keeps it busy.
+        err, seconds = expect_error(pmap_k(lambda v: v + 1, 4), torch.ones(4, 2), kind=tp.CollectiveTimeoutError)
+        assert seconds < 0.3 + FAST
+        assert "cpu:2" in str(err) and "could not start" in str(err) and "f" in str(err)
+        # Calls on the other devices work meanwhile.
+        out, err, _ = call_with_deadline(pmap_k(lambda v: tp.psum(v, "i"), 2), torch.ones(2, 2))
+        assert err is None and out.unshard().eq(2).all()
+    finally:
+        release.set()
+    # Once the stuck replica returns, its device works again (the fixture checks every device).
+    assert _runtime.pool().wait_idle(5.0)
+
+
+def test_a_slow_replica_does_not_delay_the_timeout_error():
+    tp.set_collective_timeout(0.2)
+
+    def f(v):
+        if int(tp.axis_index("i")) == 1:
+            time.sleep(1.0)
+        return tp.psum(v, "i")
+
+    err, seconds = expect_error(pmap_k(f, 4), torch.ones(4, 2), kind=tp.CollectiveTimeoutError)
+    assert seconds < 0.2 + FAST
+    assert "[1]" in str(err)
+    assert _runtime.pool().wait_idle(5.0)
+
+
+def test_a_replica_still_running_long_after_the_others_returned_fails_the_call():
+    """No collective at all: the others returned, one replica never does."""
+    tp.set_collective_timeout(0.3)
+    release = threading.Event()
+
+    def f(v):
+        if int(tp.axis_index("i")) == 1:
+            release.wait(30)
+        return v * 2
+
+    try:
+        err, seconds = expect_error(pmap_k(f, 2), torch.ones(2, 2), kind=tp.CollectiveTimeoutError)
+        assert seconds < 0.3 + FAST
+        assert "replica 1" in str(err) and "still running" in str(err)
+    finally:
+        release.set()
+    assert _runtime.pool().wait_idle(5.0)
+
+
+def test_pmap_from_a_thread_that_a_replica_started_raises_instead_of_deadlocking():
+    from concurrent.futures import ThreadPoolExecutor
+
+    tp.set_collective_timeout(0.3)
+
+    def f(v):
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: pmap_k(lambda w: w * 2, 2)(torch.ones(2, 1))).result()
+
+    err, seconds = expect_error(pmap_k(f, 2), torch.ones(2, 2), kind=tp.CollectiveTimeoutError)
+    assert seconds < 0.3 + FAST
+    assert "nested pmap" in str(err) and "thread" in str(err)
+
+
+def test_collective_from_a_thread_that_a_replica_started_says_so():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def f(v):
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: tp.psum(v, "i")).result()
+
+    err, _ = expect_error(pmap_k(f, 2), torch.ones(2, 2), kind=NameError)
+    assert "another thread" in str(err) and "replica's own thread" in str(err)
 
 
 @pytest.mark.parametrize("seconds", [float("inf"), 1e10])

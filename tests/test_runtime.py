@@ -216,6 +216,28 @@ def test_autocast_carries_into_replicas():
     assert p(a, b).dtype == torch.float32
 
 
+@pytest.mark.parametrize(
+    "leak",
+    [
+        lambda: torch.set_grad_enabled(False),
+        lambda: torch.set_num_threads(7),
+        lambda: torch.set_autocast_enabled("cpu", True),
+        lambda: torch.inference_mode().__enter__(),  # entered, never exited
+    ],
+    ids=["grad mode", "intra-op threads", "autocast", "inference mode"],
+)
+def test_state_a_replica_changes_does_not_leak_into_later_calls(leak):
+    def changes_state(r):
+        leak()
+        return r
+
+    tp.pmap(changes_state)(_rows(4, 2))
+    flags = tp.pmap(_flags)(_rows(4, 2)).unshard().tolist()
+    assert flags == [[True, False, False]] * 4
+    threads = tp.pmap(lambda r: r * 0 + torch.get_num_threads())(_rows(4, 2)).unshard()
+    assert threads.eq(max(1, torch.get_num_threads() // 4)).all()
+
+
 def test_nested_pmap_is_not_supported():
     inner = tp.pmap(lambda r: r * 2)
 

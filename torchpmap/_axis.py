@@ -71,6 +71,15 @@ def normalize_axis_names(axis_name: AxisName) -> tuple[str, ...]:
 
 def _unbound(name: str, frame: ReplicaFrame | None) -> NameError:
     if frame is None:
+        from . import _runtime  # only on this error path: _runtime imports this module
+
+        if _runtime.pool().busy():
+            return NameError(
+                f"unbound axis name: {name!r}. This thread is not running a pmap replica, but a pmap "
+                f"call is running: was this collective called from another thread that a replica "
+                f"started (e.g. a ThreadPoolExecutor inside the pmapped function)? Collectives work "
+                f"only on the replica's own thread; call them there."
+            )
         return NameError(
             f"unbound axis name: {name!r}. Collectives can only be called inside a "
             f"function mapped by torchpmap.pmap(..., axis_name={name!r})."

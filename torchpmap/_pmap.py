@@ -277,7 +277,9 @@ class Pmapped:
 
         # A fresh communicator per run (forward, and each backward).
         def run(replica_fn: Callable[[int], Any]) -> list[Any]:
-            return _runtime.pool().run(devices, replica_fn, new_comm(), axis_name, size, first_index=first)
+            return _runtime.pool().run(
+                devices, replica_fn, new_comm(), axis_name, size, first_index=first, label=f"pmap of {self._fun_name}"
+            )
 
         if torch.is_grad_enabled():
             outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)

@@ -5,6 +5,11 @@ process; a pmap call hands each worker one task and waits for all of them.
 On CUDA each worker owns a stream: it waits for the caller's stream before it
 starts and the caller's stream waits for it afterwards, so inputs and outputs
 are ordered exactly as if the caller had run the work itself.
+
+The caller never waits for ever (see ``_Call.wait``): every wait is bounded by
+the collective timeout, and a replica that does not return is abandoned (its
+thread keeps running it, since Python cannot stop a thread; a later task on
+that worker starts when it returns).
 """
 
 from __future__ import annotations
@@ -13,16 +18,23 @@ import contextlib
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from . import _axis
+from . import _axis, _config
 from ._communicator import Communicator
 from ._devices import device_str
-from .errors import ReplicaAbortedError
+from .errors import CollectiveTimeoutError, ReplicaAbortedError
+
+# After the first replica fails, how long the caller still waits for the others
+# to stop (those blocked in a collective are released at once; one computing
+# elsewhere may take longer) before it raises and abandons them. At most a
+# quarter of the collective timeout.
+FAILURE_GRACE_SECONDS = 0.5
 
 
 @dataclass(frozen=True)
@@ -35,15 +47,16 @@ class CallerState:
 
     @staticmethod
     def capture() -> CallerState:
-        autocast = tuple((dt, torch.get_autocast_dtype(dt)) for dt in ("cpu", "cuda") if torch.is_autocast_enabled(dt))
+        autocast = tuple((dt, torch.get_autocast_dtype(dt)) for dt in _AUTOCAST_TYPES if torch.is_autocast_enabled(dt))
         return CallerState(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
 
 
+_AUTOCAST_TYPES = ("cpu", "cuda")
 _DEFAULT_STATE = CallerState(True, False, ())
 
 
 def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
-    if state == _DEFAULT_STATE:
+    if state == _DEFAULT_STATE and not torch.is_inference_mode_enabled():
         return fn()
     with torch.inference_mode(state.inference_mode), torch.set_grad_enabled(state.grad_enabled):
         if not state.autocast:
@@ -54,12 +67,23 @@ def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
             return fn()
 
 
+def _reset_thread_state() -> None:
+    """Undo what a replica left switched on in its worker thread (e.g. a bare
+    ``torch.set_grad_enabled(False)``), so the next task starts from the
+    defaults and only its caller's state applies."""
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+    for device_type in _AUTOCAST_TYPES:
+        if torch.is_autocast_enabled(device_type):
+            torch.set_autocast_enabled(device_type, False)
+
+
 class _Worker:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tasks: queue.SimpleQueue[Callable[[_Worker], None]] = queue.SimpleQueue()
-        self.intra_op_threads = 0  # what this thread last asked torch for
+        self.running: tuple[_Call, int] | None = None  # the call and local rank of the task it runs
         self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{device_str(device)}", daemon=True)
         self.thread.start()
 
@@ -74,28 +98,177 @@ class _Worker:
             # alive until its next task.
             del task
 
+    def describe_running(self) -> str:
+        running = self.running
+        if running is None:
+            return "another task"
+        call, rank = running
+        started = call.started_at[rank]
+        age = "" if started is None else f", running for {time.monotonic() - started:.1f} s"
+        return f"replica {call.first_index + rank} of {call.label}{age}"
+
 
 class _Call:
     """The bookkeeping of one pmap call (or one backward pass through it)."""
 
-    __slots__ = ("results", "errors", "remaining", "lock", "done")
+    __slots__ = (
+        "label",
+        "devices",
+        "first_index",
+        "results",
+        "errors",
+        "remaining",
+        "lock",
+        "done",
+        "signalled",
+        "started_at",
+        "finished",
+        "last_finish",
+        "first_failure",
+        "changed",
+        "abandoned",
+    )
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, label: str, devices: Sequence[torch.device], first_index: int) -> None:
+        n = len(devices)
+        self.label = label  # "pmap of f": for error messages
+        self.devices = devices
+        self.first_index = first_index
         self.results: list[Any] = [None] * n  # each replica's return value
         self.errors: list[BaseException | None] = [None] * n
         self.remaining = n
         self.lock = threading.Lock()
-        # A bare lock as a one-shot latch: the caller blocks on it, the last
-        # replica releases it (cheaper than an Event's condition variable).
+        # A bare lock as a one-shot latch: the caller blocks on it; the last
+        # replica to finish, or the first to fail, releases it (cheaper than an
+        # Event's condition variable).
         self.done = threading.Lock()
         self.done.acquire()
+        self.signalled = False
+        self.started_at: list[float | None] = [None] * n  # time.monotonic() when each replica started
+        self.finished = [False] * n
+        self.last_finish = 0.0
+        self.first_failure: float | None = None
+        self.changed: threading.Event | None = None  # set on every finish once the caller waits slowly
+        self.abandoned = False  # the caller has raised; tasks not started yet skip
 
-    def finish_one(self) -> None:
+    def start_one(self, rank: int) -> bool:
+        """Replica ``rank`` starts; False if the caller has given up on the call."""
+        self.started_at[rank] = time.monotonic()
+        return not self.abandoned
+
+    def finish_one(self, rank: int, failed: bool) -> None:
         with self.lock:
             self.remaining -= 1
-            last = self.remaining == 0
-        if last:
+            self.finished[rank] = True
+            self.last_finish = time.monotonic()
+            if failed and self.first_failure is None:
+                self.first_failure = self.last_finish
+            release = not self.signalled and (self.remaining == 0 or failed)
+            if release:
+                self.signalled = True
+            changed = self.changed
+        if release:
             self.done.release()
+        if changed is not None:
+            changed.set()
+
+    def wait(self, workers: Sequence[_Worker], comm: Communicator, submitted: float) -> list[int]:
+        """Block until every replica has finished, or give up on the call.
+
+        * Every replica finished: return [] (the fast path: one lock acquire).
+        * A replica failed: wait a short grace for the others to stop, then
+          return the local ranks still running (abandoned).
+        * A replica has not started a timeout after submission (its device is
+          busy with something that does not return), or still runs a timeout
+          after the others have returned: raise CollectiveTimeoutError.
+        A replica computing for a long time while no other has returned is not
+        waiting for anybody, so that alone never times out.
+        """
+        timeout = _config.collective_timeout()
+        if self.done.acquire(timeout=_config.wait_seconds(timeout)) and self.remaining == 0:
+            return []
+        changed = threading.Event()
+        with self.lock:
+            self.changed = changed
+        grace = min(timeout / 4, FAILURE_GRACE_SECONDS)
+        while True:
+            changed.clear()
+            now = time.monotonic()
+            with self.lock:
+                if self.remaining == 0:
+                    return []
+                pending = [r for r, f in enumerate(self.finished) if not f]
+                any_finished = len(pending) < len(self.finished)
+                last_finish, first_failure = self.last_finish, self.first_failure
+            if first_failure is not None:
+                deadline = first_failure + grace
+                if now >= deadline:
+                    self._abandon(comm, ReplicaAbortedError(f"{self.label} failed in another replica"))
+                    return pending
+            else:
+                deadline = float("inf")
+                for r in pending:
+                    started = self.started_at[r]
+                    if started is None:  # queued behind another task on its worker
+                        limit = submitted + timeout
+                        error = self._could_not_start(r, workers[r], timeout)
+                    elif any_finished:
+                        limit = max(started, last_finish) + timeout
+                        error = self._still_running(r, timeout)
+                    else:
+                        continue
+                    if now >= limit:
+                        self._abandon(comm, error)
+                        raise _note_abandoned(error, self, [p for p in pending if p != r])
+                    deadline = min(deadline, limit)
+            changed.wait(None if deadline == float("inf") else max(0.0, deadline - now))
+
+    def _abandon(self, comm: Communicator, error: BaseException) -> None:
+        """The caller gives up: tasks not started yet skip, and any collective
+        an abandoned replica reaches fails at once instead of waiting."""
+        self.abandoned = True
+        comm.abort(error, -1)
+
+    def _could_not_start(self, rank: int, worker: _Worker, timeout: float) -> CollectiveTimeoutError:
+        device = device_str(self.devices[rank])
+        return CollectiveTimeoutError(
+            f"{self.label} could not start replica {self.first_index + rank} within {timeout:g} s: device "
+            f"{device} is busy with {worker.describe_running()}, which has not returned. If pmap was called from a "
+            f"thread that a replica started (e.g. a ThreadPoolExecutor inside the pmapped function), that is "
+            f"nested pmap, which is not supported: the replica's device stays busy waiting for it. {_TIMEOUT_HINT}"
+        )
+
+    def _still_running(self, rank: int, timeout: float) -> CollectiveTimeoutError:
+        device = device_str(self.devices[rank])
+        return CollectiveTimeoutError(
+            f"{self.label}: replica {self.first_index + rank} on device {device} is still running {timeout:g} s "
+            f"after the other replicas returned, so the call stops waiting for it. Its thread keeps running it "
+            f"until its function returns; later calls that need {device} wait for that. {_TIMEOUT_HINT}"
+        )
+
+
+_TIMEOUT_HINT = "(Set TORCHPMAP_COLLECTIVE_TIMEOUT or torchpmap.set_collective_timeout to change the limit.)"
+
+
+def _note_abandoned(err: BaseException, call: _Call, pending: Sequence[int]) -> BaseException:
+    for r in pending:
+        state = "had not started" if call.started_at[r] is None else "was still running"
+        _add_note(
+            err,
+            f"(replica {call.first_index + r} on device {device_str(call.devices[r])} {state} when the call "
+            f"raised: it was abandoned, stops at its next collective or when its function returns, and its "
+            f"result is dropped)",
+        )
+    return err
+
+
+def _add_note(err: BaseException, note: str) -> None:
+    if note in getattr(err, "__notes__", ()):
+        return
+    if sys.version_info >= (3, 11):
+        err.add_note(note)
+    else:  # add_note is PEP 678 (3.11); the attribute is what it sets
+        vars(err)["__notes__"] = [*getattr(err, "__notes__", []), note]
 
 
 class WorkerPool:
@@ -115,6 +288,24 @@ class WorkerPool:
     def thread_count(self) -> int:
         return len(self._workers)
 
+    def busy(self) -> bool:
+        """Whether some worker is running a replica now."""
+        return any(w.running is not None for w in list(self._workers.values()))
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no worker runs or has queued a task (e.g. until abandoned
+        replicas have returned); False if that takes longer than ``timeout``."""
+        deadline = time.monotonic() + timeout
+        idle_checks = 0
+        while idle_checks < 2:  # twice in a row: a task may be between get() and its start
+            workers = list(self._workers.values())
+            idle = all(w.running is None and w.tasks.empty() for w in workers)
+            idle_checks = idle_checks + 1 if idle else 0
+            if not idle and time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def run(
         self,
         devices: Sequence[torch.device],
@@ -123,10 +314,11 @@ class WorkerPool:
         axis_name: str,
         axis_size: int,
         first_index: int = 0,
+        label: str = "pmap",
     ) -> list[Any]:
         """Run ``replica_fn(rank)`` for every local rank on its device's worker
         with the named axis bound; return the results in rank order or raise the
-        first replica's original exception."""
+        first replica's original exception. ``label`` names the call in errors."""
         if _axis.in_replica() or threading.current_thread().name.startswith("torchpmap-worker"):
             raise NotImplementedError(
                 "nested pmap is not supported: a pmapped function called pmap. "
@@ -134,7 +326,7 @@ class WorkerPool:
             )
         n = len(devices)
         state = CallerState.capture()
-        call = _Call(n)
+        call = _Call(label, devices, first_index)
         workers = [self.worker(d) for d in devices]
         # Per rank: on a CUDA device, its worker's stream and the caller's current
         # stream there; None on a virtual CPU device.
@@ -148,8 +340,12 @@ class WorkerPool:
 
         def make_task(rank: int) -> Callable[[_Worker], None]:
             def task(worker: _Worker) -> None:
+                if not call.start_one(rank):
+                    return  # the caller gave up on this call before it started
+                worker.running = (call, rank)
                 frame = _axis.ReplicaFrame(axis_name, axis_size, first_index + rank, worker.device, comm)
                 _axis.bind(frame)
+                failed = False
                 try:
                     cuda = streams[rank]
                     if cuda is not None:
@@ -158,17 +354,19 @@ class WorkerPool:
                         with torch.cuda.stream(worker_stream):
                             call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     else:
-                        if worker.intra_op_threads != cpu_threads:
+                        if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
                             torch.set_num_threads(cpu_threads)
-                            worker.intra_op_threads = cpu_threads
                         call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
                     comm.retire(first_index + rank)
                 except BaseException as e:
+                    failed = True
                     call.errors[rank] = e
                     comm.abort(e, first_index + rank)
                 finally:
                     _axis.unbind()
-                    call.finish_one()
+                    _reset_thread_state()
+                    worker.running = None
+                    call.finish_one(rank, failed)
 
             return task
 
@@ -177,19 +375,21 @@ class WorkerPool:
         with self._lock:
             for rank, w in enumerate(workers):
                 w.tasks.put(make_task(rank))
+        submitted = time.monotonic()
         try:
-            call.done.acquire()
-        except BaseException as e:  # e.g. KeyboardInterrupt: free the replicas
-            comm.abort(e, -1)
+            abandoned = call.wait(workers, comm, submitted)
+        except BaseException as e:  # a timeout, or e.g. KeyboardInterrupt: free the replicas
+            if not call.abandoned:
+                call._abandon(comm, e)
             raise
 
         for rank, cuda in enumerate(streams):
-            if cuda is not None:
+            if cuda is not None and call.finished[rank]:
                 worker_stream, caller_stream = cuda
                 caller_stream.wait_stream(worker_stream)
                 _record_outputs(call.results[rank], caller_stream)
         if any(e is not None for e in call.errors):
-            raise _root_cause(call.errors, devices, first_index)
+            raise _note_abandoned(_root_cause(call.errors, devices, first_index), call, abandoned)
         return call.results
 
 
@@ -211,12 +411,7 @@ def _root_cause(
     ranked = [(r, e) for r, e in enumerate(errors) if e is not None]
     own = [(r, e) for r, e in ranked if not isinstance(e, ReplicaAbortedError)]
     rank, err = (own or ranked)[0]
-    note = f"(raised in pmap replica {first_index + rank} on device {devices[rank]})"
-    if note not in getattr(err, "__notes__", ()):
-        if sys.version_info >= (3, 11):
-            err.add_note(note)
-        else:  # add_note is PEP 678 (3.11); the attribute is what it sets
-            vars(err)["__notes__"] = [*getattr(err, "__notes__", []), note]
+    _add_note(err, f"(raised in pmap replica {first_index + rank} on device {devices[rank]})")
     return err
 
 
