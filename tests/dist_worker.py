@@ -140,11 +140,29 @@ def failure(stay_alive=False):
     os._exit(0)
 
 
+def late_peer():
+    """Rank 1 reaches the psum long after the timeout: rank 0 fails with a
+    CollectiveError after the timeout, and neither process hangs."""
+    tp.set_collective_timeout(2)
+    tpd.initialize(timeout=2)
+    rank = tp.process_index()
+    if rank == 1:
+        time.sleep(6)
+    t0 = time.monotonic()
+    try:
+        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
+        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
+    os._exit(0)
+
+
 if __name__ == "__main__":
     scenarios = {
         "collectives": collectives,
         "train": train,
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
+        "late_peer": late_peer,
     }
     scenarios[sys.argv[1]]()

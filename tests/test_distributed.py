@@ -67,6 +67,16 @@ def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     assert elapsed < 60
 
 
+def test_a_peer_later_than_the_timeout_is_an_error_not_a_hang():
+    out, elapsed = torchrun("late_peer", timeout=90)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    rank0 = next(line for line in lines if line.startswith("rank 0"))
+    assert "ERROR" in rank0 and "Collective" in rank0, rank0
+    assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 5, rank0  # the 2 s timeout, not rank 1's 6 s
+    assert elapsed < 60
+
+
 def test_initialize_without_launcher_is_a_clear_error(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)
