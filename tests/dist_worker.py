@@ -140,11 +140,55 @@ def failure(stay_alive=False):
     os._exit(0)
 
 
+def late_peer():
+    """Rank 1 reaches the psum long after the timeout: rank 0 fails with a
+    CollectiveError after the timeout, and neither process hangs."""
+    tp.set_collective_timeout(2)
+    tpd.initialize(timeout=2)
+    rank = tp.process_index()
+    if rank == 1:
+        time.sleep(6)
+    t0 = time.monotonic()
+    try:
+        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
+        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
+    os._exit(0)
+
+
+def catch_and_continue():
+    """Rank 1's replica fails at step 3; both ranks catch errors and go on.
+    Every later step must give the right value or raise: rank 0's step-3 psum
+    must never be paired with rank 1's step-4 psum."""
+    tpd.initialize(timeout=10)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+
+    def f(x, step):
+        if rank == 1 and step == 3 and int(tp.axis_index("i")) == 2:
+            raise ValueError("replica 2 fails at step 3")
+        return tp.psum(x, "i")
+
+    pf = tp.pmap(f, "i", static_broadcasted_argnums=(1,))
+    outcomes = []
+    for step in range(1, 7):
+        x = torch.full((L, 1), float(step))
+        try:
+            got = pf(x, step).unshard().flatten().tolist()
+            outcomes.append("ok" if got == [step * G] * L else f"WRONG {got}")
+        except Exception as e:
+            outcomes.append(type(e).__name__)
+    say(f"OUTCOMES {rank} " + json.dumps(outcomes))
+    os._exit(0)
+
+
 if __name__ == "__main__":
     scenarios = {
         "collectives": collectives,
         "train": train,
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
+        "late_peer": late_peer,
+        "catch_and_continue": catch_and_continue,
     }
     scenarios[sys.argv[1]]()

@@ -1,5 +1,6 @@
 """Multi-process pmap: real torchrun jobs on this machine over loopback (Gloo)."""
 
+import json
 import os
 import socket
 import subprocess
@@ -65,6 +66,34 @@ def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     rank0 = [e for e in errors if "CollectiveError" in e][0]
     assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 12, rank0
     assert elapsed < 60
+
+
+def test_a_peer_later_than_the_timeout_is_an_error_not_a_hang():
+    out, elapsed = torchrun("late_peer", timeout=90)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("rank ")]
+    assert len(lines) == 2, out.stdout + out.stderr
+    rank0 = next(line for line in lines if line.startswith("rank 0"))
+    assert "ERROR" in rank0 and "Collective" in rank0, rank0
+    assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 5, rank0  # the 2 s timeout, not rank 1's 6 s
+    assert elapsed < 60
+
+
+def test_a_rank_that_catches_an_error_and_goes_on_never_gets_wrong_results():
+    out, _ = torchrun("catch_and_continue", timeout=90)
+    outcomes = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("OUTCOMES "):
+            _, rank, rest = line.split(" ", 2)
+            outcomes[int(rank)] = json.loads(rest)
+    assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    for rank, steps in outcomes.items():
+        assert steps[:2] == ["ok", "ok"], (rank, steps)
+        assert not any(s.startswith("WRONG") for s in steps), (rank, steps)
+    assert outcomes[1][2] == "ValueError"  # rank 1's own failure
+    # rank 0's step 3 and every later step where the ranks are out of step fail loudly
+    assert outcomes[0][2] == "CollectiveMismatchError", outcomes
+    later = outcomes[0][3:] + outcomes[1][3:]
+    assert all(s in ("CollectiveMismatchError", "CollectiveError") for s in later), outcomes
 
 
 def test_initialize_without_launcher_is_a_clear_error(monkeypatch):

@@ -7,6 +7,15 @@ every process. Within a process the replicas meet in the in-process rendezvous;
 the replica that completes it then talks to the other processes for all of
 them (one cross-process operation per collective, hierarchical), and hands
 the results back to its local peers.
+
+Every process must make the same pmap calls with the same collectives. Each
+cross-process collective carries the call it belongs to (this process's count
+of pmap runs since ``initialize``, backward passes included) and its position
+in the call, and the processes compare them before any data moves: processes
+that got out of step (one caught an error and went on to its next call while
+the others still wait in the one it left) all raise CollectiveMismatchError,
+and after that, or after a cross-process operation failed, no process makes a
+cross-process collective again: the job must be restarted.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import itertools
 import os
 import zlib
 from collections.abc import Callable, Sequence
@@ -42,6 +52,7 @@ class _State(TypedDict, total=False):
     world: int
     local_count: int
     group: dist.ProcessGroup | None
+    lockstep: _Lockstep
 
 
 _state: _State = {}
@@ -109,7 +120,7 @@ def initialize(
     else:
         everything = tuple(d for _ in range(world) for d in local)
     _devices._set_process_layout((rank, world, everything), local)
-    _state.update({"rank": rank, "world": world, "local_count": n, "group": dist.group.WORLD})
+    _state.update({"rank": rank, "world": world, "local_count": n, "group": dist.group.WORLD, "lockstep": _Lockstep()})
     atexit.register(_shutdown_at_exit)
 
 
@@ -171,9 +182,42 @@ def call_layout(n_local: int) -> tuple[int, int, CommunicatorFactory] | None:
             f"pmap: in a multi-process job each process maps exactly its "
             f"{_state['local_count']} local devices, but the mapped axis has size {n_local}"
         )
-    world, rank = _state["world"], _state["rank"]
+    world, rank, group, lockstep = _state["world"], _state["rank"], _state["group"], _state["lockstep"]
     first, size = rank * n_local, world * n_local
-    return size, first, lambda devices, gate: ProcessGroupCommunicator(devices, first, size, _state["group"], gate)
+    return size, first, lambda devices, gate: ProcessGroupCommunicator(devices, first, size, group, lockstep, gate)
+
+
+class _Lockstep:
+    """This process's place in the sequence of pmap runs that span processes.
+
+    Each run's communicator takes the next call number; with the position of
+    an exchange in the run, it pairs a collective with the same call's on every
+    peer. Once the processes were seen out of step, or a cross-process
+    operation failed midway (Gloo closes its connections on a timeout; the
+    peers may have moved on), this process never exchanges again: counters that
+    fell back into step by chance would pair one call's data with another's.
+    """
+
+    def __init__(self) -> None:
+        self._calls = itertools.count(1)
+        self._stopped: tuple[str, type[CollectiveError]] | None = None
+
+    def next_call(self) -> int:
+        return next(self._calls)
+
+    def stop(self, why: str, error_type: type[CollectiveError] = CollectiveError) -> None:
+        """Never exchange again; later collectives raise ``error_type`` saying ``why``."""
+        if self._stopped is None:
+            self._stopped = (why, error_type)
+
+    def check(self, collective: str) -> None:
+        if self._stopped is not None:
+            why, error_type = self._stopped
+            raise error_type(
+                f"cross-process {collective} refused: {why}, and processes that may be out of step "
+                f"never exchange data again (that could pair different calls' data). Restart the job; "
+                f"every process must make the same pmap calls with the same collectives."
+            )
 
 
 class ProcessGroupCommunicator(InProcessCommunicator):
@@ -185,17 +229,22 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         first: int,
         global_size: int,
         group: dist.ProcessGroup | None,
+        lockstep: _Lockstep,
         gate: DynamoGate | None = None,
     ) -> None:
         super().__init__(devices, gate=gate)
         self._first = first
         self._global_size = global_size
         self._group = group
+        self._lockstep = lockstep
+        self._call = lockstep.next_call()
+        self._exchanges = 0  # cross-process exchanges of this call so far
 
     def _local_rank(self, rank: int) -> int:
         return rank - self._first
 
     def _compute(self, what: What, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
+        self._lockstep.check(what[0])
         try:
             self._check_same_everywhere(what, xs_local[0])
             name = what[0]
@@ -206,11 +255,15 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             return results[self._first : self._first + self.size]
         except CollectiveError:
             raise
-        except RuntimeError as e:  # Gloo/NCCL: timeouts, peers that died or failed
-            raise CollectiveError(
-                f"cross-process {what[0]} failed: {e}. Another process probably failed or "
-                f"exited; its own log shows why."
-            ) from e
+        except BaseException as e:  # the peers may have gone on: never pair with them again
+            self._lockstep.stop(f"a cross-process {what[0]} failed in pmap call #{self._call}")
+            if isinstance(e, RuntimeError):  # Gloo/NCCL: timeouts, peers that died or failed
+                raise CollectiveError(
+                    f"cross-process {what[0]} failed: {e}. Another process probably failed or "
+                    f"exited; its own log shows why. This process makes no cross-process "
+                    f"collective any more: restart the job."
+                ) from e
+            raise
 
     def _to_global(self, t: torch.Tensor, rank: int) -> torch.Tensor:
         local = rank - self._first
@@ -220,10 +273,16 @@ class ProcessGroupCommunicator(InProcessCommunicator):
 
     def _check_same_everywhere(self, what: What, x: torch.Tensor) -> None:
         signature = repr((what, tuple(x.shape), x.dtype)).encode()
-        mine = torch.tensor([zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
+        self._exchanges += 1
+        step = (self._call, self._exchanges)
+        mine = torch.tensor([*step, zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
         dist.all_gather(theirs, mine, group=self._group)
-        values = [int(t.item()) for t in theirs]
+        rows = torch.stack(theirs).tolist()
+        steps = [(call, exchange) for call, exchange, _ in rows]
+        if len(set(steps)) != 1:
+            raise self._out_of_step(what[0], steps)
+        values = [crc for _, _, crc in rows]
         if len(set(values)) != 1:
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
             raise CollectiveMismatchError(
@@ -231,6 +290,21 @@ class ProcessGroupCommunicator(InProcessCommunicator):
                 f"this process called {self._describe((what, tuple(x.shape), x.dtype))}, "
                 f"processes {odd} called something else"
             )
+
+    def _out_of_step(self, collective: str, steps: list[tuple[int, int]]) -> CollectiveMismatchError:
+        where = "; ".join(
+            f"process{'es' if len(ps) > 1 else ''} {', '.join(map(str, ps))}: pmap call #{call}, "
+            f"cross-process collective #{exchange} of the call"
+            for (call, exchange), ps in _group_by_step(steps).items()
+        )
+        self._lockstep.stop(f"the processes got out of step ({where})", CollectiveMismatchError)
+        return CollectiveMismatchError(
+            f"processes are out of step in a cross-process {collective} ({where}): a process caught "
+            f"an error and went on to its next pmap call while the others still waited in the call "
+            f"it left, or the calls made different numbers of collectives. No process makes a "
+            f"cross-process collective any more (that could pair different calls' data): restart "
+            f"the job; every process must make the same pmap calls with the same collectives."
+        )
 
     def _comm_device(self) -> torch.device:
         return physical_device(self._devices[0])
@@ -252,6 +326,14 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         dist.all_gather(parts, stacked.contiguous(), group=self._group)
         template = xs_local[0]
         return [_from_wire(row, template) for part in parts for row in part]
+
+
+def _group_by_step(steps: list[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
+    """Process ranks by the (call, exchange) they are at, in order of first appearance."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for process, step in enumerate(steps):
+        groups.setdefault(step, []).append(process)
+    return groups
 
 
 _DIST_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
