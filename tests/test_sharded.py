@@ -652,3 +652,20 @@ def test_requires_grad_attribute_sets_it_on_every_shard():
     with pytest.raises(RuntimeError, match=r"shard 0 was computed by autograd"):
         computed.requires_grad_(False)
     assert all(s.requires_grad for s in computed.shards)
+
+
+def test_deepcopy_is_a_sharded_tensor_with_its_own_storage():
+    import copy
+
+    st = _sharded(4, 3)
+    dup = copy.deepcopy(st)
+    assert isinstance(dup, ShardedTensor)
+    assert dup.devices == st.devices and dup.axis == st.axis
+    torch.testing.assert_close(dup.unshard(), st.unshard())
+    dup.add_(1)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    assert {s.data_ptr() for s in dup.shards}.isdisjoint(s.data_ptr() for s in st.shards)
+    also = copy.deepcopy({"x": st})["x"]
+    assert isinstance(also, ShardedTensor)
+    a, b = copy.deepcopy([st, st])  # the memo: one copy for one object
+    assert a is b

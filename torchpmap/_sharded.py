@@ -25,6 +25,7 @@ itself; ``x[i]`` on the mapped axis 0 is shard i, so ``x[i].add_(1)`` works.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, SupportsIndex
@@ -156,6 +157,16 @@ class ShardedTensor(torch.Tensor):
     @imag.setter
     def imag(self, value: Any) -> None:
         _set_attribute(_tensor_attribute("imag").__set__, (self, value))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedTensor:
+        # Tensor.__deepcopy__ would go through __torch_function__ and return the
+        # full tensor; copy the shards instead (the memo keeps shared ones shared).
+        self._check_alive()
+        if id(self) not in memo:
+            shards = [copy.deepcopy(s, memo) for s in self._shards]
+            memo[id(self)] = ShardedTensor(shards, self._devices, self._axis)
+        result: ShardedTensor = memo[id(self)]
+        return result
 
     # -- assembling ---------------------------------------------------------------------
     def unshard(self, device: torch.device | str | None = None) -> torch.Tensor:
