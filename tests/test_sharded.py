@@ -669,3 +669,15 @@ def test_deepcopy_is_a_sharded_tensor_with_its_own_storage():
     assert isinstance(also, ShardedTensor)
     a, b = copy.deepcopy([st, st])  # the memo: one copy for one object
     assert a is b
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_save_and_load_round_trip_with_default_weights_only(tmp_path, axis):
+    st = _sharded(4, 3, axis=axis)
+    path = tmp_path / "st.pt"
+    torch.save({"x": st, "step": 3}, path)
+    loaded = torch.load(path)  # weights_only=True, PyTorch's default
+    x = loaded["x"]
+    assert isinstance(x, ShardedTensor) and loaded["step"] == 3
+    assert x.devices == st.devices and x.axis == st.axis
+    torch.testing.assert_close(x.unshard(), st.unshard())

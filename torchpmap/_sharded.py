@@ -266,6 +266,11 @@ class ShardedTensor(torch.Tensor):
         return _call_on_full_tensors(func, args, kwargs or {}, func.overloadpacket.__name__)
 
 
+# A saved ShardedTensor (its __reduce_ex__ calls the class on its shards, devices
+# and axis) loads with torch.load's default weights_only=True.
+torch.serialization.add_safe_globals([ShardedTensor])
+
+
 def _full(v: Any) -> Any:
     return v.unshard() if isinstance(v, ShardedTensor) else v
 
