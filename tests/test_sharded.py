@@ -357,3 +357,327 @@ def test_cuda_shards_live_on_their_devices():
     assert [s.device for s in rep.shards] == devs
     put = tp.device_put_sharded(list(x), devs)
     assert [s.device for s in put.shards] == devs
+
+
+# -- in-place updates reach the shards, or raise ------------------------------------------------
+
+
+def _sharded(n=4, *rest, axis=0):
+    return tp.pmap(lambda r: r * 1, out_axes=axis)(_rows(n, *rest))
+
+
+def test_in_place_elementwise_ops_apply_to_every_shard():
+    st = _sharded(4, 3)
+    expected = _rows(4, 3)
+    ptrs = [s.data_ptr() for s in st.shards]
+    st.add_(1)
+    st.mul_(2)
+    st += 1
+    st -= torch.tensor([1.0, 2.0, 3.0])  # a full tensor broadcast over every shard
+    expected = ((expected + 1) * 2 + 1) - torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(st.unshard(), expected)
+    st.clamp_(min=0.0)
+    torch.testing.assert_close(st.unshard(), expected.clamp(min=0.0))
+    full = torch.arange(12.0).reshape(4, 3)
+    st.copy_(full)  # the full tensor, split over the shards
+    torch.testing.assert_close(st.unshard(), full)
+    st.copy_(_sharded(4, 3))  # a ShardedTensor laid out the same way: shard by shard
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    with torch.no_grad():
+        torch.nn.init.constant_(st, 3.0)
+    torch.testing.assert_close(st.unshard(), torch.full((4, 3), 3.0))
+    st.zero_()
+    assert st.unshard().eq(0).all()
+    assert [s.data_ptr() for s in st.shards] == ptrs  # updated in place, nothing replaced
+
+
+def test_in_place_ops_follow_the_mapped_axis():
+    st = _sharded(4, 3, axis=1)  # shape (3, 4): shard i is column i
+    bias = torch.arange(4.0)  # broadcast along the last axis: one value per shard
+    st.add_(bias)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3).T + bias)
+    for i, s in enumerate(st.shards):
+        torch.testing.assert_close(s, _rows(4, 3)[i] + i)
+
+
+def test_setitem_on_the_mapped_axis_writes_that_shard():
+    st = _sharded(4, 3)
+    st[1] = 5.0
+    st[2] = torch.tensor([7.0, 8.0, 9.0])
+    assert st.shards[1].tolist() == [5.0] * 3 and st.shards[2].tolist() == [7.0, 8.0, 9.0]
+    torch.testing.assert_close(st.shards[0], _rows(4, 3)[0])
+
+
+def test_requires_grad_in_place_sets_it_on_every_shard():
+    st = _sharded(2, 3)
+    assert st.requires_grad_() is st
+    assert st.requires_grad and all(s.requires_grad for s in st.shards)
+    st.requires_grad_(False)
+    assert not any(s.requires_grad for s in st.shards)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda st: st.transpose_(0, 1),
+        lambda st: st.unsqueeze_(0),
+        lambda st: st.resize_(12),
+        lambda st: st.as_strided_((4, 3), (1, 4)),
+        lambda st: st.set_(torch.zeros(4, 3)),
+        lambda st: torch.sum(torch.ones(4, 3), 0, out=st),  # out= resized to (3,)
+        lambda st: setattr(st, "data", torch.zeros(4, 3)),
+        lambda st: setattr(st, "grad", torch.zeros(4, 3)),
+    ],
+    ids=["transpose_", "unsqueeze_", "resize_", "as_strided_", "set_", "out= of another shape", "data=", "grad="],
+)
+@pytest.mark.filterwarnings("ignore:An output with one or more elements was resized")
+def test_in_place_ops_the_shards_cannot_follow_raise(op):
+    st = _sharded(4, 3)
+    before = st.unshard()
+    ptrs = [s.data_ptr() for s in st.shards]
+    with pytest.raises(TypeError, match=r"ShardedTensor.*in place.*\.shards"):
+        op(st)
+    torch.testing.assert_close(st.unshard(), before)  # nothing half-done
+    assert [s.data_ptr() for s in st.shards] == ptrs and st.shape == (4, 3)
+
+
+def _iadd(t, v):
+    t += v
+    return t
+
+
+def _imul(t, v):
+    t *= v
+    return t
+
+
+def _seeded(fill):
+    def op(t):
+        torch.manual_seed(0)
+        return fill(t)
+
+    return op
+
+
+# Each op takes the tensor to update; other tensors in it are plain tensors.
+IN_PLACE_OPS = {
+    "add_ scalar": lambda t: t.add_(1),
+    "add_ alpha": lambda t: t.add_(0.3, alpha=0.7),
+    "add_ broadcast": lambda t: t.add_(torch.arange(t.shape[-1], dtype=t.dtype)),
+    "sub_ full": lambda t: t.sub_(torch.linspace(-1, 1, t.numel()).reshape(t.shape)),
+    "mul_ scalar": lambda t: t.mul_(0.1),
+    "div_ scalar": lambda t: t.div_(3.0),
+    "+= scalar": lambda t: _iadd(t, 0.25),
+    "*= column": lambda t: _imul(t, torch.arange(t.shape[0], dtype=t.dtype)[:, None]),
+    "clamp_": lambda t: t.clamp_(min=-0.5, max=0.75),
+    "clamp_min_": lambda t: t.clamp_min_(0.0),
+    "fill_": lambda t: t.fill_(2.5),
+    "fill_ tensor": lambda t: t.fill_(torch.tensor(-1.5)),
+    "zero_": lambda t: t.zero_(),
+    "neg_": lambda t: t.neg_(),
+    "exp_": lambda t: t.exp_(),
+    "addcmul_": lambda t: t.addcmul_(t, torch.full(t.shape, 0.5), value=0.3),
+    "lerp_": lambda t: t.lerp_(torch.ones(t.shape), 0.3),
+    "copy_ full": lambda t: t.copy_(torch.arange(t.numel(), dtype=torch.float64).reshape(t.shape)),
+    "copy_ broadcast": lambda t: t.copy_(torch.arange(t.shape[-1])),
+    "setitem int": lambda t: t.__setitem__(1, 5.0),
+    "setitem -1 row": lambda t: t.__setitem__(-1, torch.arange(t.shape[1], dtype=t.dtype)),
+    "setitem column": lambda t: t.__setitem__((slice(None), 0), 5.0),
+    "setitem column 2": lambda t: t.__setitem__((slice(None), 2), torch.arange(t.shape[0], dtype=t.dtype)),
+    "setitem element": lambda t: t.__setitem__((0, 1), 7.0),
+    "setitem slice": lambda t: t.__setitem__(slice(1, 3), 0.0),
+    "setitem ellipsis": lambda t: t.__setitem__((Ellipsis, 1), -2.0),
+    "setitem int then slice": lambda t: t.__setitem__((2, slice(0, 2)), 9.0),
+    "setitem mask": lambda t: t.__setitem__(t > 0, 0.0),
+    "index_add_ dim 0": lambda t: t.index_add_(0, torch.tensor([0, 2]), torch.ones(2, t.shape[1])),
+    "index_add_ dim 1": lambda t: t.index_add_(1, torch.tensor([0, 2]), torch.ones(t.shape[0], 2)),
+    "masked_fill_": lambda t: t.masked_fill_(torch.eye(*t.shape, dtype=torch.bool), 4.0),
+    "scatter_": lambda t: t.scatter_(1, torch.zeros(t.shape[0], 1, dtype=torch.long), -3.0),
+    "out=": lambda t: torch.add(torch.ones(t.shape), 1, out=t),
+    "out= mul": lambda t: torch.mul(torch.ones(t.shape), t, out=t),
+    "_foreach_mul_": lambda t: torch._foreach_mul_([t], 0.5),
+    "init.constant_": lambda t: torch.nn.init.constant_(t, 3.0),
+    "init.uniform_": _seeded(lambda t: torch.nn.init.uniform_(t)),
+    "normal_": _seeded(lambda t: t.normal_()),
+}
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast paths", "write-back only"])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("name", list(IN_PLACE_OPS))
+def test_in_place_ops_match_the_same_op_on_a_plain_tensor(name, axis, fast_paths, monkeypatch):
+    from torchpmap import _sharded as impl
+
+    if not fast_paths:  # the cheaper paths must give exactly what the write-back gives
+        monkeypatch.setattr(impl, "_update_shards_directly", lambda *a: (False, None))
+    op = IN_PLACE_OPS[name]
+    st = _sharded(4, 3, axis=axis)
+    plain = st.unshard().clone()
+    ptrs = [s.data_ptr() for s in st.shards]
+    result, expected = op(st), op(plain)
+    assert torch.equal(st.unshard(), plain), f"{name}: {st.unshard()} != {plain}"
+    assert [s.data_ptr() for s in st.shards] == ptrs  # updated in place, nothing replaced
+    if expected is plain:
+        assert result is st
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.int32])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_elementwise_ops_with_scalars_are_exact_for_every_dtype(dtype, axis, monkeypatch):
+    from torchpmap import _sharded as impl
+
+    def apply(fast):
+        if not fast:
+            monkeypatch.setattr(impl, "_update_shards_directly", lambda *a: (False, None))
+        st = tp.pmap(lambda r: r * 1, out_axes=axis)(rows(8, 17, dtype=dtype, scale=0.37, offset=-20))
+        plain = st.unshard().clone()
+        for t in (st, plain):
+            t.add_(3).mul_(7).sub_(2).clamp_(-50, 60).neg_()
+        assert torch.equal(st.unshard(), plain)
+        return st.unshard()
+
+    assert torch.equal(apply(True), apply(False))
+
+
+def test_copy_between_sharded_tensors():
+    st = _sharded(4, 3)
+    other = _sharded(4, 3, axis=1)  # shape (3, 4): its transpose, laid out differently
+    st.copy_(other.T)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    # a source whose shards are this tensor's shards, rotated: every shard reads the old values
+    rotated = ShardedTensor(st.shards[1:] + st.shards[:1], st.devices, axis=0)
+    st.copy_(rotated)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3).roll(-1, 0))
+    with pytest.raises(RuntimeError, match=r"shape|size"):
+        st.copy_(_sharded(2, 3))
+    torch.testing.assert_close(st.unshard(), _rows(4, 3).roll(-1, 0))
+
+
+def test_real_and_imag_setters_and_out_tuples_reach_the_shards():
+    st = tp.pmap(lambda r: r * (1 + 2j))(_rows(4, 3).to(torch.complex64))
+    st.real = torch.zeros(4, 3)
+    st.imag += 1  # reads .imag (a full tensor), adds, sets .imag
+    expected = torch.complex(torch.zeros(4, 3), 2 * _rows(4, 3) + 1)
+    torch.testing.assert_close(st.unshard(), expected)
+    values, indices = _sharded(4), tp.pmap(lambda r: r.long())(torch.zeros(4))
+    torch.max(_rows(4, 3), 1, out=(values, indices))
+    torch.testing.assert_close(values.unshard(), _rows(4, 3).max(1).values)
+    assert indices.unshard().tolist() == [2] * 4
+
+
+def test_in_place_on_a_view_of_the_mapped_axis_reaches_the_shard():
+    st = _sharded(4, 3)
+    st[2].add_(1)  # x[i] is shard i itself
+    torch.testing.assert_close(st.shards[2], _rows(4, 3)[2] + 1)
+    st.data.mul_(2)  # x.data is the shards' .data
+    torch.testing.assert_close(st.unshard(), (_rows(4, 3) + torch.tensor([0, 0, 1, 0.0])[:, None]) * 2)
+    assert isinstance(st.data, ShardedTensor)
+
+
+def test_in_place_ops_that_autograd_would_record_raise():
+    x = _rows(4, 3).requires_grad_()
+    st = tp.pmap(lambda r: r * 2)(x)  # shards computed by autograd
+    for op in (lambda t: t.add_(1), lambda t: t.__setitem__(1, 0.0), lambda t: t.mul_(torch.ones(3))):
+        with pytest.raises(RuntimeError, match=r"ShardedTensor.*in place while autograd records.*no_grad"):
+            op(st)
+    plain = _sharded(4, 3)
+    with pytest.raises(RuntimeError, match=r"in place while autograd records"):
+        plain.copy_(x)  # would put the shards on x's graph
+    torch.testing.assert_close(plain.unshard(), _rows(4, 3))
+    torch.testing.assert_close(st.unshard(), 2 * _rows(4, 3))  # nothing half-done
+    with pytest.raises(TypeError, match=r"ShardedTensor: detach_ changes its autograd state in place.*x\.shards"):
+        st.detach_()
+    assert st.requires_grad and all(s.grad_fn is not None for s in st.shards)
+    with torch.no_grad():  # outside the graph, as for a plain tensor
+        st.add_(1)
+        st[1] = 0.0
+    st.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full((4, 3), 2.0))
+
+
+def test_init_of_shards_that_require_grad():
+    st = _sharded(2, 3).requires_grad_()
+    torch.nn.init.constant_(st, 0.5)  # init runs under no_grad itself, as for an nn.Parameter
+    assert all(s.is_leaf and s.requires_grad for s in st.shards)
+    torch.testing.assert_close(st.unshard().detach(), torch.full((2, 3), 0.5))
+    with pytest.raises(RuntimeError, match=r"in place while autograd records"):
+        st.mul_(2)
+
+
+def test_in_place_updates_of_shards_that_share_memory_raise():
+    x, w = _rows(4, 3), torch.zeros(3)
+    st = tp.pmap(lambda r, w: w, in_axes=(0, None))(x, w)  # every shard is w itself
+    for op in (lambda t: t.__setitem__(1, 5.0), lambda t: t.add_(1), lambda t: t.copy_(x)):
+        with pytest.raises(RuntimeError, match=r"shards 0 and 1 share memory.*s\.clone\(\)"):
+            op(st)
+    assert w.eq(0).all()
+    own = ShardedTensor([s.clone() for s in st.shards], st.devices, st.axis)  # the way the error names
+    own[1] = 5.0
+    assert own.shards[1].tolist() == [5.0] * 3 and own.shards[0].tolist() == [0.0] * 3
+    expanded = ShardedTensor([torch.zeros(1).expand(3), torch.zeros(3)], _devices(2))
+    with pytest.raises(RuntimeError, match=r"shard 0 overlaps itself"):
+        expanded.fill_(1.0)
+    buffer = np.zeros(4, dtype=np.float32)  # two storages over one buffer
+    overlapping = ShardedTensor([torch.from_numpy(buffer[0:3]), torch.from_numpy(buffer[1:4])], _devices(2))
+    with pytest.raises(RuntimeError, match=r"shards 0 and 1 share memory"):
+        overlapping[0] = torch.tensor([1.0, 2.0, 3.0])
+    assert not buffer.any()
+
+
+def test_interleaved_shards_of_one_storage_update_in_place():
+    x = _rows(4, 3)
+    st = tp.pmap(lambda r: r, in_axes=1, out_axes=1)(x.clone())  # shards: the columns of one matrix
+    assert len({s.untyped_storage().data_ptr() for s in st.shards}) == 1
+    st.add_(torch.arange(3.0))
+    st[:, 0] = -1.0
+    expected = x + torch.arange(3.0)
+    expected[:, 0] = -1.0
+    torch.testing.assert_close(st.unshard(), expected)
+
+
+def test_in_place_update_of_inference_shards_raises_outside_inference_mode():
+    with torch.inference_mode():
+        st = _sharded(4, 3)
+        st.add_(1)  # inside inference mode, as for a plain inference tensor
+    with pytest.raises(RuntimeError, match=r"shard 0 is an inference tensor"):
+        st.add_(1)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3) + 1)
+
+
+def test_requires_grad_attribute_sets_it_on_every_shard():
+    st = _sharded(2, 3)
+    st.requires_grad = True
+    assert all(s.requires_grad for s in st.shards)
+    computed = tp.pmap(lambda r: r * 2)(_rows(2, 3).requires_grad_())
+    with pytest.raises(RuntimeError, match=r"shard 0 was computed by autograd"):
+        computed.requires_grad_(False)
+    assert all(s.requires_grad for s in computed.shards)
+
+
+def test_deepcopy_is_a_sharded_tensor_with_its_own_storage():
+    import copy
+
+    st = _sharded(4, 3)
+    dup = copy.deepcopy(st)
+    assert isinstance(dup, ShardedTensor)
+    assert dup.devices == st.devices and dup.axis == st.axis
+    torch.testing.assert_close(dup.unshard(), st.unshard())
+    dup.add_(1)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    assert {s.data_ptr() for s in dup.shards}.isdisjoint(s.data_ptr() for s in st.shards)
+    also = copy.deepcopy({"x": st})["x"]
+    assert isinstance(also, ShardedTensor)
+    a, b = copy.deepcopy([st, st])  # the memo: one copy for one object
+    assert a is b
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_save_and_load_round_trip_with_default_weights_only(tmp_path, axis):
+    st = _sharded(4, 3, axis=axis)
+    path = tmp_path / "st.pt"
+    torch.save({"x": st, "step": 3}, path)
+    loaded = torch.load(path)  # weights_only=True, PyTorch's default
+    x = loaded["x"]
+    assert isinstance(x, ShardedTensor) and loaded["step"] == 3
+    assert x.devices == st.devices and x.axis == st.axis
+    torch.testing.assert_close(x.unshard(), st.unshard())

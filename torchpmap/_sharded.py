@@ -9,11 +9,25 @@ code which checks ``isinstance(x, torch.Tensor)``, ``torch.testing.assert_close`
 among it, accepts it. Its metadata (shape, dtype, device of shard 0) answers
 without touching data; every other torch function or method runs on the
 assembled full tensor.
+
+In-place updates (``x.add_(1)``, ``x[i] = v``, ``x.copy_(t)``, ``out=x``,
+``torch.nn.init.*``) write back: the op runs on the full tensor, then every
+shard is overwritten in place with its slice of the result, so the shards keep
+their storage. Cheaper paths (``x[i] = v`` on the mapped axis, an elementwise op
+with Python scalars, ``copy_`` between ShardedTensors of the same layout) update
+the shards directly and give the same values. Updates the shards cannot follow
+raise instead of being lost: ops that change the shape, strides, dtype or
+storage (``transpose_``, ``resize_``, ``set_``, ``.data = t``), ops autograd
+would record (use ``torch.no_grad()``), and shards that share memory. A view
+(``x[1:3]``, ``x.T``) is a view of a temporary full tensor, so update ``x``
+itself; ``x[i]`` on the mapped axis 0 is shard i, so ``x[i].add_(1)`` works.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, SupportsIndex
 
 import numpy as np
@@ -40,6 +54,10 @@ _METADATA = {
 
 
 class ShardedTensor(torch.Tensor):
+    """A logical tensor whose slices along ``axis`` live on ``devices`` (see the
+    module doc). In-place ops reach every shard or raise; to change the shards'
+    shape or autograd history, update ``x.shards`` and build a new ShardedTensor."""
+
     _shards: tuple[torch.Tensor, ...]
     _devices: tuple[torch.device, ...]
     _axis: int
@@ -112,12 +130,43 @@ class ShardedTensor(torch.Tensor):
                 "deleted, so its buffers may have been reused; use the call's result instead"
             )
 
-    # The shards carry autograd, not the wrapper: read-only here, while torch's
-    # stubs type Tensor.requires_grad as a plain writable attribute.
+    # The shards carry autograd, not the wrapper: setting it sets it on every shard.
     @property
-    def requires_grad(self) -> bool:  # type: ignore[override]
+    def requires_grad(self) -> bool:
         self._check_alive()
         return any(s.requires_grad for s in self._shards)
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:
+        _set_requires_grad(self, requires_grad)
+
+    # Tensor's own .real/.imag setters go to C++ without __torch_function__, and
+    # would write into a temporary full tensor.
+    @property
+    def real(self) -> torch.Tensor:
+        return _tensor_attribute("real").__get__(self)
+
+    @real.setter
+    def real(self, value: Any) -> None:
+        _set_attribute(_tensor_attribute("real").__set__, (self, value))
+
+    @property
+    def imag(self) -> torch.Tensor:
+        return _tensor_attribute("imag").__get__(self)
+
+    @imag.setter
+    def imag(self, value: Any) -> None:
+        _set_attribute(_tensor_attribute("imag").__set__, (self, value))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShardedTensor:
+        # Tensor.__deepcopy__ would go through __torch_function__ and return the
+        # full tensor; copy the shards instead (the memo keeps shared ones shared).
+        self._check_alive()
+        if id(self) not in memo:
+            shards = [copy.deepcopy(s, memo) for s in self._shards]
+            memo[id(self)] = ShardedTensor(shards, self._devices, self._axis)
+        result: ShardedTensor = memo[id(self)]
+        return result
 
     # -- assembling ---------------------------------------------------------------------
     def unshard(self, device: torch.device | str | None = None) -> torch.Tensor:
@@ -182,7 +231,10 @@ class ShardedTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if getattr(func, "__name__", None) == "__get__" or func in _METADATA:
+        name = getattr(func, "__name__", None)
+        if name == "__get__" and _attribute_name(func) == "data":
+            return _data(args[0])
+        if name == "__get__" or func in _METADATA:
             # Attribute reads (shape, dtype, device, ...) and metadata methods:
             # the wrapper knows them without assembling anything.
             for a in args:
@@ -190,7 +242,14 @@ class ShardedTensor(torch.Tensor):
                     a._check_alive()
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
-        return func(*tree_map(_full, args), **tree_map(_full, kwargs))
+        if name == "__set__":
+            return _set_attribute(func, args)
+        if func is torch.Tensor.requires_grad_:
+            return _set_requires_grad(*args, **kwargs)
+        done, result = _update_shards_directly(func, args, kwargs)
+        if done:
+            return result
+        return _call_on_full_tensors(func, args, kwargs, _op_name(func))
 
     # torch's stubs type Tensor.__torch_dispatch__ as a plain function attribute
     # (_disabled_torch_dispatch_impl), not the classmethod that subclasses define.
@@ -202,12 +261,345 @@ class ShardedTensor(torch.Tensor):
         args: Sequence[Any] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        # Reached only from C++ paths that skip __torch_function__; same rule.
-        return func(*tree_map(_full, args), **tree_map(_full, kwargs or {}))
+        # Reached only from C++ paths that skip __torch_function__ (set_, for
+        # one); same rule.
+        return _call_on_full_tensors(func, args, kwargs or {}, func.overloadpacket.__name__)
+
+
+# A saved ShardedTensor (its __reduce_ex__ calls the class on its shards, devices
+# and axis) loads with torch.load's default weights_only=True.
+torch.serialization.add_safe_globals([ShardedTensor])
 
 
 def _full(v: Any) -> Any:
     return v.unshard() if isinstance(v, ShardedTensor) else v
+
+
+def _op_name(func: Callable[..., Any]) -> str:
+    return getattr(func, "__name__", None) or repr(func)
+
+
+def _tensor_attribute(name: str) -> Any:
+    """Tensor's own descriptor for attribute ``name`` (its __get__ and __set__)."""
+    return torch._C.TensorBase.__dict__[name]
+
+
+def _attribute_name(descriptor_method: Callable[..., Any]) -> str:
+    # Tensor.data.__set__ is a method-wrapper bound to the `data` descriptor.
+    return str(getattr(getattr(descriptor_method, "__self__", None), "__name__", ""))
+
+
+# -- in-place updates ----------------------------------------------------------------------------
+# Every path checks everything before it writes anything, so an update that
+# raises leaves the ShardedTensor as it was.
+
+_OWN_MEMORY = "ShardedTensor([s.clone() for s in x.shards], x.devices, x.axis)"
+
+
+def _data(st: ShardedTensor) -> ShardedTensor:
+    """``x.data``: the shards' ``.data``, so that ``x.data.add_(1)`` updates x."""
+    return ShardedTensor([s.data for s in st.shards], st.devices, st.axis)
+
+
+def _set_attribute(setter: Callable[..., Any], args: Sequence[Any]) -> Any:
+    st, value = args
+    attr = _attribute_name(setter)
+    if attr in ("real", "imag"):  # copies values into the real or imaginary part
+        return _call_on_full_tensors(setter, args, {}, f".{attr} =")
+    if not isinstance(st, ShardedTensor):
+        return setter(*tree_map(_full, args))
+    hint = "; to copy values in, use `with torch.no_grad(): x.copy_(value)`" if attr == "data" else ""
+    raise TypeError(
+        f"ShardedTensor: setting .{attr} in place would not reach its shards; set it on each of x.shards instead{hint}"
+    )
+
+
+def _set_requires_grad(st: ShardedTensor, requires_grad: bool = True) -> ShardedTensor:
+    shards = st.shards
+    if not requires_grad:
+        for i, s in enumerate(shards):
+            if not s.is_leaf:
+                raise RuntimeError(
+                    f"ShardedTensor.requires_grad_(False): shard {i} was computed by autograd (it is not a "
+                    "leaf), so its flag cannot change; use x.detach() for a tensor outside the graph"
+                )
+    for s in shards:
+        s.requires_grad_(requires_grad)
+    return st
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What an in-place op on the full tensor must leave alone for the shards to follow it."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    storage_offset: int
+    dtype: torch.dtype
+    device: torch.device
+    data_ptr: int
+
+    @staticmethod
+    def of(t: torch.Tensor) -> _Layout:
+        if t.layout != torch.strided:  # no strides or storage to compare
+            return _Layout(t.shape, (), 0, t.dtype, t.device, 0)
+        storage = t.untyped_storage().data_ptr()
+        return _Layout(t.shape, t.stride(), int(t.storage_offset()), t.dtype, t.device, storage)
+
+
+class _FullCopy:
+    """The full tensor an op runs on in place of a ShardedTensor, and what it was
+    like before, to tell afterwards whether and how the op changed it."""
+
+    def __init__(self, st: ShardedTensor) -> None:
+        self.sharded = st
+        self.full = st.unshard()
+        self._layout = _Layout.of(self.full)
+        self._version = self.full._version
+        self._autograd = (self.full.requires_grad, self.full.grad_fn)
+
+    @property
+    def written(self) -> bool:
+        return self.full._version != self._version
+
+    def check_shards_can_follow(self, name: str) -> None:
+        if _Layout.of(self.full) != self._layout:
+            raise TypeError(
+                f"ShardedTensor: {name} changes its shape, strides, dtype or storage in place, which its "
+                "shards cannot follow; use the out-of-place op, or build a new ShardedTensor from changed "
+                "x.shards"
+            )
+        autograd_changed = (self.full.requires_grad, self.full.grad_fn) != self._autograd
+        if autograd_changed and not self.written:  # detach_, for one
+            raise TypeError(
+                f"ShardedTensor: {name} changes its autograd state in place, which its shards cannot follow; "
+                "build a new ShardedTensor from x.shards (ShardedTensor([s.detach() for s in x.shards], "
+                "x.devices, x.axis)), or update x.shards"
+            )
+        if autograd_changed and torch.is_grad_enabled():
+            raise RuntimeError(
+                f"ShardedTensor: {name} would update it in place while autograd records, and its shards "
+                "cannot take that history; run it under torch.no_grad(), or update each of x.shards in "
+                "place (for s in x.shards: ...), which autograd records shard by shard"
+            )
+
+
+def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
+    """Run ``func`` on the full tensors; write what it changed back into the shards."""
+    copies: dict[int, _FullCopy] = {}
+
+    def to_full(v: Any) -> Any:
+        if not isinstance(v, ShardedTensor):
+            return v
+        if id(v) not in copies:  # one full tensor per ShardedTensor: aliasing as in torch
+            copies[id(v)] = _FullCopy(v)
+        return copies[id(v)].full
+
+    result = func(*tree_map(to_full, args), **tree_map(to_full, kwargs))
+
+    for c in copies.values():
+        c.check_shards_can_follow(name)
+    written = [c for c in copies.values() if c.written]
+    for c in written:
+        _check_shards_writable(c.sharded, name)
+    for c in written:
+        _write_back(c.sharded, c.full)
+
+    if written or (name.endswith("_") and not name.startswith("__")):  # in place: give back x, not its copy
+        sharded_of = {id(c.full): c.sharded for c in copies.values()}
+        return tree_map(lambda v: sharded_of.get(id(v), v) if isinstance(v, torch.Tensor) else v, result)
+    return result
+
+
+def _write_back(st: ShardedTensor, full: torch.Tensor) -> None:
+    # The op already ran (and autograd was checked) on the full tensor: copying
+    # its values back is not part of the graph.
+    with torch.no_grad():
+        for i, s in enumerate(st._shards):
+            s.copy_(full.select(st._axis, i))
+
+
+def _check_shards_writable(st: ShardedTensor, name: str) -> None:
+    """Raise unless every shard can be overwritten on its own, before any is."""
+    shards = st.shards
+    for i, s in enumerate(shards):
+        if s.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"ShardedTensor: {name} would update it in place, but shard {i} is an inference tensor, "
+                f"which only torch.inference_mode() may update; update a copy (x = {_OWN_MEMORY})"
+            )
+    overlap = _overlapping_shards(shards)
+    if overlap is not None:
+        i, j = overlap
+        where = f"shard {i} overlaps itself" if i == j else f"shards {i} and {j} share memory"
+        raise RuntimeError(
+            f"ShardedTensor: {name} cannot update it in place because {where} (a tensor broadcast to every "
+            "replica and returned, for one), so they cannot hold different values; give the shards their "
+            f"own memory first (x = {_OWN_MEMORY}), or update x.shards directly"
+        )
+
+
+def _overlapping_shards(shards: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+    """The first pair (i, j) of shards that share memory, (i, i) for a shard
+    that repeats an element (an expanded tensor), or None."""
+    for i, s in enumerate(shards):
+        if torch._debug_has_internal_overlap(s) == 1:  # 1: MemOverlap::Yes
+            return i, i
+    spans = [_byte_span(s) for s in shards]
+    for j in range(len(shards)):
+        for i in range(j):
+            a, b = spans[i], spans[j]
+            if a is None or b is None or a[1] <= b[0] or b[1] <= a[0]:
+                continue  # disjoint address ranges
+            if _share_an_element(shards[i], shards[j]):
+                return i, j
+    return None
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """The addresses [first, end) that ``t`` covers, None when empty. Addresses,
+    not storages: two storages can view one buffer (torch.from_numpy of overlapping
+    numpy views)."""
+    numel, start, itemsize = t.numel(), t.data_ptr(), t.element_size()
+    if numel == 0:
+        return None
+    if t.is_contiguous():
+        return start, start + numel * itemsize
+    offsets = [(size - 1) * stride for size, stride in zip(t.shape, t.stride())]
+    lo = sum(min(0, o) for o in offsets)
+    hi = sum(max(0, o) for o in offsets) + 1
+    return start + lo * itemsize, start + hi * itemsize
+
+
+def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Interleaved views (the columns of one matrix) overlap in range but not in
+    # elements: compare the elements' positions themselves.
+    shift, misaligned = divmod(b.data_ptr() - a.data_ptr(), a.element_size())
+    if misaligned:
+        return True  # elements straddle each other: some bytes are shared
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b) + shift).any())
+
+
+def _element_offsets(t: torch.Tensor) -> torch.Tensor:
+    """Each element's position in ``t``'s storage, counted from its first element."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return offsets.reshape(-1)
+
+
+# -- cheaper paths that update the shards directly ---------------------------------------------
+# Each gives exactly the values the write-back gives: it runs the same op on the
+# same elements, and only when autograd records nothing.
+
+# Elementwise in-place ops whose result per element depends only on that element
+# and on Python scalars, and is exactly rounded however the kernel is vectorized.
+_ELEMENTWISE_WITH_SCALARS = {
+    torch.Tensor.add_,
+    torch.Tensor.sub_,
+    torch.Tensor.mul_,
+    torch.Tensor.fill_,
+    torch.Tensor.zero_,
+    torch.Tensor.neg_,
+    torch.Tensor.clamp_,
+    torch.Tensor.clamp_min_,
+    torch.Tensor.clamp_max_,
+    torch.Tensor.clip_,
+}
+_SCALAR_KWARGS = {"min", "max"}  # not alpha: a fused multiply-add may round differently
+
+
+def _update_shards_directly(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    """(True, result) when a cheaper path updated the shards, else (False, None)."""
+    if not args or not isinstance(args[0], ShardedTensor):
+        return False, None
+    st = args[0]
+    if func is torch.Tensor.__setitem__ and len(args) == 3:
+        return _set_one_shard(st, args[1], args[2])
+    if func in _ELEMENTWISE_WITH_SCALARS:
+        return _elementwise_with_scalars(func, st, args[1:], kwargs)
+    if func is torch.Tensor.copy_ and len(args) == 2 and set(kwargs) <= {"non_blocking"}:
+        return _copy_shard_by_shard(st, args[1], kwargs)
+    return False, None
+
+
+def _records_autograd(tensors: Iterable[Any]) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, complex))
+
+
+def _elementwise_with_scalars(
+    func: Callable[..., Any], st: ShardedTensor, rest: Sequence[Any], kwargs: dict[str, Any]
+) -> tuple[bool, Any]:
+    if not all(_is_scalar(v) for v in rest) or not set(kwargs) <= _SCALAR_KWARGS:
+        return False, None
+    if not all(_is_scalar(v) for v in kwargs.values()) or _records_autograd(st.shards):
+        return False, None
+    if st.dtype.is_complex:  # a vectorized complex product may round unlike the scalar one
+        return False, None
+    _check_shards_writable(st, _op_name(func))
+    for s in st._shards:  # a dtype error raises at shard 0, before any write
+        func(s, *rest, **kwargs)
+    return True, st
+
+
+def _copy_shard_by_shard(st: ShardedTensor, src: Any, kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    if not isinstance(src, ShardedTensor) or src.axis != st.axis or len(src.shards) != len(st.shards):
+        return False, None
+    if src.shards[0].shape != st.shards[0].shape or _records_autograd([*st.shards, *src.shards]):
+        return False, None
+    ours = {s.untyped_storage().data_ptr() for s in st.shards}
+    if any(s.untyped_storage().data_ptr() in ours for s in src.shards):
+        return False, None  # one shard's copy could overwrite another's source: write back instead
+    _check_shards_writable(st, "copy_")
+    for s, o in zip(st._shards, src._shards):
+        s.copy_(o, **kwargs)
+    return True, st
+
+
+def _set_one_shard(st: ShardedTensor, index: Any, value: Any) -> tuple[bool, Any]:
+    """``x[index] = value`` where ``index`` picks one position on the mapped axis."""
+    picked = _shard_and_rest(st, index)
+    if picked is None:
+        return False, None
+    i, rest = picked
+    value = _full(value)
+    if _records_autograd([*st.shards, value]):
+        return False, None
+    _check_shards_writable(st, "__setitem__")
+    st._shards[i][rest] = value
+    return True, None
+
+
+def _shard_and_rest(st: ShardedTensor, index: Any) -> tuple[int, Any] | None:
+    """(i, rest) when ``x[index]`` is ``x.shards[i][rest]`` with basic indexing only:
+    full slices before the mapped axis, an int on it, then ints, slices, None, ...."""
+    parts = index if isinstance(index, tuple) else (index,)
+    axis, n = st.axis, len(st.shards)
+    if len(parts) <= axis or not all(_is_full_slice(p) for p in parts[:axis]):
+        return None
+    i, after = parts[axis], parts[axis + 1 :]
+    if not _is_plain_int(i) or not -n <= i < n or not all(_is_basic_index(p) for p in after):
+        return None
+    rest = parts[:axis] + after
+    return i % n, rest if rest else Ellipsis
+
+
+def _is_plain_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # torch reads True as a mask
+
+
+def _is_full_slice(v: Any) -> bool:
+    return isinstance(v, slice) and v.start is None and v.stop is None and v.step is None
+
+
+def _is_basic_index(v: Any) -> bool:
+    if isinstance(v, slice):
+        return all(b is None or _is_plain_int(b) for b in (v.start, v.stop, v.step))
+    return v is None or v is Ellipsis or _is_plain_int(v)
 
 
 # -- placement helpers -------------------------------------------------------------------
