@@ -582,3 +582,48 @@ def test_plan_cache_is_per_call_signature():
     torch.testing.assert_close(p(x, b=x).unshard(), 2 * x)
     # outputs: one plan per output structure
     assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs
+
+
+# -- devices are validated ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "devices, match",
+    [
+        (["cpu:99", "cpu:0"], r"devices\[0\] is cpu:99, which is not one of this process's devices"),
+        (["meta", "cpu:0"], r"devices\[0\] is meta"),
+        (["cuda:0", "cpu:1"] if not torch.cuda.is_available() else ["cuda:99", "cuda:0"], r"devices\[0\] is cuda"),
+    ],
+)
+def test_devices_must_be_this_processes_devices(devices, match):
+    # A device of a kind pmap cannot use fails at decoration; one that is not among
+    # this process's devices at the first call (the list may change until then:
+    # set_cpu_device_count, torchpmap.distributed.initialize).
+    with pytest.raises(ValueError, match=match):
+        tp.pmap(lambda r: r, devices=devices)(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=match.replace("devices", "device_put_sharded: devices", 1)):
+        tp.device_put_sharded([torch.zeros(1)] * 2, devices)
+
+
+def test_device_kinds_fail_at_decoration_and_membership_at_the_first_call():
+    for bad in (["meta"], ["cuda:99"], ["cuda"] if torch.cuda.is_available() else ["cuda:0"], ["nonsense"]):
+        with pytest.raises(ValueError, match=r"pmap: devices\[0\] is"):
+            tp.pmap(lambda r: r, devices=bad)  # no call needed
+    # Decorating with a device the list may still gain (set_cpu_device_count,
+    # distributed.initialize) is fine; the first call checks it.
+    late = tp.pmap(lambda r: r, devices=["cpu:99"])
+    with pytest.raises(ValueError, match=r"devices\[0\] is cpu:99, which is not one of this process's devices"):
+        late(torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"device_put_replicated: devices\[1\] is meta"):
+        tp.device_put_replicated(torch.zeros(1), ["cpu:0", "meta"])
+    with pytest.raises(ValueError, match=r"replicate: devices\[0\] is cpu:99"):
+        tp.replicate(torch.nn.Linear(1, 1), devices=["cpu:99"])
+
+
+def test_cpu_and_cpu_0_are_the_same_device():
+    if torch.cuda.is_available():
+        pytest.skip("virtual CPU devices")
+    with pytest.raises(ValueError, match="devices lists a device twice"):
+        tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])
+    out = tp.pmap(lambda r: r + 1, devices=["cpu", "cpu:1"])(torch.zeros(2, 1))
+    assert out.devices == (torch.device("cpu", 0), torch.device("cpu", 1))

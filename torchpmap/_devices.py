@@ -65,6 +65,12 @@ def _cpu_device_count() -> int:
 
 def local_devices() -> list[torch.device]:
     """This process's devices: every CUDA GPU, or the virtual CPU devices."""
+    return list(local_device_tuple())
+
+
+def local_device_tuple() -> tuple[torch.device, ...]:
+    """local_devices() without the copy: the same tuple until the device list
+    changes (torchpmap.distributed.initialize), so callers may cache on it."""
     global _frozen_local
     if _frozen_local is None:
         with _lock:
@@ -74,7 +80,7 @@ def local_devices() -> list[torch.device]:
                 else:
                     devs = tuple(torch.device("cpu", i) for i in range(_cpu_device_count()))
                 _frozen_local = devs
-    return list(_frozen_local)
+    return _frozen_local
 
 
 def local_device_count() -> int:
@@ -152,10 +158,60 @@ def default_devices(n: int | None, fn: str, need: str = "") -> tuple[torch.devic
 
 
 def as_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
-    """Devices the caller named, as ``torch.device``s: at least one, none twice."""
-    out = tuple(torch.device(d) for d in devices)
+    """Devices the caller named, as ``torch.device``s: at least one, none twice,
+    each of a kind torchpmap runs on (``cpu`` is ``cpu:0``). Whether each is one
+    of this process's devices is ``check_local``'s job: until the first use,
+    set_cpu_device_count and distributed.initialize may still change the list."""
+    out = tuple(_as_device(d, f"{fn}: devices[{i}]") for i, d in enumerate(devices))
     if not out:
         raise ValueError(f"{fn}: devices must not be empty")
     if len(set(out)) != len(out):
         raise ValueError(f"{fn}: devices lists a device twice: {[device_str(d) for d in out]}")
     return out
+
+
+def _as_device(d: torch.device | str | int, where: str) -> torch.device:
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{where} is {d!r}, which is not a device: {e}") from None
+    if dev.type == "cpu":
+        return dev if dev.index is not None else torch.device("cpu", 0)
+    if dev.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not gpus:
+            raise ValueError(f"{where} is {device_str(dev)}, but PyTorch sees no CUDA GPU here; {_USE_LOCAL}")
+        if dev.index is None:
+            raise ValueError(f"{where} is cuda without an index; name the GPU (cuda:0 ... cuda:{gpus - 1})")
+        if dev.index >= gpus:
+            raise ValueError(f"{where} is {device_str(dev)}, but this machine has {gpus} GPU(s); {_USE_LOCAL}")
+        return dev
+    raise ValueError(f"{where} is {device_str(dev)}; torchpmap runs on CUDA GPUs and virtual CPU devices; {_USE_LOCAL}")
+
+
+_USE_LOCAL = "use this process's devices (torchpmap.local_devices())"
+
+
+def check_local(devices: Sequence[torch.device], fn: str) -> None:
+    """Every device is one of this process's devices (a CPU device is also
+    allowed beside GPUs: it runs on the host)."""
+    local = local_device_tuple()
+    on_gpus = local[0].type == "cuda"
+    for i, d in enumerate(devices):
+        if d not in local and not (on_gpus and d.type == "cpu"):
+            raise ValueError(
+                f"{fn}: devices[{i}] is {device_str(d)}, which is not one of this process's devices "
+                f"({_describe_devices(local)}); {_USE_LOCAL}"
+            )
+
+
+def usable_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
+    """as_devices and check_local at once, for a function that places data now."""
+    out = as_devices(devices, fn)
+    check_local(out, fn)
+    return out
+
+
+def _describe_devices(devs: Sequence[torch.device]) -> str:
+    names = [device_str(d) for d in devs]
+    return ", ".join(names) if len(names) <= 8 else f"{names[0]}, {names[1]}, ..., {names[-1]}"

@@ -196,6 +196,7 @@ class Pmapped:
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
         self._devices = devices
+        self._devices_checked_for: tuple[torch.device, ...] | None = None  # the local devices they were checked against
         # Declared: mypy does not count int as a numbers.Integral, so after the check
         # above it would infer None.
         self._axis_size: int | None = None if axis_size is None else int(axis_size)
@@ -425,6 +426,12 @@ class Pmapped:
                     f"pmap: the mapped axis has size {n} but devices= lists "
                     f"{len(self._devices)} devices; they must be equal"
                 )
+            # Checked at the first call, not at decoration: the device list may
+            # still change until then (set_cpu_device_count, distributed.initialize).
+            local = _devices.local_device_tuple()
+            if self._devices_checked_for is not local:
+                _devices.check_local(self._devices, "pmap")
+                self._devices_checked_for = local
             return self._devices
         return _devices.default_devices(n, "pmap", f"the mapped axis has size {n}")
 
