@@ -627,3 +627,9 @@ def test_cpu_and_cpu_0_are_the_same_device():
         tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])
     out = tp.pmap(lambda r: r + 1, devices=["cpu", "cpu:1"])(torch.zeros(2, 1))
     assert out.devices == (torch.device("cpu", 0), torch.device("cpu", 1))
+
+
+def test_a_batch_that_is_a_multiple_of_the_devices_points_to_shard_batch():
+    n = tp.local_device_count()
+    with pytest.raises(ValueError, match=rf"axis has size {32 * n}.*shard_batch"):
+        tp.pmap(lambda r: r)(torch.zeros(32 * n, 2))

@@ -138,20 +138,26 @@ def physical_device(d: torch.device) -> torch.device:
     return torch.device("cpu") if d.type == "cpu" else d
 
 
-def default_devices(n: int | None, fn: str, need: str = "") -> tuple[torch.device, ...]:
+def default_devices(n: int | None, fn: str, need: str = "", batch: str | None = None) -> tuple[torch.device, ...]:
     """The devices a call uses when the caller names none: the first ``n``
     local devices (all of them without ``n``). ``fn`` and ``need`` (what
-    asked for ``n`` devices) spell the error when there are fewer."""
+    asked for ``n`` devices) spell the error when there are fewer; ``batch``
+    names the argument that may be a whole batch not yet split per device."""
     local = local_devices()
     if n is None:
         return tuple(local)
     if n > len(local):
-        hint = (
-            f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
-            f"pmap) for more virtual CPU devices."
-            if local[0].type == "cpu"
-            else ""
-        )
+        hint = ""
+        if batch is not None and n % len(local) == 0:
+            hint += (
+                f" If {batch} is a whole batch, split it into one slice per device first: "
+                f"torchpmap.shard_batch gives it shape ({len(local)}, {n // len(local)}, ...)."
+            )
+        if local[0].type == "cpu":
+            hint += (
+                f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
+                f"pmap) for more virtual CPU devices."
+            )
         need = need or f"{n} devices are needed"
         raise ValueError(f"{fn}: {need}, but only {len(local)} local devices are available.{hint}")
     return tuple(local[:n])

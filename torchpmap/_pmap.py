@@ -240,7 +240,7 @@ class Pmapped:
             self._in_plans[key] = plan
 
         n = self._axis_length(plan, leaves)
-        devices = self._choose_devices(n)
+        devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
         per_leaf, sources = self._place(plan, leaves, devices, n, donated)
 
@@ -419,7 +419,7 @@ class Pmapped:
             raise ValueError(f"pmap: the mapped axis of {plan.paths[first]} has size 0; there is nothing to map")
         return n
 
-    def _choose_devices(self, n: int) -> tuple[torch.device, ...]:
+    def _choose_devices(self, n: int, plan: _InPlan, leaves: list[Any]) -> tuple[torch.device, ...]:
         if self._devices is not None:
             if len(self._devices) != n:
                 raise ValueError(
@@ -433,7 +433,13 @@ class Pmapped:
                 _devices.check_local(self._devices, "pmap")
                 self._devices_checked_for = local
             return self._devices
-        return _devices.default_devices(n, "pmap", f"the mapped axis has size {n}")
+        if not plan.mapped:  # axis_size gave n
+            return _devices.default_devices(n, "pmap", f"axis_size is {n}")
+        j = plan.mapped[0]
+        path = plan.paths[j]
+        shape = tuple(leaves[j].shape)
+        need = f"the mapped axis has size {n} ({path} has shape {shape}, mapped on axis {plan.axes[j]})"
+        return _devices.default_devices(n, "pmap", need, batch=path)
 
     def _donated_leaves(self, plan: _InPlan, nargs: int) -> list[int]:
         if not self._donate:
