@@ -584,6 +584,21 @@ def test_plan_cache_is_per_call_signature():
     assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs
 
 
+# -- shared inputs written in place --------------------------------------------------------
+
+
+def test_zero_dim_numpy_broadcast_keeps_its_shape():
+    seen = []
+
+    def f(x, s):
+        seen.append(tuple(s.shape))
+        return x * s
+
+    out = tp.pmap(f, in_axes=(0, None))(_rows(2, 3), np.array(2.0))
+    assert seen == [(), ()]
+    torch.testing.assert_close(out.unshard(), _rows(2, 3) * 2)  # a 0-d tensor does not promote x
+
+
 # -- devices are validated ---------------------------------------------------------------
 
 

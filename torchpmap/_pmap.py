@@ -461,11 +461,7 @@ class Pmapped:
         sources: list[InputSource] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
-                leaf = (
-                    torch.from_numpy(np.ascontiguousarray(leaf))
-                    if isinstance(leaf, np.ndarray)
-                    else torch.as_tensor(leaf)
-                )
+                leaf = _numpy_as_tensor(leaf)
                 kind = _TENSOR
             if kind == _PER_REPLICA:
                 if leaf.devices != devices:
@@ -556,6 +552,13 @@ class Pmapped:
                 )
             canonical.append(axis % ndim)
         return _OutPlan(canonical, paths)
+
+
+def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        # ascontiguousarray makes a 0-d array 1-d: reshape back.
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+    return torch.as_tensor(a)
 
 
 def _hashable(v: Any) -> bool:
