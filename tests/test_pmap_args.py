@@ -5,6 +5,7 @@ every mistake, and the per-signature plan cache."""
 import dataclasses
 import threading
 from collections import namedtuple
+from functools import partial
 
 import numpy as np
 import pytest
@@ -597,6 +598,39 @@ def test_zero_dim_numpy_broadcast_keeps_its_shape():
     out = tp.pmap(f, in_axes=(0, None))(_rows(2, 3), np.array(2.0))
     assert seen == [(), ()]
     torch.testing.assert_close(out.unshard(), _rows(2, 3) * 2)  # a 0-d tensor does not promote x
+
+
+class _Model:
+    def __init__(self, scale):
+        self.scale = scale
+
+    @tp.pmap
+    def forward(self, x):
+        return x * self.scale
+
+    @partial(tp.pmap, static_broadcasted_argnums=(0,))
+    def forward_static(self, x):
+        return x * self.scale
+
+    @partial(tp.pmap, in_axes=(None, 0))
+    def forward_broadcast(self, x):
+        return x * self.scale
+
+    def __hash__(self):
+        return hash(self.scale)
+
+    def __eq__(self, other):
+        return isinstance(other, _Model) and other.scale == self.scale
+
+
+def test_pmap_on_a_method_binds_self():
+    m = _Model(3.0)
+    x = _rows(2, 3)
+    torch.testing.assert_close(m.forward_static(x).unshard(), x * 3)
+    torch.testing.assert_close(m.forward_broadcast(x).unshard(), x * 3)
+    assert _Model.forward_static(m, x).shape == (2, 3)  # through the class, self explicit
+    with pytest.raises(ValueError, match=r"cannot map over args\[0\], a _Model.*static_broadcasted_argnums"):
+        m.forward(x)  # self mapped on axis 0 like any argument, as in JAX
 
 
 # -- devices are validated ---------------------------------------------------------------

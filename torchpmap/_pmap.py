@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, overload
@@ -210,6 +211,13 @@ class Pmapped:
 
     def __repr__(self) -> str:
         return f"<pmap of {self._fun_name} axis_name={self._axis_name!r}>"
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        """``@pmap`` on a method: the instance becomes args[0], mapped, broadcast
+        or static by in_axes/static_broadcasted_argnums like any argument (as JAX)."""
+        if obj is None:
+            return self
+        return types.MethodType(self, obj)
 
     # -- the call ------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
