@@ -682,3 +682,14 @@ def test_a_batch_that_is_a_multiple_of_the_devices_points_to_shard_batch():
     n = tp.local_device_count()
     with pytest.raises(ValueError, match=rf"axis has size {32 * n}.*shard_batch"):
         tp.pmap(lambda r: r)(torch.zeros(32 * n, 2))
+
+
+# -- function transforms from outside ------------------------------------------------------
+
+
+def test_torch_func_grad_of_a_pmap_call_is_a_clear_error():
+    f = tp.pmap(lambda x: x.sin(), out_axes=None, in_axes=None)
+    with pytest.raises(RuntimeError, match=r"torch\.func.*pmap.*torch\.autograd"):
+        torch.func.grad(lambda x: f(x).sum())(torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"torch\.func.*pmap"):
+        torch.vmap(tp.pmap(lambda x: x * 2))(torch.ones(3, 2, 1))

@@ -221,6 +221,7 @@ class Pmapped:
 
     # -- the call ------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_function_transforms(self._fun_name)
         static_pos = self._static_positions(len(args))
         if static_pos:
             static_vals = tuple(args[i] for i in static_pos)
@@ -560,6 +561,19 @@ class Pmapped:
                 )
             canonical.append(axis % ndim)
         return _OutPlan(canonical, paths)
+
+
+def _refuse_function_transforms(fun_name: str) -> None:
+    # functorch's transform stack is per thread: the replicas' worker threads
+    # would run outside the caller's grad/vmap and fail deep inside functorch.
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"pmap: {fun_name} was called inside a torch.func transform (torch.func.grad, "
+            f"torch.vmap, jacrev, ...), which cannot see into a pmap call. Differentiate "
+            f"through a pmap call with torch.autograd (loss.backward(), torch.autograd.grad), "
+            f"or apply the torch.func transform inside the pmapped function, where each "
+            f"replica runs its own."
+        )
 
 
 def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
