@@ -693,3 +693,44 @@ def test_torch_func_grad_of_a_pmap_call_is_a_clear_error():
         torch.func.grad(lambda x: f(x).sum())(torch.ones(3))
     with pytest.raises(RuntimeError, match=r"torch\.func.*pmap"):
         torch.vmap(tp.pmap(lambda x: x * 2))(torch.ones(3, 2, 1))
+
+
+# -- donation ------------------------------------------------------------------------------
+
+
+def test_donated_input_survives_a_call_that_fails_before_the_replicas_start():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:4])
+    f = tp.pmap(lambda a, b: a + b, donate_argnums=0)
+    with pytest.raises(ValueError, match="different sizes"):
+        f(st, torch.ones(2, 3))  # the sizes disagree: nothing ran
+    assert not st.is_deleted
+    torch.testing.assert_close(f(st, torch.ones(4, 3)).unshard(), torch.full((4, 3), 2.0))
+    assert st.is_deleted  # the call ran: donated
+
+
+def test_donated_input_survives_a_pmap_that_cannot_start():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:2])
+    inner = tp.pmap(lambda a: a + 1, donate_argnums=0)
+    errors = []
+
+    def outer(r):
+        try:
+            inner(st)  # nested pmap: refused before any replica starts
+        except NotImplementedError as e:
+            errors.append(e)
+        return r
+
+    tp.pmap(outer)(torch.zeros(1, 1))
+    assert errors and not st.is_deleted
+
+
+def test_donated_input_is_deleted_when_a_replica_fails():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:2])
+
+    def f(a):
+        a.add_(1)  # donated: may be written before the failure
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        tp.pmap(f, donate_argnums=0)(st)
+    assert st.is_deleted

@@ -122,6 +122,11 @@ def pmap(
 
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
+
+    A donated
+    ShardedTensor (``donate_argnums``) is deleted once the replicas start,
+    even if the call then fails; a call that fails before (a bad argument)
+    leaves it usable, so the step can be retried.
     """
     options = dict(
         axis_name=axis_name,
@@ -251,7 +256,7 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
-        per_leaf, sources = self._place(plan, leaves, devices, n, donated)
+        per_leaf, sources = self._place(plan, leaves, devices, n)
 
         static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
@@ -289,6 +294,8 @@ class Pmapped:
         def run(replica_fn: Callable[[int], Any]) -> list[Any]:
             return _runtime.pool().run(devices, replica_fn, new_comm(), axis_name, size, first_index=first)
 
+        if donated:
+            run = _donating(run, [leaves[j] for j in donated])
         if torch.is_grad_enabled():
             outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)
         else:
@@ -461,7 +468,7 @@ class Pmapped:
         return [j for j, a in enumerate(plan.arg_of_leaf) if a in donate and plan.kinds[j] == _SHARDED]
 
     def _place(
-        self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int, donated: list[int]
+        self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
     ) -> tuple[list[list[Any]], list[InputSource]]:
         """Per input leaf, its n per-replica values; and the leaves autograd must
         see (those that require grad when grad mode is on)."""
@@ -502,8 +509,6 @@ class Pmapped:
             else:
                 values = [leaf] * n
             per_leaf.append(values)
-        for j in donated:
-            leaves[j].delete()
         return per_leaf, sources
 
     # -- outputs -------------------------------------------------------------------------
@@ -581,6 +586,28 @@ def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
         # ascontiguousarray makes a 0-d array 1-d: reshape back.
         return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
     return torch.as_tensor(a)
+
+
+def _donating(run: Callable[[Callable[[int], Any]], list[Any]], donated: list[Any]) -> Callable[..., list[Any]]:
+    """``run`` that deletes the donated ShardedTensors once a replica has
+    started, even if the call then fails (the function may have written
+    them); a call that fails before any replica starts leaves them usable."""
+    started = False
+
+    def donating_run(replica_fn: Callable[[int], Any]) -> list[Any]:
+        def replica(rank: int) -> Any:
+            nonlocal started
+            started = True
+            return replica_fn(rank)
+
+        try:
+            return run(replica)
+        finally:
+            if started:
+                for t in donated:
+                    t.delete()
+
+    return donating_run
 
 
 def _hashable(v: Any) -> bool:
