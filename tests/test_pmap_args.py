@@ -588,6 +588,82 @@ def test_plan_cache_is_per_call_signature():
 # -- shared inputs written in place --------------------------------------------------------
 
 
+def test_replica_writing_a_broadcast_input_in_place_raises():
+    w = torch.zeros(3)
+
+    def f(x, w):
+        w.add_(x)  # every replica shares w: the writes race
+        return x
+
+    with pytest.raises(RuntimeError, match=r"args\[1\].*in place.*shared by every replica.*clone"):
+        tp.pmap(f, in_axes=(0, None))(_rows(4, 3), w)
+
+
+def test_replica_writing_an_expanded_mapped_input_raises():
+    x = torch.zeros(1, 3).expand(4, 3)  # every row is the same memory
+
+    def f(r):
+        r.add_(1)
+        return r
+
+    with pytest.raises(RuntimeError, match=r"args\[0\].*in place.*same memory"):
+        tp.pmap(f)(x)
+
+
+def test_reading_shared_inputs_and_writing_own_slices_is_fine():
+    w = torch.ones(3)
+    x = _rows(4, 3).clone()
+
+    def f(r, w):
+        r.mul_(2)  # each replica's own slice of x
+        return r + w
+
+    out = tp.pmap(f, in_axes=(0, None))(x, w)
+    torch.testing.assert_close(out.unshard(), _rows(4, 3) * 2 + 1)
+    torch.testing.assert_close(x, _rows(4, 3) * 2)
+
+
+def test_shared_write_is_found_in_pytrees_views_and_numpy_arrays():
+    def write_view(x, p):
+        p["w"][0] = 1.0  # through a view of the shared tensor
+        return x
+
+    with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
+        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": torch.zeros(3)})
+    with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
+        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": np.zeros(3)})  # from_numpy shares it too
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*shared by every replica"):
+        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "make, axis",
+    [
+        (lambda: _rows(3, 4).t(), 0),  # transposed
+        (lambda: _rows(4, 6)[:, :3], 0),  # columns of a wider tensor
+        (lambda: _rows(4, 3), 1),  # interleaved columns
+        (lambda: _rows(4, 1).expand(4, 3), 0),  # broadcast inside each slice, distinct rows
+    ],
+)
+def test_writing_own_slices_of_strided_layouts_is_fine(make, axis):
+    x = make()
+    before = x.clone()
+
+    def f(r):
+        r[0] += 1  # own slice only
+        return r
+
+    tp.pmap(f, in_axes=axis)(x)
+    assert torch.equal(x.select(1 - axis, 0), before.select(1 - axis, 0) + 1)
+
+
+def test_inference_tensors_are_not_watched():
+    with torch.inference_mode():
+        w = torch.ones(3)
+        out = tp.pmap(lambda r, w: r + w, in_axes=(0, None))(_rows(2, 3), w)
+    torch.testing.assert_close(out.unshard(), _rows(2, 3) + 1)
+
+
 def test_zero_dim_numpy_broadcast_keeps_its_shape():
     seen = []
 

@@ -123,7 +123,10 @@ def pmap(
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
 
-    A donated
+    Inputs that replicas share are read-only: a replica that writes in place a
+    broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
+    same memory (``expand()``), makes the call raise ``RuntimeError``; a
+    replica may write its own slice of a mapped input. A donated
     ShardedTensor (``donate_argnums``) is deleted once the replicas start,
     even if the call then fails; a call that fails before (a bad argument)
     leaves it usable, so the step can be retried.
@@ -256,7 +259,7 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
-        per_leaf, sources = self._place(plan, leaves, devices, n)
+        per_leaf, sources, shared = self._place(plan, leaves, devices, n)
 
         static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
@@ -301,6 +304,7 @@ class Pmapped:
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
+        _check_not_written(shared, plan.paths)
         return self._assemble(outs, devices)
 
     def _positional_spec(self, n: int) -> TreeSpec:
@@ -469,12 +473,15 @@ class Pmapped:
 
     def _place(
         self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
-    ) -> tuple[list[list[Any]], list[InputSource]]:
-        """Per input leaf, its n per-replica values; and the leaves autograd must
-        see (those that require grad when grad mode is on)."""
+    ) -> tuple[list[list[Any]], list[InputSource], list[_Shared]]:
+        """Per input leaf, its n per-replica values; the leaves autograd must
+        see (those that require grad when grad mode is on); and the tensors
+        several replicas (or a replica and the caller) share, which no replica
+        may write."""
         per_leaf: list[list[Any]] = []
         grad_on = torch.is_grad_enabled()
         sources: list[InputSource] = []
+        shared: list[_Shared] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
                 leaf = _numpy_as_tensor(leaf)
@@ -500,16 +507,22 @@ class Pmapped:
             if kind == _TENSOR:
                 if axis is None:
                     values = [_to_device(leaf, d) for d in devices]
+                    if values[0] is leaf and values[-1] is leaf:  # virtual CPU devices: no copy at all
+                        _watch(shared, j, leaf, "every replica")
+                    elif any(v is leaf for v in values):  # a GPU replica on the tensor's own device
+                        _watch(shared, j, leaf, "the replica on its device")
                     if grad_on and leaf.requires_grad:
                         sources.append((j, "broadcast", [leaf], None))
                 else:
+                    if _slices_overlap(leaf, axis):
+                        _watch(shared, j, leaf, "overlapping slices")
                     values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
                         sources.append((j, "mapped", [leaf], axis))
             else:
                 values = [leaf] * n
             per_leaf.append(values)
-        return per_leaf, sources
+        return per_leaf, sources, shared
 
     # -- outputs -------------------------------------------------------------------------
     def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
@@ -608,6 +621,54 @@ def _donating(run: Callable[[Callable[[int], Any]], list[Any]], donated: list[An
                     t.delete()
 
     return donating_run
+
+
+# A tensor input no replica may write in place: (leaf index, the tensor, its
+# version before the call, why it is shared).
+_Shared: TypeAlias = "tuple[int, torch.Tensor, int, str]"
+
+
+def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
+    if not t.is_inference():  # inference tensors have no version counter
+        shared.append((j, t, t._version, why))
+
+
+def _slices_overlap(t: torch.Tensor, axis: int) -> bool:
+    """Whether two slices of ``t`` along ``axis`` may share memory (an
+    expand()ed axis, as_strided windows). Stride-0 dimensions inside a slice
+    do not count: eager PyTorch refuses writes through them."""
+    if t.is_contiguous() or t.shape[axis] < 2 or t.numel() == 0:
+        return False
+    strides, sizes = t.stride(), t.shape
+    dims = sorted((strides[d], sizes[d]) for d in range(t.ndim) if sizes[d] > 1 and (strides[d] or d == axis))
+    span = 0  # the offsets the smaller-stride dimensions reach
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
+    """A replica's in-place write to a shared input raced with the others
+    (and changed the caller's tensor): a wrong answer, so an error."""
+    for j, t, version, why in shared:
+        if t._version == version:
+            continue
+        path = paths[j]
+        if why != "overlapping slices":
+            raise RuntimeError(
+                f"pmap: a replica wrote {path} in place, but {path} is broadcast (in_axes=None) and "
+                f"shared by {why} and the caller without a copy: the write changed the caller's "
+                f"tensor (and races with the other replicas). clone() it inside the function before "
+                f"writing to it, or map it (in_axes) so that each replica gets its own slice."
+            )
+        raise RuntimeError(
+            f"pmap: a replica wrote {path} in place, but its slices along the mapped axis are the "
+            f"same memory (strides {t.stride()}, e.g. from expand()): every replica writes the "
+            f"others' data. clone() the slice inside the function before writing to it, or pass "
+            f"{path}.contiguous()."
+        )
 
 
 def _hashable(v: Any) -> bool:
