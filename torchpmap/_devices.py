@@ -199,15 +199,17 @@ _USE_LOCAL = "use this process's devices (torchpmap.local_devices())"
 
 
 def check_local(devices: Sequence[torch.device], fn: str) -> None:
-    """Every device is one of this process's devices (a CPU device is also
-    allowed beside GPUs: it runs on the host)."""
+    """Every device is one of this process's devices. Beside GPUs, the virtual
+    CPU devices (cpu:0 ... TORCHPMAP_CPU_DEVICES - 1) are allowed too: they run
+    on the host, e.g. to test cross-device calls on one GPU."""
     local = local_device_tuple()
-    on_gpus = local[0].type == "cuda"
+    host = _cpu_device_count() if local[0].type == "cuda" else 0
     for i, d in enumerate(devices):
-        if d not in local and not (on_gpus and d.type == "cpu"):
+        if d not in local and not (d.type == "cpu" and d.index is not None and d.index < host):
+            beside = f"; beside them, cpu:0 ... cpu:{host - 1}" if host else ""
             raise ValueError(
                 f"{fn}: devices[{i}] is {device_str(d)}, which is not one of this process's devices "
-                f"({_describe_devices(local)}); {_USE_LOCAL}"
+                f"({_describe_devices(local)}{beside}); {_USE_LOCAL}"
             )
 
 
