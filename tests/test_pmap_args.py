@@ -588,6 +588,14 @@ def test_plan_cache_is_per_call_signature():
 # -- shared inputs written in place --------------------------------------------------------
 
 
+def _host(n):
+    """n virtual CPU devices, whose replicas share host memory with the caller
+    (allowed beside GPUs too, so these tests mean the same on a GPU machine)."""
+    if tp.local_devices()[0].type == "cpu":
+        return _devices(n)  # skips with fewer
+    return [torch.device("cpu", i) for i in range(n)]
+
+
 def test_replica_writing_a_broadcast_input_in_place_raises():
     w = torch.zeros(3)
 
@@ -596,7 +604,7 @@ def test_replica_writing_a_broadcast_input_in_place_raises():
         return x
 
     with pytest.raises(RuntimeError, match=r"args\[1\].*in place.*shared by every replica.*clone"):
-        tp.pmap(f, in_axes=(0, None))(_rows(4, 3), w)
+        tp.pmap(f, in_axes=(0, None), devices=_host(4))(_rows(4, 3), w)
 
 
 def test_replica_writing_an_expanded_mapped_input_raises():
@@ -607,7 +615,7 @@ def test_replica_writing_an_expanded_mapped_input_raises():
         return r
 
     with pytest.raises(RuntimeError, match=r"args\[0\].*in place.*same memory"):
-        tp.pmap(f)(x)
+        tp.pmap(f, devices=_host(4))(x)
 
 
 def test_reading_shared_inputs_and_writing_own_slices_is_fine():
@@ -618,7 +626,7 @@ def test_reading_shared_inputs_and_writing_own_slices_is_fine():
         r.mul_(2)  # each replica's own slice of x
         return r + w
 
-    out = tp.pmap(f, in_axes=(0, None))(x, w)
+    out = tp.pmap(f, in_axes=(0, None), devices=_host(4))(x, w)
     torch.testing.assert_close(out.unshard(), _rows(4, 3) * 2 + 1)
     torch.testing.assert_close(x, _rows(4, 3) * 2)
 
@@ -628,12 +636,14 @@ def test_shared_write_is_found_in_pytrees_views_and_numpy_arrays():
         p["w"][0] = 1.0  # through a view of the shared tensor
         return x
 
+    write = tp.pmap(write_view, in_axes=(0, None), devices=_host(2))
+
     with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
-        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": torch.zeros(3)})
+        write(_rows(2, 3), {"w": torch.zeros(3)})
     with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
-        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": np.zeros(3)})  # from_numpy shares it too
+        write(_rows(2, 3), {"w": np.zeros(3)})  # from_numpy shares it too
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*shared by every replica"):
-        tp.pmap(write_view, in_axes=(0, None))(_rows(2, 3), {"w": torch.zeros(3)})
+        write(_rows(2, 3), {"w": torch.zeros(3)})
 
 
 @pytest.mark.parametrize(
@@ -653,14 +663,14 @@ def test_writing_own_slices_of_strided_layouts_is_fine(make, axis):
         r[0] += 1  # own slice only
         return r
 
-    tp.pmap(f, in_axes=axis)(x)
+    tp.pmap(f, in_axes=axis, devices=_host(x.shape[axis]))(x)
     assert torch.equal(x.select(1 - axis, 0), before.select(1 - axis, 0) + 1)
 
 
 def test_inference_tensors_are_not_watched():
     with torch.inference_mode():
         w = torch.ones(3)
-        out = tp.pmap(lambda r, w: r + w, in_axes=(0, None))(_rows(2, 3), w)
+        out = tp.pmap(lambda r, w: r + w, in_axes=(0, None), devices=_host(2))(_rows(2, 3), w)
     torch.testing.assert_close(out.unshard(), _rows(2, 3) + 1)
 
 
