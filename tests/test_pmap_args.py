@@ -5,6 +5,7 @@ every mistake, and the per-signature plan cache."""
 import dataclasses
 import threading
 from collections import namedtuple
+from functools import partial
 
 import numpy as np
 import pytest
@@ -582,3 +583,240 @@ def test_plan_cache_is_per_call_signature():
     torch.testing.assert_close(p(x, b=x).unshard(), 2 * x)
     # outputs: one plan per output structure
     assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs
+
+
+# -- shared inputs written in place --------------------------------------------------------
+
+
+def _host(n):
+    """n virtual CPU devices, whose replicas share host memory with the caller
+    (allowed beside GPUs too, so these tests mean the same on a GPU machine)."""
+    if tp.local_devices()[0].type == "cpu":
+        return _devices(n)  # skips with fewer
+    return [torch.device("cpu", i) for i in range(n)]
+
+
+def test_replica_writing_a_broadcast_input_in_place_raises():
+    w = torch.zeros(3)
+
+    def f(x, w):
+        w.add_(x)  # every replica shares w: the writes race
+        return x
+
+    with pytest.raises(RuntimeError, match=r"args\[1\].*in place.*shared by every replica.*clone"):
+        tp.pmap(f, in_axes=(0, None), devices=_host(4))(_rows(4, 3), w)
+
+
+def test_replica_writing_an_expanded_mapped_input_raises():
+    x = torch.zeros(1, 3).expand(4, 3)  # every row is the same memory
+
+    def f(r):
+        r.add_(1)
+        return r
+
+    with pytest.raises(RuntimeError, match=r"args\[0\].*in place.*same memory"):
+        tp.pmap(f, devices=_host(4))(x)
+
+
+def test_reading_shared_inputs_and_writing_own_slices_is_fine():
+    w = torch.ones(3)
+    x = _rows(4, 3).clone()
+
+    def f(r, w):
+        r.mul_(2)  # each replica's own slice of x
+        return r + w
+
+    out = tp.pmap(f, in_axes=(0, None), devices=_host(4))(x, w)
+    torch.testing.assert_close(out.unshard(), _rows(4, 3) * 2 + 1)
+    torch.testing.assert_close(x, _rows(4, 3) * 2)
+
+
+def test_shared_write_is_found_in_pytrees_views_and_numpy_arrays():
+    def write_view(x, p):
+        p["w"][0] = 1.0  # through a view of the shared tensor
+        return x
+
+    write = tp.pmap(write_view, in_axes=(0, None), devices=_host(2))
+
+    with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
+        write(_rows(2, 3), {"w": torch.zeros(3)})
+    with pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*in place.*shared by every replica"):
+        write(_rows(2, 3), {"w": np.zeros(3)})  # from_numpy shares it too
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"args\[1\]\['w'\].*shared by every replica"):
+        write(_rows(2, 3), {"w": torch.zeros(3)})
+
+
+@pytest.mark.parametrize(
+    "make, axis",
+    [
+        (lambda: _rows(3, 4).t(), 0),  # transposed
+        (lambda: _rows(4, 6)[:, :3], 0),  # columns of a wider tensor
+        (lambda: _rows(4, 3), 1),  # interleaved columns
+        (lambda: _rows(4, 1).expand(4, 3), 0),  # broadcast inside each slice, distinct rows
+    ],
+)
+def test_writing_own_slices_of_strided_layouts_is_fine(make, axis):
+    x = make()
+    before = x.clone()
+
+    def f(r):
+        r[0] += 1  # own slice only
+        return r
+
+    tp.pmap(f, in_axes=axis, devices=_host(x.shape[axis]))(x)
+    assert torch.equal(x.select(1 - axis, 0), before.select(1 - axis, 0) + 1)
+
+
+def test_inference_tensors_are_not_watched():
+    with torch.inference_mode():
+        w = torch.ones(3)
+        out = tp.pmap(lambda r, w: r + w, in_axes=(0, None), devices=_host(2))(_rows(2, 3), w)
+    torch.testing.assert_close(out.unshard(), _rows(2, 3) + 1)
+
+
+def test_zero_dim_numpy_broadcast_keeps_its_shape():
+    seen = []
+
+    def f(x, s):
+        seen.append(tuple(s.shape))
+        return x * s
+
+    out = tp.pmap(f, in_axes=(0, None))(_rows(2, 3), np.array(2.0))
+    assert seen == [(), ()]
+    torch.testing.assert_close(out.unshard(), _rows(2, 3) * 2)  # a 0-d tensor does not promote x
+
+
+class _Model:
+    def __init__(self, scale):
+        self.scale = scale
+
+    @tp.pmap
+    def forward(self, x):
+        return x * self.scale
+
+    @partial(tp.pmap, static_broadcasted_argnums=(0,))
+    def forward_static(self, x):
+        return x * self.scale
+
+    @partial(tp.pmap, in_axes=(None, 0))
+    def forward_broadcast(self, x):
+        return x * self.scale
+
+    def __hash__(self):
+        return hash(self.scale)
+
+    def __eq__(self, other):
+        return isinstance(other, _Model) and other.scale == self.scale
+
+
+def test_pmap_on_a_method_binds_self():
+    m = _Model(3.0)
+    x = _rows(2, 3)
+    torch.testing.assert_close(m.forward_static(x).unshard(), x * 3)
+    torch.testing.assert_close(m.forward_broadcast(x).unshard(), x * 3)
+    assert _Model.forward_static(m, x).shape == (2, 3)  # through the class, self explicit
+    with pytest.raises(ValueError, match=r"cannot map over args\[0\], a _Model.*static_broadcasted_argnums"):
+        m.forward(x)  # self mapped on axis 0 like any argument, as in JAX
+
+
+# -- devices are validated ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "devices, match",
+    [
+        (["cpu:99", "cpu:0"], r"devices\[0\] is cpu:99, which is not one of this process's devices"),
+        (["meta", "cpu:0"], r"devices\[0\] is meta"),
+        (["cuda:0", "cpu:1"] if not torch.cuda.is_available() else ["cuda:99", "cuda:0"], r"devices\[0\] is cuda"),
+    ],
+)
+def test_devices_must_be_this_processes_devices(devices, match):
+    # A device of a kind pmap cannot use fails at decoration; one that is not among
+    # this process's devices at the first call (the list may change until then:
+    # set_cpu_device_count, torchpmap.distributed.initialize).
+    with pytest.raises(ValueError, match=match):
+        tp.pmap(lambda r: r, devices=devices)(torch.zeros(2, 1))
+    with pytest.raises(ValueError, match=match.replace("devices", "device_put_sharded: devices", 1)):
+        tp.device_put_sharded([torch.zeros(1)] * 2, devices)
+
+
+def test_device_kinds_fail_at_decoration_and_membership_at_the_first_call():
+    for bad in (["meta"], ["cuda:99"], ["cuda"] if torch.cuda.is_available() else ["cuda:0"], ["nonsense"]):
+        with pytest.raises(ValueError, match=r"pmap: devices\[0\] is"):
+            tp.pmap(lambda r: r, devices=bad)  # no call needed
+    # Decorating with a device the list may still gain (set_cpu_device_count,
+    # distributed.initialize) is fine; the first call checks it.
+    late = tp.pmap(lambda r: r, devices=["cpu:99"])
+    with pytest.raises(ValueError, match=r"devices\[0\] is cpu:99, which is not one of this process's devices"):
+        late(torch.zeros(1, 1))
+    with pytest.raises(ValueError, match=r"device_put_replicated: devices\[1\] is meta"):
+        tp.device_put_replicated(torch.zeros(1), ["cpu:0", "meta"])
+    with pytest.raises(ValueError, match=r"replicate: devices\[0\] is cpu:99"):
+        tp.replicate(torch.nn.Linear(1, 1), devices=["cpu:99"])
+
+
+def test_cpu_and_cpu_0_are_the_same_device():
+    if torch.cuda.is_available():
+        pytest.skip("virtual CPU devices")
+    with pytest.raises(ValueError, match="devices lists a device twice"):
+        tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])
+    out = tp.pmap(lambda r: r + 1, devices=["cpu", "cpu:1"])(torch.zeros(2, 1))
+    assert out.devices == (torch.device("cpu", 0), torch.device("cpu", 1))
+
+
+def test_a_batch_that_is_a_multiple_of_the_devices_points_to_shard_batch():
+    n = tp.local_device_count()
+    with pytest.raises(ValueError, match=rf"axis has size {32 * n}.*shard_batch"):
+        tp.pmap(lambda r: r)(torch.zeros(32 * n, 2))
+
+
+# -- function transforms from outside ------------------------------------------------------
+
+
+def test_torch_func_grad_of_a_pmap_call_is_a_clear_error():
+    f = tp.pmap(lambda x: x.sin(), out_axes=None, in_axes=None)
+    with pytest.raises(RuntimeError, match=r"torch\.func.*pmap.*torch\.autograd"):
+        torch.func.grad(lambda x: f(x).sum())(torch.ones(3))
+    with pytest.raises(RuntimeError, match=r"torch\.func.*pmap"):
+        torch.vmap(tp.pmap(lambda x: x * 2))(torch.ones(3, 2, 1))
+
+
+# -- donation ------------------------------------------------------------------------------
+
+
+def test_donated_input_survives_a_call_that_fails_before_the_replicas_start():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:4])
+    f = tp.pmap(lambda a, b: a + b, donate_argnums=0)
+    with pytest.raises(ValueError, match="different sizes"):
+        f(st, torch.ones(2, 3))  # the sizes disagree: nothing ran
+    assert not st.is_deleted
+    torch.testing.assert_close(f(st, torch.ones(4, 3)).unshard(), torch.full((4, 3), 2.0))
+    assert st.is_deleted  # the call ran: donated
+
+
+def test_donated_input_survives_a_pmap_that_cannot_start():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:2])
+    inner = tp.pmap(lambda a: a + 1, donate_argnums=0)
+    errors = []
+
+    def outer(r):
+        try:
+            inner(st)  # nested pmap: refused before any replica starts
+        except NotImplementedError as e:
+            errors.append(e)
+        return r
+
+    tp.pmap(outer)(torch.zeros(1, 1))
+    assert errors and not st.is_deleted
+
+
+def test_donated_input_is_deleted_when_a_replica_fails():
+    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:2])
+
+    def f(a):
+        a.add_(1)  # donated: may be written before the failure
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        tp.pmap(f, donate_argnums=0)(st)
+    assert st.is_deleted

@@ -65,6 +65,12 @@ def _cpu_device_count() -> int:
 
 def local_devices() -> list[torch.device]:
     """This process's devices: every CUDA GPU, or the virtual CPU devices."""
+    return list(local_device_tuple())
+
+
+def local_device_tuple() -> tuple[torch.device, ...]:
+    """local_devices() without the copy: the same tuple until the device list
+    changes (torchpmap.distributed.initialize), so callers may cache on it."""
     global _frozen_local
     if _frozen_local is None:
         with _lock:
@@ -74,7 +80,7 @@ def local_devices() -> list[torch.device]:
                 else:
                     devs = tuple(torch.device("cpu", i) for i in range(_cpu_device_count()))
                 _frozen_local = devs
-    return list(_frozen_local)
+    return _frozen_local
 
 
 def local_device_count() -> int:
@@ -132,30 +138,88 @@ def physical_device(d: torch.device) -> torch.device:
     return torch.device("cpu") if d.type == "cpu" else d
 
 
-def default_devices(n: int | None, fn: str, need: str = "") -> tuple[torch.device, ...]:
+def default_devices(n: int | None, fn: str, need: str = "", batch: str | None = None) -> tuple[torch.device, ...]:
     """The devices a call uses when the caller names none: the first ``n``
     local devices (all of them without ``n``). ``fn`` and ``need`` (what
-    asked for ``n`` devices) spell the error when there are fewer."""
+    asked for ``n`` devices) spell the error when there are fewer; ``batch``
+    names the argument that may be a whole batch not yet split per device."""
     local = local_devices()
     if n is None:
         return tuple(local)
     if n > len(local):
-        hint = (
-            f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
-            f"pmap) for more virtual CPU devices."
-            if local[0].type == "cpu"
-            else ""
-        )
+        hint = ""
+        if batch is not None and n % len(local) == 0:
+            hint += (
+                f" If {batch} is a whole batch, split it into one slice per device first: "
+                f"torchpmap.shard_batch gives it shape ({len(local)}, {n // len(local)}, ...)."
+            )
+        if local[0].type == "cpu":
+            hint += (
+                f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
+                f"pmap) for more virtual CPU devices."
+            )
         need = need or f"{n} devices are needed"
         raise ValueError(f"{fn}: {need}, but only {len(local)} local devices are available.{hint}")
     return tuple(local[:n])
 
 
 def as_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
-    """Devices the caller named, as ``torch.device``s: at least one, none twice."""
-    out = tuple(torch.device(d) for d in devices)
+    """Devices the caller named, as ``torch.device``s: at least one, none twice,
+    each of a kind torchpmap runs on (``cpu`` is ``cpu:0``). Whether each is one
+    of this process's devices is ``check_local``'s job: until the first use,
+    set_cpu_device_count and distributed.initialize may still change the list."""
+    out = tuple(_as_device(d, f"{fn}: devices[{i}]") for i, d in enumerate(devices))
     if not out:
         raise ValueError(f"{fn}: devices must not be empty")
     if len(set(out)) != len(out):
         raise ValueError(f"{fn}: devices lists a device twice: {[device_str(d) for d in out]}")
     return out
+
+
+def _as_device(d: torch.device | str | int, where: str) -> torch.device:
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{where} is {d!r}, which is not a device: {e}") from None
+    if dev.type == "cpu":
+        return dev if dev.index is not None else torch.device("cpu", 0)
+    if dev.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not gpus:
+            raise ValueError(f"{where} is {device_str(dev)}, but PyTorch sees no CUDA GPU here; {_USE_LOCAL}")
+        if dev.index is None:
+            raise ValueError(f"{where} is cuda without an index; name the GPU (cuda:0 ... cuda:{gpus - 1})")
+        if dev.index >= gpus:
+            raise ValueError(f"{where} is {device_str(dev)}, but this machine has {gpus} GPU(s); {_USE_LOCAL}")
+        return dev
+    raise ValueError(f"{where} is {device_str(dev)}; torchpmap runs on CUDA GPUs and virtual CPU devices; {_USE_LOCAL}")
+
+
+_USE_LOCAL = "use this process's devices (torchpmap.local_devices())"
+
+
+def check_local(devices: Sequence[torch.device], fn: str) -> None:
+    """Every device is one of this process's devices. Beside GPUs, the virtual
+    CPU devices (cpu:0 ... TORCHPMAP_CPU_DEVICES - 1) are allowed too: they run
+    on the host, e.g. to test cross-device calls on one GPU."""
+    local = local_device_tuple()
+    host = _cpu_device_count() if local[0].type == "cuda" else 0
+    for i, d in enumerate(devices):
+        if d not in local and not (d.type == "cpu" and d.index is not None and d.index < host):
+            beside = f"; beside them, cpu:0 ... cpu:{host - 1}" if host else ""
+            raise ValueError(
+                f"{fn}: devices[{i}] is {device_str(d)}, which is not one of this process's devices "
+                f"({_describe_devices(local)}{beside}); {_USE_LOCAL}"
+            )
+
+
+def usable_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
+    """as_devices and check_local at once, for a function that places data now."""
+    out = as_devices(devices, fn)
+    check_local(out, fn)
+    return out
+
+
+def _describe_devices(devs: Sequence[torch.device]) -> str:
+    names = [device_str(d) for d in devs]
+    return ", ".join(names) if len(names) <= 8 else f"{names[0]}, {names[1]}, ..., {names[-1]}"

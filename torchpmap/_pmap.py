@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, overload
@@ -121,6 +122,14 @@ def pmap(
 
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
+
+    Inputs that replicas share are read-only: a replica that writes in place a
+    broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
+    same memory (``expand()``), makes the call raise ``RuntimeError``; a
+    replica may write its own slice of a mapped input. A donated
+    ShardedTensor (``donate_argnums``) is deleted once the replicas start,
+    even if the call then fails; a call that fails before (a bad argument)
+    leaves it usable, so the step can be retried.
     """
     options = dict(
         axis_name=axis_name,
@@ -196,6 +205,7 @@ class Pmapped:
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
         self._devices = devices
+        self._devices_checked_for: tuple[torch.device, ...] | None = None  # the local devices they were checked against
         # Declared: mypy does not count int as a numbers.Integral, so after the check
         # above it would infer None.
         self._axis_size: int | None = None if axis_size is None else int(axis_size)
@@ -210,8 +220,16 @@ class Pmapped:
     def __repr__(self) -> str:
         return f"<pmap of {self._fun_name} axis_name={self._axis_name!r}>"
 
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        """``@pmap`` on a method: the instance becomes args[0], mapped, broadcast
+        or static by in_axes/static_broadcasted_argnums like any argument (as JAX)."""
+        if obj is None:
+            return self
+        return types.MethodType(self, obj)
+
     # -- the call ------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _refuse_function_transforms(self._fun_name)
         static_pos = self._static_positions(len(args))
         if static_pos:
             static_vals = tuple(args[i] for i in static_pos)
@@ -239,9 +257,9 @@ class Pmapped:
             self._in_plans[key] = plan
 
         n = self._axis_length(plan, leaves)
-        devices = self._choose_devices(n)
+        devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
-        per_leaf, sources = self._place(plan, leaves, devices, n, donated)
+        per_leaf, sources, shared = self._place(plan, leaves, devices, n)
 
         static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
@@ -281,11 +299,14 @@ class Pmapped:
                 devices, replica_fn, new_comm(), axis_name, size, first_index=first, label=f"pmap of {self._fun_name}"
             )
 
+        if donated:
+            run = _donating(run, [leaves[j] for j in donated])
         if torch.is_grad_enabled():
             outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
+        _check_not_written(shared, plan.paths)
         return self._assemble(outs, devices)
 
     def _positional_spec(self, n: int) -> TreeSpec:
@@ -420,15 +441,27 @@ class Pmapped:
             raise ValueError(f"pmap: the mapped axis of {plan.paths[first]} has size 0; there is nothing to map")
         return n
 
-    def _choose_devices(self, n: int) -> tuple[torch.device, ...]:
+    def _choose_devices(self, n: int, plan: _InPlan, leaves: list[Any]) -> tuple[torch.device, ...]:
         if self._devices is not None:
             if len(self._devices) != n:
                 raise ValueError(
                     f"pmap: the mapped axis has size {n} but devices= lists "
                     f"{len(self._devices)} devices; they must be equal"
                 )
+            # Checked at the first call, not at decoration: the device list may
+            # still change until then (set_cpu_device_count, distributed.initialize).
+            local = _devices.local_device_tuple()
+            if self._devices_checked_for is not local:
+                _devices.check_local(self._devices, "pmap")
+                self._devices_checked_for = local
             return self._devices
-        return _devices.default_devices(n, "pmap", f"the mapped axis has size {n}")
+        if not plan.mapped:  # axis_size gave n
+            return _devices.default_devices(n, "pmap", f"axis_size is {n}")
+        j = plan.mapped[0]
+        path = plan.paths[j]
+        shape = tuple(leaves[j].shape)
+        need = f"the mapped axis has size {n} ({path} has shape {shape}, mapped on axis {plan.axes[j]})"
+        return _devices.default_devices(n, "pmap", need, batch=path)
 
     def _donated_leaves(self, plan: _InPlan, nargs: int) -> list[int]:
         if not self._donate:
@@ -441,20 +474,19 @@ class Pmapped:
         return [j for j, a in enumerate(plan.arg_of_leaf) if a in donate and plan.kinds[j] == _SHARDED]
 
     def _place(
-        self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int, donated: list[int]
-    ) -> tuple[list[list[Any]], list[InputSource]]:
-        """Per input leaf, its n per-replica values; and the leaves autograd must
-        see (those that require grad when grad mode is on)."""
+        self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
+    ) -> tuple[list[list[Any]], list[InputSource], list[_Shared]]:
+        """Per input leaf, its n per-replica values; the leaves autograd must
+        see (those that require grad when grad mode is on); and the tensors
+        several replicas (or a replica and the caller) share, which no replica
+        may write."""
         per_leaf: list[list[Any]] = []
         grad_on = torch.is_grad_enabled()
         sources: list[InputSource] = []
+        shared: list[_Shared] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
-                leaf = (
-                    torch.from_numpy(np.ascontiguousarray(leaf))
-                    if isinstance(leaf, np.ndarray)
-                    else torch.as_tensor(leaf)
-                )
+                leaf = _numpy_as_tensor(leaf)
                 kind = _TENSOR
             if kind == _PER_REPLICA:
                 if leaf.devices != devices:
@@ -477,18 +509,22 @@ class Pmapped:
             if kind == _TENSOR:
                 if axis is None:
                     values = [_to_device(leaf, d) for d in devices]
+                    if values[0] is leaf and values[-1] is leaf:  # virtual CPU devices: no copy at all
+                        _watch(shared, j, leaf, "every replica")
+                    elif any(v is leaf for v in values):  # a GPU replica on the tensor's own device
+                        _watch(shared, j, leaf, "the replica on its device")
                     if grad_on and leaf.requires_grad:
                         sources.append((j, "broadcast", [leaf], None))
                 else:
+                    if _slices_overlap(leaf, axis):
+                        _watch(shared, j, leaf, "overlapping slices")
                     values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
                         sources.append((j, "mapped", [leaf], axis))
             else:
                 values = [leaf] * n
             per_leaf.append(values)
-        for j in donated:
-            leaves[j].delete()
-        return per_leaf, sources
+        return per_leaf, sources, shared
 
     # -- outputs -------------------------------------------------------------------------
     def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
@@ -545,6 +581,96 @@ class Pmapped:
                 )
             canonical.append(axis % ndim)
         return _OutPlan(canonical, paths)
+
+
+def _refuse_function_transforms(fun_name: str) -> None:
+    # functorch's transform stack is per thread: the replicas' worker threads
+    # would run outside the caller's grad/vmap and fail deep inside functorch.
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise RuntimeError(
+            f"pmap: {fun_name} was called inside a torch.func transform (torch.func.grad, "
+            f"torch.vmap, jacrev, ...), which cannot see into a pmap call. Differentiate "
+            f"through a pmap call with torch.autograd (loss.backward(), torch.autograd.grad), "
+            f"or apply the torch.func transform inside the pmapped function, where each "
+            f"replica runs its own."
+        )
+
+
+def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        # ascontiguousarray makes a 0-d array 1-d: reshape back.
+        return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+    return torch.as_tensor(a)
+
+
+def _donating(run: Callable[[Callable[[int], Any]], list[Any]], donated: list[Any]) -> Callable[..., list[Any]]:
+    """``run`` that deletes the donated ShardedTensors once a replica has
+    started, even if the call then fails (the function may have written
+    them); a call that fails before any replica starts leaves them usable."""
+    started = False
+
+    def donating_run(replica_fn: Callable[[int], Any]) -> list[Any]:
+        def replica(rank: int) -> Any:
+            nonlocal started
+            started = True
+            return replica_fn(rank)
+
+        try:
+            return run(replica)
+        finally:
+            if started:
+                for t in donated:
+                    t.delete()
+
+    return donating_run
+
+
+# A tensor input no replica may write in place: (leaf index, the tensor, its
+# version before the call, why it is shared).
+_Shared: TypeAlias = "tuple[int, torch.Tensor, int, str]"
+
+
+def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
+    if not t.is_inference():  # inference tensors have no version counter
+        shared.append((j, t, t._version, why))
+
+
+def _slices_overlap(t: torch.Tensor, axis: int) -> bool:
+    """Whether two slices of ``t`` along ``axis`` may share memory (an
+    expand()ed axis, as_strided windows). Stride-0 dimensions inside a slice
+    do not count: eager PyTorch refuses writes through them."""
+    if t.is_contiguous() or t.shape[axis] < 2 or t.numel() == 0:
+        return False
+    strides, sizes = t.stride(), t.shape
+    dims = sorted((strides[d], sizes[d]) for d in range(t.ndim) if sizes[d] > 1 and (strides[d] or d == axis))
+    span = 0  # the offsets the smaller-stride dimensions reach
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
+    """A replica's in-place write to a shared input raced with the others
+    (and changed the caller's tensor): a wrong answer, so an error."""
+    for j, t, version, why in shared:
+        if t._version == version:
+            continue
+        path = paths[j]
+        if why != "overlapping slices":
+            raise RuntimeError(
+                f"pmap: a replica wrote {path} in place, but {path} is broadcast (in_axes=None) and "
+                f"shared by {why} and the caller without a copy: the write changed the caller's "
+                f"tensor (and races with the other replicas). clone() it inside the function before "
+                f"writing to it, or map it (in_axes) so that each replica gets its own slice."
+            )
+        raise RuntimeError(
+            f"pmap: a replica wrote {path} in place, but its slices along the mapped axis are the "
+            f"same memory (strides {t.stride()}, e.g. from expand()): every replica writes the "
+            f"others' data. clone() the slice inside the function before writing to it, or pass "
+            f"{path}.contiguous()."
+        )
 
 
 def _hashable(v: Any) -> bool:

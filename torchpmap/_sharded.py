@@ -35,7 +35,7 @@ import numpy.typing as npt
 import torch
 from torch.utils._pytree import PyTree, tree_map
 
-from ._devices import as_devices, default_devices, device_str
+from ._devices import default_devices, device_str, usable_devices
 from .errors import DeletedShardedTensorError
 
 # Tensor methods that only read metadata the wrapper already has.
@@ -606,7 +606,7 @@ def _is_basic_index(v: Any) -> bool:
 def _check_devices(devices: Sequence[torch.device] | None, n: int | None, fn: str) -> tuple[torch.device, ...]:
     if devices is None:
         return default_devices(n, fn, f"{n} shards")
-    devices = as_devices(devices, fn)
+    devices = usable_devices(devices, fn)
     if n is not None and len(devices) != n:
         raise ValueError(f"{fn}: {n} shards but {len(devices)} devices")
     return devices

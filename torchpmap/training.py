@@ -27,7 +27,7 @@ from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
 
 from . import _axis
 from ._axis import AxisName
-from ._devices import as_devices, default_devices, physical_device
+from ._devices import as_devices, default_devices, physical_device, usable_devices
 from .collectives import pmean
 
 
@@ -43,7 +43,7 @@ class PerReplica:
     devices: tuple[torch.device, ...]
 
     def __init__(self, values: Sequence[Any], devices: Sequence[torch.device]) -> None:
-        values, devices = list(values), tuple(torch.device(d) for d in devices)
+        values, devices = list(values), as_devices(devices, "PerReplica")  # "cpu" is cpu:0, as in pmap
         if len(values) != len(devices):
             raise ValueError(f"PerReplica: {len(values)} values but {len(devices)} devices")
         self.values = values
@@ -74,7 +74,7 @@ def replicate_module(module: torch.nn.Module, devices: Sequence[torch.device] | 
     """An identical copy of ``module`` on every device (each with its own storage)."""
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"replicate_module: module must be an nn.Module, got {type(module).__name__}")
-    devices = default_devices(None, "replicate") if devices is None else as_devices(devices, "replicate")
+    devices = default_devices(None, "replicate") if devices is None else usable_devices(devices, "replicate")
     return PerReplica([copy.deepcopy(module).to(physical_device(d)) for d in devices], devices)
 
 
