@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import devices
 from torch.func import grad_and_value
 
 import torchpmap as tp
@@ -154,7 +155,7 @@ def test_compiled_training_step_matches_eager_and_single_device():
         return {k: p[k] - 0.1 * g[k] for k in p}, tp.pmean(loss, "i")
 
     X, Y = torch.randn(4, 5, 8), torch.randn(4, 5, 1)
-    rp = tp.device_put_replicated(params, tp.local_devices()[:4])
+    rp = tp.device_put_replicated(params, devices(4))
     g, loss = grad_and_value(loss_fn)(params, X.reshape(-1, 8), Y.reshape(-1, 1))
     for compile in (False, dict(backend="aot_eager", fullgraph=True)):
         new, losses = tp.pmap(step, "i", compile=compile)(rp, X, Y)

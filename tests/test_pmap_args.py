@@ -426,7 +426,7 @@ def test_donating_a_plain_tensor_leaves_it_usable():
 
 def test_donated_pytree_argument_and_in_place_update():
     x = _rows(4, 3)
-    state = {"w": tp.device_put_replicated(torch.zeros(3), tp.local_devices()[:4])}
+    state = {"w": tp.device_put_replicated(torch.zeros(3), _devices(4))}
 
     def step(s, r):
         s["w"].add_(r)  # donated: the function may update it in place
@@ -785,7 +785,7 @@ def test_torch_func_grad_of_a_pmap_call_is_a_clear_error():
 
 
 def test_donated_input_survives_a_call_that_fails_before_the_replicas_start():
-    st = tp.device_put_replicated(torch.ones(3), tp.local_devices()[:4])
+    st = tp.device_put_replicated(torch.ones(3), _devices(4))
     f = tp.pmap(lambda a, b: a + b, donate_argnums=0)
     with pytest.raises(ValueError, match="different sizes"):
         f(st, torch.ones(2, 3))  # the sizes disagree: nothing ran

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import devices
 from torch.func import grad_and_value
 
 import torchpmap as tp
@@ -137,7 +138,7 @@ def test_functional_call_is_safe_across_replicas():
     def grads(p, x):
         return torch.func.grad(lambda p: tp.functional_call(model, p, (x,)).square().sum())(p)
 
-    out = tp.pmap(grads)(tp.device_put_replicated(params, tp.local_devices()[:4]), x)
+    out = tp.pmap(grads)(tp.device_put_replicated(params, devices(4)), x)
     for r in range(4):
         ref = torch.func.grad(lambda p, r=r: torch.func.functional_call(model, p, (x[r],)).square().sum())(params)
         for k in ref:
