@@ -21,7 +21,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
 from . import _devices, _runtime
 from . import distributed as _distributed
-from ._autodiff import FlatOutput, InputSource, differentiable_call
+from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import ShardedTensor, _to_device
@@ -241,7 +241,7 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n)
         donated = self._donated_leaves(plan, len(args))
-        per_leaf, sources = self._place(plan, leaves, devices, n, donated)
+        per_leaf, grad_leaves = self._place(plan, leaves, devices, n, donated)
 
         static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
@@ -280,7 +280,7 @@ class Pmapped:
             return _runtime.pool().run(devices, replica_fn, new_comm(), axis_name, size, first_index=first)
 
         if torch.is_grad_enabled():
-            outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)
+            outs = differentiable_call(run, call_fun, per_leaf, grad_leaves, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
@@ -440,12 +440,14 @@ class Pmapped:
 
     def _place(
         self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int, donated: list[int]
-    ) -> tuple[list[list[Any]], list[InputSource]]:
+    ) -> tuple[list[list[Any]], list[int]]:
         """Per input leaf, its n per-replica values; and the leaves autograd must
-        see (those that require grad when grad mode is on)."""
+        see (those that require grad when grad mode is on). The values are placed
+        with grad mode on, so the caller's autograd takes their gradients back to
+        the leaves: slices stacked, broadcast copies summed."""
         per_leaf: list[list[Any]] = []
         grad_on = torch.is_grad_enabled()
-        sources: list[InputSource] = []
+        grad_leaves: list[int] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
                 leaf = (
@@ -467,7 +469,7 @@ class Pmapped:
                 if axis is not None and axis == leaf.axis and leaf.devices == devices:
                     values = list(leaf.shards)  # already in place: no data moves
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "shards", values, None))
+                        grad_leaves.append(j)
                     per_leaf.append(values)
                     continue
                 leaf = leaf.unshard()
@@ -476,17 +478,17 @@ class Pmapped:
                 if axis is None:
                     values = [_to_device(leaf, d) for d in devices]
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "broadcast", [leaf], None))
+                        grad_leaves.append(j)
                 else:
                     values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "mapped", [leaf], axis))
+                        grad_leaves.append(j)
             else:
                 values = [leaf] * n
             per_leaf.append(values)
         for j in donated:
             leaves[j].delete()
-        return per_leaf, sources
+        return per_leaf, grad_leaves
 
     # -- outputs -------------------------------------------------------------------------
     def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
