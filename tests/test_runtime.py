@@ -423,6 +423,31 @@ def test_gradgradcheck_mapped_broadcast_and_captured(n):
     assert torch.autograd.gradgradcheck(call, (x, w, c))
 
 
+def test_gradgradcheck_identity_replicated_and_non_differentiable_outputs():
+    x, w = _double(4, 3), _double(3)
+    assert torch.autograd.gradgradcheck(lambda x: tp.pmap(lambda r: r)(x).unshard(), (x,))
+    same_w = tp.pmap(lambda r, w: w, in_axes=(0, None), out_axes=None)
+    assert torch.autograd.gradgradcheck(same_w, (x, w))
+    with_index = tp.pmap(lambda r: (r.sin() * r, r.argmax()))  # an integer output gets no cotangent leaf
+    assert torch.autograd.gradgradcheck(lambda x: with_index(x)[0].unshard(), (x,))
+
+
+def test_second_order_for_per_replica_captured_parameters():
+    """Each replica's own parameter (a PerReplica) reaches its graph as a leaf."""
+    devs = _devices(4)
+    params = [(_double(3) * (i + 1)).detach().requires_grad_() for i in range(4)]
+    x = _double(4, 3)
+    f = tp.pmap(lambda r, p: tp.psum((r * p).sin(), "i"), "i", devices=devs)
+    y = f(x, tp.PerReplica(params, devs))
+    grads = torch.autograd.grad(y.sum(), params, create_graph=True)
+    got = torch.autograd.grad(sum((g**2).sum() for g in grads), (x, *params))
+    ref = torch.stack([(x[i] * params[i]).sin() for i in range(4)]).sum(0).expand(4, 3)
+    ref_grads = torch.autograd.grad(ref.sum(), params, create_graph=True)
+    want = torch.autograd.grad(sum((g**2).sum() for g in ref_grads), (x, *params))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
 def test_first_order_gradients_stay_plain_and_free_the_replica_graphs():
     """Without create_graph the gradient does not require grad, and the
     replicas' graphs are freed by the backward that used them."""

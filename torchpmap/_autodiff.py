@@ -221,8 +221,8 @@ def _differentiable_vjp(
     # meet in that collective's own backward.
     differentiable = any(c is not None and c.requires_grad for per in cotangents for c in per)
     for r in range(n):
-        for c in cotangents[r]:
-            if differentiable and c is not None:
+        for out, c in zip(graphs.outputs[r], cotangents[r]):
+            if differentiable and c is not None and out.requires_grad:
                 leaf = c.detach().requires_grad_()
                 next_callers[r].append(c)
                 next_leaves[r].append(leaf)
