@@ -182,10 +182,33 @@ def catch_and_continue():
     os._exit(0)
 
 
+def second_order():
+    """A gradient penalty through a call whose replicas span both processes:
+    the double backward's collectives meet across processes too."""
+    tpd.initialize(timeout=30)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    full = torch.linspace(-1.0, 1.0, G * 3, dtype=torch.float64).reshape(G, 3)
+    x = full[rank * L : (rank + 1) * L].clone().requires_grad_()
+    y = tp.pmap(lambda r: tp.psum(r.sin() * r, "i") * r, "i")(x)
+    (gx,) = torch.autograd.grad((y.unshard() ** 2).sum(), x, create_graph=True)
+    (ggx,) = torch.autograd.grad((gx**2).sum(), x)
+    # The same on one device: every process's loss and penalty, summed.
+    X = full.clone().requires_grad_()
+    (GX,) = torch.autograd.grad((((X.sin() * X).sum(0) * X) ** 2).sum(), X, create_graph=True)
+    (GGX,) = torch.autograd.grad((GX**2).sum(), X)
+    results = {}
+    check("first_order", gx.detach().numpy(), GX[rank * L : (rank + 1) * L].detach().numpy(), results)
+    check("second_order", ggx.numpy(), GGX[rank * L : (rank + 1) * L].numpy(), results)
+    say("RESULTS " + json.dumps(results))
+    tpd.shutdown()
+    sys.exit(0 if all(results.values()) else 1)
+
+
 if __name__ == "__main__":
     scenarios = {
         "collectives": collectives,
         "train": train,
+        "second_order": second_order,
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,

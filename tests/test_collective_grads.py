@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import pmap_k
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import torchpmap as tp
 
@@ -99,6 +99,15 @@ def test_gradcheck_through_pmap(k, name):
     assert gradcheck(lambda x: pmap_k(f, k)(x).unshard(), (x,), eps=1e-6, atol=1e-5, fast_mode=k == 8)
 
 
+@pytest.mark.parametrize("k,name", GRADCHECK_CASES, ids=[f"{n}-k{k}" for k, n in GRADCHECK_CASES])
+def test_gradgradcheck_through_pmap(k, name):
+    """Second order from outside: the backward's collectives are differentiated
+    in the replicas too (the transpose of the transpose)."""
+    f, shape = _cases(k)[name]
+    x = double(*shape, seed=k).requires_grad_()
+    assert gradgradcheck(lambda x: pmap_k(f, k)(x).unshard(), (x,), eps=1e-6, atol=1e-5, fast_mode=k >= 4)
+
+
 def test_gradcheck_pytree_of_inputs_and_outputs():
     def f(tree, scale):
         a, b = tree["a"], tree["b"]
@@ -124,6 +133,7 @@ def test_gradcheck_out_axes_none_counts_once():
     x, w = double(4, 3, 2, seed=4), double(2, 5, seed=5).requires_grad_()
     pf = pmap_k(f, 4, in_axes=(0, None), out_axes=None)
     assert gradcheck(lambda w: pf(x, w), (w,), eps=1e-6, atol=1e-5)
+    assert gradgradcheck(lambda w: pf(x, w), (w,), eps=1e-6, atol=1e-5)
     loss = pf(x, w)
     loss.backward()
     w_ref = w.detach().clone().requires_grad_()
@@ -150,6 +160,7 @@ def test_gradient_through_two_chained_pmap_calls():
         return z.unshard()
 
     assert gradcheck(chain, (double(4, 3).requires_grad_(),), eps=1e-6, atol=1e-5)
+    assert gradgradcheck(chain, (double(4, 3).requires_grad_(),), eps=1e-6, atol=1e-5)
 
 
 def test_backward_twice_with_retain_graph():

@@ -181,6 +181,30 @@ def test_backward_inside_compiled_replica():
     torch.testing.assert_close(eager.unshard(), 4 * own)
 
 
+def _gradient_penalty(f, x, w):
+    (gw,) = torch.autograd.grad(f(x, w).sum(), w, create_graph=True)
+    return torch.autograd.grad((gw**2).sum(), (x, w))
+
+
+def test_second_order_through_a_call_compiled_without_aot_autograd():
+    # Dynamo alone runs the replicas' ops eagerly, so their backward is differentiable.
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    f = tp.pmap(lambda r, w: tp.psum(torch.sin(r * w), "i"), "i", in_axes=(0, None), compile=dict(backend="eager"))
+    got = _gradient_penalty(f, x, w)
+    want = _gradient_penalty(lambda x, w: torch.sin(x * w).sum(0).expand(4, 3), x, w)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+def test_second_order_through_aot_autograd_is_an_error_not_a_zero():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    f = tp.pmap(lambda r, w: torch.sin(r * w), in_axes=(0, None), compile=dict(backend="aot_eager"))
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        _gradient_penalty(f, x, w)
+
+
 @pytest.mark.slow
 def test_inductor_default_compiles_and_matches():
     x = torch.randn(2, 8)

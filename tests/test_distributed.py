@@ -53,6 +53,12 @@ def test_training_matches_single_process():
     assert out.stdout.count("RESULTS ") == 2, out.stdout
 
 
+def test_second_order_gradients_across_two_processes():
+    out, _ = torchrun("second_order")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("RESULTS ") == 2, out.stdout
+
+
 @pytest.mark.parametrize("scenario", ["failure", "failure_stays_alive"])
 def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     out, elapsed = torchrun(scenario, timeout=90)

@@ -4,16 +4,25 @@ Each replica builds its own autograd graph on its worker thread. pmap hides
 those graphs behind one autograd Function whose backward runs every replica's
 backward pass on its worker, concurrently and with the named axis bound again,
 so the collectives' backward rules (psum of the cotangent, ...) communicate
-exactly like the forward collectives did. Gradients then flow back to what the
-caller passed: slices are stacked, broadcast arguments summed. Tensors the
-function captured instead of taking as arguments (a closure's parameters) are
-found by walking the replicas' graphs, and get their gradients the same way.
+exactly like the forward collectives did.
+
+The Function's inputs are the caller-side tensors that each replica's leaves
+stand for: its slice of a mapped argument, a broadcast argument, its shard, or
+a tensor the function captured instead of taking as an argument (found by
+walking the replica's graph). The caller's autograd then stacks the slices and
+sums the broadcast gradients itself.
+
+With create_graph=True the backward is itself such a call: the replicas
+differentiate with create_graph=True, and their gradients are hidden behind a
+new Function whose inputs are the first one's inputs and the cotangents. So a
+derivative of any order runs in the replicas with the axis bound, where the
+collectives' backward rules can communicate.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch.autograd.graph import Node
@@ -21,64 +30,78 @@ from torch.utils._pytree import TreeSpec
 
 # A replica's output, flattened: (leaves, tree structure).
 FlatOutput: TypeAlias = "tuple[list[Any], TreeSpec]"
-# A tensor autograd must see (see differentiable_call): (leaf index, kind, source
-# tensors, axis). InputSource is an argument's leaf; a Source's leaf index is None
-# for a tensor the function captured instead.
-InputSource: TypeAlias = "tuple[int, Literal['mapped', 'broadcast', 'shards'], list[torch.Tensor], int | None]"
-Source: TypeAlias = "tuple[int | None, Literal['mapped', 'broadcast', 'shards'], list[torch.Tensor], int | None]"
 # run(replica_fn): replica_fn(rank) on every replica with the axis bound, the results in rank order.
 Runner: TypeAlias = "Callable[[Callable[[int], Any]], list[Any]]"
+# Per replica, a list of tensors (or of gradients, which may be None).
+TensorsPerReplica: TypeAlias = "list[list[torch.Tensor]]"
+GradsPerReplica: TypeAlias = "list[list[torch.Tensor | None]]"
 
 
 def differentiable_call(
     run: Runner,
     call_fun: Callable[[int, list[Any]], FlatOutput],
     per_leaf: list[list[Any]],
-    sources: Sequence[InputSource],
-    devices: Sequence[torch.device],
+    grad_leaves: Sequence[int],
     n: int,
 ) -> list[FlatOutput]:
     """Run the replicas (``run(replica_fn)``) so that the caller's autograd sees
     through them. ``call_fun(rank, leaves)`` returns a replica's flattened
     output; so does this, one (leaves, spec) per replica.
 
-    ``sources``: (leaf index, kind, source tensors, axis) for every input leaf
-    that requires grad; kind is "mapped" (one tensor sliced along axis),
-    "broadcast" (one tensor given to all) or "shards" (one tensor per replica).
+    ``per_leaf[j][r]`` is replica r's value of input leaf j, as placed for it
+    (a slice, a copy or a shard, recorded by the caller's autograd);
+    ``grad_leaves`` are the leaves whose gradients the caller needs.
     """
     replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-    grad_inputs: list[list[torch.Tensor]] = [[] for _ in range(n)]  # per replica: its leaves that need grad
-    for j, _, _, _ in sources:
+    caller_inputs: TensorsPerReplica = [[] for _ in range(n)]  # per replica: the placed values that need grad
+    leaves: TensorsPerReplica = [[] for _ in range(n)]  # per replica: the leaves standing for them in its graph
+    for j in grad_leaves:
         for r in range(n):
-            v = replica_inputs[r][j].detach().requires_grad_()
-            replica_inputs[r][j] = v
-            grad_inputs[r].append(v)
+            value = replica_inputs[r][j]
+            leaf = value.detach().requires_grad_()
+            replica_inputs[r][j] = leaf
+            caller_inputs[r].append(value)
+            leaves[r].append(leaf)
 
     flat = run(lambda r: call_fun(r, replica_inputs[r]))  # (leaves, spec) per replica
-    tensor_slots = [(r, k) for r in range(n) for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)]
-    outputs = [flat[r][0][k] for r, k in tensor_slots]
-    if not any(o.requires_grad for o in outputs):
-        return flat  # nothing for the caller's autograd to see
-    captured = _captured_leaves(outputs, grad_inputs)
-    every_source: Sequence[Source] = sources
-    if captured:
-        every_source = [*sources, *[(None, "broadcast", [t], None) for t in captured]]
-        for r in range(n):
-            grad_inputs[r] = [*grad_inputs[r], *captured]
-    source_tensors = [t for _, _, ts, _ in every_source for t in ts]
-    state = _ReplicaGraphs(run, devices, n, every_source, grad_inputs, outputs, tensor_slots)
-    results = _ThroughReplicas.apply(state, *source_tensors)
-    for (r, k), t in zip(tensor_slots, results):
-        flat[r][0][k] = t
+    tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
+    outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
+    hidden = _hide_replica_graphs(run, caller_inputs, leaves, outputs)
+    if hidden is not None:
+        for r, slots in enumerate(tensor_slots):
+            for k, t in zip(slots, hidden[r]):
+                flat[r][0][k] = t
     return flat
 
 
-def _captured_leaves(outputs: list[torch.Tensor], grad_inputs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that the replicas' graphs reach but that
-    were not passed as arguments: they came in through a closure. Without
-    this, the caller's backward would run the replicas' collective backward
-    rules on its own thread, where no replica is there to meet them."""
-    known = {id(t) for per in grad_inputs for t in per}
+def _hide_replica_graphs(
+    run: Runner,
+    caller_inputs: TensorsPerReplica,
+    leaves: TensorsPerReplica,
+    outputs: TensorsPerReplica,
+    shared: bool = False,
+) -> TensorsPerReplica | None:
+    """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
+    ``caller_inputs[r]``), as tensors the caller's autograd differentiates
+    through the replicas; None when no output requires grad."""
+    if not any(o.requires_grad for per in outputs for o in per):
+        return None
+    for r, per in enumerate(outputs):
+        captured = _captured_leaves(per, leaves[r])
+        if captured:
+            leaves[r] = [*leaves[r], *captured]
+            caller_inputs[r] = [*caller_inputs[r], *captured]
+    graphs = _ReplicaGraphs(run, leaves, outputs, [len(c) for c in caller_inputs], shared)
+    flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
+    return _split(list(flat_outputs), [len(per) for per in outputs])
+
+
+def _captured_leaves(outputs: list[torch.Tensor], known_leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that a replica's graph reaches but that were
+    not passed as arguments: they came in through a closure. Without this,
+    the caller's backward would run the replica's collective backward rules
+    on its own thread, where no replica is there to meet them."""
+    known = {id(t) for t in known_leaves}
     found: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     stack: list[Node | None] = [o.grad_fn for o in outputs if o.grad_fn is not None]
@@ -96,41 +119,70 @@ def _captured_leaves(outputs: list[torch.Tensor], grad_inputs: list[list[torch.T
     return list(found.values())
 
 
+def _split(flat: list[Any], counts: list[int]) -> list[list[Any]]:
+    """``flat`` cut into consecutive runs of ``counts[r]`` items."""
+    out, start = [], 0
+    for c in counts:
+        out.append(flat[start : start + c])
+        start += c
+    return out
+
+
 class _ReplicaGraphs:
-    """What the backward pass needs; dropped as soon as it has run."""
+    """The replicas' graphs behind one _ThroughReplicas node; dropped as soon
+    as its backward has run (unless the graph is retained)."""
 
     def __init__(
         self,
         run: Runner,
-        devices: Sequence[torch.device],
-        n: int,
-        sources: Sequence[Source],
-        grad_inputs: list[list[torch.Tensor]],
-        outputs: list[torch.Tensor],
-        tensor_slots: list[tuple[int, int]],
+        leaves: TensorsPerReplica,
+        outputs: TensorsPerReplica,
+        input_counts: list[int],
+        shared: bool = False,
     ) -> None:
         self.run = run
-        self.devices = devices
-        self.n = n
-        self.sources = sources
-        self.grad_inputs = grad_inputs
-        self.outputs = outputs
-        self.tensor_slots = tensor_slots
+        self.leaves = leaves  # per replica: what its graph is differentiated with respect to
+        self.outputs = outputs  # per replica: its tensor outputs
+        self.input_counts = input_counts  # per replica: how many of the node's inputs are its
+        # True once a recorded backward (create_graph=True) links another node's
+        # replica graphs to these: one backward pass can then traverse them from
+        # both nodes, so neither may free the buffers the other still needs.
+        self.shared = shared
+
+    def vjp(
+        self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool
+    ) -> list[torch.Tensor | None]:
+        """Replica r's gradients with respect to its leaves (None where unused)."""
+        pairs = [(o, c) for o, c in zip(self.outputs[r], cotangents) if c is not None and o.requires_grad]
+        if not pairs:
+            return [None] * len(self.leaves[r])
+        outs, cots = zip(*pairs)
+        return list(
+            torch.autograd.grad(
+                outs,
+                self.leaves[r],
+                cots,
+                retain_graph=keep or self.shared,
+                create_graph=create_graph,
+                allow_unused=True,
+            )
+        )
 
 
 class _ThroughReplicas(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, state: _ReplicaGraphs, *source_tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.state = state
-        outs = tuple(o.detach() for o in state.outputs)
-        ctx.mark_non_differentiable(*[d for o, d in zip(state.outputs, outs) if not o.requires_grad])
+    def forward(ctx: Any, graphs: _ReplicaGraphs, *caller_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.graphs = graphs
+        ctx.save_for_backward(*caller_inputs)  # read only by a differentiable backward
+        every = [o for per in graphs.outputs for o in per]
+        outs = tuple(o.detach() for o in every)
+        ctx.mark_non_differentiable(*[d for o, d in zip(every, outs) if not o.requires_grad])
         return outs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        state: _ReplicaGraphs = ctx.state
-        if state is None:
+        graphs: _ReplicaGraphs | None = ctx.graphs
+        if graphs is None:
             raise RuntimeError(
                 "Trying to backward through a pmap call a second time; the replicas' "
                 "graphs were freed after the first backward (use retain_graph=True "
@@ -140,50 +192,50 @@ class _ThroughReplicas(torch.autograd.Function):
         # several vjps) must keep the replicas' graphs for the next pass too.
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
         if not keep:
-            ctx.state = None
-        n = state.n
-        per_replica_outs: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        per_replica_grads: list[list[torch.Tensor]] = [[] for _ in range(n)]
-        for (r, _), out, g in zip(state.tensor_slots, state.outputs, grads):
-            if g is not None and out.requires_grad:
-                per_replica_outs[r].append(out)
-                per_replica_grads[r].append(g)
+            ctx.graphs = None
+        cotangents = _split(list(grads), [len(per) for per in graphs.outputs])
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
+            caller_inputs = _split(list(ctx.saved_tensors), graphs.input_counts)
+            input_grads = _differentiable_vjp(graphs, caller_inputs, cotangents, keep)
+        else:
+            with torch.enable_grad():  # the replicas' default state: their fast path
+                input_grads = graphs.run(lambda r: graphs.vjp(r, cotangents[r], keep, create_graph=False))
+        return (None, *[g for per in input_grads for g in per])
 
-        def replica_backward(r: int) -> list[torch.Tensor | None]:
-            if not per_replica_outs[r]:
-                return [None] * len(state.grad_inputs[r])
-            return list(
-                torch.autograd.grad(
-                    per_replica_outs[r],
-                    state.grad_inputs[r],
-                    per_replica_grads[r],
-                    retain_graph=keep,
-                    allow_unused=True,
-                )
-            )
 
-        with torch.enable_grad():
-            replica_grads = state.run(replica_backward)
-        source_grads: list[torch.Tensor | None] = []
-        for s, (_, kind, tensors, axis) in enumerate(state.sources):
-            per_r = [replica_grads[r][s] for r in range(n)]
-            if kind == "shards":
-                source_grads += [g if g is None else g.to(t.device) for g, t in zip(per_r, tensors)]
-                continue
-            (src,) = tensors
-            if all(g is None for g in per_r):
-                source_grads.append(None)
-                continue
-            if kind == "broadcast":
-                total = None
-                for g in per_r:
-                    if g is not None:
-                        g = g.to(src.device)
-                        total = g if total is None else total + g
-                source_grads.append(total)
-            else:  # mapped: the replicas' slices back into one tensor
-                assert axis is not None  # a mapped source has its axis
-                template = src.select(axis, 0)
-                parts = [torch.zeros_like(template) if g is None else g.to(src.device) for g in per_r]
-                source_grads.append(torch.stack(parts, dim=axis))
-        return (None, *source_grads)
+def _differentiable_vjp(
+    graphs: _ReplicaGraphs, caller_inputs: TensorsPerReplica, cotangents: GradsPerReplica, keep: bool
+) -> GradsPerReplica:
+    """The replicas' gradients, differentiable with respect to the node's
+    inputs and to the cotangents: the replicas record their backward
+    (create_graph=True), and a new node hides those graphs the way the first
+    hides the forward's."""
+    n = len(cotangents)
+    next_callers: TensorsPerReplica = [list(caller_inputs[r]) for r in range(n)]
+    next_leaves: TensorsPerReplica = [list(graphs.leaves[r]) for r in range(n)]
+    replica_cotangents: GradsPerReplica = [[] for _ in range(n)]
+    # A cotangent that requires grad (the caller's loss is nonlinear in the
+    # output; gradgradcheck) becomes a leaf in its replica. If any does, every
+    # replica's cotangents become leaves: a collective in the backward is
+    # recorded only where its input requires grad, and every replica must then
+    # meet in that collective's own backward.
+    differentiable = any(c is not None and c.requires_grad for per in cotangents for c in per)
+    for r in range(n):
+        for out, c in zip(graphs.outputs[r], cotangents[r]):
+            if differentiable and c is not None and out.requires_grad:
+                leaf = c.detach().requires_grad_()
+                next_callers[r].append(c)
+                next_leaves[r].append(leaf)
+                c = leaf
+            replica_cotangents[r].append(c)
+    grads: GradsPerReplica = graphs.run(lambda r: graphs.vjp(r, replica_cotangents[r], keep, create_graph=True))
+    present = [[i for i, g in enumerate(per) if g is not None] for per in grads]
+    outputs: TensorsPerReplica = [[g for g in per if g is not None] for per in grads]
+    hidden = _hide_replica_graphs(graphs.run, next_callers, next_leaves, outputs, shared=True)
+    if hidden is None:  # no gradient depends on anything that requires grad
+        return grads
+    graphs.shared = True
+    for r in range(n):
+        for i, t in zip(present[r], hidden[r]):
+            grads[r][i] = t
+    return grads

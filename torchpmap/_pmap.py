@@ -22,7 +22,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
 from . import _devices, _runtime
 from . import distributed as _distributed
-from ._autodiff import FlatOutput, InputSource, differentiable_call
+from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import ShardedTensor, _to_device
@@ -259,7 +259,7 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
-        per_leaf, sources, shared = self._place(plan, leaves, devices, n)
+        per_leaf, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
         static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
@@ -302,7 +302,7 @@ class Pmapped:
         if donated:
             run = _donating(run, [leaves[j] for j in donated])
         if torch.is_grad_enabled():
-            outs = differentiable_call(run, call_fun, per_leaf, sources, devices, n)
+            outs = differentiable_call(run, call_fun, per_leaf, grad_leaves, n)
         else:
             replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
             outs = run(lambda r: call_fun(r, replica_inputs[r]))
@@ -475,14 +475,16 @@ class Pmapped:
 
     def _place(
         self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
-    ) -> tuple[list[list[Any]], list[InputSource], list[_Shared]]:
+    ) -> tuple[list[list[Any]], list[int], list[_Shared]]:
         """Per input leaf, its n per-replica values; the leaves autograd must
         see (those that require grad when grad mode is on); and the tensors
         several replicas (or a replica and the caller) share, which no replica
-        may write."""
+        may write. The values are placed with grad mode on, so the caller's
+        autograd takes their gradients back to the leaves: slices stacked,
+        broadcast copies summed."""
         per_leaf: list[list[Any]] = []
         grad_on = torch.is_grad_enabled()
-        sources: list[InputSource] = []
+        grad_leaves: list[int] = []
         shared: list[_Shared] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
@@ -501,7 +503,7 @@ class Pmapped:
                 if axis is not None and axis == leaf.axis and leaf.devices == devices:
                     values = list(leaf.shards)  # already in place: no data moves
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "shards", values, None))
+                        grad_leaves.append(j)
                     per_leaf.append(values)
                     continue
                 leaf = leaf.unshard()
@@ -514,17 +516,17 @@ class Pmapped:
                     elif any(v is leaf for v in values):  # a GPU replica on the tensor's own device
                         _watch(shared, j, leaf, "the replica on its device")
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "broadcast", [leaf], None))
+                        grad_leaves.append(j)
                 else:
                     if _slices_overlap(leaf, axis):
                         _watch(shared, j, leaf, "overlapping slices")
                     values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
-                        sources.append((j, "mapped", [leaf], axis))
+                        grad_leaves.append(j)
             else:
                 values = [leaf] * n
             per_leaf.append(values)
-        return per_leaf, sources, shared
+        return per_leaf, grad_leaves, shared
 
     # -- outputs -------------------------------------------------------------------------
     def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
