@@ -65,6 +65,16 @@ def collectives():
     groups = [list(range(0, G, 2)), list(range(1, G, 2))]
     expect = np.stack([full[g].sum(0) for g in (groups[i % 2] for i in idx)])
     check("psum_groups", run(lambda x: tp.psum(x, "i", axis_index_groups=groups)), expect, results)
+    unequal = [list(range(G - 1)), [G - 1]]  # spans both processes
+    group_of = {m: g for g in unequal for m in g}
+    expect = np.stack([full[group_of[i]].mean(0) for i in idx])
+    check("pmean_unequal_groups", run(lambda x: tp.pmean(x, "i", axis_index_groups=unequal)), expect, results)
+    check(
+        "psum_count_unequal_groups",
+        run(lambda x: tp.psum(1, "i", axis_index_groups=unequal)),
+        [len(group_of[i]) for i in idx],
+        results,
+    )
     # A ShardedTensor goes back in without copies, and converts to a DTensor.
     y = tp.pmap(lambda x: x * 2, "i")(mine)
     dt = tpd.to_dtensor(y)

@@ -50,7 +50,7 @@ def _cases(k):
     g = group_size(k, groups)
     ring = [(r, (r + 1) % k) for r in range(k)]
     partial = [(r, r + 1) for r in range(k - 1)]  # replica 0 receives zeros
-    return {
+    cases = {
         "psum": (lambda x: tp.psum(torch.sin(x) * rank_weight(x), "i"), (k, 3)),
         "psum_groups": (lambda x: tp.psum(x * x * rank_weight(x), "i", axis_index_groups=groups), (k, 3)),
         "pmean": (lambda x: tp.pmean(x**3, ("i",)) * rank_weight(x), (k, 2)),
@@ -86,6 +86,17 @@ def _cases(k):
             (k, 2),
         ),
     }
+    if k > 2:
+        unequal = [list(range(1, k)), [0]]  # groups of k - 1 and 1
+        cases["psum_unequal_groups"] = (
+            lambda x: tp.psum(x * x * rank_weight(x), "i", axis_index_groups=unequal),
+            (k, 3),
+        )
+        cases["pmean_unequal_groups"] = (
+            lambda x: tp.pmean(torch.sin(x), "i", axis_index_groups=unequal) * rank_weight(x),
+            (k, 2),
+        )
+    return cases
 
 
 GRADCHECK_CASES = [(k, name) for k in DEVICE_COUNTS for name in _cases(k)]

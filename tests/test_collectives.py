@@ -242,6 +242,57 @@ def test_reduction_results_do_not_alias():
     torch.testing.assert_close(out, torch.arange(4.0)[:, None] + 4 + torch.zeros(4, 3))
 
 
+UNEQUAL_GROUPS = {3: [[0, 2], [1]], 4: [[0, 1, 2], [3]], 8: [[5], [0, 3, 6], [1, 2, 4, 7]]}
+
+
+@pytest.mark.parametrize("k", sorted(UNEQUAL_GROUPS))
+def test_reductions_with_unequal_groups_match_numpy(k):
+    """As JAX: psum/pmean/pmax/pmin accept axis_index_groups of different sizes."""
+    groups = UNEQUAL_GROUPS[k]
+    x = sample(k, (2, 3), torch.float64)
+    ints = sample(k, (3,), torch.int64)
+
+    def f(v, i):
+        kw = dict(axis_index_groups=groups)
+        return dict(
+            sum=tp.psum(v, "i", **kw),
+            mean=tp.pmean(v, "i", **kw),
+            max=tp.pmax(v, "i", **kw),
+            min=tp.pmin(v, "i", **kw),
+            imean=tp.pmean(i, "i", **kw),
+            count=tp.psum(1, "i", **kw),
+            tree=tp.psum({"a": v, "b": i}, "i", **kw),
+        )
+
+    out = pmap_k(f, k)(x, ints)
+    X, Xi = np_of(x), np_of(ints)
+    assert_matches(out["sum"], ref_reduce(X, np.sum, groups), torch.float64)
+    assert_matches(out["mean"], ref_reduce(X, np.mean, groups), torch.float64)
+    assert_matches(out["max"], ref_reduce(X, np.max, groups), torch.float64)
+    assert_matches(out["min"], ref_reduce(X, np.min, groups), torch.float64)
+    assert_matches(out["imean"], ref_reduce(Xi.astype(np.float32), np.mean, groups), torch.float32)
+    sizes = {m: len(g) for g in groups for m in g}
+    assert np_of(out["count"]).tolist() == [sizes[m] for m in range(k)]
+    assert_matches(out["tree"]["a"], ref_reduce(X, np.sum, groups), torch.float64)
+    assert_matches(out["tree"]["b"], ref_reduce(Xi, np.sum, groups), torch.int64)
+
+
+def test_reductions_with_unequal_groups_compile_and_differentiate():
+    groups = [[0, 1, 2], [3]]
+    x = sample(4, (3,), torch.float64).requires_grad_()
+
+    def f(v):
+        return tp.pmean(v * v, "i", axis_index_groups=groups)
+
+    eager = pmap_k(f, 4)(x)
+    compiled = pmap_k(f, 4, compile=dict(backend="aot_eager", fullgraph=True))(x)
+    torch.testing.assert_close(compiled.unshard(), eager.unshard())
+    (grad,) = torch.autograd.grad(eager.sum(), x)
+    # d/dx_m of sum over replicas of the group mean: every member's output depends on x_m
+    sizes = torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(grad, 2 * x.detach() * sizes / sizes)
+
+
 # -- all_gather -----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", K_AND_GROUPS, ids=_ids)
 @pytest.mark.parametrize("tiled", [False, True], ids=["stacked", "tiled"])

@@ -4,7 +4,8 @@ Each op has a fake (meta) implementation so torch.compile traces through it
 with no graph break, an autograd rule (JAX's transposes), and a kernel that
 finds the running replica's communicator at run time. Axis names are strings;
 ``groups`` is axis_index_groups flattened (empty: one group of everybody) with
-``group_size`` members each.
+``group_size`` members each, or, with ``group_size`` 0 (groups of unequal sizes,
+reductions only), separated by -1.
 """
 
 from __future__ import annotations
@@ -27,9 +28,29 @@ OpArg: TypeAlias = "str | int | list[int]"
 Ctx: TypeAlias = Any
 
 
-def _unflatten_groups(groups: list[int], group_size: int) -> Groups:
+# Between the groups of unequal sizes in a flattened ``groups`` (group_size 0).
+GROUP_SEP = -1
+
+
+def encode_groups(groups: list[list[int]]) -> tuple[list[int], int]:
+    """axis_index_groups as the ops take them: (flattened, group_size)."""
+    sizes = {len(g) for g in groups}
+    if len(sizes) == 1:
+        return [i for g in groups for i in g], len(groups[0])
+    return [i for g in groups for i in (*g, GROUP_SEP)][:-1], 0
+
+
+def decode_groups(groups: list[int], group_size: int) -> Groups:
+    """The inverse of encode_groups."""
     if not groups:
         return None
+    if group_size == 0:
+        out: list[tuple[int, ...]] = []
+        start = 0
+        for end in [*(i for i, m in enumerate(groups) if m == GROUP_SEP), len(groups)]:
+            out.append(tuple(groups[start:end]))
+            start = end + 1
+        return tuple(out)
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
 
 
@@ -115,7 +136,7 @@ def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
 # -- all_reduce ---------------------------------------------------------------
 def _all_reduce_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_reduce(f.index, x, op, _unflatten_groups(groups, group_size))
+    return f.comm.all_reduce(f.index, x, op, decode_groups(groups, group_size))
 
 
 all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
@@ -148,7 +169,7 @@ all_reduce.register_autograd(_all_reduce_backward, setup_context=_all_reduce_set
 # -- all_gather: (…) -> (g, …) ------------------------------------------------
 def _all_gather_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_gather(f.index, x, _unflatten_groups(groups, group_size))
+    return f.comm.all_gather(f.index, x, decode_groups(groups, group_size))
 
 
 all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
@@ -174,7 +195,7 @@ all_gather.register_autograd(_all_gather_backward, setup_context=_gather_scatter
 # -- reduce_scatter: (g, …) -> (…) ------------------------------------------------
 def _reduce_scatter_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.reduce_scatter(f.index, x, op, _unflatten_groups(groups, group_size))
+    return f.comm.reduce_scatter(f.index, x, op, decode_groups(groups, group_size))
 
 
 reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
@@ -200,7 +221,7 @@ reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_reduce
 # -- all_to_all: (g, …) -> (g, …), out[j] = member j's x[k] ----------------------
 def _all_to_all_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_to_all(f.index, x, _unflatten_groups(groups, group_size))
+    return f.comm.all_to_all(f.index, x, decode_groups(groups, group_size))
 
 
 all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())

@@ -48,7 +48,8 @@ def _names(axis_name: AxisName) -> tuple[str, ...]:
 
 
 def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes: bool) -> tuple[list[int], int]:
-    """Validate axis_index_groups; return it flattened, with the group size."""
+    """Validate axis_index_groups; return it as the ops take it: flattened, with
+    the group size (0 for groups of unequal sizes, see _ops.encode_groups)."""
     if axis_index_groups is None:
         return [], size
     try:
@@ -63,13 +64,22 @@ def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes:
             f"{fn}: axis_index_groups must cover every index of the axis (size {size}) "
             f"exactly once, got {axis_index_groups!r}"
         )
-    sizes = {len(g) for g in groups}
-    if len(sizes) != 1:
-        if equal_sizes:  # the result's shape depends on the group size
-            raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
-        # JAX allows unequal groups for the reductions; torchpmap does not yet.
-        raise ValueError(f"{fn}: axis_index_groups of unequal sizes are not supported, got {axis_index_groups!r}")
-    return flat, len(groups[0])
+    if equal_sizes and len({len(g) for g in groups}) != 1:  # the result's shape depends on the group size
+        raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
+    return _ops.encode_groups(groups)
+
+
+def _own_group_size(names: tuple[str, ...], groups: list[int], size: int) -> torch.Tensor:
+    """The size of this replica's group (groups of unequal sizes), as an int64
+    scalar on its device: looked up by axis_index, so no host sync and one
+    compiled graph for every replica."""
+    members = _ops.decode_groups(groups, 0) or (tuple(range(size)),)
+    sizes = [0] * size
+    for g in members:
+        for m in g:
+            sizes[m] = len(g)
+    index = axis_index(names)
+    return torch.take(torch.tensor(sizes, dtype=torch.int64, device=index.device), index)
 
 
 def _canonical_axis(axis: Any, ndim: int, fn: str, arg: str) -> int:
@@ -111,11 +121,22 @@ def _size(axis_name: AxisName) -> int:
 
 
 # -- reductions -------------------------------------------------------------------------
-def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str) -> tuple[PyTree, int]:
+def _reduce(
+    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str
+) -> tuple[PyTree, Callable[[], int | torch.Tensor]]:
+    """The reduction of x, and a function giving the replica's group size (a
+    tensor for groups of unequal sizes: it differs between replicas; made
+    only when needed)."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     size = _size(names)
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
+    known: list[int | torch.Tensor] = []
+
+    def replica_group_size() -> int | torch.Tensor:
+        if not known:
+            known.append(group_size or _own_group_size(names, groups, size))
+        return known[0]
 
     def prepare(v: Any) -> Any:
         if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
@@ -138,7 +159,7 @@ def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisInde
             buckets.setdefault((v.dtype, v.device), []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
-            leaves[j] = v * group_size if op == "sum" else v
+            leaves[j] = v * replica_group_size() if op == "sum" else v
     for idx in buckets.values():
         if len(idx) == 1:
             (j,) = idx
@@ -149,7 +170,7 @@ def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisInde
         reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size)
         for j, piece, t in zip(idx, reduced.split([t.numel() for t in parts]), parts):
             leaves[j] = piece.view(t.shape)
-    return _pytree.tree_unflatten(leaves, spec), group_size
+    return _pytree.tree_unflatten(leaves, spec), replica_group_size
 
 
 def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
@@ -159,11 +180,12 @@ def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups =
 
 def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
-    total, n = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
+    total, replica_group_size = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
+    n = replica_group_size()
 
     def div(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return torch.true_divide(v, n)
+            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
         return v / n
 
     return _tree_map(div, total)
