@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import REDUCERS, InProcessCommunicator, What, compute_results
+from ._communicator import REDUCERS, InProcessCommunicator, TreePlace, What, compute_results
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError
@@ -195,9 +195,9 @@ class ProcessGroupCommunicator(InProcessCommunicator):
     def _local_rank(self, rank: int) -> int:
         return rank - self._first
 
-    def _compute(self, what: What, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _compute(self, what: What, xs_local: list[torch.Tensor], tree: TreePlace = None) -> list[torch.Tensor]:
         try:
-            self._check_same_everywhere(what, xs_local[0])
+            self._check_same_everywhere(what, xs_local[0], tree)
             name = what[0]
             if name == "all_reduce" and what[2] is None:
                 return self._all_reduce(xs_local, what[1])
@@ -218,8 +218,8 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             return self._to(t, local)
         return t
 
-    def _check_same_everywhere(self, what: What, x: torch.Tensor) -> None:
-        signature = repr((what, tuple(x.shape), x.dtype)).encode()
+    def _check_same_everywhere(self, what: What, x: torch.Tensor, tree: TreePlace = None) -> None:
+        signature = repr((what, tuple(x.shape), x.dtype, tree)).encode()
         mine = torch.tensor([zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
         dist.all_gather(theirs, mine, group=self._group)
@@ -228,7 +228,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
             raise CollectiveMismatchError(
                 f"processes called different collectives (or shapes/dtypes) at the same point: "
-                f"this process called {self._describe((what, tuple(x.shape), x.dtype))}, "
+                f"this process called {self._describe((what, tuple(x.shape), x.dtype, tree))}, "
                 f"processes {odd} called something else"
             )
 
