@@ -65,11 +65,33 @@ def collectives():
     groups = [list(range(0, G, 2)), list(range(1, G, 2))]
     expect = np.stack([full[g].sum(0) for g in (groups[i % 2] for i in idx)])
     check("psum_groups", run(lambda x: tp.psum(x, "i", axis_index_groups=groups)), expect, results)
+    unequal = [list(range(G - 1)), [G - 1]]  # spans both processes
+    group_of = {m: g for g in unequal for m in g}
+    expect = np.stack([full[group_of[i]].mean(0) for i in idx])
+    check("pmean_unequal_groups", run(lambda x: tp.pmean(x, "i", axis_index_groups=unequal)), expect, results)
+    check(
+        "psum_count_unequal_groups",
+        run(lambda x: tp.psum(1, "i", axis_index_groups=unequal)),
+        [len(group_of[i]) for i in idx],
+        results,
+    )
+    # Dicts built in a different order on each process pair their leaves by key.
+    tree = (lambda x: {"a": x, "b": -x}) if rank == 0 else (lambda x: {"b": -x, "a": x})
+    check(
+        "psum_dict_order", run(lambda x: tp.psum(tree(x), "i")["b"]), np.broadcast_to(-full.sum(0), (L, G, 3)), results
+    )
     # A ShardedTensor goes back in without copies, and converts to a DTensor.
     y = tp.pmap(lambda x: x * 2, "i")(mine)
     dt = tpd.to_dtensor(y)
     check("dtensor_global_shape", np.array(dt.shape), np.array([G, G, 3]), results)
     check("dtensor_full", dt.full_tensor().numpy(), full * 2, results)
+    # Trees of the same size but different shapes fail on every process.
+    shape = (2, 3) if rank == 0 else (3, 2)
+    try:
+        run(lambda x: tp.psum({"w": x.new_ones(shape), "b": x.new_ones(4)}, "i")["w"])
+        results["tree_mismatch"] = False
+    except tp.CollectiveMismatchError as e:
+        results["tree_mismatch"] = f"'w': float32{list(shape)}" in str(e)
     say("RESULTS " + json.dumps(results))
     tpd.shutdown()
     sys.exit(0 if all(results.values()) else 1)

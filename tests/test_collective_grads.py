@@ -50,7 +50,7 @@ def _cases(k):
     g = group_size(k, groups)
     ring = [(r, (r + 1) % k) for r in range(k)]
     partial = [(r, r + 1) for r in range(k - 1)]  # replica 0 receives zeros
-    return {
+    cases = {
         "psum": (lambda x: tp.psum(torch.sin(x) * rank_weight(x), "i"), (k, 3)),
         "psum_groups": (lambda x: tp.psum(x * x * rank_weight(x), "i", axis_index_groups=groups), (k, 3)),
         "pmean": (lambda x: tp.pmean(x**3, ("i",)) * rank_weight(x), (k, 2)),
@@ -86,6 +86,17 @@ def _cases(k):
             (k, 2),
         ),
     }
+    if k > 2:
+        unequal = [list(range(1, k)), [0]]  # groups of k - 1 and 1
+        cases["psum_unequal_groups"] = (
+            lambda x: tp.psum(x * x * rank_weight(x), "i", axis_index_groups=unequal),
+            (k, 3),
+        )
+        cases["pmean_unequal_groups"] = (
+            lambda x: tp.pmean(torch.sin(x), "i", axis_index_groups=unequal) * rank_weight(x),
+            (k, 2),
+        )
+    return cases
 
 
 GRADCHECK_CASES = [(k, name) for k in DEVICE_COUNTS for name in _cases(k)]
@@ -122,6 +133,27 @@ def test_gradcheck_pytree_of_inputs_and_outputs():
         return out["s"].unshard(), out["g"].unshard()
 
     assert gradcheck(call, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_gradients_do_not_depend_on_dict_insertion_order():
+    """Replicas that build their dicts in different orders still pair leaves by
+    key, forward and backward (JAX flattens dicts in sorted key order)."""
+
+    def f(x, scrambled):
+        a, b = torch.sin(x), x * x * rank_weight(x)
+        tree = {"b": b, "a": a} if scrambled and int(tp.axis_index("i")) % 2 else {"a": a, "b": b}
+        s, g = tp.psum(tree, "i"), tp.all_gather(tree, "i")
+        p = tp.ppermute(tree, "i", [(r, (r + 1) % 4) for r in range(4)])
+        return s["a"] * 2 + s["b"] + g["a"].sum(0) * g["b"].sum(0) + p["a"] * p["b"]
+
+    x = double(4, 3, seed=6).requires_grad_()
+    pf = pmap_k(f, 4, static_broadcasted_argnums=1)
+    out = pf(x, True).unshard()
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    ref = pf(x, False).unshard()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref.sum(), x)[0])
+    assert gradcheck(lambda x: pf(x, True).unshard(), (x,), eps=1e-6, atol=1e-5)
 
 
 def test_gradcheck_out_axes_none_counts_once():

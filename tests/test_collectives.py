@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import pmap_k
+from helpers import expect_error, pmap_k
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpmap as tp
@@ -240,6 +240,123 @@ def test_reduction_results_do_not_alias():
 
     out = pmap_k(f, 4)(torch.ones(4, 3)).unshard()
     torch.testing.assert_close(out, torch.arange(4.0)[:, None] + 4 + torch.zeros(4, 3))
+
+
+UNEQUAL_GROUPS = {3: [[0, 2], [1]], 4: [[0, 1, 2], [3]], 8: [[5], [0, 3, 6], [1, 2, 4, 7]]}
+
+
+@pytest.mark.parametrize("k", sorted(UNEQUAL_GROUPS))
+def test_reductions_with_unequal_groups_match_numpy(k):
+    """As JAX: psum/pmean/pmax/pmin accept axis_index_groups of different sizes."""
+    groups = UNEQUAL_GROUPS[k]
+    x = sample(k, (2, 3), torch.float64)
+    ints = sample(k, (3,), torch.int64)
+
+    def f(v, i):
+        kw = dict(axis_index_groups=groups)
+        return dict(
+            sum=tp.psum(v, "i", **kw),
+            mean=tp.pmean(v, "i", **kw),
+            max=tp.pmax(v, "i", **kw),
+            min=tp.pmin(v, "i", **kw),
+            imean=tp.pmean(i, "i", **kw),
+            count=tp.psum(1, "i", **kw),
+            tree=tp.psum({"a": v, "b": i}, "i", **kw),
+        )
+
+    out = pmap_k(f, k)(x, ints)
+    X, Xi = np_of(x), np_of(ints)
+    assert_matches(out["sum"], ref_reduce(X, np.sum, groups), torch.float64)
+    assert_matches(out["mean"], ref_reduce(X, np.mean, groups), torch.float64)
+    assert_matches(out["max"], ref_reduce(X, np.max, groups), torch.float64)
+    assert_matches(out["min"], ref_reduce(X, np.min, groups), torch.float64)
+    assert_matches(out["imean"], ref_reduce(Xi.astype(np.float32), np.mean, groups), torch.float32)
+    sizes = {m: len(g) for g in groups for m in g}
+    assert np_of(out["count"]).tolist() == [sizes[m] for m in range(k)]
+    assert_matches(out["tree"]["a"], ref_reduce(X, np.sum, groups), torch.float64)
+    assert_matches(out["tree"]["b"], ref_reduce(Xi, np.sum, groups), torch.int64)
+
+
+def test_reductions_with_unequal_groups_compile_and_differentiate():
+    groups = [[0, 1, 2], [3]]
+    x = sample(4, (3,), torch.float64).requires_grad_()
+
+    def f(v):
+        return tp.pmean(v * v, "i", axis_index_groups=groups)
+
+    eager = pmap_k(f, 4)(x)
+    compiled = pmap_k(f, 4, compile=dict(backend="aot_eager", fullgraph=True))(x)
+    torch.testing.assert_close(compiled.unshard(), eager.unshard())
+    (grad,) = torch.autograd.grad(eager.sum(), x)
+    # d/dx_m of sum over replicas of the group mean: every member's output depends on x_m
+    sizes = torch.tensor([3.0, 3.0, 3.0, 1.0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(grad, 2 * x.detach() * sizes / sizes)
+
+
+# -- pytrees: every leaf checked, dict keys sorted as in JAX ---------------------------------
+def test_dict_insertion_order_does_not_pair_leaves_crosswise():
+    """JAX flattens dicts in sorted key order, so replicas agree whatever order
+    they built their dicts in; results keep each replica's own order."""
+
+    def f(v):
+        if int(tp.axis_index("i")) % 2 == 0:
+            tree = {"a": v, "b": v * 100}
+        else:
+            tree = {"b": v * 100, "a": v}
+        s, g, p = tp.psum(tree, "i"), tp.all_gather(tree, "i"), tp.ppermute(tree, "i", [(0, 1), (1, 0), (2, 3), (3, 2)])
+        assert list(s) == list(tree) == list(g) == list(p)  # the replica's own order
+        return s, g, p
+
+    x = torch.ones(4, 2)
+    s, g, p = pmap_k(f, 4)(x)
+    assert s["a"].unshard().eq(4).all() and s["b"].unshard().eq(400).all()
+    assert g["a"].unshard().eq(1).all() and g["b"].unshard().eq(100).all()
+    assert p["a"].unshard().eq(1).all() and p["b"].unshard().eq(100).all()
+
+
+def test_outputs_that_differ_only_in_dict_order_are_one_structure():
+    def f(v):
+        if int(tp.axis_index("i")) % 2:
+            return {"b": v, "n": {"y": [v * 3], "x": v * 2}}
+        return {"n": {"x": v * 2, "y": [v * 3]}, "b": v}
+
+    out = pmap_k(f, 2)(torch.ones(2, 1))
+    assert list(out) == ["n", "b"] and list(out["n"]) == ["x", "y"]  # replica 0's order
+    assert out["n"]["x"].unshard().eq(2).all() and out["n"]["y"][0].unshard().eq(3).all()
+    with pytest.raises(ValueError, match="different output structures"):
+        pmap_k(lambda v: {"a": v} if int(tp.axis_index("i")) else {"b": v}, 2)(torch.ones(2, 1))
+
+
+@pytest.mark.parametrize(
+    "trees",
+    [
+        ({"w": (2, 3)}, {"w": (3, 2)}),  # same size, different shapes
+        ({"w": (2, 3), "b": (4,)}, {"w": (3, 2), "b": (4,)}),  # the same, in one flat buffer
+        ({"w": (6,)}, {"w": (2, 3)}),
+        ({"a": (2,), "b": (2,)}, {"a": (2,), "c": (2,)}),  # different keys
+        ({"a": (2,), "b": (2,)}, {"a": (4,)}),  # different leaf counts, same total size
+        ({"a": (2,)}, ((2,),)),  # different containers
+    ],
+    ids=["shapes", "shapes in a bucket", "rank", "keys", "leaf count", "container"],
+)
+@pytest.mark.parametrize("op", ["psum", "pmax", "all_gather", "ppermute"])
+def test_pytree_collectives_check_the_whole_tree(trees, op):
+    import torch.utils._pytree as pytree
+
+    def f(v):
+        spec = trees[int(tp.axis_index("i")) % 2]
+        tree = pytree.tree_map(
+            lambda shape: v.new_ones(shape),
+            spec,
+            is_leaf=lambda s: isinstance(s, tuple) and all(isinstance(d, int) for d in s),
+        )
+        if op == "ppermute":
+            return tp.ppermute(tree, "i", [(0, 1), (1, 0)])
+        return getattr(tp, op)(tree, "i")
+
+    err, seconds = expect_error(pmap_k(f, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
+    assert seconds < 1.0
+    assert "replica 0" in str(err) and "replica 1" in str(err)
 
 
 # -- all_gather -----------------------------------------------------------------------------

@@ -99,6 +99,31 @@ def test_collectives_compile_with_fullgraph():
     assert backend.compiles == 1 and backend.runs == 4
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_pytree_collectives_compile_and_check_the_whole_tree(dynamic):
+    """Dicts pair their leaves by key whatever their insertion order, and
+    replicas whose leaves differ in shape (not in total size) fail instead of
+    summing crosswise, also with symbolic shapes."""
+    devs = tp.local_devices()[:2]
+    backend = CountingBackend()
+
+    def f(tree):
+        return tp.psum(tree, "i"), tp.all_gather(tree, "i")
+
+    pf = tp.pmap(f, "i", compile=dict(backend=backend, fullgraph=True, dynamic=dynamic), devices=devs)
+    for n in (2, 3):
+        a, b = torch.ones(n), torch.full((n, 2), 100.0)
+        s, g = pf(tp.PerReplica([{"a": a, "b": b}, {"b": b, "a": a}], devs))
+        assert s["a"].unshard().eq(2).all() and s["b"].unshard().eq(200).all()
+        assert g["a"].unshard().eq(1).all() and g["b"].unshard().eq(100).all()
+    assert backend.runs == 4  # compiled graphs ran, no fallback to eager
+    bad = tp.PerReplica(
+        [{"w": torch.ones(2, 3), "b": torch.ones(4)}, {"w": torch.ones(3, 2), "b": torch.ones(4)}], devs
+    )
+    with pytest.raises(tp.CollectiveMismatchError, match=r"replica 1: .*'w': float32\[3, 2\]"):
+        pf(bad)
+
+
 def test_graph_breaks_run_partly_eager():
     backend = CountingBackend()
 

@@ -12,6 +12,9 @@ everybody) or a tuple of tuples of ranks (``axis_index_groups``).
 * all_to_all(x)          -> out[j] = x of member j, row k         x: (g, ...)
 * permute(x, pairs)      -> x of the source that sends to me, or zeros
 
+Each primitive also takes ``tree``: where the exchange sits in a collective over
+a pytree (see ``_ops``), compared across replicas like shapes and dtypes.
+
 ``InProcessCommunicator`` serves replicas that are threads of this process;
 another implementation (torch.distributed) plugs in with the same interface.
 """
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 
 from . import _config
+from ._tree import render_tree
 from .errors import CollectiveMismatchError, CollectiveTimeoutError, ReplicaAbortedError
 
 if TYPE_CHECKING:
@@ -37,8 +41,12 @@ Groups: TypeAlias = "tuple[tuple[int, ...], ...] | None"
 # groups), ("all_gather", groups), ("reduce_scatter", op, groups), ("all_to_all",
 # groups) or ("ppermute", ((src, dst), ...)).
 What: TypeAlias = "tuple[Any, ...]"
-# What a replica brings to an exchange, compared across replicas: (what, shape, dtype).
-Signature: TypeAlias = "tuple[What, tuple[int, ...], torch.dtype]"
+# Where an exchange sits in a collective over a pytree: (the tree's description,
+# the exchange's leaf, every leaf's dimensions or () after the first exchange).
+# None for a bare tensor.
+TreePlace: TypeAlias = "tuple[str, int, tuple[int, ...]] | None"
+# What a replica brings to an exchange, compared across replicas: (what, shape, dtype, tree).
+Signature: TypeAlias = "tuple[What, tuple[int, ...], torch.dtype, TreePlace]"
 _Deposit: TypeAlias = "tuple[Signature, torch.Tensor]"
 
 REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -54,19 +62,25 @@ class Communicator(abc.ABC):
     size: int
 
     @abc.abstractmethod
-    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor: ...
+    def all_reduce(
+        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
+    ) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor: ...
+    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor: ...
+    def reduce_scatter(
+        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
+    ) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor: ...
+    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor: ...
+    def permute(
+        self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]], tree: TreePlace = None
+    ) -> torch.Tensor: ...
 
     @abc.abstractmethod
     def abort(self, error: BaseException, rank: int) -> None:
@@ -114,22 +128,26 @@ class InProcessCommunicator(Communicator):
     # -- the five primitives -------------------------------------------------
     # Each is one exchange; the last replica to arrive computes everybody's
     # result with compute_results (below).
-    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor:
-        return self._exchange(rank, ("all_reduce", op, groups), x)
+    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
+        return self._exchange(rank, ("all_reduce", op, groups), x, tree)
 
-    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        return self._exchange(rank, ("all_gather", groups), x)
+    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
+        return self._exchange(rank, ("all_gather", groups), x, tree)
 
-    def reduce_scatter(self, rank: int, x: torch.Tensor, op: str, groups: Groups) -> torch.Tensor:
-        return self._exchange(rank, ("reduce_scatter", op, groups), x)
+    def reduce_scatter(
+        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
+    ) -> torch.Tensor:
+        return self._exchange(rank, ("reduce_scatter", op, groups), x, tree)
 
-    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        return self._exchange(rank, ("all_to_all", groups), x)
+    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
+        return self._exchange(rank, ("all_to_all", groups), x, tree)
 
-    def permute(self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
-        return self._exchange(rank, ("ppermute", tuple(pairs)), x)
+    def permute(
+        self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]], tree: TreePlace = None
+    ) -> torch.Tensor:
+        return self._exchange(rank, ("ppermute", tuple(pairs)), x, tree)
 
-    def _compute(self, what: What, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _compute(self, what: What, xs: list[torch.Tensor], tree: TreePlace = None) -> list[torch.Tensor]:
         """Every local replica's result from every local replica's input. A
         communicator spanning processes overrides this to talk to the others."""
         return compute_results(what, xs, self.size, self._to)
@@ -168,12 +186,12 @@ class InProcessCommunicator(Communicator):
         self._waiting.clear()
 
     # -- the rendezvous ------------------------------------------------------
-    def _exchange(self, rank: int, what: What, x: torch.Tensor) -> torch.Tensor:
+    def _exchange(self, rank: int, what: What, x: torch.Tensor, tree: TreePlace = None) -> torch.Tensor:
         rank = self._local_rank(rank)
         if self.size == 1:
             # Nobody to wait for; still return a fresh tensor like every path.
-            return self._compute(what, [x])[0]
-        signature = (what, tuple(x.shape), x.dtype)
+            return self._compute(what, [x], tree)[0]
+        signature = (what, tuple(x.shape), x.dtype, tree)
         if self._cuda and x.is_cuda:
             # Host-side synchronisation keeps cross-device reads safe without
             # knowing every thread's stream. NCCL would be the fast path here.
@@ -209,7 +227,7 @@ class InProcessCommunicator(Communicator):
             else:
                 self._waiting.add(rank)
         if last:
-            self._complete(generation, deposits, what)
+            self._complete(generation, deposits, what, tree)
         else:
             gate = self._gate
             if gate is not None and gate.pause():
@@ -224,7 +242,7 @@ class InProcessCommunicator(Communicator):
             raise type(result)(*result.args)
         return result[rank]
 
-    def _complete(self, generation: int, deposits: list[_Deposit | None], what: What) -> None:
+    def _complete(self, generation: int, deposits: list[_Deposit | None], what: What, tree: TreePlace) -> None:
         signatures: list[Signature] = []
         inputs: list[torch.Tensor] = []
         for deposit in deposits:
@@ -236,10 +254,10 @@ class InProcessCommunicator(Communicator):
             if any(s != signatures[0] for s in signatures):
                 lines = "\n".join(f"  replica {r}: {self._describe(s)}" for r, s in enumerate(signatures))
                 raise CollectiveMismatchError(
-                    "replicas called different collectives (or the same one with "
-                    "different shapes, dtypes or parameters) at the same point:\n" + lines
+                    "replicas called different collectives (or the same one with different "
+                    "shapes, dtypes, parameters or pytrees) at the same point:\n" + lines
                 )
-            result = self._compute(what, inputs)
+            result = self._compute(what, inputs, tree)
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:
                     torch.cuda.synchronize(d)
@@ -298,9 +316,13 @@ class InProcessCommunicator(Communicator):
 
     @staticmethod
     def _describe(signature: Signature) -> str:
-        what, shape, dtype = signature
+        what, shape, dtype, tree = signature
         name, *params = what
-        return f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"
+        text = f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"
+        if tree is not None:
+            description, leaf, dims = tree
+            text += f" (leaf {leaf} of {render_tree(description, dims)})"
+        return text
 
 
 def compute_results(

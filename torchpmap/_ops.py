@@ -4,7 +4,14 @@ Each op has a fake (meta) implementation so torch.compile traces through it
 with no graph break, an autograd rule (JAX's transposes), and a kernel that
 finds the running replica's communicator at run time. Axis names are strings;
 ``groups`` is axis_index_groups flattened (empty: one group of everybody) with
-``group_size`` members each.
+``group_size`` members each, or, with ``group_size`` 0 (groups of unequal sizes,
+reductions only), separated by -1.
+
+A collective over a pytree runs one op per leaf (or per bucket of leaves), each
+tagged with ``tree`` (a description of the whole tree, "" for a bare tensor),
+``leaf`` (the exchange's place in the tree) and ``dims`` (every leaf's shape, on
+the tree's first exchange): the communicator compares them across replicas, so
+replicas holding different trees fail instead of pairing leaves wrongly.
 """
 
 from __future__ import annotations
@@ -18,19 +25,47 @@ from torch import Tensor
 from . import _axis
 
 if TYPE_CHECKING:
-    from ._communicator import Groups
+    from ._communicator import Groups, TreePlace
 
-# The non-tensor arguments of the ops: op names, encoded axes, flattened groups or pairs, group sizes.
-OpArg: TypeAlias = "str | int | list[int]"
+# The non-tensor arguments of the ops: op names, encoded axes, flattened groups or pairs,
+# group sizes, and the tree tags (description, leaf, dims).
+OpArg: TypeAlias = "str | int | list[int] | None"
 # An autograd context (torch's FunctionCtx, or the one torch.library passes): the
 # rules below keep their saved values on it as attributes.
 Ctx: TypeAlias = Any
 
 
-def _unflatten_groups(groups: list[int], group_size: int) -> Groups:
+# Between the groups of unequal sizes in a flattened ``groups`` (group_size 0).
+GROUP_SEP = -1
+
+
+def encode_groups(groups: list[list[int]]) -> tuple[list[int], int]:
+    """axis_index_groups as the ops take them: (flattened, group_size)."""
+    sizes = {len(g) for g in groups}
+    if len(sizes) == 1:
+        return [i for g in groups for i in g], len(groups[0])
+    return [i for g in groups for i in (*g, GROUP_SEP)][:-1], 0
+
+
+def decode_groups(groups: list[int], group_size: int) -> Groups:
+    """The inverse of encode_groups."""
     if not groups:
         return None
+    if group_size == 0:
+        out: list[tuple[int, ...]] = []
+        start = 0
+        for end in [*(i for i, m in enumerate(groups) if m == GROUP_SEP), len(groups)]:
+            out.append(tuple(groups[start:end]))
+            start = end + 1
+        return tuple(out)
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
+
+
+def _tree_place(tree: str, leaf: int, dims: list[int] | None) -> TreePlace:
+    """The tree tags of an op as the communicator compares them; None for a bare tensor."""
+    if not tree:
+        return None
+    return tree, leaf, tuple(dims) if dims else ()
 
 
 OPS = torch.ops.torchpmap
@@ -112,22 +147,48 @@ def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
         ) from None
 
 
+# Every op ends with the tree tags (tree, leaf, dims); the backward rules pass the
+# forward's tree and leaf on (the forward already compared every leaf's dims).
+def _saved_tags(ctx: Ctx, tags: list[Any]) -> None:
+    tree, leaf, _ = tags
+    ctx.tags = (tree, leaf, None)
+
+
 # -- all_reduce ---------------------------------------------------------------
-def _all_reduce_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_reduce_kernel(
+    x: Tensor,
+    op: str,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_reduce(f.index, x, op, _unflatten_groups(groups, group_size))
+    return f.comm.all_reduce(f.index, x, op, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
 
 
 all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
 
 
 @all_reduce.register_fake
-def _(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _(
+    x: Tensor,
+    op: str,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     return torch.empty_like(x)
 
 
 def _all_reduce_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, ctx.op, ctx.axes, ctx.groups, ctx.group_size = inputs
+    _, ctx.op, ctx.axes, ctx.groups, ctx.group_size, *tags = inputs
+    _saved_tags(ctx, tags)
 
 
 def _all_reduce_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -139,109 +200,168 @@ def _all_reduce_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     # JAX's pmap rule: the transpose of psum is psum (see README, 'Gradients
     # through collectives').
-    return call("all_reduce", grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    dx = call("all_reduce", grad, "sum", ctx.axes, ctx.groups, ctx.group_size, *ctx.tags)
+    return dx, None, None, None, None, None, None, None
 
 
 all_reduce.register_autograd(_all_reduce_backward, setup_context=_all_reduce_setup)
 
 
 # -- all_gather: (…) -> (g, …) ------------------------------------------------
-def _all_gather_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_gather_kernel(
+    x: Tensor,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_gather(f.index, x, _unflatten_groups(groups, group_size))
+    return f.comm.all_gather(f.index, x, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
 
 
 all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
 
 
 @all_gather.register_fake
-def _(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _(
+    x: Tensor,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     return x.new_empty((group_size, *x.shape))
 
 
 def _gather_scatter_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, ctx.axes, ctx.groups, ctx.group_size = inputs
+    _, ctx.axes, ctx.groups, ctx.group_size, *tags = inputs
+    _saved_tags(ctx, tags)
 
 
 def _all_gather_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
-    return call("reduce_scatter", grad, "sum", ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    dx = call("reduce_scatter", grad, "sum", ctx.axes, ctx.groups, ctx.group_size, *ctx.tags)
+    return dx, None, None, None, None, None, None
 
 
 all_gather.register_autograd(_all_gather_backward, setup_context=_gather_scatter_setup)
 
 
 # -- reduce_scatter: (g, …) -> (…) ------------------------------------------------
-def _reduce_scatter_kernel(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _reduce_scatter_kernel(
+    x: Tensor,
+    op: str,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.reduce_scatter(f.index, x, op, _unflatten_groups(groups, group_size))
+    return f.comm.reduce_scatter(f.index, x, op, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
 
 
 reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
 
 
 @reduce_scatter.register_fake
-def _(x: Tensor, op: str, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _(
+    x: Tensor,
+    op: str,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     return x.new_empty(x.shape[1:])
 
 
 def _reduce_scatter_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, _, ctx.axes, ctx.groups, ctx.group_size = inputs
+    _, _, ctx.axes, ctx.groups, ctx.group_size, *tags = inputs
+    _saved_tags(ctx, tags)
 
 
 def _reduce_scatter_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
-    return call("all_gather", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None, None
+    dx = call("all_gather", grad, ctx.axes, ctx.groups, ctx.group_size, *ctx.tags)
+    return dx, None, None, None, None, None, None, None
 
 
 reduce_scatter.register_autograd(_reduce_scatter_backward, setup_context=_reduce_scatter_setup)
 
 
 # -- all_to_all: (g, …) -> (g, …), out[j] = member j's x[k] ----------------------
-def _all_to_all_kernel(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _all_to_all_kernel(
+    x: Tensor,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.all_to_all(f.index, x, _unflatten_groups(groups, group_size))
+    return f.comm.all_to_all(f.index, x, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
 
 
 all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
 
 
 @all_to_all.register_fake
-def _(x: Tensor, axes: str, groups: list[int], group_size: int) -> Tensor:
+def _(
+    x: Tensor,
+    axes: str,
+    groups: list[int],
+    group_size: int,
+    tree: str = "",
+    leaf: int = -1,
+    dims: list[int] | None = None,
+) -> Tensor:
     return torch.empty_like(x)
 
 
 def _all_to_all_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     # out_k[j] = x_j[k], so the transpose is the same exchange.
-    return call("all_to_all", grad, ctx.axes, ctx.groups, ctx.group_size), None, None, None
+    dx = call("all_to_all", grad, ctx.axes, ctx.groups, ctx.group_size, *ctx.tags)
+    return dx, None, None, None, None, None, None
 
 
 all_to_all.register_autograd(_all_to_all_backward, setup_context=_gather_scatter_setup)
 
 
 # -- permute: pairs flattened as [src0, dst0, src1, dst1, …] --------------------
-def _permute_kernel(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
+def _permute_kernel(
+    x: Tensor, axes: str, pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None
+) -> Tensor:
     f = _frame(axes, x)
-    return f.comm.permute(f.index, x, list(zip(pairs[0::2], pairs[1::2])))
+    return f.comm.permute(f.index, x, list(zip(pairs[0::2], pairs[1::2])), _tree_place(tree, leaf, dims))
 
 
 permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
 
 
 @permute.register_fake
-def _(x: Tensor, axes: str, pairs: list[int]) -> Tensor:
+def _(x: Tensor, axes: str, pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None) -> Tensor:
     return torch.empty_like(x)
 
 
 def _permute_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, ctx.axes, ctx.pairs = inputs
+    _, ctx.axes, ctx.pairs, *tags = inputs
+    _saved_tags(ctx, tags)
 
 
 def _permute_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
     _check_backward_in_replica(ctx.axes, grad)
     inverse = [v for s, d in zip(ctx.pairs[0::2], ctx.pairs[1::2]) for v in (d, s)]
-    return call("permute", grad, ctx.axes, inverse), None, None
+    return call("permute", grad, ctx.axes, inverse, *ctx.tags), None, None, None, None, None
 
 
 permute.register_autograd(_permute_backward, setup_context=_permute_setup)

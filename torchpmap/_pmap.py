@@ -26,7 +26,7 @@ from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import ShardedTensor, _to_device
-from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths
+from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
 _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
@@ -533,12 +533,16 @@ class Pmapped:
         """The replicas' flattened outputs as ShardedTensors (or checked
         replicated values), in the output structure."""
         spec = flat[0][1]
-        for r, (_, s) in enumerate(flat):
+        for r, (leaves, s) in enumerate(flat):
             if s != spec:
-                raise ValueError(
-                    f"pmap: replicas returned different output structures: replica 0 "
-                    f"returned {spec} but replica {r} returned {s}"
-                )
+                # Dicts built in different orders are one structure (as in JAX).
+                aligned = reorder_leaves(leaves, s, spec)
+                if aligned is None:
+                    raise ValueError(
+                        f"pmap: replicas returned different output structures: replica 0 "
+                        f"returned {spec} but replica {r} returned {s}"
+                    )
+                flat[r] = (aligned, spec)
         first = flat[0][0]
         # A tensor's plan depends on its rank; anything else's on its type (a
         # None output and a number output need different plans).

@@ -1,8 +1,12 @@
-"""Pytree helpers for pmap: axis-spec prefixes and readable leaf paths."""
+"""Pytree helpers for pmap: axis-spec prefixes, readable leaf paths, and the
+order and description of a collective's leaves."""
 
 from __future__ import annotations
 
+import collections
+import functools
 import numbers
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -118,3 +122,146 @@ def flatten(tree: PyTree) -> tuple[list[Any], TreeSpec]:
     if isinstance(tree, torch.Tensor):
         return [tree], _LEAF
     return tree_flatten(tree)
+
+
+# -- collectives over pytrees -------------------------------------------------------------
+# What a collective knows of a leaf before it exchanges it: (dtype, ndim) for a
+# tensor, None for None, the type of a Python constant.
+LeafKind: TypeAlias = "tuple[torch.dtype, int] | type | None"
+
+# Where a tensor leaf's dimensions go in a tree description (render_tree fills them
+# in). repr() escapes it in dict keys, so it only ever marks a dimension.
+DIM = "\x00"
+
+
+def leaf_kind(v: Any) -> LeafKind:
+    if isinstance(v, torch.Tensor):
+        return v.dtype, v.dim()
+    return None if v is None else type(v)
+
+
+def exchange_order(spec: TreeSpec, kinds: Sequence[LeafKind]) -> tuple[tuple[int, ...], str]:
+    """The leaves' indices in JAX's flattening order (a dict's keys sorted, so
+    replicas agree whatever order they built their dicts in), and a description
+    of the tree in that order (structure, leaf dtypes and ranks) for replicas
+    to compare. Cached; under torch.compile it is traced once into constants."""
+    if torch.compiler.is_compiling():
+        return _exchange_order(spec, tuple(kinds))
+    return _cached_exchange_order(spec, tuple(kinds))
+
+
+def _exchange_order(spec: TreeSpec, kinds: tuple[LeafKind, ...]) -> tuple[tuple[int, ...], str]:
+    order: list[int] = []
+    description = _describe_node(spec, 0, kinds, order)
+    return tuple(order), description
+
+
+_cached_exchange_order = functools.lru_cache(maxsize=256)(_exchange_order)
+
+
+def _describe_node(spec: TreeSpec, first: int, kinds: tuple[LeafKind, ...], order: list[int]) -> str:
+    """Describe the subtree ``spec`` whose leaves start at index ``first``,
+    appending its leaf indices to ``order`` in JAX's order."""
+    if spec.is_leaf():
+        order.append(first)
+        return _describe_leaf(kinds[first])
+    children = spec.children()
+    starts = _starts(children, first)
+    if spec.type is dict or spec.type is collections.defaultdict:
+        keys = spec.context if spec.type is dict else spec.context[1]
+        items = [repr(keys[i]) + ": " + _describe_node(children[i], starts[i], kinds, order) for i in _sorted(keys)]
+        return ("{" if spec.type is dict else "defaultdict{") + ", ".join(items) + "}"
+    items = [_describe_node(children[i], starts[i], kinds, order) for i in range(len(children))]
+    if spec.type is list:
+        return "[" + ", ".join(items) + "]"
+    if spec.type is tuple:
+        return "(" + ", ".join(items) + ")"
+    return spec.type.__name__ + _describe_context(spec.context) + "(" + ", ".join(items) + ")"
+
+
+def _sorted(keys: Sequence[Any]) -> list[int]:
+    """Positions of ``keys`` in sorted order; insertion order if they do not sort
+    (the description lists the keys, so replicas that disagree still fail)."""
+    try:
+        return sorted(range(len(keys)), key=lambda i: keys[i])
+    except TypeError:
+        return list(range(len(keys)))
+
+
+def _describe_context(context: Any) -> str:
+    """A node's context (OrderedDict keys, dataclass fields) without object
+    addresses, which differ between replicas."""
+    if context is None:
+        return ""
+    if isinstance(context, (str, int, float, bool)):
+        return repr(context)
+    if isinstance(context, (list, tuple)):
+        return "[" + ", ".join([_describe_context(c) for c in context]) + "]"
+    if isinstance(context, type):
+        return context.__name__
+    return type(context).__name__
+
+
+def _describe_leaf(kind: LeafKind) -> str:
+    if kind is None:
+        return "None"
+    if isinstance(kind, type):
+        return kind.__name__
+    dtype, ndim = kind
+    return str(dtype)[len("torch.") :] + "[" + ", ".join([DIM] * ndim) + "]"
+
+
+def reorder_leaves(leaves: list[Any], spec: TreeSpec, target: TreeSpec) -> list[Any] | None:
+    """The leaves of a tree of structure ``spec`` in the order of ``target``'s
+    leaves, when the two differ only in the insertion order of their dicts
+    (one structure to JAX); None when they differ otherwise."""
+    pairs: list[tuple[int, int]] = []
+    if not _match_leaves(spec, target, 0, 0, pairs):
+        return None
+    out: list[Any] = [None] * len(leaves)
+    for mine, theirs in pairs:
+        out[theirs] = leaves[mine]
+    return out
+
+
+def _match_leaves(a: TreeSpec, b: TreeSpec, a_first: int, b_first: int, pairs: list[tuple[int, int]]) -> bool:
+    """Whether a and b are one structure but for dict order; appends (leaf of
+    a, leaf of b) for every leaf, matching dict entries by key."""
+    if a.type is not b.type or a.num_children != b.num_children:
+        return False
+    if a.is_leaf():
+        pairs.append((a_first, b_first))
+        return True
+    a_children, b_children = a.children(), b.children()
+    a_starts, b_starts = _starts(a_children, a_first), _starts(b_children, b_first)
+    if a.type is dict or a.type is collections.defaultdict:
+        if a.type is collections.defaultdict and a.context[0] != b.context[0]:
+            return False
+        a_keys = a.context if a.type is dict else a.context[1]
+        b_keys = b.context if b.type is dict else b.context[1]
+        where = {k: j for j, k in enumerate(b_keys)}
+        matches = [(i, where.get(k, -1)) for i, k in enumerate(a_keys)]
+    elif a.context == b.context:
+        matches = [(i, i) for i in range(len(a_children))]
+    else:
+        return False
+    return all(
+        j >= 0 and _match_leaves(a_children[i], b_children[j], a_starts[i], b_starts[j], pairs) for i, j in matches
+    )
+
+
+def _starts(children: list[TreeSpec], first: int) -> list[int]:
+    """The index of each child's first leaf."""
+    starts = []
+    for child in children:
+        starts.append(first)
+        first += child.num_leaves
+    return starts
+
+
+def render_tree(tree: str, dims: Sequence[int]) -> str:
+    """A tree description with its dimensions filled in ("?" where unknown)."""
+    parts = tree.split(DIM)
+    if len(dims) != len(parts) - 1:
+        return "?".join(parts)
+    return "".join(p + str(d) for p, d in zip(parts, dims)) + parts[-1]

@@ -1,9 +1,11 @@
 """Named-axis collectives with the signatures and semantics of ``jax.lax``.
 
-Every function takes a pytree of tensors and applies itself leaf by leaf. The
-layout work (tiled or not, which axis) happens here with ordinary torch ops,
-so autograd and torch.compile see it; the communication itself is one of the
-five custom ops in ``_ops``.
+Every function takes a pytree of tensors and applies itself leaf by leaf, in
+JAX's leaf order (a dict's keys sorted), each exchange tagged with a description
+of the whole tree so that replicas holding different trees fail rather than
+pair leaves wrongly. The layout work (tiled or not, which axis) happens here
+with ordinary torch ops, so autograd and torch.compile see it; the
+communication itself is one of the five custom ops in ``_ops``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from torch.utils import _pytree
 from torch.utils._pytree import PyTree
 
-from . import _axis, _ops
+from . import _axis, _ops, _tree
 from ._axis import AxisName
 
 # axis_index_groups: None (one group of the whole axis) or groups of axis indices.
@@ -48,7 +50,8 @@ def _names(axis_name: AxisName) -> tuple[str, ...]:
 
 
 def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes: bool) -> tuple[list[int], int]:
-    """Validate axis_index_groups; return it flattened, with the group size."""
+    """Validate axis_index_groups; return it as the ops take it: flattened, with
+    the group size (0 for groups of unequal sizes, see _ops.encode_groups)."""
     if axis_index_groups is None:
         return [], size
     try:
@@ -63,13 +66,22 @@ def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes:
             f"{fn}: axis_index_groups must cover every index of the axis (size {size}) "
             f"exactly once, got {axis_index_groups!r}"
         )
-    sizes = {len(g) for g in groups}
-    if len(sizes) != 1:
-        if equal_sizes:  # the result's shape depends on the group size
-            raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
-        # JAX allows unequal groups for the reductions; torchpmap does not yet.
-        raise ValueError(f"{fn}: axis_index_groups of unequal sizes are not supported, got {axis_index_groups!r}")
-    return flat, len(groups[0])
+    if equal_sizes and len({len(g) for g in groups}) != 1:  # the result's shape depends on the group size
+        raise ValueError(f"{fn}: all axis_index_groups must have the same size, got {axis_index_groups!r}")
+    return _ops.encode_groups(groups)
+
+
+def _own_group_size(names: tuple[str, ...], groups: list[int], size: int) -> torch.Tensor:
+    """The size of this replica's group (groups of unequal sizes), as an int64
+    scalar on its device: looked up by axis_index, so no host sync and one
+    compiled graph for every replica."""
+    members = _ops.decode_groups(groups, 0) or (tuple(range(size)),)
+    sizes = [0] * size
+    for g in members:
+        for m in g:
+            sizes[m] = len(g)
+    index = axis_index(names)
+    return torch.take(torch.tensor(sizes, dtype=torch.int64, device=index.device), index)
 
 
 def _canonical_axis(axis: Any, ndim: int, fn: str, arg: str) -> int:
@@ -93,6 +105,56 @@ def _tree_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
     return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
 
 
+# The tags of one exchange of a tree: see _ops (tree, leaf, dims).
+Tags: TypeAlias = "tuple[str, int, list[int] | None]"
+_BARE: Tags = ("", -1, None)
+
+
+class _Leaves:
+    """A collective's pytree, flattened: ``values`` in the replica's own order
+    (results go back there), ``order`` JAX's order (replicas exchange leaves in
+    it), ``tree`` the description replicas compare ("" for a bare tensor)."""
+
+    values: list[Any]
+    spec: _pytree.TreeSpec
+    order: tuple[int, ...]
+    tree: str
+
+    def __init__(self, x: PyTree, prepare: Callable[[Any], Any]) -> None:
+        if isinstance(x, torch.Tensor):
+            self.values, self.spec = [prepare(x)], _tree.flatten(x)[1]
+            self.order, self.tree = (0,), ""
+        else:
+            values, self.spec = _pytree.tree_flatten(x)
+            self.values = [None if v is None else prepare(v) for v in values]
+            self.order, self.tree = _tree.exchange_order(self.spec, [_tree.leaf_kind(v) for v in self.values])
+        self._first = True
+
+    def tags(self, leaf: int) -> Tags:
+        """Tags for the exchange of leaf number ``leaf`` in JAX's order; the
+        first exchange also carries every tensor leaf's dimensions."""
+        if not self.tree:
+            return _BARE
+        dims = None
+        if self._first:
+            self._first = False
+            tensors = [self.values[i] for i in self.order if isinstance(self.values[i], torch.Tensor)]
+            dims = [d for t in tensors for d in t.shape]
+        return self.tree, leaf, dims
+
+    def unflatten(self) -> PyTree:
+        return _pytree.tree_unflatten(self.values, self.spec)
+
+
+def _map_leaves(fn: Callable[[Any, Tags], Any], x: PyTree, prepare: Callable[[Any], Any]) -> PyTree:
+    """fn(leaf, tags) for every leaf but None, exchanged in JAX's order."""
+    leaves = _Leaves(x, prepare)
+    for k, i in enumerate(leaves.order):
+        if leaves.values[i] is not None:
+            leaves.values[i] = fn(leaves.values[i], leaves.tags(k))
+    return leaves.unflatten()
+
+
 def _blocks_first(v: torch.Tensor, d: int, g: int, tiled: bool, fn: str, arg: str) -> torch.Tensor:
     """v cut along dimension d into g blocks, the block index moved to the
     front: (g, ...). Untiled, dimension d must have size g and disappears."""
@@ -111,11 +173,22 @@ def _size(axis_name: AxisName) -> int:
 
 
 # -- reductions -------------------------------------------------------------------------
-def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str) -> tuple[PyTree, int]:
+def _reduce(
+    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str
+) -> tuple[PyTree, Callable[[], int | torch.Tensor]]:
+    """The reduction of x, and a function giving the replica's group size (a
+    tensor for groups of unequal sizes: it differs between replicas; made
+    only when needed)."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     size = _size(names)
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
+    known: list[int | torch.Tensor] = []
+
+    def replica_group_size() -> int | torch.Tensor:
+        if not known:
+            known.append(group_size or _own_group_size(names, groups, size))
+        return known[0]
 
     def prepare(v: Any) -> Any:
         if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
@@ -127,29 +200,33 @@ def _reduce(x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisInde
             raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
         return v
 
-    leaves, spec = _pytree.tree_flatten(x)
-    leaves = [None if v is None else prepare(v) for v in leaves]
+    leaves = _Leaves(x, prepare)
+    values = leaves.values
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
-    # buffer and are split again, differentiably).
+    # buffer, in JAX's leaf order, and are split again, differentiably).
     buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for j, v in enumerate(leaves):
+    first_leaf: dict[tuple[torch.dtype, torch.device], int] = {}
+    for k, j in enumerate(leaves.order):
+        v = values[j]
         if isinstance(v, torch.Tensor):
+            first_leaf.setdefault((v.dtype, v.device), k)
             buckets.setdefault((v.dtype, v.device), []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
-            leaves[j] = v * group_size if op == "sum" else v
-    for idx in buckets.values():
+            values[j] = v * replica_group_size() if op == "sum" else v
+    for key, idx in buckets.items():
+        tags = leaves.tags(first_leaf[key])
         if len(idx) == 1:
             (j,) = idx
-            leaves[j] = _ops.call("all_reduce", leaves[j], op, axes, groups, group_size)
+            values[j] = _ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags)
             continue
-        parts = [leaves[j] for j in idx]
+        parts = [values[j] for j in idx]
         flat = torch.cat([t.reshape(-1) for t in parts])
-        reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size)
+        reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size, *tags)
         for j, piece, t in zip(idx, reduced.split([t.numel() for t in parts]), parts):
-            leaves[j] = piece.view(t.shape)
-    return _pytree.tree_unflatten(leaves, spec), group_size
+            values[j] = piece.view(t.shape)
+    return leaves.unflatten(), replica_group_size
 
 
 def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
@@ -159,11 +236,12 @@ def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups =
 
 def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
-    total, n = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
+    total, replica_group_size = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
+    n = replica_group_size()
 
     def div(v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return torch.true_divide(v, n)
+            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
         return v / n
 
     return _tree_map(div, total)
@@ -189,16 +267,19 @@ def all_gather(
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_gather", equal_sizes=True)
 
-    def leaf(v: Any) -> torch.Tensor:
+    def prepare(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "all_gather")
         if tiled and v.ndim == 0:
             raise ValueError("all_gather: tiled=True needs a tensor with at least one dimension")
+        return v
+
+    def leaf(v: torch.Tensor, tags: Tags) -> torch.Tensor:
         a = _canonical_axis(axis, v.ndim if tiled else v.ndim + 1, "all_gather", "axis")
-        stacked = _ops.call("all_gather", v, axes, groups, g)  # (g, *v.shape)
+        stacked = _ops.call("all_gather", v, axes, groups, g, *tags)  # (g, *v.shape)
         out = stacked.movedim(0, a)
         return out.flatten(a, a + 1) if tiled else out
 
-    return _tree_map(leaf, x)
+    return _map_leaves(leaf, x, prepare)
 
 
 def psum_scatter(
@@ -215,17 +296,18 @@ def psum_scatter(
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "psum_scatter", equal_sizes=True)
 
-    def leaf(v: Any) -> torch.Tensor:
+    def prepare(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "psum_scatter")
         if v.ndim == 0:
             raise ValueError("psum_scatter: x must have at least one dimension to scatter")
-        d = _canonical_axis(scatter_dimension, v.ndim, "psum_scatter", "scatter_dimension")
-        if v.dtype == torch.bool:
-            v = v.to(torch.int64)
-        blocks = _blocks_first(v, d, g, tiled, "psum_scatter", "scatter_dimension")
-        return _ops.call("reduce_scatter", blocks, "sum", axes, groups, g)
+        return v.to(torch.int64) if v.dtype == torch.bool else v
 
-    return _tree_map(leaf, x)
+    def leaf(v: torch.Tensor, tags: Tags) -> torch.Tensor:
+        d = _canonical_axis(scatter_dimension, v.ndim, "psum_scatter", "scatter_dimension")
+        blocks = _blocks_first(v, d, g, tiled, "psum_scatter", "scatter_dimension")
+        return _ops.call("reduce_scatter", blocks, "sum", axes, groups, g, *tags)
+
+    return _map_leaves(leaf, x, prepare)
 
 
 def all_to_all(
@@ -244,17 +326,21 @@ def all_to_all(
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_to_all", equal_sizes=True)
 
-    def leaf(v: Any) -> torch.Tensor:
+    def prepare(v: Any) -> torch.Tensor:
         v = _as_tensor(v, "all_to_all")
         if v.ndim == 0:
             raise ValueError("all_to_all: x must have at least one dimension to split")
+        return v
+
+    def leaf(v: torch.Tensor, tags: Tags) -> torch.Tensor:
         s = _canonical_axis(split_axis, v.ndim, "all_to_all", "split_axis")
         c = _canonical_axis(concat_axis, v.ndim, "all_to_all", "concat_axis")
-        received = _ops.call("all_to_all", _blocks_first(v, s, g, tiled, "all_to_all", "split_axis"), axes, groups, g)
+        blocks = _blocks_first(v, s, g, tiled, "all_to_all", "split_axis")
+        received = _ops.call("all_to_all", blocks, axes, groups, g, *tags)
         # received[j]: member j's block for this replica, (g, ...)
         return received.movedim(0, c).flatten(c, c + 1) if tiled else received.movedim(0, c)
 
-    return _tree_map(leaf, x)
+    return _map_leaves(leaf, x, prepare)
 
 
 def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
@@ -280,7 +366,9 @@ def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) ->
     if len(set(sources)) != len(sources) or len(set(dests)) != len(dests):
         raise ValueError(f"ppermute: perm has a repeated source or destination: {perm!r}")
     flat = [v for p in pairs for v in p]
-    return _tree_map(lambda v: _ops.call("permute", _as_tensor(v, "ppermute"), axes, flat), x)
+    return _map_leaves(
+        lambda v, tags: _ops.call("permute", v, axes, flat, *tags), x, lambda v: _as_tensor(v, "ppermute")
+    )
 
 
 def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import REDUCERS, InProcessCommunicator, What, compute_results
+from ._communicator import REDUCERS, InProcessCommunicator, TreePlace, What, compute_results
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError
@@ -243,10 +243,10 @@ class ProcessGroupCommunicator(InProcessCommunicator):
     def _local_rank(self, rank: int) -> int:
         return rank - self._first
 
-    def _compute(self, what: What, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _compute(self, what: What, xs_local: list[torch.Tensor], tree: TreePlace = None) -> list[torch.Tensor]:
         self._lockstep.check(what[0])
         try:
-            self._check_same_everywhere(what, xs_local[0])
+            self._check_same_everywhere(what, xs_local[0], tree)
             name = what[0]
             if name == "all_reduce" and what[2] is None:
                 return self._all_reduce(xs_local, what[1])
@@ -271,8 +271,8 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             return self._to(t, local)
         return t
 
-    def _check_same_everywhere(self, what: What, x: torch.Tensor) -> None:
-        signature = repr((what, tuple(x.shape), x.dtype)).encode()
+    def _check_same_everywhere(self, what: What, x: torch.Tensor, tree: TreePlace = None) -> None:
+        signature = repr((what, tuple(x.shape), x.dtype, tree)).encode()
         self._exchanges += 1
         step = (self._call, self._exchanges)
         mine = torch.tensor([*step, zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
@@ -287,7 +287,7 @@ class ProcessGroupCommunicator(InProcessCommunicator):
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
             raise CollectiveMismatchError(
                 f"processes called different collectives (or shapes/dtypes) at the same point: "
-                f"this process called {self._describe((what, tuple(x.shape), x.dtype))}, "
+                f"this process called {self._describe((what, tuple(x.shape), x.dtype, tree))}, "
                 f"processes {odd} called something else"
             )
 
