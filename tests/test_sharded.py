@@ -604,9 +604,28 @@ def test_init_of_shards_that_require_grad():
         st.mul_(2)
 
 
+def test_replicas_returning_one_tensor_get_shards_of_their_own():
+    """As in JAX, output shards never share memory: returning a broadcast input
+    (the same tensor in every replica on virtual CPU devices) gives copies."""
+    x, w = _rows(4, 3), torch.zeros(3)
+    st = tp.pmap(lambda r, w: w, in_axes=(0, None))(x, w)
+    assert len({s.untyped_storage().data_ptr() for s in st.shards}) == 4
+    st[1] = 5.0
+    st.add_(1)
+    assert st.shards[1].tolist() == [6.0] * 3 and st.shards[0].tolist() == [1.0] * 3
+    # ... and a replica updating its shard in the next call updates only its own.
+    out = tp.pmap(lambda s: s.add_(1), donate_argnums=0)(tp.pmap(lambda r, w: w, in_axes=(0, None))(x, w))
+    assert out.unshard().eq(1).all() and w.eq(0).all()
+    shared = tp.device_put_sharded([w, w], _devices(2))
+    assert shared.shards[0].untyped_storage().data_ptr() != shared.shards[1].untyped_storage().data_ptr()
+    # Disjoint slices of one input stay views of it.
+    views = tp.pmap(lambda r: r)(x)
+    assert all(s._base is x or s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for s in views.shards)
+
+
 def test_in_place_updates_of_shards_that_share_memory_raise():
     x, w = _rows(4, 3), torch.zeros(3)
-    st = tp.pmap(lambda r, w: w, in_axes=(0, None))(x, w)  # every shard is w itself
+    st = ShardedTensor([w] * 4, _devices(4))  # every shard is w itself
     for op in (lambda t: t.__setitem__(1, 5.0), lambda t: t.add_(1), lambda t: t.copy_(x)):
         with pytest.raises(RuntimeError, match=r"shards 0 and 1 share memory.*s\.clone\(\)"):
             op(st)

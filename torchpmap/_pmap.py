@@ -25,7 +25,7 @@ from . import distributed as _distributed
 from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
-from ._sharded import ShardedTensor, _to_device
+from ._sharded import ShardedTensor, _to_device, distinct_shards
 from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
@@ -561,7 +561,7 @@ class Pmapped:
                     v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d) for v, d in zip(values, devices)
                 ]
                 try:
-                    result.append(ShardedTensor(shards, devices, axis=axis))
+                    result.append(ShardedTensor(distinct_shards(shards), devices, axis=axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
         return tree_unflatten(result, spec)

@@ -456,6 +456,37 @@ def _overlapping_shards(shards: Sequence[torch.Tensor]) -> tuple[int, int] | Non
     return None
 
 
+def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """``shards``, with every shard that shares memory with another replaced by
+    a copy. Replicas that return one tensor (a broadcast input, on virtual CPU
+    devices) must not make shards that are one buffer, where an update of one
+    shard would change them all (and the caller's tensor). Shards that are
+    disjoint views of one storage (replicas returning their slices of an
+    input) stay views."""
+    if len(shards) < 2:
+        return shards
+    storages = [
+        s.untyped_storage().data_ptr() if s.layout == torch.strided and s.numel() else -i for i, s in enumerate(shards)
+    ]
+    if len(set(storages)) == len(storages):  # the common case: every shard has its own storage
+        return shards
+    shared = {
+        k
+        for j in range(1, len(shards))
+        for i in range(j)
+        if storages[i] == storages[j] and _overlap(shards[i], shards[j])
+        for k in (i, j)
+    }
+    return [s.clone() if k in shared else s for k, s in enumerate(shards)]
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    sa, sb = _byte_span(a), _byte_span(b)
+    if sa is None or sb is None or sa[1] <= sb[0] or sb[1] <= sa[0]:
+        return False
+    return a is b or _share_an_element(a, b)
+
+
 def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
     """The addresses [first, end) that ``t`` covers, None when empty. Addresses,
     not storages: two storages can view one buffer (torch.from_numpy of overlapping
@@ -634,7 +665,7 @@ def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device]
     out = []
     for j in range(len(flat[0][0])):
         parts = [_to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
-        out.append(ShardedTensor(parts, devices, axis=0))
+        out.append(ShardedTensor(distinct_shards(parts), devices, axis=0))
     return tree_unflatten(out, spec)
 
 
