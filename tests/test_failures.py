@@ -526,6 +526,39 @@ def test_a_replica_still_running_long_after_the_others_returned_fails_the_call()
     assert _runtime.pool().wait_idle(5.0)
 
 
+def test_a_stuck_compiled_replica_holding_the_compile_gate_fails_later_compiled_calls_in_time():
+    """Replicas take turns inside Dynamo (a process-wide gate). An abandoned
+    replica stuck in eager code between graphs keeps the gate: later compiled
+    calls, on any devices, raise after the timeout instead of waiting for it."""
+    tp.set_collective_timeout(1.0)
+    release = threading.Event()
+
+    def f(v):
+        y = v * 2
+        if int(tp.axis_index("i")) == 0:
+            raise ValueError("replica 0 fails")
+        release.wait(30)  # a graph break: eager code, with the gate held
+        return y + 1
+
+    eager = dict(backend="eager")
+    try:
+        # Replica 0 raises, unless replica 1 took the gate first: then replica 0
+        # waits for it and gives up after the timeout.
+        err, seconds = expect_error(pmap_k(f, 2, compile=eager), torch.ones(2, 2), kind=Exception)
+        assert isinstance(err, (ValueError, tp.CollectiveTimeoutError)), err
+        assert seconds < 1.0 + 1.0  # the timeout counts from the end of replica 1's compile, plus the grace
+        assert "replica 1" in notes(err) and "still running" in notes(err)
+        other = tp.pmap(lambda v: tp.psum(v * 3, "i"), "i", devices=tp.local_devices()[2:4], compile=eager)
+        err, seconds = expect_error(other, torch.ones(2, 2), kind=tp.CollectiveTimeoutError)
+        assert seconds < 1.0 + FAST
+        assert "compile gate" in str(err) and "abandoned" in str(err) and "replica 1" in str(err)
+    finally:
+        release.set()
+    assert _runtime.pool().wait_idle(5.0)
+    out, err, _ = call_with_deadline(other, torch.ones(2, 2))
+    assert err is None and out.unshard().eq(6).all()
+
+
 def test_pmap_from_a_thread_that_a_replica_started_raises_instead_of_deadlocking():
     from concurrent.futures import ThreadPoolExecutor
 

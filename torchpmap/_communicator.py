@@ -305,9 +305,8 @@ class InProcessCommunicator(Communicator):
             if rank == self._failed_rank:
                 raise failure
             raise type(failure)(*failure.args)
-        raise ReplicaAbortedError(
-            f"collective cancelled: replica {self._failed_rank} failed with {type(failure).__name__}: {failure}"
-        )
+        who = "the caller gave up on the call" if self._failed_rank == -1 else f"replica {self._failed_rank} failed"
+        raise ReplicaAbortedError(f"collective cancelled: {who} with {type(failure).__name__}: {failure}")
 
     def _to(self, t: torch.Tensor, rank: int) -> torch.Tensor:
         if not self._cuda:

@@ -18,13 +18,19 @@ Compiled graphs of all replicas still run concurrently.
 from __future__ import annotations
 
 import threading
+import time
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
 
-from .errors import CompileError
+from . import _config
+from .errors import CollectiveTimeoutError, CompileError
+
+# How often a replica waiting for the compile gate checks whether it, or the
+# holder, was abandoned (it wakes at once when the gate is released).
+_GATE_POLL_SECONDS = 0.1
 
 _COMPILE_KEYS = {"backend", "mode", "dynamic", "fullgraph", "options"}
 
@@ -57,22 +63,66 @@ def _trampoline_factory(fun: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class DynamoGate:
-    """A lock that knows whether the current thread holds it."""
+    """A lock that knows whether the current thread holds it.
+
+    Waiting for it is bounded like every wait. A compile takes as long as it
+    takes, but a holder that runs eager code between graphs (not compiling)
+    for the whole timeout is like a peer that does not arrive in a collective:
+    a replica stuck there would otherwise block every compiled call of the
+    process, its own call's other replicas first.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tls = threading.local()
+        self._holder: int | None = None  # thread ident, for the error of a waiter
+        # Since when the holder has held the gate without compiling (Dynamo's
+        # compile callbacks tell; only the holder compiles).
+        self._idle_since = 0.0
+        self._compiling = False
 
     def held(self) -> bool:
         return getattr(self._tls, "held", False)
 
     def enter(self) -> None:
-        self._lock.acquire()
+        if not self._lock.acquire(blocking=False):
+            self._wait()
+        self._holder = threading.get_ident()
+        self._idle_since = time.monotonic()
         self._tls.held = True
+
+    def compile_started(self) -> None:
+        self._compiling = True
+
+    def compile_ended(self) -> None:
+        self._compiling = False
+        self._idle_since = time.monotonic()
+
+    def _wait(self) -> None:
+        """Acquire the gate, or raise: when this replica's call was given up,
+        or when the holder has kept the gate for the whole timeout without
+        compiling (stuck in eager code between graphs, or abandoned)."""
+        from . import _runtime  # only when contended: _runtime knows the calls
+
+        timeout = _config.collective_timeout()
+        while not self._lock.acquire(timeout=_GATE_POLL_SECONDS):
+            _runtime.raise_if_abandoned(threading.get_ident())
+            holder = self._holder
+            held_for = time.monotonic() - self._idle_since
+            if holder is None or self._compiling or held_for < timeout:
+                continue
+            raise CollectiveTimeoutError(
+                f"torch.compile: waited for torchpmap's process-wide compile gate (Dynamo is not thread-safe, "
+                f"so replicas take turns inside it), which {_runtime.describe_thread(holder)} has held for "
+                f"{held_for:.1f} s without compiling: it runs eager code between compiled graphs and has not "
+                f"returned. (Set TORCHPMAP_COLLECTIVE_TIMEOUT or torchpmap.set_collective_timeout to change "
+                f"the limit.)"
+            )
 
     def exit(self) -> None:
         if self.held():
             self._tls.held = False
+            self._holder = None
             self._lock.release()
 
     def pause(self) -> bool:
@@ -84,6 +134,17 @@ class DynamoGate:
 
 
 DYNAMO_GATE = DynamoGate()
+_callbacks_installed = False
+
+
+def _track_compiles() -> None:
+    """Let the gate know when Dynamo compiles (once per process)."""
+    global _callbacks_installed
+    if not _callbacks_installed:
+        _callbacks_installed = True
+        handler = torch._dynamo.callback.callback_handler
+        handler.register_start_callback(lambda _: DYNAMO_GATE.compile_started())
+        handler.register_end_callback(lambda _: DYNAMO_GATE.compile_ended())
 
 
 def _gated_backend(options: dict[str, Any]) -> Backend:
@@ -127,6 +188,7 @@ class CompiledReplicas:
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
+        _track_compiles()
 
     def programs(
         self, devices: Sequence[torch.device], n: int, per_replica_objects: bool = False

@@ -152,9 +152,14 @@ class _Call:
         self.abandoned = False  # the caller has raised; tasks not started yet skip
 
     def start_one(self, rank: int) -> bool:
-        """Replica ``rank`` starts; False if the caller has given up on the call."""
-        self.started_at[rank] = time.monotonic()
-        return not self.abandoned
+        """Replica ``rank`` starts; False if the caller has given up on the call.
+        Under the lock, so that a replica the caller reports as not started
+        never runs."""
+        with self.lock:
+            if self.abandoned:
+                return False
+            self.started_at[rank] = time.monotonic()
+            return True
 
     def finish_one(self, rank: int, failed: bool) -> None:
         with self.lock:
@@ -226,7 +231,8 @@ class _Call:
     def _abandon(self, comm: Communicator, error: BaseException) -> None:
         """The caller gives up: tasks not started yet skip, and any collective
         an abandoned replica reaches fails at once instead of waiting."""
-        self.abandoned = True
+        with self.lock:
+            self.abandoned = True
         comm.abort(error, -1)
 
     def _could_not_start(self, rank: int, worker: _Worker, timeout: float) -> CollectiveTimeoutError:
@@ -363,6 +369,10 @@ class WorkerPool:
                     call.errors[rank] = e
                     comm.abort(e, first_index + rank)
                 finally:
+                    if worker.stream is not None and call.abandoned:
+                        # Nobody will order the caller's stream after this one: finish
+                        # its kernels before the task drops its tensors' memory.
+                        worker.stream.synchronize()
                     _axis.unbind()
                     _reset_thread_state()
                     worker.running = None
@@ -413,6 +423,31 @@ def _root_cause(
     rank, err = (own or ranked)[0]
     _add_note(err, f"(raised in pmap replica {first_index + rank} on device {devices[rank]})")
     return err
+
+
+def _worker_on_thread(ident: int) -> _Worker | None:
+    pool_ = _pool
+    if pool_ is None:
+        return None
+    return next((w for w in list(pool_._workers.values()) if w.thread.ident == ident), None)
+
+
+def describe_thread(ident: int) -> str:
+    """What thread ``ident`` runs, for an error message."""
+    worker = _worker_on_thread(ident)
+    if worker is None:
+        return next((f"thread {t.name}" for t in threading.enumerate() if t.ident == ident), f"thread {ident}")
+    running = worker.running
+    abandoned = " (abandoned by its caller)" if running is not None and running[0].abandoned else ""
+    return f"{worker.describe_running()}{abandoned} on device {device_str(worker.device)}"
+
+
+def raise_if_abandoned(ident: int) -> None:
+    """Stop a replica that is waiting (for the compile gate) although its call was given up."""
+    worker = _worker_on_thread(ident)
+    running = None if worker is None else worker.running
+    if running is not None and running[0].abandoned:
+        raise ReplicaAbortedError(f"{running[0].label} was abandoned by its caller")
 
 
 _pool: WorkerPool | None = None
