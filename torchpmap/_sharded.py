@@ -465,26 +465,26 @@ def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     input) stay views."""
     if len(shards) < 2:
         return shards
-    storages = [
-        s.untyped_storage().data_ptr() if s.layout == torch.strided and s.numel() else -i for i, s in enumerate(shards)
-    ]
+    try:
+        storages = [s.untyped_storage().data_ptr() for s in shards]
+    except (RuntimeError, NotImplementedError):  # a layout without storage: nothing to share
+        return shards
     if len(set(storages)) == len(storages):  # the common case: every shard has its own storage
         return shards
-    shared = {
-        k
-        for j in range(1, len(shards))
-        for i in range(j)
-        if storages[i] == storages[j] and _overlap(shards[i], shards[j])
-        for k in (i, j)
-    }
+    # Sweep the shards' address ranges in order; only ranges that overlap need
+    # the element-wise check (interleaved views overlap in range only).
+    spans = sorted((span, k) for k, span in enumerate(map(_byte_span, shards)) if span is not None)
+    shared: set[int] = set()
+    active: list[tuple[int, int]] = []  # (end, k) of the ranges that may still overlap the next one
+    for (begin, end), k in spans:
+        active = [(e, i) for e, i in active if e > begin]
+        for _, i in active:
+            if storages[i] == storages[k] and (shards[i] is shards[k] or _share_an_element(shards[i], shards[k])):
+                shared.update((i, k))
+        active.append((end, k))
+    if not shared:
+        return shards
     return [s.clone() if k in shared else s for k, s in enumerate(shards)]
-
-
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    sa, sb = _byte_span(a), _byte_span(b)
-    if sa is None or sb is None or sa[1] <= sb[0] or sb[1] <= sa[0]:
-        return False
-    return a is b or _share_an_element(a, b)
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
