@@ -455,6 +455,9 @@ class Pmapped:
                 _devices.check_local(self._devices, "pmap")
                 self._devices_checked_for = local
             return self._devices
+        local = _devices.local_device_tuple()
+        if n <= len(local):  # the common case: no message to build
+            return local if n == len(local) else local[:n]
         if not plan.mapped:  # axis_size gave n
             return _devices.default_devices(n, "pmap", f"axis_size is {n}")
         j = plan.mapped[0]

@@ -55,9 +55,12 @@ _AUTOCAST_TYPES = ("cpu", "cuda")
 _DEFAULT_STATE = CallerState(True, False, ())
 
 
-def _run_with_state(state: CallerState, fn: Callable[[], Any]) -> Any:
-    if state == _DEFAULT_STATE and not torch.is_inference_mode_enabled():
+def _run_with_state(state: CallerState | None, fn: Callable[[], Any]) -> Any:
+    """fn() under the caller's ``state`` (None: the defaults, which a worker
+    thread has unless a replica left inference mode entered)."""
+    if state is None and not torch.is_inference_mode_enabled():
         return fn()
+    state = state or _DEFAULT_STATE
     with torch.inference_mode(state.inference_mode), torch.set_grad_enabled(state.grad_enabled):
         if not state.autocast:
             return fn()
@@ -331,7 +334,8 @@ class WorkerPool:
                 "Map the inner function with torch.vmap, or flatten both axes into one pmap."
             )
         n = len(devices)
-        state = CallerState.capture()
+        captured = CallerState.capture()
+        state = None if captured == _DEFAULT_STATE else captured  # compared once, not per replica
         call = _Call(label, devices, first_index)
         workers = [self.worker(d) for d in devices]
         # Per rank: on a CUDA device, its worker's stream and the caller's current
