@@ -897,6 +897,19 @@ def test_one_position_on_the_mapped_axis_is_that_shard(axis):
     assert tp.unreplicate(st) is st.shards[0]  # shard 0, on any mapped axis
 
 
+def test_pmap_takes_a_view_and_fails_a_call_that_writes_it():
+    st = _sharded(4, 3)
+    out = tp.pmap(lambda r, w: r * 2 + w.sum(), in_axes=(0, None))(st.T, st[1:3])
+    torch.testing.assert_close(out.unshard(), _rows(4, 3).T * 2 + _rows(4, 3)[1:3].sum())
+    for f, in_axes, args in [
+        (lambda r: r.add_(1), 0, (st.T,)),  # a replica's slice of a mapped view
+        (lambda r, w: w.mul_(2), (0, None), (torch.ones(4), st.detach())),  # a broadcast view
+    ]:
+        with pytest.raises(TypeError, match=r"pmap: a replica wrote in place into args\[\d\], a " + _LOST):
+            tp.pmap(f, in_axes=in_axes)(*args)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+
+
 @pytest.mark.slow
 def test_compiled_code_takes_a_view_of_a_sharded_tensor():
     st = _sharded(4, 3)
@@ -915,3 +928,7 @@ def test_compiled_code_takes_a_view_of_a_sharded_tensor():
     with pytest.raises(TypeError, match=_LOST):
         torch.compile(write, backend="eager")(st.T)
     torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    # pmap hands its replicas plain tensors: every backend takes them
+    for backend in ("eager", "aot_eager", "inductor"):
+        got = tp.pmap(lambda r: r @ r.T, compile=dict(backend=backend))(st.mT.unsqueeze(-1))
+        torch.testing.assert_close(got.unshard(), torch.stack([r @ r.T for r in _rows(4, 3).T.unsqueeze(-1)]))

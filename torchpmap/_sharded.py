@@ -29,7 +29,8 @@ a temporary full tensor: it reads like a plain tensor, but is a _TemporaryView,
 which refuses every write through it or its own views (in-place ops, ``out=``,
 ``t[...] = v``, ``t += v``, ``torch.nn.init``, ``inplace=True``) with a
 TypeError instead of losing it. Update ``x`` itself or ``x.shards``, or
-``.clone()`` the view.
+``.clone()`` the view. pmap hands such a view to its replicas as a plain tensor
+and fails the call if a replica writes it.
 """
 
 from __future__ import annotations
@@ -526,6 +527,13 @@ def _lost_write_message(lead: str) -> str:
         "x.detach() on it), where a write is lost; update the ShardedTensor itself (x[...] = v, x.copy_(t), "
         "an in-place op on x) or each of x.shards, or .clone() the view for a tensor of your own"
     )
+
+
+def _plain_view(view: _TemporaryView) -> torch.Tensor:
+    """A plain tensor over ``view``'s memory, for code that cannot take the
+    subclass (torch.compile's kernels); its writes show in view._version."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return view.view_as(view)
 
 
 def _version_of(t: torch.Tensor) -> int | None:
