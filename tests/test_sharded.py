@@ -1,6 +1,8 @@
 """ShardedTensor (the result type) and the placement helpers device_put_sharded,
 device_put_replicated and unreplicate."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -184,7 +186,6 @@ def test_torch_functions_and_operators_work_on_the_full_tensor():
         "mean": (st.mean(0), x.mean(0)),
         "max": (st.max(), x.max()),
         "float": (st.double(), x.double()),
-        "T": (st.T, x.T),
         "stack": (torch.stack([st, st]), torch.stack([x, x])),
         "cat": (torch.cat([st, x]), torch.cat([x, x])),
         "where": (torch.where(st > 0, st, torch.zeros(())), torch.where(x > 0, x, torch.zeros(()))),
@@ -674,8 +675,6 @@ def test_requires_grad_attribute_sets_it_on_every_shard():
 
 
 def test_deepcopy_is_a_sharded_tensor_with_its_own_storage():
-    import copy
-
     st = _sharded(4, 3)
     dup = copy.deepcopy(st)
     assert isinstance(dup, ShardedTensor)
@@ -700,3 +699,255 @@ def test_save_and_load_round_trip_with_default_weights_only(tmp_path, axis):
     assert isinstance(x, ShardedTensor) and loaded["step"] == 3
     assert x.devices == st.devices and x.axis == st.axis
     torch.testing.assert_close(x.unshard(), st.unshard())
+
+
+# -- views of a temporary full tensor: reads work, writes raise -----------------------------------
+# An op on a ShardedTensor runs on a temporary full tensor; a view of it (x.T, x[1:3],
+# x.detach(), ...) reads like a plain tensor, and a write through it, which would reach only
+# the temporary copy, raises.
+
+_LOST = r"view of a temporary copy of a ShardedTensor.*lost.*x\.shards"
+_ALL_AXES = (0, 1, 2)
+_F = torch.nn.functional
+
+# name -> (the write through a view, the mapped axes for which that view is not one shard).
+# Each takes x of shape (4, 3, 2) with the mapped axis moved to `axis`, so the sizes vary.
+VIEW_WRITES = {
+    "x.mT.add_": (lambda x: x.mT.add_(1), _ALL_AXES),
+    "x.transpose(0, 1).mul_": (lambda x: x.transpose(0, 1).mul_(2), _ALL_AXES),
+    "x.permute(2, 0, 1).zero_": (lambda x: x.permute(2, 0, 1).zero_(), _ALL_AXES),
+    "x[1:3].add_": (lambda x: x[1:3].add_(1), _ALL_AXES),
+    "x[0].add_": (lambda x: x[0].add_(100), (1, 2)),
+    "x[:, 0].zero_": (lambda x: x[:, 0].zero_(), (0, 2)),
+    "x[:, :, 1].fill_": (lambda x: x[:, :, 1].fill_(7.0), (0, 1)),
+    "x[1:3][0].zero_": (lambda x: x[1:3][0].zero_(), _ALL_AXES),
+    "x.mT[0].add_": (lambda x: x.mT[0].add_(1), _ALL_AXES),
+    "x.select.add_": (lambda x: x.select(-1, 1).add_(1), _ALL_AXES),
+    "x.narrow.add_": (lambda x: x.narrow(1, 0, 2).add_(1), _ALL_AXES),
+    "x.expand.zero_": (lambda x: x[:1].expand(3, -1, -1)[0].zero_(), _ALL_AXES),
+    "x.unsqueeze.mul_": (lambda x: x.unsqueeze(0).mul_(2), _ALL_AXES),
+    "x.view(-1).add_": (lambda x: x.view(-1).add_(1), _ALL_AXES),
+    "x.reshape(-1).sub_": (lambda x: x.reshape(-1).sub_(1), _ALL_AXES),
+    "x.flatten().neg_": (lambda x: x.flatten().neg_(), _ALL_AXES),
+    "x.detach().add_": (lambda x: x.detach().add_(1), _ALL_AXES),
+    "x.detach().clamp_": (lambda x: x.detach().clamp_(min=0.0), _ALL_AXES),
+    "x.contiguous().add_": (lambda x: x.contiguous().add_(1), _ALL_AXES),
+    "x.float().add_": (lambda x: x.float().add_(1), _ALL_AXES),
+    "x.unbind(0)[1].add_": (lambda x: x.unbind(0)[1].add_(1), _ALL_AXES),
+    "x.split(2)[0].zero_": (lambda x: x.split(2)[0].zero_(), _ALL_AXES),
+    "x.chunk(2, 1)[0].zero_": (lambda x: x.chunk(2, 1)[0].zero_(), _ALL_AXES),
+    "x.diagonal().zero_": (lambda x: x.diagonal().zero_(), _ALL_AXES),
+    "x.mT.data.add_": (lambda x: x.mT.data.add_(1), _ALL_AXES),
+    "copy.copy(view).add_": (lambda x: copy.copy(x[1:3]).add_(1), _ALL_AXES),
+    "view[i] = v": (lambda x: x.mT.__setitem__(0, 5.0), _ALL_AXES),
+    "view += 1": (lambda x: _iadd(x.mT, 1), _ALL_AXES),
+    "view *= t": (lambda x: _imul(x[1:3], torch.full((2,), 3.0)), _ALL_AXES),
+    "view.copy_": (lambda x: x.view(-1).copy_(torch.arange(24.0)), _ALL_AXES),
+    "out=view": (lambda x: torch.add(torch.ones(24), 1, out=x.view(-1)), _ALL_AXES),
+    "out=(view, t)": (
+        lambda x: torch.max(torch.ones(24, 2), 1, out=(x.view(-1), torch.empty(24, dtype=torch.long))),
+        _ALL_AXES,
+    ),
+    "view.index_put_": (lambda x: x.view(-1).index_put_((torch.tensor([0]),), torch.tensor(9.0)), _ALL_AXES),
+    "view.masked_fill_": (lambda x: x.mT.masked_fill_(torch.ones(1, dtype=torch.bool), 0.0), _ALL_AXES),
+    "init.zeros_(view)": (lambda x: torch.nn.init.zeros_(x.mT), _ALL_AXES),
+    "relu(view, inplace=True)": (lambda x: _F.relu(x.mT, inplace=True), _ALL_AXES),
+    "_foreach_add_([view])": (lambda x: torch._foreach_add_([x.mT], 1.0), _ALL_AXES),
+    "batch_norm running_mean=view": (
+        lambda x: _F.batch_norm(torch.ones(5, 3), x.flatten()[:3], torch.ones(3), training=True),
+        _ALL_AXES,
+    ),
+    "embedding max_norm renorms view": (
+        lambda x: _F.embedding(torch.tensor([0, 1]), x.view(-1, 2), max_norm=0.1),
+        _ALL_AXES,
+    ),
+}
+_VIEW_WRITE_CASES = [(name, axis) for name, (_, axes) in VIEW_WRITES.items() for axis in axes]
+
+
+@pytest.mark.parametrize(("name", "axis"), _VIEW_WRITE_CASES, ids=[f"{n}-axis{a}" for n, a in _VIEW_WRITE_CASES])
+def test_writes_through_a_view_of_a_temporary_copy_raise(name, axis):
+    op, _ = VIEW_WRITES[name]
+    st = _sharded(4, 3, 2, axis=axis)
+    before = st.unshard()
+    ptrs = [s.data_ptr() for s in st.shards]
+    with pytest.raises(TypeError, match=_LOST):
+        op(st)
+    assert torch.equal(st.unshard(), before)  # nothing written, nothing lost
+    assert [s.data_ptr() for s in st.shards] == ptrs
+
+
+def test_writes_through_views_of_a_two_dimensional_sharded_tensor_raise():
+    st = _sharded(4, 3)
+    for op in (lambda x: x.T.add_(1), lambda x: x.T[0].zero_(), lambda x: x.T.T.mul_(2)):
+        with pytest.raises(TypeError, match=_LOST):
+            op(st)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+
+
+def test_writes_through_complex_views_raise():
+    st = tp.pmap(lambda r: r * (1 + 2j))(_rows(4, 3).to(torch.complex64))
+    before = st.unshard()
+    for op in (
+        lambda x: x.mH.mul_(2),
+        lambda x: x.conj().zero_(),
+        lambda x: x.T.real.zero_(),
+        lambda x: setattr(x.T, "real", torch.zeros(3, 4)),
+        lambda x: _iadd(x.T.imag, 1),
+    ):
+        with pytest.raises(TypeError, match=_LOST):
+            op(st)
+    assert torch.equal(st.unshard(), before)
+
+
+def test_real_and_imag_are_the_shards_real_and_imaginary_parts():
+    st = tp.pmap(lambda r: r * (1 + 2j))(_rows(4, 3).to(torch.complex64))
+    assert isinstance(st.real, ShardedTensor) and st.real.axis == st.axis
+    torch.testing.assert_close(st.imag, 2 * _rows(4, 3))
+    st.real.zero_()  # views of the shards: writes reach them
+    imag = st.imag
+    imag += 1
+    torch.testing.assert_close(st.unshard(), torch.complex(torch.zeros(4, 3), 2 * _rows(4, 3) + 1))
+    real = _sharded(4, 3)
+    assert real.real is real  # as for a plain tensor: x itself
+    with pytest.raises(RuntimeError, match=r"imag is not implemented for tensors with non-complex dtypes"):
+        _ = real.imag
+
+
+def test_optimizer_step_on_a_detached_sharded_tensor_raises():
+    st = _sharded(4, 3)
+    p = st.detach().requires_grad_()  # x.detach() shares x's memory: here, a temporary copy's
+    opt = torch.optim.SGD([p], lr=0.1)
+    (p * p).sum().backward()
+    with pytest.raises(TypeError, match=_LOST):
+        opt.step()
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    mine = st.detach().clone().requires_grad_()  # what the message suggests: a tensor of one's own
+    torch.optim.SGD([mine], lr=0.1).step()
+
+
+# Views that are only read: each compared with the same op on the plain full tensor.
+VIEW_READS = {
+    "x.mT": lambda x: x.mT,
+    "x[1:3]": lambda x: x[1:3],
+    "x[0]": lambda x: x[0],
+    "x[:, 1]": lambda x: x[:, 1],
+    "x[..., 0]": lambda x: x[..., 0],
+    "x.detach()": lambda x: x.detach(),
+    "x.view(-1)": lambda x: x.view(-1),
+    "x.unsqueeze(0)": lambda x: x.unsqueeze(0),
+    "x.select": lambda x: x.select(1, 1),
+    "x.narrow": lambda x: x.narrow(2, 1, 1),
+    "x.expand": lambda x: x[:1].expand(3, -1, -1),
+    "x.contiguous()": lambda x: x.contiguous(),
+    "x.mT[0]": lambda x: x.mT[0],
+    "x.unbind(1)[1]": lambda x: x.unbind(1)[1],
+}
+
+
+@pytest.mark.parametrize("axis", _ALL_AXES)
+@pytest.mark.parametrize("name", list(VIEW_READS))
+def test_views_read_like_the_same_view_of_a_plain_tensor(name, axis):
+    import io
+
+    make = VIEW_READS[name]
+    st = _sharded(4, 3, 2, axis=axis)
+    v, p = make(st), make(st.unshard())
+    assert isinstance(v, torch.Tensor) and not isinstance(v, ShardedTensor)
+    assert (v.shape, v.dtype, v.device) == (p.shape, p.dtype, p.device)
+    if not any(v is s for s in st.shards):  # one position on the mapped axis is the shard, with its own strides
+        assert v.stride() == p.stride()
+    assert torch.equal(v, p) and repr(v) == repr(p) and str(v) == str(p) and v.tolist() == p.tolist()
+    torch.testing.assert_close(v, p)
+    np.testing.assert_array_equal(v.numpy(), p.numpy())
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(p))
+    for read in (
+        lambda t: t * 2 + 1,
+        lambda t: t.sum(0),
+        lambda t: t == p,
+        lambda t: t.clone(),
+        lambda t: torch.stack([t, p]),
+        lambda t: t.double(),
+        lambda t: torch.nn.functional.relu(t),
+        lambda t: t @ t.mT if t.ndim >= 2 else t @ t,
+    ):
+        got, want = read(v), read(p)
+        assert type(got) is torch.Tensor  # a new tensor is a plain one
+        assert torch.equal(got, want)
+    mine = v.clone()
+    mine.add_(1)  # a copy is the caller's own
+    torch.testing.assert_close(mine, p + 1)
+    copied = copy.deepcopy(v)  # a plain tensor with its own memory
+    assert type(copied) is torch.Tensor and torch.equal(copied, p) and copied.data_ptr() != v.data_ptr()
+    buffer = io.BytesIO()
+    torch.save(v, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer)  # weights_only=True: saved as a plain tensor
+    assert type(loaded) is torch.Tensor and torch.equal(loaded, p)
+
+
+@pytest.mark.parametrize("axis", _ALL_AXES)
+def test_gradients_flow_through_views_of_a_sharded_tensor(axis):
+    w = torch.movedim(torch.linspace(-1, 1, 24).reshape(4, 3, 2), 0, axis).contiguous()
+    xs = _rows(4, 3, 2).requires_grad_()
+    st = tp.pmap(lambda r: r * 2, out_axes=axis)(xs)
+    full = torch.movedim(xs * 2, 0, axis).contiguous()  # laid out as the assembled full tensor
+    for make in (lambda t: t.mT, lambda t: t[1:], lambda t: t.view(-1)[:5], lambda t: t.unsqueeze(0).mT[0]):
+        g_sharded = torch.autograd.grad((make(st) * make(w)).sum(), xs, retain_graph=True)[0]
+        g_plain = torch.autograd.grad((make(full) * make(w)).sum(), xs, retain_graph=True)[0]
+        torch.testing.assert_close(g_sharded, g_plain)
+
+
+@pytest.mark.parametrize("axis", _ALL_AXES)
+def test_one_position_on_the_mapped_axis_is_that_shard(axis):
+    st = _sharded(4, 3, 2, axis=axis)
+    picks = (slice(None),) * axis + (2,)  # x[2], x[:, 2], x[:, :, 2]
+    assert st[picks] is st.shards[2]  # the shard itself: writes through it reach x
+    st[picks].add_(1)
+    st[picks][0].zero_()  # a view of shard 2
+    shard = _rows(4, 3, 2)[2] + 1
+    shard[0] = 0
+    if axis < 2:
+        st[(*picks, 1)].fill_(9.0)  # x[2, 1], x[:, 2, 1]: shard 2's [..., 1], a view of it
+        shard[(*(slice(None),) * axis, 1)] = 9.0
+    expected = _rows(4, 3, 2)
+    expected[2] = shard
+    torch.testing.assert_close(st.unshard(), torch.movedim(expected, 0, axis))
+    assert tp.unreplicate(st) is st.shards[0]  # shard 0, on any mapped axis
+
+
+def test_pmap_takes_a_view_and_fails_a_call_that_writes_it():
+    st = _sharded(4, 3)
+    out = tp.pmap(lambda r, w: r * 2 + w.sum(), in_axes=(0, None))(st.T, st[1:3])
+    torch.testing.assert_close(out.unshard(), _rows(4, 3).T * 2 + _rows(4, 3)[1:3].sum())
+    for f, in_axes, args in [
+        (lambda r: r.add_(1), 0, (st.T,)),  # a replica's slice of a mapped view
+        (lambda r, w: w.mul_(2), (0, None), (torch.ones(4), st.detach())),  # a broadcast view
+    ]:
+        with pytest.raises(TypeError, match=r"pmap: a replica wrote in place into args\[\d\], a " + _LOST):
+            tp.pmap(f, in_axes=in_axes)(*args)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+
+
+@pytest.mark.slow
+def test_compiled_code_takes_a_view_of_a_sharded_tensor():
+    st = _sharded(4, 3)
+
+    def f(t):
+        return (t * 2).sin().sum(0)
+
+    out = torch.compile(f, backend="eager", fullgraph=True)(st.T)
+    assert type(out) is torch.Tensor
+    torch.testing.assert_close(out, f(_rows(4, 3).T))
+
+    def write(t):
+        t.add_(1)
+        return t
+
+    with pytest.raises(TypeError, match=_LOST):
+        torch.compile(write, backend="eager")(st.T)
+    torch.testing.assert_close(st.unshard(), _rows(4, 3))
+    # pmap hands its replicas plain tensors: every backend takes them
+    for backend in ("eager", "aot_eager", "inductor"):
+        got = tp.pmap(lambda r: r @ r.T, compile=dict(backend=backend))(st.mT.unsqueeze(-1))
+        torch.testing.assert_close(got.unshard(), torch.stack([r @ r.T for r in _rows(4, 3).T.unsqueeze(-1)]))

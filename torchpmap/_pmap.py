@@ -25,7 +25,7 @@ from . import distributed as _distributed
 from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
-from ._sharded import ShardedTensor, _to_device, distinct_shards
+from ._sharded import ShardedTensor, _lost_write_message, _plain_view, _TemporaryView, _to_device, distinct_shards
 from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
@@ -512,6 +512,9 @@ class Pmapped:
                 leaf = leaf.unshard()
                 kind = _TENSOR
             if kind == _TENSOR:
+                if type(leaf) is _TemporaryView:  # replicas (and torch.compile) get a plain tensor
+                    leaf = _plain_view(leaf)
+                    _watch(shared, j, leaf, _TEMPORARY_COPY)
                 if axis is None:
                     values = [_to_device(leaf, d) for d in devices]
                     if values[0] is leaf and values[-1] is leaf:  # virtual CPU devices: no copy at all
@@ -660,13 +663,19 @@ def _slices_overlap(t: torch.Tensor, axis: int) -> bool:
     return False
 
 
+# Why a view of a temporary copy of a ShardedTensor is watched: a write to it is lost.
+_TEMPORARY_COPY = "a temporary copy"
+
+
 def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
     """A replica's in-place write to a shared input raced with the others
-    (and changed the caller's tensor): a wrong answer, so an error."""
+    (and changed the caller's tensor), or was lost: a wrong answer, so an error."""
     for j, t, version, why in shared:
         if t._version == version:
             continue
         path = paths[j]
+        if why == _TEMPORARY_COPY:
+            raise TypeError(_lost_write_message(f"pmap: a replica wrote in place into {path},"))
         if why != "overlapping slices":
             raise RuntimeError(
                 f"pmap: a replica wrote {path} in place, but {path} is broadcast (in_axes=None) and "

@@ -18,14 +18,26 @@ with Python scalars, ``copy_`` between ShardedTensors of the same layout) update
 the shards directly and give the same values. Updates the shards cannot follow
 raise instead of being lost: ops that change the shape, strides, dtype or
 storage (``transpose_``, ``resize_``, ``set_``, ``.data = t``), ops autograd
-would record (use ``torch.no_grad()``), and shards that share memory. A view
-(``x[1:3]``, ``x.T``) is a view of a temporary full tensor, so update ``x``
-itself; ``x[i]`` on the mapped axis 0 is shard i, so ``x[i].add_(1)`` works.
+would record (use ``torch.no_grad()``), and shards that share memory.
+
+Views: an index that picks one position on the mapped axis (``x[i]`` for axis 0,
+``x[:, i]`` for axis 1, and further basic indices) is shard i or a view of it,
+and ``x.real``, ``x.imag`` and ``x.data`` are ShardedTensors of the shards'
+views, so writes through them reach the shards. Any other view (``x.T``,
+``x[1:3]``, ``x.detach()``, ``x.view(-1)``, ``x.contiguous()``, ...) is a view of
+a temporary full tensor: it reads like a plain tensor, but is a _TemporaryView,
+which refuses every write through it or its own views (in-place ops, ``out=``,
+``t[...] = v``, ``t += v``, ``torch.nn.init``, ``inplace=True``) with a
+TypeError instead of losing it. Update ``x`` itself or ``x.shards``, or
+``.clone()`` the view. pmap hands such a view to its replicas as a plain tensor
+and fails the call if a replica writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, SupportsIndex
@@ -33,7 +45,7 @@ from typing import Any, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.utils._pytree import PyTree, tree_map
+from torch.utils._pytree import PyTree, tree_leaves, tree_map
 
 from ._devices import default_devices, device_str, usable_devices
 from .errors import DeletedShardedTensorError
@@ -51,6 +63,10 @@ _METADATA = {
     torch.Tensor.is_contiguous,
     torch.Tensor.get_device,
 }
+
+
+# Attributes whose value is a view of the tensor (.data, .real and .imag have their own paths).
+_VIEW_ATTRIBUTES = {"T", "mT", "H", "mH"}
 
 
 class ShardedTensor(torch.Tensor):
@@ -140,11 +156,14 @@ class ShardedTensor(torch.Tensor):
     def requires_grad(self, requires_grad: bool) -> None:
         _set_requires_grad(self, requires_grad)
 
-    # Tensor's own .real/.imag setters go to C++ without __torch_function__, and
-    # would write into a temporary full tensor.
+    # .real and .imag are the shards' (views of them), so that writes through
+    # them (x.imag += 1, x.real.zero_()) reach the shards. Tensor's own setters
+    # go to C++ without __torch_function__, and would write into a temporary full tensor.
     @property
     def real(self) -> torch.Tensor:
-        return _tensor_attribute("real").__get__(self)
+        if not self.is_complex():  # x itself, as for a plain tensor
+            return self
+        return ShardedTensor([s.real for s in self.shards], self._devices, self._axis)
 
     @real.setter
     def real(self, value: Any) -> None:
@@ -152,7 +171,7 @@ class ShardedTensor(torch.Tensor):
 
     @property
     def imag(self) -> torch.Tensor:
-        return _tensor_attribute("imag").__get__(self)
+        return ShardedTensor([s.imag for s in self.shards], self._devices, self._axis)
 
     @imag.setter
     def imag(self, value: Any) -> None:
@@ -187,13 +206,22 @@ class ShardedTensor(torch.Tensor):
         return self.unshard().numpy(force=force)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        # An int on the mapped axis (axis 0) is shard i itself: no copy.
-        if self._axis == 0 and isinstance(index, int) and not isinstance(index, bool):
+        # One position on the mapped axis is (a view of) that shard: no copy, and
+        # writes through it reach the shard. Anything else views a temporary copy.
+        if self._axis == 0 and _is_plain_int(index):
             shards = self.shards
             if not -len(shards) <= index < len(shards):
                 raise IndexError(f"index {index} is out of bounds for a ShardedTensor with {len(shards)} shards")
             return shards[index]
-        return self.unshard()[index]
+        picked = _shard_and_rest(self, index)
+        if picked is not None:
+            i, rest = picked
+            shard = self._shards[i]
+            return shard if _picks_everything(rest, shard.ndim) else shard[rest]
+        full = self.unshard()
+        index = tuple(map(_full, index)) if isinstance(index, tuple) else _full(index)
+        result: torch.Tensor = _guard_views(full[index], [full])
+        return result
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for i in range(len(self)):
@@ -234,6 +262,9 @@ class ShardedTensor(torch.Tensor):
         name = getattr(func, "__name__", None)
         if name == "__get__" and _attribute_name(func) == "data":
             return _data(args[0])
+        if name == "__get__" and _attribute_name(func) in _VIEW_ATTRIBUTES:
+            # On the full tensor, so that the view it gives can be guarded.
+            return _call_on_full_tensors(func, args, kwargs, f".{_attribute_name(func)}")
         if name == "__get__" or func in _METADATA:
             # Attribute reads (shape, dtype, device, ...) and metadata methods:
             # the wrapper knows them without assembling anything.
@@ -287,6 +318,226 @@ def _tensor_attribute(name: str) -> Any:
 def _attribute_name(descriptor_method: Callable[..., Any]) -> str:
     # Tensor.data.__set__ is a method-wrapper bound to the `data` descriptor.
     return str(getattr(getattr(descriptor_method, "__self__", None), "__name__", ""))
+
+
+# -- views of a temporary full tensor -----------------------------------------------------------
+
+
+class _TemporaryView(torch.Tensor):
+    """A tensor that shares memory with the temporary full tensor an op on a
+    ShardedTensor ran on (``x.T``, ``x[1:3]``, ``x.detach()``). It reads like a
+    plain tensor; a write through it raises, since it would reach only that
+    temporary copy and be lost. Ops on it give plain tensors, except views of
+    it, which stay guarded."""
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Iterable[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if any(issubclass(t, ShardedTensor) for t in types):
+            return NotImplemented  # ShardedTensor runs it, and guards what it returns
+        _refuse_writes_to_views(func, args, kwargs)
+        if torch.compiler.is_compiling():
+            return _run_while_compiling(func, args, kwargs)
+        views = [v for v in tree_leaves((args, kwargs)) if isinstance(v, _TemporaryView)]
+        with torch._C.DisableTorchFunctionSubclass():
+            versions = [_version_of(v) for v in views]
+            result = func(*args, **kwargs)
+            if [_version_of(v) for v in views] != versions:  # wrote without saying so (batch_norm's running stats)
+                raise TypeError(_lost_write_message(f"{_op_name(func)} wrote into"))
+            return _guard_views(result, views)
+
+    # Tensor's own .real/.imag setters skip __torch_function__.
+    @property
+    def real(self) -> torch.Tensor:
+        return _tensor_attribute("real").__get__(self)
+
+    @real.setter
+    def real(self, value: Any) -> None:
+        raise TypeError(_lost_write_message(".real = would write into"))
+
+    @property
+    def imag(self) -> torch.Tensor:
+        return _tensor_attribute("imag").__get__(self)
+
+    @imag.setter
+    def imag(self, value: Any) -> None:
+        raise TypeError(_lost_write_message(".imag = would write into"))
+
+    # Printing, copying and saving see a plain tensor (a copy is one).
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]  # as ShardedTensor's
+        with _as_plain_tensor(self):
+            return torch._tensor_str._str(self, tensor_contents=tensor_contents)
+
+    def __copy__(self) -> torch.Tensor:
+        return self.view_as(self)  # shares the memory, as copy.copy of a tensor does: guarded too
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> torch.Tensor:
+        with _as_plain_tensor(self):
+            return copy.deepcopy(self, memo)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        with _as_plain_tensor(self):
+            return self.__reduce_ex__(protocol)
+
+
+# torch turns a TypeError raised inside `t += v` into NotImplemented, and Python
+# then rebinds t to t + v, a new tensor: the write would be lost without a word.
+# So _TemporaryView refuses these operators itself, before torch runs them.
+_IN_PLACE_OPERATOR_SYMBOLS = {
+    "__iadd__": "+=",
+    "__isub__": "-=",
+    "__imul__": "*=",
+    "__itruediv__": "/=",
+    "__idiv__": "/=",
+    "__ifloordiv__": "//=",
+    "__imod__": "%=",
+    "__ipow__": "**=",
+    "__iand__": "&=",
+    "__ior__": "|=",
+    "__ixor__": "^=",
+    "__ilshift__": "<<=",
+    "__irshift__": ">>=",
+}
+
+
+def _refusing_operator(symbol: str) -> Callable[[_TemporaryView, Any], Any]:
+    def refuse(view: _TemporaryView, other: Any) -> Any:
+        raise TypeError(_lost_write_message(f"{symbol} would write into"))
+
+    return refuse
+
+
+for _name, _symbol in _IN_PLACE_OPERATOR_SYMBOLS.items():
+    setattr(_TemporaryView, _name, _refusing_operator(_symbol))
+
+
+def _run_while_compiling(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``func`` as torch.compile traces it: Dynamo can tell a view by its ``_base``
+    but not by its storage, so the views an op on a view gives stay guarded."""
+    with torch._C.DisableTorchFunctionSubclass():
+        result = func(*args, **kwargs)
+        if not args or not isinstance(args[0], _TemporaryView):
+            return result
+
+        def guard(v: Any) -> Any:
+            if type(v) is not torch.Tensor or v._base is None:
+                return v
+            # view_as first: Dynamo fails on as_subclass of an attribute (x.T) itself.
+            return v.view_as(v).as_subclass(_TemporaryView)
+
+        return guard(result) if isinstance(result, torch.Tensor) else tree_map(guard, result)
+
+
+@contextlib.contextmanager
+def _as_plain_tensor(view: torch.Tensor) -> Iterator[None]:
+    """``view`` seen as a plain tensor, for torch code that treats subclasses apart."""
+    view.__class__ = torch.Tensor
+    try:
+        yield
+    finally:
+        view.__class__ = _TemporaryView
+
+
+def _guard_views(result: Any, temporaries: Sequence[torch.Tensor]) -> Any:
+    """``result`` with every plain tensor that shares memory with one of
+    ``temporaries`` made a _TemporaryView (in place: the op made it)."""
+    if not temporaries:
+        return result
+    with torch._C.DisableTorchFunctionSubclass():
+        keys = {s._cdata for s in map(_storage_of, temporaries) if s is not None}
+
+        def guard(v: Any) -> Any:
+            if type(v) is torch.Tensor:
+                storage = _storage_of(v)
+                if storage is not None and storage._cdata in keys:
+                    v.__class__ = _TemporaryView
+            return v
+
+        # Most ops give one tensor: no tree to walk.
+        return guard(result) if isinstance(result, torch.Tensor) else tree_map(guard, result)
+
+
+def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
+    if t.layout != torch.strided or t.is_nested or t.device.type == "meta":
+        return None
+    return t.untyped_storage()
+
+
+# Tensor.__iand__ & co. reach __torch_function__ under their own names (`t += v`
+# comes as add_); Tensor.__setitem__ writes too.
+_IN_PLACE_OPERATORS = {*_IN_PLACE_OPERATOR_SYMBOLS, "__setitem__"}
+# In place by name, but they change only the tensor's own autograd state, no values.
+_NOT_WRITES = {"requires_grad_", "detach_"}
+
+
+def _is_in_place_name(name: str) -> bool:
+    return name in _IN_PLACE_OPERATORS or (name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES)
+
+
+@torch.compiler.assume_constant_result  # Dynamo calls it while tracing, on the function it traces
+def _is_in_place_function(func: Callable[..., Any]) -> bool:
+    return _is_in_place_name(_op_name(func))
+
+
+def _writes_first_argument(func: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("inplace") is True or _is_in_place_function(func)  # F.relu(t, inplace=True)
+
+
+def _refuse_writes_to_views(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Raise, before anything runs, if ``func`` would write into a _TemporaryView."""
+    name, targets = _write_targets(func, args, kwargs)
+    if any(isinstance(v, _TemporaryView) for v in tree_leaves(targets)):
+        raise TypeError(_lost_write_message(f"{name} would write into"))
+
+
+def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``func``'s name for messages, and the arguments it writes in place."""
+    first = [args[0]] if args and _writes_first_argument(func, kwargs) else []
+    if torch.compiler.is_compiling():  # only what Dynamo traces: no names, no signatures
+        return "an in-place op", [*first, kwargs.get("out")]
+    return _op_name(func), [*first, kwargs.get("out"), *_running_statistics(func, args, kwargs)]
+
+
+# Functions that update arguments in place without a name that says so:
+# function -> (the flag that makes them update, the arguments they update).
+_UPDATES_RUNNING_STATISTICS = {
+    torch.nn.functional.batch_norm: ("training", ("running_mean", "running_var")),
+    torch.nn.functional.instance_norm: ("use_input_stats", ("running_mean", "running_var")),
+}
+
+
+def _running_statistics(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+    if func not in _UPDATES_RUNNING_STATISTICS:
+        return []
+    flag, updated = _UPDATES_RUNNING_STATISTICS[func]
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return [bound.arguments[a] for a in updated] if bound.arguments[flag] else []
+
+
+def _lost_write_message(lead: str) -> str:
+    return (
+        f"{lead} a view of a temporary copy of a ShardedTensor (the result of an op such as x.T, x[1:3] or "
+        "x.detach() on it), where a write is lost; update the ShardedTensor itself (x[...] = v, x.copy_(t), "
+        "an in-place op on x) or each of x.shards, or .clone() the view for a tensor of your own"
+    )
+
+
+def _plain_view(view: _TemporaryView) -> torch.Tensor:
+    """A plain tensor over ``view``'s memory, for code that cannot take the
+    subclass (torch.compile's kernels); its writes show in view._version."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return view.view_as(view)
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version  # inference tensors count no versions
 
 
 # -- in-place updates ----------------------------------------------------------------------------
@@ -407,8 +658,8 @@ def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs:
 
     if written or (name.endswith("_") and not name.startswith("__")):  # in place: give back x, not its copy
         sharded_of = {id(c.full): c.sharded for c in copies.values()}
-        return tree_map(lambda v: sharded_of.get(id(v), v) if isinstance(v, torch.Tensor) else v, result)
-    return result
+        result = tree_map(lambda v: sharded_of.get(id(v), v) if isinstance(v, torch.Tensor) else v, result)
+    return _guard_views(result, [c.full for c in copies.values()])
 
 
 def _write_back(st: ShardedTensor, full: torch.Tensor) -> None:
@@ -619,6 +870,12 @@ def _shard_and_rest(st: ShardedTensor, index: Any) -> tuple[int, Any] | None:
     return i % n, rest if rest else Ellipsis
 
 
+def _picks_everything(index: Any, ndim: int) -> bool:
+    """Whether ``t[index]`` is all of ``t`` (``...``, or up to ``ndim`` full slices)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return len(parts) <= ndim and all(p is Ellipsis or _is_full_slice(p) for p in parts) and parts.count(...) <= 1
+
+
 def _is_plain_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # torch reads True as a mask
 
@@ -686,10 +943,7 @@ def unreplicate(tree: PyTree) -> PyTree:
     """Shard 0 of every ShardedTensor in ``tree`` (no gather, no copy)."""
 
     def first(v: Any) -> Any:
-        if isinstance(v, ShardedTensor):
-            if v.axis != 0:
-                return v.unshard().select(v.axis, 0)
-            return v.shards[0]
-        return v
+        # Shard 0 is the slice 0 of the mapped axis, whatever that axis is.
+        return v.shards[0] if isinstance(v, ShardedTensor) else v
 
     return tree_map(first, tree)
