@@ -951,3 +951,29 @@ def test_compiled_code_takes_a_view_of_a_sharded_tensor():
     for backend in ("eager", "aot_eager", "inductor"):
         got = tp.pmap(lambda r: r @ r.T, compile=dict(backend=backend))(st.mT.unsqueeze(-1))
         torch.testing.assert_close(got.unshard(), torch.stack([r @ r.T for r in _rows(4, 3).T.unsqueeze(-1)]))
+
+
+@pytest.mark.parametrize("made_in_inference_mode", [False, True])
+def test_ops_under_inference_mode(made_in_inference_mode):
+    """Evaluation code runs under torch.inference_mode(), where the temporary full
+    tensor counts no versions: reads work and writes still reach the shards."""
+    if made_in_inference_mode:
+        with torch.inference_mode():
+            st = _sharded(4, 3)
+    else:
+        st = _sharded(4, 3)
+    plain = _rows(4, 3)
+    with torch.inference_mode():
+        torch.testing.assert_close(st.sum(), plain.sum())
+        torch.testing.assert_close((st * 2).mean(dim=0), (plain * 2).mean(dim=0))
+        for op in (
+            lambda t: t.add_(1),
+            lambda t: t.__setitem__(1, 7.0),
+            lambda t: t.__setitem__((slice(None), 0), -1.0),
+            lambda t: torch.add(torch.ones(4, 3), t, out=t),
+            lambda t: t.copy_(torch.arange(12.0).reshape(4, 3)),
+            lambda t: t.index_add_(1, torch.tensor([2]), torch.ones(4, 1)),
+        ):
+            op(st)
+            op(plain)
+            torch.testing.assert_close(st.unshard(), plain)

@@ -606,11 +606,16 @@ class _FullCopy:
         self.sharded = st
         self.full = st.unshard()
         self._layout = _Layout.of(self.full)
-        self._version = self.full._version
+        self._version = _version_of(self.full)
         self._autograd = (self.full.requires_grad, self.full.grad_fn)
+        # Under inference mode the copy counts no versions: then whether the op
+        # wrote it is read from the op itself (its name, out=).
+        self.written_by_name = False
 
     @property
     def written(self) -> bool:
+        if self._version is None:
+            return self.written_by_name
         return self.full._version != self._version
 
     def check_shards_can_follow(self, name: str) -> None:
@@ -648,6 +653,10 @@ def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs:
 
     result = func(*tree_map(to_full, args), **tree_map(to_full, kwargs))
 
+    if any(c.full.is_inference() for c in copies.values()):
+        targets = {id(v) for v in tree_leaves(_write_targets(func, args, kwargs)[1])}
+        for c in copies.values():
+            c.written_by_name = id(c.sharded) in targets
     for c in copies.values():
         c.check_shards_can_follow(name)
     written = [c for c in copies.values() if c.written]
