@@ -359,6 +359,45 @@ def test_pytree_collectives_check_the_whole_tree(trees, op):
     assert "replica 0" in str(err) and "replica 1" in str(err)
 
 
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ({"w": torch.float32}, {"w": torch.float64}),
+        ({"a": torch.float32, "b": torch.float64}, {"a": torch.float64, "b": torch.float32}),  # swapped buckets
+    ],
+    ids=["leaf", "swapped"],
+)
+@pytest.mark.parametrize("op", ["psum", "all_gather"])
+def test_pytree_collectives_check_leaf_dtypes(dtypes, op):
+    def f(v):
+        tree = {k: v.new_ones(2, dtype=dt) for k, dt in dtypes[int(tp.axis_index("i")) % 2].items()}
+        return getattr(tp, op)(tree, "i")
+
+    err, _ = expect_error(pmap_k(f, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
+    assert "replica 0" in str(err) and "replica 1" in str(err)
+
+
+def test_pytree_checks_hold_after_the_tree_was_seen():
+    """The per-structure cache (hashed by size only) never stands in for a
+    check: a structure of the same size as a cached one gets its own leaf
+    order, and leaf shapes that change between collectives fail."""
+
+    def same_size(v):
+        r = int(tp.axis_index("i"))
+        tp.psum({"a": {"x": v, "y": v}, "b": v}, "i")  # cached; type, node and leaf counts as below
+        return tp.psum({"a": v, "b": {"y": v * 3, "x": v * 2}} if r else {"a": v, "b": {"x": v * 2, "y": v * 3}}, "i")
+
+    s = pmap_k(same_size, 2)(torch.ones(2, 1))
+    assert s["b"]["x"].unshard().eq(4).all() and s["b"]["y"].unshard().eq(6).all()
+
+    def new_shape(v):
+        tp.psum({"w": v.new_ones(2, 3)}, "i")
+        return tp.psum({"w": v.new_ones((2, 3) if int(tp.axis_index("i")) else (3, 2))}, "i")
+
+    err, _ = expect_error(pmap_k(new_shape, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
+    assert "[2, 3]" in str(err) and "[3, 2]" in str(err)
+
+
 # -- all_gather -----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", K_AND_GROUPS, ids=_ids)
 @pytest.mark.parametrize("tiled", [False, True], ids=["stacked", "tiled"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch.utils import _pytree
@@ -112,34 +112,36 @@ _BARE: Tags = ("", -1, None)
 
 class _Leaves:
     """A collective's pytree, flattened: ``values`` in the replica's own order
-    (results go back there), ``order`` JAX's order (replicas exchange leaves in
-    it), ``tree`` the description replicas compare ("" for a bare tensor)."""
+    (results go back there) with their ``dtypes`` and ``shapes`` (read once:
+    the reductions reuse them), ``order`` JAX's order (replicas exchange leaves
+    in it), ``tree`` the description replicas compare ("" for a bare tensor)."""
 
     values: list[Any]
+    dtypes: list[Any]
+    shapes: list[torch.Size | None]
     spec: _pytree.TreeSpec
     order: tuple[int, ...]
     tree: str
+    _dims: list[Any] | None  # for the first exchange
 
     def __init__(self, x: PyTree, prepare: Callable[[Any], Any]) -> None:
         if isinstance(x, torch.Tensor):
-            self.values, self.spec = [prepare(x)], _tree.flatten(x)[1]
-            self.order, self.tree = (0,), ""
+            v = prepare(x)
+            self.values, self.spec = [v], _tree.flatten(x)[1]
+            self.dtypes, self.shapes = [v.dtype], [v.shape]
+            self.order, self.tree, self._dims = (0,), "", None
         else:
             values, self.spec = _pytree.tree_flatten(x)
             self.values = [None if v is None else prepare(v) for v in values]
-            self.order, self.tree = _tree.exchange_order(self.spec, [_tree.leaf_kind(v) for v in self.values])
-        self._first = True
+            self.dtypes, self.shapes = _tree.dtypes_and_shapes(self.values)
+            self.order, self.tree, self._dims = _tree.exchange_plan(self.spec, self.dtypes, self.shapes)
 
     def tags(self, leaf: int) -> Tags:
         """Tags for the exchange of leaf number ``leaf`` in JAX's order; the
         first exchange also carries every tensor leaf's dimensions."""
         if not self.tree:
             return _BARE
-        dims = None
-        if self._first:
-            self._first = False
-            tensors = [self.values[i] for i in self.order if isinstance(self.values[i], torch.Tensor)]
-            dims = [d for t in tensors for d in t.shape]
+        dims, self._dims = self._dims, None
         return self.tree, leaf, dims
 
     def unflatten(self) -> PyTree:
@@ -191,9 +193,10 @@ def _reduce(
         return known[0]
 
     def prepare(v: Any) -> Any:
-        if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
-            return v
-        v = _as_tensor(v, fn)
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, (bool, numbers.Number)):
+                return v
+            v = _as_tensor(v, fn)
         if op == "sum" and v.dtype == torch.bool:
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
@@ -201,7 +204,7 @@ def _reduce(
         return v
 
     leaves = _Leaves(x, prepare)
-    values = leaves.values
+    values, shapes = leaves.values, leaves.shapes
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
     # buffer, in JAX's leaf order, and are split again, differentiably).
@@ -210,8 +213,9 @@ def _reduce(
     for k, j in enumerate(leaves.order):
         v = values[j]
         if isinstance(v, torch.Tensor):
-            first_leaf.setdefault((v.dtype, v.device), k)
-            buckets.setdefault((v.dtype, v.device), []).append(j)
+            key = (leaves.dtypes[j], v.device)
+            first_leaf.setdefault(key, k)
+            buckets.setdefault(key, []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
             values[j] = v * replica_group_size() if op == "sum" else v
@@ -221,11 +225,11 @@ def _reduce(
             (j,) = idx
             values[j] = _ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags)
             continue
-        parts = [values[j] for j in idx]
-        flat = torch.cat([t.reshape(-1) for t in parts])
+        flat = torch.cat([values[j].reshape(-1) for j in idx])
         reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size, *tags)
-        for j, piece, t in zip(idx, reduced.split([t.numel() for t in parts]), parts):
-            values[j] = piece.view(t.shape)
+        sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
+        for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
+            values[j] = piece.view(shape)
     return leaves.unflatten(), replica_group_size
 
 
