@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import expect_error, pmap_k
+from helpers import expect_error, pmap_k, rows
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpmap as tp
@@ -243,6 +243,32 @@ def test_reduction_results_do_not_alias():
 
 
 UNEQUAL_GROUPS = {3: [[0, 2], [1]], 4: [[0, 1, 2], [3]], 8: [[5], [0, 3, 6], [1, 2, 4, 7]]}
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2], [3]]], ids=["all", "unequal"])
+def test_pmean_of_a_tree_is_its_psum_divided_leaf_by_leaf(groups):
+    """pmean divides each dtype's flat buffer once; the result is exactly
+    psum / group size leaf by leaf (values, dtypes, None and constants), and
+    so is its gradient."""
+    k, kw = 4, dict(axis_index_groups=groups)
+
+    def f(v):
+        v = v.detach().requires_grad_()
+        tree = {"w": v * 2, "b": v[:1] - 1, "n": None, "c": 3, "i": (v * 10).long(), "j": v.long(), "m": v > 0}
+        mean, total = tp.pmean(tree, "i", **kw), tp.psum(tree, "i", **kw)
+        n = tp.psum(1, "i", **kw)
+        for key in ("w", "b", "i", "j", "m"):
+            expected = torch.true_divide(total[key], n)
+            assert mean[key].dtype == expected.dtype and torch.equal(mean[key], expected), key
+        assert mean["n"] is None and mean["c"] == total["c"] / n
+        (grad,) = torch.autograd.grad(mean["w"].sum() + mean["b"].sum(), v, retain_graph=True)
+        (expected_grad,) = torch.autograd.grad(
+            torch.true_divide(total["w"], n).sum() + torch.true_divide(total["b"], n).sum(), v
+        )
+        assert torch.equal(grad, expected_grad)
+        return grad
+
+    pmap_k(f, k)(rows(k, 5, scale=0.37))
 
 
 @pytest.mark.parametrize("k", sorted(UNEQUAL_GROUPS))

@@ -99,12 +99,6 @@ def _as_tensor(x: Any, fn: str) -> torch.Tensor:
     raise TypeError(f"{fn}: expected tensors (or a pytree of tensors), got {type(x).__name__}")
 
 
-def _tree_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
-    """Apply fn to every leaf of tree. torch's pytrees make None a leaf; in JAX
-    (and in pmap's arguments) None is an empty subtree, so it passes through."""
-    return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
-
-
 # The tags of one exchange of a tree: see _ops (tree, leaf, dims).
 Tags: TypeAlias = "tuple[str, int, list[int] | None]"
 _BARE: Tags = ("", -1, None)
@@ -176,11 +170,11 @@ def _size(axis_name: AxisName) -> int:
 
 # -- reductions -------------------------------------------------------------------------
 def _reduce(
-    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str
-) -> tuple[PyTree, Callable[[], int | torch.Tensor]]:
-    """The reduction of x, and a function giving the replica's group size (a
-    tensor for groups of unequal sizes: it differs between replicas; made
-    only when needed)."""
+    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str, *, mean: bool = False
+) -> PyTree:
+    """The reduction of x; with ``mean``, the sum divided by the replica's group
+    size (a tensor for groups of unequal sizes: it differs between replicas;
+    made only when needed), one division per flat buffer rather than per leaf."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     size = _size(names)
@@ -191,6 +185,14 @@ def _reduce(
         if not known:
             known.append(group_size or _own_group_size(names, groups, size))
         return known[0]
+
+    def finish(v: Any) -> Any:
+        if not mean:
+            return v
+        n = replica_group_size()
+        if isinstance(v, torch.Tensor):
+            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
+        return v / n
 
     def prepare(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
@@ -218,47 +220,39 @@ def _reduce(
             buckets.setdefault(key, []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
-            values[j] = v * replica_group_size() if op == "sum" else v
+            values[j] = finish(v * replica_group_size()) if op == "sum" else v
     for key, idx in buckets.items():
         tags = leaves.tags(first_leaf[key])
         if len(idx) == 1:
             (j,) = idx
-            values[j] = _ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags)
+            values[j] = finish(_ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags))
             continue
         flat = torch.cat([values[j].reshape(-1) for j in idx])
-        reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size, *tags)
+        reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
             values[j] = piece.view(shape)
-    return leaves.unflatten(), replica_group_size
+    return leaves.unflatten()
 
 
 def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce sum of ``x`` over the named axis (booleans are summed as ints)."""
-    return _reduce(x, axis_name, "sum", axis_index_groups, "psum")[0]
+    return _reduce(x, axis_name, "sum", axis_index_groups, "psum")
 
 
 def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
-    total, replica_group_size = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
-    n = replica_group_size()
-
-    def div(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
-        return v / n
-
-    return _tree_map(div, total)
+    return _reduce(x, axis_name, "sum", axis_index_groups, "pmean", mean=True)
 
 
 def pmax(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce maximum (not differentiable, as in JAX)."""
-    return _reduce(x, axis_name, "max", axis_index_groups, "pmax")[0]
+    return _reduce(x, axis_name, "max", axis_index_groups, "pmax")
 
 
 def pmin(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce minimum (not differentiable, as in JAX)."""
-    return _reduce(x, axis_name, "min", axis_index_groups, "pmin")[0]
+    return _reduce(x, axis_name, "min", axis_index_groups, "pmin")
 
 
 # -- gathers and scatters ---------------------------------------------------------------
