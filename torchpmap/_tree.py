@@ -158,6 +158,10 @@ def dtypes_and_shapes(leaves: list[Any]) -> tuple[list[Any], list[torch.Size | N
     return kinds, [v.shape if isinstance(v, torch.Tensor) else None for v in leaves]
 
 
+# A tree's leaf indices in JAX's order, and its description.
+Layout: TypeAlias = "tuple[tuple[int, ...], str]"
+
+
 class ExchangePlan(NamedTuple):
     """How replicas exchange a tree's leaves: ``order``, the leaves' indices in
     JAX's order; ``tree``, the description replicas compare (structure, leaf
@@ -172,23 +176,16 @@ def exchange_plan(spec: TreeSpec, dtypes: Sequence[Any], shapes: Sequence[torch.
     """The exchange plan of a tree of structure ``spec`` whose leaves have
     ``dtypes`` and ``shapes`` (as dtypes_and_shapes gives them). JAX's order
     sorts a dict's keys, so replicas agree whatever order they built their
-    dicts in. Cached: a cache hit costs a few microseconds whatever the tree's
-    size. Under torch.compile it is traced once into constants, with the dims
-    left as traced (possibly symbolic) sizes."""
-    if torch.compiler.is_compiling():
-        return _exchange_plan(spec, dtypes, shapes)
-    try:
-        return _cached_exchange_plan(_SpecKey(spec), tuple(dtypes), tuple(shapes))
-    except TypeError:  # an unhashable size (symbolic, traced outside Dynamo)
-        return _exchange_plan(spec, dtypes, shapes)
-
-
-def _exchange_plan(spec: TreeSpec, dtypes: Sequence[Any], shapes: Sequence[torch.Size | None]) -> ExchangePlan:
-    kinds: list[LeafKind] = [dt if s is None else (dt, len(s)) for dt, s in zip(dtypes, shapes)]
-    order: list[int] = []
-    description = _describe_node(spec, 0, kinds, order)
-    dims = [d for i in order for d in shapes[i] or ()]
-    return ExchangePlan(tuple(order), description, dims)
+    dicts in. Cached: a hit costs a few microseconds whatever the tree's size.
+    Under torch.compile it is traced once into constants, with the dims left
+    as traced (possibly symbolic) sizes."""
+    if not torch.compiler.is_compiling():
+        try:
+            return _cached_exchange_plan(_SpecKey(spec), tuple(dtypes), tuple(shapes))
+        except TypeError:  # an unhashable size (symbolic, traced outside Dynamo)
+            pass
+    order, description = _layout(spec, dtypes, _ranks(shapes))
+    return ExchangePlan(order, description, _dims(order, shapes))
 
 
 class _SpecKey:
@@ -214,7 +211,34 @@ class _SpecKey:
 def _cached_exchange_plan(
     spec: _SpecKey, dtypes: tuple[Any, ...], shapes: tuple[torch.Size | None, ...]
 ) -> ExchangePlan:
-    return _exchange_plan(spec.spec, dtypes, shapes)
+    """Keyed by the leaf shapes too, so that a hit need not list the dims."""
+    order, description = _cached_layout(spec, dtypes, _ranks(shapes))
+    return ExchangePlan(order, description, _dims(order, shapes))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(spec: _SpecKey, dtypes: tuple[Any, ...], ranks: tuple[int | None, ...]) -> Layout:
+    """_layout, cached apart from the shapes: leaves whose sizes change from call
+    to call (a varying batch) still find their tree's description (~100 us for
+    100 leaves) here."""
+    return _layout(spec.spec, dtypes, ranks)
+
+
+def _layout(spec: TreeSpec, dtypes: Sequence[Any], ranks: Sequence[int | None]) -> Layout:
+    """The leaves' order and the tree's description."""
+    kinds: list[LeafKind] = [dt if r is None else (dt, r) for dt, r in zip(dtypes, ranks)]
+    order: list[int] = []
+    description = _describe_node(spec, 0, kinds, order)
+    return tuple(order), description
+
+
+def _ranks(shapes: Sequence[torch.Size | None]) -> tuple[int | None, ...]:
+    return tuple(None if s is None else len(s) for s in shapes)
+
+
+def _dims(order: Sequence[int], shapes: Sequence[torch.Size | None]) -> list[Any]:
+    """Every tensor leaf's dimensions, in ``order``."""
+    return [d for i in order for d in shapes[i] or ()]
 
 
 def _describe_node(spec: TreeSpec, first: int, kinds: Sequence[LeafKind], order: list[int]) -> str:
