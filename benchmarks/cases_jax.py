@@ -22,6 +22,7 @@ import numpy as np
 from _timing import calls_for, per_call
 
 WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
+TREE_LEAVES = 100  # pmean_tree: a gradient dict of 100 (16,) leaves, as in cases_torchpmap.py
 
 
 def mlp_params(seed: int = 0) -> dict:
@@ -68,6 +69,10 @@ def run(n: int, quick: bool) -> list[dict]:
     x = shard(np.ones((n, 1024), np.float32))
     psum = jax.pmap(lambda v: jax.lax.psum(v, "i"), "i", devices=devs)
     record("psum", lambda: psum(x).block_until_ready(), 3e-4)
+
+    grads = {f"layer{i}.weight": shard(np.ones((n, 16), np.float32)) for i in range(TREE_LEAVES)}
+    pmean_tree = jax.pmap(lambda g: jax.lax.pmean(g, "i"), "i", devices=devs)
+    record("pmean_tree", lambda: jax.block_until_ready(pmean_tree(grads)), 1e-3)
 
     sizes = [1_000_000] if quick else [1_000, 10_000, 100_000, 1_000_000]
     affine = jax.pmap(lambda v: v * 2 + 1, devices=devs)

@@ -22,6 +22,7 @@ from torch.func import grad_and_value
 import torchpmap as tp
 
 WIDTH, ROWS, CLASSES, LR = 256, 64, 10, 0.1
+TREE_LEAVES = 100
 
 
 def mlp_params(seed: int = 0) -> dict:
@@ -31,6 +32,11 @@ def mlp_params(seed: int = 0) -> dict:
         p[f"w{i}"] = torch.randn(a, b, generator=g) / a**0.5
         p[f"b{i}"] = torch.zeros(b)
     return p
+
+
+def grad_dict() -> dict:
+    """A model's gradients as pmean sees them: 100 leaves, (16,) float32 each."""
+    return {f"layer{i}.weight": torch.ones(16) for i in range(TREE_LEAVES)}
 
 
 def mlp(p, x):
@@ -66,6 +72,10 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     x = tp.device_put_sharded(list(torch.ones(n, 1024)), devs)
     psum = tp.pmap(lambda v: tp.psum(v, "i"), "i", devices=devs)
     record("psum", lambda: psum(x), 5e-4)
+
+    grads = tp.device_put_sharded([grad_dict() for _ in range(n)], devs)
+    pmean_tree = tp.pmap(lambda g: tp.pmean(g, "i"), "i", devices=devs)
+    record("pmean_tree", lambda: pmean_tree(grads), 2e-3)
 
     sizes = [1_000_000] if quick else [1_000, 10_000, 100_000, 1_000_000]
     affine = tp.pmap(lambda v: v * 2 + 1, devices=devs)

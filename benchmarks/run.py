@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 CASES = [
     ("dispatch", "dispatch: x * 2 on (n, 16)"),
     ("psum", "psum of (n, 1024)"),
+    ("pmean_tree", "pmean of a 100-leaf dict of (n, 16)"),
     ("bandwidth", "bandwidth: x * 2 + 1 on (n, 1e6)"),
     ("train_first_call", "MLP train step, first call (s)"),
     ("train_step", "MLP train step, steady state"),
@@ -147,8 +148,9 @@ def plot(rows: list[dict], devices: list[int], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     made = []
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    for ax, (case, label) in zip(axes, [c for c in CASES if c[0] != "train_first_call"]):
+    per_call = [c for c in CASES if c[0] != "train_first_call"]
+    fig, axes = plt.subplots(1, len(per_call), figsize=(4 * len(per_call), 3.8))
+    for ax, (case, label) in zip(axes, per_call):
         for impl in sorted({r["impl"] for r in rows if r["case"] == case}):
             pts = sorted((r["devices"], r["sec_per_call"]) for r in rows if r["case"] == case and r["impl"] == impl)
             ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], marker="o", label=impl)

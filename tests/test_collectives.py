@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import expect_error, pmap_k
+from helpers import expect_error, pmap_k, rows
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpmap as tp
@@ -245,6 +245,32 @@ def test_reduction_results_do_not_alias():
 UNEQUAL_GROUPS = {3: [[0, 2], [1]], 4: [[0, 1, 2], [3]], 8: [[5], [0, 3, 6], [1, 2, 4, 7]]}
 
 
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2], [3]]], ids=["all", "unequal"])
+def test_pmean_of_a_tree_is_its_psum_divided_leaf_by_leaf(groups):
+    """pmean divides each dtype's flat buffer once; the result is exactly
+    psum / group size leaf by leaf (values, dtypes, None and constants), and
+    so is its gradient."""
+    k, kw = 4, dict(axis_index_groups=groups)
+
+    def f(v):
+        v = v.detach().requires_grad_()
+        tree = {"w": v * 2, "b": v[:1] - 1, "n": None, "c": 3, "i": (v * 10).long(), "j": v.long(), "m": v > 0}
+        mean, total = tp.pmean(tree, "i", **kw), tp.psum(tree, "i", **kw)
+        n = tp.psum(1, "i", **kw)
+        for key in ("w", "b", "i", "j", "m"):
+            expected = torch.true_divide(total[key], n)
+            assert mean[key].dtype == expected.dtype and torch.equal(mean[key], expected), key
+        assert mean["n"] is None and mean["c"] == total["c"] / n
+        (grad,) = torch.autograd.grad(mean["w"].sum() + mean["b"].sum(), v, retain_graph=True)
+        (expected_grad,) = torch.autograd.grad(
+            torch.true_divide(total["w"], n).sum() + torch.true_divide(total["b"], n).sum(), v
+        )
+        assert torch.equal(grad, expected_grad)
+        return grad
+
+    pmap_k(f, k)(rows(k, 5, scale=0.37))
+
+
 @pytest.mark.parametrize("k", sorted(UNEQUAL_GROUPS))
 def test_reductions_with_unequal_groups_match_numpy(k):
     """As JAX: psum/pmean/pmax/pmin accept axis_index_groups of different sizes."""
@@ -357,6 +383,45 @@ def test_pytree_collectives_check_the_whole_tree(trees, op):
     err, seconds = expect_error(pmap_k(f, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
     assert seconds < 1.0
     assert "replica 0" in str(err) and "replica 1" in str(err)
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        ({"w": torch.float32}, {"w": torch.float64}),
+        ({"a": torch.float32, "b": torch.float64}, {"a": torch.float64, "b": torch.float32}),  # swapped buckets
+    ],
+    ids=["leaf", "swapped"],
+)
+@pytest.mark.parametrize("op", ["psum", "all_gather"])
+def test_pytree_collectives_check_leaf_dtypes(dtypes, op):
+    def f(v):
+        tree = {k: v.new_ones(2, dtype=dt) for k, dt in dtypes[int(tp.axis_index("i")) % 2].items()}
+        return getattr(tp, op)(tree, "i")
+
+    err, _ = expect_error(pmap_k(f, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
+    assert "replica 0" in str(err) and "replica 1" in str(err)
+
+
+def test_pytree_checks_hold_after_the_tree_was_seen():
+    """The per-structure cache (hashed by size only) never stands in for a
+    check: a structure of the same size as a cached one gets its own leaf
+    order, and leaf shapes that change between collectives fail."""
+
+    def same_size(v):
+        r = int(tp.axis_index("i"))
+        tp.psum({"a": {"x": v, "y": v}, "b": v}, "i")  # cached; type, node and leaf counts as below
+        return tp.psum({"a": v, "b": {"y": v * 3, "x": v * 2}} if r else {"a": v, "b": {"x": v * 2, "y": v * 3}}, "i")
+
+    s = pmap_k(same_size, 2)(torch.ones(2, 1))
+    assert s["b"]["x"].unshard().eq(4).all() and s["b"]["y"].unshard().eq(6).all()
+
+    def new_shape(v):
+        tp.psum({"w": v.new_ones(2, 3)}, "i")
+        return tp.psum({"w": v.new_ones((2, 3) if int(tp.axis_index("i")) else (3, 2))}, "i")
+
+    err, _ = expect_error(pmap_k(new_shape, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
+    assert "[2, 3]" in str(err) and "[3, 2]" in str(err)
 
 
 # -- all_gather -----------------------------------------------------------------------------

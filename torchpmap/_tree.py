@@ -6,8 +6,9 @@ from __future__ import annotations
 import collections
 import functools
 import numbers
+import operator
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 from torch.utils._pytree import KeyEntry, PyTree, SequenceKey, TreeSpec, keystr, tree_flatten, tree_flatten_with_path
@@ -140,26 +141,107 @@ def leaf_kind(v: Any) -> LeafKind:
     return None if v is None else type(v)
 
 
-def exchange_order(spec: TreeSpec, kinds: Sequence[LeafKind]) -> tuple[tuple[int, ...], str]:
-    """The leaves' indices in JAX's flattening order (a dict's keys sorted, so
-    replicas agree whatever order they built their dicts in), and a description
-    of the tree in that order (structure, leaf dtypes and ranks) for replicas
-    to compare. Cached; under torch.compile it is traced once into constants."""
-    if torch.compiler.is_compiling():
-        return _exchange_order(spec, tuple(kinds))
-    return _cached_exchange_order(spec, tuple(kinds))
+_DTYPE = operator.attrgetter("dtype")
 
 
-def _exchange_order(spec: TreeSpec, kinds: tuple[LeafKind, ...]) -> tuple[tuple[int, ...], str]:
+def dtypes_and_shapes(leaves: list[Any]) -> tuple[list[Any], list[torch.Size | None]]:
+    """Every leaf's dtype and shape; for a leaf that is not a tensor, its
+    LeafKind and None. Two C-level passes when every leaf is a tensor (the
+    common case): reading them leaf by leaf in Python costs ~0.2 us a leaf."""
+    if not torch.compiler.is_compiling():
+        try:
+            shapes: list[torch.Size | None] = list(map(torch.Tensor.size, leaves))  # TypeError unless all tensors
+            return list(map(_DTYPE, leaves)), shapes
+        except TypeError:
+            pass
+    kinds = [v.dtype if isinstance(v, torch.Tensor) else leaf_kind(v) for v in leaves]
+    return kinds, [v.shape if isinstance(v, torch.Tensor) else None for v in leaves]
+
+
+# A tree's leaf indices in JAX's order, and its description.
+Layout: TypeAlias = "tuple[tuple[int, ...], str]"
+
+
+class ExchangePlan(NamedTuple):
+    """How replicas exchange a tree's leaves: ``order``, the leaves' indices in
+    JAX's order; ``tree``, the description replicas compare (structure, leaf
+    dtypes and ranks); ``dims``, every tensor leaf's dimensions in that order."""
+
+    order: tuple[int, ...]
+    tree: str
+    dims: list[Any]
+
+
+def exchange_plan(spec: TreeSpec, dtypes: Sequence[Any], shapes: Sequence[torch.Size | None]) -> ExchangePlan:
+    """The exchange plan of a tree of structure ``spec`` whose leaves have
+    ``dtypes`` and ``shapes`` (as dtypes_and_shapes gives them). JAX's order
+    sorts a dict's keys, so replicas agree whatever order they built their
+    dicts in. Cached: a hit costs a few microseconds whatever the tree's size.
+    Under torch.compile it is traced once into constants, with the dims left
+    as traced (possibly symbolic) sizes."""
+    if not torch.compiler.is_compiling():
+        try:
+            return _cached_exchange_plan(_SpecKey(spec), tuple(dtypes), tuple(shapes))
+        except TypeError:  # an unhashable size (symbolic, traced outside Dynamo)
+            pass
+    order, description = _layout(spec, dtypes, _ranks(shapes))
+    return ExchangePlan(order, description, _dims(order, shapes))
+
+
+class _SpecKey:
+    """A TreeSpec as a cache key. Hashing a TreeSpec walks every node (~0.2 us a
+    leaf, and a flattened tree is a new TreeSpec every time), so this hashes
+    only its type and size and leaves telling structures apart to the full
+    comparison on a hash match, which is cheap: leaves share one spec object."""
+
+    __slots__ = ("spec", "_hash")
+
+    def __init__(self, spec: TreeSpec) -> None:
+        self.spec = spec
+        self._hash = hash((spec.type, spec.num_nodes, spec.num_leaves))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SpecKey) and self.spec == other.spec
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_exchange_plan(
+    spec: _SpecKey, dtypes: tuple[Any, ...], shapes: tuple[torch.Size | None, ...]
+) -> ExchangePlan:
+    """Keyed by the leaf shapes too, so that a hit need not list the dims."""
+    order, description = _cached_layout(spec, dtypes, _ranks(shapes))
+    return ExchangePlan(order, description, _dims(order, shapes))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(spec: _SpecKey, dtypes: tuple[Any, ...], ranks: tuple[int | None, ...]) -> Layout:
+    """_layout, cached apart from the shapes: leaves whose sizes change from call
+    to call (a varying batch) still find their tree's description (~100 us for
+    100 leaves) here."""
+    return _layout(spec.spec, dtypes, ranks)
+
+
+def _layout(spec: TreeSpec, dtypes: Sequence[Any], ranks: Sequence[int | None]) -> Layout:
+    """The leaves' order and the tree's description."""
+    kinds: list[LeafKind] = [dt if r is None else (dt, r) for dt, r in zip(dtypes, ranks)]
     order: list[int] = []
     description = _describe_node(spec, 0, kinds, order)
     return tuple(order), description
 
 
-_cached_exchange_order = functools.lru_cache(maxsize=256)(_exchange_order)
+def _ranks(shapes: Sequence[torch.Size | None]) -> tuple[int | None, ...]:
+    return tuple(None if s is None else len(s) for s in shapes)
 
 
-def _describe_node(spec: TreeSpec, first: int, kinds: tuple[LeafKind, ...], order: list[int]) -> str:
+def _dims(order: Sequence[int], shapes: Sequence[torch.Size | None]) -> list[Any]:
+    """Every tensor leaf's dimensions, in ``order``."""
+    return [d for i in order for d in shapes[i] or ()]
+
+
+def _describe_node(spec: TreeSpec, first: int, kinds: Sequence[LeafKind], order: list[int]) -> str:
     """Describe the subtree ``spec`` whose leaves start at index ``first``,
     appending its leaf indices to ``order`` in JAX's order."""
     if spec.is_leaf():

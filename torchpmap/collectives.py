@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 import torch
 from torch.utils import _pytree
@@ -99,12 +99,6 @@ def _as_tensor(x: Any, fn: str) -> torch.Tensor:
     raise TypeError(f"{fn}: expected tensors (or a pytree of tensors), got {type(x).__name__}")
 
 
-def _tree_map(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
-    """Apply fn to every leaf of tree. torch's pytrees make None a leaf; in JAX
-    (and in pmap's arguments) None is an empty subtree, so it passes through."""
-    return _pytree.tree_map(lambda v: None if v is None else fn(v), tree)
-
-
 # The tags of one exchange of a tree: see _ops (tree, leaf, dims).
 Tags: TypeAlias = "tuple[str, int, list[int] | None]"
 _BARE: Tags = ("", -1, None)
@@ -112,34 +106,36 @@ _BARE: Tags = ("", -1, None)
 
 class _Leaves:
     """A collective's pytree, flattened: ``values`` in the replica's own order
-    (results go back there), ``order`` JAX's order (replicas exchange leaves in
-    it), ``tree`` the description replicas compare ("" for a bare tensor)."""
+    (results go back there) with their ``dtypes`` and ``shapes`` (read once:
+    the reductions reuse them), ``order`` JAX's order (replicas exchange leaves
+    in it), ``tree`` the description replicas compare ("" for a bare tensor)."""
 
     values: list[Any]
+    dtypes: list[Any]
+    shapes: list[torch.Size | None]
     spec: _pytree.TreeSpec
     order: tuple[int, ...]
     tree: str
+    _dims: list[Any] | None  # for the first exchange
 
     def __init__(self, x: PyTree, prepare: Callable[[Any], Any]) -> None:
         if isinstance(x, torch.Tensor):
-            self.values, self.spec = [prepare(x)], _tree.flatten(x)[1]
-            self.order, self.tree = (0,), ""
+            v = prepare(x)
+            self.values, self.spec = [v], _tree.flatten(x)[1]
+            self.dtypes, self.shapes = [v.dtype], [v.shape]
+            self.order, self.tree, self._dims = (0,), "", None
         else:
             values, self.spec = _pytree.tree_flatten(x)
             self.values = [None if v is None else prepare(v) for v in values]
-            self.order, self.tree = _tree.exchange_order(self.spec, [_tree.leaf_kind(v) for v in self.values])
-        self._first = True
+            self.dtypes, self.shapes = _tree.dtypes_and_shapes(self.values)
+            self.order, self.tree, self._dims = _tree.exchange_plan(self.spec, self.dtypes, self.shapes)
 
     def tags(self, leaf: int) -> Tags:
         """Tags for the exchange of leaf number ``leaf`` in JAX's order; the
         first exchange also carries every tensor leaf's dimensions."""
         if not self.tree:
             return _BARE
-        dims = None
-        if self._first:
-            self._first = False
-            tensors = [self.values[i] for i in self.order if isinstance(self.values[i], torch.Tensor)]
-            dims = [d for t in tensors for d in t.shape]
+        dims, self._dims = self._dims, None
         return self.tree, leaf, dims
 
     def unflatten(self) -> PyTree:
@@ -174,11 +170,11 @@ def _size(axis_name: AxisName) -> int:
 
 # -- reductions -------------------------------------------------------------------------
 def _reduce(
-    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str
-) -> tuple[PyTree, Callable[[], int | torch.Tensor]]:
-    """The reduction of x, and a function giving the replica's group size (a
-    tensor for groups of unequal sizes: it differs between replicas; made
-    only when needed)."""
+    x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str, *, mean: bool = False
+) -> PyTree:
+    """The reduction of x; with ``mean``, the sum divided by the replica's group
+    size (a tensor for groups of unequal sizes: it differs between replicas;
+    made only when needed), one division per flat buffer rather than per leaf."""
     names = _names(axis_name)
     axes = _ops.encode_axes(names)
     size = _size(names)
@@ -190,10 +186,19 @@ def _reduce(
             known.append(group_size or _own_group_size(names, groups, size))
         return known[0]
 
-    def prepare(v: Any) -> Any:
-        if isinstance(v, (bool, numbers.Number)) and not isinstance(v, torch.Tensor):
+    def finish(v: Any) -> Any:
+        if not mean:
             return v
-        v = _as_tensor(v, fn)
+        n = replica_group_size()
+        if isinstance(v, torch.Tensor):
+            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
+        return v / n
+
+    def prepare(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            if isinstance(v, (bool, numbers.Number)):
+                return v
+            v = _as_tensor(v, fn)
         if op == "sum" and v.dtype == torch.bool:
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
@@ -201,7 +206,7 @@ def _reduce(
         return v
 
     leaves = _Leaves(x, prepare)
-    values = leaves.values
+    values, shapes = leaves.values, leaves.shapes
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
     # buffer, in JAX's leaf order, and are split again, differentiably).
@@ -210,51 +215,44 @@ def _reduce(
     for k, j in enumerate(leaves.order):
         v = values[j]
         if isinstance(v, torch.Tensor):
-            first_leaf.setdefault((v.dtype, v.device), k)
-            buckets.setdefault((v.dtype, v.device), []).append(j)
+            key = (leaves.dtypes[j], v.device)
+            first_leaf.setdefault(key, k)
+            buckets.setdefault(key, []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
-            values[j] = v * replica_group_size() if op == "sum" else v
+            values[j] = finish(v * replica_group_size()) if op == "sum" else v
     for key, idx in buckets.items():
         tags = leaves.tags(first_leaf[key])
         if len(idx) == 1:
             (j,) = idx
-            values[j] = _ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags)
+            values[j] = finish(_ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags))
             continue
-        parts = [values[j] for j in idx]
-        flat = torch.cat([t.reshape(-1) for t in parts])
-        reduced = _ops.call("all_reduce", flat, op, axes, groups, group_size, *tags)
-        for j, piece, t in zip(idx, reduced.split([t.numel() for t in parts]), parts):
-            values[j] = piece.view(t.shape)
-    return leaves.unflatten(), replica_group_size
+        flat = torch.cat([values[j].reshape(-1) for j in idx])
+        reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
+        sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
+        for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
+            values[j] = piece.view(shape)
+    return leaves.unflatten()
 
 
 def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce sum of ``x`` over the named axis (booleans are summed as ints)."""
-    return _reduce(x, axis_name, "sum", axis_index_groups, "psum")[0]
+    return _reduce(x, axis_name, "sum", axis_index_groups, "psum")
 
 
 def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
-    total, replica_group_size = _reduce(x, axis_name, "sum", axis_index_groups, "pmean")
-    n = replica_group_size()
-
-    def div(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
-        return v / n
-
-    return _tree_map(div, total)
+    return _reduce(x, axis_name, "sum", axis_index_groups, "pmean", mean=True)
 
 
 def pmax(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce maximum (not differentiable, as in JAX)."""
-    return _reduce(x, axis_name, "max", axis_index_groups, "pmax")[0]
+    return _reduce(x, axis_name, "max", axis_index_groups, "pmax")
 
 
 def pmin(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce minimum (not differentiable, as in JAX)."""
-    return _reduce(x, axis_name, "min", axis_index_groups, "pmin")[0]
+    return _reduce(x, axis_name, "min", axis_index_groups, "pmin")
 
 
 # -- gathers and scatters ---------------------------------------------------------------
