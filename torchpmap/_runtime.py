@@ -229,7 +229,8 @@ class _Call:
                         self._abandon(comm, error)
                         raise _note_abandoned(error, self, [p for p in pending if p != r])
                     deadline = min(deadline, limit)
-            changed.wait(None if deadline == float("inf") else max(0.0, deadline - now))
+            seconds = _config.wait_seconds(max(0.0, deadline - now))  # -1: past what a wait can take
+            changed.wait(None if seconds < 0 else seconds)
 
     def _abandon(self, comm: Communicator, error: BaseException) -> None:
         """The caller gives up: tasks not started yet skip, and any collective
