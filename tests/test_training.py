@@ -243,3 +243,82 @@ def test_train_digits_example_reaches_95_percent(idiom, tmp_path):
     acc = float(out.stdout.split("test accuracy:")[1].split()[0])
     assert acc > 0.95
     assert plot.stat().st_size > 1000
+
+
+# -- one module or optimizer shared by every replica ---------------------------------------
+def shared_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return torch.zeros(())
+
+
+def test_shared_optimizer_is_refused_before_any_replica_runs():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 3))
+    step = tp.pmap(shared_step, "i", in_axes=(None, None, 0, 0))
+    with pytest.raises(ValueError, match=r"args\[1\] is an optimizer \(SGD\) passed broadcast \(in_axes=None\)") as e:
+        step(model, opt, x, y)
+    assert "torchpmap.replicate(" in str(e.value)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing ran
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.raises(ValueError, match=r"args\[0\]\['s'\] is an LR scheduler \(StepLR\)"):
+        tp.pmap(lambda s, x: x, in_axes=(None, 0))({"s": sched}, x)
+    with pytest.raises(ValueError, match=r"args\[0\] is an optimizer .* passed static"):
+        tp.pmap(lambda o, x: x, static_broadcasted_argnums=0)(opt, x)
+    # One replica sharing with the caller is plain single-device training.
+    tp.pmap(shared_step, "i", in_axes=(None, None, 0, 0))(model, opt, x[:1], y[:1])
+
+
+def test_shared_module_written_by_replicas_raises():
+    model = make_model()
+    x, y = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 3))
+
+    def sgd_step(model, x, y):
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        return torch.zeros(())
+
+    with pytest.raises(RuntimeError, match=r"args\[0\]\.0\.weight in place, but args\[0\] is an nn.Module") as e:
+        tp.pmap(sgd_step, "i", in_axes=(None, 0, 0))(model, x, y)
+    assert "torchpmap.replicate(" in str(e.value) and "all 2 replicas" in str(e.value)
+
+    def backward_only(model, x, y):
+        F.cross_entropy(model(x), y).backward()
+        return torch.zeros(())
+
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\]\.0\.weight\.grad"):
+        tp.pmap(backward_only, "i", in_axes=(None, 0, 0))(model, x, y)
+
+    bn = torch.nn.BatchNorm1d(6)  # training mode: forward updates the running stats and count
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\]\.(running_mean|num_batches_tracked) in place"):
+        tp.pmap(lambda m, x: m(x), in_axes=(None, 0))(bn, x)
+
+
+def test_shared_module_read_only_works():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6)).eval()
+    x = torch.randn(4, 3, 6)
+    out = tp.pmap(lambda m, x: m(x), in_axes=(None, 0))(model, x)
+    for r in range(4):
+        torch.testing.assert_close(out.shards[r], model(x[r]))
+    # In training mode too, as long as no replica writes it (no BatchNorm, no backward into it).
+    mlp = make_model()
+    out = tp.pmap(lambda m, x: m(x).detach(), static_broadcasted_argnums=0)(mlp, x)
+    torch.testing.assert_close(out.shards[1], mlp(x[1]).detach())
+
+
+def test_mapping_a_module_or_optimizer_suggests_replicate():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for obj, name in [(model, "Sequential"), (opt, "SGD")]:
+        with pytest.raises(ValueError, match=rf"cannot map over args\[0\], a {name} \(in_axes=0\)") as e:
+            tp.pmap(lambda m, x: x)(obj, torch.zeros(2, 1))
+        assert "torchpmap.replicate(" in str(e.value)
+        # Sharing is offered only for reading a module, never for an optimizer.
+        assert ("only read, never train" in str(e.value)) == (obj is model)
+        assert ("in_axes=None" in str(e.value)) == (obj is model)
