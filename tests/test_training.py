@@ -322,3 +322,110 @@ def test_mapping_a_module_or_optimizer_suggests_replicate():
         # Sharing is offered only for reading a module, never for an optimizer.
         assert ("only read, never train" in str(e.value)) == (obj is model)
         assert ("in_axes=None" in str(e.value)) == (obj is model)
+
+
+# -- PerReplica as a module / optimizer: checkpoints, modes, sync --------------------------
+def train_steps(models, opts, xs, ys, n, per):
+    step = tp.pmap(module_step, "i")
+    for x, y in zip(xs, ys):
+        step(models, opts, x.reshape(n, per, 6), y.reshape(n, per))
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run():
+    import io
+
+    n, per, k = 4, 5, 3
+    xs, ys = make_data(6, n, per)
+    devices = tp.local_devices()[:n]
+    full_models, full_opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(full_models, full_opts, xs, ys, n, per)
+
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(models, opts, xs[:k], ys[:k], n, per)
+    buffer = io.BytesIO()
+    torch.save({"model": models.state_dict(), "opt": opts.state_dict()}, buffer)
+    buffer.seek(0)
+    ck = torch.load(buffer)
+    models, opts = tp.replicate(make_model(seed=7), OPTIMIZERS["adamw"], devices)  # fresh, other weights
+    models.load_state_dict(ck["model"])
+    opts.load_state_dict(ck["opt"])
+    # Every replica has its own moment tensors.
+    ptrs = {o.state[p]["exp_avg"].data_ptr() for o, m in zip(opts, models) for p in m.parameters()}
+    assert len(ptrs) == n * len(list(models[0].parameters()))
+    train_steps(models, opts, xs[k:], ys[k:], n, per)
+    tp.assert_replicas_identical(models, opts)
+    for (name, p), q in zip(models[0].named_parameters(), full_models[0].parameters()):
+        assert torch.equal(p, q), name
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        for p, q in zip(models[0].parameters(), full_models[0].parameters()):
+            assert torch.equal(opts[0].state[p][key], full_opts[0].state[q][key])
+
+
+def test_loading_one_optimizer_state_into_each_replica_is_caught():
+    n, per = 2, 5
+    xs, ys = make_data(4, n, per)
+    devices = tp.local_devices()[:n]
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(models, opts, xs[:2], ys[:2], n, per)
+    ck = opts.state_dict()
+    for o in opts:  # the DDP habit: one dict into each replica's optimizer
+        o.load_state_dict(ck)
+    with pytest.raises(
+        AssertionError, match=r"AdamW replica 1 shares \['state'\]\[0\]\['(step|exp_avg)'\] with replica 0"
+    ):
+        tp.assert_replicas_identical(opts)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_state_dict_round_trip_and_modes():
+    devices = tp.local_devices()[:3]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+    models, opts = tp.replicate(model, OPTIMIZERS["sgd_momentum"], devices)
+    sd = models.state_dict()
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    other = tp.replicate(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)), devices=devices)
+    assert other.load_state_dict(sd).missing_keys == []
+    tp.assert_replicas_identical(other)
+    assert all(torch.equal(a, b) for a, b in zip(other[2].state_dict().values(), sd.values()))
+    assert other.eval() is other and not any(m.training for r in other for m in r.modules())
+    assert other.train() is other and all(m.training for r in other for m in r.modules())
+    assert other.to(torch.float64) is other and all(p.dtype == torch.float64 for r in other for p in r.parameters())
+    with pytest.raises(ValueError, match="each replica stays on its own device"):
+        other.to("cpu")
+    with pytest.raises(TypeError, match="PerReplica.train: the replicas must be nn.Modules, got SGD"):
+        opts.train()
+    # Optimizer and LR scheduler state round trip, each replica with its own copy.
+    scheds = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in opts], devices)
+    for s in scheds:
+        s.step()
+    state = scheds.state_dict()
+    fresh = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2) for o in opts], devices)
+    fresh.load_state_dict(state)
+    assert all(s.last_epoch == 1 and s.gamma == 0.5 for s in fresh)
+    tp.assert_replicas_identical(fresh, opts)
+
+
+def test_assert_replicas_identical_names_the_drift():
+    devices = tp.local_devices()[:3]
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["sgd_momentum"], devices)
+    tp.assert_replicas_identical(models, opts)
+    with torch.no_grad():
+        models[2][2].bias[1] += 1e-7
+    with pytest.raises(AssertionError, match=r"Sequential replica 2 differs from replica 0 at 2\.bias"):
+        tp.assert_replicas_identical(models)
+    with pytest.raises(AssertionError, match=r"replica 2 differs .* at 2\.bias"):
+        models.state_dict()  # saving checks first
+    opts[1].param_groups[0]["lr"] = 0.2
+    with pytest.raises(
+        AssertionError, match=r"SGD replica 1 differs from replica 0 at \['param_groups'\]\[0\]\['lr'\]"
+    ):
+        tp.assert_replicas_identical(opts)
+    with pytest.raises(TypeError, match="expected PerReplica arguments"):
+        tp.assert_replicas_identical(make_model())
+    # Bit for bit: -0.0 is not 0.0.
+    with torch.no_grad():
+        models[2][2].bias.copy_(models[0][2].bias)
+        models[0][0].bias[0], models[1][0].bias[0], models[2][0].bias[0] = 0.0, -0.0, 0.0
+    with pytest.raises(AssertionError, match=r"replica 1 differs from replica 0 at 0\.bias"):
+        tp.assert_replicas_identical(models)
