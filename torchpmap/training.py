@@ -207,7 +207,7 @@ def _compare_replica(first: dict[str, Any], other: dict[str, Any], r: int, kind:
                 )
             same = a.shape == b.shape and a.dtype == b.dtype and _bitwise_equal(a, b.to(a.device))
         else:
-            same = type(a) is type(b) and a == b
+            same = type(a) is type(b) and (a == b or (a != a and b != b))  # NaN hyperparameters are equal
         if not same:
             raise AssertionError(f"{kind} replica {r} differs from replica 0 at {name}")
 
