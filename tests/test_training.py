@@ -243,3 +243,189 @@ def test_train_digits_example_reaches_95_percent(idiom, tmp_path):
     acc = float(out.stdout.split("test accuracy:")[1].split()[0])
     assert acc > 0.95
     assert plot.stat().st_size > 1000
+
+
+# -- one module or optimizer shared by every replica ---------------------------------------
+def shared_step(model, opt, x, y):
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    return torch.zeros(())
+
+
+def test_shared_optimizer_is_refused_before_any_replica_runs():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 3))
+    step = tp.pmap(shared_step, "i", in_axes=(None, None, 0, 0))
+    with pytest.raises(ValueError, match=r"args\[1\] is an optimizer \(SGD\) passed broadcast \(in_axes=None\)") as e:
+        step(model, opt, x, y)
+    assert "torchpmap.replicate(" in str(e.value)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # nothing ran
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.raises(ValueError, match=r"args\[0\]\['s'\] is an LR scheduler \(StepLR\)"):
+        tp.pmap(lambda s, x: x, in_axes=(None, 0))({"s": sched}, x)
+    with pytest.raises(ValueError, match=r"args\[0\] is an optimizer .* passed static"):
+        tp.pmap(lambda o, x: x, static_broadcasted_argnums=0)(opt, x)
+    # One replica sharing with the caller is plain single-device training.
+    tp.pmap(shared_step, "i", in_axes=(None, None, 0, 0))(model, opt, x[:1], y[:1])
+
+
+def test_shared_module_written_by_replicas_raises():
+    model = make_model()
+    x, y = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 3))
+
+    def sgd_step(model, x, y):
+        F.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        return torch.zeros(())
+
+    with pytest.raises(RuntimeError, match=r"args\[0\]\.0\.weight in place, but args\[0\] is an nn.Module") as e:
+        tp.pmap(sgd_step, "i", in_axes=(None, 0, 0))(model, x, y)
+    assert "torchpmap.replicate(" in str(e.value) and "all 2 replicas" in str(e.value)
+
+    def backward_only(model, x, y):
+        F.cross_entropy(model(x), y).backward()
+        return torch.zeros(())
+
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\]\.0\.weight\.grad"):
+        tp.pmap(backward_only, "i", in_axes=(None, 0, 0))(model, x, y)
+
+    bn = torch.nn.BatchNorm1d(6)  # training mode: forward updates the running stats and count
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\]\.(running_mean|num_batches_tracked) in place"):
+        tp.pmap(lambda m, x: m(x), in_axes=(None, 0))(bn, x)
+
+
+def test_shared_module_read_only_works():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6)).eval()
+    x = torch.randn(4, 3, 6)
+    out = tp.pmap(lambda m, x: m(x), in_axes=(None, 0))(model, x)
+    for r in range(4):
+        torch.testing.assert_close(out.shards[r], model(x[r]))
+    # In training mode too, as long as no replica writes it (no BatchNorm, no backward into it).
+    mlp = make_model()
+    out = tp.pmap(lambda m, x: m(x).detach(), static_broadcasted_argnums=0)(mlp, x)
+    torch.testing.assert_close(out.shards[1], mlp(x[1]).detach())
+
+
+def test_mapping_a_module_or_optimizer_suggests_replicate():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for obj, name in [(model, "Sequential"), (opt, "SGD")]:
+        with pytest.raises(ValueError, match=rf"cannot map over args\[0\], a {name} \(in_axes=0\)") as e:
+            tp.pmap(lambda m, x: x)(obj, torch.zeros(2, 1))
+        assert "torchpmap.replicate(" in str(e.value)
+        # Sharing is offered only for reading a module, never for an optimizer.
+        assert ("only read, never train" in str(e.value)) == (obj is model)
+        assert ("in_axes=None" in str(e.value)) == (obj is model)
+
+
+# -- PerReplica as a module / optimizer: checkpoints, modes, sync --------------------------
+def train_steps(models, opts, xs, ys, n, per):
+    step = tp.pmap(module_step, "i")
+    for x, y in zip(xs, ys):
+        step(models, opts, x.reshape(n, per, 6), y.reshape(n, per))
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run():
+    import io
+
+    n, per, k = 4, 5, 3
+    xs, ys = make_data(6, n, per)
+    devices = tp.local_devices()[:n]
+    full_models, full_opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(full_models, full_opts, xs, ys, n, per)
+
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(models, opts, xs[:k], ys[:k], n, per)
+    buffer = io.BytesIO()
+    torch.save({"model": models.state_dict(), "opt": opts.state_dict()}, buffer)
+    buffer.seek(0)
+    ck = torch.load(buffer)
+    models, opts = tp.replicate(make_model(seed=7), OPTIMIZERS["adamw"], devices)  # fresh, other weights
+    models.load_state_dict(ck["model"])
+    opts.load_state_dict(ck["opt"])
+    # Every replica has its own moment tensors.
+    ptrs = {o.state[p]["exp_avg"].data_ptr() for o, m in zip(opts, models) for p in m.parameters()}
+    assert len(ptrs) == n * len(list(models[0].parameters()))
+    train_steps(models, opts, xs[k:], ys[k:], n, per)
+    tp.assert_replicas_identical(models, opts)
+    for (name, p), q in zip(models[0].named_parameters(), full_models[0].parameters()):
+        assert torch.equal(p, q), name
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        for p, q in zip(models[0].parameters(), full_models[0].parameters()):
+            assert torch.equal(opts[0].state[p][key], full_opts[0].state[q][key])
+
+
+def test_loading_one_optimizer_state_into_each_replica_is_caught():
+    n, per = 2, 5
+    xs, ys = make_data(4, n, per)
+    devices = tp.local_devices()[:n]
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    train_steps(models, opts, xs[:2], ys[:2], n, per)
+    ck = opts.state_dict()
+    for o in opts:  # the DDP habit: one dict into each replica's optimizer
+        o.load_state_dict(ck)
+    with pytest.raises(
+        AssertionError, match=r"AdamW replica 1 shares \['state'\]\[0\]\['(step|exp_avg)'\] with replica 0"
+    ):
+        tp.assert_replicas_identical(opts)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_state_dict_round_trip_and_modes():
+    devices = tp.local_devices()[:3]
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
+    models, opts = tp.replicate(model, OPTIMIZERS["sgd_momentum"], devices)
+    sd = models.state_dict()
+    assert sd.keys() == model.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    other = tp.replicate(torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4)), devices=devices)
+    assert other.load_state_dict(sd).missing_keys == []
+    tp.assert_replicas_identical(other)
+    assert all(torch.equal(a, b) for a, b in zip(other[2].state_dict().values(), sd.values()))
+    assert other.eval() is other and not any(m.training for r in other for m in r.modules())
+    assert other.train() is other and all(m.training for r in other for m in r.modules())
+    assert other.to(torch.float64) is other and all(p.dtype == torch.float64 for r in other for p in r.parameters())
+    with pytest.raises(ValueError, match="each replica stays on its own device"):
+        other.to("cpu")
+    with pytest.raises(TypeError, match="PerReplica.train: the replicas must be nn.Modules, got SGD"):
+        opts.train()
+    # Optimizer and LR scheduler state round trip, each replica with its own copy.
+    scheds = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in opts], devices)
+    for s in scheds:
+        s.step()
+    state = scheds.state_dict()
+    fresh = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2) for o in opts], devices)
+    fresh.load_state_dict(state)
+    assert all(s.last_epoch == 1 and s.gamma == 0.5 for s in fresh)
+    tp.assert_replicas_identical(fresh, opts)
+
+
+def test_assert_replicas_identical_names_the_drift():
+    devices = tp.local_devices()[:3]
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["sgd_momentum"], devices)
+    tp.assert_replicas_identical(models, opts)
+    with torch.no_grad():
+        models[2][2].bias[1] += 1e-7
+    with pytest.raises(AssertionError, match=r"Sequential replica 2 differs from replica 0 at 2\.bias"):
+        tp.assert_replicas_identical(models)
+    with pytest.raises(AssertionError, match=r"replica 2 differs .* at 2\.bias"):
+        models.state_dict()  # saving checks first
+    opts[1].param_groups[0]["lr"] = 0.2
+    with pytest.raises(
+        AssertionError, match=r"SGD replica 1 differs from replica 0 at \['param_groups'\]\[0\]\['lr'\]"
+    ):
+        tp.assert_replicas_identical(opts)
+    with pytest.raises(TypeError, match="expected PerReplica arguments"):
+        tp.assert_replicas_identical(make_model())
+    # Bit for bit: -0.0 is not 0.0.
+    with torch.no_grad():
+        models[2][2].bias.copy_(models[0][2].bias)
+        models[0][0].bias[0], models[1][0].bias[0], models[2][0].bias[0] = 0.0, -0.0, 0.0
+    with pytest.raises(AssertionError, match=r"replica 1 differs from replica 0 at 0\.bias"):
+        tp.assert_replicas_identical(models)

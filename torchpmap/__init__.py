@@ -44,6 +44,7 @@ from .errors import (
 )
 from .training import (
     PerReplica,
+    assert_replicas_identical,
     functional_call,
     params_of,
     pmean_grads,
@@ -85,6 +86,7 @@ __all__ = [
     "PerReplica",
     "replicate",
     "replicate_module",
+    "assert_replicas_identical",
     "pmean_grads",
     "functional_call",
     "params_of",

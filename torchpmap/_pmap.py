@@ -59,6 +59,9 @@ class _InPlan:
     kinds: list[int]  # per input leaf: _TENSOR, _SHARDED, ...
     paths: list[str]  # per input leaf: readable path (args[0]['w'])
     arg_of_leaf: list[int | None]  # positional index of the argument a leaf comes from (None: kwargs)
+    # Modules, optimizers and LR schedulers every replica receives as one object
+    # (broadcast leaves and static arguments): (path, object, how it is shared).
+    shared_objects: list[tuple[str, Any, str]]
 
 
 @dataclass
@@ -125,8 +128,10 @@ def pmap(
 
     Inputs that replicas share are read-only: a replica that writes in place a
     broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
-    same memory (``expand()``), makes the call raise ``RuntimeError``; a
-    replica may write its own slice of a mapped input. A donated
+    same memory (``expand()``), or a broadcast ``nn.Module``'s parameters,
+    gradients or buffers, makes the call raise ``RuntimeError``; a broadcast
+    optimizer is refused. A replica may write its own slice of a mapped input;
+    ``replicate`` gives each replica its own model and optimizer. A donated
     ShardedTensor (``donate_argnums``) is deleted once the replicas start,
     even if the call then fails; a call that fails before (a bad argument)
     leaves it usable, so the step can be retried.
@@ -259,6 +264,7 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
+        shared_modules = _watch_shared_objects(plan.shared_objects, n) if plan.shared_objects else []
         per_leaf, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
         static_items = list(zip(static_pos, static_vals))
@@ -301,12 +307,19 @@ class Pmapped:
 
         if donated:
             run = _donating(run, [leaves[j] for j in donated])
-        if torch.is_grad_enabled():
-            outs = differentiable_call(run, call_fun, per_leaf, grad_leaves, n)
-        else:
-            replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-            outs = run(lambda r: call_fun(r, replica_inputs[r]))
+        try:
+            if torch.is_grad_enabled():
+                outs = differentiable_call(run, call_fun, per_leaf, grad_leaves, n)
+            else:
+                replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
+                outs = run(lambda r: call_fun(r, replica_inputs[r]))
+        except Exception as e:
+            if shared_modules:  # the race on a shared module may be why a replica failed
+                _check_modules_not_written(shared_modules, n, cause=e)
+            raise
         _check_not_written(shared, plan.paths)
+        if shared_modules:
+            _check_modules_not_written(shared_modules, n)
         return self._assemble(outs, devices)
 
     def _positional_spec(self, n: int) -> TreeSpec:
@@ -386,6 +399,17 @@ class Pmapped:
             if leaf is None:
                 canonical.append(None)  # None holds no data: nothing to map
                 continue
+            if _is_stateful_object(leaf):
+                read_only = (
+                    " (a module that replicas only read, never train, may instead be shared with in_axes=None)"
+                    if isinstance(leaf, torch.nn.Module)
+                    else ""
+                )
+                raise ValueError(
+                    f"pmap: cannot map over {path}, a {type(leaf).__name__} (in_axes={axis}); give "
+                    f"each replica its own copy with torchpmap.replicate(model, optimizer_factory), "
+                    f"which returns PerReplica arguments that pmap maps{read_only}"
+                )
             if kind in (_SCALAR, _OTHER):
                 raise ValueError(
                     f"pmap: cannot map over {path}, a {type(leaf).__name__} (in_axes={axis}); "
@@ -403,13 +427,23 @@ class Pmapped:
                     f"dimension(s) (shape {tuple(leaf.shape)})"
                 )
             canonical.append(axis % ndim)
+        shared_objects = [
+            (paths[j], leaves[j], "broadcast (in_axes=None)")
+            for j in range(len(leaves))
+            if canonical[j] is None and _is_stateful_object(leaves[j])
+        ]
+        shared_objects += [
+            (f"args[{i}]", args[i], "static (static_broadcasted_argnums)")
+            for i in static_pos
+            if _is_stateful_object(args[i])
+        ]
         mapped = [j for j, a in enumerate(canonical) if a is not None]
         if not mapped and self._axis_size is None:
             raise ValueError(
                 f"pmap: {self._fun_name} was called with no mapped argument, so the axis "
                 f"size is unknown; map at least one argument (in_axes) or pass axis_size"
             )
-        return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf)
+        return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf, shared_objects)
 
     def _axis_length(self, plan: _InPlan, leaves: list[Any]) -> int:
         n: int | None = None
@@ -689,6 +723,82 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
             f"others' data. clone() the slice inside the function before writing to it, or pass "
             f"{path}.contiguous()."
         )
+
+
+# -- modules and optimizers the replicas share ---------------------------------------------
+_REPLICATE_HINT = (
+    "Give each replica its own copy with "
+    "`models, opts = torchpmap.replicate(model, lambda p: torch.optim.AdamW(p, ...))` "
+    "and pass those (PerReplica arguments, mapped over the devices)."
+)
+
+
+def _is_stateful_object(v: Any) -> bool:
+    return isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+
+
+# A shared module's tensors before the call: (path, tensor, version) per parameter
+# and buffer, and (path, parameter, its .grad, that grad's version) per parameter.
+_TensorVersion: TypeAlias = "tuple[str, torch.Tensor, int]"
+_GradVersion: TypeAlias = "tuple[str, torch.Tensor, torch.Tensor | None, int]"
+_ModuleSnapshot: TypeAlias = "tuple[str, str, list[_TensorVersion], list[_GradVersion]]"
+
+
+def _watch_shared_objects(objects: list[tuple[str, Any, str]], n: int) -> list[_ModuleSnapshot]:
+    """Refuse an optimizer or LR scheduler shared by several replicas (stepping
+    it is the only thing to do with one, and that races); snapshot the version
+    counters of a shared module's tensors, which replicas may read but not
+    write. One replica sharing with the caller is single-device training: fine."""
+    if n < 2:
+        return []
+    snapshots = []
+    for path, obj, how in objects:
+        if not isinstance(obj, torch.nn.Module):
+            kind = "an optimizer" if isinstance(obj, torch.optim.Optimizer) else "an LR scheduler"
+            raise ValueError(
+                f"pmap: {path} is {kind} ({type(obj).__name__}) passed {how}, so all {n} replicas "
+                f"would step this one object, and the parameters it updates, at once: wrong weights, "
+                f"different on every run. {_REPLICATE_HINT}"
+            )
+        snapshots.append(_module_snapshot(obj, path, how))
+    return snapshots
+
+
+def _module_snapshot(module: torch.nn.Module, path: str, how: str) -> _ModuleSnapshot:
+    tensors: list[_TensorVersion] = []
+    grads: list[_GradVersion] = []
+    for name, p in module.named_parameters():
+        if not p.is_inference():  # inference tensors have no version counter
+            tensors.append((f"{path}.{name}", p, p._version))
+        g = p.grad
+        grads.append((f"{path}.{name}.grad", p, g, _version_or_none(g)))
+    for name, b in module.named_buffers():
+        if not b.is_inference():
+            tensors.append((f"{path}.{name}", b, b._version))
+    return path, how, tensors, grads
+
+
+def _version_or_none(t: torch.Tensor | None) -> int:
+    return -1 if t is None or t.is_inference() else t._version
+
+
+def _check_modules_not_written(snapshots: list[_ModuleSnapshot], n: int, cause: Exception | None = None) -> None:
+    """A replica that changed a shared module's parameter, gradient or buffer
+    (an optimizer step, backward, BatchNorm's running stats in training mode)
+    raced with the others: the module's weights are wrong, so an error."""
+    for path, how, tensors, grads in snapshots:
+        written = next((name for name, t, version in tensors if t._version != version), None)
+        if written is None:
+            written = next(
+                (name for name, p, g, version in grads if p.grad is not g or _version_or_none(g) != version), None
+            )
+        if written is not None:
+            raise RuntimeError(
+                f"pmap: a replica wrote {written} in place, but {path} is an nn.Module passed {how}: "
+                f"all {n} replicas share this one module, so they trained it at once and raced (wrong "
+                f"weights, different on every run). A shared module is for reading only (eval mode, "
+                f"no backward into it, no updates). {_REPLICATE_HINT}"
+            ) from cause
 
 
 def _hashable(v: Any) -> bool:

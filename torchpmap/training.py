@@ -69,6 +69,154 @@ class PerReplica:
         kinds = sorted({type(v).__name__ for v in self.values})
         return f"PerReplica({'/'.join(kinds)} x {len(self.values)}, devices={[str(d) for d in self.devices]})"
 
+    # -- the module / optimizer API, for all replicas at once ------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """Replica 0's ``state_dict()`` (one copy, to save), once
+        ``assert_replicas_identical`` has checked that every replica holds the
+        same state."""
+        self._require("state_dict")
+        _check_identical(self, grads=False)
+        return self.values[0].state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        """Load ``state_dict`` into every replica, each getting its own copy on
+        its own device (an optimizer's ``load_state_dict`` keeps the given
+        tensors, so loading one dict into each would make the replicas share
+        their moment buffers). Returns replica 0's result."""
+        self._require("load_state_dict")
+        results = []
+        for value, device in zip(self.values, self.devices):
+            assign = isinstance(value, torch.nn.Module) and kwargs.get("assign", False)
+            if isinstance(value, torch.nn.Module) and not assign:
+                own = state_dict  # Module.load_state_dict copies into the replica's own tensors
+            else:
+                own = _own_copy(state_dict, physical_device(device), cpu_too=assign)
+            results.append(value.load_state_dict(own, *args, **kwargs))
+        return results[0]
+
+    def train(self, mode: bool = True) -> PerReplica:
+        """``train(mode)`` on every replica module."""
+        for m in self._modules("train"):
+            m.train(mode)
+        return self
+
+    def eval(self) -> PerReplica:
+        """``eval()`` on every replica module."""
+        return self.train(False)
+
+    def to(self, *args: Any, **kwargs: Any) -> PerReplica:
+        """``Module.to`` on every replica module, in place (returns self):
+        dtype and memory format only, since each replica stays on its device."""
+        modules = self._modules("to")
+        device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            raise ValueError(
+                f"PerReplica.to: each replica stays on its own device {[str(d) for d in self.devices]}; "
+                f"to use other devices, replicate the model again with torchpmap.replicate(model, "
+                f"devices=...)"
+            )
+        for m in modules:
+            m.to(*args, **kwargs)
+        return self
+
+    def _require(self, method: str) -> None:
+        for v in self.values:
+            if not callable(getattr(v, method, None)):
+                raise TypeError(f"PerReplica.{method}: the replicas are {type(v).__name__}s, which have no {method}()")
+
+    def _modules(self, method: str) -> list[torch.nn.Module]:
+        for v in self.values:
+            if not isinstance(v, torch.nn.Module):
+                raise TypeError(f"PerReplica.{method}: the replicas must be nn.Modules, got {type(v).__name__}")
+        return self.values
+
+
+def _own_copy(state: Any, device: torch.device, *, cpu_too: bool) -> Any:
+    """``state`` with every tensor copied, onto ``device``; a CPU tensor stays
+    on the CPU unless ``cpu_too`` (an optimizer moves its state itself, and
+    keeps some, such as Adam's step counts, on the CPU)."""
+    leaves, spec = tree_flatten(state)
+    copies = []
+    for v in leaves:
+        if isinstance(v, torch.Tensor):
+            copies.append(v.to(device, copy=True) if cpu_too or v.device.type != "cpu" else v.clone())
+        else:
+            copies.append(copy.deepcopy(v))
+    return tree_unflatten(copies, spec)
+
+
+def assert_replicas_identical(*replicated: PerReplica) -> None:
+    """Check that every replica of each ``PerReplica`` (modules, optimizers,
+    LR schedulers) holds the same state as replica 0, bit for bit, in its own
+    tensors: parameters, buffers and gradients of a module, state and
+    hyperparameters of an optimizer, ``state_dict()`` of anything else.
+    Raises ``AssertionError`` naming the first tensor that differs (or that
+    two replicas share) and the replica."""
+    for per_replica in replicated:
+        if not isinstance(per_replica, PerReplica):
+            raise TypeError(
+                f"assert_replicas_identical: expected PerReplica arguments, got {type(per_replica).__name__}"
+            )
+        _check_identical(per_replica, grads=True)
+
+
+def _check_identical(per_replica: PerReplica, *, grads: bool) -> None:
+    states = [dict(_replica_state(v, grads)) for v in per_replica.values]
+    kind = type(per_replica.values[0]).__name__
+    for r in range(1, len(states)):
+        _compare_replica(states[0], states[r], r, kind)
+
+
+def _replica_state(value: Any, grads: bool) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, torch.nn.Module):
+        for name, p in value.named_parameters():
+            yield name, p.detach()
+            if grads and p.grad is not None:
+                yield f"{name}.grad", p.grad
+        for name, b in value.named_buffers():
+            yield name, b
+    elif callable(getattr(value, "state_dict", None)):
+        yield from _walk(value.state_dict(), "")
+    else:
+        raise TypeError(f"assert_replicas_identical: cannot compare {type(value).__name__}s (no state_dict())")
+
+
+def _walk(state: Any, path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield from _walk(v, f"{path}[{k!r}]")
+    elif isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            yield from _walk(v, f"{path}[{i}]")
+    else:
+        yield path, state
+
+
+def _compare_replica(first: dict[str, Any], other: dict[str, Any], r: int, kind: str) -> None:
+    if first.keys() != other.keys():
+        missing = sorted(first.keys() ^ other.keys())
+        raise AssertionError(f"{kind} replica {r} differs from replica 0: only one of them has {missing[0]}")
+    for name, a in first.items():
+        b = other[name]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.numel() and b.numel() and a.device == b.device and a.data_ptr() == b.data_ptr():
+                raise AssertionError(
+                    f"{kind} replica {r} shares {name} with replica 0 (one tensor for both): an "
+                    f"update by either changes the other, so they drift apart. Load state with "
+                    f"PerReplica.load_state_dict, which gives every replica its own copy."
+                )
+            same = a.shape == b.shape and a.dtype == b.dtype and _bitwise_equal(a, b.to(a.device))
+        else:
+            same = type(a) is type(b) and (a == b or (a != a and b != b))  # NaN hyperparameters are equal
+        if not same:
+            raise AssertionError(f"{kind} replica {r} differs from replica 0 at {name}")
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.is_floating_point() or a.is_complex():  # NaN payloads and -0.0 count: compare the bits
+        a, b = a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    return torch.equal(a, b)
+
 
 def replicate_module(module: torch.nn.Module, devices: Sequence[torch.device] | None = None) -> PerReplica:
     """An identical copy of ``module`` on every device (each with its own storage)."""
