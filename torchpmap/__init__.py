@@ -19,6 +19,7 @@ from ._devices import (
     set_cpu_device_count,
 )
 from ._pmap import Pmapped, pmap
+from ._sampler import ProcessBatchSampler
 from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
 from .collectives import (
     all_gather,
@@ -91,6 +92,7 @@ __all__ = [
     "functional_call",
     "params_of",
     "shard_batch",
+    "ProcessBatchSampler",
     "CollectiveError",
     "CollectiveMismatchError",
     "CollectiveTimeoutError",
