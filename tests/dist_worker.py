@@ -113,26 +113,42 @@ def loss_fn(p, x, y):
 
 
 def train():
+    """Two shuffled epochs through ProcessBatchSampler, whose last global batch
+    is padded and masked: the same parameters as one device on every real row."""
     tpd.initialize(timeout=30)
-    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    L = tp.local_device_count()
     g = torch.Generator().manual_seed(1)
-    steps, per = 3, 5
-    X, Y = torch.randn(steps, G, per, 4, generator=g), torch.randn(steps, G, per, 2, generator=g)
+    n, batch, epochs = 21, 8, 2  # 21 rows: the third batch has 5 real rows and 3 padding
+    X, Y = torch.randn(n, 4, generator=g), torch.randn(n, 2, generator=g)
+    sampler = tp.ProcessBatchSampler(n, batch, shuffle=True, seed=7)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_sampler=sampler)
 
-    def step(p, x, y):
-        grads, loss = torch.func.grad_and_value(loss_fn)(p, x, y)
-        grads = tp.pmean(grads, "i")
-        return {k: p[k] - 0.1 * grads[k] for k in p}, tp.pmean(loss, "i")
+    def masked_loss(p, x, y, mask, real):
+        h = torch.tanh(x @ p["w0"] + p["b0"])
+        per_row = ((h @ p["w1"] + p["b1"] - y) ** 2).mean(-1)
+        return (per_row * mask).sum() / real
+
+    def step(p, x, y, mask):
+        real = tp.psum(mask.sum(), "i")
+        grads = tp.psum(torch.func.grad(masked_loss)(p, x, y, mask, real), "i")
+        return {k: p[k] - 0.1 * grads[k] for k in p}
 
     pstep = tp.pmap(step, "i")
     params = tp.device_put_replicated(mlp_params(), tp.local_devices())
-    for s in range(steps):
-        params, loss = pstep(params, X[s, rank * L : (rank + 1) * L], Y[s, rank * L : (rank + 1) * L])
-    # The same training on one device, on the whole global batch.
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        for i, (x, y) in enumerate(loader):
+            xb, yb, mb = tp.shard_batch((x, y, sampler.mask(i).float()), L)
+            params = pstep(params, xb, yb, mb)
+    # The same training on one device, on the real rows of each global batch.
     ref = mlp_params()
-    for s in range(steps):
-        grads = torch.func.grad(loss_fn)(ref, X[s].reshape(-1, 4), Y[s].reshape(-1, 2))
-        ref = {k: ref[k] - 0.1 * grads[k] for k in ref}
+    whole = tp.ProcessBatchSampler(n, batch, shuffle=True, seed=7, process_index=0, process_count=1)
+    for epoch in range(epochs):
+        whole.set_epoch(epoch)
+        for i, idx in enumerate(whole):
+            rows = torch.tensor(idx)[whole.mask(i)]
+            grads = torch.func.grad(loss_fn)(ref, X[rows], Y[rows])
+            ref = {k: ref[k] - 0.1 * grads[k] for k in ref}
     results = {}
     for k in ref:
         check(f"param_{k}", params[k].shards[0].numpy(), ref[k].numpy(), results)
