@@ -25,12 +25,14 @@ ids = tp.pmap(lambda x: tp.axis_index("i"), "i")(torch.zeros(L))
 total = tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(L))
 print(f"process {rank}: global indices {ids.tolist()}, psum of ones = {total.tolist()}", flush=True)
 
-# Data-parallel least squares: every device holds a slice of the data.
+# Data-parallel least squares: each process loads only its block of the global
+# batch (ProcessBatchSampler), and shard_batch gives each device 64 rows of it.
 torch.manual_seed(0)
 w_true = torch.tensor([2.0, -3.0, 0.5])
-x_all = torch.randn(G, 64, 3)
-y_all = x_all @ w_true
-x, y = x_all[rank * L : (rank + 1) * L], y_all[rank * L : (rank + 1) * L]
+x_all = torch.randn(G * 64, 3)
+dataset = torch.utils.data.TensorDataset(x_all, x_all @ w_true)
+loader = torch.utils.data.DataLoader(dataset, batch_sampler=tp.ProcessBatchSampler(dataset, G * 64))
+x, y = tp.shard_batch(next(iter(loader)))
 
 
 def step(w, x, y):

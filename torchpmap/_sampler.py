@@ -38,7 +38,9 @@ class ProcessBatchSampler(Sampler[list[int]]):
     ``process_index`` and ``process_count`` default to torchpmap's (1 process
     without torchpmap.distributed), read when iterating, so the same script runs
     in every layout. Pick ``global_batch_size`` a multiple of ``device_count()``
-    so that ``shard_batch`` needs no padding.
+    so that ``shard_batch`` needs no padding: otherwise each process pads its
+    own block, and which replica gets which row depends on the layout (a
+    masked loss is still the same).
     """
 
     def __init__(
