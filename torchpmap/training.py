@@ -408,7 +408,8 @@ def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = Fa
     ValueError says so; with ``pad=True`` the leaves are zero-padded to the next
     multiple and ``(sharded_batch, mask)`` is returned, where ``mask`` (shape
     (num_devices, per_device), bool) marks the real rows. Use it to weight the
-    loss: ``psum((loss * mask).sum()) / psum(mask.sum())``.
+    loss: ``psum((loss * mask).sum()) / psum(mask.sum())``, and pass it to
+    ``SyncBatchNorm`` so the padding rows stay out of the batch statistics.
     """
     n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
