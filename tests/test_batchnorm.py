@@ -235,3 +235,17 @@ def test_sync_batchnorm_compiles_fullgraph():
     for m in models:
         m.zero_grad()
     tp.assert_replicas_identical(models)
+
+
+def test_low_precision_input_keeps_float32_statistics():
+    torch.manual_seed(0)
+    x = (torch.randn(N, PER * 2, 5, 3) * 3 + 2).bfloat16()
+    models = tp.replicate(tp.SyncBatchNorm(5, "i"), devices=devices(N))
+    out = tp.pmap(lambda m, x: m(x), "i")(models, x)
+    ref = torch.nn.BatchNorm1d(5)
+    expected = ref(x.reshape(N * PER * 2, 5, 3).float())  # statistics in float32, as torch does for bfloat16
+    assert out.dtype == torch.bfloat16
+    got = torch.as_tensor(out).reshape(expected.shape).float()
+    torch.testing.assert_close(got, expected.detach(), atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(models[0].running_var, ref.running_var)
+    tp.assert_replicas_identical(models)
