@@ -21,6 +21,7 @@ from ._devices import (
 from ._pmap import Pmapped, pmap
 from ._sampler import ProcessBatchSampler
 from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
+from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .collectives import (
     all_gather,
     all_to_all,
@@ -46,8 +47,10 @@ from .errors import (
 from .training import (
     PerReplica,
     assert_replicas_identical,
+    broadcast_buffers,
     functional_call,
     params_of,
+    pmean_buffers,
     pmean_grads,
     replicate,
     replicate_module,
@@ -89,6 +92,10 @@ __all__ = [
     "replicate_module",
     "assert_replicas_identical",
     "pmean_grads",
+    "pmean_buffers",
+    "broadcast_buffers",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
     "functional_call",
     "params_of",
     "shard_batch",

@@ -28,7 +28,7 @@ from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
 from . import _axis
 from ._axis import AxisName
 from ._devices import as_devices, default_devices, physical_device, usable_devices
-from .collectives import pmean
+from .collectives import axis_index, pmean, psum
 
 
 class PerReplica:
@@ -270,18 +270,59 @@ def pmean_grads(
     """
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
-    grads = [p.grad for p in params if p.grad is not None]
+    _pmean_in_place([p.grad for p in params if p.grad is not None], axis_name, bucket_mb)
+
+
+def pmean_buffers(module: torch.nn.Module, axis_name: AxisName, *, bucket_mb: float = 25.0) -> None:
+    """Average every floating-point buffer of ``module`` (BatchNorm running
+    statistics, ...) across the axis, in place, so the replicas hold
+    bit-identical buffers again. Integer buffers (``num_batches_tracked``) are
+    left alone: replicas that ran the same steps agree on them. Call it inside
+    the pmapped step. The mean of per-shard running variances is not the
+    variance of the whole batch; ``SyncBatchNorm`` gives the exact statistics."""
+    floating = [b for b in _module_buffers(module, "pmean_buffers") if b.is_floating_point() or b.is_complex()]
+    _pmean_in_place(floating, axis_name, bucket_mb)
+
+
+def broadcast_buffers(module: torch.nn.Module, axis_name: AxisName, *, source: int = 0) -> None:
+    """Copy every buffer of replica ``source`` (its index along the axis) into
+    the other replicas' modules, in place, as DDP's ``broadcast_buffers`` does.
+    Call it inside the pmapped step."""
+    size = _axis.static_axis_size(axis_name)
+    if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < size:
+        raise ValueError(f"broadcast_buffers: source must be an axis index in [0, {size}), got {source!r}")
+    buffers = _module_buffers(module, "broadcast_buffers")
+    if not buffers:
+        return
+    with torch.no_grad():
+        is_source = axis_index(axis_name) == source
+        # psum of the source's values and zeros elsewhere: an exact copy (where, not a
+        # multiplication, so NaN and inf travel unchanged).
+        kept = [torch.where(is_source, b, torch.zeros_like(b)) for b in buffers]
+        for b, v in zip(buffers, psum(kept, axis_name)):
+            b.copy_(v)
+
+
+def _module_buffers(module: torch.nn.Module, fn: str) -> list[torch.Tensor]:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{fn}: module must be an nn.Module (this replica's), got {type(module).__name__}")
+    return list(module.buffers())
+
+
+def _pmean_in_place(tensors: list[torch.Tensor], axis_name: AxisName, bucket_mb: float) -> None:
+    """Average ``tensors`` across the axis in place, in flat buckets of about
+    ``bucket_mb`` MB per dtype and device."""
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault((g.dtype, g.device), []).append(g)
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
     limit = max(1, int(bucket_mb * 2**20))
     with torch.no_grad():
-        for gs in groups.values():
+        for ts in groups.values():
             bucket: list[torch.Tensor] = []
             size = 0
-            for g in gs:
-                bucket.append(g)
-                size += g.numel() * g.element_size()
+            for t in ts:
+                bucket.append(t)
+                size += t.numel() * t.element_size()
                 if size >= limit:
                     _average_bucket(bucket, axis_name)
                     bucket, size = [], 0
@@ -367,7 +408,8 @@ def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = Fa
     ValueError says so; with ``pad=True`` the leaves are zero-padded to the next
     multiple and ``(sharded_batch, mask)`` is returned, where ``mask`` (shape
     (num_devices, per_device), bool) marks the real rows. Use it to weight the
-    loss: ``psum((loss * mask).sum()) / psum(mask.sum())``.
+    loss: ``psum((loss * mask).sum()) / psum(mask.sum())``, and pass it to
+    ``SyncBatchNorm`` so the padding rows stay out of the batch statistics.
     """
     n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
