@@ -173,7 +173,9 @@ def failure(stay_alive=False):
         say(f"ERROR {type(e).__name__}: {str(e).splitlines()[0]} after {time.monotonic() - t0:.1f}s")
         if stay_alive and rank == 1:
             time.sleep(20)  # a failed rank that lingers: the others must not wait for it
-        os._exit(3)
+        # Rank 1 leaves with status 0: torchrun kills the other workers as soon as
+        # one fails, which raced with rank 0 reporting what it saw (its peer gone).
+        os._exit(0 if rank == 1 and not stay_alive else 3)
     say("NO ERROR")
     os._exit(0)
 
