@@ -429,3 +429,31 @@ def test_assert_replicas_identical_names_the_drift():
         models[0][0].bias[0], models[1][0].bias[0], models[2][0].bias[0] = 0.0, -0.0, 0.0
     with pytest.raises(AssertionError, match=r"replica 1 differs from replica 0 at 0\.bias"):
         tp.assert_replicas_identical(models)
+
+
+def test_per_replica_step_steps_every_scheduler_and_optimizer():
+    devices = tp.local_devices()[:3]
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
+    scheds = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in opts], devices)
+    reference = torch.optim.lr_scheduler.StepLR(OPTIMIZERS["adamw"](make_model().parameters()), 2, gamma=0.5)
+    xs, ys = make_data(1, 3, 4)
+    x, y = xs[0], ys[0]
+    for _ in range(5):
+        opts.zero_grad()
+        assert all(p.grad is None for m in models for p in m.parameters())
+        for m in models:
+            F.cross_entropy(m(x), y).backward()
+        opts.step()
+        assert scheds.step() is None
+        reference.optimizer.step()
+        reference.step()
+        assert [s.get_last_lr() for s in scheds] == [reference.get_last_lr()] * 3
+    assert reference.get_last_lr() == [0.01 * 0.5**2]
+    assert all(g["lr"] == 0.01 * 0.5**2 for o in opts for g in o.param_groups)
+    tp.assert_replicas_identical(models, opts, scheds)
+    models.zero_grad()
+    assert all(p.grad is None for m in models for p in m.parameters())
+    with pytest.raises(TypeError, match=r"PerReplica\.step: the replicas are Sequentials, which have no step\(\)"):
+        models.step()
+    with pytest.raises(TypeError, match=r"PerReplica\.zero_grad: the replicas are StepLRs, which have no zero_grad"):
+        scheds.zero_grad()

@@ -94,6 +94,20 @@ class PerReplica:
             results.append(value.load_state_dict(own, *args, **kwargs))
         return results[0]
 
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """``step()`` on every replica: one call steps every replica's LR
+        scheduler or optimizer (outside pmap; inside, each replica steps its own)."""
+        self._call_each("step", args, kwargs)
+
+    def zero_grad(self, *args: Any, **kwargs: Any) -> None:
+        """``zero_grad()`` on every replica module or optimizer."""
+        self._call_each("zero_grad", args, kwargs)
+
+    def _call_each(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._require(method)  # before any replica changes, so a failure leaves them all alike
+        for v in self.values:
+            getattr(v, method)(*args, **kwargs)
+
     def train(self, mode: bool = True) -> PerReplica:
         """``train(mode)`` on every replica module."""
         for m in self._modules("train"):
