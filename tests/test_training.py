@@ -457,3 +457,112 @@ def test_per_replica_step_steps_every_scheduler_and_optimizer():
         models.step()
     with pytest.raises(TypeError, match=r"PerReplica\.zero_grad: the replicas are StepLRs, which have no zero_grad"):
         scheds.zero_grad()
+
+
+FUNCTIONAL_OPTIMIZERS = {
+    "sgd_momentum": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    "sgd_nesterov": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+    "adam": (torch.optim.Adam, dict(lr=0.01, weight_decay=0.01)),
+    "adamw_amsgrad": (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+}
+
+
+@pytest.mark.parametrize("opt_name", sorted(FUNCTIONAL_OPTIMIZERS))
+def test_functional_optimizer_in_pmap_matches_torch_optim_on_one_device(opt_name):
+    n, steps, per = 4, 4, 5
+    optimizer_class, hyperparams = FUNCTIONAL_OPTIMIZERS[opt_name]
+    xs, ys = make_data(steps, n, per)
+    xs = xs.double()
+    model = make_model().double()
+    opt = tp.functional_optimizer(optimizer_class, **hyperparams)
+
+    def train_step(params, state, x, y):
+        def loss_fn(p):
+            return F.cross_entropy(tp.functional_call(model, p, (x,)), y)
+
+        grads = tp.pmean(torch.func.grad(loss_fn)(params), "i")
+        return opt.step(params, grads, state)
+
+    params = tp.params_of(model)
+    devices = tp.local_devices()[:n]
+    rp, rs = tp.device_put_replicated((params, opt.init(params)), devices)
+    step = tp.pmap(train_step, "i", devices=devices)
+    for x, y in zip(xs, ys):
+        rp, rs = step(rp, rs, x.reshape(n, per, 6), y.reshape(n, per))
+
+    reference = make_model().double()
+    torch_opt = optimizer_class(reference.parameters(), **hyperparams)
+    for x, y in zip(xs, ys):
+        torch_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        torch_opt.step()
+    for name, p in reference.named_parameters():
+        for shard in rp[name].shards:
+            torch.testing.assert_close(shard, p.detach(), rtol=1e-12, atol=1e-14)
+        for key, value in torch_opt.state[p].items():
+            for shard in rs[name][key].shards:
+                torch.testing.assert_close(shard, value, rtol=1e-12, atol=1e-14)
+    assert params["0.weight"].equal(make_model().double()[0].weight)  # the step left its input alone
+
+
+def test_functional_optimizer_is_pure_and_skips_params_without_grads():
+    opt = tp.functional_optimizer(torch.optim.AdamW, lr=0.1, weight_decay=0.5)
+    params = {"w": torch.ones(3), "running_mean": torch.ones(2)}
+    state = opt.init(params)
+    assert state == {"w": {}, "running_mean": {}}
+    new, new_state = opt.step(params, {"w": torch.full((3,), 2.0)}, state)
+    assert params["w"].equal(torch.ones(3)) and state == {"w": {}, "running_mean": {}}
+    assert not new["w"].equal(params["w"]) and new["running_mean"].equal(params["running_mean"])
+    assert new["running_mean"] is not params["running_mean"]
+    assert new_state["running_mean"] == {} and set(new_state["w"]) == {"step", "exp_avg", "exp_avg_sq"}
+    again, _ = opt.step(new, {"w": torch.full((3,), 2.0), "running_mean": None}, new_state)
+    assert new_state["w"]["step"].item() == 1.0 and not again["w"].equal(new["w"])
+    assert "AdamW" in repr(opt) and "weight_decay=0.5" in repr(opt)
+
+
+@pytest.mark.parametrize(
+    "name", ["ASGD", "Adadelta", "Adafactor", "Adagrad", "Adamax", "NAdam", "RAdam", "RMSprop", "Rprop"]
+)
+def test_functional_optimizer_matches_other_torch_optimizers(name):
+    optimizer_class = getattr(torch.optim, name)
+    model = make_model().double()
+    xs, ys = make_data(3, 1, 8)
+    opt = tp.functional_optimizer(optimizer_class, lr=0.01)
+    params = tp.params_of(model)
+    state = opt.init(params)
+    torch_opt = optimizer_class(model.parameters(), lr=0.01)
+
+    def loss_fn(p, x, y):
+        return F.cross_entropy(tp.functional_call(model, p, (x,)), y)
+
+    for x, y in zip(xs.double(), ys):
+        grads = torch.func.grad(loss_fn)(params, x, y)
+        params, state = opt.step(params, grads, state)
+        torch_opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        torch_opt.step()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
+
+
+def test_functional_optimizer_errors():
+    with pytest.raises(TypeError, match="the class, not an instance"):
+        tp.functional_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+    with pytest.raises(TypeError, match="LBFGS is not supported: its step needs a closure"):
+        tp.functional_optimizer(torch.optim.LBFGS)
+
+    class MyOptimizer(torch.optim.SGD):
+        pass
+
+    with pytest.raises(TypeError, match="only torch.optim's own optimizers are supported"):
+        tp.functional_optimizer(MyOptimizer, lr=0.1)
+    with pytest.raises(ValueError, match="Invalid learning rate"):  # PyTorch's own check
+        tp.functional_optimizer(torch.optim.Adam, lr=-1.0)
+    opt = tp.functional_optimizer(torch.optim.SGD, lr=0.1)
+    params = {"w": torch.ones(2)}
+    with pytest.raises(TypeError, match="params must be a dict of tensors"):
+        opt.init([torch.ones(2)])
+    with pytest.raises(ValueError, match="grads has 'v', which params lacks"):
+        opt.step(params, {"v": torch.ones(2)}, opt.init(params))
+    with pytest.raises(ValueError, match="state must hold one entry per parameter"):
+        opt.step(params, {"w": torch.ones(2)}, {})

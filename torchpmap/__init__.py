@@ -45,10 +45,12 @@ from .errors import (
     ReplicaAbortedError,
 )
 from .training import (
+    FunctionalOptimizer,
     PerReplica,
     assert_replicas_identical,
     broadcast_buffers,
     functional_call,
+    functional_optimizer,
     params_of,
     pmean_buffers,
     pmean_grads,
@@ -97,6 +99,8 @@ __all__ = [
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "functional_call",
+    "functional_optimizer",
+    "FunctionalOptimizer",
     "params_of",
     "shard_batch",
     "ProcessBatchSampler",

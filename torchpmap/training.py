@@ -400,6 +400,123 @@ def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+class FunctionalOptimizer:
+    """A ``torch.optim`` optimizer as a pure function of a parameter dict, for
+    the functional idiom: ``state = opt.init(params)``, then
+    ``params, state = opt.step(params, grads, state)`` returns new tensors and
+    leaves its arguments unchanged. Each step drives a real
+    ``optimizer_class`` over copies of the tensors, so the update is
+    PyTorch's own code with PyTorch's defaults. Make it with
+    ``functional_optimizer``."""
+
+    def __init__(self, optimizer_class: type[torch.optim.Optimizer], **hyperparams: Any) -> None:
+        _check_optimizer_class(optimizer_class)
+        # Build one now: PyTorch validates the hyperparameters here, and patches the class's
+        # step once, on this thread, not racing in the replica threads.
+        optimizer_class([torch.zeros(1, requires_grad=True)], **hyperparams)
+        self.optimizer_class = optimizer_class
+        self.hyperparams = hyperparams
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
+        return f"functional_optimizer(torch.optim.{self.optimizer_class.__name__}{', ' if args else ''}{args})"
+
+    def init(self, params: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """The state before the first step: an empty dict per parameter. As
+        in ``torch.optim``, the first step fills it in (SGD's momentum buffer
+        starts as the first gradient, not as zeros)."""
+        _check_params(params, "init")
+        return {name: {} for name in params}
+
+    def step(
+        self,
+        params: dict[str, torch.Tensor],
+        grads: dict[str, torch.Tensor | None],
+        state: dict[str, dict[str, Any]],
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+        """One optimizer step: ``(new_params, new_state)``. Parameters with no
+        entry (or ``None``) in ``grads`` are returned unchanged, as
+        ``torch.optim`` skips a parameter whose ``.grad`` is None: leave
+        buffers out of ``grads`` so weight decay does not touch them."""
+        _check_params(params, "step")
+        _check_step_args(params, grads, state)
+        with torch.no_grad():
+            new = {name: p.detach().clone() for name, p in params.items()}
+            given = {name: g for name, g in grads.items() if g is not None}
+            trained = [name for name in params if name in given]
+            new_state = {name: _clone_state(state[name]) for name in params}
+            if not trained:
+                return new, new_state
+            opt = self.optimizer_class([new[name] for name in trained], **self.hyperparams)
+            for name in trained:
+                new[name].grad = given[name].detach()
+                if new_state[name]:
+                    opt.state[new[name]] = new_state[name]
+            opt.step()
+            for name in trained:
+                new[name].grad = None
+                new_state[name] = dict(opt.state[new[name]])
+        return new, new_state
+
+
+def functional_optimizer(optimizer_class: type[torch.optim.Optimizer], **hyperparams: Any) -> FunctionalOptimizer:
+    """``optimizer_class`` (a ``torch.optim`` optimizer such as SGD, Adam or
+    AdamW) with ``hyperparams``, as a pure ``init`` / ``step`` pair for a
+    pmapped step over a parameter dict::
+
+        opt = tp.functional_optimizer(torch.optim.AdamW, lr=1e-3, weight_decay=0.01)
+        state = opt.init(params)
+        params, state = opt.step(params, tp.pmean(grads, "batch"), state)
+    """
+    return FunctionalOptimizer(optimizer_class, **hyperparams)
+
+
+# Closure-driven or sparse-only: a step over plain tensors cannot drive them.
+_UNSUPPORTED_OPTIMIZERS = {"LBFGS": "its step needs a closure", "SparseAdam": "it needs sparse gradients"}
+
+
+def _check_optimizer_class(optimizer_class: Any) -> None:
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+        raise TypeError(
+            f"functional_optimizer: optimizer_class must be a torch.optim optimizer class such as "
+            f"torch.optim.AdamW (the class, not an instance), got {optimizer_class!r}"
+        )
+    name = optimizer_class.__name__
+    # Other classes may keep state outside optimizer.state, which a fresh optimizer per step would lose.
+    if getattr(torch.optim, name, None) is not optimizer_class or optimizer_class is torch.optim.Optimizer:
+        raise TypeError(
+            f"functional_optimizer: only torch.optim's own optimizers are supported (SGD, Adam, AdamW, "
+            f"...), got {optimizer_class.__module__}.{optimizer_class.__qualname__}"
+        )
+    if name in _UNSUPPORTED_OPTIMIZERS:
+        raise TypeError(f"functional_optimizer: torch.optim.{name} is not supported: {_UNSUPPORTED_OPTIMIZERS[name]}")
+
+
+def _check_params(params: Any, fn: str) -> None:
+    if not isinstance(params, dict) or not all(isinstance(v, torch.Tensor) for v in params.values()):
+        raise TypeError(
+            f"FunctionalOptimizer.{fn}: params must be a dict of tensors (such as torchpmap.params_of(model)), "
+            f"got {type(params).__name__}"
+        )
+
+
+def _check_step_args(params: dict[str, torch.Tensor], grads: Any, state: Any) -> None:
+    if not isinstance(grads, dict):
+        raise TypeError(f"FunctionalOptimizer.step: grads must be a dict like params, got {type(grads).__name__}")
+    unknown = sorted(set(grads) - set(params))
+    if unknown:
+        raise ValueError(f"FunctionalOptimizer.step: grads has {unknown[0]!r}, which params lacks")
+    if not isinstance(state, dict) or state.keys() != params.keys():
+        raise ValueError(
+            "FunctionalOptimizer.step: state must hold one entry per parameter: pass what init(params) or "
+            "the previous step returned"
+        )
+
+
+def _clone_state(per_param: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in per_param.items()}
+
+
 # -- batches --------------------------------------------------------------------------------
 @overload
 def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: Literal[False] = False) -> PyTree: ...
