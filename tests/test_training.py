@@ -566,3 +566,64 @@ def test_functional_optimizer_errors():
         opt.step(params, {"v": torch.ones(2)}, opt.init(params))
     with pytest.raises(ValueError, match="state must hold one entry per parameter"):
         opt.step(params, {"w": torch.ones(2)}, {})
+
+
+def test_clipping_after_accumulated_pmean_matches_one_device():
+    """The README's recipe: accumulate micro-batches into .grad, pmean once,
+    clip_grad_norm_ on each replica == clip_grad_norm_ on one device on the
+    whole batch (the norm is global because the averaged grads are)."""
+    n, micro, per, steps, max_norm = 4, 3, 2, 3, 0.05
+    xs, ys = make_data(steps, n, micro * per)
+    xs = xs.double()
+    devices = tp.local_devices()[:n]
+    models, opts = tp.replicate(make_model().double(), OPTIMIZERS["sgd_momentum"], devices)
+
+    @tp.pmap(axis_name="i", devices=devices)
+    def train_step(model, opt, xs, ys):
+        opt.zero_grad()
+        for x, y in zip(xs, ys):
+            (F.cross_entropy(model(x), y) / len(xs)).backward()
+        tp.pmean_grads(model, "i")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=max_norm)
+        opt.step()
+        return norm
+
+    reference = make_model().double()
+    torch_opt = OPTIMIZERS["sgd_momentum"](reference.parameters())
+    for x, y in zip(xs, ys):
+        # replica r gets rows [r*micro*per, (r+1)*micro*per), split into `micro` micro-batches
+        norms = train_step(models, opts, x.reshape(n, micro, per, 6), y.reshape(n, micro, per))
+        torch_opt.zero_grad()
+        F.cross_entropy(reference(x), y).backward()
+        expected_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm=max_norm)
+        assert expected_norm > max_norm  # clipping is active
+        for shard in norms.shards:
+            torch.testing.assert_close(shard, expected_norm, rtol=1e-12, atol=0)
+        torch_opt.step()
+    tp.assert_replicas_identical(models, opts)
+    for got, p in zip(models[0].parameters(), reference.parameters()):
+        torch.testing.assert_close(got.detach(), p.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_functional_clipping_of_pmeaned_grads_matches_clip_grad_norm():
+    n, per, max_norm = 4, 5, 0.05
+    xs, ys = make_data(1, n, per)
+    x, y = xs[0].double(), ys[0]
+    model = make_model().double()
+
+    def clipped_grads(params, x, y):
+        def loss_fn(p):
+            return F.cross_entropy(tp.functional_call(model, p, (x,)), y)
+
+        grads = tp.pmean(torch.func.grad(loss_fn)(params), "i")
+        norm = torch.nn.utils.get_total_norm(list(grads.values()))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return {k: g * scale for k, g in grads.items()}
+
+    params = tp.device_put_replicated(tp.params_of(model), tp.local_devices()[:n])
+    got = tp.pmap(clipped_grads, "i")(params, x.reshape(n, per, 6), y.reshape(n, per))
+    F.cross_entropy(model(x), y).backward()
+    assert torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) > max_norm
+    for name, p in model.named_parameters():
+        for shard in got[name].shards:
+            torch.testing.assert_close(shard, p.grad, rtol=1e-12, atol=1e-15)
