@@ -470,18 +470,23 @@ def test_second_order_for_per_replica_captured_parameters():
         torch.testing.assert_close(g, r)
 
 
-def test_first_order_gradients_stay_plain_and_free_the_replica_graphs():
-    """Without create_graph the gradient does not require grad, and the
-    replicas' graphs are freed by the backward that used them."""
-    saved = []
+def _recording_graphs(saved):
+    """A replica function that keeps a weak reference to a tensor its graph saves."""
 
     def f(r, w):
         h = r.exp()
         saved.append(weakref.ref(h))
         return (h * w).sin()
 
+    return f
+
+
+def test_first_order_gradients_stay_plain_and_free_the_replica_graphs():
+    """Without create_graph the gradient does not require grad, and the
+    replicas' graphs are freed by the backward that used them."""
+    saved = []
     x, w = _double(4, 3), _double(3)
-    y = tp.pmap(f, in_axes=(0, None))(x, w)
+    y = tp.pmap(_recording_graphs(saved), in_axes=(0, None))(x, w)
     gx, gw = torch.autograd.grad(y.sum(), (x, w))
     assert not gx.requires_grad and not gw.requires_grad
     del y
@@ -490,14 +495,8 @@ def test_first_order_gradients_stay_plain_and_free_the_replica_graphs():
 
 def test_second_order_frees_the_replica_graphs_once_dropped():
     saved = []
-
-    def f(r, w):
-        h = r.exp()
-        saved.append(weakref.ref(h))
-        return (h * w).sin()
-
     x, w = _double(4, 3), _double(3)
-    y = tp.pmap(f, in_axes=(0, None))(x, w)
+    y = tp.pmap(_recording_graphs(saved), in_axes=(0, None))(x, w)
     (gw,) = torch.autograd.grad((y**2).sum(), w, create_graph=True)
     torch.autograd.grad((gw**2).sum() + y.sum(), (x, w))
     del y, gw

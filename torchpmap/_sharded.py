@@ -705,15 +705,7 @@ def _overlapping_shards(shards: Sequence[torch.Tensor]) -> tuple[int, int] | Non
     for i, s in enumerate(shards):
         if torch._debug_has_internal_overlap(s) == 1:  # 1: MemOverlap::Yes
             return i, i
-    spans = [_byte_span(s) for s in shards]
-    for j in range(len(shards)):
-        for i in range(j):
-            a, b = spans[i], spans[j]
-            if a is None or b is None or a[1] <= b[0] or b[1] <= a[0]:
-                continue  # disjoint address ranges
-            if _share_an_element(shards[i], shards[j]):
-                return i, j
-    return None
+    return next(_pairs_sharing_memory(shards), None)
 
 
 def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -731,20 +723,24 @@ def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         return shards
     if len(set(storages)) == len(storages):  # the common case: every shard has its own storage
         return shards
-    # Sweep the shards' address ranges in order; only ranges that overlap need
-    # the element-wise check (interleaved views overlap in range only).
+    shared = {k for pair in _pairs_sharing_memory(shards) for k in pair}
+    if not shared:
+        return shards
+    return [s.clone() if k in shared else s for k, s in enumerate(shards)]
+
+
+def _pairs_sharing_memory(shards: Sequence[torch.Tensor]) -> Iterator[tuple[int, int]]:
+    """Every pair (i, j), i < j, of shards that share an element. A sweep over
+    the shards' address ranges in order: only ranges that overlap need the
+    element-wise check (interleaved views overlap in range only)."""
     spans = sorted((span, k) for k, span in enumerate(map(_byte_span, shards)) if span is not None)
-    shared: set[int] = set()
     active: list[tuple[int, int]] = []  # (end, k) of the ranges that may still overlap the next one
     for (begin, end), k in spans:
         active = [(e, i) for e, i in active if e > begin]
         for _, i in active:
-            if storages[i] == storages[k] and (shards[i] is shards[k] or _share_an_element(shards[i], shards[k])):
-                shared.update((i, k))
+            if shards[i] is shards[k] or _share_an_element(shards[i], shards[k]):
+                yield min(i, k), max(i, k)
         active.append((end, k))
-    if not shared:
-        return shards
-    return [s.clone() if k in shared else s for k, s in enumerate(shards)]
 
 
 def _byte_span(t: torch.Tensor) -> tuple[int, int] | None:
