@@ -25,7 +25,15 @@ from . import distributed as _distributed
 from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
-from ._sharded import ShardedTensor, _lost_write_message, _plain_view, _TemporaryView, _to_device, distinct_shards
+from ._sharded import (
+    ShardedTensor,
+    _lost_write_message,
+    _plain_view,
+    _TemporaryView,
+    _to_device,
+    distinct_shards,
+    version_of,
+)
 from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
@@ -740,7 +748,7 @@ def _is_stateful_object(v: Any) -> bool:
 # A shared module's tensors before the call: (path, tensor, version) per parameter
 # and buffer, and (path, parameter, its .grad, that grad's version) per parameter.
 _TensorVersion: TypeAlias = "tuple[str, torch.Tensor, int]"
-_GradVersion: TypeAlias = "tuple[str, torch.Tensor, torch.Tensor | None, int]"
+_GradVersion: TypeAlias = "tuple[str, torch.Tensor, torch.Tensor | None, int | None]"
 _ModuleSnapshot: TypeAlias = "tuple[str, str, list[_TensorVersion], list[_GradVersion]]"
 
 
@@ -771,15 +779,11 @@ def _module_snapshot(module: torch.nn.Module, path: str, how: str) -> _ModuleSna
         if not p.is_inference():  # inference tensors have no version counter
             tensors.append((f"{path}.{name}", p, p._version))
         g = p.grad
-        grads.append((f"{path}.{name}.grad", p, g, _version_or_none(g)))
+        grads.append((f"{path}.{name}.grad", p, g, version_of(g)))
     for name, b in module.named_buffers():
         if not b.is_inference():
             tensors.append((f"{path}.{name}", b, b._version))
     return path, how, tensors, grads
-
-
-def _version_or_none(t: torch.Tensor | None) -> int:
-    return -1 if t is None or t.is_inference() else t._version
 
 
 def _check_modules_not_written(snapshots: list[_ModuleSnapshot], n: int, cause: Exception | None = None) -> None:
@@ -789,9 +793,7 @@ def _check_modules_not_written(snapshots: list[_ModuleSnapshot], n: int, cause: 
     for path, how, tensors, grads in snapshots:
         written = next((name for name, t, version in tensors if t._version != version), None)
         if written is None:
-            written = next(
-                (name for name, p, g, version in grads if p.grad is not g or _version_or_none(g) != version), None
-            )
+            written = next((name for name, p, g, version in grads if p.grad is not g or version_of(g) != version), None)
         if written is not None:
             raise RuntimeError(
                 f"pmap: a replica wrote {written} in place, but {path} is an nn.Module passed {how}: "

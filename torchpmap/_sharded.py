@@ -346,9 +346,9 @@ class _TemporaryView(torch.Tensor):
             return _run_while_compiling(func, args, kwargs)
         views = [v for v in tree_leaves((args, kwargs)) if isinstance(v, _TemporaryView)]
         with torch._C.DisableTorchFunctionSubclass():
-            versions = [_version_of(v) for v in views]
+            versions = [version_of(v) for v in views]
             result = func(*args, **kwargs)
-            if [_version_of(v) for v in views] != versions:  # wrote without saying so (batch_norm's running stats)
+            if [version_of(v) for v in views] != versions:  # wrote without saying so (batch_norm's running stats)
                 raise TypeError(_lost_write_message(f"{_op_name(func)} wrote into"))
             return _guard_views(result, views)
 
@@ -536,8 +536,9 @@ def _plain_view(view: _TemporaryView) -> torch.Tensor:
         return view.view_as(view)
 
 
-def _version_of(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else t._version  # inference tensors count no versions
+def version_of(t: torch.Tensor | None) -> int | None:
+    """``t._version``, or None for no tensor or an inference tensor (which counts no versions)."""
+    return None if t is None or t.is_inference() else t._version
 
 
 # -- in-place updates ----------------------------------------------------------------------------
@@ -606,7 +607,7 @@ class _FullCopy:
         self.sharded = st
         self.full = st.unshard()
         self._layout = _Layout.of(self.full)
-        self._version = _version_of(self.full)
+        self._version = version_of(self.full)
         self._autograd = (self.full.requires_grad, self.full.grad_fn)
         # Under inference mode the copy counts no versions: then whether the op
         # wrote it is read from the op itself (its name, out=).
