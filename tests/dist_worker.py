@@ -244,6 +244,67 @@ def second_order():
     sys.exit(0 if all(results.values()) else 1)
 
 
+def checkpoint():
+    """Both processes save (process 0 alone writes) and load the same state;
+    each gets its own random state back; replicas that differ between the
+    processes are refused on both."""
+    tpd.initialize(timeout=30)
+    rank, L = tp.process_index(), tp.local_device_count()
+    path = os.path.join(os.environ["TORCHPMAP_TEST_CHECKPOINT_DIR"], "ckpt.pt")
+    torch.manual_seed(0)
+    models, opts = tp.replicate(torch.nn.Linear(4, 2), lambda p: torch.optim.AdamW(p, lr=0.1))
+
+    def step(model, opt, x):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        tp.pmean_grads(model, "i")
+        opt.step()
+
+    pstep = tp.pmap(step, "i")
+    full = torch.randn(2, tp.device_count(), 3, 4, generator=torch.Generator().manual_seed(5))
+    for x in full:
+        pstep(models, opts, x[rank * L : (rank + 1) * L])
+    saves = []
+    real_save = torch.save
+    # (torch.distributed's object collectives call torch.save too: count checkpoints only)
+    torch.save = lambda obj, *a, **k: (
+        saves.append(isinstance(obj, dict) and "entries" in obj),
+        real_save(obj, *a, **k),
+    )[1]
+    torch.manual_seed(100 + rank)  # a different random state in every process
+    tp.save_checkpoint(path, model=models, opt=opts, step=2)
+    results = {"written_by_process_0_only": sum(saves) == (1 if rank == 0 else 0)}
+    results["complete_when_save_returns"] = os.listdir(os.path.dirname(path)) == ["ckpt.pt"]
+    after_save = torch.rand(4)
+    torch.manual_seed(7)
+    fresh_models, fresh_opts = tp.replicate(torch.nn.Linear(4, 2), lambda p: torch.optim.AdamW(p, lr=0.1))
+    rest = tp.load_checkpoint(path, model=fresh_models, opt=fresh_opts)
+    results["own_random_state"] = torch.equal(torch.rand(4), after_save)
+    results["rest"] = rest == {"step": 2}
+    results["models"] = all(
+        torch.equal(a, b)
+        for m in fresh_models
+        for a, b in zip(m.state_dict().values(), models[0].state_dict().values())
+    )
+    results["optimizers"] = all(
+        torch.equal(o.state[p]["exp_avg"], opts[0].state[q]["exp_avg"])
+        for o, m in zip(fresh_opts, fresh_models)
+        for p, q in zip(m.parameters(), models[0].parameters())
+    )
+    if rank == 1:
+        with torch.no_grad():
+            for m in models:
+                m.bias.add_(1.0)
+    try:
+        tp.save_checkpoint(path, model=models)
+        results["drift_refused"] = False
+    except ValueError as e:
+        results["drift_refused"] = "differ between process 0 and process 1 at bias" in str(e)
+    say("RESULTS " + json.dumps(results))
+    tpd.shutdown()
+    sys.exit(0 if all(results.values()) else 1)
+
+
 if __name__ == "__main__":
     scenarios = {
         "collectives": collectives,
@@ -253,5 +314,6 @@ if __name__ == "__main__":
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,
         "catch_and_continue": catch_and_continue,
+        "checkpoint": checkpoint,
     }
     scenarios[sys.argv[1]]()

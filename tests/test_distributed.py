@@ -103,6 +103,13 @@ def test_a_rank_that_catches_an_error_and_goes_on_never_gets_wrong_results():
     assert all(s in ("CollectiveMismatchError", "CollectiveError") for s in later), outcomes
 
 
+def test_checkpoints_across_two_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHPMAP_TEST_CHECKPOINT_DIR", str(tmp_path))
+    out, _ = torchrun("checkpoint")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("RESULTS ") == 2, out.stdout
+
+
 def test_initialize_without_launcher_is_a_clear_error(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
         monkeypatch.delenv(var, raising=False)

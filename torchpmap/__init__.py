@@ -22,6 +22,7 @@ from ._pmap import Pmapped, pmap
 from ._sampler import ProcessBatchSampler
 from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .checkpoint import load_checkpoint, save_checkpoint
 from .collectives import (
     all_gather,
     all_to_all,
@@ -103,6 +104,8 @@ __all__ = [
     "FunctionalOptimizer",
     "params_of",
     "shard_batch",
+    "save_checkpoint",
+    "load_checkpoint",
     "ProcessBatchSampler",
     "CollectiveError",
     "CollectiveMismatchError",

@@ -1,0 +1,329 @@
+"""One-call checkpoints of a replicated training state.
+
+``save_checkpoint(path, model=models, opt=opts, sched=scheds, step=step)``
+writes one file: one copy of every ``PerReplica`` (replica 0's state, after
+checking that every replica still holds the same state), the state of other
+objects with ``state_dict``, tensors (a ShardedTensor as its full value),
+plain Python values, and the caller's random state. ``load_checkpoint`` puts
+the state back into the objects given and returns the rest.
+
+Across processes every process calls both; process 0 alone writes, and the
+processes first check that their replicas agree and gather their random
+states, then wait for the write, so no process reads a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as _distributed
+from ._devices import process_count, process_index
+from ._sharded import ShardedTensor
+from .training import PerReplica, _check_identical, _replica_state
+
+_FORMAT = "torchpmap.checkpoint"
+_VERSION = 1
+
+# What an entry holds: the state of replicated objects, of one object, a tensor, or a plain value.
+_REPLICATED, _OBJECT, _TENSOR, _VALUE = "replicated", "object", "tensor", "value"
+
+
+def save_checkpoint(path: str | os.PathLike[str], /, *, rng: bool = True, **state: Any) -> None:
+    """Write ``state`` (name=value pairs) to ``path`` in one file, atomically
+    (a temporary file in the same directory, then ``os.replace``).
+
+    Values may be: ``PerReplica`` modules, optimizers, LR schedulers, grad
+    scalers or anything else with ``state_dict``/``load_state_dict``, saved
+    once (replica 0's state) after checking that every replica still holds
+    the same parameters, buffers and optimizer state (a ValueError names the
+    entry and the first difference otherwise: one copy would lose the
+    others). To keep replicas that are meant to differ, save their states
+    explicitly, e.g. ``per_replica=[m.state_dict() for m in models]``. Also:
+    single objects with ``state_dict``, tensors (a ShardedTensor is saved as
+    its full tensor), and plain Python values (step, epoch, lists, dicts).
+
+    With ``rng`` (the default) the caller's random state is saved too:
+    ``torch.get_rng_state()`` and, once CUDA is initialised,
+    ``torch.cuda.get_rng_state_all()``. pmap derives every replica's random
+    stream from a number drawn from the caller's CPU generator and the
+    replica's global index, so this is the random state of every replica.
+
+    With several processes (``torchpmap.distributed``) every process must
+    call it with the same names: process 0 alone writes (the random state of
+    every process included), and every process returns once the file is
+    complete. Replicas are also compared across processes.
+    """
+    path = _check_path(path, "save_checkpoint")
+    if process_count() > 1:
+        _save_across_processes(path, state, rng)
+        return
+    entries = {name: _entry(name, value) for name, value in state.items()}
+    _write(path, _payload(entries, [_rng_state()] if rng else None))
+
+
+def _save_across_processes(path: str, state: dict[str, Any], rng: bool) -> None:
+    """Every process checks its own state, then they compare what they found
+    (so a failure anywhere fails everywhere instead of leaving peers waiting);
+    process 0 writes, and all learn whether it managed."""
+    error, entries, digests, rng_state = None, {}, {}, None
+    try:
+        entries = {name: _entry(name, value) for name, value in state.items()}
+        digests = {name: _digest(value) for name, value in state.items() if isinstance(value, PerReplica)}
+        rng_state = _rng_state() if rng else None
+    except Exception as e:
+        error = e
+    everyone = _gather((None if error is None else f"{type(error).__name__}: {error}", digests, rng_state))
+    if error is not None:
+        raise error
+    _raise_for_peers([e for e, _, _ in everyone], "save_checkpoint")
+    _check_same_across_processes([d for _, d, _ in everyone])
+    written: str | None = None
+    if process_index() == 0:
+        try:
+            _write(path, _payload(entries, [r for _, _, r in everyone] if rng else None))
+        except Exception as e:
+            written = f"{type(e).__name__}: {e}"
+    _raise_for_peers(_gather(written), "save_checkpoint (writing)")
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    /,
+    *,
+    rng: bool = True,
+    map_location: Any = "cpu",
+    weights_only: bool = True,
+    **objects: Any,
+) -> dict[str, Any]:
+    """Load the checkpoint at ``path``: the state of each entry named in
+    ``objects`` goes into that object in place (a ``PerReplica`` gives every
+    replica its own copy on its own device; a tensor or ShardedTensor is
+    overwritten with the saved values), and every other entry of the file is
+    returned in a dict (plain values as saved, tensors as plain tensors, the
+    state dicts of objects not given).
+
+    With ``rng`` (the default) the random state saved with the checkpoint is
+    restored (see ``save_checkpoint``), so a resumed run draws the numbers the
+    uninterrupted one would have drawn. Tensors load onto ``map_location``
+    (CPU by default, so a checkpoint loads anywhere; objects then move their
+    state to their own devices). ``weights_only=True`` (the default) refuses
+    to unpickle arbitrary objects; plain values of your own classes need
+    ``weights_only=False``, for files you trust.
+    """
+    path = _check_path(path, "load_checkpoint")
+    payload = torch.load(path, map_location=map_location, weights_only=weights_only)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(
+            f"load_checkpoint: {os.fspath(path)!r} is not a torchpmap checkpoint (save_checkpoint writes them)"
+        )
+    saved: dict[str, dict[str, Any]] = payload["entries"]
+    for name in objects:
+        if name not in saved:
+            raise KeyError(f"load_checkpoint: the checkpoint has no entry {name!r}; it has {sorted(saved)}")
+    for name, target in objects.items():  # every check before any object changes
+        _check_target(name, saved[name], target)
+    for name, target in objects.items():
+        _load_entry(saved[name], target)
+    if rng:
+        _restore_rng(payload["rng"])
+    return {name: entry["state"] for name, entry in saved.items() if name not in objects}
+
+
+# -- saving ---------------------------------------------------------------------------------
+def _entry(name: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, PerReplica):
+        return {"kind": _REPLICATED, "category": _category(value.values[0]), "state": _replicated_state(name, value)}
+    if isinstance(value, ShardedTensor):
+        if process_count() > 1:
+            raise ValueError(
+                f"save_checkpoint: {name} is a ShardedTensor, which holds only this process's shards; "
+                f"save its full value (torchpmap.distributed.to_dtensor({name}).full_tensor()) instead"
+            )
+        return {"kind": _TENSOR, "state": value.unshard("cpu").detach()}
+    if isinstance(value, torch.Tensor):
+        return {"kind": _TENSOR, "state": value.detach()}
+    if _has_state_methods(value):
+        return {"kind": _OBJECT, "category": _category(value), "state": value.state_dict()}
+    return {"kind": _VALUE, "state": value}
+
+
+def _replicated_state(name: str, value: PerReplica) -> Any:
+    for v in value.values:
+        if not _has_state_methods(v):
+            raise TypeError(
+                f"save_checkpoint: {name} holds {type(v).__name__}s, which have no state_dict() and "
+                f"load_state_dict(); save their values as a list instead"
+            )
+    try:
+        _check_identical(value, grads=False)
+    except AssertionError as e:
+        raise ValueError(
+            f"save_checkpoint: the replicas of {name} differ ({e}), so one copy would lose state. Keep them "
+            f"identical (convert_sync_batchnorm, pmean_buffers or broadcast_buffers for buffers, pmean_grads "
+            f"for gradients), or save each replica's state explicitly: "
+            f"{name}=[r.state_dict() for r in {name}]"
+        ) from None
+    return value.values[0].state_dict()
+
+
+def _has_state_methods(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+
+
+def _category(value: Any) -> str:
+    """The kind of state an object has, so loading a module's into an optimizer fails clearly."""
+    for kind, cls in (
+        ("module", torch.nn.Module),
+        ("optimizer", torch.optim.Optimizer),
+        ("LR scheduler", torch.optim.lr_scheduler.LRScheduler),
+        ("LR scheduler", torch.optim.lr_scheduler.ReduceLROnPlateau),
+        ("grad scaler", torch.amp.GradScaler),
+    ):
+        if isinstance(value, cls):
+            return kind
+    return type(value).__qualname__
+
+
+def _rng_state() -> dict[str, Any]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _payload(entries: dict[str, Any], rng_per_process: list[Any] | None) -> dict[str, Any]:
+    return {"format": _FORMAT, "version": _VERSION, "entries": entries, "rng": rng_per_process}
+
+
+def _write(path: str, payload: dict[str, Any]) -> None:
+    directory, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _check_path(path: Any, fn: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{fn}: path must be a str or os.PathLike, got {type(path).__name__}")
+    result = os.fspath(path)
+    if not isinstance(result, str):
+        raise TypeError(f"{fn}: path must name a file as str, got {type(result).__name__}")
+    return result
+
+
+# -- across processes -----------------------------------------------------------------------
+def _gather(obj: Any) -> list[Any]:
+    if not (_distributed.is_initialized() and dist.is_initialized()):
+        raise RuntimeError("save_checkpoint: several processes but torch.distributed is not initialized")
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
+def _raise_for_peers(errors: list[str | None], what: str) -> None:
+    for rank, error in enumerate(errors):
+        if error is not None:
+            raise RuntimeError(f"{what} failed on process {rank}: {error}")
+
+
+def _digest(value: PerReplica) -> dict[str, str]:
+    """A hash of replica 0's state per key, to compare replicas across processes."""
+    return {key: _hash(v) for key, v in _replica_state(value.values[0], grads=False)}
+
+
+def _hash(v: Any) -> str:
+    h = hashlib.sha256()
+    if isinstance(v, torch.Tensor):
+        t = v.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{t.dtype}{tuple(v.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def _check_same_across_processes(digests: list[dict[str, dict[str, str]]]) -> None:
+    for rank in range(1, len(digests)):
+        for name, keys in digests[0].items():
+            other = digests[rank].get(name, {})
+            for key in sorted(keys.keys() | other.keys()):
+                if keys.get(key) != other.get(key):
+                    raise ValueError(
+                        f"save_checkpoint: the replicas of {name} differ between process 0 and process "
+                        f"{rank} at {key}, so one copy would lose state"
+                    )
+
+
+# -- loading --------------------------------------------------------------------------------
+def _check_target(name: str, entry: dict[str, Any], target: Any) -> None:
+    kind, state = entry["kind"], entry["state"]
+    if isinstance(target, torch.Tensor):
+        if kind != _TENSOR:
+            raise TypeError(f"load_checkpoint: {name} is a {_saved_as(entry)} in the checkpoint, not a tensor")
+        if state.shape != target.shape or state.dtype != target.dtype:
+            raise ValueError(
+                f"load_checkpoint: {name} was saved with shape {tuple(state.shape)} and dtype {state.dtype}, "
+                f"but the tensor passed has {tuple(target.shape)} and {target.dtype}"
+            )
+        return
+    if kind not in (_REPLICATED, _OBJECT):
+        raise TypeError(
+            f"load_checkpoint: {name} is a {_saved_as(entry)} in the checkpoint; pass only objects to load "
+            f"state into (it comes back in the returned dict when not passed)"
+        )
+    first = target.values[0] if isinstance(target, PerReplica) else target
+    if not _has_state_methods(first):
+        raise TypeError(f"load_checkpoint: {name} is a {type(first).__name__}, which has no load_state_dict()")
+    if _category(first) != entry["category"]:
+        raise TypeError(
+            f"load_checkpoint: {name} holds the state of a {entry['category']} in the checkpoint, but a "
+            f"{_category(first)} was passed"
+        )
+
+
+def _load_entry(entry: dict[str, Any], target: Any) -> None:
+    if isinstance(target, torch.Tensor):
+        with torch.no_grad():
+            target.copy_(entry["state"])
+    else:
+        target.load_state_dict(entry["state"])
+
+
+def _saved_as(entry: dict[str, Any]) -> str:
+    if entry["kind"] in (_REPLICATED, _OBJECT):
+        return f"{entry['category']} state"
+    return "tensor" if entry["kind"] == _TENSOR else f"plain value ({type(entry['state']).__name__})"
+
+
+def _restore_rng(per_process: list[dict[str, Any]] | None) -> None:
+    if per_process is None:
+        raise ValueError("load_checkpoint: the checkpoint was saved without random state; pass rng=False")
+    if len(per_process) != process_count():
+        raise ValueError(
+            f"load_checkpoint: the checkpoint holds the random state of {len(per_process)} processes, but "
+            f"{process_count()} run now; pass rng=False to keep this run's random state"
+        )
+    mine = per_process[process_index()]
+    cuda = mine["cuda"]
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(
+                f"load_checkpoint: the checkpoint holds the random state of {len(cuda)} GPUs, but "
+                f"{torch.cuda.device_count()} are visible; pass rng=False to keep this run's random state"
+            )
+        torch.cuda.set_rng_state_all([c.cpu() for c in cuda])
+    torch.set_rng_state(mine["cpu"].cpu())
