@@ -25,7 +25,7 @@ from typing import Any, TypeAlias
 
 import torch
 
-from . import _config
+from . import _config, _random
 from .errors import CollectiveTimeoutError, CompileError
 
 # How often a replica waiting for the compile gate checks whether it, or the
@@ -166,7 +166,8 @@ def _gated_backend(options: dict[str, Any]) -> Backend:
         def run_graph(*args: Any) -> Any:
             paused = DYNAMO_GATE.pause()
             try:
-                return graph(*args)
+                with _random.restored():
+                    return graph(*args)
             finally:
                 if paused:
                     DYNAMO_GATE.enter()
@@ -232,7 +233,8 @@ class CompiledReplicas:
         def run(*args: Any, **kwargs: Any) -> Any:
             DYNAMO_GATE.enter()
             try:
-                return compiled(*args, **kwargs)
+                with _random.hidden_from_dynamo():
+                    return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 if _user_exception_while_tracing(e):
                     # With fullgraph=True Dynamo reports the user's own exception

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _axis
+from ._random import replica_modes_only
 
 if TYPE_CHECKING:
     from ._communicator import Groups, TreePlace
@@ -79,7 +80,7 @@ def _eager_ok(x: Tensor) -> bool:
         type(x) is Tensor
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and not torch._C._is_torch_function_mode_enabled()
+        and (not torch._C._is_torch_function_mode_enabled() or replica_modes_only())
         and torch._C._len_torch_dispatch_stack() == 0
     )
 

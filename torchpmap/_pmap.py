@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
-from . import _devices, _runtime
+from . import _devices, _random, _runtime
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, differentiable_call
 from ._communicator import InProcessCommunicator
@@ -226,6 +226,7 @@ class Pmapped:
         self._positional_specs: dict[int, TreeSpec] = {}  # by argument count
         self._out_plans: dict[_OutKey, _OutPlan] = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
+        self._random = _random.Interception()  # whether its replicas draw random numbers
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
         functools.update_wrapper(self, fun)
@@ -310,7 +311,14 @@ class Pmapped:
         # A fresh communicator per run (forward, and each backward).
         def run(replica_fn: Callable[[int], Any]) -> list[Any]:
             return _runtime.pool().run(
-                devices, replica_fn, new_comm(), axis_name, size, first_index=first, label=f"pmap of {self._fun_name}"
+                devices,
+                replica_fn,
+                new_comm(),
+                axis_name,
+                size,
+                first_index=first,
+                label=f"pmap of {self._fun_name}",
+                interception=self._random,
             )
 
         if donated:

@@ -28,6 +28,7 @@ import torch
 from . import _axis, _config
 from ._communicator import Communicator
 from ._devices import device_str
+from ._random import CallRandomness, Interception
 from .errors import CollectiveTimeoutError, ReplicaAbortedError
 
 # After the first replica fails, how long the caller still waits for the others
@@ -325,10 +326,13 @@ class WorkerPool:
         axis_size: int,
         first_index: int = 0,
         label: str = "pmap",
+        interception: Interception | None = None,
     ) -> list[Any]:
         """Run ``replica_fn(rank)`` for every local rank on its device's worker
         with the named axis bound; return the results in rank order or raise the
-        first replica's original exception. ``label`` names the call in errors."""
+        first replica's original exception. ``label`` names the call in errors;
+        ``interception`` is the function's record of whether its replicas draw
+        random numbers (None: give them their own streams regardless)."""
         if _axis.in_replica() or threading.current_thread().name.startswith("torchpmap-worker"):
             raise NotImplementedError(
                 "nested pmap is not supported: a pmapped function called pmap. "
@@ -338,6 +342,7 @@ class WorkerPool:
         captured = CallerState.capture()
         state = None if captured == _DEFAULT_STATE else captured  # compared once, not per replica
         call = _Call(label, devices, first_index)
+        randomness = CallRandomness(devices, interception)
         workers = [self.worker(d) for d in devices]
         # Per rank: on a CUDA device, its worker's stream and the caller's current
         # stream there; None on a virtual CPU device.
@@ -358,16 +363,8 @@ class WorkerPool:
                 _axis.bind(frame)
                 failed = False
                 try:
-                    cuda = streams[rank]
-                    if cuda is not None:
-                        worker_stream, caller_stream = cuda
-                        worker_stream.wait_stream(caller_stream)
-                        with torch.cuda.stream(worker_stream):
-                            call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
-                    else:
-                        if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
-                            torch.set_num_threads(cpu_threads)
-                        call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+                    with randomness.replica(first_index + rank):
+                        self._run_replica(rank, replica_fn, state, streams[rank], cpu_threads, call)
                     comm.retire(first_index + rank)
                 except BaseException as e:
                     failed = True
@@ -403,9 +400,29 @@ class WorkerPool:
                 worker_stream, caller_stream = cuda
                 caller_stream.wait_stream(worker_stream)
                 _record_outputs(call.results[rank], caller_stream)
+        randomness.finish(label, failed=any(e is not None for e in call.errors))
         if any(e is not None for e in call.errors):
             raise _note_abandoned(_root_cause(call.errors, devices, first_index), call, abandoned)
         return call.results
+
+    @staticmethod
+    def _run_replica(
+        rank: int,
+        replica_fn: Callable[[int], Any],
+        state: CallerState | None,
+        cuda: tuple[torch.cuda.Stream, torch.cuda.Stream] | None,
+        cpu_threads: int,
+        call: _Call,
+    ) -> None:
+        if cuda is not None:
+            worker_stream, caller_stream = cuda
+            worker_stream.wait_stream(caller_stream)
+            with torch.cuda.stream(worker_stream):
+                call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+        else:
+            if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
+                torch.set_num_threads(cpu_threads)
+            call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
 
 
 def _record_outputs(result: Any, stream: torch.cuda.Stream) -> None:

@@ -263,6 +263,11 @@ def replicate(
     """Module copies (and, given ``optimizer``, a factory such as
     ``lambda params: torch.optim.SGD(params, lr=0.1)``, one optimizer for each
     copy), made once, to pass to a pmapped training step every step."""
+    if optimizer is not None and not callable(optimizer):
+        raise TypeError(
+            f"replicate: optimizer must be a factory such as lambda params: torch.optim.SGD(params, lr=0.1), "
+            f"got {type(optimizer).__name__} (pass devices by keyword: replicate(module, devices=...))"
+        )
     modules = replicate_module(module, devices)
     if optimizer is None:
         return modules
