@@ -305,6 +305,23 @@ def checkpoint():
     sys.exit(0 if all(results.values()) else 1)
 
 
+def random_streams():
+    """Every replica's dropout mask and torch.rand draws, over two calls,
+    gathered on every replica: the test compares 2 x 2 with 1 x 4."""
+    tpd.initialize(timeout=30)
+    rank, L = tp.process_index(), tp.local_device_count()
+    torch.manual_seed(0)
+
+    def f(x):
+        draws = torch.cat([torch.nn.functional.dropout(x, 0.5), torch.rand(x.shape)])
+        return tp.all_gather(draws, "i")
+
+    pf = tp.pmap(f, "i")
+    calls = [pf(torch.ones(L, 4)).shards[0].tolist() for _ in range(2)]
+    say(f"DRAWS {rank} " + json.dumps(calls))
+    tpd.shutdown()
+
+
 if __name__ == "__main__":
     scenarios = {
         "collectives": collectives,
@@ -314,6 +331,7 @@ if __name__ == "__main__":
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,
         "catch_and_continue": catch_and_continue,
+        "random_streams": random_streams,
         "checkpoint": checkpoint,
     }
     scenarios[sys.argv[1]]()

@@ -54,6 +54,21 @@ def test_training_through_the_process_sampler_matches_one_device(nproc, devices_
     assert out.stdout.count("RESULTS ") == nproc, out.stdout
 
 
+def test_replicas_draw_the_same_random_numbers_as_2x2_and_1x4():
+    def draws(nproc, per_proc):
+        out, _ = torchrun("random_streams", nproc, per_proc)
+        assert out.returncode == 0, out.stdout + out.stderr
+        lines = [line.split(" ", 2) for line in out.stdout.splitlines() if line.startswith("DRAWS ")]
+        assert len(lines) == nproc, out.stdout
+        return [json.loads(payload) for _, _, payload in lines]
+
+    two_by_two, one_by_four = draws(2, 2), draws(1, 4)
+    assert two_by_two[0] == two_by_two[1] == one_by_four[0]  # bit for bit
+    for call in one_by_four[0]:
+        assert len({json.dumps(replica) for replica in call}) == 4  # every replica its own numbers
+    assert one_by_four[0][0] != one_by_four[0][1]  # and new numbers on the next call
+
+
 def test_second_order_gradients_across_two_processes():
     out, _ = torchrun("second_order")
     assert out.returncode == 0, out.stdout + out.stderr
