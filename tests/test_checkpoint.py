@@ -15,7 +15,9 @@ N, PER, STEPS = 4, 3, 6
 
 def make_model(seed):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 3)
+    )
     return tp.convert_sync_batchnorm(model, "i")
 
 
@@ -72,15 +74,17 @@ def assert_same_state(a, b):
 def test_a_resumed_run_matches_the_uninterrupted_one(tmp_path):
     data = batches()
     models, opts, scheds = make_training(0)
+    torch.manual_seed(100)  # the dropout masks: each replica's stream derives from it
     uninterrupted = run(models, opts, scheds, data)
 
     first = make_training(0)
+    torch.manual_seed(100)
     losses = run(*first, data[:3])
     path = tmp_path / "ckpt.pt"
     tp.save_checkpoint(path, model=first[0], opt=first[1], sched=first[2], step=3)
     del first
 
-    resumed = make_training(7)  # a different initialisation, all overwritten by the load
+    resumed = make_training(7)  # a different initialisation and random state, all overwritten by the load
     rest = tp.load_checkpoint(path, model=resumed[0], opt=resumed[1], sched=resumed[2])
     assert rest == {"step": 3}
     tp.assert_replicas_identical(*resumed)
