@@ -170,3 +170,13 @@ def test_compiled_replicas_draw_from_their_streams():
     b = compiled(x).numpy()
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, eager)  # the same ops, the same streams
+
+
+def test_draws_inside_torch_func_vmap_are_reproducible():
+    def f(x):
+        per_row = torch.func.vmap(lambda v: F.dropout(v, 0.5) + torch.rand(v.shape), randomness="different")
+        return per_row(x)
+
+    a, b = run(4, fn=f, x=torch.ones(4, 3, 5)), run(4, fn=f, x=torch.ones(4, 3, 5))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0, 0], a[0, 1])  # vmap's rows differ, as randomness="different" asks

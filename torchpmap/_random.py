@@ -154,7 +154,8 @@ class CallRandomness:
             self._drew = True
             if self._seed is None:
                 with _DEFAULT_GENERATORS_LOCK:
-                    self._seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_()) & _MASK64
+                    with torch._C._DisableFuncTorch():  # a replica may be inside torch.func.vmap
+                        self._seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_()) & _MASK64
                     _seeds_drawn += 1
                     self._seeds_drawn += 1
                     self._expected[_CPU] = _state_bytes(torch.default_generator)
