@@ -6,6 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import torchpmap as tp
 
@@ -60,3 +61,14 @@ def expect_error(fn, *args, kind=Exception, deadline=10.0):
 
 def notes(err) -> str:
     return "\n".join(getattr(err, "__notes__", []))
+
+
+def module_train_step(model, opt, x, y):
+    """One replica's step of the module idiom on axis 'i': its loss, averaged gradients, the
+    optimizer's step; returns the mean loss."""
+    opt.zero_grad()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    tp.pmean_grads(model, "i")
+    opt.step()
+    return tp.pmean(loss.detach(), "i")

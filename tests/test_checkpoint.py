@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import devices, pmap_k
+from helpers import devices, module_train_step, pmap_k
 
 import torchpmap as tp
 
@@ -29,22 +28,13 @@ def make_training(seed):
     return models, opts, scheds
 
 
-def train_step(model, opt, x, y):
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    tp.pmean_grads(model, "i")
-    opt.step()
-    return tp.pmean(loss.detach(), "i")
-
-
 def batches():
     g = torch.Generator().manual_seed(3)
     return [(torch.randn(N, PER, 5, generator=g), torch.randint(0, 3, (N, PER), generator=g)) for _ in range(STEPS)]
 
 
 def run(models, opts, scheds, data):
-    step = pmap_k(train_step, N)
+    step = pmap_k(module_train_step, N)
     losses = []
     for x, y in data:
         losses.append(step(models, opts, x, y)[0])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import pmap_k
 
 import torchpmap as tp
-from tests.helpers import pmap_k
 
 
 def draws(x):

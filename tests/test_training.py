@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices
+from helpers import devices, module_train_step
 from torch.func import grad_and_value
 
 import torchpmap as tp
@@ -43,15 +43,6 @@ def single_device(opt_name, xs, ys):
     return {k: v.detach() for k, v in model.named_parameters()}
 
 
-def module_step(model, opt, x, y):
-    opt.zero_grad()
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    tp.pmean_grads(model, "i")
-    opt.step()
-    return tp.pmean(loss.detach(), "i")
-
-
 @pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_module_idiom_matches_single_device(opt_name, n):
@@ -59,7 +50,7 @@ def test_module_idiom_matches_single_device(opt_name, n):
     xs, ys = make_data(steps, n, per)
     devices = tp.local_devices()[:n]
     models, opts = tp.replicate(make_model(), OPTIMIZERS[opt_name], devices)
-    step = tp.pmap(module_step, "i")
+    step = tp.pmap(module_train_step, "i")
     for x, y in zip(xs, ys):
         step(models, opts, x.reshape(n, per, 6), y.reshape(n, per))
         # Replicas stay bit-identical, step after step.
@@ -326,7 +317,7 @@ def test_mapping_a_module_or_optimizer_suggests_replicate():
 
 # -- PerReplica as a module / optimizer: checkpoints, modes, sync --------------------------
 def train_steps(models, opts, xs, ys, n, per):
-    step = tp.pmap(module_step, "i")
+    step = tp.pmap(module_train_step, "i")
     for x, y in zip(xs, ys):
         step(models, opts, x.reshape(n, per, 6), y.reshape(n, per))
 
