@@ -17,13 +17,15 @@ storage form.
   nothing.
 
 The form is recorded, not detected on every construction, since pmap builds a
-ShardedTensor per output leaf per call and most are never stacked.
+ShardedTensor per output leaf per call and most are never stacked; the record
+can go stale (``set_`` on a shard), ``stacked_buffers`` cannot: it checks.
 
 The storage form never changes what the data means: a call takes a tensor as it
-is when ``is_mapped_on(axis, devices)``, whatever its form. Getting the buffers
-(without a copy, or stacked with one) lives on ShardedTensor
-(``stacked_buffers``, ``to_stacked``, ``ShardedTensor.from_stacked``), which holds
-the tensors.
+is when ``is_mapped_on(axis, devices)``, whatever its form. For the runners: the
+lockstep runner and the threads executor take ``x.shards``; the stacked runner
+takes ``x.stacked_buffers()`` (when None, ``x.to_stacked()``: one copy) and wraps
+its results with ``ShardedTensor.from_stacked``. A call record can describe each
+input by a Layout (``axis=None`` for a broadcast one).
 """
 
 from __future__ import annotations
