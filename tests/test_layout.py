@@ -251,3 +251,18 @@ def test_delete_drops_the_buffers():
     assert st._stacked is None
     with pytest.raises(tp.DeletedShardedTensorError):
         st.stacked_buffers()
+
+
+def test_one_buffer_per_physical_device_in_replica_order():
+    # Virtual CPU devices are one physical device; meta stands in for a second one.
+    cpu0, cpu1, meta = torch.device("cpu", 0), torch.device("cpu", 1), torch.device("meta")
+    cpu_rows, meta_rows = rows(2, 3).clone(), torch.zeros(1, 3, device="meta")
+    st = ShardedTensor.from_stacked([cpu_rows, meta_rows], (cpu0, meta, cpu1), axis=1)
+    assert st.shard_layout == Layout(torch.Size([3, 3]), torch.float32, 1, (cpu0, meta, cpu1), Storage.STACKED)
+    assert st.shard_layout.device_groups == ((torch.device("cpu"), (0, 2)), (meta, (1,)))
+    assert st.shards[0].data_ptr() == cpu_rows[0].data_ptr() and st.shards[2].data_ptr() == cpu_rows[1].data_ptr()
+    assert st.shards[1].device == meta
+    cpu_buffer, meta_buffer = st.stacked_buffers()
+    assert cpu_buffer.data_ptr() == cpu_rows.data_ptr() and meta_buffer.shape == (1, 3)
+    with pytest.raises(ValueError, match="buffer 1 is on cpu, not on meta"):
+        ShardedTensor.from_stacked([cpu_rows, torch.zeros(1, 3)], (cpu0, meta, cpu1))
