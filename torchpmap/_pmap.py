@@ -553,7 +553,7 @@ class Pmapped:
                 per_leaf.append(list(leaf.values))
                 continue
             if kind == _SHARDED:
-                if axis is not None and axis == leaf.axis and leaf.devices == devices:
+                if axis is not None and leaf.is_mapped_on(axis, devices):
                     values = list(leaf.shards)  # already in place: no data moves
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)

@@ -48,6 +48,7 @@ import torch
 from torch.utils._pytree import PyTree, tree_leaves, tree_map
 
 from ._devices import default_devices, device_str, usable_devices
+from ._layout import Layout, Storage, device_groups, mapped_layout
 from .errors import DeletedShardedTensorError
 
 # Tensor methods that only read metadata the wrapper already has.
@@ -78,6 +79,8 @@ class ShardedTensor(torch.Tensor):
     _devices: tuple[torch.device, ...]
     _axis: int
     _deleted: bool
+    _layout: Layout | None  # built on first use: most ShardedTensors never need it
+    _stacked: tuple[torch.Tensor, ...] | None  # the buffers the shards are views of, when known
 
     @staticmethod
     def __new__(
@@ -109,6 +112,8 @@ class ShardedTensor(torch.Tensor):
         self._devices = devices
         self._axis = axis
         self._deleted = False
+        self._layout = None
+        self._stacked = None
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
@@ -138,6 +143,76 @@ class ShardedTensor(torch.Tensor):
         """Drop the shards (their memory is freed once nothing else uses it)."""
         self._deleted = True
         self._shards = ()
+        self._stacked = None
+
+    # -- layout and the stacked form (for the SPMD runners) ----------------------------------
+    # (Not ``layout``: that is torch's memory layout, torch.strided, which torch itself reads.)
+    @property
+    def shard_layout(self) -> Layout:
+        """How this tensor is laid out over its devices (see ``_layout``)."""
+        if self._layout is None:
+            self._check_alive()
+            first = self._shards[0]
+            self._layout = mapped_layout(first.shape, first.dtype, self._axis, self._devices)
+        return self._layout
+
+    def is_mapped_on(self, axis: int, devices: tuple[torch.device, ...]) -> bool:
+        """``shard_layout.is_mapped_on(axis, devices)``, without building the layout:
+        pmap asks it of every ShardedTensor it is given, most of them new."""
+        return self._axis == axis and self._devices == devices
+
+    @classmethod
+    def from_stacked(
+        cls, buffers: torch.Tensor | Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int = 0
+    ) -> ShardedTensor:
+        """The ShardedTensor whose shards are the dim-0 views of ``buffers``: one
+        ``(k, ...)`` buffer per physical device, in ``device_groups(devices)`` order,
+        row j for that device's j-th replica (a single tensor when every device
+        is one physical device, as virtual CPU devices are). No copy: the stacked
+        runner's results, which its next call takes back as they are."""
+        devices = tuple(torch.device(d) for d in devices)
+        buffers = (buffers,) if isinstance(buffers, torch.Tensor) else tuple(buffers)
+        groups = device_groups(devices)
+        _check_stacked_buffers(buffers, groups)
+        shards: list[torch.Tensor] = [buffers[0]] * len(devices)  # every entry is replaced below
+        for buffer, (_, members) in zip(buffers, groups):
+            for row, i in enumerate(members):
+                shards[i] = buffer.select(0, row)  # not unbind: autograd refuses in-place ops on its views
+        st = cls(shards, devices, axis)
+        st._stacked = buffers
+        st._layout = st.shard_layout.with_storage(Storage.STACKED)
+        return st
+
+    def stacked_buffers(self) -> tuple[torch.Tensor, ...] | None:
+        """Per physical device (``shard_layout.device_groups``), the ``(k, ...)``
+        buffer whose dim-0 views the shards are, without a copy; None when the
+        shards are not disjoint, evenly spaced views of one storage per device
+        (``to_stacked`` copies them into such buffers). Checked on every call, so
+        a shard whose storage changed since (``set_``) is never missed."""
+        self._check_alive()
+        groups = device_groups(self._devices)
+        if self._stacked is not None and _still_views_of(self._shards, self._stacked, groups):
+            return self._stacked
+        self._stacked = None
+        found = [_stacked_view([self._shards[i] for i in members]) for _, members in groups]
+        if any(b is None for b in found):
+            if self.shard_layout.storage is Storage.STACKED:
+                self._layout = self.shard_layout.with_storage(Storage.SHARDS)
+            return None
+        self._stacked = tuple(b for b in found if b is not None)
+        self._layout = self.shard_layout.with_storage(Storage.STACKED)
+        return self._stacked
+
+    def to_stacked(self) -> ShardedTensor:
+        """This tensor in the stacked form: itself when its shards already are
+        (``stacked_buffers``), else a copy (one ``torch.stack`` per physical device,
+        recorded by autograd) whose shards are views of new buffers; writes to
+        that copy do not reach this one."""
+        if self.stacked_buffers() is not None:
+            return self
+        groups = device_groups(self._devices)
+        buffers = [torch.stack([self._shards[i] for i in members]) for _, members in groups]
+        return ShardedTensor.from_stacked(buffers, self._devices, self._axis)
 
     def _check_alive(self) -> None:
         if self._deleted:
@@ -581,7 +656,7 @@ def _set_requires_grad(st: ShardedTensor, requires_grad: bool = True) -> Sharded
 
 
 @dataclass(frozen=True)
-class _Layout:
+class _Geometry:
     """What an in-place op on the full tensor must leave alone for the shards to follow it."""
 
     shape: torch.Size
@@ -592,11 +667,11 @@ class _Layout:
     data_ptr: int
 
     @staticmethod
-    def of(t: torch.Tensor) -> _Layout:
+    def of(t: torch.Tensor) -> _Geometry:
         if t.layout != torch.strided:  # no strides or storage to compare
-            return _Layout(t.shape, (), 0, t.dtype, t.device, 0)
+            return _Geometry(t.shape, (), 0, t.dtype, t.device, 0)
         storage = t.untyped_storage().data_ptr()
-        return _Layout(t.shape, t.stride(), int(t.storage_offset()), t.dtype, t.device, storage)
+        return _Geometry(t.shape, t.stride(), int(t.storage_offset()), t.dtype, t.device, storage)
 
 
 class _FullCopy:
@@ -606,7 +681,7 @@ class _FullCopy:
     def __init__(self, st: ShardedTensor) -> None:
         self.sharded = st
         self.full = st.unshard()
-        self._layout = _Layout.of(self.full)
+        self._geometry = _Geometry.of(self.full)
         self._version = version_of(self.full)
         self._autograd = (self.full.requires_grad, self.full.grad_fn)
         # Under inference mode the copy counts no versions: then whether the op
@@ -620,7 +695,7 @@ class _FullCopy:
         return self.full._version != self._version
 
     def check_shards_can_follow(self, name: str) -> None:
-        if _Layout.of(self.full) != self._layout:
+        if _Geometry.of(self.full) != self._geometry:
             raise TypeError(
                 f"ShardedTensor: {name} changes its shape, strides, dtype or storage in place, which its "
                 "shards cannot follow; use the out-of-place op, or build a new ShardedTensor from changed "
@@ -728,6 +803,106 @@ def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     if not shared:
         return shards
     return [s.clone() if k in shared else s for k, s in enumerate(shards)]
+
+
+# -- the stacked form -----------------------------------------------------------------------
+
+
+def _check_stacked_buffers(
+    buffers: Sequence[torch.Tensor], groups: tuple[tuple[torch.device, tuple[int, ...]], ...]
+) -> None:
+    """Raise unless ``buffers`` hold one (k, ...) buffer per device group, on its
+    physical device, with rows that share no memory (as distinct_shards ensures for
+    the shards of eager replicas)."""
+    if len(buffers) != len(groups):
+        raise ValueError(
+            f"ShardedTensor.from_stacked: {len(buffers)} buffers, but the devices are {len(groups)} physical "
+            f"devices ({', '.join(str(p) for p, _ in groups)}); pass one buffer per physical device"
+        )
+    for g, (buffer, (physical, members)) in enumerate(zip(buffers, groups)):
+        if not isinstance(buffer, torch.Tensor) or isinstance(buffer, ShardedTensor):
+            raise TypeError(f"ShardedTensor.from_stacked: buffer {g} is a {type(buffer).__name__}, not a tensor")
+        if buffer.ndim == 0 or buffer.shape[0] != len(members):
+            raise ValueError(
+                f"ShardedTensor.from_stacked: buffer {g} has shape {tuple(buffer.shape)}, but {physical} "
+                f"holds {len(members)} replicas; its dim 0 must have that size"
+            )
+        if buffer.device != physical:
+            raise ValueError(f"ShardedTensor.from_stacked: buffer {g} is on {buffer.device}, not on {physical}")
+        if len(members) > 1 and _rows_overlap(buffer):
+            raise ValueError(
+                f"ShardedTensor.from_stacked: the rows of buffer {g} share memory (an expand()ed tensor, "
+                "for one), so its shards could not hold different values; pass buffer.clone()"
+            )
+
+
+def _rows_overlap(buffer: torch.Tensor) -> bool:
+    overlap = torch._debug_has_internal_overlap(buffer)  # 0: no, 1: yes, 2: too hard to tell
+    if overlap != 2:
+        return overlap == 1
+    return _overlapping_shards(buffer.unbind(0)) is not None
+
+
+def _still_views_of(
+    shards: Sequence[torch.Tensor],
+    buffers: Sequence[torch.Tensor],
+    groups: tuple[tuple[torch.device, tuple[int, ...]], ...],
+) -> bool:
+    """Whether every shard is still the dim-0 view of its buffer that from_stacked
+    made (a shard's own storage or geometry may have been changed since, by set_)."""
+    for buffer, (_, members) in zip(buffers, groups):
+        key = _storage_key(buffer)
+        if key is None:
+            return False
+        step, offset, stride = buffer.stride(0), buffer.storage_offset(), buffer.stride()[1:]
+        for row, i in enumerate(members):
+            s = shards[i]
+            if _storage_key(s) != key or s.storage_offset() != offset + row * step or s.stride() != stride:
+                return False
+            if s.shape != buffer.shape[1:] or s.dtype != buffer.dtype:
+                return False
+    return True
+
+
+def _stacked_view(shards: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The (k, ...) tensor whose dim-0 rows are ``shards``, as a view of their
+    storage (no copy); None unless they are disjoint views of one storage, with one
+    geometry, at evenly increasing offsets. With autograd, a view of the tensor they
+    were all taken from, so that gradients reach it."""
+    first = shards[0]
+    if len(shards) == 1:
+        return first.unsqueeze(0)
+    key = _storage_key(first)
+    if key is None or any(_storage_key(s) != key for s in shards[1:]):
+        return None
+    offset, stride = first.storage_offset(), first.stride()
+    step = shards[1].storage_offset() - offset
+    if step <= 0:  # the same memory, or rows in decreasing order (no negative strides)
+        return None
+    for row, s in enumerate(shards):
+        if s.storage_offset() != offset + row * step or s.stride() != stride or s.device != first.device:
+            return None
+    source: torch.Tensor | None = first
+    if any(s.requires_grad for s in shards):
+        source = first._base
+        if any(s._base is not source for s in shards):
+            source = None
+    if source is None:  # no tensor that autograd connects to every shard
+        return None
+    try:
+        view = source.as_strided((len(shards), *first.shape), (step, *stride), offset)
+    except RuntimeError:  # past the end of the storage
+        return None
+    return None if _rows_overlap(view) else view
+
+
+def _storage_key(t: torch.Tensor) -> int | None:
+    """An id of ``t``'s storage (shared by all its views), None when it has none."""
+    try:
+        storage = _storage_of(t)
+    except (RuntimeError, NotImplementedError):  # a functorch wrapper, for one
+        return None
+    return None if storage is None else int(storage._cdata)
 
 
 def _pairs_sharing_memory(shards: Sequence[torch.Tensor]) -> Iterator[tuple[int, int]]:
