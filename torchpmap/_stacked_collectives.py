@@ -27,10 +27,12 @@ one group of everybody; ``pairs`` are (source, destination) pairs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+from . import _axis
 
 if TYPE_CHECKING:
     from ._communicator import Groups
@@ -164,3 +166,30 @@ def _check_group_dim(xs: Tensor, g: int, fn: str) -> None:
             f"{fn}: each replica's value must have a leading dimension of the group size {g}, "
             f"got shape {list(xs.shape[1:])}"
         )
+
+
+# -- the replica axis as a vmap level ----------------------------------------------------
+def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwargs: Any) -> Callable[..., Any]:
+    """torch.func.vmap(fn, **vmap_kwargs) whose level is the replica axis
+    ``axis_name`` of ``size`` replicas: collectives over that axis inside fn
+    exchange along the vmapped dimension (the functions above), and
+    ``axis_index`` is arange(size) on the device of fn's first tensor argument."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        below = torch._C._functorch.maybe_current_level()
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+
+        def replica(*args: Any, **kwargs: Any) -> Any:
+            level = _axis.ReplicaLevel(axis_name, size, torch._C._functorch.current_level(), below, device)
+            with _axis.entered(level):
+                return fn(*args, **kwargs)
+
+        return torch.func.vmap(replica, **vmap_kwargs)(*args, **kwargs)
+
+    return run
+
+
+def axis_index_batched(level: _axis.ReplicaLevel) -> Tensor:
+    """axis_index under a replica level: every replica's own index, batched."""
+    return torch._C._functorch._add_batch_dim(axis_index(level.size, level.device), 0, level.level)
