@@ -291,3 +291,8 @@ def test_vmap_replicas_constants_in_a_tree_count_like_pmap():
 def test_vmap_replicas_refuses_a_collective_of_a_value_the_same_in_every_replica():
     with pytest.raises(NotImplementedError, match="same in every replica"):
         stacked.vmap_replicas(lambda v: v + tp.psum(torch.ones(3, dtype=v.dtype), "i"), "i", K)(_data(K, 3))
+
+
+def test_vmap_replicas_refuses_a_batch_that_is_not_the_replicas():
+    with pytest.raises(ValueError, match="has 4 replicas but vmap batches 3"):
+        stacked.vmap_replicas(lambda v: tp.psum(v, "i"), "i", K)(_data(3, 2))

@@ -451,6 +451,11 @@ def _over_replicas(name: str, level: _axis.ReplicaLevel, xs: Tensor, args: tuple
     if _axis.bound_level(names) is not level:
         other = next(n for n in names if n != level.axis_name)
         raise NameError(f"unbound axis name: {other!r}; the enclosing pmap binds axis_name={level.axis_name!r}.")
+    if xs.shape[0] != level.size:
+        raise ValueError(
+            f"the replica axis {level.axis_name!r} has {level.size} replicas but vmap batches {xs.shape[0]}: "
+            f"the vmapped dimension must be the replicas"
+        )
     if name == "permute":
         return _stacked.permute(xs, list(zip(pairs[0::2], pairs[1::2])))
     decoded = decode_groups(groups, group_size)
