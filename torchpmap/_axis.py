@@ -10,6 +10,8 @@ device threads, so frames are also findable by device.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
@@ -94,6 +96,11 @@ def resolve(axis_name: AxisName, like: torch.Tensor | None = None) -> ReplicaFra
         frame = _frames_by_cuda_device.get(like.device.index)
     names = normalize_axis_names(axis_name)  # never empty
     if frame is None:
+        if bound_level(names) is not None:
+            raise NotImplementedError(
+                f"a collective over {names[0]!r} of a value that is the same in every replica (not batched "
+                f"over the replicas) cannot run on stacked replicas yet; derive it from the replica's inputs"
+            )
         raise _unbound(names[0], None)
     for name in names:
         if name != frame.axis_name:
@@ -110,6 +117,9 @@ def resolve(axis_name: AxisName, like: torch.Tensor | None = None) -> ReplicaFra
 # NameError is raised by ``resolve`` in traced code, like any user error.
 @torch._dynamo.assume_constant_result
 def _bound_axis_size(axis_name: AxisName) -> int | None:
+    level = bound_level(normalize_axis_names(axis_name))
+    if level is not None:
+        return level.size
     try:
         return resolve(axis_name).axis_size
     except NameError:
@@ -139,3 +149,66 @@ def physical_device(axis_name: AxisName) -> str:
     if device is None:
         resolve(axis_name)  # raises the NameError
     return device
+
+
+# -- the replica axis as a vmap level ----------------------------------------------------
+# A stacked executor runs every replica at once, the replicas being one torch.func.vmap
+# level (_stacked_collectives.vmap_replicas). The collectives' batching rules (_ops) look
+# the level they batch up here: that level exchanges along its dimension.
+@dataclass(frozen=True)
+class ReplicaLevel:
+    """A vmap level whose dimension is the replicas of ``axis_name``: ``level`` is
+    its functorch level, ``below`` the level that was current when it started
+    (None: none), which is what an autograd.Function's vmap rule sees."""
+
+    axis_name: str
+    size: int
+    level: int
+    below: int | None
+    device: torch.device  # where axis_index puts its arange
+
+
+_levels_tls = threading.local()
+
+
+def _levels() -> list[ReplicaLevel]:
+    levels = getattr(_levels_tls, "levels", None)
+    if levels is None:
+        levels = _levels_tls.levels = []
+    return levels
+
+
+@contextmanager
+def entered(level: ReplicaLevel) -> Iterator[None]:
+    _levels().append(level)
+    try:
+        yield
+    finally:
+        _levels().pop()
+
+
+def replica_level(level: int | None) -> ReplicaLevel | None:
+    """The replica level being batched, given the current functorch level as a
+    torch.library vmap rule sees it (the level it batches)."""
+    for r in _levels():
+        if r.level == level:
+            return r
+    return None
+
+
+def replica_level_below(current: int | None) -> ReplicaLevel | None:
+    """The same, for an autograd.Function's vmap rule: it runs with its level
+    popped, so ``current`` is the level below the one it batches."""
+    for r in _levels():
+        if r.below == current:
+            return r
+    return None
+
+
+def bound_level(names: Sequence[str]) -> ReplicaLevel | None:
+    """The replica level this thread runs under whose axis is ``names`` (a tuple
+    of one name, or of that name's repeats), if any."""
+    for r in reversed(_levels()):
+        if all(n == r.axis_name for n in names):
+            return r
+    return None

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import _axis
+from . import _stacked_collectives as _stacked
 from ._random import replica_modes_only
 
 if TYPE_CHECKING:
@@ -118,6 +119,12 @@ class _Collective(torch.autograd.Function):
     def backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         return (None, *_RULES[ctx.name][1](ctx, grad))
 
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: tuple[int | None, ...], name: str, x: Tensor, *args: OpArg
+    ) -> tuple[Tensor, int | None]:
+        return _function_vmap_rule(info, in_dims, name, x, *args)
+
 
 # Axis names travel as one string (the schema has no str[]), joined by a
 # control character that no sensible axis name contains.
@@ -138,6 +145,8 @@ def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
     tensor that needs a gradient but reached a replica through a closure instead
     of an argument leaves the rule to the caller's backward, where no axis is
     bound: say how to fix that rather than just 'unbound axis name'."""
+    if _axis.bound_level(axes.split(AXIS_SEP)) is not None:
+        return  # stacked replicas: the batching rule exchanges along the replica level
     try:
         _frame(axes, grad)
     except NameError as e:
@@ -406,3 +415,91 @@ _RULES: dict[
     "all_to_all": (_gather_scatter_setup, _all_to_all_backward),
     "permute": (_permute_setup, _permute_backward),
 }
+
+
+# -- batching rules (torch.func.vmap) ----------------------------------------------------
+# A vmap level is either a user's torch.func.vmap inside a replica, whose dimension the
+# collective carries as data (it still communicates across replicas), or the replica
+# axis itself (_stacked_collectives.vmap_replicas), where the collective becomes an
+# exchange along the vmapped dimension. Both rules return (result, its batch dim).
+# Every op takes the tensor first and the tree tags last; in between:
+# all_reduce/reduce_scatter (op, axes, groups, group_size), all_gather/all_to_all
+# (axes, groups, group_size), permute (axes, pairs).
+def _carry_batch_dim(name: str, x: Tensor, bdim: int, args: tuple[OpArg, ...]) -> tuple[Tensor, int]:
+    """The collective of every batch member at once: the batch dim rides along
+    behind the ops' leading group dimension, if they have one."""
+    if name in ("all_reduce", "permute"):  # elementwise across replicas
+        return call(name, x, *args), bdim
+    if name == "all_gather":  # (B, ...) -> (g, B, ...)
+        return call(name, x.movedim(bdim, 0), *args), 1
+    if name == "reduce_scatter":  # (g, B, ...) -> (B, ...)
+        return call(name, x.movedim(bdim, 1), *args), 0
+    if name == "all_to_all":  # (g, B, ...) -> (g, B, ...)
+        return call(name, x.movedim(bdim, 1), *args), 1
+    raise AssertionError(f"no batching rule for collective {name!r}")
+
+
+def _over_replicas(name: str, level: _axis.ReplicaLevel, xs: Tensor, args: tuple[Any, ...]) -> Tensor:
+    """The collective as an exchange along the replica dimension (first) of xs."""
+    if name in ("all_reduce", "reduce_scatter"):
+        op, axes, groups, group_size = args[:4]
+    elif name == "permute":
+        axes, pairs = args[:2]
+    else:
+        axes, groups, group_size = args[:3]
+    names = axes.split(AXIS_SEP)
+    if _axis.bound_level(names) is not level:
+        other = next(n for n in names if n != level.axis_name)
+        raise NameError(f"unbound axis name: {other!r}; the enclosing pmap binds axis_name={level.axis_name!r}.")
+    if xs.shape[0] != level.size:
+        raise ValueError(
+            f"the replica axis {level.axis_name!r} has {level.size} replicas but vmap batches {xs.shape[0]}: "
+            f"the vmapped dimension must be the replicas"
+        )
+    if name == "permute":
+        return _stacked.permute(xs, list(zip(pairs[0::2], pairs[1::2])))
+    decoded = decode_groups(groups, group_size)
+    if name == "all_reduce":
+        return _stacked.all_reduce(xs, op, decoded)
+    if name == "reduce_scatter":
+        return _stacked.reduce_scatter(xs, op, decoded)
+    if name == "all_gather":
+        return _stacked.all_gather(xs, decoded)
+    return _stacked.all_to_all(xs, decoded)
+
+
+def _batch(
+    name: str, level: _axis.ReplicaLevel | None, x: Tensor, bdim: int | None, args: tuple[Any, ...]
+) -> tuple[Tensor, int | None]:
+    if bdim is None:  # only a non-tensor argument varies: never for these ops
+        return call(name, x, *args), None
+    if level is not None:
+        return _over_replicas(name, level, x.movedim(bdim, 0), args), 0
+    return _carry_batch_dim(name, x, bdim, args)
+
+
+def _op_vmap_rule(name: str) -> Callable[..., tuple[Tensor, int | None]]:
+    def rule(info: Any, in_dims: tuple[int | None, ...], x: Tensor, *args: Any) -> tuple[Tensor, int | None]:
+        # torch.library runs this with the batched level still current.
+        level = _axis.replica_level(torch._C._functorch.maybe_current_level())
+        return _batch(name, level, x, in_dims[0], args)
+
+    return rule
+
+
+def _function_vmap_rule(
+    info: Any, in_dims: tuple[int | None, ...], name: str, x: Tensor, *args: Any
+) -> tuple[Tensor, int | None]:
+    # An autograd.Function's rule runs with its level popped.
+    level = _axis.replica_level_below(torch._C._functorch.maybe_current_level())
+    return _batch(name, level, x, in_dims[1], args)
+
+
+for _name, _op in (
+    ("all_reduce", all_reduce),
+    ("all_gather", all_gather),
+    ("reduce_scatter", reduce_scatter),
+    ("all_to_all", all_to_all),
+    ("permute", permute),
+):
+    _op.register_vmap(_op_vmap_rule(_name))

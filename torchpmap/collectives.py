@@ -19,6 +19,7 @@ from torch.utils import _pytree
 from torch.utils._pytree import PyTree
 
 from . import _axis, _ops, _tree
+from . import _stacked_collectives as _stacked
 from ._axis import AxisName
 
 # axis_index_groups: None (one group of the whole axis) or groups of axis indices.
@@ -71,17 +72,18 @@ def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes:
     return _ops.encode_groups(groups)
 
 
-def _own_group_size(names: tuple[str, ...], groups: list[int], size: int) -> torch.Tensor:
+def _own_group_size(names: tuple[str, ...], groups: list[int], size: int, device: torch.device | None) -> torch.Tensor:
     """The size of this replica's group (groups of unequal sizes), as an int64
-    scalar on its device: looked up by axis_index, so no host sync and one
-    compiled graph for every replica."""
+    scalar on ``device`` (None: the replica's): looked up by axis_index, so no
+    host sync and one compiled graph for every replica."""
     members = _ops.decode_groups(groups, 0) or (tuple(range(size)),)
     sizes = [0] * size
     for g in members:
         for m in g:
             sizes[m] = len(g)
-    index = axis_index(names)
-    return torch.take(torch.tensor(sizes, dtype=torch.int64, device=index.device), index)
+    index = _axis_index(names, device)
+    table = torch.tensor(sizes, dtype=torch.int64, device=index.device)
+    return table.index_select(0, index.reshape(1)).reshape(())  # vmap has a rule for it, not for take
 
 
 def _canonical_axis(axis: Any, ndim: int, fn: str, arg: str) -> int:
@@ -181,15 +183,19 @@ def _reduce(
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
     known: list[int | torch.Tensor] = []
 
-    def replica_group_size() -> int | torch.Tensor:
+    def replica_group_size(like: Any) -> int | torch.Tensor:
         if not known:
-            known.append(group_size or _own_group_size(names, groups, size))
+            if group_size:
+                known.append(group_size)
+            else:
+                on = like.device if isinstance(like, torch.Tensor) else first_tensor_device()
+                known.append(_own_group_size(names, groups, size, on))
         return known[0]
 
     def finish(v: Any) -> Any:
         if not mean:
             return v
-        n = replica_group_size()
+        n = replica_group_size(v)
         if isinstance(v, torch.Tensor):
             return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
         return v / n
@@ -207,6 +213,11 @@ def _reduce(
 
     leaves = _Leaves(x, prepare)
     values, shapes = leaves.values, leaves.shapes
+
+    def first_tensor_device() -> torch.device | None:
+        """Where a group size for constants goes: the tree's first tensor's device (None: the replica's)."""
+        return next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
     # buffer, in JAX's leaf order, and are split again, differentiably).
@@ -220,7 +231,7 @@ def _reduce(
             buckets.setdefault(key, []).append(j)
         elif v is not None:
             # A constant is the same on every replica (JAX does the same).
-            values[j] = finish(v * replica_group_size()) if op == "sum" else v
+            values[j] = finish(v * replica_group_size(v)) if op == "sum" else v
     for key, idx in buckets.items():
         tags = leaves.tags(first_leaf[key])
         if len(idx) == 1:
@@ -381,9 +392,25 @@ def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
 def axis_index(axis_name: AxisName) -> torch.Tensor:
     """This replica's index along the named axis (row-major over a tuple of
     names), as an int64 scalar tensor on the replica's device."""
-    names = _names(axis_name)
-    axes = _ops.encode_axes(names)
-    return _ops.OPS.axis_index.default(axes, torch.device(_axis.physical_device(names)))
+    return _axis_index(_names(axis_name), None)
+
+
+def _stacked_level(names: tuple[str, ...]) -> _axis.ReplicaLevel | None:
+    """The replica vmap level of these axes, when replicas run stacked (never compiled yet)."""
+    return None if torch.compiler.is_compiling() else _axis.bound_level(names)
+
+
+def _axis_index(names: tuple[str, ...], device: torch.device | None) -> torch.Tensor:
+    """axis_index on ``device``; on stacked replicas, every replica's own index.
+    With no tensor to take a device from (None), this is the one place a trace
+    reads the replica's physical device: a constant per compiled program
+    (_compile.py), and an argument of the op that a runner can rewrite."""
+    level = _stacked_level(names)
+    if level is not None:
+        return _stacked.axis_index_batched(level)
+    if device is None:
+        device = torch.device(_axis.physical_device(names))
+    return _ops.OPS.axis_index.default(_ops.encode_axes(names), device)
 
 
 def axis_size(axis_name: AxisName) -> int:

@@ -1,0 +1,195 @@
+"""The five collective primitives over a stack of replicas: one (n, ...) tensor
+whose row r is replica r's value, for executors that run every replica at once.
+
+Each function computes, for all n replicas together, exactly what the threads
+executor's communicator (``_communicator.compute_results``) computes for each
+replica from every replica's input, bit for bit: reductions fold the group's
+members in the same order, and every step is elementwise or an index copy. The
+index tensors are made on the input's device, so a trace holds no device of its
+own. Results never alias the input.
+
+How a stacked runner uses them:
+
+* with the replica dimension explicit, it calls these functions on its
+  (n, ...) buffers where the replica function calls a collective;
+* with the replica dimension as a ``torch.func.vmap`` level, it wraps the
+  replica function with ``vmap_replicas``: the ops' batching rules (``_ops``)
+  recognise that level and call these functions, while any other vmap level (a
+  user's ``torch.func.vmap`` inside a replica) carries its dimension as data.
+  ``axis_index`` under that level is the batched ``arange(n)``. A collective of
+  a value that is not batched over the replicas (the same in every replica)
+  never reaches a batching rule, so it raises instead of guessing.
+
+``groups`` is axis_index_groups as tuples (``_ops.decode_groups``), None for
+one group of everybody; ``pairs`` are (source, destination) pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from . import _axis
+
+if TYPE_CHECKING:
+    from ._communicator import Groups
+
+# As the threads executor's communicator reduces (_communicator.REDUCERS).
+_REDUCERS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "sum": torch.add,
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
+
+
+def _groups(groups: Groups, n: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(groups) if groups else (tuple(range(n)),)
+
+
+def _equal_size_groups(groups: Groups, n: int, fn: str) -> tuple[tuple[int, ...], ...]:
+    out = _groups(groups, n)
+    if len({len(g) for g in out}) != 1:
+        raise ValueError(f"{fn}: axis_index_groups must all have the same size, got {groups!r}")
+    return out
+
+
+def _members_and_positions(groups: tuple[tuple[int, ...], ...], n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """members[r]: the members of replica r's group, in group order, (n, g);
+    position[r]: r's place in its group, (n,)."""
+    members: list[tuple[int, ...]] = [()] * n
+    position = [0] * n
+    for g in groups:
+        for k, r in enumerate(g):
+            members[r], position[r] = g, k
+    return (
+        torch.tensor(members, dtype=torch.int64, device=device),
+        torch.tensor(position, dtype=torch.int64, device=device),
+    )
+
+
+def _check_stack(xs: Tensor, n: int, fn: str, min_ndim: int = 1) -> None:
+    if xs.ndim < min_ndim or xs.shape[0] != n:
+        raise ValueError(
+            f"{fn}: expected a stack of {n} replicas' values with at least {min_ndim} dimension(s), "
+            f"got shape {list(xs.shape)}"
+        )
+
+
+def _index(values: Sequence[int], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=torch.int64, device=like.device)
+
+
+def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
+    """out[r]: the reduction over r's group of xs[m], folded in group order."""
+    n = xs.shape[0]
+    _check_stack(xs, n, "all_reduce")
+    reduce = _REDUCERS[op]
+    totals: list[Tensor] = []
+    row_of = [0] * n  # r's group's row in the concatenated totals
+    for size, same_size in _by_size(_groups(groups, n)):
+        total = xs.index_select(0, _index([g[0] for g in same_size], xs))
+        for k in range(1, size):
+            total = reduce(total, xs.index_select(0, _index([g[k] for g in same_size], xs)))
+        offset = sum(t.shape[0] for t in totals)
+        for i, g in enumerate(same_size):
+            for r in g:
+                row_of[r] = offset + i
+        totals.append(total)
+    everything = totals[0] if len(totals) == 1 else torch.cat(totals)
+    return everything.index_select(0, _index(row_of, xs))
+
+
+def _by_size(groups: tuple[tuple[int, ...], ...]) -> Iterator[tuple[int, tuple[tuple[int, ...], ...]]]:
+    """The groups bucketed by size, so each bucket folds in one op per member."""
+    sizes: dict[int, list[tuple[int, ...]]] = {}
+    for g in groups:
+        sizes.setdefault(len(g), []).append(g)
+    for size, same in sizes.items():
+        yield size, tuple(same)
+
+
+def all_gather(xs: Tensor, groups: Groups = None) -> Tensor:
+    """out[r]: the stack of xs[m] for the members m of r's group, (n, g, ...)."""
+    n = xs.shape[0]
+    _check_stack(xs, n, "all_gather")
+    members, _ = _members_and_positions(_equal_size_groups(groups, n, "all_gather"), n, xs.device)
+    return xs[members]
+
+
+def reduce_scatter(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
+    """For xs (n, g, ...): out[r] is row k of the reduction over r's group,
+    k being r's place in its group, (n, ...)."""
+    n = xs.shape[0]
+    groups_ = _equal_size_groups(groups, n, "reduce_scatter")
+    _check_stack(xs, n, "reduce_scatter", min_ndim=2)
+    members, position = _members_and_positions(groups_, n, xs.device)
+    _check_group_dim(xs, members.shape[1], "reduce_scatter")
+    reduce = _REDUCERS[op]
+    total = xs[members[:, 0], position]
+    for j in range(1, members.shape[1]):
+        total = reduce(total, xs[members[:, j], position])
+    return total
+
+
+def all_to_all(xs: Tensor, groups: Groups = None) -> Tensor:
+    """For xs (n, g, ...): out[r][j] = xs[member j of r's group][r's place], (n, g, ...)."""
+    n = xs.shape[0]
+    groups_ = _equal_size_groups(groups, n, "all_to_all")
+    _check_stack(xs, n, "all_to_all", min_ndim=2)
+    members, position = _members_and_positions(groups_, n, xs.device)
+    _check_group_dim(xs, members.shape[1], "all_to_all")
+    return xs[members, position[:, None]]
+
+
+def permute(xs: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:
+    """out[dst] = xs[src] for every (src, dst) pair; zeros where nothing is sent."""
+    n = xs.shape[0]
+    _check_stack(xs, n, "permute")
+    out = torch.zeros_like(xs)
+    if not pairs:
+        return out
+    sources, destinations = _index([s for s, _ in pairs], xs), _index([d for _, d in pairs], xs)
+    return out.index_copy(0, destinations, xs.index_select(0, sources))
+
+
+def axis_index(n: int, device: torch.device) -> Tensor:
+    """Every replica's index: (n,) int64."""
+    return torch.arange(n, dtype=torch.int64, device=device)
+
+
+def _check_group_dim(xs: Tensor, g: int, fn: str) -> None:
+    if xs.shape[1] != g:
+        raise ValueError(
+            f"{fn}: each replica's value must have a leading dimension of the group size {g}, "
+            f"got shape {list(xs.shape[1:])}"
+        )
+
+
+# -- the replica axis as a vmap level ----------------------------------------------------
+def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwargs: Any) -> Callable[..., Any]:
+    """torch.func.vmap(fn, **vmap_kwargs) whose level is the replica axis
+    ``axis_name`` of ``size`` replicas: collectives over that axis inside fn
+    exchange along the vmapped dimension (the functions above), and
+    ``axis_index`` is arange(size) on the device of fn's first tensor argument."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        below = torch._C._functorch.maybe_current_level()
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
+        device = tensors[0].device if tensors else torch.device("cpu")
+
+        def replica(*args: Any, **kwargs: Any) -> Any:
+            level = _axis.ReplicaLevel(axis_name, size, torch._C._functorch.current_level(), below, device)
+            with _axis.entered(level):
+                return fn(*args, **kwargs)
+
+        return torch.func.vmap(replica, **vmap_kwargs)(*args, **kwargs)
+
+    return run
+
+
+def axis_index_batched(level: _axis.ReplicaLevel) -> Tensor:
+    """axis_index under a replica level: every replica's own index, batched."""
+    return torch._C._functorch._add_batch_dim(axis_index(level.size, level.device), 0, level.level)
