@@ -16,7 +16,8 @@ replicas holding different trees fail instead of pairing leaves wrongly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
@@ -49,7 +50,7 @@ def encode_groups(groups: list[list[int]]) -> tuple[list[int], int]:
     return [i for g in groups for i in (*g, GROUP_SEP)][:-1], 0
 
 
-def decode_groups(groups: list[int], group_size: int) -> Groups:
+def decode_groups(groups: Sequence[int], group_size: int) -> Groups:
     """The inverse of encode_groups."""
     if not groups:
         return None
@@ -63,7 +64,7 @@ def decode_groups(groups: list[int], group_size: int) -> Groups:
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
 
 
-def _tree_place(tree: str, leaf: int, dims: list[int] | None) -> TreePlace:
+def _tree_place(tree: str, leaf: int, dims: Sequence[int] | None) -> TreePlace:
     """The tree tags of an op as the communicator compares them; None for a bare tensor."""
     if not tree:
         return None
@@ -133,6 +134,29 @@ def _frame(axes: str, x: Tensor | None = None) -> _axis.ReplicaFrame:
     return _axis.resolve(tuple(axes.split(AXIS_SEP)), like=x)
 
 
+@functools.lru_cache(maxsize=4096)
+def _interned(
+    kind: str,
+    op: str | None,
+    groups: tuple[int, ...],
+    group_size: int,
+    pairs: tuple[int, ...] | None,
+    tree: str,
+    leaf: int,
+    dims: tuple[int, ...] | None,
+) -> Collective:
+    """The Collective of an op's arguments (lists made tuples), made once: the
+    replicas then bring the same object, which compares at once, and a repeated
+    collective costs a cache hit instead of a dataclass construction."""
+    return Collective(
+        kind,
+        op,
+        decode_groups(groups, group_size),
+        None if pairs is None else tuple(zip(pairs[0::2], pairs[1::2])),
+        _tree_place(tree, leaf, dims),
+    )
+
+
 def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     """The kernels' common end: the running replica's communicator does the exchange."""
     f = _frame(axes, x)
@@ -179,7 +203,7 @@ def _all_reduce_kernel(
 def _all_reduce_collective(
     op: str, groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
 ) -> Collective:
-    return Collective("all_reduce", op, decode_groups(groups, group_size), None, _tree_place(tree, leaf, dims))
+    return _interned("all_reduce", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
@@ -236,7 +260,7 @@ def _all_gather_kernel(
 def _all_gather_collective(
     groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
 ) -> Collective:
-    return Collective("all_gather", None, decode_groups(groups, group_size), None, _tree_place(tree, leaf, dims))
+    return _interned("all_gather", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
@@ -286,7 +310,7 @@ def _reduce_scatter_kernel(
 def _reduce_scatter_collective(
     op: str, groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
 ) -> Collective:
-    return Collective("reduce_scatter", op, decode_groups(groups, group_size), None, _tree_place(tree, leaf, dims))
+    return _interned("reduce_scatter", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
@@ -336,7 +360,7 @@ def _all_to_all_kernel(
 def _all_to_all_collective(
     groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
 ) -> Collective:
-    return Collective("all_to_all", None, decode_groups(groups, group_size), None, _tree_place(tree, leaf, dims))
+    return _interned("all_to_all", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
@@ -373,7 +397,7 @@ def _permute_kernel(
 
 
 def _permute_collective(pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None) -> Collective:
-    return Collective("permute", None, None, tuple(zip(pairs[0::2], pairs[1::2])), _tree_place(tree, leaf, dims))
+    return _interned("permute", None, (), 0, tuple(pairs), tree, leaf, tuple(dims) if dims else None)
 
 
 permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
