@@ -111,8 +111,13 @@ class GroupBackend(abc.ABC):
     The inputs must be ready to read (the caller synchronises its streams).
 
     It needs no threads: the thread rendezvous calls it once per exchange, and a
-    runner that holds the list of per-device tensors itself (replicas in
-    lockstep on one thread, or stacked on one device) can call it directly.
+    runner that holds every replica's tensor itself calls it directly: replicas
+    in lockstep on one thread pass their per-device tensors; replicas stacked on
+    one device can pass the rows of the stacked buffer (``unbind(0)``) and stack
+    the results, where no batched kernel over the replica dimension covers the
+    collective. Ranks in ``collective`` (groups, pairs) are global axis indices.
+    A backend may hold per-run state (ProcessGroupBackend numbers its exchanges):
+    make one per run.
     """
 
     devices: list[torch.device]
