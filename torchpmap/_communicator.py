@@ -2,9 +2,9 @@
 
 A collective in torchpmap is two layers. The public functions (psum, all_gather,
 ...) reduce every variant (tiled or not, any axis) to five canonical primitives
-on a leading "group" dimension; a Communicator implements those primitives for
-one pmap call. Ranks are global axis indices; ``groups`` is None (one group of
-everybody) or a tuple of tuples of ranks (``axis_index_groups``).
+on a leading "group" dimension, each described by a ``Collective``. Ranks are
+global axis indices; ``groups`` is None (one group of everybody) or a tuple of
+tuples of ranks (``axis_index_groups``).
 
 * all_reduce(x, op)      -> the reduction of x over the group
 * all_gather(x)          -> stack([x of each member])            shape (g, *x)
@@ -12,11 +12,15 @@ everybody) or a tuple of tuples of ranks (``axis_index_groups``).
 * all_to_all(x)          -> out[j] = x of member j, row k         x: (g, ...)
 * permute(x, pairs)      -> x of the source that sends to me, or zeros
 
-Each primitive also takes ``tree``: where the exchange sits in a collective over
-a pytree (see ``_ops``), compared across replicas like shapes and dtypes.
+Two pieces carry them out:
 
-``InProcessCommunicator`` serves replicas that are threads of this process;
-another implementation (torch.distributed) plugs in with the same interface.
+* a ``GroupBackend`` computes one collective for all of this process's
+  replicas at once: their n inputs in, their n outputs out (``LocalBackend``
+  in one process, ``distributed.ProcessGroupBackend`` across processes);
+* a ``Communicator`` is what a replica running on its own thread calls: the
+  ``ThreadRendezvous`` collects every replica's input, has the backend compute
+  once, and hands each replica its output. Only it knows about threads,
+  timeouts, aborts and the Dynamo gate.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import abc
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
@@ -37,17 +42,12 @@ if TYPE_CHECKING:
 
 # axis_index_groups as tuples of global ranks; None is one group of everybody.
 Groups: TypeAlias = "tuple[tuple[int, ...], ...] | None"
-# One collective and its parameters, the same on every replica: ("all_reduce", op,
-# groups), ("all_gather", groups), ("reduce_scatter", op, groups), ("all_to_all",
-# groups) or ("ppermute", ((src, dst), ...)).
-What: TypeAlias = "tuple[Any, ...]"
+# ppermute's (source, destination) pairs of global ranks.
+Pairs: TypeAlias = "tuple[tuple[int, int], ...]"
 # Where an exchange sits in a collective over a pytree: (the tree's description,
 # the exchange's leaf, every leaf's dimensions or () after the first exchange).
 # None for a bare tensor.
 TreePlace: TypeAlias = "tuple[str, int, tuple[int, ...]] | None"
-# What a replica brings to an exchange, compared across replicas: (what, shape, dtype, tree).
-Signature: TypeAlias = "tuple[What, tuple[int, ...], torch.dtype, TreePlace]"
-_Deposit: TypeAlias = "tuple[Signature, torch.Tensor]"
 
 REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "sum": torch.add,
@@ -55,32 +55,112 @@ REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "min": torch.minimum,
 }
 
+# The kinds of Collective (the names of the ops in _ops), and how errors name them.
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute")
+_ERROR_NAMES = {"permute": "ppermute"}
+
+
+@dataclass(frozen=True, slots=True)
+class Collective:
+    """One collective and its parameters, the same for every replica that takes part.
+
+    ``op`` is set for the reductions (all_reduce, reduce_scatter), ``pairs`` for
+    permute, ``groups`` for the others (None: one group of everybody). ``tree``
+    is where the exchange sits in a collective over a pytree. Equal collectives
+    on inputs of equal shapes and dtypes pair up (``signature``).
+    """
+
+    kind: str
+    op: str | None = None
+    groups: Groups = None
+    pairs: Pairs | None = None
+    tree: TreePlace = None
+
+    @property
+    def name(self) -> str:
+        """How errors name the collective (JAX's names)."""
+        return _ERROR_NAMES.get(self.kind, self.kind)
+
+    def signature(self, x: torch.Tensor) -> Signature:
+        """What a replica brings to the exchange, compared across replicas."""
+        return self, tuple(x.shape), x.dtype
+
+
+# A collective with the shape and dtype of one replica's input.
+Signature: TypeAlias = "tuple[Collective, tuple[int, ...], torch.dtype]"
+
+
+def describe(signature: Signature) -> str:
+    """A signature as errors show it: ``all_reduce('sum',) on a torch.float32 tensor of shape [3]``."""
+    collective, shape, dtype = signature
+    params = tuple(p for p in (collective.op, collective.groups, collective.pairs) if p is not None)
+    text = f"{collective.name}{params} on a {dtype} tensor of shape {list(shape)}"
+    if collective.tree is not None:
+        description, leaf, dims = collective.tree
+        text += f" (leaf {leaf} of {render_tree(description, dims)})"
+    return text
+
+
+class GroupBackend(abc.ABC):
+    """One collective over all of this process's replicas of a call, on one thread.
+
+    ``run(collective, xs)`` takes the input of each of this process's ``size``
+    replicas (``xs[i]`` on ``devices[i]``, global axis index ``first + i`` of
+    ``axis_size``) and returns each one's result on its device. Results never
+    alias each other or the inputs, so a replica may update its result in place.
+    The inputs must be ready to read (the caller synchronises its streams).
+
+    It needs no threads: the thread rendezvous calls it once per exchange, and a
+    runner that holds every replica's tensor itself calls it directly: replicas
+    in lockstep on one thread pass their per-device tensors; replicas stacked on
+    one device can pass the rows of the stacked buffer (``unbind(0)``) and stack
+    the results, where no batched kernel over the replica dimension covers the
+    collective. Ranks in ``collective`` (groups, pairs) are global axis indices.
+    A backend may hold per-run state (ProcessGroupBackend numbers its exchanges):
+    make one per run.
+    """
+
+    devices: list[torch.device]
+    size: int  # this process's replicas
+    first: int  # the global axis index of devices[0]
+    axis_size: int  # replicas of every process
+
+    def __init__(self, devices: Sequence[torch.device], first: int, axis_size: int) -> None:
+        self.devices = list(devices)
+        self.size = len(self.devices)
+        self.first = first
+        self.axis_size = axis_size
+        self._cuda = any(d.type == "cuda" for d in self.devices)
+
+    @abc.abstractmethod
+    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every local replica's result from every local replica's input."""
+
+    def to(self, t: torch.Tensor, local_rank: int) -> torch.Tensor:
+        """``t`` on the device of local replica ``local_rank`` (virtual CPU devices share memory)."""
+        if not self._cuda:
+            return t
+        return t.to(self.devices[local_rank])
+
+
+class LocalBackend(GroupBackend):
+    """Every replica of the axis is in this process: compute_results over them."""
+
+    def __init__(self, devices: Sequence[torch.device]) -> None:
+        super().__init__(devices, 0, len(devices))
+
+    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return compute_results(collective, xs, self.size, self.to)
+
 
 class Communicator(abc.ABC):
-    """The collective primitives for the replicas of one pmap call."""
+    """The collectives as the replica running on the calling thread sees them."""
 
     size: int
 
     @abc.abstractmethod
-    def all_reduce(
-        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
-    ) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def reduce_scatter(
-        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
-    ) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor: ...
-
-    @abc.abstractmethod
-    def permute(
-        self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]], tree: TreePlace = None
-    ) -> torch.Tensor: ...
+    def exchange(self, rank: int, collective: Collective, x: torch.Tensor) -> torch.Tensor:
+        """Replica ``rank`` (its global axis index) takes part in ``collective`` with ``x``."""
 
     @abc.abstractmethod
     def abort(self, error: BaseException, rank: int) -> None:
@@ -91,21 +171,23 @@ class Communicator(abc.ABC):
         """Replica ``rank`` returned; nobody should wait for it any more."""
 
 
-class InProcessCommunicator(Communicator):
+class ThreadRendezvous(Communicator):
     """A rendezvous of worker threads: each collective is one exchange.
 
-    Every replica deposits its tensor; the last one to arrive computes every
-    replica's result while the others still wait, then releases them. Computing
-    before release means no replica reads another's input after that replica
-    has moved on (and perhaps modified it in place), with a single barrier.
-    Results never alias each other, so a replica may modify its result in place.
+    Every replica deposits its tensor; the last one to arrive has the backend
+    compute every replica's result while the others still wait, then releases
+    them. Computing before release means no replica reads another's input after
+    that replica has moved on (and perhaps modified it in place), with a single
+    barrier. Replicas are numbered by global axis index; the backend's ``first``
+    is this process's first.
     """
 
-    def __init__(self, devices: Sequence[torch.device], gate: DynamoGate | None = None) -> None:
-        self.size = len(devices)
+    def __init__(self, backend: GroupBackend, gate: DynamoGate | None = None) -> None:
+        self._backend = backend
+        self.size = backend.size
+        self._first = backend.first
         self._gate = gate  # the compile warm-up gate (see _compile.py), if any
-        self._devices = list(devices)
-        self._cuda = any(d.type == "cuda" for d in devices)
+        self._cuda = any(d.type == "cuda" for d in backend.devices)
         self._timeout: float | None = None  # the configured one, read at the first exchange
         self._lock_timeout = -1.0  # _timeout as Lock.acquire takes it (-1: for ever)
         # A short lock guards the arrival bookkeeping; nobody waits while
@@ -125,36 +207,6 @@ class InProcessCommunicator(Communicator):
         self._failed_rank: int | None = None
         self._retired: set[int] = set()
 
-    # -- the five primitives -------------------------------------------------
-    # Each is one exchange; the last replica to arrive computes everybody's
-    # result with compute_results (below).
-    def all_reduce(self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
-        return self._exchange(rank, ("all_reduce", op, groups), x, tree)
-
-    def all_gather(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
-        return self._exchange(rank, ("all_gather", groups), x, tree)
-
-    def reduce_scatter(
-        self, rank: int, x: torch.Tensor, op: str, groups: Groups, tree: TreePlace = None
-    ) -> torch.Tensor:
-        return self._exchange(rank, ("reduce_scatter", op, groups), x, tree)
-
-    def all_to_all(self, rank: int, x: torch.Tensor, groups: Groups, tree: TreePlace = None) -> torch.Tensor:
-        return self._exchange(rank, ("all_to_all", groups), x, tree)
-
-    def permute(
-        self, rank: int, x: torch.Tensor, pairs: Sequence[tuple[int, int]], tree: TreePlace = None
-    ) -> torch.Tensor:
-        return self._exchange(rank, ("ppermute", tuple(pairs)), x, tree)
-
-    def _compute(self, what: What, xs: list[torch.Tensor], tree: TreePlace = None) -> list[torch.Tensor]:
-        """Every local replica's result from every local replica's input. A
-        communicator spanning processes overrides this to talk to the others."""
-        return compute_results(what, xs, self.size, self._to)
-
-    def _local_rank(self, rank: int) -> int:
-        return rank
-
     # -- failure handling ----------------------------------------------------
     def abort(self, error: BaseException, rank: int) -> None:
         with self._lock:
@@ -170,7 +222,7 @@ class InProcessCommunicator(Communicator):
                 self._fail(
                     CollectiveMismatchError(
                         f"replica {rank} returned while replicas {waiting} wait in "
-                        f"{self._describe(first[0])}: every replica "
+                        f"{describe(first[0])}: every replica "
                         f"must call the same collectives in the same order"
                     ),
                     rank,
@@ -186,12 +238,12 @@ class InProcessCommunicator(Communicator):
         self._waiting.clear()
 
     # -- the rendezvous ------------------------------------------------------
-    def _exchange(self, rank: int, what: What, x: torch.Tensor, tree: TreePlace = None) -> torch.Tensor:
-        rank = self._local_rank(rank)
+    def exchange(self, rank: int, collective: Collective, x: torch.Tensor) -> torch.Tensor:
+        rank -= self._first
         if self.size == 1:
             # Nobody to wait for; still return a fresh tensor like every path.
-            return self._compute(what, [x], tree)[0]
-        signature = (what, tuple(x.shape), x.dtype, tree)
+            return self._backend.run(collective, [x])[0]
+        signature = collective.signature(x)
         if self._cuda and x.is_cuda:
             # Host-side synchronisation keeps cross-device reads safe without
             # knowing every thread's stream. NCCL would be the fast path here.
@@ -201,7 +253,7 @@ class InProcessCommunicator(Communicator):
             if self._retired:
                 self._fail(
                     CollectiveMismatchError(
-                        f"replica {rank} called {self._describe(signature)} but replicas "
+                        f"replica {rank} called {describe(signature)} but replicas "
                         f"{sorted(self._retired)} had already returned: every replica "
                         f"must call the same collectives in the same order"
                     ),
@@ -227,7 +279,7 @@ class InProcessCommunicator(Communicator):
             else:
                 self._waiting.add(rank)
         if last:
-            self._complete(generation, deposits, what, tree)
+            self._complete(generation, deposits, collective)
         else:
             gate = self._gate
             if gate is not None and gate.pause():
@@ -242,7 +294,7 @@ class InProcessCommunicator(Communicator):
             raise type(result)(*result.args)
         return result[rank]
 
-    def _complete(self, generation: int, deposits: list[_Deposit | None], what: What, tree: TreePlace) -> None:
+    def _complete(self, generation: int, deposits: list[_Deposit | None], collective: Collective) -> None:
         signatures: list[Signature] = []
         inputs: list[torch.Tensor] = []
         for deposit in deposits:
@@ -252,12 +304,12 @@ class InProcessCommunicator(Communicator):
         result: list[torch.Tensor] | Exception
         try:
             if any(s != signatures[0] for s in signatures):
-                lines = "\n".join(f"  replica {r}: {self._describe(s)}" for r, s in enumerate(signatures))
+                lines = "\n".join(f"  replica {r}: {describe(s)}" for r, s in enumerate(signatures))
                 raise CollectiveMismatchError(
                     "replicas called different collectives (or the same one with different "
                     "shapes, dtypes, parameters or pytrees) at the same point:\n" + lines
                 )
-            result = self._compute(what, inputs, tree)
+            result = self._backend.run(collective, inputs)
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:
                     torch.cuda.synchronize(d)
@@ -289,7 +341,7 @@ class InProcessCommunicator(Communicator):
             self._waiting.discard(rank)
             self._fail(
                 CollectiveTimeoutError(
-                    f"{self._describe(signature)} timed out after {self._timeout:g} s "
+                    f"{describe(signature)} timed out after {self._timeout:g} s "
                     f"waiting for replicas {missing} (set TORCHPMAP_COLLECTIVE_TIMEOUT "
                     f"or torchpmap.set_collective_timeout to change the limit)"
                 ),
@@ -308,58 +360,47 @@ class InProcessCommunicator(Communicator):
         who = "the caller gave up on the call" if self._failed_rank == -1 else f"replica {self._failed_rank} failed"
         raise ReplicaAbortedError(f"collective cancelled: {who} with {type(failure).__name__}: {failure}")
 
-    def _to(self, t: torch.Tensor, rank: int) -> torch.Tensor:
-        if not self._cuda:
-            return t
-        return t.to(self._devices[rank])
 
-    @staticmethod
-    def _describe(signature: Signature) -> str:
-        what, shape, dtype, tree = signature
-        name, *params = what
-        text = f"{name}{tuple(p for p in params if p is not None)} on a {dtype} tensor of shape {list(shape)}"
-        if tree is not None:
-            description, leaf, dims = tree
-            text += f" (leaf {leaf} of {render_tree(description, dims)})"
-        return text
+_Deposit: TypeAlias = "tuple[Signature, torch.Tensor]"
 
 
 def compute_results(
-    what: What, xs: Sequence[torch.Tensor], size: int, to: Callable[[torch.Tensor, int], torch.Tensor]
+    collective: Collective, xs: Sequence[torch.Tensor], size: int, to: Callable[[torch.Tensor, int], torch.Tensor]
 ) -> list[torch.Tensor]:
-    """The result of collective ``what`` for each of ``size`` ranks, given every
+    """The result of ``collective`` for each of ``size`` ranks, given every
     rank's input ``xs[r]``. ``to(t, r)`` moves a tensor to rank r's device.
     Results never alias each other or the inputs."""
-    name = what[0]
-    out: list = [None] * size
-    if name == "ppermute":
-        for src, dst in what[1]:
+    kind = collective.kind
+    out: list[Any] = [None] * size
+    if kind == "permute":
+        for src, dst in collective.pairs or ():
             out[dst] = to(xs[src], dst).clone()
         for r in range(size):
             if out[r] is None:
                 out[r] = torch.zeros_like(xs[r])
         return out
-    groups = what[-1] or (tuple(range(size)),)
+    groups = collective.groups or (tuple(range(size)),)
     for g in groups:
-        if name == "all_reduce" or name == "reduce_scatter":
-            reduce = REDUCERS[what[1]]
+        if kind == "all_reduce" or kind == "reduce_scatter":
+            assert collective.op is not None  # reductions carry their op
+            reduce = REDUCERS[collective.op]
             total = to(xs[g[0]], g[0])
             for r in g[1:]:
                 total = reduce(total, to(xs[r], g[0]))
             if len(g) == 1:  # otherwise total is already a fresh tensor
                 total = total.clone()
             for k, r in enumerate(g):
-                if name == "reduce_scatter":
+                if kind == "reduce_scatter":
                     out[r] = to(total[k], r)  # rows of one fresh buffer: disjoint
                 else:
                     out[r] = to(total, r) if k == 0 else to(total, r).clone()
-        elif name == "all_gather":
+        elif kind == "all_gather":
             stacked = torch.stack([to(xs[r], g[0]) for r in g])
             for k, r in enumerate(g):
                 out[r] = to(stacked if k == 0 else stacked.clone(), r)
-        elif name == "all_to_all":
+        elif kind == "all_to_all":
             for k, r in enumerate(g):
                 out[r] = torch.stack([to(xs[j][k], r) for j in g])
         else:
-            raise AssertionError(f"unknown collective {name!r}")
+            raise AssertionError(f"unknown collective {kind!r}")
     return out

@@ -16,7 +16,8 @@ replicas holding different trees fail instead of pairing leaves wrongly.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from . import _axis
 from . import _stacked_collectives as _stacked
+from ._communicator import Collective
 from ._random import replica_modes_only
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ def encode_groups(groups: list[list[int]]) -> tuple[list[int], int]:
     return [i for g in groups for i in (*g, GROUP_SEP)][:-1], 0
 
 
-def decode_groups(groups: list[int], group_size: int) -> Groups:
+def decode_groups(groups: Sequence[int], group_size: int) -> Groups:
     """The inverse of encode_groups."""
     if not groups:
         return None
@@ -63,7 +65,7 @@ def decode_groups(groups: list[int], group_size: int) -> Groups:
     return tuple(tuple(groups[i : i + group_size]) for i in range(0, len(groups), group_size))
 
 
-def _tree_place(tree: str, leaf: int, dims: list[int] | None) -> TreePlace:
+def _tree_place(tree: str, leaf: int, dims: Sequence[int] | None) -> TreePlace:
     """The tree tags of an op as the communicator compares them; None for a bare tensor."""
     if not tree:
         return None
@@ -139,6 +141,35 @@ def _frame(axes: str, x: Tensor | None = None) -> _axis.ReplicaFrame:
     return _axis.resolve(tuple(axes.split(AXIS_SEP)), like=x)
 
 
+@functools.lru_cache(maxsize=4096)
+def _interned(
+    kind: str,
+    op: str | None,
+    groups: tuple[int, ...],
+    group_size: int,
+    pairs: tuple[int, ...] | None,
+    tree: str,
+    leaf: int,
+    dims: tuple[int, ...] | None,
+) -> Collective:
+    """The Collective of an op's arguments (lists made tuples), made once: the
+    replicas then bring the same object, which compares at once, and a repeated
+    collective costs a cache hit instead of a dataclass construction."""
+    return Collective(
+        kind,
+        op,
+        decode_groups(groups, group_size),
+        None if pairs is None else tuple(zip(pairs[0::2], pairs[1::2])),
+        _tree_place(tree, leaf, dims),
+    )
+
+
+def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
+    """The kernels' common end: the running replica's communicator does the exchange."""
+    f = _frame(axes, x)
+    return f.comm.exchange(f.index, collective, x)
+
+
 def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
     """The backward rules communicate, so they must run in the replicas' own
     backward pass (pmap arranges that for its arguments, see _autodiff.py). A
@@ -175,8 +206,13 @@ def _all_reduce_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    f = _frame(axes, x)
-    return f.comm.all_reduce(f.index, x, op, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
+    return _exchange(axes, x, _all_reduce_collective(op, groups, group_size, tree, leaf, dims))
+
+
+def _all_reduce_collective(
+    op: str, groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
+) -> Collective:
+    return _interned("all_reduce", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
@@ -227,8 +263,13 @@ def _all_gather_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    f = _frame(axes, x)
-    return f.comm.all_gather(f.index, x, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
+    return _exchange(axes, x, _all_gather_collective(groups, group_size, tree, leaf, dims))
+
+
+def _all_gather_collective(
+    groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
+) -> Collective:
+    return _interned("all_gather", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
@@ -272,8 +313,13 @@ def _reduce_scatter_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    f = _frame(axes, x)
-    return f.comm.reduce_scatter(f.index, x, op, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
+    return _exchange(axes, x, _reduce_scatter_collective(op, groups, group_size, tree, leaf, dims))
+
+
+def _reduce_scatter_collective(
+    op: str, groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
+) -> Collective:
+    return _interned("reduce_scatter", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
@@ -317,8 +363,13 @@ def _all_to_all_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    f = _frame(axes, x)
-    return f.comm.all_to_all(f.index, x, decode_groups(groups, group_size), _tree_place(tree, leaf, dims))
+    return _exchange(axes, x, _all_to_all_collective(groups, group_size, tree, leaf, dims))
+
+
+def _all_to_all_collective(
+    groups: list[int], group_size: int, tree: str = "", leaf: int = -1, dims: list[int] | None = None
+) -> Collective:
+    return _interned("all_to_all", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
 all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
@@ -351,8 +402,11 @@ all_to_all.register_autograd(_all_to_all_backward, setup_context=_gather_scatter
 def _permute_kernel(
     x: Tensor, axes: str, pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None
 ) -> Tensor:
-    f = _frame(axes, x)
-    return f.comm.permute(f.index, x, list(zip(pairs[0::2], pairs[1::2])), _tree_place(tree, leaf, dims))
+    return _exchange(axes, x, _permute_collective(pairs, tree, leaf, dims))
+
+
+def _permute_collective(pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None) -> Collective:
+    return _interned("permute", None, (), 0, tuple(pairs), tree, leaf, tuple(dims) if dims else None)
 
 
 permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
@@ -399,6 +453,25 @@ _KERNELS: dict[str, Callable[..., Tensor]] = {
     "all_to_all": _all_to_all_kernel,
     "permute": _permute_kernel,
 }
+
+# Each op's non-tensor arguments after ``axes`` -> the Collective its kernel runs.
+_COLLECTIVES: dict[str, Callable[..., Collective]] = {
+    "all_reduce": lambda op, axes, *rest: _all_reduce_collective(op, *rest),
+    "all_gather": lambda axes, *rest: _all_gather_collective(*rest),
+    "reduce_scatter": lambda op, axes, *rest: _reduce_scatter_collective(op, *rest),
+    "all_to_all": lambda axes, *rest: _all_to_all_collective(*rest),
+    "permute": lambda axes, *rest: _permute_collective(*rest),
+}
+
+
+def collective_of(name: str, *args: OpArg) -> tuple[tuple[str, ...], Collective]:
+    """(axis names, Collective) of a call of op ``name`` with its non-tensor
+    arguments ``args`` (as in a traced graph): what a runner that holds every
+    replica's tensor hands a GroupBackend instead of calling the kernel."""
+    axes = args[1] if name in ("all_reduce", "reduce_scatter") else args[0]
+    assert isinstance(axes, str)
+    return tuple(axes.split(AXIS_SEP)), _COLLECTIVES[name](*args)
+
 
 # (setup_context, backward) of each differentiable collective, shared by the
 # op registrations above and by _Collective.

@@ -23,7 +23,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 from . import _devices, _random, _runtime
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, differentiable_call
-from ._communicator import InProcessCommunicator
+from ._communicator import LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import (
     ShardedTensor,
@@ -303,10 +303,10 @@ class Pmapped:
         layout = _distributed.call_layout(n)
         if layout is None:  # one process: the axis is this call's replicas
             size, first = n, 0
-            new_comm = lambda: InProcessCommunicator(devices, gate=gate)  # noqa: E731
+            new_comm = lambda: ThreadRendezvous(LocalBackend(devices), gate=gate)  # noqa: E731
         else:  # the axis spans every process's replicas
-            size, first, make_comm = layout
-            new_comm = lambda: make_comm(devices, gate)  # noqa: E731
+            size, first, make_backend = layout
+            new_comm = lambda: ThreadRendezvous(make_backend(devices), gate=gate)  # noqa: E731
 
         # A fresh communicator per run (forward, and each backward).
         def run(replica_fn: Callable[[int], Any]) -> list[Any]:

@@ -3,10 +3,10 @@
 After ``initialize()``, every process runs the same pmapped program on its own
 local devices; the named axis spans all of them, process by process, so
 ``axis_index`` is the global index and collectives reach every replica of
-every process. Within a process the replicas meet in the in-process rendezvous;
-the replica that completes it then talks to the other processes for all of
-them (one cross-process operation per collective, hierarchical), and hands
-the results back to its local peers.
+every process. ``ProcessGroupBackend`` computes a collective for all of this
+process's replicas with one cross-process operation (hierarchical); under the
+threads executor the replica that completes the in-process rendezvous calls it
+for its local peers and hands them the results.
 
 Every process must make the same pmap calls with the same collectives. Each
 cross-process collective carries the call it belongs to (this process's count
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import REDUCERS, InProcessCommunicator, TreePlace, What, compute_results
+from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, describe
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError
@@ -41,8 +41,6 @@ from .errors import CollectiveError, CollectiveMismatchError
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor
-
-    from ._compile import DynamoGate
 
 
 class _State(TypedDict, total=False):
@@ -57,8 +55,8 @@ class _State(TypedDict, total=False):
 
 _state: _State = {}
 
-# (devices, compile gate) -> the communicator of one pmap call across the processes.
-CommunicatorFactory: TypeAlias = "Callable[[Sequence[torch.device], DynamoGate | None], ProcessGroupCommunicator]"
+# This process's devices -> the backend of one pmap run across the processes.
+BackendFactory: TypeAlias = "Callable[[Sequence[torch.device]], ProcessGroupBackend]"
 
 
 def initialize(
@@ -172,9 +170,9 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def call_layout(n_local: int) -> tuple[int, int, CommunicatorFactory] | None:
+def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
     """For a pmap call over ``n_local`` local replicas: (global axis size, global
-    index of the first local replica, communicator factory)."""
+    index of the first local replica, a factory of one backend per run)."""
     if not _state:
         return None
     if n_local != _state["local_count"]:
@@ -184,7 +182,7 @@ def call_layout(n_local: int) -> tuple[int, int, CommunicatorFactory] | None:
         )
     world, rank, group, lockstep = _state["world"], _state["rank"], _state["group"], _state["lockstep"]
     first, size = rank * n_local, world * n_local
-    return size, first, lambda devices, gate: ProcessGroupCommunicator(devices, first, size, group, lockstep, gate)
+    return size, first, lambda devices: ProcessGroupBackend(devices, first, size, group, lockstep)
 
 
 class _Lockstep:
@@ -220,8 +218,17 @@ class _Lockstep:
             )
 
 
-class ProcessGroupCommunicator(InProcessCommunicator):
-    """Local rendezvous, then one torch.distributed operation for all local replicas."""
+class ProcessGroupBackend(GroupBackend):
+    """This process's replicas' inputs in, their outputs out, with one torch.distributed
+    operation: an all-reduce for plain reductions, else an all-gather followed by
+    compute_results over every process's inputs.
+
+    Before any data moves, the processes compare (pmap run number, position of the
+    exchange in the run, CRC of the collective's signature), so processes out of step
+    or calling different collectives fail instead of pairing wrong data. One backend
+    serves one pmap run (it takes the run's number from the _Lockstep), and is called
+    once per collective with every local replica's input, from any one thread.
+    """
 
     def __init__(
         self,
@@ -230,64 +237,60 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         global_size: int,
         group: dist.ProcessGroup | None,
         lockstep: _Lockstep,
-        gate: DynamoGate | None = None,
     ) -> None:
-        super().__init__(devices, gate=gate)
-        self._first = first
-        self._global_size = global_size
+        super().__init__(devices, first, global_size)
         self._group = group
         self._lockstep = lockstep
         self._call = lockstep.next_call()
         self._exchanges = 0  # cross-process exchanges of this call so far
 
-    def _local_rank(self, rank: int) -> int:
-        return rank - self._first
-
-    def _compute(self, what: What, xs_local: list[torch.Tensor], tree: TreePlace = None) -> list[torch.Tensor]:
-        self._lockstep.check(what[0])
+    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        name = collective.name
+        self._lockstep.check(name)
         try:
-            self._check_same_everywhere(what, xs_local[0], tree)
-            name = what[0]
-            if name == "all_reduce" and what[2] is None:
-                return self._all_reduce(xs_local, what[1])
-            xs = self._gather_everything(xs_local)
-            results = compute_results(what, xs, self._global_size, lambda t, r: self._to_global(t, r))
-            return results[self._first : self._first + self.size]
+            self._check_same_everywhere(collective, xs[0])
+            if collective.kind == "all_reduce" and collective.groups is None:
+                assert collective.op is not None  # reductions carry their op
+                return self._all_reduce(xs, collective.op)
+            everyone = self._gather_everything(xs)
+            results = compute_results(collective, everyone, self.axis_size, self._to_global)
+            return results[self.first : self.first + self.size]
         except CollectiveError:
             raise
         except BaseException as e:  # the peers may have gone on: never pair with them again
-            self._lockstep.stop(f"a cross-process {what[0]} failed in pmap call #{self._call}")
+            self._lockstep.stop(f"a cross-process {name} failed in pmap call #{self._call}")
             if isinstance(e, RuntimeError):  # Gloo/NCCL: timeouts, peers that died or failed
                 raise CollectiveError(
-                    f"cross-process {what[0]} failed: {e}. Another process probably failed or "
+                    f"cross-process {name} failed: {e}. Another process probably failed or "
                     f"exited; its own log shows why. This process makes no cross-process "
                     f"collective any more: restart the job."
                 ) from e
             raise
 
     def _to_global(self, t: torch.Tensor, rank: int) -> torch.Tensor:
-        local = rank - self._first
+        local = rank - self.first
         if 0 <= local < self.size:
-            return self._to(t, local)
+            return self.to(t, local)
         return t
 
-    def _check_same_everywhere(self, what: What, x: torch.Tensor, tree: TreePlace = None) -> None:
-        signature = repr((what, tuple(x.shape), x.dtype, tree)).encode()
+    def _check_same_everywhere(self, collective: Collective, x: torch.Tensor) -> None:
+        signature = collective.signature(x)
         self._exchanges += 1
         step = (self._call, self._exchanges)
-        mine = torch.tensor([*step, zlib.crc32(signature)], dtype=torch.int64, device=self._comm_device())
+        crc = zlib.crc32(repr(signature).encode())
+        mine = torch.tensor([*step, crc], dtype=torch.int64, device=self._comm_device())
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
         dist.all_gather(theirs, mine, group=self._group)
         rows = torch.stack(theirs).tolist()
         steps = [(call, exchange) for call, exchange, _ in rows]
         if len(set(steps)) != 1:
-            raise self._out_of_step(what[0], steps)
+            raise self._out_of_step(collective.name, steps)
         values = [crc for _, _, crc in rows]
         if len(set(values)) != 1:
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
             raise CollectiveMismatchError(
                 f"processes called different collectives (or shapes/dtypes) at the same point: "
-                f"this process called {self._describe((what, tuple(x.shape), x.dtype, tree))}, "
+                f"this process called {describe(signature)}, "
                 f"processes {odd} called something else"
             )
 
@@ -307,9 +310,9 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         )
 
     def _comm_device(self) -> torch.device:
-        return physical_device(self._devices[0])
+        return physical_device(self.devices[0])
 
-    def _all_reduce(self, xs_local: list[torch.Tensor], op: str) -> list[torch.Tensor]:
+    def _all_reduce(self, xs_local: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
         dev = self._comm_device()
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
@@ -317,9 +320,9 @@ class ProcessGroupCommunicator(InProcessCommunicator):
         wire = _to_wire(total)
         dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group)
         total = _from_wire(wire, total)
-        return [self._to(total, r).clone() for r in range(self.size)]
+        return [self.to(total, r).clone() for r in range(self.size)]
 
-    def _gather_everything(self, xs_local: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _gather_everything(self, xs_local: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         dev = self._comm_device()
         stacked = _to_wire(torch.stack([x.to(dev) for x in xs_local]))
         parts = [torch.empty_like(stacked) for _ in range(dist.get_world_size(self._group))]
