@@ -2,9 +2,9 @@
 
 A call flattens its arguments, looks up a plan cached per call signature
 (tree structure, leaf kinds and ranks, static arguments), slices the mapped
-leaves into one argument tuple per replica, runs the replicas on the worker
-pool with a fresh communicator, and wraps the per-replica outputs into
-ShardedTensors.
+leaves into one argument list per replica, describes the call in a
+``CallRecord`` that an executor runs (``_call.py``), and wraps the
+per-replica outputs into ShardedTensors.
 """
 
 from __future__ import annotations
