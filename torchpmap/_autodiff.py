@@ -21,41 +21,39 @@ collectives' backward rules can communicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 from torch.autograd.graph import Node
 from torch.utils._pytree import TreeSpec
 
+if TYPE_CHECKING:
+    from ._call import CallRecord, Executor, ReplicaGroup
+
 # A replica's output, flattened: (leaves, tree structure).
 FlatOutput: TypeAlias = "tuple[list[Any], TreeSpec]"
-# run(replica_fn): replica_fn(rank) on every replica with the axis bound, the results in rank order.
-Runner: TypeAlias = "Callable[[Callable[[int], Any]], list[Any]]"
 # Per replica, a list of tensors (or of gradients, which may be None).
 TensorsPerReplica: TypeAlias = "list[list[torch.Tensor]]"
 GradsPerReplica: TypeAlias = "list[list[torch.Tensor | None]]"
+T = TypeVar("T")
 
 
-def differentiable_call(
-    run: Runner,
-    call_fun: Callable[[int, list[Any]], FlatOutput],
-    per_leaf: list[list[Any]],
-    grad_leaves: Sequence[int],
-    n: int,
-) -> list[FlatOutput]:
-    """Run the replicas (``run(replica_fn)``) so that the caller's autograd sees
-    through them. ``call_fun(rank, leaves)`` returns a replica's flattened
-    output; so does this, one (leaves, spec) per replica.
+def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutput]:
+    """Run ``record``'s replicas on ``executor`` so that the caller's autograd
+    sees through them; one flattened output (leaves, spec) per replica.
 
-    ``per_leaf[j][r]`` is replica r's value of input leaf j, as placed for it
-    (a slice, a copy or a shard, recorded by the caller's autograd);
-    ``grad_leaves`` are the leaves whose gradients the caller needs.
+    ``record.per_leaf[j][r]`` is replica r's value of input leaf j, as placed
+    for it (a slice, a copy or a shard, recorded by the caller's autograd);
+    ``record.grad_leaves`` are the leaves whose gradients the caller needs.
+    The backward runs on the same executor (``run_replicas``), holding only
+    ``record.group``, not the call's inputs.
     """
-    replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
+    n = record.n
+    replica_inputs = record.replica_inputs()
     caller_inputs: TensorsPerReplica = [[] for _ in range(n)]  # per replica: the placed values that need grad
     leaves: TensorsPerReplica = [[] for _ in range(n)]  # per replica: the leaves standing for them in its graph
-    for j in grad_leaves:
+    for j in record.grad_leaves:
         for r in range(n):
             value = replica_inputs[r][j]
             leaf = value.detach().requires_grad_()
@@ -63,10 +61,10 @@ def differentiable_call(
             caller_inputs[r].append(value)
             leaves[r].append(leaf)
 
-    flat = run(lambda r: call_fun(r, replica_inputs[r]))  # (leaves, spec) per replica
+    flat = executor.run(record, replica_inputs)  # (leaves, spec) per replica
     tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
     outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
-    hidden = _hide_replica_graphs(run, caller_inputs, leaves, outputs)
+    hidden = _hide_replica_graphs(executor, record.group, caller_inputs, leaves, outputs)
     if hidden is not None:
         for r, slots in enumerate(tensor_slots):
             for k, t in zip(slots, hidden[r]):
@@ -75,7 +73,8 @@ def differentiable_call(
 
 
 def _hide_replica_graphs(
-    run: Runner,
+    executor: Executor,
+    group: ReplicaGroup,
     caller_inputs: TensorsPerReplica,
     leaves: TensorsPerReplica,
     outputs: TensorsPerReplica,
@@ -91,7 +90,7 @@ def _hide_replica_graphs(
         if captured:
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
-    graphs = _ReplicaGraphs(run, leaves, outputs, [len(c) for c in caller_inputs], shared)
+    graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared)
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
 
@@ -134,13 +133,15 @@ class _ReplicaGraphs:
 
     def __init__(
         self,
-        run: Runner,
+        executor: Executor,
+        group: ReplicaGroup,
         leaves: TensorsPerReplica,
         outputs: TensorsPerReplica,
         input_counts: list[int],
         shared: bool = False,
     ) -> None:
-        self.run = run
+        self.executor = executor  # the backward's tasks run where the forward ran
+        self.group = group
         self.leaves = leaves  # per replica: what its graph is differentiated with respect to
         self.outputs = outputs  # per replica: its tensor outputs
         self.input_counts = input_counts  # per replica: how many of the node's inputs are its
@@ -148,6 +149,9 @@ class _ReplicaGraphs:
         # replica graphs to these: one backward pass can then traverse them from
         # both nodes, so neither may free the buffers the other still needs.
         self.shared = shared
+
+    def run(self, replica_fn: Callable[[int], T]) -> list[T]:
+        return self.executor.run_replicas(self.group, replica_fn)
 
     def vjp(
         self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool
@@ -231,7 +235,7 @@ def _differentiable_vjp(
     grads: GradsPerReplica = graphs.run(lambda r: graphs.vjp(r, replica_cotangents[r], keep, create_graph=True))
     present = [[i for i, g in enumerate(per) if g is not None] for per in grads]
     outputs: TensorsPerReplica = [[g for g in per if g is not None] for per in grads]
-    hidden = _hide_replica_graphs(graphs.run, next_callers, next_leaves, outputs, shared=True)
+    hidden = _hide_replica_graphs(graphs.executor, graphs.group, next_callers, next_leaves, outputs, shared=True)
     if hidden is None:  # no gradient depends on anything that requires grad
         return grads
     graphs.shared = True

@@ -2,9 +2,9 @@
 
 A call flattens its arguments, looks up a plan cached per call signature
 (tree structure, leaf kinds and ranks, static arguments), slices the mapped
-leaves into one argument tuple per replica, runs the replicas on the worker
-pool with a fresh communicator, and wraps the per-replica outputs into
-ShardedTensors.
+leaves into one argument list per replica, describes the call in a
+``CallRecord`` that an executor runs (``_call.py``), and wraps the
+per-replica outputs into ShardedTensors.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
-from . import _devices, _random, _runtime
+from . import _devices, _random
 from . import distributed as _distributed
-from ._autodiff import FlatOutput, differentiable_call
+from ._autodiff import FlatOutput
+from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
 from ._communicator import LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import (
@@ -34,10 +35,17 @@ from ._sharded import (
     distinct_shards,
     version_of,
 )
-from ._tree import broadcast_prefix, flatten, is_axis_spec, leaf_paths, reorder_leaves
+from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
 _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
+# Module globals: an enum member's attribute lookup would cost in the per-leaf loop.
+_PLACED_MAPPED, _PLACED_BROADCAST, _PLACED_SHARDED, _PLACED_PER_REPLICA = (
+    Placement.MAPPED,
+    Placement.BROADCAST,
+    Placement.SHARDED,
+    Placement.PER_REPLICA,
+)
 
 
 def _kind(v: Any) -> int:
@@ -227,6 +235,7 @@ class Pmapped:
         self._out_plans: dict[_OutKey, _OutPlan] = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
         self._random = _random.Interception()  # whether its replicas draw random numbers
+        self._last_group: ReplicaGroup | None = None  # the replicas of the last one-process call
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
         functools.update_wrapper(self, fun)
@@ -274,9 +283,8 @@ class Pmapped:
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
         shared_modules = _watch_shared_objects(plan.shared_objects, n) if plan.shared_objects else []
-        per_leaf, grad_leaves, shared = self._place(plan, leaves, devices, n)
+        per_leaf, placements, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
-        static_items = list(zip(static_pos, static_vals))
         programs: list[Callable[..., Any]]
         gate: DynamoGate | None
         if self._compiled is None:
@@ -284,51 +292,21 @@ class Pmapped:
         else:
             per_replica = _PER_REPLICA in plan.kinds
             programs, gate = self._compiled.programs(devices, n, per_replica), DYNAMO_GATE
-
-        positional_only = treedef is self._positional_specs.get(len(leaves))
-
-        def call_fun(rank: int, replica_leaves: list[Any]) -> FlatOutput:
-            """Run replica ``rank``; its output comes back flattened."""
-            if positional_only:
-                dyn, kw = replica_leaves, {}
-            else:
-                dyn, kw = tree_unflatten(replica_leaves, treedef)
-            if static_items:
-                dyn = list(dyn)
-                for i, v in static_items:
-                    dyn.insert(i, v)
-            return flatten(programs[rank](*dyn, **kw))
-
-        axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
-        layout = _distributed.call_layout(n)
-        if layout is None:  # one process: the axis is this call's replicas
-            size, first = n, 0
-            new_comm = lambda: ThreadRendezvous(LocalBackend(devices), gate=gate)  # noqa: E731
-        else:  # the axis spans every process's replicas
-            size, first, make_backend = layout
-            new_comm = lambda: ThreadRendezvous(make_backend(devices), gate=gate)  # noqa: E731
-
-        # A fresh communicator per run (forward, and each backward).
-        def run(replica_fn: Callable[[int], Any]) -> list[Any]:
-            return _runtime.pool().run(
-                devices,
-                replica_fn,
-                new_comm(),
-                axis_name,
-                size,
-                first_index=first,
-                label=f"pmap of {self._fun_name}",
-                interception=self._random,
-            )
-
-        if donated:
-            run = _donating(run, [leaves[j] for j in donated])
+        record = CallRecord(
+            self._replica_group(devices, gate),
+            self._fun,
+            programs,
+            None if treedef is self._positional_specs.get(len(leaves)) else treedef,
+            tuple(zip(static_pos, static_vals)),
+            leaves,
+            plan.axes,
+            placements,
+            per_leaf,
+            grad_leaves,
+            [leaves[j] for j in donated],
+        )
         try:
-            if torch.is_grad_enabled():
-                outs = differentiable_call(run, call_fun, per_leaf, grad_leaves, n)
-            else:
-                replica_inputs = [[vals[r] for vals in per_leaf] for r in range(n)]
-                outs = run(lambda r: call_fun(r, replica_inputs[r]))
+            outs = choose_executor(record).call(record)
         except Exception as e:
             if shared_modules:  # the race on a shared module may be why a replica failed
                 _check_modules_not_written(shared_modules, n, cause=e)
@@ -344,6 +322,27 @@ class Pmapped:
         if spec is None:
             spec = self._positional_specs[n] = tree_flatten((tuple(range(n)), {}))[1]
         return spec
+
+    def _replica_group(self, devices: tuple[torch.device, ...], gate: DynamoGate | None) -> ReplicaGroup:
+        """The replicas of a call on ``devices`` and their axis, which spans
+        every process's replicas in a multi-process job. In one process the
+        group of the last call is reused when its devices are the same (it
+        holds no per-call state: each run makes its own communicator)."""
+        layout = _distributed.call_layout(len(devices))
+        if layout is None:
+            group = self._last_group
+            if group is not None and group.devices == devices:
+                return group
+        axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
+        if layout is None:  # one process: the axis is this call's replicas
+            size, first = len(devices), 0
+            new_comm = lambda: ThreadRendezvous(LocalBackend(devices), gate=gate)  # noqa: E731
+        else:
+            size, first, make_backend = layout
+            new_comm = lambda: ThreadRendezvous(make_backend(devices), gate=gate)  # noqa: E731
+        group = ReplicaGroup(axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random)
+        self._last_group = None if layout is not None else group
+        return group
 
     # -- inputs --------------------------------------------------------------------------
     def _static_positions(self, nargs: int) -> tuple[int, ...]:
@@ -528,14 +527,15 @@ class Pmapped:
 
     def _place(
         self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
-    ) -> tuple[list[list[Any]], list[int], list[_Shared]]:
-        """Per input leaf, its n per-replica values; the leaves autograd must
-        see (those that require grad when grad mode is on); and the tensors
-        several replicas (or a replica and the caller) share, which no replica
-        may write. The values are placed with grad mode on, so the caller's
+    ) -> tuple[list[list[Any]], list[Placement], list[int], list[_Shared]]:
+        """Per input leaf, its n per-replica values and how they were placed;
+        the leaves autograd must see (those that require grad when grad mode
+        is on); and the tensors several replicas (or a replica and the caller)
+        share, which no replica may write. The values are placed with grad mode on, so the caller's
         autograd takes their gradients back to the leaves: slices stacked,
         broadcast copies summed."""
         per_leaf: list[list[Any]] = []
+        placements: list[Placement] = []
         grad_on = torch.is_grad_enabled()
         grad_leaves: list[int] = []
         shared: list[_Shared] = []
@@ -551,6 +551,7 @@ class Pmapped:
                         f"{[str(d) for d in devices]}"
                     )
                 per_leaf.append(list(leaf.values))
+                placements.append(_PLACED_PER_REPLICA)
                 continue
             if kind == _SHARDED:
                 if axis is not None and leaf.is_mapped_on(axis, devices):
@@ -558,6 +559,7 @@ class Pmapped:
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
                     per_leaf.append(values)
+                    placements.append(_PLACED_SHARDED)
                     continue
                 leaf = leaf.unshard()
                 kind = _TENSOR
@@ -573,16 +575,19 @@ class Pmapped:
                         _watch(shared, j, leaf, "the replica on its device")
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
+                    placements.append(_PLACED_BROADCAST)
                 else:
                     if _slices_overlap(leaf, axis):
                         _watch(shared, j, leaf, "overlapping slices")
                     values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
+                    placements.append(_PLACED_MAPPED)
             else:
                 values = [leaf] * n
+                placements.append(_PLACED_BROADCAST)
             per_leaf.append(values)
-        return per_leaf, grad_leaves, shared
+        return per_leaf, placements, grad_leaves, shared
 
     # -- outputs -------------------------------------------------------------------------
     def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
@@ -663,28 +668,6 @@ def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
         # ascontiguousarray makes a 0-d array 1-d: reshape back.
         return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
     return torch.as_tensor(a)
-
-
-def _donating(run: Callable[[Callable[[int], Any]], list[Any]], donated: list[Any]) -> Callable[..., list[Any]]:
-    """``run`` that deletes the donated ShardedTensors once a replica has
-    started, even if the call then fails (the function may have written
-    them); a call that fails before any replica starts leaves them usable."""
-    started = False
-
-    def donating_run(replica_fn: Callable[[int], Any]) -> list[Any]:
-        def replica(rank: int) -> Any:
-            nonlocal started
-            started = True
-            return replica_fn(rank)
-
-        try:
-            return run(replica)
-        finally:
-            if started:
-                for t in donated:
-                    t.delete()
-
-    return donating_run
 
 
 # A tensor input no replica may write in place: (leaf index, the tensor, its

@@ -1,0 +1,189 @@
+"""What the transform hands an executor: a frozen record of one pmap call.
+
+``Pmapped.__call__`` does everything that depends on the user's arguments
+(flattening, plans, checks, placement) and then describes the call in a
+``CallRecord``; an ``Executor`` runs it. Today's only executor is
+``ThreadsExecutor`` (one worker thread per device, ``_runtime.WorkerPool``).
+
+For the runners that come next:
+
+* a stacked runner (replicas sharing one physical device) reads
+  ``placements``/``axes`` to see which leaves are slices of one caller tensor
+  (``MAPPED``: ``caller_leaves[j]`` is that tensor, or a numpy array or a
+  ShardedTensor laid out for another call, of which ``per_leaf[j]`` holds the
+  slices), which are one value for every replica (``BROADCAST``: no replica
+  dimension), and which come per replica (``SHARDED``, ``PER_REPLICA``: stack
+  them); it runs ``fun`` (or its own capture of it) once, and rebuilds the
+  arguments with ``unflatten``;
+* a lockstep runner (one host thread, replicas on distinct devices) runs
+  ``programs[r]`` on ``replica_inputs()[r]`` for every r with the group's
+  axis bound, and calls the collectives on the list of per-device tensors.
+
+Either overrides ``Executor.run`` (keeping its donation rule: call
+``record.release_donated()`` once a replica has started, even if the call
+fails) and ``run_replicas``, which the backward of a differentiable call
+uses for its per-replica vjp tasks; or ``call`` itself where its autograd
+works differently. Checks of the inputs (shared tensors not written, shared
+modules) stay in the transform, around ``call``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_unflatten
+
+from . import _runtime
+from ._autodiff import FlatOutput, differentiable_call
+from ._tree import flatten
+
+if TYPE_CHECKING:
+    from ._communicator import Communicator
+    from ._random import Interception
+    from ._sharded import ShardedTensor
+
+T = TypeVar("T")
+
+
+class Placement(enum.IntEnum):
+    """How one input leaf reached the replicas."""
+
+    MAPPED = 0  # replica r gets slice r of the caller's tensor along its mapped axis (moved to its device)
+    BROADCAST = 1  # every replica gets the same value (a tensor copied to its device where it must be)
+    SHARDED = 2  # a ShardedTensor already laid out for this call: replica r gets shard r, untouched
+    PER_REPLICA = 3  # a PerReplica: replica r gets its r-th value
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaGroup:
+    """The replicas of one call and their axis: all an executor needs to run
+    a task per replica with the axis bound. It holds no inputs, so a
+    backward pass may keep it as long as it needs."""
+
+    axis_name: str
+    axis_size: int  # global: every process's replicas
+    first_index: int  # the global index of the first local replica
+    devices: tuple[torch.device, ...]  # local replica r runs on devices[r]
+    new_communicator: Callable[[], Communicator]  # a fresh one per run (forward, each backward)
+    label: str  # "pmap of f", for errors
+    interception: Interception  # whether the function's replicas draw random numbers
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One pmap call, after placement: what runs, on what, and how its
+    inputs were laid out. ``per_leaf[j][r]`` is replica r's value of input
+    leaf j (kept per leaf: a stacked runner looks at one leaf across the
+    replicas)."""
+
+    group: ReplicaGroup
+    fun: Callable[..., Any]  # the user's function
+    programs: Sequence[Callable[..., Any]]  # per replica: fun, or its compiled program
+    treedef: TreeSpec | None  # of (dynamic args, kwargs); None: positional arguments only
+    static_items: tuple[tuple[int, Any], ...]  # (position, value) of the static arguments
+    caller_leaves: Sequence[Any]  # the caller's flattened leaves, before placement
+    axes: Sequence[int | None]  # per leaf: its mapped axis (None when broadcast)
+    placements: Sequence[Placement]  # per leaf
+    per_leaf: Sequence[Sequence[Any]]  # per leaf, per replica: the value as placed
+    grad_leaves: Sequence[int]  # the leaves whose gradients the caller's autograd needs
+    donated: Sequence[ShardedTensor]  # deleted once a replica has started (donate_argnums)
+
+    @property
+    def n(self) -> int:
+        return len(self.group.devices)
+
+    def replica_inputs(self) -> list[list[Any]]:
+        """Per replica, its flattened inputs (new lists: callers may edit them)."""
+        return [[vals[r] for vals in self.per_leaf] for r in range(len(self.group.devices))]
+
+    def unflatten(self, replica_leaves: list[Any]) -> tuple[list[Any] | tuple[Any, ...], dict[str, Any]]:
+        """The positional and keyword arguments that ``replica_leaves`` stand for."""
+        if self.treedef is None:
+            dyn: list[Any] | tuple[Any, ...] = replica_leaves
+            kw: dict[str, Any] = {}
+        else:
+            dyn, kw = tree_unflatten(replica_leaves, self.treedef)
+        if self.static_items:
+            dyn = list(dyn)
+            for i, v in self.static_items:
+                dyn.insert(i, v)
+        return dyn, kw
+
+    def call_replica(self, rank: int, replica_leaves: list[Any]) -> FlatOutput:
+        """Run replica ``rank``'s program on its inputs; its output comes back flattened."""
+        if self.treedef is None and not self.static_items:  # the common call: no tree to rebuild
+            return flatten(self.programs[rank](*replica_leaves))
+        dyn, kw = self.unflatten(replica_leaves)
+        return flatten(self.programs[rank](*dyn, **kw))
+
+    def release_donated(self) -> None:
+        for t in self.donated:
+            t.delete()
+
+
+class Executor(abc.ABC):
+    """Runs a CallRecord's replicas."""
+
+    @abc.abstractmethod
+    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+        """``replica_fn(rank)`` for every local rank, in its replica (axis bound,
+        the caller's grad mode and autocast, its random streams), under the
+        failure semantics of docs/architecture.md; the results in rank order,
+        or the first replica's own exception."""
+
+    def run(self, record: CallRecord, inputs: list[list[Any]]) -> list[FlatOutput]:
+        """The forward: replica r runs on ``inputs[r]`` (``record.replica_inputs()``,
+        or stand-ins for them that autograd tracks). Donated inputs are deleted
+        once a replica has started, even if the call then fails (the function
+        may have written them); a call that fails before leaves them usable."""
+        if not record.donated:
+            return self.run_replicas(record.group, lambda r: record.call_replica(r, inputs[r]))
+        started = False
+
+        def replica(rank: int) -> FlatOutput:
+            nonlocal started
+            started = True
+            return record.call_replica(rank, inputs[rank])
+
+        try:
+            return self.run_replicas(record.group, replica)
+        finally:
+            if started:
+                record.release_donated()
+
+    def call(self, record: CallRecord) -> list[FlatOutput]:
+        """Run the call; with grad mode on, so that the caller's autograd sees
+        through the replicas. Each replica's output comes back flattened."""
+        if torch.is_grad_enabled():
+            return differentiable_call(self, record)
+        return self.run(record, record.replica_inputs())
+
+
+class ThreadsExecutor(Executor):
+    """One persistent worker thread per device (``_runtime.WorkerPool``); a
+    collective is a rendezvous of the workers."""
+
+    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+        return _runtime.pool().run(
+            group.devices,
+            replica_fn,
+            group.new_communicator(),
+            group.axis_name,
+            group.axis_size,
+            first_index=group.first_index,
+            label=group.label,
+            interception=group.interception,
+        )
+
+
+_THREADS = ThreadsExecutor()
+
+
+def choose_executor(record: CallRecord) -> Executor:
+    """The executor for ``record``: the one place that picks (today always threads)."""
+    return _THREADS
