@@ -527,3 +527,23 @@ def test_cuda_autocast_carries_into_replicas():
     with torch.autocast("cuda", dtype=torch.float16):
         y = tp.pmap(lambda r: r @ r)(x)
     assert y.dtype == torch.float16
+
+
+def test_every_custom_op_is_kept_out_of_cuda_graphs():
+    # A CUDA graph would record one exchange and replay it without communicating.
+    for name in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute", "axis_index"):
+        assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.torchpmap, name).default.tags, name
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_cuda_reduce_overhead_compile_still_communicates_on_every_call():
+    devs = tp.local_devices()
+    n = len(devs)
+    f = tp.pmap(lambda x: tp.psum(x, "i") + tp.axis_index("i"), "i", compile=dict(mode="reduce-overhead"))
+    for step in range(4):  # past cudagraph trees' warm-up: replays must still exchange
+        x = torch.full((n, 8), float(step), device=devs[0])
+        out = f(x)
+        for r in range(n):
+            want = torch.full((8,), float(step * n + r), device=devs[r])
+            torch.testing.assert_close(out.shards[r], want)

@@ -72,6 +72,11 @@ def _tree_place(tree: str, leaf: int, dims: Sequence[int] | None) -> TreePlace:
     return tree, leaf, tuple(dims) if dims else ()
 
 
+# Every op waits for other replicas (or reads the running replica's index) on the
+# host: a CUDA graph would record one exchange and replay it without communicating.
+# Inductor's cudagraph trees (compile mode="reduce-overhead") keep such ops out.
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
 OPS = torch.ops.torchpmap
 
 
@@ -215,7 +220,7 @@ def _all_reduce_collective(
     return _interned("all_reduce", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
-all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=())
+all_reduce = torch.library.custom_op("torchpmap::all_reduce", _all_reduce_kernel, mutates_args=(), tags=_TAGS)
 
 
 @all_reduce.register_fake
@@ -272,7 +277,7 @@ def _all_gather_collective(
     return _interned("all_gather", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
-all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=())
+all_gather = torch.library.custom_op("torchpmap::all_gather", _all_gather_kernel, mutates_args=(), tags=_TAGS)
 
 
 @all_gather.register_fake
@@ -322,7 +327,9 @@ def _reduce_scatter_collective(
     return _interned("reduce_scatter", op, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
-reduce_scatter = torch.library.custom_op("torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=())
+reduce_scatter = torch.library.custom_op(
+    "torchpmap::reduce_scatter", _reduce_scatter_kernel, mutates_args=(), tags=_TAGS
+)
 
 
 @reduce_scatter.register_fake
@@ -372,7 +379,7 @@ def _all_to_all_collective(
     return _interned("all_to_all", None, tuple(groups), group_size, None, tree, leaf, tuple(dims) if dims else None)
 
 
-all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=())
+all_to_all = torch.library.custom_op("torchpmap::all_to_all", _all_to_all_kernel, mutates_args=(), tags=_TAGS)
 
 
 @all_to_all.register_fake
@@ -409,7 +416,7 @@ def _permute_collective(pairs: list[int], tree: str = "", leaf: int = -1, dims: 
     return _interned("permute", None, (), 0, tuple(pairs), tree, leaf, tuple(dims) if dims else None)
 
 
-permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=())
+permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates_args=(), tags=_TAGS)
 
 
 @permute.register_fake
@@ -435,10 +442,11 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 def _axis_index_kernel(axes: str, device: torch.device) -> Tensor:
     # Evaluated at run time: a compiled graph must not bake in the index of the
     # replica that happened to trace it.
-    return torch.tensor(_frame(axes).index, dtype=torch.int64, device=device)
+    # torch.full passes the value as a kernel argument: no host-to-device copy.
+    return torch.full((), _frame(axes).index, dtype=torch.int64, device=device)
 
 
-axis_index = torch.library.custom_op("torchpmap::axis_index", _axis_index_kernel, mutates_args=())
+axis_index = torch.library.custom_op("torchpmap::axis_index", _axis_index_kernel, mutates_args=(), tags=_TAGS)
 
 
 @axis_index.register_fake
