@@ -10,8 +10,8 @@ import weakref
 
 import pytest
 import torch
+from helpers import call_with_deadline, rows
 from helpers import devices as _devices
-from helpers import rows
 
 import torchpmap as tp
 
@@ -547,3 +547,42 @@ def test_cuda_reduce_overhead_compile_still_communicates_on_every_call():
         for r in range(n):
             want = torch.full((8,), float(step * n + r), device=devs[r])
             torch.testing.assert_close(out.shards[r], want)
+
+
+@needs_cuda
+def test_cuda_backward_through_a_call_from_outside_does_not_hang():
+    # The engine runs the call's backward on its CUDA device thread, which then waits for
+    # the replicas: their own backward passes must not need that thread.
+    devs = tp.local_devices()
+    x = torch.linspace(-1, 1, len(devs) * 4, device=devs[0]).reshape(len(devs), 4).requires_grad_()
+
+    def outside_backward():
+        y = tp.pmap(lambda r: tp.psum(r.sin(), "i") * r, "i")(x)
+        (g,) = torch.autograd.grad(y.unshard().sum(), x)
+        return g
+
+    g, error, seconds = call_with_deadline(outside_backward, deadline=60.0)
+    assert error is None and seconds < 60.0, (error, seconds)
+    xd = x.detach().clone().requires_grad_()
+    (want,) = torch.autograd.grad((xd.sin().sum(0) * xd).sum(), xd)
+    torch.testing.assert_close(g, want)
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_cuda_compiled_replica_with_a_backward_through_a_collective_does_not_wait_for_the_timeout():
+    devs = tp.local_devices()
+
+    def step(w, x):
+        w = w.detach().requires_grad_()
+        loss = tp.psum((w * x).sum(), "i")
+        loss.backward()  # eager backward (a graph break) through psum's backward
+        return w.grad
+
+    x = torch.randn(len(devs), 8, device=devs[0])
+    w = torch.ones(8, device=devs[0])
+    f = tp.pmap(step, "i", in_axes=(None, 0), compile=dict(backend="aot_eager"))
+    g, error, seconds = call_with_deadline(f, w, x, deadline=120.0)
+    assert error is None and seconds < 120.0, (error, seconds)
+    want = tp.pmap(step, "i", in_axes=(None, 0))(w, x)
+    torch.testing.assert_close(g.unshard(), want.unshard())

@@ -3,8 +3,9 @@
 Each worker thread binds a ``ReplicaFrame`` while it runs its replica; the
 collectives look up the axis names they are given in it. The lookup happens
 inside the op kernels at run time (never at trace time), so one compiled graph
-serves every replica. The autograd engine may run CUDA backward ops on its own
-device threads, so frames are also findable by device.
+serves every replica. A replica's backward passes run on its own worker thread
+too: on CUDA the workers turn off the autograd engine's device threads
+(``_runtime``), so a collective's backward always finds its frame here.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ class ReplicaFrame:
 
 
 _tls = threading.local()
-_frames_by_cuda_device: dict[int, ReplicaFrame] = {}
 
 
 def current_frame() -> ReplicaFrame | None:
@@ -44,15 +44,10 @@ def current_frame() -> ReplicaFrame | None:
 
 def bind(frame: ReplicaFrame | None) -> None:
     _tls.frame = frame
-    if frame is not None and frame.device.type == "cuda":
-        _frames_by_cuda_device[frame.device.index] = frame
 
 
 def unbind() -> None:
-    frame = getattr(_tls, "frame", None)
     _tls.frame = None
-    if frame is not None and frame.device.type == "cuda":
-        _frames_by_cuda_device.pop(frame.device.index, None)
 
 
 def in_replica() -> bool:
@@ -89,11 +84,9 @@ def _unbound(name: str, frame: ReplicaFrame | None) -> NameError:
     return NameError(f"unbound axis name: {name!r}; the enclosing pmap binds axis_name={frame.axis_name!r}.")
 
 
-def resolve(axis_name: AxisName, like: torch.Tensor | None = None) -> ReplicaFrame:
+def resolve(axis_name: AxisName) -> ReplicaFrame:
     """The frame that binds ``axis_name`` (a name or tuple of names), or NameError."""
     frame: ReplicaFrame | None = getattr(_tls, "frame", None)
-    if frame is None and like is not None and like.device.type == "cuda":
-        frame = _frames_by_cuda_device.get(like.device.index)
     names = normalize_axis_names(axis_name)  # never empty
     if frame is None:
         if bound_level(names) is not None:

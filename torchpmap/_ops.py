@@ -142,8 +142,8 @@ def encode_axes(names: Iterable[str]) -> str:
     return AXIS_SEP.join(names)
 
 
-def _frame(axes: str, x: Tensor | None = None) -> _axis.ReplicaFrame:
-    return _axis.resolve(tuple(axes.split(AXIS_SEP)), like=x)
+def _frame(axes: str) -> _axis.ReplicaFrame:
+    return _axis.resolve(tuple(axes.split(AXIS_SEP)))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -171,7 +171,7 @@ def _interned(
 
 def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     """The kernels' common end: the running replica's communicator does the exchange."""
-    f = _frame(axes, x)
+    f = _frame(axes)
     return f.comm.exchange(f.index, collective, x)
 
 
@@ -184,7 +184,7 @@ def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
     if _axis.bound_level(axes.split(AXIS_SEP)) is not None:
         return  # stacked replicas: the batching rule exchanges along the replica level
     try:
-        _frame(axes, grad)
+        _frame(axes)
     except NameError as e:
         raise NameError(
             f"{e} This is the backward pass of a collective running outside its pmap: "

@@ -417,7 +417,12 @@ class WorkerPool:
         if cuda is not None:
             worker_stream, caller_stream = cuda
             worker_stream.wait_stream(caller_stream)
-            with torch.cuda.stream(worker_stream):
+            # Backward passes inside the replica (its own .backward(), or the vjp of a
+            # call's backward) run on this thread, not on the autograd engine's CUDA
+            # device threads: the caller's backward may be blocking the device thread
+            # while it waits for the replicas, and a collective's backward needs this
+            # thread's axis frame and its compile gate.
+            with torch.cuda.stream(worker_stream), torch.autograd.set_multithreading_enabled(False):
                 call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
         else:
             if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
