@@ -29,7 +29,7 @@ class SequentialExecutor(Executor):
         self.records.append(record)
         return super().run(record, inputs)
 
-    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T], caller_streams=None) -> list[T]:
         self.groups.append(group)
         return [replica_fn(r) for r in range(len(group.devices))]
 
@@ -139,7 +139,7 @@ def test_the_executor_deletes_a_donated_input_once_a_replica_started(sequential)
 
 def test_the_executor_keeps_a_donated_input_when_no_replica_started(monkeypatch):
     class Refusing(SequentialExecutor):
-        def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+        def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T], caller_streams=None) -> list[T]:
             raise RuntimeError("no device today")
 
     monkeypatch.setattr(_pmap, "choose_executor", lambda record: Refusing())

@@ -586,3 +586,20 @@ def test_cuda_compiled_replica_with_a_backward_through_a_collective_does_not_wai
     assert error is None and seconds < 120.0, (error, seconds)
     want = tp.pmap(step, "i", in_axes=(None, 0))(w, x)
     torch.testing.assert_close(g.unshard(), want.unshard())
+
+
+@needs_cuda
+def test_cuda_forward_and_backward_on_a_callers_side_stream():
+    # The backward runs on the autograd engine's thread: it must still be ordered with the
+    # stream the caller used (here a side stream, behind a slow kernel).
+    devs = tp.local_devices()
+    n = len(devs)
+    side = torch.cuda.Stream(devs[0])
+    with torch.cuda.stream(side):
+        x = torch.randn(n, 4096, device=devs[0]).requires_grad_()
+        torch.cuda._sleep(50_000_000)  # the input below is computed late on this stream
+        y = tp.pmap(lambda r: tp.psum(r * r, "i"), "i")(x * 1.0)
+        y.unshard().sum().backward()
+        grad = x.grad.clone()  # used at once, on the side stream
+    side.synchronize()
+    torch.testing.assert_close(grad, 2 * n * x.detach())

@@ -79,6 +79,7 @@ def _hide_replica_graphs(
     leaves: TensorsPerReplica,
     outputs: TensorsPerReplica,
     shared: bool = False,
+    caller_streams: list[torch.cuda.Stream | None] | None = None,
 ) -> TensorsPerReplica | None:
     """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
     ``caller_inputs[r]``), as tensors the caller's autograd differentiates
@@ -90,7 +91,7 @@ def _hide_replica_graphs(
         if captured:
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
-    graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared)
+    graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams)
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
 
@@ -139,6 +140,7 @@ class _ReplicaGraphs:
         outputs: TensorsPerReplica,
         input_counts: list[int],
         shared: bool = False,
+        caller_streams: list[torch.cuda.Stream | None] | None = None,
     ) -> None:
         self.executor = executor  # the backward's tasks run where the forward ran
         self.group = group
@@ -149,9 +151,15 @@ class _ReplicaGraphs:
         # replica graphs to these: one backward pass can then traverse them from
         # both nodes, so neither may free the buffers the other still needs.
         self.shared = shared
+        # The forward caller's CUDA streams (a node made in a backward inherits
+        # them): the backward runs on the autograd engine's thread, whose current
+        # streams on other devices are not the caller's.
+        if caller_streams is None and any(d.type == "cuda" for d in group.devices):
+            caller_streams = [torch.cuda.current_stream(d) if d.type == "cuda" else None for d in group.devices]
+        self.caller_streams = caller_streams
 
     def run(self, replica_fn: Callable[[int], T]) -> list[T]:
-        return self.executor.run_replicas(self.group, replica_fn)
+        return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
 
     def vjp(
         self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool
@@ -235,7 +243,15 @@ def _differentiable_vjp(
     grads: GradsPerReplica = graphs.run(lambda r: graphs.vjp(r, replica_cotangents[r], keep, create_graph=True))
     present = [[i for i, g in enumerate(per) if g is not None] for per in grads]
     outputs: TensorsPerReplica = [[g for g in per if g is not None] for per in grads]
-    hidden = _hide_replica_graphs(graphs.executor, graphs.group, next_callers, next_leaves, outputs, shared=True)
+    hidden = _hide_replica_graphs(
+        graphs.executor,
+        graphs.group,
+        next_callers,
+        next_leaves,
+        outputs,
+        shared=True,
+        caller_streams=graphs.caller_streams,
+    )
     if hidden is None:  # no gradient depends on anything that requires grad
         return grads
     graphs.shared = True

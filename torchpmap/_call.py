@@ -130,11 +130,18 @@ class Executor(abc.ABC):
     """Runs a CallRecord's replicas."""
 
     @abc.abstractmethod
-    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+    def run_replicas(
+        self,
+        group: ReplicaGroup,
+        replica_fn: Callable[[int], T],
+        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
+    ) -> list[T]:
         """``replica_fn(rank)`` for every local rank, in its replica (axis bound,
         the caller's grad mode and autocast, its random streams), under the
         failure semantics of docs/architecture.md; the results in rank order,
-        or the first replica's own exception."""
+        or the first replica's own exception. ``caller_streams``: per rank, the
+        CUDA stream the caller's work was recorded on, when the caller is not
+        this thread (the backward of a call, see ``_autodiff``)."""
 
     def run(self, record: CallRecord, inputs: list[list[Any]]) -> list[FlatOutput]:
         """The forward: replica r runs on ``inputs[r]`` (``record.replica_inputs()``,
@@ -168,7 +175,12 @@ class ThreadsExecutor(Executor):
     """One persistent worker thread per device (``_runtime.WorkerPool``); a
     collective is a rendezvous of the workers."""
 
-    def run_replicas(self, group: ReplicaGroup, replica_fn: Callable[[int], T]) -> list[T]:
+    def run_replicas(
+        self,
+        group: ReplicaGroup,
+        replica_fn: Callable[[int], T],
+        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
+    ) -> list[T]:
         return _runtime.pool().run(
             group.devices,
             replica_fn,
@@ -178,6 +190,7 @@ class ThreadsExecutor(Executor):
             first_index=group.first_index,
             label=group.label,
             interception=group.interception,
+            caller_streams=caller_streams,
         )
 
 

@@ -327,12 +327,17 @@ class WorkerPool:
         first_index: int = 0,
         label: str = "pmap",
         interception: Interception | None = None,
+        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
     ) -> list[Any]:
         """Run ``replica_fn(rank)`` for every local rank on its device's worker
         with the named axis bound; return the results in rank order or raise the
         first replica's original exception. ``label`` names the call in errors;
         ``interception`` is the function's record of whether its replicas draw
-        random numbers (None: give them their own streams regardless)."""
+        random numbers (None: give them their own streams regardless).
+        ``caller_streams``: per rank, the CUDA stream the caller's work for this
+        run was recorded on, when it is not this thread's current stream (a
+        backward pass on the autograd engine's thread runs the forward caller's
+        streams' work); the replicas are ordered after both."""
         if _axis.in_replica() or threading.current_thread().name.startswith("torchpmap-worker"):
             raise NotImplementedError(
                 "nested pmap is not supported: a pmapped function called pmap. "
@@ -344,10 +349,11 @@ class WorkerPool:
         call = _Call(label, devices, first_index)
         randomness = CallRandomness(devices, interception)
         workers = [self.worker(d) for d in devices]
-        # Per rank: on a CUDA device, its worker's stream and the caller's current
-        # stream there; None on a virtual CPU device.
+        # Per rank: on a CUDA device, its worker's stream and the caller's streams
+        # there; None on a virtual CPU device.
         streams = [
-            (w.stream, torch.cuda.current_stream(d)) if w.stream is not None else None for d, w in zip(devices, workers)
+            None if w.stream is None else (w.stream, _callers(d, caller_streams[r] if caller_streams else None))
+            for r, (d, w) in enumerate(zip(devices, workers))
         ]
         # Virtual CPU devices share the CPU: split the caller's intra-op threads
         # among the replicas (a per-thread setting), rather than let every
@@ -393,13 +399,20 @@ class WorkerPool:
         except BaseException as e:  # a timeout, or e.g. KeyboardInterrupt: free the replicas
             if not call.abandoned:
                 call._abandon(comm, e)
+            # The caller's streams go on after whatever the replicas queued so far
+            # (an abandoned replica synchronises its own stream when it stops).
+            for rank, cuda in enumerate(streams):
+                if cuda is not None and call.started_at[rank] is not None:
+                    for caller_stream in cuda[1]:
+                        caller_stream.wait_stream(cuda[0])
             raise
 
         for rank, cuda in enumerate(streams):
             if cuda is not None and call.finished[rank]:
-                worker_stream, caller_stream = cuda
-                caller_stream.wait_stream(worker_stream)
-                _record_outputs(call.results[rank], caller_stream)
+                worker_stream, callers = cuda
+                for caller_stream in callers:
+                    caller_stream.wait_stream(worker_stream)
+                    _record_outputs(call.results[rank], caller_stream)
         randomness.finish(label, failed=any(e is not None for e in call.errors))
         if any(e is not None for e in call.errors):
             raise _note_abandoned(_root_cause(call.errors, devices, first_index), call, abandoned)
@@ -410,13 +423,14 @@ class WorkerPool:
         rank: int,
         replica_fn: Callable[[int], Any],
         state: CallerState | None,
-        cuda: tuple[torch.cuda.Stream, torch.cuda.Stream] | None,
+        cuda: tuple[torch.cuda.Stream, tuple[torch.cuda.Stream, ...]] | None,
         cpu_threads: int,
         call: _Call,
     ) -> None:
         if cuda is not None:
-            worker_stream, caller_stream = cuda
-            worker_stream.wait_stream(caller_stream)
+            worker_stream, callers = cuda
+            for caller_stream in callers:
+                worker_stream.wait_stream(caller_stream)
             # Backward passes inside the replica (its own .backward(), or the vjp of a
             # call's backward) run on this thread, not on the autograd engine's CUDA
             # device threads: the caller's backward may be blocking the device thread
@@ -428,6 +442,13 @@ class WorkerPool:
             if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
                 torch.set_num_threads(cpu_threads)
             call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+
+
+def _callers(device: torch.device, recorded: torch.cuda.Stream | None) -> tuple[torch.cuda.Stream, ...]:
+    """The caller's streams on ``device`` that the replica is ordered with:
+    this thread's current one, and the one recorded for the run if different."""
+    current = torch.cuda.current_stream(device)
+    return (current,) if recorded is None or recorded == current else (current, recorded)
 
 
 def _record_outputs(result: Any, stream: torch.cuda.Stream) -> None:
