@@ -244,10 +244,12 @@ class ThreadRendezvous(Communicator):
             # Nobody to wait for; still return a fresh tensor like every path.
             return self._backend.run(collective, [x])[0]
         signature = collective.signature(x)
+        stream = None
         if self._cuda and x.is_cuda:
             # Host-side synchronisation keeps cross-device reads safe without
             # knowing every thread's stream. NCCL would be the fast path here.
-            torch.cuda.current_stream(x.device).synchronize()
+            stream = torch.cuda.current_stream(x.device)
+            stream.synchronize()
         with self._lock:
             self._raise_failure(rank)
             if self._retired:
@@ -268,7 +270,7 @@ class ThreadRendezvous(Communicator):
                     self._timeout = _config.collective_timeout()
                     self._lock_timeout = _config.wait_seconds(self._timeout)
             generation = self._generation
-            self._deposits[rank] = (signature, x)
+            self._deposits[rank] = (signature, x, stream)
             self._arrived += 1
             last = self._arrived == self.size
             if last:
@@ -297,10 +299,12 @@ class ThreadRendezvous(Communicator):
     def _complete(self, generation: int, deposits: list[_Deposit | None], collective: Collective) -> None:
         signatures: list[Signature] = []
         inputs: list[torch.Tensor] = []
+        streams: list[torch.cuda.Stream | None] = []
         for deposit in deposits:
             assert deposit is not None  # the last replica to arrive completes: all have deposited
             signatures.append(deposit[0])
             inputs.append(deposit[1])
+            streams.append(deposit[2])
         result: list[torch.Tensor] | Exception
         try:
             if any(s != signatures[0] for s in signatures):
@@ -313,6 +317,12 @@ class ThreadRendezvous(Communicator):
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:
                     torch.cuda.synchronize(d)
+                # This thread made every replica's result on its own current streams;
+                # the caching allocator must not reuse a result's memory while the
+                # replica that receives it may still use it on its stream.
+                for t, stream in zip(result, streams):
+                    if stream is not None and t.is_cuda and t.device == stream.device:
+                        t.record_stream(stream)
         except Exception as e:  # reported in every replica, not just this one
             result = e
         self._results[generation & 1] = result
@@ -361,7 +371,9 @@ class ThreadRendezvous(Communicator):
         raise ReplicaAbortedError(f"collective cancelled: {who} with {type(failure).__name__}: {failure}")
 
 
-_Deposit: TypeAlias = "tuple[Signature, torch.Tensor]"
+# What a replica brings: its signature, its input, and its current CUDA stream
+# on the input's device (None on the CPU), the stream its result is used on.
+_Deposit: TypeAlias = "tuple[Signature, torch.Tensor, torch.cuda.Stream | None]"
 
 
 def compute_results(
