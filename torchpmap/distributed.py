@@ -220,8 +220,8 @@ class _Lockstep:
 
 class ProcessGroupBackend(GroupBackend):
     """This process's replicas' inputs in, their outputs out, with one torch.distributed
-    operation: an all-reduce for plain reductions, else an all-gather followed by
-    compute_results over every process's inputs.
+    operation: an all-reduce for plain reductions, else an all-gather of every
+    process's inputs from which compute_results builds this process's results only.
 
     Before any data moves, the processes compare (pmap run number, position of the
     exchange in the run, CRC of the collective's signature), so processes out of step
@@ -253,8 +253,8 @@ class ProcessGroupBackend(GroupBackend):
                 assert collective.op is not None  # reductions carry their op
                 return self._all_reduce(xs, collective.op)
             everyone = self._gather_everything(xs)
-            results = compute_results(collective, everyone, self.axis_size, self._to_global)
-            return results[self.first : self.first + self.size]
+            mine = range(self.first, self.first + self.size)
+            return compute_results(collective, everyone, self.axis_size, self._to_global, mine)
         except CollectiveError:
             raise
         except BaseException as e:  # the peers may have gone on: never pair with them again
