@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import torchpmap as tp
+from torchpmap import _devices
+
+# pmap runs on GPUs here (TORCHPMAP_PLATFORM=cpu runs the virtual CPU devices even on a GPU machine).
+ON_CUDA = _devices.platform() == "cuda"
 
 
 def devices(k):

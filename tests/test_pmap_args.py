@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from helpers import ON_CUDA, rows
 from helpers import devices as _devices
-from helpers import rows
 
 import torchpmap as tp
 from torchpmap import DeletedShardedTensorError, ShardedTensor
@@ -534,7 +534,7 @@ def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
     assert calls == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for virtual CPU devices")
+@pytest.mark.skipif(ON_CUDA, reason="the hint is for virtual CPU devices")
 def test_too_many_replicas_hint_names_the_env_var():
     n = tp.local_device_count() + 1
     with pytest.raises(
@@ -756,7 +756,7 @@ def test_device_kinds_fail_at_decoration_and_membership_at_the_first_call():
 
 
 def test_cpu_and_cpu_0_are_the_same_device():
-    if torch.cuda.is_available():
+    if ON_CUDA:
         pytest.skip("virtual CPU devices")
     with pytest.raises(ValueError, match="devices lists a device twice"):
         tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])
