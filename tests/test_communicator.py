@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from helpers import devices, rows
+from helpers import NewBytes, devices, rows
 
 import torchpmap as tp
 from torchpmap import _axis, _ops
@@ -177,22 +177,6 @@ def test_a_pmap_with_the_split_communicator_still_sums():
     assert f(torch.arange(4.0)).unshard().tolist() == [6.0] * 4
 
 
-class _NewBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes of the fresh tensors (not views of an input) that ops build."""
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        seen = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves(args) if torch.is_tensor(a)}
-        for t in torch.utils._pytree.tree_leaves(out):
-            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
-                self.bytes += t.untyped_storage().nbytes()
-        return out
-
-
 @pytest.mark.parametrize(
     "collective",
     [
@@ -211,9 +195,9 @@ def test_results_for_some_ranks_are_theirs_and_cost_only_their_size(collective):
     size, mine = 16, [5, 6]
     xs = [rows(size, 4, offset=float(r)) for r in range(size)]  # (16, 4): a row per rank
     want = reference(collective, xs)
-    with _NewBytes() as every:
+    with NewBytes() as every:
         compute_results(collective, xs, size, lambda t, r: t)
-    with _NewBytes() as some:
+    with NewBytes() as some:
         got = compute_results(collective, xs, size, lambda t, r: t, mine)
     assert len(got) == len(mine)
     for r, t in zip(mine, got):

@@ -6,10 +6,12 @@ import types
 
 import pytest
 import torch
+from helpers import NewBytes, rows
 
 import torchpmap as tp
 import torchpmap.distributed as tpd
 from torchpmap import _devices
+from torchpmap._communicator import Collective, compute_results
 
 
 @pytest.mark.parametrize(
@@ -136,3 +138,53 @@ def test_cuda_initialize_keeps_the_gpu_the_users_group_is_bound_to(monkeypatch, 
     tpd.initialize()
     assert job.calls[0] == ("set_device", 1)
     assert tp.local_devices() == cuda(1)
+
+
+class FakeGather:
+    """dist.all_gather as process ``rank`` of ``processes`` processes of ``local`` replicas
+    sees it, where global replica g's input is ``inputs[g]`` and every process is in step."""
+
+    def __init__(self, monkeypatch, rank, processes, local, inputs):
+        # Each process's stacked inputs, built now: only the backend's own tensors are counted.
+        self.sent = [torch.stack(inputs[p * local : (p + 1) * local]) for p in range(processes)]
+        monkeypatch.setattr(tpd.dist, "all_gather", self.all_gather)
+        monkeypatch.setattr(tpd.dist, "get_world_size", lambda group=None: processes)
+        monkeypatch.setattr(tpd.dist, "get_rank", lambda group=None: rank)
+
+    def all_gather(self, parts, mine, group=None):
+        for p, part in enumerate(parts):
+            if mine.dtype == torch.int64 and mine.shape == (3,):  # the lockstep check: all agree
+                part.copy_(mine)
+            else:
+                part.copy_(self.sent[p])
+
+
+@pytest.mark.parametrize(
+    "collective",
+    [
+        Collective("all_gather"),
+        Collective("all_to_all"),
+        Collective("reduce_scatter", "sum"),
+        Collective("all_reduce", "max", ((0, 1, 2), tuple(range(3, 16)))),
+        Collective("permute", pairs=tuple((r, (r + 1) % 16) for r in range(16))),
+    ],
+    ids=lambda c: c.kind,
+)
+def test_a_process_builds_only_its_own_replicas_results(monkeypatch, collective):
+    # Process 5 of 8, two replicas each (global 10 and 11), 16 replicas in all.
+    processes, local, rank = 8, 2, 5
+    size = processes * local
+    inputs = [rows(size, 4, offset=float(g)) for g in range(size)]
+    FakeGather(monkeypatch, rank, processes, local, inputs)
+    cpus = [torch.device("cpu", rank * local + i) for i in range(local)]
+    backend = tpd.ProcessGroupBackend(cpus, rank * local, size, None, tpd._Lockstep())
+    with NewBytes() as allocated:
+        got = backend.run(collective, inputs[rank * local : (rank + 1) * local])
+    want = compute_results(collective, inputs, size, lambda t, r: t)[rank * local : (rank + 1) * local]
+    for g, (t, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(t, w, rtol=0, atol=0, msg=f"replica {g}")
+    one_input = inputs[0].untyped_storage().nbytes()
+    # The gathered inputs (the local stack sent, size inputs received) and the local results:
+    # building every replica's results would add up to size² inputs.
+    results = sum(t.untyped_storage().nbytes() for t in got)
+    assert allocated.bytes <= (local + size) * one_input + results + one_input + 1024, allocated.bytes
