@@ -273,6 +273,7 @@ def test_out_axes_none_returns_one_tensor(n):
 
 
 def test_out_axes_none_checks_replicas_agree():
+    _devices(4)  # pmaps the default devices over 4 rows
     x = _rows(4, 3)
     with pytest.raises(
         ValueError, match=r"out_axes=None for output out\['b'\], but replica 1 returned a different value"
@@ -287,6 +288,7 @@ def test_out_axes_none_checks_replicas_agree():
 
 
 def test_mapped_outputs_of_different_shapes_name_the_output():
+    _devices(4)  # pmaps the default devices over 4 rows
     x = _rows(4, 3)
     with pytest.raises(ValueError, match=r"cannot stack output out\['v'\] of the replicas.*shard 1 has shape"):
         tp.pmap(lambda r: {"v": r[: 1 + int(tp.axis_index("i") > 0)]}, "i")(x)
