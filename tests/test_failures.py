@@ -90,6 +90,7 @@ def test_tuple_of_axis_names_with_an_unbound_one(axes):
 
 
 def test_pmap_without_axis_name_binds_no_user_name():
+    devices(2)  # maps 2 replicas on the default devices
     err, _ = expect_error(tp.pmap(lambda v: tp.psum(v, "i")), torch.ones(2, 3), kind=NameError)
     assert "unbound axis name: 'i'" in str(err)
 

@@ -441,6 +441,7 @@ def test_donated_pytree_argument_and_in_place_update():
 
 
 def test_static_and_donated_at_once_is_an_error():
+    _devices(2)  # maps 2 replicas on the default devices
     with pytest.raises(ValueError, match=r"cannot be both static and donated"):
         tp.pmap(lambda r, s: r, static_broadcasted_argnums=1, donate_argnums=1)(_rows(2, 3), 1)
 
@@ -560,6 +561,7 @@ def test_too_many_replicas_hint_names_the_env_var():
     ],
 )
 def test_bad_out_axes(out_axes, out, match):
+    _devices(2)  # maps 2 replicas on the default devices
     with pytest.raises(ValueError, match=match):
         tp.pmap(out, out_axes=out_axes)(_rows(2, 3))
 
@@ -758,6 +760,7 @@ def test_device_kinds_fail_at_decoration_and_membership_at_the_first_call():
 
 
 def test_cpu_and_cpu_0_are_the_same_device():
+    _devices(2)  # maps 2 replicas on the default devices
     if ON_CUDA:
         pytest.skip("virtual CPU devices")
     with pytest.raises(ValueError, match="devices lists a device twice"):

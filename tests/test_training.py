@@ -138,6 +138,7 @@ def test_functional_call_is_safe_across_replicas():
 
 
 def test_pmean_grads_buckets(monkeypatch):
+    helpers.devices(2)  # maps 2 replicas on the default devices
     calls = []
     real = tp.training.pmean
     monkeypatch.setattr(tp.training, "pmean", lambda x, name: calls.append(x.numel()) or real(x, name))
@@ -246,6 +247,7 @@ def shared_step(model, opt, x, y):
 
 
 def test_shared_optimizer_is_refused_before_any_replica_runs():
+    helpers.devices(2)  # maps 2 replicas on the default devices
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
