@@ -34,6 +34,9 @@ def collectives():
     L, G = len(local), tp.device_count()
     assert len(tp.devices()) == G == world * L, (tp.devices(), local)
     first = rank * L
+    # Virtual CPU devices are numbered globally: each named once, this process's in its place.
+    assert tp.devices() == [torch.device("cpu", g) for g in range(G)], tp.devices()
+    assert local == tp.devices()[first : first + L], (local, tp.devices())
     # Global input: row g is rng-free and known to every process.
     full = np.arange(G * G * 3, dtype=np.float32).reshape(G, G, 3) / 7.0
     mine = torch.tensor(full[first : first + L])

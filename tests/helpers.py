@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import torchpmap as tp
+from torchpmap import _devices
+
+# pmap runs on GPUs here (TORCHPMAP_PLATFORM=cpu runs the virtual CPU devices even on a GPU machine).
+ON_CUDA = _devices.platform() == "cuda"
 
 
 def devices(k):
@@ -72,3 +76,20 @@ def module_train_step(model, opt, x, y):
     tp.pmean_grads(model, "i")
     opt.step()
     return tp.pmean(loss.detach(), "i")
+
+
+class NewBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of the fresh tensors (not views of an input) that ops build."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves
+        seen = {a.untyped_storage().data_ptr() for a in leaves((args, kwargs)) if torch.is_tensor(a)}
+        for t in leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                self.bytes += t.untyped_storage().nbytes()
+        return out

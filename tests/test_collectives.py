@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import expect_error, pmap_k, rows
+from helpers import devices, expect_error, pmap_k, rows
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import torchpmap as tp
@@ -637,7 +637,7 @@ def test_axis_index_and_size(k):
 
 def test_axis_index_follows_device_order():
     """The index is the position along the mapped axis, not the device number."""
-    devs = [tp.local_devices()[d] for d in (5, 2, 7)]
+    devs = [devices(8)[d] for d in (5, 2, 7)]
     out = tp.pmap(lambda x: tp.axis_index("i") * 10 + tp.psum(x, "i"), "i", devices=devs)(
         torch.ones(3, dtype=torch.int64)
     )
@@ -646,7 +646,7 @@ def test_axis_index_follows_device_order():
 
 def test_collectives_over_reordered_devices():
     """Collectives follow axis positions whatever the devices are."""
-    devs = [tp.local_devices()[d] for d in (6, 1, 4, 3)]
+    devs = [devices(7)[d] for d in (6, 1, 4, 3)]
     x = sample(4, (4,), torch.float32)
     y = tp.pmap(lambda v: (tp.all_gather(v, "i"), tp.ppermute(v, "i", [(0, 3), (3, 0)])), "i", devices=devs)(x)
     assert_matches(y[0], ref_all_gather(np_of(x), None, 0, False), torch.float32)

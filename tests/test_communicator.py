@@ -8,11 +8,18 @@ import threading
 
 import pytest
 import torch
-from helpers import devices, rows
+from helpers import NewBytes, devices, rows
 
 import torchpmap as tp
 from torchpmap import _axis, _ops
-from torchpmap._communicator import Collective, GroupBackend, LocalBackend, ThreadRendezvous, describe
+from torchpmap._communicator import (
+    Collective,
+    GroupBackend,
+    LocalBackend,
+    ThreadRendezvous,
+    compute_results,
+    describe,
+)
 
 ALL = ((0, 1, 2, 3),)
 
@@ -168,3 +175,37 @@ def test_collective_of_decodes_groups_pairs_and_tree_tags():
 def test_a_pmap_with_the_split_communicator_still_sums():
     f = tp.pmap(lambda v: tp.psum(v, "i"), "i", devices=devices(4))
     assert f(torch.arange(4.0)).unshard().tolist() == [6.0] * 4
+
+
+@pytest.mark.parametrize(
+    "collective",
+    [
+        Collective("all_reduce", "sum"),
+        Collective("all_reduce", "max", ((0, 5, 9), tuple(r for r in range(16) if r not in (0, 5, 9)))),
+        Collective("all_gather"),
+        Collective("all_gather", groups=(tuple(range(0, 16, 2)), tuple(range(1, 16, 2)))),
+        Collective("reduce_scatter", "sum"),
+        Collective("all_to_all"),
+        Collective("permute", pairs=tuple((r, (r + 3) % 16) for r in range(16))),
+    ],
+    ids=lambda c: c.kind + ("_groups" if c.groups else ""),
+)
+def test_results_for_some_ranks_are_theirs_and_cost_only_their_size(collective):
+    # A process of a 16-replica job holding replicas 5 and 6 computes only their results.
+    size, mine = 16, [5, 6]
+    xs = [rows(size, 4, offset=float(r)) for r in range(size)]  # (16, 4): a row per rank
+    want = reference(collective, xs)
+    with NewBytes() as every:
+        compute_results(collective, xs, size, lambda t, r: t)
+    with NewBytes() as some:
+        got = compute_results(collective, xs, size, lambda t, r: t, mine)
+    assert len(got) == len(mine)
+    for r, t in zip(mine, got):
+        torch.testing.assert_close(t, want[r], rtol=0, atol=0, msg=f"rank {r}")
+    one_input = xs[0].untyped_storage().nbytes()
+    result = max(t.untyped_storage().nbytes() for t in got)
+    # At most one result per wanted rank plus one reduction of a whole input (all_reduce):
+    # nothing proportional to the ranks of other processes.
+    assert some.bytes <= len(mine) * result + one_input, (some.bytes, every.bytes)
+    assert some.bytes <= every.bytes * 3 / size + one_input
+    assert len({t.untyped_storage().data_ptr() for t in got}) == len(mine) or collective.kind == "reduce_scatter"

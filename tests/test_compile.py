@@ -104,7 +104,7 @@ def test_pytree_collectives_compile_and_check_the_whole_tree(dynamic):
     """Dicts pair their leaves by key whatever their insertion order, and
     replicas whose leaves differ in shape (not in total size) fail instead of
     summing crosswise, also with symbolic shapes."""
-    devs = tp.local_devices()[:2]
+    devs = devices(2)
     backend = CountingBackend()
 
     def f(tree):

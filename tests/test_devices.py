@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import torchpmap as tp
+from torchpmap import _devices
 
-HAS_CUDA = torch.cuda.is_available()
+HAS_CUDA = _devices.platform() == "cuda"  # what pmap runs on, not whether a GPU exists
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="virtual CPU devices are only used when there is no GPU")
 
 # -- in this process ---------------------------------------------------------------------
@@ -258,3 +259,50 @@ def test_workers_start_only_for_used_devices(launched):
     r = _result(launched, "call16")
     assert r["started_for_two"] == 2  # one worker per device used, no more
     assert r["started_total"] == 16
+
+
+# -- TORCHPMAP_PLATFORM ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """torch.cuda as a machine with two GPUs shows it; the device list is computed afresh
+    and forgotten again afterwards."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("TORCHPMAP_PLATFORM", raising=False)
+    _devices._reset_for_tests()
+    yield
+    _devices._reset_for_tests()
+
+
+def test_platform_defaults_to_cuda_where_there_is_a_gpu(gpu_machine):
+    assert _devices.platform() == "cuda"
+    assert tp.local_devices() == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("value", ["cpu", "CPU", " cpu "])
+def test_platform_cpu_runs_virtual_devices_on_a_gpu_machine(gpu_machine, monkeypatch, value):
+    monkeypatch.setenv("TORCHPMAP_PLATFORM", value)
+    monkeypatch.setenv("TORCHPMAP_CPU_DEVICES", "3")
+    assert _devices.platform() == "cpu"
+    assert tp.local_devices() == [torch.device("cpu", i) for i in range(3)]
+
+
+def test_platform_cuda_without_a_gpu_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TORCHPMAP_PLATFORM", "cuda")
+    with pytest.raises(ValueError, match="TORCHPMAP_PLATFORM=cuda, but PyTorch sees no CUDA GPU"):
+        _devices.platform()
+
+
+@pytest.mark.parametrize("value", ["gpu", "tpu", "cuda,cpu"])
+def test_an_unknown_platform_is_an_error(monkeypatch, value):
+    monkeypatch.setenv("TORCHPMAP_PLATFORM", value)
+    with pytest.raises(ValueError, match=r"TORCHPMAP_PLATFORM must be one of cpu, cuda \(or unset\)"):
+        _devices.platform()
+
+
+def test_platform_unset_or_empty_follows_the_machine(monkeypatch):
+    monkeypatch.setenv("TORCHPMAP_PLATFORM", "")
+    assert _devices.platform() == ("cuda" if torch.cuda.is_available() else "cpu")

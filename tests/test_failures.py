@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import call_with_deadline, expect_error, notes, pmap_k
+from helpers import call_with_deadline, devices, expect_error, notes, pmap_k
 
 import torchpmap as tp
 from torchpmap import _config, _runtime
@@ -90,6 +90,7 @@ def test_tuple_of_axis_names_with_an_unbound_one(axes):
 
 
 def test_pmap_without_axis_name_binds_no_user_name():
+    devices(2)  # maps 2 replicas on the default devices
     err, _ = expect_error(tp.pmap(lambda v: tp.psum(v, "i")), torch.ones(2, 3), kind=NameError)
     assert "unbound axis name: 'i'" in str(err)
 
@@ -530,6 +531,7 @@ def test_a_stuck_compiled_replica_holding_the_compile_gate_fails_later_compiled_
     """Replicas take turns inside Dynamo (a process-wide gate). An abandoned
     replica stuck in eager code between graphs keeps the gate: later compiled
     calls, on any devices, raise after the timeout instead of waiting for it."""
+    others = devices(4)[2:4]
     tp.set_collective_timeout(1.0)
     release = threading.Event()
 
@@ -548,7 +550,7 @@ def test_a_stuck_compiled_replica_holding_the_compile_gate_fails_later_compiled_
         assert isinstance(err, (ValueError, tp.CollectiveTimeoutError)), err
         assert seconds < 1.0 + 1.0  # the timeout counts from the end of replica 1's compile, plus the grace
         assert "replica 1" in notes(err) and "still running" in notes(err)
-        other = tp.pmap(lambda v: tp.psum(v * 3, "i"), "i", devices=tp.local_devices()[2:4], compile=eager)
+        other = tp.pmap(lambda v: tp.psum(v * 3, "i"), "i", devices=others, compile=eager)
         err, seconds = expect_error(other, torch.ones(2, 2), kind=tp.CollectiveTimeoutError)
         assert seconds < 1.0 + FAST
         assert "compile gate" in str(err) and "abandoned" in str(err) and "replica 1" in str(err)

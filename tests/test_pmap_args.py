@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from helpers import ON_CUDA, rows
 from helpers import devices as _devices
-from helpers import rows
 
 import torchpmap as tp
 from torchpmap import DeletedShardedTensorError, ShardedTensor
@@ -273,6 +273,7 @@ def test_out_axes_none_returns_one_tensor(n):
 
 
 def test_out_axes_none_checks_replicas_agree():
+    _devices(4)  # pmaps the default devices over 4 rows
     x = _rows(4, 3)
     with pytest.raises(
         ValueError, match=r"out_axes=None for output out\['b'\], but replica 1 returned a different value"
@@ -287,6 +288,7 @@ def test_out_axes_none_checks_replicas_agree():
 
 
 def test_mapped_outputs_of_different_shapes_name_the_output():
+    _devices(4)  # pmaps the default devices over 4 rows
     x = _rows(4, 3)
     with pytest.raises(ValueError, match=r"cannot stack output out\['v'\] of the replicas.*shard 1 has shape"):
         tp.pmap(lambda r: {"v": r[: 1 + int(tp.axis_index("i") > 0)]}, "i")(x)
@@ -439,6 +441,7 @@ def test_donated_pytree_argument_and_in_place_update():
 
 
 def test_static_and_donated_at_once_is_an_error():
+    _devices(2)  # maps 2 replicas on the default devices
     with pytest.raises(ValueError, match=r"cannot be both static and donated"):
         tp.pmap(lambda r, s: r, static_broadcasted_argnums=1, donate_argnums=1)(_rows(2, 3), 1)
 
@@ -534,7 +537,7 @@ def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
     assert calls == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the hint is for virtual CPU devices")
+@pytest.mark.skipif(ON_CUDA, reason="the hint is for virtual CPU devices")
 def test_too_many_replicas_hint_names_the_env_var():
     n = tp.local_device_count() + 1
     with pytest.raises(
@@ -558,6 +561,7 @@ def test_too_many_replicas_hint_names_the_env_var():
     ],
 )
 def test_bad_out_axes(out_axes, out, match):
+    _devices(2)  # maps 2 replicas on the default devices
     with pytest.raises(ValueError, match=match):
         tp.pmap(out, out_axes=out_axes)(_rows(2, 3))
 
@@ -756,7 +760,8 @@ def test_device_kinds_fail_at_decoration_and_membership_at_the_first_call():
 
 
 def test_cpu_and_cpu_0_are_the_same_device():
-    if torch.cuda.is_available():
+    _devices(2)  # maps 2 replicas on the default devices
+    if ON_CUDA:
         pytest.skip("virtual CPU devices")
     with pytest.raises(ValueError, match="devices lists a device twice"):
         tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])

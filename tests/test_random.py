@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import pmap_k
+from helpers import devices, pmap_k
 
 import torchpmap as tp
 
@@ -103,7 +103,7 @@ def test_a_generator_two_replicas_draw_from_is_refused():
 
 
 def test_a_function_that_starts_drawing_later_warns_once_then_gets_streams():
-    model = tp.replicate(torch.nn.Dropout(0.5), devices=tp.devices()[:4])
+    model = tp.replicate(torch.nn.Dropout(0.5), devices=devices(4))
     f = pmap_k(lambda m, x: m(x), 4)
     x = torch.ones(4, 16)
     model.eval()

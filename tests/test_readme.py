@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ON_CUDA
 
 import torchpmap as tp
 
@@ -79,7 +80,7 @@ def test_seed_example_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "ShardedTensor" in proc.stdout
-    n = torch.cuda.device_count() if torch.cuda.is_available() else int(env.get("TORCHPMAP_CPU_DEVICES") or 8)
+    n = torch.cuda.device_count() if ON_CUDA else int(env.get("TORCHPMAP_CPU_DEVICES") or 8)
     assert f"{n} devices:" in proc.stdout
 
 

@@ -276,7 +276,7 @@ def test_device_put_sharded(n):
 
 
 def test_device_put_sharded_pytrees_and_errors():
-    devs = _devices(2)
+    devs = _devices(3)[:2]
     tree = tp.device_put_sharded(
         [{"a": torch.zeros(2), "b": (torch.ones(1),)}, {"a": torch.ones(2), "b": (torch.zeros(1),)}], devs
     )
@@ -530,7 +530,8 @@ def test_elementwise_ops_with_scalars_are_exact_for_every_dtype(dtype, axis, mon
     def apply(fast):
         if not fast:
             monkeypatch.setattr(impl, "_update_shards_directly", lambda *a: (False, None))
-        st = tp.pmap(lambda r: r * 1, out_axes=axis)(rows(8, 17, dtype=dtype, scale=0.37, offset=-20))
+        n = tp.local_device_count()
+        st = tp.pmap(lambda r: r * 1, out_axes=axis)(rows(n, 17, dtype=dtype, scale=0.37, offset=-20))
         plain = st.unshard().clone()
         for t in (st, plain):
             t.add_(3).mul_(7).sub_(2).clamp_(-50, 60).neg_()

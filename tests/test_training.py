@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ def single_device(opt_name, xs, ys):
 def test_module_idiom_matches_single_device(opt_name, n):
     steps, per = 4, 5
     xs, ys = make_data(steps, n, per)
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     models, opts = tp.replicate(make_model(), OPTIMIZERS[opt_name], devices)
     step = tp.pmap(module_train_step, "i")
     for x, y in zip(xs, ys):
@@ -107,7 +108,7 @@ def test_functional_idiom_matches_single_device(opt_name, n):
         state = {"buf": zeros}
     else:
         state = {"m": zeros, "v": zeros, "t": torch.tensor(0.0)}
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     rp = tp.device_put_replicated(params, devices)
     rs = tp.device_put_replicated(state, devices)
     step = tp.pmap(train_step, "i")
@@ -137,6 +138,7 @@ def test_functional_call_is_safe_across_replicas():
 
 
 def test_pmean_grads_buckets(monkeypatch):
+    helpers.devices(2)  # maps 2 replicas on the default devices
     calls = []
     real = tp.training.pmean
     monkeypatch.setattr(tp.training, "pmean", lambda x, name: calls.append(x.numel()) or real(x, name))
@@ -171,9 +173,9 @@ def step_small(m, x):
 
 
 def test_per_replica_errors():
-    models = tp.replicate(make_model(), devices=tp.local_devices()[:2])
+    models = tp.replicate(make_model(), devices=devices(4)[:2])
     with pytest.raises(ValueError, match="PerReplica made for devices"):
-        tp.pmap(lambda m, x: x, devices=tp.local_devices()[2:4])(models, torch.zeros(2, 1))
+        tp.pmap(lambda m, x: x, devices=devices(4)[2:4])(models, torch.zeros(2, 1))
     with pytest.raises(ValueError, match="in_axes must be 0"):
         tp.pmap(lambda m, x: x, in_axes=(None, 0))(models, torch.zeros(2, 1))
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
@@ -199,7 +201,7 @@ def test_shard_batch_errors_and_padding():
 def test_masked_training_on_uneven_batch_matches_single_device():
     n, b = 4, 10  # 10 rows over 4 devices: padded to 12 with a mask
     xs, ys = make_data(3, 1, b)
-    models, opts = tp.replicate(make_model(), OPTIMIZERS["sgd_momentum"], tp.local_devices()[:n])
+    models, opts = tp.replicate(make_model(), OPTIMIZERS["sgd_momentum"], helpers.devices(n))
 
     def step(model, opt, x, y, mask):
         opt.zero_grad()
@@ -245,6 +247,7 @@ def shared_step(model, opt, x, y):
 
 
 def test_shared_optimizer_is_refused_before_any_replica_runs():
+    helpers.devices(2)  # maps 2 replicas on the default devices
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = [p.detach().clone() for p in model.parameters()]
@@ -327,7 +330,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run():
 
     n, per, k = 4, 5, 3
     xs, ys = make_data(6, n, per)
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     full_models, full_opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
     train_steps(full_models, full_opts, xs, ys, n, per)
 
@@ -355,7 +358,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run():
 def test_loading_one_optimizer_state_into_each_replica_is_caught():
     n, per = 2, 5
     xs, ys = make_data(4, n, per)
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
     train_steps(models, opts, xs[:2], ys[:2], n, per)
     ck = opts.state_dict()
@@ -369,7 +372,7 @@ def test_loading_one_optimizer_state_into_each_replica_is_caught():
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_state_dict_round_trip_and_modes():
-    devices = tp.local_devices()[:3]
+    devices = helpers.devices(3)
     model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4))
     models, opts = tp.replicate(model, OPTIMIZERS["sgd_momentum"], devices)
     sd = models.state_dict()
@@ -398,7 +401,7 @@ def test_state_dict_round_trip_and_modes():
 
 
 def test_assert_replicas_identical_names_the_drift():
-    devices = tp.local_devices()[:3]
+    devices = helpers.devices(3)
     models, opts = tp.replicate(make_model(), OPTIMIZERS["sgd_momentum"], devices)
     tp.assert_replicas_identical(models, opts)
     with torch.no_grad():
@@ -423,7 +426,7 @@ def test_assert_replicas_identical_names_the_drift():
 
 
 def test_per_replica_step_steps_every_scheduler_and_optimizer():
-    devices = tp.local_devices()[:3]
+    devices = helpers.devices(3)
     models, opts = tp.replicate(make_model(), OPTIMIZERS["adamw"], devices)
     scheds = tp.PerReplica([torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5) for o in opts], devices)
     reference = torch.optim.lr_scheduler.StepLR(OPTIMIZERS["adamw"](make_model().parameters()), 2, gamma=0.5)
@@ -475,7 +478,7 @@ def test_functional_optimizer_in_pmap_matches_torch_optim_on_one_device(opt_name
         return opt.step(params, grads, state)
 
     params = tp.params_of(model)
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     rp, rs = tp.device_put_replicated((params, opt.init(params)), devices)
     step = tp.pmap(train_step, "i", devices=devices)
     for x, y in zip(xs, ys):
@@ -566,7 +569,7 @@ def test_clipping_after_accumulated_pmean_matches_one_device():
     n, micro, per, steps, max_norm = 4, 3, 2, 3, 0.05
     xs, ys = make_data(steps, n, micro * per)
     xs = xs.double()
-    devices = tp.local_devices()[:n]
+    devices = helpers.devices(n)
     models, opts = tp.replicate(make_model().double(), OPTIMIZERS["sgd_momentum"], devices)
 
     @tp.pmap(axis_name="i", devices=devices)
@@ -611,7 +614,7 @@ def test_functional_clipping_of_pmeaned_grads_matches_clip_grad_norm():
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return {k: g * scale for k, g in grads.items()}
 
-    params = tp.device_put_replicated(tp.params_of(model), tp.local_devices()[:n])
+    params = tp.device_put_replicated(tp.params_of(model), helpers.devices(n))
     got = tp.pmap(clipped_grads, "i")(params, x.reshape(n, per, 6), y.reshape(n, per))
     F.cross_entropy(model(x), y).backward()
     assert torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm) > max_norm

@@ -29,7 +29,7 @@ import abc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 
@@ -49,7 +49,16 @@ Pairs: TypeAlias = "tuple[tuple[int, int], ...]"
 # None for a bare tensor.
 TreePlace: TypeAlias = "tuple[str, int, tuple[int, ...]] | None"
 
-REDUCERS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+
+class Reducer(Protocol):
+    """An elementwise reduction of two tensors (torch.add, ...), into ``out`` if given."""
+
+    def __call__(
+        self, input: torch.Tensor, other: torch.Tensor, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
+REDUCERS: dict[str, Reducer] = {
     "sum": torch.add,
     "max": torch.maximum,
     "min": torch.minimum,
@@ -377,42 +386,96 @@ _Deposit: TypeAlias = "tuple[Signature, torch.Tensor, torch.cuda.Stream | None]"
 
 
 def compute_results(
-    collective: Collective, xs: Sequence[torch.Tensor], size: int, to: Callable[[torch.Tensor, int], torch.Tensor]
+    collective: Collective,
+    xs: Sequence[torch.Tensor],
+    size: int,
+    to: Callable[[torch.Tensor, int], torch.Tensor],
+    ranks: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """The result of ``collective`` for each of ``size`` ranks, given every
-    rank's input ``xs[r]``. ``to(t, r)`` moves a tensor to rank r's device.
-    Results never alias each other or the inputs."""
+    """The result of ``collective`` for each rank of ``ranks`` (default all
+    ``size``), in that order, given every rank's input ``xs[r]``. ``to(t, r)``
+    moves a tensor to rank r's device. Only the requested ranks' results are
+    built: a process holding every rank's input computes just its own replicas'
+    (an all_gather would otherwise build size² inputs' worth). Results never
+    alias each other or the inputs."""
+    wanted = list(range(size)) if ranks is None else list(ranks)
     kind = collective.kind
-    out: list[Any] = [None] * size
     if kind == "permute":
-        for src, dst in collective.pairs or ():
-            out[dst] = to(xs[src], dst).clone()
-        for r in range(size):
-            if out[r] is None:
-                out[r] = torch.zeros_like(xs[r])
-        return out
-    groups = collective.groups or (tuple(range(size)),)
-    for g in groups:
-        if kind == "all_reduce" or kind == "reduce_scatter":
-            assert collective.op is not None  # reductions carry their op
-            reduce = REDUCERS[collective.op]
-            total = to(xs[g[0]], g[0])
-            for r in g[1:]:
-                total = reduce(total, to(xs[r], g[0]))
-            if len(g) == 1:  # otherwise total is already a fresh tensor
-                total = total.clone()
-            for k, r in enumerate(g):
-                if kind == "reduce_scatter":
-                    out[r] = to(total[k], r)  # rows of one fresh buffer: disjoint
-                else:
-                    out[r] = to(total, r) if k == 0 else to(total, r).clone()
+        return [_permuted(collective.pairs or (), xs, r, to) for r in wanted]
+    out: dict[int, torch.Tensor] = {}
+    wanted_set = set(wanted)
+    for g in collective.groups or (tuple(range(size)),):
+        mine = [(k, r) for k, r in enumerate(g) if r in wanted_set]
+        if not mine:
+            continue
+        if kind == "all_reduce":
+            _all_reduce_into(out, collective, xs, g, mine, to)
+        elif kind == "reduce_scatter":
+            _reduce_scatter_into(out, collective, xs, g, mine, to)
         elif kind == "all_gather":
-            stacked = torch.stack([to(xs[r], g[0]) for r in g])
-            for k, r in enumerate(g):
-                out[r] = to(stacked if k == 0 else stacked.clone(), r)
+            stacked = torch.stack([to(xs[r], mine[0][1]) for r in g])
+            for i, (_, r) in enumerate(mine):
+                out[r] = to(stacked if i == 0 else stacked.clone(), r)
         elif kind == "all_to_all":
-            for k, r in enumerate(g):
+            for k, r in mine:
                 out[r] = torch.stack([to(xs[j][k], r) for j in g])
         else:
             raise AssertionError(f"unknown collective {kind!r}")
-    return out
+    return [out[r] for r in wanted]
+
+
+def _permuted(
+    pairs: Pairs, xs: Sequence[torch.Tensor], r: int, to: Callable[[torch.Tensor, int], torch.Tensor]
+) -> torch.Tensor:
+    """Rank r's result of a permute: its source's input, or zeros without one."""
+    for src, dst in pairs:
+        if dst == r:
+            return to(xs[src], r).clone()
+    return torch.zeros_like(xs[r])
+
+
+def _reduced(
+    collective: Collective,
+    parts: Sequence[torch.Tensor],
+    at: int,
+    to: Callable[[torch.Tensor, int], torch.Tensor],
+) -> torch.Tensor:
+    """The reduction of ``parts`` (in group order) on rank ``at``'s device, as a fresh tensor."""
+    assert collective.op is not None  # reductions carry their op
+    reduce = REDUCERS[collective.op]
+    if len(parts) == 1:
+        return to(parts[0], at).clone()
+    total = reduce(to(parts[0], at), to(parts[1], at))
+    for t in parts[2:]:  # in place: one buffer, not one per member
+        reduce(total, to(t, at), out=total)
+    return total
+
+
+def _all_reduce_into(
+    out: dict[int, torch.Tensor],
+    collective: Collective,
+    xs: Sequence[torch.Tensor],
+    group: tuple[int, ...],
+    mine: list[tuple[int, int]],
+    to: Callable[[torch.Tensor, int], torch.Tensor],
+) -> None:
+    total = _reduced(collective, [xs[r] for r in group], mine[0][1], to)
+    for i, (_, r) in enumerate(mine):
+        out[r] = to(total, r) if i == 0 else to(total, r).clone()
+
+
+def _reduce_scatter_into(
+    out: dict[int, torch.Tensor],
+    collective: Collective,
+    xs: Sequence[torch.Tensor],
+    group: tuple[int, ...],
+    mine: list[tuple[int, int]],
+    to: Callable[[torch.Tensor, int], torch.Tensor],
+) -> None:
+    if len(mine) == len(group):  # every row is wanted: one reduction, rows of one fresh buffer
+        total = _reduced(collective, [xs[r] for r in group], mine[0][1], to)
+        for k, r in mine:
+            out[r] = to(total[k], r)
+        return
+    for k, r in mine:  # only the wanted rows, each its own fresh buffer
+        out[r] = _reduced(collective, [xs[j][k] for j in group], r, to)

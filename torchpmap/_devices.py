@@ -20,6 +20,10 @@ import torch
 # but a parked thread, and they are only started for devices a pmap uses.
 DEFAULT_CPU_DEVICES = 8
 _ENV_VAR = "TORCHPMAP_CPU_DEVICES"
+# Which kind of device to use, like JAX_PLATFORMS: "cpu" runs on virtual CPU
+# devices even where GPUs exist (e.g. the virtual-device tests on a GPU machine).
+_PLATFORM_VAR = "TORCHPMAP_PLATFORM"
+PLATFORMS = ("cpu", "cuda")
 
 _lock = threading.Lock()
 _cpu_count_override: int | None = None
@@ -63,8 +67,25 @@ def _cpu_device_count() -> int:
     return n
 
 
+def platform() -> str:
+    """``"cuda"`` or ``"cpu"``: TORCHPMAP_PLATFORM, else CUDA when PyTorch sees a GPU."""
+    raw = os.environ.get(_PLATFORM_VAR, "").strip().lower()
+    if not raw:
+        return "cuda" if _cuda_count() > 0 else "cpu"
+    if raw not in PLATFORMS:
+        raise ValueError(f"{_PLATFORM_VAR} must be one of {', '.join(PLATFORMS)} (or unset), got {raw!r}")
+    if raw == "cuda" and _cuda_count() == 0:
+        raise ValueError(f"{_PLATFORM_VAR}=cuda, but PyTorch sees no CUDA GPU; unset it or set it to cpu")
+    return raw
+
+
+def _cuda_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def local_devices() -> list[torch.device]:
-    """This process's devices: every CUDA GPU, or the virtual CPU devices."""
+    """This process's devices: every CUDA GPU, or the virtual CPU devices
+    (TORCHPMAP_PLATFORM chooses; see ``platform``)."""
     return list(local_device_tuple())
 
 
@@ -75,8 +96,8 @@ def local_device_tuple() -> tuple[torch.device, ...]:
     if _frozen_local is None:
         with _lock:
             if _frozen_local is None:
-                if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-                    devs = tuple(torch.device("cuda", i) for i in range(torch.cuda.device_count()))
+                if platform() == "cuda":
+                    devs = tuple(torch.device("cuda", i) for i in range(_cuda_count()))
                 else:
                     devs = tuple(torch.device("cpu", i) for i in range(_cpu_device_count()))
                 _frozen_local = devs

@@ -75,10 +75,18 @@ def initialize(
     defaults to NCCL with GPUs and Gloo without. ``timeout`` (seconds, default
     the collective timeout) bounds every cross-process wait, so a process that
     dies or fails makes the others fail instead of hanging.
+
+    With several processes per node (LOCAL_WORLD_SIZE > 1) each process drives
+    one GPU, chosen by ``choose_gpu`` (LOCAL_RANK, or the only visible one), or
+    the one a process group the caller made is bound to; with one process per
+    node it drives every visible GPU. The chosen GPU becomes the current device
+    even when the caller made the process group. ``devices()`` then lists every
+    process's devices, in process order.
     """
     if _state:
         raise RuntimeError("torchpmap.distributed.initialize() was already called in this process")
     seconds = _config.collective_timeout() if timeout is None else float(timeout)
+    on_cuda = _devices.platform() == "cuda"
     if not dist.is_initialized():
         if rank is None:
             rank = _env_int("RANK")
@@ -90,9 +98,8 @@ def initialize(
                 "environment; launch with torchrun, or pass init_method='tcp://HOST:PORT'"
             )
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            backend = "nccl" if on_cuda else "gloo"
+        gpu = _bind_gpu(None) if on_cuda else None
         dist.init_process_group(
             backend,
             init_method=init_method or "env://",
@@ -100,25 +107,22 @@ def initialize(
             world_size=world_size,
             # An infinite timeout ("wait for ever") as a year: timedelta has no infinity.
             timeout=datetime.timedelta(seconds=min(seconds, 365 * 24 * 3600.0)),
+            # NCCL forms its communicator on this GPU now, rather than guessing one later.
+            device_id=torch.device("cuda", gpu) if gpu is not None and backend == "nccl" else None,
         )
-    rank, world = dist.get_rank(), dist.get_world_size()
-    local = _local_devices_for_process()
-    counts: list[tuple[int, str] | None] = [None] * world
-    dist.all_gather_object(counts, (len(local), local[0].type))
-    if len({c for c in counts}) != 1:
-        raise RuntimeError(
-            f"torchpmap.distributed: every process needs the same number and kind of local "
-            f"devices, got {counts} (process by process)"
-        )
-    n = len(local)
-    if local[0].type == "cpu":
-        # Virtual devices are numbered globally, so devices() names each once.
-        local = tuple(torch.device("cpu", rank * n + i) for i in range(n))
-        everything = tuple(torch.device("cpu", i) for i in range(world * n))
     else:
-        everything = tuple(d for _ in range(world) for d in local)
+        # The user made the group: still bind this process's GPU, or NCCL (all_gather_object
+        # below included) runs every process on cuda:0 ("Duplicate GPU detected").
+        gpu = _bind_gpu(getattr(dist.group.WORLD, "bound_device_id", None)) if on_cuda else None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = _local_devices_for_process(gpu)
+    per_process: list[list[str] | None] = [None] * world
+    dist.all_gather_object(per_process, [str(d) for d in mine])
+    local, everything = global_layout([[torch.device(d) for d in p or ()] for p in per_process], rank)
     _devices._set_process_layout((rank, world, everything), local)
-    _state.update({"rank": rank, "world": world, "local_count": n, "group": dist.group.WORLD, "lockstep": _Lockstep()})
+    _state.update(
+        {"rank": rank, "world": world, "local_count": len(local), "group": dist.group.WORLD, "lockstep": _Lockstep()}
+    )
     atexit.register(_shutdown_at_exit)
 
 
@@ -131,11 +135,85 @@ def _env_int(name: str) -> int:
     return int(raw)
 
 
-def _local_devices_for_process() -> tuple[torch.device, ...]:
-    if torch.cuda.is_available() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+def _env_count(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"torchpmap.distributed.initialize: {name} must be an integer, got {raw!r}") from None
+
+
+def choose_gpu(visible: int, local_rank: int, local_world_size: int) -> int:
+    """The GPU (an index among the ``visible`` ones) of the process ``local_rank`` of
+    the ``local_world_size`` processes on its node, one GPU per process.
+
+    * one GPU visible: it is this process's own (a per-process CUDA_VISIBLE_DEVICES, as
+      SLURM and Kubernetes set up), whatever LOCAL_RANK says;
+    * at least one GPU per process visible (every process sees the node's GPUs):
+      GPU ``local_rank``;
+    * more than one but fewer than the processes: which one is this process's cannot be
+      told (``local_rank % visible`` would put two processes on one GPU if they see the
+      same ones), so it is an error.
+    """
+    if not 0 <= local_rank < local_world_size:
+        raise ValueError(
+            f"torchpmap.distributed.initialize: LOCAL_RANK is {local_rank}, but LOCAL_WORLD_SIZE is "
+            f"{local_world_size}; launch with torchrun, or set both for each process"
+        )
+    if visible < 1:
+        raise ValueError("torchpmap.distributed.initialize: this process sees no CUDA GPU")
+    if visible == 1:
+        return 0
+    if visible >= local_world_size:
+        return local_rank
+    raise ValueError(
+        f"torchpmap.distributed.initialize: this process sees {visible} GPUs but its node runs "
+        f"{local_world_size} processes, so which GPU is its own cannot be told; make every GPU "
+        f"visible to every process, or exactly one to each (CUDA_VISIBLE_DEVICES)"
+    )
+
+
+def _bind_gpu(bound: torch.device | None) -> int:
+    """Choose this process's GPU (the one its process group is bound to, if any) and make
+    it the current device; returns its index."""
+    local_world = _env_count("LOCAL_WORLD_SIZE", 1)
+    if bound is not None and bound.index is not None:
+        gpu = bound.index
+    elif local_world > 1:
+        gpu = choose_gpu(torch.cuda.device_count(), _env_count("LOCAL_RANK", 0), local_world)
+    else:
+        gpu = 0  # one process drives every GPU of its node; it talks through the first
+    torch.cuda.set_device(gpu)
+    return gpu
+
+
+def _local_devices_for_process(gpu: int | None) -> tuple[torch.device, ...]:
+    if gpu is not None and _env_count("LOCAL_WORLD_SIZE", 1) > 1:
         # torchrun's usual layout: one process per GPU.
-        return (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))),)
+        return (torch.device("cuda", gpu),)
     return tuple(_devices.local_devices())
+
+
+def global_layout(
+    per_process: Sequence[Sequence[torch.device]], rank: int
+) -> tuple[tuple[torch.device, ...], tuple[torch.device, ...]]:
+    """(this process's devices, every device of the job in process order) from each
+    process's own device list. Virtual CPU devices are renumbered globally (process p's
+    i-th is cpu:p*n+i), so that devices() names each once; GPUs keep the names their
+    process gives them (two processes' cuda:0 may be different GPUs)."""
+    kinds = [(len(p), p[0].type if p else None) for p in per_process]
+    if len(set(kinds)) != 1 or not per_process[rank]:
+        raise RuntimeError(
+            f"torchpmap.distributed: every process needs the same number and kind of local "
+            f"devices, got {[[str(d) for d in p] for p in per_process]} (process by process)"
+        )
+    n, kind = kinds[0]
+    if kind == "cpu":
+        everything = tuple(torch.device("cpu", i) for i in range(len(per_process) * n))
+        return everything[rank * n : (rank + 1) * n], everything
+    return tuple(per_process[rank]), tuple(d for p in per_process for d in p)
 
 
 def _shutdown_at_exit() -> None:
@@ -220,8 +298,8 @@ class _Lockstep:
 
 class ProcessGroupBackend(GroupBackend):
     """This process's replicas' inputs in, their outputs out, with one torch.distributed
-    operation: an all-reduce for plain reductions, else an all-gather followed by
-    compute_results over every process's inputs.
+    operation: an all-reduce for plain reductions, else an all-gather of every
+    process's inputs from which compute_results builds this process's results only.
 
     Before any data moves, the processes compare (pmap run number, position of the
     exchange in the run, CRC of the collective's signature), so processes out of step
@@ -253,8 +331,8 @@ class ProcessGroupBackend(GroupBackend):
                 assert collective.op is not None  # reductions carry their op
                 return self._all_reduce(xs, collective.op)
             everyone = self._gather_everything(xs)
-            results = compute_results(collective, everyone, self.axis_size, self._to_global)
-            return results[self.first : self.first + self.size]
+            mine = range(self.first, self.first + self.size)
+            return compute_results(collective, everyone, self.axis_size, self._to_global, mine)
         except CollectiveError:
             raise
         except BaseException as e:  # the peers may have gone on: never pair with them again
