@@ -200,6 +200,57 @@ def late_peer():
     os._exit(0)
 
 
+def hang_in_data_collectives():
+    """Make this process hang in every cross-process data collective, then die: a peer
+    that passed the lockstep check and never completes the collective."""
+
+    def hang(*args, **kwargs):
+        time.sleep(15)
+        os._exit(0)
+
+    tpd.dist.all_reduce = hang
+
+
+def hung_peer():
+    """Rank 1 hangs in the psum's all-reduce. The process group's own timeout is 60 s;
+    rank 0's timed wait must give up after torchpmap's 3 s."""
+    import datetime
+
+    torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    tpd.initialize(timeout=3)
+    rank = tp.process_index()
+    if rank == 1:
+        hang_in_data_collectives()
+    t0 = time.monotonic()
+    try:
+        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
+        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
+    os._exit(0)
+
+
+def shutdown_after_failure():
+    """After rank 0's psum timed out (rank 1 hangs in it), shutdown() aborts the process
+    group without waiting for the peer, and returns."""
+    tpd.initialize(timeout=3)
+    rank = tp.process_index()
+    if rank == 1:
+        hang_in_data_collectives()
+    try:
+        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
+        say(f"rank {rank} NO ERROR")
+    except Exception as e:
+        say(f"rank {rank} ERROR {type(e).__name__}")
+    t0 = time.monotonic()
+    try:
+        tpd.shutdown()
+        say(f"SHUTDOWN ok after {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        say(f"SHUTDOWN raised {type(e).__name__}: {e}")
+    os._exit(0)
+
+
 def catch_and_continue():
     """Rank 1's replica fails at step 3; both ranks catch errors and go on.
     Every later step must give the right value or raise: rank 0's step-3 psum
@@ -334,6 +385,8 @@ if __name__ == "__main__":
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,
         "catch_and_continue": catch_and_continue,
+        "hung_peer": hung_peer,
+        "shutdown_after_failure": shutdown_after_failure,
         "random_streams": random_streams,
         "checkpoint": checkpoint,
     }

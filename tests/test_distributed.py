@@ -82,10 +82,10 @@ def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     errors = [line for line in out.stdout.splitlines() if "ERROR " in line]
     # rank 1 reports its own exception; rank 0 a collective error within the timeout
     assert any("ValueError: rank 1 gives up" in e for e in errors), out.stdout + out.stderr
-    assert any("CollectiveError" in e for e in errors), out.stdout + out.stderr
+    assert any("CollectiveError" in e or "CollectiveTimeoutError" in e for e in errors), out.stdout + out.stderr
     assert "NO ERROR" not in out.stdout
     # rank 0 gave up within the 5 s timeout (plus slack), not after rank 1's 20 s
-    rank0 = [e for e in errors if "CollectiveError" in e][0]
+    rank0 = [e for e in errors if "CollectiveError" in e or "CollectiveTimeoutError" in e][0]
     assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 12, rank0
     assert elapsed < 60
 
@@ -97,6 +97,30 @@ def test_a_peer_later_than_the_timeout_is_an_error_not_a_hang():
     rank0 = next(line for line in lines if line.startswith("rank 0"))
     assert "ERROR" in rank0 and "Collective" in rank0, rank0
     assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 5, rank0  # the 2 s timeout, not rank 1's 6 s
+    assert elapsed < 60
+
+
+def seconds_after(line: str) -> float:
+    return float(line.rsplit("after ", 1)[1].rstrip("s"))
+
+
+def test_a_peer_hung_in_a_data_collective_is_a_timeout_error_within_the_collective_timeout():
+    # The process group's own timeout is 60 s: only torchpmap's timed wait (3 s) ends it.
+    out, elapsed = torchrun("hung_peer", timeout=90)
+    rank0 = [line for line in out.stdout.splitlines() if line.startswith("rank 0")]
+    assert len(rank0) == 1, out.stdout + out.stderr
+    assert "ERROR CollectiveTimeoutError" in rank0[0], rank0
+    assert seconds_after(rank0[0]) < 8, rank0
+    assert elapsed < 60
+
+
+def test_shutdown_after_a_failed_collective_aborts_instead_of_waiting_for_peers():
+    out, elapsed = torchrun("shutdown_after_failure", timeout=90)
+    lines = out.stdout.splitlines()
+    assert "rank 0 ERROR CollectiveTimeoutError" in lines, out.stdout + out.stderr
+    shutdown = [line for line in lines if line.startswith("SHUTDOWN")]
+    assert len(shutdown) == 1 and shutdown[0].startswith("SHUTDOWN ok"), out.stdout + out.stderr
+    assert seconds_after(shutdown[0]) < 6, shutdown  # not rank 1's 15 s
     assert elapsed < 60
 
 

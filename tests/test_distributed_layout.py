@@ -85,6 +85,7 @@ class FakeJob:
         monkeypatch.setattr(dist, "get_rank", lambda group=None: rank)
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: len(per_process))
         monkeypatch.setattr(dist, "all_gather_object", self.all_gather_object)
+        monkeypatch.setattr(dist, "new_group", self.new_group)
         monkeypatch.setattr(dist, "group", types.SimpleNamespace(WORLD=self.world))
         monkeypatch.setattr(tpd, "_shutdown_at_exit", lambda: None)
         monkeypatch.setenv("RANK", str(rank))
@@ -93,7 +94,12 @@ class FakeJob:
 
     def init_process_group(self, backend, **kwargs):
         self.calls.append(("init_process_group", backend, kwargs.get("device_id")))
+        self.timeout = kwargs.get("timeout")
         self.initialized = True
+
+    def new_group(self, backend=None, **kwargs):
+        self.calls.append(("new_group", backend))
+        return "check group"
 
     def all_gather_object(self, out, mine):
         self.calls.append(("all_gather_object", mine))
@@ -115,7 +121,7 @@ def test_cuda_initialize_binds_local_rank_and_lists_every_process_gpu(monkeypatc
     job = FakeJob(monkeypatch, 3, [cuda(0), cuda(1), cuda(0), cuda(1)], visible=2, made_by_user=made_by_user)
     tpd.initialize()
     made = [] if made_by_user else [("init_process_group", "nccl", torch.device("cuda", 1))]
-    assert job.calls == [("set_device", 1), *made, ("all_gather_object", ["cuda:1"])]
+    assert job.calls == [("set_device", 1), *made, ("all_gather_object", ["cuda:1"]), ("new_group", "gloo")]
     assert tp.devices() == cuda(0, 1, 0, 1)
     assert tp.local_devices() == cuda(1)
     assert (tp.process_index(), tp.process_count()) == (3, 4)
@@ -151,12 +157,20 @@ class FakeGather:
         monkeypatch.setattr(tpd.dist, "get_world_size", lambda group=None: processes)
         monkeypatch.setattr(tpd.dist, "get_rank", lambda group=None: rank)
 
-    def all_gather(self, parts, mine, group=None):
+    def all_gather(self, parts, mine, group=None, async_op=False):
         for p, part in enumerate(parts):
             if mine.dtype == torch.int64 and mine.shape == (3,):  # the lockstep check: all agree
                 part.copy_(mine)
             else:
                 part.copy_(self.sent[p])
+        return DoneWork() if async_op else None
+
+
+class DoneWork:
+    """A torch.distributed Work that already completed."""
+
+    def wait(self, timeout=None):
+        return True
 
 
 @pytest.mark.parametrize(

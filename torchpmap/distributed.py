@@ -36,7 +36,7 @@ from . import _config, _devices
 from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, describe
 from ._devices import physical_device
 from ._sharded import ShardedTensor
-from .errors import CollectiveError, CollectiveMismatchError
+from .errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -50,6 +50,8 @@ class _State(TypedDict, total=False):
     world: int
     local_count: int
     group: dist.ProcessGroup | None
+    check_group: dist.ProcessGroup | None
+    timeout: float
     lockstep: _Lockstep
 
 
@@ -105,8 +107,7 @@ def initialize(
             init_method=init_method or "env://",
             rank=rank,
             world_size=world_size,
-            # An infinite timeout ("wait for ever") as a year: timedelta has no infinity.
-            timeout=datetime.timedelta(seconds=min(seconds, 365 * 24 * 3600.0)),
+            timeout=_process_group_timeout(seconds, backend),
             # NCCL forms its communicator on this GPU now, rather than guessing one later.
             device_id=torch.device("cuda", gpu) if gpu is not None and backend == "nccl" else None,
         )
@@ -120,10 +121,38 @@ def initialize(
     dist.all_gather_object(per_process, [str(d) for d in mine])
     local, everything = global_layout([[torch.device(d) for d in p or ()] for p in per_process], rank)
     _devices._set_process_layout((rank, world, everything), local)
+    # The lockstep check runs on Gloo over CPU tensors: it then has the timeout, and a dead
+    # peer raises here instead of hanging in a CUDA `.tolist()` of an NCCL result.
+    check_group = dist.new_group(backend="gloo", timeout=_timedelta(seconds))
     _state.update(
-        {"rank": rank, "world": world, "local_count": len(local), "group": dist.group.WORLD, "lockstep": _Lockstep()}
+        {
+            "rank": rank,
+            "world": world,
+            "local_count": len(local),
+            "group": dist.group.WORLD,
+            "check_group": check_group,
+            "timeout": seconds,
+            "lockstep": _Lockstep(),
+        }
     )
     atexit.register(_shutdown_at_exit)
+
+
+# An infinite timeout ("wait for ever") as a year: timedelta has no infinity.
+_FOREVER = 365 * 24 * 3600.0
+
+
+def _timedelta(seconds: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=min(seconds, _FOREVER))
+
+
+def _process_group_timeout(seconds: float, backend: str) -> datetime.timedelta:
+    """The timeout of the process group torchpmap makes. NCCL's watchdog acts on it (with
+    TORCH_NCCL_ASYNC_ERROR_HANDLING=1 or 3 it ends the process), so it gets a margin over
+    torchpmap's own timed waits: their Python error comes first."""
+    if backend == "nccl":
+        seconds = seconds + max(10.0, 0.25 * seconds)
+    return _timedelta(seconds)
 
 
 def _env_int(name: str) -> int:
@@ -236,16 +265,35 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
     flight) is finished and freed while the interpreter is whole: Gloo threads
     that still hold it at interpreter teardown abort the process. A process
     that forgets is shut down at exit, without waiting (its peers may be gone).
+
+    Without ``wait_for_peers``, or after a cross-process collective failed or
+    found the processes out of step, the process group is aborted instead:
+    destroying it cleanly waits for outstanding NCCL work, which a dead or
+    out-of-step peer never completes.
     """
     global _state
+    failed = "lockstep" in _state and _state["lockstep"].stopped
     if _state:
         _state = {}
         _devices._set_process_layout(None, None)
-    if dist.is_initialized():
-        if wait_for_peers:
-            dist.barrier()
-        gc.collect()
+    if not dist.is_initialized():
+        return
+    if failed or not wait_for_peers:
+        _abort_process_groups()
+        return
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
+def _abort_process_groups() -> None:
+    """Tear every process group down without waiting for peers or outstanding work (NCCL
+    aborts its communicators; Gloo's pending operations end by their own timeout)."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort is None:  # a PyTorch without it: the clean path is all there is
         dist.destroy_process_group()
+    else:
+        abort()
 
 
 def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
@@ -258,9 +306,21 @@ def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
             f"pmap: in a multi-process job each process maps exactly its "
             f"{_state['local_count']} local devices, but the mapped axis has size {n_local}"
         )
-    world, rank, group, lockstep = _state["world"], _state["rank"], _state["group"], _state["lockstep"]
-    first, size = rank * n_local, world * n_local
-    return size, first, lambda devices: ProcessGroupBackend(devices, first, size, group, lockstep)
+    state = _state
+    first, size = state["rank"] * n_local, state["world"] * n_local
+    return (
+        size,
+        first,
+        lambda devices: ProcessGroupBackend(
+            devices,
+            first,
+            size,
+            state["group"],
+            state["lockstep"],
+            check_group=state["check_group"],
+            timeout=state["timeout"],
+        ),
+    )
 
 
 class _Lockstep:
@@ -280,6 +340,10 @@ class _Lockstep:
 
     def next_call(self) -> int:
         return next(self._calls)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped is not None
 
     def stop(self, why: str, error_type: type[CollectiveError] = CollectiveError) -> None:
         """Never exchange again; later collectives raise ``error_type`` saying ``why``."""
@@ -315,9 +379,14 @@ class ProcessGroupBackend(GroupBackend):
         global_size: int,
         group: dist.ProcessGroup | None,
         lockstep: _Lockstep,
+        *,
+        check_group: dist.ProcessGroup | None = None,
+        timeout: float | None = None,
     ) -> None:
         super().__init__(devices, first, global_size)
         self._group = group
+        self._check_group = group if check_group is None else check_group
+        self._timeout = _config.collective_timeout() if timeout is None else timeout
         self._lockstep = lockstep
         self._call = lockstep.next_call()
         self._exchanges = 0  # cross-process exchanges of this call so far
@@ -338,7 +407,8 @@ class ProcessGroupBackend(GroupBackend):
         except BaseException as e:  # the peers may have gone on: never pair with them again
             self._lockstep.stop(f"a cross-process {name} failed in pmap call #{self._call}")
             if isinstance(e, RuntimeError):  # Gloo/NCCL: timeouts, peers that died or failed
-                raise CollectiveError(
+                error_type = CollectiveTimeoutError if _timed_out(e) else CollectiveError
+                raise error_type(
                     f"cross-process {name} failed: {e}. Another process probably failed or "
                     f"exited; its own log shows why. This process makes no cross-process "
                     f"collective any more: restart the job."
@@ -356,16 +426,17 @@ class ProcessGroupBackend(GroupBackend):
         self._exchanges += 1
         step = (self._call, self._exchanges)
         crc = zlib.crc32(repr(signature).encode())
-        mine = torch.tensor([*step, crc], dtype=torch.int64, device=self._comm_device())
-        theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._group))]
-        dist.all_gather(theirs, mine, group=self._group)
+        # On the CPU, over the check group (Gloo): bounded by its timeout whatever the data's backend.
+        mine = torch.tensor([*step, crc], dtype=torch.int64)
+        theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._check_group))]
+        self._wait(dist.all_gather(theirs, mine, group=self._check_group, async_op=True))
         rows = torch.stack(theirs).tolist()
         steps = [(call, exchange) for call, exchange, _ in rows]
         if len(set(steps)) != 1:
             raise self._out_of_step(collective.name, steps)
         values = [crc for _, _, crc in rows]
         if len(set(values)) != 1:
-            odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._group)]]
+            odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._check_group)]]
             raise CollectiveMismatchError(
                 f"processes called different collectives (or shapes/dtypes) at the same point: "
                 f"this process called {describe(signature)}, "
@@ -390,13 +461,23 @@ class ProcessGroupBackend(GroupBackend):
     def _comm_device(self) -> torch.device:
         return physical_device(self.devices[0])
 
+    def _wait(self, work: dist.Work | None) -> None:
+        """Wait for an ``async_op`` collective at most the collective timeout. A plain NCCL
+        call returns at once and a later read of its result blocks with no timeout; a timed
+        wait raises instead (a RuntimeError, which ``run`` turns into a CollectiveError)."""
+        assert work is not None  # async_op=True always gives a Work
+        if self._timeout >= _FOREVER:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=self._timeout))
+
     def _all_reduce(self, xs_local: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
         dev = self._comm_device()
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
             total = REDUCERS[op](total, x.to(dev))
         wire = _to_wire(total)
-        dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group)
+        self._wait(dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group, async_op=True))
         total = _from_wire(wire, total)
         return [self.to(total, r).clone() for r in range(self.size)]
 
@@ -404,9 +485,17 @@ class ProcessGroupBackend(GroupBackend):
         dev = self._comm_device()
         stacked = _to_wire(torch.stack([x.to(dev) for x in xs_local]))
         parts = [torch.empty_like(stacked) for _ in range(dist.get_world_size(self._group))]
-        dist.all_gather(parts, stacked.contiguous(), group=self._group)
+        self._wait(dist.all_gather(parts, stacked.contiguous(), group=self._group, async_op=True))
         template = xs_local[0]
         return [_from_wire(row, template) for part in parts for row in part]
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether a torch.distributed error is a timeout (Gloo: "Operation timed out!", "Timed
+    out waiting ..."; NCCL: "... timed out in blocking wait", "Watchdog caught collective
+    operation timeout")."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text
 
 
 def _group_by_step(steps: list[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
