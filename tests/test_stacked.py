@@ -258,3 +258,33 @@ def test_per_replica_argument_falls_back():
 def test_executor_setting():
     with pytest.raises(ValueError, match="set_executor"):
         tp.set_executor("gpu")
+
+
+def test_writes_to_own_slices_reach_the_caller_as_on_threads():
+    def f(r):
+        r.mul_(2)
+        return r + tp.psum(r, "i")
+
+    pf = pm(f)
+    expected_x, got_x = rows(N, 3), rows(N, 3)
+    with executor("threads"):
+        expected = pf(expected_x)
+    with executor("stacked"):
+        got = pf(got_x)
+    assert_same_bits((expected, expected_x), (got, got_x))
+
+
+def test_a_failed_capture_is_not_retried():
+    calls = []
+
+    def f(x):
+        calls.append(1)
+        return x * x.max().item()
+
+    pf = pm(f)
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="capture failed"):
+        pf(rows(N, 3))
+    traced = len(calls) - N  # Dynamo's attempt, before the threads executor's N runs
+    with executor("stacked", allow_fallback=True):
+        pf(rows(N, 3))
+    assert len(calls) == traced + 2 * N

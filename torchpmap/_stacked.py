@@ -277,8 +277,11 @@ class _Batched:
         return rows
 
 
-def _backend(axis_name: str, n: int) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+def _backend(
+    axis_name: str, n: int, count: list[int]
+) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        count[0] += 1
         state = _current()
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
@@ -303,6 +306,14 @@ def _backend(axis_name: str, n: int) -> Callable[[torch.fx.GraphModule, list[Any
 class _Capture:
     compiled: Callable[..., Any]
     frame: _CaptureFrame
+    count: list[int]  # how many times the backend captured (Dynamo compiled) it
+    failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+
+
+# Dynamo's recompile limit for a capture, and how many captures we allow (fewer:
+# a call that would exceed the limit must not reach Dynamo, which would run eagerly).
+_RECOMPILE_LIMIT = 64
+_MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
 # Per function: its captures, per (axis name, axis size, physical device).
@@ -322,8 +333,16 @@ def _capture_for(record: CallRecord) -> _Capture:
         t = _trampoline_factory(record.fun)
         # A distinct code object: a distinct Dynamo cache per key.
         entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
-        compiled = torch.compile(entry, backend=_backend(group.axis_name, record.n), fullgraph=True, dynamic=False)
-        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device))
+        count = [0]
+        # torch.compile's overloads leave out recompile_limit, which the function itself takes.
+        compiled = torch.compile(  # type: ignore[call-overload]
+            entry,
+            backend=_backend(group.axis_name, record.n, count),
+            fullgraph=True,
+            dynamic=False,
+            recompile_limit=_RECOMPILE_LIMIT,
+        )
+        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count)
     return capture
 
 
@@ -333,6 +352,11 @@ def run(record: CallRecord) -> StackedOutput:
     the threads executor would run again, except Python side effects)."""
     row0, state = _stack_inputs(record)
     capture = _capture_for(record)
+    if capture.failed is not None:
+        raise Unsupported(capture.failed)
+    if capture.count[0] >= _MAX_CAPTURES:
+        # Past its recompile limit Dynamo would run the function eagerly on row 0.
+        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not stacked any more")
     args, kwargs = record.unflatten(row0)
     _tls.state = state
     DYNAMO_GATE.enter()
@@ -340,16 +364,11 @@ def run(record: CallRecord) -> StackedOutput:
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     try:
-        # Past the recompile limit Dynamo would run the function eagerly on row 0: refuse instead.
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            out = capture.compiled(*args, **kwargs)
-    except Unsupported:
-        raise
+        out = capture.compiled(*args, **kwargs)
     except Exception as e:
         inner = _unsupported_inside(e)
-        if inner is not None:
-            raise inner from None
-        raise Unsupported(f"capture failed ({type(e).__name__}: {_first_line(e)})") from None
+        capture.failed = inner.reason if inner is not None else f"capture failed ({type(e).__name__}: {_first_line(e)})"
+        raise Unsupported(capture.failed) from None
     finally:
         _ops._stacking.on = False
         _axis.bind(previous)
@@ -384,6 +403,10 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
         stacked = state.stacked_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
         if stacked is not None:
             leaves[k] = stacked
+        elif isinstance(leaf, torch.Tensor) and not state.ran:
+            # No graph ran, yet a tensor that is no input came out: Dynamo ran
+            # the function eagerly on replica 0 (it should not; never trust that).
+            raise Unsupported("the captured function ran without its graph")
         batched.append(stacked is not None)
     return StackedOutput(leaves, batched, spec)
 
