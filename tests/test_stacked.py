@@ -288,3 +288,13 @@ def test_a_failed_capture_is_not_retried():
     with executor("stacked", allow_fallback=True):
         pf(rows(N, 3))
     assert len(calls) == traced + 2 * N
+
+
+def test_a_function_without_a_graph_falls_back():
+    fallback(pm(lambda x, k: (x, k), in_axes=(0, None)), rows(N, 3), 3, match="no graph")
+
+
+def test_a_dynamo_stance_falls_back():
+    pf = pm(lambda x: x * 2)
+    with torch.compiler.set_stance("force_eager"):
+        fallback(pf, rows(N, 3), match="set_stance")

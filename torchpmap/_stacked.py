@@ -84,6 +84,10 @@ def unsupported_reason(record: CallRecord) -> str | None:
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
+    stance = torch._dynamo.eval_frame._stance
+    if stance.stance != "default" or stance.skip_guard_eval_unsafe or torch._dynamo.config.disable:
+        # Dynamo would run the function eagerly on replica 0, or skip its guards.
+        return "torch.compiler.set_stance or a disabled Dynamo"
     if _axis.in_replica() or _runtime.pool().busy():
         # The threads executor detects a nested pmap (or one from a thread a replica started).
         return "called inside a replica, or while a call on the threads executor runs"
@@ -403,11 +407,11 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
         stacked = state.stacked_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
         if stacked is not None:
             leaves[k] = stacked
-        elif isinstance(leaf, torch.Tensor) and not state.ran:
-            # No graph ran, yet a tensor that is no input came out: Dynamo ran
-            # the function eagerly on replica 0 (it should not; never trust that).
-            raise Unsupported("the captured function ran without its graph")
         batched.append(stacked is not None)
+    if not state.ran:
+        # No graph: nothing for the replicas to compute (the function returns its
+        # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
+        raise Unsupported("the captured function has no graph to run")
     return StackedOutput(leaves, batched, spec)
 
 
