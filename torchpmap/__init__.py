@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ._config import collective_timeout, set_collective_timeout
+from ._config import collective_timeout, set_collective_timeout, set_executor
 from ._devices import (
     device_count,
     devices,
@@ -90,6 +90,7 @@ __all__ = [
     "axis_size",
     "set_collective_timeout",
     "collective_timeout",
+    "set_executor",
     "PerReplica",
     "replicate",
     "replicate_module",

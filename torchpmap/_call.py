@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
-from . import _runtime
+from . import _config, _runtime
 from ._autodiff import FlatOutput, differentiable_call
 from ._tree import flatten
 
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from ._communicator import Communicator
     from ._random import Interception
     from ._sharded import ShardedTensor
+    from ._stacked import StackedOutput
 
 T = TypeVar("T")
 
@@ -163,9 +164,10 @@ class Executor(abc.ABC):
             if started:
                 record.release_donated()
 
-    def call(self, record: CallRecord) -> list[FlatOutput]:
+    def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
         """Run the call; with grad mode on, so that the caller's autograd sees
-        through the replicas. Each replica's output comes back flattened."""
+        through the replicas. Each replica's output comes back flattened (or,
+        from the stacked executor, every replica's at once)."""
         if torch.is_grad_enabled():
             return differentiable_call(self, record)
         return self.run(record, record.replica_inputs())
@@ -198,5 +200,11 @@ _THREADS = ThreadsExecutor()
 
 
 def choose_executor(record: CallRecord) -> Executor:
-    """The executor for ``record``: the one place that picks (today always threads)."""
-    return _THREADS
+    """The executor for ``record``: the one place that picks (``set_executor``,
+    TORCHPMAP_EXECUTOR; threads by default)."""
+    name = _config.executor_name()
+    if name == "threads":
+        return _THREADS
+    from . import _stacked  # it imports this module
+
+    return _stacked.STACKED if name == "stacked" else _stacked.AUTO

@@ -40,3 +40,32 @@ def collective_timeout() -> float:
             raise ValueError(f"{_ENV_TIMEOUT} must be a positive number of seconds, got {raw!r}")
         return value
     return _DEFAULT_TIMEOUT
+
+
+_ENV_EXECUTOR = "TORCHPMAP_EXECUTOR"
+EXECUTORS = ("threads", "stacked", "auto")
+_executor: str | None = None
+
+
+def set_executor(name: str) -> None:
+    """Which executor runs pmap calls: ``"threads"`` (the default: one worker
+    thread per device), ``"stacked"`` (experimental: replicas on one physical
+    device run as one batched graph, captured once; calls it cannot run fall
+    back to threads with a RuntimeWarning) or ``"auto"`` (stacked where it
+    applies, without the warnings). The TORCHPMAP_EXECUTOR environment variable
+    sets it too."""
+    global _executor
+    if name not in EXECUTORS:
+        raise ValueError(f"set_executor: name must be one of {EXECUTORS}, got {name!r}")
+    _executor = name
+
+
+def executor_name() -> str:
+    if _executor is not None:
+        return _executor
+    raw = os.environ.get(_ENV_EXECUTOR)
+    if not raw:
+        return "threads"
+    if raw not in EXECUTORS:
+        raise ValueError(f"{_ENV_EXECUTOR} must be one of {EXECUTORS}, got {raw!r}")
+    return raw

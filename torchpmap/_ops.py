@@ -17,6 +17,7 @@ replicas holding different trees fail instead of pairing leaves wrongly.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -98,11 +99,44 @@ def call(name: str, x: Tensor, *args: OpArg) -> Tensor:
     else the registered op inside an autograd.Function (autograd,
     torch.compile and functorch transforms such as torch.func.grad)."""
     if torch.compiler.is_compiling():
+        if _capturing_for_stacking():
+            return _opaque_call(name, x, *args)
         # Dynamo traces the op and its registered autograd rule directly.
         return getattr(OPS, name).default(x, *args)
     if _eager_ok(x):
         return _KERNELS[name](x, *args)
     return _Collective.apply(name, x, *args)
+
+
+_stacking = threading.local()
+
+
+@torch._dynamo.assume_constant_result
+def _capturing_for_stacking() -> bool:
+    """Whether Dynamo traces for the stacked executor (``_stacked``), which runs
+    the graph under torch.func.vmap: constant for a trace."""
+    return getattr(_stacking, "on", False)
+
+
+@torch._dynamo.allow_in_graph
+def _opaque_call(name: str, x: Tensor, *args: OpArg) -> Tensor:
+    """A collective as one node of a Dynamo graph that stays a Python call: run
+    later under the replica vmap level, it meets the batching rules, also inside
+    a torch.func transform of the function (which Dynamo inlines, and where the
+    op itself has no functorch-ready autograd)."""
+    if _eager_ok(x):
+        return _KERNELS[name](x, *args)
+    return _Collective.apply(name, x, *args)
+
+
+@torch._dynamo.allow_in_graph
+def opaque_axis_index(axes: str, device: torch.device) -> Tensor:
+    """axis_index as one node of a Dynamo graph for the stacked executor: under
+    the replica vmap level, every replica's own index."""
+    level = _axis.bound_level(tuple(axes.split(AXIS_SEP)))
+    if level is not None:
+        return _stacked.axis_index_batched(level)
+    return OPS.axis_index.default(axes, device)
 
 
 class _Collective(torch.autograd.Function):

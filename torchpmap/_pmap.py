@@ -35,6 +35,7 @@ from ._sharded import (
     distinct_shards,
     version_of,
 )
+from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
 
@@ -314,6 +315,8 @@ class Pmapped:
         _check_not_written(shared, plan.paths)
         if shared_modules:
             _check_modules_not_written(shared_modules, n)
+        if isinstance(outs, StackedOutput):
+            return self._assemble_stacked(outs, devices)
         return self._assemble(outs, devices)
 
     def _positional_spec(self, n: int) -> TreeSpec:
@@ -626,6 +629,32 @@ class Pmapped:
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
         return tree_unflatten(result, spec)
+
+    def _assemble_stacked(self, out: StackedOutput, devices: tuple[torch.device, ...]) -> PyTree:
+        """The stacked executor's output: batched leaves wrapped without a copy,
+        out_axes=None ones checked equal across the rows, like ``_assemble``."""
+        first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
+        key = (out.spec, tuple(v.ndim if isinstance(v, torch.Tensor) else type(v) for v in first))
+        plan = self._out_plans.get(key)
+        if plan is None:
+            plan = self._make_out_plan(tree_unflatten(first, out.spec), first)
+            self._out_plans[key] = plan
+        result: list[Any] = []
+        for j, axis in enumerate(plan.axes):
+            value, batched = out.leaves[j], out.batched[j]
+            if axis is None:
+                result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
+            elif batched:
+                try:
+                    result.append(ShardedTensor.from_stacked(value, devices, axis))
+                except ValueError:  # rows that overlap in memory (a strided input returned): as _assemble
+                    result.append(ShardedTensor(distinct_shards(list(value.unbind(0))), devices, axis=axis))
+            else:  # one value for every replica: as _assemble does with n equal values
+                shards = [
+                    value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=d) for d in devices
+                ]
+                result.append(ShardedTensor(distinct_shards(shards), devices, axis=axis))
+        return tree_unflatten(result, out.spec)
 
     def _make_out_plan(self, out0: PyTree, first_leaves: list[Any]) -> _OutPlan:
         axes = broadcast_prefix(self._out_axes, out0, "out_axes", "out")

@@ -410,6 +410,8 @@ def _axis_index(names: tuple[str, ...], device: torch.device | None) -> torch.Te
         return _stacked.axis_index_batched(level)
     if device is None:
         device = torch.device(_axis.physical_device(names))
+    if torch.compiler.is_compiling() and _ops._capturing_for_stacking():
+        return _ops.opaque_axis_index(_ops.encode_axes(names), device)
     return _ops.OPS.axis_index.default(_ops.encode_axes(names), device)
 
 

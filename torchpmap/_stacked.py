@@ -1,0 +1,467 @@
+"""The stacked executor: every replica at once, as one batched graph.
+
+When all replicas share one physical device (virtual CPU devices), their
+inputs are rows of one (n, ...) buffer per input leaf, so one graph over those
+buffers computes every replica, each collective an exchange along dim 0
+(``_stacked_collectives``). Capture happens once per guard set:
+
+1. Dynamo traces the per-replica function (``fullgraph=True``, static shapes)
+   on replica 0's inputs. Its guards decide when to capture again (a new static
+   value, shape, dtype, Python value the function read); anything it cannot
+   capture soundly (a graph break: ``.item()``, a branch on a tensor value, a
+   data-dependent shape) raises, and the call falls back to the threads executor.
+2. Its backend turns Dynamo's per-replica graph, whose placeholders are the
+   arguments and every tensor the function closes over, into the batched graph:
+   ``make_fx(vmap_replicas(graph))`` on fake stacked inputs. functorch runs
+   only here. Random ops refuse (vmap's randomness="error", and a check of the
+   graph): per-replica random streams are not stacked yet.
+3. Each call runs Dynamo's compiled function on replica 0's row views (cheap
+   views with a replica's shape and strides, so its guards check what they
+   should); the backend's callable swaps them for the stacked buffers, which a
+   thread-local gives it, runs the batched graph, and hands row-0 views of its
+   outputs back to Dynamo, which rebuilds the output structure. The runner maps
+   those views back to their stacked outputs by identity.
+
+Everything outside that scope falls back to the threads executor, with a
+RuntimeWarning once per function and reason.
+"""
+
+from __future__ import annotations
+
+import threading
+import types
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from . import _axis, _ops, _runtime
+from ._autodiff import FlatOutput
+from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
+from ._compile import DYNAMO_GATE, _trampoline_factory
+from ._layout import device_groups
+from ._sharded import ShardedTensor, _stacked_view
+from ._stacked_collectives import vmap_replicas
+
+T = TypeVar("T")
+
+
+class Unsupported(Exception):
+    """This call cannot run stacked; ``reason`` says why (for the fallback's warning)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class StackedOutput:
+    """A stacked call's output, flattened: per leaf, an (n, ...) tensor whose row
+    r is replica r's value (``batched``), or one value every replica returned."""
+
+    leaves: list[Any]
+    batched: list[bool]
+    spec: TreeSpec
+
+
+def unsupported_reason(record: CallRecord) -> str | None:
+    """Why ``record`` cannot run stacked, checked before any capture; None if it may."""
+    group = record.group
+    if record.programs[0] is not record.fun:
+        return "compile= is set"
+    if group.axis_size != record.n or group.first_index != 0:
+        return "the axis spans several processes"
+    if len(device_groups(group.devices)) != 1:
+        return "the devices are on several physical devices"
+    if torch.is_grad_enabled() and record.grad_leaves:
+        return "autograd through the call (an input requires grad)"
+    if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
+        return "autocast is enabled"
+    if torch.is_inference_mode_enabled():
+        return "inference mode is enabled"
+    stance = torch._dynamo.eval_frame._stance
+    if stance.stance != "default" or stance.skip_guard_eval_unsafe or torch._dynamo.config.disable:
+        # Dynamo would run the function eagerly on replica 0, or skip its guards.
+        return "torch.compiler.set_stance or a disabled Dynamo"
+    if _axis.in_replica() or _runtime.pool().busy():
+        # The threads executor detects a nested pmap (or one from a thread a replica started).
+        return "called inside a replica, or while a call on the threads executor runs"
+    for placement, leaf in zip(record.placements, record.caller_leaves):
+        if placement is Placement.PER_REPLICA:
+            return "a PerReplica argument"
+        if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)):
+            return f"a {type(leaf).__name__} argument"
+    return None
+
+
+# -- the call state the backend's callable reads ----------------------------------------
+@dataclass
+class _CallState:
+    n: int
+    stacked_of: dict[int, torch.Tensor]  # id(replica 0's row view) -> its stacked buffer
+    copied: set[int] = field(default_factory=set)  # ids of the buffers that are copies of the inputs
+    keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
+    ran: bool = False
+
+
+_tls = threading.local()
+
+
+def _current() -> _CallState:
+    state: _CallState | None = getattr(_tls, "state", None)
+    if state is None:
+        raise Unsupported("the captured program ran outside a stacked call")
+    return state
+
+
+# -- inputs --------------------------------------------------------------------------
+def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
+    """Replica 0's leaves (row views for mapped and sharded leaves, the value
+    itself for broadcast ones) and the state that maps each row view to its buffer."""
+    state = _CallState(record.n, {})
+    row0: list[Any] = []
+    for j, placement in enumerate(record.placements):
+        values = record.per_leaf[j]
+        if placement is Placement.BROADCAST:
+            row0.append(values[0])
+            continue
+        buffer = _stacked_leaf(record, j)
+        if buffer is None:
+            buffer = torch.stack(list(values))
+            state.copied.add(id(buffer))
+        row = buffer.select(0, 0)
+        row0.append(row)
+        state.stacked_of[id(row)] = buffer
+        state.keep.append(row)
+    return row0, state
+
+
+def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
+    """Leaf j's replicas' values as rows of one buffer without a copy (a write
+    to a row must reach what the replica would have written), or None."""
+    caller, values = record.caller_leaves[j], record.per_leaf[j]
+    if record.placements[j] is Placement.MAPPED and type(caller) is torch.Tensor:
+        axis = record.axes[j]
+        assert axis is not None  # a mapped leaf has an axis
+        if values[0].device == caller.device:  # replicas got views of the caller's tensor
+            return caller.movedim(axis, 0) if axis else caller
+    if isinstance(caller, ShardedTensor) and record.placements[j] is Placement.SHARDED:
+        buffers = caller.stacked_buffers()
+        if buffers is not None and len(buffers) == 1:
+            return buffers[0]
+    return _stacked_view(values)
+
+
+# -- capture ---------------------------------------------------------------------------
+class _CaptureComm:
+    """The communicator of the frame bound while Dynamo traces: never used, since
+    Dynamo runs the ops on fake tensors; a real exchange would be a bug."""
+
+    def exchange(self, *args: Any) -> Any:
+        raise Unsupported("a collective ran eagerly while capturing")
+
+
+class _CaptureFrame(_axis.ReplicaFrame):
+    """A frame for tracing: the axis name, size and device, but no index (a
+    Python read of it would bake replica 0's index into every replica)."""
+
+    def __init__(self, axis_name: str, axis_size: int, device: torch.device) -> None:
+        self.axis_name, self.axis_size, self.device = axis_name, axis_size, device
+        self.comm = _CaptureComm()  # type: ignore[assignment]  # no exchange may happen while tracing
+
+    @property
+    def index(self) -> int:  # type: ignore[override]  # read-only on purpose: see the class docstring
+        raise Unsupported("the function reads the replica index in Python (e.g. torchpmap.functional_call)")
+
+
+# functorch calls in a Dynamo graph whose level argument is absolute: under the
+# replica level it must move up by one. (target name, position of the level)
+_LEVEL_ARGS = {"_wrap_for_grad": 1, "_unwrap_for_grad": 1, "_add_batch_dim": 2, "_remove_batch_dim": 1}
+_LEVEL_FREE = {
+    "_grad_increment_nesting",
+    "_grad_decrement_nesting",
+    "_vmap_increment_nesting",
+    "_vmap_decrement_nesting",
+    "set_inplace_requires_grad_allowed",
+    "_set_tensor_requires_grad",
+    "_autograd_grad",
+    "_saved_tensors_hooks_disable",
+    "_saved_tensors_hooks_enable",
+}
+
+
+def _shift_functorch_levels(gm: torch.fx.GraphModule) -> None:
+    """Dynamo writes the functorch levels of torch.func transforms inside the
+    function as constants counted from no transform; the batched graph runs them
+    under the replica level. Unknown functorch calls refuse."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or "functorch" not in (getattr(node.target, "__module__", "") or ""):
+            continue
+        name = getattr(node.target, "__name__", "")
+        if name in _LEVEL_FREE:
+            continue
+        if name not in _LEVEL_ARGS:
+            raise Unsupported(f"a torch.func transform the stacked executor does not know ({name})")
+        args = list(node.args)
+        args[_LEVEL_ARGS[name]] += 1
+        node.args = tuple(args)
+    gm.recompile()
+
+
+def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
+    """The placeholders (by position) that an in-place op of ``gm`` writes,
+    directly or through views."""
+    placeholders = {node: k for k, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    written = set()
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        for arg, value in zip(target._schema.arguments, node.args):
+            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+                root = _view_root(value)
+                if root in placeholders:
+                    written.add(placeholders[root])
+    return frozenset(written)
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    """The node a chain of views (ops whose output aliases their first input) starts from."""
+    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        returns = node.target._schema.returns
+        if not returns or returns[0].alias_info is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            break
+        node = node.args[0]
+    return node
+
+
+def _check_no_random(graph: torch.fx.Graph) -> None:
+    for node in graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in target.tags:
+                raise Unsupported(f"a random op ({target}): per-replica random streams are not stacked yet")
+
+
+class _Batched:
+    """The backend's callable for one guard set: the batched graph, and per
+    Dynamo placeholder whether it is a stacked input (in_dim 0) or shared."""
+
+    def __init__(self, graph: torch.fx.GraphModule, in_dims: tuple[int | None, ...]) -> None:
+        self.graph, self.in_dims = graph, in_dims
+        self.written = _written_inputs(graph)
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        state = _current()
+        inputs = []
+        for k, (a, d) in enumerate(zip(args, self.in_dims)):
+            stacked = state.stacked_of.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if (stacked is None) != (d is None):
+                raise Unsupported("an input's placement changed under the same guards")
+            if stacked is not None and k in self.written and id(stacked) in state.copied:
+                raise Unsupported("the function writes an input in place that could only be stacked by a copy")
+            inputs.append(a if stacked is None else stacked)
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
+            raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
+        outs = self.graph(*inputs)
+        rows = []
+        for o in outs:
+            if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
+                o = o.contiguous()
+            row = o.select(0, 0)
+            state.stacked_of[id(row)] = o
+            state.keep.append(row)
+            rows.append(row)
+        state.ran = True
+        return rows
+
+
+def _backend(
+    axis_name: str, n: int, count: list[int]
+) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        count[0] += 1
+        state = _current()
+        in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
+        examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
+        _shift_functorch_levels(gm)
+        frame = _axis.current_frame()
+        _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
+        try:
+            batched = make_fx(
+                vmap_replicas(gm, axis_name, n, in_dims=in_dims),
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+            )(*examples)
+        finally:
+            _axis.bind(frame)
+        _check_no_random(batched.graph)
+        return _Batched(batched, in_dims)
+
+    return backend
+
+
+@dataclass
+class _Capture:
+    compiled: Callable[..., Any]
+    frame: _CaptureFrame
+    count: list[int]  # how many times the backend captured (Dynamo compiled) it
+    failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+
+
+# Dynamo's recompile limit for a capture, and how many captures we allow (fewer:
+# a call that would exceed the limit must not reach Dynamo, which would run eagerly).
+_RECOMPILE_LIMIT = 64
+_MAX_CAPTURES = _RECOMPILE_LIMIT - 1
+
+
+# Per function: its captures, per (axis name, axis size, physical device).
+_captures: weakref.WeakKeyDictionary[Any, dict[tuple[str, int, torch.device], _Capture]] = weakref.WeakKeyDictionary()
+
+
+def _capture_for(record: CallRecord) -> _Capture:
+    group = record.group
+    device = device_groups(group.devices)[0][0]
+    key = (group.axis_name, record.n, device)
+    try:
+        per_fun = _captures.setdefault(record.fun, {})
+    except TypeError:
+        raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
+    capture = per_fun.get(key)
+    if capture is None:
+        t = _trampoline_factory(record.fun)
+        # A distinct code object: a distinct Dynamo cache per key.
+        entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
+        count = [0]
+        # torch.compile's overloads leave out recompile_limit, which the function itself takes.
+        compiled = torch.compile(  # type: ignore[call-overload]
+            entry,
+            backend=_backend(group.axis_name, record.n, count),
+            fullgraph=True,
+            dynamic=False,
+            recompile_limit=_RECOMPILE_LIMIT,
+        )
+        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count)
+    return capture
+
+
+# -- the call ------------------------------------------------------------------------
+def run(record: CallRecord) -> StackedOutput:
+    """Run ``record`` stacked, or raise Unsupported (before anything ran that
+    the threads executor would run again, except Python side effects)."""
+    row0, state = _stack_inputs(record)
+    capture = _capture_for(record)
+    if capture.failed is not None:
+        raise Unsupported(capture.failed)
+    if capture.count[0] >= _MAX_CAPTURES:
+        # Past its recompile limit Dynamo would run the function eagerly on row 0.
+        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not stacked any more")
+    args, kwargs = record.unflatten(row0)
+    _tls.state = state
+    DYNAMO_GATE.enter()
+    previous = _axis.current_frame()
+    _axis.bind(capture.frame)
+    _ops._stacking.on = True
+    try:
+        out = capture.compiled(*args, **kwargs)
+    except Exception as e:
+        inner = _unsupported_inside(e)
+        capture.failed = inner.reason if inner is not None else f"capture failed ({type(e).__name__}: {_first_line(e)})"
+        raise Unsupported(capture.failed) from None
+    finally:
+        _ops._stacking.on = False
+        _axis.bind(previous)
+        DYNAMO_GATE.exit()
+        _tls.state = None
+    if record.donated:
+        record.release_donated()
+    return _stacked_output(out, state)
+
+
+def _unsupported_inside(e: BaseException) -> Unsupported | None:
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, Unsupported):
+            return cur
+        seen.add(id(cur))
+        inner = getattr(cur, "inner_exception", None)
+        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
+    leaves, spec = tree_flatten(out)
+    batched = []
+    for k, leaf in enumerate(leaves):
+        stacked = state.stacked_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        if stacked is not None:
+            leaves[k] = stacked
+        batched.append(stacked is not None)
+    if not state.ran:
+        # No graph: nothing for the replicas to compute (the function returns its
+        # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
+        raise Unsupported("the captured function has no graph to run")
+    return StackedOutput(leaves, batched, spec)
+
+
+# -- warnings -----------------------------------------------------------------------------
+_warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_warned_by_id: dict[int, set[str]] = {}  # functions that cannot be weakly referenced
+
+
+def warn_fallback(fun: Callable[..., Any], label: str, reason: str) -> None:
+    """A RuntimeWarning, once per function and reason."""
+    try:
+        seen = _warned.setdefault(fun, set())
+    except TypeError:
+        seen = _warned_by_id.setdefault(id(fun), set())
+    if reason in seen:
+        return
+    seen.add(reason)
+    warnings.warn(
+        f"torchpmap: {label} runs on the threads executor instead of the stacked one: {reason}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+class StackedExecutor(Executor):
+    """Runs a call as one batched graph when it can (``run``), else on the
+    threads executor, warning once per function and reason unless ``quiet``."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._quiet = quiet
+
+    def run_replicas(
+        self,
+        group: ReplicaGroup,
+        replica_fn: Callable[[int], T],
+        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
+    ) -> list[T]:
+        return _THREADS.run_replicas(group, replica_fn, caller_streams)
+
+    def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
+        reason = unsupported_reason(record)
+        if reason is None:
+            try:
+                return run(record)
+            except Unsupported as e:
+                reason = e.reason
+        if not self._quiet:
+            warn_fallback(record.fun, record.group.label, reason)
+        return _THREADS.call(record)
+
+
+STACKED = StackedExecutor(quiet=False)
+AUTO = StackedExecutor(quiet=True)
