@@ -6,6 +6,10 @@
   interpreters); always slow too.
 * ``cuda``: needs pmap to run on GPUs; skipped without one, or with
   ``TORCHPMAP_PLATFORM=cpu`` (which runs the virtual-device suite on a GPU machine).
+* ``threads_only``: checks what only the threads executor does (a replica's
+  Python runs once per replica, the default executor); skipped when
+  ``TORCHPMAP_EXECUTOR`` picks another (``test_stacked.py`` runs the quick
+  suite under the stacked executor that way).
 
 The suite is written for 8 devices (the default virtual CPU devices). With
 fewer (a machine with 1 to 4 GPUs, or TORCHPMAP_CPU_DEVICES=2), a test that
@@ -14,6 +18,7 @@ maps more replicas than there are devices, without naming them through
 devices are available" error, uncaught by the test, says it needs more.
 """
 
+import os
 import re
 
 import pytest
@@ -27,11 +32,14 @@ _TOO_FEW = re.compile(r"the mapped axis has size (\d+) .*but only (\d+) local de
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = _devices.platform() == "cuda"
+    threads = os.environ.get("TORCHPMAP_EXECUTOR", "threads") == "threads"
     for item in items:
         if item.get_closest_marker("subprocess") is not None:
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("cuda") is not None and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs CUDA (and TORCHPMAP_PLATFORM unset or cuda)"))
+        if item.get_closest_marker("threads_only") is not None and not threads:
+            item.add_marker(pytest.mark.skip(reason="what only the threads executor does"))
 
 
 @pytest.hookimpl(wrapper=True)

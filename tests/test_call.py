@@ -41,6 +41,7 @@ def sequential(monkeypatch: pytest.MonkeyPatch) -> SequentialExecutor:
     return executor
 
 
+@pytest.mark.threads_only
 def test_threads_is_the_default_executor():
     seen: list[Executor] = []
     real = _pmap.choose_executor

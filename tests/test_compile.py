@@ -34,6 +34,7 @@ def sixteen_devices():
     _devices._reset_for_tests()
 
 
+@pytest.mark.threads_only
 def test_default_is_eager_and_compile_true_compiles():
     f = lambda x: x + torch.compiler.is_compiling()  # noqa: E731
     x = torch.zeros(2, 3)

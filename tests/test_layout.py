@@ -18,6 +18,7 @@ from torchpmap._sharded import distinct_shards
 # -- the layout object ---------------------------------------------------------------------
 
 
+@pytest.mark.threads_only
 def test_a_pmap_output_describes_its_layout():
     devs = tuple(_devices(4))
     st = tp.pmap(lambda r: r * 2, out_axes=1)(rows(4, 3, dtype=torch.float64))

@@ -177,6 +177,7 @@ def test_in_axes_int_and_negative(n, axis):
     torch.testing.assert_close(y.unshard(), torch.movedim(x, axis, 0) * 10 + 1)
 
 
+@pytest.mark.threads_only
 def test_in_axes_none_broadcasts():
     x, w = _rows(4, 3), torch.tensor([1.0, -2.0, 0.5])
     seen = []
@@ -209,6 +210,7 @@ def test_in_axes_pytree_prefix():
     torch.testing.assert_close(out.unshard(), (t * (t + 1)).T)
 
 
+@pytest.mark.threads_only
 def test_keyword_arguments_are_mapped_on_axis_0():
     x, k = _rows(4, 3), _rows(4, 2) * 3
     seen_shapes = []
@@ -224,6 +226,7 @@ def test_keyword_arguments_are_mapped_on_axis_0():
         tp.pmap(f)(x, key={"v": _rows(3, 4)})
 
 
+@pytest.mark.threads_only
 def test_numpy_arrays_and_python_scalars():
     x = np.arange(12, dtype=np.float32).reshape(4, 3)
     y = tp.pmap(lambda r: r * 2)(x)
@@ -306,6 +309,7 @@ def test_mapped_output_must_be_a_tensor_or_number():
 # -- static_broadcasted_argnums -----------------------------------------------------------
 
 
+@pytest.mark.threads_only
 def test_static_arguments_are_passed_as_python_values():
     x = _rows(4, 3)
     seen = []
@@ -678,6 +682,7 @@ def test_inference_tensors_are_not_watched():
     torch.testing.assert_close(out.unshard(), _rows(2, 3) + 1)
 
 
+@pytest.mark.threads_only
 def test_zero_dim_numpy_broadcast_keeps_its_shape():
     seen = []
 

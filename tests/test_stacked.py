@@ -298,3 +298,21 @@ def test_a_dynamo_stance_falls_back():
     pf = pm(lambda x: x * 2)
     with torch.compiler.set_stance("force_eager"):
         fallback(pf, rows(N, 3), match="set_stance")
+
+
+@pytest.mark.subprocess
+def test_the_argument_and_sharded_tensor_suites_pass_under_the_stacked_executor():
+    """Those test files, with pmap's default executor switched to stacked: calls it
+    captures must behave as on the threads, the others fall back. (The whole quick
+    suite passes this way too, in about 5 minutes here: see docs/development.md.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHPMAP_EXECUTOR": "stacked", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    files = [str(root / "tests" / f) for f in ("test_pmap_args.py", "test_sharded.py", "test_training.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
