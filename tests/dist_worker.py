@@ -183,6 +183,17 @@ def failure(stay_alive=False):
     os._exit(0)
 
 
+def psum_and_report(rank):
+    """One psum across the processes; say how it ended and after how long, then exit."""
+    t0 = time.monotonic()
+    try:
+        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
+        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
+    except Exception as e:
+        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
+    os._exit(0)
+
+
 def late_peer():
     """Rank 1 reaches the psum long after the timeout: rank 0 fails with a
     CollectiveError after the timeout, and neither process hangs."""
@@ -191,13 +202,7 @@ def late_peer():
     rank = tp.process_index()
     if rank == 1:
         time.sleep(6)
-    t0 = time.monotonic()
-    try:
-        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
-        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
-    except Exception as e:
-        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
-    os._exit(0)
+    psum_and_report(rank)
 
 
 def hang_in_data_collectives():
@@ -221,13 +226,7 @@ def hung_peer():
     rank = tp.process_index()
     if rank == 1:
         hang_in_data_collectives()
-    t0 = time.monotonic()
-    try:
-        tp.pmap(lambda x: tp.psum(x, "i"), "i")(torch.ones(tp.local_device_count(), 2))
-        say(f"rank {rank} OK after {time.monotonic() - t0:.1f}s")
-    except Exception as e:
-        say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s")
-    os._exit(0)
+    psum_and_report(rank)
 
 
 def shutdown_after_failure():
