@@ -55,15 +55,13 @@ def train_step(p, x, y):
     return {k: p[k] - LR * grads[k] for k in p}, tp.pmean(loss, "i")
 
 
-def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
-    devs = tp.local_devices()[:n]
-    trials = 3 if quick else 7
-    budget = 0.05 if quick else 0.3
+def _eager_cases(n: int, devs: list, impl: str, quick: bool, trials: int, budget: float) -> list[dict]:
+    """Dispatch, psum, pmean of a tree and bandwidth, on the executor set for ``impl``."""
     out = []
 
     def record(case, fn, guess, **extra):
         sec = per_call(fn, calls=calls_for(guess, budget), trials=trials)
-        out.append({"case": case, "impl": "torchpmap", "devices": n, "sec_per_call": sec, **extra})
+        out.append({"case": case, "impl": impl, "devices": n, "sec_per_call": sec, **extra})
 
     x = tp.device_put_sharded(list(torch.ones(n, 16)), devs)
     double = tp.pmap(lambda v: v * 2, devices=devs)
@@ -88,13 +86,28 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
             size=size,
         )
 
+    return out
+
+
+def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
+    devs = tp.local_devices()[:n]
+    trials = 3 if quick else 7
+    budget = 0.05 if quick else 0.3
+    out = []
+
+    for impl, executor in (("torchpmap", "threads"), ("torchpmap_stacked", "stacked")):
+        tp.set_executor(executor)
+        out += _eager_cases(n, devs, impl, quick, trials, budget)
+    tp.set_executor("threads")
+
     g = torch.Generator().manual_seed(1)
     xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
     yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
-    variants = [("torchpmap", False)] + (
+    variants = [("torchpmap", False), ("torchpmap_stacked", False)] + (
         [("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else []
     )
     for impl, compile in variants:
+        tp.set_executor("stacked" if impl == "torchpmap_stacked" else "threads")
         params = tp.device_put_replicated(mlp_params(), devs)
         step = tp.pmap(train_step, "i", devices=devs, compile=compile)
         t0 = time.perf_counter()
@@ -112,6 +125,7 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
             affine_c(x)
             sec = per_call(lambda x=x, affine_c=affine_c: affine_c(x), calls=calls_for(2e-3, budget), trials=trials)
             out.append({"case": "bandwidth", "impl": impl, "devices": n, "sec_per_call": sec, "size": 1_000_000})
+    tp.set_executor("threads")
     return out
 
 

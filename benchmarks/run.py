@@ -119,12 +119,12 @@ def table(rows: list[dict], devices: list[int]) -> str:
 
     impls = [
         i
-        for i in ("torchpmap", "torchpmap_compiled", "jax", "pytorch_single", "pytorch_ddp_2proc")
+        for i in ("torchpmap", "torchpmap_stacked", "torchpmap_compiled", "jax", "pytorch_single", "pytorch_ddp_2proc")
         if any(r["impl"] == i for r in rows)
     ]
     head = ["case", "devices", *impls]
     if "jax" in impls:
-        head += ["torchpmap / jax"]
+        head += ["torchpmap / jax"] + (["stacked / jax"] if "torchpmap_stacked" in impls else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, label in CASES:
         for n in devices:
@@ -133,8 +133,11 @@ def table(rows: list[dict], devices: list[int]) -> str:
                 continue
             cells = [label, str(n), *[_fmt(v, case) for v in values]]
             if "jax" in impls:
-                ours, theirs = get(case, "torchpmap", n), get(case, "jax", n)
-                cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
+                theirs = get(case, "jax", n)
+                for ours_impl in ("torchpmap", "torchpmap_stacked"):
+                    if ours_impl == "torchpmap" or "torchpmap_stacked" in impls:
+                        ours = get(case, ours_impl, n)
+                        cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
