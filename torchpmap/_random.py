@@ -140,9 +140,7 @@ class CallRandomness:
         self._drew = False
         # The replica that used each explicitly passed generator first.
         self._generator_users: dict[torch.Generator, int] = {}
-        physical = [_CPU]
-        if any(d.type == "cuda" for d in devices):
-            physical += sorted({d for d in devices if d.type == "cuda"}, key=str)
+        physical = [_CPU, *sorted({d for d in devices if d.type == "cuda"}, key=str)]
         with _DEFAULT_GENERATORS_LOCK:
             self._seeds_drawn = _seeds_drawn
             self._expected = {d: _state_bytes(_default_generator(d)) for d in physical}
@@ -224,8 +222,7 @@ class ReplicaRandomness(TorchFunctionMode):
         self._call = call
         self._index = index
         self._streams: dict[torch.device, torch.Generator] = {}
-        # explicit generator -> (its state when copied, this replica's copy)
-        self._claimed: set[torch.Generator] = set()
+        self._claimed: set[torch.Generator] = set()  # explicit generators this replica drew from
 
     def __torch_function__(
         self,
@@ -286,14 +283,13 @@ _kinds: dict[Any, tuple[str, _Spec | None]] = {}
 
 
 def _kind_of(func: Callable[..., Any]) -> tuple[str, _Spec | None]:
-    """How the mode handles ``func`` (cached per function object)."""
+    """How the mode handles ``func``, on a miss of the handler's ``_kinds``
+    lookup: classified once per function object and cached."""
+    kind = _classify(func)
     try:
-        return _kinds[func]
-    except KeyError:
+        _kinds[func] = kind
+    except TypeError:  # unhashable: classified on every call
         pass
-    except TypeError:  # unhashable
-        return _classify(func)
-    kind = _kinds[func] = _classify(func)
     return kind
 
 
