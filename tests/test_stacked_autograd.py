@@ -351,3 +351,23 @@ def test_gradcheck_and_gradgradcheck():
     with executor("stacked"):
         assert torch.autograd.gradcheck(call, (x, w))
         assert torch.autograd.gradgradcheck(call, (x, w))
+
+
+def test_inputs_returned_and_replica_invariant_outputs():
+    pf = pm(lambda x, w: (x, w * 2, x * w), in_axes=(0, None))
+    both_grads(pf, rows(N, 3).requires_grad_(), rows(3, offset=0.5).requires_grad_())
+    # A broadcast input returned as is bypasses the graph (Dynamo returns it): its
+    # gradient adds to the graph's in another order than on threads, so may round differently.
+    pf = pm(lambda x, w: (w * 2, x * w, w), in_axes=(0, None))
+    both_grads(pf, rows(N, 3).requires_grad_(), rows(3, offset=0.5).requires_grad_(), close=True)
+
+
+def test_requires_grad_changing_between_calls():
+    pf = pm(lambda x, w: tp.psum(x * w, "i"), in_axes=(0, None))
+    for x_grad, w_grad in [(False, False), (True, False), (False, True), (True, True), (False, False)]:
+        x, w = rows(N, 3).requires_grad_(x_grad), rows(3, offset=0.5).requires_grad_(w_grad)
+        if x_grad or w_grad:
+            both_grads(pf, x, w)
+        else:
+            with executor("stacked"):
+                assert not pf(x, w).requires_grad
