@@ -22,6 +22,10 @@ buffers computes every replica, each collective an exchange along dim 0
    outputs back to Dynamo, which rebuilds the output structure. The runner maps
    those views back to their stacked outputs by identity.
 
+With autograd (grad mode on, a graph input requiring grad), the batched graph
+runs inside one autograd Function whose backward is a batched vjp graph
+(``_stacked_autograd``).
+
 Everything outside that scope falls back to the threads executor, with a
 RuntimeWarning once per function and reason.
 """
