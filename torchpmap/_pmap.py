@@ -505,6 +505,7 @@ class Pmapped:
             local = _devices.local_device_tuple()
             if self._devices_checked_for is not local:
                 _devices.check_local(self._devices, "pmap")
+                _devices.check_not_repeated_across_processes(self._devices, "pmap")
                 self._devices_checked_for = local
             return self._devices
         local = _devices.local_device_tuple()
