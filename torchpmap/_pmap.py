@@ -142,6 +142,8 @@ def pmap(
 
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
+    ``devices`` names one device per replica; one listed several times runs
+    several replicas (more replicas than devices, ``replica_devices(n)``).
 
     Inputs that replicas share are read-only: a replica that writes in place a
     broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
