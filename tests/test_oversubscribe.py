@@ -396,3 +396,21 @@ def test_compile_on_shared_devices():
         expected = tp.pmap(f, "i", devices=distinct())(x)
         got = tp.pmap(f, "i", devices=on_two_interleaved(), compile=dict(backend="eager"))(x)
     assert_same_bits(expected, got)
+
+
+# -- failures ---------------------------------------------------------------------------------
+def test_a_failing_replica_on_a_shared_device_releases_the_others_and_is_named():
+    shared = on_two_blocks()
+
+    def f(x):
+        if int(tp.axis_index("i")) == 5:
+            raise KeyError("replica five")
+        return tp.psum(x, "i")
+
+    with executor("threads"):
+        with pytest.raises(KeyError, match="replica five") as info:
+            tp.pmap(f, "i", devices=shared)(torch.zeros(N, 1))
+        assert f"replica 5 on device {shared[5]}" in "\n".join(info.value.__notes__)
+        # The workers are free again: the next call on the same devices runs.
+        y = tp.pmap(lambda x: tp.psum(x, "i"), "i", devices=shared)(torch.ones(N, 1))
+    assert torch.equal(y.unshard(), torch.full((N, 1), float(N)))
