@@ -142,6 +142,8 @@ def pmap(
 
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
+    ``devices`` names one device per replica; one listed several times runs
+    several replicas (more replicas than devices, ``replica_devices(n)``).
 
     Inputs that replicas share are read-only: a replica that writes in place a
     broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
@@ -505,6 +507,7 @@ class Pmapped:
             local = _devices.local_device_tuple()
             if self._devices_checked_for is not local:
                 _devices.check_local(self._devices, "pmap")
+                _devices.check_not_repeated_across_processes(self._devices, "pmap")
                 self._devices_checked_for = local
             return self._devices
         local = _devices.local_device_tuple()
