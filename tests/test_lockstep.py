@@ -333,3 +333,36 @@ def test_donated_inputs_are_deleted_even_when_a_replica_fails():
             pf(y, torch.tensor([0, 1, 9, 0]))
         with pytest.raises(RuntimeError, match="deleted|donated"):
             y.unshard()
+
+
+@pytest.mark.subprocess
+def test_the_argument_sharded_tensor_and_training_suites_pass_under_the_lockstep_executor():
+    """Those test files, with pmap's default executor switched to lockstep (about
+    100 s here): calls it captures must behave as on the threads, the others fall back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHPMAP_EXECUTOR": "lockstep", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    files = [str(root / "tests" / f) for f in ("test_pmap_args.py", "test_sharded.py", "test_training.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_a_segment_for_another_device_makes_its_tensors_there():
+    """What several GPUs need, checked with the meta device as replica 1's: the
+    device constants traced on replica 0's device move to the replica's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        return (x + torch.ones(3, device=x.device) + torch.tensor([1.0, 2.0, 3.0], device=x.device),)  # as Dynamo
+
+    gm = make_fx(f)(torch.zeros(3))
+    plan = _lockstep._PlanBuilder(gm, "i", [torch.device("cpu"), torch.device("meta")]).build()
+    (step,) = plan.steps
+    on_cpu, on_meta = step.programs
+    assert torch.equal(on_cpu(torch.zeros(3))[0], torch.tensor([2.0, 3.0, 4.0]))
+    assert on_meta(torch.zeros(3, device="meta"))[0].device.type == "meta"

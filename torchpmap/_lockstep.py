@@ -31,7 +31,6 @@ RuntimeWarning once per function and reason.
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -165,24 +164,16 @@ class _PlanBuilder:
         self.steps.append(_AxisIndex(per_replica, self._new_slot(node)))
 
     def _flush(self) -> None:
-        """The pending nodes as one segment, per replica."""
+        """The pending nodes as one segment, a copy per physical device."""
         nodes, self.pending = self.pending, []
         if not nodes:
             return
         inside = set(nodes)
-        graph = torch.fx.Graph()
-        env: dict[torch.fx.Node, torch.fx.Node] = {}
-        inputs: list[int] = []
-        for node in nodes:
-            for arg in node.all_input_nodes:
-                if arg not in inside and arg not in env:
-                    env[arg] = graph.placeholder(f"in_{len(inputs)}")
-                    inputs.append(self.slot[arg])
-            env[node] = graph.node_copy(node, env.__getitem__)
+        inputs = [self.slot[a] for a in _inputs_from_outside(nodes, inside)]
         leaving = [n for n in nodes if any(user not in inside for user in n.users)]
-        graph.output(tuple(env[n] for n in leaving))
-        segment = torch.fx.GraphModule(self.gm, graph)
-        programs = tuple(_on_device(segment, self.devices[0], d) for d in self.devices)
+        first = self.devices[0]
+        per_device = {d: _segment(self.gm, nodes, inside, leaving, first, d) for d in dict.fromkeys(self.devices)}
+        programs = tuple(per_device[d] for d in self.devices)
         self.steps.append(_Compute(programs, tuple(inputs), tuple(self._new_slot(n) for n in leaving)))
 
     def _outputs(self, node: torch.fx.Node) -> tuple[int | None, ...]:
@@ -213,26 +204,46 @@ class _PlanBuilder:
         return tuple(tuple(d) for d in dead)
 
 
-def _on_device(segment: torch.fx.GraphModule, first: torch.device, device: torch.device) -> torch.fx.GraphModule:
-    """``segment``, traced on replica 0's device ``first``, for a replica on ``device``:
-    the device arguments and tensor constants that were on ``first`` moved there."""
-    if device == first:
-        return segment
-    graph = copy.deepcopy(segment.graph)
-    moved = torch.fx.GraphModule(segment, graph)
+def _inputs_from_outside(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The values a segment reads that other steps made, in first-use order."""
+    seen: dict[torch.fx.Node, None] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside:
+                seen.setdefault(arg)
+    return list(seen)
+
+
+def _segment(
+    gm: torch.fx.GraphModule,
+    nodes: list[torch.fx.Node],
+    inside: set[torch.fx.Node],
+    leaving: list[torch.fx.Node],
+    first: torch.device,
+    device: torch.device,
+) -> torch.fx.GraphModule:
+    """``nodes`` of ``gm`` (traced on replica 0's device ``first``) as a module for a
+    replica on ``device``: the device arguments and tensor constants that were on
+    ``first`` moved there, so that its tensors are made where the threads would."""
+    graph = torch.fx.Graph()
+    env = {a: graph.placeholder(f"in_{k}") for k, a in enumerate(_inputs_from_outside(nodes, inside))}
 
     def retarget(a: Any) -> Any:
         return device if isinstance(a, torch.device) and a == first else a
 
-    for node in graph.nodes:
-        node.args = torch.fx.node.map_aggregate(node.args, retarget)
-        node.kwargs = torch.fx.node.map_aggregate(node.kwargs, retarget)
-        if node.op == "get_attr":
-            value = getattr(moved, node.target)
+    for node in nodes:
+        copied = env[node] = graph.node_copy(node, env.__getitem__)
+        if device != first:
+            copied.args = torch.fx.node.map_aggregate(copied.args, retarget)
+            copied.kwargs = torch.fx.node.map_aggregate(copied.kwargs, retarget)
+    graph.output(tuple(env[n] for n in leaving))
+    segment = torch.fx.GraphModule(gm, graph)
+    if device != first:
+        for node in graph.nodes:
+            value = getattr(segment, node.target) if node.op == "get_attr" else None
             if isinstance(value, torch.Tensor) and value.device == first:
-                setattr(moved, node.target, value.to(device))
-    moved.recompile()
-    return moved
+                setattr(segment, node.target, value.to(device))
+    return segment
 
 
 # -- running a plan ------------------------------------------------------------------------
