@@ -244,6 +244,12 @@ def test_item_and_data_dependent_shapes_run_per_replica():
     both(pm(lambda x: x * tp.axis_index("i").item()), rows(N, 3))
 
 
+def test_a_python_number_from_item_returned_falls_back():
+    # Each replica's own number, which Dynamo would make replica 0's for every replica.
+    fallback(pm(lambda x: (x * 2, x.sum().item())), rows(N, 3), match="Python number|capture failed")
+    fallback(pm(lambda x: (x * 2, x[x > 0].shape[0])), rows(N, 3), match="Python number|capture failed")
+
+
 def test_replicas_bringing_different_shapes_to_a_collective_fail_as_on_threads():
     pf = pm(lambda x: tp.all_gather(x[x > 0], "i"))
     for name in ("threads", "lockstep"):

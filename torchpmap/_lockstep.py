@@ -65,6 +65,8 @@ T = TypeVar("T")
 # The collective ops as a make_fx graph spells them, by the name _ops gives them.
 _COLLECTIVE_OPS = {getattr(_ops.OPS, name).default: name for name in _ops._KERNELS}
 _AXIS_INDEX = _ops.OPS.axis_index.default
+# How Dynamo returns a Python number computed in the graph.
+_NUMBER_OUTPUTS = (torch.ops.aten.scalar_tensor.default,)
 
 
 def unsupported_reason(record: CallRecord) -> str | None:
@@ -184,6 +186,10 @@ class _PlanBuilder:
         for v in values:
             if v is not None and not isinstance(v, torch.fx.Node):
                 raise Unsupported("the captured graph returns something other than tensors")
+            if v is not None and (not isinstance(v.meta.get("val"), torch.Tensor) or v.target in _NUMBER_OUTPUTS):
+                # A number each replica computes (``.item()``): Dynamo returns it as a tensor
+                # and makes replica 0's a number again, which would be every replica's.
+                raise Unsupported("the function returns a Python number computed from a tensor")
             slots.append(None if v is None else self.slot[v])
         return tuple(slots)
 
