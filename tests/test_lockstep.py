@@ -244,6 +244,13 @@ def test_item_and_data_dependent_shapes_run_per_replica():
     both(pm(lambda x: x * tp.axis_index("i").item()), rows(N, 3))
 
 
+def test_a_failed_make_fx_names_its_error():
+    def f(x, idx):
+        return tp.psum(x, "i")[idx]  # a tensor index: a data-dependent select make_fx cannot trace
+
+    fallback(pm(f), rows(N, 3), torch.tensor([0, 1, 2, 2]), match="capture failed .*DataDependent")
+
+
 def test_a_python_number_from_item_returned_falls_back():
     # Each replica's own number, which Dynamo would make replica 0's for every replica.
     fallback(pm(lambda x: (x * 2, x.sum().item())), rows(N, 3), match="Python number|capture failed")
