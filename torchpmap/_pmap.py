@@ -24,7 +24,7 @@ from . import _devices, _random
 from . import distributed as _distributed
 from ._autodiff import FlatOutput
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
-from ._communicator import LocalBackend, ThreadRendezvous
+from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import (
     ShardedTensor,
@@ -339,13 +339,17 @@ class Pmapped:
             if group is not None and group.devices == devices:
                 return group
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
+        new_backend: Callable[[], GroupBackend]
         if layout is None:  # one process: the axis is this call's replicas
             size, first = len(devices), 0
-            new_comm = lambda: ThreadRendezvous(LocalBackend(devices), gate=gate)  # noqa: E731
+            new_backend = lambda: LocalBackend(devices)  # noqa: E731
         else:
             size, first, make_backend = layout
-            new_comm = lambda: ThreadRendezvous(make_backend(devices), gate=gate)  # noqa: E731
-        group = ReplicaGroup(axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random)
+            new_backend = lambda: make_backend(devices)  # noqa: E731
+        new_comm = lambda: ThreadRendezvous(new_backend(), gate=gate)  # noqa: E731
+        group = ReplicaGroup(
+            axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random, new_backend
+        )
         self._last_group = None if layout is not None else group
         return group
 
