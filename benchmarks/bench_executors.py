@@ -1,4 +1,4 @@
-"""threads vs stacked executor, side by side in one process (virtual CPU devices)."""
+"""threads vs stacked vs lockstep executor, side by side in one process (virtual CPU devices)."""
 
 import sys
 import time
@@ -71,12 +71,15 @@ def cases(n):
 def main():
     ns = [int(a) for a in sys.argv[1:]] or [2, 4, 8]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads")
-    print("| case | n | threads us/call | stacked us/call | speedup | stacked first call (capture) ms |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| case | n | threads us/call | stacked us/call | lockstep us/call | stacked speedup | lockstep speedup "
+        "| stacked first call (capture) ms | lockstep first call ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for n in ns:
         for name, (make, args, iters, feed_back) in cases(n).items():
             res = {}
-            for ex in ("threads", "stacked"):
+            for ex in ("threads", "stacked", "lockstep"):
                 tp.set_executor(ex)
                 f = make()
                 t = time.perf_counter()
@@ -92,8 +95,9 @@ def main():
                 else:
                     us = per_call_us(f, *args, iters=iters)
                 res[ex] = (us, first)
-            (tu, _), (su, sf) = res["threads"], res["stacked"]
-            print(f"| {name} | {n} | {tu:.0f} | {su:.0f} | {tu / su:.2f}x | {sf:.0f} |")
+            (tu, _), (su, sf), (lu, lf) = res["threads"], res["stacked"], res["lockstep"]
+            speedups = f"{tu / su:.2f}x | {tu / lu:.2f}x"
+            print(f"| {name} | {n} | {tu:.0f} | {su:.0f} | {lu:.0f} | {speedups} | {sf:.0f} | {lf:.0f} |")
     tp.set_executor("threads")
 
 

@@ -89,13 +89,17 @@ def _eager_cases(n: int, devs: list, impl: str, quick: bool, trials: int, budget
     return out
 
 
+# Each eager column and the executor it runs on.
+EXECUTORS = {"torchpmap": "threads", "torchpmap_stacked": "stacked", "torchpmap_lockstep": "lockstep"}
+
+
 def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     devs = tp.local_devices()[:n]
     trials = 3 if quick else 7
     budget = 0.05 if quick else 0.3
     out = []
 
-    for impl, executor in (("torchpmap", "threads"), ("torchpmap_stacked", "stacked")):
+    for impl, executor in EXECUTORS.items():
         tp.set_executor(executor)
         out += _eager_cases(n, devs, impl, quick, trials, budget)
     tp.set_executor("threads")
@@ -103,11 +107,11 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
     yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
-    variants = [("torchpmap", False), ("torchpmap_stacked", False)] + (
+    variants = [(impl, False) for impl in EXECUTORS] + (
         [("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else []
     )
     for impl, compile in variants:
-        tp.set_executor("stacked" if impl == "torchpmap_stacked" else "threads")
+        tp.set_executor(EXECUTORS.get(impl, "threads"))
         params = tp.device_put_replicated(mlp_params(), devs)
         step = tp.pmap(train_step, "i", devices=devs, compile=compile)
         t0 = time.perf_counter()

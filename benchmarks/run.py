@@ -119,7 +119,15 @@ def table(rows: list[dict], devices: list[int]) -> str:
 
     impls = [
         i
-        for i in ("torchpmap", "torchpmap_stacked", "torchpmap_compiled", "jax", "pytorch_single", "pytorch_ddp_2proc")
+        for i in (
+            "torchpmap",
+            "torchpmap_stacked",
+            "torchpmap_lockstep",
+            "torchpmap_compiled",
+            "jax",
+            "pytorch_single",
+            "pytorch_ddp_2proc",
+        )
         if any(r["impl"] == i for r in rows)
     ]
     head = ["case", "devices", *impls]

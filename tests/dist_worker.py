@@ -375,8 +375,49 @@ def random_streams():
     tpd.shutdown()
 
 
+def lockstep():
+    """The lockstep executor across processes: each call's collectives go through the
+    process group's backend, with the same bits as the threads executor's."""
+    import warnings
+
+    tpd.initialize(timeout=30)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    full = torch.arange(G * G * 3, dtype=torch.float32).reshape(G, G, 3) / 7.0
+    mine = full[rank * L : (rank + 1) * L]
+    groups = [list(range(0, G, 2)), list(range(1, G, 2))]
+
+    def grad_inside(x):
+        return torch.func.grad(lambda w: tp.psum((x * w).sin().sum(), "i"))(x[0])
+
+    functions = {
+        "psum_then_pmax": lambda x: tp.pmax(tp.psum(x.sin(), "i") * x + tp.axis_index("i"), "i"),
+        "all_gather": lambda x: tp.all_gather(x, "i", axis=1, tiled=True),
+        "psum_scatter": lambda x: tp.psum_scatter(x, "i"),
+        "ppermute": lambda x: tp.ppermute(x, "i", [(g, (g + 1) % G) for g in range(G)]),
+        "all_to_all": lambda x: tp.all_to_all(x, "i", 0, 0),
+        "psum_groups": lambda x: tp.psum(x, "i", axis_index_groups=groups),
+        "grad_inside": grad_inside,
+    }
+    results = {}
+    for name, f in functions.items():
+        pf = tp.pmap(f, "i")
+        tp.set_executor("threads")
+        want = np.asarray(pf(mine))
+        tp.set_executor("lockstep")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback is a failure here
+            got = np.asarray(pf(mine))
+        results[name] = bool(np.array_equal(got, want))
+        if not results[name]:
+            say(f"MISMATCH {name}: got {got.tolist()} want {want.tolist()}")
+    say("RESULTS " + json.dumps(results))
+    tpd.shutdown()
+    sys.exit(0 if all(results.values()) else 1)
+
+
 if __name__ == "__main__":
     scenarios = {
+        "lockstep": lockstep,
         "collectives": collectives,
         "train": train,
         "second_order": second_order,

@@ -47,6 +47,12 @@ def test_every_collective_across_two_processes():
     assert out.stdout.count("RESULTS ") == 2, out.stdout
 
 
+def test_the_lockstep_executor_across_two_processes():
+    out, _ = torchrun("lockstep")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("RESULTS ") == 2, out.stdout
+
+
 @pytest.mark.parametrize("nproc, devices_per_proc", [(2, 2), (1, 4)])
 def test_training_through_the_process_sampler_matches_one_device(nproc, devices_per_proc):
     out, _ = torchrun("train", nproc, devices_per_proc)

@@ -382,8 +382,10 @@ def test_devices_accepts_strings_and_checks_the_count():
     torch.testing.assert_close(y.unshard(), _rows(2, 2) + 1)
     with pytest.raises(ValueError, match=r"mapped axis has size 3 but devices= lists 2 devices"):
         tp.pmap(lambda r: r, devices=devs)(_rows(3, 2))
-    with pytest.raises(ValueError, match=r"devices lists a device twice"):
-        tp.pmap(lambda r: r, devices=[devs[0]] * 2)
+    # A device listed twice runs two replicas (more replicas than devices).
+    y = tp.pmap(lambda r: r + 1, devices=[devs[0]] * 2)(_rows(2, 2))
+    assert y.devices == (devs[0], devs[0])
+    torch.testing.assert_close(y.unshard(), _rows(2, 2) + 1)
 
 
 def test_axis_size():
@@ -768,8 +770,8 @@ def test_cpu_and_cpu_0_are_the_same_device():
     _devices(2)  # maps 2 replicas on the default devices
     if ON_CUDA:
         pytest.skip("virtual CPU devices")
-    with pytest.raises(ValueError, match="devices lists a device twice"):
-        tp.pmap(lambda r: r, devices=["cpu", "cpu:0"])
+    twice = tp.pmap(lambda r: r + 1, devices=["cpu", "cpu:0"])(torch.zeros(2, 1))  # one device, two replicas
+    assert twice.devices == (torch.device("cpu", 0),) * 2
     out = tp.pmap(lambda r: r + 1, devices=["cpu", "cpu:1"])(torch.zeros(2, 1))
     assert out.devices == (torch.device("cpu", 0), torch.device("cpu", 1))
 

@@ -16,6 +16,7 @@ from ._devices import (
     local_devices,
     process_count,
     process_index,
+    replica_devices,
     set_cpu_device_count,
 )
 from ._pmap import Pmapped, pmap
@@ -70,6 +71,7 @@ __all__ = [
     "local_devices",
     "device_count",
     "local_device_count",
+    "replica_devices",
     "process_index",
     "process_count",
     "set_cpu_device_count",

@@ -43,7 +43,7 @@ from ._autodiff import FlatOutput, differentiable_call
 from ._tree import flatten
 
 if TYPE_CHECKING:
-    from ._communicator import Communicator
+    from ._communicator import Communicator, GroupBackend
     from ._random import Interception
     from ._sharded import ShardedTensor
     from ._stacked import StackedOutput
@@ -73,6 +73,8 @@ class ReplicaGroup:
     new_communicator: Callable[[], Communicator]  # a fresh one per run (forward, each backward)
     label: str  # "pmap of f", for errors
     interception: Interception  # whether the function's replicas draw random numbers
+    # One GroupBackend per run, for a runner that calls the collectives itself (lockstep).
+    new_backend: Callable[[], GroupBackend] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,10 @@ def choose_executor(record: CallRecord) -> Executor:
     name = _config.executor_name()
     if name == "threads":
         return _THREADS
+    if name == "lockstep":
+        from . import _lockstep  # it imports this module
+
+        return _lockstep.LOCKSTEP
     from . import _stacked  # it imports this module
 
     return _stacked.STACKED if name == "stacked" else _stacked.AUTO

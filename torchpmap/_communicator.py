@@ -110,6 +110,15 @@ def describe(signature: Signature) -> str:
     return text
 
 
+def mismatch_error(signatures: Sequence[Signature]) -> CollectiveMismatchError:
+    """The error of replicas that bring different signatures to one exchange."""
+    lines = "\n".join(f"  replica {r}: {describe(s)}" for r, s in enumerate(signatures))
+    return CollectiveMismatchError(
+        "replicas called different collectives (or the same one with different "
+        "shapes, dtypes, parameters or pytrees) at the same point:\n" + lines
+    )
+
+
 class GroupBackend(abc.ABC):
     """One collective over all of this process's replicas of a call, on one thread.
 
@@ -317,11 +326,7 @@ class ThreadRendezvous(Communicator):
         result: list[torch.Tensor] | Exception
         try:
             if any(s != signatures[0] for s in signatures):
-                lines = "\n".join(f"  replica {r}: {describe(s)}" for r, s in enumerate(signatures))
-                raise CollectiveMismatchError(
-                    "replicas called different collectives (or the same one with different "
-                    "shapes, dtypes, parameters or pytrees) at the same point:\n" + lines
-                )
+                raise mismatch_error(signatures)
             result = self._backend.run(collective, inputs)
             if self._cuda:
                 for d in {t.device for t in result if t.is_cuda}:

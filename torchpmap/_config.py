@@ -43,7 +43,7 @@ def collective_timeout() -> float:
 
 
 _ENV_EXECUTOR = "TORCHPMAP_EXECUTOR"
-EXECUTORS = ("threads", "stacked", "auto")
+EXECUTORS = ("threads", "stacked", "lockstep", "auto")
 _executor: str | None = None
 
 
@@ -51,9 +51,11 @@ def set_executor(name: str) -> None:
     """Which executor runs pmap calls: ``"threads"`` (the default: one worker
     thread per device), ``"stacked"`` (experimental: replicas on one physical
     device run as one batched graph, captured once; calls it cannot run fall
-    back to threads with a RuntimeWarning) or ``"auto"`` (stacked where it
-    applies, without the warnings). The TORCHPMAP_EXECUTOR environment variable
-    sets it too."""
+    back to threads with a RuntimeWarning), ``"lockstep"`` (experimental: one
+    host thread runs the captured function's pieces between collectives for
+    every replica in turn, then each collective on all of them; falls back like
+    stacked) or ``"auto"`` (stacked where it applies, without the warnings).
+    The TORCHPMAP_EXECUTOR environment variable sets it too."""
     global _executor
     if name not in EXECUTORS:
         raise ValueError(f"set_executor: name must be one of {EXECUTORS}, got {name!r}")

@@ -179,22 +179,51 @@ def default_devices(n: int | None, fn: str, need: str = "", batch: str | None = 
                 f" Set {_ENV_VAR}={n} (or call torchpmap.set_cpu_device_count({n}) before the first "
                 f"pmap) for more virtual CPU devices."
             )
+        hint += (
+            f" To run {n} replicas on fewer devices, name them, each device as often as the replicas it "
+            f"runs: devices=torchpmap.replica_devices({n})."
+        )
         need = need or f"{n} devices are needed"
         raise ValueError(f"{fn}: {need}, but only {len(local)} local devices are available.{hint}")
     return tuple(local[:n])
 
 
+def replica_devices(n: int) -> tuple[torch.device, ...]:
+    """``n`` devices for ``n`` replicas on this process's devices, each device
+    listed as often as the replicas it runs (more replicas than devices: they
+    share them). In contiguous blocks, the first ``n % count`` one longer:
+    ``replica_devices(8)`` on two devices is ``[cpu:0] * 4 + [cpu:1] * 4``, so
+    that neighbouring replicas share a device, as a process holds a contiguous
+    block of the axis. With ``n`` at most the device count, the first ``n``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"replica_devices: n must be a positive int, got {n!r}")
+    local = local_device_tuple()
+    per, extra = divmod(n, len(local))
+    return tuple(d for i, d in enumerate(local) for _ in range(per + (i < extra)))
+
+
 def as_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:
-    """Devices the caller named, as ``torch.device``s: at least one, none twice,
-    each of a kind torchpmap runs on (``cpu`` is ``cpu:0``). Whether each is one
-    of this process's devices is ``check_local``'s job: until the first use,
-    set_cpu_device_count and distributed.initialize may still change the list."""
+    """Devices the caller named, as ``torch.device``s: at least one, each of a
+    kind torchpmap runs on (``cpu`` is ``cpu:0``). A device may be listed more
+    than once: its replicas share it (more replicas than devices). Whether each
+    is one of this process's devices is ``check_local``'s job: until the first
+    use, set_cpu_device_count and distributed.initialize may still change the list."""
     out = tuple(_as_device(d, f"{fn}: devices[{i}]") for i, d in enumerate(devices))
     if not out:
         raise ValueError(f"{fn}: devices must not be empty")
-    if len(set(out)) != len(out):
-        raise ValueError(f"{fn}: devices lists a device twice: {[device_str(d) for d in out]}")
     return out
+
+
+def check_not_repeated_across_processes(devices: Sequence[torch.device], fn: str) -> None:
+    """Replicas share devices in a single-process job only: across processes
+    every process maps exactly its own devices, each once, so that the axis
+    is laid out process by process (distributed.call_layout)."""
+    if _process_layout is not None and len(set(devices)) != len(devices):
+        raise ValueError(
+            f"{fn}: devices lists a device more than once ({[device_str(d) for d in devices]}), so that "
+            f"replicas would share it; a multi-process job (torchpmap.distributed.initialize) does not "
+            f"support that: pass each of this process's devices once (or devices=None)"
+        )
 
 
 def _as_device(d: torch.device | str | int, where: str) -> torch.device:

@@ -24,7 +24,7 @@ from . import _devices, _random
 from . import distributed as _distributed
 from ._autodiff import FlatOutput
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
-from ._communicator import LocalBackend, ThreadRendezvous
+from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._sharded import (
     ShardedTensor,
@@ -142,6 +142,8 @@ def pmap(
 
     Returns ShardedTensors (shards stay on their devices); ``out_axes=None``
     returns one tensor and checks that every replica produced the same value.
+    ``devices`` names one device per replica; one listed several times runs
+    several replicas (more replicas than devices, ``replica_devices(n)``).
 
     Inputs that replicas share are read-only: a replica that writes in place a
     broadcast (``in_axes=None``) tensor, or a mapped one whose slices are the
@@ -337,13 +339,17 @@ class Pmapped:
             if group is not None and group.devices == devices:
                 return group
         axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
+        new_backend: Callable[[], GroupBackend]
         if layout is None:  # one process: the axis is this call's replicas
             size, first = len(devices), 0
-            new_comm = lambda: ThreadRendezvous(LocalBackend(devices), gate=gate)  # noqa: E731
+            new_backend = lambda: LocalBackend(devices)  # noqa: E731
         else:
             size, first, make_backend = layout
-            new_comm = lambda: ThreadRendezvous(make_backend(devices), gate=gate)  # noqa: E731
-        group = ReplicaGroup(axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random)
+            new_backend = lambda: make_backend(devices)  # noqa: E731
+        new_comm = lambda: ThreadRendezvous(new_backend(), gate=gate)  # noqa: E731
+        group = ReplicaGroup(
+            axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random, new_backend
+        )
         self._last_group = None if layout is not None else group
         return group
 
@@ -505,6 +511,7 @@ class Pmapped:
             local = _devices.local_device_tuple()
             if self._devices_checked_for is not local:
                 _devices.check_local(self._devices, "pmap")
+                _devices.check_not_repeated_across_processes(self._devices, "pmap")
                 self._devices_checked_for = local
             return self._devices
         local = _devices.local_device_tuple()

@@ -2,6 +2,9 @@
 
 Workers are created the first time a device is used and live for the whole
 process; a pmap call hands each worker one task and waits for all of them.
+A call whose devices list one device k times (more replicas than devices)
+uses k workers of that device, its slots 0 ... k-1: replicas meet in
+collectives, so each needs a thread of its own.
 On CUDA each worker owns a stream: it waits for the caller's stream before it
 starts and the caller's stream waits for it afterwards, so inputs and outputs
 are ordered exactly as if the caller had run the work itself.
@@ -15,6 +18,7 @@ that worker starts when it returns).
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import sys
 import threading
@@ -83,12 +87,13 @@ def _reset_thread_state() -> None:
 
 
 class _Worker:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, slot: int = 0) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tasks: queue.SimpleQueue[Callable[[_Worker], None]] = queue.SimpleQueue()
         self.running: tuple[_Call, int] | None = None  # the call and local rank of the task it runs
-        self.thread = threading.Thread(target=self._loop, name=f"torchpmap-worker-{device_str(device)}", daemon=True)
+        name = f"torchpmap-worker-{device_str(device)}" + (f"#{slot}" if slot else "")
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
     def _loop(self) -> None:
@@ -284,16 +289,18 @@ def _add_note(err: BaseException, note: str) -> None:
 
 class WorkerPool:
     def __init__(self) -> None:
-        self._workers: dict[torch.device, _Worker] = {}
+        # By (device, slot): slot k runs the (k+1)-th replica of a call on that device.
+        self._workers: dict[tuple[torch.device, int], _Worker] = {}
         self._lock = threading.Lock()
 
-    def worker(self, device: torch.device) -> _Worker:
-        w = self._workers.get(device)
+    def worker(self, device: torch.device, slot: int = 0) -> _Worker:
+        key = (device, slot)
+        w = self._workers.get(key)
         if w is None:
             with self._lock:
-                w = self._workers.get(device)
+                w = self._workers.get(key)
                 if w is None:
-                    w = self._workers[device] = _Worker(device)
+                    w = self._workers[key] = _Worker(device, slot)
         return w
 
     def thread_count(self) -> int:
@@ -348,7 +355,7 @@ class WorkerPool:
         state = None if captured == _DEFAULT_STATE else captured  # compared once, not per replica
         call = _Call(label, devices, first_index)
         randomness = CallRandomness(devices, interception)
-        workers = [self.worker(d) for d in devices]
+        workers = [self.worker(d, slot) for d, slot in zip(devices, device_slots(tuple(devices)))]
         # Per rank: on a CUDA device, its worker's stream and the caller's streams
         # there; None on a virtual CPU device.
         streams = [
@@ -442,6 +449,18 @@ class WorkerPool:
             if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
                 torch.set_num_threads(cpu_threads)
             call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+
+
+@functools.lru_cache(maxsize=256)
+def device_slots(devices: tuple[torch.device, ...]) -> tuple[int, ...]:
+    """Per replica, how many earlier replicas run on its device: which of
+    that device's workers runs it (all 0 when no device repeats)."""
+    seen: dict[torch.device, int] = {}
+    slots = []
+    for d in devices:
+        slots.append(seen.get(d, 0))
+        seen[d] = slots[-1] + 1
+    return tuple(slots)
 
 
 def _callers(device: torch.device, recorded: torch.cuda.Stream | None) -> tuple[torch.cuda.Stream, ...]:

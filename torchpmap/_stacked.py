@@ -77,12 +77,18 @@ class StackedOutput:
 def unsupported_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run stacked, checked before any capture; None if it may."""
     group = record.group
-    if record.programs[0] is not record.fun:
-        return "compile= is set"
     if group.axis_size != record.n or group.first_index != 0:
         return "the axis spans several processes"
     if len(device_groups(group.devices)) != 1:
         return "the devices are on several physical devices"
+    return capture_scope_reason(record)
+
+
+def capture_scope_reason(record: CallRecord) -> str | None:
+    """Why ``record`` cannot run from one capture of its function (stacked or
+    lockstep), checked before any capture; None if it may."""
+    if record.programs[0] is not record.fun:
+        return "compile= is set"
     if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
@@ -345,20 +351,23 @@ def _capture_for(record: CallRecord) -> _Capture:
         raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
     capture = per_fun.get(key)
     if capture is None:
-        t = _trampoline_factory(record.fun)
-        # A distinct code object: a distinct Dynamo cache per key.
-        entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
         count = [0]
-        # torch.compile's overloads leave out recompile_limit, which the function itself takes.
-        compiled = torch.compile(  # type: ignore[call-overload]
-            entry,
-            backend=_backend(group.axis_name, record.n, count),
-            fullgraph=True,
-            dynamic=False,
-            recompile_limit=_RECOMPILE_LIMIT,
-        )
+        compiled = compile_per_replica(record.fun, _backend(group.axis_name, record.n, count))
         capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count)
     return capture
+
+
+def compile_per_replica(
+    fun: Callable[..., Any], backend: Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
+) -> Callable[..., Any]:
+    """``fun`` under Dynamo with ``backend``: one full graph, static shapes, and
+    its own Dynamo cache (a distinct code object per call of this)."""
+    t = _trampoline_factory(fun)
+    entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
+    # torch.compile's overloads leave out recompile_limit, which the function itself takes.
+    return torch.compile(  # type: ignore[call-overload]
+        entry, backend=backend, fullgraph=True, dynamic=False, recompile_limit=_RECOMPILE_LIMIT
+    )
 
 
 # -- the call ------------------------------------------------------------------------
@@ -429,21 +438,21 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
 
 
 # -- warnings -----------------------------------------------------------------------------
-_warned: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-_warned_by_id: dict[int, set[str]] = {}  # functions that cannot be weakly referenced
+_warned: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+_warned_by_id: dict[int, set[tuple[str, str]]] = {}  # functions that cannot be weakly referenced
 
 
-def warn_fallback(fun: Callable[..., Any], label: str, reason: str) -> None:
-    """A RuntimeWarning, once per function and reason."""
+def warn_fallback(fun: Callable[..., Any], label: str, reason: str, executor: str = "stacked") -> None:
+    """A RuntimeWarning, once per function, executor and reason."""
     try:
         seen = _warned.setdefault(fun, set())
     except TypeError:
         seen = _warned_by_id.setdefault(id(fun), set())
-    if reason in seen:
+    if (executor, reason) in seen:
         return
-    seen.add(reason)
+    seen.add((executor, reason))
     warnings.warn(
-        f"torchpmap: {label} runs on the threads executor instead of the stacked one: {reason}",
+        f"torchpmap: {label} runs on the threads executor instead of the {executor} one: {reason}",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -1,0 +1,381 @@
+"""The lockstep executor: the same bits as the threads executor (one thread runs
+every replica's segments between collectives, the collectives on the list of
+replica tensors), captured soundly, and a warned fallback outside its scope."""
+
+import contextlib
+import time
+import warnings
+
+import pytest
+import torch
+from helpers import devices, rows
+from torch.utils._pytree import tree_flatten
+
+import torchpmap as tp
+from torchpmap import _config, _lockstep
+
+N = 4
+
+
+@pytest.fixture(autouse=True)
+def _restore_executor():
+    before = _config._executor
+    yield
+    _config._executor = before
+
+
+@contextlib.contextmanager
+def executor(name, allow_fallback=False):
+    tp.set_executor(name)
+    with warnings.catch_warnings():
+        if not allow_fallback:
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
+        yield
+
+
+def as_plain(v):
+    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
+
+
+def assert_same_bits(a, b):
+    la, sa = tree_flatten(a)
+    lb, sb = tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        assert type(x) is type(y)
+        if isinstance(x, torch.Tensor):
+            x, y = as_plain(x), as_plain(y)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(x, y), (x, y)
+        else:
+            assert x == y
+
+
+def both(pf, *args, **kwargs):
+    with executor("threads"):
+        expected = pf(*args, **kwargs)
+    with executor("lockstep"):
+        got = pf(*args, **kwargs)
+    assert_same_bits(expected, got)
+    return got
+
+
+def pm(f, **kwargs):
+    return tp.pmap(f, "i", devices=devices(N), **kwargs)
+
+
+def ran_in_lockstep(pf, *args):
+    """Whether the call ran in lockstep (no fallback warning), and its result."""
+    with executor("lockstep", allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        out = pf(*args)
+    return not [w for w in caught if "lockstep" in str(w.message)], out
+
+
+# -- the same bits -----------------------------------------------------------------------
+FUNCTIONS = {
+    "elementwise": lambda x: x * 2 + 1,
+    "psum": lambda x: tp.psum(x, "i"),
+    "pmean": lambda x: tp.pmean(x, "i"),
+    "pmax": lambda x: tp.pmax(x, "i"),
+    "pmin": lambda x: tp.pmin(x, "i"),
+    "psum_groups": lambda x: tp.psum(x, "i", axis_index_groups=[[0, 2], [1, 3]]),
+    "pmean_unequal_groups": lambda x: tp.pmean(x, "i", axis_index_groups=[[0], [1, 2, 3]]),
+    "all_gather": lambda x: tp.all_gather(x, "i"),
+    "all_gather_tiled_axis1": lambda x: tp.all_gather(x, "i", axis=1, tiled=True),
+    "all_gather_groups": lambda x: tp.all_gather(x, "i", axis_index_groups=[[0, 1], [3, 2]]),
+    "psum_scatter": lambda x: tp.psum_scatter(x, "i"),
+    "psum_scatter_tiled": lambda x: tp.psum_scatter(x, "i", tiled=True),
+    "all_to_all": lambda x: tp.all_to_all(x, "i", 0, 0),
+    "all_to_all_groups": lambda x: tp.all_to_all(x[:2], "i", 0, 1, axis_index_groups=[[0, 1], [2, 3]]),
+    "pswapaxes": lambda x: tp.pswapaxes(x, "i", 0),
+    "ppermute": lambda x: tp.ppermute(x, "i", [(0, 1), (1, 2), (2, 0)]),
+    "pshuffle": lambda x: tp.pshuffle(x, "i", [3, 2, 0, 1]),
+    "axis_index": lambda x: x + tp.axis_index("i"),
+    "axis_size": lambda x: x * tp.axis_size("i"),
+    "pytree_collective": lambda x: tp.psum({"a": x, "b": (x * 2, x.sum())}, "i"),
+    "collectives_in_sequence": lambda x: (
+        tp.pmax(tp.psum(x.sin(), "i") * x + tp.axis_index("i"), "i").cos() - tp.all_gather(x * 3, "i").sum(0)
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_same_bits_as_threads(name):
+    both(pm(FUNCTIONS[name]), rows(N, 4, 3))
+
+
+def test_pytrees_in_and_out():
+    def f(d, t):
+        return {"s": d["a"] + t[0], "p": (tp.psum(d["b"], "i"), t[1] * 3)}, None
+
+    both(pm(f), {"a": rows(N, 3), "b": rows(N, 2, 2)}, (rows(N, 3, offset=1.0), rows(N, 5)))
+
+
+def test_in_axes_and_out_axes():
+    f = pm(lambda x, w: (x @ w, tp.pmean(x.sum(0), "i")), in_axes=(1, None), out_axes=(1, None))
+    both(f, rows(3, N, 5), rows(5, 2))
+
+
+def test_sharded_inputs_fed_back():
+    f = pm(lambda x: tp.psum(x, "i") / 2 + x)
+    x = tp.device_put_sharded(list(rows(N, 6)), devices(N))
+    with executor("threads"):
+        expected = f(f(x))
+    with executor("lockstep"):
+        got = f(f(x))
+    assert_same_bits(expected, got)
+
+
+def test_static_argument_recaptures():
+    f = pm(lambda x, k: x * k, static_broadcasted_argnums=1)
+    x = rows(N, 3)
+    for k in (2, 3, 2):
+        both(f, x, k)
+
+
+def test_inputs_returned_unchanged_are_each_replicas_own():
+    both(pm(lambda x, w: (x, w, tp.psum(x, "i")), in_axes=(0, None), out_axes=(0, None, 0)), rows(N, 3), rows(3))
+
+
+def test_collective_inside_grad():
+    def loss(w, x):
+        return tp.psum((x @ w).square().sum(), "i")
+
+    def f(w, x):
+        return torch.func.grad(loss)(w, x)
+
+    both(pm(f, in_axes=(None, 0)), rows(3, 2), rows(N, 5, 3))
+
+
+def test_functional_mlp_step_with_grad_inside_same_bits():
+    torch.manual_seed(0)
+    params = {"w1": torch.randn(8, 16) * 0.3, "w2": torch.randn(16, 1) * 0.3}
+
+    def loss(p, x, y):
+        h = torch.tanh(x @ p["w1"])
+        return ((h @ p["w2"] - y) ** 2).mean()
+
+    def step(p, x, y):
+        grads, value = torch.func.grad_and_value(loss)(p, x, y)
+        grads = tp.pmean(grads, "i")
+        return {k: p[k] - 0.1 * grads[k] for k in p}, tp.pmean(value, "i")
+
+    f = pm(step, in_axes=(None, 0, 0), out_axes=(None, None))
+    x, y = torch.randn(N, 5, 8), torch.randn(N, 5, 1)
+    results = {}
+    for name in ("threads", "lockstep"):
+        p = dict(params)
+        with executor(name):
+            losses = []
+            for _ in range(3):
+                p, value = f(p, x, y)
+                losses.append(value)
+        results[name] = (p, losses)
+    assert_same_bits(results["threads"], results["lockstep"])
+
+
+def test_writes_to_own_slices_reach_the_caller_as_on_threads():
+    def f(r):
+        r.mul_(2)
+        return r + tp.psum(r, "i")
+
+    pf = pm(f)
+    expected_x, got_x = rows(N, 3), rows(N, 3)
+    with executor("threads"):
+        expected = pf(expected_x)
+    with executor("lockstep"):
+        got = pf(got_x)
+    assert_same_bits((expected, expected_x), (got, got_x))
+
+
+def test_one_capture_serves_later_calls():
+    pf = pm(lambda x: tp.psum(x, "i") * 2)
+    both(pf, rows(N, 3))
+    (capture,) = _lockstep._captures[pf._fun].values()
+    for _ in range(3):
+        both(pf, rows(N, 3, offset=1.0))
+    assert capture.count[0] == 1
+
+
+# -- sound capture ---------------------------------------------------------------------
+SCALE = torch.tensor(2.0)
+
+
+def test_closed_over_tensor_changed_in_place_or_reassigned():
+    global SCALE
+    f = pm(lambda x: x * SCALE)
+    x = rows(N, 3)
+    both(f, x)
+    SCALE.add_(1)
+    assert torch.equal(both(f, x).unshard(), x * 3)
+    SCALE = torch.tensor(5.0)
+    assert torch.equal(both(f, x).unshard(), x * 5)
+
+
+def test_shape_change_recaptures():
+    f = pm(lambda x: tp.psum(x, "i"))
+    both(f, rows(N, 3))
+    both(f, rows(N, 5, 2))
+
+
+# -- fallbacks -------------------------------------------------------------------------
+def fallback(pf, *args, match):
+    """Runs pf in lockstep, expecting one fallback warning matching ``match``; the
+    result must still be the threads executor's."""
+    with executor("threads"):
+        expected = pf(*args)
+    with executor("lockstep", allow_fallback=True), pytest.warns(RuntimeWarning, match=match):
+        got = pf(*args)
+    assert_same_bits(expected, got)
+    with executor("lockstep", allow_fallback=True), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # once per function and reason
+        assert_same_bits(expected, pf(*args))
+
+
+def test_branch_on_a_tensor_value_falls_back():
+    fallback(pm(lambda x: x * 2 if x.sum() > 0 else x - 1), rows(N, 3), match="lockstep.*capture failed")
+
+
+def test_item_and_data_dependent_shapes_run_per_replica():
+    # Unlike stacked replicas, each replica's segment runs on its own values.
+    both(pm(lambda x: x * x.max().item()), rows(N, 3))
+    both(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3))
+    both(pm(lambda x: x * tp.axis_index("i").item()), rows(N, 3))
+
+
+def test_a_failed_make_fx_names_its_error():
+    def f(x, idx):
+        return tp.psum(x, "i")[idx]  # a tensor index: a data-dependent select make_fx cannot trace
+
+    fallback(pm(f), rows(N, 3), torch.tensor([0, 1, 2, 2]), match="capture failed .*DataDependent")
+
+
+def test_a_python_number_from_item_returned_falls_back():
+    # Each replica's own number, which Dynamo would make replica 0's for every replica.
+    fallback(pm(lambda x: (x * 2, x.sum().item())), rows(N, 3), match="Python number|capture failed")
+    fallback(pm(lambda x: (x * 2, x[x > 0].shape[0])), rows(N, 3), match="Python number|capture failed")
+
+
+def test_replicas_bringing_different_shapes_to_a_collective_fail_as_on_threads():
+    pf = pm(lambda x: tp.all_gather(x[x > 0], "i"))
+    for name in ("threads", "lockstep"):
+        with executor(name), pytest.raises(tp.errors.CollectiveMismatchError, match="different"):
+            pf(rows(N, 3))
+
+
+def test_random_op_falls_back():
+    pf = pm(lambda x: x + torch.rand_like(x))
+    with executor("lockstep", allow_fallback=True), pytest.warns(RuntimeWarning, match="random|capture failed"):
+        torch.manual_seed(1)
+        got = pf(rows(N, 3))
+    with executor("threads"):
+        torch.manual_seed(1)
+        expected = pf(rows(N, 3))
+    assert_same_bits(expected, got)
+
+
+def test_autograd_through_the_call_falls_back():
+    x = rows(N, 3).requires_grad_()
+    pf = pm(lambda x: tp.psum(x * x, "i"))
+    with executor("lockstep", allow_fallback=True), pytest.warns(RuntimeWarning, match="autograd"):
+        y = pf(x)
+    y.unshard().sum().backward()
+    assert torch.equal(x.grad, 2 * x.detach() * N)
+
+
+def test_compile_falls_back():
+    fallback(pm(lambda x: x + 1, compile={"backend": "eager"}), rows(N, 3), match="compile=")
+
+
+def test_per_replica_argument_falls_back():
+    values = tp.PerReplica([torch.tensor(float(i)) for i in range(N)], devices(N))
+    fallback(pm(lambda x, v: x * v), rows(N, 3), values, match="PerReplica")
+
+
+def test_a_function_without_a_graph_falls_back():
+    fallback(pm(lambda x, k: (x, k), in_axes=(0, None)), rows(N, 3), 3, match="no graph")
+
+
+def test_a_collective_over_another_axis_falls_back_and_raises_as_on_threads():
+    pf = pm(lambda x: tp.psum(x, "j"))
+    with executor("lockstep", allow_fallback=True), pytest.warns(RuntimeWarning, match="capture failed|axis name"):
+        with pytest.raises(NameError, match="unbound axis name"):
+            pf(rows(N, 3))
+
+
+def test_executor_setting():
+    tp.set_executor("lockstep")
+    assert _config.executor_name() == "lockstep"
+    with pytest.raises(ValueError, match="lockstep"):
+        tp.set_executor("gpu")
+
+
+# -- failures ----------------------------------------------------------------------------
+def test_an_error_in_a_replica_fails_the_call_promptly():
+    def f(x, idx):
+        y = tp.psum(x, "i")
+        return y.index_select(0, idx.reshape(1))  # replica 0's index is in range, replica 2's is not
+
+    pf = pm(f)
+    idx = torch.tensor([0, 1, 7, 2])
+    with executor("lockstep"):
+        start = time.monotonic()
+        with pytest.raises(IndexError):
+            pf(rows(N, 3), idx)
+        assert time.monotonic() - start < 30
+        # The capture survives a replica's failure: the next call runs in lockstep.
+        ok, out = ran_in_lockstep(pf, rows(N, 3), torch.tensor([0, 1, 2, 2]))
+    assert ok
+    with executor("threads"):
+        assert_same_bits(pf(rows(N, 3), torch.tensor([0, 1, 2, 2])), out)
+
+
+def test_donated_inputs_are_deleted_even_when_a_replica_fails():
+    def f(x, idx):
+        return x.index_select(0, idx.reshape(1)) + tp.psum(x, "i")
+
+    pf = pm(f, donate_argnums=0)
+    x = tp.device_put_sharded(list(rows(N, 3)), devices(N))
+    with executor("lockstep"):
+        pf(x, torch.tensor([0, 1, 2, 0]))  # captured, x donated
+        with pytest.raises(RuntimeError, match="deleted|donated"):
+            x.unshard()
+        y = tp.device_put_sharded(list(rows(N, 3)), devices(N))
+        with pytest.raises(IndexError):
+            pf(y, torch.tensor([0, 1, 9, 0]))
+        with pytest.raises(RuntimeError, match="deleted|donated"):
+            y.unshard()
+
+
+@pytest.mark.subprocess
+def test_the_argument_sharded_tensor_and_training_suites_pass_under_the_lockstep_executor():
+    """Those test files, with pmap's default executor switched to lockstep (about
+    100 s here): calls it captures must behave as on the threads, the others fall back."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHPMAP_EXECUTOR": "lockstep", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    files = [str(root / "tests" / f) for f in ("test_pmap_args.py", "test_sharded.py", "test_training.py")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def test_a_segment_for_another_device_makes_its_tensors_there():
+    """What several GPUs need, checked with the meta device as replica 1's: the
+    device constants traced on replica 0's device move to the replica's."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x):
+        return (x + torch.ones(3, device=x.device) + torch.tensor([1.0, 2.0, 3.0], device=x.device),)  # as Dynamo
+
+    gm = make_fx(f)(torch.zeros(3))
+    plan = _lockstep._PlanBuilder(gm, "i", [torch.device("cpu"), torch.device("meta")]).build()
+    (step,) = plan.steps
+    on_cpu, on_meta = step.programs
+    assert torch.equal(on_cpu(torch.zeros(3))[0], torch.tensor([2.0, 3.0, 4.0]))
+    assert on_meta(torch.zeros(3, device="meta"))[0].device.type == "meta"

@@ -1,0 +1,516 @@
+"""The lockstep executor: one host thread runs every replica, piece by piece.
+
+For replicas on distinct devices (several GPUs; virtual CPU devices work too).
+The per-replica function is captured once per guard set, as for the stacked
+executor (``_stacked``: Dynamo, ``fullgraph=True``, static shapes, collectives
+and ``axis_index`` as opaque nodes), but its backend makes a plain per-replica
+graph, ``make_fx(graph)`` on replica 0's inputs, which spells every collective
+as one ``torchpmap`` op node, those of a ``torch.func.grad`` backward included.
+That graph is cut at those nodes into a plan (``_Plan``) of steps:
+
+* ``_Compute``: a segment of ordinary ops, run for replica 0, 1, ..., n-1 on
+  that replica's values (a copy of the segment per device when the devices
+  differ, its device constants moved there);
+* ``_Exchange``: a collective, computed on the list of every replica's input by
+  the group's backend (``LocalBackend``, or ``ProcessGroupBackend`` across
+  processes): the same computation the threads executor's rendezvous does;
+* ``_AxisIndex``: each replica's own index.
+
+No thread waits for another and nothing waits for a device: on CUDA every op is
+queued on each device's current stream (a copy between devices orders the two
+streams), so one thread keeps every device busy.
+
+Dynamo runs the captured function on replica 0's inputs (its guards check
+them); the backend's callable finds every replica's inputs by the identity of
+replica 0's (a thread-local gives them), runs the plan and hands Dynamo replica
+0's outputs, which the runner maps back to every replica's by identity.
+Everything outside the scope falls back to the threads executor, with a
+RuntimeWarning once per function and reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias, TypeVar, cast
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import _axis, _ops
+from ._autodiff import FlatOutput
+from ._call import _THREADS, CallRecord, Executor, ReplicaGroup
+from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
+from ._compile import DYNAMO_GATE
+from ._devices import physical_device
+from ._stacked import (
+    _MAX_CAPTURES,
+    StackedOutput,
+    Unsupported,
+    _CaptureFrame,
+    _check_no_random,
+    _first_line,
+    _unsupported_inside,
+    capture_scope_reason,
+    compile_per_replica,
+    warn_fallback,
+)
+from ._tree import flatten
+
+T = TypeVar("T")
+
+# The collective ops as a make_fx graph spells them, by the name _ops gives them.
+_COLLECTIVE_OPS = {getattr(_ops.OPS, name).default: name for name in _ops._KERNELS}
+_AXIS_INDEX = _ops.OPS.axis_index.default
+# How Dynamo returns a Python number computed in the graph.
+_NUMBER_OUTPUTS = (torch.ops.aten.scalar_tensor.default,)
+
+
+def unsupported_reason(record: CallRecord) -> str | None:
+    """Why ``record`` cannot run in lockstep, checked before any capture; None if it may."""
+    if record.group.new_backend is None:
+        return "the replica group has no backend to call the collectives on"
+    if torch.is_grad_enabled() and record.grad_leaves:
+        return "autograd through the call (an input requires grad)"
+    return capture_scope_reason(record)
+
+
+# -- the plan ----------------------------------------------------------------------------
+# Each value of a call lives in a slot of a per-replica list: the graph's inputs first.
+@dataclass(frozen=True, slots=True)
+class _Compute:
+    programs: tuple[Callable[..., Any], ...]  # per replica: the segment on its device
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    collective: Collective
+    input: int
+    output: int
+
+
+@dataclass(frozen=True, slots=True)
+class _AxisIndex:
+    devices: tuple[torch.device, ...]  # per replica, where its index goes
+    output: int
+
+
+_Step: TypeAlias = "_Compute | _Exchange | _AxisIndex"
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    steps: tuple[_Step, ...]
+    dead_after: tuple[tuple[int, ...], ...]  # per step, the slots nobody reads after it
+    slots: int
+    inputs: int
+    outputs: tuple[int | None, ...]  # the graph's outputs (None: a None output)
+
+
+class _PlanBuilder:
+    """Cuts a make_fx graph into a ``_Plan``, in graph order."""
+
+    def __init__(self, gm: torch.fx.GraphModule, axis_name: str, devices: Sequence[torch.device]) -> None:
+        self.gm, self.axis_name, self.devices = gm, axis_name, list(devices)
+        self.slot: dict[torch.fx.Node, int] = {}
+        self.steps: list[_Step] = []
+        self.pending: list[torch.fx.Node] = []
+
+    def build(self) -> _Plan:
+        outputs: tuple[int | None, ...] = ()
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self._new_slot(node)
+            elif node.op == "output":
+                self._flush()
+                outputs = self._outputs(node)
+            elif node.op == "call_function" and node.target in _COLLECTIVE_OPS:
+                self._flush()
+                self._exchange(node)
+            elif node.op == "call_function" and node.target is _AXIS_INDEX:
+                self._flush()
+                self._axis_index(node)
+            else:
+                self.pending.append(node)
+        inputs = sum(1 for n in self.gm.graph.nodes if n.op == "placeholder")
+        return _Plan(tuple(self.steps), self._dead_after(outputs), len(self.slot), inputs, outputs)
+
+    def _new_slot(self, node: torch.fx.Node) -> int:
+        self.slot[node] = len(self.slot)
+        return self.slot[node]
+
+    def _check_axes(self, axes: str) -> None:
+        if any(name != self.axis_name for name in axes.split(_ops.AXIS_SEP)):
+            # The threads executor raises the NameError of an unbound axis name.
+            raise Unsupported("a collective over an axis name the call does not bind")
+
+    def _exchange(self, node: torch.fx.Node) -> None:
+        name = _COLLECTIVE_OPS[node.target]
+        x, *args = node.args
+        if node.kwargs or not isinstance(x, torch.fx.Node):
+            raise Unsupported(f"a {name} node of an unexpected form")
+        # A graph node's arguments are as the op's schema types them (OpArg).
+        axes, collective = _ops.collective_of(name, *cast("list[_ops.OpArg]", args))
+        self._check_axes(_ops.encode_axes(axes))
+        self.steps.append(_Exchange(collective, self.slot[x], self._new_slot(node)))
+
+    def _axis_index(self, node: torch.fx.Node) -> None:
+        axes, device = node.args
+        assert isinstance(axes, str) and isinstance(device, torch.device)  # the op's schema
+        self._check_axes(axes)
+        first = self.devices[0]
+        per_replica = tuple(d if device == first else device for d in self.devices)
+        self.steps.append(_AxisIndex(per_replica, self._new_slot(node)))
+
+    def _flush(self) -> None:
+        """The pending nodes as one segment, a copy per physical device."""
+        nodes, self.pending = self.pending, []
+        if not nodes:
+            return
+        inside = set(nodes)
+        inputs = [self.slot[a] for a in _inputs_from_outside(nodes, inside)]
+        leaving = [n for n in nodes if any(user not in inside for user in n.users)]
+        first = self.devices[0]
+        per_device = {d: _segment(self.gm, nodes, inside, leaving, first, d) for d in dict.fromkeys(self.devices)}
+        programs = tuple(per_device[d] for d in self.devices)
+        self.steps.append(_Compute(programs, tuple(inputs), tuple(self._new_slot(n) for n in leaving)))
+
+    def _outputs(self, node: torch.fx.Node) -> tuple[int | None, ...]:
+        (values,) = node.args
+        if not isinstance(values, (tuple, list)):
+            raise Unsupported("the captured graph returns something other than tensors")
+        slots: list[int | None] = []
+        for v in values:
+            if v is not None and not isinstance(v, torch.fx.Node):
+                raise Unsupported("the captured graph returns something other than tensors")
+            if v is not None and (not isinstance(v.meta.get("val"), torch.Tensor) or v.target in _NUMBER_OUTPUTS):
+                # A number each replica computes (``.item()``): Dynamo returns it as a tensor
+                # and makes replica 0's a number again, which would be every replica's.
+                raise Unsupported("the function returns a Python number computed from a tensor")
+            slots.append(None if v is None else self.slot[v])
+        return tuple(slots)
+
+    def _dead_after(self, outputs: tuple[int | None, ...]) -> tuple[tuple[int, ...], ...]:
+        """Per step, the slots read last there (or written and never read): dropped
+        after it, so that a call holds no more memory than the replicas would."""
+        last: dict[int, int] = {}
+        for k, step in enumerate(self.steps):
+            reads = step.inputs if isinstance(step, _Compute) else (step.input,) if isinstance(step, _Exchange) else ()
+            writes = step.outputs if isinstance(step, _Compute) else (step.output,)
+            for s in (*reads, *writes):
+                last[s] = k
+        kept = set(outputs)
+        dead: list[list[int]] = [[] for _ in self.steps]
+        for s, k in last.items():
+            if s not in kept:
+                dead[k].append(s)
+        return tuple(tuple(d) for d in dead)
+
+
+def _inputs_from_outside(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The values a segment reads that other steps made, in first-use order."""
+    seen: dict[torch.fx.Node, None] = {}
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside:
+                seen.setdefault(arg)
+    return list(seen)
+
+
+def _segment(
+    gm: torch.fx.GraphModule,
+    nodes: list[torch.fx.Node],
+    inside: set[torch.fx.Node],
+    leaving: list[torch.fx.Node],
+    first: torch.device,
+    device: torch.device,
+) -> torch.fx.GraphModule:
+    """``nodes`` of ``gm`` (traced on replica 0's device ``first``) as a module for a
+    replica on ``device``: the device arguments and tensor constants that were on
+    ``first`` moved there, so that its tensors are made where the threads would."""
+    graph = torch.fx.Graph()
+    env = {a: graph.placeholder(f"in_{k}") for k, a in enumerate(_inputs_from_outside(nodes, inside))}
+
+    def retarget(a: Any) -> Any:
+        return device if isinstance(a, torch.device) and a == first else a
+
+    for node in nodes:
+        copied = env[node] = graph.node_copy(node, env.__getitem__)
+        if device != first:
+            copied.args = torch.fx.node.map_aggregate(copied.args, retarget)
+            copied.kwargs = torch.fx.node.map_aggregate(copied.kwargs, retarget)
+    graph.output(tuple(env[n] for n in leaving))
+    segment = torch.fx.GraphModule(gm, graph)
+    if device != first:
+        for node in graph.nodes:
+            value = getattr(segment, node.target) if node.op == "get_attr" else None
+            if isinstance(value, torch.Tensor) and value.device == first:
+                setattr(segment, node.target, value.to(device))
+    return segment
+
+
+# -- running a plan ------------------------------------------------------------------------
+def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices: Sequence[torch.device]) -> None:
+    """Run every step for every replica; ``envs[r]`` holds replica r's slots."""
+    cuda = any(d.type == "cuda" for d in devices)
+    local = isinstance(backend, LocalBackend)
+    first = backend.first
+    for step, dead in zip(plan.steps, plan.dead_after):
+        if isinstance(step, _Compute):
+            for r, env in enumerate(envs):
+                with torch.cuda.device(devices[r]) if cuda else contextlib.nullcontext():
+                    outs = step.programs[r](*[env[s] for s in step.inputs])
+                for s, v in zip(step.outputs, outs):
+                    env[s] = v
+        elif isinstance(step, _Exchange):
+            if cuda and not local:  # a process group reads the inputs outside the streams' order
+                for d in {d for d in devices if d.type == "cuda"}:
+                    torch.cuda.synchronize(d)
+            xs = [env[step.input] for env in envs]
+            _check_signatures(step.collective, xs)
+            results = backend.run(step.collective, xs)
+            for env, v in zip(envs, results):
+                env[step.output] = v
+        else:
+            for r, env in enumerate(envs):
+                env[step.output] = torch.full((), first + r, dtype=torch.int64, device=step.devices[r])
+        for s in dead:
+            for env in envs:
+                env[s] = None
+
+
+def _check_signatures(collective: Collective, xs: Sequence[torch.Tensor]) -> None:
+    """Shapes that depend on the data (``x[x > 0]``) may differ between replicas."""
+    shape, dtype = xs[0].shape, xs[0].dtype
+    if any(x.shape != shape or x.dtype != dtype for x in xs):
+        raise mismatch_error([collective.signature(x) for x in xs])
+
+
+# -- the call state the backend's callable reads ------------------------------------------
+@dataclass
+class _CallState:
+    record: CallRecord
+    devices: tuple[torch.device, ...]  # physical, per replica
+    replicas_of: dict[int, list[Any]]  # id(replica 0's value) -> every replica's
+    keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
+    refused: Unsupported | None = None  # why this call (not its capture) cannot run in lockstep
+    started: bool = False  # a replica's code ran: no fallback any more
+    error: BaseException | None = None  # a replica's own exception
+    ran: bool = False
+
+
+_tls = threading.local()
+
+
+def _current() -> _CallState:
+    state: _CallState | None = getattr(_tls, "state", None)
+    if state is None:
+        raise Unsupported("the captured program ran outside a lockstep call")
+    return state
+
+
+class _Program:
+    """The backend's callable for one guard set: the plan, run on every replica's inputs."""
+
+    def __init__(self, plan: _Plan) -> None:
+        self.plan = plan
+
+    def __call__(self, *args: Any) -> list[Any]:
+        state = _current()
+        n = len(state.devices)
+        try:
+            if len(args) != self.plan.inputs:
+                raise Unsupported("the captured graph takes other inputs than Dynamo gives it")
+            per_input = [self._replicas(state, a, n) for a in args]
+        except Unsupported as e:
+            state.refused = e
+            raise
+        envs: list[list[Any]] = [[None] * self.plan.slots for _ in range(n)]
+        for r, env in enumerate(envs):
+            env[: len(per_input)] = [values[r] for values in per_input]
+        backend = state.record.group.new_backend  # made now: a process group numbers its runs
+        assert backend is not None  # unsupported_reason checked it
+        state.started = True
+        try:
+            _execute(self.plan, envs, backend(), state.devices)
+        except BaseException as e:
+            state.error = e
+            raise
+        outs0: list[Any] = []
+        for s in self.plan.outputs:
+            if s is None:
+                outs0.append(None)
+                continue
+            values = [env[s] for env in envs]
+            if id(values[0]) not in state.replicas_of:  # an input handed back keeps its own
+                state.replicas_of[id(values[0])] = values
+                state.keep.append(values[0])
+            outs0.append(values[0])
+        state.ran = True
+        return outs0
+
+    @staticmethod
+    def _replicas(state: _CallState, a: Any, n: int) -> list[Any]:
+        """Every replica's value of the input replica 0 sees as ``a``: the same
+        value for one the function closes over."""
+        values = state.replicas_of.get(id(a)) if isinstance(a, torch.Tensor) else None
+        if values is None:
+            if isinstance(a, torch.Tensor) and torch.is_grad_enabled() and a.requires_grad:
+                raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
+            return [a] * n
+        for v in values[1:]:
+            # Dynamo's guards checked replica 0's; the graph holds for the others if they look the same.
+            if v.shape != a.shape or v.dtype != a.dtype or v.stride() != a.stride():
+                raise Unsupported("the replicas' inputs differ in shape, dtype or strides")
+        return values
+
+
+# -- capture -------------------------------------------------------------------------------
+def _backend(
+    axis_name: str, devices: tuple[torch.device, ...], count: list[int]
+) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        count[0] += 1
+        # The capture frame stays bound: a collective's backward checks its axis.
+        # Away from Dynamo's tracing context: make_fx would otherwise trace in
+        # Dynamo's fake mode and leave symbols in its shape environment.
+        with torch._guards.tracing(None):
+            graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
+        _check_no_random(graph.graph)
+        return _Program(_PlanBuilder(graph, axis_name, devices).build())
+
+    return backend
+
+
+@dataclass
+class _Capture:
+    compiled: Callable[..., Any]
+    frame: _CaptureFrame
+    count: list[int]  # how many times the backend captured (Dynamo compiled) it
+    failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+
+
+_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...]]"
+# Per function: its captures, per (axis name, global axis size, physical devices).
+_captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
+
+
+def _capture_for(record: CallRecord, devices: tuple[torch.device, ...]) -> _Capture:
+    group = record.group
+    key = (group.axis_name, group.axis_size, devices)
+    try:
+        per_fun = _captures.setdefault(record.fun, {})
+    except TypeError:
+        raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
+    capture = per_fun.get(key)
+    if capture is None:
+        count = [0]
+        compiled = compile_per_replica(record.fun, _backend(group.axis_name, devices, count))
+        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, group.axis_size, devices[0]), count)
+    return capture
+
+
+# -- the call ------------------------------------------------------------------------------
+def _call_state(record: CallRecord, devices: tuple[torch.device, ...]) -> tuple[list[Any], _CallState]:
+    """Replica 0's leaves, and the state that maps each to every replica's."""
+    state = _CallState(record, devices, {})
+    row0: list[Any] = []
+    for values in record.per_leaf:
+        first = values[0]
+        row0.append(first)
+        if not isinstance(first, torch.Tensor):
+            continue
+        known = state.replicas_of.setdefault(id(first), list(values))
+        if any(a is not b for a, b in zip(known, values)):
+            raise Unsupported("two inputs are one tensor in replica 0 but not in the others")
+    return row0, state
+
+
+def run(record: CallRecord) -> list[FlatOutput]:
+    """Run ``record`` in lockstep, or raise Unsupported (before any replica's code
+    ran, except Python side effects); a replica's own exception once one has."""
+    devices = tuple(physical_device(d) for d in record.group.devices)
+    row0, state = _call_state(record, devices)
+    capture = _capture_for(record, devices)
+    if capture.failed is not None:
+        raise Unsupported(capture.failed)
+    if capture.count[0] >= _MAX_CAPTURES:
+        # Past its recompile limit Dynamo would run the function eagerly on replica 0.
+        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not in lockstep any more")
+    args, kwargs = record.unflatten(row0)
+    _tls.state = state
+    DYNAMO_GATE.enter()
+    previous = _axis.current_frame()
+    _axis.bind(capture.frame)
+    _ops._stacking.on = True
+    try:
+        out = capture.compiled(*args, **kwargs)
+    except Exception as e:
+        if state.started:
+            if record.donated:
+                record.release_donated()
+            error = state.error if state.error is not None else e
+            raise error from None
+        if state.refused is not None:
+            raise state.refused from None
+        inner = _unsupported_inside(e)
+        capture.failed = inner.reason if inner is not None else _capture_failure(e)
+        raise Unsupported(capture.failed) from None
+    finally:
+        _ops._stacking.on = False
+        _axis.bind(previous)
+        DYNAMO_GATE.exit()
+        _tls.state = None
+    if record.donated:
+        record.release_donated()
+    return _replica_outputs(out, state)
+
+
+def _capture_failure(e: BaseException) -> str:
+    """The reason of a failed capture, naming the error the backend raised (Dynamo's
+    BackendCompilerFailed says only "backend='backend' raised:")."""
+    inner = getattr(e, "inner_exception", None)
+    cause = inner if isinstance(inner, BaseException) else e
+    return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
+
+
+def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:
+    if not state.ran:
+        # No graph: nothing for the replicas to compute (the function returns its
+        # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
+        raise Unsupported("the captured function has no graph to run")
+    leaves, spec = flatten(out)
+    n = len(state.devices)
+    per_leaf = [(state.replicas_of.get(id(v)) if isinstance(v, torch.Tensor) else None) or [v] * n for v in leaves]
+    return [([values[r] for values in per_leaf], spec) for r in range(n)]
+
+
+class LockstepExecutor(Executor):
+    """Runs a call in lockstep when it can (``run``), else on the threads
+    executor, warning once per function and reason."""
+
+    def run_replicas(
+        self,
+        group: ReplicaGroup,
+        replica_fn: Callable[[int], T],
+        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
+    ) -> list[T]:
+        return _THREADS.run_replicas(group, replica_fn, caller_streams)
+
+    def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
+        reason = unsupported_reason(record)
+        if reason is None:
+            try:
+                return run(record)
+            except Unsupported as e:
+                reason = e.reason
+        warn_fallback(record.fun, record.group.label, reason, "lockstep")
+        return _THREADS.call(record)
+
+
+LOCKSTEP = LockstepExecutor()
