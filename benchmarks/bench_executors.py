@@ -38,6 +38,22 @@ def mlp_step_fn():
     return step
 
 
+def outer_autograd_step(devs):
+    """The nn.Module idiom: a module closed over, loss.backward() and the optimizer outside the call."""
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(256, 256))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = tp.pmap(lambda x, y: ((model(x) - y) ** 2).mean(), "i", devices=devs)
+
+    def step(x, y):
+        opt.zero_grad()
+        loss(x, y).unshard().mean().backward()
+        opt.step()
+
+    return step
+
+
 def cases(n):
     devs = tp.devices()[:n]
     x16 = torch.randn(n, 16)
@@ -48,6 +64,7 @@ def cases(n):
         "x*2 (n,16)": (lambda: tp.pmap(lambda x: x * 2, "i", devices=devs), (x16,), 2000, False),
         "psum (n,1024)": (lambda: tp.pmap(lambda x: tp.psum(x, "i"), "i", devices=devs), (x1024,), 2000, False),
         "MLP step 3x256, 64 rows/dev": (lambda: tp.pmap(mlp_step_fn(), "i", devices=devs), (params, xb, yb), 50, True),
+        "MLP step, loss.backward() outside": (lambda: outer_autograd_step(devs), (xb, yb), 50, False),
     }
 
 

@@ -237,10 +237,10 @@ def test_random_op_falls_back():
     assert_same_bits(expected, got)
 
 
-def test_autograd_through_the_call_falls_back():
+def test_autograd_through_the_call_runs_stacked():  # more in test_stacked_autograd.py
     x = rows(N, 3).requires_grad_()
     pf = pm(lambda x: tp.psum(x * x, "i"))
-    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="autograd"):
+    with executor("stacked"):
         y = pf(x)
     y.unshard().sum().backward()
     assert torch.equal(x.grad, 2 * x.detach() * N)

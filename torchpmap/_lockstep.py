@@ -73,6 +73,8 @@ def unsupported_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run in lockstep, checked before any capture; None if it may."""
     if record.group.new_backend is None:
         return "the replica group has no backend to call the collectives on"
+    if torch.is_grad_enabled() and record.grad_leaves:
+        return "autograd through the call (an input requires grad)"
     return capture_scope_reason(record)
 
 

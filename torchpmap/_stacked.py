@@ -22,6 +22,10 @@ buffers computes every replica, each collective an exchange along dim 0
    outputs back to Dynamo, which rebuilds the output structure. The runner maps
    those views back to their stacked outputs by identity.
 
+With autograd (grad mode on, a graph input requiring grad), the batched graph
+runs inside one autograd Function whose backward is a batched vjp graph
+(``_stacked_autograd``).
+
 Everything outside that scope falls back to the threads executor, with a
 RuntimeWarning once per function and reason.
 """
@@ -37,26 +41,27 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _ops, _runtime
+from . import _axis, _ops, _runtime, _stacked_autograd
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, _trampoline_factory
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view
-from ._stacked_collectives import vmap_replicas
+from ._stacked_autograd import ReplicaProgram
 
 T = TypeVar("T")
 
 
 class Unsupported(Exception):
-    """This call cannot run stacked; ``reason`` says why (for the fallback's warning)."""
+    """This call cannot run stacked; ``reason`` says why (for the fallback's warning).
+    ``per_call``: only this call (its capture stays usable for other calls)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, per_call: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.per_call = per_call
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +89,6 @@ def capture_scope_reason(record: CallRecord) -> str | None:
     lockstep), checked before any capture; None if it may."""
     if record.programs[0] is not record.fun:
         return "compile= is set"
-    if torch.is_grad_enabled() and record.grad_leaves:
-        return "autograd through the call (an input requires grad)"
     if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
@@ -201,22 +204,35 @@ _LEVEL_FREE = {
 }
 
 
-def _shift_functorch_levels(gm: torch.fx.GraphModule) -> None:
-    """Dynamo writes the functorch levels of torch.func transforms inside the
-    function as constants counted from no transform; the batched graph runs them
-    under the replica level. Unknown functorch calls refuse."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or "functorch" not in (getattr(node.target, "__module__", "") or ""):
-            continue
+def _shifted_functorch_levels(gm: torch.fx.GraphModule, depth: int) -> torch.fx.GraphModule:
+    """``gm`` to run under ``depth`` functorch transforms (the replica level, and
+    a vjp's under autograd): Dynamo writes the levels of torch.func transforms
+    inside the function as constants counted from no transform. A copy when a
+    level moves; unknown functorch calls refuse."""
+    functorch_nodes = [
+        node
+        for node in gm.graph.nodes
+        if node.op == "call_function" and "functorch" in (getattr(node.target, "__module__", "") or "")
+    ]
+    shifted = [node for node in functorch_nodes if getattr(node.target, "__name__", "") not in _LEVEL_FREE]
+    for node in shifted:
         name = getattr(node.target, "__name__", "")
-        if name in _LEVEL_FREE:
-            continue
         if name not in _LEVEL_ARGS:
             raise Unsupported(f"a torch.func transform the stacked executor does not know ({name})")
-        args = list(node.args)
-        args[_LEVEL_ARGS[name]] += 1
-        node.args = tuple(args)
-    gm.recompile()
+    if not shifted:
+        return gm
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        copy = graph.node_copy(node, lambda n: env[n])
+        if node in shifted:
+            args, k = list(copy.args), _LEVEL_ARGS[getattr(node.target, "__name__", "")]
+            level = args[k]
+            assert isinstance(level, int), f"a functorch level argument that is not an int: {level!r}"
+            args[k] = level + depth
+            copy.args = tuple(args)
+        env[node] = copy
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
@@ -258,9 +274,10 @@ class _Batched:
     """The backend's callable for one guard set: the batched graph, and per
     Dynamo placeholder whether it is a stacked input (in_dim 0) or shared."""
 
-    def __init__(self, graph: torch.fx.GraphModule, in_dims: tuple[int | None, ...]) -> None:
-        self.graph, self.in_dims = graph, in_dims
-        self.written = _written_inputs(graph)
+    def __init__(self, program: ReplicaProgram) -> None:
+        assert program.graph is not None  # traced by the backend
+        self.program, self.graph, self.in_dims = program, program.graph, program.in_dims
+        self.written = _written_inputs(self.graph)
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         state = _current()
@@ -273,8 +290,11 @@ class _Batched:
                 raise Unsupported("the function writes an input in place that could only be stacked by a copy")
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
-            raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
-        outs = self.graph(*inputs)
+            if self.written:  # the backward recomputes the forward from the inputs
+                raise Unsupported("autograd through a function that writes an input in place", per_call=True)
+            outs = _stacked_autograd.run(self.program, inputs)
+        else:
+            outs = self.graph(*inputs)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -295,19 +315,10 @@ def _backend(
         state = _current()
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
-        _shift_functorch_levels(gm)
-        frame = _axis.current_frame()
-        _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
-        try:
-            batched = make_fx(
-                vmap_replicas(gm, axis_name, n, in_dims=in_dims),
-                tracing_mode="fake",
-                _allow_non_fake_inputs=True,
-            )(*examples)
-        finally:
-            _axis.bind(frame)
-        _check_no_random(batched.graph)
-        return _Batched(batched, in_dims)
+        _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
+        program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
+        _check_no_random(program.trace(examples).graph)
+        return _Batched(program)
 
     return backend
 
@@ -380,6 +391,8 @@ def run(record: CallRecord) -> StackedOutput:
         out = capture.compiled(*args, **kwargs)
     except Exception as e:
         inner = _unsupported_inside(e)
+        if inner is not None and inner.per_call:
+            raise Unsupported(inner.reason) from None
         capture.failed = inner.reason if inner is not None else f"capture failed ({type(e).__name__}: {_first_line(e)})"
         raise Unsupported(capture.failed) from None
     finally:

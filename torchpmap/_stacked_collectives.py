@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
 
 from . import _axis
 
@@ -191,5 +192,15 @@ def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwar
 
 
 def axis_index_batched(level: _axis.ReplicaLevel) -> Tensor:
-    """axis_index under a replica level: every replica's own index, batched."""
-    return torch._C._functorch._add_batch_dim(axis_index(level.size, level.device), 0, level.level)
+    """axis_index under a replica level: every replica's own index, batched, and
+    lifted into the grad levels above it (a vjp of the replica, under autograd),
+    which functorch requires of a tensor made inside them."""
+    index = axis_index(level.size, level.device)
+    while torch._C._functorch.is_functorch_wrapped_tensor(index):  # made inside a grad level: lifted into it
+        index = torch._C._functorch.get_unwrapped(index)
+    index = torch._C._functorch._add_batch_dim(index, 0, level.level)
+    for interpreter in torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters():
+        above = interpreter.level() > level.level
+        if above and interpreter.key() in (TransformType.Grad, TransformType.Jvp):
+            index = torch._C._functorch._wrap_for_grad(index, interpreter.level())
+    return index

@@ -1,0 +1,373 @@
+"""Autograd through a call on the stacked executor: the same gradients as the
+threads executor (bit for bit, except where batched matmuls may round
+differently), and a warned fallback for what it does not do."""
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from helpers import devices, rows
+
+import torchpmap as tp
+from torchpmap import _config
+
+N = 4
+
+
+@pytest.fixture(autouse=True)
+def _restore_executor():
+    before = _config._executor
+    yield
+    _config._executor = before
+
+
+@contextlib.contextmanager
+def executor(name, allow_fallback=False):
+    tp.set_executor(name)
+    with warnings.catch_warnings():
+        if not allow_fallback:
+            warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
+        yield
+
+
+def pm(f, **kwargs):
+    return tp.pmap(f, "i", devices=devices(N), **kwargs)
+
+
+def plain(v):
+    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
+
+
+def weighted_loss(out):
+    """A loss whose cotangents differ per element, so every row's gradient is checked."""
+    leaves = [plain(o) for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+    return sum(
+        (o * torch.linspace(-1.0, 2.0, o.numel()).reshape(o.shape)).sum() for o in leaves if o.is_floating_point()
+    )
+
+
+def grads_of(pf, *args, loss=weighted_loss):
+    """The call's outputs and the gradients of ``loss`` w.r.t. the args that require grad."""
+    leaves = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    out = pf(*leaves)
+    loss(out).backward()
+    return out, [a.grad for a in leaves if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def assert_equal(a, b, close=False):
+    for x, y in zip(a, b, strict=True):
+        x, y = plain(x), plain(y)
+        if close:  # a batched matmul may round differently in the last bit
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(x, y), (x - y).abs().max()
+
+
+def both_grads(pf, *args, close=False, loss=weighted_loss):
+    with executor("threads"):
+        expected_out, expected = grads_of(pf, *args, loss=loss)
+    with executor("stacked"):
+        got_out, got = grads_of(pf, *args, loss=loss)
+    assert expected and len(got) == len(expected)
+    assert_equal(expected, got, close)
+    assert_equal(torch.utils._pytree.tree_leaves(expected_out), torch.utils._pytree.tree_leaves(got_out), close)
+    return got
+
+
+def fallback(match):
+    return pytest.warns(RuntimeWarning, match=match)
+
+
+# -- gradients through every collective ------------------------------------------------
+COLLECTIVES = {
+    "elementwise": lambda x: x.sin() * 2,
+    "psum": lambda x: tp.psum(x.sin(), "i"),
+    "psum_groups": lambda x: tp.psum(x * x, "i", axis_index_groups=[[0, 2], [1, 3]]),
+    "pmean": lambda x: tp.pmean(x.exp(), "i"),
+    "pmean_unequal_groups": lambda x: tp.pmean(x * x, "i", axis_index_groups=[[0], [1, 2, 3]]),
+    "all_gather": lambda x: tp.all_gather(x.cos(), "i"),
+    "all_gather_tiled_axis1": lambda x: tp.all_gather(x * x, "i", axis=1, tiled=True),
+    "psum_scatter": lambda x: tp.psum_scatter(x.sin(), "i"),
+    "psum_scatter_tiled": lambda x: tp.psum_scatter(x * x, "i", tiled=True),
+    "all_to_all": lambda x: tp.all_to_all(x.sin(), "i", 0, 0),
+    "ppermute": lambda x: tp.ppermute(x.sin(), "i", [(0, 1), (1, 2), (2, 0)]),
+    "pshuffle": lambda x: tp.pshuffle(x * x, "i", [3, 2, 0, 1]),
+    "axis_index": lambda x: x * tp.axis_index("i"),
+    "pytree": lambda x: tp.psum({"a": x.sin(), "b": (x * 2, x.sum())}, "i"),
+    "pmax_of_detached": lambda x: x * tp.pmax(x.detach(), "i"),
+    "two_outputs": lambda x: (tp.psum(x, "i"), x.cos()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COLLECTIVES))
+def test_gradients_through_collectives_equal_threads(name):
+    both_grads(pm(COLLECTIVES[name]), rows(N, 4, 3).requires_grad_())
+
+
+@pytest.mark.parametrize("reduce", [tp.pmax, tp.pmin])
+def test_pmax_refuses_its_gradient_as_on_threads(reduce):
+    pf = pm(lambda x: reduce(x * 2, "i"))
+    for name in ("threads", "stacked"):
+        with executor(name):
+            y = pf(rows(N, 3).requires_grad_())
+            with pytest.raises(RuntimeError, match="not differentiable"):
+                y.unshard().sum().backward()
+
+
+def test_mapped_axis_not_first():
+    pf = pm(lambda x: tp.psum(x.sin(), "i"), in_axes=1)
+    both_grads(pf, rows(3, N, 2).requires_grad_())
+
+
+def test_broadcast_input_gradient_sums_the_replicas():
+    pf = pm(lambda x, w: tp.psum(x * w, "i") + w.sin(), in_axes=(0, None))
+    gx, gw = both_grads(pf, rows(N, 3).requires_grad_(), rows(3, offset=0.5).requires_grad_())
+    assert gw.shape == (3,)
+
+
+def test_broadcast_matmul_weight():
+    pf = pm(lambda x, w: torch.tanh(x @ w), in_axes=(0, None))
+    both_grads(pf, rows(N, 5, 6).requires_grad_(), rows(6, 3, scale=0.01).requires_grad_(), close=True)
+
+
+def test_only_the_broadcast_input_requires_grad():
+    pf = pm(lambda x, w: tp.pmean(x * w, "i"), in_axes=(0, None))
+    both_grads(pf, rows(N, 3), rows(3).requires_grad_())
+
+
+def test_closed_over_parameters_accumulate_once_per_replica():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    pf = pm(lambda x: tp.psum(model(x), "i"))
+    x = rows(N, 3, 6, scale=0.05)
+    grads = {}
+    for name in ("threads", "stacked"):
+        model.zero_grad(set_to_none=True)
+        with executor(name):
+            weighted_loss(pf(x)).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    assert_equal(grads["threads"], grads["stacked"], close=True)
+
+
+def test_closed_over_tensor_elementwise_is_exact():
+    w = rows(3, offset=0.25).requires_grad_()
+    pf = pm(lambda x: tp.psum(x * w, "i"))
+    got = {}
+    for name in ("threads", "stacked"):
+        w.grad = None
+        with executor(name):
+            weighted_loss(pf(rows(N, 3))).backward()
+        got[name] = w.grad.clone()
+    assert torch.equal(got["threads"], got["stacked"])
+
+
+def test_sgd_loop_with_parameters_outside_the_call():
+    def train(name):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        pf = pm(lambda x, y: torch.nn.functional.mse_loss(model(x), y))
+        x, y = rows(N, 5, 8, scale=0.01), rows(N, 5, 1, scale=0.1)
+        losses = []
+        with executor(name):
+            for _ in range(3):
+                loss = pf(x, y).unshard().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        return [*losses, *[p.detach().clone() for p in model.parameters()]]
+
+    assert_equal(train("threads"), train("stacked"), close=True)
+
+
+# -- what the function does inside ------------------------------------------------------
+def test_torch_func_grad_inside_with_outer_backward():
+    def f(x):
+        return torch.func.grad(lambda y: (y.sin() * tp.psum(y, "i") * tp.axis_index("i")).sum())(x)
+
+    both_grads(pm(f), rows(N, 3).requires_grad_())
+
+
+def test_no_grad_and_detach_inside():
+    def f(x):
+        with torch.no_grad():
+            s = x * 3
+        return x * s + x * x.detach()
+
+    both_grads(pm(f), rows(N, 3).requires_grad_())
+
+
+def test_double_backward():
+    pf = pm(lambda x: tp.psum(x.sin(), "i") * x)
+
+    def loss(out):
+        return out.unshard().sum()
+
+    results = {}
+    for name in ("threads", "stacked"):
+        x = rows(N, 3).requires_grad_()
+        with executor(name):
+            (g,) = torch.autograd.grad(loss(pf(x)), x, create_graph=True)
+            (g * g).sum().backward()
+        results[name] = (g.detach(), x.grad)
+    assert_equal(results["threads"], results["stacked"])
+
+
+def test_output_requires_grad_as_on_threads():
+    pf = pm(lambda x, k: (x.sin(), x.argmax(), k * 2), in_axes=(0, None))
+    flags = {}
+    for name in ("threads", "stacked"):
+        with executor(name):
+            out = pf(rows(N, 3).requires_grad_(), torch.ones(2))
+        flags[name] = [plain(o).requires_grad for o in out]
+    assert flags["threads"] == flags["stacked"] == [True, False, False]
+
+
+def test_unused_output_and_retain_graph():
+    pf = pm(lambda x: (tp.psum(x.sin(), "i"), x.log()))
+
+    def loss(out):
+        return out[0].unshard().sum()
+
+    both_grads(pf, rows(N, 3, offset=0.5).requires_grad_(), loss=loss)
+    with executor("stacked"):
+        x = rows(N, 3, offset=0.5).requires_grad_()
+        total = loss(pf(x))
+        total.backward(retain_graph=True)
+        first = x.grad.clone()
+        total.backward()
+        assert torch.equal(x.grad, 2 * first)
+
+
+def test_backward_inside_the_replica_falls_back():
+    def f(x):
+        y = x.detach().requires_grad_()
+        (y * y).sum().backward()
+        return y.grad
+
+    pf = pm(f)
+    with executor("threads"):
+        expected = pf(rows(N, 3))
+    with executor("stacked", allow_fallback=True), fallback("backward"):
+        got = pf(rows(N, 3))
+    assert torch.equal(plain(expected), plain(got))
+
+
+def test_in_place_write_under_autograd_falls_back_for_that_call_only():
+    def f(x, b):
+        b.add_(1.0)
+        return x.sin() + b
+
+    pf = pm(f)
+    with executor("stacked", allow_fallback=True), fallback("writes an input in place"):
+        y = pf(rows(N, 3).requires_grad_(), torch.zeros(N, 3))
+    y.unshard().sum().backward()
+    with executor("stacked"), torch.no_grad():  # the capture itself stays usable
+        b = torch.zeros(N, 3)
+        pf(rows(N, 3), b)
+        assert torch.equal(b, torch.ones(N, 3))
+
+
+# -- inputs and outputs ----------------------------------------------------------------------
+def test_sharded_leaves_requiring_grad():
+    pf = pm(lambda x: tp.psum(x.sin(), "i"))
+    shards = {}
+    for name in ("threads", "stacked"):
+        xs = tp.device_put_sharded([r.clone().requires_grad_() for r in rows(N, 3)], devices(N))
+        with executor(name):
+            weighted_loss(pf(xs)).backward()
+        shards[name] = [s.grad for s in xs.shards]
+    assert_equal(shards["threads"], shards["stacked"])
+
+
+def test_outputs_fed_back():
+    pf = pm(lambda x: tp.psum(x.sin(), "i") * x)
+    both_grads(lambda x: pf(pf(x)), rows(N, 3).requires_grad_())
+
+
+def test_no_grad_call_records_nothing():
+    pf = pm(lambda x: tp.psum(x * 2, "i"))
+    with executor("stacked"), torch.no_grad():
+        y = pf(rows(N, 3).requires_grad_())
+    assert not y.requires_grad
+
+
+def test_backward_twice_raises():
+    pf = pm(lambda x: tp.psum(x.sin(), "i"))
+    with executor("stacked"):
+        total = pf(rows(N, 3).requires_grad_()).unshard().sum()
+    total.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        total.backward()
+
+
+def test_replicated_outputs():
+    both_grads(pm(lambda x: (tp.pmean(x * x, "i"), x.cos()), out_axes=(None, 0)), rows(N, 3).requires_grad_())
+
+
+def test_cotangents_of_another_layout():
+    pf = pm(lambda x: tp.psum(x.sin(), "i"))
+    both_grads(pf, rows(N, 3).requires_grad_(), loss=lambda out: out.unshard().sum())  # expanded cotangents
+    both_grads(pf, rows(N, 3).requires_grad_())
+
+
+def test_which_inputs_get_a_gradient_as_on_threads():
+    # Reached only through an output the loss does not use: zeros, as on threads.
+    # Not reached at all: None.
+    head, other_head, detached = (torch.nn.Linear(3, 2) for _ in range(3))
+
+    def f(x, w, v):
+        return tp.psum(head(x), "i"), other_head(x) * w, detached(x).detach() * v.detach()
+
+    pf = pm(f, in_axes=(0, None, None))
+    grads = {}
+    for name in ("threads", "stacked"):
+        for m in (head, other_head, detached):
+            m.zero_grad(set_to_none=True)
+        x, w, v = rows(N, 3).requires_grad_(), torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+        with executor(name):
+            out = pf(x, w, v)
+        out[0].unshard().sum().backward()
+        grads[name] = [x.grad, w.grad, v.grad, *(p.grad for m in (head, other_head, detached) for p in m.parameters())]
+    assert [g is None for g in grads["stacked"]] == [g is None for g in grads["threads"]]
+    assert grads["threads"][2] is None and grads["threads"][1] is not None
+    assert_equal([g for g in grads["threads"] if g is not None], [g for g in grads["stacked"] if g is not None])
+
+
+def test_gradcheck_and_gradgradcheck():
+    def f(x, w):
+        y = tp.psum(torch.tanh(x * w), "i") + tp.all_gather(x, "i").sum(0)
+        return tp.ppermute(y * x, "i", [(0, 1), (1, 2), (2, 3), (3, 0)])
+
+    pf = pm(f, in_axes=(0, None))
+
+    def call(x, w):
+        return pf(x, w).unshard()
+
+    x = rows(N, 3, dtype=torch.float64, scale=0.1).requires_grad_()
+    w = rows(3, dtype=torch.float64, scale=0.2, offset=0.3).requires_grad_()
+    with executor("stacked"):
+        assert torch.autograd.gradcheck(call, (x, w))
+        assert torch.autograd.gradgradcheck(call, (x, w))
+
+
+def test_inputs_returned_and_replica_invariant_outputs():
+    pf = pm(lambda x, w: (x, w * 2, x * w), in_axes=(0, None))
+    both_grads(pf, rows(N, 3).requires_grad_(), rows(3, offset=0.5).requires_grad_())
+    # A broadcast input returned as is bypasses the graph (Dynamo returns it): its
+    # gradient adds to the graph's in another order than on threads, so may round differently.
+    pf = pm(lambda x, w: (w * 2, x * w, w), in_axes=(0, None))
+    both_grads(pf, rows(N, 3).requires_grad_(), rows(3, offset=0.5).requires_grad_(), close=True)
+
+
+def test_requires_grad_changing_between_calls():
+    pf = pm(lambda x, w: tp.psum(x * w, "i"), in_axes=(0, None))
+    for x_grad, w_grad in [(False, False), (True, False), (False, True), (True, True), (False, False)]:
+        x, w = rows(N, 3).requires_grad_(x_grad), rows(3, offset=0.5).requires_grad_(w_grad)
+        if x_grad or w_grad:
+            both_grads(pf, x, w)
+        else:
+            with executor("stacked"):
+                assert not pf(x, w).requires_grad
