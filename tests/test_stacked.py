@@ -223,17 +223,15 @@ def test_data_dependent_shape_falls_back():
     fallback(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3), match="capture failed")
 
 
-def test_random_op_falls_back():
-    def f(x):
-        return x + torch.rand_like(x)
-
-    pf = pm(f)
-    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="random|capture failed"):
-        torch.manual_seed(1)
-        got = pf(rows(N, 3))
+def test_random_ops_draw_the_threads_numbers():
+    # Each replica draws from its own stream, as on threads (more in test_stacked_random.py).
+    pf = pm(lambda x: x + torch.rand_like(x))
     with executor("threads"):
         torch.manual_seed(1)
         expected = pf(rows(N, 3))
+    with executor("stacked"):
+        torch.manual_seed(1)
+        got = pf(rows(N, 3))
     assert_same_bits(expected, got)
 
 

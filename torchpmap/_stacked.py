@@ -13,8 +13,9 @@ buffers computes every replica, each collective an exchange along dim 0
 2. Its backend turns Dynamo's per-replica graph, whose placeholders are the
    arguments and every tensor the function closes over, into the batched graph:
    ``make_fx(vmap_replicas(graph))`` on fake stacked inputs. functorch runs
-   only here. Random ops refuse (vmap's randomness="error", and a check of the
-   graph): per-replica random streams are not stacked yet.
+   only here. Each random call becomes one op that draws every replica's
+   numbers from its own stream at run time (``_stacked_random``); a random op
+   left over refuses (vmap's randomness="error", and a check of the graph).
 3. Each call runs Dynamo's compiled function on replica 0's row views (cheap
    views with a replica's shape and strides, so its guards check what they
    should); the backend's callable swaps them for the stacked buffers, which a
@@ -40,7 +41,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _ops, _runtime
+from . import _axis, _ops, _runtime, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, _trampoline_factory
@@ -251,7 +252,7 @@ def _check_no_random(graph: torch.fx.Graph) -> None:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
             if torch.Tag.nondeterministic_seeded in target.tags:
-                raise Unsupported(f"a random op ({target}): per-replica random streams are not stacked yet")
+                raise Unsupported(f"a random op the stacked executor does not give each replica's stream ({target})")
 
 
 class _Batched:
@@ -296,6 +297,7 @@ def _backend(
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
         _shift_functorch_levels(gm)
+        sites = _stacked_random.route_random_ops(gm)
         frame = _axis.current_frame()
         _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
         try:
@@ -307,7 +309,9 @@ def _backend(
         finally:
             _axis.bind(frame)
         _check_no_random(batched.graph)
-        return _Batched(batched, in_dims)
+        result = _Batched(batched, in_dims)
+        weakref.finalize(result, _stacked_random.forget, sites)
+        return result
 
     return backend
 
@@ -377,7 +381,8 @@ def run(record: CallRecord) -> StackedOutput:
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     try:
-        out = capture.compiled(*args, **kwargs)
+        with _stacked_random.call_streams(record.group, lambda: state.ran):
+            out = capture.compiled(*args, **kwargs)
     except Exception as e:
         inner = _unsupported_inside(e)
         capture.failed = inner.reason if inner is not None else f"capture failed ({type(e).__name__}: {_first_line(e)})"
