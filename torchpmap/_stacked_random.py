@@ -33,7 +33,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,8 +361,13 @@ def _tensor_strides(site: _Site, positional: int) -> list[tuple[int, ...] | None
     return [None if p is None else site.arg_strides.get(p) for p in positions]
 
 
-def _replica_args(site: _Site, tensors: Sequence[Tensor], batched: Sequence[bool], r: int) -> tuple[Any, Any]:
+def _replica_args(
+    site: _Site, tensors: Sequence[Tensor], batched: Sequence[bool], r: int
+) -> tuple[tuple[Any, Any], list[Tensor]]:
+    """Replica r's (args, kwargs) of the site's call, and the leaves its
+    autograd graph starts from (its differentiable inputs)."""
     flat = list(site.constants)
+    leaves = []
     for k, (i, t, b) in enumerate(zip(site.tensor_at, tensors, batched)):
         row = t.select(0, r) if b else t
         strides = site.tensor_strides[k]
@@ -370,9 +375,12 @@ def _replica_args(site: _Site, tensors: Sequence[Tensor], batched: Sequence[bool
             row = _with_strides(row, strides, copy=True)
         elif strides is not None and row.stride() != strides:
             row = _with_strides(row, strides, copy=False)
+        if k in site.grad_inputs:
+            row = row.detach().requires_grad_()
+            leaves.append(row)
         flat[i] = row
     assert site.arg_spec is not None
-    return tree_unflatten(flat, site.arg_spec)
+    return tree_unflatten(flat, site.arg_spec), leaves
 
 
 def _with_strides(row: Tensor, strides: tuple[int, ...] | None, *, copy: bool) -> Tensor:
@@ -388,21 +396,13 @@ def _draw_rows(key: int, tensors: list[Tensor], batched: list[bool], n: int) -> 
     streams = _streams()
     per_replica: list[list[Tensor]] = []
     graphs = []
-    for r in range(n):
-        args, kwargs = _replica_args(site, tensors, batched, r)
-        mode = streams.mode(r)
-        if site.grad_inputs:
-            flat = [a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
-            leaves = [flat[k].detach().requires_grad_() for k in site.grad_inputs]
-            args, kwargs = _replaced(site, args, kwargs, dict(zip(site.grad_inputs, leaves)))
-            with _autograd_inside_kernel():
-                out = mode.__torch_function__(site.func, (), args, kwargs)
-        else:
-            out = mode.__torch_function__(site.func, (), args, kwargs)
-        outs = [o for o in tree_leaves(out) if isinstance(o, Tensor)]
-        _check_outputs(site, outs)
-        per_replica.append(outs)
-        if site.grad_inputs:
+    with _autograd_inside_kernel() if site.grad_inputs else nullcontext():
+        for r in range(n):
+            (args, kwargs), leaves = _replica_args(site, tensors, batched, r)
+            out = streams.mode(r).__torch_function__(site.func, (), args, kwargs)
+            outs = [out] if isinstance(out, Tensor) else [o for o in tree_leaves(out) if isinstance(o, Tensor)]
+            _check_outputs(site, outs)
+            per_replica.append(outs)
             graphs.append((leaves, outs))
     if site.grad_inputs:
         streams.graphs[key] = graphs
@@ -427,14 +427,6 @@ def _autograd_inside_kernel() -> Iterator[None]:
         yield
 
 
-def _replaced(site: _Site, args: Any, kwargs: Any, by_tensor: dict[int, Tensor]) -> tuple[Any, Any]:
-    flat, spec = tree_flatten((args, kwargs))
-    for k, i in enumerate(site.tensor_at):
-        if k in by_tensor:
-            flat[i] = by_tensor[k]
-    return tree_unflatten(flat, spec)
-
-
 def _check_outputs(site: _Site, outs: list[Tensor]) -> None:
     want = site.outputs
     if len(outs) != len(want) or any(tuple(o.shape) != w.shape or o.dtype != w.dtype for o, w in zip(outs, want)):
@@ -448,15 +440,19 @@ def _draw_rows_backward(key: int, grads: list[Tensor], n: int) -> list[Tensor]:
     graphs = _streams().graphs.pop(key, None)
     if graphs is None:
         raise RuntimeError("torchpmap: a stacked random op's backward ran without its forward")
-    per_replica = []
-    for r, (inputs, outputs) in enumerate(graphs):
-        pairs = [(o, g.select(0, r)) for o, g in zip(outputs, grads) if o.requires_grad]
-        with _autograd_inside_kernel():
-            got = torch.autograd.grad(
-                [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True, materialize_grads=True
-            )
-        per_replica.append(got)
-    return [torch.stack([g[k] for g in per_replica]) for k in range(len(graphs[0][0]))]
+    # One engine run over every replica's graph: they share nothing, so each
+    # input's gradient is what its replica's own backward gives.
+    outputs, inputs, grad_outputs = [], [], []
+    for r, (leaves, outs) in enumerate(graphs):
+        for o, g in zip(outs, grads):
+            if o.requires_grad:
+                outputs.append(o)
+                grad_outputs.append(g.select(0, r))
+        inputs.extend(leaves)
+    with _autograd_inside_kernel():
+        got = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, materialize_grads=True)
+    per_replica = len(graphs[0][0])
+    return [torch.stack(got[k::per_replica]) for k in range(per_replica)]
 
 
 # -- the ops -------------------------------------------------------------------------------
