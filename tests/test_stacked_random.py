@@ -72,6 +72,8 @@ def draws(x):
             torch.bernoulli(torch.full_like(x, 0.5)),
             torch.ops.aten.bernoulli_.float(torch.empty_like(x), 0.5),
             torch.rand(3).sum(0, keepdim=True),  # a second draw continues the stream
+            torch.nn.init.kaiming_uniform_(torch.empty(1, x.shape[0])).flatten(),  # a fresh tensor filled
+            torch.zeros(2).normal_(),
         ]
     )
 
@@ -194,6 +196,23 @@ def fallback_reason(f, *args):
     return str(record[0].message)
 
 
+def test_a_fresh_tensor_filled_in_place_is_read_through_its_name():
+    def f(x):
+        t = torch.empty(x.shape[1:])
+        t.uniform_()  # the result is not used: t is
+        noise = torch.ones(2)
+        F.dropout(noise, 0.5, inplace=True)
+        return x + t, noise
+
+    assert_same_streams(pm(f), torch.ones(N, 5))
+
+
+def used_then_filled(x):
+    t = torch.zeros(x.shape[1:])
+    before = t * 2  # t was read before the draw: it cannot become the draw's result
+    return x + before + t.uniform_()
+
+
 @pytest.mark.parametrize(
     "fn, reason",
     [
@@ -201,7 +220,7 @@ def fallback_reason(f, *args):
             lambda x: torch.func.vmap(lambda v: F.dropout(v, 0.5), randomness="different")(x),
             "torch.func",  # today any vmap in the function falls back; a draw inside one must too
         ),
-        (lambda x: x + torch.nn.init.uniform_(torch.empty(x.shape[1:])), "without the replica dimension"),
+        (used_then_filled, "without the replica dimension"),
     ],
     ids=["inside_vmap", "into_an_unstacked_tensor"],
 )

@@ -81,6 +81,9 @@ class _Site:
     constants: list[Any] = field(default_factory=list)
     tensor_at: list[int] = field(default_factory=list)
     tensor_strides: list[tuple[int, ...] | None] = field(default_factory=list)  # per tensor, as in a replica
+    # In place into a tensor just made (torch.empty(...).uniform_()): later uses
+    # read the site's result instead, which may vary over the replicas.
+    fills_fresh: bool = False
     grad_inputs: tuple[int, ...] = ()  # positions in the tensor list
     grad_input_meta: list[_OutputMeta] = field(default_factory=list)
 
@@ -114,6 +117,7 @@ def route_random_ops(gm: torch.fx.GraphModule) -> list[int]:
     numbers into a call of `draw`, in place; the keys of its sites (`forget`
     them with the batched graph)."""
     keys = []
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         func = _function_of(node)
         if func is None or func is draw:
@@ -122,13 +126,40 @@ def route_random_ops(gm: torch.fx.GraphModule) -> list[int]:
         if kind == _random._NOT_RANDOM:
             continue
         key = next(_keys)
-        _sites[key] = _new_site(node, func)
+        site = _sites[key] = _new_site(node, func)
+        if site.in_place and _fills_fresh(node, order):
+            site.fills_fresh = True
+            _read_result_after(node, order)
         node.op, node.target = "call_function", draw
         node.args = (key, *node.args)
         keys.append(key)
     if keys:
         gm.recompile()
     return keys
+
+
+# Functions whose result is a new tensor that aliases nothing.
+_FRESH = frozenset(
+    getattr(torch, name)
+    for name in "empty zeros ones full empty_like zeros_like ones_like full_like empty_strided".split()
+)
+
+
+def _fills_fresh(node: torch.fx.Node, order: dict[torch.fx.Node, int]) -> bool:
+    """Whether in-place ``node`` writes a tensor made just for it: a factory's
+    result that nothing used before ``node``."""
+    target = node.args[0]
+    if not isinstance(target, torch.fx.Node) or target.op != "call_function" or target.target not in _FRESH:
+        return False
+    return all(order[user] >= order[node] for user in target.users)
+
+
+def _read_result_after(node: torch.fx.Node, order: dict[torch.fx.Node, int]) -> None:
+    """Every use of in-place ``node``'s target after it reads ``node`` instead."""
+    target = node.args[0]
+    assert isinstance(target, torch.fx.Node)
+    position = order[node]
+    target.replace_all_uses_with(node, delete_user_cb=lambda user: order[user] > position)
 
 
 def forget(keys: Sequence[int]) -> None:
@@ -179,15 +210,13 @@ def draw(key: int, *args: Any, **kwargs: Any) -> Any:
     site.arg_spec, site.constants, site.tensor_at = arg_spec, constants, tensor_at
     site.tensor_strides = _tensor_strides(site, len(args))
     site.grad_inputs = tuple(k for k, t in enumerate(tensors) if t.requires_grad) if grad else ()
-    site.grad_input_meta = [
-        _OutputMeta(tuple(tensors[k].shape), tensors[k].dtype, tensors[k].device) for k in site.grad_inputs
-    ]
+    site.grad_input_meta = [_meta(tensors[k]) for k in site.grad_inputs]
     # A batched anchor: the op meets the replica level's vmap rule even when no
     # argument varies over the replicas (torch.rand(shape)).
     anchor = _stacked_collectives.axis_index_batched(_replica_level_of_trace(name))
     results = iter(_Draw.apply(key, anchor, *tensors))
     out = tree_unflatten([next(results) if isinstance(o, _OutputMeta) else o for o in site.out_leaves], site.out_spec)
-    if site.in_place:
+    if site.in_place and not site.fills_fresh:
         return args[0].copy_(out if isinstance(out, Tensor) else tree_leaves(out)[0])
     return out
 
@@ -242,7 +271,7 @@ class _Draw(torch.autograd.Function):
         site = _site(key)
         _replica_level(info, site)
         dims = in_dims[2:]
-        if site.in_place and dims[0] is None:
+        if site.in_place and not site.fills_fresh and dims[0] is None:
             raise _unsupported(
                 f"an in-place random op ({getattr(site.func, '__name__', site.func)}) on a tensor made inside the "
                 "function without the replica dimension (e.g. torch.empty(...).uniform_()): each replica would "
