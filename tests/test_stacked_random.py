@@ -151,6 +151,16 @@ def test_a_training_step_with_dropout_under_grad_matches_threads():
     assert_same_streams(f, params, x, y)
 
 
+def test_nested_grads_through_a_draw_match_threads():
+    def f(x, w):
+        def outer(x):
+            return torch.func.grad(lambda w: (F.dropout(x, 0.5) * w).sum())(w).pow(2).sum()
+
+        return torch.func.grad(outer)(x)
+
+    assert_same_streams(pm(f), torch.randn(N, 5), torch.randn(N, 5))
+
+
 def test_dropout_backward_uses_the_forward_mask():
     def f(x):
         y, vjp = torch.func.vjp(lambda v: F.dropout(v, 0.5), x)
@@ -221,8 +231,12 @@ def used_then_filled(x):
             "torch.func",  # today any vmap in the function falls back; a draw inside one must too
         ),
         (used_then_filled, "without the replica dimension"),
+        (
+            lambda x: torch.func.grad(lambda v: torch.func.grad(lambda u: (F.dropout(u, 0.5) ** 2).sum())(v).sum())(x),
+            "a second derivative through a random op",
+        ),
     ],
-    ids=["inside_vmap", "into_an_unstacked_tensor"],
+    ids=["inside_vmap", "into_an_unstacked_tensor", "second_derivative"],
 )
 def test_what_cannot_match_threads_falls_back_with_a_reason(fn, reason):
     f = pm(fn)
