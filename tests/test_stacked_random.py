@@ -197,6 +197,9 @@ def test_the_same_seed_gives_the_same_bits_and_another_seed_others():
 def test_a_draw_into_a_transposed_input_matches_threads():
     # Dropout fills a mask laid out like its input: the replica's own strides.
     assert_same_streams(pm(lambda x: F.dropout(x.t(), 0.5) * 2), torch.ones(N, 3, 5))
+    assert_same_streams(
+        pm(lambda x: torch.rand_like(x[:, ::2]).sum() + F.dropout(x[0].expand(4, 5), 0.5)), torch.ones(N, 3, 5)
+    )
 
 
 def fallback_reason(f, *args):

@@ -24,8 +24,9 @@ the results:
 
 What cannot give the threads' numbers raises `Unsupported`, and the call falls
 back: a random op inside a ``torch.func.vmap`` (or another transform than grad)
-in the function, an explicit ``torch.Generator``, an in-place draw into a tensor
-made inside the function without the replica dimension, ``out=``.
+in the function, an explicit ``torch.Generator``, ``out=``, a second derivative,
+an in-place draw into a tensor without the replica dimension (unless a factory
+just made it: then later uses read the draw's result, `_fills_fresh`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class _Site:
 
     func: Callable[..., Any]  # as the streams mode sees it (a Tensor method unbound)
     in_place: bool  # it writes its first argument and returns it
-    arg_strides: dict[int, tuple[int, ...]]  # per positional Node argument: its per-replica strides
+    arg_strides: dict[int, tuple[int, ...]]  # per positional tensor argument: empty_like's strides in a replica
     out_spec: TreeSpec  # of the per-replica result, its tensors as leaves
     out_leaves: list[Any]  # per leaf: _OutputMeta for a tensor, else the constant
     # Filled when traced (`draw`): the non-tensor leaves of (args, kwargs), None
@@ -180,11 +181,17 @@ def _new_site(node: torch.fx.Node, func: Callable[..., Any]) -> _Site:
     for i, a in enumerate(node.args):
         example = _example(a)
         if isinstance(example, Tensor):
-            arg_strides[i] = tuple(example.stride())
+            # The layout of a tensor the op allocates like this argument (empty_like):
+            # the order a draw into it fills memory, and a dense layout to copy into.
+            arg_strides[i] = tuple(torch.empty_like(example).stride())
     first = _example(node.args[0]) if node.args else None
     tensors_out = [o for o in leaves if isinstance(o, Tensor)]
-    in_place = isinstance(first, Tensor) and bool(tensors_out) and torch._C._is_alias_of(tensors_out[0], first)  # type: ignore[attr-defined]  # not in torch's stubs
+    in_place = isinstance(first, Tensor) and bool(tensors_out) and _aliases(tensors_out[0], first)
     return _Site(func, in_place, arg_strides, out_spec, out_leaves)
+
+
+def _aliases(a: Tensor, b: Tensor) -> bool:
+    return bool(torch._C._is_alias_of(a, b))  # type: ignore[attr-defined]  # missing from torch's stubs
 
 
 # -- at capture: the random call as an opaque op -----------------------------------------
@@ -273,9 +280,9 @@ class _Draw(torch.autograd.Function):
         dims = in_dims[2:]
         if site.in_place and not site.fills_fresh and dims[0] is None:
             raise _unsupported(
-                f"an in-place random op ({getattr(site.func, '__name__', site.func)}) on a tensor made inside the "
-                "function without the replica dimension (e.g. torch.empty(...).uniform_()): each replica would "
-                "need its own values in one shared tensor"
+                f"an in-place random op ({getattr(site.func, '__name__', site.func)}) on a tensor without the "
+                "replica dimension (a broadcast argument, a closed-over tensor, or one made in the function and "
+                "read before the draw): each replica would need its own values in one shared tensor"
             )
         stacked = [t if d is None else t.movedim(d, 0) for t, d in zip(tensors, dims)]
         outs = torch.ops.torchpmap.replica_draw(key, stacked, [d is not None for d in dims], info.batch_size)
@@ -413,8 +420,8 @@ def _replica_args(
 
 
 def _with_strides(row: Tensor, strides: tuple[int, ...] | None, *, copy: bool) -> Tensor:
-    """``row`` laid out as the replica's own tensor was (a draw into a fresh
-    tensor like it fills memory in that order)."""
+    """``row`` laid out as a tensor allocated like the replica's own was (a
+    draw into ``empty_like`` of it fills memory in that order)."""
     if strides is None or len(strides) != row.ndim:
         return row.clone() if copy else row
     return torch.empty_strided(row.shape, strides, dtype=row.dtype, device=row.device).copy_(row)
