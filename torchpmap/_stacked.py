@@ -251,7 +251,7 @@ def _check_no_random(graph: torch.fx.Graph) -> None:
     for node in graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            if torch.Tag.nondeterministic_seeded in target.tags:
+            if torch.Tag.nondeterministic_seeded in target.tags and not _stacked_random.is_replica_draw(target):
                 raise Unsupported(f"a random op the stacked executor does not give each replica's stream ({target})")
 
 

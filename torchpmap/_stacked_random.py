@@ -492,7 +492,18 @@ def _draw_rows_backward(key: int, grads: list[Tensor], n: int) -> list[Tensor]:
 
 
 # -- the ops -------------------------------------------------------------------------------
-@torch.library.custom_op("torchpmap::replica_draw", mutates_args=())
+# Random (a compiler must neither drop nor reorder them: each replica's stream
+# advances in program order) and host-driven (a CUDA graph would replay one draw).
+_TAGS = (torch.Tag.nondeterministic_seeded, torch.Tag.cudagraph_unsafe)
+
+
+def is_replica_draw(target: Any) -> bool:
+    """Whether a batched graph's node target is one of these ops (which draw
+    from each replica's stream)."""
+    return target in (torch.ops.torchpmap.replica_draw.default, torch.ops.torchpmap.replica_draw_backward.default)
+
+
+@torch.library.custom_op("torchpmap::replica_draw", mutates_args=(), tags=_TAGS)
 def replica_draw(key: int, tensors: list[Tensor], batched: list[bool], n: int) -> list[Tensor]:
     """Site ``key``'s random call once per replica on its rows, stacked."""
     return _draw_rows(key, tensors, batched, n)
@@ -503,7 +514,7 @@ def _(key: int, tensors: list[Tensor], batched: list[bool], n: int) -> list[Tens
     return [torch.empty((n, *o.shape), dtype=o.dtype, device=o.device) for o in _site(key).outputs]
 
 
-@torch.library.custom_op("torchpmap::replica_draw_backward", mutates_args=())
+@torch.library.custom_op("torchpmap::replica_draw_backward", mutates_args=(), tags=_TAGS)
 def replica_draw_backward(key: int, grads: list[Tensor], n: int) -> list[Tensor]:
     """Per replica, the gradients of site ``key``'s differentiable inputs."""
     return _draw_rows_backward(key, grads, n)
