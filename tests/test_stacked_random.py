@@ -268,3 +268,23 @@ def test_a_stacked_call_teaches_the_function_whether_it_draws():
         plain(torch.ones(N, 4))
     assert draws._random.needed is True
     assert plain._random.needed is False
+
+
+DRAWING = [False]
+
+
+def test_a_function_that_starts_drawing_later_learns_it_on_stacked_too():
+    f = pm(lambda x: F.dropout(x, 0.5) if DRAWING[0] else x * 1)
+    with executor("stacked"):
+        f(torch.ones(N, 4))
+    assert f._random.needed is False
+    DRAWING[0] = True
+    try:
+        # Recaptured (Dynamo guards on the flag): the stacked draws are per replica, no
+        # warning, and from now on a threads call runs under the streams too.
+        stacked, _ = seeded_calls("stacked", f, torch.ones(N, 4), calls=1)
+        assert f._random.needed is True
+        threads, _ = seeded_calls("threads", f, torch.ones(N, 4), calls=1)
+        assert torch.equal(stacked[0], threads[0])
+    finally:
+        DRAWING[0] = False
