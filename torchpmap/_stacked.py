@@ -381,7 +381,7 @@ def run(record: CallRecord) -> StackedOutput:
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     try:
-        with _stacked_random.call_streams(record.group, lambda: state.ran):
+        with _stacked_random.call_streams(record.group) as streams:
             out = capture.compiled(*args, **kwargs)
     except Exception as e:
         inner = _unsupported_inside(e)
@@ -392,6 +392,8 @@ def run(record: CallRecord) -> StackedOutput:
         _axis.bind(previous)
         DYNAMO_GATE.exit()
         _tls.state = None
+    # Outside the try: a warning about the draws must not read as a capture failure.
+    streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
     if record.donated:
         record.release_donated()
     return _stacked_output(out, state)

@@ -362,19 +362,20 @@ _tls = threading.local()
 
 
 @contextmanager
-def call_streams(group: ReplicaGroup, ran: Callable[[], bool]) -> Iterator[CallStreams]:
-    """The streams of the stacked call running on this thread; ``ran`` says
-    whether its graph ran (else the threads executor runs the call, and learns)."""
+def call_streams(group: ReplicaGroup) -> Iterator[CallStreams]:
+    """The streams of the stacked call running on this thread. The caller
+    finishes them once the call succeeded (`CallStreams.finish`, which may
+    warn); a call that raises finishes them here, as failed."""
     streams = CallStreams(group)
     previous = getattr(_tls, "streams", None)
     _tls.streams = streams
-    failed = True
     try:
         yield streams
-        failed = not ran()
+    except BaseException:
+        streams.finish(failed=True)
+        raise
     finally:
         _tls.streams = previous
-        streams.finish(failed=failed)
 
 
 def _streams() -> CallStreams:
