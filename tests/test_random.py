@@ -180,3 +180,15 @@ def test_draws_inside_torch_func_vmap_are_reproducible():
     a, b = run(4, fn=f, x=torch.ones(4, 3, 5)), run(4, fn=f, x=torch.ones(4, 3, 5))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a[0, 0], a[0, 1])  # vmap's rows differ, as randomness="different" asks
+
+
+def test_a_first_draw_inside_torch_func_grad():
+    # The call seed is drawn (and the caller's generator read) outside the transform.
+    def f(x):
+        return torch.func.grad(lambda v: F.dropout(v, 0.5).sum())(x)
+
+    torch.manual_seed(0)
+    a = pmap_k(f, 4)(torch.ones(4, 8)).numpy()
+    torch.manual_seed(0)
+    np.testing.assert_array_equal(a, pmap_k(f, 4)(torch.ones(4, 8)).numpy())
+    assert set(np.unique(a)) <= {0.0, 2.0}

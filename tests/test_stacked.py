@@ -223,17 +223,15 @@ def test_data_dependent_shape_falls_back():
     fallback(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3), match="capture failed")
 
 
-def test_random_op_falls_back():
-    def f(x):
-        return x + torch.rand_like(x)
-
-    pf = pm(f)
-    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="random|capture failed"):
-        torch.manual_seed(1)
-        got = pf(rows(N, 3))
+def test_random_ops_draw_the_threads_numbers():
+    # Each replica draws from its own stream, as on threads (more in test_stacked_random.py).
+    pf = pm(lambda x: x + torch.rand_like(x))
     with executor("threads"):
         torch.manual_seed(1)
         expected = pf(rows(N, 3))
+    with executor("stacked"):
+        torch.manual_seed(1)
+        got = pf(rows(N, 3))
     assert_same_bits(expected, got)
 
 
@@ -301,7 +299,7 @@ def test_a_dynamo_stance_falls_back():
 
 
 @pytest.mark.subprocess
-def test_the_argument_and_sharded_tensor_suites_pass_under_the_stacked_executor():
+def test_the_argument_sharded_training_and_random_suites_pass_under_the_stacked_executor():
     """Those test files, with pmap's default executor switched to stacked: calls it
     captures must behave as on the threads, the others fall back. (The whole quick
     suite passes this way too, in about 5 minutes here: see docs/development.md.)"""
@@ -312,7 +310,9 @@ def test_the_argument_and_sharded_tensor_suites_pass_under_the_stacked_executor(
 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TORCHPMAP_EXECUTOR": "stacked", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    files = [str(root / "tests" / f) for f in ("test_pmap_args.py", "test_sharded.py", "test_training.py")]
+    files = [
+        str(root / "tests" / f) for f in ("test_pmap_args.py", "test_sharded.py", "test_training.py", "test_random.py")
+    ]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]

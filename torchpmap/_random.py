@@ -152,11 +152,11 @@ class CallRandomness:
             self._drew = True
             if self._seed is None:
                 with _DEFAULT_GENERATORS_LOCK:
-                    with torch._C._DisableFuncTorch():  # a replica may be inside torch.func.vmap
+                    with torch._C._DisableFuncTorch():  # a replica may be inside a torch.func transform
                         self._seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_()) & _MASK64
+                        self._expected[_CPU] = _state_bytes(torch.default_generator)
                     _seeds_drawn += 1
                     self._seeds_drawn += 1
-                    self._expected[_CPU] = _state_bytes(torch.default_generator)
             return self._seed
 
     def replica(self, index: int) -> AbstractContextManager[Any]:

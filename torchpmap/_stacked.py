@@ -13,8 +13,9 @@ buffers computes every replica, each collective an exchange along dim 0
 2. Its backend turns Dynamo's per-replica graph, whose placeholders are the
    arguments and every tensor the function closes over, into the batched graph:
    ``make_fx(vmap_replicas(graph))`` on fake stacked inputs. functorch runs
-   only here. Random ops refuse (vmap's randomness="error", and a check of the
-   graph): per-replica random streams are not stacked yet.
+   only here. Each random call becomes one op that draws every replica's
+   numbers from its own stream at run time (``_stacked_random``); a random op
+   left over refuses (vmap's randomness="error", and a check of the graph).
 3. Each call runs Dynamo's compiled function on replica 0's row views (cheap
    views with a replica's shape and strides, so its guards check what they
    should); the backend's callable swaps them for the stacked buffers, which a
@@ -43,7 +44,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _ops, _runtime, _stacked_autograd
+from . import _axis, _ops, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, _trampoline_factory
@@ -266,17 +267,18 @@ def _check_no_random(graph: torch.fx.Graph) -> None:
     for node in graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            if torch.Tag.nondeterministic_seeded in target.tags:
-                raise Unsupported(f"a random op ({target}): per-replica random streams are not stacked yet")
+            if torch.Tag.nondeterministic_seeded in target.tags and not _stacked_random.is_replica_draw(target):
+                raise Unsupported(f"a random op the stacked executor does not give each replica's stream ({target})")
 
 
 class _Batched:
     """The backend's callable for one guard set: the batched graph, and per
     Dynamo placeholder whether it is a stacked input (in_dim 0) or shared."""
 
-    def __init__(self, program: ReplicaProgram) -> None:
+    def __init__(self, program: ReplicaProgram, draws: bool) -> None:
         assert program.graph is not None  # traced by the backend
         self.program, self.graph, self.in_dims = program, program.graph, program.in_dims
+        self.draws = draws  # the function draws random numbers
         self.written = _written_inputs(self.graph)
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
@@ -292,6 +294,8 @@ class _Batched:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             if self.written:  # the backward recomputes the forward from the inputs
                 raise Unsupported("autograd through a function that writes an input in place", per_call=True)
+            if self.draws:  # the backward recomputes the forward: it would draw other numbers
+                raise Unsupported("autograd through a function that draws random numbers", per_call=True)
             outs = _stacked_autograd.run(self.program, inputs)
         else:
             outs = self.graph(*inputs)
@@ -316,9 +320,12 @@ def _backend(
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
         _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
+        sites = _stacked_random.route_random_ops(gm)
         program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
         _check_no_random(program.trace(examples).graph)
-        return _Batched(program)
+        result = _Batched(program, draws=bool(sites))
+        weakref.finalize(result, _stacked_random.forget, sites)
+        return result
 
     return backend
 
@@ -388,7 +395,8 @@ def run(record: CallRecord) -> StackedOutput:
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     try:
-        out = capture.compiled(*args, **kwargs)
+        with _stacked_random.call_streams(record.group) as streams:
+            out = capture.compiled(*args, **kwargs)
     except Exception as e:
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
@@ -400,6 +408,8 @@ def run(record: CallRecord) -> StackedOutput:
         _axis.bind(previous)
         DYNAMO_GATE.exit()
         _tls.state = None
+    # Outside the try: a warning about the draws must not read as a capture failure.
+    streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
     if record.donated:
         record.release_donated()
     return _stacked_output(out, state)
