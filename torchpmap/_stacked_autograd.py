@@ -78,7 +78,11 @@ class ReplicaProgram:
             frame = _axis.current_frame()
             _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
             try:
-                graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+                # Outside Dynamo's tracing context: make_fx's fake tensors would otherwise
+                # add symbols (a strided input's) to Dynamo's shape env, which then has
+                # guards it cannot build.
+                with torch._guards.tracing(None):
+                    graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
             if self.connected_from is not None:
