@@ -14,7 +14,9 @@ buffers computes every replica, each collective an exchange along dim 0
    arguments and every tensor the function closes over, into the batched graph:
    ``make_fx(vmap_replicas(graph))`` on fake stacked inputs. functorch runs
    only here. Random ops refuse (vmap's randomness="error", and a check of the
-   graph): per-replica random streams are not stacked yet.
+   graph): per-replica random streams are not stacked yet. Under ``compile=``
+   the batched graph is then compiled with the requested backend (inductor by
+   default): one compiled program computes every replica.
 3. Each call runs Dynamo's compiled function on replica 0's row views (cheap
    views with a replica's shape and strides, so its guards check what they
    should); the backend's callable swaps them for the stacked buffers, which a
@@ -37,13 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from . import _axis, _ops, _runtime
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
-from ._compile import DYNAMO_GATE, _trampoline_factory
+from ._compile import DYNAMO_GATE, Backend, _trampoline_factory, options_key, requested_backend
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view
 from ._stacked_collectives import vmap_replicas
@@ -72,8 +76,8 @@ class StackedOutput:
 def unsupported_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run stacked, checked before any capture; None if it may."""
     group = record.group
-    if record.programs[0] is not record.fun:
-        return "compile= is set"
+    if record.compile_options is not None and record.compile_options.get("dynamic"):
+        return "compile= with dynamic=True (stacked capture is for static shapes)"
     if group.axis_size != record.n or group.first_index != 0:
         return "the axis spans several processes"
     if len(device_groups(group.devices)) != 1:
@@ -249,12 +253,20 @@ def _check_no_random(graph: torch.fx.Graph) -> None:
 
 
 class _Batched:
-    """The backend's callable for one guard set: the batched graph, and per
-    Dynamo placeholder whether it is a stacked input (in_dim 0) or shared."""
+    """The backend's callable for one guard set: the batched graph (compiled
+    with ``compiler`` under compile=), and per Dynamo placeholder whether it is
+    a stacked input (in_dim 0) or shared."""
 
-    def __init__(self, graph: torch.fx.GraphModule, in_dims: tuple[int | None, ...]) -> None:
+    def __init__(
+        self,
+        graph: torch.fx.GraphModule,
+        in_dims: tuple[int | None, ...],
+        compiler: Backend | None = None,
+        examples: Sequence[Any] = (),
+    ) -> None:
         self.graph, self.in_dims = graph, in_dims
-        self.written = _written_inputs(graph)
+        self.written = _written_inputs(graph)  # read before a compiler may rewrite the graph
+        self.program = graph if compiler is None else _compile_batched(compiler, graph, examples)
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         state = _current()
@@ -268,7 +280,7 @@ class _Batched:
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
-        outs = self.graph(*inputs)
+        outs = self.program(*inputs)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -281,8 +293,18 @@ class _Batched:
         return rows
 
 
+def _compile_batched(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
+    """compile= over the batched graph: one compiled program computes every
+    replica. In a tracing context of its own: Dynamo's describes replica 0's
+    graph (its inputs, fake tensors and output strides), not this one; a fake
+    mode with a shape env lets Inductor cache the compiled graph across processes."""
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compiler(graph, list(examples))
+
+
 def _backend(
-    axis_name: str, n: int, count: list[int]
+    axis_name: str, n: int, count: list[int], compiler: Backend | None
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
@@ -301,7 +323,7 @@ def _backend(
         finally:
             _axis.bind(frame)
         _check_no_random(batched.graph)
-        return _Batched(batched, in_dims)
+        return _Batched(batched, in_dims, compiler, examples)
 
     return backend
 
@@ -320,20 +342,25 @@ _RECOMPILE_LIMIT = 64
 _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
-# Per function: its captures, per (axis name, axis size, physical device).
-_captures: weakref.WeakKeyDictionary[Any, dict[tuple[str, int, torch.device], _Capture]] = weakref.WeakKeyDictionary()
+# Per function: its captures, per (axis name, axis size, physical device, compile= options).
+_captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord) -> _Capture:
     group = record.group
     device = device_groups(group.devices)[0][0]
-    key = (group.axis_name, record.n, device)
+    options = record.compile_options
+    key = (group.axis_name, record.n, device, None if options is None else options_key(options))
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:
         raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
-    capture = per_fun.get(key)
+    try:
+        capture = per_fun.get(key)
+    except TypeError:
+        raise Unsupported("a compile= option is not hashable (captures are cached per options)") from None
     if capture is None:
+        compiler = None if options is None else requested_backend(options)
         t = _trampoline_factory(record.fun)
         # A distinct code object: a distinct Dynamo cache per key.
         entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
@@ -341,7 +368,7 @@ def _capture_for(record: CallRecord) -> _Capture:
         # torch.compile's overloads leave out recompile_limit, which the function itself takes.
         compiled = torch.compile(  # type: ignore[call-overload]
             entry,
-            backend=_backend(group.axis_name, record.n, count),
+            backend=_backend(group.axis_name, record.n, count, compiler),
             fullgraph=True,
             dynamic=False,
             recompile_limit=_RECOMPILE_LIMIT,
