@@ -198,6 +198,10 @@ def test_shape_change_recaptures():
     both(f, rows(N, 5, 2))
 
 
+def test_strided_input_captures():
+    both(pm(lambda x: tp.psum(x, "i") + x), rows(N, 4, 6)[..., :3])
+
+
 def fallback(pf, *args, match):
     """Runs pf stacked, expecting one fallback warning matching ``match``; the
     result must still be the threads executor's."""

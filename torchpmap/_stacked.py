@@ -266,7 +266,24 @@ class _Batched:
     ) -> None:
         self.graph, self.in_dims = graph, in_dims
         self.written = _written_inputs(graph)  # read before a compiler may rewrite the graph
-        self.program = graph if compiler is None else _compile_batched(compiler, graph, examples)
+        self.compiler = compiler
+        # Per layout of the inputs, its compiled program: Dynamo guards replica 0's
+        # row views, not how far apart the rows are, and Inductor's code assumes
+        # (and asserts) the strides it was compiled for.
+        self.programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        if compiler is not None:
+            self._program(list(examples))
+
+    def _program(self, inputs: list[Any]) -> Callable[..., Any]:
+        if self.compiler is None:
+            return self.graph
+        key = tuple(a.stride() if isinstance(a, torch.Tensor) else None for a in inputs)
+        program = self.programs.get(key)
+        if program is None:
+            if len(self.programs) >= _MAX_LAYOUTS:
+                raise Unsupported(f"compiled for {_MAX_LAYOUTS} layouts of the inputs: not stacked any more")
+            program = self.programs[key] = _compile_batched(self.compiler, self.graph, inputs)
+        return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         state = _current()
@@ -280,7 +297,7 @@ class _Batched:
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
-        outs = self.program(*inputs)
+        outs = self._program(inputs)(*inputs)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -291,6 +308,10 @@ class _Batched:
             rows.append(row)
         state.ran = True
         return rows
+
+
+# How many input layouts (strides) a compiled capture serves before it falls back.
+_MAX_LAYOUTS = 8
 
 
 def _compile_batched(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
@@ -315,11 +336,15 @@ def _backend(
         frame = _axis.current_frame()
         _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
         try:
-            batched = make_fx(
-                vmap_replicas(gm, axis_name, n, in_dims=in_dims),
-                tracing_mode="fake",
-                _allow_non_fake_inputs=True,
-            )(*examples)
+            # Outside Dynamo's tracing context: make_fx's fake tensors would
+            # otherwise add symbols (a strided input's) to Dynamo's shape env,
+            # which then has guards it cannot build.
+            with torch._guards.tracing(None):
+                batched = make_fx(
+                    vmap_replicas(gm, axis_name, n, in_dims=in_dims),
+                    tracing_mode="fake",
+                    _allow_non_fake_inputs=True,
+                )(*examples)
         finally:
             _axis.bind(frame)
         _check_no_random(batched.graph)
