@@ -103,11 +103,14 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     xb = tp.device_put_sharded(list(torch.randn(n, ROWS, WIDTH, generator=g)), devs)
     yb = tp.device_put_sharded(list(torch.randint(0, CLASSES, (n, ROWS), generator=g)), devs)
-    variants = [("torchpmap", False), ("torchpmap_stacked", False)] + (
-        [("torchpmap_compiled", dict(backend=compile_backend))] if compile_backend else []
+    compiled = dict(backend=compile_backend)
+    variants = [("torchpmap", False, "threads"), ("torchpmap_stacked", False, "stacked")] + (
+        [("torchpmap_compiled", compiled, "threads"), ("torchpmap_compiled_stacked", compiled, "stacked")]
+        if compile_backend
+        else []
     )
-    for impl, compile in variants:
-        tp.set_executor("stacked" if impl == "torchpmap_stacked" else "threads")
+    for impl, compile, executor in variants:
+        tp.set_executor(executor)
         params = tp.device_put_replicated(mlp_params(), devs)
         step = tp.pmap(train_step, "i", devices=devs, compile=compile)
         t0 = time.perf_counter()
