@@ -165,6 +165,21 @@ def test_sharded_outputs_fed_back():
     assert_same(expected, got)
 
 
+SCALE = torch.tensor(2.0)
+
+
+def test_closed_over_tensor_is_read_at_run_time():
+    f = pm(lambda x: x * SCALE, compile=AOT)
+    x = rows(N, 3)
+    with executor("stacked"):
+        assert torch.equal(f(x).unshard(), x * 2)
+        SCALE.add_(1)
+        try:
+            assert torch.equal(f(x).unshard(), x * 3)
+        finally:
+            SCALE.sub_(1)
+
+
 # -- aliasing and strides through a compiled program -----------------------------------
 def test_writes_to_own_slices_reach_the_caller():
     def f(r):
