@@ -110,6 +110,14 @@ def _fmt(sec: float | None, case: str) -> str:
     return f"{sec * 1e6:.0f} us" if sec < 1e-3 else f"{sec * 1e3:.2f} ms"
 
 
+# The columns compared with jax.pmap, and their headings.
+_RATIOS = [
+    ("torchpmap", "torchpmap / jax"),
+    ("torchpmap_stacked", "stacked / jax"),
+    ("torchpmap_compiled_stacked", "compiled stacked / jax"),
+]
+
+
 def table(rows: list[dict], devices: list[int]) -> str:
     def get(case, impl, n):
         for r in rows:
@@ -124,6 +132,7 @@ def table(rows: list[dict], devices: list[int]) -> str:
             "torchpmap_stacked",
             "torchpmap_lockstep",
             "torchpmap_compiled",
+            "torchpmap_compiled_stacked",
             "jax",
             "pytorch_single",
             "pytorch_ddp_2proc",
@@ -131,8 +140,8 @@ def table(rows: list[dict], devices: list[int]) -> str:
         if any(r["impl"] == i for r in rows)
     ]
     head = ["case", "devices", *impls]
-    if "jax" in impls:
-        head += ["torchpmap / jax"] + (["stacked / jax"] if "torchpmap_stacked" in impls else [])
+    ratios = [(i, label) for i, label in _RATIOS if i in impls] if "jax" in impls else []
+    head += [label for _, label in ratios]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for case, label in CASES:
         for n in devices:
@@ -140,12 +149,10 @@ def table(rows: list[dict], devices: list[int]) -> str:
             if all(v is None for v in values):
                 continue
             cells = [label, str(n), *[_fmt(v, case) for v in values]]
-            if "jax" in impls:
-                theirs = get(case, "jax", n)
-                for ours_impl in ("torchpmap", "torchpmap_stacked"):
-                    if ours_impl == "torchpmap" or "torchpmap_stacked" in impls:
-                        ours = get(case, ours_impl, n)
-                        cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
+            theirs = get(case, "jax", n)
+            for ours_impl, _ in ratios:
+                ours = get(case, ours_impl, n)
+                cells.append(f"{ours / theirs:.2f}" if ours and theirs else "-")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

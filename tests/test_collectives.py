@@ -738,6 +738,7 @@ def _uses_every_collective(x, y):
     return {"a": a + idx, "b": b, "c": c, "d": d, "e": e, "g": groups, "t": tp.pswapaxes(y, "i", -2)}
 
 
+@pytest.mark.threads_only  # the stacked executor's backend gets the batched graph, collectives lowered
 def test_fullgraph_compile_traces_every_collective_without_graph_breaks():
     x = sample(4, (3,), torch.float32)
     y = sample(4, (4, 2), torch.float32)

@@ -43,6 +43,7 @@ def test_default_is_eager_and_compile_true_compiles():
     assert compiled.unshard().sum().item() == 6
 
 
+@pytest.mark.threads_only  # counts per-replica runs; stacked runs one program per call
 def test_sixteen_devices_compile_once_and_never_fall_back(sixteen_devices):
     backend = CountingBackend()
 
@@ -81,6 +82,7 @@ def test_recompiles_only_when_shapes_dtypes_or_static_args_change():
     assert backend.compiles == 4
 
 
+@pytest.mark.threads_only  # counts per-replica runs; stacked runs one program per call
 def test_collectives_compile_with_fullgraph():
     backend = CountingBackend()
 

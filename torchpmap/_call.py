@@ -95,6 +95,7 @@ class CallRecord:
     per_leaf: Sequence[Sequence[Any]]  # per leaf, per replica: the value as placed
     grad_leaves: Sequence[int]  # the leaves whose gradients the caller's autograd needs
     donated: Sequence[ShardedTensor]  # deleted once a replica has started (donate_argnums)
+    compile_options: dict[str, Any] | None = None  # compile= (normalize_options); programs compile with them
 
     @property
     def n(self) -> int:

@@ -147,18 +147,34 @@ def _track_compiles() -> None:
         handler.register_end_callback(lambda _: DYNAMO_GATE.compile_ended())
 
 
-def _gated_backend(options: dict[str, Any]) -> Backend:
-    """The requested torch.compile backend, whose compiled graphs run with the
-    gate released."""
+def requested_backend(options: dict[str, Any]) -> Backend:
+    """The torch.compile backend that ``options`` (``normalize_options``) ask for,
+    with their ``mode``, ``options`` and ``dynamic``: inductor by default."""
     backend = options.get("backend", "inductor")
     mode, inductor_options, dynamic = options.get("mode"), options.get("options"), options.get("dynamic")
-    inner: Backend
     if backend == "inductor":
         if mode is None and inductor_options is None:
             mode = "default"
-        inner = torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic)
-    else:
-        inner = torch._TorchCompileWrapper(backend, mode, inductor_options, dynamic)
+        return torch._TorchCompileInductorWrapper(mode, inductor_options, dynamic)
+    return torch._TorchCompileWrapper(backend, mode, inductor_options, dynamic)
+
+
+def options_key(options: dict[str, Any]) -> tuple[Any, ...]:
+    """``options`` as a hashable key (a cache key per set of options); dicts by
+    their items, other values as they are (a backend function by identity)."""
+
+    def hashable(v: Any) -> Any:
+        if isinstance(v, dict):
+            return tuple(sorted((k, hashable(x)) for k, x in v.items()))
+        return tuple(hashable(x) for x in v) if isinstance(v, list) else v
+
+    return hashable(options)
+
+
+def _gated_backend(options: dict[str, Any]) -> Backend:
+    """The requested torch.compile backend, whose compiled graphs run with the
+    gate released."""
+    inner = requested_backend(options)
 
     def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         graph = inner(gm, example_inputs)
@@ -184,6 +200,7 @@ class CompiledReplicas:
         self._fun = fun
         self._options = options
         self._fun_name = fun_name
+        self.options = options  # the stacked executor compiles its batched graph with them
         self._programs: dict[tuple[int, str] | tuple[int, str, int], Callable[..., Any]] = {}
         self._lock = threading.Lock()
         # One backend object for every copy: Dynamo guards on the backend's

@@ -75,6 +75,8 @@ def unsupported_reason(record: CallRecord) -> str | None:
         return "the replica group has no backend to call the collectives on"
     if torch.is_grad_enabled() and record.grad_leaves:
         return "autograd through the call (an input requires grad)"
+    if record.compile_options is not None:
+        return "compile= is set"
     return capture_scope_reason(record)
 
 

@@ -307,6 +307,7 @@ class Pmapped:
             per_leaf,
             grad_leaves,
             [leaves[j] for j in donated],
+            compile_options=None if self._compiled is None else self._compiled.options,
         )
         try:
             outs = choose_executor(record).call(record)

@@ -16,6 +16,8 @@ buffers computes every replica, each collective an exchange along dim 0
    only here. Each random call becomes one op that draws every replica's
    numbers from its own stream at run time (``_stacked_random``); a random op
    left over refuses (vmap's randomness="error", and a check of the graph).
+   Under ``compile=`` the batched graph is then compiled with the requested
+   backend (inductor by default): one compiled program computes every replica.
 3. Each call runs Dynamo's compiled function on replica 0's row views (cheap
    views with a replica's shape and strides, so its guards check what they
    should); the backend's callable swaps them for the stacked buffers, which a
@@ -42,12 +44,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from . import _axis, _ops, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
-from ._compile import DYNAMO_GATE, _trampoline_factory
+from ._compile import DYNAMO_GATE, Backend, _trampoline_factory, options_key, requested_backend
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view
 from ._stacked_autograd import ReplicaProgram
@@ -78,6 +82,8 @@ class StackedOutput:
 def unsupported_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run stacked, checked before any capture; None if it may."""
     group = record.group
+    if record.compile_options is not None and record.compile_options.get("dynamic"):
+        return "compile= with dynamic=True (stacked capture is for static shapes)"
     if group.axis_size != record.n or group.first_index != 0:
         return "the axis spans several processes"
     if len(device_groups(group.devices)) != 1:
@@ -88,8 +94,6 @@ def unsupported_reason(record: CallRecord) -> str | None:
 def capture_scope_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run from one capture of its function (stacked or
     lockstep), checked before any capture; None if it may."""
-    if record.programs[0] is not record.fun:
-        return "compile= is set"
     if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
@@ -272,14 +276,39 @@ def _check_no_random(graph: torch.fx.Graph) -> None:
 
 
 class _Batched:
-    """The backend's callable for one guard set: the batched graph, and per
-    Dynamo placeholder whether it is a stacked input (in_dim 0) or shared."""
+    """The backend's callable for one guard set: the batched graph (compiled
+    with ``compiler`` under compile=), and per Dynamo placeholder whether it is
+    a stacked input (in_dim 0) or shared."""
 
-    def __init__(self, program: ReplicaProgram, draws: bool) -> None:
+    def __init__(
+        self,
+        program: ReplicaProgram,
+        draws: bool,
+        compiler: Backend | None = None,
+        examples: Sequence[Any] = (),
+    ) -> None:
         assert program.graph is not None  # traced by the backend
         self.program, self.graph, self.in_dims = program, program.graph, program.in_dims
         self.draws = draws  # the function draws random numbers
-        self.written = _written_inputs(self.graph)
+        self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
+        self.compiler = compiler
+        # Per layout of the inputs, its compiled program: Dynamo guards replica 0's
+        # row views, not how far apart the rows are, and Inductor's code assumes
+        # (and asserts) the strides it was compiled for.
+        self.programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
+        if compiler is not None:
+            self._program(list(examples))
+
+    def _program(self, inputs: list[Any]) -> Callable[..., Any]:
+        if self.compiler is None:
+            return self.graph
+        key = tuple(a.stride() if isinstance(a, torch.Tensor) else None for a in inputs)
+        program = self.programs.get(key)
+        if program is None:
+            if len(self.programs) >= _MAX_LAYOUTS:
+                raise Unsupported(f"compiled for {_MAX_LAYOUTS} layouts of the inputs: not stacked any more")
+            program = self.programs[key] = _compile_batched(self.compiler, self.graph, inputs)
+        return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         state = _current()
@@ -296,9 +325,11 @@ class _Batched:
                 raise Unsupported("autograd through a function that writes an input in place", per_call=True)
             if self.draws:  # the backward recomputes the forward: it would draw other numbers
                 raise Unsupported("autograd through a function that draws random numbers", per_call=True)
+            if self.compiler is not None:  # the compiled program has no backward of its own
+                raise Unsupported("autograd through a compile= call", per_call=True)
             outs = _stacked_autograd.run(self.program, inputs)
         else:
-            outs = self.graph(*inputs)
+            outs = self._program(inputs)(*inputs)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -311,8 +342,22 @@ class _Batched:
         return rows
 
 
+# How many input layouts (strides) a compiled capture serves before it falls back.
+_MAX_LAYOUTS = 8
+
+
+def _compile_batched(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
+    """compile= over the batched graph: one compiled program computes every
+    replica. In a tracing context of its own: Dynamo's describes replica 0's
+    graph (its inputs, fake tensors and output strides), not this one; a fake
+    mode with a shape env lets Inductor cache the compiled graph across processes."""
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compiler(graph, list(examples))
+
+
 def _backend(
-    axis_name: str, n: int, count: list[int]
+    axis_name: str, n: int, count: list[int], compiler: Backend | None
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
@@ -321,9 +366,13 @@ def _backend(
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
         _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
         sites = _stacked_random.route_random_ops(gm)
+        if sites and compiler is not None:
+            # A compiler would replace the replicas' streams with its own random ops.
+            _stacked_random.forget(sites)
+            raise Unsupported("random ops under compile=")
         program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
         _check_no_random(program.trace(examples).graph)
-        result = _Batched(program, draws=bool(sites))
+        result = _Batched(program, bool(sites), compiler, examples)
         weakref.finalize(result, _stacked_random.forget, sites)
         return result
 
@@ -344,22 +393,27 @@ _RECOMPILE_LIMIT = 64
 _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
-# Per function: its captures, per (axis name, axis size, physical device).
-_captures: weakref.WeakKeyDictionary[Any, dict[tuple[str, int, torch.device], _Capture]] = weakref.WeakKeyDictionary()
+# Per function: its captures, per (axis name, axis size, physical device, compile= options).
+_captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord) -> _Capture:
     group = record.group
     device = device_groups(group.devices)[0][0]
-    key = (group.axis_name, record.n, device)
+    options = record.compile_options
+    key = (group.axis_name, record.n, device, None if options is None else options_key(options))
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:
         raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
-    capture = per_fun.get(key)
+    try:
+        capture = per_fun.get(key)
+    except TypeError:
+        raise Unsupported("a compile= option is not hashable (captures are cached per options)") from None
     if capture is None:
+        compiler = None if options is None else requested_backend(options)
         count = [0]
-        compiled = compile_per_replica(record.fun, _backend(group.axis_name, record.n, count))
+        compiled = compile_per_replica(record.fun, _backend(group.axis_name, record.n, count, compiler))
         capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count)
     return capture
 
