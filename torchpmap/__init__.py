@@ -20,6 +20,7 @@ from ._devices import (
     set_cpu_device_count,
 )
 from ._pmap import Pmapped, pmap
+from ._reparametrize import install as _install_reparametrize_guard
 from ._sampler import ProcessBatchSampler
 from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
@@ -62,6 +63,9 @@ from .training import (
 )
 
 __version__ = "0.1.0"
+
+# torch.func.functional_call on a module the replicas share would race: raise instead (_reparametrize).
+_install_reparametrize_guard()
 
 __all__ = [
     "pmap",
