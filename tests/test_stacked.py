@@ -119,6 +119,16 @@ def test_sharded_inputs_fed_back():
     assert_same_bits(expected, got)
 
 
+def test_a_stacked_output_fed_back_moves_nothing():
+    with executor("stacked"):
+        y = pm(lambda x: x * 2)(rows(N, 3))
+        (buffer,) = y.stacked_buffers()
+        z = pm(lambda r: r.add_(1))(y)  # writes the replicas' rows: the buffer itself
+    assert z.stacked_buffers()[0].data_ptr() == buffer.data_ptr() == y.stacked_buffers()[0].data_ptr()
+    assert torch.equal(buffer, rows(N, 3) * 2 + 1) and torch.equal(y.unshard(), buffer)
+    assert [s.data_ptr() for s in y.shards] == [buffer[i].data_ptr() for i in range(N)]
+
+
 def test_static_argument_recaptures():
     f = pm(lambda x, k: x * k, static_broadcasted_argnums=1)
     x = rows(N, 3)
@@ -158,6 +168,26 @@ def test_functional_mlp_step_with_grad_inside():
     # Not bit for bit: the batched backward of a matmul runs other BLAS kernels
     # (bmm over the replicas) than each replica's mm, which round differently.
     assert_same_bits(results["threads"], results["stacked"], close=True)
+
+
+def test_the_batched_graph_keeps_no_needless_copies():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchpmap._stacked import _drop_needless_copies
+
+    def f(x):
+        index = torch.tensor([1, 0])  # only read: the graph's constant serves
+        written = torch.tensor([0.0, 2.0])
+        written.mul_(x[0, 0])  # written: a fresh copy on every run
+        return x.permute(0, 1).index_select(0, index) + written
+
+    gm = make_fx(f)(torch.ones(2, 2))
+    _drop_needless_copies(gm)
+    targets = [node.target for node in gm.graph.nodes]
+    assert targets.count(torch.ops.aten.lift_fresh_copy.default) == 1
+    assert torch.ops.aten.permute.default not in targets
+    x = torch.arange(4.0).reshape(2, 2) + 3
+    assert torch.equal(gm(x), f(x)) and torch.equal(gm(x), f(x))
 
 
 # -- sound capture ---------------------------------------------------------------------

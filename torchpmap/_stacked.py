@@ -45,7 +45,7 @@ from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, _trampoline_factory
 from ._layout import device_groups
-from ._sharded import ShardedTensor, _stacked_view
+from ._sharded import ShardedTensor, _stacked_view, _to_device
 from ._stacked_collectives import vmap_replicas
 
 T = TypeVar("T")
@@ -126,13 +126,12 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
     state = _CallState(record.n, {})
     row0: list[Any] = []
     for j, placement in enumerate(record.placements):
-        values = record.per_leaf[j]
         if placement is Placement.BROADCAST:
-            row0.append(values[0])
+            row0.append(record.per_leaf[j][0])
             continue
         buffer = _stacked_leaf(record, j)
         if buffer is None:
-            buffer = torch.stack(list(values))
+            buffer = torch.stack(list(record.per_leaf[j]))
             state.copied.add(id(buffer))
         row = buffer.select(0, 0)
         row0.append(row)
@@ -144,17 +143,17 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
 def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
     """Leaf j's replicas' values as rows of one buffer without a copy (a write
     to a row must reach what the replica would have written), or None."""
-    caller, values = record.caller_leaves[j], record.per_leaf[j]
-    if record.placements[j] is Placement.MAPPED and type(caller) is torch.Tensor:
+    caller, placement = record.caller_leaves[j], record.placements[j]
+    if placement is Placement.MAPPED and type(caller) is torch.Tensor:
         axis = record.axes[j]
         assert axis is not None  # a mapped leaf has an axis
-        if values[0].device == caller.device:  # replicas got views of the caller's tensor
+        if _to_device(caller, record.group.devices[0]) is caller:  # replicas get views of the caller's tensor
             return caller.movedim(axis, 0) if axis else caller
-    if isinstance(caller, ShardedTensor) and record.placements[j] is Placement.SHARDED:
+    if placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
         buffers = caller.stacked_buffers()
         if buffers is not None and len(buffers) == 1:
             return buffers[0]
-    return _stacked_view(values)
+    return _stacked_view(record.per_leaf[j])
 
 
 # -- capture ---------------------------------------------------------------------------
@@ -240,6 +239,50 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _drop_needless_copies(gm: torch.fx.GraphModule) -> None:
+    """Each op of the batched graph costs a dispatch per call: drop the
+    permutes that vmap adds which keep every dimension in place, and the copy
+    that a traced ``torch.tensor`` makes of its constant on every run
+    (``lift_fresh_copy``) where no op writes or views that copy."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        identity_permute = node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))
+        needless_copy = (
+            node.target is aten.lift_fresh_copy.default
+            and node.args[0].op == "get_attr"
+            and all(_only_reads(user, node) for user in node.users)
+        )
+        if identity_permute or needless_copy:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _only_reads(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether ``user`` is an op that takes ``value`` without writing it or
+    returning a view of it."""
+    target = user.target
+    if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    if any(r.alias_info is not None for r in schema.returns):
+        return False
+    for k, arg in enumerate(schema.arguments):
+        given = user.args[k] if k < len(user.args) else user.kwargs.get(arg.name)
+        if arg.alias_info is not None and _mentions(given, value):
+            return False
+    return True
+
+
+def _mentions(given: Any, value: torch.fx.Node) -> bool:
+    return given is value or (isinstance(given, (list, tuple)) and any(_mentions(g, value) for g in given))
+
+
 def _check_no_random(graph: torch.fx.Graph) -> None:
     for node in graph.nodes:
         target = node.target
@@ -301,6 +344,7 @@ def _backend(
         finally:
             _axis.bind(frame)
         _check_no_random(batched.graph)
+        _drop_needless_copies(batched)
         return _Batched(batched, in_dims)
 
     return backend
