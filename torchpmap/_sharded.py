@@ -906,16 +906,22 @@ def _still_views_of(
 ) -> bool:
     """Whether every shard is still the dim-0 view of its buffer that from_stacked
     made (a shard's own storage or geometry may have been changed since, by set_)."""
+    # By address, not storage (a storage object per shard per call costs): a shard
+    # that starts at its row's address on the buffer's device, with the row's
+    # geometry, is that row's memory, the buffer keeping it alive.
     for buffer, (_, members) in zip(buffers, groups):
-        key = _storage_key(buffer)
-        if key is None:
+        if _storage_key(buffer) is None:
             return False
-        step, offset, stride = buffer.stride(0), buffer.storage_offset(), buffer.stride()[1:]
+        address, step = buffer.data_ptr(), buffer.stride(0) * buffer.element_size()
+        stride, shape, dtype, device = buffer.stride()[1:], buffer.shape[1:], buffer.dtype, buffer.device
         for row, i in enumerate(members):
             s = shards[i]
-            if _storage_key(s) != key or s.storage_offset() != offset + row * step or s.stride() != stride:
+            if s.device != device or s.dtype != dtype or s.stride() != stride or s.shape != shape:
                 return False
-            if s.shape != buffer.shape[1:] or s.dtype != buffer.dtype:
+            try:
+                if s.data_ptr() != address + row * step:
+                    return False
+            except RuntimeError:  # no storage (a functorch wrapper, for one)
                 return False
     return True
 
