@@ -222,6 +222,70 @@ def test_python_global_read_recaptures():
         MODE = "double"
 
 
+def _calls_through_dynamo(pf):
+    """Records each call of pf's capture that goes through Dynamo's frame: a
+    call whose guards no cache entry passes (the fast path takes the others)."""
+    from torchpmap import _stacked
+
+    (capture,) = _stacked._captures[pf._fun].values()
+    calls, real = [], capture.compiled
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    capture.compiled = spy
+    return calls
+
+
+def test_the_fast_path_sees_a_closed_over_tensor_changed_in_place_or_reassigned():
+    scale = torch.tensor(2.0)
+    pf = pm(lambda x: x * scale)
+    x = rows(N, 3)
+    both(pf, x)
+    through_dynamo = _calls_through_dynamo(pf)
+    assert torch.equal(both(pf, x).unshard(), x * 2)
+    scale.add_(1)
+    assert torch.equal(both(pf, x).unshard(), x * 3)
+    scale = torch.tensor(5.0)  # the closure's cell now holds another tensor, read at run time
+    assert torch.equal(both(pf, x).unshard(), x * 5)
+    assert through_dynamo == []  # the same guards: the fast path every time
+    scale = torch.tensor([1.0, 2.0, 3.0])  # another shape: no entry's guards pass, Dynamo captures again
+    assert torch.equal(both(pf, x).unshard(), x * scale)
+    assert len(through_dynamo) == 1
+
+
+def test_the_fast_path_recaptures_when_a_python_global_changes():
+    global MODE
+    pf = pm(lambda x: x * 2 if MODE == "double" else x * 3)
+    x = rows(N, 3)
+    both(pf, x)
+    through_dynamo = _calls_through_dynamo(pf)
+    for _ in range(3):
+        assert torch.equal(both(pf, x).unshard(), x * 2)
+    assert through_dynamo == []
+    MODE = "triple"
+    try:
+        assert torch.equal(both(pf, x).unshard(), x * 3)
+        assert len(through_dynamo) == 1
+    finally:
+        MODE = "double"
+    for _ in range(2):  # back to the first entry, whose guards pass again
+        assert torch.equal(both(pf, x).unshard(), x * 2)
+    assert len(through_dynamo) == 1
+
+
+def test_the_fast_path_picks_the_entry_of_each_static_argument():
+    pf = pm(lambda x, k: x * k, static_broadcasted_argnums=1)
+    x = rows(N, 3)
+    both(pf, x, 2)
+    through_dynamo = _calls_through_dynamo(pf)
+    both(pf, x, 3)
+    for k in (2, 3, 2, 3):
+        assert torch.equal(both(pf, x, k).unshard(), x * k)
+    assert len(through_dynamo) == 1  # the capture for k=3 only
+
+
 def test_shape_change_recaptures():
     f = pm(lambda x: tp.psum(x, "i"))
     both(f, rows(N, 3))
