@@ -388,6 +388,13 @@ def test_a_function_without_a_graph_falls_back():
     fallback(pm(lambda x, k: (x, k), in_axes=(0, None)), rows(N, 3), 3, match="no graph")
 
 
+def test_a_disabled_dynamo_falls_back_where_a_capture_is_due_and_is_not_remembered():
+    pf = pm(lambda x: x * 2)
+    with torch._dynamo.config.patch(disable=True):
+        fallback(pf, rows(N, 3), match="disabled Dynamo")
+    both(pf, rows(N, 3))  # captures now
+
+
 def test_a_dynamo_stance_falls_back():
     pf = pm(lambda x: x * 2)
     with torch.compiler.set_stance("force_eager"):
