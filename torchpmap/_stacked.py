@@ -365,7 +365,7 @@ class _Capture:
     entry: types.FunctionType  # the trampoline that ``compiled`` wraps: Dynamo's cache is on its code
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
     # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
-    transformed: dict[types.CodeType, types.FunctionType] = field(default_factory=dict)
+    transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
 
     def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """``compiled(*args, **kwargs)``. When not inside another compiled frame,
@@ -378,7 +378,10 @@ class _Capture:
             scope = {"args": tuple(args), "kwargs": kwargs, "fun": self.fun}
             for cache_entry in _cache_entries(self.entry.__code__):
                 if cache_entry.guard_manager.check(scope):
-                    return self._transformed(cache_entry.code)(*args, **kwargs)
+                    transformed = self._transformed(cache_entry.code)
+                    if transformed is not None:
+                        return transformed(*args, **kwargs)
+                    break
         if torch._dynamo.config.disable:  # Dynamo would run the function eagerly on replica 0
             raise _DynamoDisabled
         return self.compiled(*args, **kwargs)
@@ -389,13 +392,16 @@ class _Capture:
         assert closure is not None  # the trampoline closes over the function
         return closure[0].cell_contents
 
-    def _transformed(self, code: types.CodeType) -> types.FunctionType:
-        fn = self.transformed.get(code)
-        if fn is None:
-            e = self.entry
-            fn = self.transformed[code] = types.FunctionType(
-                code, e.__globals__, e.__name__, e.__defaults__, e.__closure__
-            )
+    def _transformed(self, code: types.CodeType) -> types.FunctionType | None:
+        """A function of ``code``; None if it does not take the trampoline's
+        free variables (not Dynamo's usual code: its frame runs it)."""
+        if code in self.transformed:
+            return self.transformed[code]
+        e = self.entry
+        fn = None
+        if code.co_freevars == e.__code__.co_freevars:
+            fn = types.FunctionType(code, e.__globals__, e.__name__, e.__defaults__, e.__closure__)
+        self.transformed[code] = fn
         return fn
 
 
