@@ -96,6 +96,23 @@ def test_a_custom_executor_gets_a_complete_record_and_its_results_are_assembled(
     assert list(record.grad_leaves) == [] and list(record.donated) == []
 
 
+def test_slices_and_shards_are_made_on_first_use_in_the_calls_grad_mode():
+    devices = tuple(torchpmap.local_devices()[:2])
+    x = torch.arange(6.0).reshape(3, 2).requires_grad_()
+    sharded = torchpmap.device_put_sharded([torch.zeros(3), torch.ones(3)], devices)
+    per_leaf = _pmap._PerLeafValues(devices, grad_on=True)
+    per_leaf.append_slices(x, 1)
+    per_leaf.append_shards(sharded)
+    per_leaf.append([5, 5])
+    assert len(per_leaf) == 3 and per_leaf[2] == [5, 5]
+    with torch.no_grad():
+        slices = per_leaf[0]
+    assert all(s.grad_fn is not None for s in slices)  # unbind recorded, as when the call placed them
+    assert torch.equal(torch.stack(list(slices), 1), x) and per_leaf[0] is slices
+    assert list(per_leaf[1]) == list(sharded.shards) and per_leaf[-2] is per_leaf[1]
+    assert per_leaf[1:] == [per_leaf[1], [5, 5]]
+
+
 def test_positional_tensors_need_no_tree(sequential):
     torchpmap.pmap(lambda a, b: a * b)(torch.ones(2, 2), torch.ones(2, 2))
     assert sequential.records[0].treedef is None

@@ -83,6 +83,33 @@ def test_from_stacked_shards_are_views_of_the_buffer(axis):
     assert st.to_stacked() is st
 
 
+def test_from_stacked_makes_the_row_views_on_first_use():
+    buffer, st = _stacked(4, 3)
+    assert st._shard_views is None  # a stacked runner's result fed back never needs them
+    assert st.stacked_buffers()[0] is buffer and not st.requires_grad and st.shard_layout.storage is Storage.STACKED
+    assert st._shard_views is None
+    shards = st.shards
+    assert st.shards is shards and [s.data_ptr() for s in shards] == [buffer[i].data_ptr() for i in range(4)]
+
+
+def test_row_views_made_later_keep_the_grad_mode_of_from_stacked():
+    buffer = rows(4, 3).clone()
+    with torch.no_grad():
+        st = ShardedTensor.from_stacked(buffer, _devices(4))
+    w = torch.ones(3, requires_grad=True)
+    # As views made at once in no-grad mode: autograd refuses to record a write through them.
+    with pytest.raises(RuntimeError, match="created in no_grad mode"):
+        st.shards[0].add_(w)
+
+
+def test_from_stacked_of_a_buffer_that_requires_grad_makes_the_views_at_once():
+    w = rows(4, 3).requires_grad_()
+    st = ShardedTensor.from_stacked(w * 1, _devices(4))
+    assert st._shard_views is not None and st.requires_grad
+    with torch.no_grad():
+        assert all(s.grad_fn is not None for s in st.shards)  # recorded when from_stacked ran
+
+
 def test_in_place_updates_of_a_stacked_tensor_reach_the_buffer():
     buffer, st = _stacked(4, 3)
     expected = buffer.clone()

@@ -119,6 +119,16 @@ def test_sharded_inputs_fed_back():
     assert_same_bits(expected, got)
 
 
+def test_a_stacked_output_fed_back_moves_nothing():
+    with executor("stacked"):
+        y = pm(lambda x: x * 2)(rows(N, 3))
+        (buffer,) = y.stacked_buffers()
+        z = pm(lambda r: r.add_(1))(y)  # writes the replicas' rows: the buffer itself
+    assert z.stacked_buffers()[0].data_ptr() == buffer.data_ptr() == y.stacked_buffers()[0].data_ptr()
+    assert torch.equal(buffer, rows(N, 3) * 2 + 1) and torch.equal(y.unshard(), buffer)
+    assert [s.data_ptr() for s in y.shards] == [buffer[i].data_ptr() for i in range(N)]
+
+
 def test_static_argument_recaptures():
     f = pm(lambda x, k: x * k, static_broadcasted_argnums=1)
     x = rows(N, 3)
@@ -160,6 +170,26 @@ def test_functional_mlp_step_with_grad_inside():
     assert_same_bits(results["threads"], results["stacked"], close=True)
 
 
+def test_the_batched_graph_keeps_no_needless_copies():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from torchpmap._stacked import _drop_needless_copies
+
+    def f(x):
+        index = torch.tensor([1, 0])  # only read: the graph's constant serves
+        written = torch.tensor([0.0, 2.0])
+        written.mul_(x[0, 0])  # written: a fresh copy on every run
+        return x.permute(0, 1).index_select(0, index) + written
+
+    gm = make_fx(f)(torch.ones(2, 2))
+    _drop_needless_copies(gm)
+    targets = [node.target for node in gm.graph.nodes]
+    assert targets.count(torch.ops.aten.lift_fresh_copy.default) == 1
+    assert torch.ops.aten.permute.default not in targets
+    x = torch.arange(4.0).reshape(2, 2) + 3
+    assert torch.equal(gm(x), f(x)) and torch.equal(gm(x), f(x))
+
+
 # -- sound capture ---------------------------------------------------------------------
 SCALE = torch.tensor(2.0)
 
@@ -190,6 +220,70 @@ def test_python_global_read_recaptures():
         assert torch.equal(both(f, x).unshard(), x * 3)
     finally:
         MODE = "double"
+
+
+def _calls_through_dynamo(pf):
+    """Records each call of pf's capture that goes through Dynamo's frame: a
+    call whose guards no cache entry passes (the fast path takes the others)."""
+    from torchpmap import _stacked
+
+    (capture,) = _stacked._captures[pf._fun].values()
+    calls, real = [], capture.compiled
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    capture.compiled = spy
+    return calls
+
+
+def test_the_fast_path_sees_a_closed_over_tensor_changed_in_place_or_reassigned():
+    scale = torch.tensor(2.0)
+    pf = pm(lambda x: x * scale)
+    x = rows(N, 3)
+    both(pf, x)
+    through_dynamo = _calls_through_dynamo(pf)
+    assert torch.equal(both(pf, x).unshard(), x * 2)
+    scale.add_(1)
+    assert torch.equal(both(pf, x).unshard(), x * 3)
+    scale = torch.tensor(5.0)  # the closure's cell now holds another tensor, read at run time
+    assert torch.equal(both(pf, x).unshard(), x * 5)
+    assert through_dynamo == []  # the same guards: the fast path every time
+    scale = torch.tensor([1.0, 2.0, 3.0])  # another shape: no entry's guards pass, Dynamo captures again
+    assert torch.equal(both(pf, x).unshard(), x * scale)
+    assert len(through_dynamo) == 1
+
+
+def test_the_fast_path_recaptures_when_a_python_global_changes():
+    global MODE
+    pf = pm(lambda x: x * 2 if MODE == "double" else x * 3)
+    x = rows(N, 3)
+    both(pf, x)
+    through_dynamo = _calls_through_dynamo(pf)
+    for _ in range(3):
+        assert torch.equal(both(pf, x).unshard(), x * 2)
+    assert through_dynamo == []
+    MODE = "triple"
+    try:
+        assert torch.equal(both(pf, x).unshard(), x * 3)
+        assert len(through_dynamo) == 1
+    finally:
+        MODE = "double"
+    for _ in range(2):  # back to the first entry, whose guards pass again
+        assert torch.equal(both(pf, x).unshard(), x * 2)
+    assert len(through_dynamo) == 1
+
+
+def test_the_fast_path_picks_the_entry_of_each_static_argument():
+    pf = pm(lambda x, k: x * k, static_broadcasted_argnums=1)
+    x = rows(N, 3)
+    both(pf, x, 2)
+    through_dynamo = _calls_through_dynamo(pf)
+    both(pf, x, 3)
+    for k in (2, 3, 2, 3):
+        assert torch.equal(both(pf, x, k).unshard(), x * k)
+    assert len(through_dynamo) == 1  # the capture for k=3 only
 
 
 def test_shape_change_recaptures():
@@ -294,6 +388,13 @@ def test_a_failed_capture_is_not_retried():
 
 def test_a_function_without_a_graph_falls_back():
     fallback(pm(lambda x, k: (x, k), in_axes=(0, None)), rows(N, 3), 3, match="no graph")
+
+
+def test_a_disabled_dynamo_falls_back_where_a_capture_is_due_and_is_not_remembered():
+    pf = pm(lambda x: x * 2)
+    with torch._dynamo.config.patch(disable=True):
+        fallback(pf, rows(N, 3), match="disabled Dynamo")
+    both(pf, rows(N, 3))  # captures now
 
 
 def test_a_dynamo_stance_falls_back():

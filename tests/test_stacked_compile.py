@@ -260,7 +260,10 @@ def test_autograd_through_a_compiled_call_falls_back_for_that_call():
     backend = CountingBackend()
     pf = pm(lambda x: tp.psum(x.sin(), "i"), compile={"backend": backend})
     x = rows(N, 3).requires_grad_()
-    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="autograd through a compile= call"):
+    with (
+        executor("stacked", allow_fallback=True),
+        pytest.warns(RuntimeWarning, match="autograd through a compile= call"),
+    ):
         pf(x).unshard().sum().backward()
     assert backend.runs == N  # the per-replica compile ran, with its backward
     torch.testing.assert_close(x.grad, N * x.detach().cos())

@@ -56,6 +56,7 @@ from ._stacked import (
     _unsupported_inside,
     capture_scope_reason,
     compile_per_replica,
+    trampoline_entry,
     warn_fallback,
 )
 from ._tree import flatten
@@ -412,7 +413,7 @@ def _capture_for(record: CallRecord, devices: tuple[torch.device, ...]) -> _Capt
     capture = per_fun.get(key)
     if capture is None:
         count = [0]
-        compiled = compile_per_replica(record.fun, _backend(group.axis_name, devices, count))
+        compiled = compile_per_replica(trampoline_entry(record.fun), _backend(group.axis_name, devices, count))
         capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, group.axis_size, devices[0]), count)
     return capture
 

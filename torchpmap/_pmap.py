@@ -538,16 +538,17 @@ class Pmapped:
 
     def _place(
         self, plan: _InPlan, leaves: list[Any], devices: tuple[torch.device, ...], n: int
-    ) -> tuple[list[list[Any]], list[Placement], list[int], list[_Shared]]:
-        """Per input leaf, its n per-replica values and how they were placed;
+    ) -> tuple[_PerLeafValues, list[Placement], list[int], list[_Shared]]:
+        """Per input leaf, its n per-replica values (slices and shards made on
+        first use) and how they were placed;
         the leaves autograd must see (those that require grad when grad mode
         is on); and the tensors several replicas (or a replica and the caller)
         share, which no replica may write. The values are placed with grad mode on, so the caller's
         autograd takes their gradients back to the leaves: slices stacked,
         broadcast copies summed."""
-        per_leaf: list[list[Any]] = []
-        placements: list[Placement] = []
         grad_on = torch.is_grad_enabled()
+        per_leaf = _PerLeafValues(devices, grad_on)
+        placements: list[Placement] = []
         grad_leaves: list[int] = []
         shared: list[_Shared] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
@@ -566,10 +567,9 @@ class Pmapped:
                 continue
             if kind == _SHARDED:
                 if axis is not None and leaf.is_mapped_on(axis, devices):
-                    values = list(leaf.shards)  # already in place: no data moves
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
-                    per_leaf.append(values)
+                    per_leaf.append_shards(leaf)  # already in place: no data moves
                     placements.append(_PLACED_SHARDED)
                     continue
                 leaf = leaf.unshard()
@@ -579,7 +579,7 @@ class Pmapped:
                     leaf = _plain_view(leaf)
                     _watch(shared, j, leaf, _TEMPORARY_COPY)
                 if axis is None:
-                    values = [_to_device(leaf, d) for d in devices]
+                    values = [leaf] * n if _on_host(leaf, devices) else [_to_device(leaf, d) for d in devices]
                     if values[0] is leaf and values[-1] is leaf:  # virtual CPU devices: no copy at all
                         _watch(shared, j, leaf, "every replica")
                     elif any(v is leaf for v in values):  # a GPU replica on the tensor's own device
@@ -590,10 +590,11 @@ class Pmapped:
                 else:
                     if _slices_overlap(leaf, axis):
                         _watch(shared, j, leaf, "overlapping slices")
-                    values = [_to_device(v, d) for v, d in zip(leaf.unbind(axis), devices)]
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
+                    per_leaf.append_slices(leaf, axis)
                     placements.append(_PLACED_MAPPED)
+                    continue
             else:
                 values = [leaf] * n
                 placements.append(_PLACED_BROADCAST)
@@ -641,10 +642,14 @@ class Pmapped:
     def _assemble_stacked(self, out: StackedOutput, devices: tuple[torch.device, ...]) -> PyTree:
         """The stacked executor's output: batched leaves wrapped without a copy,
         out_axes=None ones checked equal across the rows, like ``_assemble``."""
-        first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
-        key = (out.spec, tuple(v.ndim if isinstance(v, torch.Tensor) else type(v) for v in first))
+        # The key of _assemble: a row's rank is its buffer's less one.
+        key = (
+            out.spec,
+            tuple(v.ndim - b if isinstance(v, torch.Tensor) else type(v) for v, b in zip(out.leaves, out.batched)),
+        )
         plan = self._out_plans.get(key)
         if plan is None:
+            first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
             plan = self._make_out_plan(tree_unflatten(first, out.spec), first)
             self._out_plans[key] = plan
         result: list[Any] = []
@@ -654,7 +659,7 @@ class Pmapped:
                 result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
             elif batched:
                 try:
-                    result.append(ShardedTensor.from_stacked(value, devices, axis))
+                    result.append(ShardedTensor._of_stacked((value,), devices, axis))
                 except ValueError:  # rows that overlap in memory (a strided input returned): as _assemble
                     result.append(ShardedTensor(distinct_shards(list(value.unbind(0))), devices, axis=axis))
             else:  # one value for every replica: as _assemble does with n equal values
@@ -685,6 +690,65 @@ class Pmapped:
                 )
             canonical.append(axis % ndim)
         return _OutPlan(canonical, paths)
+
+
+class _PerLeafValues(Sequence[Sequence[Any]]):
+    """``CallRecord.per_leaf``: per input leaf, its per-replica values. A mapped
+    tensor's slices and a ShardedTensor's shards are made on first use (with
+    the grad mode of the call, so that autograd records the slicing as it would
+    have): the stacked executor reads the leaves whole, and n views per leaf per
+    call would cost it time that grows with n."""
+
+    __slots__ = ("_values", "_sources", "_devices", "_grad_on")
+
+    def __init__(self, devices: tuple[torch.device, ...], grad_on: bool) -> None:
+        self._values: list[Sequence[Any] | None] = []
+        self._sources: dict[int, tuple[torch.Tensor, int | None]] = {}  # leaf -> (tensor, mapped axis or None: shards)
+        self._devices, self._grad_on = devices, grad_on
+
+    def append(self, values: Sequence[Any]) -> None:
+        self._values.append(values)
+
+    def append_slices(self, leaf: torch.Tensor, axis: int) -> None:
+        self._sources[len(self._values)] = (leaf, axis)
+        self._values.append(None)
+
+    def append_shards(self, leaf: ShardedTensor) -> None:
+        self._sources[len(self._values)] = (leaf, None)
+        self._values.append(None)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @overload
+    def __getitem__(self, j: int) -> Sequence[Any]: ...
+    @overload
+    def __getitem__(self, j: slice) -> Sequence[Sequence[Any]]: ...
+    def __getitem__(self, j: int | slice) -> Sequence[Any] | Sequence[Sequence[Any]]:
+        if isinstance(j, slice):
+            return [self[k] for k in range(len(self._values))[j]]
+        values = self._values[j]
+        if values is None:
+            values = self._values[j] = self._make(j % len(self._values))
+        return values
+
+    def _make(self, j: int) -> list[Any]:
+        leaf, axis = self._sources[j]
+        if axis is None:
+            assert isinstance(leaf, ShardedTensor)  # append_shards
+            return list(leaf.shards)
+        with torch.set_grad_enabled(self._grad_on):
+            return [_to_device(v, d) for v, d in zip(leaf.unbind(axis), self._devices)]
+
+
+def _on_host(t: torch.Tensor, devices: tuple[torch.device, ...]) -> bool:
+    """Whether ``t`` and every device are the host: ``_to_device`` gives ``t`` itself for all."""
+    return t.device.type == "cpu" and _all_host(devices)
+
+
+@functools.lru_cache(maxsize=64)
+def _all_host(devices: tuple[torch.device, ...]) -> bool:
+    return all(d.type == "cpu" for d in devices)
 
 
 def _refuse_function_transforms(fun_name: str) -> None:

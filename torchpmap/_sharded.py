@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -75,12 +76,13 @@ class ShardedTensor(torch.Tensor):
     module doc). In-place ops reach every shard or raise; to change the shards'
     shape or autograd history, update ``x.shards`` and build a new ShardedTensor."""
 
-    _shards: tuple[torch.Tensor, ...]
+    _shard_views: tuple[torch.Tensor, ...] | None  # None until first use for from_stacked's lazy rows
     _devices: tuple[torch.device, ...]
     _axis: int
     _deleted: bool
     _layout: Layout | None  # built on first use: most ShardedTensors never need it
     _stacked: tuple[torch.Tensor, ...] | None  # the buffers the shards are views of, when known
+    _rows_grad_mode: bool  # from_stacked's grad mode, in which its lazy rows are made
 
     @staticmethod
     def __new__(
@@ -118,6 +120,30 @@ class ShardedTensor(torch.Tensor):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
         pass
+
+    # from_stacked makes the row views on first use: a stacked runner's result that
+    # goes straight into the next call (stacked_buffers) never needs them, and
+    # making n views per output per call would cost time that grows with n.
+    @property
+    def _shards(self) -> tuple[torch.Tensor, ...]:
+        shards = self._shard_views
+        if shards is None:
+            shards = self._shard_views = self._rows_of_stacked()
+        return shards
+
+    @_shards.setter
+    def _shards(self, shards: tuple[torch.Tensor, ...]) -> None:
+        self._shard_views = shards
+
+    def _rows_of_stacked(self) -> tuple[torch.Tensor, ...]:
+        buffers = self._stacked
+        assert buffers is not None  # only from_stacked leaves the rows to make
+        shards: list[torch.Tensor] = [buffers[0]] * len(self._devices)  # every entry is replaced below
+        with torch.set_grad_enabled(self._rows_grad_mode):  # views carry the mode they were made in
+            for buffer, (_, members) in zip(buffers, device_groups(self._devices)):
+                for row, i in enumerate(members):
+                    shards[i] = buffer.select(0, row)  # not unbind: autograd refuses in-place ops on its views
+        return tuple(shards)
 
     # -- sharding -------------------------------------------------------------------
     @property
@@ -172,15 +198,34 @@ class ShardedTensor(torch.Tensor):
         runner's results, which its next call takes back as they are."""
         devices = tuple(torch.device(d) for d in devices)
         buffers = (buffers,) if isinstance(buffers, torch.Tensor) else tuple(buffers)
-        groups = device_groups(devices)
-        _check_stacked_buffers(buffers, groups)
-        shards: list[torch.Tensor] = [buffers[0]] * len(devices)  # every entry is replaced below
-        for buffer, (_, members) in zip(buffers, groups):
-            for row, i in enumerate(members):
-                shards[i] = buffer.select(0, row)  # not unbind: autograd refuses in-place ops on its views
-        st = cls(shards, devices, axis)
-        st._stacked = buffers
-        st._layout = st.shard_layout.with_storage(Storage.STACKED)
+        return cls._of_stacked(buffers, devices, axis)
+
+    @classmethod
+    def _of_stacked(
+        cls, buffers: tuple[torch.Tensor, ...], devices: tuple[torch.device, ...], axis: int
+    ) -> ShardedTensor:
+        """from_stacked for arguments already in its normal form (the stacked
+        runner's): the same checks, none of which grows with the number of replicas."""
+        _check_stacked_buffers(buffers, device_groups(devices))
+        first = buffers[0]
+        shard_shape = first.shape[1:]
+        for g, b in enumerate(buffers[1:], start=1):
+            if b.shape[1:] != shard_shape or b.dtype != first.dtype:
+                raise ValueError(
+                    f"ShardedTensor.from_stacked: buffer {g} holds rows of shape {tuple(b.shape[1:])} and dtype "
+                    f"{b.dtype}, but buffer 0 holds {tuple(shard_shape)} and {first.dtype}"
+                )
+        if not 0 <= axis <= len(shard_shape):
+            raise ValueError(f"ShardedTensor: axis {axis} out of range for shards of rank {len(shard_shape)}")
+        shape = list(shard_shape)
+        shape.insert(axis, len(devices))
+        st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=first.dtype, device=first.device)
+        st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, buffers
+        st._rows_grad_mode = torch.is_grad_enabled()
+        st._shard_views = None
+        if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
+            st._shard_views = st._rows_of_stacked()  # autograd sees the views when they are made
+        st._layout = _stacked_layout(shard_shape, first.dtype, axis, devices)
         return st
 
     def stacked_buffers(self) -> tuple[torch.Tensor, ...] | None:
@@ -191,7 +236,9 @@ class ShardedTensor(torch.Tensor):
         a shard whose storage changed since (``set_``) is never missed."""
         self._check_alive()
         groups = device_groups(self._devices)
-        if self._stacked is not None and _still_views_of(self._shards, self._stacked, groups):
+        if self._stacked is not None and (
+            self._shard_views is None or _still_views_of(self._shard_views, self._stacked, groups)
+        ):
             return self._stacked
         self._stacked = None
         found = [_stacked_view([self._shards[i] for i in members]) for _, members in groups]
@@ -225,7 +272,9 @@ class ShardedTensor(torch.Tensor):
     @property
     def requires_grad(self) -> bool:
         self._check_alive()
-        return any(s.requires_grad for s in self._shards)
+        if self._shard_views is None:  # rows not made yet: views require grad as their buffer does
+            return any(b.requires_grad for b in self._stacked or ())
+        return any(s.requires_grad for s in self._shard_views)
 
     @requires_grad.setter
     def requires_grad(self, requires_grad: bool) -> None:
@@ -836,6 +885,13 @@ def _check_stacked_buffers(
             )
 
 
+@functools.lru_cache(maxsize=1024)
+def _stacked_layout(
+    shard_shape: torch.Size, dtype: torch.dtype, axis: int, devices: tuple[torch.device, ...]
+) -> Layout:
+    return mapped_layout(shard_shape, dtype, axis, devices).with_storage(Storage.STACKED)
+
+
 def _rows_overlap(buffer: torch.Tensor) -> bool:
     overlap = torch._debug_has_internal_overlap(buffer)  # 0: no, 1: yes, 2: too hard to tell
     if overlap != 2:
@@ -850,16 +906,22 @@ def _still_views_of(
 ) -> bool:
     """Whether every shard is still the dim-0 view of its buffer that from_stacked
     made (a shard's own storage or geometry may have been changed since, by set_)."""
+    # By address, not storage (a storage object per shard per call costs): a shard
+    # that starts at its row's address on the buffer's device, with the row's
+    # geometry, is that row's memory, the buffer keeping it alive.
     for buffer, (_, members) in zip(buffers, groups):
-        key = _storage_key(buffer)
-        if key is None:
+        if _storage_key(buffer) is None:
             return False
-        step, offset, stride = buffer.stride(0), buffer.storage_offset(), buffer.stride()[1:]
+        address, step = buffer.data_ptr(), buffer.stride(0) * buffer.element_size()
+        stride, shape, dtype, device = buffer.stride()[1:], buffer.shape[1:], buffer.dtype, buffer.device
         for row, i in enumerate(members):
             s = shards[i]
-            if _storage_key(s) != key or s.storage_offset() != offset + row * step or s.stride() != stride:
+            if s.device != device or s.dtype != dtype or s.stride() != stride or s.shape != shape:
                 return False
-            if s.shape != buffer.shape[1:] or s.dtype != buffer.dtype:
+            try:
+                if s.data_ptr() != address + row * step:
+                    return False
+            except RuntimeError:  # no storage (a functorch wrapper, for one)
                 return False
     return True
 

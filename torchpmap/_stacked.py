@@ -53,7 +53,7 @@ from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, Backend, _trampoline_factory, options_key, requested_backend
 from ._layout import device_groups
-from ._sharded import ShardedTensor, _stacked_view
+from ._sharded import ShardedTensor, _stacked_view, _to_device
 from ._stacked_autograd import ReplicaProgram
 
 T = TypeVar("T")
@@ -79,6 +79,13 @@ class StackedOutput:
     spec: TreeSpec
 
 
+_DYNAMO_OFF = "torch.compiler.set_stance or a disabled Dynamo"
+
+
+class _DynamoDisabled(Exception):
+    """A capture is due but Dynamo is disabled: this call falls back, later ones may capture."""
+
+
 def unsupported_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run stacked, checked before any capture; None if it may."""
     group = record.group
@@ -94,14 +101,14 @@ def unsupported_reason(record: CallRecord) -> str | None:
 def capture_scope_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run from one capture of its function (stacked or
     lockstep), checked before any capture; None if it may."""
-    if any(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda")):
+    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
     stance = torch._dynamo.eval_frame._stance
-    if stance.stance != "default" or stance.skip_guard_eval_unsafe or torch._dynamo.config.disable:
+    if stance.stance != "default" or stance.skip_guard_eval_unsafe:
         # Dynamo would run the function eagerly on replica 0, or skip its guards.
-        return "torch.compiler.set_stance or a disabled Dynamo"
+        return _DYNAMO_OFF  # (a disabled Dynamo matters only to a capture: _Capture.call checks it)
     if _axis.in_replica() or _runtime.pool().busy():
         # The threads executor detects a nested pmap (or one from a thread a replica started).
         return "called inside a replica, or while a call on the threads executor runs"
@@ -140,13 +147,12 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
     state = _CallState(record.n, {})
     row0: list[Any] = []
     for j, placement in enumerate(record.placements):
-        values = record.per_leaf[j]
         if placement is Placement.BROADCAST:
-            row0.append(values[0])
+            row0.append(record.per_leaf[j][0])
             continue
         buffer = _stacked_leaf(record, j)
         if buffer is None:
-            buffer = torch.stack(list(values))
+            buffer = torch.stack(list(record.per_leaf[j]))
             state.copied.add(id(buffer))
         row = buffer.select(0, 0)
         row0.append(row)
@@ -158,17 +164,17 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
 def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
     """Leaf j's replicas' values as rows of one buffer without a copy (a write
     to a row must reach what the replica would have written), or None."""
-    caller, values = record.caller_leaves[j], record.per_leaf[j]
-    if record.placements[j] is Placement.MAPPED and type(caller) is torch.Tensor:
+    caller, placement = record.caller_leaves[j], record.placements[j]
+    if placement is Placement.MAPPED and type(caller) is torch.Tensor:
         axis = record.axes[j]
         assert axis is not None  # a mapped leaf has an axis
-        if values[0].device == caller.device:  # replicas got views of the caller's tensor
+        if _to_device(caller, record.group.devices[0]) is caller:  # replicas get views of the caller's tensor
             return caller.movedim(axis, 0) if axis else caller
-    if isinstance(caller, ShardedTensor) and record.placements[j] is Placement.SHARDED:
+    if placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
         buffers = caller.stacked_buffers()
         if buffers is not None and len(buffers) == 1:
             return buffers[0]
-    return _stacked_view(values)
+    return _stacked_view(record.per_leaf[j])
 
 
 # -- capture ---------------------------------------------------------------------------
@@ -267,6 +273,50 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _drop_needless_copies(gm: torch.fx.GraphModule) -> None:
+    """Each op of the batched graph costs a dispatch per call: drop the
+    permutes that vmap adds which keep every dimension in place, and the copy
+    that a traced ``torch.tensor`` makes of its constant on every run
+    (``lift_fresh_copy``) where no op writes or views that copy."""
+    aten = torch.ops.aten
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        identity_permute = node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))
+        needless_copy = (
+            node.target is aten.lift_fresh_copy.default
+            and node.args[0].op == "get_attr"
+            and all(_only_reads(user, node) for user in node.users)
+        )
+        if identity_permute or needless_copy:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def _only_reads(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether ``user`` is an op that takes ``value`` without writing it or
+    returning a view of it."""
+    target = user.target
+    if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return False
+    schema = target._schema
+    if any(r.alias_info is not None for r in schema.returns):
+        return False
+    for k, arg in enumerate(schema.arguments):
+        given = user.args[k] if k < len(user.args) else user.kwargs.get(arg.name)
+        if arg.alias_info is not None and _mentions(given, value):
+            return False
+    return True
+
+
+def _mentions(given: Any, value: torch.fx.Node) -> bool:
+    return given is value or (isinstance(given, (list, tuple)) and any(_mentions(g, value) for g in given))
+
+
 def _check_no_random(graph: torch.fx.Graph) -> None:
     for node in graph.nodes:
         target = node.target
@@ -301,7 +351,7 @@ class _Batched:
 
     def _program(self, inputs: list[Any]) -> Callable[..., Any]:
         if self.compiler is None:
-            return self.graph
+            return self.graph.forward  # not __call__: no module hooks to run, ~2 us less
         key = tuple(a.stride() if isinstance(a, torch.Tensor) else None for a in inputs)
         program = self.programs.get(key)
         if program is None:
@@ -372,6 +422,7 @@ def _backend(
             raise Unsupported("random ops under compile=")
         program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
         _check_no_random(program.trace(examples).graph)
+        _drop_needless_copies(program.trace(examples))
         result = _Batched(program, bool(sites), compiler, examples)
         weakref.finalize(result, _stacked_random.forget, sites)
         return result
@@ -384,7 +435,55 @@ class _Capture:
     compiled: Callable[..., Any]
     frame: _CaptureFrame
     count: list[int]  # how many times the backend captured (Dynamo compiled) it
+    entry: types.FunctionType  # the trampoline that ``compiled`` wraps: Dynamo's cache is on its code
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+    # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
+    transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
+
+    def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """``compiled(*args, **kwargs)``. When not inside another compiled frame,
+        Dynamo's own guard managers pick the cache entry as Dynamo would (the first
+        whose guards pass, in its cache's order), and that entry's code runs
+        without Dynamo's frame machinery around it (~20 us a call); a miss goes
+        through Dynamo, which captures again."""
+        if _cache_entries is not None and _eval_frame_callback() is None:
+            # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its free variable.
+            scope = {"args": tuple(args), "kwargs": kwargs, "fun": self.fun}
+            for cache_entry in _cache_entries(self.entry.__code__):
+                if cache_entry.guard_manager.check(scope):
+                    transformed = self._transformed(cache_entry.code)
+                    if transformed is not None:
+                        return transformed(*args, **kwargs)
+                    break
+        if torch._dynamo.config.disable:  # Dynamo would run the function eagerly on replica 0
+            raise _DynamoDisabled
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def fun(self) -> Any:
+        closure = self.entry.__closure__
+        assert closure is not None  # the trampoline closes over the function
+        return closure[0].cell_contents
+
+    def _transformed(self, code: types.CodeType) -> types.FunctionType | None:
+        """A function of ``code``; None if it does not take the trampoline's
+        free variables (not Dynamo's usual code: its frame runs it)."""
+        if code in self.transformed:
+            return self.transformed[code]
+        e = self.entry
+        fn = None
+        if code.co_freevars == e.__code__.co_freevars:
+            fn = types.FunctionType(code, e.__globals__, e.__name__, e.__defaults__, e.__closure__)
+        self.transformed[code] = fn
+        return fn
+
+
+_eval_frame_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
+# Dynamo's live cache entries of a code object (an invalidated entry is gone from
+# the list); without it, every call goes through Dynamo's frame.
+_cache_entries: Callable[[types.CodeType], list[Any]] | None = getattr(
+    torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None
+)
 
 
 # Dynamo's recompile limit for a capture, and how many captures we allow (fewer:
@@ -413,18 +512,24 @@ def _capture_for(record: CallRecord) -> _Capture:
     if capture is None:
         compiler = None if options is None else requested_backend(options)
         count = [0]
-        compiled = compile_per_replica(record.fun, _backend(group.axis_name, record.n, count, compiler))
-        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count)
+        entry = trampoline_entry(record.fun)
+        compiled = compile_per_replica(entry, _backend(group.axis_name, record.n, count, compiler))
+        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count, entry)
     return capture
 
 
-def compile_per_replica(
-    fun: Callable[..., Any], backend: Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
-) -> Callable[..., Any]:
-    """``fun`` under Dynamo with ``backend``: one full graph, static shapes, and
-    its own Dynamo cache (a distinct code object per call of this)."""
+def trampoline_entry(fun: Callable[..., Any]) -> types.FunctionType:
+    """A trampoline calling ``fun`` with a code object of its own: Dynamo keeps
+    its cache on the code, so each gets a distinct one."""
     t = _trampoline_factory(fun)
-    entry = types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
+    return types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
+
+
+def compile_per_replica(
+    entry: types.FunctionType, backend: Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
+) -> Callable[..., Any]:
+    """``entry`` (a ``trampoline_entry``) under Dynamo with ``backend``: one
+    full graph, static shapes."""
     # torch.compile's overloads leave out recompile_limit, which the function itself takes.
     return torch.compile(  # type: ignore[call-overload]
         entry, backend=backend, fullgraph=True, dynamic=False, recompile_limit=_RECOMPILE_LIMIT
@@ -450,7 +555,9 @@ def run(record: CallRecord) -> StackedOutput:
     _ops._stacking.on = True
     try:
         with _stacked_random.call_streams(record.group) as streams:
-            out = capture.compiled(*args, **kwargs)
+            out = capture.call(args, kwargs)
+    except _DynamoDisabled:
+        raise Unsupported(_DYNAMO_OFF) from None
     except Exception as e:
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:

@@ -26,7 +26,7 @@ one group of everybody; ``pairs`` are (source, destination) pairs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -71,6 +71,11 @@ def _members_and_positions(groups: tuple[tuple[int, ...], ...], n: int, device: 
     )
 
 
+def _is_everybody(groups: Groups, n: int) -> bool:
+    """One group of every replica in order: the exchange needs no index."""
+    return not groups or (len(groups) == 1 and tuple(groups[0]) == tuple(range(n)))
+
+
 def _check_stack(xs: Tensor, n: int, fn: str, min_ndim: int = 1) -> None:
     if xs.ndim < min_ndim or xs.shape[0] != n:
         raise ValueError(
@@ -79,8 +84,15 @@ def _check_stack(xs: Tensor, n: int, fn: str, min_ndim: int = 1) -> None:
         )
 
 
-def _index(values: Sequence[int], like: Tensor) -> Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=like.device)
+def _fold(rows: Sequence[Tensor], reduce: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """rows[0] reduced with each later row in order, as a fresh tensor
+    (``_communicator._reduced``'s order: the same result bit for bit)."""
+    if len(rows) == 1:
+        return rows[0].clone()
+    total = reduce(rows[0], rows[1])
+    for row in rows[2:]:
+        total = reduce(total, row)
+    return total
 
 
 def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
@@ -88,35 +100,28 @@ def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
     n = xs.shape[0]
     _check_stack(xs, n, "all_reduce")
     reduce = _REDUCERS[op]
-    totals: list[Tensor] = []
-    row_of = [0] * n  # r's group's row in the concatenated totals
-    for size, same_size in _by_size(_groups(groups, n)):
-        total = xs.index_select(0, _index([g[0] for g in same_size], xs))
-        for k in range(1, size):
-            total = reduce(total, xs.index_select(0, _index([g[k] for g in same_size], xs)))
-        offset = sum(t.shape[0] for t in totals)
-        for i, g in enumerate(same_size):
-            for r in g:
-                row_of[r] = offset + i
-        totals.append(total)
-    everything = totals[0] if len(totals) == 1 else torch.cat(totals)
-    return everything.index_select(0, _index(row_of, xs))
-
-
-def _by_size(groups: tuple[tuple[int, ...], ...]) -> Iterator[tuple[int, tuple[tuple[int, ...], ...]]]:
-    """The groups bucketed by size, so each bucket folds in one op per member."""
-    sizes: dict[int, list[tuple[int, ...]]] = {}
-    for g in groups:
-        sizes.setdefault(len(g), []).append(g)
-    for size, same in sizes.items():
-        yield size, tuple(same)
+    rows = xs.unbind(0)
+    if _is_everybody(groups, n):
+        total = _fold(rows, reduce)
+        return torch.stack([total] * n) if n > 1 else total.unsqueeze(0)
+    total_of: dict[int, Tensor] = {}  # replica -> its group's total
+    for g in _groups(groups, n):
+        total = _fold([rows[m] for m in g], reduce)
+        for r in g:
+            total_of[r] = total
+    if len(total_of) != n:
+        raise ValueError(f"all_reduce: axis_index_groups {groups!r} must hold every replica 0..{n - 1} once")
+    return torch.stack([total_of[r] for r in range(n)])
 
 
 def all_gather(xs: Tensor, groups: Groups = None) -> Tensor:
     """out[r]: the stack of xs[m] for the members m of r's group, (n, g, ...)."""
     n = xs.shape[0]
     _check_stack(xs, n, "all_gather")
-    members, _ = _members_and_positions(_equal_size_groups(groups, n, "all_gather"), n, xs.device)
+    groups_ = _equal_size_groups(groups, n, "all_gather")
+    if _is_everybody(groups, n):
+        return torch.stack([xs] * n)
+    members, _ = _members_and_positions(groups_, n, xs.device)
     return xs[members]
 
 
@@ -126,9 +131,12 @@ def reduce_scatter(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
     n = xs.shape[0]
     groups_ = _equal_size_groups(groups, n, "reduce_scatter")
     _check_stack(xs, n, "reduce_scatter", min_ndim=2)
+    reduce = _REDUCERS[op]
+    if _is_everybody(groups, n):  # row r of the fold over the members is r's
+        _check_group_dim(xs, n, "reduce_scatter")
+        return _fold(xs.unbind(0), reduce)
     members, position = _members_and_positions(groups_, n, xs.device)
     _check_group_dim(xs, members.shape[1], "reduce_scatter")
-    reduce = _REDUCERS[op]
     total = xs[members[:, 0], position]
     for j in range(1, members.shape[1]):
         total = reduce(total, xs[members[:, j], position])
@@ -140,6 +148,9 @@ def all_to_all(xs: Tensor, groups: Groups = None) -> Tensor:
     n = xs.shape[0]
     groups_ = _equal_size_groups(groups, n, "all_to_all")
     _check_stack(xs, n, "all_to_all", min_ndim=2)
+    if _is_everybody(groups, n):  # out[r][j] = xs[j][r]
+        _check_group_dim(xs, n, "all_to_all")
+        return xs.transpose(0, 1).contiguous()
     members, position = _members_and_positions(groups_, n, xs.device)
     _check_group_dim(xs, members.shape[1], "all_to_all")
     return xs[members, position[:, None]]
@@ -149,11 +160,22 @@ def permute(xs: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:
     """out[dst] = xs[src] for every (src, dst) pair; zeros where nothing is sent."""
     n = xs.shape[0]
     _check_stack(xs, n, "permute")
-    out = torch.zeros_like(xs)
     if not pairs:
-        return out
-    sources, destinations = _index([s for s, _ in pairs], xs), _index([d for _, d in pairs], xs)
-    return out.index_copy(0, destinations, xs.index_select(0, sources))
+        return torch.zeros_like(xs)
+    source_of: dict[int, int] = {}
+    for src, dst in pairs:
+        source_of.setdefault(dst, src)  # the first pair that sends to dst, as _communicator._permuted
+    rows = xs.unbind(0)
+    zeros: Tensor | None = None
+    picked = []
+    for r in range(n):
+        if r in source_of:
+            picked.append(rows[source_of[r]])
+            continue
+        if zeros is None:
+            zeros = torch.zeros_like(rows[0])
+        picked.append(zeros)
+    return torch.stack(picked)  # copies: no row aliases the input
 
 
 def axis_index(n: int, device: torch.device) -> Tensor:
