@@ -52,3 +52,13 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
         if needed and have < _SUITE_DEVICES and int(needed[2]) == have and int(needed[1]) <= _SUITE_DEVICES:
             pytest.skip(f"maps {needed[1]} replicas, this machine has {have} devices")
         raise
+
+
+@pytest.fixture(autouse=True)
+def _restore_executor():
+    """Tests that switch the executor leave it as they found it."""
+    from torchpmap import _config
+
+    before = _config._executor
+    yield
+    _config._executor = before

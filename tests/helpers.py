@@ -1,7 +1,9 @@
 """Small helpers shared by the test files."""
 
+import contextlib
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -93,3 +95,37 @@ class NewBytes(torch.utils._python_dispatch.TorchDispatchMode):
             if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
                 self.bytes += t.untyped_storage().nbytes()
         return out
+
+
+# -- comparing executors ---------------------------------------------------------------------
+@contextlib.contextmanager
+def executor(name, allow_fallback=False):
+    """Run under executor ``name``; a fallback warning fails the test unless allowed."""
+    tp.set_executor(name)
+    with warnings.catch_warnings():
+        if not allow_fallback:
+            warnings.simplefilter("error", RuntimeWarning)
+        yield
+
+
+def as_plain(v):
+    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
+
+
+def assert_same_bits(a, b, close=False):
+    """Two results with the same tree, types, dtypes and shapes, and equal values
+    (``close``: to float32 rounding)."""
+    la, sa = torch.utils._pytree.tree_flatten(a)
+    lb, sb = torch.utils._pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb):
+        assert type(x) is type(y)
+        if isinstance(x, torch.Tensor):
+            x, y = as_plain(x), as_plain(y)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            if close:
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(x, y), (x, y)
+        else:
+            assert x == y

@@ -2,15 +2,13 @@
 the threads executor (it would swap every replica's tensors into one module
 object), never a wrong answer; the safe spellings keep working."""
 
-import contextlib
 import warnings
 
 import pytest
 import torch
-from helpers import call_with_deadline, devices, pmap_k, rows
+from helpers import call_with_deadline, devices, executor, pmap_k, rows
 
 import torchpmap as tp
-from torchpmap import _config
 
 N = 4
 
@@ -26,21 +24,6 @@ class Mixing(torch.nn.Module):
 
     def forward(self, x):
         return tp.psum(x, "i") * self.scale + self.shift
-
-
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
-        yield
 
 
 def weights_and_inputs():

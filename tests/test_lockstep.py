@@ -2,53 +2,17 @@
 every replica's segments between collectives, the collectives on the list of
 replica tensors), captured soundly, and a warned fallback outside its scope."""
 
-import contextlib
 import time
 import warnings
 
 import pytest
 import torch
-from helpers import devices, rows
-from torch.utils._pytree import tree_flatten
+from helpers import assert_same_bits, devices, executor, rows
 
 import torchpmap as tp
 from torchpmap import _config, _lockstep
 
 N = 4
-
-
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name, allow_fallback=False):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        if not allow_fallback:
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
-        yield
-
-
-def as_plain(v):
-    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
-
-
-def assert_same_bits(a, b):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert type(x) is type(y)
-        if isinstance(x, torch.Tensor):
-            x, y = as_plain(x), as_plain(y)
-            assert x.dtype == y.dtype and x.shape == y.shape
-            assert torch.equal(x, y), (x, y)
-        else:
-            assert x == y
 
 
 def both(pf, *args, **kwargs):

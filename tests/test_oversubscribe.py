@@ -2,18 +2,17 @@
 its replicas share it. Eight replicas on two devices, or on one, compute exactly
 what eight replicas on eight devices compute, on either executor."""
 
-import contextlib
 import threading
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices, module_train_step, rows
+from helpers import as_plain as plain
+from helpers import assert_same_bits, devices, executor, module_train_step, rows
 from torch.utils._pytree import tree_flatten
 
 import torchpmap as tp
-from torchpmap import _config, _devices, _runtime
+from torchpmap import _devices, _runtime
 
 N = 8
 
@@ -36,39 +35,6 @@ def on_two_interleaved():
 
 
 SHARED = {"one": on_one, "two_blocks": on_two_blocks, "two_interleaved": on_two_interleaved}
-
-
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a stacked fallback fails the test
-        yield
-
-
-def plain(v):
-    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
-
-
-def assert_same_bits(a, b):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert type(x) is type(y)
-        if isinstance(x, torch.Tensor):
-            x, y = plain(x), plain(y)
-            assert x.dtype == y.dtype and x.shape == y.shape
-            assert torch.equal(x, y), (x, y)
-        else:
-            assert x == y
 
 
 def sharded_on(tree):

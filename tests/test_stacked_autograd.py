@@ -2,41 +2,18 @@
 threads executor (bit for bit, except where batched matmuls may round
 differently), and a warned fallback for what it does not do."""
 
-import contextlib
-import warnings
-
 import pytest
 import torch
-from helpers import devices, rows
+from helpers import as_plain as plain
+from helpers import devices, executor, rows
 
 import torchpmap as tp
-from torchpmap import _config
 
 N = 4
 
 
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name, allow_fallback=False):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        if not allow_fallback:
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
-        yield
-
-
 def pm(f, **kwargs):
     return tp.pmap(f, "i", devices=devices(N), **kwargs)
-
-
-def plain(v):
-    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
 
 
 def weighted_loss(out):

@@ -1,39 +1,16 @@
 """compile= under the stacked executor: one compiled program over the batched
 graph computes every replica, with the eager threads executor's results."""
 
-import contextlib
-import warnings
-
 import pytest
 import torch
-from helpers import devices, rows
+from helpers import as_plain as plain
+from helpers import devices, executor, rows
 from torch.utils._pytree import tree_flatten
 
 import torchpmap as tp
-from torchpmap import _config
 
 N = 4
 AOT = {"backend": "aot_eager"}  # traces like inductor (aot_autograd, functionalization), runs the ATen ops
-
-
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name, allow_fallback=False):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        if not allow_fallback:
-            warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
-        yield
-
-
-def plain(v):
-    return v.unshard() if isinstance(v, tp.ShardedTensor) else v
 
 
 def assert_same(a, b, close=False):

@@ -1,33 +1,16 @@
 """Random numbers on the stacked executor: the threads executor's per-replica
 streams, bit for bit, or a warned fallback where they cannot be matched."""
 
-import contextlib
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices
+from helpers import devices, executor
 
 import torchpmap as tp
-from torchpmap import _config
 
 N = 4
-
-
-@pytest.fixture(autouse=True)
-def _restore_executor():
-    before = _config._executor
-    yield
-    _config._executor = before
-
-
-@contextlib.contextmanager
-def executor(name):
-    tp.set_executor(name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # a fallback fails the test
-        yield
 
 
 def pm(f, n=N, **kwargs):
