@@ -42,13 +42,13 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _axis, _ops
 from ._autodiff import FlatOutput
-from ._call import _THREADS, CallRecord, Executor, ReplicaGroup
+from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
 from ._compile import DYNAMO_GATE
 from ._devices import physical_device
 from ._stacked import (
     _MAX_CAPTURES,
-    StackedOutput,
+    CapturedExecutor,
     Unsupported,
     _CaptureFrame,
     _check_no_random,
@@ -57,7 +57,6 @@ from ._stacked import (
     capture_scope_reason,
     compile_per_replica,
     trampoline_entry,
-    warn_fallback,
 )
 from ._tree import flatten
 
@@ -493,27 +492,4 @@ def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:
     return [([values[r] for values in per_leaf], spec) for r in range(n)]
 
 
-class LockstepExecutor(Executor):
-    """Runs a call in lockstep when it can (``run``), else on the threads
-    executor, warning once per function and reason."""
-
-    def run_replicas(
-        self,
-        group: ReplicaGroup,
-        replica_fn: Callable[[int], T],
-        caller_streams: Sequence[torch.cuda.Stream | None] | None = None,
-    ) -> list[T]:
-        return _THREADS.run_replicas(group, replica_fn, caller_streams)
-
-    def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
-        reason = unsupported_reason(record)
-        if reason is None:
-            try:
-                return run(record)
-            except Unsupported as e:
-                reason = e.reason
-        warn_fallback(record.fun, record.group.label, reason, "lockstep")
-        return _THREADS.call(record)
-
-
-LOCKSTEP = LockstepExecutor()
+LOCKSTEP = CapturedExecutor("lockstep", unsupported_reason, run)

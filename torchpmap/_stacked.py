@@ -629,12 +629,19 @@ def warn_fallback(fun: Callable[..., Any], label: str, reason: str, executor: st
     )
 
 
-class StackedExecutor(Executor):
-    """Runs a call as one batched graph when it can (``run``), else on the
-    threads executor, warning once per function and reason unless ``quiet``."""
+class CapturedExecutor(Executor):
+    """An executor that runs a call from one capture of its function (``run``)
+    when it can, else on the threads executor, warning once per function and
+    reason unless ``quiet``. The stacked and lockstep executors are two."""
 
-    def __init__(self, quiet: bool) -> None:
-        self._quiet = quiet
+    def __init__(
+        self,
+        name: str,
+        unsupported_reason: Callable[[CallRecord], str | None],
+        run: Callable[[CallRecord], list[FlatOutput] | StackedOutput],
+        quiet: bool = False,
+    ) -> None:
+        self.name, self._unsupported_reason, self._run, self._quiet = name, unsupported_reason, run, quiet
 
     def run_replicas(
         self,
@@ -645,16 +652,16 @@ class StackedExecutor(Executor):
         return _THREADS.run_replicas(group, replica_fn, caller_streams)
 
     def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
-        reason = unsupported_reason(record)
+        reason = self._unsupported_reason(record)
         if reason is None:
             try:
-                return run(record)
+                return self._run(record)
             except Unsupported as e:
                 reason = e.reason
         if not self._quiet:
-            warn_fallback(record.fun, record.group.label, reason)
+            warn_fallback(record.fun, record.group.label, reason, self.name)
         return _THREADS.call(record)
 
 
-STACKED = StackedExecutor(quiet=False)
-AUTO = StackedExecutor(quiet=True)
+STACKED = CapturedExecutor("stacked", unsupported_reason, run)
+AUTO = CapturedExecutor("stacked", unsupported_reason, run, quiet=True)
