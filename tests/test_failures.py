@@ -37,10 +37,17 @@ def guard_timeout(monkeypatch):
 
 
 def assert_pool_usable():
-    """A normal call on all devices works; returns the pool's thread count."""
+    """A normal call on all devices works on the threads executor; returns the
+    pool's thread count. On threads whatever the suite runs under: the pool is
+    what this file checks, and a call another executor cannot run falls back to it."""
     n = tp.local_device_count()
     x = torch.arange(float(n))
-    out, err, _ = call_with_deadline(lambda: pmap_k(lambda v: tp.psum(v, "i"), n)(x), deadline=10)
+    before = _config._executor
+    tp.set_executor("threads")
+    try:
+        out, err, _ = call_with_deadline(lambda: pmap_k(lambda v: tp.psum(v, "i"), n)(x), deadline=10)
+    finally:
+        _config._executor = before
     assert err is None, f"the pool is broken after the failure: {err!r}"
     assert out.unshard().tolist() == [x.sum().item()] * n
     return _runtime.pool().thread_count()

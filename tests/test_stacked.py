@@ -130,26 +130,6 @@ def test_functional_mlp_step_with_grad_inside():
     assert_same_bits(results["threads"], results["stacked"], close=True)
 
 
-def test_the_batched_graph_keeps_no_needless_copies():
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    from torchpmap._stacked import _drop_needless_copies
-
-    def f(x):
-        index = torch.tensor([1, 0])  # only read: the graph's constant serves
-        written = torch.tensor([0.0, 2.0])
-        written.mul_(x[0, 0])  # written: a fresh copy on every run
-        return x.permute(0, 1).index_select(0, index) + written
-
-    gm = make_fx(f)(torch.ones(2, 2))
-    _drop_needless_copies(gm)
-    targets = [node.target for node in gm.graph.nodes]
-    assert targets.count(torch.ops.aten.lift_fresh_copy.default) == 1
-    assert torch.ops.aten.permute.default not in targets
-    x = torch.arange(4.0).reshape(2, 2) + 3
-    assert torch.equal(gm(x), f(x)) and torch.equal(gm(x), f(x))
-
-
 # -- sound capture ---------------------------------------------------------------------
 SCALE = torch.tensor(2.0)
 

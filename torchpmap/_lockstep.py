@@ -46,6 +46,7 @@ from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
 from ._compile import DYNAMO_GATE
 from ._devices import physical_device
+from ._graph_passes import simplify
 from ._stacked import (
     _MAX_CAPTURES,
     CapturedExecutor,
@@ -384,6 +385,7 @@ def _backend(
         with torch._guards.tracing(None):
             graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
         _check_no_random(graph.graph)
+        simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         return _Program(_PlanBuilder(graph, axis_name, devices).build())
 
     return backend

@@ -273,50 +273,6 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _drop_needless_copies(gm: torch.fx.GraphModule) -> None:
-    """Each op of the batched graph costs a dispatch per call: drop the
-    permutes that vmap adds which keep every dimension in place, and the copy
-    that a traced ``torch.tensor`` makes of its constant on every run
-    (``lift_fresh_copy``) where no op writes or views that copy."""
-    aten = torch.ops.aten
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
-        identity_permute = node.target is aten.permute.default and list(node.args[1]) == list(range(len(node.args[1])))
-        needless_copy = (
-            node.target is aten.lift_fresh_copy.default
-            and node.args[0].op == "get_attr"
-            and all(_only_reads(user, node) for user in node.users)
-        )
-        if identity_permute or needless_copy:
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    for node in list(gm.graph.nodes):
-        if node.op == "get_attr" and not node.users:
-            gm.graph.erase_node(node)
-    gm.recompile()
-
-
-def _only_reads(user: torch.fx.Node, value: torch.fx.Node) -> bool:
-    """Whether ``user`` is an op that takes ``value`` without writing it or
-    returning a view of it."""
-    target = user.target
-    if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-        return False
-    schema = target._schema
-    if any(r.alias_info is not None for r in schema.returns):
-        return False
-    for k, arg in enumerate(schema.arguments):
-        given = user.args[k] if k < len(user.args) else user.kwargs.get(arg.name)
-        if arg.alias_info is not None and _mentions(given, value):
-            return False
-    return True
-
-
-def _mentions(given: Any, value: torch.fx.Node) -> bool:
-    return given is value or (isinstance(given, (list, tuple)) and any(_mentions(g, value) for g in given))
-
-
 def _check_no_random(graph: torch.fx.Graph) -> None:
     for node in graph.nodes:
         target = node.target
@@ -422,7 +378,6 @@ def _backend(
             raise Unsupported("random ops under compile=")
         program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
         _check_no_random(program.trace(examples).graph)
-        _drop_needless_copies(program.trace(examples))
         result = _Batched(program, bool(sites), compiler, examples)
         weakref.finalize(result, _stacked_random.forget, sites)
         return result

@@ -31,6 +31,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _axis
+from ._graph_passes import simplify
 from ._stacked_collectives import vmap_replicas
 
 # A per-replica function at a given functorch depth (how many transforms,
@@ -85,6 +86,7 @@ class ReplicaProgram:
                     graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
+            simplify(graph)  # it runs op by op on every call: no node that does nothing
             if self.connected_from is not None:
                 self.connected = _outputs_depending_on(graph.graph, self.connected_from)
             self.graph = graph
