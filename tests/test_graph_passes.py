@@ -87,9 +87,37 @@ def test_signed_zero_and_nan_constants_are_not_confused():
     x = torch.ones(2)
     gm, _, after = traced(f, x)
     assert after.count(aten.mul.Tensor) == 2  # 0.0 and -0.0: two products
-    assert after.count(aten.add.Tensor) == 3  # the two equal nan sums merge, the outputs' sums stay
+    # The two equal nan sums merge, the outputs' sums stay (one of them written into a temporary).
+    assert after.count(aten.add.Tensor) + after.count(aten.add_.Tensor) == 3
     signs, nans = gm(x)
     assert torch.equal(signs, torch.zeros(2)) and bool(nans.isnan().all())
+
+
+def test_a_chain_of_pointwise_ops_reuses_its_temporaries():
+    def f(x, y):
+        return torch.relu(x * 2 + 1) - y, x * 3
+
+    x, y = torch.randn(4, 5).t(), torch.randn(5, 4)  # a transposed input: layouts must match
+    gm, _, after = traced(f, x, y)
+    assert after.count(aten.mul.Tensor) == 2  # each product is a fresh tensor
+    assert aten.add_.Tensor in after and aten.relu_.default in after and aten.sub_.Tensor in after
+    x0, y0 = x.clone(), y.clone()
+    got, want = gm(x, y), f(x, y)
+    assert torch.equal(x, x0) and torch.equal(y, y0)  # the inputs are never written
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) and g.stride() == w.stride()
+
+
+def test_no_reuse_of_a_temporary_used_twice_a_view_or_another_layout():
+    def f(x, y):
+        t = x * 2
+        u = x * 3
+        return t + 1, t * 5, u.t() + 1, (x * 4) + y  # (x * 4) broadcasts to a larger result
+
+    x, y = torch.randn(3, 3), torch.randn(2, 3, 3)
+    gm, _, after = traced(f, x, y)
+    assert not any(isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable for t in after)
+    assert all(torch.equal(g, w) for g, w in zip(gm(x, y), f(x, y)))
 
 
 def test_dead_views_go_and_an_unused_draw_stays():

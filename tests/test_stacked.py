@@ -361,3 +361,35 @@ def test_the_argument_sharded_training_and_random_suites_pass_under_the_stacked_
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+def test_a_pmapped_function_and_its_captures_are_freed_with_it(name):
+    import gc
+    import weakref
+
+    from torchpmap import _lockstep, _stacked
+
+    captures = (_stacked if name == "stacked" else _lockstep)._captures
+    scale = torch.ones(3)
+    f = lambda x: x * scale  # noqa: E731
+    with executor(name):
+        pm(f)(rows(N, 3))
+    assert f in captures
+    freed = weakref.ref(f)
+    del f
+    gc.collect()
+    assert freed() is None
+
+
+def test_a_failed_capture_forgets_its_random_call_sites():
+    from torchpmap import _stacked_random
+
+    before = set(_stacked_random._sites)
+
+    def f(x):
+        return torch.rand(3, out=torch.empty(3)) + x  # routed, then refused while tracing
+
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="out="):
+        pm(f)(rows(N, 3))
+    assert set(_stacked_random._sites) == before

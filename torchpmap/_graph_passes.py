@@ -46,6 +46,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    _reuse_dead_temporaries(graph)  # last: the passes above leave graphs that write alone
     gm.recompile()
 
 
@@ -140,6 +141,62 @@ def _eliminate_dead_nodes(graph: torch.fx.Graph) -> None:
         droppable = target is operator.getitem or _pure(node) or _is_view_op(node)
         if droppable:
             graph.erase_node(node)
+
+
+def _reuse_dead_temporaries(graph: torch.fx.Graph) -> None:
+    """A pointwise op whose first argument is a fresh temporary that nothing
+    else uses writes its result into that temporary (``add`` becomes ``add_``)
+    when the two have one shape, dtype and layout: one allocation fewer, and
+    the same kernel. Large stacked buffers make allocations costly on CPU (the
+    system allocator hands blocks of tens of MB back to the OS at every free)."""
+    owned: set[torch.fx.Node] = set()  # results written in place into a temporary: fresh too
+    for node in graph.nodes:
+        inplace = _inplace_variant(node)
+        if inplace is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        temp = node.args[0]
+        if (
+            not (_pure(temp) or temp in owned)
+            or len(temp.users) != 1
+            or _mentions(node.args[1:], temp)
+            or _mentions(node.kwargs, temp)
+        ):
+            continue
+        out, val = node.meta.get("val"), temp.meta.get("val")
+        if not isinstance(out, torch.Tensor) or not isinstance(val, torch.Tensor):
+            continue
+        same_layout = out.shape == val.shape and out.dtype == val.dtype and out.stride() == val.stride()
+        if same_layout and _dense(val):
+            node.target = inplace
+            owned.add(node)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory once each (a permutation of a contiguous layout)."""
+    expected = 1
+    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _inplace_variant(node: torch.fx.Node) -> torch._ops.OpOverload | None:
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    if torch.Tag.pointwise not in target.tags or torch.Tag.nondeterministic_seeded in target.tags or not _pure(node):
+        return None
+    packet = getattr(aten, target._schema.name.split("::")[1] + "_", None)
+    inplace = getattr(packet, target._overloadname, None) if packet is not None else None
+    if not isinstance(inplace, torch._ops.OpOverload):
+        return None
+    # The same arguments, the first written and returned.
+    args, inplace_args = target._schema.arguments, inplace._schema.arguments
+    if [a.name for a in args] != [a.name for a in inplace_args]:
+        return None
+    first = inplace_args[0].alias_info
+    return inplace if first is not None and first.is_write else None
 
 
 def _is_view_op(node: torch.fx.Node) -> bool:

@@ -51,7 +51,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 from . import _axis, _ops, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
-from ._compile import DYNAMO_GATE, Backend, _trampoline_factory, options_key, requested_backend
+from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view, _to_device
 from ._stacked_autograd import ReplicaProgram
@@ -376,9 +376,13 @@ def _backend(
             # A compiler would replace the replicas' streams with its own random ops.
             _stacked_random.forget(sites)
             raise Unsupported("random ops under compile=")
-        program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
-        _check_no_random(program.trace(examples).graph)
-        result = _Batched(program, bool(sites), compiler, examples)
+        try:
+            program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
+            _check_no_random(program.trace(examples).graph)
+            result = _Batched(program, bool(sites), compiler, examples)
+        except BaseException:
+            _stacked_random.forget(sites)  # no program will draw at them
+            raise
         weakref.finalize(result, _stacked_random.forget, sites)
         return result
 
@@ -403,7 +407,7 @@ class _Capture:
         through Dynamo, which captures again."""
         if _cache_entries is not None and _eval_frame_callback() is None:
             # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its free variable.
-            scope = {"args": tuple(args), "kwargs": kwargs, "fun": self.fun}
+            scope = {"args": tuple(args), "kwargs": kwargs, "ref": self.fun_ref}
             for cache_entry in _cache_entries(self.entry.__code__):
                 if cache_entry.guard_manager.check(scope):
                     transformed = self._transformed(cache_entry.code)
@@ -415,9 +419,9 @@ class _Capture:
         return self.compiled(*args, **kwargs)
 
     @property
-    def fun(self) -> Any:
+    def fun_ref(self) -> Any:
         closure = self.entry.__closure__
-        assert closure is not None  # the trampoline closes over the function
+        assert closure is not None  # the trampoline closes over a weak reference to the function
         return closure[0].cell_contents
 
     def _transformed(self, code: types.CodeType) -> types.FunctionType | None:
@@ -428,9 +432,43 @@ class _Capture:
         e = self.entry
         fn = None
         if code.co_freevars == e.__code__.co_freevars:
-            fn = types.FunctionType(code, e.__globals__, e.__name__, e.__defaults__, e.__closure__)
+            fn = types.FunctionType(code, _fast_globals(code, e.__globals__), e.__name__, e.__defaults__, e.__closure__)
         self.transformed[code] = fn
         return fn
+
+
+def _fast_globals(code: types.CodeType, module_globals: dict[str, Any]) -> dict[str, Any]:
+    """The globals for running Dynamo's transformed ``code`` with no eval-frame
+    callback set (the fast path): the compiled function is our ``_Batched``
+    itself, not Dynamo's wrapper that disables Dynamo (off already) around it,
+    and the pre-graph bytecode is timed only while the profiler runs. ~10 us a call."""
+    fast = dict(module_globals)
+    for name in code.co_names:
+        value = module_globals.get(name)
+        wrapped = getattr(value, "__wrapped__", None)
+        if name.startswith("__compiled_fn") and isinstance(wrapped, _Batched):
+            fast[name] = wrapped
+        elif name == "__import_torch_dot__dynamo_dot_utils" and value is torch._dynamo.utils:
+            fast[name] = _UtilsWithoutIdleTiming(value)
+    return fast
+
+
+class _UtilsWithoutIdleTiming:
+    """``torch._dynamo.utils`` whose pre-graph bytecode timing costs nothing while
+    the profiler is off (the real ones are Dynamo-disabled calls, ~5 us each)."""
+
+    def __init__(self, utils: types.ModuleType) -> None:
+        self._utils = utils
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._utils, name)
+
+    def record_pregraph_bytecode_enter(self) -> Any:
+        return self._utils.record_pregraph_bytecode_enter() if torch.autograd.profiler._is_profiler_enabled else None
+
+    def record_pregraph_bytecode_exit(self, cm: Any) -> None:
+        if cm is not None:
+            self._utils.record_pregraph_bytecode_exit(cm)
 
 
 _eval_frame_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
@@ -473,10 +511,24 @@ def _capture_for(record: CallRecord) -> _Capture:
     return capture
 
 
+def _weak_trampoline(fun: Callable[..., Any]) -> Callable[..., Any]:
+    ref = weakref.ref(fun)
+
+    def pmap_replica(*args: Any, **kwargs: Any) -> Any:
+        return ref()(*args, **kwargs)  # type: ignore[misc]  # the caller holds fun while it runs
+
+    return pmap_replica
+
+
 def trampoline_entry(fun: Callable[..., Any]) -> types.FunctionType:
-    """A trampoline calling ``fun`` with a code object of its own: Dynamo keeps
-    its cache on the code, so each gets a distinct one."""
-    t = _trampoline_factory(fun)
+    """A trampoline calling ``fun`` with a code object of its own (Dynamo keeps
+    its cache on the code, so each gets a distinct one). It holds ``fun``
+    weakly (Dynamo guards what the reference points to): the captures cached
+    per function would otherwise keep the function, and themselves, alive for ever."""
+    try:
+        t = _weak_trampoline(fun)
+    except TypeError:
+        raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
     return types.FunctionType(t.__code__.replace(), t.__globals__, t.__name__, t.__defaults__, t.__closure__)
 
 
