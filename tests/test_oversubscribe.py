@@ -222,7 +222,7 @@ def test_a_sharded_tensor_fed_back_on_the_same_devices_moves_nothing(layout):
 
 def test_stacked_form_of_shards_on_shared_devices():
     shared = on_two_interleaved()
-    x = tp.device_put_sharded([r.clone() for r in rows(N, 3)], shared)
+    x = tp.ShardedTensor([r.clone() for r in rows(N, 3)], shared)
     assert x.stacked_buffers() is None
     st = x.to_stacked()
     assert st.stacked_buffers() is not None and torch.equal(st.unshard(), x.unshard())
@@ -380,3 +380,23 @@ def test_a_failing_replica_on_a_shared_device_releases_the_others_and_is_named()
         # The workers are free again: the next call on the same devices runs.
         y = tp.pmap(lambda x: tp.psum(x, "i"), "i", devices=shared)(torch.ones(N, 1))
     assert torch.equal(y.unshard(), torch.full((N, 1), float(N)))
+
+
+def test_device_put_on_shared_devices_makes_the_stacked_form():
+    """Devices on one physical device (virtual CPU devices here) get one buffer:
+    the stacked executor reads it without a copy on every call."""
+    shared = on_two_interleaved()
+    separate = [r.clone() for r in rows(N, 3)]
+    x = tp.device_put_sharded(separate, shared)
+    assert x.stacked_buffers() is not None and torch.equal(x.unshard(), rows(N, 3))
+    x.shards[2].zero_()  # a copy: the caller's tensors are untouched, the other rows too
+    assert torch.equal(separate[2], rows(N, 3)[2]) and torch.equal(x.unshard()[3], rows(N, 3)[3])
+    views = list(rows(N, 3))  # rows of one tensor already: kept, no copy
+    y = tp.device_put_sharded(views, shared)
+    assert all(s.data_ptr() == v.data_ptr() for s, v in zip(y.shards, views))
+    r = tp.device_put_replicated({"w": torch.ones(2, 2)}, shared)["w"]
+    assert r.stacked_buffers() is not None
+    r.shards[0].add_(1)
+    assert r.shards[1].eq(1).all() and r.shards[0].eq(2).all()
+    leaf = torch.ones(3, requires_grad=True)  # autograd's tensors are not replaced by rows of a copy
+    assert tp.device_put_sharded([leaf * 1 for _ in range(N)], shared).stacked_buffers() is None

@@ -1150,7 +1150,10 @@ def _to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
 
 def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device] | None = None) -> PyTree:
     """Place ``shards[i]`` (a tensor or a pytree of tensors) on ``devices[i]``; a
-    pytree of ShardedTensors mapped along a new leading axis comes back."""
+    pytree of ShardedTensors mapped along a new leading axis comes back. When the
+    devices are one physical device (virtual CPU devices), a leaf's shards become
+    the rows of one buffer (a copy, unless they already are such rows), the form
+    the stacked executor reads without copying."""
     shards = list(shards)
     if not shards:
         raise ValueError("device_put_sharded: shards must not be empty")
@@ -1165,8 +1168,27 @@ def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device]
     out = []
     for j in range(len(flat[0][0])):
         parts = [_to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
-        out.append(ShardedTensor(distinct_shards(parts), devices, axis=0))
+        stacked = _stacked_if_shared(parts, devices)
+        out.append(stacked if stacked is not None else ShardedTensor(distinct_shards(parts), devices, axis=0))
     return tree_unflatten(out, spec)
+
+
+def _stacked_if_shared(parts: list[torch.Tensor], devices: tuple[torch.device, ...]) -> ShardedTensor | None:
+    """When every device is one physical device (virtual CPU devices, or replicas
+    sharing a GPU), ``parts`` as the rows of one (n, ...) buffer: one copy now, none
+    on each call of the stacked executor, which reads such a ShardedTensor whole.
+    Parts that already are such rows stay as they are (no copy), and parts that
+    require grad stay the tensors autograd knows; None where it does not apply."""
+    if len(parts) < 2 or len(device_groups(devices)) != 1:
+        return None
+    first = parts[0]
+    if any(p.requires_grad for p in parts) or first.layout != torch.strided:
+        return None
+    if any(p.shape != first.shape or p.dtype != first.dtype or p.device != first.device for p in parts):
+        return None
+    if _stacked_view(parts) is not None:  # already rows of one buffer: keep them, no copy
+        return None
+    return ShardedTensor._of_stacked((torch.stack(parts),), devices, 0)
 
 
 def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = None) -> PyTree:
@@ -1175,9 +1197,19 @@ def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = No
     so replicas may update their copy in place."""
     devices = _check_devices(devices, None, "device_put_replicated")
 
+    shared = len(devices) > 1 and len(device_groups(devices)) == 1
+
     def rep(t: Any) -> ShardedTensor:
-        t = torch.as_tensor(t)
-        return ShardedTensor([t.detach().to(d, copy=True) for d in devices], devices, axis=0)
+        t = torch.as_tensor(t).detach()
+        if shared and t.layout == torch.strided:  # one buffer, a row per replica (see _stacked_if_shared)
+            buffer = (
+                t.to(devices[0])
+                .unsqueeze(0)
+                .expand(len(devices), *t.shape)
+                .clone(memory_format=torch.contiguous_format)
+            )
+            return ShardedTensor._of_stacked((buffer,), devices, 0)
+        return ShardedTensor([t.to(d, copy=True) for d in devices], devices, axis=0)
 
     return tree_map(rep, x)
 
