@@ -201,6 +201,22 @@ def plot(rows: list[dict], devices: list[int], folder: Path) -> list[Path]:
     return made
 
 
+README = HERE.parent / "README.md"
+# The README's benchmark table lies between these lines; run.py rewrites what is between them.
+README_START = "<!-- benchmarks/run.py writes the table below; do not edit it by hand -->"
+README_END = "<!-- end of the table benchmarks/run.py writes -->"
+
+
+def update_readme(path: Path, report: str) -> None:
+    """Replace what lies between the README's benchmark markers with ``report``."""
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"run.py: {path} lacks the benchmark markers:\n{README_START}\n{README_END}")
+    head = text[: start + len(README_START)]
+    path.write_text(head + "\n\n" + report.strip() + "\n\n" + text[end:])
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
@@ -211,7 +227,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=str(HERE / "results.json"))
     ap.add_argument("--markdown", default=str(HERE / "RESULTS.md"))
     ap.add_argument("--plot", metavar="DIR", help="write matplotlib plots to DIR")
+    ap.add_argument(
+        "--readme",
+        help="also put the table into this README between its benchmark markers "
+        "(default: the project's README.md when --markdown is the default RESULTS.md; 'none' skips)",
+    )
     args = ap.parse_args(argv)
+    readme = args.readme
+    if readme is None:
+        readme = str(README) if Path(args.markdown).resolve() == (HERE / "RESULTS.md").resolve() else "none"
 
     jax = not args.no_jax and _have_jax()
     rows, notes = collect(args.devices, args.quick, args.compile_backend, jax, not args.no_ddp)
@@ -244,6 +268,9 @@ def main(argv=None) -> dict:
     print(report)
     Path(args.json).write_text(json.dumps({"meta": meta, "notes": notes, "results": rows}, indent=1))
     Path(args.markdown).write_text(report)
+    if readme != "none":
+        update_readme(Path(readme), report)
+        print(f"table written into {readme}")
     if args.plot:
         for p in plot(rows, args.devices, Path(args.plot)):
             print(f"plot: {p}")

@@ -58,3 +58,21 @@ def test_run_prints_a_table_and_writes_json(tmp_path, capsys):
     table = (tmp_path / "r.md").read_text()
     assert "| psum of (n, 1024) | 2 |" in table and "skipped (--no-jax)" in table
     assert "Measured" in capsys.readouterr().out
+
+
+def test_the_readme_table_is_the_one_run_py_wrote():
+    run = _load("run")
+    text = run.README.read_text()
+    start, end = text.index(run.README_START), text.index(run.README_END)
+    assert text[start + len(run.README_START) : end].strip() == (BENCH / "RESULTS.md").read_text().strip()
+
+
+def test_update_readme_replaces_only_the_table(tmp_path):
+    run = _load("run")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{run.README_START}\nold table\n{run.README_END}\nrest\n")
+    run.update_readme(readme, "new table\n")
+    assert readme.read_text() == f"intro\n{run.README_START}\n\nnew table\n\n{run.README_END}\nrest\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        run.update_readme(readme, "x")
