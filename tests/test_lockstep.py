@@ -248,8 +248,42 @@ def test_autograd_through_the_call_falls_back():
     assert torch.equal(x.grad, 2 * x.detach() * N)
 
 
-def test_compile_falls_back():
-    fallback(pm(lambda x: x + 1, compile={"backend": "eager"}), rows(N, 3), match="compile=")
+def test_compile_compiles_each_segment_once_for_every_replica():
+    """compile= over the segments between collectives: one compile per segment and
+    physical device (virtual CPU devices: one), none per replica or per call."""
+    shapes = []
+
+    def backend(gm, examples):
+        shapes.append([tuple(e.shape) for e in examples])
+        return gm.forward
+
+    pf = pm(lambda x, w: tp.psum(x @ w, "i").relu() * 2, in_axes=(0, None), compile={"backend": backend})
+    x, w = rows(N, 3), torch.randn(3, 5)
+    with executor("threads"):
+        expected = pm(lambda x, w: tp.psum(x @ w, "i").relu() * 2, in_axes=(0, None))(x, w)
+    with executor("lockstep"):
+        got = [pf(x, w) for _ in range(3)]
+    assert shapes == [[(3,), (3, 5)], [(5,)]]  # before the psum and after it, compiled once each
+    for g in got:
+        assert_same_bits(expected, g)
+
+
+def test_compile_with_dynamic_shapes_falls_back():
+    fallback(pm(lambda x: x + 1, compile={"backend": "eager", "dynamic": True}), rows(N, 3), match="dynamic=True")
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_matches_eager_threads():
+    def step(w, x):
+        loss, g = torch.func.grad_and_value(lambda w: (torch.tanh(x @ w) ** 2).mean())(w)
+        return w - 0.1 * tp.pmean(g, "i"), tp.pmean(loss, "i")
+
+    w, x = torch.randn(6, 4), torch.randn(N, 8, 6)
+    with executor("threads"):
+        expected = pm(step, in_axes=(None, 0))(w, x)
+    with executor("lockstep"):
+        got = pm(step, in_axes=(None, 0), compile=True)(w, x)
+    assert_same_bits(expected, got, close=True)  # Inductor's fused kernels round differently
 
 
 def test_per_replica_argument_falls_back():

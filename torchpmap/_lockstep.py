@@ -44,7 +44,7 @@ from . import _axis, _ops
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import DYNAMO_GATE
+from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
@@ -56,6 +56,7 @@ from ._stacked import (
     _first_line,
     _unsupported_inside,
     capture_scope_reason,
+    compile_graph,
     compile_per_replica,
     trampoline_entry,
 )
@@ -76,8 +77,8 @@ def unsupported_reason(record: CallRecord) -> str | None:
         return "the replica group has no backend to call the collectives on"
     if torch.is_grad_enabled() and record.grad_leaves:
         return "autograd through the call (an input requires grad)"
-    if record.compile_options is not None:
-        return "compile= is set"
+    if record.compile_options is not None and record.compile_options.get("dynamic"):
+        return "compile= with dynamic=True (lockstep capture is for static shapes)"
     return capture_scope_reason(record)
 
 
@@ -118,8 +119,15 @@ class _Plan:
 class _PlanBuilder:
     """Cuts a make_fx graph into a ``_Plan``, in graph order."""
 
-    def __init__(self, gm: torch.fx.GraphModule, axis_name: str, devices: Sequence[torch.device]) -> None:
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        axis_name: str,
+        devices: Sequence[torch.device],
+        compiler: Backend | None = None,
+    ) -> None:
         self.gm, self.axis_name, self.devices = gm, axis_name, list(devices)
+        self.compiler = compiler  # compile=: each segment compiled once per physical device
         self.slot: dict[torch.fx.Node, int] = {}
         self.steps: list[_Step] = []
         self.pending: list[torch.fx.Node] = []
@@ -179,9 +187,32 @@ class _PlanBuilder:
         inputs = [self.slot[a] for a in _inputs_from_outside(nodes, inside)]
         leaving = [n for n in nodes if any(user not in inside for user in n.users)]
         first = self.devices[0]
-        per_device = {d: _segment(self.gm, nodes, inside, leaving, first, d) for d in dict.fromkeys(self.devices)}
+        per_device: dict[torch.device, Callable[..., Any]] = {}
+        for d in dict.fromkeys(self.devices):
+            segment = _segment(self.gm, nodes, inside, leaving, first, d)
+            per_device[d] = segment if self.compiler is None else self._compiled(segment, nodes, inside, first, d)
         programs = tuple(per_device[d] for d in self.devices)
         self.steps.append(_Compute(programs, tuple(inputs), tuple(self._new_slot(n) for n in leaving)))
+
+    def _compiled(
+        self,
+        segment: torch.fx.GraphModule,
+        nodes: list[torch.fx.Node],
+        inside: set[torch.fx.Node],
+        first: torch.device,
+        device: torch.device,
+    ) -> Callable[..., Any]:
+        """``segment`` compiled for ``device``, on example inputs with the shapes,
+        strides and dtypes its inputs had when traced (their values do not matter)."""
+        assert self.compiler is not None
+        examples = []
+        for a in _inputs_from_outside(nodes, inside):
+            val = a.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise Unsupported("compile= over a segment that takes a value other than a tensor")
+            where = device if val.device == first else val.device
+            examples.append(torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=where))
+        return compile_graph(self.compiler, segment, examples)
 
     def _outputs(self, node: torch.fx.Node) -> tuple[int | None, ...]:
         (values,) = node.args
@@ -375,7 +406,7 @@ class _Program:
 
 # -- capture -------------------------------------------------------------------------------
 def _backend(
-    axis_name: str, devices: tuple[torch.device, ...], count: list[int]
+    axis_name: str, devices: tuple[torch.device, ...], count: list[int], compiler: Backend | None
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
@@ -386,7 +417,7 @@ def _backend(
             graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
         _check_no_random(graph.graph)
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
-        return _Program(_PlanBuilder(graph, axis_name, devices).build())
+        return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())
 
     return backend
 
@@ -399,22 +430,28 @@ class _Capture:
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
 
 
-_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...]]"
-# Per function: its captures, per (axis name, global axis size, physical devices).
+_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any]"
+# Per function: its captures, per (axis name, global axis size, physical devices, compile= options).
 _captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord, devices: tuple[torch.device, ...]) -> _Capture:
     group = record.group
-    key = (group.axis_name, group.axis_size, devices)
+    options = record.compile_options
+    key = (group.axis_name, group.axis_size, devices, None if options is None else options_key(options))
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:
         raise Unsupported("the function cannot be weakly referenced (its captures could not be cached)") from None
-    capture = per_fun.get(key)
+    try:
+        capture = per_fun.get(key)
+    except TypeError:
+        raise Unsupported("a compile= option is not hashable (captures are cached per options)") from None
     if capture is None:
         count = [0]
-        compiled = compile_per_replica(trampoline_entry(record.fun), _backend(group.axis_name, devices, count))
+        compiler = None if options is None else requested_backend(options)
+        backend = _backend(group.axis_name, devices, count, compiler)
+        compiled = compile_per_replica(trampoline_entry(record.fun), backend)
         capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, group.axis_size, devices[0]), count)
     return capture
 

@@ -313,7 +313,7 @@ class _Batched:
         if program is None:
             if len(self.programs) >= _MAX_LAYOUTS:
                 raise Unsupported(f"compiled for {_MAX_LAYOUTS} layouts of the inputs: not stacked any more")
-            program = self.programs[key] = _compile_batched(self.compiler, self.graph, inputs)
+            program = self.programs[key] = compile_graph(self.compiler, self.graph, inputs)
         return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
@@ -352,11 +352,12 @@ class _Batched:
 _MAX_LAYOUTS = 8
 
 
-def _compile_batched(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
-    """compile= over the batched graph: one compiled program computes every
-    replica. In a tracing context of its own: Dynamo's describes replica 0's
-    graph (its inputs, fake tensors and output strides), not this one; a fake
-    mode with a shape env lets Inductor cache the compiled graph across processes."""
+def compile_graph(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
+    """compile= over a graph of ours (the batched graph: one compiled program
+    computes every replica; a lockstep segment). In a tracing context of its own:
+    Dynamo's describes replica 0's graph (its inputs, fake tensors and output
+    strides), not this one; a fake mode with a shape env lets Inductor cache the
+    compiled graph across processes."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         return compiler(graph, list(examples))
