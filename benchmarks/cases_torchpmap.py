@@ -110,7 +110,11 @@ def run(n: int, quick: bool, compile_backend: str | None) -> list[dict]:
     compiled = dict(backend=compile_backend)
     variants = [(impl, False, executor) for impl, executor in EXECUTORS.items()] + (
         # The stacked one first: its first call pays for importing Inductor, not flattered by the other's.
-        [("torchpmap_compiled_stacked", compiled, "stacked"), ("torchpmap_compiled", compiled, "threads")]
+        [
+            ("torchpmap_compiled_stacked", compiled, "stacked"),
+            ("torchpmap_compiled_lockstep", compiled, "lockstep"),
+            ("torchpmap_compiled", compiled, "threads"),
+        ]
         if compile_backend
         else []
     )

@@ -133,6 +133,7 @@ def table(rows: list[dict], devices: list[int]) -> str:
             "torchpmap_lockstep",
             "torchpmap_compiled",
             "torchpmap_compiled_stacked",
+            "torchpmap_compiled_lockstep",
             "jax",
             "pytorch_single",
             "pytorch_ddp_2proc",
