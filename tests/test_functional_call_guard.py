@@ -120,3 +120,32 @@ def test_captured_executors_trace_it_bit_identical(name):
     with executor(name):
         got = pmap_k(lambda w, x: torch.func.functional_call(module, params(module, w), (x,)), N)(ws, x)
     assert torch.equal(got.unshard(), reference.unshard())
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+def test_torchpmap_functional_call_is_captured_too(name):
+    """It used to fall back to the threads ("reads the replica index"): captured,
+    the module itself serves, as the graph takes the parameters as inputs."""
+    module = Mixing().requires_grad_(False)
+    ws, x = weights_and_inputs()
+    f = lambda w, x: tp.functional_call(module, params(module, w), (x,))  # noqa: E731
+    with executor("threads"):
+        reference = pmap_k(f, N)(ws, x)
+    with executor(name):  # a fallback warning fails the test
+        got = pmap_k(f, N)(ws, x)
+    assert torch.equal(got.unshard(), reference.unshard())
+
+
+@pytest.mark.threads_only
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torchpmap_functional_call_under_compile_on_the_threads(backend):
+    """compile= traces each replica under the process's Dynamo gate, one at a time,
+    and the compiled program takes the tensors as inputs: the shared module serves."""
+    module = Mixing().requires_grad_(False)
+    ws, x = weights_and_inputs()
+    f = lambda w, x: tp.functional_call(module, params(module, w), (x,))  # noqa: E731
+    reference = pmap_k(f, N)(ws, x)
+    for _ in range(2):
+        got = tp.pmap(f, "i", devices=devices(N), compile={"backend": backend})(ws, x)
+        assert torch.equal(got.unshard(), reference.unshard())
+    assert all(isinstance(p, torch.nn.Parameter) for p in module.parameters())
