@@ -120,6 +120,16 @@ def test_no_reuse_of_a_temporary_used_twice_a_view_or_another_layout():
     assert all(torch.equal(g, w) for g, w in zip(gm(x, y), f(x, y)))
 
 
+def test_an_unsafe_view_of_an_input_is_not_a_temporary_to_write_into():
+    def f(x):
+        return torch.ops.aten._unsafe_view(x, (6,)) + 1  # the schema says fresh; it is x's memory
+
+    x = torch.zeros(2, 3)
+    gm, _, after = traced(f, x)
+    assert aten.add_.Tensor not in after
+    assert torch.equal(gm(x), torch.ones(6)) and torch.equal(x, torch.zeros(2, 3))
+
+
 def test_dead_views_go_and_an_unused_draw_stays():
     def f(x):
         x.view(-1)
