@@ -1193,17 +1193,18 @@ def _stacked_if_shared(parts: list[torch.Tensor], devices: tuple[torch.device, .
 
 def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = None) -> PyTree:
     """A copy of ``x`` (a tensor or pytree) on every device, as ShardedTensors
-    with a leading axis of size len(devices). Each replica gets its own storage,
-    so replicas may update their copy in place."""
+    with a leading axis of size len(devices). Each replica gets memory of its own
+    (on one physical device, a row of one buffer), so replicas may update their
+    copy in place."""
     devices = _check_devices(devices, None, "device_put_replicated")
-
-    shared = len(devices) > 1 and len(device_groups(devices)) == 1
+    groups = device_groups(devices)
+    shared = len(devices) > 1 and len(groups) == 1
 
     def rep(t: Any) -> ShardedTensor:
         t = torch.as_tensor(t).detach()
         if shared and t.layout == torch.strided:  # one buffer, a row per replica (see _stacked_if_shared)
             buffer = (
-                t.to(devices[0])
+                t.to(groups[0][0])
                 .unsqueeze(0)
                 .expand(len(devices), *t.shape)
                 .clone(memory_format=torch.contiguous_format)
