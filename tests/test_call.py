@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from helpers import devices as local_devices
 
 import torchpmap
 from torchpmap import _call, _pmap
@@ -57,7 +58,7 @@ def test_threads_is_the_default_executor():
 
 
 def test_a_custom_executor_gets_a_complete_record_and_its_results_are_assembled(sequential):
-    devices = torchpmap.local_devices()[:2]
+    devices = local_devices(2)
     sharded = torchpmap.device_put_sharded([torch.full((3,), 10.0), torch.full((3,), 20.0)], devices)
     per_replica = torchpmap.PerReplica([100.0, 200.0], devices)
 
@@ -97,7 +98,7 @@ def test_a_custom_executor_gets_a_complete_record_and_its_results_are_assembled(
 
 
 def test_slices_and_shards_are_made_on_first_use_in_the_calls_grad_mode():
-    devices = tuple(torchpmap.local_devices()[:2])
+    devices = tuple(local_devices(2))
     x = torch.arange(6.0).reshape(3, 2).requires_grad_()
     sharded = torchpmap.device_put_sharded([torch.zeros(3), torch.ones(3)], devices)
     per_leaf = _pmap._PerLeafValues(devices, grad_on=True)
@@ -147,7 +148,7 @@ def test_the_backward_does_not_keep_the_call_inputs_alive():
 
 
 def test_the_executor_deletes_a_donated_input_once_a_replica_started(sequential):
-    x = torchpmap.device_put_sharded([torch.ones(3), torch.ones(3)], torchpmap.local_devices()[:2])
+    x = torchpmap.device_put_sharded([torch.ones(3), torch.ones(3)], local_devices(2))
     out = torchpmap.pmap(lambda x: x + 1, donate_argnums=0)(x)
     (record,) = sequential.records
     assert list(record.donated) == [x]
@@ -162,7 +163,7 @@ def test_the_executor_keeps_a_donated_input_when_no_replica_started(monkeypatch)
             raise RuntimeError("no device today")
 
     monkeypatch.setattr(_pmap, "choose_executor", lambda record: Refusing())
-    x = torchpmap.device_put_sharded([torch.ones(3), torch.ones(3)], torchpmap.local_devices()[:2])
+    x = torchpmap.device_put_sharded([torch.ones(3), torch.ones(3)], local_devices(2))
     with pytest.raises(RuntimeError, match="no device today"):
         torchpmap.pmap(lambda x: x + 1, donate_argnums=0)(x)
     torch.testing.assert_close(x.unshard(), torch.ones(2, 3))
