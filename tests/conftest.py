@@ -22,6 +22,7 @@ import os
 import re
 
 import pytest
+import torch
 
 import torchpmap as tp
 from torchpmap import _devices
@@ -62,3 +63,22 @@ def _restore_executor():
     before = _config._executor
     yield
     _config._executor = before
+
+
+@pytest.fixture(autouse=True)
+def _compare_across_devices_on_gpus(monkeypatch):
+    """On the GPUs (platform cuda), results live there while most tests, written
+    for virtual CPU devices, build what they expect on the CPU: compare values,
+    as torch.testing.assert_close does with check_device=False. Placement has
+    tests of its own (``devices``, ``shards[i].device``)."""
+    if _devices.platform() != "cuda":
+        yield
+        return
+    original = torch.testing.assert_close
+
+    def assert_close(actual, expected, *args, **kwargs):
+        kwargs.setdefault("check_device", False)
+        return original(actual, expected, *args, **kwargs)
+
+    monkeypatch.setattr(torch.testing, "assert_close", assert_close)
+    yield

@@ -250,7 +250,7 @@ def _inside(loss_fn, k, x, how, **kwargs):
             return x.grad
         return torch.autograd.grad(loss, x)[0]
 
-    return pmap_k(f, k, **kwargs)(x).unshard().numpy()
+    return pmap_k(f, k, **kwargs)(x).unshard().cpu().numpy()
 
 
 HOW = ["backward", "autograd.grad"]
@@ -313,7 +313,7 @@ def test_all_gather_inside_gradient_is_psum_scatter_of_cotangent(k, how, tiled):
 
     def loss(v):
         gathered = tp.all_gather(v, "i", tiled=tiled)  # (k, 2) or (2k,)
-        c = b if not tiled else b.reshape(-1)
+        c = (b if not tiled else b.reshape(-1)).to(v.device)
         return (gathered * c * rank_weight(v)).sum()
 
     got = _inside(loss, k, x, how)
@@ -350,7 +350,7 @@ def test_psum_scatter_inside_gradient_is_all_gather_of_cotangent(k, how):
 
     def loss(v):
         r = tp.axis_index("i")
-        return (tp.psum_scatter(v, "i") * ct[r]).sum()
+        return (tp.psum_scatter(v, "i") * ct.to(v.device)[r]).sum()
 
     got = _inside(loss, k, x, how)
     # every replica's x[r] contributes to replica r's block: its gradient is c[r]
@@ -384,7 +384,7 @@ def test_all_to_all_inside_gradient_swaps_back(k, how):
 
     def loss(v):
         # out_m[:, j] = x_j[m] (split axis 0, stacked at axis 1)
-        return (tp.all_to_all(v, "i", 0, -1) * ct[tp.axis_index("i")]).sum()
+        return (tp.all_to_all(v, "i", 0, -1) * ct.to(v.device)[tp.axis_index("i")]).sum()
 
     got = _inside(loss, k, x, how)
     expected = np.empty((k, k, 2))

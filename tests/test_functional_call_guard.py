@@ -95,12 +95,12 @@ def test_per_replica_modules_work():
 
 
 def test_one_replica_and_repeated_calls_work():
-    module = torch.nn.Linear(4, 4)
+    module = torch.nn.Linear(4, 4).to(devices(1)[0])  # its bias is closed over: on the replica's device
     w, x = torch.randn(1, 4, 4), torch.randn(1, 2, 4)
     pf = pmap_k(lambda w, x: torch.func.functional_call(module, {"weight": w}, (x,)), 1)
     for _ in range(2):  # a claim lasts one call: the next call may use the module again
         out = pf(w, x)
-        torch.testing.assert_close(out.unshard()[0], x[0] @ w[0].T + module.bias.detach())
+        torch.testing.assert_close(out.unshard()[0].cpu(), x[0] @ w[0].T + module.bias.detach().cpu())
 
 
 def test_outside_pmap_untouched():

@@ -65,7 +65,7 @@ def test_rule110_one_step(k, periodic):
     blocks = torch.from_numpy(cells).reshape(k, n // k)
     out = pmap_k(lambda b: rule_step_block(b, periodic), k)(blocks)
     expected = rule_step(cells, periodic)
-    np.testing.assert_array_equal(out.unshard().reshape(-1).numpy(), expected)
+    np.testing.assert_array_equal(out.unshard().reshape(-1).cpu().numpy(), expected)
     assert out.dtype == torch.int64
 
 
@@ -89,7 +89,7 @@ def test_rule110_many_steps_single_cell_seed(k, periodic):
     for _ in range(steps):
         expected = rule_step(expected, periodic)
     assert expected[: n // k].any(), "the test should make live cells reach the first device"
-    np.testing.assert_array_equal(out.unshard().reshape(-1).numpy(), expected)
+    np.testing.assert_array_equal(out.unshard().reshape(-1).cpu().numpy(), expected)
 
 
 def test_rule110_steps_across_calls_keep_data_on_devices():
@@ -145,7 +145,7 @@ def test_heat_equation_steps(k, periodic):
     expected = u0
     for _ in range(steps):
         expected = heat_step(expected, periodic)
-    np.testing.assert_allclose(out.unshard().reshape(-1).numpy(), expected, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out.unshard().reshape(-1).cpu().numpy(), expected, rtol=1e-12, atol=1e-14)
     if periodic:  # the ring conserves heat
         np.testing.assert_allclose(out.unshard().sum().item(), u0.sum(), rtol=1e-12)
 

@@ -442,7 +442,8 @@ def test_gradgradcheck_mapped_broadcast_and_captured(n):
         f = tp.pmap(lambda r, w: torch.tanh(r @ w) * c + tp.psum(r.sin(), "i").sum(), "i", in_axes=(0, None))
         return f(x, w).unshard()
 
-    x, w, c = _double(n, 3), _double(3, 2), _double(2)
+    # c is closed over: it must be on the replicas' device (a GPU on the cuda platform).
+    x, w, c = _double(n, 3), _double(3, 2), _double(2).detach().to(tp.local_devices()[0].type).requires_grad_()
     assert torch.autograd.gradgradcheck(call, (x, w, c))
 
 
