@@ -163,9 +163,9 @@ def test_pytrees_in_and_out_axes(layout):
 @pytest.mark.parametrize("layout", sorted(SHARED))
 def test_device_put_and_unshard_round_trip(layout):
     shared = SHARED[layout]()
-    x = rows(N, 4)
+    x = rows(N, 4).to(shared[0].type)  # on the devices' kind (a GPU on the cuda platform)
     st = tp.device_put_sharded(list(x.clone()), shared)  # views of the clone on virtual CPU devices
-    assert st.devices == shared and torch.equal(st.unshard().cpu(), x)
+    assert st.devices == shared and torch.equal(st.unshard(), x)
     assert len({s.data_ptr() for s in st.shards}) == N  # every replica's shard is its own
     same = tp.device_put_sharded([x[0]] * N, shared)  # one tensor given for every replica
     assert len({s.data_ptr() for s in same.shards}) == N
