@@ -112,9 +112,9 @@ def as_plain(v):
     return v.unshard() if isinstance(v, tp.ShardedTensor) else v
 
 
-def assert_same_bits(a, b, close=False):
+def assert_same_bits(a, b, close=False, rtol=1e-6, atol=1e-7):
     """Two results with the same tree, types, dtypes and shapes, and equal values
-    (``close``: to float32 rounding)."""
+    (``close``: to ``rtol``/``atol``, float32 rounding by default)."""
     la, sa = torch.utils._pytree.tree_flatten(a)
     lb, sb = torch.utils._pytree.tree_flatten(b)
     assert sa == sb
@@ -124,7 +124,7 @@ def assert_same_bits(a, b, close=False):
             x, y = as_plain(x), as_plain(y)
             assert x.dtype == y.dtype and x.shape == y.shape
             if close:
-                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
             else:
                 assert torch.equal(x, y), (x, y)
         else:

@@ -3,9 +3,7 @@ graph computes every replica, with the eager threads executor's results."""
 
 import pytest
 import torch
-from helpers import as_plain as plain
-from helpers import devices, executor, rows
-from torch.utils._pytree import tree_flatten
+from helpers import assert_same_bits, devices, executor, rows
 
 import torchpmap as tp
 
@@ -14,20 +12,8 @@ AOT = {"backend": "aot_eager"}  # traces like inductor (aot_autograd, functional
 
 
 def assert_same(a, b, close=False):
-    la, sa = tree_flatten(a)
-    lb, sb = tree_flatten(b)
-    assert sa == sb
-    for x, y in zip(la, lb):
-        assert type(x) is type(y)
-        if isinstance(x, torch.Tensor):
-            x, y = plain(x), plain(y)
-            assert x.dtype == y.dtype and x.shape == y.shape
-            if close:
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
-            else:
-                assert torch.equal(x, y), (x, y)
-        else:
-            assert x == y
+    # close: Inductor's fused kernels round differently from eager ATen.
+    assert_same_bits(a, b, close=close, rtol=1e-5, atol=1e-6)
 
 
 def pm(f, **kwargs):

@@ -385,8 +385,7 @@ def functional_call(
     # of its own. A function being captured (the stacked and lockstep executors,
     # compile=) is traced one replica at a time into a graph that takes the tensors
     # as inputs: the module itself serves, and no replica index is read.
-    concurrent = frame is not None and not torch.compiler.is_compiling()
-    target = _skeleton(module, frame.index) if frame is not None and concurrent else module
+    target = module if frame is None or torch.compiler.is_compiling() else _skeleton(module, frame.index)
     if not isinstance(args, tuple):
         args = (args,)
     return torch.func.functional_call(target, params_and_buffers, args, kwargs or {})
