@@ -107,16 +107,7 @@ class CallRecord:
 
     def unflatten(self, replica_leaves: list[Any]) -> tuple[list[Any] | tuple[Any, ...], dict[str, Any]]:
         """The positional and keyword arguments that ``replica_leaves`` stand for."""
-        if self.treedef is None:
-            dyn: list[Any] | tuple[Any, ...] = replica_leaves
-            kw: dict[str, Any] = {}
-        else:
-            dyn, kw = tree_unflatten(replica_leaves, self.treedef)
-        if self.static_items:
-            dyn = list(dyn)
-            for i, v in self.static_items:
-                dyn.insert(i, v)
-        return dyn, kw
+        return unflatten_arguments(self.treedef, self.static_items, replica_leaves)
 
     def call_replica(self, rank: int, replica_leaves: list[Any]) -> FlatOutput:
         """Run replica ``rank``'s program on its inputs; its output comes back flattened."""
@@ -128,6 +119,23 @@ class CallRecord:
     def release_donated(self) -> None:
         for t in self.donated:
             t.delete()
+
+
+def unflatten_arguments(
+    treedef: TreeSpec | None, static_items: tuple[tuple[int, Any], ...], leaves: list[Any]
+) -> tuple[list[Any] | tuple[Any, ...], dict[str, Any]]:
+    """The positional and keyword arguments of a call whose dynamic arguments
+    flatten to ``leaves`` (``CallRecord.treedef``, ``CallRecord.static_items``)."""
+    if treedef is None:
+        dyn: list[Any] | tuple[Any, ...] = leaves
+        kw: dict[str, Any] = {}
+    else:
+        dyn, kw = tree_unflatten(leaves, treedef)
+    if static_items:
+        dyn = list(dyn)
+        for i, v in static_items:
+            dyn.insert(i, v)
+    return dyn, kw
 
 
 class Executor(abc.ABC):

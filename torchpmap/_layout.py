@@ -114,3 +114,19 @@ def device_groups(devices: tuple[torch.device, ...]) -> tuple[tuple[torch.device
     for i, d in enumerate(devices):
         groups.setdefault(physical_device(d), []).append(i)
     return tuple((p, tuple(members)) for p, members in groups.items())
+
+
+def slices_overlap(t: torch.Tensor, axis: int) -> bool:
+    """Whether two slices of ``t`` along ``axis`` may share memory (an
+    expand()ed axis, as_strided windows). Stride-0 dimensions inside a slice
+    do not count: eager PyTorch refuses writes through them."""
+    if t.is_contiguous() or t.shape[axis] < 2 or t.numel() == 0:
+        return False
+    strides, sizes = t.stride(), t.shape
+    dims = sorted((strides[d], sizes[d]) for d in range(t.ndim) if sizes[d] > 1 and (strides[d] or d == axis))
+    span = 0  # the offsets the smaller-stride dimensions reach
+    for stride, size in dims:
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False

@@ -26,6 +26,8 @@ from ._autodiff import FlatOutput
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
+from ._fast_call import FastCall
+from ._layout import slices_overlap
 from ._sharded import (
     ShardedTensor,
     _lost_write_message,
@@ -79,6 +81,8 @@ class _InPlan:
     # Modules, optimizers and LR schedulers every replica receives as one object
     # (broadcast leaves and static arguments): (path, object, how it is shared).
     shared_objects: list[tuple[str, Any, str]]
+    # The stacked executor's fast path for calls of this plan (``_fast_call``), once one ran stacked.
+    fast: FastCall | None = None
 
 
 @dataclass
@@ -90,7 +94,7 @@ class _OutPlan:
 # What picks a cached plan. Inputs: (tree structure, static argument values,
 # positional argument count, (type, ndim) of every leaf). Outputs: (tree
 # structure, per leaf its rank if a tensor, else its type).
-_InKey: TypeAlias = "tuple[TreeSpec, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
+_InKey: TypeAlias = "tuple[TreeSpec | None, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
 _OutKey: TypeAlias = "tuple[TreeSpec, tuple[int | type, ...]]"
 
 
@@ -271,16 +275,24 @@ class Pmapped:
                 ) from None
         else:
             static_vals, dyn_args = (), args
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
-            # The common call, positional tensors only: skip the generic flatten.
+        signature = tuple((type(v), getattr(v, "ndim", None)) for v in dyn_args)
+        if not kwargs and all(issubclass(t, torch.Tensor) for t, _ in signature):
+            # The common call, positional tensors only: skip the generic flatten,
+            # and key the plan without hashing a tree structure (None stands for it).
             leaves, treedef = list(dyn_args), self._positional_spec(len(dyn_args))
+            key: _InKey = (None, static_vals, len(args), signature)
         else:
             leaves, treedef = tree_flatten((dyn_args, kwargs))
-        key = (treedef, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
+            key = (treedef, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
         plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
             self._in_plans[key] = plan
+        if plan.fast is not None:
+            fast_out = plan.fast.call(leaves)
+            if fast_out is not None:
+                return self._assemble_stacked(fast_out, plan.fast.devices)
+            plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
@@ -319,6 +331,11 @@ class Pmapped:
         if shared_modules:
             _check_modules_not_written(shared_modules, n)
         if isinstance(outs, StackedOutput):
+            if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
+                given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]
+                kinds = FastCall.kinds_of(record, given_as_tensor)
+                if kinds is not None:
+                    plan.fast = FastCall(outs.replay, record, _devices.local_device_tuple(), kinds)
             return self._assemble_stacked(outs, devices)
         return self._assemble(outs, devices)
 
@@ -588,7 +605,7 @@ class Pmapped:
                         grad_leaves.append(j)
                     placements.append(_PLACED_BROADCAST)
                 else:
-                    if _slices_overlap(leaf, axis):
+                    if slices_overlap(leaf, axis):
                         _watch(shared, j, leaf, "overlapping slices")
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
@@ -779,22 +796,6 @@ _Shared: TypeAlias = "tuple[int, torch.Tensor, int, str]"
 def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
     if not t.is_inference():  # inference tensors have no version counter
         shared.append((j, t, t._version, why))
-
-
-def _slices_overlap(t: torch.Tensor, axis: int) -> bool:
-    """Whether two slices of ``t`` along ``axis`` may share memory (an
-    expand()ed axis, as_strided windows). Stride-0 dimensions inside a slice
-    do not count: eager PyTorch refuses writes through them."""
-    if t.is_contiguous() or t.shape[axis] < 2 or t.numel() == 0:
-        return False
-    strides, sizes = t.stride(), t.shape
-    dims = sorted((strides[d], sizes[d]) for d in range(t.ndim) if sizes[d] > 1 and (strides[d] or d == axis))
-    span = 0  # the offsets the smaller-stride dimensions reach
-    for stride, size in dims:
-        if stride <= span:
-            return True
-        span += stride * (size - 1)
-    return False
 
 
 # Why a view of a temporary copy of a ShardedTensor is watched: a write to it is lost.

@@ -69,7 +69,7 @@ class Unsupported(Exception):
         self.per_call = per_call
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StackedOutput:
     """A stacked call's output, flattened: per leaf, an (n, ...) tensor whose row
     r is replica r's value (``batched``), or one value every replica returned."""
@@ -77,6 +77,9 @@ class StackedOutput:
     leaves: list[Any]
     batched: list[bool]
     spec: TreeSpec
+    # The capture that ran, when a call with the same signature may run it again
+    # straight from the caller's stacked buffers (``_fast_call``); None if not.
+    replay: Any = field(default=None, compare=False)
 
 
 _DYNAMO_OFF = "torch.compiler.set_stance or a disabled Dynamo"
@@ -101,6 +104,20 @@ def unsupported_reason(record: CallRecord) -> str | None:
 def capture_scope_reason(record: CallRecord) -> str | None:
     """Why ``record`` cannot run from one capture of its function (stacked or
     lockstep), checked before any capture; None if it may."""
+    reason = blocked_reason()
+    if reason is not None:
+        return reason
+    for placement, leaf in zip(record.placements, record.caller_leaves):
+        if placement is Placement.PER_REPLICA:
+            return "a PerReplica argument"
+        if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)):
+            return f"a {type(leaf).__name__} argument"
+    return None
+
+
+def blocked_reason() -> str | None:
+    """Why no call can run from a capture right now (the state of the calling
+    thread and of Dynamo, whatever the call); None if calls may."""
     if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
@@ -112,11 +129,6 @@ def capture_scope_reason(record: CallRecord) -> str | None:
     if _axis.in_replica() or _runtime.pool().busy():
         # The threads executor detects a nested pmap (or one from a thread a replica started).
         return "called inside a replica, or while a call on the threads executor runs"
-    for placement, leaf in zip(record.placements, record.caller_leaves):
-        if placement is Placement.PER_REPLICA:
-            return "a PerReplica argument"
-        if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)):
-            return f"a {type(leaf).__name__} argument"
     return None
 
 
@@ -550,19 +562,31 @@ def run(record: CallRecord) -> StackedOutput:
     the threads executor would run again, except Python side effects)."""
     row0, state = _stack_inputs(record)
     capture = _capture_for(record)
+    args, kwargs = record.unflatten(row0)
+    out = run_capture(capture, record.group, args, kwargs, state)
+    if record.donated:
+        record.release_donated()
+    result = _stacked_output(out, state)
+    result.replay = None if state.copied else capture
+    return result
+
+
+def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[str, Any], state: _CallState) -> Any:
+    """``capture`` run on replica 0's arguments ``args``/``kwargs``, whose row
+    views ``state`` maps to their stacked buffers; its output (row-0 views,
+    which ``state`` maps to the stacked outputs). Raises Unsupported as ``run``."""
     if capture.failed is not None:
         raise Unsupported(capture.failed)
     if capture.count[0] >= _MAX_CAPTURES:
         # Past its recompile limit Dynamo would run the function eagerly on row 0.
         raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not stacked any more")
-    args, kwargs = record.unflatten(row0)
     _tls.state = state
     DYNAMO_GATE.enter()
     previous = _axis.current_frame()
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     try:
-        with _stacked_random.call_streams(record.group) as streams:
+        with _stacked_random.call_streams(group) as streams:
             out = capture.call(args, kwargs)
     except _DynamoDisabled:
         raise Unsupported(_DYNAMO_OFF) from None
@@ -579,9 +603,7 @@ def run(record: CallRecord) -> StackedOutput:
         _tls.state = None
     # Outside the try: a warning about the draws must not read as a capture failure.
     streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
-    if record.donated:
-        record.release_donated()
-    return _stacked_output(out, state)
+    return out
 
 
 def _unsupported_inside(e: BaseException) -> Unsupported | None:

@@ -1,0 +1,124 @@
+"""The fast path of a pmap call: run the stacked executor's capture again,
+straight from the caller's stacked buffers.
+
+A call on the stacked executor spends most of its time in the general path:
+the axis length, the devices, each leaf's placement, the call record, the
+executor's checks, the capture lookup. When a call ran stacked and needed
+none of what that path guards against (no autograd leaves, donation, shared
+tensors or modules, no copy to stack an input), ``FastCall`` remembers its
+capture under the call's signature (the pmap's input plan). The next call of
+that signature re-checks, per leaf, exactly what the general path would have
+decided from it, and runs the capture on the buffers; anything else, or any
+Unsupported from the run, goes back to the general path, which then decides
+as it always does (and may fall back to the threads executor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from . import _config, _devices, _stacked
+from ._call import CallRecord, Placement, ReplicaGroup, unflatten_arguments
+from ._layout import slices_overlap
+from ._sharded import ShardedTensor, _to_device
+
+# Per leaf, how the fast path finds its stacked buffer.
+SHARDED, MAPPED, CONSTANT = range(3)
+_STACKED_EXECUTORS = ("stacked", "auto")
+
+
+class FastCall:
+    """One signature's capture and what its calls must still have for it to
+    run them: the devices, and per leaf a ShardedTensor already in place, a
+    plain tensor on the physical device mapped along its axis, or a
+    non-tensor value (which Dynamo's guards check)."""
+
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "static_items", "device")
+
+    def __init__(
+        self,
+        capture: Any,
+        record: CallRecord,
+        local: tuple[torch.device, ...],
+        kinds: Sequence[int],
+    ) -> None:
+        self.capture = capture
+        self.group: ReplicaGroup = record.group
+        self.devices = record.group.devices
+        self.device = self.devices[0]
+        self.local = local  # the local device list it was made for (distributed.initialize changes it)
+        self.kinds = tuple(kinds)
+        self.axes = tuple(record.axes)
+        # Not the record itself: it holds this call's inputs, which the plan would keep alive.
+        self.treedef, self.static_items = record.treedef, record.static_items
+
+    @staticmethod
+    def kinds_of(record: CallRecord, tensor_kinds: Sequence[bool]) -> list[int] | None:
+        """Per leaf its fast-path kind, or None when the call needs the general
+        path every time (an input placed with a copy, broadcast tensors, ...).
+        ``tensor_kinds[j]``: whether leaf j was given as a tensor (or array)."""
+        kinds = []
+        for placement, leaf, is_tensor in zip(record.placements, record.caller_leaves, tensor_kinds):
+            if placement is Placement.SHARDED and type(leaf) is ShardedTensor:
+                kinds.append(SHARDED)
+            elif placement is Placement.MAPPED and type(leaf) is torch.Tensor:
+                kinds.append(MAPPED)
+            elif placement is Placement.BROADCAST and not is_tensor:
+                kinds.append(CONSTANT)
+            else:
+                return None
+        return kinds
+
+    def call(self, leaves: list[Any]) -> _stacked.StackedOutput | None:
+        """The call's stacked output, or None: take the general path."""
+        if _config.executor_name() not in _STACKED_EXECUTORS:
+            return None
+        if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
+            return None
+        state = _stacked._CallState(len(self.devices), {})
+        row0 = self._rows(leaves, state)
+        if row0 is None:
+            return None
+        args, kwargs = unflatten_arguments(self.treedef, self.static_items, row0)
+        try:
+            out = _stacked.run_capture(self.capture, self.group, args, kwargs, state)
+            return _stacked._stacked_output(out, state)
+        except _stacked.Unsupported:
+            return None  # the general path decides again (and says why it falls back)
+
+    def _rows(self, leaves: list[Any], state: _stacked._CallState) -> list[Any] | None:
+        """Replica 0's leaves, each row view mapped to its buffer in ``state``;
+        None where a leaf is not what the general path would stack without a copy."""
+        grad_on = torch.is_grad_enabled()
+        n, devices = len(self.devices), self.devices
+        row0: list[Any] = []
+        for leaf, kind, axis in zip(leaves, self.kinds, self.axes):
+            if kind == CONSTANT:
+                if isinstance(leaf, torch.Tensor):
+                    return None
+                row0.append(leaf)
+                continue
+            assert axis is not None  # SHARDED and MAPPED leaves are mapped
+            if grad_on and getattr(leaf, "requires_grad", False):
+                return None  # autograd must see this leaf: the general path
+            if kind == SHARDED:
+                if type(leaf) is not ShardedTensor or not leaf.is_mapped_on(axis, devices):
+                    return None
+                buffers = leaf.stacked_buffers()
+                if buffers is None or len(buffers) != 1:
+                    return None
+                buffer = buffers[0]
+            else:
+                if type(leaf) is not torch.Tensor or leaf.ndim <= axis or leaf.shape[axis] != n:
+                    return None
+                if _to_device(leaf, self.device) is not leaf or slices_overlap(leaf, axis):
+                    return None
+                buffer = leaf.movedim(axis, 0) if axis else leaf
+            row = buffer.select(0, 0)
+            state.stacked_of[id(row)] = buffer
+            state.keep.append(row)
+            row0.append(row)
+        return row0
