@@ -42,13 +42,17 @@ def assert_equal(a, b, close=False):
 
 
 def both_grads(pf, *args, close=False, loss=weighted_loss):
+    """The stacked gradients equal the threads', on a first backward (which
+    recomputes the forward) and on a later one (which reads the residuals the
+    forward kept)."""
     with executor("threads"):
         expected_out, expected = grads_of(pf, *args, loss=loss)
-    with executor("stacked"):
-        got_out, got = grads_of(pf, *args, loss=loss)
-    assert expected and len(got) == len(expected)
-    assert_equal(expected, got, close)
-    assert_equal(torch.utils._pytree.tree_leaves(expected_out), torch.utils._pytree.tree_leaves(got_out), close)
+    for _ in ("first", "later"):
+        with executor("stacked"):
+            got_out, got = grads_of(pf, *args, loss=loss)
+        assert expected and len(got) == len(expected)
+        assert_equal(expected, got, close)
+        assert_equal(torch.utils._pytree.tree_leaves(expected_out), torch.utils._pytree.tree_leaves(got_out), close)
     return got
 
 
@@ -348,3 +352,61 @@ def test_requires_grad_changing_between_calls():
         else:
             with executor("stacked"):
                 assert not pf(x, w).requires_grad
+
+
+def test_a_later_backward_reads_the_forwards_residuals(monkeypatch):
+    runs = [0]  # graphs run (the batched forward, the joint graph's forward and backward parts)
+    call = torch.fx.GraphModule.__call__
+
+    def counting(self, *args, **kwargs):
+        runs[0] += 1
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.fx.GraphModule, "__call__", counting)
+    pf = pm(lambda x: tp.psum(x.sin(), "i") * x)
+    counts = []
+    with executor("stacked"):
+        for _ in range(3):
+            x = rows(N, 3).requires_grad_()
+            runs[0] = 0
+            out = pf(x)
+            forward, runs[0] = runs[0], 0
+            out.unshard().sum().backward()
+            counts.append((forward, runs[0]))
+    # The first call captures, and its backward traces the joint graph, cuts it in
+    # two and recomputes the forward; later forwards keep the residuals, so their
+    # backward runs one graph.
+    assert counts[0][1] > 1
+    assert counts[1:] == [(1, 1), (1, 1)]
+
+
+def test_later_backwards_with_retain_graph_and_create_graph():
+    pf = pm(lambda x: tp.psum(x.sin(), "i") * x)
+    results = {}
+    for name in ("threads", "stacked"):
+        got = []
+        with executor(name):
+            for _ in range(2):  # the second call's forward keeps residuals
+                x = rows(N, 3).requires_grad_()
+                total = (pf(x).unshard() ** 2).sum()
+                total.backward(retain_graph=True)
+                total.backward()
+                (g,) = torch.autograd.grad((pf(x).unshard() ** 2).sum(), x, create_graph=True)
+                (g * g).sum().backward()
+                got.append((x.grad, g.detach()))
+        results[name] = got
+    for expected, got in zip(results["threads"], results["stacked"]):
+        assert_equal(expected, got)
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_an_output_written_before_the_backward_raises(name):
+    pf = pm(lambda x: tp.psum(x, "i").exp())  # exp's backward reads its output
+    with executor(name):
+        for _ in range(2):
+            pf(rows(N, 3).requires_grad_()).unshard().sum().backward()
+        out = pf(rows(N, 3).requires_grad_())
+        with torch.no_grad():
+            out.add_(1)  # the saved value the backward would read
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.unshard().sum().backward()

@@ -14,10 +14,19 @@ autograd's formulas for the stacked primitives' index ops.
 
 A shared input's gradient is the sum over the replicas, folded in replica
 order as the caller's autograd folds the threads executor's per-replica
-gradients. The backward recomputes the forward inside the vjp (no residuals
-are kept between the two graphs), so a function that writes an input in
-place is refused. With ``create_graph=True`` the backward graph runs through
-the same Function, so higher orders work the same way.
+gradients.
+
+The first backward of a program (per set of differentiated inputs and input
+layout) traces the forward and its vjp as one joint graph and cuts it where the
+backward starts (``ResidualSplit``): every node that depends on a cotangent is
+backward, every other one forward. That backward recomputes the forward part
+once; from then on the forward runs the forward part, which also returns the
+residuals (the forward values the backward reads), saved like any autograd
+node's, and the backward only runs its part. A function that writes an input
+in place or draws random numbers is still refused under autograd (that first
+backward recomputes). With ``create_graph=True`` the backward is the vjp
+program, recomputing the forward from the saved inputs, and runs through the
+same Function, so higher orders work the same way.
 """
 
 from __future__ import annotations
@@ -56,12 +65,16 @@ class ReplicaProgram:
         self.per_replica, self.axis_name, self.n, self.in_dims = per_replica, axis_name, n, in_dims
         self.folded = folded
         self.graph: torch.fx.GraphModule | None = None
+        # Whether trace simplifies the graph (a joint graph is simplified after the
+        # split instead: an op may only write into a temporary on its own side).
+        self.simplified = True
         self.out_requires_grad: tuple[bool, ...] = ()
         # Per output, whether it depends on an input from this position on
         # (a vjp: on a cotangent); None: not asked.
         self.connected_from: int | None = None
         self.connected: tuple[bool, ...] = ()
         self._vjps: dict[tuple[Any, ...], ReplicaProgram] = {}
+        self.splits: dict[tuple[Any, ...], ResidualSplit] = {}  # by split_key
 
     def trace(self, examples: list[Any]) -> torch.fx.GraphModule:
         """The batched graph (made once, on ``examples``' shapes), remembering
@@ -86,7 +99,8 @@ class ReplicaProgram:
                     graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
-            simplify(graph)  # it runs op by op on every call: no node that does nothing
+            if self.simplified:
+                simplify(graph)  # it runs op by op on every call: no node that does nothing
             if self.connected_from is not None:
                 self.connected = _outputs_depending_on(graph.graph, self.connected_from)
             self.graph = graph
@@ -139,6 +153,134 @@ class ReplicaProgram:
             self._vjps[key] = program
         return program
 
+    def split(self, diff: tuple[int, ...], inputs: list[Any], cotangents: list[torch.Tensor]) -> ResidualSplit:
+        """This program and its vjp with respect to the inputs ``diff`` as one
+        joint graph, cut in two (``ResidualSplit``); traced on ``inputs`` and the
+        (contiguous) ``cotangents`` of the outputs that require grad."""
+        key = split_key(diff, inputs)
+        split = self.splits.get(key)
+        if split is None:
+            assert self.folded is None, "only a forward program is split"
+            inner, k = self.per_replica, len(self.in_dims)
+            cot_outputs = tuple(i for i, rg in enumerate(self.out_requires_grad) if rg)
+
+            def per_replica(depth: int) -> Callable[..., tuple[torch.Tensor, ...]]:
+                fn = inner(depth + 1)  # under one more transform: the vjp
+
+                def replica_joint(*args: Any) -> tuple[torch.Tensor, ...]:
+                    primals, cots = list(args[:k]), args[k:]
+
+                    def f(*diff_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+                        full = list(primals)
+                        for p, v in zip(diff, diff_values):
+                            full[p] = v
+                        outs = tuple(fn(*full))
+                        return tuple(outs[i] for i in cot_outputs), outs
+
+                    # With has_aux, vjp returns (outputs, pullback, aux); its stub says two values.
+                    _, pullback, outs = torch.func.vjp(  # type: ignore[misc]
+                        f, *[primals[p] for p in diff], has_aux=True
+                    )
+                    return (*outs, *pullback(tuple(cots)))
+
+                return replica_joint
+
+            n_outs = len(self.out_requires_grad)
+            joint = ReplicaProgram(
+                per_replica,
+                self.axis_name,
+                self.n,
+                (*self.in_dims, *[0] * len(cot_outputs)),
+                folded=(*[False] * n_outs, *[self.in_dims[p] is None for p in diff]),
+            )
+            joint.simplified = False
+            graph = joint.trace([*inputs, *cotangents])
+            split = self.splits[key] = ResidualSplit(graph, k, n_outs, diff, cot_outputs)
+        return split
+
+
+def split_key(diff: tuple[int, ...], inputs: list[Any]) -> tuple[Any, ...]:
+    """What a split is traced for: the differentiated inputs and every input's
+    layout (a traced graph may hold views that only those strides allow)."""
+    return diff, tuple((t.shape, t.stride()) if isinstance(t, torch.Tensor) else None for t in inputs)
+
+
+class ResidualSplit:
+    """A joint forward-and-vjp graph cut where the backward starts: ``forward``
+    maps the inputs to the outputs and the residuals (every value of the
+    forward part that the backward part reads), ``backward`` maps the
+    residuals and the cotangents to the gradients of the inputs ``diff``. The
+    cut is by dependence: a node that depends on a cotangent is backward, every
+    other node forward, so each runs once (a draw or a write included)."""
+
+    def __init__(
+        self,
+        joint: torch.fx.GraphModule,
+        n_inputs: int,
+        n_outs: int,
+        diff: tuple[int, ...],
+        cot_outputs: tuple[int, ...],
+    ) -> None:
+        self.diff, self.cot_outputs, self.n_outs = diff, cot_outputs, n_outs
+        graph = joint.graph
+        placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+        cotangents = placeholders[n_inputs:]
+        backward_nodes = set(cotangents)
+        for node in graph.nodes:
+            if node.op == "call_function" and any(a in backward_nodes for a in node.all_input_nodes):
+                backward_nodes.add(node)
+        outputs = list(graph.output_node().args[0])  # type: ignore[arg-type]
+        outs, grads = outputs[:n_outs], outputs[n_outs:]
+        # torch.func.vjp gives zeros for an input the outputs do not reach, where
+        # autograd (and so the threads executor) gives None.
+        self.connected = tuple(g in backward_nodes for g in grads)
+        saved: dict[torch.fx.Node, None] = {}  # forward values the backward reads, in order
+        for node in graph.nodes:
+            if node in backward_nodes and node.op == "call_function":
+                saved.update((a, None) for a in node.all_input_nodes if a not in backward_nodes)
+        saved.update((g, None) for g in grads if isinstance(g, torch.fx.Node) and g not in backward_nodes)
+
+        forward = torch.fx.Graph()
+        env: dict[torch.fx.Node, Any] = {}
+        for node in graph.nodes:
+            if node.op != "output" and node not in backward_nodes:  # the primals' placeholders included
+                env[node] = forward.node_copy(node, lambda a: env[a])
+        forward.output((*[_mapped(o, env) for o in outs], *[env[s] for s in saved]))
+        self.forward = torch.fx.GraphModule(joint, forward)
+        simplify(self.forward)
+
+        backward = torch.fx.Graph()
+        benv: dict[torch.fx.Node, Any] = {}
+        for s in saved:
+            benv[s] = backward.placeholder(f"saved_{s.name}")
+        for c in cotangents:
+            benv[c] = backward.placeholder(c.name)
+        for node in graph.nodes:
+            if node in backward_nodes and node.op == "call_function":
+                benv[node] = backward.node_copy(node, lambda a: benv[a])
+        backward.output(tuple(_mapped(g, benv) for g in grads))
+        self.backward = torch.fx.GraphModule(joint, backward)
+        simplify(self.backward)
+        self.n_saved = len(saved)
+
+    def gradients(self, residuals: list[Any], grads: tuple[torch.Tensor | None, ...], n_inputs: int) -> list[Any]:
+        """Per input, its gradient (None where not differentiated or not reached)."""
+        cotangents = [_cotangent(grads[i], i) for i in self.cot_outputs]
+        result: list[torch.Tensor | None] = [None] * n_inputs
+        for p, g, connected in zip(self.diff, self.backward(*residuals, *cotangents), self.connected):
+            result[p] = g if connected else None
+        return result
+
+
+def _mapped(value: Any, env: dict[torch.fx.Node, Any]) -> Any:
+    return env[value] if isinstance(value, torch.fx.Node) else value
+
+
+def _cotangent(g: torch.Tensor | None, i: int) -> torch.Tensor:
+    # The backward graph was traced on contiguous cotangents (autograd may hand an expanded one).
+    assert g is not None, f"autograd materializes the cotangent of output {i}"
+    return g.contiguous()
+
 
 def _outputs_depending_on(graph: torch.fx.Graph, first: int) -> tuple[bool, ...]:
     """Per output of ``graph``, whether it depends on a placeholder from position ``first`` on."""
@@ -173,11 +315,26 @@ class _StackedCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, program: ReplicaProgram, *inputs: Any) -> tuple[torch.Tensor, ...]:
         assert program.graph is not None
-        outs = tuple(program.graph(*inputs))
         ctx.program = program
         ctx.tensor_positions = [k for k, i in enumerate(inputs) if isinstance(i, torch.Tensor)]
         ctx.others = [None if isinstance(i, torch.Tensor) else i for i in inputs]
-        ctx.save_for_backward(*[inputs[k] for k in ctx.tensor_positions])
+        # After a first backward, the forward keeps what the backward reads (the split's
+        # residuals) instead of having it recompute the forward.
+        diff = tuple(k for k in ctx.tensor_positions if inputs[k].requires_grad)
+        split = program.splits.get(split_key(diff, list(inputs))) if program.splits else None
+        residuals: list[Any] = []
+        if split is None:
+            outs = tuple(program.graph(*inputs))
+        else:
+            values = tuple(split.forward(*inputs))
+            outs, residuals = values[: split.n_outs], list(values[split.n_outs :])
+        ctx.split = split
+        ctx.residual_positions = [k for k, r in enumerate(residuals) if isinstance(r, torch.Tensor)]
+        ctx.residual_others = [None if isinstance(r, torch.Tensor) else r for r in residuals]
+        # The inputs too: a backward with create_graph=True differentiates the recomputed forward.
+        ctx.save_for_backward(
+            *[inputs[k] for k in ctx.tensor_positions], *[residuals[k] for k in ctx.residual_positions]
+        )
         # As the threads executor's node: outputs alias their values but are not views for autograd.
         outs = tuple(o.detach() for o in outs)
         ctx.mark_non_differentiable(*[o for o, rg in zip(outs, program.out_requires_grad) if not rg])
@@ -187,9 +344,24 @@ class _StackedCall(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         program: ReplicaProgram = ctx.program
         inputs = list(ctx.others)
-        for k, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+        saved = ctx.saved_tensors
+        n_inputs = len(ctx.tensor_positions)
+        for k, t in zip(ctx.tensor_positions, saved[:n_inputs]):
             inputs[k] = t
         diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 1])
+        # A vjp program (a create_graph=True backward's) differentiates by recomputing, as before.
+        if not torch.is_grad_enabled() and diff and program.folded is None:
+            split: ResidualSplit | None = ctx.split
+            if split is None:  # the first backward: trace the split, recompute the forward once
+                cot_outputs = [i for i, rg in enumerate(program.out_requires_grad) if rg]
+                cots = [_cotangent(grads[i], i) for i in cot_outputs]
+                split = program.split(diff, inputs, cots)
+                residuals = list(split.forward(*inputs))[split.n_outs :]
+            else:
+                residuals = list(ctx.residual_others)
+                for k, t in zip(ctx.residual_positions, saved[n_inputs:]):
+                    residuals[k] = t
+            return (None, *split.gradients(residuals, grads, len(inputs)))
         # As on threads: an output the caller did not use has zero cotangents (materialized by autograd).
         cotangents = tuple(i for i, g in enumerate(grads) if g is not None and program.out_requires_grad[i])
         result: list[torch.Tensor | None] = [None] * len(inputs)
