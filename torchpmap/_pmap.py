@@ -288,10 +288,11 @@ class Pmapped:
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
             self._in_plans[key] = plan
-        if plan.fast is not None:
-            fast_out = plan.fast.call(leaves)
+        fast = plan.fast  # read once: another thread's call may replace it
+        if fast is not None:
+            fast_out = fast.call(leaves)
             if fast_out is not None:
-                return self._assemble_stacked(fast_out, plan.fast.devices)
+                return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
         n = self._axis_length(plan, leaves)
