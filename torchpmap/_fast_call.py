@@ -117,8 +117,5 @@ class FastCall:
                 if _to_device(leaf, self.device) is not leaf or slices_overlap(leaf, axis):
                     return None
                 buffer = leaf.movedim(axis, 0) if axis else leaf
-            row = buffer.select(0, 0)
-            state.stacked_of[id(row)] = buffer
-            state.keep.append(row)
-            row0.append(row)
+            row0.append(state.row_of(buffer))
         return row0

@@ -275,15 +275,14 @@ class Pmapped:
                 ) from None
         else:
             static_vals, dyn_args = (), args
-        signature = tuple((type(v), getattr(v, "ndim", None)) for v in dyn_args)
-        if not kwargs and all(issubclass(t, torch.Tensor) for t, _ in signature):
+        if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
             # The common call, positional tensors only: skip the generic flatten,
             # and key the plan without hashing a tree structure (None stands for it).
-            leaves, treedef = list(dyn_args), self._positional_spec(len(dyn_args))
-            key: _InKey = (None, static_vals, len(args), signature)
+            leaves, treedef, key_spec = list(dyn_args), self._positional_spec(len(dyn_args)), None
         else:
             leaves, treedef = tree_flatten((dyn_args, kwargs))
-            key = (treedef, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
+            key_spec = treedef
+        key: _InKey = (key_spec, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
         plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)

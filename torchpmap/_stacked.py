@@ -141,6 +141,13 @@ class _CallState:
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
     ran: bool = False
 
+    def row_of(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Replica 0's row view of ``buffer``, which stands for it in the captured program."""
+        row = buffer.select(0, 0)
+        self.stacked_of[id(row)] = buffer
+        self.keep.append(row)
+        return row
+
 
 _tls = threading.local()
 
@@ -166,10 +173,7 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
         if buffer is None:
             buffer = torch.stack(list(record.per_leaf[j]))
             state.copied.add(id(buffer))
-        row = buffer.select(0, 0)
-        row0.append(row)
-        state.stacked_of[id(row)] = buffer
-        state.keep.append(row)
+        row0.append(state.row_of(buffer))
     return row0, state
 
 
@@ -352,10 +356,7 @@ class _Batched:
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
                 o = o.contiguous()
-            row = o.select(0, 0)
-            state.stacked_of[id(row)] = o
-            state.keep.append(row)
-            rows.append(row)
+            rows.append(state.row_of(o))
         state.ran = True
         return rows
 
