@@ -410,3 +410,21 @@ def test_an_output_written_before_the_backward_raises(name):
             out.add_(1)  # the saved value the backward would read
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             out.unshard().sum().backward()
+
+
+def test_saved_tensor_hooks_around_a_stacked_call_and_its_backward():
+    # torch.func refuses to run under saved-tensor hooks: they are set aside while
+    # the backward is traced, and what the call saves still goes through them.
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t.detach().clone()
+
+    pf = pm(lambda x: tp.psum(x.sin(), "i") * x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        both_grads(pf, rows(N, 3).requires_grad_())
+        with executor("stacked"):
+            packed.clear()
+            pf(rows(N, 3).requires_grad_())
+            assert packed

@@ -1,6 +1,8 @@
 """Random numbers on the stacked executor: the threads executor's per-replica
 streams, bit for bit, or a warned fallback where they cannot be matched."""
 
+import gc
+import time
 import warnings
 
 import pytest
@@ -234,6 +236,8 @@ def test_what_cannot_match_threads_falls_back_with_a_reason(fn, reason):
         stacked, _ = seeded_calls_quiet("stacked", f, x)
     threads, _ = seeded_calls("threads", f, x)
     assert torch.equal(stacked[0], threads[0])
+    with torch.autograd.graph.save_on_cpu():  # a failed capture leaves saved-tensor hooks allowed
+        pass
 
 
 def seeded_calls_quiet(name, pf, *args):
@@ -273,21 +277,127 @@ def test_a_function_that_starts_drawing_later_learns_it_on_stacked_too():
         DRAWING[0] = False
 
 
-def test_autograd_through_a_drawing_call_falls_back_for_that_call():
-    # The stacked backward recomputes the forward, which would draw other numbers:
-    # such a call runs on the threads, with the threads' numbers and gradients.
-    f = pm(lambda x: F.dropout(x, 0.5) * 2)
-    grads = {}
-    for name in ("threads", "stacked"):
-        tp.set_executor(name)
+def grads_after_seed(name, pf, x, steps=3, backward=lambda out: out.unshard().sum().backward()):
+    """Per call of ``pf`` on ``x`` (requiring grad) under executor ``name``
+    after torch.manual_seed(0): its output and x's gradient; and the caller's
+    generator state after them. The stacked executor's first backward
+    recomputes the forward, later ones read the residuals it kept."""
+    results = []
+    with executor(name):
         torch.manual_seed(0)
-        x = torch.ones(N, 8, requires_grad=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            f(x).unshard().sum().backward()
-        grads[name] = x.grad
-        if name == "stacked":
-            assert any("draws random numbers" in str(w.message) for w in caught)
-    assert torch.equal(grads["threads"], grads["stacked"])
-    with executor("stacked"), torch.no_grad():  # without autograd the capture runs stacked
-        f(torch.ones(N, 8))
+        for _ in range(steps):
+            leaf = x.detach().clone().requires_grad_()
+            out = pf(leaf)
+            backward(out)
+            results.append((out.unshard(), leaf.grad))
+    return results, torch.get_rng_state()
+
+
+def assert_same_draws_and_grads(pf, x, **kwargs):
+    expected, expected_state = grads_after_seed("threads", pf, x, **kwargs)
+    got, state = grads_after_seed("stacked", pf, x, **kwargs)
+    for (eo, eg), (go, gg) in zip(expected, got, strict=True):
+        assert torch.equal(eo, go) and torch.equal(eg, gg), ((eo - go).abs().max(), (eg - gg).abs().max())
+    assert torch.equal(expected_state, state), "the caller's generator moved differently"
+    return got
+
+
+def drop_twice(x):
+    h = F.dropout(x.sin(), 0.5) * tp.psum(x, "i")
+    return torch.nn.Dropout(0.25)(h).exp() + torch.rand_like(x)
+
+
+def test_autograd_through_a_drawing_call_runs_stacked_with_the_threads_numbers():
+    # The forward draws once; the first backward recomputes it with the call's
+    # streams replayed, later ones read the per-replica graphs (the masks) it kept.
+    got = assert_same_draws_and_grads(pm(drop_twice), torch.randn(N, 8))
+    assert not torch.equal(got[0][0], got[1][0])  # each call draws new numbers
+
+
+def test_a_retained_drawing_call_backpropagates_twice_as_on_threads():
+    def twice(out):
+        loss = out.unshard().sum()
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+    assert_same_draws_and_grads(pm(drop_twice), torch.randn(N, 8), backward=twice)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+def test_first_order_create_graph_through_a_drawing_call_matches_threads():
+    def with_create_graph(out):
+        out.unshard().pow(2).sum().backward(create_graph=True)
+
+    # The backward recomputes the forward under autograd (as with create_graph every time), drawing again.
+    got = assert_same_draws_and_grads(pm(drop_twice), torch.randn(N, 8), backward=with_create_graph)
+    assert all(grad.requires_grad for _, grad in got)
+
+
+def test_a_second_derivative_through_a_stacked_draw_raises_promptly():
+    pf = pm(lambda x: F.dropout(x, 0.5).pow(2))
+    with executor("threads"):
+        x = torch.randn(N, 3, requires_grad=True)
+        (g,) = torch.autograd.grad(pf(x).unshard().sum(), x, create_graph=True)
+        g.sum().backward()  # the threads executor differentiates eager autograd's graph
+    with executor("stacked"):
+        x = torch.randn(N, 3, requires_grad=True)
+        (g,) = torch.autograd.grad(pf(x).unshard().sum(), x, create_graph=True)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"second derivative through a random op.*threads executor"):
+            g.sum().backward()
+        assert time.monotonic() - start < 10
+
+
+def test_a_training_loop_with_dropout_and_backward_outside_matches_threads():
+    def train(name):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.ReLU(), torch.nn.Linear(16, 2)
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = pm(lambda x: model(F.dropout(x, 0.1)).pow(2).mean())
+        x = torch.randn(N, 5, 8)
+        with executor(name):
+            for _ in range(4):
+                opt.zero_grad()
+                loss(x).unshard().sum().backward()
+                opt.step()
+        return [p.detach() for p in model.parameters()], torch.get_rng_state()
+
+    (expected, expected_state), (got, state) = train("threads"), train("stacked")
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g), (e - g).abs().max()
+    assert torch.equal(expected_state, state)
+
+
+def test_a_drawing_call_keeps_its_graphs_through_saved_tensor_hooks():
+    # The per-replica graphs are saved tensors: they come back from the hooks with their autograd graph.
+    def under_hooks(out):
+        out.unshard().sum().backward()
+
+    pf = pm(drop_twice)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t):
+        assert_same_draws_and_grads(pf, torch.randn(N, 8), backward=under_hooks)
+
+
+def live_graphs_of_shape(shape):
+    """Real tensors of ``shape`` alive in this process that autograd recorded."""
+    gc.collect()
+    fake = torch._subclasses.fake_tensor.FakeTensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # isinstance on torch.distributed.reduce_op warns
+        return [
+            o
+            for o in gc.get_objects()
+            if isinstance(o, torch.Tensor) and not isinstance(o, fake) and o.grad_fn is not None and o.shape == shape
+        ]
+
+
+def test_a_drawing_calls_per_replica_graphs_are_freed_by_its_backward():
+    pf = pm(lambda x: F.dropout(x, 0.5) * 3)
+    with executor("stacked"):
+        pf(torch.randn(N, 64, requires_grad=True)).unshard().sum().backward()  # the first call recomputes
+        out = pf(torch.randn(N, 64, requires_grad=True)).unshard()  # a later one keeps the graphs
+        assert len(live_graphs_of_shape((64,))) == N  # each replica's draw and its mask
+        out.sum().backward()
+        assert not live_graphs_of_shape((64,))  # freed with the node's saved tensors, though out lives

@@ -145,6 +145,20 @@ class CallRandomness:
             self._seeds_drawn = _seeds_drawn
             self._expected = {d: _state_bytes(_default_generator(d)) for d in physical}
 
+    @classmethod
+    def replaying(cls, devices: Sequence[torch.device], seed: int) -> CallRandomness:
+        """The streams of an earlier run whose seed was ``seed``, from their start:
+        the same draws in the same order give the same numbers again (a stacked
+        backward that recomputes its forward). The caller's generator is not read."""
+        call = cls(devices, None)
+        call._seed = seed
+        return call
+
+    @property
+    def drawn_seed(self) -> int | None:
+        """This run's seed if a replica drew one, else None."""
+        return self._seed
+
     def seed(self) -> int:
         """This run's seed, drawn from the caller's CPU generator on first use."""
         global _seeds_drawn

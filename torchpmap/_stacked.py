@@ -305,13 +305,11 @@ class _Batched:
     def __init__(
         self,
         program: ReplicaProgram,
-        draws: bool,
         compiler: Backend | None = None,
         examples: Sequence[Any] = (),
     ) -> None:
         assert program.graph is not None  # traced by the backend
         self.program, self.graph, self.in_dims = program, program.graph, program.in_dims
-        self.draws = draws  # the function draws random numbers
         self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
         self.compiler = compiler
         # Per layout of the inputs, its compiled program: Dynamo guards replica 0's
@@ -345,8 +343,6 @@ class _Batched:
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             if self.written:  # the backward recomputes the forward from the inputs
                 raise Unsupported("autograd through a function that writes an input in place", per_call=True)
-            if self.draws:  # the backward recomputes the forward: it would draw other numbers
-                raise Unsupported("autograd through a function that draws random numbers", per_call=True)
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
             outs = _stacked_autograd.run(self.program, inputs)
@@ -393,7 +389,7 @@ def _backend(
         try:
             program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
             _check_no_random(program.trace(examples).graph)
-            result = _Batched(program, bool(sites), compiler, examples)
+            result = _Batched(program, compiler, examples)
         except BaseException:
             _stacked_random.forget(sites)  # no program will draw at them
             raise
@@ -586,12 +582,14 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
     previous = _axis.current_frame()
     _axis.bind(capture.frame)
     _ops._stacking.on = True
+    hooks_disabled = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
     try:
         with _stacked_random.call_streams(group) as streams:
             out = capture.call(args, kwargs)
     except _DynamoDisabled:
         raise Unsupported(_DYNAMO_OFF) from None
     except Exception as e:
+        _restore_saved_tensor_hooks_switch(hooks_disabled)
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
             raise Unsupported(inner.reason) from None
@@ -605,6 +603,18 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
     # Outside the try: a warning about the draws must not read as a capture failure.
     streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
     return out
+
+
+def _restore_saved_tensor_hooks_switch(disabled: str | None) -> None:
+    """Saved-tensor hooks allowed again (or disabled as before) after a failed
+    capture: Dynamo leaves them disabled when an exception leaves a
+    torch.func.grad it is tracing, and ``save_on_cpu`` would then refuse to start."""
+    if torch._C._autograd._saved_tensors_hooks_get_disabled_error_message() == disabled:
+        return
+    if disabled is None:
+        torch._C._autograd._saved_tensors_hooks_enable()
+    else:
+        torch._C._autograd._saved_tensors_hooks_disable(disabled, False)
 
 
 def _unsupported_inside(e: BaseException) -> Unsupported | None:

@@ -22,24 +22,26 @@ backward starts (``ResidualSplit``): every node that depends on a cotangent is
 backward, every other one forward. That backward recomputes the forward part
 once; from then on the forward runs the forward part, which also returns the
 residuals (the forward values the backward reads), saved like any autograd
-node's, and the backward only runs its part. A function that writes an input
-in place or draws random numbers is still refused under autograd (that first
-backward recomputes). With ``create_graph=True`` the backward is the vjp
-program, recomputing the forward from the saved inputs, and runs through the
-same Function, so higher orders work the same way.
+node's, and the backward only runs its part. With ``create_graph=True`` the
+backward is the vjp program, recomputing the forward from the saved inputs, and
+runs through the same Function, so higher orders work the same way. A function
+that writes an input in place is still refused under autograd (the first
+backward recomputes from the inputs); one that draws random numbers recomputes
+its draws from the call's replayed streams (``_RandomGraphs``).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import reduce
 from typing import Any
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _axis
+from . import _axis, _stacked_random
 from ._graph_passes import simplify
 from ._stacked_collectives import vmap_replicas
 
@@ -75,6 +77,7 @@ class ReplicaProgram:
         self.connected: tuple[bool, ...] = ()
         self._vjps: dict[tuple[Any, ...], ReplicaProgram] = {}
         self.splits: dict[tuple[Any, ...], ResidualSplit] = {}  # by split_key
+        self._draws: bool | None = None
 
     def trace(self, examples: list[Any]) -> torch.fx.GraphModule:
         """The batched graph (made once, on ``examples``' shapes), remembering
@@ -95,7 +98,7 @@ class ReplicaProgram:
                 # Outside Dynamo's tracing context: make_fx's fake tensors would otherwise
                 # add symbols (a strided input's) to Dynamo's shape env, which then has
                 # guards it cannot build.
-                with torch._guards.tracing(None):
+                with torch._guards.tracing(None), _saved_tensor_hooks_set_aside():
                     graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
@@ -105,6 +108,14 @@ class ReplicaProgram:
                 self.connected = _outputs_depending_on(graph.graph, self.connected_from)
             self.graph = graph
         return self.graph
+
+    @property
+    def draws(self) -> bool:
+        """Whether the traced graph draws random numbers (from each replica's streams)."""
+        if self._draws is None:
+            assert self.graph is not None, "trace the program first"
+            self._draws = any(_stacked_random.is_replica_draw(node.target) for node in self.graph.graph.nodes)
+        return self._draws
 
     def vjp(self, diff: tuple[int, ...], cotangents: tuple[int, ...], inputs: list[Any]) -> ReplicaProgram:
         """The program computing, from this one's inputs and the cotangents of
@@ -197,6 +208,23 @@ class ReplicaProgram:
             graph = joint.trace([*inputs, *cotangents])
             split = self.splits[key] = ResidualSplit(graph, k, n_outs, diff, cot_outputs)
         return split
+
+
+@contextmanager
+def _saved_tensor_hooks_set_aside() -> Iterator[None]:
+    """The caller's saved-tensor hooks (``torch.autograd.graph.save_on_cpu``...)
+    set aside while a program is traced: torch.func refuses to run under them,
+    and a trace saves nothing of the caller's. What the program saves when it
+    runs goes through them as usual."""
+    hooks = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        hooks.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(hooks):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
 
 
 def split_key(diff: tuple[int, ...], inputs: list[Any]) -> tuple[Any, ...]:
@@ -331,9 +359,13 @@ class _StackedCall(torch.autograd.Function):
         ctx.split = split
         ctx.residual_positions = [k for k, r in enumerate(residuals) if isinstance(r, torch.Tensor)]
         ctx.residual_others = [None if isinstance(r, torch.Tensor) else r for r in residuals]
+        draw_graphs = _RandomGraphs.of_forward(program, keep=split is not None)
+        ctx.draw_graphs = draw_graphs
         # The inputs too: a backward with create_graph=True differentiates the recomputed forward.
         ctx.save_for_backward(
-            *[inputs[k] for k in ctx.tensor_positions], *[residuals[k] for k in ctx.residual_positions]
+            *[inputs[k] for k in ctx.tensor_positions],
+            *[residuals[k] for k in ctx.residual_positions],
+            *draw_graphs.to_save(),
         )
         # As the threads executor's node: outputs alias their values but are not views for autograd.
         outs = tuple(o.detach() for o in outs)
@@ -342,11 +374,30 @@ class _StackedCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        n_inputs, n_residuals = len(ctx.tensor_positions), len(ctx.residual_positions)
+        draw_graphs: _RandomGraphs = ctx.draw_graphs
+        try:
+            # A recomputed forward draws the forward's numbers again; a draw's backward reads its graphs.
+            with draw_graphs.replaying(saved[n_inputs + n_residuals :]):
+                return _StackedCall._backward(ctx, saved[:n_inputs], saved[n_inputs : n_inputs + n_residuals], grads)
+        except Exception as e:
+            from ._stacked import Unsupported  # it imports this module
+
+            if isinstance(e, Unsupported):  # the forward ran stacked: no executor to fall back to now
+                raise RuntimeError(
+                    f"torchpmap: the backward of a stacked pmap call cannot run: {e.reason}. Run that call on "
+                    "the threads executor (torchpmap.set_executor('threads'))."
+                ) from None
+            raise
+
+    @staticmethod
+    def _backward(
+        ctx: Any, saved_inputs: tuple[torch.Tensor, ...], saved_residuals: tuple[torch.Tensor, ...], grads: Any
+    ) -> tuple[torch.Tensor | None, ...]:
         program: ReplicaProgram = ctx.program
         inputs = list(ctx.others)
-        saved = ctx.saved_tensors
-        n_inputs = len(ctx.tensor_positions)
-        for k, t in zip(ctx.tensor_positions, saved[:n_inputs]):
+        for k, t in zip(ctx.tensor_positions, saved_inputs):
             inputs[k] = t
         diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 1])
         # A vjp program (a create_graph=True backward's) differentiates by recomputing, as before.
@@ -359,7 +410,7 @@ class _StackedCall(torch.autograd.Function):
                 residuals = list(split.forward(*inputs))[split.n_outs :]
             else:
                 residuals = list(ctx.residual_others)
-                for k, t in zip(ctx.residual_positions, saved[n_inputs:]):
+                for k, t in zip(ctx.residual_positions, saved_residuals):
                     residuals[k] = t
             return (None, *split.gradients(residuals, grads, len(inputs)))
         # As on threads: an output the caller did not use has zero cotangents (materialized by autograd).
@@ -372,3 +423,46 @@ class _StackedCall(torch.autograd.Function):
             for p, g, connected in zip(diff, run(vjp, vjp_inputs), vjp.connected):
                 result[p] = g if connected else None
         return (None, *result)
+
+
+class _RandomGraphs:
+    """A differentiable stacked call's random state, from its forward to its
+    backward: the call's streams (``Replay``: a backward that recomputes the
+    forward draws the same numbers again) and, when the forward kept its
+    residuals, each draw's per-replica autograd graphs that the backward reads
+    (the dropout masks, as a threads replica's own graph keeps them). They go
+    through ``save_for_backward``, so autograd frees them after a backward as it
+    frees any saved tensor (and a saved tensor keeps its autograd graph through
+    saved-tensor hooks)."""
+
+    def __init__(self, replay: _stacked_random.Replay | None, graphs: _stacked_random.Graphs) -> None:
+        self.replay = replay
+        self.layout: list[tuple[int, list[tuple[int, int]]]] = []  # per site: its key, per replica (inputs, outputs)
+        self.tensors: list[torch.Tensor] = []
+        for key, per_replica in graphs.items():
+            self.layout.append((key, [(len(leaves), len(outs)) for leaves, outs in per_replica]))
+            for leaves, outs in per_replica:
+                self.tensors.extend(leaves)
+                self.tensors.extend(outs)
+
+    @classmethod
+    def of_forward(cls, program: ReplicaProgram, keep: bool) -> _RandomGraphs:
+        """Those of the forward running now; its graphs only if ``keep`` (the
+        backward reads them, rather than recomputing the forward)."""
+        if not program.draws:
+            return cls(None, {})
+        streams = _stacked_random.current()
+        return cls(streams.replay(), streams.take_graphs() if keep else {})
+
+    def to_save(self) -> list[torch.Tensor]:
+        tensors, self.tensors = self.tensors, []  # from now on held by autograd only
+        return tensors
+
+    def replaying(self, saved: tuple[torch.Tensor, ...]) -> Any:
+        if self.replay is None:
+            return nullcontext()
+        graphs: _stacked_random.Graphs = {}
+        it = iter(saved)
+        for key, sizes in self.layout:
+            graphs[key] = [([next(it) for _ in range(a)], [next(it) for _ in range(b)]) for a, b in sizes]
+        return _stacked_random.replaying(self.replay, graphs)

@@ -21,6 +21,10 @@ the results:
    replica's second draw continues its stream. A differentiable call keeps each
    replica's autograd graph until the backward op runs on it (the forward's
    dropout mask, as on threads).
+4. Autograd through the whole call (``_stacked_autograd``): a backward that
+   recomputes the forward runs under `replaying`, streams started again from
+   the forward call's seed (the same numbers); one that reads the forward's
+   residuals gets the forward's per-replica graphs.
 
 What cannot give the threads' numbers raises `Unsupported`, and the call falls
 back: a random op inside a ``torch.func.vmap`` (or another transform than grad)
@@ -36,7 +40,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -327,23 +331,52 @@ def _replica_level(info: Any, site: _Site) -> _axis.ReplicaLevel:
 
 
 # -- at run time: the call's streams ------------------------------------------------------
+# Per differentiable site: per replica, (inputs, outputs) of its autograd graph.
+Graphs: TypeAlias = "dict[int, list[tuple[list[Tensor], list[Tensor]]]]"
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a backward needs to draw a stacked forward's numbers again: the
+    call's replicas and its seed (None: the forward drew nothing)."""
+
+    group: ReplicaGroup
+    seed: int | None
+
+
 class CallStreams:
     """One stacked call's random streams: created on its first draw, so a call
-    that draws nothing leaves the caller's generator alone."""
+    that draws nothing leaves the caller's generator alone. With ``replay``,
+    the streams of an earlier call, from their start."""
 
-    def __init__(self, group: ReplicaGroup) -> None:
+    def __init__(self, group: ReplicaGroup, replay: Replay | None = None) -> None:
         self._group = group
+        self._replay = replay
         self._call: CallRandomness | None = None
         self._modes: list[ReplicaRandomness] = []
-        # Per differentiable site: per replica, (inputs, outputs) of its autograd graph.
-        self.graphs: dict[int, list[tuple[list[Tensor], list[Tensor]]]] = {}
+        self.graphs: Graphs = {}
 
     def mode(self, rank: int) -> ReplicaRandomness:
         if self._call is None:
-            self._call = CallRandomness(self._group.devices, None)
+            if self._replay is None:
+                self._call = CallRandomness(self._group.devices, None)
+            elif self._replay.seed is None:
+                raise RuntimeError("torchpmap: a stacked backward drew random numbers its forward did not draw")
+            else:
+                self._call = CallRandomness.replaying(self._group.devices, self._replay.seed)
             first = self._group.first_index
             self._modes = [ReplicaRandomness(self._call, first + r) for r in range(len(self._group.devices))]
         return self._modes[rank]
+
+    def replay(self) -> Replay:
+        """What a backward needs to draw this call's numbers again."""
+        return Replay(self._group, None if self._call is None else self._call.drawn_seed)
+
+    def take_graphs(self) -> Graphs:
+        """The per-replica graphs whose backward has not run yet (a differentiable
+        call's forward hands them to its backward)."""
+        graphs, self.graphs = self.graphs, {}
+        return graphs
 
     def finish(self, *, failed: bool) -> None:
         """As the threads executor's `CallRandomness.finish`: the function's
@@ -378,7 +411,24 @@ def call_streams(group: ReplicaGroup) -> Iterator[CallStreams]:
         _tls.streams = previous
 
 
-def _streams() -> CallStreams:
+@contextmanager
+def replaying(replay: Replay, graphs: Graphs) -> Iterator[None]:
+    """Stacked random ops run in here (a backward) draw again what the forward
+    whose ``replay`` this is drew, from the start of its streams; their backward
+    ops read ``graphs``, the forward's per-replica graphs (a copy: a retained
+    graph's backward may run again)."""
+    streams = CallStreams(replay.group, replay)
+    streams.graphs.update(graphs)
+    previous = getattr(_tls, "streams", None)
+    _tls.streams = streams
+    try:
+        yield
+    finally:
+        _tls.streams = previous
+
+
+def current() -> CallStreams:
+    """The streams of the stacked call (or backward) running on this thread."""
     streams: CallStreams | None = getattr(_tls, "streams", None)
     if streams is None:
         raise RuntimeError("torchpmap: a stacked random op ran outside a stacked call")
@@ -430,7 +480,7 @@ def _with_strides(row: Tensor, strides: tuple[int, ...] | None, *, copy: bool) -
 
 def _draw_rows(key: int, tensors: list[Tensor], batched: list[bool], n: int) -> list[Tensor]:
     site = _site(key)
-    streams = _streams()
+    streams = current()
     per_replica: list[list[Tensor]] = []
     graphs = []
     with _autograd_inside_kernel() if site.grad_inputs else nullcontext():
@@ -474,7 +524,7 @@ def _check_outputs(site: _Site, outs: list[Tensor]) -> None:
 
 
 def _draw_rows_backward(key: int, grads: list[Tensor], n: int) -> list[Tensor]:
-    graphs = _streams().graphs.pop(key, None)
+    graphs = current().graphs.pop(key, None)
     if graphs is None:
         raise RuntimeError("torchpmap: a stacked random op's backward ran without its forward")
     # One engine run over every replica's graph: they share nothing, so each
@@ -486,8 +536,11 @@ def _draw_rows_backward(key: int, grads: list[Tensor], n: int) -> list[Tensor]:
                 outputs.append(o)
                 grad_outputs.append(g.select(0, r))
         inputs.extend(leaves)
+    # Retained: a stacked call's backward with retain_graph=True may run it again.
     with _autograd_inside_kernel():
-        got = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True, materialize_grads=True)
+        got = torch.autograd.grad(
+            outputs, inputs, grad_outputs, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
     per_replica = len(graphs[0][0])
     return [torch.stack(got[k::per_replica]) for k in range(per_replica)]
 
