@@ -1,7 +1,9 @@
 """Data-parallel training: both idioms match single-device training."""
 
+import functools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import helpers
@@ -304,6 +306,83 @@ def test_shared_module_read_only_works():
     mlp = make_model()
     out = tp.pmap(lambda m, x: m(x).detach(), static_broadcasted_argnums=0)(mlp, x)
     torch.testing.assert_close(out.shards[1], mlp(x[1]).detach())
+
+
+# A module and a tensor at module level: what a pmapped function may reach as globals.
+GLOBAL_BN = torch.nn.BatchNorm1d(6)
+GLOBAL_COUNT = torch.zeros(())
+
+
+def uses_the_global_batchnorm(x):
+    return GLOBAL_BN(x)
+
+
+def counts_calls(x):
+    GLOBAL_COUNT.add_(1)
+    return x * 2
+
+
+def loss_of_the_global_batchnorm(x):
+    return uses_the_global_batchnorm(x).sum()  # a helper of the same module reaches it
+
+
+def closing_over(bn):
+    return lambda x: bn(x)
+
+
+class Trainer:
+    def __init__(self):
+        self.bn = torch.nn.BatchNorm1d(6)
+
+    def step(self, x):
+        return self.bn(x)
+
+
+@pytest.mark.parametrize("executor", ["threads", "stacked"])
+@pytest.mark.parametrize(
+    "make, written",
+    [
+        (lambda: closing_over(torch.nn.BatchNorm1d(6)), r"bn\.(running_mean|num_batches_tracked) in place, but bn "),
+        (lambda: uses_the_global_batchnorm, r"GLOBAL_BN\.(running_mean|num_batches_tracked)"),
+        (lambda: loss_of_the_global_batchnorm, r"GLOBAL_BN\.(running_mean|num_batches_tracked)"),
+        (lambda: Trainer().step, r"Trainer\.bn\.(running_mean|num_batches_tracked)|Trainer whose method"),
+        (lambda: torch.nn.BatchNorm1d(6), r"BatchNorm1d\.(running_mean|num_batches_tracked)"),
+        (lambda: counts_calls, r"GLOBAL_COUNT in place, but GLOBAL_COUNT is a tensor"),
+        (
+            lambda: functools.partial(lambda bn, x: bn(x), torch.nn.BatchNorm1d(6)),
+            r"functools.partial argument 0\.(running_mean|num_batches_tracked)",
+        ),
+    ],
+    ids=["closure", "global", "helper", "method", "module", "tensor", "partial"],
+)
+def test_state_the_replicas_share_without_being_passed_it_raises_when_written(executor, make, written):
+    # BatchNorm's running statistics in training mode, written by every replica of
+    # one shared module: a race (a result that changes from run to run) without the check.
+    fun = make()
+    x = torch.randn(4, 3, 6)
+    with helpers.executor(executor, allow_fallback=True):
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=written) as e:
+            tp.pmap(fun, "i")(x)
+        assert time.monotonic() - start < 30
+    assert "all 4 replicas share this one" in str(e.value)
+    # One replica sharing with the caller is plain single-device work.
+    tp.pmap(fun, "i")(x[:1])
+
+
+def test_state_the_replicas_only_read_without_being_passed_it_is_fine():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6))
+    scale = torch.ones(6)
+    x = torch.randn(4, 3, 6)
+    model.eval()
+    out = tp.pmap(lambda x: model(x) * scale)(x)
+    torch.testing.assert_close(out.shards[2], model(x[2]))
+    # The module idiom with the backward outside: the gradients accumulate after the call.
+    model.train()
+    model[1].eval()  # no running statistics written in the forward
+    out = tp.pmap(lambda x: model(x).sum())(x)
+    out.unshard().sum().backward()
+    assert model[0].weight.grad is not None
 
 
 def test_mapping_a_module_or_optimizer_suggests_replicate():

@@ -53,8 +53,8 @@ from ._stacked import (
     Unsupported,
     _CaptureFrame,
     _check_no_random,
-    _first_line,
     _unsupported_inside,
+    capture_failure,
     capture_scope_reason,
     compile_graph,
     compile_per_replica,
@@ -500,7 +500,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
         if state.refused is not None:
             raise state.refused from None
         inner = _unsupported_inside(e)
-        capture.failed = inner.reason if inner is not None else _capture_failure(e)
+        capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
     finally:
         _ops._stacking.on = False
@@ -510,14 +510,6 @@ def run(record: CallRecord) -> list[FlatOutput]:
     if record.donated:
         record.release_donated()
     return _replica_outputs(out, state)
-
-
-def _capture_failure(e: BaseException) -> str:
-    """The reason of a failed capture, naming the error the backend raised (Dynamo's
-    BackendCompilerFailed says only "backend='backend' raised:")."""
-    inner = getattr(e, "inner_exception", None)
-    cause = inner if isinstance(inner, BaseException) else e
-    return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
 
 
 def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:

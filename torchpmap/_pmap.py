@@ -35,8 +35,8 @@ from ._sharded import (
     _TemporaryView,
     _to_device,
     distinct_shards,
-    version_of,
 )
+from ._shared_state import check_not_written, is_stateful_object, watch_passed, watch_reached
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
@@ -297,7 +297,8 @@ class Pmapped:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
-        shared_modules = _watch_shared_objects(plan.shared_objects, n) if plan.shared_objects else []
+        shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
+        reached = watch_reached(self._fun, n)  # not ``shared_modules``: a fast path stays possible
         per_leaf, placements, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
         programs: list[Callable[..., Any]]
@@ -324,12 +325,12 @@ class Pmapped:
         try:
             outs = choose_executor(record).call(record)
         except Exception as e:
-            if shared_modules:  # the race on a shared module may be why a replica failed
-                _check_modules_not_written(shared_modules, n, cause=e)
+            if shared_modules or reached:  # the race on a shared module may be why a replica failed
+                check_not_written(shared_modules + reached, n, cause=e)
             raise
         _check_not_written(shared, plan.paths)
-        if shared_modules:
-            _check_modules_not_written(shared_modules, n)
+        if shared_modules or reached:
+            check_not_written(shared_modules + reached, n)
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]
@@ -441,7 +442,7 @@ class Pmapped:
             if leaf is None:
                 canonical.append(None)  # None holds no data: nothing to map
                 continue
-            if _is_stateful_object(leaf):
+            if is_stateful_object(leaf):
                 read_only = (
                     " (a module that replicas only read, never train, may instead be shared with in_axes=None)"
                     if isinstance(leaf, torch.nn.Module)
@@ -470,14 +471,14 @@ class Pmapped:
                 )
             canonical.append(axis % ndim)
         shared_objects = [
-            (paths[j], leaves[j], "broadcast (in_axes=None)")
+            (paths[j], leaves[j], "passed broadcast (in_axes=None)")
             for j in range(len(leaves))
-            if canonical[j] is None and _is_stateful_object(leaves[j])
+            if canonical[j] is None and is_stateful_object(leaves[j])
         ]
         shared_objects += [
-            (f"args[{i}]", args[i], "static (static_broadcasted_argnums)")
+            (f"args[{i}]", args[i], "passed static (static_broadcasted_argnums)")
             for i in static_pos
-            if _is_stateful_object(args[i])
+            if is_stateful_object(args[i])
         ]
         mapped = [j for j, a in enumerate(canonical) if a is not None]
         if not mapped and self._axis_size is None:
@@ -824,76 +825,6 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
             f"others' data. clone() the slice inside the function before writing to it, or pass "
             f"{path}.contiguous()."
         )
-
-
-# -- modules and optimizers the replicas share ---------------------------------------------
-_REPLICATE_HINT = (
-    "Give each replica its own copy with "
-    "`models, opts = torchpmap.replicate(model, lambda p: torch.optim.AdamW(p, ...))` "
-    "and pass those (PerReplica arguments, mapped over the devices)."
-)
-
-
-def _is_stateful_object(v: Any) -> bool:
-    return isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
-
-
-# A shared module's tensors before the call: (path, tensor, version) per parameter
-# and buffer, and (path, parameter, its .grad, that grad's version) per parameter.
-_TensorVersion: TypeAlias = "tuple[str, torch.Tensor, int]"
-_GradVersion: TypeAlias = "tuple[str, torch.Tensor, torch.Tensor | None, int | None]"
-_ModuleSnapshot: TypeAlias = "tuple[str, str, list[_TensorVersion], list[_GradVersion]]"
-
-
-def _watch_shared_objects(objects: list[tuple[str, Any, str]], n: int) -> list[_ModuleSnapshot]:
-    """Refuse an optimizer or LR scheduler shared by several replicas (stepping
-    it is the only thing to do with one, and that races); snapshot the version
-    counters of a shared module's tensors, which replicas may read but not
-    write. One replica sharing with the caller is single-device training: fine."""
-    if n < 2:
-        return []
-    snapshots = []
-    for path, obj, how in objects:
-        if not isinstance(obj, torch.nn.Module):
-            kind = "an optimizer" if isinstance(obj, torch.optim.Optimizer) else "an LR scheduler"
-            raise ValueError(
-                f"pmap: {path} is {kind} ({type(obj).__name__}) passed {how}, so all {n} replicas "
-                f"would step this one object, and the parameters it updates, at once: wrong weights, "
-                f"different on every run. {_REPLICATE_HINT}"
-            )
-        snapshots.append(_module_snapshot(obj, path, how))
-    return snapshots
-
-
-def _module_snapshot(module: torch.nn.Module, path: str, how: str) -> _ModuleSnapshot:
-    tensors: list[_TensorVersion] = []
-    grads: list[_GradVersion] = []
-    for name, p in module.named_parameters():
-        if not p.is_inference():  # inference tensors have no version counter
-            tensors.append((f"{path}.{name}", p, p._version))
-        g = p.grad
-        grads.append((f"{path}.{name}.grad", p, g, version_of(g)))
-    for name, b in module.named_buffers():
-        if not b.is_inference():
-            tensors.append((f"{path}.{name}", b, b._version))
-    return path, how, tensors, grads
-
-
-def _check_modules_not_written(snapshots: list[_ModuleSnapshot], n: int, cause: Exception | None = None) -> None:
-    """A replica that changed a shared module's parameter, gradient or buffer
-    (an optimizer step, backward, BatchNorm's running stats in training mode)
-    raced with the others: the module's weights are wrong, so an error."""
-    for path, how, tensors, grads in snapshots:
-        written = next((name for name, t, version in tensors if t._version != version), None)
-        if written is None:
-            written = next((name for name, p, g, version in grads if p.grad is not g or version_of(g) != version), None)
-        if written is not None:
-            raise RuntimeError(
-                f"pmap: a replica wrote {written} in place, but {path} is an nn.Module passed {how}: "
-                f"all {n} replicas share this one module, so they trained it at once and raced (wrong "
-                f"weights, different on every run). A shared module is for reading only (eval mode, "
-                f"no backward into it, no updates). {_REPLICATE_HINT}"
-            ) from cause
 
 
 def _hashable(v: Any) -> bool:

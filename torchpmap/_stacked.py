@@ -593,7 +593,7 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
             raise Unsupported(inner.reason) from None
-        capture.failed = inner.reason if inner is not None else f"capture failed ({type(e).__name__}: {_first_line(e)})"
+        capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
     finally:
         _ops._stacking.on = False
@@ -627,6 +627,14 @@ def _unsupported_inside(e: BaseException) -> Unsupported | None:
         inner = getattr(cur, "inner_exception", None)
         cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
     return None
+
+
+def capture_failure(e: BaseException) -> str:
+    """The reason of a failed capture, naming the error the backend raised (Dynamo's
+    BackendCompilerFailed says only "backend='backend' raised:")."""
+    inner = getattr(e, "inner_exception", None)
+    cause = inner if isinstance(inner, BaseException) else e
+    return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
 
 
 def _first_line(e: BaseException) -> str:

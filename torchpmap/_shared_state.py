@@ -1,0 +1,228 @@
+"""State every replica of a call shares, and the check that none wrote it.
+
+The replicas run one function, so an object they all reach is one object:
+modules, optimizers and LR schedulers passed broadcast or static, and the
+modules and tensors the function reaches without being passed them (through
+its closure, the globals its code names, the object of a bound method or a
+module pmapped itself, a ``functools.partial``'s arguments, and functions of
+its own module that it calls, a few levels deep). Reading one is fine (a
+closed-over model whose gradients the caller's ``loss.backward()`` takes after
+the call). A replica that writes one in place during the call (BatchNorm's
+running statistics in training mode, an optimizer step, a backward into a
+shared model) races with the others: a result that changes from run to run,
+with no error. So an optimizer or scheduler passed shared is refused before
+the call, and the version counters of the rest are compared around it.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._sharded import version_of
+
+REPLICATE_HINT = (
+    "Give each replica its own copy with "
+    "`models, opts = torchpmap.replicate(model, lambda p: torch.optim.AdamW(p, ...))` "
+    "and pass those (PerReplica arguments, mapped over the devices)."
+)
+_REACHED = "that the function reaches without being passed it (its closure, a global, its object)"
+_MAX_DEPTH = 3
+
+
+def is_stateful_object(v: Any) -> bool:
+    return isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
+
+
+@dataclass
+class Snapshot:
+    """The version counters of a shared module's parameters and buffers (or of
+    one shared tensor) and its parameters' gradients, before the call."""
+
+    path: str
+    how: str  # how the replicas share it, for the message
+    owner: torch.nn.Module | torch.Tensor
+    tensors: list[torch.Tensor]
+    versions: list[int]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    grad_versions: list[int | None]
+
+    @classmethod
+    def of(cls, owner: torch.nn.Module | torch.Tensor, path: str, how: str) -> Snapshot:
+        params, buffers = ([], [owner]) if isinstance(owner, torch.Tensor) else _tensors_of(owner)
+        every = [*params, *buffers]
+        tensors = [t for t in every if not t.is_inference()]  # inference tensors have no version counter
+        grads = [p.grad for p in params]
+        versions = [t._version for t in tensors]
+        return cls(path, how, owner, tensors, versions, params, grads, [version_of(g) for g in grads])
+
+    def written(self) -> str | None:
+        """What a replica wrote (a path), or None."""
+        for t, version in zip(self.tensors, self.versions):
+            if t._version != version:
+                return self._name_of(t)
+        for p, g, grad_version in zip(self.params, self.grads, self.grad_versions):
+            if p.grad is not g or version_of(p.grad) != grad_version:
+                return f"{self._name_of(p)}.grad"
+        return None
+
+    def _name_of(self, t: torch.Tensor) -> str:
+        if isinstance(self.owner, torch.nn.Module):
+            named = [
+                *self.owner.named_parameters(remove_duplicate=False),
+                *self.owner.named_buffers(remove_duplicate=False),
+            ]
+            for name, value in named:
+                if value is t:
+                    return f"{self.path}.{name}"
+        return self.path
+
+
+def _tensors_of(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every parameter and buffer of ``module`` and its submodules (a tied one
+    may come twice): what ``parameters()``/``buffers()`` walk, without building
+    names, 3-4x faster, for a check that runs on every call."""
+    params: list[torch.Tensor] = []
+    buffers: list[torch.Tensor] = []
+    stack, seen = [module], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        params.extend(p for p in m._parameters.values() if p is not None)
+        buffers.extend(b for b in m._buffers.values() if b is not None)
+        stack.extend(reversed([c for c in m._modules.values() if c is not None]))  # in parameters()' order
+    return params, buffers
+
+
+def watch_passed(objects: list[tuple[str, Any, str]], n: int) -> list[Snapshot]:
+    """Refuse an optimizer or LR scheduler shared by several replicas (stepping
+    it is the only thing to do with one, and that races); snapshot a shared
+    module. One replica sharing with the caller is single-device training: fine."""
+    if n < 2:
+        return []
+    snapshots = []
+    for path, obj, how in objects:
+        if not isinstance(obj, torch.nn.Module):
+            kind = "an optimizer" if isinstance(obj, torch.optim.Optimizer) else "an LR scheduler"
+            raise ValueError(
+                f"pmap: {path} is {kind} ({type(obj).__name__}) {how}, so all {n} replicas "
+                f"would step this one object, and the parameters it updates, at once: wrong weights, "
+                f"different on every run. {REPLICATE_HINT}"
+            )
+        snapshots.append(Snapshot.of(obj, path, how))
+    return snapshots
+
+
+def watch_reached(fun: Callable[..., Any], n: int) -> list[Snapshot]:
+    """Snapshot the modules and tensors ``fun`` reaches without being passed them."""
+    if n < 2:
+        return []
+    return [Snapshot.of(obj, path, _REACHED) for path, obj in reached_by(fun)]
+
+
+def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None = None) -> None:
+    """A replica that changed a shared module's parameter, gradient or buffer,
+    or a shared tensor, raced with the others: a wrong result, so an error."""
+    for snapshot in snapshots:
+        written = snapshot.written()
+        if written is None:
+            continue
+        path, how = snapshot.path, snapshot.how
+        if isinstance(snapshot.owner, torch.Tensor):
+            raise RuntimeError(
+                f"pmap: a replica wrote {written} in place, but {path} is a tensor {how}: all {n} "
+                f"replicas share this one tensor, so their writes raced (a result that changes from run "
+                f"to run). clone() it inside the function before writing to it, or pass one per "
+                f"replica (a mapped argument, or a PerReplica)."
+            ) from cause
+        raise RuntimeError(
+            f"pmap: a replica wrote {written} in place, but {path} is an nn.Module {how}: "
+            f"all {n} replicas share this one module, so they trained it at once and raced (wrong "
+            f"weights, different on every run). A shared module is for reading only (eval mode, "
+            f"no backward into it, no updates; tp.SyncBatchNorm for BatchNorm statistics). {REPLICATE_HINT}"
+        ) from cause
+
+
+# -- what a function reaches without being passed it -----------------------------------------
+def reached_by(fun: Callable[..., Any]) -> list[tuple[str, torch.nn.Module | torch.Tensor]]:
+    """The modules and tensors ``fun`` reaches without being passed them, each
+    once, with a name for messages."""
+    found: dict[int, tuple[str, torch.nn.Module | torch.Tensor]] = {}
+    _scan(fun, found, getattr(fun, "__globals__", None), 0, set())
+    return list(found.values())
+
+
+def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
+    if isinstance(value, (torch.nn.Module, torch.Tensor)) and id(value) not in found:
+        found[id(value)] = (name, value)
+
+
+def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None, depth: int, seen: set[int]) -> None:
+    if depth > _MAX_DEPTH or id(f) in seen:
+        return
+    seen.add(id(f))
+    if isinstance(f, functools.partial):
+        for i, a in enumerate(f.args):
+            _add(f"functools.partial argument {i}", a, found)
+        for k, a in f.keywords.items():
+            _add(f"functools.partial argument {k}", a, found)
+        _scan(f.func, found, home, depth, seen)
+        return
+    if isinstance(f, torch.nn.Module):
+        _add(f"the pmapped {type(f).__name__}", f, found)
+        return
+    owner = getattr(f, "__self__", None)
+    if isinstance(f, types.MethodType) and owner is not None:
+        name = type(owner).__name__
+        _add(f"the {name} whose method is pmapped", owner, found)
+        if not isinstance(owner, torch.nn.Module):
+            for attr, value in vars(owner).items() if hasattr(owner, "__dict__") else ():
+                _add(f"{name}.{attr}", value, found)
+        f = f.__func__
+    code = getattr(f, "__code__", None)
+    if not isinstance(code, types.CodeType):
+        return
+    cells = getattr(f, "__closure__", None) or ()
+    for name, cell in zip(code.co_freevars, cells):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            continue
+        _add(name, value, found)
+        _follow(value, found, home, depth, seen)
+    module_globals = getattr(f, "__globals__", None)
+    if module_globals is None:
+        return
+    for name in _global_names(code):
+        if name in module_globals:
+            value = module_globals[name]
+            _add(name, value, found)
+            _follow(value, found, home, depth, seen)
+
+
+def _follow(
+    value: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None, depth: int, seen: set[int]
+) -> None:
+    """Look into a function ``fun`` calls when it comes from ``fun``'s own module."""
+    if isinstance(value, (types.FunctionType, functools.partial)):
+        target = value.func if isinstance(value, functools.partial) else value
+        if getattr(target, "__globals__", None) is home:
+            _scan(value, found, home, depth + 1, seen)
+
+
+@functools.lru_cache(maxsize=1024)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    """The global names ``code`` and the functions defined in it may load."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_global_names(const))
+    return tuple(dict.fromkeys(names))
