@@ -236,19 +236,65 @@ def test_backward_inside_the_replica_falls_back():
     assert torch.equal(plain(expected), plain(got))
 
 
-def test_in_place_write_under_autograd_falls_back_for_that_call_only():
-    def f(x, b):
-        b.add_(1.0)
-        return x.sin() + b
+def writes_its_buffer(w, buf):
+    buf.add_(w.detach() * 2)  # written in place, then read: the backward needs the written values
+    return (w.sin() * buf.sum()).sum() + tp.psum(buf, "i").sum(), buf * 1
 
-    pf = pm(f)
-    with executor("stacked", allow_fallback=True), fallback("writes an input in place"):
-        y = pf(rows(N, 3).requires_grad_(), torch.zeros(N, 3))
-    y.unshard().sum().backward()
-    with executor("stacked"), torch.no_grad():  # the capture itself stays usable
-        b = torch.zeros(N, 3)
-        pf(rows(N, 3), b)
-        assert torch.equal(b, torch.ones(N, 3))
+
+def test_in_place_writes_to_inputs_under_autograd_run_stacked():
+    # The first backward recomputes the forward from copies of what it wrote, as it
+    # was before; later calls keep the residuals. Gradients and the written values
+    # equal the threads'.
+    pf = pm(writes_its_buffer)
+    results = {}
+    for name in ("threads", "stacked"):
+        w, buf = rows(N, 5).requires_grad_(), torch.zeros(N, 5)
+        with executor(name):
+            per_call = []
+            for _ in range(3):  # a first backward, then later ones
+                loss, seen = pf(w, buf)
+                (grad,) = torch.autograd.grad(loss.unshard().sum(), w)
+                per_call.append((grad, plain(seen)))
+        results[name] = per_call, buf.clone()
+    (expected, expected_buf), (got, got_buf) = results["threads"], results["stacked"]
+    assert torch.equal(expected_buf, got_buf) and torch.equal(got_buf, 6 * rows(N, 5))
+    for (eg, es), (gg, gs) in zip(expected, got, strict=True):
+        assert torch.equal(eg, gg) and torch.equal(es, gs)
+
+
+def test_create_graph_through_a_call_that_writes_an_input():
+    def f(w, buf):
+        buf.mul_(2)
+        return (w.pow(3) * buf.sum(0)).sum()  # not buf itself: the threads' slices share one version counter
+
+    grads = {}
+    for name in ("threads", "stacked"):
+        w, buf = rows(N, 3).requires_grad_(), torch.ones(N, 3)
+        with executor(name):
+            (g,) = torch.autograd.grad(pm(f)(w, buf).unshard().sum(), w, create_graph=True)
+            (gg,) = torch.autograd.grad(g.sum(), w)
+        grads[name] = g.detach(), gg, buf
+    for e, g in zip(grads["threads"], grads["stacked"]):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.parametrize(
+    "f, reason",
+    [
+        (lambda w, b: w.mul_(2).sum(), "an input that requires grad"),
+        (lambda w, b: (w * SHARED.add_(1)).sum(), "a tensor the replicas share"),
+    ],
+    ids=["requires_grad", "shared"],
+)
+def test_in_place_writes_autograd_cannot_follow_fall_back_for_that_call_only(f, reason):
+    with executor("stacked", allow_fallback=True), fallback(reason):
+        try:
+            pm(f)(rows(N, 3).requires_grad_() * 1, torch.zeros(N, 3))
+        except RuntimeError:
+            pass  # the threads executor's own verdict on it
+
+
+SHARED = torch.zeros(3)
 
 
 # -- inputs and outputs ----------------------------------------------------------------------

@@ -341,11 +341,17 @@ class _Batched:
                 raise Unsupported("the function writes an input in place that could only be stacked by a copy")
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
-            if self.written:  # the backward recomputes the forward from the inputs
-                raise Unsupported("autograd through a function that writes an input in place", per_call=True)
+            if any(inputs[k].requires_grad for k in self.written):
+                raise Unsupported(
+                    "autograd through a function that writes in place an input that requires grad", per_call=True
+                )
+            if any(self.in_dims[k] is None for k in self.written):
+                raise Unsupported(
+                    "autograd through a function that writes in place a tensor the replicas share", per_call=True
+                )
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
-            outs = _stacked_autograd.run(self.program, inputs)
+            outs = _stacked_autograd.run(self.program, inputs, self.written)
         else:
             outs = self._program(inputs)(*inputs)
         rows = []

@@ -25,9 +25,12 @@ residuals (the forward values the backward reads), saved like any autograd
 node's, and the backward only runs its part. With ``create_graph=True`` the
 backward is the vjp program, recomputing the forward from the saved inputs, and
 runs through the same Function, so higher orders work the same way. A function
-that writes an input in place is still refused under autograd (the first
-backward recomputes from the inputs); one that draws random numbers recomputes
-its draws from the call's replayed streams (``_RandomGraphs``).
+that writes inputs in place (none requiring grad) has the forward keep copies of
+them as they were, which a backward that recomputes the forward reads; inside a
+vjp it writes a copy made there (torch.func refuses writes into tensors from
+outside it), which the joint graph's forward then copies into the input. One
+that draws random numbers recomputes its draws from the call's replayed streams
+(``_RandomGraphs``).
 """
 
 from __future__ import annotations
@@ -117,11 +120,14 @@ class ReplicaProgram:
             self._draws = any(_stacked_random.is_replica_draw(node.target) for node in self.graph.graph.nodes)
         return self._draws
 
-    def vjp(self, diff: tuple[int, ...], cotangents: tuple[int, ...], inputs: list[Any]) -> ReplicaProgram:
+    def vjp(
+        self, diff: tuple[int, ...], cotangents: tuple[int, ...], inputs: list[Any], written: frozenset[int]
+    ) -> ReplicaProgram:
         """The program computing, from this one's inputs and the cotangents of
         its outputs ``cotangents`` (``inputs``: both), the gradients of its
-        inputs ``diff``. One per layout of ``inputs``: a traced graph may hold
-        views that only their strides allow (an expanded cotangent, say)."""
+        inputs ``diff`` (it writes the inputs ``written`` in place, as this one
+        does). One per layout of ``inputs``: a traced graph may hold views that
+        only their strides allow (an expanded cotangent, say)."""
         grad_on = torch.is_grad_enabled()  # create_graph=True: which outputs require grad matters
         layout = tuple(
             (t.shape, t.stride(), grad_on and t.requires_grad) if isinstance(t, torch.Tensor) else None for t in inputs
@@ -138,12 +144,11 @@ class ReplicaProgram:
                     primals, cots = list(args[:k]), args[k:]
 
                     def f(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                        full = list(primals)
-                        for p, v in zip(diff, diff_values):
-                            full[p] = v
+                        full = _primals_to_write(primals, diff, diff_values, written)
                         outs = fn(*full)
                         return tuple(outs[i] for i in cotangents)
 
+                    # The recomputed forward writes copies of the inputs it writes: nothing to keep.
                     pullback = torch.func.vjp(f, *[primals[p] for p in diff])[1]
                     return tuple(pullback(tuple(cots)))
 
@@ -164,16 +169,20 @@ class ReplicaProgram:
             self._vjps[key] = program
         return program
 
-    def split(self, diff: tuple[int, ...], inputs: list[Any], cotangents: list[torch.Tensor]) -> ResidualSplit:
+    def split(
+        self, diff: tuple[int, ...], inputs: list[Any], cotangents: list[torch.Tensor], written: frozenset[int]
+    ) -> ResidualSplit:
         """This program and its vjp with respect to the inputs ``diff`` as one
-        joint graph, cut in two (``ResidualSplit``); traced on ``inputs`` and the
-        (contiguous) ``cotangents`` of the outputs that require grad."""
+        joint graph, cut in two (``ResidualSplit``); traced on ``inputs`` (of
+        which it writes those at ``written`` in place) and the (contiguous)
+        ``cotangents`` of the outputs that require grad."""
         key = split_key(diff, inputs)
         split = self.splits.get(key)
         if split is None:
             assert self.folded is None, "only a forward program is split"
             inner, k = self.per_replica, len(self.in_dims)
             cot_outputs = tuple(i for i, rg in enumerate(self.out_requires_grad) if rg)
+            to_write = sorted(written)
 
             def per_replica(depth: int) -> Callable[..., tuple[torch.Tensor, ...]]:
                 fn = inner(depth + 1)  # under one more transform: the vjp
@@ -181,17 +190,17 @@ class ReplicaProgram:
                 def replica_joint(*args: Any) -> tuple[torch.Tensor, ...]:
                     primals, cots = list(args[:k]), args[k:]
 
-                    def f(*diff_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-                        full = list(primals)
-                        for p, v in zip(diff, diff_values):
-                            full[p] = v
+                    def f(*diff_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
+                        full = _primals_to_write(primals, diff, diff_values, written)
                         outs = tuple(fn(*full))
-                        return tuple(outs[i] for i in cot_outputs), outs
+                        return tuple(outs[i] for i in cot_outputs), (outs, tuple(full[p] for p in to_write))
 
                     # With has_aux, vjp returns (outputs, pullback, aux); its stub says two values.
-                    _, pullback, outs = torch.func.vjp(  # type: ignore[misc]
+                    _, pullback, (outs, finals) = torch.func.vjp(  # type: ignore[misc]
                         f, *[primals[p] for p in diff], has_aux=True
                     )
+                    for p, final in zip(to_write, finals):  # the forward's writes, into the inputs
+                        primals[p].copy_(final)
                     return (*outs, *pullback(tuple(cots)))
 
                 return replica_joint
@@ -225,6 +234,21 @@ def _saved_tensor_hooks_set_aside() -> Iterator[None]:
     finally:
         for pack, unpack in reversed(hooks):
             torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def _primals_to_write(
+    primals: list[Any], diff: tuple[int, ...], diff_values: tuple[torch.Tensor, ...], written: frozenset[int]
+) -> list[Any]:
+    """The per-replica function's arguments inside a vjp: the differentiated
+    ones as the vjp gives them, and a copy made inside the transform of each
+    one the function writes in place (torch.func refuses a write into a tensor
+    from outside it, and these require no grad)."""
+    full = list(primals)
+    for p, v in zip(diff, diff_values):
+        full[p] = v
+    for p in written:
+        full[p] = full[p].clone()
+    return full
 
 
 def split_key(diff: tuple[int, ...], inputs: list[Any]) -> tuple[Any, ...]:
@@ -328,22 +352,31 @@ def _fold(stack: torch.Tensor) -> torch.Tensor:
     return reduce(operator.add, stack.unbind(0))
 
 
-def run(program: ReplicaProgram, inputs: list[Any]) -> tuple[torch.Tensor, ...]:
-    """The program's outputs on ``inputs``; recorded by autograd as one node when
-    grad mode is on and an input requires grad."""
+def run(program: ReplicaProgram, inputs: list[Any], written: frozenset[int] = frozenset()) -> tuple[torch.Tensor, ...]:
+    """The program's outputs on ``inputs``, of which it writes those at
+    ``written`` in place (none requiring grad); recorded by autograd as one
+    node when grad mode is on and an input requires grad."""
     graph = program.graph
     assert graph is not None, "run a traced program"
     tensors = [i for i in inputs if isinstance(i, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _StackedCall.apply(program, *inputs)
+        return _StackedCall.apply(program, written, *inputs)
     return tuple(graph(*inputs))
+
+
+def _copy_as_is(t: torch.Tensor) -> torch.Tensor:
+    """A copy with ``t``'s strides: a program traced for that layout runs on it."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 class _StackedCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, program: ReplicaProgram, *inputs: Any) -> tuple[torch.Tensor, ...]:
+    def forward(ctx: Any, program: ReplicaProgram, written: frozenset[int], *inputs: Any) -> tuple[torch.Tensor, ...]:
         assert program.graph is not None
         ctx.program = program
+        # A backward that recomputes the forward reads the inputs it wrote as they were before.
+        before = {k: _copy_as_is(inputs[k]) for k in written}
+        ctx.written = written
         ctx.tensor_positions = [k for k, i in enumerate(inputs) if isinstance(i, torch.Tensor)]
         ctx.others = [None if isinstance(i, torch.Tensor) else i for i in inputs]
         # After a first backward, the forward keeps what the backward reads (the split's
@@ -363,7 +396,7 @@ class _StackedCall(torch.autograd.Function):
         ctx.draw_graphs = draw_graphs
         # The inputs too: a backward with create_graph=True differentiates the recomputed forward.
         ctx.save_for_backward(
-            *[inputs[k] for k in ctx.tensor_positions],
+            *[before.get(k, inputs[k]) for k in ctx.tensor_positions],
             *[residuals[k] for k in ctx.residual_positions],
             *draw_graphs.to_save(),
         )
@@ -399,30 +432,30 @@ class _StackedCall(torch.autograd.Function):
         inputs = list(ctx.others)
         for k, t in zip(ctx.tensor_positions, saved_inputs):
             inputs[k] = t
-        diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 1])
+        diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 2])
         # A vjp program (a create_graph=True backward's) differentiates by recomputing, as before.
         if not torch.is_grad_enabled() and diff and program.folded is None:
             split: ResidualSplit | None = ctx.split
             if split is None:  # the first backward: trace the split, recompute the forward once
                 cot_outputs = [i for i, rg in enumerate(program.out_requires_grad) if rg]
                 cots = [_cotangent(grads[i], i) for i in cot_outputs]
-                split = program.split(diff, inputs, cots)
+                split = program.split(diff, inputs, cots, ctx.written)
                 residuals = list(split.forward(*inputs))[split.n_outs :]
             else:
                 residuals = list(ctx.residual_others)
                 for k, t in zip(ctx.residual_positions, saved_residuals):
                     residuals[k] = t
-            return (None, *split.gradients(residuals, grads, len(inputs)))
+            return (None, None, *split.gradients(residuals, grads, len(inputs)))
         # As on threads: an output the caller did not use has zero cotangents (materialized by autograd).
         cotangents = tuple(i for i, g in enumerate(grads) if g is not None and program.out_requires_grad[i])
         result: list[torch.Tensor | None] = [None] * len(inputs)
         if diff and cotangents:
             vjp_inputs = [*inputs, *[grads[i] for i in cotangents]]
-            vjp = program.vjp(diff, cotangents, vjp_inputs)
+            vjp = program.vjp(diff, cotangents, vjp_inputs, ctx.written)
             vjp.trace(vjp_inputs)  # the first time: captured here, where it is needed
-            for p, g, connected in zip(diff, run(vjp, vjp_inputs), vjp.connected):
+            for p, g, connected in zip(diff, run(vjp, vjp_inputs, ctx.written), vjp.connected):
                 result[p] = g if connected else None
-        return (None, *result)
+        return (None, None, *result)
 
 
 class _RandomGraphs:
