@@ -38,10 +38,12 @@ def mlp_step_fn():
     return step
 
 
-def outer_autograd_step(devs):
+def outer_autograd_step(devs, dropout=0.0):
     """The nn.Module idiom: a module closed over, loss.backward() and the optimizer outside the call."""
     torch.manual_seed(0)
     layers = [torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU()]
+    if dropout:
+        layers = [*layers[:2], torch.nn.Dropout(dropout), *layers[2:], torch.nn.Dropout(dropout)]
     model = torch.nn.Sequential(*layers, torch.nn.Linear(256, 256))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loss = tp.pmap(lambda x, y: ((model(x) - y) ** 2).mean(), "i", devices=devs)
@@ -65,6 +67,7 @@ def cases(n):
         "psum (n,1024)": (lambda: tp.pmap(lambda x: tp.psum(x, "i"), "i", devices=devs), (x1024,), 2000, False),
         "MLP step 3x256, 64 rows/dev": (lambda: tp.pmap(mlp_step_fn(), "i", devices=devs), (params, xb, yb), 50, True),
         "MLP step, loss.backward() outside": (lambda: outer_autograd_step(devs), (xb, yb), 50, False),
+        "same with two dropouts": (lambda: outer_autograd_step(devs, 0.1), (xb, yb), 50, False),
     }
 
 

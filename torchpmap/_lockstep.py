@@ -415,7 +415,7 @@ def _backend(
         # Dynamo's fake mode and leave symbols in its shape environment.
         with torch._guards.tracing(None):
             graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
-        _check_no_random(graph.graph)
+        _check_no_random(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())
 

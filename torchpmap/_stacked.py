@@ -289,12 +289,12 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _check_no_random(graph: torch.fx.Graph) -> None:
+def _check_no_random(graph: torch.fx.Graph, executor: str = "stacked") -> None:
     for node in graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
             if torch.Tag.nondeterministic_seeded in target.tags and not _stacked_random.is_replica_draw(target):
-                raise Unsupported(f"a random op the stacked executor does not give each replica's stream ({target})")
+                raise Unsupported(f"a random op the {executor} executor does not give each replica's stream ({target})")
 
 
 class _Batched:
