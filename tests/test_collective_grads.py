@@ -181,6 +181,38 @@ def test_gradient_for_a_tensor_captured_by_the_pmapped_function():
     torch.testing.assert_close(w.grad, 4 * x.sum(0))
 
 
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("executor", ["threads", "stacked"])
+def test_gradient_for_a_computed_tensor_captured_by_the_pmapped_function(k, executor):
+    # c has a history (c = w * 3): the call's backward stops at c, and the caller's runs
+    # c's history once. It used to run it once per replica (a second time is an error),
+    # and autograd.grad(out, c) found no path to c (None with allow_unused).
+    w = double(3, seed=1).requires_grad_()
+    c = w * 3
+    x = double(k, 3, seed=2)
+    tp.set_executor(executor)
+    try:
+        y = pmap_k(lambda v: tp.psum(v * c, "i") + c.sin(), k)(x).unshard().sum()
+        (grad_c,) = torch.autograd.grad(y, c, retain_graph=True)
+        y.backward()
+    finally:
+        tp.set_executor("threads")
+    expected_c = k * x.sum(0) + k * c.detach().cos()
+    torch.testing.assert_close(grad_c, expected_c)
+    torch.testing.assert_close(w.grad, 3 * expected_c)
+
+
+def test_gradgradcheck_through_a_computed_tensor_captured_by_the_pmapped_function():
+    w = double(3, seed=1).requires_grad_()
+
+    def through_the_call(w):
+        c = w.exp()
+        return pmap_k(lambda v: tp.psum(v * c * c, "i"), 2)(double(2, 3, seed=2)).unshard()
+
+    assert gradcheck(through_the_call, (w,))
+    assert gradgradcheck(through_the_call, (w,))
+
+
 def test_gradient_through_two_chained_pmap_calls():
     """The first call's ShardedTensor output feeds the second call shard by
     shard (no copy); the gradient flows back through both."""

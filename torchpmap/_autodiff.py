@@ -21,7 +21,7 @@ collectives' backward rules can communicate.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
@@ -64,7 +64,7 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
     flat = executor.run(record, replica_inputs)  # (leaves, spec) per replica
     tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
     outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
-    hidden = _hide_replica_graphs(executor, record.group, caller_inputs, leaves, outputs)
+    hidden = _hide_replica_graphs(executor, record.group, caller_inputs, leaves, outputs, reached=record.reached_grads)
     if hidden is not None:
         for r, slots in enumerate(tensor_slots):
             for k, t in zip(slots, hidden[r]):
@@ -80,14 +80,17 @@ def _hide_replica_graphs(
     outputs: TensorsPerReplica,
     shared: bool = False,
     caller_streams: list[torch.cuda.Stream | None] | None = None,
+    reached: Sequence[torch.Tensor] = (),
 ) -> TensorsPerReplica | None:
     """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
     ``caller_inputs[r]``), as tensors the caller's autograd differentiates
-    through the replicas; None when no output requires grad."""
+    through the replicas; None when no output requires grad. ``reached``:
+    tensors made before the call that the function reaches without being
+    passed them (closed over), which the replicas' graphs may use."""
     if not any(o.requires_grad for per in outputs for o in per):
         return None
     for r, per in enumerate(outputs):
-        captured = _captured_leaves(per, leaves[r])
+        captured = _captured_leaves(per, leaves[r], reached)
         if captured:
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
@@ -96,18 +99,37 @@ def _hide_replica_graphs(
     return _split(list(flat_outputs), [len(per) for per in outputs])
 
 
-def _captured_leaves(outputs: list[torch.Tensor], known_leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that a replica's graph reaches but that were
-    not passed as arguments: they came in through a closure. Without this,
-    the caller's backward would run the replica's collective backward rules
-    on its own thread, where no replica is there to meet them."""
+def _captured_leaves(
+    outputs: list[torch.Tensor], known_leaves: list[torch.Tensor], reached: Sequence[torch.Tensor] = ()
+) -> list[torch.Tensor]:
+    """Tensors requiring grad, made before the call, that a replica's graph
+    reaches but that were not passed as arguments: they came in through a
+    closure. Leaves, and the non-leaf tensors of ``reached`` (``c = w * 2``
+    closed over): the walk stops at those, which become inputs of the call's
+    node, so the caller's backward runs their history once (every replica's
+    would otherwise run it: twice is an error), and ``autograd.grad(out, c)``
+    sees them. Without this the caller's backward would also run the replica's
+    collective backward rules on its own thread, where no replica meets them."""
     known = {id(t) for t in known_leaves}
+    # Non-leaf tensors the graph is differentiated at, by the edge into their node: (node, output number).
+    boundary: dict[tuple[int, int], tuple[torch.Tensor, Node]] = {}
+    for t in (*known_leaves, *reached):
+        fn = t.grad_fn
+        if fn is not None:
+            boundary[(id(fn), t.output_nr)] = (t, fn)  # the node kept alive: its id stays its own
     found: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
-    stack: list[Node | None] = [o.grad_fn for o in outputs if o.grad_fn is not None]
+    stack: list[tuple[Node | None, int]] = [(o.grad_fn, o.output_nr) for o in outputs if o.grad_fn is not None]
     while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
+        node, output_nr = stack.pop()
+        if node is None:
+            continue
+        at = boundary.get((id(node), output_nr))
+        if at is not None:
+            if id(at[0]) not in known:
+                found[id(at[0])] = at[0]
+            continue
+        if id(node) in seen:
             continue
         seen.add(id(node))
         var = getattr(node, "variable", None)  # AccumulateGrad: a leaf
@@ -115,7 +137,7 @@ def _captured_leaves(outputs: list[torch.Tensor], known_leaves: list[torch.Tenso
             if id(var) not in known:
                 found[id(var)] = var
             continue
-        stack.extend(fn for fn, _ in node.next_functions)
+        stack.extend(node.next_functions)
     return list(found.values())
 
 

@@ -96,6 +96,9 @@ class CallRecord:
     grad_leaves: Sequence[int]  # the leaves whose gradients the caller's autograd needs
     donated: Sequence[ShardedTensor]  # deleted once a replica has started (donate_argnums)
     compile_options: dict[str, Any] | None = None  # compile= (normalize_options); programs compile with them
+    # Non-leaf tensors requiring grad, made before the call, that the function reaches
+    # without being passed them (closed over): where autograd through the call stops.
+    reached_grads: Sequence[torch.Tensor] = ()
 
     @property
     def n(self) -> int:

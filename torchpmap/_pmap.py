@@ -36,7 +36,7 @@ from ._sharded import (
     _to_device,
     distinct_shards,
 )
-from ._shared_state import check_not_written, is_stateful_object, watch_passed, watch_reached
+from ._shared_state import check_not_written, is_stateful_object, reached_by, watch_passed, watch_reached
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
@@ -298,7 +298,13 @@ class Pmapped:
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
         shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
-        reached = watch_reached(self._fun, n)  # not ``shared_modules``: a fast path stays possible
+        found = reached_by(self._fun)
+        reached = watch_reached(found, n)  # not ``shared_modules``: a fast path stays possible
+        reached_grads = (
+            [t for _, t in found if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+            if torch.is_grad_enabled()
+            else []
+        )
         per_leaf, placements, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
         programs: list[Callable[..., Any]]
@@ -321,6 +327,7 @@ class Pmapped:
             grad_leaves,
             [leaves[j] for j in donated],
             compile_options=None if self._compiled is None else self._compiled.options,
+            reached_grads=reached_grads,
         )
         try:
             outs = choose_executor(record).call(record)

@@ -121,11 +121,11 @@ def watch_passed(objects: list[tuple[str, Any, str]], n: int) -> list[Snapshot]:
     return snapshots
 
 
-def watch_reached(fun: Callable[..., Any], n: int) -> list[Snapshot]:
-    """Snapshot the modules and tensors ``fun`` reaches without being passed them."""
+def watch_reached(reached: list[tuple[str, torch.nn.Module | torch.Tensor]], n: int) -> list[Snapshot]:
+    """Snapshot the modules and tensors a function reaches without being passed them (``reached_by``)."""
     if n < 2:
         return []
-    return [Snapshot.of(obj, path, _REACHED) for path, obj in reached_by(fun)]
+    return [Snapshot.of(obj, path, _REACHED) for path, obj in reached]
 
 
 def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None = None) -> None:
