@@ -337,6 +337,20 @@ def test_a_disabled_dynamo_falls_back_where_a_capture_is_due_and_is_not_remember
     both(pf, rows(N, 3))  # captures now
 
 
+def test_a_call_under_a_torch_dispatch_mode_falls_back_for_that_call_only():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    pf = pm(lambda x: x * 2)
+    with Passthrough():
+        fallback(pf, rows(N, 3), match="a TorchDispatchMode is active")
+    with executor("stacked"):  # outside the mode it runs stacked: nothing was remembered
+        assert torch.equal(pf(rows(N, 3)).unshard(), rows(N, 3) * 2)
+
+
 def test_a_dynamo_stance_falls_back():
     pf = pm(lambda x: x * 2)
     with torch.compiler.set_stance("force_eager"):

@@ -122,6 +122,9 @@ def blocked_reason() -> str | None:
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
+    if torch._C._len_torch_dispatch_stack():
+        # Dynamo captures nothing under one; a failed capture would be remembered for later calls.
+        return "a TorchDispatchMode is active"
     stance = torch._dynamo.eval_frame._stance
     if stance.stance != "default" or stance.skip_guard_eval_unsafe:
         # Dynamo would run the function eagerly on replica 0, or skip its guards.
