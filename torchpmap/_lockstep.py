@@ -40,21 +40,21 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _axis, _ops
+from . import _ops
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
+from ._compile import Backend, options_key, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
-    _MAX_CAPTURES,
     CapturedExecutor,
     Unsupported,
     _CaptureFrame,
     _check_no_random,
     _unsupported_inside,
     capture_failure,
+    capture_scope,
     capture_scope_reason,
     compile_graph,
     compile_per_replica,
@@ -478,19 +478,10 @@ def run(record: CallRecord) -> list[FlatOutput]:
     devices = tuple(physical_device(d) for d in record.group.devices)
     row0, state = _call_state(record, devices)
     capture = _capture_for(record, devices)
-    if capture.failed is not None:
-        raise Unsupported(capture.failed)
-    if capture.count[0] >= _MAX_CAPTURES:
-        # Past its recompile limit Dynamo would run the function eagerly on replica 0.
-        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not in lockstep any more")
     args, kwargs = record.unflatten(row0)
-    _tls.state = state
-    DYNAMO_GATE.enter()
-    previous = _axis.current_frame()
-    _axis.bind(capture.frame)
-    _ops._stacking.on = True
     try:
-        out = capture.compiled(*args, **kwargs)
+        with capture_scope(capture, _tls, state, "in lockstep"):
+            out = capture.compiled(*args, **kwargs)
     except Exception as e:
         if state.started:
             if record.donated:
@@ -502,11 +493,6 @@ def run(record: CallRecord) -> list[FlatOutput]:
         inner = _unsupported_inside(e)
         capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
-    finally:
-        _ops._stacking.on = False
-        _axis.bind(previous)
-        DYNAMO_GATE.exit()
-        _tls.state = None
     if record.donated:
         record.release_donated()
     return _replica_outputs(out, state)

@@ -39,7 +39,8 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -581,37 +582,49 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
     """``capture`` run on replica 0's arguments ``args``/``kwargs``, whose row
     views ``state`` maps to their stacked buffers; its output (row-0 views,
     which ``state`` maps to the stacked outputs). Raises Unsupported as ``run``."""
+    try:
+        with capture_scope(capture, _tls, state, "stacked"), _stacked_random.call_streams(group) as streams:
+            out = capture.call(args, kwargs)
+    except _DynamoDisabled:
+        raise Unsupported(_DYNAMO_OFF) from None
+    except Exception as e:
+        inner = _unsupported_inside(e)
+        if inner is not None and inner.per_call:
+            raise Unsupported(inner.reason) from None
+        capture.failed = inner.reason if inner is not None else capture_failure(e)
+        raise Unsupported(capture.failed) from None
+    # Outside the try: a warning about the draws must not read as a capture failure.
+    streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
+    return out
+
+
+@contextmanager
+def capture_scope(capture: Any, tls: threading.local, state: Any, executor: str) -> Iterator[None]:
+    """The scope a capture (stacked or lockstep: ``failed``, ``count``, ``frame``)
+    runs in on this thread: ``state`` where its backend and programs read it,
+    the Dynamo gate held, the capture's axis frame bound, the collectives in
+    stacking mode. Raises Unsupported first if the capture cannot run."""
     if capture.failed is not None:
         raise Unsupported(capture.failed)
     if capture.count[0] >= _MAX_CAPTURES:
-        # Past its recompile limit Dynamo would run the function eagerly on row 0.
-        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not stacked any more")
-    _tls.state = state
+        # Past its recompile limit Dynamo would run the function eagerly on replica 0.
+        raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not {executor} any more")
+    tls.state = state
     DYNAMO_GATE.enter()
     previous = _axis.current_frame()
     _axis.bind(capture.frame)
     _ops._stacking.on = True
     hooks_disabled = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
     try:
-        with _stacked_random.call_streams(group) as streams:
-            out = capture.call(args, kwargs)
-    except _DynamoDisabled:
-        raise Unsupported(_DYNAMO_OFF) from None
-    except Exception as e:
+        yield
+    except BaseException:
         _restore_saved_tensor_hooks_switch(hooks_disabled)
-        inner = _unsupported_inside(e)
-        if inner is not None and inner.per_call:
-            raise Unsupported(inner.reason) from None
-        capture.failed = inner.reason if inner is not None else capture_failure(e)
-        raise Unsupported(capture.failed) from None
+        raise
     finally:
         _ops._stacking.on = False
         _axis.bind(previous)
         DYNAMO_GATE.exit()
-        _tls.state = None
-    # Outside the try: a warning about the draws must not read as a capture failure.
-    streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
-    return out
+        tls.state = None
 
 
 def _restore_saved_tensor_hooks_switch(disabled: str | None) -> None:
