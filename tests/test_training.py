@@ -322,6 +322,16 @@ def counts_calls(x):
     return x * 2
 
 
+GLOBAL_OPT = torch.optim.SGD([torch.zeros(6, requires_grad=True)], lr=0.1)
+
+
+def steps_the_global_optimizer(x):
+    p = GLOBAL_OPT.param_groups[0]["params"][0]
+    p.grad = x.mean(0).detach()
+    GLOBAL_OPT.step()
+    return x * 1
+
+
 def loss_of_the_global_batchnorm(x):
     return uses_the_global_batchnorm(x).sum()  # a helper of the same module reaches it
 
@@ -352,8 +362,12 @@ class Trainer:
             lambda: functools.partial(lambda bn, x: bn(x), torch.nn.BatchNorm1d(6)),
             r"functools.partial argument 0\.(running_mean|num_batches_tracked)",
         ),
+        (
+            lambda: steps_the_global_optimizer,
+            r"GLOBAL_OPT\.param_groups\[0\]\['params'\]\[0\].* is an optimizer \(SGD\)",
+        ),
     ],
-    ids=["closure", "global", "helper", "method", "module", "tensor", "partial"],
+    ids=["closure", "global", "helper", "method", "module", "tensor", "partial", "optimizer"],
 )
 def test_state_the_replicas_share_without_being_passed_it_raises_when_written(executor, make, written):
     # BatchNorm's running statistics in training mode, written by every replica of
@@ -365,7 +379,7 @@ def test_state_the_replicas_share_without_being_passed_it_raises_when_written(ex
         with pytest.raises(RuntimeError, match=written) as e:
             tp.pmap(fun, "i")(x)
         assert time.monotonic() - start < 30
-    assert "all 4 replicas share this one" in str(e.value)
+    assert "all 4 replicas" in str(e.value)
     # One replica sharing with the caller is plain single-device work.
     tp.pmap(fun, "i")(x[:1])
 

@@ -2,7 +2,7 @@
 
 The replicas run one function, so an object they all reach is one object:
 modules, optimizers and LR schedulers passed broadcast or static, and the
-modules and tensors the function reaches without being passed them (through
+modules, optimizers and tensors the function reaches without being passed them (through
 its closure, the globals its code names, the object of a bound method or a
 module pmapped itself, a ``functools.partial``'s arguments, and functions of
 its own module that it calls, a few levels deep). Reading one is fine (a
@@ -39,14 +39,18 @@ def is_stateful_object(v: Any) -> bool:
     return isinstance(v, (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler))
 
 
+Shared = torch.nn.Module | torch.optim.Optimizer | torch.Tensor
+
+
 @dataclass
 class Snapshot:
-    """The version counters of a shared module's parameters and buffers (or of
-    one shared tensor) and its parameters' gradients, before the call."""
+    """The version counters of a shared module's parameters and buffers (an
+    optimizer's parameters, or one shared tensor) and of the parameters'
+    gradients, before the call."""
 
     path: str
     how: str  # how the replicas share it, for the message
-    owner: torch.nn.Module | torch.Tensor
+    owner: Shared
     tensors: list[torch.Tensor]
     versions: list[int]
     params: list[torch.Tensor]
@@ -54,8 +58,13 @@ class Snapshot:
     grad_versions: list[int | None]
 
     @classmethod
-    def of(cls, owner: torch.nn.Module | torch.Tensor, path: str, how: str) -> Snapshot:
-        params, buffers = ([], [owner]) if isinstance(owner, torch.Tensor) else _tensors_of(owner)
+    def of(cls, owner: Shared, path: str, how: str) -> Snapshot:
+        if isinstance(owner, torch.Tensor):
+            params, buffers = [], [owner]
+        elif isinstance(owner, torch.optim.Optimizer):
+            params, buffers = [p for group in owner.param_groups for p in group["params"]], []
+        else:
+            params, buffers = _tensors_of(owner)
         every = [*params, *buffers]
         tensors = [t for t in every if not t.is_inference()]  # inference tensors have no version counter
         grads = [p.grad for p in params]
@@ -81,6 +90,11 @@ class Snapshot:
             for name, value in named:
                 if value is t:
                     return f"{self.path}.{name}"
+        if isinstance(self.owner, torch.optim.Optimizer):
+            for g, group in enumerate(self.owner.param_groups):
+                for i, p in enumerate(group["params"]):
+                    if p is t:
+                        return f"{self.path}.param_groups[{g}]['params'][{i}]"
         return self.path
 
 
@@ -121,7 +135,7 @@ def watch_passed(objects: list[tuple[str, Any, str]], n: int) -> list[Snapshot]:
     return snapshots
 
 
-def watch_reached(reached: list[tuple[str, torch.nn.Module | torch.Tensor]], n: int) -> list[Snapshot]:
+def watch_reached(reached: list[tuple[str, Shared]], n: int) -> list[Snapshot]:
     """Snapshot the modules and tensors a function reaches without being passed them (``reached_by``)."""
     if n < 2:
         return []
@@ -143,6 +157,12 @@ def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None
                 f"to run). clone() it inside the function before writing to it, or pass one per "
                 f"replica (a mapped argument, or a PerReplica)."
             ) from cause
+        if isinstance(snapshot.owner, torch.optim.Optimizer):
+            raise RuntimeError(
+                f"pmap: a replica wrote {written} in place, but {path} is an optimizer "
+                f"({type(snapshot.owner).__name__}) {how}: all {n} replicas stepped this one object, and "
+                f"the parameters it updates, at once (wrong weights, different on every run). {REPLICATE_HINT}"
+            ) from cause
         raise RuntimeError(
             f"pmap: a replica wrote {written} in place, but {path} is an nn.Module {how}: "
             f"all {n} replicas share this one module, so they trained it at once and raced (wrong "
@@ -152,16 +172,16 @@ def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None
 
 
 # -- what a function reaches without being passed it -----------------------------------------
-def reached_by(fun: Callable[..., Any]) -> list[tuple[str, torch.nn.Module | torch.Tensor]]:
-    """The modules and tensors ``fun`` reaches without being passed them, each
-    once, with a name for messages."""
-    found: dict[int, tuple[str, torch.nn.Module | torch.Tensor]] = {}
+def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
+    """The modules, optimizers and tensors ``fun`` reaches without being passed
+    them, each once, with a name for messages."""
+    found: dict[int, tuple[str, Shared]] = {}
     _scan(fun, found, getattr(fun, "__globals__", None), 0, set())
     return list(found.values())
 
 
 def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
-    if isinstance(value, (torch.nn.Module, torch.Tensor)) and id(value) not in found:
+    if isinstance(value, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor)) and id(value) not in found:
         found[id(value)] = (name, value)
 
 
