@@ -262,6 +262,19 @@ def test_in_place_writes_to_inputs_under_autograd_run_stacked():
         assert torch.equal(eg, gg) and torch.equal(es, gs)
 
 
+def test_a_retained_backward_of_a_call_that_writes_an_input_runs_twice():
+    grads = {}
+    for name in ("threads", "stacked"):
+        w, buf = rows(N, 5).requires_grad_(), torch.zeros(N, 5)
+        with executor(name):
+            loss = pm(writes_its_buffer)(w, buf)[0].unshard().sum()
+            first = torch.autograd.grad(loss, w, retain_graph=True)[0]  # recomputes the forward
+            second = torch.autograd.grad(loss, w)[0]  # again, from the same saved copies
+        grads[name] = first, second, buf
+    for e, g in zip(grads["threads"], grads["stacked"]):
+        assert torch.equal(e, g)
+
+
 def test_create_graph_through_a_call_that_writes_an_input():
     def f(w, buf):
         buf.mul_(2)

@@ -432,6 +432,8 @@ class _StackedCall(torch.autograd.Function):
         inputs = list(ctx.others)
         for k, t in zip(ctx.tensor_positions, saved_inputs):
             inputs[k] = t
+        for k in ctx.written:  # a recomputed forward writes these: into copies, the saved ones serve again
+            inputs[k] = _copy_as_is(inputs[k])
         diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 2])
         # A vjp program (a create_graph=True backward's) differentiates by recomputing, as before.
         if not torch.is_grad_enabled() and diff and program.folded is None:
