@@ -363,11 +363,15 @@ class Trainer:
             r"functools.partial argument 0\.(running_mean|num_batches_tracked)",
         ),
         (
+            lambda: functools.partial(loss_of_the_global_batchnorm),
+            r"GLOBAL_BN\.(running_mean|num_batches_tracked)",
+        ),
+        (
             lambda: steps_the_global_optimizer,
             r"GLOBAL_OPT\.param_groups\[0\]\['params'\]\[0\].* is an optimizer \(SGD\)",
         ),
     ],
-    ids=["closure", "global", "helper", "method", "module", "tensor", "partial", "optimizer"],
+    ids=["closure", "global", "helper", "method", "module", "tensor", "partial", "partial_helper", "optimizer"],
 )
 def test_state_the_replicas_share_without_being_passed_it_raises_when_written(executor, make, written):
     # BatchNorm's running statistics in training mode, written by every replica of

@@ -176,7 +176,7 @@ def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
     """The modules, optimizers and tensors ``fun`` reaches without being passed
     them, each once, with a name for messages."""
     found: dict[int, tuple[str, Shared]] = {}
-    _scan(fun, found, getattr(fun, "__globals__", None), 0, set())
+    _scan(fun, found, None, 0, set())
     return list(found.values())
 
 
@@ -186,6 +186,7 @@ def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
 
 
 def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None, depth: int, seen: set[int]) -> None:
+    """Add to ``found`` what ``f`` reaches; ``home``: the globals of the pmapped function's module."""
     if depth > _MAX_DEPTH or id(f) in seen:
         return
     seen.add(id(f))
@@ -221,6 +222,8 @@ def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None
     module_globals = getattr(f, "__globals__", None)
     if module_globals is None:
         return
+    if home is None:  # the pmapped function's own module: the functions it calls from there are followed
+        home = module_globals
     for name in _global_names(code):
         if name in module_globals:
             value = module_globals[name]
