@@ -286,9 +286,48 @@ def test_compile_with_dynamic_shapes_falls_back():
     fallback(pm(lambda x: x + 1, compile={"backend": "eager", "dynamic": True}), rows(N, 3), match="dynamic=True")
 
 
-def test_per_replica_argument_falls_back():
-    values = tp.PerReplica([torch.tensor(float(i)) for i in range(N)], devices(N))
-    fallback(pm(lambda x, v: x * v), rows(N, 3), values, match="PerReplica")
+def test_per_replica_tensors_run_stacked_as_on_threads():
+    # One tensor per replica, stacked once per call: reads, collectives, autograd.
+    values = tp.PerReplica([torch.full((3,), float(i)) for i in range(N)], devices(N))
+    pf = pm(lambda x, v: tp.psum(x * v, "i") + v.sin())
+    with executor("threads"):
+        expected = pf(rows(N, 3), values)
+    with executor("stacked"):
+        for _ in range(2):
+            assert_same_bits(expected, pf(rows(N, 3), values))
+    weights = [torch.full((3,), float(i), requires_grad=True) for i in range(N)]
+    grads = {}
+    for name in ("threads", "stacked"):
+        for w in weights:
+            w.grad = None
+        with executor(name):
+            pf(rows(N, 3), tp.PerReplica(weights, devices(N))).unshard().pow(2).sum().backward()
+        grads[name] = [w.grad.clone() for w in weights]
+    for e, g in zip(grads["threads"], grads["stacked"]):
+        assert torch.equal(e, g)
+
+
+def test_a_write_to_a_stacked_per_replica_tensor_is_not_lost():
+    # The stack is a copy of the replicas' tensors: a write to it falls back, and the threads write them.
+    values = [torch.zeros(3) for _ in range(N)]
+    pf = pm(lambda x, v: v.add_(x))
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="only be stacked by a copy"):
+        pf(rows(N, 3), tp.PerReplica(values, devices(N)))
+    assert all(torch.equal(values[r], rows(N, 3)[r]) for r in range(N))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[float(i) for i in range(N)], [torch.zeros(i + 1) for i in range(N)]],
+    ids=["floats", "shapes"],
+)
+def test_other_per_replica_arguments_fall_back(values):
+    fallback(
+        pm(lambda x, v: x * (v.sum() if isinstance(v, torch.Tensor) else v)),
+        rows(N, 3),
+        tp.PerReplica(values, devices(N)),
+        match="PerReplica argument of other values",
+    )
 
 
 def test_executor_setting():

@@ -99,21 +99,34 @@ def unsupported_reason(record: CallRecord) -> str | None:
         return "the axis spans several processes"
     if len(device_groups(group.devices)) != 1:
         return "the devices are on several physical devices"
-    return capture_scope_reason(record)
+    return capture_scope_reason(record, stacks_per_replica_tensors=True)
 
 
-def capture_scope_reason(record: CallRecord) -> str | None:
+def capture_scope_reason(record: CallRecord, stacks_per_replica_tensors: bool = False) -> str | None:
     """Why ``record`` cannot run from one capture of its function (stacked or
-    lockstep), checked before any capture; None if it may."""
+    lockstep), checked before any capture; None if it may. The stacked executor
+    stacks a PerReplica of tensors of one shape (``_stack_inputs``)."""
     reason = blocked_reason()
     if reason is not None:
         return reason
-    for placement, leaf in zip(record.placements, record.caller_leaves):
+    for j, (placement, leaf) in enumerate(zip(record.placements, record.caller_leaves)):
         if placement is Placement.PER_REPLICA:
-            return "a PerReplica argument"
+            if not stacks_per_replica_tensors:
+                return "a PerReplica argument"
+            if not _same_tensors(record.per_leaf[j]):
+                return "a PerReplica argument of other values than tensors of one shape"
         if isinstance(leaf, (torch.nn.Module, torch.optim.Optimizer)):
             return f"a {type(leaf).__name__} argument"
     return None
+
+
+def _same_tensors(values: Sequence[Any]) -> bool:
+    """Whether ``values`` are plain tensors of one shape, dtype and device (rows of one stack)."""
+    first = values[0]
+    return all(
+        type(v) is torch.Tensor and v.shape == first.shape and v.dtype == first.dtype and v.device == first.device
+        for v in values
+    )
 
 
 def blocked_reason() -> str | None:
