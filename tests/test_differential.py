@@ -21,7 +21,8 @@ import torchpmap as tp
 N = 4
 PROGRAMS = 16
 
-# Per-replica steps on y, a (4, 6) float32 tensor; w is a broadcast (6, 6) weight.
+# Per-replica steps on y, a (4, 6) float32 tensor; w is a broadcast (6, 6) weight, C a (6,)
+# tensor computed before the call that the program reaches as a global.
 ELEMENTWISE = [
     "y = y.sin()",
     "y = torch.tanh(y) * 2 + 1",
@@ -33,6 +34,7 @@ ELEMENTWISE = [
     "y = y + tp.axis_index('i')",
     "t = y * 1\n    t.add_(1)\n    y = t * t",
     "y = y @ w",
+    "y = y * C",
 ]
 COLLECTIVES = [
     "y = tp.psum(y, 'i')",
@@ -49,10 +51,12 @@ RANDOM = ["y = F.dropout(y, 0.3)", "y = y + torch.rand_like(y)"]
 
 
 def generate(seed):
-    """A program's source: 3 to 6 steps, at least one collective, a random op in some."""
+    """A program's source: 3 to 6 steps, a random op in some. Program ``seed`` has
+    collective and elementwise step number ``seed`` (modulo their count), so a
+    run of as many programs as the longer list covers every step."""
     rng = random.Random(seed)
-    steps = [rng.choice(COLLECTIVES)]
-    steps += [rng.choice(ELEMENTWISE + COLLECTIVES) for _ in range(rng.randint(2, 5))]
+    steps = [COLLECTIVES[seed % len(COLLECTIVES)], ELEMENTWISE[seed % len(ELEMENTWISE)]]
+    steps += [rng.choice(ELEMENTWISE + COLLECTIVES) for _ in range(rng.randint(1, 4))]
     if rng.random() < 0.3:
         steps.append(rng.choice(RANDOM))
     rng.shuffle(steps)
@@ -68,10 +72,10 @@ def compile_program(source):
 
 def inputs():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(N, 4, 6, generator=g) * 0.5, torch.randn(6, 6, generator=g) * 0.4
+    return torch.randn(N, 4, 6, generator=g) * 0.5, torch.randn(6, 6, generator=g) * 0.4, torch.randn(6, generator=g)
 
 
-def run(executor, fun, x, w, grad=False):
+def run(executor, fun, x, w, c, grad=False):
     """The call's outputs (and the gradients of a loss of them) on ``executor``,
     from one seed, and whether it fell back."""
     pf = tp.pmap(fun, "i", in_axes=(0, None), devices=devices(N))
@@ -81,14 +85,15 @@ def run(executor, fun, x, w, grad=False):
             warnings.simplefilter("always", RuntimeWarning)
             torch.manual_seed(1)
             if grad:
-                x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
+                x, w, c = x.clone().requires_grad_(), w.clone().requires_grad_(), c.clone().requires_grad_()
             results = []
             for _ in range(2):  # a first call (capture, first backward) and a later one
+                fun.__globals__["C"] = c * 1.5  # a history the call's backward stops at
                 out = pf(x, w)
                 if grad:
                     y = as_plain(out[0])
                     loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum()
-                    results.append(torch.autograd.grad(loss, (x, w), allow_unused=True))
+                    results.append(torch.autograd.grad(loss, (x, w, c), allow_unused=True))
                 else:
                     results.append(tuple(as_plain(o) for o in out))
     finally:
@@ -112,13 +117,13 @@ def assert_same(expected, got, source, close):
 def test_generated_programs_agree_across_executors(seed):
     source = generate(seed)
     fun = compile_program(source)
-    x, w = inputs()
+    x, w, c = inputs()
     close = "@" in source  # bmm over the replicas against one mm per replica
-    expected, _ = run("threads", fun, x, w)
-    stacked, fell_back = run("stacked", fun, x, w)
+    expected, _ = run("threads", fun, x, w, c)
+    stacked, fell_back = run("stacked", fun, x, w, c)
     assert not fell_back, f"the stacked executor fell back on\n{source}"
     assert_same(expected, stacked, source, close)
-    lockstep, fell_back = run("lockstep", fun, x, w)
+    lockstep, fell_back = run("lockstep", fun, x, w, c)
     assert fell_back == any(r in source for r in RANDOM), source  # lockstep does not route draws
     assert_same(expected, lockstep, source, close)
 
@@ -127,8 +132,8 @@ def test_generated_programs_agree_across_executors(seed):
 def test_generated_programs_differentiate_alike_on_threads_and_stacked(seed):
     source = generate(seed)
     fun = compile_program(source)
-    x, w = inputs()
-    expected, _ = run("threads", fun, x, w, grad=True)
-    got, fell_back = run("stacked", fun, x, w, grad=True)
+    x, w, c = inputs()
+    expected, _ = run("threads", fun, x, w, c, grad=True)
+    got, fell_back = run("stacked", fun, x, w, c, grad=True)
     assert not fell_back, f"the stacked executor fell back on\n{source}"
     assert_same(expected, got, source, close="@" in source)
