@@ -314,6 +314,10 @@ def test_a_write_to_a_stacked_per_replica_tensor_is_not_lost():
     with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="only be stacked by a copy"):
         pf(rows(N, 3), tp.PerReplica(values, devices(N)))
     assert all(torch.equal(values[r], rows(N, 3)[r]) for r in range(N))
+    with executor("stacked"):  # that call's layout only: one buffer still runs stacked
+        buf = torch.zeros(N, 3)
+        pf(rows(N, 3), buf)
+        assert torch.equal(buf, rows(N, 3))
 
 
 @pytest.mark.parametrize(

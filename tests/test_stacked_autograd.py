@@ -2,6 +2,8 @@
 threads executor (bit for bit, except where batched matmuls may round
 differently), and a warned fallback for what it does not do."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import as_plain as plain
@@ -289,6 +291,47 @@ def test_create_graph_through_a_call_that_writes_an_input():
         grads[name] = g.detach(), gg, buf
     for e, g in zip(grads["threads"], grads["stacked"]):
         assert torch.equal(e, g)
+
+
+def test_later_calls_that_write_an_input_keep_no_copy_of_it():
+    import gc
+
+    pf = pm(lambda w, buf: (w.sin() * buf.add_(1).sum()).sum())
+    w, buf = rows(N, 3).requires_grad_(), torch.zeros(N, 1000)
+    with executor("stacked"):
+        pf(w, buf).unshard().sum().backward()  # the first call keeps a copy: its backward recomputes
+        losses = [pf(w, buf).unshard().sum() for _ in range(3)]  # later ones keep residuals only
+        gc.collect()
+        fake = torch._subclasses.fake_tensor.FakeTensor
+        copies = [
+            t
+            for t in gc.get_objects()
+            if type(t) is torch.Tensor and not isinstance(t, fake) and t.shape == buf.shape and t is not buf
+        ]
+        assert not copies
+        with pytest.raises(RuntimeError, match="create_graph=True through a stacked pmap call that writes"):
+            torch.autograd.grad(losses[0], w, create_graph=True)
+        for loss in losses[1:]:
+            loss.backward()
+    assert torch.equal(buf, torch.full((N, 1000), 4.0))  # four calls, each adding 1 once
+
+
+def test_a_written_input_another_input_aliases_falls_back_under_autograd():
+    def f(x, s, t):
+        y = x * t.clone()  # read before the write: the backward needs the old values
+        s.add_(10)
+        return y.sum()
+
+    grads = {}
+    for name in ("threads", "stacked"):
+        buf, x = torch.ones(N, 3), rows(N, 3).requires_grad_()
+        with executor(name, allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            pm(f)(x, buf, buf).unshard().sum().backward()
+        grads[name] = x.grad
+        if name == "stacked":
+            assert any("another input aliases" in str(c.message) for c in caught)
+    assert torch.equal(grads["threads"], grads["stacked"])
 
 
 @pytest.mark.parametrize(

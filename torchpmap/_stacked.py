@@ -355,7 +355,10 @@ class _Batched:
             if (stacked is None) != (d is None):
                 raise Unsupported("an input's placement changed under the same guards")
             if stacked is not None and k in self.written and id(stacked) in state.copied:
-                raise Unsupported("the function writes an input in place that could only be stacked by a copy")
+                # This call's inputs only (separate tensors): another call's may be one buffer.
+                raise Unsupported(
+                    "the function writes an input in place that could only be stacked by a copy", per_call=True
+                )
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             if any(inputs[k].requires_grad for k in self.written):
@@ -365,6 +368,11 @@ class _Batched:
             if any(self.in_dims[k] is None for k in self.written):
                 raise Unsupported(
                     "autograd through a function that writes in place a tensor the replicas share", per_call=True
+                )
+            if self.written and _aliases_a_written_input(inputs, self.written):
+                # The backward's copies of the written inputs could not keep that aliasing.
+                raise Unsupported(
+                    "autograd through a function that writes in place an input another input aliases", per_call=True
                 )
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
@@ -378,6 +386,15 @@ class _Batched:
             rows.append(state.row_of(o))
         state.ran = True
         return rows
+
+
+def _aliases_a_written_input(inputs: list[Any], written: frozenset[int]) -> bool:
+    """Whether a tensor input shares memory with an input the program writes."""
+    storages = {inputs[k].untyped_storage().data_ptr() for k in written}
+    return any(
+        isinstance(a, torch.Tensor) and k not in written and a.untyped_storage().data_ptr() in storages
+        for k, a in enumerate(inputs)
+    )
 
 
 # How many input layouts (strides) a compiled capture serves before it falls back.

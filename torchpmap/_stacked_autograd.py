@@ -374,8 +374,6 @@ class _StackedCall(torch.autograd.Function):
     def forward(ctx: Any, program: ReplicaProgram, written: frozenset[int], *inputs: Any) -> tuple[torch.Tensor, ...]:
         assert program.graph is not None
         ctx.program = program
-        # A backward that recomputes the forward reads the inputs it wrote as they were before.
-        before = {k: _copy_as_is(inputs[k]) for k in written}
         ctx.written = written
         ctx.tensor_positions = [k for k, i in enumerate(inputs) if isinstance(i, torch.Tensor)]
         ctx.others = [None if isinstance(i, torch.Tensor) else i for i in inputs]
@@ -383,6 +381,11 @@ class _StackedCall(torch.autograd.Function):
         # residuals) instead of having it recompute the forward.
         diff = tuple(k for k in ctx.tensor_positions if inputs[k].requires_grad)
         split = program.splits.get(split_key(diff, list(inputs))) if program.splits else None
+        # A backward that recomputes the forward (the first one) reads the inputs it wrote as
+        # they were before. Later calls keep residuals instead and save no written input (a
+        # create_graph backward of theirs, which would recompute, refuses: ``_backward``).
+        before = {k: _copy_as_is(inputs[k]) for k in written} if split is None else {}
+        ctx.saved_positions = [k for k in ctx.tensor_positions if split is None or k not in written]
         residuals: list[Any] = []
         if split is None:
             outs = tuple(program.graph(*inputs))
@@ -396,7 +399,7 @@ class _StackedCall(torch.autograd.Function):
         ctx.draw_graphs = draw_graphs
         # The inputs too: a backward with create_graph=True differentiates the recomputed forward.
         ctx.save_for_backward(
-            *[before.get(k, inputs[k]) for k in ctx.tensor_positions],
+            *[before.get(k, inputs[k]) for k in ctx.saved_positions],
             *[residuals[k] for k in ctx.residual_positions],
             *draw_graphs.to_save(),
         )
@@ -408,7 +411,7 @@ class _StackedCall(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         saved = ctx.saved_tensors
-        n_inputs, n_residuals = len(ctx.tensor_positions), len(ctx.residual_positions)
+        n_inputs, n_residuals = len(ctx.saved_positions), len(ctx.residual_positions)
         draw_graphs: _RandomGraphs = ctx.draw_graphs
         try:
             # A recomputed forward draws the forward's numbers again; a draw's backward reads its graphs.
@@ -430,11 +433,18 @@ class _StackedCall(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         program: ReplicaProgram = ctx.program
         inputs = list(ctx.others)
-        for k, t in zip(ctx.tensor_positions, saved_inputs):
+        for k, t in zip(ctx.saved_positions, saved_inputs):
             inputs[k] = t
-        for k in ctx.written:  # a recomputed forward writes these: into copies, the saved ones serve again
-            inputs[k] = _copy_as_is(inputs[k])
+        if ctx.split is None:  # a recomputed forward writes these: into copies, the saved ones serve again
+            for k in ctx.written:
+                inputs[k] = _copy_as_is(inputs[k])
         diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 2])
+        if torch.is_grad_enabled() and ctx.written and ctx.split is not None:
+            raise RuntimeError(
+                "torchpmap: create_graph=True through a stacked pmap call that writes its inputs in place, "
+                "after its first call: the forward kept no copy of them to recompute it from. Run that call on "
+                "the threads executor (torchpmap.set_executor('threads'))."
+            )
         # A vjp program (a create_graph=True backward's) differentiates by recomputing, as before.
         if not torch.is_grad_enabled() and diff and program.folded is None:
             split: ResidualSplit | None = ctx.split
