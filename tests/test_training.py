@@ -14,6 +14,7 @@ from helpers import devices, module_train_step
 from torch.func import grad_and_value
 
 import torchpmap as tp
+from torchpmap import _pmap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -386,6 +387,77 @@ def test_state_the_replicas_share_without_being_passed_it_raises_when_written(ex
     assert "all 4 replicas" in str(e.value)
     # One replica sharing with the caller is plain single-device work.
     tp.pmap(fun, "i")(x[:1])
+
+
+class Simulation:
+    def __init__(self):
+        self.state = torch.zeros(4, 3)
+
+    def step(self, s):  # each replica advances its own row of self.state, passed mapped
+        s.add_(0.5)
+        return s.sum()
+
+
+class cfg:
+    shared_offset = 0.5
+
+
+shared_offset = torch.zeros(4, 3)  # a global of that name, mapped over the replicas below
+
+
+def adds_cfg_offset(v):
+    v.add_(cfg.shared_offset)  # an attribute load, not the global
+    return v.sum()
+
+
+def test_writes_through_the_calls_own_arguments_are_not_shared_state():
+    sim = Simulation()
+    tp.pmap(sim.step, "i")(sim.state)  # self.state is the mapped argument: each replica its row
+    assert torch.equal(sim.state, torch.full((4, 3), 0.5))
+    tp.pmap(adds_cfg_offset, "i")(shared_offset)
+    assert torch.equal(shared_offset, torch.full((4, 3), 0.5))
+
+
+@torch.no_grad()
+def decorated_batchnorm(x):
+    return GLOBAL_BN(x)
+
+
+def test_a_decorated_function_is_looked_into():
+    with pytest.raises(RuntimeError, match=r"GLOBAL_BN\.(running_mean|num_batches_tracked) in place"):
+        tp.pmap(decorated_batchnorm, "i")(torch.randn(4, 3, 6))
+
+
+WRITE_NOW = [False]
+COUNTER = torch.zeros(())
+
+
+def counts_sometimes(x):
+    if WRITE_NOW[0]:
+        COUNTER.add_(1)
+    return x * 2
+
+
+def test_state_the_function_reaches_is_checked_when_its_mode_changes_and_every_few_calls():
+    # The check runs on the first call, after a module's train/eval mode changes, and every
+    # _RECHECK_EVERY calls: a write that starts later is still caught, within that many calls.
+    bn = torch.nn.BatchNorm1d(6).eval()
+    pf = tp.pmap(lambda x: bn(x), "i")
+    x = torch.randn(4, 3, 6)
+    for _ in range(3):
+        pf(x)
+    bn.train()
+    with pytest.raises(RuntimeError, match=r"bn\.(running_mean|num_batches_tracked) in place"):
+        pf(x)
+    pf = tp.pmap(counts_sometimes, "i")
+    pf(x)
+    WRITE_NOW[0] = True
+    try:
+        with pytest.raises(RuntimeError, match="COUNTER in place"):
+            for _ in range(_pmap._RECHECK_EVERY + 1):
+                pf(x)
+    finally:
+        WRITE_NOW[0] = False
 
 
 def test_state_the_replicas_only_read_without_being_passed_it_is_fine():

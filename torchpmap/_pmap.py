@@ -36,7 +36,15 @@ from ._sharded import (
     _to_device,
     distinct_shards,
 )
-from ._shared_state import check_not_written, is_stateful_object, reached_by, watch_passed, watch_reached
+from ._shared_state import (
+    Snapshot,
+    check_not_written,
+    is_stateful_object,
+    reached_by,
+    watch_passed,
+    watch_reached,
+    without_arguments,
+)
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
 from .training import PerReplica
@@ -243,6 +251,8 @@ class Pmapped:
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
         self._random = _random.Interception()  # whether its replicas draw random numbers
         self._last_group: ReplicaGroup | None = None  # the replicas of the last one-process call
+        self._reached_fingerprint: tuple[tuple[int, bool | None], ...] | None = None  # see _watch_reached
+        self._reached_calls = 0
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
         functools.update_wrapper(self, fun)
@@ -298,12 +308,11 @@ class Pmapped:
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
         shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
-        found = reached_by(self._fun)
-        reached = watch_reached(found, n)  # not ``shared_modules``: a fast path stays possible
+        grad_on = torch.is_grad_enabled()
+        found = reached_by(self._fun) if n > 1 or grad_on else []
+        reached = self._watch_reached(found, leaves, n)  # not in ``shared_modules``: a fast path stays possible
         reached_grads = (
-            [t for _, t in found if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-            if torch.is_grad_enabled()
-            else []
+            [t for _, t in found if isinstance(t, torch.Tensor) and t.grad_fn is not None] if grad_on else []
         )
         per_leaf, placements, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
@@ -346,6 +355,23 @@ class Pmapped:
                     plan.fast = FastCall(outs.replay, record, _devices.local_device_tuple(), kinds)
             return self._assemble_stacked(outs, devices)
         return self._assemble(outs, devices)
+
+    def _watch_reached(self, found: list[tuple[str, Any]], leaves: list[Any], n: int) -> list[Snapshot]:
+        """Snapshots of what the function reaches without being passed it
+        (``_shared_state``), on the calls that check it: the first, each one
+        after those objects or their train/eval mode change, and every
+        ``_RECHECK_EVERY``-th. A snapshot costs ~1-2 us per parameter and buffer of
+        a closed-over model, and the writes it finds (BatchNorm statistics in
+        training mode, a backward or an optimizer step inside the call) happen
+        on every call that has them, so the first checked call raises."""
+        if n < 2 or not found:
+            return []
+        fingerprint = tuple((id(obj), getattr(obj, "training", None)) for _, obj in found)
+        self._reached_calls += 1
+        if fingerprint == self._reached_fingerprint and self._reached_calls % _RECHECK_EVERY:
+            return []
+        self._reached_fingerprint = fingerprint
+        return watch_reached(without_arguments(found, leaves), n)
 
     def _positional_spec(self, n: int) -> TreeSpec:
         """The tree structure of ``((a0, ..., a{n-1}), {})`` with tensor leaves."""
@@ -832,6 +858,10 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
             f"others' data. clone() the slice inside the function before writing to it, or pass "
             f"{path}.contiguous()."
         )
+
+
+# How often the state a function reaches is checked when nothing about it changed (_watch_reached).
+_RECHECK_EVERY = 32
 
 
 def _hashable(v: Any) -> bool:

@@ -16,6 +16,7 @@ the call, and the version counters of the rest are compared around it.
 
 from __future__ import annotations
 
+import dis
 import functools
 import types
 from collections.abc import Callable
@@ -174,10 +175,32 @@ def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None
 # -- what a function reaches without being passed it -----------------------------------------
 def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
     """The modules, optimizers and tensors ``fun`` reaches without being passed
-    them, each once, with a name for messages."""
+    them, each once, with a name for messages. Best effort: an object that
+    fails to be looked at (a lazy proxy) ends the search, not the call."""
     found: dict[int, tuple[str, Shared]] = {}
-    _scan(fun, found, None, 0, set())
+    try:
+        _scan(fun, found, None, 0, set())
+    except Exception:
+        pass
     return list(found.values())
+
+
+def without_arguments(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:
+    """``reached`` less the tensors that share memory with the call's arguments:
+    a replica writing its own slice of a mapped argument bumps the version counter
+    of every view of it (the argument checks in ``_pmap`` watch those)."""
+    if not any(isinstance(obj, torch.Tensor) for _, obj in reached):
+        return reached
+    storages = set()
+    for a in arguments:
+        if isinstance(a, torch.Tensor):
+            for t in getattr(a, "shards", None) or (a,):  # a ShardedTensor's memory is its shards'
+                storages.add(t.untyped_storage().data_ptr())
+    return [
+        (path, obj)
+        for path, obj in reached
+        if not (isinstance(obj, torch.Tensor) and obj.untyped_storage().data_ptr() in storages)
+    ]
 
 
 def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
@@ -200,6 +223,9 @@ def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None
     if isinstance(f, torch.nn.Module):
         _add(f"the pmapped {type(f).__name__}", f, found)
         return
+    wrapped = getattr(f, "__wrapped__", None)  # a decorator's wrapper (functools.wraps): the function inside
+    if wrapped is not None and callable(wrapped):
+        _scan(wrapped, found, home, depth, seen)
     owner = getattr(f, "__self__", None)
     if isinstance(f, types.MethodType) and owner is not None:
         name = type(owner).__name__
@@ -241,10 +267,14 @@ def _follow(
             _scan(value, found, home, depth + 1, seen)
 
 
-@functools.lru_cache(maxsize=1024)
+_LOADS_A_GLOBAL = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+
+
+@functools.lru_cache(maxsize=256)
 def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """The global names ``code`` and the functions defined in it may load."""
-    names = list(code.co_names)
+    """The global names ``code`` and the functions defined in it load (not
+    ``co_names``, which also holds attribute names: ``cfg.x`` is no global ``x``)."""
+    names = [i.argval for i in dis.get_instructions(code) if i.opname in _LOADS_A_GLOBAL]
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names.extend(_global_names(const))
