@@ -252,7 +252,7 @@ class Pmapped:
         self._random = _random.Interception()  # whether its replicas draw random numbers
         self._last_group: ReplicaGroup | None = None  # the replicas of the last one-process call
         self._reached_fingerprint: tuple[tuple[int, bool | None], ...] | None = None  # see _watch_reached
-        self._reached_calls = 0
+        self._calls = 0  # every call, fast or not: the periodic checks of _watch_reached
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
         functools.update_wrapper(self, fun)
@@ -297,8 +297,10 @@ class Pmapped:
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
             self._in_plans[key] = plan
+        self._calls += 1
+        recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
-        if fast is not None:
+        if fast is not None and not recheck:
             fast_out = fast.call(leaves)
             if fast_out is not None:
                 return self._assemble_stacked(fast_out, fast.devices)
@@ -310,7 +312,8 @@ class Pmapped:
         shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
         grad_on = torch.is_grad_enabled()
         found = reached_by(self._fun) if n > 1 or grad_on else []
-        reached = self._watch_reached(found, leaves, n)  # not in ``shared_modules``: a fast path stays possible
+        # Not in ``shared_modules``: a fast path stays possible.
+        reached = self._watch_reached(found, leaves, n, recheck)
         reached_grads = (
             [t for _, t in found if isinstance(t, torch.Tensor) and t.grad_fn is not None] if grad_on else []
         )
@@ -356,19 +359,19 @@ class Pmapped:
             return self._assemble_stacked(outs, devices)
         return self._assemble(outs, devices)
 
-    def _watch_reached(self, found: list[tuple[str, Any]], leaves: list[Any], n: int) -> list[Snapshot]:
+    def _watch_reached(self, found: list[tuple[str, Any]], leaves: list[Any], n: int, recheck: bool) -> list[Snapshot]:
         """Snapshots of what the function reaches without being passed it
         (``_shared_state``), on the calls that check it: the first, each one
         after those objects or their train/eval mode change, and every
-        ``_RECHECK_EVERY``-th. A snapshot costs ~1-2 us per parameter and buffer of
-        a closed-over model, and the writes it finds (BatchNorm statistics in
-        training mode, a backward or an optimizer step inside the call) happen
-        on every call that has them, so the first checked call raises."""
+        ``_RECHECK_EVERY``-th call (``recheck``: the stacked fast path leaves
+        that one to the general path). A snapshot costs ~1-2 us per parameter
+        and buffer of a closed-over model, and the writes it finds (BatchNorm
+        statistics in training mode, a backward or an optimizer step inside the
+        call) happen on every call that has them, so the first checked call raises."""
         if n < 2 or not found:
             return []
         fingerprint = tuple((id(obj), getattr(obj, "training", None)) for _, obj in found)
-        self._reached_calls += 1
-        if fingerprint == self._reached_fingerprint and self._reached_calls % _RECHECK_EVERY:
+        if fingerprint == self._reached_fingerprint and not recheck:
             return []
         self._reached_fingerprint = fingerprint
         return watch_reached(without_arguments(found, leaves), n)
