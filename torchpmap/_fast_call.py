@@ -23,7 +23,7 @@ import torch
 from . import _config, _devices, _stacked
 from ._call import CallRecord, Placement, ReplicaGroup, unflatten_arguments
 from ._layout import slices_overlap
-from ._sharded import ShardedTensor, _to_device
+from ._sharded import ShardedTensor
 
 # Per leaf, how the fast path finds its stacked buffer.
 SHARDED, MAPPED, CONSTANT = range(3)
@@ -104,18 +104,16 @@ class FastCall:
             assert axis is not None  # SHARDED and MAPPED leaves are mapped
             if grad_on and getattr(leaf, "requires_grad", False):
                 return None  # autograd must see this leaf: the general path
+            buffer: torch.Tensor | None
             if kind == SHARDED:
                 if type(leaf) is not ShardedTensor or not leaf.is_mapped_on(axis, devices):
                     return None
-                buffers = leaf.stacked_buffers()
-                if buffers is None or len(buffers) != 1:
-                    return None
-                buffer = buffers[0]
+                buffer = _stacked.sharded_buffer(leaf)
             else:
                 if type(leaf) is not torch.Tensor or leaf.ndim <= axis or leaf.shape[axis] != n:
                     return None
-                if _to_device(leaf, self.device) is not leaf or slices_overlap(leaf, axis):
-                    return None
-                buffer = leaf.movedim(axis, 0) if axis else leaf
+                buffer = None if slices_overlap(leaf, axis) else _stacked.mapped_buffer(leaf, axis, self.device)
+            if buffer is None:
+                return None
             row0.append(state.row_of(buffer))
         return row0

@@ -341,15 +341,16 @@ class Pmapped:
             compile_options=None if self._compiled is None else self._compiled.options,
             reached_grads=reached_grads,
         )
+        watched = shared_modules + reached
         try:
             outs = choose_executor(record).call(record)
         except Exception as e:
-            if shared_modules or reached:  # the race on a shared module may be why a replica failed
-                check_not_written(shared_modules + reached, n, cause=e)
+            if watched:  # the race on a shared module may be why a replica failed
+                check_not_written(watched, n, cause=e)
             raise
         _check_not_written(shared, plan.paths)
-        if shared_modules or reached:
-            check_not_written(shared_modules + reached, n)
+        if watched:
+            check_not_written(watched, n)
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]

@@ -198,16 +198,28 @@ def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
     """Leaf j's replicas' values as rows of one buffer without a copy (a write
     to a row must reach what the replica would have written), or None."""
     caller, placement = record.caller_leaves[j], record.placements[j]
+    buffer = None
     if placement is Placement.MAPPED and type(caller) is torch.Tensor:
         axis = record.axes[j]
         assert axis is not None  # a mapped leaf has an axis
-        if _to_device(caller, record.group.devices[0]) is caller:  # replicas get views of the caller's tensor
-            return caller.movedim(axis, 0) if axis else caller
-    if placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
-        buffers = caller.stacked_buffers()
-        if buffers is not None and len(buffers) == 1:
-            return buffers[0]
-    return _stacked_view(record.per_leaf[j])
+        buffer = mapped_buffer(caller, axis, record.group.devices[0])
+    elif placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
+        buffer = sharded_buffer(caller)
+    return buffer if buffer is not None else _stacked_view(record.per_leaf[j])
+
+
+def mapped_buffer(t: torch.Tensor, axis: int, device: torch.device) -> torch.Tensor | None:
+    """``t`` with its mapped ``axis`` first, when the replicas on ``device`` get
+    views of ``t`` itself (it is there already); None if they get copies."""
+    if _to_device(t, device) is not t:
+        return None
+    return t.movedim(axis, 0) if axis else t
+
+
+def sharded_buffer(st: ShardedTensor) -> torch.Tensor | None:
+    """The one stacked buffer whose rows are ``st``'s shards, or None."""
+    buffers = st.stacked_buffers()
+    return buffers[0] if buffers is not None and len(buffers) == 1 else None
 
 
 # -- capture ---------------------------------------------------------------------------
