@@ -309,12 +309,17 @@ def test_per_replica_tensors_run_stacked_as_on_threads():
 
 def test_a_write_to_a_stacked_per_replica_tensor_is_not_lost():
     # The stack is a copy of the replicas' tensors: a write to it falls back, and the threads write them.
+    from torchpmap import _stacked
+
     values = [torch.zeros(3) for _ in range(N)]
-    pf = pm(lambda x, v: v.add_(x))
+    fn = lambda x, v: v.add_(x)  # noqa: E731
+    pf = pm(fn)
     with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="only be stacked by a copy"):
         pf(rows(N, 3), tp.PerReplica(values, devices(N)))
     assert all(torch.equal(values[r], rows(N, 3)[r]) for r in range(N))
-    with executor("stacked"):  # that call's layout only: one buffer still runs stacked
+    # That call's inputs only: the capture is not marked failed, and one buffer runs stacked.
+    assert all(capture.failed is None for capture in _stacked._captures[fn].values())
+    with executor("stacked"):
         buf = torch.zeros(N, 3)
         pf(rows(N, 3), buf)
         assert torch.equal(buf, rows(N, 3))

@@ -14,7 +14,7 @@ from helpers import devices, module_train_step
 from torch.func import grad_and_value
 
 import torchpmap as tp
-from torchpmap import _pmap
+from torchpmap import _pmap, _shared_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -416,6 +416,8 @@ def test_writes_through_the_calls_own_arguments_are_not_shared_state():
     assert torch.equal(sim.state, torch.full((4, 3), 0.5))
     tp.pmap(adds_cfg_offset, "i")(shared_offset)
     assert torch.equal(shared_offset, torch.full((4, 3), 0.5))
+    # An attribute load (cfg.shared_offset) is no use of the global of that name.
+    assert "shared_offset" not in [path for path, _ in _shared_state.reached_by(adds_cfg_offset)]
 
 
 @torch.no_grad()
