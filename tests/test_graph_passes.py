@@ -140,3 +140,70 @@ def test_dead_views_go_and_an_unused_draw_stays():
     gm, _, after = traced(f, torch.ones(2, 2))
     assert aten.view.default not in after and aten.t.default not in after
     assert aten.rand_like.default in after
+
+
+def _shapes_of(gm, target):
+    return [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target == target]
+
+
+def test_arithmetic_on_copies_of_one_row_runs_once():
+    def f(x, p):
+        total = x[0] + x[1]  # fresh, only read: an all-reduce's total
+        every = torch.stack([total] * 4)
+        update = every / 4 * 0.1
+        return p - update, every, every.sum(1), update + p
+
+    x, p = torch.randn(2, 5), torch.randn(4, 5)
+    gm, before, after = traced(f, x, p)
+    assert _shapes_of(gm, aten.div.Tensor) + _shapes_of(gm, aten.div_.Tensor) == [(5,)]
+    assert (5,) in _shapes_of(gm, aten.mul.Tensor) + _shapes_of(gm, aten.mul_.Tensor)
+    got, expected = gm(x, p), f(x, p)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e) and g.stride() == e.stride()
+    every = got[1]  # an output is a tensor of its own rows
+    assert every.stride(0) != 0
+    every[0].fill_(7.0)
+    assert torch.equal(every[1], expected[1][1])
+
+
+def test_no_once_when_the_row_may_change_or_is_an_input():
+    def written(x):
+        total = x[0] + x[1]
+        every = torch.stack([total] * 3)
+        total.add_(1)  # the stack holds the values from before
+        return every * 2
+
+    def viewed(x):
+        total = x[0] + x[1]
+        every = torch.stack([total] * 3)
+        total.view(-1).mul_(3)
+        return every - 1
+
+    def a_view(x):
+        row = x[0]  # only read, but x, which it views, is written
+        every = torch.stack([row] * 3)
+        x.add_(1)
+        return every * 2
+
+    def an_input(x):
+        every = torch.stack([x] * 3)
+        x.add_(1)
+        return every * 2
+
+    for f in (written, viewed, a_view, an_input):
+        x = torch.randn(2, 4)
+        gm, _, after = traced(f, x.clone())
+        assert aten.expand.default not in after, f.__name__
+        assert torch.equal(gm(x.clone()), f(x.clone())), f.__name__
+
+
+def test_a_pointwise_user_whose_layout_would_change_gets_a_copy():
+    def f(x, y):
+        every = torch.stack([x[0] * 2] * 3)  # (3, 4, 5)
+        other = y.permute(1, 0, 2)  # (3, 4, 5) laid out as (4, 3, 5): the kernel follows the first input's
+        return torch.add(every, other), torch.add(other, every), every * y.permute(1, 0, 2)
+
+    x, y = torch.randn(2, 4, 5), torch.randn(4, 3, 5)
+    gm, _, _ = traced(f, x, y)
+    for g, e in zip(gm(x, y), f(x, y)):
+        assert torch.equal(g, e) and g.stride() == e.stride()

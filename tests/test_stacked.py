@@ -47,12 +47,26 @@ FUNCTIONS = {
     "axis_index": lambda x: x + tp.axis_index("i"),
     "axis_size": lambda x: x * tp.axis_size("i"),
     "pytree_collective": lambda x: tp.psum({"a": x, "b": (x * 2, x.sum())}, "i"),
+    "pmean_tree_then_update": lambda x: {
+        k: v - 0.1 * g for (k, v), g in zip({"a": x, "b": x[0]}.items(), tp.pmean([x, x[0]], "i"))
+    },
+    "psum_written_in_place": lambda x: tp.psum(x, "i").mul_(2).add_(x),
 }
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_same_bits_as_threads(name):
     both(pm(FUNCTIONS[name]), rows(N, 4, 3))
+
+
+def test_a_reduction_result_returned_is_each_replica_own():
+    """All-reduce results are one row computed once and broadcast inside the
+    graph: what the call returns is still n tensors of their own."""
+    out = both(pm(lambda x: (tp.psum(x, "i"), tp.pmean(x, "i") * 2)), rows(N, 3))
+    for y in out:
+        shards = y.shards
+        shards[0].fill_(-1.0)
+        assert not torch.equal(shards[1], shards[0])
 
 
 def test_pytrees_in_and_out():

@@ -42,6 +42,7 @@ def simplify(gm: torch.fx.GraphModule) -> None:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
     _eliminate_common_subexpressions(graph)
+    _compute_copies_once(graph)
     _eliminate_dead_nodes(graph)
     for node in list(graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -132,6 +133,134 @@ def _key(value: Any) -> Any:
     if isinstance(value, float):
         return ("float", repr(value))
     return value
+
+
+# Pointwise ops whose every result element is the correctly rounded value of
+# its inputs' elements: computed on one copy or on n, the bits are the same
+# whatever path (vectorised or not) the kernel takes.
+_EXACT_POINTWISE = {
+    aten.add.Tensor,
+    aten.add.Scalar,
+    aten.sub.Tensor,
+    aten.sub.Scalar,
+    aten.mul.Tensor,
+    aten.mul.Scalar,
+    aten.div.Tensor,
+    aten.div.Scalar,
+    aten.neg.default,
+}
+
+
+def _compute_copies_once(graph: torch.fx.Graph) -> None:
+    """Exact pointwise arithmetic on ``stack([t, t, ..., t])`` (an all-reduce's
+    result on stacked replicas: every replica's total) runs once on the (...)
+    value, not n times on the (n, ...) one. A pmean of a model's gradients
+    followed by an SGD update then divides and scales each gradient once, and
+    no copy is made until a replica's own value meets it. Users of the (n, ...)
+    value get a broadcast view of the one copy when they are pointwise readers
+    whose result keeps its layout (no write, no alias, element by element: the
+    view cannot change their bits), and a stacked copy otherwise (outputs,
+    writes, views, reductions). t must be a fresh value that is only read:
+    nothing can change it between the stack and a use moved after it."""
+    one_copy: dict[torch.fx.Node, torch.fx.Node] = {}  # a node of n equal rows -> a node of one row
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        row = _copied_row(node)
+        if row is not None:
+            one_copy[node] = row
+            continue
+        if node.target not in _EXACT_POINTWISE:
+            continue
+        out = node.meta.get("val")
+        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if not isinstance(out, torch.Tensor) or not tensors or any(a not in one_copy for a in tensors):
+            continue
+        if any(_val_layout(a) != (out.shape, out.dtype) for a in tensors):
+            continue  # no broadcasting between the stacks, no type promotion to reason about
+        args = torch.fx.node.map_arg(node.args, lambda a: one_copy.get(a, a))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: one_copy.get(a, a))
+        with graph.inserting_before(node):
+            once = graph.call_function(node.target, args, kwargs)
+        once.meta["val"] = node.target(*_vals(args), **_vals(kwargs))
+        one_copy[node] = once
+    for stacked, row in one_copy.items():
+        _feed_users(graph, stacked, row, one_copy)
+
+
+def _feed_users(
+    graph: torch.fx.Graph, stacked: torch.fx.Node, row: torch.fx.Node, one_copy: dict[torch.fx.Node, torch.fx.Node]
+) -> None:
+    """Point the users of ``stacked`` that are not computed once themselves at a
+    broadcast view of ``row`` or at a stacked copy of it (see above)."""
+    val = stacked.meta["val"]
+    view_val = row.meta["val"].unsqueeze(0).expand(val.shape)
+    view: torch.fx.Node | None = None
+    copy: torch.fx.Node | None = stacked if stacked.target is aten.stack.default else None
+    for user in list(stacked.users):
+        if user in one_copy:
+            continue  # computed once too: this use dies with it
+        if _pointwise_reader(user, stacked) and _same_result(user, stacked, view_val):
+            if view is None:
+                with graph.inserting_after(stacked):
+                    unsqueezed = graph.call_function(aten.unsqueeze.default, (row, 0))
+                with graph.inserting_after(unsqueezed):
+                    view = graph.call_function(aten.expand.default, (unsqueezed, list(val.shape)))
+                unsqueezed.meta["val"] = row.meta["val"].unsqueeze(0)
+                view.meta["val"] = view_val
+            user.replace_input_with(stacked, view)
+            continue
+        if copy is None:
+            with graph.inserting_after(stacked):
+                copy = graph.call_function(aten.stack.default, ([row] * val.shape[0],))
+            copy.meta["val"] = val
+        user.replace_input_with(stacked, copy)
+
+
+def _copied_row(node: torch.fx.Node) -> torch.fx.Node | None:
+    """t when ``node`` is ``stack([t, ..., t])`` along dimension 0 and t is a
+    fresh value that every user only reads, else None."""
+    if node.target is not aten.stack.default or not isinstance(node.meta.get("val"), torch.Tensor):
+        return None
+    rows, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim != 0 or not isinstance(rows, (list, tuple)) or not rows or any(r is not rows[0] for r in rows):
+        return None
+    row = rows[0]
+    if not isinstance(row, torch.fx.Node) or not isinstance(row.meta.get("val"), torch.Tensor) or not _pure(row):
+        return None
+    return row if all(_only_reads(user, row) for user in row.users) else None
+
+
+def _val_layout(node: torch.fx.Node) -> tuple[Any, Any]:
+    val = node.meta.get("val")
+    return (val.shape, val.dtype) if isinstance(val, torch.Tensor) else (None, None)
+
+
+def _vals(args: Any) -> Any:
+    return torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+
+
+def _pointwise_reader(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    target = user.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and _only_reads(user, value)
+
+
+def _same_result(user: torch.fx.Node, value: torch.fx.Node, view_val: torch.Tensor) -> bool:
+    """Whether ``user`` given the broadcast view for ``value`` makes a result of
+    the same shape, dtype and strides (its kernel picks the layout from its
+    inputs')."""
+    out = user.meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return False
+    swap = torch.fx.node.map_arg((user.args, user.kwargs), lambda a: view_val if a is value else a.meta.get("val"))
+    if any(v is None for v in torch.utils._pytree.tree_leaves(swap)):
+        return False  # an argument traced without its value: nothing to compare with
+    try:
+        new = user.target(*swap[0], **swap[1])  # type: ignore[operator]
+    except Exception:
+        return False
+    layout = (out.shape, out.dtype, out.stride())
+    return isinstance(new, torch.Tensor) and (new.shape, new.dtype, new.stride()) == layout
 
 
 def _eliminate_dead_nodes(graph: torch.fx.Graph) -> None:

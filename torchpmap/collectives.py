@@ -220,13 +220,16 @@ def _reduce(
 
     # One collective per dtype and device, not one per leaf: a pmean over a
     # model's gradients costs one rendezvous (the leaves travel as one flat
-    # buffer, in JAX's leaf order, and are split again, differentiably).
-    buckets: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    first_leaf: dict[tuple[torch.dtype, torch.device], int] = {}
+    # buffer, in JAX's leaf order, and are split again, differentiably). The
+    # stacked executor has no rendezvous to save, and there the flat buffer
+    # would cost two copies of every replica's leaves: one collective per leaf.
+    per_leaf = torch.compiler.is_compiling() and _ops._capturing_for_stacking()
+    buckets: dict[tuple[Any, ...], list[int]] = {}
+    first_leaf: dict[tuple[Any, ...], int] = {}
     for k, j in enumerate(leaves.order):
         v = values[j]
         if isinstance(v, torch.Tensor):
-            key = (leaves.dtypes[j], v.device)
+            key = (j,) if per_leaf else (leaves.dtypes[j], v.device)
             first_leaf.setdefault(key, k)
             buckets.setdefault(key, []).append(j)
         elif v is not None:
