@@ -228,6 +228,18 @@ def test_replicas_bringing_different_shapes_to_a_collective_fail_as_on_threads()
             pf(rows(N, 3))
 
 
+def test_a_replica_tensor_stored_outside_the_function_falls_back():
+    logs = {"threads": [], "lockstep": []}
+    for name in logs:
+        log = logs[name]
+        with executor(name, allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pm(lambda x, log=log: (log.append(x * 2), x + 1)[1])(rows(N, 3))
+        if name == "lockstep":
+            assert any("stores a tensor that differs" in str(w.message) for w in caught)
+    assert sorted(t.tolist() for t in logs["lockstep"]) == sorted(t.tolist() for t in logs["threads"])
+
+
 def test_random_op_falls_back():
     pf = pm(lambda x: x + torch.rand_like(x))
     reason = "a random op the lockstep executor does not give each replica's stream"

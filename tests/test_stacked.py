@@ -275,6 +275,71 @@ def test_data_dependent_shape_falls_back():
     fallback(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3), match="capture failed")
 
 
+class _Box:
+    pass
+
+
+_STORED = None
+
+
+def _store_global(x):
+    global _STORED
+    _STORED = x * 2
+    return x + 1
+
+
+def _stores(kind):
+    """A function that stores each replica's tensor outside itself, and what it stored."""
+    log, table, box = [], {}, _Box()
+    if kind == "list":
+        return lambda x: (log.append(x * 2), x + 1)[1], lambda: sorted(t.tolist() for t in log)
+    if kind == "dict":
+        return lambda x: (table.__setitem__("last", x.sum()), x + 1)[1], lambda: table["last"].shape
+    if kind == "unused_input":
+        return lambda x, y: (log.append(y), x + 1)[1], lambda: sorted(t.tolist() for t in log)
+    if kind == "attribute":
+        return lambda x: (setattr(box, "seen", x), x + 1)[1], lambda: box.seen.shape
+    if kind == "global":
+        return _store_global, lambda: _STORED.shape
+    cell = None
+
+    def closure(x):
+        nonlocal cell
+        cell = x - 1
+        return x + 1
+
+    return closure, lambda: cell.shape
+
+
+@pytest.mark.parametrize("kind", ["list", "unused_input", "dict", "attribute", "global", "closure"])
+def test_a_replica_tensor_stored_outside_the_function_falls_back(kind):
+    """Captured, Dynamo would store replica 0's tensor alone: the threads store each replica's."""
+    args = (rows(N, 3), rows(N, 2, offset=5.0)) if kind == "unused_input" else (rows(N, 3),)
+    f, stored = _stores(kind)
+    with executor("threads"):
+        expected = pm(f)(*args)
+        expected_stored = stored()
+    f, stored = _stores(kind)
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="stores a tensor that differs"):
+        got = pm(f)(*args)
+    assert_same_bits(expected, got)
+    assert stored() == expected_stored
+
+
+def test_side_effects_without_replica_tensors_stay_stacked():
+    counts, shared, table = [], torch.ones(3), {}
+
+    def f(x):
+        counts.append(1)  # once per call when captured, as documented
+        table["shared"] = shared  # the same object in every replica
+        out = []
+        out.append(x * 2)  # a new list the function returns
+        return out
+
+    got = both(pm(f), rows(N, 3))
+    assert isinstance(got, list) and table["shared"] is shared
+
+
 def test_random_ops_draw_the_threads_numbers():
     # Each replica draws from its own stream, as on threads (more in test_stacked_random.py).
     pf = pm(lambda x: x + torch.rand_like(x))

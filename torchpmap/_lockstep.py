@@ -40,7 +40,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _ops
+from . import _escapes, _ops
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
@@ -410,6 +410,11 @@ def _backend(
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
+        state = _current()
+        differ = [vs[0] for vs in state.replicas_of.values() if any(v is not vs[0] for v in vs[1:])]
+        stored = _escapes.stored_replica_tensor(differ)
+        if stored is not None:
+            raise Unsupported(_escapes.refusal(stored))
         # The capture frame stays bound: a collective's backward checks its axis.
         # Away from Dynamo's tracing context: make_fx would otherwise trace in
         # Dynamo's fake mode and leave symbols in its shape environment.

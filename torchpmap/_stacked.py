@@ -49,7 +49,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _ops, _runtime, _stacked_autograd, _stacked_random
+from . import _axis, _escapes, _ops, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
@@ -431,6 +431,9 @@ def _backend(
         count[0] += 1
         state = _current()
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
+        stored = _escapes.stored_replica_tensor([t for t in state.keep if id(t) in state.stacked_of])
+        if stored is not None:
+            raise Unsupported(_escapes.refusal(stored))
         examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
         _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
         sites = _stacked_random.route_random_ops(gm)
