@@ -381,7 +381,7 @@ def test_pytree_collectives_check_the_whole_tree(trees, op):
         return getattr(tp, op)(tree, "i")
 
     err, seconds = expect_error(pmap_k(f, 2), torch.ones(2, 1), kind=tp.CollectiveMismatchError)
-    assert seconds < 1.0
+    assert seconds < 3.0  # not the collective timeout; a captured executor first tries (and fails) a capture
     assert "replica 0" in str(err) and "replica 1" in str(err)
 
 
