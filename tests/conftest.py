@@ -7,9 +7,9 @@
 * ``cuda``: needs pmap to run on GPUs; skipped without one, or with
   ``TORCHPMAP_PLATFORM=cpu`` (which runs the virtual-device suite on a GPU machine).
 * ``threads_only``: checks what only the threads executor does (a replica's
-  Python runs once per replica, the default executor); skipped when
-  ``TORCHPMAP_EXECUTOR`` picks another (``test_stacked.py`` runs the quick
-  suite under the stacked executor that way).
+  Python runs once per replica): runs with the threads executor set, and is
+  skipped when ``TORCHPMAP_EXECUTOR`` picks another (``test_stacked.py`` runs
+  the quick suite under the stacked executor that way).
 
 The suite is written for 8 devices (the default virtual CPU devices). With
 fewer (a machine with 1 to 4 GPUs, or TORCHPMAP_CPU_DEVICES=2), a test that
@@ -33,7 +33,7 @@ _TOO_FEW = re.compile(r"the mapped axis has size (\d+) .*but only (\d+) local de
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     has_cuda = _devices.platform() == "cuda"
-    threads = os.environ.get("TORCHPMAP_EXECUTOR", "threads") == "threads"
+    threads = os.environ.get("TORCHPMAP_EXECUTOR", "threads") in ("threads", "")
     for item in items:
         if item.get_closest_marker("subprocess") is not None:
             item.add_marker(pytest.mark.slow)
@@ -56,11 +56,14 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function):
 
 
 @pytest.fixture(autouse=True)
-def _restore_executor():
-    """Tests that switch the executor leave it as they found it."""
+def _restore_executor(request):
+    """Tests that switch the executor leave it as they found it; a
+    ``threads_only`` test starts on the threads executor."""
     from torchpmap import _config
 
     before = _config._executor
+    if request.node.get_closest_marker("threads_only") is not None:
+        _config._executor = "threads"
     yield
     _config._executor = before
 

@@ -42,8 +42,11 @@ def sequential(monkeypatch: pytest.MonkeyPatch) -> SequentialExecutor:
     return executor
 
 
-@pytest.mark.threads_only
-def test_threads_is_the_default_executor():
+def test_auto_is_the_default_executor_and_a_first_call_runs_on_the_threads(monkeypatch):
+    from torchpmap import _config, _stacked
+
+    monkeypatch.delenv("TORCHPMAP_EXECUTOR", raising=False)
+    monkeypatch.setattr(_config, "_executor", None)
     seen: list[Executor] = []
     real = _pmap.choose_executor
 
@@ -51,9 +54,27 @@ def test_threads_is_the_default_executor():
         seen.append(real(record))
         return seen[-1]
 
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(_pmap, "choose_executor", spy)
-        torchpmap.pmap(lambda x: x + 1)(torch.zeros(2, 3))
+    monkeypatch.setattr(_pmap, "choose_executor", spy)
+    f = torchpmap.pmap(lambda x: x + 1)
+    first = f(torch.zeros(2, 3))
+    assert seen == [_stacked.AUTO]
+    assert first.shard_layout.storage.value != "stacked"  # the threads ran it
+    later = f(torch.zeros(2, 3))
+    assert later.shard_layout.storage.value == "stacked"
+    assert torch.equal(first.unshard(), later.unshard())
+
+
+def test_threads_executor_is_a_choice(monkeypatch):
+    seen: list[Executor] = []
+    real = _pmap.choose_executor
+
+    def spy(record: CallRecord) -> Executor:
+        seen.append(real(record))
+        return seen[-1]
+
+    monkeypatch.setattr(_pmap, "choose_executor", spy)
+    torchpmap.set_executor("threads")
+    torchpmap.pmap(lambda x: x + 1)(torch.zeros(2, 3))
     assert len(seen) == 1 and isinstance(seen[0], ThreadsExecutor)
 
 

@@ -241,10 +241,13 @@ def test_dynamic_true_falls_back_to_per_replica_compile():
     assert torch.equal(got.unshard(), rows(N, 3).sum(0).expand(N, 3))
 
 
-def test_auto_falls_back_without_a_warning():
+def test_auto_warns_of_a_failed_capture_not_of_a_call_outside_its_scope():
     pf = pm(lambda x: x * x.max().item(), compile=AOT)
-    with executor("auto"):  # warnings are errors here
+    with executor("auto", allow_fallback=True), pytest.warns(RuntimeWarning, match="capture failed"):
         assert torch.equal(pf(rows(N, 3)).unshard(), rows(N, 3) * rows(N, 3).amax(1, keepdim=True))
+    pf = pm(lambda x: x * 2, compile=AOT)
+    with executor("auto"), torch.autocast("cpu"):  # warnings are errors here
+        assert torch.equal(pf(rows(N, 3)).unshard(), rows(N, 3) * 2)
 
 
 def test_a_dynamo_stance_falls_back():

@@ -215,7 +215,7 @@ _THREADS = ThreadsExecutor()
 
 def choose_executor(record: CallRecord) -> Executor:
     """The executor for ``record``: the one place that picks (``set_executor``,
-    TORCHPMAP_EXECUTOR; threads by default)."""
+    TORCHPMAP_EXECUTOR; "auto" by default)."""
     name = _config.executor_name()
     if name == "threads":
         return _THREADS

@@ -48,13 +48,25 @@ _executor: str | None = None
 
 
 def set_executor(name: str) -> None:
-    """Which executor runs pmap calls: ``"threads"`` (the default: one worker
-    thread per device), ``"stacked"`` (experimental: replicas on one physical
-    device run as one batched graph, captured once; calls it cannot run fall
-    back to threads with a RuntimeWarning), ``"lockstep"`` (experimental: one
-    host thread runs the captured function's pieces between collectives for
-    every replica in turn, then each collective on all of them; falls back like
-    stacked) or ``"auto"`` (stacked where it applies, without the warnings).
+    """Which executor runs pmap calls:
+
+    * ``"auto"`` (the default): the stacked executor where it applies (replicas
+      that share one virtual CPU device group in one process), from a
+      function's second call on: its first call runs on the threads, so a
+      function called once never pays for a capture (a ``compile=`` function is
+      captured at once). A function it cannot capture runs on the threads with
+      a RuntimeWarning once per function and reason; calls outside its scope
+      (several physical devices or processes, GPUs, module or PerReplica
+      arguments it cannot stack, autocast...) run on the threads silently.
+    * ``"threads"``: one worker thread per replica, each running the function's
+      Python (pdb inside a replica, per-replica side effects): the debugging
+      mode, and what the others fall back to.
+    * ``"stacked"``: the stacked executor for every call, from the first,
+      warning whenever a call falls back.
+    * ``"lockstep"`` (experimental): one host thread runs the captured
+      function's pieces between collectives for every replica in turn, then
+      each collective on all of them; falls back like stacked.
+
     The TORCHPMAP_EXECUTOR environment variable sets it too."""
     global _executor
     if name not in EXECUTORS:
@@ -67,7 +79,7 @@ def executor_name() -> str:
         return _executor
     raw = os.environ.get(_ENV_EXECUTOR)
     if not raw:
-        return "threads"
+        return "auto"
     if raw not in EXECUTORS:
         raise ValueError(f"{_ENV_EXECUTOR} must be one of {EXECUTORS}, got {raw!r}")
     return raw

@@ -748,16 +748,19 @@ def warn_fallback(fun: Callable[..., Any], label: str, reason: str, executor: st
 class CapturedExecutor(Executor):
     """An executor that runs a call from one capture of its function (``run``)
     when it can, else on the threads executor, warning once per function and
-    reason unless ``quiet``. The stacked and lockstep executors are two."""
+    reason. The stacked and lockstep executors are two; ``auto`` is the
+    default executor's variant (see ``_config.set_executor``): calls outside
+    its scope and a function's first call run on the threads without a word,
+    and only a failed capture warns."""
 
     def __init__(
         self,
         name: str,
         unsupported_reason: Callable[[CallRecord], str | None],
         run: Callable[[CallRecord], list[FlatOutput] | StackedOutput],
-        quiet: bool = False,
+        auto: bool = False,
     ) -> None:
-        self.name, self._unsupported_reason, self._run, self._quiet = name, unsupported_reason, run, quiet
+        self.name, self._unsupported_reason, self._run, self._auto = name, unsupported_reason, run, auto
 
     def run_replicas(
         self,
@@ -769,15 +772,44 @@ class CapturedExecutor(Executor):
 
     def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
         reason = self._unsupported_reason(record)
-        if reason is None:
-            try:
-                return self._run(record)
-            except Unsupported as e:
-                reason = e.reason
-        if not self._quiet:
-            warn_fallback(record.fun, record.group.label, reason, self.name)
+        if reason is not None:
+            if not self._auto:
+                warn_fallback(record.fun, record.group.label, reason, self.name)
+            return _THREADS.call(record)
+        if self._auto and _first_call(record):
+            return _THREADS.call(record)
+        try:
+            return self._run(record)
+        except Unsupported as e:
+            warn_fallback(record.fun, record.group.label, e.reason, self.name)
         return _THREADS.call(record)
 
 
+def auto_unsupported_reason(record: CallRecord) -> str | None:
+    """``unsupported_reason``, and GPUs: the stacked executor has not run on one yet."""
+    if any(d.type != "cpu" for d in record.group.devices):
+        return "not CPU devices"
+    return unsupported_reason(record)
+
+
+# The functions the default executor has seen a call of (their first ran on the threads).
+_called_once: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _first_call(record: CallRecord) -> bool:
+    """Whether this is the first call of the function that the default executor
+    sees: a function called once then costs no capture (~0.1-1 s). A compile=
+    call is captured at once: its first call would compile per replica first."""
+    if record.compile_options is not None:
+        return False
+    try:
+        if record.fun in _called_once:
+            return False
+        _called_once.add(record.fun)
+    except TypeError:  # not weakly referenceable or not hashable: captured at once
+        return False
+    return True
+
+
 STACKED = CapturedExecutor("stacked", unsupported_reason, run)
-AUTO = CapturedExecutor("stacked", unsupported_reason, run, quiet=True)
+AUTO = CapturedExecutor("stacked", auto_unsupported_reason, run, auto=True)
