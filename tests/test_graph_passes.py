@@ -207,3 +207,53 @@ def test_a_pointwise_user_whose_layout_would_change_gets_a_copy():
     gm, _, _ = traced(f, x, y)
     for g, e in zip(gm(x, y), f(x, y)):
         assert torch.equal(g, e) and g.stride() == e.stride()
+
+
+def test_no_once_when_the_copies_or_a_result_of_them_are_written_through_a_view():
+    def stack_written(x):
+        every = torch.stack([x[0] + x[1]] * 3)
+        every.view(-1).add_(100)  # the (3, ...) value changes; one row would not see it
+        return every * x[0]
+
+    def some_rows_written(x):
+        every = torch.stack([x[0] + x[1]] * 3)
+        every[1:].mul_(0)
+        return every / 4
+
+    def once_result_written(x):
+        every = torch.stack([x[0] + x[1]] * 3)
+        half = every * 0.5
+        half.view(-1).add_(1)
+        return half + x[0]
+
+    for f in (stack_written, some_rows_written, once_result_written):
+        x = torch.arange(8.0).reshape(2, 4)
+        gm, _, after = traced(f, x.clone())
+        assert aten.expand.default not in after, f.__name__
+        assert torch.equal(gm(x.clone()), f(x.clone())), f.__name__
+
+
+def test_only_exact_arithmetic_runs_once_or_reads_the_broadcast_view():
+    # Complex products, half precision, alpha: the vector and scalar kernels
+    # round differently, so one row and n rows can differ in the last bits.
+    def inexact(x, p):
+        every = torch.stack([x[0] + x[1]] * 4)
+        return every * every, torch.add(every, every, alpha=0.3), torch.add(p, every, alpha=0.3)
+
+    def inexact_readers(x, p):
+        every = torch.stack([x[0] + x[1]] * 4)
+        return every.exp() + p, torch.sigmoid(every), torch.pow(p.abs(), every)
+
+    torch.manual_seed(0)
+    for dtype in (torch.complex64, torch.float16, torch.bfloat16):
+        x, p = torch.randn(2, 33, dtype=dtype), torch.randn(4, 33, dtype=dtype)
+        gm, _, after = traced(inexact, x, p)
+        assert aten.expand.default not in after, dtype
+        assert [tuple(s) for s in _shapes_of(gm, aten.mul.Tensor)] == [(4, 33)], dtype
+    for dtype in (torch.float32, torch.float64):
+        x, p = torch.randn(2, 33, dtype=dtype), torch.randn(4, 33, dtype=dtype)
+        for f in (inexact, inexact_readers):
+            gm, _, after = traced(f, x, p)
+            assert aten.expand.default not in after, (f.__name__, dtype)
+            for g, e in zip(gm(x, p), f(x, p)):
+                assert torch.equal(g, e)

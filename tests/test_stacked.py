@@ -51,7 +51,14 @@ FUNCTIONS = {
         k: v - 0.1 * g for (k, v), g in zip({"a": x, "b": x[0]}.items(), tp.pmean([x, x[0]], "i"))
     },
     "psum_written_in_place": lambda x: tp.psum(x, "i").mul_(2).add_(x),
+    "psum_written_through_a_slice": lambda x: _written_through_a_slice(tp.psum(x, "i")) * 2 + x,
+    "complex_pmean_then_update": lambda x: (x + 1j) - 0.3 * tp.pmean((x + 2j) * (x - 1j), "i") * (1 + 1j),
 }
+
+
+def _written_through_a_slice(total):
+    total[:1].zero_()
+    return total
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))

@@ -136,8 +136,13 @@ def _key(value: Any) -> Any:
 
 
 # Pointwise ops whose every result element is the correctly rounded value of
-# its inputs' elements: computed on one copy or on n, the bits are the same
-# whatever path (vectorised or not) the kernel takes.
+# its inputs' elements (IEEE arithmetic on real floats, wrapping arithmetic on
+# integers): computed on one copy or on n, through a broadcast view or not,
+# the bits are the same whatever path (vectorised or scalar) the kernel takes.
+# Not complex (a product is several roundings, taken in different orders by
+# the vector and scalar kernels), not half precision (computed in float and
+# rounded back), not ``alpha`` other than 1 (a fused multiply-add on one path
+# and not the other).
 _EXACT_POINTWISE = {
     aten.add.Tensor,
     aten.add.Scalar,
@@ -149,6 +154,27 @@ _EXACT_POINTWISE = {
     aten.div.Scalar,
     aten.neg.default,
 }
+_EXACT_DTYPES = {
+    torch.float32,
+    torch.float64,
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+}
+
+
+def _exact(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an op of ``_EXACT_POINTWISE`` on and to exact dtypes."""
+    if node.op != "call_function" or node.target not in _EXACT_POINTWISE:
+        return False
+    if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
+        return False
+    values = [a.meta.get("val") for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+    values.append(node.meta.get("val"))
+    return all(isinstance(v, torch.Tensor) and v.dtype in _EXACT_DTYPES for v in values)
 
 
 def _compute_copies_once(graph: torch.fx.Graph) -> None:
@@ -157,35 +183,88 @@ def _compute_copies_once(graph: torch.fx.Graph) -> None:
     value, not n times on the (n, ...) one. A pmean of a model's gradients
     followed by an SGD update then divides and scales each gradient once, and
     no copy is made until a replica's own value meets it. Users of the (n, ...)
-    value get a broadcast view of the one copy when they are pointwise readers
-    whose result keeps its layout (no write, no alias, element by element: the
-    view cannot change their bits), and a stacked copy otherwise (outputs,
-    writes, views, reductions). t must be a fresh value that is only read:
-    nothing can change it between the stack and a use moved after it."""
+    value get a broadcast view of the one copy when they are exact pointwise
+    readers whose result keeps its layout (see ``_EXACT_POINTWISE``: the view
+    cannot change their bits), and a stacked copy otherwise (outputs, writes,
+    views, reductions, other arithmetic). t must be a fresh value that is only
+    read, and nothing in the graph may write to the (n, ...) values or their
+    views: the one copy would not see the write."""
+    planned = _plan_copies_once(graph)
+    if not planned or _written_through_aliases(graph, planned):
+        return
     one_copy: dict[torch.fx.Node, torch.fx.Node] = {}  # a node of n equal rows -> a node of one row
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
+    for node in planned:
         row = _copied_row(node)
         if row is not None:
             one_copy[node] = row
             continue
-        if node.target not in _EXACT_POINTWISE:
-            continue
-        out = node.meta.get("val")
-        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-        if not isinstance(out, torch.Tensor) or not tensors or any(a not in one_copy for a in tensors):
-            continue
-        if any(_val_layout(a) != (out.shape, out.dtype) for a in tensors):
-            continue  # no broadcasting between the stacks, no type promotion to reason about
+        target = node.target
+        assert isinstance(target, torch._ops.OpOverload)  # an op of _EXACT_POINTWISE
         args = torch.fx.node.map_arg(node.args, lambda a: one_copy.get(a, a))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: one_copy.get(a, a))
         with graph.inserting_before(node):
-            once = graph.call_function(node.target, args, kwargs)
-        once.meta["val"] = node.target(*_vals(args), **_vals(kwargs))
+            once = graph.call_function(target, args, kwargs)
+        once.meta["val"] = target(*_vals(args), **_vals(kwargs))
         one_copy[node] = once
     for stacked, row in one_copy.items():
         _feed_users(graph, stacked, row, one_copy)
+
+
+def _plan_copies_once(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """The nodes whose value is n equal rows that one row can stand for, in
+    graph order: the stacks of ``_copied_row`` and exact pointwise ops on them."""
+    planned: dict[torch.fx.Node, None] = {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if _copied_row(node) is not None:
+            planned[node] = None
+            continue
+        if not _exact(node):
+            continue
+        out = node.meta["val"]
+        tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if not tensors or any(a not in planned for a in tensors):
+            continue
+        if any(_val_layout(a) != (out.shape, out.dtype) for a in tensors):
+            continue  # no broadcasting between the stacks, no type promotion to reason about
+        planned[node] = None
+    return list(planned)
+
+
+def _written_through_aliases(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> bool:
+    """Whether an op of ``graph`` may write to one of ``nodes`` or to a view of
+    one (a slice zeroed in place, a view added to)."""
+    aliases = set(nodes)
+    for node in graph.nodes:  # graph order: a view's base comes before it
+        if node.op != "call_function" or not _mentions_any((node.args, node.kwargs), aliases):
+            continue
+        target = node.target
+        if not isinstance(target, torch._ops.OpOverload):
+            if target is operator.getitem:
+                aliases.add(node)  # a part of a result that may alias
+                continue
+            return True  # an unknown callable may write
+        schema = target._schema
+        for k, arg in enumerate(schema.arguments):
+            given = node.args[k] if k < len(node.args) else node.kwargs.get(arg.name)
+            if arg.alias_info is not None and arg.alias_info.is_write and _mentions_any(given, aliases):
+                return True
+        if any(r.alias_info is not None for r in schema.returns):
+            aliases.add(node)  # a view (or an in-place op's result): writes to it reach the value
+    return False
+
+
+def _mentions_any(given: Any, nodes: set[torch.fx.Node]) -> bool:
+    found = False
+
+    def visit(a: torch.fx.Node) -> torch.fx.Node:
+        nonlocal found
+        found = found or a in nodes
+        return a
+
+    torch.fx.node.map_arg(given, visit)
+    return found
 
 
 def _feed_users(
@@ -200,7 +279,7 @@ def _feed_users(
     for user in list(stacked.users):
         if user in one_copy:
             continue  # computed once too: this use dies with it
-        if _pointwise_reader(user, stacked) and _same_result(user, stacked, view_val):
+        if _exact(user) and _only_reads(user, stacked) and _same_result(user, stacked, view_val):
             if view is None:
                 with graph.inserting_after(stacked):
                     unsqueezed = graph.call_function(aten.unsqueeze.default, (row, 0))
@@ -238,11 +317,6 @@ def _val_layout(node: torch.fx.Node) -> tuple[Any, Any]:
 
 def _vals(args: Any) -> Any:
     return torch.fx.node.map_arg(args, lambda a: a.meta["val"])
-
-
-def _pointwise_reader(user: torch.fx.Node, value: torch.fx.Node) -> bool:
-    target = user.target
-    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and _only_reads(user, value)
 
 
 def _same_result(user: torch.fx.Node, value: torch.fx.Node, view_val: torch.Tensor) -> bool:
