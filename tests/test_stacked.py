@@ -1,6 +1,7 @@
 """The stacked executor: the same bits as the threads executor, captured soundly,
 and a warned fallback for everything outside its scope."""
 
+import collections
 import warnings
 
 import pytest
@@ -308,6 +309,14 @@ def _stores(kind):
         return lambda x: (setattr(box, "seen", x), x + 1)[1], lambda: box.seen.shape
     if kind == "global":
         return _store_global, lambda: _STORED.shape
+    if kind == "dict_key":
+        return lambda x: (table.__setitem__(x * 2, "seen"), x + 1)[1], lambda: sorted(k.tolist() for k in table)
+    if kind == "set_member":
+        members: set[torch.Tensor] = set()
+        return lambda x: (members.add(x * 2), x + 1)[1], lambda: sorted(k.tolist() for k in members)
+    if kind == "object_argument":  # an object the caller passes is not rebuilt per replica
+        f = tp.pmap(lambda x, b: (setattr(b, "seen", x), x + 1)[1], "i", devices=devices(N), in_axes=(0, None))
+        return lambda x: f(x, box), lambda: box.seen.shape
     cell = None
 
     def closure(x):
@@ -318,19 +327,41 @@ def _stores(kind):
     return closure, lambda: cell.shape
 
 
-@pytest.mark.parametrize("kind", ["list", "unused_input", "dict", "attribute", "global", "closure"])
+_KINDS = ["list", "unused_input", "dict", "attribute", "global", "closure", "dict_key", "set_member"]
+
+
+@pytest.mark.parametrize("kind", [*_KINDS, "object_argument"])
 def test_a_replica_tensor_stored_outside_the_function_falls_back(kind):
     """Captured, Dynamo would store replica 0's tensor alone: the threads store each replica's."""
     args = (rows(N, 3), rows(N, 2, offset=5.0)) if kind == "unused_input" else (rows(N, 3),)
+    pmapped = (lambda f: f) if kind == "object_argument" else pm
     f, stored = _stores(kind)
     with executor("threads"):
-        expected = pm(f)(*args)
+        expected = pmapped(f)(*args)
         expected_stored = stored()
     f, stored = _stores(kind)
     with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="stores a tensor that differs"):
-        got = pm(f)(*args)
+        got = pmapped(f)(*args)
     assert_same_bits(expected, got)
     assert stored() == expected_stored
+
+
+def test_writes_to_the_functions_own_argument_containers_stay_stacked():
+    # pmap rebuilds its arguments' containers for every replica and call: no caller sees them.
+    Pair = collections.namedtuple("Pair", "state extra")
+
+    def step(params, pair, log):
+        g = tp.pmean(params["w"] * 2, "i")
+        params["w"] = params["w"] - 0.1 * g
+        pair.state["seen"] = g
+        log.append(g)
+        log[0] = params["w"]
+        return params, pair, log
+
+    params, pair, log = {"w": rows(N, 3)}, Pair({"s": rows(N, 2)}, [rows(N, 1)]), [rows(N, 2)]
+    got = both(pm(step), params, pair, log)
+    assert set(params) == {"w"} and set(pair.state) == {"s"} and len(log) == 1  # the caller's stay as they were
+    assert set(got[0]) == {"w"} and set(got[1].state) == {"s", "seen"} and len(got[2]) == 2
 
 
 def test_side_effects_without_replica_tensors_stay_stacked():

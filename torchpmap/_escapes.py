@@ -11,12 +11,15 @@ graph, so that the capture falls back to the threads instead.
 
 A tensor that is the same object in every replica (a closed-over tensor put
 back where it was, a list's old items) is no difference and passes; so do
-new containers the function returns (its outputs) and side effects without
-tensors (a counter, a flag), which the executors' documentation covers.
+new containers the function returns (its outputs), the containers of its own
+arguments (pmap rebuilds them for every replica and every call, so no caller
+sees what is stored in them) and side effects without tensors (a counter, a
+flag), which the executors' documentation covers.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,23 +37,32 @@ def stored_replica_tensor(per_replica: Sequence[torch.Tensor]) -> str | None:
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
         from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew, VariableTracker
+        from torch._dynamo.variables.dicts import ConstDictVariable
+        from torch._dynamo.variables.sets import SetVariable
         from torch._dynamo.variables.tensor import TensorVariable
 
-        side_effects = InstructionTranslator.current_tx().output.side_effects
+        tx = InstructionTranslator.current_tx()
+        side_effects = tx.output.side_effects
         ignored = side_effects.ignore_mutation_on_these_variables
 
         def existing(var: Any) -> bool:  # an object from before the call: the caller sees what is stored in it
-            return var not in ignored and not isinstance(var.mutation_type, (AttributeMutationNew, ValueMutationNew))
+            if var in ignored or isinstance(var.mutation_type, (AttributeMutationNew, ValueMutationNew)):
+                return False
+            return not _rebuilt_argument(var.source, tx.f_locals)
 
         roots: list[Any] = [var for var in side_effects._get_modified_vars() if existing(var)]
         roots += [attrs for var, attrs in side_effects.store_attr_mutations.items() if existing(var)]
         stored: list[Any] = []
+
+        def collect(vt: Any) -> None:
+            if isinstance(vt, TensorVariable):
+                stored.append(vt)
+            elif isinstance(vt, (ConstDictVariable, SetVariable)):  # a dict's keys, a set's members: visit skips them
+                for key in vt.items:
+                    VariableTracker.visit(collect, key.vt, side_effects=side_effects)
+
         for root in roots:
-            VariableTracker.visit(
-                lambda vt: stored.append(vt) if isinstance(vt, TensorVariable) else None,
-                root,
-                side_effects=side_effects,
-            )
+            VariableTracker.visit(collect, root, side_effects=side_effects)
         nodes = [vt.proxy.node for vt in stored]
         replica_ids = {id(t) for t in per_replica}
         for node in nodes:
@@ -66,6 +78,46 @@ def stored_replica_tensor(per_replica: Sequence[torch.Tensor]) -> str | None:
     except (ImportError, AttributeError) as e:  # another torch: say so rather than guess
         return f"<Dynamo's record of side effects is unreadable: {e}>"
     return None
+
+
+# The containers pytree takes apart and ``CallRecord.unflatten`` builds anew
+# for each replica of each call; the mutable ones can be stored into.
+_REBUILT = (list, tuple, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
+_MUTABLE = (list, dict, collections.OrderedDict, collections.defaultdict, collections.deque)
+
+
+def _rebuilt_argument(source: Any, frame_locals: dict[str, Any]) -> bool:
+    """Whether ``source`` names a container of the captured call's own
+    arguments: reached from the entry's ``args``/``kwargs`` through items of
+    containers that pmap rebuilds (never a user object's ``__getitem__``)."""
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, LocalSource
+
+    steps: list[Any] = []
+    while isinstance(source, (GetItemSource, DictGetItemSource, AttrSource)):
+        steps.append(source)
+        source = source.base
+    if not isinstance(source, LocalSource) or source.local_name not in ("args", "kwargs") or not steps:
+        return False
+    obj: Any = frame_locals.get(source.local_name)
+    for step in reversed(steps):
+        if type(obj) not in _REBUILT and not _is_namedtuple(obj):
+            return False
+        if isinstance(step, AttrSource):
+            if not _is_namedtuple(obj) or step.member not in obj._fields:
+                return False
+            obj = getattr(obj, step.member)
+        elif isinstance(step, GetItemSource) and step.index_is_slice:
+            return False
+        else:
+            try:
+                obj = obj[step.index]
+            except (KeyError, IndexError, TypeError):
+                return False
+    return type(obj) in _MUTABLE
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(type(obj), "_fields")
 
 
 def _made_at(node: torch.fx.Node) -> str:
