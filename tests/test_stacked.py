@@ -283,6 +283,26 @@ def test_data_dependent_shape_falls_back():
     fallback(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3), match="capture failed")
 
 
+def test_a_collective_of_a_broadcast_value_falls_back_saying_so():
+    pf = pm(lambda x, w: x + tp.psum(w, "i"), in_axes=(0, None))
+    fallback(pf, rows(N, 3), torch.arange(3.0), match=r"collective \(all_reduce\) of a value that is the same in every")
+
+
+def test_calls_with_no_mapped_argument_run_stacked():
+    broadcast = pm(lambda w: w * 2 + tp.axis_index("i") + torch.rand(()), in_axes=None, axis_size=N)
+    no_arguments = pm(lambda: torch.ones(2) * tp.axis_index("i"), axis_size=N)
+    with executor("threads"):
+        torch.manual_seed(0)
+        expected = broadcast(torch.arange(3.0))
+    with executor("stacked"):
+        torch.manual_seed(0)
+        assert_same_bits(expected, broadcast(torch.arange(3.0)))  # each replica's own draw too
+    out = both(no_arguments)
+    assert out.shape == (N, 2) and out.shards[1].tolist() == [1.0, 1.0]
+    out.shards[0].add_(5)  # the rows are each replica's own, not views of one row
+    assert out.shards[1].tolist() == [1.0, 1.0]
+
+
 class _Box:
     pass
 

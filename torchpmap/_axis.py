@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, ClassVar, TypeAlias
 
 import torch
 
@@ -33,6 +33,9 @@ class ReplicaFrame:
     index: int  # global index of this replica along the axis
     device: torch.device
     comm: Communicator
+    # A captured executor's tracing frame: no replica runs, and a collective's kernel
+    # may only meet operands batched over the replicas (see _ops._exchange).
+    capturing: ClassVar[bool] = False
 
 
 _tls = threading.local()

@@ -206,6 +206,13 @@ def _interned(
 def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     """The kernels' common end: the running replica's communicator does the exchange."""
     f = _frame(axes)
+    if f.capturing or _axis.bound_level(axes.split(AXIS_SEP)) is not None:
+        # A captured executor's batched operand meets the batching rule; this one is the
+        # same in every replica, which the captured graph does not lift to a batch.
+        raise RuntimeError(
+            f"a collective ({collective.kind}) of a value that is the same in every replica (computed from no mapped "
+            "argument, e.g. from a broadcast one) has no captured form"
+        )
     return f.comm.exchange(f.index, collective, x)
 
 

@@ -42,7 +42,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -234,6 +234,8 @@ class _CaptureComm:
 class _CaptureFrame(_axis.ReplicaFrame):
     """A frame for tracing: the axis name, size and device, but no index (a
     Python read of it would bake replica 0's index into every replica)."""
+
+    capturing: ClassVar[bool] = True
 
     def __init__(self, axis_name: str, axis_size: int, device: torch.device) -> None:
         self.axis_name, self.axis_size, self.device = axis_name, axis_size, device

@@ -208,9 +208,29 @@ def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwar
             with _axis.entered(level):
                 return fn(*args, **kwargs)
 
-        return torch.func.vmap(replica, **vmap_kwargs)(*args, **kwargs)
+        in_dims = vmap_kwargs.get("in_dims", 0)
+        if _maps_a_tensor(args, in_dims):
+            return torch.func.vmap(replica, **vmap_kwargs)(*args, **kwargs)
+        # Every argument is the same in every replica (broadcast, or none): vmap needs a
+        # batched input to know the size, so an empty one carries it.
+        size_carrier = torch.empty(size, 0, device=device)
+        per_arg = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
+        return torch.func.vmap(lambda *a, **kw: replica(*a[:-1], **kw), **{**vmap_kwargs, "in_dims": (*per_arg, 0)})(
+            *args, size_carrier, **kwargs
+        )
 
     return run
+
+
+def _maps_a_tensor(args: tuple[Any, ...], in_dims: Any) -> bool:
+    """Whether vmap's ``in_dims`` map at least one tensor of ``args``."""
+    leaves, spec = torch.utils._pytree.tree_flatten(args)
+    dims = torch.utils._pytree._broadcast_to_and_flatten(
+        in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args), spec
+    )
+    if dims is None:
+        return True  # vmap reports the mismatch
+    return any(isinstance(a, Tensor) and d is not None for a, d in zip(leaves, dims))
 
 
 def axis_index_batched(level: _axis.ReplicaLevel) -> Tensor:
