@@ -67,6 +67,30 @@ def test_same_bits_as_threads(name):
     both(pm(FUNCTIONS[name]), rows(N, 4, 3))
 
 
+def _total_then_pointwise(x, p):
+    """Pointwise ops on an all-reduce's result (run once on its row) and
+    readers meeting a replica's own value (given a broadcast view of it)."""
+    t = tp.pmean(x, "i")
+    real = not t.is_complex()
+    once = (t * t, torch.add(t, t, alpha=0.3), t.exp(), torch.sigmoid(t), torch.tanh(t), t / 3.0, t.abs().sqrt())
+    readers = (torch.add(p, t, alpha=0.3), t.exp() + p, t * p, torch.addcmul(p, t, p, value=0.7), torch.sigmoid(t) * p)
+    if real:
+        once += (torch.nn.functional.silu(t), torch.nn.functional.gelu(t))
+        readers += (torch.pow(p.abs() + 1, t), torch.lerp(p, t, 0.3), torch.where(p > 0, t * 1.3, p))
+    return once, readers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size", [33, 1027])
+def test_pointwise_ops_on_an_all_reduce_result_give_the_threads_bits(dtype, size):
+    """Computed once on the row and read through a broadcast view, they give
+    the threads' bits even where the kernels' vectorised and scalar paths round
+    differently (complex, half precision, alpha, transcendental)."""
+    torch.manual_seed(size)
+    x, p = torch.randn(N, size, dtype=dtype) * 3, torch.randn(N, size, dtype=dtype)
+    both(pm(_total_then_pointwise), x, p)
+
+
 def test_a_reduction_result_returned_is_each_replica_own():
     """All-reduce results are one row computed once and broadcast inside the
     graph: what the call returns is still n tensors of their own."""

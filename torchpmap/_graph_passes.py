@@ -135,60 +135,39 @@ def _key(value: Any) -> Any:
     return value
 
 
-# Pointwise ops whose every result element is the correctly rounded value of
-# its inputs' elements (IEEE arithmetic on real floats, wrapping arithmetic on
-# integers): computed on one copy or on n, through a broadcast view or not,
-# the bits are the same whatever path (vectorised or scalar) the kernel takes.
-# Not complex (a product is several roundings, taken in different orders by
-# the vector and scalar kernels), not half precision (computed in float and
-# rounded back), not ``alpha`` other than 1 (a fused multiply-add on one path
-# and not the other).
-_EXACT_POINTWISE = {
-    aten.add.Tensor,
-    aten.add.Scalar,
-    aten.sub.Tensor,
-    aten.sub.Scalar,
-    aten.mul.Tensor,
-    aten.mul.Scalar,
-    aten.div.Tensor,
-    aten.div.Scalar,
-    aten.neg.default,
-}
-_EXACT_DTYPES = {
-    torch.float32,
-    torch.float64,
-    torch.bool,
-    torch.uint8,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-}
+# Pointwise kernels that, given the broadcast view, round differently from the
+# threads, so they get a stacked copy: gelu_backward takes another code path
+# for a strided input (another erf, not vectorised) and ldexp computes an
+# (n, ...) intermediate of the view and multiplies in one long loop. Found by
+# comparing every pointwise aten op with two or more tensor inputs
+# (tests/test_graph_passes.py repeats the comparison).
+_STRIDED_INPUT_CHANGES_BITS = {aten.gelu_backward.default, aten.ldexp.Tensor}
 
 
-def _exact(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is an op of ``_EXACT_POINTWISE`` on and to exact dtypes."""
-    if node.op != "call_function" or node.target not in _EXACT_POINTWISE:
-        return False
-    if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
-        return False
-    values = [a.meta.get("val") for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
-    values.append(node.meta.get("val"))
-    return all(isinstance(v, torch.Tensor) and v.dtype in _EXACT_DTYPES for v in values)
+def _pointwise(node: torch.fx.Node) -> bool:
+    """A deterministic elementwise aten op (``Tag.pointwise``) that writes
+    nothing and returns a fresh tensor."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags and _pure(node)
 
 
 def _compute_copies_once(graph: torch.fx.Graph) -> None:
-    """Exact pointwise arithmetic on ``stack([t, t, ..., t])`` (an all-reduce's
-    result on stacked replicas: every replica's total) runs once on the (...)
-    value, not n times on the (n, ...) one. A pmean of a model's gradients
-    followed by an SGD update then divides and scales each gradient once, and
-    no copy is made until a replica's own value meets it. Users of the (n, ...)
-    value get a broadcast view of the one copy when they are exact pointwise
-    readers whose result keeps its layout (see ``_EXACT_POINTWISE``: the view
-    cannot change their bits), and a stacked copy otherwise (outputs, writes,
-    views, reductions, other arithmetic). t must be a fresh value that is only
-    read, and nothing in the graph may write to the (n, ...) values or their
-    views: the one copy would not see the write."""
+    """Pointwise ops on ``stack([t, t, ..., t])`` (an all-reduce's result on
+    stacked replicas: every replica's total) run once on the (...) value, not n
+    times on the (n, ...) one. A pmean of a model's gradients followed by an
+    SGD update then divides and scales each gradient once, and no copy is made
+    until a replica's own value meets it.
+
+    The reference is the threads executor, which runs each op per replica on a
+    fresh (...) tensor: the one row is such a tensor, so computing once gives
+    the threads' bits for any deterministic op. Pointwise users that meet a
+    replica's own value get a broadcast view of the row: their kernel then
+    loops row by row, as the threads do, where an (n, ...) copy would be one
+    long loop whose vectorised and scalar parts split the rows elsewhere (and
+    round differently in complex, half precision or transcendental kernels).
+    Other users (outputs, writes, views, reductions) get a stacked copy. t must
+    be a fresh value that is only read, and nothing in the graph may write to
+    the (n, ...) values or their views: the one copy would not see the write."""
     planned = _plan_copies_once(graph)
     if not planned or _written_through_aliases(graph, planned):
         return
@@ -199,7 +178,7 @@ def _compute_copies_once(graph: torch.fx.Graph) -> None:
             one_copy[node] = row
             continue
         target = node.target
-        assert isinstance(target, torch._ops.OpOverload)  # an op of _EXACT_POINTWISE
+        assert isinstance(target, torch._ops.OpOverload)  # a _pointwise op
         args = torch.fx.node.map_arg(node.args, lambda a: one_copy.get(a, a))
         kwargs = torch.fx.node.map_arg(node.kwargs, lambda a: one_copy.get(a, a))
         with graph.inserting_before(node):
@@ -212,7 +191,7 @@ def _compute_copies_once(graph: torch.fx.Graph) -> None:
 
 def _plan_copies_once(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The nodes whose value is n equal rows that one row can stand for, in
-    graph order: the stacks of ``_copied_row`` and exact pointwise ops on them."""
+    graph order: the stacks of ``_copied_row`` and pointwise ops on them."""
     planned: dict[torch.fx.Node, None] = {}
     for node in graph.nodes:
         if node.op != "call_function":
@@ -220,14 +199,14 @@ def _plan_copies_once(graph: torch.fx.Graph) -> list[torch.fx.Node]:
         if _copied_row(node) is not None:
             planned[node] = None
             continue
-        if not _exact(node):
+        if not _pointwise(node) or not isinstance(node.meta.get("val"), torch.Tensor):
             continue
         out = node.meta["val"]
         tensors = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, torch.fx.Node)]
         if not tensors or any(a not in planned for a in tensors):
             continue
-        if any(_val_layout(a) != (out.shape, out.dtype) for a in tensors):
-            continue  # no broadcasting between the stacks, no type promotion to reason about
+        if any(_val_shape(a) != out.shape for a in tensors):
+            continue  # no broadcasting between the stacks to reason about
         planned[node] = None
     return list(planned)
 
@@ -279,7 +258,8 @@ def _feed_users(
     for user in list(stacked.users):
         if user in one_copy:
             continue  # computed once too: this use dies with it
-        if _exact(user) and _only_reads(user, stacked) and _same_result(user, stacked, view_val):
+        reads_the_view = _pointwise(user) and user.target not in _STRIDED_INPUT_CHANGES_BITS
+        if reads_the_view and _only_reads(user, stacked) and _same_result(user, stacked, view_val):
             if view is None:
                 with graph.inserting_after(stacked):
                     unsqueezed = graph.call_function(aten.unsqueeze.default, (row, 0))
@@ -310,9 +290,9 @@ def _copied_row(node: torch.fx.Node) -> torch.fx.Node | None:
     return row if all(_only_reads(user, row) for user in row.users) else None
 
 
-def _val_layout(node: torch.fx.Node) -> tuple[Any, Any]:
+def _val_shape(node: torch.fx.Node) -> Any:
     val = node.meta.get("val")
-    return (val.shape, val.dtype) if isinstance(val, torch.Tensor) else (None, None)
+    return val.shape if isinstance(val, torch.Tensor) else None
 
 
 def _vals(args: Any) -> Any:
