@@ -140,6 +140,46 @@ def test_functional_call_is_safe_across_replicas():
             torch.testing.assert_close(out[k].shards[r], ref[k])
 
 
+class _Scaled(torch.nn.Module):
+    """A module whose forward reads a Python attribute, a buffer that is not
+    passed, and dropout's training flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(6, 6)
+        self.drop = torch.nn.Dropout(0.5)
+        self.register_buffer("offset", torch.zeros(6))
+        self.factor = 2.0
+
+    def forward(self, x):
+        return self.drop(self.linear(x)) * self.factor + self.offset
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_functional_call_sees_the_module_as_it_is_at_each_call(name):
+    """Each call reads the module as it is then: a later eval(), a changed
+    attribute, a buffer or parameter changed and not passed (replicas once
+    used a copy of the module made at their first call)."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    weights = {"linear.weight": model.linear.weight.detach()}  # the bias is not passed
+    x = torch.randn(4, 3, 6)
+    pf = tp.pmap(lambda p, x: tp.functional_call(model, p, (x,)), in_axes=(None, 0), devices=devices(4))
+    with helpers.executor(name):
+        pf(weights, x)  # dropout on: a first call under training mode
+        pf(weights, x)
+        model.eval()
+        model.factor = 3.0
+        with torch.no_grad():
+            model.offset.fill_(0.5)
+            model.linear.bias.add_(1.0)
+        got = pf(weights, x)
+        got = pf(weights, x)  # under "stacked", a recapture at the changed guards
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
+
+
 def test_pmean_grads_buckets(monkeypatch):
     helpers.devices(2)  # maps 2 replicas on the default devices
     calls = []
@@ -460,6 +500,18 @@ def test_state_the_function_reaches_is_checked_when_its_mode_changes_and_every_f
                 pf(x)
     finally:
         WRITE_NOW[0] = False
+
+
+def test_a_write_to_reached_state_raises_again_on_the_next_call():
+    """A caller that catches the error and calls again is told again (the
+    check once ran only on the first call of an unchanged mode)."""
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6))
+    params = {k: v.detach() for k, v in model.named_parameters()}  # the buffers not passed
+    pf = tp.pmap(lambda p, x: tp.functional_call(model, p, (x,)), in_axes=(None, 0))
+    x = torch.randn(4, 3, 6)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match=r"model\.1\.(running_mean|num_batches_tracked) in place"):
+            pf(params, x)
 
 
 def test_state_the_replicas_only_read_without_being_passed_it_is_fine():

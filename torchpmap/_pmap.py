@@ -343,14 +343,18 @@ class Pmapped:
         )
         watched = shared_modules + reached
         try:
-            outs = choose_executor(record).call(record)
-        except Exception as e:
-            if watched:  # the race on a shared module may be why a replica failed
-                check_not_written(watched, n, cause=e)
+            try:
+                outs = choose_executor(record).call(record)
+            except Exception as e:
+                if watched:  # the race on a shared module may be why a replica failed
+                    check_not_written(watched, n, cause=e)
+                raise
+            _check_not_written(shared, plan.paths)
+            if watched:
+                check_not_written(watched, n)
+        except Exception:
+            self._reached_fingerprint = None  # a caller that catches the error and calls again is checked again
             raise
-        _check_not_written(shared, plan.paths)
-        if watched:
-            check_not_written(watched, n)
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]

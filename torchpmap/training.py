@@ -17,8 +17,6 @@ size is not a multiple of the device count.
 from __future__ import annotations
 
 import copy
-import threading
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias, overload
 
@@ -362,10 +360,6 @@ def _average_bucket(bucket: list[torch.Tensor], axis_name: AxisName) -> None:
 
 
 # -- functional idiom ---------------------------------------------------------------------
-_skeletons: weakref.WeakKeyDictionary[torch.nn.Module, dict[int, torch.nn.Module]] = weakref.WeakKeyDictionary()
-_skeleton_lock = threading.Lock()
-
-
 def functional_call(
     module: torch.nn.Module,
     params_and_buffers: dict[str, torch.Tensor],
@@ -376,29 +370,41 @@ def functional_call(
 
     torch.func.functional_call swaps the given tensors into the module object
     for the duration of the call; replicas share that object, so concurrent
-    calls would see each other's parameters. Inside pmap each replica uses its
-    own copy of the module's structure instead (made once). Pass every
-    parameter and buffer the forward needs.
+    calls would see each other's parameters. Inside pmap each replica swaps
+    into a twin of the module's structure instead, made at every call from the
+    module as it is then: its training flags and attributes, and the tensors
+    that are not passed (the module's own, as torch.func reads them). Pass
+    every parameter and buffer the forward writes: an in-place write to one the
+    replicas share is an error after the call.
     """
     frame = _axis.current_frame()
     # Replicas on worker threads share the module object, so each swaps into a copy
     # of its own. A function being captured (the stacked and lockstep executors,
     # compile=) is traced one replica at a time into a graph that takes the tensors
     # as inputs: the module itself serves, and no replica index is read.
-    target = module if frame is None or torch.compiler.is_compiling() else _skeleton(module, frame.index)
+    target = module if frame is None or torch.compiler.is_compiling() else _twin(module, {})
     if not isinstance(args, tuple):
         args = (args,)
     return torch.func.functional_call(target, params_and_buffers, args, kwargs or {})
 
 
-def _skeleton(module: torch.nn.Module, index: int) -> torch.nn.Module:
-    per_replica = _skeletons.get(module)
-    if per_replica is None or index not in per_replica:
-        with _skeleton_lock:
-            per_replica = _skeletons.setdefault(module, {})
-            if index not in per_replica:
-                per_replica[index] = copy.deepcopy(module)
-    return per_replica[index]
+def _twin(module: torch.nn.Module, made: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """A new object for ``module`` and each submodule (one per shared
+    submodule: ``made`` maps the originals' ids), with the originals'
+    attributes and their own dicts of parameters, buffers and submodules,
+    whose tensors are the originals'. Swapping tensors into it leaves the
+    original untouched; cheap (no tensor is copied), so made afresh per call."""
+    twin = made.get(id(module))
+    if twin is None:
+        twin = made[id(module)] = type(module).__new__(type(module))
+        attributes = twin.__dict__  # written directly: Module.__setattr__ costs ~10 us a module
+        attributes.update(module.__dict__)
+        attributes["_parameters"] = dict(module._parameters)
+        attributes["_buffers"] = dict(module._buffers)
+        attributes["_modules"] = {
+            name: None if child is None else _twin(child, made) for name, child in module._modules.items()
+        }
+    return twin
 
 
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
