@@ -321,3 +321,18 @@ def test_the_broadcast_view_gives_every_pointwise_reader_the_rows_own_bits(dtype
                 assert bool(same.all()), (op, shared, size, int((~same).sum()))
                 compared += 1
     assert compared > 20
+
+
+def test_a_write_through_a_tensor_set_to_the_copies_keeps_them_stacked():
+    def f(x):
+        total = x[0] + x[1]
+        every = torch.stack([total] * 3)
+        b = torch.zeros(3, 4)
+        b.set_(every)  # b aliases every from here on: set_ returns it
+        b.add_(1)
+        return every * 2
+
+    x = torch.randn(2, 4)
+    gm, _, after = traced(f, x)
+    assert aten.expand.default not in after and _shapes_of(gm, aten.mul.Tensor) == [(3, 4)]
+    assert torch.equal(gm(x), f(x))

@@ -252,6 +252,23 @@ def test_random_op_falls_back():
     assert_same_bits(expected, got)
 
 
+def test_tensor_set_falls_back():
+    def f(x):
+        b = torch.zeros_like(x)
+        y = tp.psum(x, "i") * 2
+        b.set_(y)
+        b.add_(1)
+        return y
+
+    pf = pm(f)
+    with executor("lockstep", allow_fallback=True), pytest.warns(RuntimeWarning, match=r"Tensor\.set_"):
+        got = pf(rows(N, 3))
+    with executor("threads"):
+        expected = pf(rows(N, 3))
+    assert_same_bits(expected, got)
+    assert torch.equal(expected.unshard(), rows(N, 3).sum(0).expand(N, 3) * 2 + 1)
+
+
 def test_autograd_through_the_call_falls_back():
     x = rows(N, 3).requires_grad_()
     pf = pm(lambda x: tp.psum(x * x, "i"))

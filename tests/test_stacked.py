@@ -307,6 +307,22 @@ def test_data_dependent_shape_falls_back():
     fallback(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3), match="capture failed")
 
 
+def _takes_the_storage_of(x):
+    b = torch.zeros_like(x)
+    y = tp.psum(x, "i") * 2
+    b.set_(y)  # b and y share a storage now: the write below changes y
+    b.add_(1)
+    return y, x.clone().set_(x * 3) + 1
+
+
+def test_tensor_set_falls_back():
+    """functorch's fallback for set_ aliases nothing: batched, the write
+    through b was lost (y came back without it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # functorch: no batching rule for set_
+        fallback(pm(_takes_the_storage_of), rows(N, 3), match=r"Tensor\.set_")
+
+
 def test_a_collective_of_a_broadcast_value_falls_back_saying_so():
     pf = pm(lambda x, w: x + tp.psum(w, "i"), in_axes=(0, None))
     fallback(pf, rows(N, 3), torch.arange(3.0), match=r"collective \(all_reduce\) of a value that is the same in every")

@@ -51,11 +51,11 @@ from ._stacked import (
     CapturedExecutor,
     Unsupported,
     _CaptureFrame,
-    _check_no_random,
     _unsupported_inside,
     capture_failure,
     capture_scope,
     capture_scope_reason,
+    check_supported_ops,
     compile_graph,
     compile_per_replica,
     trampoline_entry,
@@ -420,7 +420,7 @@ def _backend(
         # Dynamo's fake mode and leave symbols in its shape environment.
         with torch._guards.tracing(None):
             graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
-        _check_no_random(graph.graph, "lockstep")
+        check_supported_ops(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())
 

@@ -320,12 +320,20 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _check_no_random(graph: torch.fx.Graph, executor: str = "stacked") -> None:
+def check_supported_ops(graph: torch.fx.Graph, executor: str = "stacked") -> None:
+    """Refuse the ops a captured graph cannot run as the threads do: random
+    ops that draw from no replica's stream, and ``Tensor.set_``, after which
+    a tensor shares another's storage (functorch's fallback for it aliases
+    nothing, so later writes through either tensor were lost)."""
     for node in graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
             if torch.Tag.nondeterministic_seeded in target.tags and not _stacked_random.is_replica_draw(target):
                 raise Unsupported(f"a random op the {executor} executor does not give each replica's stream ({target})")
+            if target.overloadpacket is torch.ops.aten.set_:
+                raise Unsupported(
+                    f"Tensor.set_ (a tensor takes another's storage: the {executor} executor cannot run it)"
+                )
 
 
 class _Batched:
@@ -445,7 +453,7 @@ def _backend(
             raise Unsupported("random ops under compile=")
         try:
             program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
-            _check_no_random(program.trace(examples).graph)
+            check_supported_ops(program.trace(examples).graph)
             result = _Batched(program, compiler, examples)
         except BaseException:
             _stacked_random.forget(sites)  # no program will draw at them
