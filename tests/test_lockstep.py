@@ -269,6 +269,20 @@ def test_tensor_set_falls_back():
     assert torch.equal(expected.unshard(), rows(N, 3).sum(0).expand(N, 3) * 2 + 1)
 
 
+def test_a_failed_capture_is_remembered_per_call_signature():
+    def f(x, how):
+        return x + torch.rand_like(x) if how == "random" else tp.psum(x, "i")
+
+    pf = pm(f, static_broadcasted_argnums=1)
+    assert not ran_in_lockstep(pf, rows(N, 3), "random")[0]
+    lockstep, got = ran_in_lockstep(pf, rows(N, 3), "sum")  # another static value captures
+    assert lockstep and torch.equal(got.unshard(), rows(N, 3).sum(0).expand(N, 3))
+    captures = list(_lockstep._captures[f].values())
+    assert len(captures) == 1 and captures[0].failed is None  # the "sum" capture replaced the "random" one
+    ran_in_lockstep(pf, rows(N, 3), "random")
+    assert list(_lockstep._captures[f].values()) == captures and captures[0].count == [1]  # refused at once
+
+
 def test_autograd_through_the_call_falls_back():
     x = rows(N, 3).requires_grad_()
     pf = pm(lambda x: tp.psum(x * x, "i"))

@@ -9,6 +9,7 @@ import torch
 from helpers import assert_same_bits, devices, executor, rows
 
 import torchpmap as tp
+from torchpmap import _stacked
 
 N = 4
 
@@ -326,6 +327,34 @@ def test_tensor_set_falls_back():
 def test_a_collective_of_a_broadcast_value_falls_back_saying_so():
     pf = pm(lambda x, w: x + tp.psum(w, "i"), in_axes=(0, None))
     fallback(pf, rows(N, 3), torch.arange(3.0), match=r"collective \(all_reduce\) of a value that is the same in every")
+
+
+def _item_or_sum(x, w, how):
+    return x * x.max().item() if how == "item" else tp.psum(w, "i") + x
+
+
+def test_a_failed_capture_is_remembered_per_call_signature():
+    """A capture that failed for one tree, static value or in_axes does not
+    send other calls of the function to the threads for good (without a
+    warning: the reason had been given once)."""
+    x, w = rows(N, 3), rows(N, 3, scale=0.25)
+    with executor("threads"):
+        expected = pm(_item_or_sum, static_broadcasted_argnums=2)(x, w, "item")
+    item = pm(_item_or_sum, static_broadcasted_argnums=2)
+    fallback(item, x, w, "item", match="capture failed")
+    both(item, x, w, "sum")  # another static value
+    broadcast_w = pm(_item_or_sum, in_axes=(0, None, None), static_broadcasted_argnums=2)
+    fallback(broadcast_w, x, w[0], "sum", match="instead of the stacked one")
+    both(pm(_item_or_sum, in_axes=(0, 0, None), static_broadcasted_argnums=2), x, w, "sum")  # other in_axes
+    captures = list(_stacked._captures[_item_or_sum].values())
+    counts = [list(c.count) for c in captures]
+    with executor("stacked", allow_fallback=True), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the failed ones fall back still, warned once
+        assert_same_bits(item(x, w, "item"), expected)
+        assert torch.equal(broadcast_w(x, w[0], "sum").unshard(), x + w[0] * N)
+    # Refused at once: no capture tried again.
+    assert list(_stacked._captures[_item_or_sum].values()) == captures
+    assert [list(c.count) for c in captures] == counts
 
 
 def test_calls_with_no_mapped_argument_run_stacked():

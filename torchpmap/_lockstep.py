@@ -52,12 +52,14 @@ from ._stacked import (
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
+    call_signature,
     capture_failure,
     capture_scope,
     capture_scope_reason,
     check_supported_ops,
     compile_graph,
     compile_per_replica,
+    reusable_after_failures,
     trampoline_entry,
 )
 from ._tree import flatten
@@ -433,6 +435,7 @@ class _Capture:
     frame: _CaptureFrame
     count: list[int]  # how many times the backend captured (Dynamo compiled) it
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+    failed_for: dict[Any, str] = field(default_factory=dict)  # as the stacked executor's capture
 
 
 _CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any]"
@@ -440,7 +443,7 @@ _CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any]"
 _captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
 
 
-def _capture_for(record: CallRecord, devices: tuple[torch.device, ...]) -> _Capture:
+def _capture_for(record: CallRecord, devices: tuple[torch.device, ...], signature: Any) -> _Capture:
     group = record.group
     options = record.compile_options
     key = (group.axis_name, group.axis_size, devices, None if options is None else options_key(options))
@@ -452,12 +455,15 @@ def _capture_for(record: CallRecord, devices: tuple[torch.device, ...]) -> _Capt
         capture = per_fun.get(key)
     except TypeError:
         raise Unsupported("a compile= option is not hashable (captures are cached per options)") from None
-    if capture is None:
+    failed_for = reusable_after_failures(capture, signature)
+    if failed_for is not None:
         count = [0]
         compiler = None if options is None else requested_backend(options)
         backend = _backend(group.axis_name, devices, count, compiler)
         compiled = compile_per_replica(trampoline_entry(record.fun), backend)
-        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, group.axis_size, devices[0]), count)
+        frame = _CaptureFrame(group.axis_name, group.axis_size, devices[0])
+        capture = per_fun[key] = _Capture(compiled, frame, count, failed_for=failed_for)
+    assert capture is not None
     return capture
 
 
@@ -482,7 +488,8 @@ def run(record: CallRecord) -> list[FlatOutput]:
     ran, except Python side effects); a replica's own exception once one has."""
     devices = tuple(physical_device(d) for d in record.group.devices)
     row0, state = _call_state(record, devices)
-    capture = _capture_for(record, devices)
+    signature = call_signature(record)
+    capture = _capture_for(record, devices, signature)
     args, kwargs = record.unflatten(row0)
     try:
         with capture_scope(capture, _tls, state, "in lockstep"):
@@ -497,6 +504,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
             raise state.refused from None
         inner = _unsupported_inside(e)
         capture.failed = inner.reason if inner is not None else capture_failure(e)
+        capture.failed_for.setdefault(signature, capture.failed)
         raise Unsupported(capture.failed) from None
     if record.donated:
         record.release_donated()

@@ -471,6 +471,8 @@ class _Capture:
     count: list[int]  # how many times the backend captured (Dynamo compiled) it
     entry: types.FunctionType  # the trampoline that ``compiled`` wraps: Dynamo's cache is on its code
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
+    # Per call_signature, why its capture failed (carried over to the capture that replaces this one).
+    failed_for: dict[Any, str] = field(default_factory=dict)
     # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
     transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
 
@@ -564,7 +566,7 @@ _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
 
 
-def _capture_for(record: CallRecord) -> _Capture:
+def _capture_for(record: CallRecord, signature: Any) -> _Capture:
     group = record.group
     device = device_groups(group.devices)[0][0]
     options = record.compile_options
@@ -577,13 +579,37 @@ def _capture_for(record: CallRecord) -> _Capture:
         capture = per_fun.get(key)
     except TypeError:
         raise Unsupported("a compile= option is not hashable (captures are cached per options)") from None
-    if capture is None:
+    failed_for = reusable_after_failures(capture, signature)
+    if failed_for is not None:
         compiler = None if options is None else requested_backend(options)
         count = [0]
         entry = trampoline_entry(record.fun)
         compiled = compile_per_replica(entry, _backend(group.axis_name, record.n, count, compiler))
-        capture = per_fun[key] = _Capture(compiled, _CaptureFrame(group.axis_name, record.n, device), count, entry)
+        frame = _CaptureFrame(group.axis_name, record.n, device)
+        capture = per_fun[key] = _Capture(compiled, frame, count, entry, failed_for=failed_for)
+    assert capture is not None
     return capture
+
+
+def call_signature(record: CallRecord) -> Any:
+    """What a capture failure is remembered by: the arguments' tree, static
+    values and mapped axes. The same function under another pmap (other
+    in_axes, say) may capture where this one could not."""
+    return (record.treedef, record.static_items, tuple(record.axes))
+
+
+def reusable_after_failures(capture: Any, signature: Any) -> dict[Any, str] | None:
+    """None when ``capture`` (stacked or lockstep) serves a call of
+    ``signature``; raises Unsupported when a call of that signature failed to
+    capture; otherwise the failures to carry over to a new capture (none yet,
+    or another signature's failure: a new trampoline's code, which Dynamo has
+    not given up on, captures this one)."""
+    if capture is None:
+        return {}
+    reason = capture.failed_for.get(signature)
+    if reason is not None:
+        raise Unsupported(reason)
+    return None if capture.failed is None else capture.failed_for
 
 
 def _weak_trampoline(fun: Callable[..., Any]) -> Callable[..., Any]:
@@ -623,9 +649,15 @@ def run(record: CallRecord) -> StackedOutput:
     """Run ``record`` stacked, or raise Unsupported (before anything ran that
     the threads executor would run again, except Python side effects)."""
     row0, state = _stack_inputs(record)
-    capture = _capture_for(record)
+    signature = call_signature(record)
+    capture = _capture_for(record, signature)
     args, kwargs = record.unflatten(row0)
-    out = run_capture(capture, record.group, args, kwargs, state)
+    try:
+        out = run_capture(capture, record.group, args, kwargs, state)
+    except Unsupported:
+        if capture.failed is not None:
+            capture.failed_for.setdefault(signature, capture.failed)
+        raise
     if record.donated:
         record.release_donated()
     result = _stacked_output(out, state)
