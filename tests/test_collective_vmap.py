@@ -296,3 +296,13 @@ def test_vmap_replicas_refuses_a_collective_of_a_value_the_same_in_every_replica
 def test_vmap_replicas_refuses_a_batch_that_is_not_the_replicas():
     with pytest.raises(ValueError, match="has 4 replicas but vmap batches 3"):
         stacked.vmap_replicas(lambda v: tp.psum(v, "i"), "i", K)(_data(3, 2))
+
+
+def test_vmap_replicas_without_tensor_arguments_puts_the_index_on_the_given_device():
+    """No argument to take the device from: the replicas' device, not the CPU
+    (several replicas of one GPU). The meta device stands in for the GPU."""
+    meta = torch.device("meta")
+    got = stacked.vmap_replicas(lambda: tp.psum(tp.axis_index("i").float(), "i"), "i", K, meta)()
+    assert got.device == meta and got.shape == (K,)
+    on_cpu = stacked.vmap_replicas(lambda: tp.axis_index("i") * 2, "i", K)()
+    assert torch.equal(on_cpu, torch.arange(K) * 2)

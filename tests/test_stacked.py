@@ -327,6 +327,9 @@ def test_tensor_set_falls_back():
 def test_a_collective_of_a_broadcast_value_falls_back_saying_so():
     pf = pm(lambda x, w: x + tp.psum(w, "i"), in_axes=(0, None))
     fallback(pf, rows(N, 3), torch.arange(3.0), match=r"collective \(all_reduce\) of a value that is the same in every")
+    # Made inside the function: Dynamo wraps the error ("RuntimeError when making fake tensor call").
+    constant = pm(lambda x: x * tp.pmean(torch.tensor(2.0), "i"))
+    fallback(constant, rows(N, 3), match=r"capture failed \(RuntimeError: a collective \(all_reduce\) of a value")
 
 
 def _item_or_sum(x, w, how):

@@ -739,10 +739,19 @@ def _unsupported_inside(e: BaseException) -> Unsupported | None:
 
 
 def capture_failure(e: BaseException) -> str:
-    """The reason of a failed capture, naming the error the backend raised (Dynamo's
-    BackendCompilerFailed says only "backend='backend' raised:")."""
-    inner = getattr(e, "inner_exception", None)
-    cause = inner if isinstance(inner, BaseException) else e
+    """The reason of a failed capture, naming the error that caused it: the
+    innermost one raised outside Dynamo (a collective's or the backend's), as
+    Dynamo's wrappers name only themselves (BackendCompilerFailed says
+    "backend='backend' raised:", TorchRuntimeError "RuntimeError when making
+    fake tensor call"); Dynamo's own error when it is the cause."""
+    cause, seen = e, set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if not type(cur).__module__.startswith("torch._dynamo"):
+            cause = cur
+        inner = getattr(cur, "inner_exception", None)
+        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
     return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
 
 

@@ -86,7 +86,9 @@ class ReplicaProgram:
         """The batched graph (made once, on ``examples``' shapes), remembering
         which outputs depend on an input that requires grad."""
         if self.graph is None:
-            fn = vmap_replicas(self.per_replica(1), self.axis_name, self.n, in_dims=self.in_dims)
+            frame = _axis.current_frame()  # the capture's: its device serves a function without tensor inputs
+            device = None if frame is None else frame.device
+            fn = vmap_replicas(self.per_replica(1), self.axis_name, self.n, device, in_dims=self.in_dims)
 
             def batched(*args: Any) -> tuple[torch.Tensor, ...]:
                 outs = tuple(fn(*args))
@@ -95,7 +97,6 @@ class ReplicaProgram:
                 self.out_requires_grad = tuple(o.requires_grad for o in outs)
                 return outs
 
-            frame = _axis.current_frame()
             _axis.unbind()  # under vmap_replicas the collectives find the replica level instead
             try:
                 # Outside Dynamo's tracing context: make_fx's fake tensors would otherwise

@@ -192,19 +192,22 @@ def _check_group_dim(xs: Tensor, g: int, fn: str) -> None:
 
 
 # -- the replica axis as a vmap level ----------------------------------------------------
-def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwargs: Any) -> Callable[..., Any]:
+def vmap_replicas(
+    fn: Callable[..., Any], axis_name: str, size: int, device: torch.device | None = None, **vmap_kwargs: Any
+) -> Callable[..., Any]:
     """torch.func.vmap(fn, **vmap_kwargs) whose level is the replica axis
     ``axis_name`` of ``size`` replicas: collectives over that axis inside fn
     exchange along the vmapped dimension (the functions above), and
-    ``axis_index`` is arange(size) on the device of fn's first tensor argument."""
+    ``axis_index`` is arange(size) on the device of fn's first tensor argument
+    (``device`` when it has none: the replicas', CPU if not given)."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         below = torch._C._functorch.maybe_current_level()
         tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, Tensor)]
-        device = tensors[0].device if tensors else torch.device("cpu")
+        where = tensors[0].device if tensors else (device or torch.device("cpu"))
 
         def replica(*args: Any, **kwargs: Any) -> Any:
-            level = _axis.ReplicaLevel(axis_name, size, torch._C._functorch.current_level(), below, device)
+            level = _axis.ReplicaLevel(axis_name, size, torch._C._functorch.current_level(), below, where)
             with _axis.entered(level):
                 return fn(*args, **kwargs)
 
@@ -213,7 +216,7 @@ def vmap_replicas(fn: Callable[..., Any], axis_name: str, size: int, **vmap_kwar
             return torch.func.vmap(replica, **vmap_kwargs)(*args, **kwargs)
         # Every argument is the same in every replica (broadcast, or none): vmap needs a
         # batched input to know the size, so an empty one carries it.
-        size_carrier = torch.empty(size, 0, device=device)
+        size_carrier = torch.empty(size, 0, device=where)
         per_arg = in_dims if isinstance(in_dims, tuple) else (in_dims,) * len(args)
         return torch.func.vmap(lambda *a, **kw: replica(*a[:-1], **kw), **{**vmap_kwargs, "in_dims": (*per_arg, 0)})(
             *args, size_carrier, **kwargs
