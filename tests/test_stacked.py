@@ -360,6 +360,43 @@ def test_a_failed_capture_is_remembered_per_call_signature():
     assert [list(c.count) for c in captures] == counts
 
 
+def _written_then_broadcast_psum(x, b):
+    x.add_(1)  # each replica updates its own row of the mapped input
+    return tp.psum(b, "i")
+
+
+def test_a_collective_of_a_broadcast_value_is_refused_before_anything_runs():
+    """Once refused only when the batched graph ran it, after the write: the
+    threads then wrote the input a second time."""
+    pf = pm(_written_then_broadcast_psum, in_axes=(0, None))
+    for name in ("threads", "stacked"):
+        x = torch.zeros(N, 3)
+        with executor(name, allow_fallback=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            total = pf(x, torch.ones(3))
+        assert torch.equal(x, torch.ones(N, 3)), name
+        assert torch.equal(total.unshard(), torch.full((N, 3), float(N))), name
+
+
+def _written_then_indexed(x, i):
+    x.add_(1)
+    return x.index_select(0, i)
+
+
+def test_an_error_after_the_batched_graph_wrote_its_inputs_is_raised_not_rerun():
+    """An error while the batched graph runs, after it may have written its
+    inputs in place, is the call's: rerun on the threads, the writes applied twice."""
+    pf = pm(_written_then_indexed)
+    with executor("stacked"):
+        pf(torch.zeros(N, 3), torch.zeros(N, 1, dtype=torch.long))  # captured
+        x = torch.zeros(N, 3)
+        with pytest.raises((IndexError, RuntimeError), match="out of") as error:
+            pf(x, torch.full((N, 1), 7))
+    assert torch.equal(x, torch.ones(N, 3))
+    if hasattr(error.value, "add_note"):  # Python 3.11+
+        assert "not run again on the threads executor" in "".join(error.value.__notes__)
+
+
 def test_calls_with_no_mapped_argument_run_stacked():
     broadcast = pm(lambda w: w * 2 + tp.axis_index("i") + torch.rand(()), in_axes=None, axis_size=N)
     no_arguments = pm(lambda: torch.ones(2) * tp.axis_index("i"), axis_size=N)

@@ -207,13 +207,24 @@ def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     """The kernels' common end: the running replica's communicator does the exchange."""
     f = _frame(axes)
     if f.capturing or _axis.bound_level(axes.split(AXIS_SEP)) is not None:
-        # A captured executor's batched operand meets the batching rule; this one is the
-        # same in every replica, which the captured graph does not lift to a batch.
-        raise RuntimeError(
-            f"a collective ({collective.kind}) of a value that is the same in every replica (computed from no mapped "
-            "argument, e.g. from a broadcast one) has no captured form"
-        )
+        raise _no_captured_form(collective.kind)
     return f.comm.exchange(f.index, collective, x)
+
+
+def _refuse_unbatched(axes: str, kind: str) -> None:
+    """In a fake kernel: under the replica level of a stacked trace, a batched
+    operand meets the batching rule, so one reaching the fake kernel is the
+    same in every replica, which the batched graph does not lift to a batch.
+    Refused while tracing: at run time the graph may have written its inputs."""
+    if _axis.bound_level(axes.split(AXIS_SEP)) is not None:
+        raise _no_captured_form(kind)
+
+
+def _no_captured_form(kind: str) -> RuntimeError:
+    return RuntimeError(
+        f"a collective ({kind}) of a value that is the same in every replica (computed from no mapped "
+        "argument, e.g. from a broadcast one) has no captured form"
+    )
 
 
 def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
@@ -275,6 +286,7 @@ def _(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
+    _refuse_unbatched(axes, "all_reduce")
     return torch.empty_like(x)
 
 
@@ -331,6 +343,7 @@ def _(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
+    _refuse_unbatched(axes, "all_gather")
     return x.new_empty((group_size, *x.shape))
 
 
@@ -384,6 +397,7 @@ def _(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
+    _refuse_unbatched(axes, "reduce_scatter")
     return x.new_empty(x.shape[1:])
 
 
@@ -433,6 +447,7 @@ def _(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
+    _refuse_unbatched(axes, "all_to_all")
     return torch.empty_like(x)
 
 
@@ -462,6 +477,7 @@ permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates
 
 @permute.register_fake
 def _(x: Tensor, axes: str, pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None) -> Tensor:
+    _refuse_unbatched(axes, "permute")
     return torch.empty_like(x)
 
 

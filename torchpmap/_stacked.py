@@ -157,6 +157,13 @@ class _CallState:
     copied: set[int] = field(default_factory=set)  # ids of the buffers that are copies of the inputs
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
     ran: bool = False
+    # The inputs a started program writes in place, with their versions before it ran.
+    written_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+    def wrote_inputs(self) -> bool:
+        """Whether the program wrote one of its inputs in place: no fallback then
+        (the threads would apply the write a second time)."""
+        return any(t._version != version for t, version in self.written_versions)
 
     def row_of(self, buffer: torch.Tensor) -> torch.Tensor:
         """Replica 0's row view of ``buffer``, which stands for it in the captured program."""
@@ -398,9 +405,12 @@ class _Batched:
                 )
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
+            state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
             outs = _stacked_autograd.run(self.program, inputs, self.written)
         else:
-            outs = self._program(inputs)(*inputs)
+            program = self._program(inputs)
+            state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
+            outs = program(*inputs)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -675,6 +685,15 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
     except _DynamoDisabled:
         raise Unsupported(_DYNAMO_OFF) from None
     except Exception as e:
+        if state.wrote_inputs():
+            # The threads would apply the writes a second time: the error is the call's.
+            note = (
+                "(raised while the stacked executor ran the function, after it had written its inputs in place: "
+                "not run again on the threads executor; torchpmap.set_executor('threads') runs it there)"
+            )
+            if hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(note)
+            raise
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
             raise Unsupported(inner.reason) from None
