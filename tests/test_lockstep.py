@@ -61,6 +61,8 @@ FUNCTIONS = {
     "collectives_in_sequence": lambda x: (
         tp.pmax(tp.psum(x.sin(), "i") * x + tp.axis_index("i"), "i").cos() - tp.all_gather(x * 3, "i").sum(0)
     ),
+    "transposed_input": lambda x: x.mT,
+    "transposed_input_in_a_tree": lambda x: {"t": x.T, "twice": x.mT.mT, "sum": x.sum()},
 }
 
 

@@ -55,6 +55,9 @@ FUNCTIONS = {
     "psum_written_in_place": lambda x: tp.psum(x, "i").mul_(2).add_(x),
     "psum_written_through_a_slice": lambda x: _written_through_a_slice(tp.psum(x, "i")) * 2 + x,
     "complex_pmean_then_update": lambda x: (x + 1j) - 0.3 * tp.pmean((x + 2j) * (x - 1j), "i") * (1 + 1j),
+    # Views Dynamo takes outside the graph, from replica 0's row: each replica's own.
+    "transposed_input": lambda x: x.mT,
+    "transposed_input_in_a_tree": lambda x: {"t": x.T, "twice": x.mT.mT, "sum": x.sum()},
 }
 
 
@@ -395,6 +398,13 @@ def test_an_error_after_the_batched_graph_wrote_its_inputs_is_raised_not_rerun()
     assert torch.equal(x, torch.ones(N, 3))
     if hasattr(error.value, "add_note"):  # Python 3.11+
         assert "not run again on the threads executor" in "".join(error.value.__notes__)
+
+
+def test_a_view_outside_the_graph_of_memory_a_broadcast_input_shares_falls_back():
+    """w.mT of a broadcast w that is x[0]: replica 0's row or the broadcast
+    value, the storage cannot tell which."""
+    x = rows(N, 2, 3)
+    fallback(pm(lambda x, w: (w.mT, x + 1), in_axes=(0, None)), x, x[0], match="several inputs share")
 
 
 def test_calls_with_no_mapped_argument_run_stacked():

@@ -518,8 +518,39 @@ def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:
         raise Unsupported("the captured function has no graph to run")
     leaves, spec = flatten(out)
     n = len(state.devices)
-    per_leaf = [(state.replicas_of.get(id(v)) if isinstance(v, torch.Tensor) else None) or [v] * n for v in leaves]
+    per_leaf = [_every_replica(v, state) if isinstance(v, torch.Tensor) else [v] * n for v in leaves]
     return [([values[r] for values in per_leaf], spec) for r in range(n)]
+
+
+def _every_replica(leaf: torch.Tensor, state: _CallState) -> list[Any]:
+    """Every replica's value of an output leaf: the graph's, or, for a view
+    Dynamo takes outside the graph (``x.mT`` of an input: its bytecode takes
+    the view of replica 0's value), the same view of each replica's value."""
+    n = len(state.devices)
+    known = state.replicas_of.get(id(leaf))
+    if known is not None:
+        return known
+    if leaf.device.type == "meta" or leaf.is_sparse:
+        return [leaf] * n
+    storage = leaf.untyped_storage().data_ptr()
+    bases = [vs for vs in state.replicas_of.values() if vs[0].untyped_storage().data_ptr() == storage]
+    if not bases:
+        return [leaf] * n  # a constant: the same in every replica
+    base = bases[0]
+    same_view = all(
+        vs[r].untyped_storage().data_ptr() == base[r].untyped_storage().data_ptr()
+        and vs[r].storage_offset() - vs[0].storage_offset() == base[r].storage_offset() - base[0].storage_offset()
+        for vs in bases
+        for r in range(n)
+    )
+    same_view = same_view and all(b.stride() == base[0].stride() and b.shape == base[0].shape for b in base)
+    if not same_view:  # the replicas have run: no fallback
+        raise RuntimeError(
+            "pmap: the lockstep executor ran the function, and cannot return its result: an output is a view "
+            "that Dynamo takes outside the graph, of inputs whose memory is laid out differently in the replicas"
+        )
+    shift = leaf.storage_offset() - base[0].storage_offset()
+    return [b.as_strided(leaf.shape, leaf.stride(), b.storage_offset() + shift) for b in base]
 
 
 LOCKSTEP = CapturedExecutor("lockstep", unsupported_reason, run)

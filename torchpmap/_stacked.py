@@ -156,6 +156,7 @@ class _CallState:
     stacked_of: dict[int, torch.Tensor]  # id(replica 0's row view) -> its stacked buffer
     copied: set[int] = field(default_factory=set)  # ids of the buffers that are copies of the inputs
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
+    shared: list[torch.Tensor] = field(default_factory=list)  # the broadcast tensor inputs
     ran: bool = False
     # The inputs a started program writes in place, with their versions before it ran.
     written_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
@@ -191,7 +192,10 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
     row0: list[Any] = []
     for j, placement in enumerate(record.placements):
         if placement is Placement.BROADCAST:
-            row0.append(record.per_leaf[j][0])
+            value = record.per_leaf[j][0]
+            row0.append(value)
+            if isinstance(value, torch.Tensor):
+                state.shared.append(value)
             continue
         buffer = _stacked_leaf(record, j)
         if buffer is None:
@@ -780,10 +784,28 @@ def _first_line(e: BaseException) -> str:
 
 
 def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
+    """The call's output, its leaves mapped to the stacked values they stand for.
+    Raises Unsupported when the call should fall back, unless the program wrote
+    its inputs (the threads would write them a second time): RuntimeError then."""
+    try:
+        return _mapped_output(out, state)
+    except Unsupported as e:
+        if state.wrote_inputs():
+            raise RuntimeError(
+                f"pmap: the stacked executor ran the function, and cannot return its result: {e}"
+            ) from None
+        raise
+
+
+def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
     leaves, spec = tree_flatten(out)
     batched = []
     for k, leaf in enumerate(leaves):
-        stacked = state.stacked_of.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+        stacked = None
+        if isinstance(leaf, torch.Tensor):
+            stacked = state.stacked_of.get(id(leaf))
+            if stacked is None:
+                stacked = _view_of_every_row(leaf, state)
         if stacked is not None:
             leaves[k] = stacked
         batched.append(stacked is not None)
@@ -792,6 +814,23 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
         # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
         raise Unsupported("the captured function has no graph to run")
     return StackedOutput(leaves, batched, spec)
+
+
+def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | None:
+    """An output that is not one of the graph's: a view Dynamo takes outside
+    the graph (``x.mT`` of an input: the graph returns nothing, and Dynamo's
+    bytecode takes the view of replica 0's row) stands for that view of every
+    row; a broadcast input or a view of one is the same in every replica (None)."""
+    if leaf.device.type == "meta" or leaf.is_sparse or torch._C._functorch.is_functorch_wrapped_tensor(leaf):
+        return None
+    storage = leaf.untyped_storage().data_ptr()
+    buffers = {id(b): b for b in state.stacked_of.values() if b.untyped_storage().data_ptr() == storage}
+    if not buffers:
+        return None
+    if len(buffers) > 1 or any(t.untyped_storage().data_ptr() == storage for t in state.shared):
+        raise Unsupported("an output is a view that Dynamo takes outside the graph, of memory several inputs share")
+    (buffer,) = buffers.values()
+    return buffer.as_strided((buffer.shape[0], *leaf.shape), (buffer.stride(0), *leaf.stride()), leaf.storage_offset())
 
 
 # -- warnings -----------------------------------------------------------------------------
