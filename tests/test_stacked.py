@@ -407,6 +407,19 @@ def test_a_view_outside_the_graph_of_memory_a_broadcast_input_shares_falls_back(
     fallback(pm(lambda x, w: (w.mT, x + 1), in_axes=(0, None)), x, x[0], match="several inputs share")
 
 
+def _reads_an_unbound_local(x):
+    if x.shape[0] > 100:
+        y = x
+    return y + 1  # unbound on purpose
+
+
+def test_the_fallback_warning_names_the_cause_not_an_error_dynamo_handled():
+    # Dynamo's Unsupported is raised while it handles a KeyError of its own: not the cause.
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="undefined local variable"):
+        with pytest.raises(UnboundLocalError):
+            pm(_reads_an_unbound_local)(rows(N, 3))
+
+
 def test_calls_with_no_mapped_argument_run_stacked():
     broadcast = pm(lambda w: w * 2 + tp.axis_index("i") + torch.rand(()), in_axes=None, axis_size=N)
     no_arguments = pm(lambda: torch.ones(2) * tp.axis_index("i"), axis_size=N)

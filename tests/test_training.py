@@ -180,6 +180,46 @@ def test_functional_call_sees_the_module_as_it_is_at_each_call(name):
     torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
 
 
+class _BoundMethods(torch.nn.Module):
+    """A method chosen at construction and a forward hook that is a bound
+    method: both must see the tensors passed, as with torch.func."""
+
+    __slots__ = ("label",)
+
+    def __init__(self):
+        super().__init__()
+        self.label = "slot"  # a __slots__ attribute the forward reads
+        self.linear = torch.nn.Linear(3, 3)
+        self._impl = self._through_linear
+        self.linear.register_forward_hook(self._penalty)
+
+    def _through_linear(self, x):
+        return self.linear(x)
+
+    def _penalty(self, module, inputs, out):
+        return out + self.linear.weight.sum()
+
+    def forward(self, x):
+        assert self.label == "slot"
+        return self._impl(x)
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_functional_call_binds_the_modules_methods_and_hooks_to_what_it_swaps_into(name):
+    torch.manual_seed(0)
+    model = _BoundMethods()
+    params = {k: torch.randn(4, *v.shape) for k, v in tp.params_of(model).items()}
+    x = torch.randn(4, 2, 3)
+    expected = torch.stack(
+        [torch.func.functional_call(model, {k: v[i] for k, v in params.items()}, (x[i],)) for i in range(4)]
+    )
+    pf = tp.pmap(lambda p, x: tp.functional_call(model, p, (x,)), devices=devices(4))
+    with helpers.executor(name):
+        pf(params, x)
+        got = pf(params, x)
+    torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
+
+
 def test_pmean_grads_buckets(monkeypatch):
     helpers.devices(2)  # maps 2 replicas on the default devices
     calls = []
@@ -512,6 +552,21 @@ def test_a_write_to_reached_state_raises_again_on_the_next_call():
     for _ in range(3):
         with pytest.raises(RuntimeError, match=r"model\.1\.(running_mean|num_batches_tracked) in place"):
             pf(params, x)
+
+
+def test_a_call_that_fails_before_the_replicas_run_leaves_reached_state_checked():
+    bn = torch.nn.BatchNorm1d(3)  # training mode: the forward writes its statistics
+    all_devices = devices(8)
+    pf = tp.pmap(lambda x, extra: bn(x) + extra, devices=all_devices[:4])
+    x = torch.randn(4, 5, 3)
+    good = tp.PerReplica([torch.zeros(3)] * 4, all_devices[:4])
+    wrong_devices = tp.PerReplica([torch.zeros(3)] * 4, all_devices[4:8])
+    with pytest.raises(RuntimeError, match=r"bn\.(running_mean|num_batches_tracked) in place"):
+        pf(x, good)
+    with pytest.raises(ValueError, match="PerReplica made for devices"):
+        pf(x, wrong_devices)  # fails while placing, after the state was taken as checked
+    with pytest.raises(RuntimeError, match=r"bn\.(running_mean|num_batches_tracked) in place"):
+        pf(x, good)
 
 
 def test_state_the_replicas_only_read_without_being_passed_it_is_fine():

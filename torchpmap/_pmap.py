@@ -306,6 +306,25 @@ class Pmapped:
                 return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
+        try:
+            return self._general_call(plan, leaves, treedef, static_pos, static_vals, args, recheck)
+        except BaseException:
+            # A caller that catches the error and calls again is checked again (the
+            # check may have raised, or the call failed after it was taken as done).
+            self._reached_fingerprint = None
+            raise
+
+    def _general_call(
+        self,
+        plan: _InPlan,
+        leaves: list[Any],
+        treedef: TreeSpec,
+        static_pos: tuple[int, ...],
+        static_vals: tuple[Any, ...],
+        args: tuple[Any, ...],
+        recheck: bool,
+    ) -> Any:
+        """A call that the stacked fast path did not take: placement, the checks, an executor."""
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         donated = self._donated_leaves(plan, len(args))
@@ -343,18 +362,14 @@ class Pmapped:
         )
         watched = shared_modules + reached
         try:
-            try:
-                outs = choose_executor(record).call(record)
-            except Exception as e:
-                if watched:  # the race on a shared module may be why a replica failed
-                    check_not_written(watched, n, cause=e)
-                raise
-            _check_not_written(shared, plan.paths)
-            if watched:
-                check_not_written(watched, n)
-        except Exception:
-            self._reached_fingerprint = None  # a caller that catches the error and calls again is checked again
+            outs = choose_executor(record).call(record)
+        except Exception as e:
+            if watched:  # the race on a shared module may be why a replica failed
+                check_not_written(watched, n, cause=e)
             raise
+        _check_not_written(shared, plan.paths)
+        if watched:
+            check_not_written(watched, n)
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]

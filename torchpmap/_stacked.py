@@ -769,12 +769,18 @@ def capture_failure(e: BaseException) -> str:
     fake tensor call"); Dynamo's own error when it is the cause."""
     cause, seen = e, set()
     cur: BaseException | None = e
+    explicit = True  # cur is e, or the explicit cause of the one before
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if not type(cur).__module__.startswith("torch._dynamo"):
+        if explicit and not type(cur).__module__.startswith("torch._dynamo"):
             cause = cur
         inner = getattr(cur, "inner_exception", None)
-        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
+        if isinstance(inner, BaseException) or cur.__cause__ is not None:
+            cur, explicit = inner if isinstance(inner, BaseException) else cur.__cause__, True
+        else:
+            # Dynamo re-raises its errors from a handler; the handled error (a KeyError for
+            # a variable it had not seen) is no cause, but a Dynamo error there may have one.
+            cur, explicit = cur.__context__, False
     return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
 
 

@@ -17,6 +17,7 @@ size is not a multiple of the device count.
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias, overload
 
@@ -382,29 +383,79 @@ def functional_call(
     # of its own. A function being captured (the stacked and lockstep executors,
     # compile=) is traced one replica at a time into a graph that takes the tensors
     # as inputs: the module itself serves, and no replica index is read.
-    target = module if frame is None or torch.compiler.is_compiling() else _twin(module, {})
+    target = module if frame is None or torch.compiler.is_compiling() else _twin(module)
     if not isinstance(args, tuple):
         args = (args,)
     return torch.func.functional_call(target, params_and_buffers, args, kwargs or {})
 
 
-def _twin(module: torch.nn.Module, made: dict[int, torch.nn.Module]) -> torch.nn.Module:
+def _twin(module: torch.nn.Module) -> torch.nn.Module:
     """A new object for ``module`` and each submodule (one per shared
-    submodule: ``made`` maps the originals' ids), with the originals'
-    attributes and their own dicts of parameters, buffers and submodules,
-    whose tensors are the originals'. Swapping tensors into it leaves the
-    original untouched; cheap (no tensor is copied), so made afresh per call."""
+    submodule), with the originals' attributes and their own dicts of
+    parameters, buffers and submodules, whose tensors are the originals'.
+    Methods of the tree bound as attributes or hooks are bound to the twins.
+    Swapping tensors into it leaves the original untouched; cheap (no tensor
+    is copied), so made afresh per call."""
+    made: dict[int, torch.nn.Module] = {}
+    root = _twin_tree(module, made)
+    for twin in made.values():
+        attributes = twin.__dict__
+        for name, value in attributes.items():
+            if value and (type(value) is types.MethodType or isinstance(value, dict)) and name not in _TENSOR_DICTS:
+                rebound = _rebound(value, made)
+                if rebound is not value:
+                    attributes[name] = rebound
+    return root
+
+
+_TENSOR_DICTS = frozenset(("_parameters", "_buffers", "_modules"))  # made afresh by _twin_tree
+
+
+def _twin_tree(module: torch.nn.Module, made: dict[int, torch.nn.Module]) -> torch.nn.Module:
     twin = made.get(id(module))
     if twin is None:
-        twin = made[id(module)] = type(module).__new__(type(module))
+        cls = type(module)
+        twin = made[id(module)] = cls.__new__(cls)
+        for slot in _slots_of(cls):
+            if hasattr(module, slot):
+                object.__setattr__(twin, slot, getattr(module, slot))
         attributes = twin.__dict__  # written directly: Module.__setattr__ costs ~10 us a module
         attributes.update(module.__dict__)
         attributes["_parameters"] = dict(module._parameters)
         attributes["_buffers"] = dict(module._buffers)
         attributes["_modules"] = {
-            name: None if child is None else _twin(child, made) for name, child in module._modules.items()
+            name: None if child is None else _twin_tree(child, made) for name, child in module._modules.items()
         }
     return twin
+
+
+_slots: dict[type, tuple[str, ...]] = {}  # per module class, its __slots__ names
+
+
+def _slots_of(cls: type) -> tuple[str, ...]:
+    names = _slots.get(cls)
+    if names is None:
+        found: list[str] = []
+        for klass in cls.__mro__:
+            slots = klass.__dict__.get("__slots__", ())
+            found += [slots] if isinstance(slots, str) else [n for n in slots if n not in ("__dict__", "__weakref__")]
+        names = _slots[cls] = tuple(found)
+    return names
+
+
+def _rebound(value: Any, made: dict[int, torch.nn.Module]) -> Any:
+    """``value`` with a method bound to a module of the tree bound to its twin
+    instead: the value itself, or a dict of them (the hooks' dicts), copied."""
+    if isinstance(value, types.MethodType):
+        twin = made.get(id(value.__self__))
+        return value if twin is None else types.MethodType(value.__func__, twin)
+    if isinstance(value, dict) and any(isinstance(v, types.MethodType) for v in value.values()):
+        rebound = {k: _rebound(v, made) for k, v in value.items()}
+        if any(rebound[k] is not v for k, v in value.items()):
+            copied = copy.copy(value)  # keeps the dict's type (OrderedDict)
+            copied.update(rebound)
+            return copied
+    return value
 
 
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
