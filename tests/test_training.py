@@ -220,6 +220,17 @@ def test_functional_call_binds_the_modules_methods_and_hooks_to_what_it_swaps_in
     torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
 
 
+def test_functional_call_takes_torch_funcs_strict_and_tie_weights():
+    model = make_model()
+    params = tp.params_of(model)
+    partial = dict(list(params.items())[1:])
+    x = torch.randn(4, 2, params[next(iter(params))].shape[1])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        tp.pmap(lambda p, x: tp.functional_call(model, p, (x,), strict=True), in_axes=(None, 0))(partial, x)
+    got = tp.pmap(lambda p, x: tp.functional_call(model, p, (x,), tie_weights=False), in_axes=(None, 0))(params, x)
+    torch.testing.assert_close(got.shards[1], torch.func.functional_call(model, params, (x[1],)))
+
+
 def test_pmean_grads_buckets(monkeypatch):
     helpers.devices(2)  # maps 2 replicas on the default devices
     calls = []

@@ -36,6 +36,7 @@ that draws random numbers recomputes its draws from the call's replayed streams
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from functools import reduce
@@ -103,7 +104,11 @@ class ReplicaProgram:
                 # add symbols (a strided input's) to Dynamo's shape env, which then has
                 # guards it cannot build.
                 with torch._guards.tracing(None), _saved_tensor_hooks_set_aside():
-                    graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+                    with warnings.catch_warnings():
+                        # functorch's loop for an op without a batching rule is traced once, into
+                        # the graph: its "performance drop" warning is not the user's to act on.
+                        warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
+                        graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
             if self.simplified:

@@ -366,8 +366,12 @@ def functional_call(
     params_and_buffers: dict[str, torch.Tensor],
     args: Any = (),
     kwargs: dict[str, Any] | None = None,
+    *,
+    tie_weights: bool = True,
+    strict: bool = False,
 ) -> Any:
-    """``torch.func.functional_call`` that is safe inside pmap.
+    """``torch.func.functional_call`` (with its ``tie_weights`` and ``strict``)
+    that is safe inside pmap.
 
     torch.func.functional_call swaps the given tensors into the module object
     for the duration of the call; replicas share that object, so concurrent
@@ -386,7 +390,9 @@ def functional_call(
     target = module if frame is None or torch.compiler.is_compiling() else _twin(module)
     if not isinstance(args, tuple):
         args = (args,)
-    return torch.func.functional_call(target, params_and_buffers, args, kwargs or {})
+    return torch.func.functional_call(
+        target, params_and_buffers, args, kwargs or {}, tie_weights=tie_weights, strict=strict
+    )
 
 
 def _twin(module: torch.nn.Module) -> torch.nn.Module:
