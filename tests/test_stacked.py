@@ -400,6 +400,12 @@ def test_an_error_after_the_batched_graph_wrote_its_inputs_is_raised_not_rerun()
         assert "not run again on the threads executor" in "".join(error.value.__notes__)
 
 
+def test_a_view_outside_the_graph_of_one_of_two_inputs_sliced_from_one_tensor():
+    z = rows(N, 4, 3)
+    out = both(pm(lambda a, b: (b.mT, a * 2)), z[:, :2], z[:, 2:])
+    assert torch.equal(out[0].unshard(), z[:, 2:].mT)
+
+
 def test_a_view_outside_the_graph_of_memory_a_broadcast_input_shares_falls_back():
     """w.mT of a broadcast w that is x[0]: replica 0's row or the broadcast
     value, the storage cannot tell which."""

@@ -833,9 +833,12 @@ def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | 
     buffers = {id(b): b for b in state.stacked_of.values() if b.untyped_storage().data_ptr() == storage}
     if not buffers:
         return None
-    if len(buffers) > 1 or any(t.untyped_storage().data_ptr() == storage for t in state.shared):
+    # Any buffer of that storage serves when all step from row to row alike (inputs
+    # sliced from one tensor); a broadcast input there may be what the view is of.
+    buffer, *others = buffers.values()
+    alike = all(b.stride(0) == buffer.stride(0) for b in others)
+    if not alike or any(t.untyped_storage().data_ptr() == storage for t in state.shared):
         raise Unsupported("an output is a view that Dynamo takes outside the graph, of memory several inputs share")
-    (buffer,) = buffers.values()
     return buffer.as_strided((buffer.shape[0], *leaf.shape), (buffer.stride(0), *leaf.stride()), leaf.storage_offset())
 
 
