@@ -413,6 +413,22 @@ def test_a_view_outside_the_graph_of_memory_a_broadcast_input_shares_falls_back(
     fallback(pm(lambda x, w: (w.mT, x + 1), in_axes=(0, None)), x, x[0], match="several inputs share")
 
 
+def test_an_error_of_one_calls_values_falls_back_for_that_call_only():
+    """An index out of range in the batched graph (which writes nothing): that
+    call runs on the threads and raises as they do; the capture serves the next."""
+    f = lambda x, i: x.index_select(0, i) * 2  # noqa: E731
+    pf = pm(f)
+    x = rows(N, 3)
+    with executor("stacked", allow_fallback=True):
+        pf(x, torch.zeros(N, 1, dtype=torch.long))
+        with pytest.warns(RuntimeWarning, match="the batched graph raised"), pytest.raises(IndexError):
+            pf(x, torch.full((N, 1), 7))
+    with executor("stacked"):  # no fallback warning: stacked again
+        got = pf(x, torch.ones(N, 1, dtype=torch.long))
+    assert torch.equal(got.unshard(), x[:, 1:2] * 2)
+    assert [c.failed for c in _stacked._captures[f].values()] == [None]
+
+
 def _reads_an_unbound_local(x):
     if x.shape[0] > 100:
         y = x

@@ -158,6 +158,7 @@ class _CallState:
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
     shared: list[torch.Tensor] = field(default_factory=list)  # the broadcast tensor inputs
     ran: bool = False
+    started: bool = False  # the batched program began to run: an error now is this call's data's
     # The inputs a started program writes in place, with their versions before it ran.
     written_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
@@ -410,10 +411,12 @@ class _Batched:
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
             state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
+            state.started = True
             outs = _stacked_autograd.run(self.program, inputs, self.written)
         else:
             program = self._program(inputs)
             state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
+            state.started = True
             outs = program(*inputs)
         rows = []
         for o in outs:
@@ -701,6 +704,10 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
             raise Unsupported(inner.reason) from None
+        if inner is None and state.started:
+            # Captured, and failed on this call's values (an index out of range): the
+            # threads run this call (and raise as they do); the capture stays for the next.
+            raise Unsupported(capture_failure(e).replace("capture failed", "the batched graph raised"), True) from None
         capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
     # Outside the try: a warning about the draws must not read as a capture failure.
