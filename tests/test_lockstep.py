@@ -392,25 +392,6 @@ def test_donated_inputs_are_deleted_even_when_a_replica_fails():
             y.unshard()
 
 
-@pytest.mark.subprocess
-def test_the_core_suites_pass_under_the_lockstep_executor():
-    """Those test files, with pmap's default executor switched to lockstep: calls it
-    captures must behave as on the threads, the others fall back. (The whole quick
-    suite passes this way too, in about 4 minutes here: see docs/development.md.)"""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TORCHPMAP_EXECUTOR": "lockstep", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    names = ("pmap_args", "sharded", "training", "compile", "batchnorm", "checkpoint")
-    files = [str(root / "tests" / f"test_{name}.py") for name in names]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-
-
 def test_a_segment_for_another_device_makes_its_tensors_there():
     """What several GPUs need, checked with the meta device as replica 1's: the
     device constants traced on replica 0's device move to the replica's."""

@@ -704,26 +704,6 @@ def test_a_dynamo_stance_falls_back():
         fallback(pf, rows(N, 3), match="set_stance")
 
 
-@pytest.mark.subprocess
-def test_the_core_suites_pass_under_the_stacked_executor():
-    """Those test files, with pmap's default executor switched to stacked: calls it
-    captures must behave as on the threads, the others fall back. (The whole quick
-    suite passes this way too, in about 5 minutes here, too long for CI: see
-    docs/development.md.)"""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TORCHPMAP_EXECUTOR": "stacked", "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    names = ("pmap_args", "sharded", "training", "random", "compile", "batchnorm", "checkpoint")
-    files = [str(root / "tests" / f"test_{name}.py") for name in names]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-
-
 @pytest.mark.parametrize("name", ["stacked", "lockstep"])
 def test_a_pmapped_function_and_its_captures_are_freed_with_it(name):
     import gc
