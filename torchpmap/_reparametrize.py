@@ -6,8 +6,9 @@ swaps the given tensors into the module object for the duration of the call.
 On the threads executor the replicas run at once: with one module object
 between them, each would see the others' tensors, a wrong answer without an
 error. Redirecting to ``torchpmap.functional_call``'s per-replica twin of the
-module is not exactly torch's behaviour (a hook or method bound to the module
-object sees the original, not the twin), so the guard raises instead.
+module is not exactly torch's behaviour (attributes the forward sets land on
+the twin; a reference to the module kept elsewhere sees the original), so the
+guard raises instead.
 
 The check is deterministic, not only when the timings overlap: per run (one
 communicator), the first replica to reparametrize a module claims it; another

@@ -35,6 +35,7 @@ RuntimeWarning once per function and reason.
 
 from __future__ import annotations
 
+import functools
 import threading
 import types
 import warnings
@@ -410,14 +411,12 @@ class _Batched:
                 )
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
-            state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
-            state.started = True
-            outs = _stacked_autograd.run(self.program, inputs, self.written)
+            program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written)
         else:
-            program = self._program(inputs)
-            state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
-            state.started = True
-            outs = program(*inputs)
+            program = functools.partial(self._program(inputs), *inputs)
+        state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
+        state.started = True
+        outs = program()
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -707,7 +706,7 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
         if inner is None and state.started:
             # Captured, and failed on this call's values (an index out of range): the
             # threads run this call (and raise as they do); the capture stays for the next.
-            raise Unsupported(capture_failure(e).replace("capture failed", "the batched graph raised"), True) from None
+            raise Unsupported(f"the batched graph raised {_describe(_cause(e))}", True) from None
         capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
     # Outside the try: a warning about the draws must not read as a capture failure.
@@ -769,11 +768,15 @@ def _unsupported_inside(e: BaseException) -> Unsupported | None:
 
 
 def capture_failure(e: BaseException) -> str:
-    """The reason of a failed capture, naming the error that caused it: the
-    innermost one raised outside Dynamo (a collective's or the backend's), as
-    Dynamo's wrappers name only themselves (BackendCompilerFailed says
-    "backend='backend' raised:", TorchRuntimeError "RuntimeError when making
-    fake tensor call"); Dynamo's own error when it is the cause."""
+    """The reason of a failed capture, naming the error that caused it (``_cause``)."""
+    return f"capture failed {_describe(_cause(e))}"
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The innermost error raised outside Dynamo (a collective's or the
+    backend's), as Dynamo's wrappers name only themselves (BackendCompilerFailed
+    says "backend='backend' raised:", TorchRuntimeError "RuntimeError when
+    making fake tensor call"); Dynamo's own error when it is the cause."""
     cause, seen = e, set()
     cur: BaseException | None = e
     explicit = True  # cur is e, or the explicit cause of the one before
@@ -788,7 +791,11 @@ def capture_failure(e: BaseException) -> str:
             # Dynamo re-raises its errors from a handler; the handled error (a KeyError for
             # a variable it had not seen) is no cause, but a Dynamo error there may have one.
             cur, explicit = cur.__context__, False
-    return f"capture failed ({type(cause).__name__}: {_first_line(cause)})"
+    return cause
+
+
+def _describe(e: BaseException) -> str:
+    return f"({type(e).__name__}: {_first_line(e)})"
 
 
 def _first_line(e: BaseException) -> str:
