@@ -18,8 +18,13 @@ maps more replicas than there are devices, without naming them through
 devices are available" error, uncaught by the test, says it needs more.
 """
 
+from __future__ import annotations
+
+import contextlib
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +90,36 @@ def _compare_across_devices_on_gpus(monkeypatch):
 
     monkeypatch.setattr(torch.testing, "assert_close", assert_close)
     yield
+
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and no ordering between workers
+    fcntl = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _timing_tests_run_alone(request, tmp_path_factory):
+    """Under pytest-xdist, every test holds a shared lock on one file and a
+    ``timing`` test an exclusive one, so it runs alone. The turnstile makes a
+    waiting ``timing`` test go next: other workers queue behind it instead of
+    taking the shared lock again and again."""
+    if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
+    alone = request.node.get_closest_marker("timing") is not None
+    with contextlib.ExitStack() as held:
+        with _flock(root / "turnstile.lock", fcntl.LOCK_EX):
+            held.enter_context(_flock(root / "tests.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH))
+        yield

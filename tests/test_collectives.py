@@ -366,6 +366,7 @@ def test_outputs_that_differ_only_in_dict_order_are_one_structure():
     ids=["shapes", "shapes in a bucket", "rank", "keys", "leaf count", "container"],
 )
 @pytest.mark.parametrize("op", ["psum", "pmax", "all_gather", "ppermute"])
+@pytest.mark.timing
 def test_pytree_collectives_check_the_whole_tree(trees, op):
     import torch.utils._pytree as pytree
 
@@ -814,6 +815,7 @@ def test_compiled_backward_through_collectives():
 
 
 # -- performance sanity -----------------------------------------------------------------------
+@pytest.mark.timing
 def test_psum_latency_is_sane():
     """Not a benchmark: a psum of a (16,) tensor over 4 replicas takes well
     under a millisecond (typically ~0.2 ms on a 2-core CPU); fail only if it

@@ -26,7 +26,9 @@ def test_the_core_suites_pass_under_the_stacked_and_lockstep_executors():
     for executor, names in SUITES.items():
         env = {**os.environ, "TORCHPMAP_EXECUTOR": executor, "PYTHONWARNINGS": "ignore::RuntimeWarning"}
         files = [str(ROOT / "tests" / f"test_{name}.py") for name in names]
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", *files]
+        # -n 0: each run is one process (the suite's own workers are pyproject's addopts).
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-n", "0", "-p", "no:cacheprovider"]
+        cmd += files
         runs[executor] = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

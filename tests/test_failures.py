@@ -20,6 +20,8 @@ from helpers import call_with_deadline, devices, expect_error, notes, pmap_k
 import torchpmap as tp
 from torchpmap import _config, _runtime
 
+pytestmark = pytest.mark.timing  # every test here asserts how soon its error came
+
 GUARD_TIMEOUT = 5.0
 FAST = 0.5  # seconds: "at once"
 

@@ -47,6 +47,7 @@ def params(module, w):
     ],
     ids=["torch.func", "stateless"],
 )
+@pytest.mark.timing
 def test_shared_module_raises_promptly(call):
     module = Mixing()
     before = {k: v.detach().clone() for k, v in module.state_dict().items()}
