@@ -271,9 +271,20 @@ def test_pmean_of_a_tree_is_its_psum_divided_leaf_by_leaf(groups):
     pmap_k(f, k)(rows(k, 5, scale=0.37))
 
 
+@pytest.mark.parametrize("op", ["pmax", "pmin"])
+def test_pmax_and_pmin_propagate_nan(op):
+    """As torch.maximum/minimum and jnp.max: a NaN in any replica is the result
+    of every replica (XLA's CPU all-reduce drops it instead)."""
+    x = torch.tensor([[float("nan"), 1.0], [2.0, 3.0], [0.0, float("nan")], [5.0, -1.0]])
+    out = pmap_k(lambda v: getattr(tp, op)(v, "i"), 4)(x).unshard()
+    assert torch.isnan(out).all(), out
+
+
 @pytest.mark.parametrize("k", sorted(UNEQUAL_GROUPS))
 def test_reductions_with_unequal_groups_match_numpy(k):
-    """As JAX: psum/pmean/pmax/pmin accept axis_index_groups of different sizes."""
+    """As JAX: psum/pmean/pmax/pmin accept axis_index_groups of different sizes.
+    pmean and psum of a constant use each replica's own group size (JAX 0.10
+    uses the first group's for every replica)."""
     groups = UNEQUAL_GROUPS[k]
     x = sample(k, (2, 3), torch.float64)
     ints = sample(k, (3,), torch.int64)
