@@ -40,7 +40,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _escapes, _ops
+from . import _escapes, _ops, _outside_views
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
@@ -472,11 +472,17 @@ def _call_state(record: CallRecord, devices: tuple[torch.device, ...]) -> tuple[
     """Replica 0's leaves, and the state that maps each to every replica's."""
     state = _CallState(record, devices, {})
     row0: list[Any] = []
+    aliases: dict[int, torch.Tensor] = {}
     for values in record.per_leaf:
         first = values[0]
+        if isinstance(first, torch.Tensor) and first.layout == torch.strided and not first.requires_grad:
+            # A fresh alias, not the tensor itself: a global that is replica 0's
+            # tensor (``S.shards[0]``) must stay one value, not become each replica's.
+            first = aliases.setdefault(id(first), first.view_as(first))
         row0.append(first)
         if not isinstance(first, torch.Tensor):
             continue
+        state.keep.append(first)
         known = state.replicas_of.setdefault(id(first), list(values))
         if any(a is not b for a, b in zip(known, values)):
             raise Unsupported("two inputs are one tensor in replica 0 but not in the others")
@@ -525,32 +531,38 @@ def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:
 def _every_replica(leaf: torch.Tensor, state: _CallState) -> list[Any]:
     """Every replica's value of an output leaf: the graph's, or, for a view
     Dynamo takes outside the graph (``x.mT`` of an input: its bytecode takes
-    the view of replica 0's value), the same view of each replica's value."""
+    the view of replica 0's value), the same view of each replica's value.
+    Anything else (a tensor the function closes over, even one sharing an
+    input's storage) is the same in every replica. See ``_outside_views``."""
     n = len(state.devices)
     known = state.replicas_of.get(id(leaf))
     if known is not None:
         return known
     if leaf.device.type == "meta" or leaf.is_sparse:
         return [leaf] * n
-    storage = leaf.untyped_storage().data_ptr()
-    bases = [vs for vs in state.replicas_of.values() if vs[0].untyped_storage().data_ptr() == storage]
+    bases = [vs for vs in state.replicas_of.values() if _outside_views.lies_within(leaf, vs[0])]
     if not bases:
-        return [leaf] * n  # a constant: the same in every replica
+        return [leaf] * n  # the same in every replica
     base = bases[0]
     same_view = all(
         vs[r].untyped_storage().data_ptr() == base[r].untyped_storage().data_ptr()
-        and vs[r].storage_offset() - vs[0].storage_offset() == base[r].storage_offset() - base[0].storage_offset()
+        and vs[r].storage_offset() * vs[r].element_size() - vs[0].storage_offset() * vs[0].element_size()
+        == base[r].storage_offset() * base[r].element_size() - base[0].storage_offset() * base[0].element_size()
         for vs in bases
         for r in range(n)
     )
     same_view = same_view and all(b.stride() == base[0].stride() and b.shape == base[0].shape for b in base)
-    if not same_view:  # the replicas have run: no fallback
+    shift = leaf.storage_offset() * leaf.element_size() - base[0].storage_offset() * base[0].element_size()
+    views = [
+        _outside_views.rebuilt(b, leaf, tuple(leaf.shape), leaf.stride(), b.storage_offset() * b.element_size() + shift)
+        for b in base
+    ]
+    if not same_view or any(v is None for v in views):  # the replicas have run: no fallback
         raise RuntimeError(
             "pmap: the lockstep executor ran the function, and cannot return its result: an output is a view "
             "that Dynamo takes outside the graph, of inputs whose memory is laid out differently in the replicas"
         )
-    shift = leaf.storage_offset() - base[0].storage_offset()
-    return [b.as_strided(leaf.shape, leaf.stride(), b.storage_offset() + shift) for b in base]
+    return views
 
 
 LOCKSTEP = CapturedExecutor("lockstep", unsupported_reason, run)

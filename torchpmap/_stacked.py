@@ -50,7 +50,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _escapes, _ops, _runtime, _stacked_autograd, _stacked_random
+from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
@@ -840,20 +840,39 @@ def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | 
     """An output that is not one of the graph's: a view Dynamo takes outside
     the graph (``x.mT`` of an input: the graph returns nothing, and Dynamo's
     bytecode takes the view of replica 0's row) stands for that view of every
-    row; a broadcast input or a view of one is the same in every replica (None)."""
+    row; anything else (a broadcast input, a view of one, a tensor the function
+    closes over) is the same in every replica (None). See ``_outside_views``."""
     if leaf.device.type == "meta" or leaf.is_sparse or torch._C._functorch.is_functorch_wrapped_tensor(leaf):
         return None
     storage = leaf.untyped_storage().data_ptr()
-    buffers = {id(b): b for b in state.stacked_of.values() if b.untyped_storage().data_ptr() == storage}
+    buffers = {
+        id(b): b
+        for b in state.stacked_of.values()
+        if b.untyped_storage().data_ptr() == storage and _outside_views.lies_within(leaf, b.select(0, 0))
+    }
     if not buffers:
         return None
-    # Any buffer of that storage serves when all step from row to row alike (inputs
-    # sliced from one tensor); a broadcast input there may be what the view is of.
+    # Any buffer whose row 0 holds it serves when all step from row to row alike
+    # (inputs sliced from one tensor); a broadcast input there may be what the view is of.
     buffer, *others = buffers.values()
     alike = all(b.stride(0) == buffer.stride(0) for b in others)
-    if not alike or any(t.untyped_storage().data_ptr() == storage for t in state.shared):
+    if not alike or any(_outside_views.lies_within(leaf, t) for t in state.shared):
         raise Unsupported("an output is a view that Dynamo takes outside the graph, of memory several inputs share")
-    return buffer.as_strided((buffer.shape[0], *leaf.shape), (buffer.stride(0), *leaf.stride()), leaf.storage_offset())
+    row_bytes = buffer.stride(0) * buffer.element_size()
+    view = None
+    if row_bytes % leaf.element_size() == 0:
+        view = _outside_views.rebuilt(
+            buffer,
+            leaf,
+            (buffer.shape[0], *leaf.shape),
+            (row_bytes // leaf.element_size(), *leaf.stride()),
+            int(leaf.storage_offset()) * leaf.element_size(),
+        )
+    if view is None:
+        raise Unsupported(
+            f"an output is a {leaf.dtype} view that Dynamo takes outside the graph, of a {buffer.dtype} input"
+        )
+    return view
 
 
 # -- warnings -----------------------------------------------------------------------------

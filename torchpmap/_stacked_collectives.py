@@ -150,7 +150,7 @@ def all_to_all(xs: Tensor, groups: Groups = None) -> Tensor:
     _check_stack(xs, n, "all_to_all", min_ndim=2)
     if _is_everybody(groups, n):  # out[r][j] = xs[j][r]
         _check_group_dim(xs, n, "all_to_all")
-        return xs.transpose(0, 1).contiguous()
+        return xs.transpose(0, 1).clone(memory_format=torch.contiguous_format)  # never a view of xs
     members, position = _members_and_positions(groups_, n, xs.device)
     _check_group_dim(xs, members.shape[1], "all_to_all")
     return xs[members, position[:, None]]
