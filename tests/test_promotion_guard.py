@@ -1,0 +1,66 @@
+"""A per-replica 0-dim tensor (a loss, a norm) is a batched (n,) tensor when
+the stacked executor traces, and functorch's batching rules do not all promote
+it as one replica does. Where they may not, the capture stops and the call runs
+on the threads with a warning naming the op (``_promotion_guard``); where they
+do (an integer such as ``axis_index`` with a float tensor), it stays stacked."""
+
+import warnings
+
+import pytest
+import torch
+from helpers import devices, executor
+
+import torchpmap as tp
+
+CASES = {
+    # a float64 scalar in torch.where with float32 tensors: batched, float64 wins
+    "where": (
+        lambda s, y: torch.where(y > 0, s, y),
+        torch.tensor([0.5, -0.25, 0.125, 1 / 3], dtype=torch.float64),
+        torch.tensor([1 / 3, -2 / 7, 3 / 11]),
+        "where",
+    ),
+    # uint8 compared with an int32 scalar: one replica compares as uint8
+    "compare": (
+        lambda s, y: y < s,
+        torch.tensor([-3, 2, 300, 5], dtype=torch.int32),
+        torch.tensor([1, 2, 3, 250], dtype=torch.uint8),
+        "lt",
+    ),
+    # bfloat16 over a float32 norm: one replica divides by the norm at full precision
+    "bf16_over_f32_norm": (
+        lambda s, y: y / s,
+        torch.tensor([0.7, 1.3, 2.9, 0.11]),
+        torch.randn(64, generator=torch.Generator().manual_seed(0)).bfloat16(),
+        "div",
+    ),
+}
+
+
+def run(name, fn, s, y):
+    return tp.pmap(fn, "i", in_axes=(0, None), devices=devices(4))(s, y).unshard()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_promotion_batching_would_change_runs_on_the_threads_with_a_warning(case):
+    fn, s, y, op = CASES[case]
+    with executor("threads"):
+        expected = run("threads", fn, s, y)
+    assert torch.equal(expected, torch.stack([fn(v, y) for v in s]))
+    with executor("stacked", allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = run("stacked", fn, s, y)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any(f"{op} of a per-replica 0-dim" in m and "threads executor" in m for m in messages), messages
+
+
+def test_an_integer_scalar_with_float_tensors_stays_stacked():
+    """x + axis_index: batching casts the integer to the tensor's dtype, as one replica does."""
+    f = tp.pmap(lambda x: x * tp.axis_index("i") + x.sum().long(), "i", devices=devices(4))
+    x = torch.arange(12.0).reshape(4, 3)
+    with executor("threads"):
+        expected = f(x).unshard()
+    with executor("stacked"):  # a fallback warning would fail the test
+        for _ in range(2):
+            assert torch.equal(f(x).unshard(), expected)

@@ -1,0 +1,113 @@
+"""Type promotion that batching changes: refused while the stacked executor traces.
+
+One replica's 0-dim tensor (a loss, a norm, ``x[i]``) is a batched (n,) tensor
+under vmap. PyTorch promotes a 0-dim tensor more weakly than a dimensioned one
+(``bf16_tensor * f32_scalar`` stays bfloat16, computed with the scalar at full
+precision; ``uint8 < int32_scalar`` compares as uint8), and functorch's batching
+rules do not all keep that: ``torch.where`` gives float64 for a float32 tensor
+and a float64 scalar, the comparison runs in int32, the product rounds the
+scalar to bfloat16 first. Each would be a silent difference from the threads
+executor, so while the batched graph is traced, a promoting (pointwise) op that
+meets a per-replica 0-dim tensor with a tensor of another dtype stops the
+capture: the call runs on the threads, with a warning naming the op.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+# Python operator names whose aten op is named otherwise.
+_ATEN_NAME = {
+    "truediv": "div",
+    "floordiv": "floor_divide",
+    "mod": "remainder",
+    "and": "bitwise_and",
+    "or": "bitwise_or",
+    "xor": "bitwise_xor",
+    "lshift": "bitwise_left_shift",
+    "rshift": "bitwise_right_shift",
+}
+
+
+class PerReplicaScalarPromotion(Exception):
+    """A promoting op met a per-replica 0-dim tensor and a tensor of another dtype."""
+
+
+@functools.cache
+def _promotes(name: str) -> bool:
+    """Whether the torch function or Tensor method ``name`` (``mul``, ``mul_``,
+    ``__rmul__``, ``__truediv__``) is a pointwise aten op: those promote their
+    tensor arguments to one dtype."""
+    name = name.strip("_")
+    candidates = [name, _ATEN_NAME.get(name, name)]
+    if name[:1] in ("r", "i"):  # reflected and in-place operators: __radd__, __imul__
+        candidates += [name[1:], _ATEN_NAME.get(name[1:], name[1:])]
+    for candidate in candidates:
+        packet = getattr(torch.ops.aten, candidate, None)
+        if isinstance(packet, torch._ops.OpOverloadPacket) and any(
+            torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()
+        ):
+            return True
+    return False
+
+
+def _diverges(scalar: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether batching may promote a per-replica 0-dim ``scalar`` with ``other``
+    unlike one replica does. Alike: the same dtype, a bool on either side (it
+    promotes to the other's dtype both ways), an integer scalar with a floating
+    tensor (cast to it both ways: ``x + axis_index``). Not: a floating scalar
+    with a tensor of another dtype (a reduced-precision tensor computes with the
+    scalar at full precision in eager, and ``where``/``clamp`` let the batched
+    scalar win), an integer scalar with an integer tensor of another dtype."""
+    if scalar.dtype == other.dtype or torch.bool in (scalar.dtype, other.dtype):
+        return False
+    if scalar.is_floating_point() or scalar.is_complex():
+        return True
+    return not (other.is_floating_point() or other.is_complex())
+
+
+def _batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched at some functorch level (under a grad transform too)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
+class _Guard(TorchFunctionMode):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name and _promotes(name):
+            tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            if len(tensors) > 1:
+                scalars = [t for t in tensors if t.dim() == 0 and _batched(t)]
+                for s in scalars:
+                    other = next((t for t in tensors if not (t.dim() == 0 and _batched(t)) and _diverges(s, t)), None)
+                    if other is not None:
+                        raise PerReplicaScalarPromotion(
+                            f"{name} of a per-replica 0-dim {s.dtype} tensor and a {other.dtype} tensor: batching "
+                            f"would promote them unlike one replica does (cast one to the other's dtype first)"
+                        )
+        return func(*args, **kwargs)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run under the guard (inside vmap: it sees the replica's logical tensors)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _Guard():
+            return fn(*args, **kwargs)
+
+    return run
