@@ -75,3 +75,16 @@ def test_a_global_that_is_a_shard_of_the_argument_stays_that_shard(name):
     with executor(name):
         for _ in range(2):
             assert pf(s).unshard()[:, 0].tolist() == [0.0, 10.0, 20.0, 30.0]
+
+
+@pytest.mark.parametrize("name", EXECUTORS)
+def test_two_copies_stay_two_tensors(name):
+    """Each reshape of a strided row copies; merging the two equal copies (the
+    copy's _unsafe_view was taken for a plain read) made the outputs one tensor."""
+    x = torch.arange(32.0).reshape(2, 4, 4).permute(2, 1, 0)
+    pf = tp.pmap(lambda v: (v.reshape(-1), v.reshape(-1)), "i", devices=devices(4))
+    with executor(name):
+        for _ in range(2):
+            a, b = pf(x)
+            a.shards[0][0] = 100.0
+            assert b.shards[0][0].item() == x[0].reshape(-1)[0].item()

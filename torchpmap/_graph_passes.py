@@ -394,6 +394,11 @@ def _is_view_op(node: torch.fx.Node) -> bool:
     return bool(schema.returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
 
 
+# Ops that return a view of their input without saying so in their schema
+# (reshape's decomposition ends in _unsafe_view of a copy it just made).
+_UNANNOTATED_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
+
+
 def _only_reads(user: torch.fx.Node, value: torch.fx.Node) -> bool:
     """Whether ``user`` is an op that takes ``value`` without writing it or
     returning a view of it."""
@@ -401,7 +406,7 @@ def _only_reads(user: torch.fx.Node, value: torch.fx.Node) -> bool:
     if user.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
     schema = target._schema
-    if any(r.alias_info is not None for r in schema.returns):
+    if target in _UNANNOTATED_VIEWS or any(r.alias_info is not None for r in schema.returns):
         return False
     for k, arg in enumerate(schema.arguments):
         given = user.args[k] if k < len(user.args) else user.kwargs.get(arg.name)
