@@ -37,7 +37,7 @@ CASES = {
 }
 
 
-def run(name, fn, s, y):
+def run(fn, s, y):
     return tp.pmap(fn, "i", in_axes=(0, None), devices=devices(4))(s, y).unshard()
 
 
@@ -45,11 +45,11 @@ def run(name, fn, s, y):
 def test_promotion_batching_would_change_runs_on_the_threads_with_a_warning(case):
     fn, s, y, op = CASES[case]
     with executor("threads"):
-        expected = run("threads", fn, s, y)
+        expected = run(fn, s, y)
     assert torch.equal(expected, torch.stack([fn(v, y) for v in s]))
     with executor("stacked", allow_fallback=True), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        got = run("stacked", fn, s, y)
+        got = run(fn, s, y)
     assert got.dtype == expected.dtype and torch.equal(got, expected)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any(f"{op} of a per-replica 0-dim" in m and "threads executor" in m for m in messages), messages

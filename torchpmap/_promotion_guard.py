@@ -91,9 +91,11 @@ class _Guard(TorchFunctionMode):
         if name and _promotes(name):
             tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if len(tensors) > 1:
-                scalars = [t for t in tensors if t.dim() == 0 and _batched(t)]
+                per_replica_scalar = [t.dim() == 0 and _batched(t) for t in tensors]
+                scalars = [t for t, s in zip(tensors, per_replica_scalar) if s]
+                others = [t for t, s in zip(tensors, per_replica_scalar) if not s]
                 for s in scalars:
-                    other = next((t for t in tensors if not (t.dim() == 0 and _batched(t)) and _diverges(s, t)), None)
+                    other = next((t for t in others if _diverges(s, t)), None)
                     if other is not None:
                         raise PerReplicaScalarPromotion(
                             f"{name} of a per-replica 0-dim {s.dtype} tensor and a {other.dtype} tensor: batching "

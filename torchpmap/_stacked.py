@@ -844,12 +844,7 @@ def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | 
     closes over) is the same in every replica (None). See ``_outside_views``."""
     if leaf.device.type == "meta" or leaf.is_sparse or torch._C._functorch.is_functorch_wrapped_tensor(leaf):
         return None
-    storage = leaf.untyped_storage().data_ptr()
-    buffers = {
-        id(b): b
-        for b in state.stacked_of.values()
-        if b.untyped_storage().data_ptr() == storage and _outside_views.lies_within(leaf, b.select(0, 0))
-    }
+    buffers = {id(b): b for b in state.stacked_of.values() if _outside_views.lies_within(leaf, b.select(0, 0))}
     if not buffers:
         return None
     # Any buffer whose row 0 holds it serves when all step from row to row alike
