@@ -17,6 +17,7 @@ Compiled graphs of all replicas still run concurrently.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import types
@@ -36,6 +37,19 @@ _COMPILE_KEYS = {"backend", "mode", "dynamic", "fullgraph", "options"}
 
 # A torch.compile backend: (graph, example inputs) -> the compiled graph.
 Backend: TypeAlias = "Callable[[torch.fx.GraphModule, list[torch.Tensor]], Callable[..., Any]]"
+
+# torch.compile takes a per-function recompile_limit in the PyTorch torchpmap requires (2.13).
+_PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any) -> Callable[..., Any]:
+    """``torch.compile(fun, **options)`` allowed ``recompile_limit`` captures of
+    its own. Older PyTorch (2.11 is what the GPU machines have) knows only
+    Dynamo's global limit: there it is that one, and a function with more
+    signatures runs eagerly past it, as Dynamo does."""
+    if _PER_FUNCTION_LIMIT:
+        options["recompile_limit"] = recompile_limit
+    return torch.compile(fun, **options)
 
 
 def normalize_options(compile: Any) -> dict[str, Any] | None:
@@ -234,8 +248,7 @@ class CompiledReplicas:
         # A distinct code object: a distinct Dynamo cache (see module docstring).
         code = t.__code__.replace()
         entry = types.FunctionType(code, t.__globals__, t.__name__, t.__defaults__, t.__closure__)
-        # torch.compile's overloads leave out recompile_limit, which the function itself takes.
-        compiled = torch.compile(  # type: ignore[call-overload]
+        compiled = torch_compile(
             entry,
             backend=self._backend,
             fullgraph=self._options.get("fullgraph", False),

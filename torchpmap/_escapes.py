@@ -36,9 +36,8 @@ def stored_replica_tensor(per_replica: Sequence[torch.Tensor]) -> str | None:
     be n equal tensors on the threads, one here)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables import ConstDictVariable, SetVariable  # (their modules differ between releases)
         from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew, VariableTracker
-        from torch._dynamo.variables.dicts import ConstDictVariable
-        from torch._dynamo.variables.sets import SetVariable
         from torch._dynamo.variables.tensor import TensorVariable
 
         tx = InstructionTranslator.current_tx()

@@ -53,7 +53,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
-from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend
+from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend, torch_compile
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view, _to_device
 from ._stacked_autograd import ReplicaProgram
@@ -654,10 +654,7 @@ def compile_per_replica(
 ) -> Callable[..., Any]:
     """``entry`` (a ``trampoline_entry``) under Dynamo with ``backend``: one
     full graph, static shapes."""
-    # torch.compile's overloads leave out recompile_limit, which the function itself takes.
-    return torch.compile(  # type: ignore[call-overload]
-        entry, backend=backend, fullgraph=True, dynamic=False, recompile_limit=_RECOMPILE_LIMIT
-    )
+    return torch_compile(entry, _RECOMPILE_LIMIT, backend=backend, fullgraph=True, dynamic=False)
 
 
 # -- the call ------------------------------------------------------------------------
