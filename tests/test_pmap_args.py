@@ -4,6 +4,8 @@ every mistake, and the per-signature plan cache."""
 
 import dataclasses
 import threading
+import time
+import weakref
 from collections import namedtuple
 from functools import partial
 
@@ -423,6 +425,26 @@ def test_donated_sharded_tensor_is_deleted():
     ):
         with pytest.raises(DeletedShardedTensorError, match=match):
             use()
+
+
+@pytest.mark.threads_only  # the stacked executors run the function once, on the stacked buffer
+def test_a_donated_shard_is_freed_when_its_replica_returns_not_when_the_call_does():
+    # Replica 0 returns at once; replica 1 waits until replica 0's donated shard is gone. Python
+    # keeps a function's arguments until it returns: nothing of torchpmap's may hold them longer.
+    x = tp.device_put_sharded([torch.ones(3), torch.ones(3)], _devices(2))
+    first = weakref.ref(x.shards[0])
+    freed = []
+
+    def f(a):
+        if tp.axis_index("i") == 1:
+            deadline = time.monotonic() + 5.0
+            while first() is not None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            freed.append(first() is None)
+        return a.sum()
+
+    tp.pmap(f, "i", donate_argnums=0)(x)
+    assert freed == [True] and x.is_deleted
 
 
 def test_donating_a_plain_tensor_leaves_it_usable():

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -123,6 +124,19 @@ class CallRecord:
         for t in self.donated:
             t.delete()
 
+    def donated_slots(self) -> list[int]:
+        """The input leaves that are donated ShardedTensors."""
+        donated = {id(t) for t in self.donated}
+        return [j for j, leaf in enumerate(self.caller_leaves) if id(leaf) in donated]
+
+    def forget_donated(self, rank: int, slots: Sequence[int]) -> None:
+        """Drop the record's references to replica ``rank``'s donated inputs
+        (``donated_slots``), once they are handed to the replica."""
+        for j in slots:
+            values = self.per_leaf[j]
+            if isinstance(values, list):
+                values[rank] = None
+
 
 def unflatten_arguments(
     treedef: TreeSpec | None, static_items: tuple[tuple[int, Any], ...], leaves: list[Any]
@@ -165,18 +179,21 @@ class Executor(abc.ABC):
         may have written them); a call that fails before leaves them usable."""
         if not record.donated:
             return self.run_replicas(record.group, lambda r: record.call_replica(r, inputs[r]))
-        started = False
+        donated_slots = record.donated_slots()
+        release = threading.Lock()
 
         def replica(rank: int) -> FlatOutput:
-            nonlocal started
-            started = True
-            return record.call_replica(rank, inputs[rank])
-
-        try:
-            return self.run_replicas(record.group, replica)
-        finally:
-            if started:
+            with release:  # the first replica to start deletes them; for the others it is a no-op
                 record.release_donated()
+            # The replica's function holds its donated inputs from here on, and nothing
+            # else of the call does: their memory is free once the function drops them
+            # (Python keeps a function's arguments until it returns), not once every
+            # replica has finished.
+            mine, inputs[rank] = inputs[rank], []
+            record.forget_donated(rank, donated_slots)
+            return record.call_replica(rank, mine)
+
+        return self.run_replicas(record.group, replica)
 
     def call(self, record: CallRecord) -> list[FlatOutput] | StackedOutput:
         """Run the call; with grad mode on, so that the caller's autograd sees
