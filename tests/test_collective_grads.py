@@ -187,9 +187,10 @@ def test_gradient_for_a_computed_tensor_captured_by_the_pmapped_function(k, exec
     # c has a history (c = w * 3): the call's backward stops at c, and the caller's runs
     # c's history once. It used to run it once per replica (a second time is an error),
     # and autograd.grad(out, c) found no path to c (None with allow_unused).
-    w = double(3, seed=1).requires_grad_()
+    # Closed over, c must be on the replicas' device (a GPU on the cuda platform).
+    w = double(3, seed=1).to(tp.local_devices()[0].type).requires_grad_()
     c = w * 3
-    x = double(k, 3, seed=2)
+    x = double(k, 3, seed=2).to(w.device)
     tp.set_executor(executor)
     try:
         y = pmap_k(lambda v: tp.psum(v * c, "i") + c.sin(), k)(x).unshard().sum()

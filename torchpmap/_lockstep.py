@@ -299,7 +299,8 @@ def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices:
     for step, dead in zip(plan.steps, plan.dead_after):
         if isinstance(step, _Compute):
             for r, env in enumerate(envs):
-                with torch.cuda.device(devices[r]) if cuda else contextlib.nullcontext():
+                # (A replica on the CPU beside GPUs, e.g. cuda:0 and cpu:0, has no CUDA device to make current.)
+                with torch.cuda.device(devices[r]) if devices[r].type == "cuda" else contextlib.nullcontext():
                     outs = step.programs[r](*[env[s] for s in step.inputs])
                 for s, v in zip(step.outputs, outs):
                     env[s] = v

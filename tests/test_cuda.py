@@ -1,0 +1,275 @@
+"""The GPU path on one GPU: every test here needs CUDA and skips without it.
+
+One GPU still gives real cross-device calls (``devices=["cuda:0", "cpu:0"]``) and
+several replicas on one GPU (``["cuda:0"] * 8``, stacked or on threads). Each
+result is compared with the same call on virtual CPU devices (differential), and
+the stream tests make the GPU slow on purpose (``torch.cuda._sleep``) where a
+missing stream dependency would let the caller read too early."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import call_with_deadline, executor, rows
+from torch.func import grad_and_value
+
+import torchpmap as tp
+from torchpmap import _runtime
+
+pytestmark = pytest.mark.cuda
+
+HERE = Path(__file__).resolve().parent
+SLEEP = 20_000_000  # cycles of torch.cuda._sleep: some milliseconds of GPU time
+
+
+def gpu():
+    return tp.local_devices()[0]
+
+
+def cpu_devices(n):
+    return [torch.device("cpu", i) for i in range(n)]
+
+
+def on_host(tree):
+    def one(v):
+        if isinstance(v, tp.ShardedTensor):
+            v = v.unshard(device="cpu")
+        return v.cpu() if isinstance(v, torch.Tensor) else v
+
+    return torch.utils._pytree.tree_map(one, tree, is_leaf=lambda v: isinstance(v, tp.ShardedTensor))
+
+
+def assert_close_on_host(got, want):
+    torch.testing.assert_close(on_host(got), on_host(want), rtol=1e-5, atol=1e-5)
+
+
+MIXED_FUNCTIONS = {
+    "psum": lambda x: tp.psum(x, "i"),
+    "pmax": lambda x: tp.pmax(x, "i"),
+    "all_gather": lambda x: tp.all_gather(x, "i"),
+    "psum_scatter": lambda x: tp.psum_scatter(x, "i", tiled=True),
+    "all_to_all": lambda x: tp.all_to_all(x[:2], "i", 0, 1),
+    "ppermute": lambda x: tp.ppermute(x, "i", [(0, 1), (1, 0)]),
+    "axis_index": lambda x: x * 2 + tp.axis_index("i"),
+    "pytree": lambda x: tp.psum({"a": x, "b": (x * 2, x.sum())}, "i"),
+}
+
+
+# -- a GPU and the CPU in one call --------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(MIXED_FUNCTIONS))
+@pytest.mark.parametrize("how", ["threads", "lockstep"])
+def test_every_collective_across_a_gpu_and_a_cpu_device_equals_two_cpu_devices(name, how):
+    fun, x = MIXED_FUNCTIONS[name], rows(2, 4, 3)
+    want = tp.pmap(fun, "i", devices=cpu_devices(2))(x)
+    mixed = [gpu(), torch.device("cpu", 0)]
+    with executor(how):
+        for _ in range(2):  # the lockstep executor captures from the second call of auto; forced: both
+            got = tp.pmap(fun, "i", devices=mixed)(x.to(gpu()))
+    leaves = [v for v in torch.utils._pytree.tree_leaves(got) if isinstance(v, tp.ShardedTensor)]
+    assert all([s.device.type for s in v.shards] == ["cuda", "cpu"] for v in leaves)
+    assert_close_on_host(got, want)
+
+
+def test_backward_from_outside_through_a_gpu_and_a_cpu_replica():
+    mixed = [gpu(), torch.device("cpu", 0)]
+
+    def loss(x, devices):
+        y = tp.pmap(lambda r: tp.psum(r.sin(), "i") * r, "i", devices=devices)(x)
+        return y.unshard(device="cpu").sum()
+
+    x = rows(2, 5).requires_grad_()
+    (want,) = torch.autograd.grad(loss(x, cpu_devices(2)), x)
+    xg = x.detach().to(gpu()).requires_grad_()
+    (got,), error, seconds = call_with_deadline(lambda: torch.autograd.grad(loss(xg, mixed), xg), deadline=60.0)
+    assert error is None, error
+    assert_close_on_host(got, want)
+
+
+# -- streams: the caller may use results at once, on the stream it is on -------------------------
+def test_collective_results_are_ready_on_the_replica_stream_that_uses_them():
+    # A GPU replica sleeps before its contribution and uses the collective's result at once;
+    # the CPU replica arrives first, so the result is made while the GPU is still busy.
+    mixed = [gpu(), torch.device("cpu", 0)]
+
+    def f(r):
+        if r.is_cuda:
+            torch.cuda._sleep(SLEEP)
+        s = tp.psum(r * 2, "i")
+        return s * s + 1
+
+    pf = tp.pmap(f, "i", devices=mixed)
+    for step in range(20):
+        x = torch.full((2, 1 << 16), float(step), device=gpu())
+        out = pf(x)
+        want = (4.0 * step) ** 2 + 1
+        assert torch.all(out.shards[0] == want) and torch.all(out.shards[1] == want), step
+
+
+def test_a_caller_on_a_side_stream_and_a_slow_replica_get_ordered_results():
+    side = torch.cuda.Stream(gpu())
+
+    def f(r):
+        torch.cuda._sleep(SLEEP)  # the replica's kernels finish late
+        return r * 3
+
+    with torch.cuda.stream(side):
+        base = torch.ones(1, 1 << 20, device=gpu())
+        torch.cuda._sleep(SLEEP)  # the input below is computed late, on the side stream
+        x = base * 2
+        out = tp.pmap(f, devices=[gpu()])(x)
+        first = out.shards[0].sum()  # used at once, on the side stream
+        x.zero_()  # and the caller may overwrite its input: the replica has read it
+    side.synchronize()
+    assert first.item() == 6.0 * (1 << 20)
+    assert torch.all(out.shards[0] == 6.0)
+
+
+def test_an_interrupted_call_leaves_the_callers_stream_behind_the_replicas_kernels(monkeypatch):
+    # Ctrl-C while the caller waits: the GPU replica has queued a long kernel, the CPU replica
+    # still runs. As after a call that returned, the caller's stream must go on only after that
+    # kernel (the caller may reuse the inputs' memory at once).
+    launched, release = threading.Event(), threading.Event()
+
+    def f(r):
+        if r.is_cuda:
+            torch.cuda._sleep(1_000_000_000)  # about half a second
+            launched.set()
+        else:
+            release.wait(10)
+        return r * 2
+
+    def interrupted(self, *args):
+        launched.wait(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_runtime._Call, "wait", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tp.pmap(f, "i", devices=[gpu(), torch.device("cpu", 0)])(torch.ones(2, 4, device=gpu()))
+    finally:
+        release.set()
+    after = torch.cuda.Event()
+    after.record()  # on the caller's stream
+    time.sleep(0.1)
+    assert not after.query(), "the caller's stream ran ahead of the replica's kernel"
+    torch.cuda.synchronize()
+    assert _runtime.pool().wait_idle(10)
+
+
+def test_several_replicas_on_one_gpu_on_the_threads_are_ordered_with_the_caller():
+    devs = [gpu()] * 4
+    x = rows(4, 1 << 14).to(gpu())
+
+    def f(r):
+        torch.cuda._sleep(SLEEP)
+        return tp.psum(r, "i") - r
+
+    with executor("threads"):
+        out = tp.pmap(f, "i", devices=devs)(x)
+        total = out.unshard().sum(0)  # at once, on the default stream
+    want = 3 * x.sum(0)
+    torch.testing.assert_close(total, want)
+
+
+# -- donation: a donated input's memory is free once its replica has returned --------------------
+def test_a_donated_input_is_freed_when_its_replica_returns_not_when_the_call_does():
+    # Replica 0 (the GPU) returns at once; replica 1 (the CPU) waits until the GPU memory of
+    # replica 0's donated shard is free. Python keeps a function's arguments alive until it
+    # returns, so that is the earliest: nothing of torchpmap's may hold them longer.
+    n = 64 * (1 << 20) // 4
+    mixed = [gpu(), torch.device("cpu", 0)]
+
+    def f(a):
+        if a.is_cuda:
+            return a.sum()
+        deadline = time.monotonic() + 10.0
+        while torch.cuda.memory_allocated(gpu()) > before + 4 * n // 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        freed.append(torch.cuda.memory_allocated(gpu()) - before)
+        return a.sum()
+
+    x = tp.device_put_sharded([torch.ones(n, device=gpu()), torch.ones(n)], mixed)
+    torch.cuda.synchronize()
+    before, freed = torch.cuda.memory_allocated(gpu()) - 4 * n, []
+    tp.pmap(f, devices=mixed, donate_argnums=0)(x)
+    assert freed[0] <= 4 * n // 2, f"{freed[0]} bytes of the donated input still held"
+
+
+# -- several replicas on one GPU: the stacked executor --------------------------------------------
+def _mlp(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w0, w1 = torch.randn(16, 32, generator=g) / 4, torch.randn(32, 4, generator=g) / 6
+    return {"w0": w0, "b0": torch.zeros(32), "w1": w1}
+
+
+def _train_step(p, x, y):
+    def loss(p):
+        h = torch.tanh(x @ p["w0"] + p["b0"])
+        return torch.nn.functional.cross_entropy(h @ p["w1"], y)
+
+    g, value = grad_and_value(loss)(p)
+    g = tp.pmean(g, "i")
+    return {k: p[k] - 0.1 * g[k] for k in p}, tp.pmean(value, "i")
+
+
+def _train(devs, steps=3, **kwargs):
+    n = len(devs)
+    dev = devs[0] if devs[0].type == "cuda" else torch.device("cpu")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, 16, generator=g).to(dev)
+    y = torch.randint(0, 4, (n, 8), generator=g).to(dev)
+    params = tp.device_put_replicated({k: v.to(dev) for k, v in _mlp().items()}, devs)
+    step = tp.pmap(_train_step, "i", devices=devs, **kwargs)
+    losses = []
+    for _ in range(steps):
+        params, loss = step(params, x, y)
+        losses.append(loss)
+    return params, losses
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked"])
+def test_eight_replicas_on_one_gpu_train_like_eight_cpu_devices(how):
+    want = _train(cpu_devices(8))
+    with executor(how):
+        got = _train([gpu()] * 8)
+    assert all(v.devices == (gpu(),) * 8 for v in got[0].values())
+    assert_close_on_host(got, want)
+
+
+@pytest.mark.slow
+def test_a_compiled_stacked_step_on_one_gpu_trains_like_eight_cpu_devices():
+    want = _train(cpu_devices(8))
+    with executor("stacked"):
+        got = _train([gpu()] * 8, compile=True)  # inductor's GPU code over the stacked graph
+    assert_close_on_host(got, want)
+
+
+# -- one process under NCCL -----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.subprocess
+def test_the_multiprocess_example_under_nccl_with_one_process():
+    env = {k: v for k, v in os.environ.items() if k != "TORCHPMAP_PLATFORM"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        str(HERE.parent / "examples" / "multiprocess.py"),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "['cuda:0']" in out.stdout and "global indices [0]" in out.stdout, out.stdout
+    assert "learned w = [1.99" in out.stdout, out.stdout
