@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import torch
 from torch import Tensor
 
-from . import _axis
+from . import _axis, _forward_ad
 from . import _stacked_collectives as _stacked
 from ._communicator import Collective
 from ._random import replica_modes_only
@@ -208,6 +208,7 @@ def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     f = _frame(axes)
     if f.capturing or _axis.bound_level(axes.split(AXIS_SEP)) is not None:
         raise _no_captured_form(collective.kind)
+    _forward_ad.check_no_collective(collective.kind)
     return f.comm.exchange(f.index, collective, x)
 
 

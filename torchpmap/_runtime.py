@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from . import _axis, _config
+from . import _axis, _config, _forward_ad
 from ._communicator import Communicator
 from ._devices import device_str
 from ._random import CallRandomness, Interception
@@ -86,6 +86,9 @@ def _reset_thread_state() -> None:
             torch.set_autocast_enabled(device_type, False)
 
 
+_forward_ad.install()  # replicas on these workers enter forward-AD levels one at a time
+
+
 class _Worker:
     def __init__(self, device: torch.device, slot: int = 0) -> None:
         self.device = device
@@ -97,6 +100,7 @@ class _Worker:
         self.thread.start()
 
     def _loop(self) -> None:
+        _forward_ad.mark_worker_thread()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while True:

@@ -1,0 +1,82 @@
+"""Forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad.dual_level) inside replicas.
+
+PyTorch's forward-AD levels are process-wide: replicas on worker threads that
+entered them at once took each other's level (zero tangents, "no level exists",
+"Nested forward mode AD is not supported"). They now enter one at a time."""
+
+import pytest
+import torch
+from helpers import expect_error, pmap_k
+from torch.autograd import forward_ad as fwAD
+
+import torchpmap as tp
+
+N, CALLS = 8, 25  # one call in three went wrong before: 25 calls of 8 replicas always showed it
+
+
+def _x():
+    return torch.linspace(-2, 2, N * 16, dtype=torch.float64).reshape(N, 16)
+
+
+def _every_call_equals(f, want):
+    x = _x()
+    pf = pmap_k(f, N)
+    for call in range(CALLS):
+        torch.testing.assert_close(pf(x).unshard(), want(x), msg=f"call {call}")
+
+
+def test_jvp_in_every_replica_gives_each_its_tangent():
+    _every_call_equals(lambda r: torch.func.jvp(torch.sin, (r,), (torch.ones_like(r),))[1], torch.cos)
+
+
+def test_dual_level_in_every_replica():
+    def f(r):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(r, torch.full_like(r, 2.0))
+            return fwAD.unpack_dual(dual.exp()).tangent
+
+    _every_call_equals(f, lambda x: 2 * x.exp())
+
+
+def test_jacfwd_and_hessian_in_every_replica():
+    def f(r):
+        cube = lambda v: (v**3).sum()  # noqa: E731
+        return torch.func.jacfwd(torch.sin)(r[:4]).diagonal() + torch.func.hessian(cube)(r[:4]).diagonal()
+
+    _every_call_equals(f, lambda x: x[:, :4].cos() + 6 * x[:, :4])
+
+
+def test_a_collective_of_the_tangents_after_jvp():
+    def f(r):
+        return tp.psum(torch.func.jvp(torch.sin, (r,), (torch.ones_like(r),))[1], "i")
+
+    _every_call_equals(f, lambda x: x.cos().sum(0).expand(N, -1))
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize("where", ["jvp", "dual_level"])
+def test_a_collective_inside_a_forward_ad_region_raises_at_once(where):
+    def in_jvp(r):
+        return torch.func.jvp(lambda v: tp.psum(v, "i"), (r,), (r,))[1]
+
+    def in_dual_level(r):
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(r, torch.ones_like(r))
+            return fwAD.unpack_dual(dual * tp.psum(r, "i")).tangent
+
+    f = {"jvp": in_jvp, "dual_level": in_dual_level}[where]
+    tp.set_executor("threads")  # the stacked executor falls back to it for jvp
+    err, seconds = expect_error(pmap_k(f, 4), _x()[:4], kind=RuntimeError)
+    assert "all_reduce" in str(err) and "inside torch.func.jvp" in str(err) and "lockstep" in str(err)
+    assert seconds < 5.0
+    # The gate was let go: forward AD works in replicas again.
+    torch.testing.assert_close(
+        pmap_k(lambda r: torch.func.jvp(torch.sin, (r,), (r,))[1], 4)(_x()[:4]).unshard(), _x()[:4] * _x()[:4].cos()
+    )
+
+
+def test_forward_ad_outside_replicas_is_untouched():
+    x = _x()[0]
+    with fwAD.dual_level():
+        assert fwAD.unpack_dual(fwAD.make_dual(x, torch.ones_like(x)).sin()).tangent is not None
+    torch.testing.assert_close(torch.func.jvp(torch.sin, (x,), (torch.ones_like(x),))[1], x.cos())
