@@ -40,7 +40,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _escapes, _ops, _outside_views
+from . import _escapes, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
@@ -422,7 +422,10 @@ def _backend(
         # Away from Dynamo's tracing context: make_fx would otherwise trace in
         # Dynamo's fake mode and leave symbols in its shape environment.
         with torch._guards.tracing(None):
-            graph = make_fx(gm, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
+            # (The eager kernels' value checks, one_hot's among them, kept: _value_checks.)
+            graph = make_fx(_value_checks.checked(gm), tracing_mode="fake", _allow_non_fake_inputs=True)(
+                *example_inputs
+            )
         check_supported_ops(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())

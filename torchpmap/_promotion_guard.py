@@ -72,7 +72,7 @@ def _diverges(scalar: torch.Tensor, other: torch.Tensor) -> bool:
     return not (other.is_floating_point() or other.is_complex())
 
 
-def _batched(t: torch.Tensor) -> bool:
+def batched(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched at some functorch level (under a grad transform too)."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
@@ -91,7 +91,7 @@ class _Guard(TorchFunctionMode):
         if name and _promotes(name):
             tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
             if len(tensors) > 1:
-                per_replica_scalar = [t.dim() == 0 and _batched(t) for t in tensors]
+                per_replica_scalar = [t.dim() == 0 and batched(t) for t in tensors]
                 scalars = [t for t, s in zip(tensors, per_replica_scalar) if s]
                 others = [t for t, s in zip(tensors, per_replica_scalar) if not s]
                 for s in scalars:

@@ -1,0 +1,115 @@
+"""Value checks that eager kernels make and a traced graph would lose.
+
+Some eager kernels read their inputs' values to refuse them: ``F.one_hot`` of a
+label that is negative or not below ``num_classes``, ``F.embedding`` of an index
+out of the table. Traced, the check is gone: one_hot's decomposition gives an
+all-zero row, and functorch's embedding batching rule, which looks rows up in
+one flat table of every replica's, reads another replica's row. Either would be
+a silent wrong result where the threads executor raises.
+
+So while a capture is traced (the stacked executor's batched graph, a lockstep
+segment), these ops are spelled with ops whose kernels check the same values
+when the graph runs, with the same results: one_hot as a ``scatter`` into zeros,
+a lookup in a per-replica table as ``index_select``, which is bounds-checked
+per replica. A value out of range then makes the graph raise: the stacked
+executor reruns that call on the threads, which raise the eager error; the
+lockstep executor raises the kernel's ("index 7 is out of bounds ...").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ._promotion_guard import batched
+
+
+class UncheckedLookup(Exception):
+    """An embedding lookup into a per-replica table with options the rewrite does not keep."""
+
+
+def _one_hot(labels: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+    if num_classes < 0:  # the width depends on the values: Dynamo does not capture it
+        return F.one_hot(labels, num_classes)
+    zeros = torch.zeros((*labels.shape, num_classes), dtype=torch.int64, device=labels.device)
+    return zeros.scatter(-1, labels.unsqueeze(-1), 1)
+
+
+def _lookup(indices: torch.Tensor, weight: torch.Tensor, padding: int | None, unsupported: list[str]) -> torch.Tensor:
+    """``weight[indices]`` (rows of the last dimension), bounds-checked per replica;
+    ``padding``: the row (0 ... rows - 1) whose lookups pass no gradient back, or None."""
+    if unsupported:
+        raise UncheckedLookup(
+            f"an embedding lookup into a per-replica table with {', '.join(unsupported)}: batched, an index out "
+            f"of range would read another replica's table"
+        )
+    rows = weight.index_select(0, indices.reshape(-1)).reshape(*indices.shape, weight.shape[-1])
+    if padding is not None:
+        rows = torch.where((indices == padding).unsqueeze(-1), rows.detach(), rows)
+    return rows
+
+
+def _F_embedding(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    padding_idx: int | None = None,
+    max_norm: float | None = None,
+    norm_type: float = 2.0,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    if not batched(weight):  # one table: the kernel checks the indices against it
+        return F.embedding(input, weight, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)
+    options = {"max_norm": max_norm is not None, "scale_grad_by_freq": scale_grad_by_freq, "sparse": sparse}
+    unsupported = [name for name, on in options.items() if on]
+    if padding_idx is not None and padding_idx < 0:  # F.embedding counts a negative one from the end
+        padding_idx += weight.shape[0]
+    return _lookup(input, weight, padding_idx, unsupported)
+
+
+def _torch_embedding(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    padding_idx: int = -1,
+    scale_grad_by_freq: bool = False,
+    sparse: bool = False,
+) -> torch.Tensor:
+    if not batched(weight):
+        return torch.embedding(weight, indices, padding_idx, scale_grad_by_freq, sparse)
+    options = {"scale_grad_by_freq": scale_grad_by_freq, "sparse": sparse}
+    unsupported = [name for name, on in options.items() if on]
+    return _lookup(indices, weight, None if padding_idx < 0 else padding_idx, unsupported)  # here -1 is none
+
+
+_REWRITES: dict[Any, Callable[..., torch.Tensor]] = {
+    F.one_hot: _one_hot,
+    F.embedding: _F_embedding,
+    torch.embedding: _torch_embedding,
+}
+
+
+class _Checked(TorchFunctionMode):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        rewrite = _REWRITES.get(func)
+        if rewrite is not None:
+            return rewrite(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced with the rewrites above (inside vmap, where the stacked
+    executor traces: it sees one replica's tensors)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _Checked():
+            return fn(*args, **kwargs)
+
+    return run
