@@ -22,16 +22,6 @@ def known(reason):
     return pytest.mark.xfail(strict=True, reason=f"stacked executor: {reason}")
 
 
-@known("index_fill of a broadcast tensor with a per-replica 0-dim value fills every replica with the last value")
-def test_index_fill_with_a_per_replica_value():
-    v = torch.tensor([1.5, -2.0, 3.0, 7.0])
-    base = torch.zeros(4)
-    f = lambda v, base: base.index_fill(0, torch.tensor([0, 2]), v)  # noqa: E731
-    assert torch.equal(
-        on("stacked", f, v, base, in_axes=(0, None)).unshard(), on("threads", f, v, base, in_axes=(0, None)).unshard()
-    )
-
-
 @known("a global that is replica 0's row of the argument, returned as a view, stands for each replica's row")
 def test_a_global_inside_replica_zeros_row_stays_one_value():
     x = torch.arange(24.0).reshape(4, 3, 2)

@@ -99,3 +99,39 @@ def test_a_lookup_with_options_the_check_cannot_keep_runs_on_the_threads():
         with executor("stacked", allow_fallback=True):
             got = tp.pmap(f, "i", devices=devices(4))(tables(), idx)
     assert_same_bits(got, want)
+
+
+INDEX_FILLS = {
+    "negative_and_repeated": lambda w, i, v: w.index_fill(0, torch.cat([i, i.new_tensor([-1]), i]), 2.5),
+    "int_tensor_float_value": lambda w, i, v: w.long().index_fill(1, i[:1] % 3, 2.7),
+    "per_replica_value": lambda w, i, v: w.index_fill(-1, i[1:] % 3, v),
+    "in_place": lambda w, i, v: w.clone().index_fill_(0, i, v * 2),
+    "function": lambda w, i, v: torch.index_fill(w, 0, i, -0.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INDEX_FILLS))
+def test_index_fill_runs_stacked_with_the_threads_bits(case):
+    idx = torch.tensor([[0, 4], [3, 3], [2, 1], [4, 0]])
+    value = torch.tensor([1.5, -2.0, 3.0, 7.0])
+    f = INDEX_FILLS[case]
+    want = run("threads", f, tables(), idx, value)
+    for _ in range(2):
+        assert_same_bits(run("stacked", f, tables(), idx, value), want)
+
+
+def test_a_per_replica_value_fills_a_broadcast_tensor_per_replica():
+    # Batched, index_fill filled every replica with the last replica's value.
+    v = torch.tensor([1.5, -2.0, 3.0, 7.0])
+    base = torch.zeros(4)
+    f = lambda v, base: base.index_fill(0, torch.tensor([0, 2]), v)  # noqa: E731
+    with executor("stacked"):
+        got = tp.pmap(f, "i", in_axes=(0, None), devices=devices(4))(v, base)
+    assert_same_bits(got, tp.pmap(f, "i", in_axes=(0, None), devices=devices(4))(v, base))
+
+
+@pytest.mark.parametrize("index", [5, -6])
+def test_index_fill_out_of_range_raises_on_the_stacked_executor(index):
+    idx = torch.tensor([[1, index], [3, 0], [0, 2], [4, 4]])  # row 0's 5 was row 0 of replica 1's table
+    err = raises("stacked", lambda w, i: w.index_fill(0, i, 1.0), tables(), idx)
+    assert isinstance(err, (IndexError, RuntimeError)) and "out of" in str(err), err

@@ -86,7 +86,36 @@ def _torch_embedding(
     return _lookup(indices, weight, None if padding_idx < 0 else padding_idx, unsupported)  # here -1 is none
 
 
+def _index_fill(self: torch.Tensor, dim: int, index: torch.Tensor, value: Any) -> torch.Tensor:
+    """``self.index_fill(dim, index, value)``, bounds-checked per replica. Batched,
+    index_fill reads its indices into one flat tensor of every replica's, and it
+    fills with the last replica's value where that is per replica."""
+    per_replica = [t for t in (self, index, value) if isinstance(t, torch.Tensor) and batched(t)]
+    if not per_replica or self.dim() == 0:
+        return torch.Tensor.index_fill(self, dim, index, value)
+    dim %= self.dim()
+    size = self.shape[dim]
+    flat = index.reshape(-1)
+    rows = torch.zeros(size, dtype=torch.bool, device=self.device).scatter(
+        0, torch.where(flat < 0, flat + size, flat), True
+    )
+    shape = [1] * self.dim()
+    shape[dim] = size
+    if isinstance(value, torch.Tensor):
+        fill = value.to(self.dtype)
+    else:
+        fill = torch.tensor(value, dtype=self.dtype, device=self.device)  # index_fill casts the value to self's dtype
+    return torch.where(rows.view(shape), fill, self)
+
+
+def _index_fill_(self: torch.Tensor, dim: int, index: torch.Tensor, value: Any) -> torch.Tensor:
+    return self.copy_(_index_fill(self, dim, index, value))
+
+
 _REWRITES: dict[Any, Callable[..., torch.Tensor]] = {
+    torch.index_fill: _index_fill,
+    torch.Tensor.index_fill: _index_fill,
+    torch.Tensor.index_fill_: _index_fill_,
     F.one_hot: _one_hot,
     F.embedding: _F_embedding,
     torch.embedding: _torch_embedding,
