@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,40 @@ from torchpmap import _devices
 
 _SUITE_DEVICES = 8
 _TOO_FEW = re.compile(r"the mapped axis has size (\d+) .*but only (\d+) local devices are available")
+
+
+# Core test files run again under each captured executor, in the same run (as
+# ``TORCHPMAP_EXECUTOR=stacked pytest tests/test_sharded.py`` would): calls it captures
+# must behave as on the threads, the others fall back (their warnings are expected).
+# Quick tests only; the whole quick suite this way takes minutes per executor (development.md).
+_CORE = ("test_pmap_args", "test_sharded", "test_training", "test_compile", "test_batchnorm", "test_checkpoint")
+_CORE_UNDER = {"stacked": (*_CORE, "test_random"), "lockstep": _CORE}  # stacked draws each replica's stream
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if os.environ.get("TORCHPMAP_EXECUTOR", "") not in ("", "threads"):
+        return  # the whole run is under one executor already
+    module = metafunc.module.__name__.rpartition(".")[2]
+    under = [name for name, files in _CORE_UNDER.items() if module in files]
+    definition = metafunc.definition
+    if not under or any(definition.get_closest_marker(m) for m in ("slow", "subprocess", "threads_only")):
+        return
+    metafunc.fixturenames.append("_core_executor")
+    metafunc.parametrize("_core_executor", ["default", *under], indirect=True)
+
+
+@pytest.fixture
+def _core_executor(request):
+    """The executor a core test runs under (``pytest_generate_tests``)."""
+    if request.param == "default":
+        yield
+        return
+    from torchpmap import _config
+
+    _config._executor = request.param  # _restore_executor puts it back
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a fallback's warning
+        yield
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

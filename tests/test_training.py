@@ -505,6 +505,7 @@ def test_writes_through_the_calls_own_arguments_are_not_shared_state():
     sim = Simulation()
     tp.pmap(sim.step, "i")(sim.state)  # self.state is the mapped argument: each replica its row
     assert torch.equal(sim.state, torch.full((4, 3), 0.5))
+    shared_offset.zero_()  # (the test runs once per executor in one process)
     tp.pmap(adds_cfg_offset, "i")(shared_offset)
     assert torch.equal(shared_offset, torch.full((4, 3), 0.5))
     # An attribute load (cfg.shared_offset) is no use of the global of that name.
