@@ -734,3 +734,14 @@ def test_a_failed_capture_forgets_its_random_call_sites():
     with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="out="):
         pm(f)(rows(N, 3))
     assert set(_stacked_random._sites) == before
+
+
+def test_a_capture_that_fails_while_traced_prints_nothing_beside_its_warning(capfd):
+    # GraphModule.__call__ printed the graph's traceback to stderr before the warning said why.
+    def f(x):
+        return x.data * 2 + x
+
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="accessing `data`"):
+        out = tp.pmap(f, devices=devices(4))(torch.ones(4, 3))
+    torch.testing.assert_close(out.unshard(), torch.full((4, 3), 3.0))
+    assert "Traceback" not in capfd.readouterr().err

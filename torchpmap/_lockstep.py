@@ -422,10 +422,8 @@ def _backend(
         # Away from Dynamo's tracing context: make_fx would otherwise trace in
         # Dynamo's fake mode and leave symbols in its shape environment.
         with torch._guards.tracing(None):
-            # (The eager kernels' value checks, one_hot's among them, kept: _value_checks.)
-            graph = make_fx(_value_checks.checked(gm), tracing_mode="fake", _allow_non_fake_inputs=True)(
-                *example_inputs
-            )
+            checked = _value_checks.checked(gm)  # one_hot's value check, which tracing drops, kept
+            graph = make_fx(checked, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
         check_supported_ops(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())

@@ -275,6 +275,14 @@ _LEVEL_FREE = {
 }
 
 
+def _quiet(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm``'s generated forward, called directly: ``GraphModule.__call__`` prints a
+    traceback to stderr when the graph raises while it is traced (``x.data`` under
+    vmap), before the fallback's own warning says why."""
+    gm.code  # noqa: B018 (a lazy GraphModule writes its forward on first use)
+    return gm.forward
+
+
 def _shifted_functorch_levels(gm: torch.fx.GraphModule, depth: int) -> torch.fx.GraphModule:
     """``gm`` to run under ``depth`` functorch transforms (the replica level, and
     a vjp's under autograd): Dynamo writes the levels of torch.func transforms
@@ -468,7 +476,7 @@ def _backend(
             _stacked_random.forget(sites)
             raise Unsupported("random ops under compile=")
         try:
-            program = ReplicaProgram(lambda depth: _shifted_functorch_levels(gm, depth), axis_name, n, in_dims)
+            program = ReplicaProgram(lambda depth: _quiet(_shifted_functorch_levels(gm, depth)), axis_name, n, in_dims)
             check_supported_ops(program.trace(examples).graph)
             result = _Batched(program, compiler, examples)
         except BaseException:

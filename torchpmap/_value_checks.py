@@ -1,17 +1,19 @@
 """Value checks that eager kernels make and a traced graph would lose.
 
 Some eager kernels read their inputs' values to refuse them: ``F.one_hot`` of a
-label that is negative or not below ``num_classes``, ``F.embedding`` of an index
-out of the table. Traced, the check is gone: one_hot's decomposition gives an
-all-zero row, and functorch's embedding batching rule, which looks rows up in
-one flat table of every replica's, reads another replica's row. Either would be
-a silent wrong result where the threads executor raises.
+label that is negative or not below ``num_classes``, ``F.embedding`` or
+``index_fill`` of an index out of range. Traced, the check is gone: one_hot's
+decomposition gives an all-zero row, and functorch's batching rules for
+embedding and index_fill, which index one flat tensor of every replica's rows,
+reach into another replica's. Each would be a silent wrong result where the
+threads executor raises.
 
 So while a capture is traced (the stacked executor's batched graph, a lockstep
 segment), these ops are spelled with ops whose kernels check the same values
 when the graph runs, with the same results: one_hot as a ``scatter`` into zeros,
-a lookup in a per-replica table as ``index_select``, which is bounds-checked
-per replica. A value out of range then makes the graph raise: the stacked
+a lookup in a per-replica table as ``index_select`` and a per-replica
+index_fill as a ``where`` over a scattered mask, both bounds-checked per
+replica. A value out of range then makes the graph raise: the stacked
 executor reruns that call on the threads, which raise the eager error; the
 lockstep executor raises the kernel's ("index 7 is out of bounds ...").
 """
