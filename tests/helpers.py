@@ -1,6 +1,8 @@
 """Small helpers shared by the test files."""
 
 import contextlib
+import socket
+import sys
 import threading
 import time
 import warnings
@@ -129,3 +131,24 @@ def assert_same_bits(a, b, close=False, rtol=1e-6, atol=1e-7):
                 assert torch.equal(x, y), (x, y)
         else:
             assert x == y
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun job's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(script, nproc, *args):
+    """The command that runs ``script`` under torchrun with ``nproc`` processes on this machine."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(script),
+        *args,
+    ]

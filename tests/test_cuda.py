@@ -7,16 +7,14 @@ the stream tests make the GPU slow on purpose (``torch.cuda._sleep``) where a
 missing stream dependency would let the caller read too early."""
 
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import call_with_deadline, executor, rows
+from helpers import call_with_deadline, executor, rows, torchrun_command
 from torch.func import grad_and_value
 
 import torchpmap as tp
@@ -251,24 +249,10 @@ def test_a_compiled_stacked_step_on_one_gpu_trains_like_eight_cpu_devices():
 
 
 # -- one process under NCCL -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.subprocess
 def test_the_multiprocess_example_under_nccl_with_one_process():
     env = {k: v for k, v in os.environ.items() if k != "TORCHPMAP_PLATFORM"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=1",
-        "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        str(HERE.parent / "examples" / "multiprocess.py"),
-    ]
+    cmd = torchrun_command(HERE.parent / "examples" / "multiprocess.py", 1)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "['cuda:0']" in out.stdout and "global indices [0]" in out.stdout, out.stdout

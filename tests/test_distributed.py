@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import torchrun_command
 
 import torchpmap as tp
 
@@ -17,24 +16,9 @@ pytestmark = pytest.mark.subprocess
 HERE = Path(__file__).resolve().parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(scenario: str, nproc: int = 2, devices_per_proc: int = 2, timeout: float = 120):
     env = {**os.environ, "TORCHPMAP_CPU_DEVICES": str(devices_per_proc), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(HERE / "dist_worker.py"),
-        scenario,
-    ]
+    cmd = torchrun_command(HERE / "dist_worker.py", nproc, scenario)
     start = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return out, time.monotonic() - start
@@ -167,15 +151,7 @@ def test_initialize_without_launcher_is_a_clear_error(monkeypatch):
 
 def test_multiprocess_example_runs_under_torchrun():
     env = {**os.environ, "TORCHPMAP_CPU_DEVICES": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        str(HERE.parent / "examples" / "multiprocess.py"),
-    ]
+    cmd = torchrun_command(HERE.parent / "examples" / "multiprocess.py", 2)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "global indices [2, 3]" in out.stdout and "learned w = [1.99" in out.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import free_port
+from helpers import free_port
 
 import torchpmap as tp
 
