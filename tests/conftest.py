@@ -20,12 +20,11 @@ devices are available" error, uncaught by the test, says it needs more.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -133,14 +132,25 @@ except ImportError:  # Windows: no flock, and no ordering between workers
     fcntl = None  # type: ignore[assignment]
 
 
-@contextlib.contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    with open(path, "a") as f:
-        fcntl.flock(f, mode)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _locked(path: Path, mode: int) -> Any:
+    f = open(path, "a")  # held across tests: _unlock closes it
+    fcntl.flock(f, mode)
+    return f
+
+
+def _unlock(f: Any) -> None:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # Whether this worker's next test runs alone too: then it keeps the exclusive lock.
+    item.stash[_NEXT_ALONE] = nextitem is not None and nextitem.get_closest_marker("timing") is not None
+
+
+_NEXT_ALONE = pytest.StashKey[bool]()
+_kept: list[Any] = []  # the exclusive lock this worker keeps between consecutive ``timing`` tests
 
 
 @pytest.fixture(autouse=True)
@@ -148,13 +158,28 @@ def _timing_tests_run_alone(request, tmp_path_factory):
     """Under pytest-xdist, every test holds a shared lock on one file and a
     ``timing`` test an exclusive one, so it runs alone. The turnstile makes a
     waiting ``timing`` test go next: other workers queue behind it instead of
-    taking the shared lock again and again."""
+    taking the shared lock again and again. A worker whose next test is a
+    ``timing`` test too keeps the exclusive lock: the others drain once for
+    the run of them, not once per test."""
     if fcntl is None or "PYTEST_XDIST_WORKER" not in os.environ:
         yield
         return
     root = tmp_path_factory.getbasetemp().parent  # shared by the workers of one run
     alone = request.node.get_closest_marker("timing") is not None
-    with contextlib.ExitStack() as held:
-        with _flock(root / "turnstile.lock", fcntl.LOCK_EX):
-            held.enter_context(_flock(root / "tests.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH))
+    if alone and _kept:
+        held = _kept.pop()
+    else:
+        while _kept:  # (a timing test that was to come next did not run: let go)
+            _unlock(_kept.pop())
+        turnstile = _locked(root / "turnstile.lock", fcntl.LOCK_EX)
+        try:
+            held = _locked(root / "tests.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            _unlock(turnstile)
+    try:
         yield
+    finally:
+        if alone and request.node.stash.get(_NEXT_ALONE, False):
+            _kept.append(held)
+        else:
+            _unlock(held)
