@@ -143,6 +143,23 @@ def test_dead_views_go_and_an_unused_draw_stays():
     assert aten.rand_like.default in after
 
 
+def test_checks_that_return_nothing_stay():
+    # cholesky's error check and an assert return nothing: dropped, a bad value gave no error.
+    def f(a, x):
+        torch.linalg.cholesky(a)
+        torch._assert_async((x > 0).all(), "x must be positive")
+        return x + 1
+
+    gm, before, after = traced(f, torch.eye(2), torch.ones(2))
+    assert aten._linalg_check_errors.default in before
+    for check in (aten._linalg_check_errors.default, aten._assert_async.msg):
+        assert check in after
+    with pytest.raises(RuntimeError, match="positive"):
+        gm(torch.eye(2), -torch.ones(2))
+    with pytest.raises(torch.linalg.LinAlgError):
+        gm(torch.tensor([[1.0, 2.0], [2.0, 1.0]]), torch.ones(2))
+
+
 def _shapes_of(gm, target):
     return [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target == target]
 

@@ -135,3 +135,16 @@ def test_index_fill_out_of_range_raises_on_the_stacked_executor(index):
     idx = torch.tensor([[1, index], [3, 0], [0, 2], [4, 4]])  # row 0's 5 was row 0 of replica 1's table
     err = raises("stacked", lambda w, i: w.index_fill(0, i, 1.0), tables(), idx)
     assert isinstance(err, (IndexError, RuntimeError)) and "out of" in str(err), err
+
+
+@pytest.mark.parametrize("name", CAPTURED)
+def test_a_failed_factorization_in_one_replica_raises(name):
+    # The graph passes dropped the error check (an op that returns nothing): a garbage factor.
+    a = torch.eye(2).repeat(4, 1, 1)
+    a[0] = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # replica 0's is not positive-definite
+    for _ in range(2):
+        err = raises(name, torch.linalg.cholesky, a)
+        assert isinstance(err, torch.linalg.LinAlgError), err
+    assert torch.equal(
+        run(name, torch.linalg.cholesky, torch.eye(2).repeat(4, 1, 1)).unshard(), torch.eye(2).repeat(4, 1, 1)
+    )

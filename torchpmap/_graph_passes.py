@@ -80,7 +80,8 @@ def _is_needless_constant_copy(node: torch.fx.Node) -> bool:
 
 def _pure(node: torch.fx.Node) -> bool:
     """An aten op whose result depends only on its arguments, that writes
-    nothing, returns a fresh tensor and draws no random numbers."""
+    nothing, returns a fresh tensor, draws no random numbers and raises for
+    no value (an op that returns nothing is there to raise)."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
         return False
@@ -89,6 +90,8 @@ def _pure(node: torch.fx.Node) -> bool:
     if target is aten._unsafe_view.default:  # unannotated, but a view of its input
         return False
     schema = target._schema
+    if not schema.returns:  # called for what it checks: _linalg_check_errors, _assert_async raise
+        return False
     return not schema.is_mutable and all(a.alias_info is None for a in (*schema.arguments, *schema.returns))
 
 
