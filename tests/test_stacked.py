@@ -745,3 +745,15 @@ def test_a_capture_that_fails_while_traced_prints_nothing_beside_its_warning(cap
         out = tp.pmap(f, devices=devices(4))(torch.ones(4, 3))
     torch.testing.assert_close(out.unshard(), torch.full((4, 3), 3.0))
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_equal_static_values_of_other_types_do_not_share_a_capture():
+    # 1 == 1.0 == True: keyed by value alone, the second call replayed the first's capture.
+    x = torch.full((4, 2), 127, dtype=torch.int8)
+    f = lambda x, scale: x * scale + 100  # noqa: E731
+    want = [tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))(x, s) for s in (1, 1.0, True)]
+    with executor("stacked"):
+        p = tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))
+        for _ in range(2):
+            for s, w in zip((1, 1.0, True), want):
+                assert_same_bits(p(x, s), w)

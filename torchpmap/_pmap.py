@@ -292,7 +292,8 @@ class Pmapped:
         else:
             leaves, treedef = tree_flatten((dyn_args, kwargs))
             key_spec = treedef
-        key: _InKey = (key_spec, static_vals, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
+        statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
+        key: _InKey = (key_spec, statics, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
         plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
@@ -823,6 +824,17 @@ def _on_host(t: torch.Tensor, devices: tuple[torch.device, ...]) -> bool:
 @functools.lru_cache(maxsize=64)
 def _all_host(devices: tuple[torch.device, ...]) -> bool:
     return all(d.type == "cpu" for d in devices)
+
+
+def _static_key(value: Any) -> Any:
+    """A static argument as the plans are keyed by: equal values of other types
+    (``1``, ``1.0``, ``True``) or signs (``0.0``, ``-0.0``) compute other things,
+    so they must not share a plan (its stacked fast path replays the first)."""
+    if isinstance(value, float):
+        return (float, repr(value))  # -0.0 and 0.0 apart, nan equal to nan
+    if isinstance(value, (tuple, list, frozenset)):
+        return (type(value), tuple(_static_key(v) for v in value))
+    return (type(value), value)
 
 
 def _refuse_function_transforms(fun_name: str) -> None:

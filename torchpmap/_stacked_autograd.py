@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _axis, _promotion_guard, _stacked_random, _value_checks
+from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
 from ._graph_passes import simplify
 from ._stacked_collectives import vmap_replicas
 
@@ -89,8 +89,10 @@ class ReplicaProgram:
         if self.graph is None:
             frame = _axis.current_frame()  # the capture's: its device serves a function without tensor inputs
             device = None if frame is None else frame.device
-            # vmap must promote as one replica does, and check the values its kernels check
-            per_replica = _value_checks.checked(_promotion_guard.guarded(self.per_replica(1)))
+            # vmap must promote as one replica does, check the values its kernels check, and
+            # refuse the batching rules known to differ from eager
+            guarded = _value_checks.checked(_promotion_guard.guarded(self.per_replica(1)))
+            per_replica = _batching_bugs.refused(guarded)
             fn = vmap_replicas(per_replica, self.axis_name, self.n, device, in_dims=self.in_dims)
 
             def batched(*args: Any) -> tuple[torch.Tensor, ...]:

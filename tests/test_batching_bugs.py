@@ -1,0 +1,39 @@
+"""Calls whose functorch batching rule gives a replica another result than eager
+run on the threads under the stacked executor, with a warning naming the op
+(``_batching_bugs``); before, the batched graph was silently wrong."""
+
+import pytest
+import torch
+from helpers import assert_same_bits, devices, executor, rows
+
+import torchpmap as tp
+
+CASES = {
+    "roll_of_a_scalar": (lambda x: x.sum().roll(1), "roll"),
+    "roll_of_a_scalar_function": (lambda x: torch.roll(x.sum(), shifts=(3,)), "roll"),
+    "argmax_keepdim": (lambda x: x.argmax(keepdim=True), "argmax"),
+    "argmin_keepdim": (lambda x: torch.argmin(x, None, True), "argmin"),
+    "aminmax_keepdim": (lambda x: torch.aminmax(x, keepdim=True), "aminmax"),
+    "all_of_no_dims": (lambda x: (x > 0).all(dim=()), "all"),
+    "any_of_no_dims": (lambda x: x.any(dim=[], keepdim=True), "any"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_wrong_batching_rule_falls_back_to_the_threads(case):
+    f, op = CASES[case]
+    x = rows(4, 3, 3)
+    want = tp.pmap(f, "i", devices=devices(4))(x)
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match=rf"{op} with these arguments"):
+        got = tp.pmap(f, "i", devices=devices(4))(x)
+    assert_same_bits(got, want)
+
+
+def test_the_same_ops_with_their_dims_stay_stacked():
+    def f(x):
+        return x.roll(1, 0), x.argmax(dim=1, keepdim=True), (x > 0).all(dim=(0, 1)), x.logsumexp(dim=[1])
+
+    x = rows(4, 3, 3)
+    want = tp.pmap(f, "i", devices=devices(4))(x)
+    with executor("stacked"):  # a fallback warning would fail the test
+        assert_same_bits(tp.pmap(f, "i", devices=devices(4))(x), want, close=True)

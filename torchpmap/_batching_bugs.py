@@ -1,0 +1,86 @@
+"""Batching rules that give one replica another result than eager: refused.
+
+The stacked executor traces the function under functorch's vmap, so where a
+batching rule is wrong the batched graph is silently wrong. Those found by
+differential runs against the threads executor (``torch.vmap`` shows each):
+
+* ``roll`` of a 0-dim tensor without ``dims`` rolls across the replicas;
+* ``argmax``/``argmin``/``aminmax`` with ``keepdim=True`` and no ``dim`` keep
+  one dimension instead of every one;
+* ``all``/``any``/``logsumexp`` over an empty ``dim`` list reduce everything
+  (eager: ``all``/``any`` are elementwise, ``logsumexp`` raises).
+
+While the batched graph is traced, such a call stops the capture: the call
+runs on the threads, with a warning naming the op.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ._promotion_guard import batched
+
+
+class BatchingRuleDiffers(Exception):
+    """A call whose batching rule gives another result than one replica's eager run."""
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _roll(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return args[0].dim() == 0 and _arg(args, kwargs, 2, "dims") in (None, (), [])
+
+
+def _keepdim_without_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return args[0].dim() >= 2 and _arg(args, kwargs, 1, "dim") is None and bool(_arg(args, kwargs, 2, "keepdim"))
+
+
+def _empty_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    dim = _arg(args, kwargs, 1, "dim", default=0)
+    return isinstance(dim, (tuple, list)) and len(dim) == 0
+
+
+_WRONG: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], bool]] = {
+    "roll": _roll,
+    "argmax": _keepdim_without_dim,
+    "argmin": _keepdim_without_dim,
+    "aminmax": lambda args, kwargs: args[0].dim() >= 2 and kwargs.get("dim") is None and bool(kwargs.get("keepdim")),
+    "all": _empty_dims,
+    "any": _empty_dims,
+    "logsumexp": _empty_dims,
+}
+
+
+class _Refuse(TorchFunctionMode):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        wrong = _WRONG.get(getattr(func, "__name__", ""))
+        if wrong is not None and args and isinstance(args[0], torch.Tensor) and batched(args[0]):
+            if wrong(args, kwargs):
+                raise BatchingRuleDiffers(
+                    f"{func.__name__} with these arguments: its batching rule gives a replica another "
+                    f"result than eager PyTorch"
+                )
+        return func(*args, **kwargs)
+
+
+def refused(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced with the refusals above (inside vmap: it sees one replica's tensors)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with _Refuse():
+            return fn(*args, **kwargs)
+
+    return run
