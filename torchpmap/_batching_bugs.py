@@ -16,14 +16,13 @@ runs on the threads, with a warning naming the op.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ._promotion_guard import batched
+from ._promotion_guard import batched, under
 
 
 class BatchingRuleDiffers(Exception):
@@ -76,11 +75,5 @@ class _Refuse(TorchFunctionMode):
 
 
 def refused(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` traced with the refusals above (inside vmap: it sees one replica's tensors)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _Refuse():
-            return fn(*args, **kwargs)
-
-    return run
+    """``fn`` traced with the refusals above."""
+    return under(_Refuse, fn)

@@ -104,12 +104,18 @@ class _Guard(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run under the guard (inside vmap: it sees the replica's logical tensors)."""
+def under(mode: type[TorchFunctionMode], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run with ``mode`` active (inside vmap, where the stacked executor
+    traces: the mode sees one replica's logical tensors)."""
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with _Guard():
+        with mode():
             return fn(*args, **kwargs)
 
     return run
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced under the guard."""
+    return under(_Guard, fn)

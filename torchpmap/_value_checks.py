@@ -20,7 +20,6 @@ lockstep executor raises the kernel's ("index 7 is out of bounds ...").
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from ._promotion_guard import batched
+from ._promotion_guard import batched, under
 
 
 class UncheckedLookup(Exception):
@@ -135,12 +134,5 @@ class _Checked(TorchFunctionMode):
 
 
 def checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` traced with the rewrites above (inside vmap, where the stacked
-    executor traces: it sees one replica's tensors)."""
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        with _Checked():
-            return fn(*args, **kwargs)
-
-    return run
+    """``fn`` traced with the rewrites above."""
+    return under(_Checked, fn)
