@@ -52,7 +52,7 @@ _WRONG: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], bool]] = {
     "roll": _roll,
     "argmax": _keepdim_without_dim,
     "argmin": _keepdim_without_dim,
-    "aminmax": lambda args, kwargs: args[0].dim() >= 2 and kwargs.get("dim") is None and bool(kwargs.get("keepdim")),
+    "aminmax": _keepdim_without_dim,  # (its dim and keepdim are keyword-only: _arg finds them there)
     "all": _empty_dims,
     "any": _empty_dims,
     "logsumexp": _empty_dims,

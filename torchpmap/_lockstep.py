@@ -546,19 +546,16 @@ def _every_replica(leaf: torch.Tensor, state: _CallState) -> list[Any]:
     if not bases:
         return [leaf] * n  # the same in every replica
     base = bases[0]
+    offset = _outside_views.byte_offset
     same_view = all(
         vs[r].untyped_storage().data_ptr() == base[r].untyped_storage().data_ptr()
-        and vs[r].storage_offset() * vs[r].element_size() - vs[0].storage_offset() * vs[0].element_size()
-        == base[r].storage_offset() * base[r].element_size() - base[0].storage_offset() * base[0].element_size()
+        and offset(vs[r]) - offset(vs[0]) == offset(base[r]) - offset(base[0])
         for vs in bases
         for r in range(n)
     )
     same_view = same_view and all(b.stride() == base[0].stride() and b.shape == base[0].shape for b in base)
-    shift = leaf.storage_offset() * leaf.element_size() - base[0].storage_offset() * base[0].element_size()
-    views = [
-        _outside_views.rebuilt(b, leaf, tuple(leaf.shape), leaf.stride(), b.storage_offset() * b.element_size() + shift)
-        for b in base
-    ]
+    shift = offset(leaf) - offset(base[0])
+    views = [_outside_views.rebuilt(b, leaf, tuple(leaf.shape), leaf.stride(), offset(b) + shift) for b in base]
     if not same_view or any(v is None for v in views):  # the replicas have run: no fallback
         raise RuntimeError(
             "pmap: the lockstep executor ran the function, and cannot return its result: an output is a view "

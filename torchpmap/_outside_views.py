@@ -17,6 +17,11 @@ from __future__ import annotations
 import torch
 
 
+def byte_offset(t: torch.Tensor) -> int:
+    """Where ``t`` starts in its storage, in bytes."""
+    return int(t.storage_offset()) * t.element_size()
+
+
 def byte_span(t: torch.Tensor) -> tuple[int, int]:
     """The bytes of ``t``'s storage that ``t`` can reach: [first, end)."""
     size = t.element_size()

@@ -866,7 +866,7 @@ def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | 
             leaf,
             (buffer.shape[0], *leaf.shape),
             (row_bytes // leaf.element_size(), *leaf.stride()),
-            int(leaf.storage_offset()) * leaf.element_size(),
+            _outside_views.byte_offset(leaf),
         )
     if view is None:
         raise Unsupported(
