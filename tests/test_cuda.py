@@ -6,6 +6,7 @@ result is compared with the same call on virtual CPU devices (differential), and
 the stream tests make the GPU slow on purpose (``torch.cuda._sleep``) where a
 missing stream dependency would let the caller read too early."""
 
+import math
 import os
 import subprocess
 import threading
@@ -18,7 +19,8 @@ from helpers import call_with_deadline, executor, rows, torchrun_command
 from torch.func import grad_and_value
 
 import torchpmap as tp
-from torchpmap import _runtime
+from torchpmap import _gpu_collectives, _runtime
+from torchpmap._communicator import Collective, compute_results
 
 pytestmark = pytest.mark.cuda
 
@@ -90,6 +92,70 @@ def test_backward_from_outside_through_a_gpu_and_a_cpu_replica():
 
 
 # -- streams: the caller may use results at once, on the stream it is on -------------------------
+# -- NCCL among distinct GPUs (issue 13 item 13) -------------------------------------------
+NCCL_CASES = [
+    (Collective("all_reduce", "sum"), (5, 3)),
+    (Collective("all_reduce", "max"), (5, 3)),
+    (Collective("all_reduce", "min"), (5, 3)),
+    (Collective("all_gather"), (5, 3)),
+    (Collective("reduce_scatter", "sum"), (1, 7)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(NCCL_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_nccl_on_a_side_stream_gives_what_the_host_way_gives(case, dtype):
+    # One GPU is one NCCL rank: the call, its shapes and dtypes, and its stream are real.
+    # The input is computed late on a side stream; NCCL queued anywhere else would read it early.
+    collective, shape = NCCL_CASES[case]
+    side = torch.cuda.Stream(gpu())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP)
+        x = (torch.arange(math.prod(shape), device=gpu()).reshape(shape) - 4).to(dtype) * 3
+        with _gpu_collectives.streams_current([side]):
+            (got,) = _gpu_collectives.nccl_group(collective, [x], [side])
+        want = compute_results(collective, [x], 1, lambda t, r: t)[0]
+        got_host, want_host = got.cpu(), want.cpu()  # ordered after both on the side stream
+    assert got_host.dtype == dtype and torch.equal(got_host, want_host)
+    assert got.data_ptr() != x.data_ptr()
+
+
+def gpus():
+    return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("name", sorted(MIXED_FUNCTIONS))
+@pytest.mark.parametrize("how", ["threads", "lockstep"])
+def test_every_collective_across_gpus_equals_cpu_devices_and_reductions_use_nccl(name, how, monkeypatch):
+    calls = []
+    real = _gpu_collectives.nccl
+
+    class Spy:
+        def __getattr__(self, op):
+            calls.append(op)
+            return getattr(real, op)
+
+    monkeypatch.setattr(_gpu_collectives, "nccl", Spy())
+    devs = gpus()[:2]  # MIXED_FUNCTIONS are written for two replicas
+
+    def slow(x):  # replica 1 is late: a missing stream dependency would read its input early
+        if tp.axis_index("i") == 1:
+            torch.cuda._sleep(SLEEP)
+        return MIXED_FUNCTIONS[name](x)
+
+    x = rows(2, 4, 3)
+    want = tp.pmap(MIXED_FUNCTIONS[name], "i", devices=cpu_devices(2))(x)
+    with executor(how):
+        for _ in range(2):
+            got = tp.pmap(slow if how == "threads" else MIXED_FUNCTIONS[name], "i", devices=devs)(
+                tp.device_put_sharded(list(x), devs)
+            )
+    assert_close_on_host(got, want)
+    if name in ("psum", "pmax", "all_gather", "psum_scatter", "pytree"):
+        assert calls, "reductions and gathers among distinct GPUs go through NCCL"
+
+
 def test_collective_results_are_ready_on_the_replica_stream_that_uses_them():
     # A GPU replica sleeps before its contribution and uses the collective's result at once;
     # the CPU replica arrives first, so the result is made while the GPU is still busy.

@@ -29,7 +29,7 @@ import abc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 import torch
 
@@ -136,12 +136,20 @@ class GroupBackend(abc.ABC):
     collective. Ranks in ``collective`` (groups, pairs) are global axis indices.
     A backend may hold per-run state (ProcessGroupBackend numbers its exchanges):
     make one per run.
+
+    A ``stream_ordered`` backend (replicas on distinct GPUs of this process)
+    takes the inputs as they are on their streams: ``run`` with ``streams[i]``,
+    the stream ``xs[i]`` was made on and its result will be used on (None: the
+    calling thread's current streams), queues its work on those streams and
+    needs no host synchronisation before or after, as long as every ``xs[i]``
+    is on ``devices[i]``.
     """
 
     devices: list[torch.device]
     size: int  # this process's replicas
     first: int  # the global axis index of devices[0]
     axis_size: int  # replicas of every process
+    stream_ordered: bool = False
 
     def __init__(self, devices: Sequence[torch.device], first: int, axis_size: int) -> None:
         self.devices = list(devices)
@@ -151,8 +159,14 @@ class GroupBackend(abc.ABC):
         self._cuda = any(d.type == "cuda" for d in self.devices)
 
     @abc.abstractmethod
-    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(
+        self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
+    ) -> list[torch.Tensor]:
         """Every local replica's result from every local replica's input."""
+
+    def on_own_devices(self, xs: Sequence[torch.Tensor]) -> bool:
+        """Whether ``run`` may take ``xs`` in stream order (see the class)."""
+        return self.stream_ordered and all(x.device == d for x, d in zip(xs, self.devices))
 
     def to(self, t: torch.Tensor, local_rank: int) -> torch.Tensor:
         """``t`` on the device of local replica ``local_rank`` (virtual CPU devices share memory)."""
@@ -165,9 +179,19 @@ class LocalBackend(GroupBackend):
     """Every replica of the axis is in this process: compute_results over them."""
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
-        super().__init__(devices, 0, len(devices))
+        from . import _gpu_collectives  # it builds on compute_results below
 
-    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        super().__init__(devices, 0, len(devices))
+        self._gpus = _gpu_collectives
+        self.stream_ordered = _gpu_collectives.distinct_gpus(self.devices)
+
+    def run(
+        self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
+    ) -> list[torch.Tensor]:
+        if self.on_own_devices(xs):  # NCCL, or copies ordered by the streams: no host synchronisation
+            if streams is None:
+                streams = [torch.cuda.current_stream(d) for d in self.devices]
+            return self._gpus.run(collective, xs, self.devices, streams)
         return compute_results(collective, xs, self.size, self.to)
 
 
@@ -264,10 +288,12 @@ class ThreadRendezvous(Communicator):
         signature = collective.signature(x)
         stream = None
         if self._cuda and x.is_cuda:
-            # Host-side synchronisation keeps cross-device reads safe without
-            # knowing every thread's stream. NCCL would be the fast path here.
             stream = torch.cuda.current_stream(x.device)
-            stream.synchronize()
+            if not self._backend.stream_ordered or x.device != self._backend.devices[rank]:
+                # Host-side synchronisation keeps cross-device reads safe
+                # without ordering the streams (a CPU replica, replicas
+                # sharing a GPU, other processes).
+                stream.synchronize()
         with self._lock:
             self._raise_failure(rank)
             if self._retired:
@@ -327,16 +353,13 @@ class ThreadRendezvous(Communicator):
         try:
             if any(s != signatures[0] for s in signatures):
                 raise mismatch_error(signatures)
-            result = self._backend.run(collective, inputs)
-            if self._cuda:
-                for d in {t.device for t in result if t.is_cuda}:
-                    torch.cuda.synchronize(d)
-                # This thread made every replica's result on its own current streams;
-                # the caching allocator must not reuse a result's memory while the
-                # replica that receives it may still use it on its stream.
-                for t, stream in zip(result, streams):
-                    if stream is not None and t.is_cuda and t.device == stream.device:
-                        t.record_stream(stream)
+            if self._backend.on_own_devices(inputs):
+                # Queued on the replicas' streams, each result allocated on the
+                # stream that uses it: nothing for the host to wait for.
+                assert all(s is not None for s in streams)  # every input is on a GPU
+                result = self._backend.run(collective, inputs, cast("list[torch.cuda.Stream]", streams))
+            else:
+                result = self._run_synchronised(collective, inputs, streams)
         except Exception as e:  # reported in every replica, not just this one
             result = e
         self._results[generation & 1] = result
@@ -345,6 +368,27 @@ class ThreadRendezvous(Communicator):
             self._waiting = set()
         for r in waiting:
             self._wake[r].release()
+
+    def _run_synchronised(
+        self, collective: Collective, inputs: list[torch.Tensor], streams: list[torch.cuda.Stream | None]
+    ) -> list[torch.Tensor]:
+        """The backend's results, computed with the host in between: inputs
+        ready before, results ready after."""
+        if self._backend.stream_ordered:  # replicas whose input was on their own GPU did not synchronise
+            for x, stream, d in zip(inputs, streams, self._backend.devices):
+                if stream is not None and x.device == d:
+                    stream.synchronize()
+        result = self._backend.run(collective, inputs)
+        if self._cuda:
+            for d in {t.device for t in result if t.is_cuda}:
+                torch.cuda.synchronize(d)
+            # This thread made every replica's result on its own current streams;
+            # the caching allocator must not reuse a result's memory while the
+            # replica that receives it may still use it on its stream.
+            for t, stream in zip(result, streams):
+                if stream is not None and t.is_cuda and t.device == stream.device:
+                    t.record_stream(stream)
+        return result
 
     def _wait(self, rank: int, generation: int, signature: Signature) -> None:
         assert self._timeout is not None  # set at the first exchange, before anybody waits

@@ -391,7 +391,10 @@ class ProcessGroupBackend(GroupBackend):
         self._call = lockstep.next_call()
         self._exchanges = 0  # cross-process exchanges of this call so far
 
-    def run(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(
+        self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
+    ) -> list[torch.Tensor]:
+        # Not stream_ordered: the inputs are ready on the host's word, and so are the results.
         name = collective.name
         self._lockstep.check(name)
         try:

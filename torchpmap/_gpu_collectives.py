@@ -1,0 +1,144 @@
+"""Collectives among this process's replicas on distinct GPUs, queued on the
+replicas' own CUDA streams: no host synchronisation, no star through one GPU.
+
+A runner that holds every replica's input also knows the stream each one was
+made on, which is the stream its result will be used on (the threads
+executor's rendezvous gets it with the deposit; the lockstep runner's current
+streams are every replica's). Here:
+
+* a reduction or gather of a dtype NCCL handles goes through
+  ``torch.cuda.nccl``: one call, from one thread, launches every member's
+  kernel on its stream (NCCL ranks are the order of the tensors given);
+* everything else (all_to_all, ppermute, other dtypes, empty tensors) is
+  ``compute_results`` run with each replica's stream current on its GPU. A
+  copy between two GPUs then orders both streams (PyTorch makes the source
+  stream wait for the destination's, copies, and makes the destination's wait
+  for the copy), and each result is allocated on the stream that uses it.
+
+Either way nothing is left for the host to wait for, and the caching
+allocator needs no ``record_stream``: inputs are read, and results written,
+on the streams that own them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ._communicator import Collective, compute_results
+
+# ncclRedOp_t of the reductions a Collective names.
+NCCL_OPS = {"sum": 0, "max": 2, "min": 3}
+_NCCL_KINDS = ("all_reduce", "all_gather", "reduce_scatter")
+# What torch.cuda.nccl maps to an NCCL type that reduces like torch does (bool
+# would be summed as uint8; int16, complex and the rest have no NCCL type).
+_NCCL_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64}
+)
+# One launch at a time: the collectives of one communicator must be queued in
+# the same order on every GPU, whichever thread completes an exchange.
+_LAUNCH = threading.Lock()
+
+# The module the NCCL calls go to (tests put a CPU model of NCCL here).
+nccl: Any = torch.cuda.nccl
+
+
+def distinct_gpus(devices: Sequence[torch.device]) -> bool:
+    """Whether ``devices`` are two or more GPUs, none of them twice: what this
+    module's collectives need (replicas sharing a GPU, or a CPU replica beside
+    GPUs, exchange through the host instead)."""
+    if len(devices) < 2 or any(d.type != "cuda" for d in devices):
+        return False
+    return len({d.index for d in devices}) == len(devices)
+
+
+def nccl_built() -> bool:
+    return hasattr(torch._C, "_nccl_all_reduce")
+
+
+def uses_nccl(collective: Collective, x: torch.Tensor) -> bool:
+    """Whether ``run`` hands this collective of tensors like ``x`` to NCCL."""
+    if collective.kind not in _NCCL_KINDS or x.dtype not in _NCCL_DTYPES or x.numel() == 0:
+        return False
+    if collective.kind != "all_gather" and collective.op not in NCCL_OPS:
+        return False
+    return nccl_built()
+
+
+def _nccl_applies(collective: Collective, x: torch.Tensor, groups: Sequence[tuple[int, ...]]) -> bool:
+    if not uses_nccl(collective, x):
+        return False
+    # NCCL's reduce_scatter gives rank k the k-th of g equal blocks: x must have a row per member.
+    return collective.kind != "reduce_scatter" or all(x.ndim > 0 and x.shape[0] == len(g) for g in groups)
+
+
+@contextlib.contextmanager
+def streams_current(streams: Sequence[torch.cuda.Stream] | None) -> Iterator[None]:
+    """Each stream current on its own device (they are on distinct devices)."""
+    with contextlib.ExitStack() as stack:
+        for s in streams or ():
+            stack.enter_context(torch.cuda.stream(s))
+        yield
+
+
+def run(
+    collective: Collective,
+    xs: Sequence[torch.Tensor],
+    devices: Sequence[torch.device],
+    streams: Sequence[torch.cuda.Stream] | None,
+) -> list[torch.Tensor]:
+    """Every replica's result, ``xs[r]`` on ``devices[r]`` made on ``streams[r]``
+    (None: the calling thread's current streams, or the CPU in tests)."""
+    size = len(xs)
+    groups = collective.groups or (tuple(range(size)),)
+    with streams_current(streams):
+        if not _nccl_applies(collective, xs[0], groups):
+            return compute_results(collective, xs, size, lambda t, r: t.to(devices[r]))
+        out: list[torch.Tensor | None] = [None] * size
+        for group in groups:
+            members = [xs[r] for r in group]
+            if len(group) == 1:  # nobody to exchange with: its own input, as a fresh tensor
+                out[group[0]] = _alone(collective, members[0])
+                continue
+            member_streams = None if streams is None else [streams[r] for r in group]
+            for r, result in zip(group, nccl_group(collective, members, member_streams)):
+                out[r] = result
+    assert all(t is not None for t in out)  # the groups cover every replica
+    return [t for t in out if t is not None]
+
+
+def _alone(collective: Collective, x: torch.Tensor) -> torch.Tensor:
+    """The result of a group of one (what NCCL gives one rank)."""
+    if collective.kind == "all_gather":
+        return x.unsqueeze(0).clone(memory_format=torch.contiguous_format)
+    if collective.kind == "reduce_scatter":
+        return x[0].clone(memory_format=torch.contiguous_format)
+    return x.clone(memory_format=torch.contiguous_format)
+
+
+def nccl_group(
+    collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None
+) -> list[torch.Tensor]:
+    """One group's results from NCCL, in group order (``xs`` in group order too:
+    NCCL's ranks). Call with each stream current on its device."""
+    inputs = [x.contiguous() for x in xs]
+    g = len(inputs)
+    kind = collective.kind
+    if kind == "all_reduce":
+        outputs = [torch.empty_like(x) for x in inputs]
+    elif kind == "all_gather":  # every rank's input, in rank order: (g, *x)
+        outputs = [x.new_empty((g, *x.shape)) for x in inputs]
+    else:  # reduce_scatter: x is (g, ...); rank k gets the reduction of row k
+        outputs = [x.new_empty(x.shape[1:]) for x in inputs]
+    with _LAUNCH:
+        if kind == "all_reduce":
+            nccl.all_reduce(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+        elif kind == "all_gather":
+            nccl.all_gather(inputs, outputs, streams=streams)
+        else:
+            nccl.reduce_scatter(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+    return outputs
