@@ -156,6 +156,54 @@ def test_every_collective_across_gpus_equals_cpu_devices_and_reductions_use_nccl
         assert calls, "reductions and gathers among distinct GPUs go through NCCL"
 
 
+# -- host transfers through pinned memory (issue 13 item 14) ----------------------------------
+@pytest.mark.parametrize("pinned", [False, True])
+@pytest.mark.parametrize("how", ["device_put_sharded", "device_put_replicated", "mapped", "broadcast", "one_gpu"])
+def test_host_values_are_the_callers_at_the_call_even_when_the_gpu_is_busy(how, pinned):
+    # The copies to the GPU queue behind a long kernel, and the caller overwrites its tensor at
+    # once: the GPU must get the values as they were at the call, pinned source or not.
+    mixed = [gpu(), torch.device("cpu", 0)]
+    x = rows(2, 1 << 16)
+    want = x.clone()
+    if pinned:
+        x = x.pin_memory()
+    torch.cuda._sleep(SLEEP * 5)
+    if how == "device_put_sharded":
+        out = tp.device_put_sharded(list(x), mixed)
+        want_host = want
+    elif how == "device_put_replicated":
+        out = tp.device_put_replicated(x, mixed)
+        want_host = torch.stack([want, want])
+    elif how == "mapped":
+        out = tp.pmap(lambda v: v + 0, devices=mixed)(x)
+        want_host = want
+    elif how == "broadcast":
+        out = tp.pmap(lambda v, w: v + w, in_axes=(0, None), devices=mixed)(torch.zeros(2, 1), x[0])
+        want_host = torch.stack([want[0], want[0]])
+    else:
+        out = tp.pmap(lambda v: v * 1, devices=[gpu()])(x[:1])
+        want_host = want[:1]
+    x.zero_()
+    got = out.unshard(device="cpu") if isinstance(out, tp.ShardedTensor) else out
+    assert torch.equal(got.cpu(), want_host)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_unshard_from_busy_gpus_waits_for_every_shard():
+    devs = gpus()
+    shards = []
+    for i, d in enumerate(devs):
+        with torch.cuda.device(d):
+            torch.cuda._sleep(SLEEP)  # each shard is written late, on its GPU's stream
+            shards.append(torch.full((4, 1 << 14), float(i + 1), device=d))
+    st = tp.device_put_sharded(shards, devs)
+    host = st.unshard(device="cpu")
+    assert host.device.type == "cpu" and host.shape == (len(devs), 4, 1 << 14)
+    for i in range(len(devs)):
+        assert torch.all(host[i] == i + 1)
+    assert torch.equal(torch.from_numpy(st.__array__()), host)
+
+
 def test_collective_results_are_ready_on_the_replica_stream_that_uses_them():
     # A GPU replica sleeps before its contribution and uses the collective's result at once;
     # the CPU replica arrives first, so the result is made while the GPU is still busy.

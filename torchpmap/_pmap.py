@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
-from . import _devices, _random
+from . import _devices, _random, _transfers
 from . import distributed as _distributed
 from ._autodiff import FlatOutput
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
@@ -33,7 +33,6 @@ from ._sharded import (
     _lost_write_message,
     _plain_view,
     _TemporaryView,
-    _to_device,
     distinct_shards,
 )
 from ._shared_state import (
@@ -654,7 +653,7 @@ class Pmapped:
                     leaf = _plain_view(leaf)
                     _watch(shared, j, leaf, _TEMPORARY_COPY)
                 if axis is None:
-                    values = [leaf] * n if _on_host(leaf, devices) else [_to_device(leaf, d) for d in devices]
+                    values = [leaf] * n if _on_host(leaf, devices) else _transfers.to_every(leaf, devices)
                     if values[0] is leaf and values[-1] is leaf:  # virtual CPU devices: no copy at all
                         _watch(shared, j, leaf, "every replica")
                     elif any(v is leaf for v in values):  # a GPU replica on the tensor's own device
@@ -813,11 +812,11 @@ class _PerLeafValues(Sequence[Sequence[Any]]):
             assert isinstance(leaf, ShardedTensor)  # append_shards
             return list(leaf.shards)
         with torch.set_grad_enabled(self._grad_on):
-            return [_to_device(v, d) for v, d in zip(leaf.unbind(axis), self._devices)]
+            return _transfers.slices_to(leaf, axis, self._devices)
 
 
 def _on_host(t: torch.Tensor, devices: tuple[torch.device, ...]) -> bool:
-    """Whether ``t`` and every device are the host: ``_to_device`` gives ``t`` itself for all."""
+    """Whether ``t`` and every device are the host: ``_transfers.to_device`` gives ``t`` itself for all."""
     return t.device.type == "cpu" and _all_host(devices)
 
 

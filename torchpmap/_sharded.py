@@ -48,6 +48,7 @@ import numpy.typing as npt
 import torch
 from torch.utils._pytree import PyTree, tree_leaves, tree_map
 
+from . import _transfers
 from ._devices import default_devices, device_str, usable_devices
 from ._layout import Layout, Storage, device_groups, mapped_layout
 from .errors import DeletedShardedTensorError
@@ -316,6 +317,8 @@ class ShardedTensor(torch.Tensor):
         """The full tensor on ``device`` (default: the first shard's device)."""
         self._check_alive()
         target = torch.device(device) if device is not None else self._shards[0].device
+        if target.type == "cpu":  # from several GPUs at once, through pinned memory
+            return _transfers.stack_on_host(self._shards, self._axis)
         parts = [s.to(target) for s in self._shards]
         return torch.stack(parts, dim=self._axis)
 
@@ -1143,11 +1146,6 @@ def _check_devices(devices: Sequence[torch.device] | None, n: int | None, fn: st
     return devices
 
 
-def _to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
-    # Virtual CPU devices all share host memory: no copy for them.
-    return t if d.type == "cpu" and t.device.type == "cpu" else t.to(d)
-
-
 def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device] | None = None) -> PyTree:
     """Place ``shards[i]`` (a tensor or a pytree of tensors) on ``devices[i]``; a
     pytree of ShardedTensors mapped along a new leading axis comes back. When the
@@ -1167,7 +1165,7 @@ def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device]
             raise ValueError(f"device_put_sharded: shard {i} has a different tree structure than shard 0")
     out = []
     for j in range(len(flat[0][0])):
-        parts = [_to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
+        parts = [_transfers.to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
         stacked = _stacked_if_shared(parts, devices)
         out.append(stacked if stacked is not None else ShardedTensor(distinct_shards(parts), devices, axis=0))
     return tree_unflatten(out, spec)
@@ -1210,7 +1208,7 @@ def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = No
                 .clone(memory_format=torch.contiguous_format)
             )
             return ShardedTensor._of_stacked((buffer,), devices, 0)
-        return ShardedTensor([t.to(d, copy=True) for d in devices], devices, axis=0)
+        return ShardedTensor(_transfers.copies_on(t, devices), devices, axis=0)
 
     return tree_map(rep, x)
 

@@ -50,12 +50,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random
+from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random, _transfers
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend, torch_compile
 from ._layout import device_groups
-from ._sharded import ShardedTensor, _stacked_view, _to_device
+from ._sharded import ShardedTensor, _stacked_view
 from ._stacked_autograd import ReplicaProgram
 
 T = TypeVar("T")
@@ -224,7 +224,7 @@ def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
 def mapped_buffer(t: torch.Tensor, axis: int, device: torch.device) -> torch.Tensor | None:
     """``t`` with its mapped ``axis`` first, when the replicas on ``device`` get
     views of ``t`` itself (it is there already); None if they get copies."""
-    if _to_device(t, device) is not t:
+    if not _transfers.is_there(t, device):
         return None
     return t.movedim(axis, 0) if axis else t
 

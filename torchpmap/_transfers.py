@@ -1,0 +1,107 @@
+"""Copies between the host and GPUs, through pinned memory, so that copies to
+(or from) several GPUs run at the same time instead of one after another.
+
+A copy from pageable host memory to a GPU holds the host until the driver has
+staged it; from pinned memory it is queued on the destination's current stream
+and the host goes on. torchpmap stages the values in pinned memory of its own
+(PyTorch's caching host allocator keeps that block until the copies have run),
+even when the caller's tensor is pinned already: the caller may write its
+tensor as soon as the call returns, while the copies may not have run yet.
+Copies back to the host are queued into one pinned buffer and waited for
+together. Values autograd must follow (a tensor that requires grad, with grad
+mode on) keep PyTorch's plain copies, which it records.
+
+Every function here gives the values a plain ``.to(device)`` would; on the
+CPU alone (virtual CPU devices) nothing changes at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def _pinnable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s copies to GPUs may go through a pinned buffer."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+        return False
+    if t.requires_grad and torch.is_grad_enabled():
+        return False  # autograd records the plain copy
+    return torch.cuda.is_available()
+
+
+def _staged(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t``'s values in pinned memory that nobody else holds."""
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t.detach())
+    return staged
+
+
+def is_there(t: torch.Tensor, d: torch.device) -> bool:
+    """Whether ``to_device(t, d)`` is ``t`` itself."""
+    return t.device.type == "cpu" if d.type == "cpu" else t.device == d
+
+
+def to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
+    """``t`` on ``d``: ``t`` itself where both are the host (virtual CPU devices
+    share host memory), else a copy."""
+    if d.type == "cpu" and t.device.type == "cpu":
+        return t
+    if d.type == "cuda" and _pinnable(t):
+        return _staged(t).to(d, non_blocking=True)
+    return t.to(d)
+
+
+def to_every(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """``to_device(t, d)`` for every device, staging a host tensor once."""
+    gpus = [d for d in devices if d.type == "cuda"]
+    if len(gpus) < 2 or not _pinnable(t):
+        return [to_device(t, d) for d in devices]
+    staged = _staged(t)
+    return [staged.to(d, non_blocking=True) if d.type == "cuda" else to_device(t, d) for d in devices]
+
+
+def copies_on(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """A copy of ``t`` of its own on every device (``device_put_replicated``)."""
+    if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
+        return [t.to(d, copy=True) for d in devices]
+    staged = _staged(t)
+    return [staged.to(d, non_blocking=True) if d.type == "cuda" else t.to(d, copy=True) for d in devices]
+
+
+def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> list[torch.Tensor]:
+    """Slice i of ``t`` along ``axis`` on ``devices[i]``, as ``to_device`` would
+    place it (slices on the host are views of ``t``)."""
+    if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
+        return [to_device(v, d) for v, d in zip(t.unbind(axis), devices)]
+    # The mapped axis first: each slice of the staged buffer is contiguous, one copy each.
+    staged = _staged(t.movedim(axis, 0))
+    return [
+        staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(v, d)
+        for i, (v, d) in enumerate(zip(t.unbind(axis), devices))
+    ]
+
+
+def stack_on_host(parts: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
+    """``torch.stack`` of ``parts`` along ``axis`` on the host. Parts on several
+    GPUs are copied into one pinned buffer, every copy queued before any is
+    waited for. (From one GPU there is nothing to overlap, and the result would
+    keep pinned memory, which the host cannot page out, for as long as it lives.)"""
+    first = parts[0]
+    pinned = (
+        all(p.is_cuda for p in parts)
+        and len({p.device for p in parts}) > 1
+        and first.layout == torch.strided
+        and first.numel() > 0
+        and all(p.shape == first.shape and p.dtype == first.dtype for p in parts)  # else torch.stack's error
+        and not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))  # autograd records the plain way
+    )
+    if not pinned:
+        return torch.stack([p.to("cpu") for p in parts], dim=axis)
+    out = torch.empty((len(parts), *first.shape), dtype=first.dtype, pin_memory=True)
+    for row, p in zip(out, parts):
+        row.copy_(p.detach(), non_blocking=True)  # queued on p's device's current stream
+    for d in {p.device for p in parts}:
+        torch.cuda.current_stream(d).synchronize()
+    return out if axis == 0 else out.movedim(0, axis).contiguous()
