@@ -9,11 +9,13 @@ streams are every replica's). Here:
 * a reduction or gather of a dtype NCCL handles goes through
   ``torch.cuda.nccl``: one call, from one thread, launches every member's
   kernel on its stream (NCCL ranks are the order of the tensors given);
-* everything else (all_to_all, ppermute, other dtypes, empty tensors) is
-  ``compute_results`` run with each replica's stream current on its GPU. A
-  copy between two GPUs then orders both streams (PyTorch makes the source
-  stream wait for the destination's, copies, and makes the destination's wait
-  for the copy), and each result is allocated on the stream that uses it.
+* all_to_all and ppermute are one copy per pair of replicas into results
+  allocated on the receiving GPU, and a reduction or gather NCCL does not take
+  (other dtypes, empty tensors) is ``compute_results``; both run with each
+  replica's stream current on its GPU. A copy between two GPUs then orders
+  both streams (PyTorch makes the source stream wait for the destination's,
+  copies, and makes the destination's wait for the copy), and each result is
+  allocated on the stream that uses it.
 
 Either way nothing is left for the host to wait for, and the caching
 allocator needs no ``record_stream``: inputs are read, and results written,
@@ -96,6 +98,10 @@ def run(
     size = len(xs)
     groups = collective.groups or (tuple(range(size)),)
     with streams_current(streams):
+        if collective.kind == "permute":
+            return [_received(collective.pairs or (), xs, devices, r) for r in range(size)]
+        if collective.kind == "all_to_all":
+            return _all_to_all(groups, xs, devices)
         if not _nccl_applies(collective, xs[0], groups):
             return compute_results(collective, xs, size, lambda t, r: t.to(devices[r]))
         out: list[torch.Tensor | None] = [None] * size
@@ -109,6 +115,32 @@ def run(
                 out[r] = result
     assert all(t is not None for t in out)  # the groups cover every replica
     return [t for t in out if t is not None]
+
+
+def _received(
+    pairs: tuple[tuple[int, int], ...], xs: Sequence[torch.Tensor], devices: Sequence[torch.device], r: int
+) -> torch.Tensor:
+    """Replica r's result of a ppermute: its source's input, one copy (or zeros)."""
+    for src, dst in pairs:
+        if dst == r:
+            out = torch.empty_like(xs[src], device=devices[r])
+            return out.copy_(xs[src])
+    return torch.zeros_like(xs[r])
+
+
+def _all_to_all(
+    groups: Sequence[tuple[int, ...]], xs: Sequence[torch.Tensor], devices: Sequence[torch.device]
+) -> list[torch.Tensor]:
+    """Member k's result is row k of every member's input, in group order: one copy per pair."""
+    out: list[torch.Tensor] = list(xs)  # every replica is in one group: all replaced below
+    for group in groups:
+        for k, r in enumerate(group):
+            x = xs[r]
+            result = x.new_empty((len(group), *x.shape[1:]), device=devices[r])
+            for j, source in enumerate(group):
+                result[j].copy_(xs[source][k])
+            out[r] = result
+    return out
 
 
 def _alone(collective: Collective, x: torch.Tensor) -> torch.Tensor:
