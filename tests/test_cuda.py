@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import call_with_deadline, executor, rows, torchrun_command
@@ -186,6 +187,26 @@ def test_host_values_are_the_callers_at_the_call_even_when_the_gpu_is_busy(how, 
     x.zero_()
     got = out.unshard(device="cpu") if isinstance(out, tp.ShardedTensor) else out
     assert torch.equal(got.cpu(), want_host)
+
+
+def test_a_dual_host_input_keeps_its_tangent_on_its_way_to_the_gpu():
+    import torch.autograd.forward_ad as fwAD
+
+    x, tangent = rows(1, 3), torch.ones(1, 3)
+    with fwAD.dual_level():
+        out = tp.pmap(lambda v: v * 2, devices=[gpu()])(fwAD.make_dual(x, tangent))
+        got = fwAD.unpack_dual(out.shards[0]).tangent
+    assert got is not None and torch.equal(got.cpu(), torch.full((3,), 2.0))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_unshard_of_conjugate_views_on_several_gpus_has_the_conjugate_values():
+    devs = gpus()[:2]
+    z = torch.tensor([[1 + 2j, 3 - 1j], [-2 + 0.5j, 4j]])
+    st = tp.device_put_sharded(list(z), devs)
+    conj = tp.pmap(lambda v: v.conj(), devices=devs)(st)
+    assert torch.equal(conj.unshard(device="cpu"), z.conj().resolve_conj())
+    assert (np.asarray(conj) == z.numpy().conj()).all()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")

@@ -6,6 +6,8 @@ tests/test_cuda.py runs the real thing."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import devices
@@ -91,6 +93,8 @@ def test_every_collective_matches_the_reference_and_nccl_gets_what_it_handles(cp
         torch.testing.assert_close(a, c.to(dtype), msg=f"rank {r}", **tol)
     nccl_kind = collective.kind in ("all_reduce", "all_gather", "reduce_scatter")
     nccl_dtype = dtype not in (torch.int16, torch.complex64)
+    if collective.op in ("max", "min"):  # NCCL's float max/min drop NaNs: integers only
+        nccl_dtype = dtype == torch.int64
     groups = len(collective.groups or ((0,),))
     assert cpu_nccl.calls == ([collective.kind] * groups if nccl_kind and nccl_dtype else [])
     # Fresh results that alias nothing, and inputs left as they were.
@@ -137,3 +141,50 @@ def test_a_local_backend_uses_it_only_for_distinct_gpus():
     assert backend.on_own_devices([torch.ones(1), torch.ones(1)])
     backend.devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
     assert not backend.on_own_devices([torch.ones(1), torch.ones(1)])
+
+
+def test_a_nan_survives_pmax_and_pmin(cpu_nccl):
+    xs = [torch.tensor([1.0, float("nan")]), torch.tensor([float("nan"), 2.0]), torch.tensor([3.0, 4.0])]
+    for op in ("max", "min"):
+        got = _gpu_collectives.run(Collective("all_reduce", op), xs, devices(3), None)
+        assert all(torch.isnan(g).all() for g in got), op  # as torch.maximum/minimum: NaN wins
+    assert cpu_nccl.calls == []
+
+
+def test_when_nccl_fails_it_says_so_once_and_the_gpus_copy_instead(cpu_nccl, monkeypatch):
+    monkeypatch.setattr(_gpu_collectives, "_failed", set())
+
+    def broken(*args, **kwargs):
+        cpu_nccl.calls.append("broken")
+        raise RuntimeError("NCCL error: unhandled system error (no peer access)")
+
+    monkeypatch.setattr(cpu_nccl, "all_reduce", broken)
+    xs = _inputs((3,), torch.float32)
+    collective = Collective("all_reduce", "sum")
+    with pytest.warns(RuntimeWarning, match="NCCL failed .*unhandled system error.*TORCHPMAP_NCCL=0"):
+        got = _gpu_collectives.run(collective, xs, devices(4), None)
+    want = xs[0] + xs[1] + xs[2] + xs[3]
+    assert all(torch.allclose(g, want) for g in got)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _gpu_collectives.run(collective, xs, devices(4), None)  # no second warning, no NCCL
+    assert all(torch.allclose(g, want) for g in again) and cpu_nccl.calls == ["broken"]
+
+
+def test_an_error_of_the_tensors_is_not_taken_for_nccl_failing(cpu_nccl, monkeypatch):
+    monkeypatch.setattr(_gpu_collectives, "_failed", set())
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(torch, "empty_like", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        _gpu_collectives.run(Collective("all_reduce", "sum"), _inputs((3,), torch.float32), devices(4), None)
+    assert not _gpu_collectives._failed
+
+
+def test_the_switch_keeps_collectives_off_nccl(cpu_nccl, monkeypatch):
+    monkeypatch.setenv("TORCHPMAP_NCCL", "0")
+    xs = _inputs((3,), torch.float32)
+    got = _gpu_collectives.run(Collective("all_reduce", "sum"), xs, devices(4), None)
+    assert torch.allclose(got[2], xs[0] + xs[1] + xs[2] + xs[3]) and cpu_nccl.calls == []

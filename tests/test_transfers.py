@@ -36,3 +36,19 @@ def test_autograd_sees_the_slices():
     a, b = _transfers.slices_to(x, 0, devices(2))
     (a.sum() * 2 + b.sum() * 3).backward()
     assert torch.equal(x.grad, torch.tensor([[2.0] * 3, [3.0] * 3]))
+
+
+def test_only_plain_dense_values_go_through_a_staging_copy():
+    x = rows(2, 3)
+    assert _transfers._plain(x)
+    assert not _transfers._plain(x.clone().requires_grad_())
+    with torch.no_grad():
+        assert _transfers._plain(x.clone().requires_grad_())  # nothing for autograd to record
+    assert not _transfers._plain(torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]))
+    assert not _transfers._plain(torch.quantize_per_tensor(x, 0.1, 0, torch.qint8))
+    assert not _transfers._plain(torch.nn.Parameter(x))
+
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert not _transfers._plain(x)  # a tangent could ride on it

@@ -25,7 +25,9 @@ on the streams that own them.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,15 +40,21 @@ NCCL_OPS = {"sum": 0, "max": 2, "min": 3}
 _NCCL_KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 # What torch.cuda.nccl maps to an NCCL type that reduces like torch does (bool
 # would be summed as uint8; int16, complex and the rest have no NCCL type).
-_NCCL_DTYPES = frozenset(
-    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8, torch.int32, torch.int64}
-)
+_INTEGERS = frozenset({torch.int8, torch.uint8, torch.int32, torch.int64})
+_NCCL_DTYPES = _INTEGERS | {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+# NCCL's float max and min are fmax/fmin, which drop a NaN that torch.maximum keeps.
+_NCCL_MAX_MIN_DTYPES = _INTEGERS
+# Set TORCHPMAP_NCCL=0 to keep every collective among GPUs off NCCL.
+_ENV_SWITCH = "TORCHPMAP_NCCL"
 # One launch at a time: the collectives of one communicator must be queued in
 # the same order on every GPU, whichever thread completes an exchange.
 _LAUNCH = threading.Lock()
 
 # The module the NCCL calls go to (tests put a CPU model of NCCL here).
 nccl: Any = torch.cuda.nccl
+# Device lists whose NCCL call failed (communicator set-up, say, in a container
+# without peer access): they go the copying way from then on.
+_failed: set[tuple[torch.device, ...]] = set()
 
 
 def distinct_gpus(devices: Sequence[torch.device]) -> bool:
@@ -66,13 +74,18 @@ def uses_nccl(collective: Collective, x: torch.Tensor) -> bool:
     """Whether ``run`` hands this collective of tensors like ``x`` to NCCL."""
     if collective.kind not in _NCCL_KINDS or x.dtype not in _NCCL_DTYPES or x.numel() == 0:
         return False
-    if collective.kind != "all_gather" and collective.op not in NCCL_OPS:
-        return False
-    return nccl_built()
+    if collective.kind != "all_gather":
+        if collective.op not in NCCL_OPS:
+            return False
+        if collective.op != "sum" and x.dtype not in _NCCL_MAX_MIN_DTYPES:
+            return False
+    return os.environ.get(_ENV_SWITCH, "1") != "0" and nccl_built()
 
 
-def _nccl_applies(collective: Collective, x: torch.Tensor, groups: Sequence[tuple[int, ...]]) -> bool:
-    if not uses_nccl(collective, x):
+def _nccl_applies(
+    collective: Collective, x: torch.Tensor, groups: Sequence[tuple[int, ...]], devices: Sequence[torch.device]
+) -> bool:
+    if not uses_nccl(collective, x) or tuple(devices) in _failed:
         return False
     # NCCL's reduce_scatter gives rank k the k-th of g equal blocks: x must have a row per member.
     return collective.kind != "reduce_scatter" or all(x.ndim > 0 and x.shape[0] == len(g) for g in groups)
@@ -102,17 +115,37 @@ def run(
             return [_received(collective.pairs or (), xs, devices, r) for r in range(size)]
         if collective.kind == "all_to_all":
             return _all_to_all(groups, xs, devices)
-        if not _nccl_applies(collective, xs[0], groups):
-            return compute_results(collective, xs, size, lambda t, r: t.to(devices[r]))
-        out: list[torch.Tensor | None] = [None] * size
-        for group in groups:
-            members = [xs[r] for r in group]
-            if len(group) == 1:  # nobody to exchange with: its own input, as a fresh tensor
-                out[group[0]] = _alone(collective, members[0])
-                continue
-            member_streams = None if streams is None else [streams[r] for r in group]
-            for r, result in zip(group, nccl_group(collective, members, member_streams)):
-                out[r] = result
+        if _nccl_applies(collective, xs[0], groups, devices):
+            try:
+                return _through_nccl(collective, xs, groups, streams)
+            except _NcclFailed as failure:  # NCCL could not run here: say so once, and copy instead
+                e = failure.__cause__
+                _failed.add(tuple(devices))
+                warnings.warn(
+                    f"torchpmap: NCCL failed for the collectives among {[str(d) for d in devices]} "
+                    f"({type(e).__name__}: {e}); they copy between the GPUs instead from now on "
+                    f"(set {_ENV_SWITCH}=0 to skip NCCL altogether)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return compute_results(collective, xs, size, lambda t, r: t.to(devices[r]))
+
+
+def _through_nccl(
+    collective: Collective,
+    xs: Sequence[torch.Tensor],
+    groups: Sequence[tuple[int, ...]],
+    streams: Sequence[torch.cuda.Stream] | None,
+) -> list[torch.Tensor]:
+    out: list[torch.Tensor | None] = [None] * len(xs)
+    for group in groups:
+        members = [xs[r] for r in group]
+        if len(group) == 1:  # nobody to exchange with: its own input, as a fresh tensor
+            out[group[0]] = _alone(collective, members[0])
+            continue
+        member_streams = None if streams is None else [streams[r] for r in group]
+        for r, result in zip(group, nccl_group(collective, members, member_streams)):
+            out[r] = result
     assert all(t is not None for t in out)  # the groups cover every replica
     return [t for t in out if t is not None]
 
@@ -167,10 +200,17 @@ def nccl_group(
     else:  # reduce_scatter: x is (g, ...); rank k gets the reduction of row k
         outputs = [x.new_empty(x.shape[1:]) for x in inputs]
     with _LAUNCH:
-        if kind == "all_reduce":
-            nccl.all_reduce(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
-        elif kind == "all_gather":
-            nccl.all_gather(inputs, outputs, streams=streams)
-        else:
-            nccl.reduce_scatter(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+        try:
+            if kind == "all_reduce":
+                nccl.all_reduce(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+            elif kind == "all_gather":
+                nccl.all_gather(inputs, outputs, streams=streams)
+            else:
+                nccl.reduce_scatter(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+        except Exception as e:
+            raise _NcclFailed from e
     return outputs
+
+
+class _NcclFailed(Exception):
+    """A torch.cuda.nccl call raised (its cause); not an error of the tensors around it."""

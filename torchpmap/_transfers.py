@@ -9,7 +9,13 @@ even when the caller's tensor is pinned already: the caller may write its
 tensor as soon as the call returns, while the copies may not have run yet.
 Copies back to the host are queued into one pinned buffer and waited for
 together. Values autograd must follow (a tensor that requires grad, with grad
-mode on) keep PyTorch's plain copies, which it records.
+mode on, or any tensor while a forward-AD level is open) and tensors that are
+not plain dense ones (subclasses, nested, quantized) keep PyTorch's plain
+copies.
+
+A copy to a GPU is then like any GPU op: ordered on that GPU's current stream
+when the function returns, not finished; work on another stream must
+``wait_stream`` first (pmap's replicas do).
 
 Every function here gives the values a plain ``.to(device)`` would; on the
 CPU alone (virtual CPU devices) nothing changes at all.
@@ -22,19 +28,38 @@ from collections.abc import Sequence
 import torch
 
 
-def _pinnable(t: torch.Tensor) -> bool:
-    """Whether ``t``'s copies to GPUs may go through a pinned buffer."""
-    if t.device.type != "cpu" or t.layout != torch.strided or t.numel() == 0:
+def _plain(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain dense tensor whose values are all a copy must
+    carry: no subclass, nested or quantized tensor, nothing autograd
+    (backward or forward mode) follows through the copy."""
+    if type(t) is not torch.Tensor or t.layout != torch.strided or t.is_nested or t.is_quantized:
         return False
     if t.requires_grad and torch.is_grad_enabled():
         return False  # autograd records the plain copy
+    return not _forward_ad_on()
+
+
+def _forward_ad_on() -> bool:
+    # A dual tensor's tangent rides on .to(); a copy of its values would drop it.
+    return torch.autograd.forward_ad._current_level >= 0
+
+
+def _pinnable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s copies to GPUs may go through a pinned buffer."""
+    if t.device.type != "cpu" or t.numel() == 0 or not _plain(t):
+        return False
     return torch.cuda.is_available()
 
 
-def _staged(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``t``'s values in pinned memory that nobody else holds."""
-    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staged.copy_(t.detach())
+def _staged(t: torch.Tensor, keep_strides: bool = True) -> torch.Tensor:
+    """A copy of ``t``'s values in pinned memory that nobody else holds, with
+    ``t``'s strides where they are dense and ``keep_strides`` (channels_last
+    stays channels_last, as ``.to()`` keeps it), else contiguous."""
+    if keep_strides and torch.ops.aten.is_non_overlapping_and_dense(t):
+        staged = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
+    else:
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
     return staged
 
 
@@ -75,8 +100,8 @@ def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> li
     place it (slices on the host are views of ``t``)."""
     if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
         return [to_device(v, d) for v, d in zip(t.unbind(axis), devices)]
-    # The mapped axis first: each slice of the staged buffer is contiguous, one copy each.
-    staged = _staged(t.movedim(axis, 0))
+    # The mapped axis first, contiguous: each slice of the staged buffer is one block, one copy.
+    staged = _staged(t.movedim(axis, 0), keep_strides=False)
     return [
         staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(v, d)
         for i, (v, d) in enumerate(zip(t.unbind(axis), devices))
@@ -95,13 +120,15 @@ def stack_on_host(parts: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
         and first.layout == torch.strided
         and first.numel() > 0
         and all(p.shape == first.shape and p.dtype == first.dtype for p in parts)  # else torch.stack's error
-        and not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))  # autograd records the plain way
+        and all(_plain(p) for p in parts)
     )
     if not pinned:
         return torch.stack([p.to("cpu") for p in parts], dim=axis)
     out = torch.empty((len(parts), *first.shape), dtype=first.dtype, pin_memory=True)
     for row, p in zip(out, parts):
-        row.copy_(p.detach(), non_blocking=True)  # queued on p's device's current stream
+        # Queued on p's device's current stream. A conjugate or negative view is resolved on
+        # the GPU first: copy_ would resolve it on the host before the copy has landed.
+        row.copy_(p.resolve_conj().resolve_neg(), non_blocking=True)
     for d in {p.device for p in parts}:
         torch.cuda.current_stream(d).synchronize()
     return out if axis == 0 else out.movedim(0, axis).contiguous()
