@@ -2,6 +2,7 @@
 and a warned fallback for everything outside its scope."""
 
 import collections
+import math
 import warnings
 
 import pytest
@@ -757,3 +758,24 @@ def test_equal_static_values_of_other_types_do_not_share_a_capture():
         for _ in range(2):
             for s, w in zip((1, 1.0, True), want):
                 assert_same_bits(p(x, s), w)
+
+
+@pytest.mark.parametrize("how", ["stacked", "lockstep"])
+@pytest.mark.parametrize(
+    "zeros",
+    [(0.0, -0.0), ((1, 0.0), (1, -0.0)), (complex(0, 0.0), complex(0, -0.0))],
+    ids=["float", "tuple", "complex"],
+)
+def test_a_static_negative_zero_does_not_replay_the_positive_zeros_capture(how, zeros):
+    # -0.0 == 0.0, and Dynamo guards constants with ==: the capture for one zero served the other.
+    def sign(s):
+        s = s[1] if isinstance(s, tuple) else s
+        return math.copysign(1.0, s.imag if isinstance(s, complex) else s)
+
+    f = lambda x, s: x + sign(s)  # noqa: E731
+    x = torch.zeros(4, 2)
+    with executor(how):
+        p = tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))
+        for _ in range(2):
+            for s in zeros:
+                assert torch.equal(p(x, s).unshard(), torch.full((4, 2), sign(s))), s

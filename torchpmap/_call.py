@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,13 @@ class CallRecord:
     @property
     def n(self) -> int:
         return len(self.group.devices)
+
+    def static_zero_signs(self) -> tuple[bool, ...]:
+        """Which float zeros among the static arguments are negative. Dynamo
+        guards a constant with ``==``, and ``-0.0 == 0.0``: a capture keyed by
+        this too is never replayed for the other zero (``math.copysign``,
+        ``1 / s`` and ``atan2`` tell them apart)."""
+        return _zero_signs(tuple(v for _, v in self.static_items))
 
     def replica_inputs(self) -> list[list[Any]]:
         """Per replica, its flattened inputs (new lists: callers may edit them)."""
@@ -243,3 +251,15 @@ def choose_executor(record: CallRecord) -> Executor:
     from . import _stacked  # it imports this module
 
     return _stacked.STACKED if name == "stacked" else _stacked.AUTO
+
+
+def _zero_signs(value: Any) -> tuple[bool, ...]:
+    """The signs (True: negative) of the float zeros in ``value`` (a float, a
+    complex, or a tuple or frozenset of such, nested), in order."""
+    if isinstance(value, float):
+        return (math.copysign(1.0, value) < 0,) if value == 0 else ()
+    if isinstance(value, complex):
+        return _zero_signs(value.real) + _zero_signs(value.imag)
+    if isinstance(value, (tuple, frozenset)):
+        return tuple(sign for v in value for sign in _zero_signs(v))
+    return ()

@@ -440,15 +440,22 @@ class _Capture:
     failed_for: dict[Any, str] = field(default_factory=dict)  # as the stacked executor's capture
 
 
-_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any]"
-# Per function: its captures, per (axis name, global axis size, physical devices, compile= options).
+_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any, tuple[bool, ...]]"
+# Per function: its captures, per (axis name, global axis size, physical devices, compile= options,
+# signs of static float zeros: see CallRecord.static_zero_signs).
 _captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord, devices: tuple[torch.device, ...], signature: Any) -> _Capture:
     group = record.group
     options = record.compile_options
-    key = (group.axis_name, group.axis_size, devices, None if options is None else options_key(options))
+    key = (
+        group.axis_name,
+        group.axis_size,
+        devices,
+        None if options is None else options_key(options),
+        record.static_zero_signs(),
+    )
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:

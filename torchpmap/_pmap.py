@@ -829,8 +829,8 @@ def _static_key(value: Any) -> Any:
     """A static argument as the plans are keyed by: equal values of other types
     (``1``, ``1.0``, ``True``) or signs (``0.0``, ``-0.0``) compute other things,
     so they must not share a plan (its stacked fast path replays the first)."""
-    if isinstance(value, float):
-        return (float, repr(value))  # -0.0 and 0.0 apart, nan equal to nan
+    if isinstance(value, (float, complex)):
+        return (type(value), repr(value))  # -0.0 and 0.0 apart, nan equal to nan
     if isinstance(value, (tuple, list, frozenset)):
         return (type(value), tuple(_static_key(v) for v in value))
     return (type(value), value)

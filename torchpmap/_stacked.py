@@ -586,7 +586,8 @@ _RECOMPILE_LIMIT = 64
 _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
-# Per function: its captures, per (axis name, axis size, physical device, compile= options).
+# Per function: its captures, per (axis name, axis size, physical device, compile= options,
+# signs of static float zeros).
 _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
 
 
@@ -594,7 +595,13 @@ def _capture_for(record: CallRecord, signature: Any) -> _Capture:
     group = record.group
     device = device_groups(group.devices)[0][0]
     options = record.compile_options
-    key = (group.axis_name, record.n, device, None if options is None else options_key(options))
+    key = (
+        group.axis_name,
+        record.n,
+        device,
+        None if options is None else options_key(options),
+        record.static_zero_signs(),
+    )
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:
