@@ -779,3 +779,26 @@ def test_a_static_negative_zero_does_not_replay_the_positive_zeros_capture(how, 
         for _ in range(2):
             for s in zeros:
                 assert torch.equal(p(x, s).unshard(), torch.full((4, 2), sign(s))), s
+
+
+GLOBAL_X = torch.arange(24.0).reshape(4, 3, 2)
+GLOBAL_ROW = GLOBAL_X[0]  # replica 0's row of the argument below, reached as a global
+
+
+def test_a_view_of_a_global_that_is_replica_zeros_row_stays_that_view():
+    # Dynamo takes ref.mT outside the graph; by its memory it looked like a view of replica 0's
+    # row, and every replica got the view of its own row (a silent difference, found by a hunt).
+    f = lambda v: (GLOBAL_ROW.mT, v - GLOBAL_ROW)  # noqa: E731
+    with executor("stacked", allow_fallback=True):
+        p = tp.pmap(f, devices=devices(4))
+        for _ in range(3):
+            out, diff = p(GLOBAL_X)
+            assert all(torch.equal(out.unshard()[r], GLOBAL_ROW.mT) for r in range(4))
+            assert torch.equal(diff.unshard(), GLOBAL_X - GLOBAL_ROW)
+
+
+def test_on_lockstep_it_raises_rather_than_guess():
+    f = lambda v: (GLOBAL_ROW.mT, v * 1)  # noqa: E731
+    with executor("lockstep"), pytest.raises(RuntimeError, match="reaches outside its arguments"):
+        for _ in range(2):
+            tp.pmap(f, devices=devices(4))(GLOBAL_X)

@@ -335,6 +335,8 @@ class _CallState:
     devices: tuple[torch.device, ...]  # physical, per replica
     replicas_of: dict[int, list[Any]]  # id(replica 0's value) -> every replica's
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
+    # The tensors the function reaches outside its arguments (globals, closures): one for every replica.
+    shared: list[torch.Tensor] = field(default_factory=list)
     refused: Unsupported | None = None  # why this call (not its capture) cannot run in lockstep
     started: bool = False  # a replica's code ran: no fallback any more
     error: BaseException | None = None  # a replica's own exception
@@ -397,8 +399,10 @@ class _Program:
         value for one the function closes over."""
         values = state.replicas_of.get(id(a)) if isinstance(a, torch.Tensor) else None
         if values is None:
-            if isinstance(a, torch.Tensor) and torch.is_grad_enabled() and a.requires_grad:
-                raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
+            if isinstance(a, torch.Tensor):
+                if torch.is_grad_enabled() and a.requires_grad:
+                    raise Unsupported("autograd through the call (a tensor the function uses requires grad)")
+                state.shared.append(a)  # a view of it is not a view of a replica's value
             return [a] * n
         for v in values[1:]:
             # Dynamo's guards checked replica 0's; the graph holds for the others if they look the same.
@@ -552,6 +556,14 @@ def _every_replica(leaf: torch.Tensor, state: _CallState) -> list[Any]:
     bases = [vs for vs in state.replicas_of.values() if _outside_views.lies_within(leaf, vs[0])]
     if not bases:
         return [leaf] * n  # the same in every replica
+    if any(_outside_views.lies_within(leaf, t) for t in state.shared):
+        # A view of a global that shares memory with replica 0's value (``ref = x[0]``) looks the
+        # same as a view of that value: which one it is decides every other replica's result.
+        raise RuntimeError(
+            "pmap: the lockstep executor ran the function, and cannot return its result: an output is a view "
+            "that Dynamo takes outside the graph, of memory that a tensor the function reaches outside its "
+            "arguments shares with an input; torchpmap.set_executor('threads') runs it"
+        )
     base = bases[0]
     offset = _outside_views.byte_offset
     same_view = all(

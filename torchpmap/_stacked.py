@@ -157,7 +157,9 @@ class _CallState:
     stacked_of: dict[int, torch.Tensor]  # id(replica 0's row view) -> its stacked buffer
     copied: set[int] = field(default_factory=set)  # ids of the buffers that are copies of the inputs
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
-    shared: list[torch.Tensor] = field(default_factory=list)  # the broadcast tensor inputs
+    # Tensors every replica reads as one: the broadcast inputs, and the tensors the function
+    # reaches outside its arguments (globals, closures), which Dynamo lifts into the graph.
+    shared: list[torch.Tensor] = field(default_factory=list)
     ran: bool = False
     started: bool = False  # the batched program began to run: an error now is this call's data's
     # The inputs a started program writes in place, with their versions before it ran.
@@ -402,6 +404,8 @@ class _Batched:
                 raise Unsupported(
                     "the function writes an input in place that could only be stacked by a copy", per_call=True
                 )
+            if stacked is None and isinstance(a, torch.Tensor):
+                state.shared.append(a)  # a view of it is not a view of a row (see _view_of_every_row)
             inputs.append(a if stacked is None else stacked)
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             if any(inputs[k].requires_grad for k in self.written):
