@@ -802,3 +802,37 @@ def test_on_lockstep_it_raises_rather_than_guess():
     with executor("lockstep"), pytest.raises(RuntimeError, match="reaches outside its arguments"):
         for _ in range(2):
             tp.pmap(f, devices=devices(4))(GLOBAL_X)
+
+
+def _separate_shards(n, value=0.0):
+    """A ShardedTensor whose shards are separate tensors (a threads result): stacking copies it."""
+    shards = [torch.full((3,), value + r) for r in range(n)]
+    return tp.ShardedTensor(shards, devices(n), axis=0), shards
+
+
+def test_an_input_returned_unchanged_is_the_input_even_when_stacking_copied_it():
+    # On the threads each replica returns its input itself: writes to the result reach the
+    # input and back. The stacked executor had returned rows of the copy it stacked them into.
+    x, shards = _separate_shards(3)
+    ts = [torch.zeros(2) for _ in range(3)]
+    with executor("stacked"):
+        y, q, _ = tp.pmap(lambda a, p: (a, p, a.sum() + p.sum()), devices=devices(3))(x, tp.PerReplica(ts, devices(3)))
+    assert all(s is t for s, t in zip(y.shards, shards)) and all(s is t for s, t in zip(q.shards, ts))
+    y.add_(100)
+    assert shards[2][0].item() == 102.0
+
+
+def test_a_view_of_an_input_stacking_copied_falls_back_with_the_threads_numbers_and_donation():
+    # The view cannot be rebuilt on the separate shards: the call runs again on the threads,
+    # after the stacked run drew random numbers and before the donated input is released.
+    f = lambda v: (v[1:], torch.nn.functional.dropout(v, 0.5))  # noqa: E731
+    results = {}
+    for how in ("threads", "stacked"):
+        torch.manual_seed(0)
+        with executor(how, allow_fallback=True) if how == "stacked" else executor(how):
+            x, shards = _separate_shards(2, 1.0)
+            view, dropped = tp.pmap(f, devices=devices(2), donate_argnums=0)(x)
+        assert view.shards[1].data_ptr() == shards[1][1:].data_ptr()  # a view of the input, as on the threads
+        results[how] = (dropped.unshard(), torch.rand(1))
+    assert torch.equal(results["threads"][0], results["stacked"][0])
+    assert torch.equal(results["threads"][1], results["stacked"][1])  # the caller's generator too

@@ -84,8 +84,7 @@ class FastCall:
             return None
         args, kwargs = unflatten_arguments(self.treedef, self.static_items, row0)
         try:
-            out = _stacked.run_capture(self.capture, self.group, args, kwargs, state)
-            return _stacked._stacked_output(out, state)
+            return _stacked.run_capture(self.capture, self.group, args, kwargs, state)
         except _stacked.Unsupported:
             return None  # the general path decides again (and says why it falls back)
 

@@ -729,7 +729,13 @@ class Pmapped:
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             value, batched = out.leaves[j], out.batched[j]
-            if axis is None:
+            returned = out.inputs_returned.get(j)
+            if returned is not None:  # the replicas' own inputs, as _assemble gets them from the threads
+                if axis is None:
+                    result.append(_check_replicated(returned, plan.paths[j]))
+                else:
+                    result.append(ShardedTensor(distinct_shards(returned), devices, axis=axis))
+            elif axis is None:
                 result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
             elif batched:
                 try:

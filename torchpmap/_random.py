@@ -137,6 +137,7 @@ class CallRandomness:
         self.active = interception is None or interception.needed is not False
         self._lock = threading.Lock()
         self._seed: int | None = None
+        self._state_before_seed: torch.Tensor | None = None  # the caller's generator before the draw
         self._drew = False
         # The replica that used each explicitly passed generator first.
         self._generator_users: dict[torch.Generator, int] = {}
@@ -167,11 +168,23 @@ class CallRandomness:
             if self._seed is None:
                 with _DEFAULT_GENERATORS_LOCK:
                     with torch._C._DisableFuncTorch():  # a replica may be inside a torch.func transform
+                        self._state_before_seed = torch.default_generator.get_state()
                         self._seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_()) & _MASK64
                         self._expected[_CPU] = _state_bytes(torch.default_generator)
                     _seeds_drawn += 1
                     self._seeds_drawn += 1
             return self._seed
+
+    def rewind(self) -> None:
+        """Undo this run's seed draw: a run that is about to be done again (a
+        captured executor falling back to the threads after its replicas drew)
+        must draw the same seed, as if this run had never been. Not when another
+        call drew a seed since: the caller's generator has moved on for it."""
+        with self._lock, _DEFAULT_GENERATORS_LOCK:
+            if self._state_before_seed is None or _seeds_drawn != self._seeds_drawn:
+                return
+            torch.default_generator.set_state(self._state_before_seed)
+            self._state_before_seed = None
 
     def replica(self, index: int) -> AbstractContextManager[Any]:
         return ReplicaRandomness(self, index) if self.active else nullcontext()

@@ -79,6 +79,9 @@ class StackedOutput:
     leaves: list[Any]
     batched: list[bool]
     spec: TreeSpec
+    # Leaf k -> every replica's own value, where leaf k is an input returned unchanged that had
+    # to be copied to be stacked: the replicas return their inputs themselves, as on the threads.
+    inputs_returned: dict[int, list[Any]] = field(default_factory=dict)
     # The capture that ran, when a call with the same signature may run it again
     # straight from the caller's stacked buffers (``_fast_call``); None if not.
     replay: Any = field(default=None, compare=False)
@@ -155,7 +158,8 @@ def blocked_reason() -> str | None:
 class _CallState:
     n: int
     stacked_of: dict[int, torch.Tensor]  # id(replica 0's row view) -> its stacked buffer
-    copied: set[int] = field(default_factory=set)  # ids of the buffers that are copies of the inputs
+    # id(a buffer that is a copy of an input) -> the (buffer, per-replica values) it copies.
+    copied: dict[int, tuple[torch.Tensor, list[Any]]] = field(default_factory=dict)
     keep: list[Any] = field(default_factory=list)  # keeps the ids above alive
     # Tensors every replica reads as one: the broadcast inputs, and the tensors the function
     # reaches outside its arguments (globals, closures), which Dynamo lifts into the graph.
@@ -203,8 +207,9 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
             continue
         buffer = _stacked_leaf(record, j)
         if buffer is None:
-            buffer = torch.stack(list(record.per_leaf[j]))
-            state.copied.add(id(buffer))
+            values = list(record.per_leaf[j])
+            buffer = torch.stack(values)
+            state.copied[id(buffer)] = (buffer, values)
         row0.append(state.row_of(buffer))
     return row0, state
 
@@ -685,27 +690,35 @@ def run(record: CallRecord) -> StackedOutput:
     capture = _capture_for(record, signature)
     args, kwargs = record.unflatten(row0)
     try:
-        out = run_capture(capture, record.group, args, kwargs, state)
+        result = run_capture(capture, record.group, args, kwargs, state)
     except Unsupported:
         if capture.failed is not None:
             capture.failed_for.setdefault(signature, capture.failed)
         raise
-    if record.donated:
+    if record.donated:  # only now: the threads executor runs a call that falls back, donated inputs and all
         record.release_donated()
-    result = _stacked_output(out, state)
     result.replay = None if state.copied else capture
     return result
 
 
-def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[str, Any], state: _CallState) -> Any:
+def run_capture(
+    capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[str, Any], state: _CallState
+) -> StackedOutput:
     """``capture`` run on replica 0's arguments ``args``/``kwargs``, whose row
-    views ``state`` maps to their stacked buffers; its output (row-0 views,
-    which ``state`` maps to the stacked outputs). Raises Unsupported as ``run``."""
+    views ``state`` maps to their stacked buffers; its output as stacked
+    buffers. Raises Unsupported as ``run``, with the caller's generator as it
+    was (the threads executor draws the call's seed again)."""
+    streams: _stacked_random.CallStreams | None = None
     try:
         with capture_scope(capture, _tls, state, "stacked"), _stacked_random.call_streams(group) as streams:
             out = capture.call(args, kwargs)
+            result = _stacked_output(out, state)
     except _DynamoDisabled:
         raise Unsupported(_DYNAMO_OFF) from None
+    except Unsupported:
+        if streams is not None:
+            streams.rewind()
+        raise
     except Exception as e:
         if state.wrote_inputs():
             # The threads would apply the writes a second time: the error is the call's.
@@ -716,6 +729,8 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
             if hasattr(e, "add_note"):  # Python 3.11+
                 e.add_note(note)
             raise
+        if streams is not None:
+            streams.rewind()
         inner = _unsupported_inside(e)
         if inner is not None and inner.per_call:
             raise Unsupported(inner.reason) from None
@@ -726,8 +741,9 @@ def run_capture(capture: _Capture, group: ReplicaGroup, args: Any, kwargs: dict[
         capture.failed = inner.reason if inner is not None else capture_failure(e)
         raise Unsupported(capture.failed) from None
     # Outside the try: a warning about the draws must not read as a capture failure.
+    assert streams is not None  # entered, since the capture ran
     streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
-    return out
+    return result
 
 
 @contextmanager
@@ -836,12 +852,17 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
 def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
     leaves, spec = tree_flatten(out)
     batched = []
+    inputs_returned: dict[int, list[Any]] = {}
     for k, leaf in enumerate(leaves):
         stacked = None
         if isinstance(leaf, torch.Tensor):
             stacked = state.stacked_of.get(id(leaf))
             if stacked is None:
                 stacked = _view_of_every_row(leaf, state)
+            if stacked is not None and state.copied:
+                originals = _copied_input(stacked, state)
+                if originals is not None:
+                    inputs_returned[k] = originals
         if stacked is not None:
             leaves[k] = stacked
         batched.append(stacked is not None)
@@ -849,7 +870,22 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
         # No graph: nothing for the replicas to compute (the function returns its
         # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
         raise Unsupported("the captured function has no graph to run")
-    return StackedOutput(leaves, batched, spec)
+    return StackedOutput(leaves, batched, spec, inputs_returned=inputs_returned)
+
+
+def _copied_input(stacked: torch.Tensor, state: _CallState) -> list[Any] | None:
+    """The replicas' own inputs when ``stacked`` is the copy made to stack them
+    (an input returned unchanged: on the threads each replica returns its
+    input itself, and writes to the result reach it); None when ``stacked``
+    shares no memory with such a copy. A view of the copy cannot be rebuilt
+    on the inputs (their layouts differ from the copy's): that call falls back."""
+    copy = state.copied.get(id(stacked))
+    if copy is not None:
+        return copy[1]
+    ptr = stacked.untyped_storage().data_ptr()
+    if any(ptr == buffer.untyped_storage().data_ptr() for buffer, _ in state.copied.values()):
+        raise Unsupported("an output is a view of an input that had to be copied to be stacked", per_call=True)
+    return None
 
 
 def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | None:

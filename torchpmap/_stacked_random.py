@@ -368,6 +368,11 @@ class CallStreams:
             self._modes = [ReplicaRandomness(self._call, first + r) for r in range(len(self._group.devices))]
         return self._modes[rank]
 
+    def rewind(self) -> None:
+        """Undo the call's seed draw (``CallRandomness.rewind``): it falls back to the threads."""
+        if self._call is not None:
+            self._call.rewind()
+
     def replay(self) -> Replay:
         """What a backward needs to draw this call's numbers again."""
         return Replay(self._group, None if self._call is None else self._call.drawn_seed)
