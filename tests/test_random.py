@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import devices, pmap_k
+from helpers import devices, executor, pmap_k
 
 import torchpmap as tp
 
@@ -195,3 +195,23 @@ def test_a_first_draw_inside_torch_func_grad():
     torch.manual_seed(0)
     np.testing.assert_array_equal(a, pmap_k(f, 4)(torch.ones(4, 8)).numpy())
     assert set(np.unique(a)) <= {0.0, 2.0}
+
+
+def test_after_a_late_first_draw_later_calls_draw_what_the_captured_executors_draw():
+    # The late call's replicas drew straight from the caller's generator, in thread order; the
+    # generator is then set as if the call had drawn from its own streams, so the calls after it
+    # (and the caller's own draws) equal those of the stacked executor, which always has streams.
+    def late(x, flag):
+        return torch.nn.functional.dropout(x, 0.5, training=flag)
+
+    runs = {}
+    for how in ("threads", "stacked"):
+        with executor(how), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            f = tp.pmap(late, "i", static_broadcasted_argnums=1, devices=devices(2))
+            torch.manual_seed(0)
+            outs = [f(torch.ones(2, 64), flag).unshard() for flag in (False, True, True, True)]
+            runs[how] = (outs[2:], torch.rand(3))
+    for a, b in zip(runs["threads"][0], runs["stacked"][0]):
+        assert torch.equal(a, b)
+    assert torch.equal(runs["threads"][1], runs["stacked"][1])
