@@ -21,7 +21,7 @@ def say(line):
 
 def check(name, got, want, results):
     got = np.asarray(got)
-    ok = got.shape == np.shape(want) and np.allclose(got, want, atol=1e-5)
+    ok = got.shape == np.shape(want) and np.allclose(got, want, atol=1e-5, equal_nan=True)
     results[name] = bool(ok)
     if not ok:
         say(f"MISMATCH {name}: got {got.tolist()} want {np.asarray(want).tolist()}")
@@ -52,6 +52,13 @@ def collectives():
     check("pmean", run(lambda x: tp.pmean(x, "i")), np.broadcast_to(full.mean(0), (L, G, 3)), results)
     check("pmax", run(lambda x: tp.pmax(x, "i")), np.broadcast_to(full.max(0), (L, G, 3)), results)
     check("pmin", run(lambda x: tp.pmin(-x, "i")), np.broadcast_to((-full).min(0), (L, G, 3)), results)
+    # NaNs held by different processes survive pmax/pmin, as torch.maximum keeps them in one process
+    # (Gloo's and NCCL's own max/min drop them).
+    nans = full.copy()
+    nans[0, 0, 0] = nans[G - 1, 1, 1] = np.nan
+    mine_nans = torch.tensor(nans[first : first + L])
+    check("pmax_nan", run(lambda x: tp.pmax(x, "i"), mine_nans), np.broadcast_to(np.max(nans, 0), (L, G, 3)), results)
+    check("pmin_nan", run(lambda x: tp.pmin(x, "i"), mine_nans), np.broadcast_to(np.min(nans, 0), (L, G, 3)), results)
     bools = torch.tensor(full[first : first + L] > 1.0)
     check("psum_bool", run(lambda x: tp.psum(x, "i"), bools), np.broadcast_to((full > 1.0).sum(0), (L, G, 3)), results)
     check("all_gather", run(lambda x: tp.all_gather(x, "i")), np.broadcast_to(full, (L, G, G, 3)), results)

@@ -360,6 +360,13 @@ class _Lockstep:
             )
 
 
+def _reduces_alike(collective: Collective, x: torch.Tensor) -> bool:
+    """Whether the process group's own all-reduce computes what compute_results
+    does. Not a float max/min: Gloo's and NCCL's drop a NaN that torch.maximum
+    keeps (the all-gather way then reduces with torch's ops)."""
+    return collective.op == "sum" or not (x.is_floating_point() or x.is_complex())
+
+
 class ProcessGroupBackend(GroupBackend):
     """This process's replicas' inputs in, their outputs out, with one torch.distributed
     operation: an all-reduce for plain reductions, else an all-gather of every
@@ -399,7 +406,7 @@ class ProcessGroupBackend(GroupBackend):
         self._lockstep.check(name)
         try:
             self._check_same_everywhere(collective, xs[0])
-            if collective.kind == "all_reduce" and collective.groups is None:
+            if collective.kind == "all_reduce" and collective.groups is None and _reduces_alike(collective, xs[0]):
                 assert collective.op is not None  # reductions carry their op
                 return self._all_reduce(xs, collective.op)
             everyone = self._gather_everything(xs)
