@@ -44,7 +44,7 @@ from . import _escapes, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import Backend, options_key, requested_backend
+from ._compile import Backend, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
@@ -54,6 +54,7 @@ from ._stacked import (
     _unsupported_inside,
     call_signature,
     capture_failure,
+    capture_key,
     capture_scope,
     capture_scope_reason,
     check_supported_ops,
@@ -445,21 +446,14 @@ class _Capture:
 
 
 _CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any, tuple[bool, ...]]"
-# Per function: its captures, per (axis name, global axis size, physical devices, compile= options,
-# signs of static float zeros: see CallRecord.static_zero_signs).
+# Per function: its captures, per capture_key (the global axis size; the physical devices).
 _captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord, devices: tuple[torch.device, ...], signature: Any) -> _Capture:
     group = record.group
     options = record.compile_options
-    key = (
-        group.axis_name,
-        group.axis_size,
-        devices,
-        None if options is None else options_key(options),
-        record.static_zero_signs(),
-    )
+    key = capture_key(record, group.axis_size, devices)
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:

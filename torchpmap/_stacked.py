@@ -595,22 +595,29 @@ _RECOMPILE_LIMIT = 64
 _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
-# Per function: its captures, per (axis name, axis size, physical device, compile= options,
-# signs of static float zeros).
+# Per function: its captures, per capture_key (the physical device is where they run).
 _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
+
+
+def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
+    """What a function's captures (stacked or lockstep) are told apart by: the
+    axis, where they run, compile= options, and the signs of static float
+    zeros (``CallRecord.static_zero_signs``)."""
+    options = record.compile_options
+    return (
+        record.group.axis_name,
+        axis_size,
+        where,
+        None if options is None else options_key(options),
+        record.static_zero_signs(),
+    )
 
 
 def _capture_for(record: CallRecord, signature: Any) -> _Capture:
     group = record.group
     device = device_groups(group.devices)[0][0]
     options = record.compile_options
-    key = (
-        group.axis_name,
-        record.n,
-        device,
-        None if options is None else options_key(options),
-        record.static_zero_signs(),
-    )
+    key = capture_key(record, record.n, device)
     try:
         per_fun = _captures.setdefault(record.fun, {})
     except TypeError:
