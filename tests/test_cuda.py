@@ -153,8 +153,10 @@ def test_every_collective_across_gpus_equals_cpu_devices_and_reductions_use_nccl
                 tp.device_put_sharded(list(x), devs)
             )
     assert_close_on_host(got, want)
-    if name in ("psum", "pmax", "all_gather", "psum_scatter", "pytree"):
-        assert calls, "reductions and gathers among distinct GPUs go through NCCL"
+    if name in ("psum", "all_gather", "psum_scatter", "pytree"):  # not float pmax: NCCL's drops NaNs
+        assert calls, "sums and gathers among distinct GPUs go through NCCL"
+    elif name == "pmax":
+        assert not calls
 
 
 # -- host transfers through pinned memory (issue 13 item 14) ----------------------------------
@@ -185,8 +187,8 @@ def test_host_values_are_the_callers_at_the_call_even_when_the_gpu_is_busy(how, 
         out = tp.pmap(lambda v: v * 1, devices=[gpu()])(x[:1])
         want_host = want[:1]
     x.zero_()
-    got = out.unshard(device="cpu") if isinstance(out, tp.ShardedTensor) else out
-    assert torch.equal(got.cpu(), want_host)
+    # The GPU's shard (the CPU device's may be a view of x itself, as on virtual CPU devices).
+    assert torch.equal(out.shards[0].cpu(), want_host[0])
 
 
 def test_a_dual_host_input_keeps_its_tangent_on_its_way_to_the_gpu():
