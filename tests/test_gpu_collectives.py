@@ -15,6 +15,7 @@ from test_communicator import every_collective, reference
 
 from torchpmap import _gpu_collectives
 from torchpmap._communicator import Collective, LocalBackend, compute_results
+from torchpmap._layout import distinct_gpus
 
 REDUCE = {0: torch.sum, 2: torch.amax, 3: torch.amin}
 
@@ -130,10 +131,10 @@ def test_what_nccl_does_not_take_stays_off_it(cpu_nccl):
 
 
 def test_a_local_backend_uses_it_only_for_distinct_gpus():
-    assert _gpu_collectives.distinct_gpus([torch.device("cuda", 0), torch.device("cuda", 1)])
-    assert not _gpu_collectives.distinct_gpus([torch.device("cuda", 0)])
-    assert not _gpu_collectives.distinct_gpus([torch.device("cuda", 0), torch.device("cuda", 0)])
-    assert not _gpu_collectives.distinct_gpus([torch.device("cuda", 0), torch.device("cpu")])
+    assert distinct_gpus([torch.device("cuda", 0), torch.device("cuda", 1)])
+    assert not distinct_gpus([torch.device("cuda", 0)])
+    assert not distinct_gpus([torch.device("cuda", 0), torch.device("cuda", 0)])
+    assert not distinct_gpus([torch.device("cuda", 0), torch.device("cpu")])
     assert not LocalBackend(devices(4)).stream_ordered
     backend = LocalBackend(devices(2))
     backend.stream_ordered = True  # as on two GPUs: inputs elsewhere still take the host's way

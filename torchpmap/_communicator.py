@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 import torch
 
 from . import _config
+from ._layout import distinct_gpus
 from ._tree import render_tree
 from .errors import CollectiveMismatchError, CollectiveTimeoutError, ReplicaAbortedError
 
@@ -179,19 +180,18 @@ class LocalBackend(GroupBackend):
     """Every replica of the axis is in this process: compute_results over them."""
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
-        from . import _gpu_collectives  # it builds on compute_results below
-
         super().__init__(devices, 0, len(devices))
-        self._gpus = _gpu_collectives
-        self.stream_ordered = _gpu_collectives.distinct_gpus(self.devices)
+        self.stream_ordered = distinct_gpus(self.devices)
 
     def run(
         self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
     ) -> list[torch.Tensor]:
         if self.on_own_devices(xs):  # NCCL, or copies ordered by the streams: no host synchronisation
+            from . import _gpu_collectives  # it builds on compute_results below
+
             if streams is None:
                 streams = [torch.cuda.current_stream(d) for d in self.devices]
-            return self._gpus.run(collective, xs, self.devices, streams)
+            return _gpu_collectives.run(collective, xs, self.devices, streams)
         return compute_results(collective, xs, self.size, self.to)
 
 

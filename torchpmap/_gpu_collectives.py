@@ -57,15 +57,6 @@ nccl: Any = torch.cuda.nccl
 _failed: set[tuple[torch.device, ...]] = set()
 
 
-def distinct_gpus(devices: Sequence[torch.device]) -> bool:
-    """Whether ``devices`` are two or more GPUs, none of them twice: what this
-    module's collectives need (replicas sharing a GPU, or a CPU replica beside
-    GPUs, exchange through the host instead)."""
-    if len(devices) < 2 or any(d.type != "cuda" for d in devices):
-        return False
-    return len({d.index for d in devices}) == len(devices)
-
-
 def nccl_built() -> bool:
     return hasattr(torch._C, "_nccl_all_reduce")
 

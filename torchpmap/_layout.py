@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,15 @@ def device_groups(devices: tuple[torch.device, ...]) -> tuple[tuple[torch.device
     for i, d in enumerate(devices):
         groups.setdefault(physical_device(d), []).append(i)
     return tuple((p, tuple(members)) for p, members in groups.items())
+
+
+def distinct_gpus(devices: Sequence[torch.device]) -> bool:
+    """Whether ``devices`` are two or more GPUs, none of them twice: what
+    collectives queued on the replicas' own streams need (replicas sharing a
+    GPU, or a CPU replica beside GPUs, exchange through the host instead)."""
+    if len(devices) < 2 or any(d.type != "cuda" for d in devices):
+        return False
+    return len(device_groups(tuple(devices))) == len(devices)
 
 
 def slices_overlap(t: torch.Tensor, axis: int) -> bool:

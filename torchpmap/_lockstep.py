@@ -445,9 +445,8 @@ class _Capture:
     failed_for: dict[Any, str] = field(default_factory=dict)  # as the stacked executor's capture
 
 
-_CaptureKey: TypeAlias = "tuple[str, int, tuple[torch.device, ...], Any, tuple[bool, ...]]"
 # Per function: its captures, per capture_key (the global axis size; the physical devices).
-_captures: weakref.WeakKeyDictionary[Any, dict[_CaptureKey, _Capture]] = weakref.WeakKeyDictionary()
+_captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
 
 
 def _capture_for(record: CallRecord, devices: tuple[torch.device, ...], signature: Any) -> _Capture:

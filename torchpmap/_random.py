@@ -114,6 +114,11 @@ def _state_bytes(g: torch.Generator) -> bytes:
     return bytes(g.get_state().numpy())
 
 
+def _set_state(device: torch.device, state: bytes) -> None:
+    """The default generator of ``device`` back at ``state`` (from ``_state_bytes``)."""
+    _default_generator(device).set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
+
 class Interception:
     """Whether one pmapped function's replicas run under the streams mode.
 
@@ -137,7 +142,7 @@ class CallRandomness:
         self.active = interception is None or interception.needed is not False
         self._lock = threading.Lock()
         self._seed: int | None = None
-        self._state_before_seed: torch.Tensor | None = None  # the caller's generator before the draw
+        self._state_before_seed: bytes | None = None  # the caller's CPU generator before the draw
         self._drew = False
         # The replica that used each explicitly passed generator first.
         self._generator_users: dict[torch.Generator, int] = {}
@@ -168,7 +173,7 @@ class CallRandomness:
             if self._seed is None:
                 with _DEFAULT_GENERATORS_LOCK:
                     with torch._C._DisableFuncTorch():  # a replica may be inside a torch.func transform
-                        self._state_before_seed = torch.default_generator.get_state()
+                        self._state_before_seed = self._expected[_CPU]  # read at the start: nothing drew since
                         self._seed = int(torch.empty((), dtype=torch.int64, device="cpu").random_()) & _MASK64
                         self._expected[_CPU] = _state_bytes(torch.default_generator)
                     _seeds_drawn += 1
@@ -183,7 +188,7 @@ class CallRandomness:
         with self._lock, _DEFAULT_GENERATORS_LOCK:
             if self._state_before_seed is None or _seeds_drawn != self._seeds_drawn:
                 return
-            torch.default_generator.set_state(self._state_before_seed)
+            _set_state(_CPU, self._state_before_seed)
             self._state_before_seed = None
 
     def _as_if_intercepted(self) -> None:
@@ -194,7 +199,7 @@ class CallRandomness:
         global _seeds_drawn
         with _DEFAULT_GENERATORS_LOCK:
             for d, state in self._expected.items():
-                _default_generator(d).set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+                _set_state(d, state)
             with torch._C._DisableFuncTorch():
                 torch.empty((), dtype=torch.int64, device="cpu").random_()  # what seed() draws
             _seeds_drawn += 1

@@ -23,7 +23,7 @@ CPU alone (virtual CPU devices) nothing changes at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -80,19 +80,23 @@ def to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
 
 def to_every(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """``to_device(t, d)`` for every device, staging a host tensor once."""
-    gpus = [d for d in devices if d.type == "cuda"]
-    if len(gpus) < 2 or not _pinnable(t):
-        return [to_device(t, d) for d in devices]
-    staged = _staged(t)
-    return [staged.to(d, non_blocking=True) if d.type == "cuda" else to_device(t, d) for d in devices]
+    return _on_each(t, devices, lambda d: to_device(t, d))
 
 
 def copies_on(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """A copy of ``t`` of its own on every device (``device_put_replicated``)."""
+    return _on_each(t, devices, lambda d: t.to(d, copy=True))
+
+
+def _on_each(
+    t: torch.Tensor, devices: Sequence[torch.device], plain: Callable[[torch.device], torch.Tensor]
+) -> list[torch.Tensor]:
+    """``t`` on every device: ``plain(d)``, except that a host tensor bound for
+    GPUs is staged once and copied from there to each of them."""
     if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
-        return [t.to(d, copy=True) for d in devices]
+        return [plain(d) for d in devices]
     staged = _staged(t)
-    return [staged.to(d, non_blocking=True) if d.type == "cuda" else t.to(d, copy=True) for d in devices]
+    return [staged.to(d, non_blocking=True) if d.type == "cuda" else plain(d) for d in devices]
 
 
 def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> list[torch.Tensor]:
