@@ -271,6 +271,22 @@ def test_pmax_of_detached_value_is_fine_in_a_differentiated_function():
     torch.testing.assert_close(g, (1 / x.abs().max(0).values).expand(4, 3))
 
 
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+@pytest.mark.parametrize("fn", [tp.psum, tp.pmean], ids=["psum", "pmean"])
+def test_tree_reduction_leaves_untracked_leaves_untracked(fn, executor):
+    """A tree reduction sends leaves of one dtype as one flat buffer: a leaf that
+    does not require grad must not come back requiring it because another did
+    (each executor as a leaf alone would)."""
+    tp.set_executor(executor)
+    a, b = double(4, 3, seed=1).requires_grad_(), double(4, 3, seed=2)
+    out = pmap_k(lambda t: fn(t, "i"), 4)({"a": a, "b": b})
+    assert out["a"].requires_grad and not out["b"].requires_grad
+    scale = 1.0 if fn is tp.psum else 0.25
+    torch.testing.assert_close(out["b"].unshard(), scale * b.sum(0).expand(4, 3))
+    out["a"].unshard().sum().backward()
+    torch.testing.assert_close(a.grad, torch.full_like(a, 4 * scale))
+
+
 # -- gradients inside replicas: JAX's rules -------------------------------------------------
 def _inside(loss_fn, k, x, how, **kwargs):
     """Per replica: the gradient of loss_fn(x) with respect to its own x."""

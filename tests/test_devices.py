@@ -152,6 +152,7 @@ SCRIPTS = {
         "3",
         """
         tp.set_cpu_device_count(16)
+        tp.set_executor("threads")  # the workers counted below are the threads executor's
         before = threading.active_count()
         first = devs()
         tp.pmap(lambda x: x + 1)(torch.zeros(2, 3))
