@@ -209,6 +209,10 @@ def test_unshard_of_conjugate_views_on_several_gpus_has_the_conjugate_values():
     conj = tp.pmap(lambda v: v.conj(), devices=devs)(st)
     assert torch.equal(conj.unshard(device="cpu"), z.conj().resolve_conj())
     assert (np.asarray(conj) == z.numpy().conj()).all()
+    # Between GPUs the conjugation is resolved on the source GPU first (no peer writes).
+    assert torch.equal(conj.unshard(device=devs[0]).cpu(), z.conj().resolve_conj())
+    on_both = tp.device_put_replicated(z.to(devs[1]).conj(), devs)
+    assert all(torch.equal(s.cpu(), z.conj().resolve_conj()) for s in on_both.shards)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
@@ -334,6 +338,68 @@ def test_a_donated_input_is_freed_when_its_replica_returns_not_when_the_call_doe
     before, freed = torch.cuda.memory_allocated(gpu()) - 4 * n, []
     tp.pmap(f, devices=mixed, donate_argnums=0)(x)
     assert freed[0] <= 4 * n // 2, f"{freed[0]} bytes of the donated input still held"
+
+
+def test_a_donated_input_freed_before_its_replicas_kernels_ran_is_not_handed_out_again():
+    # Replica 0 (the GPU) queues a long kernel and then a read of its donated shard, and returns:
+    # the shard is freed while that read still waits on the worker's stream. The shard was
+    # allocated on the default stream, where replica 1 (the CPU) then allocates and fills a
+    # tensor of its size: the caching allocator must not hand it the shard's memory before the
+    # read ran (the replica's inputs are recorded on its stream).
+    n = 1 << 20
+    mixed = [gpu(), torch.device("cpu", 0)]
+    queued = threading.Event()
+
+    def f(a):
+        if a.is_cuda:
+            torch.cuda._sleep(SLEEP * 25)
+            out = a * 1  # queued behind the sleep
+            queued.set()
+            return out
+        queued.wait(10)
+        deadline = time.monotonic() + 10.0
+        while torch.cuda.memory_allocated(gpu()) > before + 4 * n and time.monotonic() < deadline:
+            time.sleep(0.005)  # until replica 0 has returned and dropped its shard (its result stays)
+        taken.append(torch.full((n,), 7.0, device=gpu()))  # on the default stream, at once
+        return a * 1
+
+    x = tp.device_put_sharded([torch.ones(n, device=gpu()), torch.ones(n)], mixed)
+    torch.cuda.synchronize()
+    before, taken = torch.cuda.memory_allocated(gpu()) - 4 * n, []
+    with executor("threads"):
+        out = tp.pmap(f, devices=mixed, donate_argnums=0)(x)
+    assert torch.all(out.shards[0] == 1.0), "the donated shard was overwritten before the replica read it"
+    assert torch.all(taken[0] == 7.0)
+
+
+def test_a_collective_result_on_the_replicas_gpu_from_a_host_input_outlives_its_kernels():
+    # Replica 0 (the GPU) hands the collective a host tensor: its result, on cuda:0, is made by
+    # replica 1's thread (the last to arrive) on that thread's stream for cuda:0, the default
+    # stream. Replica 0 reads it late on its own stream and drops it; replica 1 then allocates
+    # and fills a tensor of its size on the default stream, which must not get that memory first.
+    n = 1 << 20
+    mixed = [gpu(), torch.device("cpu", 0)]
+    dropped = threading.Event()
+
+    def f(a):
+        if a.is_cuda:
+            s = tp.psum(torch.ones(n), "i")  # on the host; the result comes back on cuda:0
+            torch.cuda._sleep(SLEEP * 25)
+            out = s * 1  # queued behind the sleep
+            del s
+            dropped.set()
+            return out
+        time.sleep(0.1)  # arrive last: this thread makes the results
+        tp.psum(torch.ones(n), "i")
+        dropped.wait(10)
+        taken.append(torch.full((n,), 7.0, device=gpu()))  # on the default stream, at once
+        return torch.full((n,), 2.0)
+
+    taken = []
+    with executor("threads"):
+        out = tp.pmap(f, "i", devices=mixed)(torch.zeros(2, 1, device=gpu()))
+    assert torch.all(out.shards[0] == 2.0), "the collective's result was overwritten before the replica read it"
+    assert torch.all(taken[0] == 7.0)
 
 
 # -- several replicas on one GPU: the stacked executor --------------------------------------------

@@ -185,12 +185,21 @@ class Executor(abc.ABC):
         or stand-ins for them that autograd tracks). Donated inputs are deleted
         once a replica has started, even if the call then fails (the function
         may have written them); a call that fails before leaves them usable."""
+        on_gpus = any(d.type == "cuda" for d in record.group.devices)
         if not record.donated:
-            return self.run_replicas(record.group, lambda r: record.call_replica(r, inputs[r]))
+
+            def replica_of(rank: int) -> FlatOutput:
+                if on_gpus:
+                    _used_on_this_stream(inputs[rank])
+                return record.call_replica(rank, inputs[rank])
+
+            return self.run_replicas(record.group, replica_of)
         donated_slots = record.donated_slots()
         release = threading.Lock()
 
         def replica(rank: int) -> FlatOutput:
+            if on_gpus:
+                _used_on_this_stream(inputs[rank])
             with release:  # the first replica to start deletes them; for the others it is a no-op
                 record.release_donated()
             # The replica's function holds its donated inputs from here on, and nothing
@@ -210,6 +219,21 @@ class Executor(abc.ABC):
         if torch.is_grad_enabled():
             return differentiable_call(self, record)
         return self.run(record, record.replica_inputs())
+
+
+def _used_on_this_stream(values: list[Any]) -> None:
+    """Tell the caching allocator that a replica's CUDA inputs are read on the
+    stream it runs on (a threads worker's): their memory, allocated on another
+    stream, is then not handed out again on that one before the replica's work
+    is done, even when the caller drops them during the call (donated inputs,
+    a call given up on a timeout or an interrupt)."""
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.is_cuda:
+            stream = torch.cuda.current_stream(v.device)
+            try:
+                v.record_stream(stream)
+            except RuntimeError:  # no storage of its own (a functorch wrapper, a subclass)
+                pass
 
 
 class ThreadsExecutor(Executor):

@@ -286,14 +286,16 @@ class ThreadRendezvous(Communicator):
             # Nobody to wait for; still return a fresh tensor like every path.
             return self._backend.run(collective, [x])[0]
         signature = collective.signature(x)
-        stream = None
-        if self._cuda and x.is_cuda:
-            stream = torch.cuda.current_stream(x.device)
-            if not self._backend.stream_ordered or x.device != self._backend.devices[rank]:
+        stream = None  # the replica's stream on its own device, where it will use its result
+        if self._cuda:
+            home = self._backend.devices[rank]
+            if home.type == "cuda":
+                stream = torch.cuda.current_stream(home)
+            if x.is_cuda and (not self._backend.stream_ordered or x.device != home):
                 # Host-side synchronisation keeps cross-device reads safe
                 # without ordering the streams (a CPU replica, replicas
-                # sharing a GPU, other processes).
-                stream.synchronize()
+                # sharing a GPU, an input on another device, other processes).
+                torch.cuda.current_stream(x.device).synchronize()
         with self._lock:
             self._raise_failure(rank)
             if self._retired:

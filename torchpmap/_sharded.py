@@ -319,7 +319,7 @@ class ShardedTensor(torch.Tensor):
         target = torch.device(device) if device is not None else self._shards[0].device
         if target.type == "cpu":  # from several GPUs at once, through pinned memory
             return _transfers.stack_on_host(self._shards, self._axis)
-        parts = [s.to(target) for s in self._shards]
+        parts = [_transfers.between_gpus_safe(s, target).to(target) for s in self._shards]
         return torch.stack(parts, dim=self._axis)
 
     def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:

@@ -75,7 +75,16 @@ def to_device(t: torch.Tensor, d: torch.device) -> torch.Tensor:
         return t
     if d.type == "cuda" and _pinnable(t):
         return _staged(t).to(d, non_blocking=True)
-    return t.to(d)
+    return between_gpus_safe(t, d).to(d)
+
+
+def between_gpus_safe(t: torch.Tensor, d: torch.device) -> torch.Tensor:
+    """``t``, with a conjugate or negative bit resolved on its own GPU when it
+    goes to another: PyTorch copies such a view between GPUs with a kernel that
+    writes the other GPU's memory, which needs peer access the GPUs may lack."""
+    if t.is_cuda and d.type == "cuda" and d != t.device and (t.is_conj() or t.is_neg()):
+        return t.resolve_conj().resolve_neg()
+    return t
 
 
 def to_every(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
@@ -85,7 +94,7 @@ def to_every(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Ten
 
 def copies_on(t: torch.Tensor, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """A copy of ``t`` of its own on every device (``device_put_replicated``)."""
-    return _on_each(t, devices, lambda d: t.to(d, copy=True))
+    return _on_each(t, devices, lambda d: between_gpus_safe(t, d).to(d, copy=True))
 
 
 def _on_each(
