@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import devices
+from helpers import devices, executor
 from torch.func import grad_and_value
 
 import torchpmap as tp
@@ -209,6 +209,19 @@ def test_backward_inside_compiled_replica():
     # psum's backward is psum of the cotangent: each replica's grad is 4x its own.
     own = torch.stack([2 * (x[r] @ torch.ones(3, 1)).T @ x[r] for r in range(4)]).transpose(1, 2)
     torch.testing.assert_close(eager.unshard(), 4 * own)
+
+
+def test_torch_func_grad_through_a_collective_compiles_per_replica():
+    # Per-replica compiles (the threads executor, and every fallback to it) trace the
+    # collective inside torch.func.grad's level: it must take the functorch-ready path.
+    def f(w, x):
+        return torch.func.grad(lambda w: tp.psum((w * x).sum(), "i") ** 2)(w)
+
+    w, x = torch.ones(2, 3), torch.arange(6.0).reshape(2, 3)
+    with executor("threads"):
+        compiled = tp.pmap(f, "i", compile=dict(backend="aot_eager", fullgraph=True))(w, x)
+    # JAX's rule: psum's cotangent is psummed, so each replica gets 2 * total * 2 * x (total 15).
+    torch.testing.assert_close(compiled.unshard(), 60 * x)
 
 
 def _gradient_penalty(f, x, w):

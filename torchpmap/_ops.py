@@ -99,7 +99,7 @@ def call(name: str, x: Tensor, *args: OpArg) -> Tensor:
     else the registered op inside an autograd.Function (autograd,
     torch.compile and functorch transforms such as torch.func.grad)."""
     if torch.compiler.is_compiling():
-        if _capturing_for_stacking():
+        if _capturing_for_stacking() or _inside_functorch_transform():
             return _opaque_call(name, x, *args)
         # Dynamo traces the op and its registered autograd rule directly.
         return getattr(OPS, name).default(x, *args)
@@ -116,6 +116,14 @@ def _capturing_for_stacking() -> bool:
     """Whether Dynamo traces for the stacked executor (``_stacked``), which runs
     the graph under torch.func.vmap: constant for a trace."""
     return getattr(_stacking, "on", False)
+
+
+@torch._dynamo.assume_constant_result
+def _inside_functorch_transform() -> bool:
+    """Whether Dynamo traces inside a torch.func transform of the function
+    (grad, vjp, jacrev: Dynamo enters their levels while it traces), where the
+    op's registered autograd rule is not functorch-ready but _Collective is."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 @torch._dynamo.allow_in_graph
