@@ -211,6 +211,35 @@ def test_sync_batchnorm_errors():
         tp.pmap(lambda m, x: m(x, torch.ones(3)), "i")(models, torch.randn(N, 2, 5))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_mask_leaving_fewer_than_two_values_keeps_the_running_statistics(momentum):
+    # The last batch of an epoch may hold one sample (or none on this axis): the unbiased
+    # variance is undefined, and the running statistics must stay as they were (finite), not
+    # turn NaN for good; unmasked, the same count raises (test_sync_batchnorm_errors).
+    g = torch.Generator().manual_seed(0)
+    bn = tp.SyncBatchNorm(3, "i", momentum=momentum).double()
+    models = tp.replicate(bn, devices=devices(2))
+    step = tp.pmap(lambda m, x, k: m(x, k), "i")
+    x = torch.randn(2, 2, 3, generator=g, dtype=torch.float64)
+    full = torch.ones(2, 2, dtype=torch.bool)
+    step(models, x, full)  # one ordinary step first
+    mean, var = models[0].running_mean.clone(), models[0].running_var.clone()
+    for mask in ([[True, False], [False, False]], [[False, False], [False, False]]):
+        out = step(models, x, torch.tensor(mask))
+        assert torch.isfinite(out.unshard()).all()
+        for m in models:
+            torch.testing.assert_close(m.running_mean, mean, rtol=0, atol=0)
+            torch.testing.assert_close(m.running_var, var, rtol=0, atol=0)
+            assert int(m.num_batches_tracked) == 1
+    # Two values again: the update is BatchNorm's over those rows.
+    step(models, x, torch.tensor([[True, False], [True, False]]))
+    ref = torch.nn.BatchNorm1d(3, momentum=momentum).double()
+    ref(x.reshape(4, 3))
+    ref(x[:, 0])
+    torch.testing.assert_close(models[1].running_mean, ref.running_mean)
+    torch.testing.assert_close(models[1].running_var, ref.running_var)
+
+
 @pytest.mark.slow
 def test_sync_batchnorm_compiles_fullgraph():
     xs, _ = make_batches(2, N * PER)

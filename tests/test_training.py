@@ -237,7 +237,8 @@ def test_pmean_grads_buckets(monkeypatch):
     real = tp.training.pmean
     monkeypatch.setattr(tp.training, "pmean", lambda x, name: calls.append(x.numel()) or real(x, name))
     model = make_model()
-    n_params = sum(p.numel() for p in model.parameters())
+    # The parameters' gradients and one flag per parameter (whether the replica has its gradient).
+    n_params = sum(p.numel() + 1 for p in model.parameters())
 
     def step(m, x):
         m(x).sum().backward()
@@ -258,6 +259,41 @@ def test_pmean_grads_buckets(monkeypatch):
     models = tp.replicate(make_model(), devices=tp.local_devices()[:2])
     tp.pmap(lambda m, x: step_small(m, x), "i")(models, x)
     assert len(calls) > 2 and sum(calls) == 2 * n_params  # several small buckets
+
+
+def test_pmean_grads_counts_a_gradient_only_some_replicas_have_as_zero_elsewhere():
+    # Replica 0 takes branch a, replica 1 branch b (mixture-of-experts routing): the flat
+    # buffers must not pair a's gradient with b's, and both replicas end with both averages.
+    class TwoBranches(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(2, 2, bias=False)
+            self.b = torch.nn.Linear(2, 2, bias=False)
+            self.unused = torch.nn.Linear(2, 2, bias=False)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else self.b(x)
+
+    torch.manual_seed(0)
+    model = TwoBranches()
+    devs = devices(2)
+    models = tp.replicate(model, devices=devs)
+
+    def step(m, x):
+        m(x).sum().backward()
+        tp.pmean_grads(m, "i")
+        return torch.zeros(())
+
+    x = torch.stack([torch.ones(1, 2), -torch.ones(1, 2)])
+    with helpers.executor("threads"):
+        tp.pmap(step, "i", devices=devs)(models, x)
+    ref = TwoBranches()
+    ref.load_state_dict(model.state_dict())
+    (ref.a(x[0]).sum() / 2 + ref.b(x[1]).sum() / 2).backward()
+    for m in models:
+        torch.testing.assert_close(m.a.weight.grad, ref.a.weight.grad)
+        torch.testing.assert_close(m.b.weight.grad, ref.b.weight.grad)
+        assert m.unused.weight.grad is None  # no replica has it: left alone
 
 
 def step_small(m, x):

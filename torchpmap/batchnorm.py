@@ -39,7 +39,10 @@ class SyncBatchNorm(_BatchNorm):
 
     ``forward(input, mask=None)``: ``mask`` (shape ``(N,)``, bool or 0/1, as
     ``shard_batch(..., pad=True)`` returns it per replica) leaves the rows where
-    it is false out of the statistics; those rows are still normalised.
+    it is false out of the statistics; those rows are still normalised. A
+    batch whose mask leaves at most one value per channel over the axis (the
+    last batch of an epoch with one sample) leaves the running statistics as
+    they were: the unbiased variance needs two values. Unmasked, that raises.
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class SyncBatchNorm(_BatchNorm):
             )
         mean, var, count = self._global_moments(input, mask)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, count)
+            self._update_running_stats(mean, var, count, masked=mask is not None)
         return self._normalise(input, mean, var)
 
     def _global_moments(
@@ -97,22 +100,43 @@ class SyncBatchNorm(_BatchNorm):
             local_sum = (x * weights).sum(dims)
         totals = psum(torch.cat([local_sum, local_count]), self.axis_name)
         count = totals[-1]
-        mean = totals[:-1] / count
+        # A mask may leave no row at all: moments of zero (not 0/0), so that padding rows
+        # come out finite and a masked loss over them gives zero gradients, not NaN.
+        divisor = count if weights is None else count.clamp(min=1)
+        mean = totals[:-1] / divisor
         deviations = (x - _per_channel(mean, x)).square()
         if weights is not None:
             deviations = deviations * weights
-        var = psum(deviations.sum(dims), self.axis_name) / count
+        var = psum(deviations.sum(dims), self.axis_name) / divisor
         return mean, var, count
 
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor) -> None:
+    def _update_running_stats(
+        self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, *, masked: bool
+    ) -> None:
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-            unbiased = var * count / (count - 1)
-            self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
-            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
+            if not masked:
+                self.num_batches_tracked.add_(1)
+                self._blend_running_stats(mean, var * count / (count - 1))
+                return
+            # Unmasked, fewer than two values raise (_check_enough_values); a mask's count is only
+            # known on the device, so a batch that leaves at most one value per channel (the last
+            # batch of an epoch holding one sample) leaves the running statistics as they were,
+            # instead of making the unbiased variance inf or NaN for good. No host sync.
+            enough = count > 1
+            old_mean, old_var = self.running_mean.clone(), self.running_var.clone()
+            self.num_batches_tracked.add_(enough.to(self.num_batches_tracked.dtype))
+            self._blend_running_stats(mean, var * count / (count - 1).clamp(min=1))
+            self.running_mean.copy_(torch.where(enough, self.running_mean, old_mean))
+            self.running_var.copy_(torch.where(enough, self.running_var, old_var))
+
+    def _blend_running_stats(self, mean: torch.Tensor, unbiased: torch.Tensor) -> None:
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        factor = 1.0 / max(1.0, float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype) * factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype) * factor)
 
     def _normalise(self, input: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         x = input.float() if input.dtype in _LOW_PRECISION else input

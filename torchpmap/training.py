@@ -284,11 +284,31 @@ def pmean_grads(
 
     Gradients are flattened into buckets of about ``bucket_mb`` MB per dtype and
     device, so a model with hundreds of parameters costs a handful of
-    collectives. Every replica ends with bit-identical gradients.
+    collectives. Every replica ends with bit-identical gradients. A parameter
+    that has no gradient on some replicas (a branch they did not take) counts
+    as a zero gradient there, as in JAX, and every replica gets the average;
+    one that has none on any replica keeps ``grad`` None.
     """
     if isinstance(params, torch.nn.Module):
         params = params.parameters()
-    _pmean_in_place([p.grad for p in params if p.grad is not None], axis_name, bucket_mb)
+    params = [p for p in params if p.requires_grad or p.grad is not None]
+    if not params:
+        return
+    missing = [i for i, p in enumerate(params) if p.grad is None]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    # Which parameters have a gradient here, averaged along with the gradients: the
+    # flat buffers pair the same parameters on every replica, and a replica learns
+    # which gradients the others have without a collective of its own.
+    like = grads[0]  # in its dtype, it joins the first gradients' bucket
+    present = torch.ones(len(params), dtype=like.dtype if like.is_floating_point() else None, device=like.device)
+    for i in missing:
+        present[i] = 0.0
+    _pmean_in_place([*grads, present], axis_name, bucket_mb)
+    if missing:
+        anywhere = present.tolist()
+        for i in missing:
+            if anywhere[i] > 0:
+                params[i].grad = grads[i]
 
 
 def pmean_buffers(module: torch.nn.Module, axis_name: AxisName, *, bucket_mb: float = 25.0) -> None:
