@@ -296,6 +296,18 @@ def test_pmean_grads_counts_a_gradient_only_some_replicas_have_as_zero_elsewhere
         assert m.unused.weight.grad is None  # no replica has it: left alone
 
 
+def test_pmean_grads_names_a_sparse_gradient():
+    models = tp.replicate(torch.nn.Embedding(5, 2, sparse=True), devices=devices(2))
+
+    def step(m, idx):
+        m(idx).sum().backward()
+        tp.pmean_grads(m, "i")
+        return torch.zeros(())
+
+    with pytest.raises(TypeError, match="pmean_grads: parameter 'weight' has a torch.sparse_coo gradient"):
+        tp.pmap(step, "i", devices=devices(2))(models, torch.tensor([[0, 1], [1, 2]]))
+
+
 def step_small(m, x):
     m(x).sum().backward()
     tp.pmean_grads(m, "i", bucket_mb=100 / 2**20)  # ~100 bytes a bucket

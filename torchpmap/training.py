@@ -289,9 +289,14 @@ def pmean_grads(
     as a zero gradient there, as in JAX, and every replica gets the average;
     one that has none on any replica keeps ``grad`` None.
     """
-    if isinstance(params, torch.nn.Module):
-        params = params.parameters()
-    params = [p for p in params if p.requires_grad or p.grad is not None]
+    named = list(params.named_parameters()) if isinstance(params, torch.nn.Module) else list(enumerate(params))
+    for name, p in named:
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise TypeError(
+                f"pmean_grads: parameter {name!r} has a {p.grad.layout} gradient (nn.Embedding(sparse=True), "
+                f"say); pmean_grads averages dense gradients: use sparse=False, or pmean that gradient yourself"
+            )
+    params = [p for _, p in named if p.requires_grad or p.grad is not None]
     if not params:
         return
     missing = [i for i, p in enumerate(params) if p.grad is None]
