@@ -10,6 +10,7 @@ from helpers import expect_error, pmap_k
 from torch.autograd import forward_ad as fwAD
 
 import torchpmap as tp
+from torchpmap import _config
 
 N, CALLS = 8, 25  # one call in three went wrong before: 25 calls of 8 replicas always showed it
 
@@ -54,8 +55,10 @@ def test_a_collective_of_the_tangents_after_jvp():
 
 
 @pytest.mark.timing
-@pytest.mark.parametrize("where", ["jvp", "dual_level"])
-def test_a_collective_inside_a_forward_ad_region_raises_at_once(where):
+# Compiled, Dynamo traces a dual_level region into the graph (no runtime levels): the
+# collective works there; a jvp breaks the graph and runs eager, as on the threads.
+@pytest.mark.parametrize(("where", "compiled"), [("jvp", False), ("dual_level", False), ("jvp", True)])
+def test_a_collective_inside_a_forward_ad_region_raises_at_once(where, compiled, monkeypatch):
     def in_jvp(r):
         return torch.func.jvp(lambda v: tp.psum(v, "i"), (r,), (r,))[1]
 
@@ -66,8 +69,15 @@ def test_a_collective_inside_a_forward_ad_region_raises_at_once(where):
 
     f = {"jvp": in_jvp, "dual_level": in_dual_level}[where]
     tp.set_executor("threads")  # the stacked executor falls back to it for jvp
-    err, seconds = expect_error(pmap_k(f, 4), _x()[:4], kind=RuntimeError)
-    assert "all_reduce" in str(err) and "inside torch.func.jvp" in str(err) and "lockstep" in str(err)
+    # Compiled, a replica in eager code between graphs holds the compile gate; it must not wait
+    # for the forward-AD gate while holding it (both waited until the collective timeout).
+    monkeypatch.setattr(_config, "_timeout", _config._timeout)  # restored after the test
+    tp.set_collective_timeout(30)
+    options = dict(compile=dict(backend="aot_eager")) if compiled else {}
+    pf = pmap_k(f, 4, **options)
+    for _ in range(2):  # the first call compiles
+        err, seconds = expect_error(pf, _x()[:4], kind=RuntimeError, deadline=60)
+        assert "all_reduce" in str(err) and "inside torch.func.jvp" in str(err) and "lockstep" in str(err)
     assert seconds < 5.0
     # The gate was let go: forward AD works in replicas again.
     torch.testing.assert_close(

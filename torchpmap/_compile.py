@@ -98,6 +98,10 @@ class DynamoGate:
     def held(self) -> bool:
         return getattr(self._tls, "held", False)
 
+    def compiling_here(self) -> bool:
+        """Whether this thread holds the gate and Dynamo is compiling (only the holder compiles)."""
+        return self.held() and self._compiling
+
     def enter(self) -> None:
         if not self._lock.acquire(blocking=False):
             self._wait()

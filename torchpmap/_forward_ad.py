@@ -56,7 +56,7 @@ def _entering(original: Callable[..., Any]) -> Callable[..., Any]:
     def enter(*args: Any, **kwargs: Any) -> Any:
         if not getattr(_tls, "worker", False):
             return original(*args, **kwargs)
-        _GATE.acquire()
+        _acquire_gate()
         _tls.depth += 1
         try:
             return original(*args, **kwargs)
@@ -67,6 +67,27 @@ def _entering(original: Callable[..., Any]) -> Callable[..., Any]:
 
     enter.__torchpmap_gated__ = True  # type: ignore[attr-defined]
     return enter
+
+
+def _acquire_gate() -> None:
+    """Take ``_GATE``, never waiting for it while holding the compile gate in
+    eager code (between a compiled pmap's graphs): the replica inside its
+    forward-AD region may need the compile gate for its next compiled frame,
+    and both would wait until the collective timeout. Dynamo enters a jvp
+    level while it traces too: then the compile gate stays held (the holder
+    is compiling, and nobody may enter Dynamo meanwhile)."""
+    if _GATE.acquire(blocking=False):
+        return
+    from ._compile import DYNAMO_GATE  # _compile imports much of the package
+
+    paused = not DYNAMO_GATE.compiling_here() and DYNAMO_GATE.pause()
+    _GATE.acquire()
+    if paused:
+        try:
+            DYNAMO_GATE.enter()
+        except BaseException:
+            _GATE.release()
+            raise
 
 
 def _leaving(original: Callable[..., Any]) -> Callable[..., Any]:
