@@ -836,3 +836,49 @@ def test_a_view_of_an_input_stacking_copied_falls_back_with_the_threads_numbers_
         results[how] = (dropped.unshard(), torch.rand(1))
     assert torch.equal(results["threads"][0], results["stacked"][0])
     assert torch.equal(results["threads"][1], results["stacked"][1])  # the caller's generator too
+
+
+# -- one tensor reaching the function twice -------------------------------------------------------
+_CLOSED = torch.zeros(1)  # rebound by the closure case
+
+
+def _twice_calls(case):
+    """Per case: the pmapped function and its calls, aliased twice, then with two tensors."""
+    global _CLOSED
+    t, a, b = torch.ones(4, 3), torch.ones(4, 3), torch.zeros(4, 3) + 5
+    if case == "positional":
+        f = tp.pmap(lambda x, y: x * 2 + y * 3)
+        return f, [(t, t), (t, t), (a, b)]
+    if case == "in_place":
+
+        def g(x, y):
+            x.add_(1)
+            return x * 10 + y
+
+        return tp.pmap(g), [(t, t), (t, t), (a, b)]
+    if case == "tied_dict":
+        f = tp.pmap(lambda p: p["enc"] * 2 + p["dec"] * 3)
+        return f, [({"enc": t, "dec": t},), ({"enc": t, "dec": t},), ({"enc": a, "dec": b},)]
+    if case == "mapped_and_broadcast":
+        f = tp.pmap(lambda x, w: x * 2 + w.sum(0) * 3, in_axes=(0, None))
+        return f, [(t, t), (t, t), (a, b)]
+    assert case == "closure"
+    _CLOSED = t
+    f = tp.pmap(lambda x: x * 2 + _CLOSED.sum(0) * 3)
+    return f, [(t,), (t,), (a,)]
+
+
+@pytest.mark.parametrize("case", ["positional", "in_place", "tied_dict", "mapped_and_broadcast", "closure"])
+def test_one_tensor_reaching_the_function_twice_is_two_inputs_of_the_capture(case):
+    # make_fx bound the one buffer to one graph input: the capture read the first input for
+    # both, then and in every later call with two tensors (found by a differential hunt).
+    results = {}
+    for name in ("threads", "stacked"):
+        with executor(name, allow_fallback=True):
+            f, calls = _twice_calls(case)
+            outs = [f(*args) for args in calls]
+            results[name] = [o.unshard() for o in outs] + [
+                v.clone() for args in calls[-1:] for v in torch.utils._pytree.tree_leaves(args)
+            ]
+    for got, want in zip(results["stacked"], results["threads"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

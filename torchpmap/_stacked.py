@@ -477,7 +477,7 @@ def _backend(
         stored = _escapes.stored_replica_tensor([t for t in state.keep if id(t) in state.stacked_of])
         if stored is not None:
             raise Unsupported(_escapes.refusal(stored))
-        examples = [state.stacked_of.get(id(e), e) for e in example_inputs]
+        examples = _distinct_objects([state.stacked_of.get(id(e), e) for e in example_inputs])
         _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
         sites = _stacked_random.route_random_ops(gm)
         if sites and compiler is not None:
@@ -495,6 +495,23 @@ def _backend(
         return result
 
     return backend
+
+
+def _distinct_objects(examples: list[Any]) -> list[Any]:
+    """``examples`` with a tensor that comes again replaced by a view of it: make_fx
+    binds a tensor object to one graph input, so one buffer standing for two
+    inputs (``f(t, t)``, tied weights, a mapped input the function also closes
+    over) left the first input unread, and later calls with two tensors read
+    the second for both."""
+    seen: set[int] = set()
+    out = []
+    for e in examples:
+        if isinstance(e, torch.Tensor):
+            if id(e) in seen:
+                e = e.view(e.shape)
+            seen.add(id(e))
+        out.append(e)
+    return out
 
 
 @dataclass
