@@ -534,3 +534,22 @@ def test_saved_tensor_hooks_around_a_stacked_call_and_its_backward():
             packed.clear()
             pf(rows(N, 3).requires_grad_())
             assert packed
+
+
+@pytest.mark.parametrize("name", ["stacked", "auto"])
+def test_requires_grad_set_on_a_stacked_sharded_tensor_reaches_its_shards(name):
+    # device_put_sharded's shards are rows of one buffer; requires_grad_() makes the shards
+    # leaves that require grad, not the buffer: the stacked call ran on the buffer, and the
+    # gradients never reached the shards (found by a differential hunt).
+    devs = tp.devices()[:4]
+    f = tp.pmap(lambda x, w: (x * x * w).sum(), in_axes=(0, None), devices=devs)
+    w = torch.ones(3, requires_grad=True)
+    with executor(name, allow_fallback=True):
+        for _ in range(3):
+            x = tp.device_put_sharded([torch.arange(3.0) + i for i in range(4)], devs)
+            x.requires_grad_(True)
+            out = f(x, w)
+            assert out.requires_grad
+            out.sum().backward()
+            for i, s in enumerate(x.shards):
+                torch.testing.assert_close(s.grad, 2 * (torch.arange(3.0) + i))

@@ -921,6 +921,8 @@ def _still_views_of(
             s = shards[i]
             if s.device != device or s.dtype != dtype or s.stride() != stride or s.shape != shape:
                 return False
+            if s.requires_grad != buffer.requires_grad:  # requires_grad_() on the shards: autograd must see them
+                return False
             try:
                 if s.data_ptr() != address + row * step:
                     return False
@@ -952,8 +954,8 @@ def _stacked_view(shards: Sequence[torch.Tensor]) -> torch.Tensor | None:
         source = first._base
         if any(s._base is not source for s in shards):
             source = None
-    if source is None:  # no tensor that autograd connects to every shard
-        return None
+    if source is None or any(s.requires_grad != source.requires_grad for s in shards):
+        return None  # no tensor that autograd connects to every shard
     try:
         view = source.as_strided((len(shards), *first.shape), (step, *stride), offset)
     except RuntimeError:  # past the end of the storage
