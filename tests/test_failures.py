@@ -146,6 +146,8 @@ BAD_ARGUMENTS = {
     "groups empty group": (lambda x: tp.pmean(x, "i", axis_index_groups=[[0, 1, 2, 3], []]), "exactly once"),
     "groups no groups": (lambda x: tp.psum(x, "i", axis_index_groups=[]), "exactly once"),
     "groups not nested": (lambda x: tp.psum(x, "i", axis_index_groups=[0, 1, 2, 3]), "list of lists"),
+    "groups a string": (lambda x: tp.psum(x, "i", axis_index_groups="ab"), "list of lists of ints"),
+    "groups of floats": (lambda x: tp.psum(x, "i", axis_index_groups=[[0, 1.5], [2, 3]]), "list of lists of ints"),
     "groups unequal all_gather": (lambda x: tp.all_gather(x, "i", axis_index_groups=[[0, 1, 2], [3]]), "same size"),
     "groups unequal all_to_all": (
         lambda x: tp.all_to_all(x, "i", 0, 0, tiled=True, axis_index_groups=[[0], [1, 2, 3]]),
@@ -165,6 +167,19 @@ def test_bad_arguments_raise_clear_value_errors(case):
     assert re.search(message, str(err)), str(err)
     assert "replica" in notes(err)
     assert seconds < FAST
+
+
+@pytest.mark.parametrize("devices", ["cpu:0", torch.device("cpu", 0), 0])
+def test_devices_that_are_not_a_list_are_named(devices):
+    with pytest.raises(TypeError, match=r"pmap: devices must be a list of devices, got .*for one device pass \["):
+        tp.pmap(lambda x: x, devices=devices)(torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_replica_returning_none_where_the_others_return_a_tensor(which):
+    f = pmap_k(lambda x: None if int(tp.axis_index("i")) == which else x, 2)
+    with pytest.raises(ValueError, match="replicas returned different output structures: at out replica 0 returned"):
+        f(torch.ones(2, 3))
 
 
 def test_non_tensor_leaves_raise_type_error():
@@ -248,6 +263,39 @@ def test_first_failing_replica_wins_over_cancellations():
 
     err, _ = expect_error(pmap_k(f, 8), torch.ones(8, 2), kind=IndexError)
     assert str(err) == "six" and "replica 6" in notes(err)
+
+
+def test_a_replica_wrapping_its_cancellation_does_not_hide_the_failure():
+    # Replica 0 catches the ReplicaAbortedError (a retry or logging wrapper) and raises its
+    # own error from it: the caller must still get replica 2's original exception.
+    class StepFailed(RuntimeError):
+        pass
+
+    def f(v):
+        try:
+            if int(tp.axis_index("i")) == 2:
+                raise ValueError("the real failure")
+            return tp.psum(v, "i")
+        except tp.errors.ReplicaAbortedError as e:
+            raise StepFailed("step failed") from e
+
+    err, seconds = expect_error(pmap_k(f, 4), torch.ones(4, 2), kind=ValueError)
+    assert str(err) == "the real failure" and "replica 2" in notes(err)
+    assert seconds < FAST
+
+
+def test_a_failure_whose_message_cannot_be_formatted_still_reaches_the_caller():
+    class BadStr(Exception):
+        def __str__(self):
+            raise RuntimeError("str fails")
+
+    def f(v):
+        if int(tp.axis_index("i")) == 1:
+            raise BadStr()
+        return tp.psum(v, "i")
+
+    err, _ = expect_error(pmap_k(f, 4), torch.ones(4, 2), kind=BadStr)
+    assert "replica 1" in notes(err)
 
 
 def test_replica_raises_in_backward_through_pmap():

@@ -428,7 +428,16 @@ class ThreadRendezvous(Communicator):
                 raise failure
             raise type(failure)(*failure.args)
         who = "the caller gave up on the call" if self._failed_rank == -1 else f"replica {self._failed_rank} failed"
-        raise ReplicaAbortedError(f"collective cancelled: {who} with {type(failure).__name__}: {failure}")
+        raise ReplicaAbortedError(f"collective cancelled: {who} with {type(failure).__name__}: {_text(failure)}")
+
+
+def _text(e: BaseException) -> str:
+    """``str(e)``, or a stand-in when the exception cannot say it: this message
+    must not replace the failure it reports."""
+    try:
+        return str(e)
+    except Exception:
+        return "(its message could not be formatted)"
 
 
 # What a replica brings: its signature, its input, and its current CUDA stream

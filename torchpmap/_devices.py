@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -208,6 +208,11 @@ def as_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[to
     than once: its replicas share it (more replicas than devices). Whether each
     is one of this process's devices is ``check_local``'s job: until the first
     use, set_cpu_device_count and distributed.initialize may still change the list."""
+    if isinstance(devices, (str, int, torch.device)) or not isinstance(devices, Iterable):
+        raise TypeError(
+            f"{fn}: devices must be a list of devices, got {type(devices).__name__} {devices!r}; "
+            f"for one device pass [{devices!r}]"
+        )
     out = tuple(_as_device(d, f"{fn}: devices[{i}]") for i, d in enumerate(devices))
     if not out:
         raise ValueError(f"{fn}: devices must not be empty")

@@ -701,6 +701,13 @@ class Pmapped:
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             values = [f[0][j] for f in flat]
+            none = values[0] is None
+            odd = next((r for r, v in enumerate(values) if (v is None) != none), None)
+            if odd is not None:  # None is an empty output (as in JAX): the structures differ
+                raise ValueError(
+                    f"pmap: replicas returned different output structures: at {plan.paths[j]} replica 0 returned "
+                    f"{type(values[0]).__name__} but replica {odd} returned {type(values[odd]).__name__}"
+                )
             if axis is None:
                 result.append(_check_replicated(values, plan.paths[j]))
             else:

@@ -490,10 +490,23 @@ def _root_cause(
     """The exception the caller should see: the first replica's own failure,
     not the cancellations it caused in the others."""
     ranked = [(r, e) for r, e in enumerate(errors) if e is not None]
-    own = [(r, e) for r, e in ranked if not isinstance(e, ReplicaAbortedError)]
+    own = [(r, e) for r, e in ranked if not _follows_an_abort(e)]
     rank, err = (own or ranked)[0]
     _add_note(err, f"(raised in pmap replica {first_index + rank} on device {devices[rank]})")
     return err
+
+
+def _follows_an_abort(e: BaseException) -> bool:
+    """Whether ``e`` is a cancellation another replica's failure caused, or was
+    raised while handling one (a replica that wraps the ReplicaAbortedError)."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ReplicaAbortedError):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _worker_on_thread(ident: int) -> _Worker | None:

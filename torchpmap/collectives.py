@@ -11,6 +11,7 @@ communication itself is one of the five custom ops in ``_ops``.
 from __future__ import annotations
 
 import numbers
+import operator
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, cast
 
@@ -56,7 +57,7 @@ def _groups(axis_index_groups: AxisIndexGroups, size: int, fn: str, equal_sizes:
     if axis_index_groups is None:
         return [], size
     try:
-        groups = [[int(i) for i in g] for g in axis_index_groups]
+        groups = [[operator.index(i) for i in g] for g in axis_index_groups]
     except TypeError:
         raise ValueError(
             f"{fn}: axis_index_groups must be a list of lists of ints, got {axis_index_groups!r}"
