@@ -1,5 +1,7 @@
 """pmap(..., compile=...): torch.compile per device, warmed up once."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import devices, executor
@@ -294,3 +296,31 @@ def test_module_idiom_compiles_per_replica_without_falling_back(sixteen_devices)
     logging.getLogger("torch._dynamo").removeHandler(handler)
     assert hits == []  # Dynamo never gave up and fell back to eager
     torch.testing.assert_close(results["compiled"], results["eager"])
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked", "lockstep"])
+def test_compiled_replicas_whose_arguments_share_memory_write_as_eager_does(name):
+    # f(t, t) gives each replica two views of the caller's t: AOTAutograd merged them into their
+    # common base (all of t, every replica's rows) and wrote it back whole after the in-place
+    # add, over the other replicas' rows; lockstep's compiled segments read y before x's write.
+    def g(x, y):
+        x.add_(1)
+        return x * 10 + y
+
+    def run(**kwargs):
+        t, a, b = torch.ones(4, 3), torch.ones(4, 3), torch.full((4, 3), 5.0)
+        f = tp.pmap(g, **kwargs)
+        outs = [f(t, t).unshard(), f(t, t).unshard(), f(a, b).unshard()]
+        return outs + [t, a, b]
+
+    with executor("threads"):
+        want = run()
+    with executor(name, allow_fallback=True):
+        got = run(compile=dict(backend="aot_eager"))
+    for w, g_ in zip(want, got):
+        torch.testing.assert_close(g_, w, rtol=0, atol=0)
+    disjoint = torch.ones(4, 6)  # views of one tensor that share no memory stay compiled
+    with executor("threads"), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tp.pmap(g, compile=dict(backend="aot_eager"))(disjoint[:, :3], disjoint[:, 3:])
+    assert disjoint[:, :3].eq(2).all() and disjoint[:, 3:].eq(1).all()

@@ -21,10 +21,12 @@ import inspect
 import threading
 import time
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from . import _config, _random
 from .errors import CollectiveTimeoutError, CompileError
@@ -224,6 +226,7 @@ class CompiledReplicas:
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
+        self._warned_aliasing: list[bool] = []  # said once per function that aliased calls run eagerly
         _track_compiles()
 
     def programs(
@@ -263,8 +266,23 @@ class CompiledReplicas:
             recompile_limit=torch._dynamo.config.recompile_limit + 4 * n,
         )
         name, where, fun = self._fun_name, device, self._fun
+        warned = self._warned_aliasing
 
         def run(*args: Any, **kwargs: Any) -> Any:
+            if views_sharing_a_base(args, kwargs):
+                # AOTAutograd would merge them into their common base (the caller's whole
+                # tensor, every replica's rows) and write all of it back after a mutation,
+                # over the other replicas' rows: eager runs them as PyTorch does.
+                if not warned:
+                    warned.append(True)
+                    warnings.warn(
+                        f"torchpmap: pmap of {name} with compile=: two arguments of a replica are views of "
+                        f"one tensor (the same tensor passed twice, or mapped and also passed whole); such "
+                        f"calls run eagerly",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
                 with _random.hidden_from_dynamo():
@@ -285,6 +303,28 @@ class CompiledReplicas:
                 DYNAMO_GATE.exit()
 
         return run
+
+
+def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether two distinct tensor arguments that share memory are views of
+    one base (or one is the other's base): a mapped argument's slices are views
+    of the caller's tensor. The same tensor object twice is fine (Dynamo makes
+    it one input), and so are views that do not overlap (AOTAutograd keeps
+    them apart)."""
+    leaves = {id(v): v for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)}
+    groups: dict[int, list[torch.Tensor]] = {}
+    for v in leaves.values():
+        if v._base is not None:
+            groups.setdefault(id(v._base), []).append(v)
+    if not groups:
+        return False
+    from ._sharded import pairs_sharing_memory  # _sharded imports much of the package
+
+    for base, views in groups.items():
+        members = views + [leaves[base]] if base in leaves else views
+        if len(members) > 1 and next(pairs_sharing_memory(members), None) is not None:
+            return True
+    return False
 
 
 def _user_exception_while_tracing(e: BaseException | None) -> bool:

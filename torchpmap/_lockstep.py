@@ -44,7 +44,7 @@ from . import _escapes, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import Backend, requested_backend
+from ._compile import Backend, requested_backend, views_sharing_a_base
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
@@ -117,6 +117,7 @@ class _Plan:
     slots: int
     inputs: int
     outputs: tuple[int | None, ...]  # the graph's outputs (None: a None output)
+    compiled: bool = False  # compile=: its segments were compiled for inputs that share no memory
 
 
 class _PlanBuilder:
@@ -152,7 +153,8 @@ class _PlanBuilder:
             else:
                 self.pending.append(node)
         inputs = sum(1 for n in self.gm.graph.nodes if n.op == "placeholder")
-        return _Plan(tuple(self.steps), self._dead_after(outputs), len(self.slot), inputs, outputs)
+        compiled = self.compiler is not None
+        return _Plan(tuple(self.steps), self._dead_after(outputs), len(self.slot), inputs, outputs, compiled)
 
     def _new_slot(self, node: torch.fx.Node) -> int:
         self.slot[node] = len(self.slot)
@@ -367,6 +369,11 @@ class _Program:
             if len(args) != self.plan.inputs:
                 raise Unsupported("the captured graph takes other inputs than Dynamo gives it")
             per_input = [self._replicas(state, a, n) for a in args]
+            if self.plan.compiled and any(views_sharing_a_base(tuple(v[r] for v in per_input), {}) for r in range(n)):
+                raise Unsupported(
+                    "compile= with two inputs of a replica that share memory (the same tensor passed twice, or "
+                    "mapped and also whole): the compiled segments assume they do not"
+                )
         except Unsupported as e:
             state.refused = e
             raise

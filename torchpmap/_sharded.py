@@ -833,7 +833,7 @@ def _overlapping_shards(shards: Sequence[torch.Tensor]) -> tuple[int, int] | Non
     for i, s in enumerate(shards):
         if torch._debug_has_internal_overlap(s) == 1:  # 1: MemOverlap::Yes
             return i, i
-    return next(_pairs_sharing_memory(shards), None)
+    return next(pairs_sharing_memory(shards), None)
 
 
 def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
@@ -851,7 +851,7 @@ def distinct_shards(shards: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
         return shards
     if len(set(storages)) == len(storages):  # the common case: every shard has its own storage
         return shards
-    shared = {k for pair in _pairs_sharing_memory(shards) for k in pair}
+    shared = {k for pair in pairs_sharing_memory(shards) for k in pair}
     if not shared:
         return shards
     return [s.clone() if k in shared else s for k, s in enumerate(shards)]
@@ -972,7 +972,7 @@ def _storage_key(t: torch.Tensor) -> int | None:
     return None if storage is None else int(storage._cdata)
 
 
-def _pairs_sharing_memory(shards: Sequence[torch.Tensor]) -> Iterator[tuple[int, int]]:
+def pairs_sharing_memory(shards: Sequence[torch.Tensor]) -> Iterator[tuple[int, int]]:
     """Every pair (i, j), i < j, of shards that share an element. A sweep over
     the shards' address ranges in order: only ranges that overlap need the
     element-wise check (interleaved views overlap in range only)."""
