@@ -979,3 +979,27 @@ def test_ops_under_inference_mode(made_in_inference_mode):
             op(st)
             op(plain)
             torch.testing.assert_close(st.unshard(), plain)
+
+
+# -- autograd acts on the shards ------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["register_hook", "retain_grad", "register_post_accumulate_grad_hook"])
+def test_hooks_on_a_sharded_tensor_raise_instead_of_never_running(method):
+    # The shards carry autograd, not the wrapper: a hook on it was accepted and never ran.
+    x = torch.ones(4, 2, requires_grad=True)
+    y = tp.pmap(lambda v: v * 3)(x)
+    args = () if method == "retain_grad" else (lambda g: g * 10,)
+    with pytest.raises(RuntimeError, match=f"ShardedTensor.{method}: its shards carry autograd"):
+        getattr(y, method)(*args)
+
+
+def test_reading_grad_of_a_sharded_tensor_whose_shards_have_gradients_raises():
+    # torch.optim.SGD([st]) read st.grad as None and silently skipped every step.
+    devs = tp.devices()[:4]
+    params = tp.device_put_sharded([torch.full((3,), float(i)) for i in range(4)], devs)
+    params.requires_grad_()
+    assert params.grad is None  # no gradient anywhere yet
+    opt = torch.optim.SGD([params], lr=0.1)
+    tp.pmap(lambda p: (p * p).sum(), devices=devs)(params).sum().backward()
+    with pytest.raises(RuntimeError, match=r"ShardedTensor.grad: the gradients are on its shards"):
+        opt.step()
+    torch.testing.assert_close(params.shards[1].grad, torch.full((3,), 2.0))

@@ -553,3 +553,27 @@ def test_requires_grad_set_on_a_stacked_sharded_tensor_reaches_its_shards(name):
             out.sum().backward()
             for i, s in enumerate(x.shards):
                 torch.testing.assert_close(s.grad, 2 * (torch.arange(3.0) + i))
+
+
+def test_hooks_on_a_closed_over_tensor_raise_on_the_threads_and_run_once_stacked():
+    # On the threads each replica differentiates at the closed-over w, and the caller's backward
+    # reaches it again: its hook ran once per replica and once more (w.grad scaled too often).
+    w = torch.ones(3, requires_grad=True)
+    calls = []
+    w.register_hook(lambda g: calls.append(1) or g * 0.5)
+    f = tp.pmap(lambda x: x * w)
+    with executor("threads"), pytest.raises(RuntimeError, match="closes over a tensor .* autograd hooks"):
+        f(torch.ones(4, 3)).sum().backward()
+    for name in ("stacked", "threads"):
+        with executor(name):
+            w.grad, calls[:] = None, []
+            # as an argument every replica shares, the hook runs once on the summed gradient
+            g = tp.pmap(lambda x, v: x * v, in_axes=(0, None))
+            g(torch.ones(4, 3), w).sum().backward()
+            torch.testing.assert_close(w.grad, torch.full((3,), 2.0))
+            assert len(calls) == 1
+    with executor("stacked"):
+        w.grad, calls[:] = None, []
+        f(torch.ones(4, 3)).sum().backward()
+        torch.testing.assert_close(w.grad, torch.full((3,), 2.0))
+        assert len(calls) == 1

@@ -92,11 +92,25 @@ def _hide_replica_graphs(
     for r, per in enumerate(outputs):
         captured = _captured_leaves(per, leaves[r], reached)
         if captured:
+            _refuse_hooks(captured)
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
     graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams)
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
+
+
+def _refuse_hooks(captured: list[torch.Tensor]) -> None:
+    """Each replica differentiates its graph at the closed-over tensors, and
+    the caller's backward reaches them again: their tensor hooks (and
+    retain_grad) would run once per replica and once more."""
+    for t in captured:
+        if getattr(t, "_backward_hooks", None) or t.retains_grad:
+            raise RuntimeError(
+                f"pmap: the function closes over a tensor of shape {tuple(t.shape)} that has autograd hooks (or "
+                f"retain_grad); on the threads executor they would run in every replica and once more. Pass the "
+                f"tensor as an argument (in_axes=None for one every replica shares) instead"
+            )
 
 
 def _captured_leaves(

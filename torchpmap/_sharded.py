@@ -389,6 +389,14 @@ class ShardedTensor(torch.Tensor):
         name = getattr(func, "__name__", None)
         if name == "__get__" and _attribute_name(func) == "data":
             return _data(args[0])
+        if func in _HOOKS:
+            raise RuntimeError(
+                f"ShardedTensor.{name}: its shards carry autograd, not the ShardedTensor, so the hook would never "
+                f"run: use it on each of x.shards (each shard's gradient), or compute from full = x.unshard() and "
+                f"use it on full (the whole tensor's gradient)"
+            )
+        if name == "__get__" and _attribute_name(func) == "grad":
+            return _grad_of(args[0])
         if name == "__get__" and _attribute_name(func) in _VIEW_ATTRIBUTES:
             # On the full tensor, so that the view it gives can be guarded.
             return _call_on_full_tensors(func, args, kwargs, f".{_attribute_name(func)}")
@@ -440,6 +448,29 @@ def _op_name(func: Callable[..., Any]) -> str:
 def _tensor_attribute(name: str) -> Any:
     """Tensor's own descriptor for attribute ``name`` (its __get__ and __set__)."""
     return torch._C.TensorBase.__dict__[name]
+
+
+# Autograd hooks and retain_grad act on the tensor autograd records, which a
+# ShardedTensor is not: its shards are.
+_HOOKS = {
+    torch.Tensor.register_hook,
+    torch.Tensor.retain_grad,
+    getattr(torch.Tensor, "register_post_accumulate_grad_hook", torch.Tensor.register_hook),
+}
+
+
+def _grad_of(st: ShardedTensor) -> torch.Tensor | None:
+    """``st.grad``: the wrapper's own (None), unless its shards have gradients,
+    which nothing would see there (an optimizer over ``[st]`` would skip it)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        own = st.grad
+    views = st._shard_views if st._shard_views is not None else ()
+    if own is None and any(s.grad is not None for s in views):
+        raise RuntimeError(
+            "ShardedTensor.grad: the gradients are on its shards (x.shards[i].grad), not on the ShardedTensor; "
+            "optimize the shards (torch.optim.SGD(x.shards, ...)), or update x from them under torch.no_grad()"
+        )
+    return own
 
 
 def _attribute_name(descriptor_method: Callable[..., Any]) -> str:
