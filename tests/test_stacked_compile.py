@@ -1,6 +1,8 @@
 """compile= under the stacked executor: one compiled program over the batched
 graph computes every replica, with the eager threads executor's results."""
 
+import warnings
+
 import pytest
 import torch
 from helpers import assert_same_bits, devices, executor, rows
@@ -232,6 +234,22 @@ def test_autograd_through_a_compiled_call_falls_back_for_that_call():
     torch.testing.assert_close(x.grad, N * x.detach().cos())
     with executor("stacked"), torch.no_grad():  # without autograd the same capture runs stacked
         assert torch.equal(pf(rows(N, 3)).unshard(), rows(N, 3).sin().sum(0).expand(N, 3))
+
+
+def test_autograd_through_a_compiled_call_says_so_when_an_op_saves_its_output():
+    # tanh saves its output for backward, and a graph pass writes a temporary in place: compiling
+    # the batched program with autograd failed the capture with a version error (and an anomaly
+    # warning) instead of the per-call reason, and the capture was lost for calls without autograd.
+    pf = pm(lambda x, w: torch.tanh(x * w) * x, in_axes=(0, None), compile=AOT)
+    x, w = rows(N, 3).requires_grad_(), torch.linspace(-1, 1, 3)
+    with executor("stacked", allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pf(x, w).unshard().sum().backward()
+    messages = [str(c.message) for c in caught]
+    assert any("autograd through a compile= call" in m for m in messages), messages
+    assert not any("Error detected in" in m or "capture failed" in m for m in messages), messages
+    with executor("stacked"), torch.no_grad():  # the capture serves calls without autograd
+        torch.testing.assert_close(pf(rows(N, 3), w).unshard(), torch.tanh(rows(N, 3) * w) * rows(N, 3))
 
 
 def test_dynamic_true_falls_back_to_per_replica_compile():

@@ -463,7 +463,10 @@ def compile_graph(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequ
     strides), not this one; a fake mode with a shape env lets Inductor cache the
     compiled graph across processes."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+    # Without autograd: the compiled program serves calls autograd does not record
+    # (one it records runs on the threads, see _Batched.__call__), and a joint graph
+    # of a program whose graph passes write temporaries in place would not trace.
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.no_grad():
         return compiler(graph, list(examples))
 
 
