@@ -16,6 +16,14 @@ CASES = {
     "aminmax_keepdim": (lambda x: torch.aminmax(x, keepdim=True), "aminmax"),
     "all_of_no_dims": (lambda x: (x > 0).all(dim=()), "all"),
     "any_of_no_dims": (lambda x: x.any(dim=[], keepdim=True), "any"),
+    # integer add-multiplies: float beta/alpha made float32 (eager truncates them), int8 addbmm int64
+    "baddbmm_int": (lambda x: torch.baddbmm(*[x[None].long()] * 3, beta=0.2, alpha=0.6), "baddbmm"),
+    "addbmm_int8": (
+        lambda x: torch.addbmm(x[0].to(torch.int8), x[None].to(torch.int8), x[None].to(torch.int8)),
+        "addbmm",
+    ),
+    "addmv_int": (lambda x: x[0].long().addmv(x.long(), x[1].long(), alpha=0.6), "addmv"),
+    "addmm_int_in_place": (lambda x: x.long().addmm_(x.long(), x.long(), beta=0.5), "addmm_"),
 }
 
 

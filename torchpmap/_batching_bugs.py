@@ -8,7 +8,10 @@ differential runs against the threads executor (``torch.vmap`` shows each):
 * ``argmax``/``argmin``/``aminmax`` with ``keepdim=True`` and no ``dim`` keep
   one dimension instead of every one;
 * ``all``/``any``/``logsumexp`` over an empty ``dim`` list reduce everything
-  (eager: ``all``/``any`` are elementwise, ``logsumexp`` raises).
+  (eager: ``all``/``any`` are elementwise, ``logsumexp`` raises);
+* ``baddbmm``/``addbmm``/``addmv``/``addmm``/``addr`` of integer tensors give
+  float32 with float ``beta``/``alpha`` (eager keeps the dtype and truncates
+  them), and int64 for int8 ``addbmm``.
 
 While the batched graph is traced, such a call stops the capture: the call
 runs on the threads, with a warning naming the op.
@@ -48,7 +51,15 @@ def _empty_dims(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return isinstance(dim, (tuple, list)) and len(dim) == 0
 
 
+def _integer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return not (args[0].is_floating_point() or args[0].is_complex())
+
+
+# The add-multiply family, functions, methods and in place: any batched tensor argument counts.
+_INTEGER_MATMUL = {f"{op}{suffix}" for op in ("baddbmm", "addbmm", "addmv", "addmm", "addr") for suffix in ("", "_")}
+
 _WRONG: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], bool]] = {
+    **dict.fromkeys(_INTEGER_MATMUL, _integer),
     "roll": _roll,
     "argmax": _keepdim_without_dim,
     "argmin": _keepdim_without_dim,
@@ -64,14 +75,21 @@ class _Refuse(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        wrong = _WRONG.get(getattr(func, "__name__", ""))
-        if wrong is not None and args and isinstance(args[0], torch.Tensor) and batched(args[0]):
+        name = getattr(func, "__name__", "")
+        wrong = _WRONG.get(name)
+        if wrong is not None and args and isinstance(args[0], torch.Tensor) and _batched_here(name, args):
             if wrong(args, kwargs):
                 raise BatchingRuleDiffers(
                     f"{func.__name__} with these arguments: its batching rule gives a replica another "
                     f"result than eager PyTorch"
                 )
         return func(*args, **kwargs)
+
+
+def _batched_here(name: str, args: tuple[Any, ...]) -> bool:
+    if name in _INTEGER_MATMUL:
+        return any(isinstance(a, torch.Tensor) and batched(a) for a in args)
+    return batched(args[0])
 
 
 def refused(fn: Callable[..., Any]) -> Callable[..., Any]:
