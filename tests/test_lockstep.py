@@ -406,3 +406,16 @@ def test_a_segment_for_another_device_makes_its_tensors_there():
     on_cpu, on_meta = step.programs
     assert torch.equal(on_cpu(torch.zeros(3))[0], torch.tensor([2.0, 3.0, 4.0]))
     assert on_meta(torch.zeros(3, device="meta"))[0].device.type == "meta"
+
+
+@pytest.mark.parametrize(("split", "concat"), [(1, -1), (0, 2), (2, 0)])
+def test_a_tiled_all_to_all_of_a_strided_block_view_runs_as_on_the_threads(split, concat):
+    # all_to_all's fake result kept the strides of the permuted blocks it got, while the kernel
+    # stacks them contiguously: a view the graph took of it failed at run time (found by a fuzzer).
+    x = torch.arange(16.0).view(2, 2, 2, 2)
+    f = lambda v: tp.all_to_all(v, "i", split, concat, tiled=True) * 1  # noqa: E731
+    with executor("threads"):
+        want = tp.pmap(f, "i", devices=devices(2))(x)
+    with executor("lockstep"):
+        got = tp.pmap(f, "i", devices=devices(2))(x)
+    assert torch.equal(got.unshard(), want.unshard())

@@ -457,7 +457,7 @@ def _(
     dims: list[int] | None = None,
 ) -> Tensor:
     _refuse_unbatched(axes, "all_to_all")
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # the kernel stacks what it receives
 
 
 def _all_to_all_backward(ctx: Ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
