@@ -1003,3 +1003,17 @@ def test_reading_grad_of_a_sharded_tensor_whose_shards_have_gradients_raises():
     with pytest.raises(RuntimeError, match=r"ShardedTensor.grad: the gradients are on its shards"):
         opt.step()
     torch.testing.assert_close(params.shards[1].grad, torch.full((3,), 2.0))
+
+
+def test_a_replica_writing_shards_that_share_memory_raises():
+    # ShardedTensor([t] * n) is accepted (reading it is fine), but a write by one replica changes
+    # every replica's shard and races: it raised outside pmap only (found by a hunt).
+    devs = tp.devices()[:4]
+    t = torch.zeros(3)
+    shared = ShardedTensor([t] * 4, devs)
+    torch.testing.assert_close(tp.pmap(lambda a: a + 1, devices=devs)(shared).unshard(), torch.ones(4, 3))
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\] in place, but its shards share memory"):
+        tp.pmap(lambda a: a.add_(1) * 1, devices=devs)(shared)
+    own = ShardedTensor([torch.zeros(3) for _ in range(4)], devs)  # distinct memory: fine
+    tp.pmap(lambda a: a.add_(1) * 1, devices=devs)(own)
+    assert all(s.eq(1).all() for s in own.shards)

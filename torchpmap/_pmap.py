@@ -33,7 +33,6 @@ from ._sharded import (
     _lost_write_message,
     _plain_view,
     _TemporaryView,
-    distinct_shards,
 )
 from ._shared_state import (
     Snapshot,
@@ -643,6 +642,9 @@ class Pmapped:
                 if axis is not None and leaf.is_mapped_on(axis, devices):
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
+                    if leaf.shards_overlap():  # a write by one replica would change the others' shards
+                        for shard in leaf.shards:
+                            _watch(shared, j, shard, _OVERLAPPING_SHARDS)
                     per_leaf.append_shards(leaf)  # already in place: no data moves
                     placements.append(_PLACED_SHARDED)
                     continue
@@ -715,7 +717,7 @@ class Pmapped:
                     v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d) for v, d in zip(values, devices)
                 ]
                 try:
-                    result.append(ShardedTensor(distinct_shards(shards), devices, axis=axis))
+                    result.append(ShardedTensor._of_distinct(shards, devices, axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
         return tree_unflatten(result, spec)
@@ -741,19 +743,19 @@ class Pmapped:
                 if axis is None:
                     result.append(_check_replicated(returned, plan.paths[j]))
                 else:
-                    result.append(ShardedTensor(distinct_shards(returned), devices, axis=axis))
+                    result.append(ShardedTensor._of_distinct(returned, devices, axis))
             elif axis is None:
                 result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
             elif batched:
                 try:
                     result.append(ShardedTensor._of_stacked((value,), devices, axis))
                 except ValueError:  # rows that overlap in memory (a strided input returned): as _assemble
-                    result.append(ShardedTensor(distinct_shards(list(value.unbind(0))), devices, axis=axis))
+                    result.append(ShardedTensor._of_distinct(list(value.unbind(0)), devices, axis))
             else:  # one value for every replica: as _assemble does with n equal values
                 shards = [
                     value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=d) for d in devices
                 ]
-                result.append(ShardedTensor(distinct_shards(shards), devices, axis=axis))
+                result.append(ShardedTensor._of_distinct(shards, devices, axis))
         return tree_unflatten(result, out.spec)
 
     def _make_out_plan(self, out0: PyTree, first_leaves: list[Any]) -> _OutPlan:
@@ -881,6 +883,8 @@ def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
 
 # Why a view of a temporary copy of a ShardedTensor is watched: a write to it is lost.
 _TEMPORARY_COPY = "a temporary copy"
+# Why the shards of a ShardedTensor are watched: they share memory.
+_OVERLAPPING_SHARDS = "shards that share memory"
 
 
 def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
@@ -892,6 +896,12 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
         path = paths[j]
         if why == _TEMPORARY_COPY:
             raise TypeError(_lost_write_message(f"pmap: a replica wrote in place into {path},"))
+        if why == _OVERLAPPING_SHARDS:
+            raise RuntimeError(
+                f"pmap: a replica wrote {path} in place, but its shards share memory (one tensor given as "
+                f"several shards, say): every replica writes the others' data. Give the shards their own "
+                f"memory (clone each), or clone() inside the function before writing."
+            )
         if why != "overlapping slices":
             raise RuntimeError(
                 f"pmap: a replica wrote {path} in place, but {path} is broadcast (in_axes=None) and "

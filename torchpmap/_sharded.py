@@ -84,6 +84,7 @@ class ShardedTensor(torch.Tensor):
     _layout: Layout | None  # built on first use: most ShardedTensors never need it
     _stacked: tuple[torch.Tensor, ...] | None  # the buffers the shards are views of, when known
     _rows_grad_mode: bool  # from_stacked's grad mode, in which its lazy rows are made
+    _overlap: bool | None  # whether shards share memory; None until shards_overlap finds out
 
     @staticmethod
     def __new__(
@@ -117,6 +118,7 @@ class ShardedTensor(torch.Tensor):
         self._deleted = False
         self._layout = None
         self._stacked = None
+        self._overlap = None  # whether shards share memory: found on first need (shards_overlap)
         return self
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # everything happens in __new__
@@ -222,12 +224,28 @@ class ShardedTensor(torch.Tensor):
         shape.insert(axis, len(devices))
         st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=first.dtype, device=first.device)
         st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, buffers
+        st._overlap = False  # rows of buffers whose rows share no memory (_check_stacked_buffers)
         st._rows_grad_mode = torch.is_grad_enabled()
         st._shard_views = None
         if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
             st._shard_views = st._rows_of_stacked()  # autograd sees the views when they are made
         st._layout = _stacked_layout(shard_shape, first.dtype, axis, devices)
         return st
+
+    @classmethod
+    def _of_distinct(cls, shards: Sequence[torch.Tensor], devices: Sequence[torch.device], axis: int) -> ShardedTensor:
+        """A ShardedTensor of ``distinct_shards(shards)``, known not to overlap."""
+        st = cls(distinct_shards(shards), devices, axis)
+        st._overlap = False
+        return st
+
+    def shards_overlap(self) -> bool:
+        """Whether two shards share memory, or one repeats an element (found
+        once per ShardedTensor, whose shards are fixed; a shard's own storage
+        changed later by ``set_`` is not seen)."""
+        if self._overlap is None:
+            self._overlap = _overlapping_shards(self.shards) is not None
+        return self._overlap
 
     def stacked_buffers(self) -> tuple[torch.Tensor, ...] | None:
         """Per physical device (``shard_layout.device_groups``), the ``(k, ...)``
@@ -1200,7 +1218,7 @@ def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device]
     for j in range(len(flat[0][0])):
         parts = [_transfers.to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
         stacked = _stacked_if_shared(parts, devices)
-        out.append(stacked if stacked is not None else ShardedTensor(distinct_shards(parts), devices, axis=0))
+        out.append(stacked if stacked is not None else ShardedTensor._of_distinct(parts, devices, 0))
     return tree_unflatten(out, spec)
 
 
