@@ -55,7 +55,7 @@ def _integer(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return not (args[0].is_floating_point() or args[0].is_complex())
 
 
-# The add-multiply family, functions, methods and in place: any batched tensor argument counts.
+# The add-multiply family: functions, methods and in place.
 _INTEGER_MATMUL = {f"{op}{suffix}" for op in ("baddbmm", "addbmm", "addmv", "addmm", "addr") for suffix in ("", "_")}
 
 _WRONG: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], bool]] = {
@@ -75,21 +75,16 @@ class _Refuse(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        wrong = _WRONG.get(name)
-        if wrong is not None and args and isinstance(args[0], torch.Tensor) and _batched_here(name, args):
-            if wrong(args, kwargs):
+        wrong = _WRONG.get(getattr(func, "__name__", ""))
+        if wrong is not None and args and isinstance(args[0], torch.Tensor):
+            # The batching rule applies when any tensor argument is batched (the add-multiplies
+            # take several; the other ops one).
+            if any(isinstance(a, torch.Tensor) and batched(a) for a in args) and wrong(args, kwargs):
                 raise BatchingRuleDiffers(
                     f"{func.__name__} with these arguments: its batching rule gives a replica another "
                     f"result than eager PyTorch"
                 )
         return func(*args, **kwargs)
-
-
-def _batched_here(name: str, args: tuple[Any, ...]) -> bool:
-    if name in _INTEGER_MATMUL:
-        return any(isinstance(a, torch.Tensor) and batched(a) for a in args)
-    return batched(args[0])
 
 
 def refused(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -29,7 +29,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from . import _config, _random
-from .errors import CollectiveTimeoutError, CompileError
+from .errors import CollectiveTimeoutError, CompileError, exception_chain
 
 # How often a replica waiting for the compile gate checks whether it, or the
 # holder, was abandoned (it wakes at once when the gate is released).
@@ -226,7 +226,7 @@ class CompiledReplicas:
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
-        self._warned_aliasing: list[bool] = []  # said once per function that aliased calls run eagerly
+        self._warned_aliasing = False  # said once per function that calls with aliased arguments run eagerly
         _track_compiles()
 
     def programs(
@@ -266,15 +266,14 @@ class CompiledReplicas:
             recompile_limit=torch._dynamo.config.recompile_limit + 4 * n,
         )
         name, where, fun = self._fun_name, device, self._fun
-        warned = self._warned_aliasing
 
         def run(*args: Any, **kwargs: Any) -> Any:
             if views_sharing_a_base(args, kwargs):
                 # AOTAutograd would merge them into their common base (the caller's whole
                 # tensor, every replica's rows) and write all of it back after a mutation,
                 # over the other replicas' rows: eager runs them as PyTorch does.
-                if not warned:
-                    warned.append(True)
+                if not self._warned_aliasing:
+                    self._warned_aliasing = True
                     warnings.warn(
                         f"torchpmap: pmap of {name} with compile=: two arguments of a replica are views of "
                         f"one tensor (the same tensor passed twice, or mapped and also passed whole); such "
@@ -327,11 +326,5 @@ def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
 
 
-def _user_exception_while_tracing(e: BaseException | None) -> bool:
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, torch._dynamo.exc.ObservedException):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+def _user_exception_while_tracing(e: BaseException) -> bool:
+    return any(isinstance(cur, torch._dynamo.exc.ObservedException) for cur in exception_chain(e))

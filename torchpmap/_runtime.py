@@ -33,7 +33,7 @@ from . import _axis, _config, _forward_ad
 from ._communicator import Communicator
 from ._devices import device_str
 from ._random import CallRandomness, Interception
-from .errors import CollectiveTimeoutError, ReplicaAbortedError
+from .errors import CollectiveTimeoutError, ReplicaAbortedError, exception_chain
 
 # After the first replica fails, how long the caller still waits for the others
 # to stop (those blocked in a collective are released at once; one computing
@@ -499,14 +499,7 @@ def _root_cause(
 def _follows_an_abort(e: BaseException) -> bool:
     """Whether ``e`` is a cancellation another replica's failure caused, or was
     raised while handling one (a replica that wraps the ReplicaAbortedError)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, ReplicaAbortedError):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
+    return any(isinstance(cur, ReplicaAbortedError) for cur in exception_chain(e))
 
 
 def _worker_on_thread(ident: int) -> _Worker | None:

@@ -470,11 +470,7 @@ def _tensor_attribute(name: str) -> Any:
 
 # Autograd hooks and retain_grad act on the tensor autograd records, which a
 # ShardedTensor is not: its shards are.
-_HOOKS = {
-    torch.Tensor.register_hook,
-    torch.Tensor.retain_grad,
-    getattr(torch.Tensor, "register_post_accumulate_grad_hook", torch.Tensor.register_hook),
-}
+_HOOKS = {torch.Tensor.register_hook, torch.Tensor.retain_grad, torch.Tensor.register_post_accumulate_grad_hook}
 
 
 def _grad_of(st: ShardedTensor) -> torch.Tensor | None:

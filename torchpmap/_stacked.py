@@ -57,6 +57,7 @@ from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend, torc
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view
 from ._stacked_autograd import ReplicaProgram
+from .errors import exception_chain
 
 T = TypeVar("T")
 
@@ -815,15 +816,7 @@ def _restore_saved_tensor_hooks_switch(disabled: str | None) -> None:
 
 
 def _unsupported_inside(e: BaseException) -> Unsupported | None:
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, Unsupported):
-            return cur
-        seen.add(id(cur))
-        inner = getattr(cur, "inner_exception", None)
-        cur = inner if isinstance(inner, BaseException) else (cur.__cause__ or cur.__context__)
-    return None
+    return next((cur for cur in exception_chain(e, inner=True) if isinstance(cur, Unsupported)), None)
 
 
 def capture_failure(e: BaseException) -> str:

@@ -1,6 +1,22 @@
-"""Exceptions torchpmap raises on its own account."""
+"""Exceptions torchpmap raises on its own account, and how its code walks an
+exception's chain to find what caused it."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def exception_chain(e: BaseException, *, inner: bool = False) -> Iterator[BaseException]:
+    """``e``, then what it was raised from or while handling (``__cause__``,
+    else ``__context__``), each once; with ``inner``, an exception's
+    ``inner_exception`` (Dynamo wraps errors in it) comes before those."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        yield cur
+        seen.add(id(cur))
+        wrapped = getattr(cur, "inner_exception", None) if inner else None
+        cur = wrapped if isinstance(wrapped, BaseException) else (cur.__cause__ or cur.__context__)
 
 
 class CollectiveError(RuntimeError):
