@@ -405,19 +405,21 @@ class ShardedTensor(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", None)
-        if name == "__get__" and _attribute_name(func) == "data":
-            return _data(args[0])
-        if func in _HOOKS:
+        if name == "__get__":
+            attribute = _attribute_name(func)
+            if attribute == "data":
+                return _data(args[0])
+            if attribute == "grad":
+                return _grad_of(args[0])
+            if attribute in _VIEW_ATTRIBUTES:
+                # On the full tensor, so that the view it gives can be guarded.
+                return _call_on_full_tensors(func, args, kwargs, f".{attribute}")
+        elif func in _HOOKS:
             raise RuntimeError(
                 f"ShardedTensor.{name}: its shards carry autograd, not the ShardedTensor, so the hook would never "
                 f"run: use it on each of x.shards (each shard's gradient), or compute from full = x.unshard() and "
                 f"use it on full (the whole tensor's gradient)"
             )
-        if name == "__get__" and _attribute_name(func) == "grad":
-            return _grad_of(args[0])
-        if name == "__get__" and _attribute_name(func) in _VIEW_ATTRIBUTES:
-            # On the full tensor, so that the view it gives can be guarded.
-            return _call_on_full_tensors(func, args, kwargs, f".{_attribute_name(func)}")
         if name == "__get__" or func in _METADATA:
             # Attribute reads (shape, dtype, device, ...) and metadata methods:
             # the wrapper knows them without assembling anything.
