@@ -282,13 +282,19 @@ def catch_and_continue():
     os._exit(0)
 
 
-def second_order():
-    """A gradient penalty through a call whose replicas span both processes:
-    the double backward's collectives meet across processes too."""
+def gradients():
+    """Autograd through calls whose replicas span both processes gives every
+    process what one process of all the devices gives: the double backward's
+    collectives meet across processes; an out_axes=None output counts once;
+    the gradient of a tensor every replica shares (closed over, broadcast) sums
+    every process's replicas; out_axes=None outputs must agree across processes."""
     tpd.initialize(timeout=30)
     rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    mine = slice(rank * L, (rank + 1) * L)
     full = torch.linspace(-1.0, 1.0, G * 3, dtype=torch.float64).reshape(G, 3)
-    x = full[rank * L : (rank + 1) * L].clone().requires_grad_()
+    results = {}
+
+    x = full[mine].clone().requires_grad_()
     y = tp.pmap(lambda r: tp.psum(r.sin() * r, "i") * r, "i")(x)
     (gx,) = torch.autograd.grad((y.unshard() ** 2).sum(), x, create_graph=True)
     (ggx,) = torch.autograd.grad((gx**2).sum(), x)
@@ -296,9 +302,51 @@ def second_order():
     X = full.clone().requires_grad_()
     (GX,) = torch.autograd.grad((((X.sin() * X).sum(0) * X) ** 2).sum(), X, create_graph=True)
     (GGX,) = torch.autograd.grad((GX**2).sum(), X)
-    results = {}
-    check("first_order", gx.detach().numpy(), GX[rank * L : (rank + 1) * L].detach().numpy(), results)
-    check("second_order", ggx.numpy(), GGX[rank * L : (rank + 1) * L].numpy(), results)
+    check("first_order", gx.detach().numpy(), GX[mine].detach().numpy(), results)
+    check("second_order", ggx.numpy(), GGX[mine].numpy(), results)
+
+    # An out_axes=None loss: the gradient of the one value, not one per process.
+    x = full[mine].clone().requires_grad_()
+    tp.pmap(lambda r: tp.psum((r**2).sum(), "i"), "i", out_axes=None)(x).backward()
+    check("out_axes_none_counts_once", x.grad.numpy(), 2 * full[mine].numpy(), results)
+
+    # Tensors every replica shares: closed over (a leaf, a computed tensor, one that only
+    # some replicas reach) and broadcast; each process's copy gets the whole gradient.
+    w, u, v, b = (torch.arange(3.0, dtype=torch.float64) + k for k in (1, 2, 3, 4))
+    w.requires_grad_(), u.requires_grad_(), v.requires_grad_(), b.requires_grad_()
+    c = u * 2
+
+    def f(r, b):
+        other = v if int(tp.axis_index("i")) % 2 else c  # each process has replicas of both kinds
+        return tp.psum((r * w * b).sum() + (r * other).sum(), "i")
+
+    def one_device(W, U, V, B):
+        C, odd = U * 2, torch.arange(G) % 2 == 1
+        return (full * W * B).sum() + (full[odd] * V).sum() + (full[~odd] * C).sum()
+
+    tp.pmap(f, "i", in_axes=(0, None), out_axes=None)(full[mine], b).backward()
+    W, U, V, B = (t.detach().clone().requires_grad_() for t in (w, u, v, b))
+    one_device(W, U, V, B).backward()
+    shared = (("closed_over", w, W), ("computed_closed_over", u, U), ("closed_over_by_some", v, V), ("broadcast", b, B))
+    for name, got, want in shared:
+        check(f"shared_{name}", got.grad.numpy(), want.grad.numpy(), results)
+    # Mapped outputs: every process's loss adds up, as in the first case.
+    w.grad = None
+    y = tp.pmap(lambda r: (r * w).sum(), "i")(full[mine])
+    (gw,) = torch.autograd.grad((y.unshard() ** 2).sum(), w, create_graph=True)
+    (ggw,) = torch.autograd.grad((gw**2).sum(), w)
+    W = w.detach().clone().requires_grad_()
+    (GW,) = torch.autograd.grad((((full * W).sum(1)) ** 2).sum(), W, create_graph=True)
+    (GGW,) = torch.autograd.grad((GW**2).sum(), W)
+    check("shared_mapped_outputs", gw.detach().numpy(), GW.detach().numpy(), results)
+    check("shared_second_order", ggw.numpy(), GGW.numpy(), results)
+
+    # out_axes=None values that differ between the processes: an error on both.
+    try:
+        tp.pmap(lambda r: tp.axis_index("i") // L, "i", out_axes=None)(full[mine])
+        results["out_axes_none_checked_across_processes"] = False
+    except ValueError as e:
+        results["out_axes_none_checked_across_processes"] = "processes' replicas returned different" in str(e)
     say("RESULTS " + json.dumps(results))
     tpd.shutdown()
     sys.exit(0 if all(results.values()) else 1)
@@ -427,7 +475,7 @@ if __name__ == "__main__":
         "lockstep": lockstep,
         "collectives": collectives,
         "train": train,
-        "second_order": second_order,
+        "gradients": gradients,
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,

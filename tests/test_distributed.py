@@ -59,8 +59,8 @@ def test_replicas_draw_the_same_random_numbers_as_2x2_and_1x4():
     assert one_by_four[0][0] != one_by_four[0][1]  # and new numbers on the next call
 
 
-def test_second_order_gradients_across_two_processes():
-    out, _ = torchrun("second_order")
+def test_gradients_through_calls_across_two_processes_equal_one_process_of_all_devices():
+    out, _ = torchrun("gradients")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("RESULTS ") == 2, out.stdout
 

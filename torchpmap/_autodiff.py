@@ -64,7 +64,12 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
     flat = executor.run(record, replica_inputs)  # (leaves, spec) per replica
     tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
     outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
-    hidden = _hide_replica_graphs(executor, record.group, caller_inputs, leaves, outputs, reached=record.reached_grads)
+    from ._call import Placement  # (not at the top: _call imports this module)
+
+    broadcast = [k for k, j in enumerate(record.grad_leaves) if record.placements[j] is Placement.BROADCAST]
+    hidden = _hide_replica_graphs(
+        executor, record.group, caller_inputs, leaves, outputs, reached=record.reached_grads, shared_inputs=broadcast
+    )
     if hidden is not None:
         for r, slots in enumerate(tensor_slots):
             for k, t in zip(slots, hidden[r]):
@@ -81,21 +86,38 @@ def _hide_replica_graphs(
     shared: bool = False,
     caller_streams: list[torch.cuda.Stream | None] | None = None,
     reached: Sequence[torch.Tensor] = (),
+    shared_inputs: Sequence[int] = (),
 ) -> TensorsPerReplica | None:
     """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
     ``caller_inputs[r]``), as tensors the caller's autograd differentiates
     through the replicas; None when no output requires grad. ``reached``:
     tensors made before the call that the function reaches without being
-    passed them (closed over), which the replicas' graphs may use."""
+    passed them (closed over), which the replicas' graphs may use.
+    ``shared_inputs``: the positions in ``caller_inputs[r]`` of the values every
+    replica shares (broadcast arguments); closed-over tensors are shared too."""
     if not any(o.requires_grad for per in outputs for o in per):
         return None
-    for r, per in enumerate(outputs):
-        captured = _captured_leaves(per, leaves[r], reached)
+    across_processes = group.axis_size > len(group.devices)
+    if across_processes:
+        # Every replica is differentiated at every closed-over tensor any local replica
+        # reached: the processes' gradient sums pair them by position (_ReplicaGraphs.vjp).
+        union: dict[int, torch.Tensor] = {}
+        for r, per in enumerate(outputs):
+            union.update((id(t), t) for t in _captured_leaves(per, leaves[r], reached))
+        captured_per_replica = [list(union.values())] * len(outputs)
+    else:
+        captured_per_replica = [_captured_leaves(per, leaves[r], reached) for r, per in enumerate(outputs)]
+    shared_slots = list(shared_inputs)
+    for r, captured in enumerate(captured_per_replica):
         if captured:
             _refuse_hooks(captured)
+            if r == 0:
+                shared_slots += range(len(caller_inputs[0]), len(caller_inputs[0]) + len(captured))
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
     graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams)
+    if across_processes:
+        graphs.summed_across_processes = shared_slots
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
 
@@ -193,6 +215,10 @@ class _ReplicaGraphs:
         if caller_streams is None and any(d.type == "cuda" for d in group.devices):
             caller_streams = [torch.cuda.current_stream(d) if d.type == "cuda" else None for d in group.devices]
         self.caller_streams = caller_streams
+        # In a call across processes, the positions of the inputs every replica shares (broadcast
+        # arguments, closed-over tensors): each process holds its own copy of one value, whose
+        # gradient is the sum over every process's replicas, not over this process's alone.
+        self.summed_across_processes: list[int] = []
 
     def run(self, replica_fn: Callable[[int], T]) -> list[T]:
         return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
@@ -202,19 +228,42 @@ class _ReplicaGraphs:
     ) -> list[torch.Tensor | None]:
         """Replica r's gradients with respect to its leaves (None where unused)."""
         pairs = [(o, c) for o, c in zip(self.outputs[r], cotangents) if c is not None and o.requires_grad]
-        if not pairs:
-            return [None] * len(self.leaves[r])
-        outs, cots = zip(*pairs)
-        return list(
-            torch.autograd.grad(
-                outs,
-                self.leaves[r],
-                cots,
-                retain_graph=keep or self.shared,
-                create_graph=create_graph,
-                allow_unused=True,
+        grads: list[torch.Tensor | None] = [None] * len(self.leaves[r])
+        if pairs:
+            outs, cots = zip(*pairs)
+            grads = list(
+                torch.autograd.grad(
+                    outs,
+                    self.leaves[r],
+                    cots,
+                    retain_graph=keep or self.shared,
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
             )
-        )
+        if self.summed_across_processes:
+            self._sum_shared_across_processes(r, grads, create_graph)
+        return grads
+
+    def _sum_shared_across_processes(self, r: int, grads: list[torch.Tensor | None], create_graph: bool) -> None:
+        """The shared inputs' gradients summed over every replica of every process
+        (one psum of them all), given to local replica 0; the caller's autograd
+        adds the local replicas' gradients, so the others give none. Under
+        create_graph a zero that is still recorded from the sum: the next
+        order's backward must reach every replica's psum."""
+        from .collectives import psum  # (not at the top: the collectives import the runtime)
+
+        slots = self.summed_across_processes
+        parts = [g if g is not None else torch.zeros_like(self.leaves[r][i]) for i, g in ((i, grads[i]) for i in slots)]
+        totals = psum(parts, self.group.axis_name)
+        for i, total in zip(slots, totals):
+            if r == 0:
+                # Every process holds this one gradient: a loss of it counts once, as an out_axes=None output.
+                grads[i] = counted_once(total, self.group.first_index == 0) if create_graph else total
+            elif create_graph:
+                grads[i] = total.masked_fill(torch.ones((), dtype=torch.bool, device=total.device), 0)
+            else:
+                grads[i] = None
 
 
 class _ThroughReplicas(torch.autograd.Function):
@@ -287,6 +336,7 @@ def _differentiable_vjp(
         outputs,
         shared=True,
         caller_streams=graphs.caller_streams,
+        shared_inputs=graphs.summed_across_processes,  # next_callers[r] begins with caller_inputs[r]
     )
     if hidden is None:  # no gradient depends on anything that requires grad
         return grads
@@ -295,3 +345,25 @@ def _differentiable_vjp(
         for i, t in zip(present[r], hidden[r]):
             grads[r][i] = t
     return grads
+
+
+class _CountedOnce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, seeds: bool) -> torch.Tensor:
+        ctx.seeds = seeds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # Zeros, not None: this process's replicas still run their backward, whose
+        # collectives the other processes' replicas wait for.
+        return (grad if ctx.seeds else torch.zeros_like(grad)), None
+
+
+def counted_once(x: torch.Tensor, seeds: bool) -> torch.Tensor:
+    """An out_axes=None output of a call across processes, as autograd should
+    see it: every process holds the one value and differentiates it, and in one
+    process it counts once; so only the process of the axis's replica 0
+    (``seeds``) passes its cotangent to the replicas (else each process's
+    backward would add one more, the gradient P times the true one)."""
+    return _CountedOnce.apply(x, seeds)

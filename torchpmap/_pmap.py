@@ -22,7 +22,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
 from . import _devices, _random, _transfers
 from . import distributed as _distributed
-from ._autodiff import FlatOutput
+from ._autodiff import FlatOutput, counted_once
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
@@ -376,7 +376,7 @@ class Pmapped:
                 if kinds is not None:
                     plan.fast = FastCall(outs.replay, record, _devices.local_device_tuple(), kinds)
             return self._assemble_stacked(outs, devices)
-        return self._assemble(outs, devices)
+        return self._assemble(outs, devices, record.group)
 
     def _watch_reached(self, found: list[tuple[str, Any]], leaves: list[Any], n: int, recheck: bool) -> list[Snapshot]:
         """Snapshots of what the function reaches without being passed it
@@ -678,9 +678,12 @@ class Pmapped:
         return per_leaf, placements, grad_leaves, shared
 
     # -- outputs -------------------------------------------------------------------------
-    def _assemble(self, flat: list[FlatOutput], devices: tuple[torch.device, ...]) -> PyTree:
+    def _assemble(
+        self, flat: list[FlatOutput], devices: tuple[torch.device, ...], group: ReplicaGroup | None = None
+    ) -> PyTree:
         """The replicas' flattened outputs as ShardedTensors (or checked
-        replicated values), in the output structure."""
+        replicated values), in the output structure. ``group``: the call's
+        replicas, whose axis may span processes."""
         spec = flat[0][1]
         for r, (leaves, s) in enumerate(flat):
             if s != spec:
@@ -720,6 +723,8 @@ class Pmapped:
                     result.append(ShardedTensor._of_distinct(shards, devices, axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
+        if group is not None and group.axis_size > len(devices):
+            _replicated_across_processes(result, plan, group)
         return tree_unflatten(result, spec)
 
     def _assemble_stacked(self, out: StackedOutput, devices: tuple[torch.device, ...]) -> PyTree:
@@ -932,6 +937,19 @@ def _hashable(v: Any) -> bool:
 def _anonymous_axis(p: Pmapped) -> str:
     # An unnamed axis still needs a name internally; no user code can spell it.
     return f"<unnamed axis of pmap {id(p):x}>"
+
+
+def _replicated_across_processes(result: list[Any], plan: _OutPlan, group: ReplicaGroup) -> None:
+    """The out_axes=None outputs of a call whose replicas span processes: checked
+    equal on every process too (one exchange of their digests), and each counted
+    once by autograd through the call (``counted_once``), as in one process."""
+    replicated = [(plan.paths[j], v) for j, (v, axis) in enumerate(zip(result, plan.axes)) if axis is None]
+    if not replicated or group.new_backend is None:
+        return
+    _distributed.check_same_on_every_process(group.new_backend, replicated)
+    for j, (value, axis) in enumerate(zip(result, plan.axes)):
+        if axis is None and isinstance(value, torch.Tensor) and value.requires_grad:
+            result[j] = counted_once(value, seeds=group.first_index == 0)
 
 
 def _check_replicated(values: list[Any], path: str) -> Any:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import hashlib
 import itertools
 import os
 import zlib
@@ -498,6 +499,43 @@ class ProcessGroupBackend(GroupBackend):
         self._wait(dist.all_gather(parts, stacked.contiguous(), group=self._group, async_op=True))
         template = xs_local[0]
         return [_from_wire(row, template) for part in parts for row in part]
+
+
+def check_same_on_every_process(new_backend: Callable[[], GroupBackend], values: Sequence[tuple[str, object]]) -> None:
+    """Raise ValueError on every process unless each ``(path, value)`` (the
+    out_axes=None outputs of a call, equal on this process's replicas) is equal on
+    every process: one all-reduce of their digests, as a collective of its own
+    (processes that differ in what they check fail as for any other collective)."""
+    digests = torch.tensor([_digest(v) for _, v in values], dtype=torch.int64)
+    backend = new_backend()
+    mine = torch.cat([digests, -digests])  # one max gives each digest's maximum and minimum
+    (extremes,) = backend.run(Collective("all_reduce", op="max"), [mine] * backend.size)[:1]
+    k = len(values)
+    tops, bottoms = extremes[:k].tolist(), extremes[k:].tolist()
+    differ = [path for (path, _), top, bottom in zip(values, tops, bottoms) if top != -bottom]
+    if differ:
+        raise ValueError(
+            f"pmap: out_axes=None for output {differ[0]}, but the processes' replicas returned different values "
+            f"for it (each process's own replicas agree); make it equal on every replica (psum/pmean/all_gather "
+            f"over the whole axis) or map it (out_axes=0)"
+        )
+
+
+def _digest(value: object) -> int:
+    """63 bits of a hash of ``value``: equal for values the one-process check
+    takes as equal (NaN in the same places, 0.0 and -0.0 alike)."""
+    h = hashlib.blake2b(digest_size=8)
+    if isinstance(value, torch.Tensor):
+        t = value.detach().resolve_conj().resolve_neg()
+        h.update(repr((tuple(t.shape), t.dtype)).encode())
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        if t.is_floating_point():
+            t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t + 0)  # + 0 turns -0.0 into 0.0
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    else:
+        h.update(repr((type(value).__name__, value)).encode())
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def _timed_out(error: BaseException) -> bool:
