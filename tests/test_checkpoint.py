@@ -219,3 +219,84 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
         tp.save_checkpoint(path, step=2, bad=Unpicklable())
     assert tp.load_checkpoint(path) == {"step": 1}
     assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def mlp(hidden):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 2))
+
+
+def adam(models, groups=lambda m: m.parameters()):
+    return tp.PerReplica([torch.optim.Adam(groups(m), lr=0.1) for m in models], models.devices)
+
+
+def save_trained(path, **kwargs):
+    """Replicas of mlp(3) and their Adam after a step."""
+    models = tp.replicate(mlp(3), devices=devices(2))
+    opts = adam(models)
+    for m, o in zip(models, opts):
+        m(torch.ones(2, 4)).sum().backward()
+        o.step()
+    tp.save_checkpoint(path, opt=opts, model=models, **kwargs)
+
+
+def unchanged(models, opts):
+    """Still as made: mlp()'s initial parameters and no optimizer state."""
+    initial = mlp(models[0][0].out_features).parameters()
+    return all(torch.equal(a, b) for a, b in zip(models[0].parameters(), initial)) and not any(o.state for o in opts)
+
+
+@pytest.mark.parametrize(
+    "model, error",
+    [
+        (
+            lambda: mlp(5),
+            r"model\.0\.weight was saved with shape \(3, 4\) and dtype torch.float32, but model has \(5, 4\)",
+        ),
+        (
+            lambda: mlp(3).double(),
+            r"model\.0\.weight was saved .* torch.float32, but model has \(3, 4\) and torch.float64",
+        ),
+        (lambda: mlp(3)[:1], r"model does not match its state in the checkpoint: model lacks 2\.bias, 2\.weight"),
+    ],
+)
+def test_a_module_that_does_not_match_is_refused_before_any_entry_loads(tmp_path, model, error):
+    save_trained(tmp_path / "c.pt")
+    models = tp.replicate(model(), devices=devices(2))
+    opts = adam(tp.replicate(mlp(3), devices=devices(2)))  # matches, and comes first
+    with pytest.raises(ValueError, match=error):
+        tp.load_checkpoint(tmp_path / "c.pt", opt=opts, model=models)
+    assert not any(o.state for o in opts)
+
+
+def test_optimizer_state_of_other_shapes_is_refused_naming_the_parameter(tmp_path):
+    save_trained(tmp_path / "c.pt")
+    models = tp.replicate(mlp(5), devices=devices(2))
+    opts = adam(models)
+    error = r"opt's 'exp_avg' of parameter 0 \(model\.0\.weight\) has shape \(3, 4\) in the checkpoint, but the"
+    with pytest.raises(ValueError, match=error + r" parameter has shape \(5, 4\)"):
+        tp.load_checkpoint(tmp_path / "c.pt", opt=opts, model=models)
+    with pytest.raises(ValueError, match=r"opt's 'exp_avg' of parameter 0 has shape"):  # no module to name it
+        tp.load_checkpoint(tmp_path / "c.pt", opt=opts)
+    assert unchanged(models, opts)
+
+
+def test_optimizer_groups_that_do_not_match_are_refused(tmp_path):
+    save_trained(tmp_path / "c.pt", rng=False)
+    models = tp.replicate(mlp(3), devices=devices(2))
+    opts = adam(models, lambda m: [{"params": m[0].parameters()}, {"params": m[2].parameters()}])
+    with pytest.raises(ValueError, match="opt has 2 parameter groups, but the checkpoint holds 1"):
+        tp.load_checkpoint(tmp_path / "c.pt", rng=False, model=models, opt=opts)
+    opts = adam(models, lambda m: m[0].parameters())
+    with pytest.raises(ValueError, match="parameter group 0 of opt has 2 parameters, but the checkpoint's has 4"):
+        tp.load_checkpoint(tmp_path / "c.pt", rng=False, model=models, opt=opts)
+    assert unchanged(models, opts)
+
+
+def test_a_missing_random_state_is_refused_before_any_entry_loads(tmp_path):
+    save_trained(tmp_path / "c.pt", rng=False)
+    models = tp.replicate(mlp(3), devices=devices(2))
+    opts = adam(models)
+    with pytest.raises(ValueError, match="saved without random state"):
+        tp.load_checkpoint(tmp_path / "c.pt", opt=opts, model=models)
+    assert unchanged(models, opts)

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parameter import is_lazy
 
 from . import distributed as _distributed
 from ._devices import process_count, process_index
@@ -126,8 +127,11 @@ def load_checkpoint(
     for name in objects:
         if name not in saved:
             raise KeyError(f"load_checkpoint: the checkpoint has no entry {name!r}; it has {sorted(saved)}")
+    parameters = _parameter_names(objects)
     for name, target in objects.items():  # every check before any object changes
-        _check_target(name, saved[name], target)
+        _check_target(name, saved[name], target, parameters)
+    if rng:
+        _check_rng(payload["rng"])
     for name, target in objects.items():
         _load_entry(saved[name], target)
     if rng:
@@ -269,7 +273,7 @@ def _check_same_across_processes(digests: list[dict[str, dict[str, str]]]) -> No
 
 
 # -- loading --------------------------------------------------------------------------------
-def _check_target(name: str, entry: dict[str, Any], target: Any) -> None:
+def _check_target(name: str, entry: dict[str, Any], target: Any, parameters: dict[int, str]) -> None:
     kind, state = entry["kind"], entry["state"]
     if isinstance(target, torch.Tensor):
         if kind != _TENSOR:
@@ -293,6 +297,98 @@ def _check_target(name: str, entry: dict[str, Any], target: Any) -> None:
             f"load_checkpoint: {name} holds the state of a {entry['category']} in the checkpoint, but a "
             f"{_category(first)} was passed"
         )
+    # load_state_dict finds a mismatch only while loading, after the entries before it changed.
+    if isinstance(first, torch.nn.Module):
+        _check_module_state(name, state, first)
+    elif isinstance(first, torch.optim.Optimizer):
+        _check_optimizer_state(name, state, first, parameters)
+
+
+def _check_module_state(name: str, saved: dict[str, Any], module: torch.nn.Module) -> None:
+    """What ``load_state_dict(strict=True)`` checks, and the dtypes: a resumed run holds the saved values."""
+    own = module.state_dict()
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"load_checkpoint: {name} does not match its state in the checkpoint: "
+            + "; ".join(
+                [f"the checkpoint lacks {_some(missing)}"] * bool(missing)
+                + [f"{name} lacks {_some(unexpected)}, which the checkpoint has"] * bool(unexpected)
+            )
+        )
+    for key, mine in own.items():
+        theirs = saved[key]
+        if not (isinstance(mine, torch.Tensor) and isinstance(theirs, torch.Tensor)):
+            continue
+        if is_lazy(mine):
+            continue  # a lazy module takes the saved shape
+        if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            raise ValueError(
+                f"load_checkpoint: {name}.{key} was saved with shape {tuple(theirs.shape)} and dtype "
+                f"{theirs.dtype}, but {name} has {tuple(mine.shape)} and {mine.dtype}"
+            )
+
+
+def _check_optimizer_state(name: str, saved: Any, opt: torch.optim.Optimizer, parameters: dict[int, str]) -> None:
+    """The groups as ``Optimizer.load_state_dict`` checks them, and the shape of each parameter's state,
+    which it does not check (the next ``step()`` would fail with a bare broadcasting error)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("param_groups"), list):
+        return  # a format of its own
+    groups, saved_groups = opt.param_groups, saved["param_groups"]
+    if len(groups) != len(saved_groups):
+        raise ValueError(
+            f"load_checkpoint: {name} has {len(groups)} parameter groups, but the checkpoint holds {len(saved_groups)}"
+        )
+    for g, (group, theirs) in enumerate(zip(groups, saved_groups)):
+        if len(group["params"]) != len(theirs["params"]):
+            raise ValueError(
+                f"load_checkpoint: parameter group {g} of {name} has {len(group['params'])} parameters, but the "
+                f"checkpoint's has {len(theirs['params'])}"
+            )
+    if not isinstance(opt, _SHAPED_STATE):
+        return
+    params = [p for group in groups for p in group["params"]]
+    indices = [i for group in saved_groups for i in group["params"]]
+    for n, (p, i) in enumerate(zip(params, indices)):
+        for key, value in saved.get("state", {}).get(i, {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and not _state_fits(key, value, p):
+                which = f"parameter {n}" + (f" ({parameters[id(p)]})" if id(p) in parameters else "")
+                raise ValueError(
+                    f"load_checkpoint: {name}'s {key!r} of {which} has shape {tuple(value.shape)} in the "
+                    f"checkpoint, but the parameter has shape {tuple(p.shape)}"
+                )
+
+
+# torch.optim's optimizers keep each parameter's state in tensors of its shape (or, in
+# Adafactor's factored variances, a shape that broadcasts to it); LBFGS keeps flat vectors,
+# and other optimizers' state is theirs to know.
+_SHAPED_STATE = tuple(
+    c
+    for c in vars(torch.optim).values()
+    if isinstance(c, type)
+    and issubclass(c, torch.optim.Optimizer)
+    and c not in (torch.optim.Optimizer, torch.optim.LBFGS)
+)
+
+
+def _state_fits(key: str, value: torch.Tensor, param: torch.Tensor) -> bool:
+    if key in ("row_var", "col_var"):
+        return value.ndim == param.ndim and all(v in (1, q) for v, q in zip(value.shape, param.shape))
+    return value.shape == param.shape
+
+
+def _parameter_names(objects: dict[str, Any]) -> dict[int, str]:
+    """The name of every parameter of the modules being loaded, to name one in an optimizer's error."""
+    names = {}
+    for name, target in objects.items():
+        module = target.values[0] if isinstance(target, PerReplica) else target
+        if isinstance(module, torch.nn.Module):
+            names.update({id(p): f"{name}.{key}" for key, p in module.named_parameters()})
+    return names
+
+
+def _some(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
 def _load_entry(entry: dict[str, Any], target: Any) -> None:
@@ -309,7 +405,7 @@ def _saved_as(entry: dict[str, Any]) -> str:
     return "tensor" if entry["kind"] == _TENSOR else f"plain value ({type(entry['state']).__name__})"
 
 
-def _restore_rng(per_process: list[dict[str, Any]] | None) -> None:
+def _check_rng(per_process: list[dict[str, Any]] | None) -> None:
     if per_process is None:
         raise ValueError("load_checkpoint: the checkpoint was saved without random state; pass rng=False")
     if len(per_process) != process_count():
@@ -317,13 +413,16 @@ def _restore_rng(per_process: list[dict[str, Any]] | None) -> None:
             f"load_checkpoint: the checkpoint holds the random state of {len(per_process)} processes, but "
             f"{process_count()} run now; pass rng=False to keep this run's random state"
         )
+    cuda = per_process[process_index()]["cuda"]
+    if cuda is not None and torch.cuda.is_available() and len(cuda) != torch.cuda.device_count():
+        raise ValueError(
+            f"load_checkpoint: the checkpoint holds the random state of {len(cuda)} GPUs, but "
+            f"{torch.cuda.device_count()} are visible; pass rng=False to keep this run's random state"
+        )
+
+
+def _restore_rng(per_process: list[dict[str, Any]]) -> None:
     mine = per_process[process_index()]
-    cuda = mine["cuda"]
-    if cuda is not None and torch.cuda.is_available():
-        if len(cuda) != torch.cuda.device_count():
-            raise ValueError(
-                f"load_checkpoint: the checkpoint holds the random state of {len(cuda)} GPUs, but "
-                f"{torch.cuda.device_count()} are visible; pass rng=False to keep this run's random state"
-            )
-        torch.cuda.set_rng_state_all([c.cpu() for c in cuda])
+    if mine["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([c.cpu() for c in mine["cuda"]])
     torch.set_rng_state(mine["cpu"].cpu())
