@@ -354,8 +354,9 @@ def gradients():
 
 def checkpoint():
     """Both processes save (process 0 alone writes) and load the same state;
-    each gets its own random state back; replicas that differ between the
-    processes are refused on both."""
+    each gets its own random state back; what process 0 alone cannot write
+    (parts of per-process values, entries that differ between the processes)
+    is refused on both."""
     tpd.initialize(timeout=30)
     rank, L = tp.process_index(), tp.local_device_count()
     path = os.path.join(os.environ["TORCHPMAP_TEST_CHECKPOINT_DIR"], "ckpt.pt")
@@ -399,6 +400,22 @@ def checkpoint():
         for o, m in zip(fresh_opts, fresh_models)
         for p, q in zip(m.parameters(), models[0].parameters())
     )
+    # What process 0 alone would write wrongly is refused on both, the file left as it was.
+    sharded = tp.pmap(lambda x: x * 2, "i")(torch.ones(L, 2))
+    refused = {
+        "nested_sharded_refused": ({"state": {"w": [sharded]}}, "state['w'][0] is a ShardedTensor"),
+        "nested_per_replica_refused": ({"state": (1, {"m": models})}, "state[1]['m'] is a PerReplica"),
+    }
+    for check, (state, message) in refused.items():
+        try:
+            tp.save_checkpoint(path, **state)
+            results[check] = False
+        except ValueError as e:
+            results[check] = message in str(e)
+            if not results[check]:
+                say(f"MISMATCH {check}: {e}")
+    rest = tp.load_checkpoint(path, rng=False, model=fresh_models, opt=fresh_opts)
+    results["refused_left_the_file"] = rest == {"step": 2}
     if rank == 1:
         with torch.no_grad():
             for m in models:

@@ -26,7 +26,7 @@ from torch.nn.parameter import is_lazy
 from . import distributed as _distributed
 from ._devices import process_count, process_index
 from ._sharded import ShardedTensor
-from .training import PerReplica, _check_identical, _replica_state
+from .training import PerReplica, _check_identical, _replica_state, _walk
 
 _FORMAT = "torchpmap.checkpoint"
 _VERSION = 1
@@ -143,18 +143,54 @@ def load_checkpoint(
 def _entry(name: str, value: Any) -> dict[str, Any]:
     if isinstance(value, PerReplica):
         return {"kind": _REPLICATED, "category": _category(value.values[0]), "state": _replicated_state(name, value)}
+    _refuse_per_process(name, value)
     if isinstance(value, ShardedTensor):
-        if process_count() > 1:
-            raise ValueError(
-                f"save_checkpoint: {name} is a ShardedTensor, which holds only this process's shards; "
-                f"save its full value (torchpmap.distributed.to_dtensor({name}).full_tensor()) instead"
-            )
         return {"kind": _TENSOR, "state": value.unshard("cpu").detach()}
     if isinstance(value, torch.Tensor):
         return {"kind": _TENSOR, "state": value.detach()}
     if _has_state_methods(value):
-        return {"kind": _OBJECT, "category": _category(value), "state": value.state_dict()}
+        state = value.state_dict()
+        _refuse_per_process(f"{name}.state_dict()", state)
+        return {"kind": _OBJECT, "category": _category(value), "state": state}
     return {"kind": _VALUE, "state": value}
+
+
+def _refuse_per_process(name: str, value: Any) -> None:
+    """Across processes process 0 alone writes: a value holding only this process's part,
+    anywhere inside a dict, list or tuple, would silently lose the other processes' parts."""
+    if process_count() == 1:
+        return
+    for path, leaf in _walk(value, ""):
+        what, instead = _per_process(leaf, f"{name}{path}")
+        if what:
+            raise ValueError(f"save_checkpoint: {name}{path} is {what}; {instead}")
+
+
+def _per_process(value: Any, name: str) -> tuple[str, str]:
+    """What ``value`` holds of this process only, and what to save instead ("" if it is whole)."""
+    if isinstance(value, ShardedTensor):
+        return (
+            "a ShardedTensor, which holds only this process's shards",
+            f"save its full value (torchpmap.distributed.to_dtensor({name}).full_tensor()) instead",
+        )
+    if isinstance(value, PerReplica):
+        return (
+            "a PerReplica, which holds only this process's replicas",
+            "pass it as an entry of its own (save_checkpoint(path, name=per_replica)), so that its replicas are "
+            "compared across processes and saved once",
+        )
+    if isinstance(value, torch.Tensor) and _is_sharded_dtensor(value):
+        return (
+            "a DTensor sharded across processes, which holds only this process's part",
+            f"save {name}.full_tensor() instead",
+        )
+    return "", ""
+
+
+def _is_sharded_dtensor(value: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor  # only across processes, where torch.distributed works
+
+    return isinstance(value, DTensor) and not all(p.is_replicate() for p in value.placements)
 
 
 def _replicated_state(name: str, value: PerReplica) -> Any:
