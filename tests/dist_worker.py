@@ -405,6 +405,15 @@ def checkpoint():
     refused = {
         "nested_sharded_refused": ({"state": {"w": [sharded]}}, "state['w'][0] is a ShardedTensor"),
         "nested_per_replica_refused": ({"state": (1, {"m": models})}, "state[1]['m'] is a PerReplica"),
+        "different_names_refused": (
+            {"model": models, "step": 3} if rank == 0 else {"model": models, "opt": opts, "step": 3},
+            "process 0 passes ['model', 'step'] and process 1 passes ['model', 'opt', 'step']",
+        ),
+        "different_kinds_refused": (
+            {"w": models if rank == 0 else models[0]},
+            "w is a PerReplica of module on process 0 but a module on process 1",
+        ),
+        "different_values_refused": ({"cfg": {"lr": 0.1, "step": 3 + rank}}, "cfg['step'] differs between process 0"),
     }
     for check, (state, message) in refused.items():
         try:

@@ -19,6 +19,7 @@ import os
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parameter import is_lazy
@@ -58,7 +59,12 @@ def save_checkpoint(path: str | os.PathLike[str], /, *, rng: bool = True, **stat
     With several processes (``torchpmap.distributed``) every process must
     call it with the same names: process 0 alone writes (the random state of
     every process included), and every process returns once the file is
-    complete. Replicas are also compared across processes.
+    complete. So every entry is compared across processes, and a ValueError
+    on every process names the first that would lose another process's
+    state: a name or kind that differs, replicas, tensors, plain values or
+    object states that differ (gather values meant to differ and save the
+    list), or a value holding only this process's part (a ShardedTensor,
+    PerReplica or sharded DTensor) inside a dict, list or tuple.
     """
     path = _check_path(path, "save_checkpoint")
     if process_count() > 1:
@@ -72,18 +78,18 @@ def _save_across_processes(path: str, state: dict[str, Any], rng: bool) -> None:
     """Every process checks its own state, then they compare what they found
     (so a failure anywhere fails everywhere instead of leaving peers waiting);
     process 0 writes, and all learn whether it managed."""
-    error, entries, digests, rng_state = None, {}, {}, None
+    error, entries, summary, rng_state = None, {}, {}, None
     try:
         entries = {name: _entry(name, value) for name, value in state.items()}
-        digests = {name: _digest(value) for name, value in state.items() if isinstance(value, PerReplica)}
+        summary = {name: (_describe(entries[name]), _digest(value, entries[name])) for name, value in state.items()}
         rng_state = _rng_state() if rng else None
     except Exception as e:
         error = e
-    everyone = _gather((None if error is None else f"{type(error).__name__}: {error}", digests, rng_state))
+    everyone = _gather((None if error is None else f"{type(error).__name__}: {error}", summary, rng_state))
     if error is not None:
         raise error
     _raise_for_peers([e for e, _, _ in everyone], "save_checkpoint")
-    _check_same_across_processes([d for _, d, _ in everyone])
+    _check_same_across_processes([s for _, s, _ in everyone])
     written: str | None = None
     if process_index() == 0:
         try:
@@ -280,32 +286,78 @@ def _raise_for_peers(errors: list[str | None], what: str) -> None:
             raise RuntimeError(f"{what} failed on process {rank}: {error}")
 
 
-def _digest(value: PerReplica) -> dict[str, str]:
-    """A hash of replica 0's state per key, to compare replicas across processes."""
-    return {key: _hash(v) for key, v in _replica_state(value.values[0], grads=False)}
+def _digest(value: Any, entry: dict[str, Any]) -> dict[str, str]:
+    """A hash per key of what the entry saves (replica 0's state for a PerReplica), to compare
+    the processes' entries."""
+    if isinstance(value, PerReplica):
+        return {key: _hash(v) for key, v in _replica_state(value.values[0], grads=False)}
+    return {key: _hash(v) for key, v in _walk(entry["state"], "")}
 
 
 def _hash(v: Any) -> str:
     h = hashlib.sha256()
     if isinstance(v, torch.Tensor):
-        t = v.detach().to("cpu").contiguous().reshape(-1)
+        t = v.detach().to("cpu")
+        t = (t.to_dense() if t.layout != torch.strided else t).resolve_conj().resolve_neg().contiguous().reshape(-1)
         h.update(f"{t.dtype}{tuple(v.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
+    elif isinstance(v, np.ndarray):  # its repr elides the middle of a large array
+        h.update(f"{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
+    elif isinstance(v, (set, frozenset)):  # iteration order varies with each process's string hashing
+        h.update(f"{type(v).__name__}{sorted(_hash(x) for x in v)}".encode())
+    elif type(v).__repr__ is object.__repr__:  # the default repr holds the address, which differs anyway
+        h.update(type(v).__qualname__.encode())
     else:
         h.update(repr(v).encode())
     return h.hexdigest()
 
 
-def _check_same_across_processes(digests: list[dict[str, dict[str, str]]]) -> None:
-    for rank in range(1, len(digests)):
-        for name, keys in digests[0].items():
-            other = digests[rank].get(name, {})
-            for key in sorted(keys.keys() | other.keys()):
-                if keys.get(key) != other.get(key):
-                    raise ValueError(
-                        f"save_checkpoint: the replicas of {name} differ between process 0 and process "
-                        f"{rank} at {key}, so one copy would lose state"
-                    )
+def _describe(entry: dict[str, Any]) -> str:
+    if entry["kind"] == _REPLICATED:
+        return f"PerReplica of {entry['category']}"
+    if entry["kind"] == _OBJECT:
+        return entry["category"]
+    return "tensor" if entry["kind"] == _TENSOR else f"plain value ({type(entry['state']).__name__})"
+
+
+def _check_same_across_processes(summaries: list[dict[str, tuple[str, dict[str, str]]]]) -> None:
+    """Process 0 alone writes, so whatever another process passes differently would be lost:
+    the same names, kinds and values on every process (each compares the same summaries, so all
+    raise alike)."""
+    first = summaries[0]
+    for rank in range(1, len(summaries)):
+        other = summaries[rank]
+        if first.keys() != other.keys():
+            raise ValueError(
+                f"save_checkpoint: every process must pass the same entries, but process 0 passes "
+                f"{sorted(first)} and process {rank} passes {sorted(other)}"
+            )
+        for name, (kind, keys) in first.items():
+            if other[name][0] != kind:
+                raise ValueError(
+                    f"save_checkpoint: {name} is a {kind} on process 0 but a {other[name][0]} on process {rank}"
+                )
+            key = _first_difference(keys, other[name][1])
+            if key is not None:
+                raise ValueError(_differs(name, kind, key, rank))
+
+
+def _first_difference(a: dict[str, str], b: dict[str, str]) -> str | None:
+    return next((key for key in sorted(a.keys() | b.keys()) if a.get(key) != b.get(key)), None)
+
+
+def _differs(name: str, kind: str, key: str, rank: int) -> str:
+    if kind.startswith("PerReplica"):
+        return (
+            f"save_checkpoint: the replicas of {name} differ between process 0 and process {rank} at {key}, "
+            f"so one copy would lose state"
+        )
+    where = f"{name}{key}" if kind == "tensor" or kind.startswith("plain value") else f"{name}.state_dict(){key}"
+    return (
+        f"save_checkpoint: {where} differs between process 0 and process {rank}; process 0 alone writes, so "
+        f"process {rank}'s would be lost. Pass the same value on every process, or gather values meant to "
+        f"differ (torch.distributed.all_gather_object) and save the list"
+    )
 
 
 # -- loading --------------------------------------------------------------------------------
