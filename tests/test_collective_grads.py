@@ -203,6 +203,28 @@ def test_gradient_for_a_computed_tensor_captured_by_the_pmapped_function(k, exec
     torch.testing.assert_close(w.grad, 3 * expected_c)
 
 
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_closed_over_tensor_and_one_computed_from_it_count_each_path_once(executor, create_graph):
+    # w reaches the loss directly and through c = w + 1, both closed over. A replica's graph
+    # used to run c's history too (the replicas are differentiated at w), and the caller's
+    # backward ran it again from c's gradient: w's gradient counted the path through c twice
+    # on the threads (silently, for histories that save no tensors; an error for others).
+    w = double(3, seed=1).requires_grad_()
+    c, d = w + 1, w * 3
+    x = double(4, 3, seed=2)
+    tp.set_executor(executor)
+    try:
+        f = pmap_k(lambda v: tp.psum((v * c).sum() + (v * d).sum() + (v * w).sum(), "i"), 4, out_axes=None)
+        for _ in range(2):  # the default executor's first call runs on the threads, its second captures
+            (gw,) = torch.autograd.grad(f(x), w, retain_graph=True, create_graph=create_graph)
+    finally:
+        tp.set_executor("threads")
+    W = w.detach().clone().requires_grad_()
+    (GW,) = torch.autograd.grad(((x * (W + 1)).sum() + (x * W * 3).sum() + (x * W).sum()), W)
+    torch.testing.assert_close(gw.detach(), GW)
+
+
 def test_gradgradcheck_through_a_computed_tensor_captured_by_the_pmapped_function():
     w = double(3, seed=1).requires_grad_()
 

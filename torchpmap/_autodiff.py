@@ -21,12 +21,14 @@ collectives' backward rules can communicate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
 from torch.autograd.graph import Node
-from torch.utils._pytree import TreeSpec
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import TreeSpec, tree_map_only
 
 if TYPE_CHECKING:
     from ._call import CallRecord, Executor, ReplicaGroup
@@ -61,12 +63,18 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
             caller_inputs[r].append(value)
             leaves[r].append(leaf)
 
-    flat = executor.run(record, replica_inputs)  # (leaves, spec) per replica
+    run_record, stand_ins = _with_stand_ins(record)
+    for r, mine in enumerate(stand_ins):  # each replica's leaves for the closed-over computed tensors
+        caller_inputs[r] += record.reached_grads
+        leaves[r] += mine
+    flat = executor.run(run_record, replica_inputs)  # (leaves, spec) per replica
     tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
     outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
     from ._call import Placement  # (not at the top: _call imports this module)
 
     broadcast = [k for k, j in enumerate(record.grad_leaves) if record.placements[j] is Placement.BROADCAST]
+    if stand_ins:
+        broadcast += range(len(record.grad_leaves), len(record.grad_leaves) + len(record.reached_grads))
     hidden = _hide_replica_graphs(
         executor, record.group, caller_inputs, leaves, outputs, reached=record.reached_grads, shared_inputs=broadcast
     )
@@ -75,6 +83,41 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
             for k, t in zip(slots, hidden[r]):
                 flat[r][0][k] = t
     return flat
+
+
+def _with_stand_ins(record: CallRecord) -> tuple[CallRecord, TensorsPerReplica]:
+    """``record`` whose replicas see, for each computed tensor they reach without
+    being passed it (``c = w + 1`` closed over), a leaf of their own standing for
+    it, and those leaves per replica (none without such tensors). A replica's graph
+    then stops at its stand-in: differentiated at ``c`` and at ``w`` too (also
+    closed over), it would otherwise run c's history, adding the path through c to
+    w's gradient, which the caller's backward adds again from c's gradient."""
+    if not record.reached_grads or record.compile_options is not None:
+        return record, []
+    stand_ins = [[c.detach().requires_grad_() for c in record.reached_grads] for _ in range(record.n)]
+
+    def program_of(rank: int) -> Callable[..., Any]:
+        program, mode = record.programs[rank], _StandIns(record.reached_grads, stand_ins[rank])
+
+        def with_stand_ins(*args: Any, **kwargs: Any) -> Any:
+            with mode:
+                return program(*args, **kwargs)
+
+        return with_stand_ins
+
+    return dataclasses.replace(record, programs=[program_of(r) for r in range(record.n)]), stand_ins
+
+
+class _StandIns(TorchFunctionMode):
+    """Every op a replica runs gets its stand-in leaf in place of a closed-over computed tensor."""
+
+    def __init__(self, originals: Sequence[torch.Tensor], stand_ins: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        self.by_id = {id(c): s for c, s in zip(originals, stand_ins)}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        args, kwargs = tree_map_only(torch.Tensor, lambda t: self.by_id.get(id(t), t), (args, kwargs or {}))
+        return func(*args, **kwargs)
 
 
 def _hide_replica_graphs(
