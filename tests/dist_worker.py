@@ -27,6 +27,52 @@ def check(name, got, want, results):
         say(f"MISMATCH {name}: got {got.tolist()} want {np.asarray(want).tolist()}")
 
 
+def check_bits(name, got, want, results):
+    """got equal to want bit for bit, for dtypes numpy lacks too (uint32, float8)."""
+    got, want = got.unshard() if hasattr(got, "unshard") else got, want.contiguous()
+    ok = got.dtype == want.dtype and got.shape == want.shape
+    ok = ok and torch.equal(got.contiguous().unsqueeze(-1).view(torch.uint8), want.unsqueeze(-1).view(torch.uint8))
+    results[name] = bool(ok)
+    if not ok:
+        say(f"MISMATCH {name}: got {got.to(torch.float64).tolist()} want {want.to(torch.float64).tolist()}")
+
+
+def wire_dtypes(full, first, L, G, results):
+    """Dtypes Gloo refuses go on the wire in one it takes: the same bits as in one process."""
+    idx = torch.arange(first, first + L)
+    big = (torch.arange(G * G * 3, dtype=torch.int32).reshape(G, G, 3) * 9973 - 30000).to(torch.int16)
+    mine = big[first : first + L]
+
+    def run(f, x):
+        return tp.pmap(f, "i")(x)
+
+    # The sum wraps around as int16 arithmetic in one process does.
+    total = big.sum(0, dtype=torch.int16)
+    check_bits("psum_int16", run(lambda x: tp.psum(x, "i"), mine), total.expand(L, G, 3), results)
+    check_bits("pmax_int16", run(lambda x: tp.pmax(x, "i"), mine), big.max(0).values.expand(L, G, 3), results)
+    check_bits("pmin_int16", run(lambda x: tp.pmin(x, "i"), mine), big.min(0).values.expand(L, G, 3), results)
+    groups = [list(range(0, G, 2)), list(range(1, G, 2))]
+    want = torch.stack([big[g].sum(0, dtype=torch.int16) for g in (groups[i % 2] for i in idx.tolist())])
+    check_bits("psum_groups_int16", run(lambda x: tp.psum(x, "i", axis_index_groups=groups), mine), want, results)
+    check_bits("psum_scatter_int16", run(lambda x: tp.psum_scatter(x, "i"), mine), total[idx], results)
+    bits = torch.tensor(full).view(torch.int32)  # the input's float32 bits: large, varied integers
+    perm = [(g, (g + 1) % G) for g in range(G)]
+    for dtype in (torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2):
+        name = str(dtype).removeprefix("torch.")
+        every = bits.to(torch.int64).view(torch.uint64).to(dtype) if dtype == torch.uint64 else bits.to(dtype)
+        x = every[first : first + L]
+        check_bits(f"all_gather_{name}", run(lambda x: tp.all_gather(x, "i"), x), every.expand(L, G, G, 3), results)
+        check_bits(f"ppermute_{name}", run(lambda x: tp.ppermute(x, "i", perm), x), every[(idx - 1) % G], results)
+        want = every.transpose(1, 0)[idx]
+        check_bits(f"all_to_all_{name}", run(lambda x: tp.all_to_all(x, "i", 0, 0), x), want, results)
+    # A reduction torch cannot compute is refused before any data moves, and the job goes on.
+    try:
+        run(lambda x: tp.psum(x, "i"), mine.to(torch.uint16))
+        results["psum_uint16_refused"] = False
+    except TypeError as e:
+        results["psum_uint16_refused"] = "torch.uint16" in str(e) and "all_reduce" in str(e)
+
+
 def collectives():
     tpd.initialize(timeout=30)
     rank, world = tp.process_index(), tp.process_count()
@@ -90,6 +136,7 @@ def collectives():
     check(
         "psum_dict_order", run(lambda x: tp.psum(tree(x), "i")["b"]), np.broadcast_to(-full.sum(0), (L, G, 3)), results
     )
+    wire_dtypes(full, first, L, G, results)
     # A ShardedTensor goes back in without copies, and converts to a DTensor.
     y = tp.pmap(lambda x: x * 2, "i")(mine)
     dt = tpd.to_dtensor(y)

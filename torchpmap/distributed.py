@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import gc
 import hashlib
 import itertools
@@ -365,7 +366,10 @@ def _reduces_alike(collective: Collective, x: torch.Tensor) -> bool:
     """Whether the process group's own all-reduce computes what compute_results
     does. Not a float max/min: Gloo's and NCCL's drop a NaN that torch.maximum
     keeps (the all-gather way then reduces with torch's ops)."""
-    return collective.op == "sum" or not (x.is_floating_point() or x.is_complex())
+    if collective.op != "sum" and (x.is_floating_point() or x.is_complex()):
+        return False
+    # Other floats (float8) would round differently in a wider type than in place.
+    return x.dtype in _NATIVE or x.dtype in _WIDER or x.dtype == torch.bool or x.is_complex()
 
 
 class ProcessGroupBackend(GroupBackend):
@@ -405,6 +409,7 @@ class ProcessGroupBackend(GroupBackend):
         # Not stream_ordered: the inputs are ready on the host's word, and so are the results.
         name = collective.name
         self._lockstep.check(name)
+        _refuse_unreducible(collective, xs[0])  # before any exchange: the job goes on
         try:
             self._check_same_everywhere(collective, xs[0])
             if collective.kind == "all_reduce" and collective.groups is None and _reduces_alike(collective, xs[0]):
@@ -557,21 +562,66 @@ def _group_by_step(steps: list[tuple[int, int]]) -> dict[tuple[int, int], list[i
 _DIST_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
+# Dtypes Gloo both moves and reduces (NCCL does too); Gloo refuses every other
+# dtype, even in an all-gather, with an error that looks like a peer's failure.
+_NATIVE = frozenset(
+    {torch.uint8, torch.int8, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64}
+)
+# Integers Gloo lacks travel widened: a sum in the wider type cast back keeps the low
+# bits, which is the in-place sum's wrap-around exactly (both sum modulo 2**bits);
+# max and min are exact.
+_WIDER = {torch.int16: torch.int32, torch.uint16: torch.int32, torch.uint32: torch.int64}
+
+
 def _to_wire(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a dtype the process group takes, losslessly (``_from_wire`` undoes it)."""
+    if t.dtype in _NATIVE:
+        return t
     # Gloo has no bool or complex arithmetic; ship them as uint8 / real pairs.
     if t.dtype == torch.bool:
         return t.to(torch.uint8)
     if t.is_complex():
         return torch.view_as_real(t.resolve_conj()).contiguous()
-    return t
+    if t.dtype in _WIDER:
+        return t.to(_WIDER[t.dtype])
+    # Anything else (float8, uint64) only moves: its bytes, one more dim.
+    return t.contiguous().unsqueeze(-1).view(torch.uint8)
 
 
 def _from_wire(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if like.dtype in _NATIVE:
+        return t
     if like.dtype == torch.bool:
         return t.to(torch.bool)
     if like.is_complex():
         return torch.view_as_complex(t.contiguous())
-    return t
+    if like.dtype in _WIDER:
+        return t.to(like.dtype)
+    return t.contiguous().view(like.dtype).squeeze(-1)
+
+
+def _refuse_unreducible(collective: Collective, x: torch.Tensor) -> None:
+    """A TypeError, before any exchange, for a reduction torch cannot compute on ``x``'s
+    dtype (uint16 to uint64 and float8 on the CPU): one process would fail after the data
+    moved, and that failure would end the job's cross-process collectives."""
+    if collective.op is None or (collective.groups and all(len(g) == 1 for g in collective.groups)):
+        return
+    problem = _reduction_problem(collective.op, x.dtype, x.device)
+    if problem is not None:
+        raise TypeError(
+            f"cross-process {collective.name} of a {x.dtype} tensor: torch cannot {collective.op} "
+            f"{x.dtype} tensors on {x.device.type} ({problem}); cast to a wider dtype first"
+        )
+
+
+@functools.cache
+def _reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    try:
+        one = torch.zeros(1, dtype=dtype, device=device)
+        REDUCERS[op](one, one)
+    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
+        return str(e).splitlines()[0]
+    return None
 
 
 def to_dtensor(x: ShardedTensor, mesh: DeviceMesh | None = None) -> DTensor:
