@@ -88,6 +88,16 @@ def test_gradients_through_collectives_equal_threads(name):
     both_grads(pm(COLLECTIVES[name]), rows(N, 4, 3).requires_grad_())
 
 
+@pytest.mark.parametrize("pairs", [[], [(0, 1)]], ids=["to_nobody", "to_one"])
+def test_ppermute_zeros_require_grad_and_get_zero_gradients_as_on_threads(pairs):
+    # Replicas that receive nothing get exact zeros, even from inf and NaN (not in the rows
+    # sent: NaN != NaN); an output of zeros only still backpropagates (zeros).
+    x = rows(N, 3)
+    x[2, 0], x[3, 1] = float("nan"), float("inf")
+    (grad,) = both_grads(pm(lambda x: tp.ppermute(x, "i", pairs)), x.requires_grad_())
+    assert not grad[2:].any()
+
+
 @pytest.mark.parametrize("reduce", [tp.pmax, tp.pmin])
 def test_pmax_refuses_its_gradient_as_on_threads(reduce):
     pf = pm(lambda x: reduce(x * 2, "i"))

@@ -161,7 +161,7 @@ def permute(xs: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:
     n = xs.shape[0]
     _check_stack(xs, n, "permute")
     if not pairs:
-        return torch.zeros_like(xs)
+        return _zeros_of(xs)
     source_of: dict[int, int] = {}
     for src, dst in pairs:
         source_of.setdefault(dst, src)  # the first pair that sends to dst, as _communicator._permuted
@@ -176,6 +176,13 @@ def permute(xs: Tensor, pairs: Sequence[tuple[int, int]]) -> Tensor:
             zeros = torch.zeros_like(rows[0])
         picked.append(zeros)
     return torch.stack(picked)  # copies: no row aliases the input
+
+
+def _zeros_of(xs: Tensor) -> Tensor:
+    """Zeros like xs that stay in its autograd graph: the output then requires grad and
+    backpropagates zeros, as the threads executor's op does (a fresh zeros_like would be
+    cut off). Not xs * 0, which is NaN where xs is inf or NaN."""
+    return xs.masked_fill(torch.ones((), dtype=torch.bool, device=xs.device), 0)
 
 
 def axis_index(n: int, device: torch.device) -> Tensor:
