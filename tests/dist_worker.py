@@ -334,7 +334,8 @@ def gradients():
     process what one process of all the devices gives: the double backward's
     collectives meet across processes; an out_axes=None output counts once;
     the gradient of a tensor every replica shares (closed over, broadcast) sums
-    every process's replicas; out_axes=None outputs must agree across processes."""
+    every process's replicas; out_axes=None outputs must agree across processes.
+    Then a psum of different dtypes on the two processes fails on both at once."""
     tpd.initialize(timeout=30)
     rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
     mine = slice(rank * L, (rank + 1) * L)
@@ -394,6 +395,16 @@ def gradients():
         results["out_axes_none_checked_across_processes"] = False
     except ValueError as e:
         results["out_axes_none_checked_across_processes"] = "processes' replicas returned different" in str(e)
+
+    # Last (it ends the job's collectives): a dtype torch cannot sum on one process only is
+    # a mismatch on both at once, not a refusal on one and a timeout on the other.
+    dtype = torch.uint16 if rank == 0 else torch.int32
+    start = time.monotonic()
+    try:
+        tp.pmap(lambda r: tp.psum(r.to(dtype), "i"), "i")(full[mine])
+        results["dtype_mismatch"] = False
+    except tp.CollectiveMismatchError:
+        results["dtype_mismatch"] = time.monotonic() - start < 10
     say("RESULTS " + json.dumps(results))
     tpd.shutdown()
     sys.exit(0 if all(results.values()) else 1)

@@ -29,7 +29,7 @@ import itertools
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeAlias, TypedDict
+from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,8 @@ from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, 
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -409,15 +411,25 @@ class ProcessGroupBackend(GroupBackend):
         # Not stream_ordered: the inputs are ready on the host's word, and so are the results.
         name = collective.name
         self._lockstep.check(name)
-        _refuse_unreducible(collective, xs[0])  # before any exchange: the job goes on
+        self._failing_for_good(name, self._check_same_everywhere, collective, xs[0])
+        # Every process passed the check with this dtype, so all refuse here alike, still
+        # in step (a process whose dtype differs got CollectiveMismatchError instead).
+        _refuse_unreducible(collective, xs[0])
+        return self._failing_for_good(name, self._exchange, collective, xs)
+
+    def _exchange(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if collective.kind == "all_reduce" and collective.groups is None and _reduces_alike(collective, xs[0]):
+            assert collective.op is not None  # reductions carry their op
+            return self._all_reduce(xs, collective.op)
+        everyone = self._gather_everything(xs)
+        mine = range(self.first, self.first + self.size)
+        return compute_results(collective, everyone, self.axis_size, self._to_global, mine)
+
+    def _failing_for_good(self, name: str, step: Callable[..., T], *args: Any) -> T:
+        """``step(*args)``; a failure other than a CollectiveError ends the job's
+        cross-process collectives (the peers may have gone on: never pair with them again)."""
         try:
-            self._check_same_everywhere(collective, xs[0])
-            if collective.kind == "all_reduce" and collective.groups is None and _reduces_alike(collective, xs[0]):
-                assert collective.op is not None  # reductions carry their op
-                return self._all_reduce(xs, collective.op)
-            everyone = self._gather_everything(xs)
-            mine = range(self.first, self.first + self.size)
-            return compute_results(collective, everyone, self.axis_size, self._to_global, mine)
+            return step(*args)
         except CollectiveError:
             raise
         except BaseException as e:  # the peers may have gone on: never pair with them again
