@@ -225,6 +225,17 @@ def test_a_closed_over_tensor_and_one_computed_from_it_count_each_path_once(exec
     torch.testing.assert_close(gw.detach(), GW)
 
 
+def test_compiled_replicas_with_a_closed_over_computed_tensor_run_eagerly_for_autograd():
+    # Compiled, the replicas' graphs would run c's history too: they run eagerly, saying so.
+    w = double(3, seed=1).requires_grad_()
+    c = w + 1
+    x = double(4, 3, seed=2)
+    f = pmap_k(lambda v: tp.psum((v * c).sum() + (v * w).sum(), "i"), 4, out_axes=None, compile=dict(backend="eager"))
+    with pytest.warns(RuntimeWarning, match="run eagerly"):
+        (gw,) = torch.autograd.grad(f(x), w)
+    torch.testing.assert_close(gw, 2 * x.sum(0))
+
+
 def test_gradgradcheck_through_a_computed_tensor_captured_by_the_pmapped_function():
     w = double(3, seed=1).requires_grad_()
 

@@ -22,6 +22,7 @@ collectives' backward rules can communicate.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
@@ -92,12 +93,23 @@ def _with_stand_ins(record: CallRecord) -> tuple[CallRecord, TensorsPerReplica]:
     then stops at its stand-in: differentiated at ``c`` and at ``w`` too (also
     closed over), it would otherwise run c's history, adding the path through c to
     w's gradient, which the caller's backward adds again from c's gradient."""
-    if not record.reached_grads or record.compile_options is not None:
+    if not record.reached_grads:
         return record, []
+    programs = record.programs
+    if record.compile_options is not None:
+        # Dynamo would trace the mode's substitutions (by identity) into the graph.
+        warnings.warn(
+            f"torchpmap: {record.group.label} with compile= closes over tensors computed before the call "
+            f"that require grad; with autograd through the call its replicas run eagerly, so that their "
+            f"gradients stop at those tensors",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        programs = [record.fun] * record.n
     stand_ins = [[c.detach().requires_grad_() for c in record.reached_grads] for _ in range(record.n)]
 
     def program_of(rank: int) -> Callable[..., Any]:
-        program, mode = record.programs[rank], _StandIns(record.reached_grads, stand_ins[rank])
+        program, mode = programs[rank], _StandIns(record.reached_grads, stand_ins[rank])
 
         def with_stand_ins(*args: Any, **kwargs: Any) -> Any:
             with mode:

@@ -19,10 +19,14 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import torch._functorch.eager_transforms as _eager_transforms
 import torch.autograd.forward_ad as _forward_ad
+
+if TYPE_CHECKING:
+    from ._communicator import Collective
 
 _GATE = threading.RLock()
 _tls = threading.local()  # .worker: a threads-executor worker; .depth: forward-AD levels it holds
@@ -37,6 +41,20 @@ def mark_worker_thread() -> None:
 def held() -> bool:
     """Whether this thread is inside a forward-AD level it entered as a replica."""
     return getattr(_tls, "depth", 0) > 0
+
+
+def check_not_dual(collective: Collective, x: torch.Tensor) -> None:
+    """Raise for a reduction of a dual tensor (the caller's forward-AD level reached
+    the replicas through their inputs): the reductions have no forward-mode rule,
+    and PyTorch would fail inside the exchange with an error about out= kernels.
+    (The gathers and permutations move tangents with the values: stack, cat, copy.)"""
+    if collective.op is not None and _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
+        raise RuntimeError(
+            f"torchpmap: {collective.name} of a dual tensor (forward-mode AD: torch.func.jvp or "
+            f"forward_ad.dual_level around the pmap call, whose inputs carry tangents). The reductions have no "
+            f"forward-mode rule on the threads and lockstep executors; pass the primal values "
+            f"(forward_ad.unpack_dual(x).primal), or differentiate in reverse mode."
+        )
 
 
 def check_no_collective(kind: str) -> None:

@@ -40,7 +40,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _escapes, _ops, _outside_views, _value_checks
+from . import _escapes, _forward_ad, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
@@ -312,6 +312,7 @@ def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices:
                 for d in {d for d in devices if d.type == "cuda"}:
                     torch.cuda.synchronize(d)
             xs = [env[step.input] for env in envs]
+            _forward_ad.check_not_dual(step.collective, xs[0])
             _check_signatures(step.collective, xs)
             results = backend.run(step.collective, xs)
             for env, v in zip(envs, results):

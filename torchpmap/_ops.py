@@ -217,6 +217,7 @@ def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
     if f.capturing or _axis.bound_level(axes.split(AXIS_SEP)) is not None:
         raise _no_captured_form(collective.kind)
     _forward_ad.check_no_collective(collective.kind)
+    _forward_ad.check_not_dual(collective, x)
     return f.comm.exchange(f.index, collective, x)
 
 
