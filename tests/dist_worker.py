@@ -389,6 +389,37 @@ def gradients():
     check("shared_mapped_outputs", gw.detach().numpy(), GW.detach().numpy(), results)
     check("shared_second_order", ggw.numpy(), GGW.numpy(), results)
 
+    # The tensors a process's replicas reach depend on the process (replicas 0-1 use p,
+    # 2-3 use q, in the other order on each process): paired by name, not by position.
+    p, q = (torch.arange(3.0, dtype=torch.float64) * k for k in (2, 5))
+    p.requires_grad_(), q.requires_grad_()
+
+    def by_process(r):
+        first, second = (p, q) if int(tp.axis_index("i")) < L else (q, p)
+        return tp.psum((r * first).sum() + (r**2 * second).sum(), "i")
+
+    tp.pmap(by_process, "i", out_axes=None)(full[mine]).backward()
+    first_half = torch.arange(G) < L
+    check(
+        "shared_by_name_p", p.grad.numpy(), (full[first_half].sum(0) + (full[~first_half] ** 2).sum(0)).numpy(), results
+    )
+    check(
+        "shared_by_name_q", q.grad.numpy(), (full[~first_half].sum(0) + (full[first_half] ** 2).sum(0)).numpy(), results
+    )
+    # A PerReplica tensor is each replica's own: never summed across processes. A broadcast
+    # argument no replica uses gets no gradient (None), as in one process.
+    own = tp.PerReplica(
+        [torch.full((3,), float(rank * L + i), dtype=torch.float64, requires_grad=True) for i in range(L)],
+        tp.local_devices(),
+    )
+    unused = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    tp.pmap(lambda r, o, u: tp.psum((r * o).sum(), "i"), "i", in_axes=(0, 0, None), out_axes=None)(
+        full[mine], own, unused
+    ).backward()
+    for i, o in enumerate(own.values):
+        check(f"per_replica_{i}", o.grad.numpy(), full[rank * L + i].numpy(), results)
+    results["unused_broadcast_has_no_grad"] = unused.grad is None
+
     # out_axes=None values that differ between the processes: an error on both.
     try:
         tp.pmap(lambda r: tp.axis_index("i") // L, "i", out_axes=None)(full[mine])

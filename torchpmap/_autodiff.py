@@ -31,6 +31,8 @@ from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
 
+from . import _ops
+
 if TYPE_CHECKING:
     from ._call import CallRecord, Executor, ReplicaGroup
 
@@ -71,19 +73,52 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
     flat = executor.run(run_record, replica_inputs)  # (leaves, spec) per replica
     tensor_slots = [[k for k, v in enumerate(flat[r][0]) if isinstance(v, torch.Tensor)] for r in range(len(flat))]
     outputs = [[flat[r][0][k] for k in slots] for r, slots in enumerate(tensor_slots)]
-    from ._call import Placement  # (not at the top: _call imports this module)
-
-    broadcast = [k for k, j in enumerate(record.grad_leaves) if record.placements[j] is Placement.BROADCAST]
-    if stand_ins:
-        broadcast += range(len(record.grad_leaves), len(record.grad_leaves) + len(record.reached_grads))
+    shared, per_replica = _shared_inputs(record, bool(stand_ins), replica_inputs)
     hidden = _hide_replica_graphs(
-        executor, record.group, caller_inputs, leaves, outputs, reached=record.reached_grads, shared_inputs=broadcast
+        executor,
+        record.group,
+        caller_inputs,
+        leaves,
+        outputs,
+        reached=record.reached_grads,
+        shared_inputs=shared,
+        named_shared=record.reached_named,
+        per_replica=per_replica,
+        stood_in={id(c) for c in record.reached_grads} if stand_ins else frozenset(),
     )
     if hidden is not None:
         for r, slots in enumerate(tensor_slots):
             for k, t in zip(slots, hidden[r]):
                 flat[r][0][k] = t
     return flat
+
+
+def _shared_inputs(
+    record: CallRecord, with_stand_ins: bool, replica_inputs: list[list[Any]]
+) -> tuple[dict[int, str], set[int]]:
+    """In a call across processes: the positions of the node's inputs that every
+    replica shares (broadcast arguments, stand-ins' closed-over tensors), each named
+    as every process names it; and the ids of the tensors PerReplica arguments hold
+    (each replica's own). Nothing in one process."""
+    if record.group.axis_size == record.n:
+        return {}, set()
+    from ._call import Placement  # (not at the top: _call imports this module)
+
+    shared = {
+        k: f"argument leaf {j}" for k, j in enumerate(record.grad_leaves) if record.placements[j] is Placement.BROADCAST
+    }
+    if with_stand_ins:
+        names = {id(t): name for name, t in record.reached_named}
+        base = len(record.grad_leaves)
+        shared.update((base + i, names[id(c)]) for i, c in enumerate(record.reached_grads) if id(c) in names)
+    per_replica: set[int] = set()
+    for j, placement in enumerate(record.placements):
+        if placement is Placement.PER_REPLICA:
+            for inputs in replica_inputs:
+                value = inputs[j]
+                held = [*value.parameters(), *value.buffers()] if isinstance(value, torch.nn.Module) else [value]
+                per_replica.update(id(t) for t in held if isinstance(t, torch.Tensor))
+    return shared, per_replica
 
 
 def _with_stand_ins(record: CallRecord) -> tuple[CallRecord, TensorsPerReplica]:
@@ -112,8 +147,12 @@ def _with_stand_ins(record: CallRecord) -> tuple[CallRecord, TensorsPerReplica]:
         program, mode = programs[rank], _StandIns(record.reached_grads, stand_ins[rank])
 
         def with_stand_ins(*args: Any, **kwargs: Any) -> Any:
-            with mode:
-                return program(*args, **kwargs)
+            _ops.stand_ins.by_id = mode.by_id
+            try:
+                with mode:
+                    return program(*args, **kwargs)
+            finally:
+                _ops.stand_ins.by_id = None
 
         return with_stand_ins
 
@@ -141,40 +180,83 @@ def _hide_replica_graphs(
     shared: bool = False,
     caller_streams: list[torch.cuda.Stream | None] | None = None,
     reached: Sequence[torch.Tensor] = (),
-    shared_inputs: Sequence[int] = (),
+    shared_inputs: dict[int, str] | None = None,
+    named_shared: Sequence[tuple[str, torch.Tensor]] | None = None,
+    per_replica: set[int] | frozenset[int] = frozenset(),
+    stood_in: set[int] | frozenset[int] = frozenset(),
 ) -> TensorsPerReplica | None:
     """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
     ``caller_inputs[r]``), as tensors the caller's autograd differentiates
     through the replicas; None when no output requires grad. ``reached``:
     tensors made before the call that the function reaches without being
     passed them (closed over), which the replicas' graphs may use.
-    ``shared_inputs``: the positions in ``caller_inputs[r]`` of the values every
-    replica shares (broadcast arguments); closed-over tensors are shared too."""
+    ``shared_inputs``: in a call across processes, the positions in
+    ``caller_inputs[r]`` of the values every replica shares, named alike on every
+    process; ``named_shared``: the tensors requiring grad the function reaches
+    without being passed them, named so (None: none new, as in a backward's node);
+    ``per_replica``: the ids of the tensors that PerReplica arguments hold."""
     if not any(o.requires_grad for per in outputs for o in per):
         return None
-    across_processes = group.axis_size > len(group.devices)
-    if across_processes:
-        # Every replica is differentiated at every closed-over tensor any local replica
-        # reached: the processes' gradient sums pair them by position (_ReplicaGraphs.vjp).
-        union: dict[int, torch.Tensor] = {}
-        for r, per in enumerate(outputs):
-            union.update((id(t), t) for t in _captured_leaves(per, leaves[r], reached))
-        captured_per_replica = [list(union.values())] * len(outputs)
-    else:
-        captured_per_replica = [_captured_leaves(per, leaves[r], reached) for r, per in enumerate(outputs)]
-    shared_slots = list(shared_inputs)
-    for r, captured in enumerate(captured_per_replica):
+    shared_slots = dict(shared_inputs or {})
+    if group.axis_size > len(group.devices) and named_shared is not None:
+        _add_named_shared(caller_inputs, leaves, outputs, reached, named_shared, per_replica, shared_slots)
+    for r, per in enumerate(outputs):
+        captured = _captured_leaves(per, leaves[r], reached)
+        if stood_in and any(id(t) in stood_in for t in captured):
+            _refuse_bypassed_stand_in(next(t for t in captured if id(t) in stood_in))
         if captured:
             _refuse_hooks(captured)
-            if r == 0:
-                shared_slots += range(len(caller_inputs[0]), len(caller_inputs[0]) + len(captured))
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
     graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams)
-    if across_processes:
-        graphs.summed_across_processes = shared_slots
+    graphs.summed_across_processes = shared_slots
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
+
+
+def _refuse_bypassed_stand_in(c: torch.Tensor) -> None:
+    """A replica's graph reached a closed-over computed tensor itself, not its
+    stand-in (an autograd.Function took it directly): its history would run in
+    the replica, and a tensor it was computed from could get that path's gradient twice."""
+    raise RuntimeError(
+        f"pmap: the function passes a tensor of shape {tuple(c.shape)} that it closes over, computed before the "
+        f"call and requiring grad, directly to an autograd.Function; autograd through the call cannot stop at it "
+        f"there. Pass it as an argument (in_axes=None), or compute it inside the function"
+    )
+
+
+def _add_named_shared(
+    caller_inputs: TensorsPerReplica,
+    leaves: TensorsPerReplica,
+    outputs: TensorsPerReplica,
+    reached: Sequence[torch.Tensor],
+    named_shared: Sequence[tuple[str, torch.Tensor]],
+    per_replica: set[int] | frozenset[int],
+    shared_slots: dict[int, str],
+) -> None:
+    """Across processes, every replica is differentiated at every tensor the function
+    reaches by name, whether or not this process's replicas used it (another's may
+    have: every process must sum the same ones), and the sum pairs them by name. A
+    tensor reached some other way could be neither paired nor known to be a
+    replica's own: an error rather than a gradient of this process's replicas only."""
+    names = {id(t): name for name, t in named_shared}
+    for r, per in enumerate(outputs):
+        for t in _captured_leaves(per, leaves[r], reached):
+            if id(t) not in names and id(t) not in per_replica:
+                raise RuntimeError(
+                    f"pmap: autograd through a call across processes reaches a tensor of shape {tuple(t.shape)} "
+                    f"that requires grad and that the function was neither passed nor closes over where torchpmap "
+                    f"looks (closures, globals, their modules' parameters), so its copies on the processes cannot "
+                    f"be paired to sum its gradient; pass it as an argument (in_axes=None)"
+                )
+    present = {id(t) for t in caller_inputs[0]}
+    for name, t in named_shared:
+        if id(t) in present:
+            continue  # a closed-over computed tensor, given already (its stand-ins)
+        shared_slots[len(caller_inputs[0])] = name
+        for r in range(len(caller_inputs)):
+            leaves[r] = [*leaves[r], t]
+            caller_inputs[r] = [*caller_inputs[r], t]
 
 
 def _refuse_hooks(captured: list[torch.Tensor]) -> None:
@@ -271,9 +353,10 @@ class _ReplicaGraphs:
             caller_streams = [torch.cuda.current_stream(d) if d.type == "cuda" else None for d in group.devices]
         self.caller_streams = caller_streams
         # In a call across processes, the positions of the inputs every replica shares (broadcast
-        # arguments, closed-over tensors): each process holds its own copy of one value, whose
-        # gradient is the sum over every process's replicas, not over this process's alone.
-        self.summed_across_processes: list[int] = []
+        # arguments, closed-over tensors), by the name every process gives them: each process
+        # holds its own copy of one value, whose gradient is the sum over every process's
+        # replicas, not over this process's alone.
+        self.summed_across_processes: dict[int, str] = {}
 
     def run(self, replica_fn: Callable[[int], T]) -> list[T]:
         return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
@@ -309,10 +392,16 @@ class _ReplicaGraphs:
         from .collectives import psum  # (not at the top: the collectives import the runtime)
 
         slots = self.summed_across_processes
-        parts = [g if g is not None else torch.zeros_like(self.leaves[r][i]) for i, g in ((i, grads[i]) for i in slots)]
-        totals = psum(parts, self.group.axis_name)
-        for i, total in zip(slots, totals):
-            if r == 0:
+        zeros = torch.zeros_like
+        parts = {name: zeros(self.leaves[r][i]) if grads[i] is None else grads[i] for i, name in slots.items()}
+        # And whether any replica had a gradient: none anywhere stays None, as in one process.
+        present = torch.tensor([grads[i] is not None for i in slots], dtype=torch.int32)
+        totals, anywhere = psum((parts, present), self.group.axis_name)  # the processes' copies pair by name
+        for (i, name), used in zip(slots.items(), anywhere.tolist()):
+            total = totals[name]
+            if not used:
+                grads[i] = None
+            elif r == 0:
                 # Every process holds this one gradient: a loss of it counts once, as an out_axes=None output.
                 grads[i] = counted_once(total, self.group.first_index == 0) if create_graph else total
             elif create_graph:
@@ -406,7 +495,7 @@ class _CountedOnce(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, seeds: bool) -> torch.Tensor:
         ctx.seeds = seeds
-        return x.view_as(x)
+        return x.clone()  # not a view: the caller may update the output in place
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:

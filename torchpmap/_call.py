@@ -101,6 +101,10 @@ class CallRecord:
     # Non-leaf tensors requiring grad, made before the call, that the function reaches
     # without being passed them (closed over): where autograd through the call stops.
     reached_grads: Sequence[torch.Tensor] = ()
+    # In a call across processes: every tensor requiring grad that the function reaches
+    # without being passed it (closed over, a closed-over module's parameters), named by
+    # how it is reached: the processes pair their copies by these names.
+    reached_named: Sequence[tuple[str, torch.Tensor]] = ()
 
     @property
     def n(self) -> int:

@@ -103,12 +103,18 @@ def call(name: str, x: Tensor, *args: OpArg) -> Tensor:
             return _opaque_call(name, x, *args)
         # Dynamo traces the op and its registered autograd rule directly.
         return getattr(OPS, name).default(x, *args)
+    by_id = getattr(stand_ins, "by_id", None)
+    if by_id is not None:  # an autograd.Function: the stand-in mode (_autodiff) does not see it
+        x = by_id.get(id(x), x)
     if _eager_ok(x):
         return _KERNELS[name](x, *args)
     return _Collective.apply(name, x, *args)
 
 
 _stacking = threading.local()
+# While a replica runs with stand-ins for closed-over computed tensors (``_autodiff``):
+# ``by_id``, their stand-in leaves by the id of the tensor they stand for.
+stand_ins = threading.local()
 
 
 @torch._dynamo.assume_constant_result

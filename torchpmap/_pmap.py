@@ -335,6 +335,7 @@ class Pmapped:
         reached_grads = (
             [t for _, t in found if isinstance(t, torch.Tensor) and t.grad_fn is not None] if grad_on else []
         )
+        reached_named = _named_grad_tensors(found) if grad_on and _distributed.is_initialized() else []
         per_leaf, placements, grad_leaves, shared = self._place(plan, leaves, devices, n)
 
         programs: list[Callable[..., Any]]
@@ -358,6 +359,7 @@ class Pmapped:
             [leaves[j] for j in donated],
             compile_options=None if self._compiled is None else self._compiled.options,
             reached_grads=reached_grads,
+            reached_named=reached_named,
         )
         watched = shared_modules + reached
         try:
@@ -937,6 +939,19 @@ def _hashable(v: Any) -> bool:
 def _anonymous_axis(p: Pmapped) -> str:
     # An unnamed axis still needs a name internally; no user code can spell it.
     return f"<unnamed axis of pmap {id(p):x}>"
+
+
+def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors requiring grad among what the function reaches (a module's by
+    its parameters' and buffers' names), named by how the function reaches them."""
+    named: dict[int, tuple[str, torch.Tensor]] = {}
+    for name, obj in found:
+        if isinstance(obj, torch.nn.Module):
+            pairs = [*obj.named_parameters(), *obj.named_buffers()]
+            named.update((id(t), (f"{name}.{key}", t)) for key, t in pairs if t.requires_grad)
+        elif isinstance(obj, torch.Tensor) and obj.requires_grad:
+            named.setdefault(id(obj), (name, obj))
+    return list(named.values())
 
 
 def _replicated_across_processes(result: list[Any], plan: _OutPlan, group: ReplicaGroup) -> None:

@@ -297,6 +297,8 @@ def _digest(value: Any, entry: dict[str, Any]) -> dict[str, str]:
 def _hash(v: Any) -> str:
     h = hashlib.sha256()
     if isinstance(v, torch.Tensor):
+        if hasattr(v, "to_local"):  # a DTensor (replicated: a sharded one was refused): its local value
+            v = v.to_local()
         t = v.detach().to("cpu")
         t = (t.to_dense() if t.layout != torch.strided else t).resolve_conj().resolve_neg().contiguous().reshape(-1)
         h.update(f"{t.dtype}{tuple(v.shape)}".encode())
@@ -433,7 +435,7 @@ def _check_optimizer_state(name: str, saved: Any, opt: torch.optim.Optimizer, pa
                 f"load_checkpoint: parameter group {g} of {name} has {len(group['params'])} parameters, but the "
                 f"checkpoint's has {len(theirs['params'])}"
             )
-    if not isinstance(opt, _SHAPED_STATE):
+    if type(opt) not in _SHAPED_STATE:  # a subclass may keep state of other shapes
         return
     params = [p for group in groups for p in group["params"]]
     indices = [i for group in saved_groups for i in group["params"]]

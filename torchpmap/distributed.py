@@ -547,10 +547,14 @@ def _digest(value: object) -> int:
         h.update(repr((tuple(t.shape), t.dtype)).encode())
         if t.is_complex():
             t = torch.view_as_real(t)
+        if t.is_floating_point() and t.element_size() == 1:
+            t = t.float()  # float8 has no add: exact in float32
         if t.is_floating_point():
             t = torch.where(t.isnan(), torch.full_like(t, float("nan")), t + 0)  # + 0 turns -0.0 into 0.0
         h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
     else:
+        if isinstance(value, float):
+            value += 0.0  # -0.0 == 0.0, as the one-process check compares them
         h.update(repr((type(value).__name__, value)).encode())
     return int.from_bytes(h.digest(), "little") >> 1
 
