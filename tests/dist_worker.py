@@ -329,6 +329,26 @@ def catch_and_continue():
     os._exit(0)
 
 
+def backward_out_of_step():
+    """Process 0 runs a call's backward while process 1 skips it and makes its next
+    call, whose psum looks like the backward's: both must fail, never pair the two."""
+    tpd.initialize(timeout=30)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    full = torch.arange(G * 3, dtype=torch.float32).reshape(G, 3)
+    out = tp.pmap(lambda x: tp.psum((x * w).sum(), "i"), "i", out_axes=None)(full[rank * L : (rank + 1) * L])
+    try:
+        if rank == 0:
+            out.backward()
+        else:
+            tp.pmap(lambda x: tp.psum(x.sum(), "i"), "i")(full[rank * L : (rank + 1) * L])
+        outcome = "no error"
+    except tp.CollectiveMismatchError as e:
+        outcome = "mismatch" if "a backward pass" in str(e) else f"other mismatch: {e}"
+    say(f"OUTCOME {rank} {outcome}")
+    os._exit(0)
+
+
 def gradients():
     """Autograd through calls whose replicas span both processes gives every
     process what one process of all the devices gives: the double backward's
@@ -591,6 +611,7 @@ if __name__ == "__main__":
         "collectives": collectives,
         "train": train,
         "gradients": gradients,
+        "backward_out_of_step": backward_out_of_step,
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,

@@ -65,6 +65,12 @@ def test_gradients_through_calls_across_two_processes_equal_one_process_of_all_d
     assert out.stdout.count("RESULTS ") == 2, out.stdout
 
 
+def test_a_backward_on_one_process_never_pairs_with_the_next_call_on_another():
+    out, _ = torchrun("backward_out_of_step", timeout=90)
+    outcomes = sorted(line for line in out.stdout.splitlines() if line.startswith("OUTCOME "))
+    assert outcomes == ["OUTCOME 0 mismatch", "OUTCOME 1 mismatch"], out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("scenario", ["failure", "failure_stays_alive"])
 def test_a_failing_rank_makes_the_others_fail_not_hang(scenario):
     out, elapsed = torchrun(scenario, timeout=90)

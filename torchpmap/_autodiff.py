@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
 
 from . import _ops
+from .distributed import backward_runs
 
 if TYPE_CHECKING:
     from ._call import CallRecord, Executor, ReplicaGroup
@@ -359,7 +360,8 @@ class _ReplicaGraphs:
         self.summed_across_processes: dict[int, str] = {}
 
     def run(self, replica_fn: Callable[[int], T]) -> list[T]:
-        return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
+        with backward_runs():
+            return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
 
     def vjp(
         self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool

@@ -21,14 +21,16 @@ cross-process collective again: the job must be restarted.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import gc
 import hashlib
 import itertools
 import os
+import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar
 
 import torch
@@ -404,6 +406,8 @@ class ProcessGroupBackend(GroupBackend):
         self._lockstep = lockstep
         self._call = lockstep.next_call()
         self._exchanges = 0  # cross-process exchanges of this call so far
+        # A backward pass is numbered like a call: its kind tells it from another process's next forward.
+        self._backward = int(getattr(_runs, "backward", False))
 
     def run(
         self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
@@ -452,17 +456,17 @@ class ProcessGroupBackend(GroupBackend):
     def _check_same_everywhere(self, collective: Collective, x: torch.Tensor) -> None:
         signature = collective.signature(x)
         self._exchanges += 1
-        step = (self._call, self._exchanges)
+        step = (self._call, self._exchanges, self._backward)
         crc = zlib.crc32(repr(signature).encode())
         # On the CPU, over the check group (Gloo): bounded by its timeout whatever the data's backend.
         mine = torch.tensor([*step, crc], dtype=torch.int64)
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._check_group))]
         self._wait(dist.all_gather(theirs, mine, group=self._check_group, async_op=True))
         rows = torch.stack(theirs).tolist()
-        steps = [(call, exchange) for call, exchange, _ in rows]
+        steps = [(call, exchange, backward) for call, exchange, backward, _ in rows]
         if len(set(steps)) != 1:
             raise self._out_of_step(collective.name, steps)
-        values = [crc for _, _, crc in rows]
+        values = [crc for *_, crc in rows]
         if len(set(values)) != 1:
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._check_group)]]
             raise CollectiveMismatchError(
@@ -471,11 +475,12 @@ class ProcessGroupBackend(GroupBackend):
                 f"processes {odd} called something else"
             )
 
-    def _out_of_step(self, collective: str, steps: list[tuple[int, int]]) -> CollectiveMismatchError:
+    def _out_of_step(self, collective: str, steps: list[tuple[int, int, int]]) -> CollectiveMismatchError:
         where = "; ".join(
-            f"process{'es' if len(ps) > 1 else ''} {', '.join(map(str, ps))}: pmap call #{call}, "
+            f"process{'es' if len(ps) > 1 else ''} {', '.join(map(str, ps))}: "
+            f"{'a backward pass as ' if backward else ''}pmap call #{call}, "
             f"cross-process collective #{exchange} of the call"
-            for (call, exchange), ps in _group_by_step(steps).items()
+            for (call, exchange, backward), ps in _group_by_step(steps).items()
         )
         self._lockstep.stop(f"the processes got out of step ({where})", CollectiveMismatchError)
         return CollectiveMismatchError(
@@ -516,6 +521,23 @@ class ProcessGroupBackend(GroupBackend):
         self._wait(dist.all_gather(parts, stacked.contiguous(), group=self._group, async_op=True))
         template = xs_local[0]
         return [_from_wire(row, template) for part in parts for row in part]
+
+
+# ``backward``: whether the runs this thread starts are backward passes (``backward_runs``).
+_runs = threading.local()
+
+
+@contextlib.contextmanager
+def backward_runs() -> Iterator[None]:
+    """The runs started inside are a call's backward passes: their cross-process
+    exchanges say so, so that a process in a backward never pairs with another
+    process's next forward call (numbered alike) when their collectives look alike."""
+    before = getattr(_runs, "backward", False)
+    _runs.backward = True
+    try:
+        yield
+    finally:
+        _runs.backward = before
 
 
 def check_same_on_every_process(new_backend: Callable[[], GroupBackend], values: Sequence[tuple[str, object]]) -> None:
@@ -567,9 +589,9 @@ def _timed_out(error: BaseException) -> bool:
     return "timed out" in text or "timeout" in text
 
 
-def _group_by_step(steps: list[tuple[int, int]]) -> dict[tuple[int, int], list[int]]:
-    """Process ranks by the (call, exchange) they are at, in order of first appearance."""
-    groups: dict[tuple[int, int], list[int]] = {}
+def _group_by_step(steps: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], list[int]]:
+    """Process ranks by the (call, exchange, backward) they are at, in order of first appearance."""
+    groups: dict[tuple[int, int, int], list[int]] = {}
     for process, step in enumerate(steps):
         groups.setdefault(step, []).append(process)
     return groups
