@@ -439,6 +439,10 @@ def gradients():
     for i, o in enumerate(own.values):
         check(f"per_replica_{i}", o.grad.numpy(), full[rank * L + i].numpy(), results)
     results["unused_broadcast_has_no_grad"] = unused.grad is None
+    # A module passed as a broadcast argument: its parameters are shared like closed-over ones.
+    lin = torch.nn.Linear(3, 1).double()
+    tp.pmap(lambda m, r: tp.psum(m(r).sum(), "i"), "i", in_axes=(None, 0), out_axes=None)(lin, full[mine]).backward()
+    check("broadcast_module", lin.weight.grad.numpy(), full.sum(0, keepdim=True).numpy(), results)
 
     # out_axes=None values that differ between the processes: an error on both.
     try:

@@ -83,7 +83,9 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
         outputs,
         reached=record.reached_grads,
         shared_inputs=shared,
-        named_shared=record.reached_named,
+        named_shared=[*record.reached_named, *_broadcast_module_tensors(record)]
+        if record.group.axis_size > record.n
+        else None,
         per_replica=per_replica,
         stood_in={id(c) for c in record.reached_grads} if stand_ins else frozenset(),
     )
@@ -120,6 +122,19 @@ def _shared_inputs(
                 held = [*value.parameters(), *value.buffers()] if isinstance(value, torch.nn.Module) else [value]
                 per_replica.update(id(t) for t in held if isinstance(t, torch.Tensor))
     return shared, per_replica
+
+
+def _broadcast_module_tensors(record: CallRecord) -> list[tuple[str, torch.Tensor]]:
+    """The tensors requiring grad of the modules passed as broadcast arguments,
+    named by the argument's position and their own names (shared, like closed-over ones)."""
+    from ._call import Placement  # (not at the top: _call imports this module)
+
+    named = []
+    for j, (leaf, placement) in enumerate(zip(record.caller_leaves, record.placements)):
+        if placement is Placement.BROADCAST and isinstance(leaf, torch.nn.Module):
+            pairs = [*leaf.named_parameters(), *leaf.named_buffers()]
+            named += [(f"argument leaf {j}.{key}", t) for key, t in pairs if t.requires_grad]
+    return named
 
 
 def _with_stand_ins(record: CallRecord) -> tuple[CallRecord, TensorsPerReplica]:
