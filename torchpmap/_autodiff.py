@@ -124,16 +124,26 @@ def _shared_inputs(
     return shared, per_replica
 
 
+def named_grad_tensors(name: str, obj: Any) -> list[tuple[str, torch.Tensor]]:
+    """The tensors requiring grad that ``obj`` stands for, named from ``name``: a
+    module's parameters and buffers by their own names, a tensor by ``name``."""
+    if isinstance(obj, torch.nn.Module):
+        pairs = [*obj.named_parameters(), *obj.named_buffers()]
+        return [(f"{name}.{key}", t) for key, t in pairs if t.requires_grad]
+    if isinstance(obj, torch.Tensor) and obj.requires_grad:
+        return [(name, obj)]
+    return []
+
+
 def _broadcast_module_tensors(record: CallRecord) -> list[tuple[str, torch.Tensor]]:
     """The tensors requiring grad of the modules passed as broadcast arguments,
-    named by the argument's position and their own names (shared, like closed-over ones)."""
+    named by the argument's position (shared, like closed-over ones)."""
     from ._call import Placement  # (not at the top: _call imports this module)
 
     named = []
     for j, (leaf, placement) in enumerate(zip(record.caller_leaves, record.placements)):
         if placement is Placement.BROADCAST and isinstance(leaf, torch.nn.Module):
-            pairs = [*leaf.named_parameters(), *leaf.named_buffers()]
-            named += [(f"argument leaf {j}.{key}", t) for key, t in pairs if t.requires_grad]
+            named += named_grad_tensors(f"argument leaf {j}", leaf)
     return named
 
 
@@ -214,10 +224,11 @@ def _hide_replica_graphs(
     if not any(o.requires_grad for per in outputs for o in per):
         return None
     shared_slots = dict(shared_inputs or {})
+    captured_per_replica = [_captured_leaves(per, leaves[r], reached) for r, per in enumerate(outputs)]
     if group.axis_size > len(group.devices) and named_shared is not None:
-        _add_named_shared(caller_inputs, leaves, outputs, reached, named_shared, per_replica, shared_slots)
-    for r, per in enumerate(outputs):
-        captured = _captured_leaves(per, leaves[r], reached)
+        added = _add_named_shared(caller_inputs, leaves, captured_per_replica, named_shared, per_replica, shared_slots)
+        captured_per_replica = [[t for t in captured if id(t) not in added] for captured in captured_per_replica]
+    for r, captured in enumerate(captured_per_replica):
         if stood_in and any(id(t) in stood_in for t in captured):
             _refuse_bypassed_stand_in(next(t for t in captured if id(t) in stood_in))
         if captured:
@@ -244,20 +255,20 @@ def _refuse_bypassed_stand_in(c: torch.Tensor) -> None:
 def _add_named_shared(
     caller_inputs: TensorsPerReplica,
     leaves: TensorsPerReplica,
-    outputs: TensorsPerReplica,
-    reached: Sequence[torch.Tensor],
+    captured_per_replica: TensorsPerReplica,
     named_shared: Sequence[tuple[str, torch.Tensor]],
     per_replica: set[int] | frozenset[int],
     shared_slots: dict[int, str],
-) -> None:
+) -> set[int]:
     """Across processes, every replica is differentiated at every tensor the function
     reaches by name, whether or not this process's replicas used it (another's may
     have: every process must sum the same ones), and the sum pairs them by name. A
     tensor reached some other way could be neither paired nor known to be a
-    replica's own: an error rather than a gradient of this process's replicas only."""
+    replica's own: an error rather than a gradient of this process's replicas only.
+    Returns the ids of the tensors added."""
     names = {id(t): name for name, t in named_shared}
-    for r, per in enumerate(outputs):
-        for t in _captured_leaves(per, leaves[r], reached):
+    for captured in captured_per_replica:
+        for t in captured:
             if id(t) not in names and id(t) not in per_replica:
                 raise RuntimeError(
                     f"pmap: autograd through a call across processes reaches a tensor of shape {tuple(t.shape)} "
@@ -265,14 +276,16 @@ def _add_named_shared(
                     f"looks (closures, globals, their modules' parameters), so its copies on the processes cannot "
                     f"be paired to sum its gradient; pass it as an argument (in_axes=None)"
                 )
-    present = {id(t) for t in caller_inputs[0]}
+    present, added = {id(t) for t in caller_inputs[0]}, set()
     for name, t in named_shared:
-        if id(t) in present:
+        if id(t) in present or id(t) in added:
             continue  # a closed-over computed tensor, given already (its stand-ins)
+        added.add(id(t))
         shared_slots[len(caller_inputs[0])] = name
         for r in range(len(caller_inputs)):
             leaves[r] = [*leaves[r], t]
             caller_inputs[r] = [*caller_inputs[r], t]
+    return added
 
 
 def _refuse_hooks(captured: list[torch.Tensor]) -> None:

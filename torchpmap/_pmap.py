@@ -22,7 +22,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 
 from . import _devices, _random, _transfers
 from . import distributed as _distributed
-from ._autodiff import FlatOutput, counted_once
+from ._autodiff import FlatOutput, counted_once, named_grad_tensors
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
@@ -942,15 +942,12 @@ def _anonymous_axis(p: Pmapped) -> str:
 
 
 def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
-    """The tensors requiring grad among what the function reaches (a module's by
-    its parameters' and buffers' names), named by how the function reaches them."""
+    """The tensors requiring grad among what the function reaches, each once,
+    named by how the function reaches them."""
     named: dict[int, tuple[str, torch.Tensor]] = {}
     for name, obj in found:
-        if isinstance(obj, torch.nn.Module):
-            pairs = [*obj.named_parameters(), *obj.named_buffers()]
-            named.update((id(t), (f"{name}.{key}", t)) for key, t in pairs if t.requires_grad)
-        elif isinstance(obj, torch.Tensor) and obj.requires_grad:
-            named.setdefault(id(obj), (name, obj))
+        for pair in named_grad_tensors(name, obj):
+            named.setdefault(id(pair[1]), pair)
     return list(named.values())
 
 
