@@ -311,6 +311,19 @@ def catch_and_continue():
     tpd.initialize(timeout=10)
     rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
 
+    # First, rank 1's replicas disagree on an out_axes=None output: rank 1 raises that,
+    # rank 0 learns it in the same exchange (not at the timeout), and both stay in step.
+    def loss(x):
+        return x.sum() + (tp.axis_index("i") if rank == 1 else 0)
+
+    t0 = time.monotonic()
+    try:
+        tp.pmap(loss, "i", out_axes=None)(torch.ones(L, 2))
+        first = "no error"
+    except ValueError as e:
+        first = "another process" if "another process" in str(e) else "own replicas"
+    say(f"DISAGREE {rank} {first} after {time.monotonic() - t0:.1f}s")
+
     def f(x, step):
         if rank == 1 and step == 3 and int(tp.axis_index("i")) == 2:
             raise ValueError("replica 2 fails at step 3")

@@ -128,6 +128,11 @@ def test_a_rank_that_catches_an_error_and_goes_on_never_gets_wrong_results():
             _, rank, rest = line.split(" ", 2)
             outcomes[int(rank)] = json.loads(rest)
     assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    # Before the loop: rank 1's replicas disagreed on an out_axes=None output; rank 0
+    # raised in the same exchange, well before the 10 s timeout, and both stayed in step.
+    disagree = {int(line.split()[1]): line for line in out.stdout.splitlines() if line.startswith("DISAGREE ")}
+    assert "own replicas" in disagree[1] and "another process" in disagree[0], disagree
+    assert float(disagree[0].rsplit("after ", 1)[1].rstrip("s")) < 5, disagree
     for rank, steps in outcomes.items():
         assert steps[:2] == ["ok", "ok"], (rank, steps)
         assert not any(s.startswith("WRONG") for s in steps), (rank, steps)

@@ -705,6 +705,8 @@ class Pmapped:
         if plan is None:
             plan = self._make_out_plan(tree_unflatten(first, spec), first)
             self._out_plans[key] = plan
+        spans_processes = group is not None and group.axis_size > len(devices)
+        disagree: ValueError | None = None  # this process's replicas disagree on an out_axes=None output
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             values = [f[0][j] for f in flat]
@@ -716,7 +718,14 @@ class Pmapped:
                     f"{type(values[0]).__name__} but replica {odd} returned {type(values[odd]).__name__}"
                 )
             if axis is None:
-                result.append(_check_replicated(values, plan.paths[j]))
+                try:
+                    result.append(_check_replicated(values, plan.paths[j]))
+                except ValueError as e:
+                    if not spans_processes:
+                        raise
+                    # Raised after the exchange below, which the other processes wait in.
+                    disagree = disagree or e
+                    result.append(values[0])
             else:
                 shards = [
                     v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d) for v, d in zip(values, devices)
@@ -725,8 +734,9 @@ class Pmapped:
                     result.append(ShardedTensor._of_distinct(shards, devices, axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
-        if group is not None and group.axis_size > len(devices):
-            _replicated_across_processes(result, plan, group)
+        if spans_processes:
+            assert group is not None
+            _replicated_across_processes(result, plan, group, disagree)
         return tree_unflatten(result, spec)
 
     def _assemble_stacked(self, out: StackedOutput, devices: tuple[torch.device, ...]) -> PyTree:
@@ -951,14 +961,23 @@ def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.T
     return list(named.values())
 
 
-def _replicated_across_processes(result: list[Any], plan: _OutPlan, group: ReplicaGroup) -> None:
+def _replicated_across_processes(
+    result: list[Any], plan: _OutPlan, group: ReplicaGroup, disagree: ValueError | None
+) -> None:
     """The out_axes=None outputs of a call whose replicas span processes: checked
     equal on every process too (one exchange of their digests), and each counted
-    once by autograd through the call (``counted_once``), as in one process."""
+    once by autograd through the call (``counted_once``), as in one process.
+    ``disagree``: this process's replicas returned different values for one of
+    them, raised once the other processes know (they raise too, not wait)."""
     replicated = [(plan.paths[j], v) for j, (v, axis) in enumerate(zip(result, plan.axes)) if axis is None]
-    if not replicated or group.new_backend is None:
+    if group.new_backend is None:
+        if disagree is not None:
+            raise disagree
         return
-    _distributed.check_same_on_every_process(group.new_backend, replicated)
+    if replicated:
+        _distributed.check_same_on_every_process(group.new_backend, replicated, failed_here=disagree is not None)
+    if disagree is not None:
+        raise disagree
     for j, (value, axis) in enumerate(zip(result, plan.axes)):
         if axis is None and isinstance(value, torch.Tensor) and value.requires_grad:
             result[j] = counted_once(value, seeds=group.first_index == 0)

@@ -540,17 +540,30 @@ def backward_runs() -> Iterator[None]:
         _runs.backward = before
 
 
-def check_same_on_every_process(new_backend: Callable[[], GroupBackend], values: Sequence[tuple[str, object]]) -> None:
+def check_same_on_every_process(
+    new_backend: Callable[[], GroupBackend], values: Sequence[tuple[str, object]], *, failed_here: bool = False
+) -> None:
     """Raise ValueError on every process unless each ``(path, value)`` (the
     out_axes=None outputs of a call, equal on this process's replicas) is equal on
     every process: one all-reduce of their digests, as a collective of its own
-    (processes that differ in what they check fail as for any other collective)."""
-    digests = torch.tensor([_digest(v) for _, v in values], dtype=torch.int64)
+    (processes that differ in what they check fail as for any other collective).
+    ``failed_here``: this process's replicas disagree on one of them, which the
+    caller raises after this; the other processes raise at once too."""
+    digests = torch.tensor([0 if failed_here else _digest(v) for _, v in values], dtype=torch.int64)
     backend = new_backend()
-    mine = torch.cat([digests, -digests])  # one max gives each digest's maximum and minimum
+    # One max gives each digest's maximum and minimum, and whether any process failed.
+    mine = torch.cat([digests, -digests, torch.tensor([int(failed_here)])])
     (extremes,) = backend.run(Collective("all_reduce", op="max"), [mine] * backend.size)[:1]
+    if failed_here:
+        return
     k = len(values)
-    tops, bottoms = extremes[:k].tolist(), extremes[k:].tolist()
+    if extremes[2 * k]:
+        raise ValueError(
+            f"pmap: out_axes=None for an output of this call ({', '.join(path for path, _ in values)}), but "
+            f"another process's replicas returned different values for it (that process raises which); make it "
+            f"equal on every replica (psum/pmean/all_gather over the whole axis) or map it (out_axes=0)"
+        )
+    tops, bottoms = extremes[:k].tolist(), extremes[k : 2 * k].tolist()
     differ = [path for (path, _), top, bottom in zip(values, tops, bottoms) if top != -bottom]
     if differ:
         raise ValueError(
