@@ -323,6 +323,12 @@ def catch_and_continue():
     except ValueError as e:
         first = "another process" if "another process" in str(e) else "own replicas"
     say(f"DISAGREE {rank} {first} after {time.monotonic() - t0:.1f}s")
+    # Rank 1 has no out_axes=None output where rank 0 has one: both raise, still in step.
+    try:
+        tp.pmap(lambda x: (x, {} if rank == 1 else {"r": x.sum() * 0}), "i", out_axes=(0, None))(torch.ones(L, 2))
+        say(f"STRUCTURE {rank} no error")
+    except ValueError as e:
+        say(f"STRUCTURE {rank} {'ok' if 'different output structures' in str(e) else e}")
 
     def f(x, step):
         if rank == 1 and step == 3 and int(tp.axis_index("i")) == 2:

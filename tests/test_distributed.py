@@ -133,6 +133,7 @@ def test_a_rank_that_catches_an_error_and_goes_on_never_gets_wrong_results():
     disagree = {int(line.split()[1]): line for line in out.stdout.splitlines() if line.startswith("DISAGREE ")}
     assert "own replicas" in disagree[1] and "another process" in disagree[0], disagree
     assert float(disagree[0].rsplit("after ", 1)[1].rstrip("s")) < 5, disagree
+    assert out.stdout.count("STRUCTURE 0 ok") == 1 and out.stdout.count("STRUCTURE 1 ok") == 1, out.stdout
     for rank, steps in outcomes.items():
         assert steps[:2] == ["ok", "ok"], (rank, steps)
         assert not any(s.startswith("WRONG") for s in steps), (rank, steps)

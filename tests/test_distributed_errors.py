@@ -87,6 +87,38 @@ def test_a_peer_that_died_is_a_collective_error_not_a_timeout(monkeypatch):
     assert b._lockstep.stopped
 
 
+def test_a_peer_in_another_pmapped_function_is_a_mismatch_that_ends_the_jobs_collectives(monkeypatch):
+    # The peer's check row is this process's, made in a function of another name: the same
+    # call number, exchange and collective, so only the function tells the two apart. A
+    # mismatch may mean the processes are a call apart: nothing is exchanged after it.
+    FakeDist(monkeypatch)
+    cpus = [torch.device("cpu", 0), torch.device("cpu", 1)]
+    peer = tpd.ProcessGroupBackend(cpus, 0, 4, "main", tpd._Lockstep(), check_group="check", function="g")
+    rows = []
+
+    def record(parts, mine, group=None, async_op=False):
+        rows.append(mine)
+        for part in parts:
+            part.copy_(mine)
+        return Work()
+
+    monkeypatch.setattr(tpd.dist, "all_gather", record)
+    peer.run(Collective("all_reduce", "sum"), [torch.ones(2), torch.ones(2)])
+
+    def all_gather(parts, mine, group=None, async_op=False):
+        parts[0].copy_(mine)
+        parts[1].copy_(rows[0])
+        return Work()
+
+    monkeypatch.setattr(tpd.dist, "all_gather", all_gather)
+    mine = tpd.ProcessGroupBackend(cpus, 0, 4, "main", tpd._Lockstep(), check_group="check", function="f")
+    with pytest.raises(tpd.CollectiveMismatchError, match="different pmapped functions"):
+        mine.run(Collective("all_reduce", "sum"), [torch.ones(2), torch.ones(2)])
+    assert mine._lockstep.stopped
+    with pytest.raises(CollectiveError, match="refused"):
+        mine.run(Collective("all_reduce", "sum"), [torch.ones(2), torch.ones(2)])
+
+
 def test_the_nccl_process_group_outlasts_torchpmaps_own_waits():
     assert tpd._process_group_timeout(60.0, "gloo") == datetime.timedelta(seconds=60)
     assert tpd._process_group_timeout(60.0, "nccl") > datetime.timedelta(seconds=60)

@@ -45,6 +45,7 @@ from ._shared_state import (
 )
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
+from .errors import CollectiveError
 from .training import PerReplica
 
 _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
@@ -236,6 +237,9 @@ class Pmapped:
         self._axis_name = axis_name
         self._in_axes = in_axes
         self._out_axes = out_axes
+        # Across processes, a call with out_axes=None outputs ends with an exchange that
+        # compares them: whether it does is known before the call, the same on every process.
+        self._checks_outputs = any(a is None for a in tree_flatten(out_axes, is_leaf=is_axis_spec)[0])
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
         self._devices = devices
@@ -247,6 +251,7 @@ class Pmapped:
         self._positional_specs: dict[int, TreeSpec] = {}  # by argument count
         self._out_plans: dict[_OutKey, _OutPlan] = {}
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
+        self._fun_identity = _identity(fun)
         self._random = _random.Interception()  # whether its replicas draw random numbers
         self._last_group: ReplicaGroup | None = None  # the replicas of the last one-process call
         self._reached_fingerprint: tuple[tuple[int, bool | None], ...] | None = None  # see _watch_reached
@@ -365,12 +370,18 @@ class Pmapped:
         try:
             outs = choose_executor(record).call(record)
         except Exception as e:
+            if not isinstance(e, CollectiveError):  # (the job's collectives still work)
+                self._tell_other_processes_this_call_failed(record.group, devices)
             if watched:  # the race on a shared module may be why a replica failed
                 check_not_written(watched, n, cause=e)
             raise
-        _check_not_written(shared, plan.paths)
-        if watched:
-            check_not_written(watched, n)
+        try:
+            _check_not_written(shared, plan.paths)
+            if watched:
+                check_not_written(watched, n)
+        except Exception:
+            self._tell_other_processes_this_call_failed(record.group, devices)
+            raise
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]
@@ -421,7 +432,8 @@ class Pmapped:
             new_backend = lambda: LocalBackend(devices)  # noqa: E731
         else:
             size, first, make_backend = layout
-            new_backend = lambda: make_backend(devices)  # noqa: E731
+            identity = self._fun_identity
+            new_backend = lambda: make_backend(devices, identity)  # noqa: E731
         new_comm = lambda: ThreadRendezvous(new_backend(), gate=gate)  # noqa: E731
         group = ReplicaGroup(
             axis_name, size, first, devices, new_comm, f"pmap of {self._fun_name}", self._random, new_backend
@@ -686,6 +698,48 @@ class Pmapped:
         """The replicas' flattened outputs as ShardedTensors (or checked
         replicated values), in the output structure. ``group``: the call's
         replicas, whose axis may span processes."""
+        try:
+            result, plan, spec = self._assembled_leaves(flat, devices)
+        except Exception:
+            self._tell_other_processes_this_call_failed(group, devices)
+            raise
+        if self._checks_across_processes(group, devices):
+            assert group is not None and group.new_backend is not None
+            replicated = [(plan.paths[j], v) for j, (v, axis) in enumerate(zip(result, plan.axes)) if axis is None]
+            _distributed.check_outputs_across_processes(group.new_backend, replicated)
+            for j, (value, axis) in enumerate(zip(result, plan.axes)):
+                if axis is None and isinstance(value, torch.Tensor) and value.requires_grad:
+                    # Counted once by autograd through the call, as in one process.
+                    result[j] = counted_once(value, seeds=group.first_index == 0)
+        return tree_unflatten(result, spec)
+
+    def _checks_across_processes(self, group: ReplicaGroup | None, devices: tuple[torch.device, ...]) -> bool:
+        """Whether this call ends with the exchange that compares the processes'
+        out_axes=None outputs (every process makes it, whatever its outputs)."""
+        return (
+            self._checks_outputs
+            and group is not None
+            and group.axis_size > len(devices)
+            and group.new_backend is not None
+        )
+
+    def _tell_other_processes_this_call_failed(
+        self, group: ReplicaGroup | None, devices: tuple[torch.device, ...]
+    ) -> None:
+        """This process cannot return its replicas' outputs: the other processes wait in
+        the output check, and learn it there (they raise too, and all stay in step)."""
+        if not self._checks_across_processes(group, devices):
+            return
+        assert group is not None and group.new_backend is not None
+        try:
+            _distributed.check_outputs_across_processes(group.new_backend, [], failed_here=True)
+        except CollectiveError:
+            pass  # the job's collectives ended: this process's own error says more
+
+    def _assembled_leaves(
+        self, flat: list[FlatOutput], devices: tuple[torch.device, ...]
+    ) -> tuple[list[Any], _OutPlan, TreeSpec]:
+        """``_assemble``'s output leaves, their plan and the output structure."""
         spec = flat[0][1]
         for r, (leaves, s) in enumerate(flat):
             if s != spec:
@@ -705,8 +759,6 @@ class Pmapped:
         if plan is None:
             plan = self._make_out_plan(tree_unflatten(first, spec), first)
             self._out_plans[key] = plan
-        spans_processes = group is not None and group.axis_size > len(devices)
-        disagree: ValueError | None = None  # this process's replicas disagree on an out_axes=None output
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             values = [f[0][j] for f in flat]
@@ -718,14 +770,7 @@ class Pmapped:
                     f"{type(values[0]).__name__} but replica {odd} returned {type(values[odd]).__name__}"
                 )
             if axis is None:
-                try:
-                    result.append(_check_replicated(values, plan.paths[j]))
-                except ValueError as e:
-                    if not spans_processes:
-                        raise
-                    # Raised after the exchange below, which the other processes wait in.
-                    disagree = disagree or e
-                    result.append(values[0])
+                result.append(_check_replicated(values, plan.paths[j]))
             else:
                 shards = [
                     v if isinstance(v, torch.Tensor) else torch.as_tensor(v, device=d) for v, d in zip(values, devices)
@@ -734,10 +779,7 @@ class Pmapped:
                     result.append(ShardedTensor._of_distinct(shards, devices, axis))
                 except (ValueError, TypeError) as e:  # e.g. replicas returned different shapes
                     raise type(e)(f"pmap: cannot stack output {plan.paths[j]} of the replicas: {e}") from None
-        if spans_processes:
-            assert group is not None
-            _replicated_across_processes(result, plan, group, disagree)
-        return tree_unflatten(result, spec)
+        return result, plan, spec
 
     def _assemble_stacked(self, out: StackedOutput, devices: tuple[torch.device, ...]) -> PyTree:
         """The stacked executor's output: batched leaves wrapped without a copy,
@@ -961,26 +1003,15 @@ def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.T
     return list(named.values())
 
 
-def _replicated_across_processes(
-    result: list[Any], plan: _OutPlan, group: ReplicaGroup, disagree: ValueError | None
-) -> None:
-    """The out_axes=None outputs of a call whose replicas span processes: checked
-    equal on every process too (one exchange of their digests), and each counted
-    once by autograd through the call (``counted_once``), as in one process.
-    ``disagree``: this process's replicas returned different values for one of
-    them, raised once the other processes know (they raise too, not wait)."""
-    replicated = [(plan.paths[j], v) for j, (v, axis) in enumerate(zip(result, plan.axes)) if axis is None]
-    if group.new_backend is None:
-        if disagree is not None:
-            raise disagree
-        return
-    if replicated:
-        _distributed.check_same_on_every_process(group.new_backend, replicated, failed_here=disagree is not None)
-    if disagree is not None:
-        raise disagree
-    for j, (value, axis) in enumerate(zip(result, plan.axes)):
-        if axis is None and isinstance(value, torch.Tensor) and value.requires_grad:
-            result[j] = counted_once(value, seeds=group.first_index == 0)
+def _identity(fun: Callable[..., Any]) -> str:
+    """The function as every process names it (no address): processes compare it with
+    each collective, so that calls of different functions never pair."""
+    inner = fun.func if isinstance(fun, functools.partial) else fun
+    name = getattr(inner, "__qualname__", None) or type(inner).__qualname__
+    code = getattr(inner, "__code__", None)
+    if isinstance(code, types.CodeType):  # two lambdas: told apart by where they are
+        name += f" ({code.co_filename.rsplit('/', 1)[-1]}:{code.co_firstlineno})"
+    return name
 
 
 def _check_replicated(values: list[Any], path: str) -> Any:

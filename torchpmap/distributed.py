@@ -64,7 +64,7 @@ class _State(TypedDict, total=False):
 _state: _State = {}
 
 # This process's devices -> the backend of one pmap run across the processes.
-BackendFactory: TypeAlias = "Callable[[Sequence[torch.device]], ProcessGroupBackend]"
+BackendFactory: TypeAlias = "Callable[[Sequence[torch.device], str], ProcessGroupBackend]"
 
 
 def initialize(
@@ -317,7 +317,7 @@ def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
     return (
         size,
         first,
-        lambda devices: ProcessGroupBackend(
+        lambda devices, function: ProcessGroupBackend(
             devices,
             first,
             size,
@@ -325,6 +325,7 @@ def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
             state["lockstep"],
             check_group=state["check_group"],
             timeout=state["timeout"],
+            function=function,
         ),
     )
 
@@ -398,6 +399,7 @@ class ProcessGroupBackend(GroupBackend):
         *,
         check_group: dist.ProcessGroup | None = None,
         timeout: float | None = None,
+        function: str = "",
     ) -> None:
         super().__init__(devices, first, global_size)
         self._group = group
@@ -406,8 +408,10 @@ class ProcessGroupBackend(GroupBackend):
         self._lockstep = lockstep
         self._call = lockstep.next_call()
         self._exchanges = 0  # cross-process exchanges of this call so far
-        # A backward pass is numbered like a call: its kind tells it from another process's next forward.
-        self._backward = int(getattr(_runs, "backward", False))
+        # A backward pass or an output check is numbered like a call: its kind tells it
+        # from another process's next forward.
+        self._kind = getattr(_runs, "kind", FORWARD)
+        self._function = function  # the pmapped function's name: part of every signature compared
 
     def run(
         self, collective: Collective, xs: Sequence[torch.Tensor], streams: Sequence[torch.cuda.Stream] | None = None
@@ -456,31 +460,37 @@ class ProcessGroupBackend(GroupBackend):
     def _check_same_everywhere(self, collective: Collective, x: torch.Tensor) -> None:
         signature = collective.signature(x)
         self._exchanges += 1
-        step = (self._call, self._exchanges, self._backward)
-        crc = zlib.crc32(repr(signature).encode())
+        step = (self._call, self._exchanges, self._kind)
+        crc = zlib.crc32(repr((self._function, signature)).encode())
         # On the CPU, over the check group (Gloo): bounded by its timeout whatever the data's backend.
         mine = torch.tensor([*step, crc], dtype=torch.int64)
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._check_group))]
         self._wait(dist.all_gather(theirs, mine, group=self._check_group, async_op=True))
         rows = torch.stack(theirs).tolist()
-        steps = [(call, exchange, backward) for call, exchange, backward, _ in rows]
+        steps = [(call, exchange, kind) for call, exchange, kind, _ in rows]
         if len(set(steps)) != 1:
             raise self._out_of_step(collective.name, steps)
         values = [crc for *_, crc in rows]
         if len(set(values)) != 1:
             odd = [p for p, v in enumerate(values) if v != values[dist.get_rank(self._check_group)]]
+            # The processes may be a whole call apart with counters that match (one skipped a
+            # call, or an exchange another made): never pair with them again.
+            self._lockstep.stop(f"the processes called different collectives in pmap call #{self._call}")
             raise CollectiveMismatchError(
-                f"processes called different collectives (or shapes/dtypes) at the same point: "
-                f"this process called {describe(signature)}, "
-                f"processes {odd} called something else"
+                f"processes called different collectives (or shapes/dtypes, or from different pmapped "
+                f"functions) at the same point: this process called {describe(signature)} in "
+                f"{_KIND_NAMES[self._kind]} of {self._function or 'a function'}, processes {odd} called "
+                f"something else. No process makes a cross-process collective any more (the processes "
+                f"may be out of step): restart the job; every process must make the same pmap calls "
+                f"with the same collectives."
             )
 
     def _out_of_step(self, collective: str, steps: list[tuple[int, int, int]]) -> CollectiveMismatchError:
         where = "; ".join(
             f"process{'es' if len(ps) > 1 else ''} {', '.join(map(str, ps))}: "
-            f"{'a backward pass as ' if backward else ''}pmap call #{call}, "
+            f"{_KIND_NAMES[kind]} as pmap call #{call}, "
             f"cross-process collective #{exchange} of the call"
-            for (call, exchange, backward), ps in _group_by_step(steps).items()
+            for (call, exchange, kind), ps in _group_by_step(steps).items()
         )
         self._lockstep.stop(f"the processes got out of step ({where})", CollectiveMismatchError)
         return CollectiveMismatchError(
@@ -523,51 +533,64 @@ class ProcessGroupBackend(GroupBackend):
         return [_from_wire(row, template) for part in parts for row in part]
 
 
-# ``backward``: whether the runs this thread starts are backward passes (``backward_runs``).
-_runs = threading.local()
+# What a run across processes is: its exchanges say so, so that a process in a backward
+# or an output check never pairs with another process's next forward call (numbered
+# alike) when their collectives look alike.
+FORWARD, BACKWARD, OUTPUT_CHECK = range(3)
+_KIND_NAMES = ("a forward pass", "a backward pass", "the output check")
+_runs = threading.local()  # ``kind``: what the runs this thread starts are
 
 
 @contextlib.contextmanager
-def backward_runs() -> Iterator[None]:
-    """The runs started inside are a call's backward passes: their cross-process
-    exchanges say so, so that a process in a backward never pairs with another
-    process's next forward call (numbered alike) when their collectives look alike."""
-    before = getattr(_runs, "backward", False)
-    _runs.backward = True
+def _runs_of_kind(kind: int) -> Iterator[None]:
+    before = getattr(_runs, "kind", FORWARD)
+    _runs.kind = kind
     try:
         yield
     finally:
-        _runs.backward = before
+        _runs.kind = before
 
 
-def check_same_on_every_process(
+def backward_runs() -> contextlib.AbstractContextManager[None]:
+    """The runs started inside are a call's backward passes."""
+    return _runs_of_kind(BACKWARD)
+
+
+def check_outputs_across_processes(
     new_backend: Callable[[], GroupBackend], values: Sequence[tuple[str, object]], *, failed_here: bool = False
 ) -> None:
     """Raise ValueError on every process unless each ``(path, value)`` (the
     out_axes=None outputs of a call, equal on this process's replicas) is equal on
-    every process: one all-reduce of their digests, as a collective of its own
-    (processes that differ in what they check fail as for any other collective).
-    ``failed_here``: this process's replicas disagree on one of them, which the
-    caller raises after this; the other processes raise at once too."""
-    digests = torch.tensor([0 if failed_here else _digest(v) for _, v in values], dtype=torch.int64)
-    backend = new_backend()
-    # One max gives each digest's maximum and minimum, and whether any process failed.
-    mine = torch.cat([digests, -digests, torch.tensor([int(failed_here)])])
+    every process: one small all-reduce of digests, a run of its own kind, of the
+    same shape whatever the outputs. ``failed_here``: this process cannot
+    return its replicas' outputs (the caller raises why, after this); the other
+    processes raise at once instead of waiting, and every process stays in step."""
+    paths = [path for path, _ in values]
+    structure = _digest(tuple(paths))
+    content = 0 if failed_here else _digest(tuple(_digest(v) for _, v in values))
+    # One max gives whether any process failed, and each digest's maximum and minimum.
+    mine = torch.tensor([int(failed_here), structure, -structure, content, -content], dtype=torch.int64)
+    with _runs_of_kind(OUTPUT_CHECK):
+        backend = new_backend()
     (extremes,) = backend.run(Collective("all_reduce", op="max"), [mine] * backend.size)[:1]
     if failed_here:
         return
-    k = len(values)
-    if extremes[2 * k]:
+    failed, top_s, bottom_s, top_c, bottom_c = extremes.tolist()
+    if failed:
         raise ValueError(
-            f"pmap: out_axes=None for an output of this call ({', '.join(path for path, _ in values)}), but "
-            f"another process's replicas returned different values for it (that process raises which); make it "
-            f"equal on every replica (psum/pmean/all_gather over the whole axis) or map it (out_axes=0)"
+            "pmap: another process cannot return its replicas' outputs of this call (that process raises "
+            "why: replicas that disagree on an out_axes=None output, outputs of different shapes or "
+            "structures, an input written in place, ...); no process returns this call's outputs"
         )
-    tops, bottoms = extremes[:k].tolist(), extremes[k : 2 * k].tolist()
-    differ = [path for (path, _), top, bottom in zip(values, tops, bottoms) if top != -bottom]
-    if differ:
+    if top_s != -bottom_s:
         raise ValueError(
-            f"pmap: out_axes=None for output {differ[0]}, but the processes' replicas returned different values "
+            f"pmap: the processes' replicas returned different output structures: out_axes=None applies to "
+            f"{'outputs ' + ', '.join(paths) if paths else 'no output'} on this process, to others on another"
+        )
+    if top_c != -bottom_c:
+        which = f"output {paths[0]}" if len(paths) == 1 else f"one of the outputs {', '.join(paths)}"
+        raise ValueError(
+            f"pmap: out_axes=None for {which}, but the processes' replicas returned different values "
             f"for it (each process's own replicas agree); make it equal on every replica (psum/pmean/all_gather "
             f"over the whole axis) or map it (out_axes=0)"
         )
