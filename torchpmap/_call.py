@@ -30,6 +30,7 @@ modules) stay in the transform, around ``call``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import enum
 import math
 import threading
@@ -283,11 +284,13 @@ def choose_executor(record: CallRecord) -> Executor:
 
 def _zero_signs(value: Any) -> tuple[bool, ...]:
     """The signs (True: negative) of the float zeros in ``value`` (a float, a
-    complex, or a tuple or frozenset of such, nested), in order."""
+    complex, or a tuple, list, frozenset or dataclass of such, nested), in order."""
     if isinstance(value, float):
         return (math.copysign(1.0, value) < 0,) if value == 0 else ()
     if isinstance(value, complex):
         return _zero_signs(value.real) + _zero_signs(value.imag)
-    if isinstance(value, (tuple, frozenset)):
+    if isinstance(value, (tuple, list, frozenset)):
         return tuple(sign for v in value for sign in _zero_signs(v))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return tuple(sign for f in dataclasses.fields(value) for sign in _zero_signs(getattr(value, f.name)))
     return ()

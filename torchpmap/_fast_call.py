@@ -36,7 +36,7 @@ class FastCall:
     plain tensor on the physical device mapped along its axis, or a
     non-tensor value (which Dynamo's guards check)."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "static_items", "device")
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "device")
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class FastCall:
         self.kinds = tuple(kinds)
         self.axes = tuple(record.axes)
         # Not the record itself: it holds this call's inputs, which the plan would keep alive.
-        self.treedef, self.static_items = record.treedef, record.static_items
+        self.treedef = record.treedef
 
     @staticmethod
     def kinds_of(record: CallRecord, tensor_kinds: Sequence[bool]) -> list[int] | None:
@@ -72,8 +72,10 @@ class FastCall:
                 return None
         return kinds
 
-    def call(self, leaves: list[Any]) -> _stacked.StackedOutput | None:
-        """The call's stacked output, or None: take the general path."""
+    def call(self, leaves: list[Any], static_items: tuple[tuple[int, Any], ...]) -> _stacked.StackedOutput | None:
+        """The call's stacked output, or None: take the general path. ``static_items``:
+        this call's static arguments (equal to the first's by the plan's key, but the
+        function gets this call's own, and Dynamo's guards check them)."""
         if _config.executor_name() not in _STACKED_EXECUTORS:
             return None
         if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
@@ -82,7 +84,7 @@ class FastCall:
         row0 = self._rows(leaves, state)
         if row0 is None:
             return None
-        args, kwargs = unflatten_arguments(self.treedef, self.static_items, row0)
+        args, kwargs = unflatten_arguments(self.treedef, static_items, row0)
         try:
             return _stacked.run_capture(self.capture, self.group, args, kwargs, state)
         except _stacked.Unsupported:

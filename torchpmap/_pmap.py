@@ -9,6 +9,7 @@ per-replica outputs into ShardedTensors.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import types
@@ -305,7 +306,7 @@ class Pmapped:
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
         if fast is not None and not recheck:
-            fast_out = fast.call(leaves)
+            fast_out = fast.call(leaves, tuple(zip(static_pos, static_vals)) if static_pos else ())
             if fast_out is not None:
                 return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
@@ -907,6 +908,13 @@ def _static_key(value: Any) -> Any:
         return (type(value), repr(value))  # -0.0 and 0.0 apart, nan equal to nan
     if isinstance(value, (tuple, list, frozenset)):
         return (type(value), tuple(_static_key(v) for v in value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a config object's fields
+        key = (type(value), tuple(_static_key(getattr(value, f.name)) for f in dataclasses.fields(value)))
+        try:
+            hash(key)
+            return key
+        except TypeError:  # a field the dataclass's own hash leaves out
+            pass
     return (type(value), value)
 
 
