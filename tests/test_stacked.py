@@ -2,6 +2,7 @@
 and a warned fallback for everything outside its scope."""
 
 import collections
+import dataclasses
 import math
 import warnings
 
@@ -748,28 +749,36 @@ def test_a_capture_that_fails_while_traced_prints_nothing_beside_its_warning(cap
     assert "Traceback" not in capfd.readouterr().err
 
 
-def test_equal_static_values_of_other_types_do_not_share_a_capture():
-    # 1 == 1.0 == True: keyed by value alone, the second call replayed the first's capture.
+@dataclasses.dataclass(frozen=True)
+class Config:
+    scale: object
+
+
+@pytest.mark.parametrize("wrap", [lambda s: s, Config], ids=["value", "dataclass"])
+def test_equal_static_values_of_other_types_do_not_share_a_capture(wrap):
+    # 1 == 1.0 == True: keyed by value alone, the second call replayed the first's capture
+    # (the fast path passed the first call's static value, not this call's: found by a hunt).
     x = torch.full((4, 2), 127, dtype=torch.int8)
-    f = lambda x, scale: x * scale + 100  # noqa: E731
-    want = [tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))(x, s) for s in (1, 1.0, True)]
+    f = lambda x, s: x * getattr(s, "scale", s) + 100  # noqa: E731
+    want = [tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))(x, wrap(s)) for s in (1, 1.0, True)]
     with executor("stacked"):
         p = tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))
         for _ in range(2):
             for s, w in zip((1, 1.0, True), want):
-                assert_same_bits(p(x, s), w)
+                assert_same_bits(p(x, wrap(s)), w)
 
 
 @pytest.mark.parametrize("how", ["stacked", "lockstep"])
 @pytest.mark.parametrize(
     "zeros",
-    [(0.0, -0.0), ((1, 0.0), (1, -0.0)), (complex(0, 0.0), complex(0, -0.0))],
-    ids=["float", "tuple", "complex"],
+    [(0.0, -0.0), ((1, 0.0), (1, -0.0)), (complex(0, 0.0), complex(0, -0.0)), (Config(0.0), Config(-0.0))],
+    ids=["float", "tuple", "complex", "dataclass"],
 )
 def test_a_static_negative_zero_does_not_replay_the_positive_zeros_capture(how, zeros):
     # -0.0 == 0.0, and Dynamo guards constants with ==: the capture for one zero served the other.
     def sign(s):
         s = s[1] if isinstance(s, tuple) else s
+        s = s.scale if isinstance(s, Config) else s
         return math.copysign(1.0, s.imag if isinstance(s, complex) else s)
 
     f = lambda x, s: x + sign(s)  # noqa: E731
@@ -882,3 +891,43 @@ def test_one_tensor_reaching_the_function_twice_is_two_inputs_of_the_capture(cas
             ]
     for got, want in zip(results["stacked"], results["threads"]):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "how, compile",
+    [("stacked", False), ("lockstep", False), ("stacked", {"backend": "eager"}), ("threads", {"backend": "eager"})],
+    ids=["stacked", "lockstep", "stacked-compiled", "threads-compiled"],
+)
+def test_a_module_hook_added_after_the_capture_runs(how, compile):
+    # Dynamo skips guarding module hooks by default: the capture ignored a hook added
+    # after it (found by a hunt). torchpmap's captures guard them.
+    lin = torch.nn.Linear(3, 3).requires_grad_(False)
+    x = torch.ones(4, 3)
+    with executor(how):
+        p = tp.pmap(lambda x: lin(x), devices=devices(4), compile=compile)
+        plain = p(x).unshard()
+        p(x)
+        handle = lin.register_forward_hook(lambda m, i, o: o * 10)
+        try:
+            torch.testing.assert_close(p(x).unshard(), plain * 10)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(p(x).unshard(), plain)
+
+
+@pytest.mark.parametrize("compile", [False, {"backend": "eager"}], ids=["eager", "compiled"])
+def test_global_module_hooks_run_eagerly_with_a_warning(compile):
+    # Dynamo guards no global module hook: while one is registered, calls run eagerly.
+    lin = torch.nn.Linear(3, 3).requires_grad_(False)
+    x = torch.ones(4, 3)
+    with executor("stacked" if not compile else "threads", allow_fallback=True):
+        p = tp.pmap(lambda x: lin(x), devices=devices(4), compile=compile)
+        plain = p(x).unshard()
+        p(x)
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o + 1000)
+        try:
+            with pytest.warns(RuntimeWarning, match="global nn.Module hooks"):
+                got = p(x).unshard()
+        finally:
+            handle.remove()
+        torch.testing.assert_close(got, plain + 1000)

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
+import torch.nn.modules.module as _module_hooks
 from torch.utils._pytree import tree_leaves
 
 from . import _config, _random
@@ -49,9 +50,25 @@ def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any)
     its own. Older PyTorch (2.11 is what the GPU machines have) knows only
     Dynamo's global limit: there it is that one, and a function with more
     signatures runs eagerly past it, as Dynamo does."""
+    _track_compiles()
     if _PER_FUNCTION_LIMIT:
         options["recompile_limit"] = recompile_limit
     return torch.compile(fun, **options)
+
+
+# Dynamo guards no global nn.Module hook: one added after a capture would be ignored.
+GLOBAL_HOOKS_REASON = "global nn.Module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
+
+
+def global_module_hooks() -> bool:
+    """Whether a global nn.Module forward or backward hook is registered: captures run
+    eagerly then (on the threads executor), as Dynamo would not notice a later one."""
+    return bool(
+        _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+        or _module_hooks._global_backward_hooks
+        or _module_hooks._global_backward_pre_hooks
+    )
 
 
 def normalize_options(compile: Any) -> dict[str, Any] | None:
@@ -96,6 +113,10 @@ class DynamoGate:
         # compile callbacks tell; only the holder compiles).
         self._idle_since = 0.0
         self._compiling = False
+        # Dynamo skips guarding a module's hooks by default: a hook added after a capture
+        # would be ignored, silently. The holder's compiles guard them (Dynamo reads the
+        # flag while it builds the guards, between these callbacks).
+        self._hook_guards_before: list[bool] = []
 
     def held(self) -> bool:
         return getattr(self._tls, "held", False)
@@ -113,10 +134,15 @@ class DynamoGate:
 
     def compile_started(self) -> None:
         self._compiling = True
+        if self.held():  # torchpmap's own capture (or compile=): see _HOOK_GUARDS
+            self._hook_guards_before.append(torch._dynamo.config.skip_nnmodule_hook_guards)
+            torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     def compile_ended(self) -> None:
         self._compiling = False
         self._idle_since = time.monotonic()
+        if self.held() and self._hook_guards_before:
+            torch._dynamo.config.skip_nnmodule_hook_guards = self._hook_guards_before.pop()
 
     def _wait(self) -> None:
         """Acquire the gate, or raise: when this replica's call was given up,
@@ -227,6 +253,7 @@ class CompiledReplicas:
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
         self._warned_aliasing = False  # said once per function that calls with aliased arguments run eagerly
+        self._warned_hooks = False  # ... and once that calls run eagerly under global module hooks
         _track_compiles()
 
     def programs(
@@ -278,6 +305,16 @@ class CompiledReplicas:
                         f"torchpmap: pmap of {name} with compile=: two arguments of a replica are views of "
                         f"one tensor (the same tensor passed twice, or mapped and also passed whole); such "
                         f"calls run eagerly",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return fun(*args, **kwargs)
+            if global_module_hooks():
+                if not self._warned_hooks:
+                    self._warned_hooks = True
+                    warnings.warn(
+                        f"torchpmap: pmap of {name} with compile=: {GLOBAL_HOOKS_REASON}, which compiled code would "
+                        f"not see if added later; calls run eagerly while they are",
                         RuntimeWarning,
                         stacklevel=2,
                     )

@@ -53,7 +53,15 @@ from torch.utils._pytree import TreeSpec, tree_flatten
 from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random, _transfers
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
-from ._compile import DYNAMO_GATE, Backend, options_key, requested_backend, torch_compile
+from ._compile import (
+    DYNAMO_GATE,
+    GLOBAL_HOOKS_REASON,
+    Backend,
+    global_module_hooks,
+    options_key,
+    requested_backend,
+    torch_compile,
+)
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view
 from ._stacked_autograd import ReplicaProgram
@@ -141,6 +149,8 @@ def blocked_reason() -> str | None:
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
+    if global_module_hooks():
+        return GLOBAL_HOOKS_REASON
     if torch._C._len_torch_dispatch_stack():
         # Dynamo captures nothing under one; a failed capture would be remembered for later calls.
         return "a TorchDispatchMode is active"
