@@ -931,3 +931,30 @@ def test_global_module_hooks_run_eagerly_with_a_warning(compile):
         finally:
             handle.remove()
         torch.testing.assert_close(got, plain + 1000)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigWithState:
+    scale: float
+    calls: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+
+@dataclasses.dataclass(eq=False)
+class Node:
+    scale: float
+    parent: object = None
+
+
+def test_static_dataclasses_are_keyed_by_what_their_equality_compares():
+    # A field == leaves out (a growing list) keeps one plan; a cycle back to the object is fine.
+    f = lambda x, c: x * c.scale  # noqa: E731
+    x = torch.ones(4, 2)
+    p = tp.pmap(f, static_broadcasted_argnums=1, devices=devices(4))
+    config = ConfigWithState(2.0)
+    for step in range(3):
+        config.calls.append(step)
+        assert torch.equal(p(x, config).unshard(), x * 2)
+    assert len(p._in_plans) == 1
+    node = Node(3.0)
+    node.parent = node
+    assert torch.equal(p(x, node).unshard(), x * 3)

@@ -282,7 +282,7 @@ def choose_executor(record: CallRecord) -> Executor:
     return _stacked.STACKED if name == "stacked" else _stacked.AUTO
 
 
-def _zero_signs(value: Any) -> tuple[bool, ...]:
+def _zero_signs(value: Any, _inside: tuple[int, ...] = ()) -> tuple[bool, ...]:
     """The signs (True: negative) of the float zeros in ``value`` (a float, a
     complex, or a tuple, list, frozenset or dataclass of such, nested), in order."""
     if isinstance(value, float):
@@ -290,7 +290,9 @@ def _zero_signs(value: Any) -> tuple[bool, ...]:
     if isinstance(value, complex):
         return _zero_signs(value.real) + _zero_signs(value.imag)
     if isinstance(value, (tuple, list, frozenset)):
-        return tuple(sign for v in value for sign in _zero_signs(v))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return tuple(sign for f in dataclasses.fields(value) for sign in _zero_signs(getattr(value, f.name)))
+        return tuple(sign for v in value for sign in _zero_signs(v, _inside))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and id(value) not in _inside:
+        inside = (*_inside, id(value))  # (a cycle back to it ends here)
+        fields = [f for f in dataclasses.fields(value) if f.compare and hasattr(value, f.name)]
+        return tuple(sign for f in fields for sign in _zero_signs(getattr(value, f.name), inside))
     return ()

@@ -17,12 +17,13 @@ Compiled graphs of all replicas still run concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import time
 import types
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -50,10 +51,25 @@ def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any)
     its own. Older PyTorch (2.11 is what the GPU machines have) knows only
     Dynamo's global limit: there it is that one, and a function with more
     signatures runs eagerly past it, as Dynamo does."""
-    _track_compiles()
     if _PER_FUNCTION_LIMIT:
         options["recompile_limit"] = recompile_limit
     return torch.compile(fun, **options)
+
+
+@contextlib.contextmanager
+def guarding_module_hooks() -> Iterator[None]:
+    """Dynamo skips guarding a module's hooks by default: a hook added after a capture
+    would be ignored, silently. torchpmap's captures and compiles guard them: Dynamo
+    reads the flag while it builds a capture's guards. Entered around the calls
+    that may capture, with the gate held (not on the stacked fast path's guard
+    check: setting Dynamo's config costs ~15 us)."""
+    config = torch._dynamo.config
+    before = config.skip_nnmodule_hook_guards
+    config.skip_nnmodule_hook_guards = False
+    try:
+        yield
+    finally:
+        config.skip_nnmodule_hook_guards = before
 
 
 # Dynamo guards no global nn.Module hook: one added after a capture would be ignored.
@@ -113,10 +129,6 @@ class DynamoGate:
         # compile callbacks tell; only the holder compiles).
         self._idle_since = 0.0
         self._compiling = False
-        # Dynamo skips guarding a module's hooks by default: a hook added after a capture
-        # would be ignored, silently. The holder's compiles guard them (Dynamo reads the
-        # flag while it builds the guards, between these callbacks).
-        self._hook_guards_before: list[bool] = []
 
     def held(self) -> bool:
         return getattr(self._tls, "held", False)
@@ -134,15 +146,10 @@ class DynamoGate:
 
     def compile_started(self) -> None:
         self._compiling = True
-        if self.held():  # torchpmap's own capture (or compile=): see _HOOK_GUARDS
-            self._hook_guards_before.append(torch._dynamo.config.skip_nnmodule_hook_guards)
-            torch._dynamo.config.skip_nnmodule_hook_guards = False
 
     def compile_ended(self) -> None:
         self._compiling = False
         self._idle_since = time.monotonic()
-        if self.held() and self._hook_guards_before:
-            torch._dynamo.config.skip_nnmodule_hook_guards = self._hook_guards_before.pop()
 
     def _wait(self) -> None:
         """Acquire the gate, or raise: when this replica's call was given up,
@@ -321,7 +328,7 @@ class CompiledReplicas:
                 return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
-                with _random.hidden_from_dynamo():
+                with _random.hidden_from_dynamo(), guarding_module_hooks():
                     return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 if _user_exception_while_tracing(e):

@@ -371,8 +371,7 @@ class Pmapped:
         try:
             outs = choose_executor(record).call(record)
         except Exception as e:
-            if not isinstance(e, CollectiveError):  # (the job's collectives still work)
-                self._tell_other_processes_this_call_failed(record.group, devices)
+            self._tell_other_processes_this_call_failed(record.group, devices)
             if watched:  # the race on a shared module may be why a replica failed
                 check_not_written(watched, n, cause=e)
             raise
@@ -900,7 +899,7 @@ def _all_host(devices: tuple[torch.device, ...]) -> bool:
     return all(d.type == "cpu" for d in devices)
 
 
-def _static_key(value: Any) -> Any:
+def _static_key(value: Any, _inside: tuple[int, ...] = ()) -> Any:
     """A static argument as the plans are keyed by: equal values of other types
     (``1``, ``1.0``, ``True``) or signs (``0.0``, ``-0.0``) compute other things,
     so they must not share a plan (its stacked fast path replays the first)."""
@@ -908,12 +907,17 @@ def _static_key(value: Any) -> Any:
         return (type(value), repr(value))  # -0.0 and 0.0 apart, nan equal to nan
     if isinstance(value, (tuple, list, frozenset)):
         return (type(value), tuple(_static_key(v) for v in value))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # a config object's fields
-        key = (type(value), tuple(_static_key(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and id(value) not in _inside:
+        # A config object: the fields its == compares (a cycle back to it is keyed as itself).
+        inside = (*_inside, id(value))
         try:
+            key = (
+                type(value),
+                tuple(_static_key(getattr(value, f.name), inside) for f in dataclasses.fields(value) if f.compare),
+            )
             hash(key)
             return key
-        except TypeError:  # a field the dataclass's own hash leaves out
+        except (AttributeError, TypeError):  # a field never set, or one its own hash leaves out
             pass
     return (type(value), value)
 

@@ -58,6 +58,7 @@ from ._compile import (
     GLOBAL_HOOKS_REASON,
     Backend,
     global_module_hooks,
+    guarding_module_hooks,
     options_key,
     requested_backend,
     torch_compile,
@@ -557,7 +558,8 @@ class _Capture:
                     break
         if torch._dynamo.config.disable:  # Dynamo would run the function eagerly on replica 0
             raise _DynamoDisabled
-        return self.compiled(*args, **kwargs)
+        with guarding_module_hooks():
+            return self.compiled(*args, **kwargs)
 
     @property
     def fun_ref(self) -> Any:

@@ -537,7 +537,7 @@ class ProcessGroupBackend(GroupBackend):
 # or an output check never pairs with another process's next forward call (numbered
 # alike) when their collectives look alike.
 FORWARD, BACKWARD, OUTPUT_CHECK = range(3)
-_KIND_NAMES = ("a forward pass", "a backward pass", "the output check")
+_KIND_NAMES = ("a forward pass", "a backward pass", "the output check (its call failed, or ended)")
 _runs = threading.local()  # ``kind``: what the runs this thread starts are
 
 
@@ -578,9 +578,9 @@ def check_outputs_across_processes(
     failed, top_s, bottom_s, top_c, bottom_c = extremes.tolist()
     if failed:
         raise ValueError(
-            "pmap: another process cannot return its replicas' outputs of this call (that process raises "
-            "why: replicas that disagree on an out_axes=None output, outputs of different shapes or "
-            "structures, an input written in place, ...); no process returns this call's outputs"
+            "pmap: another process's call failed (that process raises why, and its log shows it: a replica "
+            "raised, replicas disagree on an out_axes=None output, outputs of different shapes or structures, "
+            "an input written in place, ...); no process returns this call's outputs"
         )
     if top_s != -bottom_s:
         raise ValueError(
