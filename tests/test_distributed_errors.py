@@ -143,6 +143,18 @@ def test_shutdown_of_a_healthy_job_waits_for_peers_and_destroys(monkeypatch):
     assert fake.calls == ["barrier", "destroy"]
 
 
+def test_a_peer_that_never_reaches_shutdown_is_a_collective_error_and_an_abort(monkeypatch):
+    fake = FakeTeardown(monkeypatch)
+
+    def barrier(*a, **k):
+        raise RuntimeError("Timed out waiting 20000ms for recv operation to complete")
+
+    monkeypatch.setattr(tpd.dist, "barrier", barrier)
+    with pytest.raises(CollectiveError, match="not every process reached shutdown"):
+        tpd.shutdown()
+    assert fake.calls == ["abort"]
+
+
 def test_shutdown_after_a_failure_aborts_without_waiting(monkeypatch):
     fake = FakeTeardown(monkeypatch)
     tpd._state["lockstep"].stop("a cross-process psum failed")

@@ -906,7 +906,7 @@ def _static_key(value: Any, _inside: tuple[int, ...] = ()) -> Any:
     if isinstance(value, (float, complex)):
         return (type(value), repr(value))  # -0.0 and 0.0 apart, nan equal to nan
     if isinstance(value, (tuple, list, frozenset)):
-        return (type(value), tuple(_static_key(v) for v in value))
+        return (type(value), tuple(_static_key(v, _inside) for v in value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type) and id(value) not in _inside:
         # A config object: the fields its == compares (a cycle back to it is keyed as itself).
         inside = (*_inside, id(value))

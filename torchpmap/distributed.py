@@ -287,7 +287,14 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
     if failed or not wait_for_peers:
         _abort_process_groups()
         return
-    dist.barrier()
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # Gloo/NCCL: a peer that never came (its process group's timeout), or died
+        _abort_process_groups()
+        raise CollectiveError(
+            f"shutdown: not every process reached shutdown() (another process is still in a pmap call, "
+            f"failed or exited; its log shows why): {e}. This process's process groups were aborted."
+        ) from e
     gc.collect()
     dist.destroy_process_group()
 
