@@ -1,6 +1,7 @@
 """Random numbers inside replicas: one stream per replica, reproducible from the
 caller's seed, independent of thread timing and of how replicas are laid out."""
 
+import threading
 import time
 import warnings
 
@@ -197,10 +198,11 @@ def test_a_first_draw_inside_torch_func_grad():
     assert set(np.unique(a)) <= {0.0, 2.0}
 
 
-def test_after_a_late_first_draw_later_calls_draw_what_the_captured_executors_draw():
-    # The late call's replicas drew straight from the caller's generator, in thread order; the
-    # generator is then set as if the call had drawn from its own streams, so the calls after it
-    # (and the caller's own draws) equal those of the stacked executor, which always has streams.
+def test_after_a_late_first_draw_later_calls_get_streams():
+    # The late call's replicas drew straight from the caller's generator, in thread order (it
+    # warns). The generator is left as they left it (another thread may have drawn too); the
+    # calls after it give every replica its own stream: reproducible from a seed, and as the
+    # stacked executor, which always has streams, draws them.
     def late(x, flag):
         return torch.nn.functional.dropout(x, 0.5, training=flag)
 
@@ -210,8 +212,42 @@ def test_after_a_late_first_draw_later_calls_draw_what_the_captured_executors_dr
             warnings.simplefilter("ignore", RuntimeWarning)
             f = tp.pmap(late, "i", static_broadcasted_argnums=1, devices=devices(2))
             torch.manual_seed(0)
-            outs = [f(torch.ones(2, 64), flag).unshard() for flag in (False, True, True, True)]
-            runs[how] = (outs[2:], torch.rand(3))
-    for a, b in zip(runs["threads"][0], runs["stacked"][0]):
+            for flag in (False, True):
+                f(torch.ones(2, 64), flag)
+        with executor(how):  # no warning from now on
+            torch.manual_seed(1)
+            runs[how] = [f(torch.ones(2, 64), True).unshard() for _ in range(2)]
+    for a, b in zip(runs["threads"], runs["stacked"]):
         assert torch.equal(a, b)
-    assert torch.equal(runs["threads"][1], runs["stacked"][1])
+    assert not torch.equal(runs["threads"][0][0], runs["threads"][0][1])  # a stream per replica
+
+
+def test_another_threads_draws_during_a_call_are_never_drawn_again():
+    # A function that does not draw runs without the streams; a call during which another
+    # thread drew (a data loader) used to set the generator back to its state at the start
+    # of the call, so that thread got the same numbers again (found by a hunt).
+    inside, go = threading.Event(), threading.Event()
+    block = [False]
+
+    def f(x):
+        if block[0] and int(tp.axis_index("i")) == 0:
+            inside.set()
+            go.wait(10)
+        return x * 2
+
+    p = pmap_k(f, 2)
+    x = torch.ones(2, 3)
+    p(x)  # learns that f draws nothing
+    block[0] = True
+    torch.manual_seed(0)
+    want = torch.rand(8)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # it cannot tell who drew
+        call = threading.Thread(target=p, args=(x,))
+        call.start()
+        assert inside.wait(10)
+        first = torch.rand(4)
+        go.set()
+        call.join()
+    assert torch.equal(torch.cat([first, torch.rand(4)]), want)

@@ -191,19 +191,6 @@ class CallRandomness:
             _set_state(_CPU, self._state_before_seed)
             self._state_before_seed = None
 
-    def _as_if_intercepted(self) -> None:
-        """The default generators as a run with streams leaves them (the states at
-        the start, then the CPU one's seed draw), after replicas drew from them
-        directly in thread order: later calls then draw what they draw on the
-        captured executors, which give every run streams."""
-        global _seeds_drawn
-        with _DEFAULT_GENERATORS_LOCK:
-            for d, state in self._expected.items():
-                _set_state(d, state)
-            with torch._C._DisableFuncTorch():
-                torch.empty((), dtype=torch.int64, device="cpu").random_()  # what seed() draws
-            _seeds_drawn += 1
-
     def replica(self, index: int) -> AbstractContextManager[Any]:
         return ReplicaRandomness(self, index) if self.active else nullcontext()
 
@@ -237,15 +224,16 @@ class CallRandomness:
             return
         where = ", ".join(changed)
         if not self.active:
+            # The generator is left as it is: another thread may have drawn from it during the
+            # call too (a data loader), and setting it back would give that thread its numbers again.
             assert self._interception is not None
             self._interception.needed = True
-            self._as_if_intercepted()
             warnings.warn(
                 f"{label} drew random numbers on this call but not on its first, so this call's replicas "
                 f"drew from PyTorch's shared generator ({where}) in thread order: this call's numbers are "
-                "not reproducible. From now on every call gives each replica its own stream, and the "
-                "generator is set as if this call had too, so later numbers are. To have that from the "
-                "first call, make the first call draw (e.g. call it in train() mode first).",
+                "not reproducible. From now on every call gives each replica its own stream. To have that "
+                "from the first call, make the first call draw (e.g. call it in train() mode first). "
+                "(Another thread drawing random numbers during the call also triggers this warning.)",
                 RuntimeWarning,
                 stacklevel=4,
             )
