@@ -264,7 +264,7 @@ def hang_in_data_collectives():
     that passed the lockstep check and never completes the collective."""
 
     def hang(*args, **kwargs):
-        time.sleep(15)
+        time.sleep(9)
         os._exit(0)
 
     tpd.dist.all_reduce = hang

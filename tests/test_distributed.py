@@ -116,7 +116,7 @@ def test_shutdown_after_a_failed_collective_aborts_instead_of_waiting_for_peers(
     assert "rank 0 ERROR CollectiveTimeoutError" in lines, out.stdout + out.stderr
     shutdown = [line for line in lines if line.startswith("SHUTDOWN")]
     assert len(shutdown) == 1 and shutdown[0].startswith("SHUTDOWN ok"), out.stdout + out.stderr
-    assert seconds_after(shutdown[0]) < 6, shutdown  # not rank 1's 15 s
+    assert seconds_after(shutdown[0]) < 4, shutdown  # not the ~6 s until rank 1 exits
     assert elapsed < 60
 
 

@@ -78,8 +78,8 @@ def test_the_same_seed_gives_bit_identical_losses(example, reference, tmp_path):
     losses, state = train(example, tmp_path, "again")
     assert losses == reference[0]  # floats: bit for bit
     assert_bitwise_equal(state, reference[1])
-    other, _ = train(example, tmp_path, "seed1", "--seed", "1")
-    assert other != reference[0]
+    other, _ = train(example, tmp_path, "seed1", "--seed", "1", "--max-steps", "3")
+    assert other != reference[0][:3]
 
 
 @pytest.mark.parametrize("stop", [5, 11], ids=["mid_epoch", "epoch_end"])
