@@ -854,3 +854,39 @@ def test_donated_input_is_deleted_when_a_replica_fails():
     with pytest.raises(ValueError, match="boom"):
         tp.pmap(f, donate_argnums=0)(st)
     assert st.is_deleted
+
+
+def test_a_sharded_tensor_being_donated_cannot_be_donated_by_another_threads_call(monkeypatch):
+    # Both calls passed the "not deleted" check before either deleted it (at its replicas'
+    # start), and both ran on one buffer, each seeing the other's write (found by a hunt).
+    # The first call is held between its check and its replicas' start.
+    from torchpmap import _pmap
+
+    inside, go = threading.Event(), threading.Event()
+    place = _pmap.Pmapped._place
+    holder = []
+
+    def held_place(self, *args):
+        if not holder:
+            holder.append(threading.get_ident())
+        if threading.get_ident() == holder[0]:
+            inside.set()
+            go.wait(10)
+        return place(self, *args)
+
+    monkeypatch.setattr(_pmap.Pmapped, "_place", held_place)
+    p = tp.pmap(lambda x: x.add_(1), "i", donate_argnums=0, devices=tp.devices()[:2])
+    x = tp.device_put_sharded([torch.zeros(3), torch.zeros(3)], tp.devices()[:2])
+    first = []
+    call = threading.Thread(target=lambda: first.append(p(x)))
+    call.start()
+    assert inside.wait(10)
+    start = time.monotonic()
+    try:
+        with pytest.raises(tp.DeletedShardedTensorError, match="being donated to another pmap call"):
+            p(x)
+        assert time.monotonic() - start < 5
+    finally:
+        go.set()
+        call.join()
+    assert torch.equal(first[0].unshard(), torch.ones(2, 3))

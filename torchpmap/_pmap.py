@@ -9,11 +9,13 @@ per-replica outputs into ShardedTensors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import numbers
+import threading
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, overload
 
@@ -46,7 +48,7 @@ from ._shared_state import (
 )
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
-from .errors import CollectiveError
+from .errors import CollectiveError, DeletedShardedTensorError
 from .training import PerReplica
 
 _TENSOR, _SHARDED, _NUMPY, _SCALAR, _OTHER, _PER_REPLICA = range(6)
@@ -330,9 +332,22 @@ class Pmapped:
         recheck: bool,
     ) -> Any:
         """A call that the stacked fast path did not take: placement, the checks, an executor."""
+        donated = self._donated_leaves(plan, len(args))
+        with _claimed_for_donation([leaves[j] for j in donated]):
+            return self._placed_call(plan, leaves, treedef, static_pos, static_vals, recheck, donated)
+
+    def _placed_call(
+        self,
+        plan: _InPlan,
+        leaves: list[Any],
+        treedef: TreeSpec,
+        static_pos: tuple[int, ...],
+        static_vals: tuple[Any, ...],
+        recheck: bool,
+        donated: list[int],
+    ) -> Any:
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
-        donated = self._donated_leaves(plan, len(args))
         shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
         grad_on = torch.is_grad_enabled()
         found = reached_by(self._fun) if n > 1 or grad_on else []
@@ -1013,6 +1028,32 @@ def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.T
         for pair in named_grad_tensors(name, obj):
             named.setdefault(id(pair[1]), pair)
     return list(named.values())
+
+
+# The ShardedTensors that calls running now were donated (by id), claimed under the lock: a
+# second call donated one of them fails, instead of both running on it (another thread's).
+_DONATION_LOCK = threading.Lock()
+_being_donated: set[int] = set()
+
+
+@contextlib.contextmanager
+def _claimed_for_donation(tensors: list[Any]) -> Iterator[None]:
+    if not tensors:
+        yield
+        return
+    ids = {id(t) for t in tensors}  # (one tensor donated twice in a call is that call's own)
+    with _DONATION_LOCK:
+        if ids & _being_donated:
+            raise DeletedShardedTensorError(
+                "pmap: a ShardedTensor donated to this call (donate_argnums) is being donated to another "
+                "pmap call running now (another thread's), which deletes it; use that call's result"
+            )
+        _being_donated.update(ids)
+    try:
+        yield
+    finally:
+        with _DONATION_LOCK:
+            _being_donated.difference_update(ids)
 
 
 def _identity(fun: Callable[..., Any]) -> str:
