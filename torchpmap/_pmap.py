@@ -314,7 +314,9 @@ class Pmapped:
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
         try:
-            return self._general_call(plan, leaves, treedef, static_pos, static_vals, args, recheck)
+            donated = self._donated_leaves(plan, len(args))
+            with _claimed_for_donation([leaves[j] for j in donated]):
+                return self._general_call(plan, leaves, treedef, static_pos, static_vals, donated, recheck)
         except BaseException:
             # A caller that catches the error and calls again is checked again (the
             # check may have raised, or the call failed after it was taken as done).
@@ -328,24 +330,11 @@ class Pmapped:
         treedef: TreeSpec,
         static_pos: tuple[int, ...],
         static_vals: tuple[Any, ...],
-        args: tuple[Any, ...],
-        recheck: bool,
-    ) -> Any:
-        """A call that the stacked fast path did not take: placement, the checks, an executor."""
-        donated = self._donated_leaves(plan, len(args))
-        with _claimed_for_donation([leaves[j] for j in donated]):
-            return self._placed_call(plan, leaves, treedef, static_pos, static_vals, recheck, donated)
-
-    def _placed_call(
-        self,
-        plan: _InPlan,
-        leaves: list[Any],
-        treedef: TreeSpec,
-        static_pos: tuple[int, ...],
-        static_vals: tuple[Any, ...],
-        recheck: bool,
         donated: list[int],
+        recheck: bool,
     ) -> Any:
+        """A call that the stacked fast path did not take: placement, the checks, an
+        executor. ``donated``: the donated leaves, claimed for this call by the caller."""
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
         shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
