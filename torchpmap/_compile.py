@@ -259,8 +259,7 @@ class CompiledReplicas:
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
         self._backend = _gated_backend(options)
-        self._warned_aliasing = False  # said once per function that calls with aliased arguments run eagerly
-        self._warned_hooks = False  # ... and once that calls run eagerly under global module hooks
+        self._warned_eager: set[str] = set()  # why calls ran eagerly: each said once per function
         _track_compiles()
 
     def programs(
@@ -302,29 +301,11 @@ class CompiledReplicas:
         name, where, fun = self._fun_name, device, self._fun
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            if views_sharing_a_base(args, kwargs):
-                # AOTAutograd would merge them into their common base (the caller's whole
-                # tensor, every replica's rows) and write all of it back after a mutation,
-                # over the other replicas' rows: eager runs them as PyTorch does.
-                if not self._warned_aliasing:
-                    self._warned_aliasing = True
-                    warnings.warn(
-                        f"torchpmap: pmap of {name} with compile=: two arguments of a replica are views of "
-                        f"one tensor (the same tensor passed twice, or mapped and also passed whole); such "
-                        f"calls run eagerly",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                return fun(*args, **kwargs)
-            if global_module_hooks():
-                if not self._warned_hooks:
-                    self._warned_hooks = True
-                    warnings.warn(
-                        f"torchpmap: pmap of {name} with compile=: {GLOBAL_HOOKS_REASON}, which compiled code would "
-                        f"not see if added later; calls run eagerly while they are",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
+            eager = _why_eager(args, kwargs)
+            if eager is not None:
+                if eager not in self._warned_eager:
+                    self._warned_eager.add(eager)
+                    warnings.warn(f"torchpmap: pmap of {name} with compile=: {eager}", RuntimeWarning, stacklevel=2)
                 return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
@@ -346,6 +327,23 @@ class CompiledReplicas:
                 DYNAMO_GATE.exit()
 
         return run
+
+
+def _why_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why a compile= replica runs this call eagerly; None if compiled code may run it."""
+    if views_sharing_a_base(args, kwargs):
+        # AOTAutograd would merge them into their common base (the caller's whole
+        # tensor, every replica's rows) and write all of it back after a mutation,
+        # over the other replicas' rows: eager runs them as PyTorch does.
+        return (
+            "two arguments of a replica are views of one tensor (the same tensor passed twice, or mapped "
+            "and also passed whole); such calls run eagerly"
+        )
+    if global_module_hooks():
+        return (
+            f"{GLOBAL_HOOKS_REASON}, which compiled code would not see if added later; calls run eagerly while they are"
+        )
+    return None
 
 
 def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
