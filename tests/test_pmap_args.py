@@ -617,6 +617,22 @@ def test_plan_cache_is_per_call_signature():
     assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs
 
 
+def test_plan_cache_keeps_the_most_recently_used_plans():
+    """A static argument that changes every call (a step count) makes a new plan each time:
+    the cache keeps the most recently used ones, not every plan for ever."""
+    p = tp.pmap(lambda x, k: x * k, static_broadcasted_argnums=1)
+    p._in_plans._limit = 3
+    x = _rows(2, 3)
+    p(x, 0)  # used again below: stays
+    for k in range(1, 10):
+        p(x, k)
+        torch.testing.assert_close(p(x, 0).unshard(), x * 0)
+        assert len(p._in_plans) <= 3
+    assert len(p._in_plans) == 3
+    assert sorted(key[1][0] for key in p._in_plans._plans) == [(int, 0), (int, 8), (int, 9)]
+    torch.testing.assert_close(p(x, 1).unshard(), x)  # an evicted signature is planned again
+
+
 # -- shared inputs written in place --------------------------------------------------------
 
 

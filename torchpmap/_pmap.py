@@ -9,6 +9,7 @@ per-replica outputs into ShardedTensors.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -17,7 +18,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, overload
+from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 import numpy as np
 import torch
@@ -250,9 +251,9 @@ class Pmapped:
         # Declared: mypy does not count int as a numbers.Integral, so after the check
         # above it would infer None.
         self._axis_size: int | None = None if axis_size is None else int(axis_size)
-        self._in_plans: dict[_InKey, _InPlan] = {}
+        self._in_plans: _PlanCache[_InKey, _InPlan] = _PlanCache()
         self._positional_specs: dict[int, TreeSpec] = {}  # by argument count
-        self._out_plans: dict[_OutKey, _OutPlan] = {}
+        self._out_plans: _PlanCache[_OutKey, _OutPlan] = _PlanCache()
         self._fun_name = getattr(fun, "__qualname__", None) or repr(fun)
         self._fun_identity = _identity(fun)
         self._random = _random.Interception()  # whether its replicas draw random numbers
@@ -303,7 +304,7 @@ class Pmapped:
         plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
-            self._in_plans[key] = plan
+            self._in_plans.put(key, plan)
         self._calls += 1
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
@@ -762,7 +763,7 @@ class Pmapped:
         plan = self._out_plans.get(key)
         if plan is None:
             plan = self._make_out_plan(tree_unflatten(first, spec), first)
-            self._out_plans[key] = plan
+            self._out_plans.put(key, plan)
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             values = [f[0][j] for f in flat]
@@ -797,7 +798,7 @@ class Pmapped:
         if plan is None:
             first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
             plan = self._make_out_plan(tree_unflatten(first, out.spec), first)
-            self._out_plans[key] = plan
+            self._out_plans.put(key, plan)
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
             value, batched = out.leaves[j], out.batched[j]
@@ -994,6 +995,42 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
 
 # How often the state a function reaches is checked when nothing about it changed (_watch_reached).
 _RECHECK_EVERY = 32
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _PlanCache(Generic[K, V]):
+    """A function's plans by call signature, the ``limit`` most recently used: a
+    static argument that changes every call (a step count, a scheduled float)
+    makes a new signature each time, and must not grow memory without end
+    (``jax.pmap``'s caches are bounded too). Thread-safe without a lock: each
+    OrderedDict operation is one step under the GIL, and a key another thread
+    evicted meanwhile is only a miss."""
+
+    __slots__ = ("_plans", "_limit")
+
+    def __init__(self, limit: int = 512) -> None:
+        self._plans: collections.OrderedDict[K, V] = collections.OrderedDict()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def get(self, key: K) -> V | None:
+        plan = self._plans.get(key)
+        if plan is not None:
+            with contextlib.suppress(KeyError):
+                self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: K, plan: V) -> None:
+        self._plans[key] = plan
+        while len(self._plans) > self._limit:
+            try:
+                self._plans.popitem(last=False)
+            except KeyError:  # another thread emptied it meanwhile
+                break
 
 
 def _hashable(v: Any) -> bool:
