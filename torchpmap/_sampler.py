@@ -37,7 +37,9 @@ class ProcessBatchSampler(Sampler[list[int]]):
 
     ``process_index`` and ``process_count`` default to torchpmap's (1 process
     without torchpmap.distributed), read when iterating, so the same script runs
-    in every layout. Pick ``global_batch_size`` a multiple of ``device_count()``
+    in every layout. Every process must build its sampler alike (dataset length,
+    ``global_batch_size``, ``shuffle``, ``seed``, ``drop_last``, epoch): nothing
+    compares them across processes. Pick ``global_batch_size`` a multiple of ``device_count()``
     so that ``shard_batch`` needs no padding: otherwise each process pads its
     own block, and which replica gets which row depends on the layout (a
     masked loss is still the same).
