@@ -9,6 +9,8 @@ differential runs against the threads executor (``torch.vmap`` shows each):
   one dimension instead of every one;
 * ``all``/``any``/``logsumexp`` over an empty ``dim`` list reduce everything
   (eager: ``all``/``any`` are elementwise, ``logsumexp`` raises);
+* ``as_strided_`` (in place) leaves the batched tensor as it was: the call is
+  lost, with its shape and strides;
 * ``baddbmm``/``addbmm``/``addmv``/``addmm``/``addr`` of integer tensors give
   float32 with float ``beta``/``alpha`` (eager keeps the dtype and truncates
   them), and int64 for int8 ``addbmm``.
@@ -61,6 +63,7 @@ _INTEGER_MATMUL = {f"{op}{suffix}" for op in ("baddbmm", "addbmm", "addmv", "add
 _WRONG: dict[str, Callable[[tuple[Any, ...], dict[str, Any]], bool]] = {
     **dict.fromkeys(_INTEGER_MATMUL, _integer),
     "roll": _roll,
+    "as_strided_": lambda args, kwargs: True,
     "argmax": _keepdim_without_dim,
     "argmin": _keepdim_without_dim,
     "aminmax": _keepdim_without_dim,  # (its dim and keepdim are keyword-only: _arg finds them there)
