@@ -60,7 +60,14 @@ FUNCTIONS = {
     # Views Dynamo takes outside the graph, from replica 0's row: each replica's own.
     "transposed_input": lambda x: x.mT,
     "transposed_input_in_a_tree": lambda x: {"t": x.T, "twice": x.mT.mT, "sum": x.sum()},
+    # Dynamo's default writes these as a fused multiply-add, which rounds otherwise.
+    "in_place_updates_with_value_or_alpha": lambda x: _updated_in_place(x * 1.7, x + 0.3, x.abs() + 1),
 }
+
+
+def _updated_in_place(p, a, b):
+    p.addcmul_(a, b, value=0.3).addcdiv_(a, b, value=-0.7).add_(a, alpha=0.1)
+    return p.sub_(b, alpha=1.3)
 
 
 def _written_through_a_slice(total):

@@ -57,19 +57,29 @@ def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any)
 
 
 @contextlib.contextmanager
-def guarding_module_hooks() -> Iterator[None]:
-    """Dynamo skips guarding a module's hooks by default: a hook added after a capture
-    would be ignored, silently. torchpmap's captures and compiles guard them: Dynamo
-    reads the flag while it builds a capture's guards. Entered around the calls
-    that may capture, with the gate held (not on the stacked fast path's guard
-    check: setting Dynamo's config costs ~15 us)."""
+def capture_config(*, eager_rounding: bool) -> Iterator[None]:
+    """Dynamo's configuration for torchpmap's captures and compiles, which Dynamo reads
+    while it traces and builds guards. Entered around the calls that may capture, with
+    the gate held (not on the stacked fast path's guard check: setting Dynamo's config
+    costs ~15 us).
+
+    * Module hooks are guarded: Dynamo skips them by default, so a hook added after a
+      capture would be ignored, silently.
+    * ``eager_rounding`` (the stacked and lockstep captures, which run aten ops as eager
+      does): no Dynamo decompositions. By default Dynamo writes ``addcmul_``/``addcdiv_``
+      with ``value=`` and ``add_`` with a tensor ``alpha`` as a fused multiply-add,
+      which rounds otherwise than the eager op (and the threads executor) and has no
+      batching rule (functorch loops over the replicas, and warns). ``compile=``
+      replicas keep them, as ``torch.compile`` does: inductor rounds its own way anyway,
+      and they spare ``fullgraph=True`` steps (a compiled Adam) a graph break."""
     config = torch._dynamo.config
-    before = config.skip_nnmodule_hook_guards
+    before = config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions
     config.skip_nnmodule_hook_guards = False
+    config.enable_dynamo_decompositions = before[1] and not eager_rounding
     try:
         yield
     finally:
-        config.skip_nnmodule_hook_guards = before
+        config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions = before
 
 
 # Dynamo guards no global nn.Module hook: one added after a capture would be ignored.
@@ -309,7 +319,7 @@ class CompiledReplicas:
                 return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
-                with _random.hidden_from_dynamo(), guarding_module_hooks():
+                with _random.hidden_from_dynamo(), capture_config(eager_rounding=False):
                     return compiled(*args, **kwargs)
             except torch._dynamo.exc.TorchDynamoException as e:
                 if _user_exception_while_tracing(e):

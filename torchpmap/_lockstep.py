@@ -44,7 +44,7 @@ from . import _escapes, _forward_ad, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import Backend, guarding_module_hooks, requested_backend, views_sharing_a_base
+from ._compile import Backend, capture_config, requested_backend, views_sharing_a_base
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
@@ -512,7 +512,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
     capture = _capture_for(record, devices, signature)
     args, kwargs = record.unflatten(row0)
     try:
-        with capture_scope(capture, _tls, state, "in lockstep"), guarding_module_hooks():
+        with capture_scope(capture, _tls, state, "in lockstep"), capture_config(eager_rounding=True):
             out = capture.compiled(*args, **kwargs)
     except Exception as e:
         if state.started:

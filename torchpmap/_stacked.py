@@ -57,8 +57,8 @@ from ._compile import (
     DYNAMO_GATE,
     GLOBAL_HOOKS_REASON,
     Backend,
+    capture_config,
     global_module_hooks,
-    guarding_module_hooks,
     options_key,
     requested_backend,
     torch_compile,
@@ -558,7 +558,7 @@ class _Capture:
                     break
         if torch._dynamo.config.disable:  # Dynamo would run the function eagerly on replica 0
             raise _DynamoDisabled
-        with guarding_module_hooks():
+        with capture_config(eager_rounding=True):
             return self.compiled(*args, **kwargs)
 
     @property
