@@ -4,6 +4,7 @@ import functools
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import helpers
@@ -877,6 +878,76 @@ def test_functional_optimizer_matches_other_torch_optimizers(name):
         torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
 
 
+DIRECT_STEPS = [
+    (torch.optim.SGD, dict(lr=0.1)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),
+    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, foreach=True)),
+    (torch.optim.Adam, dict(lr=0.01)),
+    (torch.optim.Adam, dict(lr=0.01, weight_decay=0.1, amsgrad=True, maximize=True)),
+    (torch.optim.Adam, dict(lr=torch.tensor(0.01), betas=(0.8, 0.9), foreach=False)),
+    (torch.optim.AdamW, dict(lr=0.01, foreach=True)),
+    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.5, amsgrad=True)),
+]
+
+
+@pytest.mark.parametrize("optimizer_class, hyperparams", DIRECT_STEPS, ids=lambda v: getattr(v, "__name__", None))
+def test_functional_optimizer_calls_sgd_and_adam_directly_bit_for_bit(optimizer_class, hyperparams):
+    """SGD, Adam and AdamW step without an optimizer object (so that a captured executor can
+    trace them): the same parameters and state as torch.optim's, bit for bit, step by step."""
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(5, 3, generator=g), "b": torch.randn(3, generator=g)}
+    opt = tp.functional_optimizer(optimizer_class, **hyperparams)
+    assert opt._direct_group is not None  # the path under test
+    reference = {k: v.clone().requires_grad_() for k, v in params.items()}
+    torch_opt = optimizer_class(list(reference.values()), **hyperparams)
+    state = opt.init(params)
+    for step in range(4):
+        grads = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        if step == 1:
+            grads["b"] = None  # skipped, as torch.optim skips a parameter without .grad
+        given = {k: None if v is None else v.clone() for k, v in grads.items()}
+        params, state = opt.step(params, grads, state)
+        for k, v in grads.items():  # left alone (foreach Nesterov SGD writes its .grad)
+            assert (v is None and given[k] is None) or torch.equal(v, given[k])
+        for k, p in reference.items():
+            p.grad = grads[k]
+        torch_opt.step()
+        for k, p in reference.items():
+            assert torch.equal(params[k], p.detach()), (step, k)
+            assert state[k].keys() == torch_opt.state[p].keys()
+            for key, value in torch_opt.state[p].items():
+                assert torch.equal(state[k][key], value), (step, k, key)
+    # Fused kernels and differentiable steps drive the optimizer object.
+    assert tp.functional_optimizer(optimizer_class, lr=0.1, differentiable=True)._direct_group is None
+
+
+def test_functional_sgd_step_runs_stacked_like_the_threads():
+    """A functional SGD step is captured (no optimizer object in it) and gives the threads' bits."""
+    opt = tp.functional_optimizer(torch.optim.SGD, lr=0.1, momentum=0.9)
+    x = torch.randn(2, 6, 4, generator=torch.Generator().manual_seed(1))
+    params = {"w": torch.ones(4, 3) / 4, "b": torch.zeros(3)}
+
+    def train_step(p, s, x):
+        grads = torch.func.grad(lambda p: ((x @ p["w"] + p["b"]) ** 2).mean())(p)
+        return opt.step(p, tp.pmean(grads, "i"), s)
+
+    def train(executor):
+        tp.set_executor(executor)
+        p, s = tp.device_put_replicated((params, opt.init(params)), helpers.devices(2))
+        step = tp.pmap(train_step, "i", devices=helpers.devices(2))
+        for _ in range(3):
+            p, s = step(p, s, x)
+        return p, s
+
+    p_threads, s_threads = train("threads")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback to the threads
+        p_stacked, s_stacked = train("stacked")
+    for k in params:
+        assert torch.equal(p_stacked[k].unshard(), p_threads[k].unshard())
+        assert torch.equal(s_stacked[k]["momentum_buffer"].unshard(), s_threads[k]["momentum_buffer"].unshard())
+
+
 def test_functional_optimizer_errors():
     with pytest.raises(TypeError, match="the class, not an instance"):
         tp.functional_optimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
@@ -898,6 +969,10 @@ def test_functional_optimizer_errors():
         opt.step(params, {"v": torch.ones(2)}, opt.init(params))
     with pytest.raises(ValueError, match="state must hold one entry per parameter"):
         opt.step(params, {"w": torch.ones(2)}, {})
+    with pytest.raises(ValueError, match=r"grads\['w'\] must be a tensor of the parameter's shape, dtype and device"):
+        opt.step(params, {"w": torch.ones(3)}, opt.init(params))
+    with pytest.raises(ValueError, match=r"got \(2,\) torch.float64 on cpu"):
+        opt.step(params, {"w": torch.ones(2, dtype=torch.float64)}, opt.init(params))
 
 
 def test_clipping_after_accumulated_pmean_matches_one_device():

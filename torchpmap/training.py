@@ -27,6 +27,7 @@ from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
 from . import _axis
 from ._axis import AxisName
 from ._devices import as_devices, default_devices, physical_device, usable_devices
+from ._optim_calls import step_directly, takes_direct_step
 from .collectives import axis_index, pmean, psum
 
 
@@ -510,9 +511,17 @@ class FunctionalOptimizer:
         _check_optimizer_class(optimizer_class)
         # Build one now: PyTorch validates the hyperparameters here, and patches the class's
         # step once, on this thread, not racing in the replica threads.
-        optimizer_class([torch.zeros(1, requires_grad=True)], **hyperparams)
+        template = optimizer_class([torch.zeros(1, requires_grad=True)], **hyperparams)
         self.optimizer_class = optimizer_class
         self.hyperparams = hyperparams
+        # SGD, Adam and AdamW step without an optimizer object, so that a captured executor
+        # can trace the step: their hyperparameters as the template resolved them.
+        group = template.param_groups[0]
+        self._direct_group = (
+            {k: v for k, v in group.items() if k != "params"}
+            if takes_direct_step(template) and not group.get("differentiable")
+            else None
+        )
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
@@ -544,9 +553,20 @@ class FunctionalOptimizer:
             new_state = {name: _clone_state(state[name]) for name in params}
             if not trained:
                 return new, new_state
+            _check_grads_match(new, given, trained)
+            if self._direct_group is not None:
+                step_directly(
+                    self.optimizer_class,
+                    self._direct_group,
+                    [new[name] for name in trained],
+                    # Copies: some steps write the gradients (foreach Nesterov SGD).
+                    [given[name].detach().clone() for name in trained],
+                    [new_state[name] for name in trained],
+                )
+                return new, new_state
             opt = self.optimizer_class([new[name] for name in trained], **self.hyperparams)
             for name in trained:
-                new[name].grad = given[name].detach()
+                new[name].grad = given[name].detach().clone()  # the step may write it
                 if new_state[name]:
                     opt.state[new[name]] = new_state[name]
             opt.step()
@@ -608,6 +628,17 @@ def _check_step_args(params: dict[str, torch.Tensor], grads: Any, state: Any) ->
             "FunctionalOptimizer.step: state must hold one entry per parameter: pass what init(params) or "
             "the previous step returned"
         )
+
+
+def _check_grads_match(params: dict[str, torch.Tensor], grads: dict[str, Any], names: list[str]) -> None:
+    for name in names:
+        p, g = params[name], grads[name]
+        if not isinstance(g, torch.Tensor) or (g.shape, g.dtype, g.device) != (p.shape, p.dtype, p.device):
+            got = f"{tuple(g.shape)} {g.dtype} on {g.device}" if isinstance(g, torch.Tensor) else type(g).__name__
+            raise ValueError(
+                f"FunctionalOptimizer.step: grads[{name!r}] must be a tensor of the parameter's shape, dtype "
+                f"and device ({tuple(p.shape)} {p.dtype} on {p.device}), got {got}"
+            )
 
 
 def _clone_state(per_param: dict[str, Any]) -> dict[str, Any]:
