@@ -38,15 +38,11 @@ class ProcessBatchSampler(Sampler[list[int]]):
     ``process_index`` and ``process_count`` default to torchpmap's (1 process
     without torchpmap.distributed), read when iterating, so the same script runs
     in every layout. Every process must build its sampler alike (dataset length,
-    ``global_batch_size``, ``shuffle``, ``seed``, ``drop_last``, epoch): in a
-    ``torchpmap.distributed`` job each iteration starts by comparing them (one small
-    exchange; every process iterates its sampler at the same point) and raises
-    ValueError on every process where they differ, since a dataset of another length
-    on one process would give it blocks that overlap the others'. Pick
-    ``global_batch_size`` a multiple of ``device_count()`` so that
-    ``shard_batch`` needs no padding: otherwise each process pads its own block,
-    and which replica gets which row depends on the layout (a masked loss is
-    still the same).
+    ``global_batch_size``, ``shuffle``, ``seed``, ``drop_last``, epoch): nothing
+    compares them across processes. Pick ``global_batch_size`` a multiple of ``device_count()``
+    so that ``shard_batch`` needs no padding: otherwise each process pads its
+    own block, and which replica gets which row depends on the layout (a
+    masked loss is still the same).
     """
 
     def __init__(
@@ -92,7 +88,6 @@ class ProcessBatchSampler(Sampler[list[int]]):
         return self.global_batch_size // self._layout()[1]
 
     def __iter__(self) -> Iterator[list[int]]:
-        self._check_alike_on_every_process()
         order = self._epoch_order()
         start = self._layout()[0] * self.rows_per_process
         for i in range(len(self)):
@@ -107,30 +102,6 @@ class ProcessBatchSampler(Sampler[list[int]]):
             raise ValueError(f"ProcessBatchSampler.mask: batch must be an int in [0, {len(self)}), got {batch!r}")
         first = batch * self.global_batch_size + self._layout()[0] * self.rows_per_process
         return torch.arange(first, first + self.rows_per_process) < self.num_samples
-
-    def _check_alike_on_every_process(self) -> None:
-        """Raise on every process unless every process's sampler was built alike (only
-        in a torchpmap.distributed job, for the layout it takes from there)."""
-        if self._process_count is not None:
-            return  # a layout of the caller's own: not necessarily torchpmap's processes
-        from . import distributed  # here: distributed imports the whole runtime
-
-        names = ("dataset length", "global_batch_size", "shuffle", "seed", "drop_last", "epoch")
-        mine = (self.num_samples, self.global_batch_size, self.shuffle, self.seed, self.drop_last, self.epoch)
-        # A seed past int64 is compared by its low 63 bits.
-        every = distributed.every_process_settings([v & (2**63 - 1) if isinstance(v, int) else v for v in mine])
-        if every is None or all(row == every[0] for row in every):
-            return
-        differ = [name for k, name in enumerate(names) if len({row[k] for row in every}) > 1]
-        table = "; ".join(
-            f"process {p}: " + ", ".join(f"{name} {row[names.index(name)]}" for name in differ)
-            for p, row in enumerate(every)
-        )
-        raise ValueError(
-            f"ProcessBatchSampler: the processes' samplers differ ({table}); every process must build "
-            f"its sampler alike (the same dataset, and set_epoch on every process), or their blocks "
-            f"would overlap and their batch counts differ"
-        )
 
     def _epoch_order(self) -> list[int]:
         if not self.shuffle:

@@ -57,7 +57,6 @@ class _State(TypedDict, total=False):
     local_count: int
     group: dist.ProcessGroup | None
     check_group: dist.ProcessGroup | None
-    settings_group: dist.ProcessGroup | None
     timeout: float
     lockstep: _Lockstep
 
@@ -131,9 +130,6 @@ def initialize(
     # The lockstep check runs on Gloo over CPU tensors: it then has the timeout, and a dead
     # peer raises here instead of hanging in a CUDA `.tolist()` of an NCCL result.
     check_group = dist.new_group(backend="gloo", timeout=_timedelta(seconds))
-    # Settings compared outside pmap calls (samplers) have their own group: an exchange
-    # there never pairs with a pmap call's.
-    settings_group = dist.new_group(backend="gloo", timeout=_timedelta(seconds))
     _state.update(
         {
             "rank": rank,
@@ -141,7 +137,6 @@ def initialize(
             "local_count": len(local),
             "group": dist.group.WORLD,
             "check_group": check_group,
-            "settings_group": settings_group,
             "timeout": seconds,
             "lockstep": _Lockstep(),
         }
@@ -312,29 +307,6 @@ def _abort_process_groups() -> None:
         dist.destroy_process_group()
     else:
         abort()
-
-
-def every_process_settings(values: Sequence[int]) -> list[tuple[int, ...]] | None:
-    """Every process's ``values`` (int64s, as many on each), in process order, or None
-    outside a multi-process job: for settings that every process must choose alike
-    and that nothing else compares (a data sampler's). One small all-gather over a
-    Gloo group of its own, bounded by the collective timeout; every process calls it
-    at the same point of its program."""
-    if not _state:
-        return None
-    mine = torch.tensor([int(v) for v in values], dtype=torch.int64)
-    theirs = [torch.empty_like(mine) for _ in range(_state["world"])]
-    try:
-        work = dist.all_gather(theirs, mine, group=_state["settings_group"], async_op=True)
-        assert work is not None  # async_op=True always gives a Work
-        work.wait(_timedelta(_state["timeout"]))
-    except RuntimeError as e:  # Gloo: a peer that never came (the timeout), or died
-        error_type = CollectiveTimeoutError if _timed_out(e) else CollectiveError
-        raise error_type(
-            f"comparing settings across processes failed: {e}. Another process did not get to the "
-            f"same point (it failed, exited, or runs other code); its own log shows why."
-        ) from e
-    return [tuple(t.tolist()) for t in theirs]
 
 
 def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
