@@ -324,3 +324,22 @@ def test_compiled_replicas_whose_arguments_share_memory_write_as_eager_does(name
         warnings.simplefilter("error", RuntimeWarning)
         tp.pmap(g, compile=dict(backend="aot_eager"))(disjoint[:, :3], disjoint[:, 3:])
     assert disjoint[:, :3].eq(2).all() and disjoint[:, 3:].eq(1).all()
+
+
+def test_dynamo_settings_come_back_when_capture_scopes_end_in_any_order():
+    """Scopes on threads overlap where the gate is paused, and may end in any order: the newest
+    open one's settings apply, and the caller's come back when the last ends."""
+    from torchpmap._compile import capture_config
+
+    config = torch._dynamo.config
+    before = (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions)
+    assert before == (True, True)  # Dynamo's defaults
+    stacked, compiled = capture_config(eager_rounding=True), capture_config(eager_rounding=False)
+    stacked.__enter__()
+    assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == (False, False)
+    compiled.__enter__()
+    assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == (False, True)
+    stacked.__exit__(None, None, None)  # the older scope ends first
+    assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == (False, True)
+    compiled.__exit__(None, None, None)
+    assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == before

@@ -93,6 +93,21 @@ def _total_then_pointwise(x, p):
     return once, readers
 
 
+def test_a_per_replica_tensor_alpha_falls_back_with_the_threads_bits():
+    """add_ with a per-replica tensor alpha needs its value as a number (Dynamo's fused
+    multiply-add, which rounds otherwise, is off in captures): the call runs on the threads."""
+
+    def f(x):
+        return x.clone().add_(x, alpha=x[0, 0])
+
+    x = rows(N, 3, 2)
+    with executor("threads"):
+        want = pm(f)(x)
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="capture failed"):
+        got = pm(f)(x)
+    assert_same_bits(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.complex64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("size", [33, 1027])
 def test_pointwise_ops_on_an_all_reduce_result_give_the_threads_bits(dtype, size):

@@ -71,15 +71,46 @@ def capture_config(*, eager_rounding: bool) -> Iterator[None]:
       which rounds otherwise than the eager op (and the threads executor) and has no
       batching rule (functorch loops over the replicas, and warns). ``compile=``
       replicas keep them, as ``torch.compile`` does: inductor rounds its own way anyway,
-      and they spare ``fullgraph=True`` steps (a compiled Adam) a graph break."""
-    config = torch._dynamo.config
-    before = config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions
-    config.skip_nnmodule_hook_guards = False
-    config.enable_dynamo_decompositions = before[1] and not eager_rounding
+      and they spare ``fullgraph=True`` steps (a compiled Adam) a graph break.
+
+    Scopes on different threads overlap where the gate is paused (a rendezvous, a
+    forward-AD region) and may end in any order: the newest open scope's settings
+    apply, and the caller's come back when the last one ends."""
+    scope = _ConfigScope(eager_rounding)
+    with _config_lock:
+        if not _open_scopes:
+            config = torch._dynamo.config
+            _callers_config[:] = [config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions]
+        _open_scopes.append(scope)
+        _apply_config()
     try:
         yield
     finally:
-        config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions = before
+        with _config_lock:
+            _open_scopes.remove(scope)
+            _apply_config()
+
+
+class _ConfigScope:
+    __slots__ = ("eager_rounding",)
+
+    def __init__(self, eager_rounding: bool) -> None:
+        self.eager_rounding = eager_rounding
+
+
+_config_lock = threading.Lock()
+_open_scopes: list[_ConfigScope] = []  # capture_config scopes open now, oldest first
+_callers_config: list[bool] = []  # Dynamo's settings before the first of them opened
+
+
+def _apply_config() -> None:
+    config = torch._dynamo.config
+    hooks_skipped, decompositions = _callers_config
+    if _open_scopes:
+        hooks_skipped = False
+        decompositions = decompositions and not _open_scopes[-1].eager_rounding
+    config.skip_nnmodule_hook_guards = hooks_skipped
+    config.enable_dynamo_decompositions = decompositions
 
 
 # Dynamo guards no global nn.Module hook: one added after a capture would be ignored.

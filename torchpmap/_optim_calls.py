@@ -7,10 +7,10 @@ on the threads executor. For the three optimizers most steps use, this module
 does what their ``step`` does without the object: the same lazily created
 state, then the same functional call (``torch.optim.sgd.sgd``,
 ``torch.optim.adam.adam``) with the same arguments, read from a template
-optimizer's resolved param group. Eager results are the optimizer's bit for
-bit (tests compare them); a captured step computes Adam's bias corrections
-from its step-count tensor, as ``torch.compile`` does, so its last bits may
-differ from an eager step's.
+optimizer's resolved param group. Results are the optimizer's bit for bit
+(tests compare them). Traced, Adam would compute its bias corrections from
+its step-count tensor, as under ``torch.compile``, rounding otherwise than
+eager: ``FunctionalOptimizer`` does not call it while Dynamo traces.
 """
 
 from __future__ import annotations

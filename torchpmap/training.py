@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias, overload
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
 
 from . import _axis
@@ -502,26 +503,44 @@ class FunctionalOptimizer:
     """A ``torch.optim`` optimizer as a pure function of a parameter dict, for
     the functional idiom: ``state = opt.init(params)``, then
     ``params, state = opt.step(params, grads, state)`` returns new tensors and
-    leaves its arguments unchanged. Each step drives a real
-    ``optimizer_class`` over copies of the tensors, so the update is
-    PyTorch's own code with PyTorch's defaults. Make it with
-    ``functional_optimizer``."""
+    leaves its arguments unchanged. The update is PyTorch's own code with
+    PyTorch's defaults: SGD, Adam and AdamW call their ``torch.optim`` update
+    function on copies of the tensors (``_optim_calls``); the others drive a
+    real ``optimizer_class`` over copies. Make it with ``functional_optimizer``."""
 
     def __init__(self, optimizer_class: type[torch.optim.Optimizer], **hyperparams: Any) -> None:
         _check_optimizer_class(optimizer_class)
-        # Build one now: PyTorch validates the hyperparameters here, and patches the class's
-        # step once, on this thread, not racing in the replica threads.
-        template = optimizer_class([torch.zeros(1, requires_grad=True)], **hyperparams)
         self.optimizer_class = optimizer_class
         self.hyperparams = hyperparams
-        # SGD, Adam and AdamW step without an optimizer object, so that a captured executor
-        # can trace the step: their hyperparameters as the template resolved them.
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Build an optimizer from ``hyperparams``: PyTorch validates them here (and
+        patches the class's step once, on this thread, not racing in the replica
+        threads), and its param group holds them resolved, as the direct step takes
+        them (None: this optimizer steps through an object)."""
+        template = self.optimizer_class([torch.zeros(1, requires_grad=True)], **self.hyperparams)
         group = template.param_groups[0]
+        self._resolved_from = dict(self.hyperparams)
         self._direct_group = (
             {k: v for k, v in group.items() if k != "params"}
             if takes_direct_step(template) and not group.get("differentiable")
             else None
         )
+
+    def _direct(self) -> dict[str, Any] | None:
+        """The resolved hyperparameters of a direct step, or None: step through an object."""
+        now, then = self.hyperparams, self._resolved_from
+        if len(now) != len(then) or any(k not in then or then[k] is not v for k, v in now.items()):
+            self._resolve()  # changed since (the object path reads them at every step)
+        if self._direct_group is None or _global_optimizer_hooks():
+            return None
+        if self.optimizer_class is not torch.optim.SGD and torch.compiler.is_compiling():
+            # Traced, Adam computes its bias corrections from the step count as tensors,
+            # which rounds otherwise than eager: the object path cannot be traced, so the
+            # capture fails and the call runs eagerly (on the threads executor).
+            return None
+        return self._direct_group
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparams.items())
@@ -554,10 +573,12 @@ class FunctionalOptimizer:
             if not trained:
                 return new, new_state
             _check_grads_match(new, given, trained)
-            if self._direct_group is not None:
+            # Sparse gradients: the object's step takes them (SGD) or refuses them in its words.
+            direct = self._direct() if all(given[name].layout == torch.strided for name in trained) else None
+            if direct is not None:
                 step_directly(
                     self.optimizer_class,
-                    self._direct_group,
+                    direct,
                     [new[name] for name in trained],
                     # Copies: some steps write the gradients (foreach Nesterov SGD).
                     [given[name].detach().clone() for name in trained],
@@ -628,6 +649,11 @@ def _check_step_args(params: dict[str, torch.Tensor], grads: Any, state: Any) ->
             "FunctionalOptimizer.step: state must hold one entry per parameter: pass what init(params) or "
             "the previous step returned"
         )
+
+
+def _global_optimizer_hooks() -> bool:
+    """Whether step hooks for every optimizer are registered: they run around an object's step."""
+    return bool(_torch_optimizer._global_optimizer_pre_hooks or _torch_optimizer._global_optimizer_post_hooks)
 
 
 def _check_grads_match(params: dict[str, torch.Tensor], grads: dict[str, Any], names: list[str]) -> None:
