@@ -955,6 +955,28 @@ def test_compiled_code_takes_a_view_of_a_sharded_tensor():
         torch.testing.assert_close(got.unshard(), torch.stack([r @ r.T for r in _rows(4, 3).T.unsqueeze(-1)]))
 
 
+@pytest.mark.parametrize("mode", [torch.enable_grad, torch.no_grad, torch.inference_mode])
+def test_batch_norm_updates_running_statistics_held_in_sharded_tensors(mode):
+    """aten's batch_norm updates its running statistics without counting a version: they are
+    written back by name (a functional call and a module's buffers), never lost."""
+    ds = _devices(2)
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    with mode():
+        mean, var = (
+            tp.device_put_sharded([torch.tensor(0.0)] * 2, ds),
+            tp.device_put_sharded([torch.tensor(1.0)] * 2, ds),
+        )
+        mean_want, var_want = torch.zeros(2), torch.ones(2)
+        torch.nn.functional.batch_norm(x, mean, var, training=True, momentum=0.5)
+        torch.nn.functional.batch_norm(x, mean_want, var_want, training=True, momentum=0.5)
+        assert torch.equal(mean.unshard(), mean_want) and torch.equal(var.unshard(), var_want)
+        bn, bn_want = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+        bn.running_mean = tp.device_put_sharded([torch.tensor(0.0)] * 2, ds)
+        bn(x)
+        bn_want(x)
+        assert torch.equal(bn.running_mean.unshard(), bn_want.running_mean)
+
+
 @pytest.mark.parametrize("made_in_inference_mode", [False, True])
 def test_ops_under_inference_mode(made_in_inference_mode):
     """Evaluation code runs under torch.inference_mode(), where the temporary full

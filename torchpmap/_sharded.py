@@ -791,7 +791,7 @@ class _FullCopy:
     def written(self) -> bool:
         if self._version is None:
             return self.written_by_name
-        return self.full._version != self._version
+        return self.written_by_name or self.full._version != self._version
 
     def check_shards_can_follow(self, name: str) -> None:
         if _Geometry.of(self.full) != self._geometry:
@@ -830,8 +830,10 @@ def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs:
 
     if any(c.full.is_inference() for c in copies.values()):
         targets = {id(v) for v in tree_leaves(_write_targets(func, args, kwargs)[1])}
-        for c in copies.values():
-            c.written_by_name = id(c.sharded) in targets
+    else:  # batch_norm updates its running statistics without counting a version
+        targets = {id(v) for v in _running_statistics(func, args, kwargs)}
+    for c in copies.values():
+        c.written_by_name = id(c.sharded) in targets
     for c in copies.values():
         c.check_shards_can_follow(name)
     written = [c for c in copies.values() if c.written]
