@@ -666,6 +666,18 @@ def test_replica_writing_an_expanded_mapped_input_raises():
         tp.pmap(f, devices=_host(4))(x)
 
 
+def test_replica_writing_a_sharded_tensor_mapped_along_another_axis_raises():
+    """The call maps a copy of it: the write would be lost, while a plain tensor's lands."""
+    ds = _devices(2)
+    x = tp.device_put_sharded(list(_rows(2, 2).unbind(0)), ds)  # mapped along axis 0
+    add_one = tp.pmap(lambda v: v.add_(1), in_axes=1, devices=ds)
+    with pytest.raises(TypeError, match=r"args\[0\], a ShardedTensor mapped along another axis.*would be lost"):
+        add_one(x)
+    assert torch.equal(x.unshard(), _rows(2, 2))
+    reads = tp.pmap(lambda v: v * 2, in_axes=1, devices=ds)(x)  # reading it is fine
+    torch.testing.assert_close(reads.unshard(), _rows(2, 2).T * 2)
+
+
 def test_reading_shared_inputs_and_writing_own_slices_is_fine():
     w = torch.ones(3)
     x = _rows(4, 3).clone()

@@ -667,8 +667,11 @@ class Pmapped:
                     per_leaf.append_shards(leaf)  # already in place: no data moves
                     placements.append(_PLACED_SHARDED)
                     continue
+                other_axis = axis is not None and tuple(leaf.devices) == devices
                 leaf = leaf.unshard()
                 kind = _TENSOR
+                if other_axis:  # a copy on the call's own devices: a write to it would look like one that lands
+                    _watch(shared, j, leaf, _OTHER_AXIS_COPY)
             if kind == _TENSOR:
                 if type(leaf) is _TemporaryView:  # replicas (and torch.compile) get a plain tensor
                     leaf = _plain_view(leaf)
@@ -961,6 +964,8 @@ def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
 _TEMPORARY_COPY = "a temporary copy"
 # Why the shards of a ShardedTensor are watched: they share memory.
 _OVERLAPPING_SHARDS = "shards that share memory"
+# Why a copy of a ShardedTensor mapped along another axis than its own is watched: a write to it is lost.
+_OTHER_AXIS_COPY = "a copy along another axis"
 
 
 def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
@@ -972,6 +977,12 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
         path = paths[j]
         if why == _TEMPORARY_COPY:
             raise TypeError(_lost_write_message(f"pmap: a replica wrote in place into {path},"))
+        if why == _OTHER_AXIS_COPY:
+            raise TypeError(
+                f"pmap: a replica wrote in place into {path}, a ShardedTensor mapped along another axis than "
+                f"its own, which the call copies (its shards stay as they were): the write would be lost. "
+                f"Map it along its own axis (in_axes), or clone() it inside the function before writing."
+            )
         if why == _OVERLAPPING_SHARDS:
             raise RuntimeError(
                 f"pmap: a replica wrote {path} in place, but its shards share memory (one tensor given as "
