@@ -977,6 +977,27 @@ def test_batch_norm_updates_running_statistics_held_in_sharded_tensors(mode):
         assert torch.equal(bn.running_mean.unshard(), bn_want.running_mean)
 
 
+WRITES_WITHOUT_A_TELLING_NAME = {
+    "nn.init by keyword": lambda x: torch.nn.init.constant_(x, 3.0),  # passes tensor=x
+    "operator overload": lambda x: torch.ops.aten.add_.Tensor(x, torch.ones(3)),
+    "embedding max_norm": lambda x: torch.nn.functional.embedding(torch.tensor([0, 1]), x, max_norm=1.0),
+    "real setter": lambda x: setattr(x, "real", torch.full((2, 3), 9.0)),
+}
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("write", sorted(WRITES_WITHOUT_A_TELLING_NAME))
+def test_writes_found_by_name_reach_the_shards(mode, write):
+    """Under inference mode no version counts a write: these are found by the op and its arguments."""
+    fn = WRITES_WITHOUT_A_TELLING_NAME[write]
+    with mode():
+        plain = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+        x = tp.device_put_sharded(list(plain.clone().unbind(0)), _devices(2))
+        fn(plain)
+        fn(x)
+        assert torch.equal(x.unshard(), plain)
+
+
 @pytest.mark.parametrize("made_in_inference_mode", [False, True])
 def test_ops_under_inference_mode(made_in_inference_mode):
     """Evaluation code runs under torch.inference_mode(), where the temporary full

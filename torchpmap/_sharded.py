@@ -656,7 +656,8 @@ def _is_in_place_name(name: str) -> bool:
 
 @torch.compiler.assume_constant_result  # Dynamo calls it while tracing, on the function it traces
 def _is_in_place_function(func: Callable[..., Any]) -> bool:
-    return _is_in_place_name(_op_name(func))
+    # An operator overload is named with its overload: torch.ops.aten.add_.Tensor is "add_.Tensor".
+    return _is_in_place_name(_op_name(func).split(".")[0])
 
 
 def _writes_first_argument(func: Callable[..., Any], kwargs: dict[str, Any]) -> bool:
@@ -672,7 +673,10 @@ def _refuse_writes_to_views(func: Callable[..., Any], args: Sequence[Any], kwarg
 
 def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
     """``func``'s name for messages, and the arguments it writes in place."""
-    first = [args[0]] if args and _writes_first_argument(func, kwargs) else []
+    first = []
+    if _writes_first_argument(func, kwargs):
+        # nn.init's functions name it: nn.init.constant_(tensor=x, val=0).
+        first = [args[0]] if args else [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
     if torch.compiler.is_compiling():  # only what Dynamo traces: no names, no signatures
         return "an in-place op", [*first, kwargs.get("out")]
     return _op_name(func), [*first, kwargs.get("out"), *_running_statistics(func, args, kwargs)]
@@ -680,19 +684,24 @@ def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[s
 
 # Functions that update arguments in place without a name that says so:
 # function -> (the flag that makes them update, the arguments they update).
+# function -> (the argument that makes them update when not None or False, the arguments they update).
 _UPDATES_RUNNING_STATISTICS = {
     torch.nn.functional.batch_norm: ("training", ("running_mean", "running_var")),
     torch.nn.functional.instance_norm: ("use_input_stats", ("running_mean", "running_var")),
+    torch.nn.functional.embedding: ("max_norm", ("weight",)),  # renormalises the rows it looks up
 }
 
 
 def _running_statistics(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+    """The arguments ``func`` updates in place without a name that says so (nor, for
+    batch_norm's statistics, a version count)."""
     if func not in _UPDATES_RUNNING_STATISTICS:
         return []
     flag, updated = _UPDATES_RUNNING_STATISTICS[func]
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
-    return [bound.arguments[a] for a in updated] if bound.arguments[flag] else []
+    value = bound.arguments[flag]
+    return [bound.arguments[a] for a in updated] if value is not None and value is not False else []
 
 
 def _lost_write_message(lead: str) -> str:
@@ -731,7 +740,7 @@ def _set_attribute(setter: Callable[..., Any], args: Sequence[Any]) -> Any:
     st, value = args
     attr = _attribute_name(setter)
     if attr in ("real", "imag"):  # copies values into the real or imaginary part
-        return _call_on_full_tensors(setter, args, {}, f".{attr} =")
+        return _call_on_full_tensors(setter, args, {}, f".{attr} =", writes_first=True)
     if not isinstance(st, ShardedTensor):
         return setter(*tree_map(_full, args))
     hint = "; to copy values in, use `with torch.no_grad(): x.copy_(value)`" if attr == "data" else ""
@@ -815,8 +824,11 @@ class _FullCopy:
             )
 
 
-def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], name: str) -> Any:
-    """Run ``func`` on the full tensors; write what it changed back into the shards."""
+def _call_on_full_tensors(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any], name: str, *, writes_first: bool = False
+) -> Any:
+    """Run ``func`` on the full tensors; write what it changed back into the shards.
+    ``writes_first``: it writes its first argument whatever its name (a setter)."""
     copies: dict[int, _FullCopy] = {}
 
     def to_full(v: Any) -> Any:
@@ -832,6 +844,8 @@ def _call_on_full_tensors(func: Callable[..., Any], args: Sequence[Any], kwargs:
         targets = {id(v) for v in tree_leaves(_write_targets(func, args, kwargs)[1])}
     else:  # batch_norm updates its running statistics without counting a version
         targets = {id(v) for v in _running_statistics(func, args, kwargs)}
+    if writes_first and args:
+        targets.add(id(args[0]))
     for c in copies.values():
         c.written_by_name = id(c.sharded) in targets
     for c in copies.values():
