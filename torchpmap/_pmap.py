@@ -1031,8 +1031,10 @@ class _PlanCache(Generic[K, V]):
     def get(self, key: K) -> V | None:
         plan = self._plans.get(key)
         if plan is not None:
-            with contextlib.suppress(KeyError):
+            try:
                 self._plans.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
         return plan
 
     def put(self, key: K, plan: V) -> None:
