@@ -5,6 +5,7 @@ every mistake, and the per-signature plan cache."""
 import dataclasses
 import threading
 import time
+import warnings
 import weakref
 from collections import namedtuple
 from functools import partial
@@ -653,6 +654,26 @@ def test_replica_writing_a_broadcast_input_in_place_raises():
 
     with pytest.raises(RuntimeError, match=r"args\[1\].*in place.*shared by every replica.*clone"):
         tp.pmap(f, in_axes=(0, None), devices=_host(4))(_rows(4, 3), w)
+
+
+def test_batch_norm_updating_broadcast_running_statistics_raises():
+    """aten's batch_norm updates its running statistics without counting a version: the
+    replicas' updates of statistics they share are found all the same."""
+    x = _rows(2, 4, 3)
+
+    def f(a, mean, var):
+        return torch.nn.functional.batch_norm(a, mean, var, training=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a captured executor falls back to the threads
+        with pytest.raises(RuntimeError, match=r"args\[1\] in place.*shared by every replica"):
+            tp.pmap(f, in_axes=(0, None, None), devices=_host(2))(x, torch.zeros(3), torch.ones(3))
+        mean, var = torch.zeros(2, 3), torch.ones(2, 3)  # each replica its own: fine
+        tp.pmap(f, devices=_host(2))(x, mean, var)
+    for r in range(2):
+        want_mean, want_var = torch.zeros(3), torch.ones(3)
+        f(x[r], want_mean, want_var)
+        assert torch.equal(mean[r], want_mean) and torch.equal(var[r], want_var)
 
 
 def test_replica_writing_an_expanded_mapped_input_raises():

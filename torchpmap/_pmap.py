@@ -49,6 +49,7 @@ from ._shared_state import (
 )
 from ._stacked import StackedOutput
 from ._tree import broadcast_prefix, is_axis_spec, leaf_paths, reorder_leaves
+from ._uncounted_writes import writes_of
 from .errors import CollectiveError, DeletedShardedTensorError
 from .training import PerReplica
 
@@ -957,7 +958,7 @@ _Shared: TypeAlias = "tuple[int, torch.Tensor, int, str]"
 
 def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
     if not t.is_inference():  # inference tensors have no version counter
-        shared.append((j, t, t._version, why))
+        shared.append((j, t, writes_of(t), why))
 
 
 # Why a view of a temporary copy of a ShardedTensor is watched: a write to it is lost.
@@ -972,7 +973,7 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
     """A replica's in-place write to a shared input raced with the others
     (and changed the caller's tensor), or was lost: a wrong answer, so an error."""
     for j, t, version, why in shared:
-        if t._version == version:
+        if writes_of(t) == version:
             continue
         path = paths[j]
         if why == _TEMPORARY_COPY:

@@ -41,6 +41,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from . import _uncounted_writes
+from ._sharded import running_statistics
+
 # Guards the process's default generators while a replica's state is swapped
 # into one, and the draws of call seeds from the caller's generator.
 _DEFAULT_GENERATORS_LOCK = threading.Lock()
@@ -250,7 +253,12 @@ class CallRandomness:
 
 
 class ReplicaRandomness(TorchFunctionMode):
-    """Routes one replica's random functions to its own streams (thread-local)."""
+    """Routes one replica's random functions to its own streams (thread-local).
+
+    It sees every torch function of a function's first run, so it also records the
+    writes PyTorch makes without counting a version (batch_norm's running
+    statistics, ``_uncounted_writes``): the check that no replica wrote a shared
+    input then sees them."""
 
     def __init__(self, call: CallRandomness, index: int) -> None:
         super().__init__()
@@ -273,6 +281,12 @@ class ReplicaRandomness(TorchFunctionMode):
         if kind is _NOT_RANDOM:
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
+        if kind is _UNCOUNTED_WRITES:
+            result = func(*args, **kwargs)
+            for t in running_statistics(func, args, kwargs):
+                if isinstance(t, torch.Tensor):
+                    _uncounted_writes.record(t)
+            return result
         if kind is _PASS_GENERATOR:
             given = kwargs.get("generator")
             kwargs = dict(kwargs)
@@ -314,6 +328,8 @@ class ReplicaRandomness(TorchFunctionMode):
 
 
 _PASS_GENERATOR, _SWAP, _NOT_RANDOM = "pass generator", "swap", "not random"
+# Not random, but they update arguments without counting a version.
+_UNCOUNTED_WRITES = "uncounted writes"
 _kinds: dict[Any, tuple[str, _Spec | None]] = {}
 
 
@@ -329,6 +345,8 @@ def _kind_of(func: Callable[..., Any]) -> tuple[str, _Spec | None]:
 
 
 def _classify(func: Callable[..., Any]) -> tuple[str, _Spec | None]:
+    if func is torch.nn.functional.batch_norm or func is torch.nn.functional.instance_norm:
+        return _UNCOUNTED_WRITES, None
     name = getattr(func, "__name__", "")
     if isinstance(func, torch._ops.OpOverload):
         # One overload of an aten op (compiled graphs call these): overloads

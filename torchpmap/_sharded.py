@@ -679,7 +679,7 @@ def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[s
         first = [args[0]] if args else [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
     if torch.compiler.is_compiling():  # only what Dynamo traces: no names, no signatures
         return "an in-place op", [*first, kwargs.get("out")]
-    return _op_name(func), [*first, kwargs.get("out"), *_running_statistics(func, args, kwargs)]
+    return _op_name(func), [*first, kwargs.get("out"), *running_statistics(func, args, kwargs)]
 
 
 # Functions that update arguments in place without a name that says so:
@@ -692,7 +692,7 @@ _UPDATES_RUNNING_STATISTICS = {
 }
 
 
-def _running_statistics(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+def running_statistics(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
     """The arguments ``func`` updates in place without a name that says so (nor, for
     batch_norm's statistics, a version count)."""
     if func not in _UPDATES_RUNNING_STATISTICS:
@@ -843,7 +843,7 @@ def _call_on_full_tensors(
     if any(c.full.is_inference() for c in copies.values()):
         targets = {id(v) for v in tree_leaves(_write_targets(func, args, kwargs)[1])}
     else:  # batch_norm updates its running statistics without counting a version
-        targets = {id(v) for v in _running_statistics(func, args, kwargs)}
+        targets = {id(v) for v in running_statistics(func, args, kwargs)}
     if writes_first and args:
         targets.add(id(args[0]))
     for c in copies.values():
