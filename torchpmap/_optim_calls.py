@@ -28,9 +28,10 @@ DIRECT = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
 
 def takes_direct_step(template: torch.optim.Optimizer) -> bool:
     """Whether ``step_directly`` can stand for ``template``'s class's step: one of
-    DIRECT, with no fused kernel (whose state lives on the parameter's device)."""
+    DIRECT, with no fused kernel (whose state lives on the parameter's device) and
+    not differentiable (whose step runs with grad mode on)."""
     group = template.param_groups[0]
-    return type(template) in DIRECT and not group.get("fused") and not group.get("capturable")
+    return type(template) in DIRECT and not any(group.get(k) for k in ("fused", "capturable", "differentiable"))
 
 
 def step_directly(

@@ -42,7 +42,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import _uncounted_writes
-from ._sharded import running_statistics
+from ._sharded import written_without_saying
 
 # Guards the process's default generators while a replica's state is swapped
 # into one, and the draws of call seeds from the caller's generator.
@@ -283,7 +283,7 @@ class ReplicaRandomness(TorchFunctionMode):
         kwargs = kwargs or {}
         if kind is _UNCOUNTED_WRITES:
             result = func(*args, **kwargs)
-            for t in running_statistics(func, args, kwargs):
+            for t in written_without_saying(func, args, kwargs):
                 if isinstance(t, torch.Tensor):
                     _uncounted_writes.record(t)
             return result

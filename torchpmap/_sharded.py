@@ -679,25 +679,24 @@ def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[s
         first = [args[0]] if args else [kwargs.get(k) for k in ("tensor", "input", "self") if k in kwargs][:1]
     if torch.compiler.is_compiling():  # only what Dynamo traces: no names, no signatures
         return "an in-place op", [*first, kwargs.get("out")]
-    return _op_name(func), [*first, kwargs.get("out"), *running_statistics(func, args, kwargs)]
+    return _op_name(func), [*first, kwargs.get("out"), *written_without_saying(func, args, kwargs)]
 
 
 # Functions that update arguments in place without a name that says so:
-# function -> (the flag that makes them update, the arguments they update).
 # function -> (the argument that makes them update when not None or False, the arguments they update).
-_UPDATES_RUNNING_STATISTICS = {
+_WRITES_WITHOUT_SAYING = {
     torch.nn.functional.batch_norm: ("training", ("running_mean", "running_var")),
     torch.nn.functional.instance_norm: ("use_input_stats", ("running_mean", "running_var")),
     torch.nn.functional.embedding: ("max_norm", ("weight",)),  # renormalises the rows it looks up
 }
 
 
-def running_statistics(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+def written_without_saying(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
     """The arguments ``func`` updates in place without a name that says so (nor, for
     batch_norm's statistics, a version count)."""
-    if func not in _UPDATES_RUNNING_STATISTICS:
+    if func not in _WRITES_WITHOUT_SAYING:
         return []
-    flag, updated = _UPDATES_RUNNING_STATISTICS[func]
+    flag, updated = _WRITES_WITHOUT_SAYING[func]
     bound = inspect.signature(func).bind(*args, **kwargs)
     bound.apply_defaults()
     value = bound.arguments[flag]
@@ -843,7 +842,7 @@ def _call_on_full_tensors(
     if any(c.full.is_inference() for c in copies.values()):
         targets = {id(v) for v in tree_leaves(_write_targets(func, args, kwargs)[1])}
     else:  # batch_norm updates its running statistics without counting a version
-        targets = {id(v) for v in running_statistics(func, args, kwargs)}
+        targets = {id(v) for v in written_without_saying(func, args, kwargs)}
     if writes_first and args:
         targets.add(id(args[0]))
     for c in copies.values():

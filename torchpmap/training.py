@@ -522,11 +522,7 @@ class FunctionalOptimizer:
         template = self.optimizer_class([torch.zeros(1, requires_grad=True)], **self.hyperparams)
         group = template.param_groups[0]
         self._resolved_from = dict(self.hyperparams)
-        self._direct_group = (
-            {k: v for k, v in group.items() if k != "params"}
-            if takes_direct_step(template) and not group.get("differentiable")
-            else None
-        )
+        self._direct_group = {k: v for k, v in group.items() if k != "params"} if takes_direct_step(template) else None
 
     def _direct(self) -> dict[str, Any] | None:
         """The resolved hyperparameters of a direct step, or None: step through an object."""
