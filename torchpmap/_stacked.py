@@ -424,6 +424,13 @@ class _Batched:
             if stacked is None and isinstance(a, torch.Tensor):
                 state.shared.append(a)  # a view of it is not a view of a row (see _view_of_every_row)
             inputs.append(a if stacked is None else stacked)
+        if self.written and _aliases_a_written_input(inputs, self.written):
+            # The capture writes through a copy of such an input, so the other input would read
+            # the old values; eagerly, the write shows through it (or PyTorch refuses a write
+            # that reads memory it overlaps). The threads run it eagerly.
+            raise Unsupported(
+                "the function writes in place an input that shares memory with another input", per_call=True
+            )
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
             if any(inputs[k].requires_grad for k in self.written):
                 raise Unsupported(
@@ -432,11 +439,6 @@ class _Batched:
             if any(self.in_dims[k] is None for k in self.written):
                 raise Unsupported(
                     "autograd through a function that writes in place a tensor the replicas share", per_call=True
-                )
-            if self.written and _aliases_a_written_input(inputs, self.written):
-                # The backward's copies of the written inputs could not keep that aliasing.
-                raise Unsupported(
-                    "autograd through a function that writes in place an input another input aliases", per_call=True
                 )
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
@@ -456,12 +458,27 @@ class _Batched:
 
 
 def _aliases_a_written_input(inputs: list[Any], written: frozenset[int]) -> bool:
-    """Whether a tensor input shares memory with an input the program writes."""
-    storages = {inputs[k].untyped_storage().data_ptr() for k in written}
+    """Whether a tensor input may share memory with an input the program
+    writes (the byte ranges they span meet: views of one tensor's disjoint
+    columns count, views of its disjoint blocks do not)."""
+    spans = [_byte_span(inputs[k]) for k in written]
     return any(
-        isinstance(a, torch.Tensor) and k not in written and a.untyped_storage().data_ptr() in storages
+        isinstance(a, torch.Tensor) and k not in written and any(_spans_meet(_byte_span(a), s) for s in spans)
         for k, a in enumerate(inputs)
     )
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int, int]:
+    """The storage and the half-open range of bytes ``t`` reaches in it."""
+    start = int(t.storage_offset()) * t.element_size()  # real tensors: plain ints
+    if t.numel() == 0:
+        return t.untyped_storage().data_ptr(), start, start
+    reach = sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().data_ptr(), start, start + (reach + 1) * t.element_size()
+
+
+def _spans_meet(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 # How many input layouts (strides) a compiled capture serves before it falls back.
