@@ -28,14 +28,19 @@ def seeded_calls(name, pf, *args, seed=0, calls=2):
     return outs, torch.get_rng_state()
 
 
-def assert_same_streams(pf, *args, seed=0, calls=2):
+def assert_same_streams(pf, *args, seed=0, calls=2, close=()):
     """Threads and stacked draw the same bits, and leave the caller's
-    generator in the same state."""
+    generator in the same state. ``close``: the indices of output leaves that
+    went through a matmul, compared to float32 rounding (a batched matmul may
+    round otherwise than one per replica: it does on AVX-512 CPUs)."""
     expected, expected_state = seeded_calls("threads", pf, *args, seed=seed, calls=calls)
     got, state = seeded_calls("stacked", pf, *args, seed=seed, calls=calls)
     for e, g in zip(expected, got):
-        for a, b in zip(torch.utils._pytree.tree_leaves(e), torch.utils._pytree.tree_leaves(g)):
-            assert torch.equal(a, b), (a, b)
+        for i, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(e), torch.utils._pytree.tree_leaves(g))):
+            if i in close:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+            else:
+                assert torch.equal(a, b), (a, b)
     assert torch.equal(expected_state, state), "the caller's generator moved differently"
     return got
 
@@ -133,7 +138,7 @@ def test_a_training_step_with_dropout_under_grad_matches_threads():
 
     x, y = torch.randn(N, 5, 6), torch.randint(0, 3, (N, 5))
     f = pm(step, in_axes=(None, 0, 0))
-    assert_same_streams(f, params, x, y)
+    assert_same_streams(f, params, x, y, close=range(4))  # the gradients: matmuls
 
 
 def test_nested_grads_through_a_draw_match_threads():
@@ -365,9 +370,9 @@ def test_a_training_loop_with_dropout_and_backward_outside_matches_threads():
         return [p.detach() for p in model.parameters()], torch.get_rng_state()
 
     (expected, expected_state), (got, state) = train("threads"), train("stacked")
-    for e, g in zip(expected, got, strict=True):
-        assert torch.equal(e, g), (e - g).abs().max()
-    assert torch.equal(expected_state, state)
+    for e, g in zip(expected, got, strict=True):  # batched matmuls: close, not always the same bits
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert torch.equal(expected_state, state)  # the same draws, by the same streams
 
 
 def test_a_drawing_call_keeps_its_graphs_through_saved_tensor_hooks():

@@ -157,6 +157,11 @@ class _Scaled(torch.nn.Module):
         return self.drop(self.linear(x)) * self.factor + self.offset
 
 
+# How close a replica's matmul comes to eager's: the same bits on the threads; a batched
+# matmul may round otherwise (it does on AVX-512 CPUs), so float32 rounding on "stacked".
+_MATMUL_BITS = {"threads": dict(rtol=0, atol=0), "stacked": dict(rtol=1.3e-6, atol=1e-6)}
+
+
 @pytest.mark.parametrize("name", ["threads", "stacked"])
 def test_functional_call_sees_the_module_as_it_is_at_each_call(name):
     """Each call reads the module as it is then: a later eval(), a changed
@@ -178,8 +183,8 @@ def test_functional_call_sees_the_module_as_it_is_at_each_call(name):
         got = pf(weights, x)
         got = pf(weights, x)  # under "stacked", a recapture at the changed guards
     with torch.no_grad():
-        expected = model(x)
-    torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
+        expected = torch.stack([model(x[i]) for i in range(4)])  # per replica: a matmul of its rows
+    torch.testing.assert_close(got.unshard(), expected, **_MATMUL_BITS[name])
 
 
 class _BoundMethods(torch.nn.Module):
@@ -219,7 +224,7 @@ def test_functional_call_binds_the_modules_methods_and_hooks_to_what_it_swaps_in
     with helpers.executor(name):
         pf(params, x)
         got = pf(params, x)
-    torch.testing.assert_close(got.unshard(), expected, rtol=0, atol=0)
+    torch.testing.assert_close(got.unshard(), expected, **_MATMUL_BITS[name])
 
 
 def test_functional_call_takes_torch_funcs_strict_and_tie_weights():
@@ -955,7 +960,9 @@ def test_functional_steps_give_the_threads_bits_on_the_captured_executors(captur
     fell_back = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert bool(fell_back) == (optimizer_class is not torch.optim.SGD), [str(w.message) for w in fell_back]
     for (p, s), (p_want, s_want) in zip(got, expected):
-        helpers.assert_same_bits((p, s), (p_want, s_want))
+        # The same bits where the step ran on the threads; a stacked step's batched matmul
+        # may round otherwise (it does on AVX-512 CPUs).
+        helpers.assert_same_bits((p, s), (p_want, s_want), close=captured == "stacked" and bool(not fell_back))
 
 
 def test_functional_optimizer_follows_its_hyperparams_and_global_hooks():
