@@ -230,13 +230,16 @@ def test_replicas_bringing_different_shapes_to_a_collective_fail_as_on_threads()
             pf(rows(N, 3))
 
 
-def test_a_replica_tensor_stored_outside_the_function_falls_back():
+@pytest.mark.parametrize("stored", ["computed", "argument"])
+def test_a_replica_tensor_stored_outside_the_function_falls_back(stored):
+    # "argument": the mapped input itself, which lockstep once stored for replica 0 alone.
     logs = {"threads": [], "lockstep": []}
     for name in logs:
         log = logs[name]
         with executor(name, allow_fallback=True), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pm(lambda x, log=log: (log.append(x * 2), x + 1)[1])(rows(N, 3))
+            f = pm(lambda x, log=log: (log.append(x * 2 if stored == "computed" else x), x + 1)[1])
+            f(rows(N, 3))
         if name == "lockstep":
             assert any("stores a tensor that differs" in str(w.message) for w in caught)
     assert sorted(t.tolist() for t in logs["lockstep"]) == sorted(t.tolist() for t in logs["threads"])

@@ -427,7 +427,10 @@ def _backend(
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
         state = _current()
-        differ = [vs[0] for vs in state.replicas_of.values() if any(v is not vs[0] for v in vs[1:])]
+        # What Dynamo was given as replica 0's value: the key's tensor (an alias of
+        # ``vs[0]`` for an input, see _call_state), found among the tensors kept alive.
+        given = {id(t): t for t in state.keep}
+        differ = [given[k] for k, vs in state.replicas_of.items() if k in given and any(v is not vs[0] for v in vs[1:])]
         stored = _escapes.stored_replica_tensor(differ)
         if stored is not None:
             raise Unsupported(_escapes.refusal(stored))
