@@ -251,3 +251,56 @@ def test_another_threads_draws_during_a_call_are_never_drawn_again():
         go.set()
         call.join()
     assert torch.equal(torch.cat([first, torch.rand(4)]), want)
+
+
+def _checkpointed_step(reentrant, backward_inside, drop):
+    """A step whose checkpointed part may draw (dropout), with the backward
+    inside the replica (module idiom) or through the call."""
+    w = torch.randn(3, 3, generator=torch.Generator().manual_seed(2)).requires_grad_()
+
+    def body(x):
+        h = (x @ w).tanh()
+        return F.dropout(h, 0.5) if drop else h
+
+    def step(x):
+        y = torch.utils.checkpoint.checkpoint(body, x, use_reentrant=reentrant)
+        if backward_inside:
+            (g,) = torch.autograd.grad(y.sum(), w)
+            return g
+        return y
+
+    return w, tp.pmap(step, "i", devices=devices(4))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_a_draw_inside_torch_utils_checkpoint_is_refused(reentrant, backward_inside):
+    """The backward's recomputation drew another dropout mask (from PyTorch's
+    shared generator, in thread order): wrong gradients, silently."""
+    _, pf = _checkpointed_step(reentrant, backward_inside, drop=True)
+    x = torch.randn(4, 2, 3, requires_grad=not backward_inside)
+    with executor("threads"):
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="dropout draws random numbers inside torch.utils.checkpoint"):
+            pf(x)
+        assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_a_checkpointed_function_that_draws_nothing_gives_the_plain_gradients(name):
+    # Non-reentrant only: autograd through the call differentiates each replica with
+    # torch.autograd.grad, which reentrant checkpoint refuses (PyTorch's error says so).
+    w, pf = _checkpointed_step(False, backward_inside=False, drop=False)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    with executor(name, allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for _ in range(2):  # the stacked executor's capture, then its replay
+            w.grad = x.grad = None
+            pf(x).sum().backward()
+    if name == "stacked":  # functorch refuses checkpoint's hooks: the threads run it
+        assert any("autograd through torch.utils.checkpoint" in str(c.message) for c in caught)
+    expected_w = torch.randn(3, 3, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    xe = x.detach().clone().requires_grad_()
+    (xe @ expected_w).tanh().sum().backward()
+    torch.testing.assert_close(w.grad, expected_w.grad)
+    torch.testing.assert_close(x.grad, xe.grad)

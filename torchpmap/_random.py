@@ -32,6 +32,7 @@ under it only if they drew on its first run (`Interception`).
 
 from __future__ import annotations
 
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -39,6 +40,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from . import _uncounted_writes
@@ -291,12 +293,14 @@ class ReplicaRandomness(TorchFunctionMode):
             given = kwargs.get("generator")
             kwargs = dict(kwargs)
             if given is None:
+                _refuse_draw_in_checkpoint(func)
                 kwargs["generator"] = self._stream(_op_device(args, kwargs))
             elif given not in self._claimed:
                 self._call.claim(given, self._index)
                 self._claimed.add(given)
             return func(*args, **kwargs)
         if kind is _SWAP and _draws(spec, args, kwargs):
+            _refuse_draw_in_checkpoint(func)
             with self._swapped_in(_op_device(args, kwargs)):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
@@ -327,6 +331,33 @@ class ReplicaRandomness(TorchFunctionMode):
                 default.set_state(saved)
 
 
+def _refuse_draw_in_checkpoint(func: Callable[..., Any]) -> None:
+    """Refuse a replica's draw inside a function that torch.utils.checkpoint
+    will recompute in the backward pass. The recomputation restores the
+    default generator's state, not the replica's stream (and runs with no
+    torch-function mode, so nothing routes it): its dropout would take another
+    mask, and the gradients would be silently wrong."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:  # non-reentrant checkpoint: its hooks save nothing and recompute
+        inside = torch.is_grad_enabled() and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+    elif torch.is_grad_enabled():
+        return
+    else:  # reentrant checkpoint runs the function under no_grad, in its Function's forward
+        frame = sys._getframe(2)
+        while frame is not None and frame.f_code is not _REENTRANT_CHECKPOINT:
+            frame = frame.f_back
+        inside = frame is not None
+    if inside:
+        raise RuntimeError(
+            f"torchpmap: {getattr(func, '__name__', func)} draws random numbers inside torch.utils.checkpoint "
+            "in a pmap replica. Replicas draw from torchpmap's per-replica streams, which the backward's "
+            "recomputation cannot rewind: it would draw other numbers (another dropout mask) than the "
+            "forward, and the gradients would be wrong. Keep random ops (dropout) outside the checkpointed "
+            "function."
+        )
+
+
+_REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code__
 _PASS_GENERATOR, _SWAP, _NOT_RANDOM = "pass generator", "swap", "not random"
 # Not random, but they update arguments without counting a version.
 _UNCOUNTED_WRITES = "uncounted writes"

@@ -386,9 +386,12 @@ class _Batched:
         program: ReplicaProgram,
         compiler: Backend | None = None,
         examples: Sequence[Any] = (),
+        checkpoints: bool = False,
     ) -> None:
         assert program.graph is not None  # traced by the backend
         self.program, self.graph, self.in_dims = program, program.graph, program.in_dims
+        # Whether it runs torch.utils.checkpoint, whose saved-tensor hooks functorch's vjp refuses.
+        self.checkpoints = checkpoints
         self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
         self.compiler = compiler
         # Per layout of the inputs, its compiled program: Dynamo guards replica 0's
@@ -440,6 +443,8 @@ class _Batched:
                 raise Unsupported(
                     "autograd through a function that writes in place a tensor the replicas share", per_call=True
                 )
+            if self.checkpoints:
+                raise Unsupported("autograd through torch.utils.checkpoint", per_call=True)
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
             program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written)
@@ -519,7 +524,8 @@ def _backend(
         try:
             program = ReplicaProgram(lambda depth: _quiet(_shifted_functorch_levels(gm, depth)), axis_name, n, in_dims)
             check_supported_ops(program.trace(examples).graph)
-            result = _Batched(program, compiler, examples)
+            checkpoints = any(node.target is _CHECKPOINT for node in gm.graph.nodes)
+            result = _Batched(program, compiler, examples, checkpoints)
         except BaseException:
             _stacked_random.forget(sites)  # no program will draw at them
             raise
@@ -527,6 +533,10 @@ def _backend(
         return result
 
     return backend
+
+
+# What Dynamo makes of a torch.utils.checkpoint call.
+_CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
 
 def _distinct_objects(examples: list[Any]) -> list[Any]:
