@@ -361,6 +361,43 @@ def test_inputs_from_disjoint_blocks_of_one_tensor_stay_stacked():
     assert torch.equal(b[:N], expected)
 
 
+def _linear_under_autocast(x, w, b):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return torch.nn.functional.linear(x, w, b)  # with a bias: functorch's rule ignores autocast
+
+
+@pytest.mark.parametrize("where", ["body", "under_grad"])
+def test_autocast_turned_on_inside_the_function_falls_back(where):
+    """The batched graph computed such a linear in float32, silently."""
+    w, b = rows(8, 16) / 16, rows(8) / 8
+
+    def body(x):
+        return _linear_under_autocast(x, w, b)
+
+    def under_grad(x):
+        return torch.func.grad_and_value(lambda x: _linear_under_autocast(x, w, b).float().sum())(x)
+
+    f = pm(body if where == "body" else under_grad)
+    x = rows(N, 5, 16) / 50
+    with executor("threads"):
+        expected = f(x)
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="turns autocast on"):
+        got = f(x)
+    assert_same_bits(expected, got)
+    out = got if where == "body" else got[1]
+    assert out.dtype == (torch.bfloat16 if where == "body" else torch.float32)
+
+
+def test_autocast_turned_off_inside_the_function_stays_stacked():
+    w, b = rows(8, 16) / 16, rows(8) / 8
+
+    def f(x):
+        with torch.autocast("cpu", enabled=False):
+            return torch.nn.functional.linear(x, w, b)
+
+    both(pm(f), rows(N, 5, 16) / 50)
+
+
 def test_branch_on_a_tensor_value_falls_back():
     fallback(pm(lambda x: x * 2 if x.sum() > 0 else x - 1), rows(N, 3), match="capture failed")
 

@@ -515,6 +515,7 @@ def _backend(
         if stored is not None:
             raise Unsupported(_escapes.refusal(stored))
         examples = _distinct_objects([state.stacked_of.get(id(e), e) for e in example_inputs])
+        _refuse_autocast(gm)
         _shifted_functorch_levels(gm, 1)  # refuses unknown transforms before anything is traced
         sites = _stacked_random.route_random_ops(gm)
         if sites and compiler is not None:
@@ -535,6 +536,24 @@ def _backend(
     return backend
 
 
+def _refuse_autocast(gm: torch.fx.GraphModule) -> None:
+    """Refuse an autocast region the function opens: functorch's batching rules
+    for linear (with a bias), addmm, baddbmm, convolutions and attention compute
+    in the inputs' dtype, whatever autocast says, so the stacked graph would run
+    in float32 what each replica runs in bfloat16. (A region that turns autocast
+    off changes nothing: calls never run stacked under autocast.)"""
+    graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]  # HOPs' bodies too
+    for node in (node for graph in graphs for node in graph.nodes):
+        if node.op == "call_function" and node.target is _ENTER_AUTOCAST:
+            enabled = node.args[2] if len(node.args) > 2 else node.kwargs.get("enabled", True)
+            if enabled is not False:
+                raise Unsupported(
+                    "the function turns autocast on (the batched graph would ignore it for linear, conv, "
+                    "addmm and attention)"
+                )
+
+
+_ENTER_AUTOCAST = torch.amp.autocast_mode._enter_autocast
 # What Dynamo makes of a torch.utils.checkpoint call.
 _CHECKPOINT = torch.ops.higher_order.tag_activation_checkpoint
 
