@@ -286,6 +286,10 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
         return
     if failed or not wait_for_peers:
         _abort_process_groups()
+        # Free the groups (and the work their Gloo threads still hold) now, while the
+        # interpreter is whole: a Gloo thread that frees a tensor during interpreter
+        # teardown takes the GIL, is ended there, and aborts the process.
+        gc.collect()
         return
     try:
         dist.barrier()
