@@ -164,6 +164,11 @@ def test_eval_mode_uses_running_stats_without_collectives(monkeypatch):
     torch.testing.assert_close(torch.as_tensor(out).reshape(N * PER, 3), plain(x).detach())
 
 
+def test_convert_sync_batchnorm_refuses_what_is_no_module():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module, got int"):
+        tp.convert_sync_batchnorm(3, "i")
+
+
 def test_convert_sync_batchnorm_keeps_weights_buffers_and_mode():
     model = make_cnn()
     model[1].running_mean.fill_(0.5)

@@ -587,6 +587,18 @@ def test_ppermute_accepts_tuple_axis_name_and_numpy_pairs():
     assert out.unshard().tolist() == [3.0, 0.0, 1.0, 2.0]
 
 
+@pytest.mark.parametrize("perm", [[(0.5, 1)], [(0, 1.0)], "ab"])
+def test_ppermute_refuses_pairs_that_are_not_integers(perm):
+    with pytest.raises(ValueError, match="pairs of integers"):  # 0.5 was taken as 0
+        pmap_k(lambda v: tp.ppermute(v, "i", perm), 4)(torch.arange(4.0))
+
+
+@pytest.mark.parametrize("perm", [3, [0, 1, 2, 3.0], [1, 0, 3, 2, 4]])
+def test_pshuffle_refuses_what_is_not_a_permutation(perm):
+    with pytest.raises(ValueError, match=r"perm must be a permutation of range\(4\)"):
+        pmap_k(lambda v: tp.pshuffle(v, "i", perm), 4)(torch.arange(4.0))
+
+
 @pytest.mark.parametrize("k", DEVICE_COUNTS)
 def test_pshuffle_takes_from_perm_i(k):
     perm = list(np.random.default_rng(k).permutation(k))

@@ -166,3 +166,10 @@ def test_shutdown_at_exit_aborts_without_waiting(monkeypatch):
     fake = FakeTeardown(monkeypatch)
     tpd._shutdown_at_exit()
     assert fake.calls == ["abort"]
+
+
+@pytest.mark.parametrize("timeout", [0, -5, float("nan"), "soon"])
+def test_initialize_refuses_a_timeout_that_is_no_positive_number(timeout):
+    with pytest.raises(ValueError, match="initialize: timeout must be a positive number of seconds"):
+        tpd.initialize(init_method="tcp://127.0.0.1:1", rank=0, world_size=1, timeout=timeout)
+    assert not tpd.is_initialized()

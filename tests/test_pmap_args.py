@@ -3,6 +3,7 @@ out_axes, static and donated arguments, devices and axis_size, the errors for
 every mistake, and the per-signature plan cache."""
 
 import dataclasses
+import math
 import threading
 import time
 import warnings
@@ -293,6 +294,15 @@ def test_out_axes_none_checks_replicas_agree():
         tp.pmap(lambda r: torch.zeros(3 if tp.axis_index("i") < 3 else 2), "i", out_axes=None)(x)
 
 
+def test_out_axes_none_compares_python_and_numpy_values_as_tensors():
+    _devices(4)
+    x = _rows(4, 3)
+    assert math.isnan(tp.pmap(lambda r: float("nan"), out_axes=None)(x))  # NaN equals NaN, as in tensors
+    np.testing.assert_array_equal(tp.pmap(lambda r: np.ones(2), out_axes=None)(x), np.ones(2))
+    with pytest.raises(ValueError, match=r"replica 1 returned a different value"):
+        tp.pmap(lambda r: np.ones(2) * float(r[0]), out_axes=None)(x)
+
+
 def test_mapped_outputs_of_different_shapes_name_the_output():
     _devices(4)  # pmaps the default devices over 4 rows
     x = _rows(4, 3)
@@ -353,6 +363,13 @@ def test_non_hashable_static_argument(value, name):
 def test_static_argnum_out_of_range():
     with pytest.raises(ValueError, match=r"static_broadcasted_argnums entry 2 is out of range.*2 positional"):
         tp.pmap(lambda r, s: r, static_broadcasted_argnums=2)(_rows(2, 3), 1)
+
+
+def test_donate_argnum_out_of_range():
+    with pytest.raises(ValueError, match=r"donate_argnums entry 2 is out of range.*2 positional"):
+        tp.pmap(lambda r, s: r, donate_argnums=2)(_rows(2, 3), _rows(2, 3))
+    with pytest.raises(ValueError, match=r"donate_argnums entry -3 is out of range"):
+        tp.pmap(lambda r, s: r, donate_argnums=-3)(_rows(2, 3), _rows(2, 3))
 
 
 # -- devices and axis_size --------------------------------------------------------------------

@@ -330,6 +330,16 @@ def test_device_put_replicated_pytrees_and_in_place_replicas():
     torch.testing.assert_close(out.unshard(), torch.arange(4.0).unsqueeze(1).expand(4, 2))
 
 
+def test_placing_a_leaf_that_is_no_tensor_names_it():
+    devs = _devices(2)
+    with pytest.raises(TypeError, match=r"device_put_replicated: x\['b'\] is a NoneType, not a tensor"):
+        tp.device_put_replicated({"a": torch.ones(1), "b": None}, devs)
+    with pytest.raises(TypeError, match=r"device_put_sharded: shards\[1\]\['a'\] is a str"):
+        tp.device_put_sharded([{"a": torch.ones(1)}, {"a": "x"}], devs)
+    with pytest.raises(TypeError, match=r"shard_batch: batch\[1\] is a str"):
+        tp.shard_batch((torch.ones(4), "labels"), 2)
+
+
 def test_unreplicate_takes_shard_zero():
     devs = _devices(4)
     rep = tp.device_put_replicated(torch.tensor([5.0, 6.0]), devs)

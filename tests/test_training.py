@@ -315,6 +315,12 @@ def test_pmean_grads_names_a_sparse_gradient():
         tp.pmap(step, "i", devices=devices(2))(models, torch.tensor([[0, 1], [1, 2]]))
 
 
+@pytest.mark.parametrize("params, match", [(torch.ones(2), "got one tensor"), ([torch.ones(2), 3], "entry 1 is a int")])
+def test_pmean_grads_names_what_is_not_parameters(params, match):
+    with pytest.raises(TypeError, match=match):
+        tp.pmap(lambda x: tp.pmean_grads(params, "i") or x, "i", devices=devices(2))(torch.ones(2))
+
+
 def step_small(m, x):
     m(x).sum().backward()
     tp.pmean_grads(m, "i", bucket_mb=100 / 2**20)  # ~100 bytes a bucket

@@ -62,7 +62,7 @@ def set_executor(name: str) -> None:
       Python (pdb inside a replica, per-replica side effects): the debugging
       mode, and what the others fall back to.
     * ``"stacked"``: the stacked executor for every call, from the first,
-      warning whenever a call falls back.
+      a fallback to the threads warns once per function and reason.
     * ``"lockstep"`` (experimental): one host thread runs the captured
       function's pieces between collectives for every replica in turn, then
       each collective on all of them; falls back like stacked.

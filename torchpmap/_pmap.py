@@ -13,6 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import math
 import numbers
 import threading
 import types
@@ -623,6 +624,12 @@ class Pmapped:
         if not self._donate:
             return []
         donate = {i + nargs if i < 0 else i for i in self._donate}
+        if not all(0 <= j < nargs for j in donate):
+            i = next(i for i in self._donate if not 0 <= (i + nargs if i < 0 else i) < nargs)
+            raise ValueError(
+                f"pmap: donate_argnums entry {i} is out of range: "
+                f"{self._fun_name} was called with {nargs} positional argument(s)"
+            )
         if set(self._static_positions(nargs)) & donate:
             raise ValueError("pmap: an argument cannot be both static and donated")
         # Only a ShardedTensor's buffers are ours to release; a plain tensor
@@ -1117,7 +1124,7 @@ def _check_replicated(values: list[Any], path: str) -> Any:
                 and _equal(first.detach(), v.detach().to(first.device))
             )
         else:
-            same = type(first) is type(v) and first == v
+            same = type(first) is type(v) and _same_value(first, v)
         if not same:
             raise ValueError(
                 f"pmap: out_axes=None for output {path}, but replica {r} returned a different "
@@ -1125,6 +1132,17 @@ def _check_replicated(values: list[Any], path: str) -> Any:
                 f"or map it (out_axes=0)"
             )
     return first
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Two non-tensor outputs of one type equal, NaN in the same places included
+    (as for tensors, ``_equal``); numpy arrays compare as arrays."""
+    if isinstance(a, np.ndarray):
+        nan_is_equal = a.dtype.kind in "fc"  # (array_equal refuses equal_nan for other kinds)
+        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=nan_is_equal))
+    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return bool(a == b)
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:

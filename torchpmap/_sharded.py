@@ -1201,6 +1201,24 @@ def _is_basic_index(v: Any) -> bool:
 
 
 # -- placement helpers -------------------------------------------------------------------
+def tensor_leaves(tree: PyTree, fn: str, prefix: str = "") -> tuple[list[torch.Tensor], Any]:
+    """The leaves of ``tree`` as tensors (arrays and numbers converted), and its
+    structure; a leaf that is none of those raises a TypeError naming it."""
+    from torch.utils._pytree import keystr, tree_flatten_with_path
+
+    pairs, spec = tree_flatten_with_path(tree)
+    out = []
+    for path, v in pairs:
+        if not isinstance(v, torch.Tensor):
+            try:
+                v = torch.as_tensor(v)
+            except (TypeError, RuntimeError, ValueError):
+                where = f"{prefix}{keystr(path)}" or "the value"
+                raise TypeError(f"{fn}: {where} is a {type(v).__name__}, not a tensor, array or number") from None
+        out.append(v)
+    return out, spec
+
+
 def _check_devices(devices: Sequence[torch.device] | None, n: int | None, fn: str) -> tuple[torch.device, ...]:
     if devices is None:
         return default_devices(n, fn, f"{n} shards")
@@ -1220,16 +1238,16 @@ def device_put_sharded(shards: Sequence[PyTree], devices: Sequence[torch.device]
     if not shards:
         raise ValueError("device_put_sharded: shards must not be empty")
     devices = _check_devices(devices, len(shards), "device_put_sharded")
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+    from torch.utils._pytree import tree_unflatten
 
-    flat = [tree_flatten(s) for s in shards]
+    flat = [tensor_leaves(s, "device_put_sharded", f"shards[{i}]") for i, s in enumerate(shards)]
     spec = flat[0][1]
     for i, (_, sp) in enumerate(flat):
         if sp != spec:
             raise ValueError(f"device_put_sharded: shard {i} has a different tree structure than shard 0")
     out = []
     for j in range(len(flat[0][0])):
-        parts = [_transfers.to_device(torch.as_tensor(f[0][j]), d) for f, d in zip(flat, devices)]
+        parts = [_transfers.to_device(f[0][j], d) for f, d in zip(flat, devices)]
         stacked = _stacked_if_shared(parts, devices)
         out.append(stacked if stacked is not None else ShardedTensor._of_distinct(parts, devices, 0))
     return tree_unflatten(out, spec)
@@ -1262,8 +1280,8 @@ def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = No
     groups = device_groups(devices)
     shared = len(devices) > 1 and len(groups) == 1
 
-    def rep(t: Any) -> ShardedTensor:
-        t = torch.as_tensor(t).detach()
+    def rep(t: torch.Tensor) -> ShardedTensor:
+        t = t.detach()
         if shared and t.layout == torch.strided:  # one buffer, a row per replica (see _stacked_if_shared)
             buffer = (
                 t.to(groups[0][0])
@@ -1274,7 +1292,10 @@ def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = No
             return ShardedTensor._of_stacked((buffer,), devices, 0)
         return ShardedTensor(_transfers.copies_on(t, devices), devices, axis=0)
 
-    return tree_map(rep, x)
+    from torch.utils._pytree import tree_unflatten
+
+    leaves, spec = tensor_leaves(x, "device_put_replicated", "x")
+    return tree_unflatten([rep(t) for t in leaves], spec)
 
 
 def unreplicate(tree: PyTree) -> PyTree:

@@ -173,6 +173,8 @@ def convert_sync_batchnorm(module: torch.nn.Module, axis_name: AxisName) -> torc
     its parameters, running statistics and training flag. Like
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: children are replaced
     in place, and a BatchNorm passed itself is returned converted."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"convert_sync_batchnorm: module must be a torch.nn.Module, got {type(module).__name__}")
     if isinstance(module, _BatchNorm):
         return _converted(module, axis_name)
     for name, child in module.named_children():

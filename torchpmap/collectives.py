@@ -372,9 +372,11 @@ def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) ->
     axes = _ops.encode_axes(names)
     size = _size(names)
     try:
-        pairs = [(int(s), int(d)) for s, d in perm]
+        pairs = [(operator.index(s), operator.index(d)) for s, d in perm]  # integers only: 0.5 is no index
     except (TypeError, ValueError):
-        raise ValueError(f"ppermute: perm must be a list of (source, destination) pairs, got {perm!r}") from None
+        raise ValueError(
+            f"ppermute: perm must be a list of (source, destination) pairs of integers, got {perm!r}"
+        ) from None
     for s, d in pairs:
         if not (0 <= s < size and 0 <= d < size):
             raise ValueError(f"ppermute: pair ({s}, {d}) in perm is out of range for axis size {size}")
@@ -389,7 +391,10 @@ def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) ->
 
 def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
     """Replica i receives ``x`` from replica ``perm[i]``."""
-    perm = list(perm)
+    try:
+        perm = [operator.index(p) for p in perm]
+    except TypeError:
+        raise ValueError(f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}") from None
     if sorted(perm) != list(range(len(perm))) or len(perm) != _size(axis_name):
         raise ValueError(f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}")
     return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)])

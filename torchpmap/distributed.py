@@ -27,6 +27,7 @@ import functools
 import gc
 import hashlib
 import itertools
+import math
 import os
 import threading
 import zlib
@@ -93,7 +94,7 @@ def initialize(
     """
     if _state:
         raise RuntimeError("torchpmap.distributed.initialize() was already called in this process")
-    seconds = _config.collective_timeout() if timeout is None else float(timeout)
+    seconds = _config.collective_timeout() if timeout is None else _positive_seconds(timeout)
     on_cuda = _devices.platform() == "cuda"
     if not dist.is_initialized():
         if rank is None:
@@ -249,6 +250,16 @@ def global_layout(
         everything = tuple(torch.device("cpu", i) for i in range(len(per_process) * n))
         return everything[rank * n : (rank + 1) * n], everything
     return tuple(per_process[rank]), tuple(d for p in per_process for d in p)
+
+
+def _positive_seconds(timeout: Any) -> float:
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not seconds > 0:  # NaN too
+        raise ValueError(f"initialize: timeout must be a positive number of seconds, got {timeout!r}")
+    return seconds
 
 
 def _shutdown_at_exit() -> None:

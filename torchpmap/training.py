@@ -29,6 +29,7 @@ from . import _axis
 from ._axis import AxisName
 from ._devices import as_devices, default_devices, physical_device, usable_devices
 from ._optim_calls import step_directly, takes_direct_step
+from ._sharded import tensor_leaves
 from .collectives import axis_index, pmean, psum
 
 
@@ -291,8 +292,15 @@ def pmean_grads(
     as a zero gradient there, as in JAX, and every replica gets the average;
     one that has none on any replica keeps ``grad`` None.
     """
+    if isinstance(params, torch.Tensor):
+        raise TypeError(
+            "pmean_grads: params must be a module or an iterable of parameters, got one tensor "
+            "(pass [tensor], or pmean its gradient yourself)"
+        )
     named = list(params.named_parameters()) if isinstance(params, torch.nn.Module) else list(enumerate(params))
     for name, p in named:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"pmean_grads: params must hold tensors, but entry {name} is a {type(p).__name__}")
         if p.grad is not None and p.grad.layout != torch.strided:
             raise TypeError(
                 f"pmean_grads: parameter {name!r} has a {p.grad.layout} gradient (nn.Embedding(sparse=True), "
@@ -695,10 +703,9 @@ def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = Fa
     n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"shard_batch: num_devices must be a positive int, got {num_devices!r}")
-    leaves, spec = tree_flatten(batch)
+    leaves, spec = tensor_leaves(batch, "shard_batch", "batch")
     if not leaves:
         raise ValueError("shard_batch: the batch has no tensors")
-    leaves = [torch.as_tensor(v) for v in leaves]
     sizes: set[int] = set()
     for v in leaves:
         if not v.ndim:
