@@ -61,7 +61,7 @@ def set_executor(name: str) -> None:
     * ``"threads"``: one worker thread per replica, each running the function's
       Python (pdb inside a replica, per-replica side effects): the debugging
       mode, and what the others fall back to.
-    * ``"stacked"``: the stacked executor for every call, from the first,
+    * ``"stacked"``: the stacked executor for every call, from the first;
       a fallback to the threads warns once per function and reason.
     * ``"lockstep"`` (experimental): one host thread runs the captured
       function's pieces between collectives for every replica in turn, then
