@@ -87,6 +87,20 @@ def test_unshard_and_numpy():
     assert float(one) == pytest.approx(float(_rows(1, 3).sum()))
 
 
+@pytest.mark.parametrize("to_numpy", [np.asarray, lambda st: st.numpy()])
+def test_numpy_values_of_a_sharded_tensor_are_read_only(to_numpy):
+    """They are a copy: a write into them was lost, silently (as in JAX, it raises)."""
+    st = tp.device_put_replicated(torch.zeros(3), _devices(2))
+    arr = to_numpy(st)
+    with pytest.raises(ValueError, match="read-only"):
+        arr[0, 0] = 5.0
+    writable = np.array(st)  # asked for a copy: one's own to write
+    writable[0, 0] = 5.0
+    assert st.unshard()[0, 0] == 0
+    with pytest.raises(ValueError, match=r"without a copy: use np.array\(x\)"):
+        np.asarray(st, copy=False)
+
+
 def test_numpy_follows_torch_rules_for_force():
     x = _rows(2, 3).requires_grad_()
     st = tp.pmap(lambda r: r * 2)(x)

@@ -341,14 +341,25 @@ class ShardedTensor(torch.Tensor):
         return torch.stack(parts, dim=self._axis)
 
     def __array__(self, dtype: npt.DTypeLike | None = None, copy: bool | None = None) -> np.ndarray:
+        """The full tensor, always a copy: read-only unless a copy was asked for
+        (``np.array(x)``), so that a write meant for ``x`` raises instead of
+        being lost (``np.asarray`` of a tensor shares its memory; as in JAX)."""
+        if copy is False:
+            raise ValueError("a ShardedTensor's values cannot be a numpy array without a copy: use np.array(x)")
         full = self.unshard("cpu").detach()
         arr = full.resolve_conj().resolve_neg().numpy()
-        return arr.astype(dtype) if dtype is not None else arr
+        arr = arr.astype(dtype) if dtype is not None else arr
+        if copy is None:
+            arr.flags.writeable = False
+        return arr
 
     def numpy(self, *, force: bool = False) -> np.ndarray:
         """The full tensor as a numpy array, with ``torch.Tensor.numpy``'s rules:
-        shards that require grad or live on a GPU need ``force=True``."""
-        return self.unshard().numpy(force=force)
+        shards that require grad or live on a GPU need ``force=True``. A copy,
+        read-only (see ``__array__``): ``.copy()`` it to write."""
+        arr: np.ndarray = self.unshard().numpy(force=force)
+        arr.flags.writeable = False
+        return arr
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         # One position on the mapped axis is (a view of) that shard: no copy, and
