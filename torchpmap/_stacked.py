@@ -879,7 +879,24 @@ def _unsupported_inside(e: BaseException) -> Unsupported | None:
 
 def capture_failure(e: BaseException) -> str:
     """The reason of a failed capture, naming the error that caused it (``_cause``)."""
+    if _inside_functional_optimizer_step(e):  # (Dynamo's own words name an optimizer internal)
+        return (
+            "capture failed: functional_optimizer steps this optimizer through a torch.optim object "
+            "(every optimizer but SGD, when captured), which Dynamo cannot trace"
+        )
     return f"capture failed {_describe(_cause(e))}"
+
+
+_TRAINING_FILE = __file__.rsplit("_stacked.py", 1)[0] + "training.py"
+
+
+def _inside_functional_optimizer_step(e: BaseException) -> bool:
+    """Whether Dynamo stopped inside ``FunctionalOptimizer.step`` (its user stack says)."""
+    return any(
+        frame.filename == _TRAINING_FILE and frame.name == "step"
+        for cur in exception_chain(e, inner=True)
+        for frame in getattr(cur, "real_stack", None) or ()
+    )
 
 
 def _cause(e: BaseException) -> BaseException:
