@@ -317,6 +317,30 @@ def test_compile_compiles_each_segment_once_for_every_replica():
         assert_same_bits(expected, g)
 
 
+def _write_a_slice_of_a_copy(x):
+    t = x * 1
+    t[0].copy_(x[1] + tp.axis_index("i"))  # the view t[0] is made before the cut, written after
+    return t * 1
+
+
+def _write_a_slice_of_the_input(x):
+    x[0].copy_(tp.psum(x[1], "i"))
+    return x * 1
+
+
+@pytest.mark.parametrize("f", [_write_a_slice_of_a_copy, _write_a_slice_of_the_input])
+def test_compiled_segments_see_a_write_into_a_view_made_before_a_collective(f):
+    """A compiled segment took the view and the tensor it reads as unrelated inputs:
+    the write into the view was lost from the result, silently."""
+    results = {}
+    for name in ("threads", "lockstep"):
+        x = rows(N, 2, 3)
+        pf = pm(f, compile={"backend": "aot_eager"})
+        with executor(name):
+            results[name] = [(pf(x).unshard(), x.clone()) for _ in range(2)]
+    assert_same_bits(results["threads"], results["lockstep"])
+
+
 def test_compile_with_dynamic_shapes_falls_back():
     fallback(pm(lambda x: x + 1, compile={"backend": "eager", "dynamic": True}), rows(N, 3), match="dynamic=True")
 

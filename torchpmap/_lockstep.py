@@ -52,6 +52,7 @@ from ._stacked import (
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
+    _view_root,
     call_signature,
     capture_failure,
     capture_key,
@@ -192,10 +193,14 @@ class _PlanBuilder:
         inputs = [self.slot[a] for a in _inputs_from_outside(nodes, inside)]
         leaving = [n for n in nodes if any(user not in inside for user in n.users)]
         first = self.devices[0]
+        # A compiled segment takes its inputs as unrelated tensors: one that writes a view
+        # of a tensor it also reads (made before a collective cut them apart) would read
+        # the old values. Such a segment runs as traced (eagerly) instead.
+        compiled = self.compiler is not None and not _writes_into_aliased_inputs(nodes, inside)
         per_device: dict[torch.device, Callable[..., Any]] = {}
         for d in dict.fromkeys(self.devices):
             segment = _segment(self.gm, nodes, inside, leaving, first, d)
-            per_device[d] = segment if self.compiler is None else self._compiled(segment, nodes, inside, first, d)
+            per_device[d] = self._compiled(segment, nodes, inside, first, d) if compiled else segment
         programs = tuple(per_device[d] for d in self.devices)
         self.steps.append(_Compute(programs, tuple(inputs), tuple(self._new_slot(n) for n in leaving)))
 
@@ -249,6 +254,17 @@ class _PlanBuilder:
             if s not in kept:
                 dead[k].append(s)
         return tuple(tuple(d) for d in dead)
+
+
+def _writes_into_aliased_inputs(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:
+    """Whether the segment writes in place while two of its inputs are views of one tensor."""
+    roots = [_view_root(a) for a in _inputs_from_outside(nodes, inside)]
+    if len(set(roots)) == len(roots):
+        return False
+    return any(
+        node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+        for node in nodes
+    )
 
 
 def _inputs_from_outside(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> list[torch.fx.Node]:
