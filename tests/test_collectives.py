@@ -492,6 +492,24 @@ def test_psum_scatter_matches_numpy(case, tiled):
             assert_matches(y, expected, x.dtype)
 
 
+@pytest.mark.parametrize("dim, layout", [(1, "contiguous"), (1, "transposed"), (0, "transposed"), (1, "gappy")])
+def test_psum_scatter_results_are_contiguous_as_its_fake_kernel_says(dim, layout):
+    """A tiled scatter along another dimension than 0 returned a strided block, while the
+    fake kernel (what compiled code is built for) says contiguous: Inductor asserted."""
+    make = {
+        "contiguous": lambda x: x,
+        "transposed": lambda x: x.transpose(0, 1),
+        "gappy": lambda x: x[:, ::2],
+    }[layout]
+
+    def f(x):
+        out = tp.psum_scatter(make(x * 1), "i", scatter_dimension=dim, tiled=True)
+        return torch.tensor(out.is_contiguous())
+
+    shape = (4, 8, 4) if layout == "transposed" else (4, 4, 8)
+    assert pmap_k(f, 4)(torch.randn(shape)).unshard().all()
+
+
 def test_psum_scatter_of_bools_counts():
     x = torch.tensor([[True, False], [True, True]])
     out = pmap_k(lambda v: tp.psum_scatter(v, "i"), 2)(x)

@@ -388,7 +388,10 @@ def _reduce_scatter_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    return _exchange(axes, x, _reduce_scatter_collective(op, groups, group_size, tree, leaf, dims))
+    out = _exchange(axes, x, _reduce_scatter_collective(op, groups, group_size, tree, leaf, dims))
+    # Contiguous, as the fake kernel says: a strided block (a tiled scatter along another
+    # dimension) broke the strides compiled code assumes.
+    return out.contiguous()
 
 
 def _reduce_scatter_collective(
