@@ -10,7 +10,7 @@ import torch
 from helpers import assert_same_bits, devices, executor, rows
 
 import torchpmap as tp
-from torchpmap import _config, _lockstep
+from torchpmap import _config, _lockstep, _stacked
 
 N = 4
 
@@ -446,3 +446,19 @@ def test_a_tiled_all_to_all_of_a_strided_block_view_runs_as_on_the_threads(split
     with executor("lockstep"):
         got = tp.pmap(f, "i", devices=devices(2))(x)
     assert torch.equal(got.unshard(), want.unshard())
+
+
+def test_a_static_argument_new_every_call_stops_capturing_at_the_limit():
+    """Past its capture limit a function once got a new capture (its count started again),
+    so a scheduled learning rate passed static captured on every call, for ever."""
+    from torch._dynamo.utils import counters
+
+    pf = pm(lambda w, lr: w - lr * tp.pmean(w, "i"), static_broadcasted_argnums=(1,))
+    w = rows(N, 3)
+    before = counters["stats"]["unique_graphs"]
+    with executor("lockstep", allow_fallback=True), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for i in range(_stacked._MAX_CAPTURES + 10):
+            pf(w, 0.001 * (i + 1))
+    assert counters["stats"]["unique_graphs"] - before == _stacked._MAX_CAPTURES
+    assert any(f"captured {_stacked._MAX_CAPTURES} times" in str(c.message) for c in caught)

@@ -541,6 +541,10 @@ def run(record: CallRecord) -> list[FlatOutput]:
             raise error from None
         if state.refused is not None:
             raise state.refused from None
+        if isinstance(e, Unsupported):
+            # This call's, not the capture's (its capture limit, say): marked failed, the
+            # capture would give way to a new one, whose count starts again (unbounded).
+            raise
         inner = _unsupported_inside(e)
         capture.failed = inner.reason if inner is not None else capture_failure(e)
         capture.failed_for.setdefault(signature, capture.failed)
