@@ -3,6 +3,7 @@ and a warned fallback for everything outside its scope."""
 
 import collections
 import dataclasses
+import gc
 import math
 import warnings
 
@@ -396,6 +397,32 @@ def test_autocast_turned_off_inside_the_function_stays_stacked():
             return torch.nn.functional.linear(x, w, b)
 
     both(pm(f), rows(N, 5, 16) / 50)
+
+
+def _live_graph_modules():
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # isinstance on torch.distributed.reduce_op warns
+        return sum(isinstance(o, torch.fx.GraphModule) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+def test_a_pmapped_function_dropped_frees_its_captured_graphs(name):
+    """Dynamo keeps each capture's trampoline code alive, and the cache entries on it
+    held every graph: a pmapped function made and dropped in a loop leaked them all."""
+
+    def evaluate(x):
+        f = pm(lambda a: tp.psum(a * 2, "i"))
+        f(x)
+        return f(x)
+
+    x = rows(N, 8)
+    with executor(name):
+        evaluate(x)
+        before = _live_graph_modules()
+        for _ in range(10):
+            evaluate(x)
+    assert _live_graph_modules() <= before
 
 
 def test_branch_on_a_tensor_value_falls_back():

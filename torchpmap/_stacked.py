@@ -763,8 +763,17 @@ def compile_per_replica(
     entry: types.FunctionType, backend: Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]
 ) -> Callable[..., Any]:
     """``entry`` (a ``trampoline_entry``) under Dynamo with ``backend``: one
-    full graph, static shapes."""
-    return torch_compile(entry, _RECOMPILE_LIMIT, backend=backend, fullgraph=True, dynamic=False)
+    full graph, static shapes. Once the result is dropped (with its capture), so
+    are Dynamo's cache entries on the trampoline's code: Dynamo keeps that code
+    alive, and the entries hold every graph captured (a pmapped function made
+    and dropped in a loop kept them all)."""
+    compiled = torch_compile(entry, _RECOMPILE_LIMIT, backend=backend, fullgraph=True, dynamic=False)
+    if _reset_code is not None:
+        weakref.finalize(compiled, _reset_code, entry.__code__).atexit = False
+    return compiled
+
+
+_reset_code: Callable[[types.CodeType], None] | None = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
 
 
 # -- the call ------------------------------------------------------------------------
