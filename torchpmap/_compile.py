@@ -23,6 +23,7 @@ import threading
 import time
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
@@ -44,6 +45,18 @@ Backend: TypeAlias = "Callable[[torch.fx.GraphModule, list[torch.Tensor]], Calla
 
 # torch.compile takes a per-function recompile_limit in the PyTorch torchpmap requires (2.13).
 _PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def clear_cache_when_dropped(compiled: Callable[..., Any], code: types.CodeType) -> None:
+    """Once ``compiled`` is dropped, drop Dynamo's cache entries on ``code``, its
+    own code object: Dynamo keeps that code alive, and the entries hold every
+    graph compiled for it (a pmapped function made and called in a loop kept
+    them all)."""
+    if _reset_code is not None:
+        weakref.finalize(compiled, _reset_code, code).atexit = False
+
+
+_reset_code: Callable[[types.CodeType], None] | None = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
 
 
 def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any) -> Callable[..., Any]:
@@ -339,6 +352,7 @@ class CompiledReplicas:
             # modules (and again per axis size): leave room for all of them.
             recompile_limit=torch._dynamo.config.recompile_limit + 4 * n,
         )
+        clear_cache_when_dropped(compiled, code)
         name, where, fun = self._fun_name, device, self._fun
 
         def run(*args: Any, **kwargs: Any) -> Any:

@@ -58,6 +58,7 @@ from ._compile import (
     GLOBAL_HOOKS_REASON,
     Backend,
     capture_config,
+    clear_cache_when_dropped,
     global_module_hooks,
     options_key,
     requested_backend,
@@ -764,16 +765,10 @@ def compile_per_replica(
 ) -> Callable[..., Any]:
     """``entry`` (a ``trampoline_entry``) under Dynamo with ``backend``: one
     full graph, static shapes. Once the result is dropped (with its capture), so
-    are Dynamo's cache entries on the trampoline's code: Dynamo keeps that code
-    alive, and the entries hold every graph captured (a pmapped function made
-    and dropped in a loop kept them all)."""
+    are Dynamo's cache entries on the trampoline's code (``clear_cache_when_dropped``)."""
     compiled = torch_compile(entry, _RECOMPILE_LIMIT, backend=backend, fullgraph=True, dynamic=False)
-    if _reset_code is not None:
-        weakref.finalize(compiled, _reset_code, entry.__code__).atexit = False
+    clear_cache_when_dropped(compiled, entry.__code__)
     return compiled
-
-
-_reset_code: Callable[[types.CodeType], None] | None = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
 
 
 # -- the call ------------------------------------------------------------------------
