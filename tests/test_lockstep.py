@@ -328,7 +328,16 @@ def _write_a_slice_of_the_input(x):
     return x * 1
 
 
-@pytest.mark.parametrize("f", [_write_a_slice_of_a_copy, _write_a_slice_of_the_input])
+def _write_the_input_read_a_split_view(x):
+    v = x.split(1, -1)[0]  # a view by way of a list of views, made before the cut
+    s = tp.psum(x, "i")
+    x[:, :1].mul_(2)
+    return v + s
+
+
+@pytest.mark.parametrize(
+    "f", [_write_a_slice_of_a_copy, _write_a_slice_of_the_input, _write_the_input_read_a_split_view]
+)
 def test_compiled_segments_see_a_write_into_a_view_made_before_a_collective(f):
     """A compiled segment took the view and the tensor it reads as unrelated inputs:
     the write into the view was lost from the result, silently."""

@@ -301,6 +301,21 @@ def test_out_axes_none_compares_python_and_numpy_values_as_tensors():
     np.testing.assert_array_equal(tp.pmap(lambda r: np.ones(2), out_axes=None)(x), np.ones(2))
     with pytest.raises(ValueError, match=r"replica 1 returned a different value"):
         tp.pmap(lambda r: np.ones(2) * float(r[0]), out_axes=None)(x)
+    assert np.isnan(tp.pmap(lambda r: np.float32("nan"), out_axes=None)(x))
+    assert np.isnan(tp.pmap(lambda r: complex(float("nan"), 1.0), out_axes=None)(x).real)
+
+
+def test_a_read_only_array_is_read_and_a_write_into_it_raises():
+    """np.asarray of a ShardedTensor is read-only: torch.from_numpy shared it
+    (with PyTorch's warning), and a replica's write went into it."""
+    a = np.asarray(tp.device_put_replicated(torch.zeros(3), _devices(4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        torch.testing.assert_close(tp.pmap(lambda v: v + 1)(a).unshard(), torch.ones(4, 3))
+        with pytest.raises(TypeError, match=r"args\[0\], a read-only numpy array"):
+            tp.pmap(lambda v: v.add_(1))(a)
+        assert not a.any()
+        torch.testing.assert_close(tp.shard_batch(a.reshape(-1), 2), torch.zeros(2, 6))
 
 
 def test_mapped_outputs_of_different_shapes_name_the_output():
@@ -365,11 +380,15 @@ def test_static_argnum_out_of_range():
         tp.pmap(lambda r, s: r, static_broadcasted_argnums=2)(_rows(2, 3), 1)
 
 
-def test_donate_argnum_out_of_range():
-    with pytest.raises(ValueError, match=r"donate_argnums entry 2 is out of range.*2 positional"):
-        tp.pmap(lambda r, s: r, donate_argnums=2)(_rows(2, 3), _rows(2, 3))
+def test_donate_argnum_out_of_the_signature_is_refused_by_pmap():
+    with pytest.raises(ValueError, match=r"donate_argnums entry 2 is out of range.*takes 2 positional"):
+        tp.pmap(lambda r, s: r, donate_argnums=2)
     with pytest.raises(ValueError, match=r"donate_argnums entry -3 is out of range"):
-        tp.pmap(lambda r, s: r, donate_argnums=-3)(_rows(2, 3), _rows(2, 3))
+        tp.pmap(lambda r, s: r, donate_argnums=-3)
+    # An optional parameter not passed donates nothing; *args takes any number.
+    pf = tp.pmap(lambda r, s=None: r * 1, donate_argnums=1)
+    torch.testing.assert_close(pf(_rows(2, 3)).unshard(), _rows(2, 3))
+    tp.pmap(lambda *a: a[0] * 1, donate_argnums=5)(_rows(2, 3))
 
 
 # -- devices and axis_size --------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Random numbers inside replicas: one stream per replica, reproducible from the
 caller's seed, independent of thread timing and of how replicas are laid out."""
 
+import contextlib
 import threading
 import time
 import warnings
@@ -253,37 +254,58 @@ def test_another_threads_draws_during_a_call_are_never_drawn_again():
     assert torch.equal(torch.cat([first, torch.rand(4)]), want)
 
 
-def _checkpointed_step(reentrant, backward_inside, drop):
-    """A step whose checkpointed part may draw (dropout), with the backward
-    inside the replica (module idiom) or through the call."""
+def _checkpointed_step(reentrant, backward_inside, drop, mask_under_no_grad=False):
+    """A step whose checkpointed part may draw (dropout, or a mask drawn under
+    no_grad), with the backward inside the replica (module idiom) or through the call."""
     w = torch.randn(3, 3, generator=torch.Generator().manual_seed(2)).requires_grad_()
 
     def body(x):
         h = (x @ w).tanh()
-        return F.dropout(h, 0.5) if drop else h
+        if not drop:
+            return h
+        if mask_under_no_grad:
+            with torch.no_grad():
+                return h * (torch.rand_like(h) > 0.5)
+        return F.dropout(h, 0.5)
 
     def step(x):
         y = torch.utils.checkpoint.checkpoint(body, x, use_reentrant=reentrant)
         if backward_inside:
-            (g,) = torch.autograd.grad(y.sum(), w)
-            return g
+            y.sum().backward()
+            return w.grad.clone()
         return y
 
     return w, tp.pmap(step, "i", devices=devices(4))
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant, mask_under_no_grad", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_a_draw_inside_torch_utils_checkpoint_is_refused(reentrant, backward_inside):
+@pytest.mark.parametrize("name", ["threads", "stacked", "lockstep"])
+def test_a_draw_inside_torch_utils_checkpoint_is_refused(name, reentrant, mask_under_no_grad, backward_inside):
     """The backward's recomputation drew another dropout mask (from PyTorch's
     shared generator, in thread order): wrong gradients, silently."""
-    _, pf = _checkpointed_step(reentrant, backward_inside, drop=True)
-    x = torch.randn(4, 2, 3, requires_grad=not backward_inside)
-    with executor("threads"):
+    _, pf = _checkpointed_step(reentrant, backward_inside, drop=True, mask_under_no_grad=mask_under_no_grad)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    with executor(name, allow_fallback=True):
         start = time.monotonic()
-        with pytest.raises(RuntimeError, match="dropout draws random numbers inside torch.utils.checkpoint"):
+        with pytest.raises(RuntimeError, match="draws random numbers inside torch.utils.checkpoint"):
             pf(x)
         assert time.monotonic() - start < 5
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("how", ["no_grad outside", "no input needs grad"])
+def test_a_draw_inside_a_checkpoint_that_no_backward_recomputes_is_fine(reentrant, how):
+    w, pf = _checkpointed_step(reentrant, backward_inside=False, drop=True)
+    x = torch.randn(4, 2, 3)
+    if how == "no input needs grad" and not reentrant:
+        pytest.skip("non-reentrant: w, closed over, needs grad: a backward can come")
+    grad = torch.no_grad() if how == "no_grad outside" else contextlib.nullcontext()
+    with executor("threads"), grad, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PyTorch's: none of the inputs requires grad
+        torch.manual_seed(0)
+        y = pf(x).unshard()
+    assert (y == 0).any()  # the dropout dropped
 
 
 @pytest.mark.parametrize("name", ["threads", "stacked"])

@@ -362,6 +362,17 @@ def test_inputs_from_disjoint_blocks_of_one_tensor_stay_stacked():
     assert torch.equal(b[:N], expected)
 
 
+@pytest.mark.parametrize("split", ["interleaved columns", "empty"])
+def test_inputs_that_share_no_element_stay_stacked(split):
+    pf = pm(lambda x, y: x.add_(1) * 1 + y.sum())
+    b = rows(N, 6)
+    x, y = (b[:, ::2], b[:, 1::2]) if split == "interleaved columns" else (b[:, :5], b[:, 2:2])
+    expected = x + 1 + y.sum(-1, keepdim=True)
+    with executor("stacked"):  # no fallback warning
+        out = pf(x, y)
+    assert torch.equal(out.unshard(), expected)
+
+
 def _linear_under_autocast(x, w, b):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         return torch.nn.functional.linear(x, w, b)  # with a bias: functorch's rule ignores autocast

@@ -13,7 +13,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
-import math
+import inspect
 import numbers
 import threading
 import types
@@ -204,6 +204,25 @@ def _argnums(value: Any, name: str) -> tuple[int, ...]:
     return tuple(int(v) for v in nums)
 
 
+def _check_in_signature(fun: Callable[..., Any], nums: tuple[int, ...], name: str) -> None:
+    """Refuse argument numbers past ``fun``'s positional parameters (when it has
+    no ``*args`` and its signature can be read), as ``jax.jit`` does."""
+    try:
+        parameters = inspect.signature(fun).parameters.values()
+    except (TypeError, ValueError):
+        return
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return
+    count = sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+    for i in nums:
+        if not -count <= i < count:
+            raise ValueError(
+                f"pmap: {name} entry {i} is out of range: {getattr(fun, '__qualname__', fun)} takes "
+                f"{count} positional argument(s)"
+            )
+
+
 class Pmapped:
     """The callable that ``pmap`` returns."""
 
@@ -248,6 +267,7 @@ class Pmapped:
         self._checks_outputs = any(a is None for a in tree_flatten(out_axes, is_leaf=is_axis_spec)[0])
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
+        _check_in_signature(fun, self._donate, "donate_argnums")
         self._devices = devices
         self._devices_checked_for: tuple[torch.device, ...] | None = None  # the local devices they were checked against
         # Declared: mypy does not count int as a numbers.Integral, so after the check
@@ -623,13 +643,9 @@ class Pmapped:
     def _donated_leaves(self, plan: _InPlan, nargs: int) -> list[int]:
         if not self._donate:
             return []
+        # An entry past this call's positional arguments donates nothing (an optional
+        # parameter not passed, say); one past the signature's was refused by pmap().
         donate = {i + nargs if i < 0 else i for i in self._donate}
-        if not all(0 <= j < nargs for j in donate):
-            i = next(i for i in self._donate if not 0 <= (i + nargs if i < 0 else i) < nargs)
-            raise ValueError(
-                f"pmap: donate_argnums entry {i} is out of range: "
-                f"{self._fun_name} was called with {nargs} positional argument(s)"
-            )
         if set(self._static_positions(nargs)) & donate:
             raise ValueError("pmap: an argument cannot be both static and donated")
         # Only a ShardedTensor's buffers are ours to release; a plain tensor
@@ -653,8 +669,11 @@ class Pmapped:
         shared: list[_Shared] = []
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
+                read_only = isinstance(leaf, np.ndarray) and not leaf.flags.writeable
                 leaf = _numpy_as_tensor(leaf)
                 kind = _TENSOR
+                if read_only:  # a copy (torch shares no read-only memory): a write would be lost
+                    _watch(shared, j, leaf, _READ_ONLY_ARRAY)
             if kind == _PER_REPLICA:
                 if leaf.devices != devices:
                     raise ValueError(
@@ -953,6 +972,8 @@ def _refuse_function_transforms(fun_name: str) -> None:
 
 def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
     if isinstance(a, np.ndarray):
+        if not a.flags.writeable:  # (np.asarray of a ShardedTensor): torch would write into it
+            a = a.copy()
         # ascontiguousarray makes a 0-d array 1-d: reshape back.
         return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
     return torch.as_tensor(a)
@@ -970,6 +991,8 @@ def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
 
 # Why a view of a temporary copy of a ShardedTensor is watched: a write to it is lost.
 _TEMPORARY_COPY = "a temporary copy"
+# Why the copy of a read-only numpy array is watched: a write to it is lost.
+_READ_ONLY_ARRAY = "a read-only numpy array"
 # Why the shards of a ShardedTensor are watched: they share memory.
 _OVERLAPPING_SHARDS = "shards that share memory"
 # Why a copy of a ShardedTensor mapped along another axis than its own is watched: a write to it is lost.
@@ -985,6 +1008,12 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
         path = paths[j]
         if why == _TEMPORARY_COPY:
             raise TypeError(_lost_write_message(f"pmap: a replica wrote in place into {path},"))
+        if why == _READ_ONLY_ARRAY:
+            raise TypeError(
+                f"pmap: a replica wrote in place into {path}, a read-only numpy array (np.asarray of a "
+                f"ShardedTensor, say), which the call copies: the write would be lost. Pass a writable "
+                f"array (np.array(x)) or a tensor, or clone() it inside the function before writing."
+            )
         if why == _OTHER_AXIS_COPY:
             raise TypeError(
                 f"pmap: a replica wrote in place into {path}, a ShardedTensor mapped along another axis than "
@@ -1140,8 +1169,10 @@ def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, np.ndarray):
         nan_is_equal = a.dtype.kind in "fc"  # (array_equal refuses equal_nan for other kinds)
         return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=nan_is_equal))
-    if isinstance(a, float) and math.isnan(a) and math.isnan(b):
-        return True
+    if isinstance(a, numbers.Complex) and not isinstance(a, numbers.Real):  # NaN parts compare alike
+        return _same_value(a.real, b.real) and _same_value(a.imag, b.imag)
+    if isinstance(a, numbers.Real) and a != a:  # NaN: a float, a numpy float
+        return bool(b != b)
     return bool(a == b)
 
 

@@ -338,15 +338,20 @@ def _refuse_draw_in_checkpoint(func: Callable[..., Any]) -> None:
     torch-function mode, so nothing routes it): its dropout would take another
     mask, and the gradients would be silently wrong."""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    if hooks is not None:  # non-reentrant checkpoint: its hooks save nothing and recompute
-        inside = torch.is_grad_enabled() and getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
+    if hooks is not None:
+        # Non-reentrant checkpoint: its hooks are there only when the checkpoint records
+        # a graph (grad mode on where it was called), whatever the mode inside.
+        inside = getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
     elif torch.is_grad_enabled():
         return
-    else:  # reentrant checkpoint runs the function under no_grad, in its Function's forward
+    else:
+        # Reentrant checkpoint runs the function under no_grad, in its Function's forward,
+        # whose context has a graph to go back through only when a backward can come.
         frame = sys._getframe(2)
         while frame is not None and frame.f_code is not _REENTRANT_CHECKPOINT:
             frame = frame.f_back
-        inside = frame is not None
+        ctx = frame.f_locals.get("ctx") if frame is not None else None
+        inside = bool(getattr(ctx, "next_functions", ()))
     if inside:
         raise RuntimeError(
             f"torchpmap: {getattr(func, '__name__', func)} draws random numbers inside torch.utils.checkpoint "

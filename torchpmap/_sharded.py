@@ -1221,6 +1221,8 @@ def tensor_leaves(tree: PyTree, fn: str, prefix: str = "") -> tuple[list[torch.T
     out = []
     for path, v in pairs:
         if not isinstance(v, torch.Tensor):
+            if isinstance(v, np.ndarray) and not v.flags.writeable:
+                v = v.copy()  # torch.as_tensor would share (and write) read-only memory
             try:
                 v = torch.as_tensor(v)
             except (TypeError, RuntimeError, ValueError):

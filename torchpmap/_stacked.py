@@ -36,6 +36,7 @@ RuntimeWarning once per function and reason.
 from __future__ import annotations
 
 import functools
+import operator
 import threading
 import types
 import warnings
@@ -65,7 +66,7 @@ from ._compile import (
     torch_compile,
 )
 from ._layout import device_groups
-from ._sharded import ShardedTensor, _stacked_view
+from ._sharded import ShardedTensor, _stacked_view, pairs_sharing_memory
 from ._stacked_autograd import ReplicaProgram
 from .errors import exception_chain
 
@@ -352,8 +353,17 @@ def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
 
 
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:
-    """The node a chain of views (ops whose output aliases their first input) starts from."""
-    while node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+    """The node a chain of views (ops whose output aliases their first input) starts from,
+    through the items of ops that return a list of views (split, unbind, chunk)."""
+    while node.op == "call_function":
+        source = node.args[0] if node.target is operator.getitem and node.args else None
+        if isinstance(source, torch.fx.Node) and isinstance(source.target, torch._ops.OpOverload):
+            returns = source.target._schema.returns  # an item of a list of views (Tensor(a)[])
+            if len(returns) == 1 and returns[0].alias_info is not None:
+                node = source
+                continue
+        if not isinstance(node.target, torch._ops.OpOverload):
+            break
         returns = node.target._schema.returns
         if not returns or returns[0].alias_info is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
             break
@@ -464,27 +474,36 @@ class _Batched:
 
 
 def _aliases_a_written_input(inputs: list[Any], written: frozenset[int]) -> bool:
-    """Whether a tensor input may share memory with an input the program
-    writes (the byte ranges they span meet: views of one tensor's disjoint
-    columns count, views of its disjoint blocks do not)."""
-    spans = [_byte_span(inputs[k]) for k in written]
+    """Whether a tensor input shares an element with an input the program
+    writes (views of one tensor's disjoint columns or blocks do not)."""
+    if not _ranges_meet(inputs):  # the common case, without the element-wise check
+        return False
+    positions = [k for k, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
     return any(
-        isinstance(a, torch.Tensor) and k not in written and any(_spans_meet(_byte_span(a), s) for s in spans)
-        for k, a in enumerate(inputs)
+        positions[i] in written or positions[j] in written
+        for i, j in pairs_sharing_memory([inputs[k] for k in positions])
     )
 
 
-def _byte_span(t: torch.Tensor) -> tuple[int, int, int]:
-    """The storage and the half-open range of bytes ``t`` reaches in it."""
-    start = int(t.storage_offset()) * t.element_size()  # real tensors: plain ints
-    if t.numel() == 0:
-        return t.untyped_storage().data_ptr(), start, start
-    reach = sum((int(n) - 1) * st for n, st in zip(t.shape, t.stride()))
-    return t.untyped_storage().data_ptr(), start, start + (reach + 1) * t.element_size()
-
-
-def _spans_meet(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
-    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+def _ranges_meet(inputs: list[Any]) -> bool:
+    """Whether the address ranges of two tensor inputs may meet (a contiguous tensor's
+    exactly; another's from its first element to the end of its storage)."""
+    spans = []
+    for a in inputs:
+        if isinstance(a, torch.Tensor) and a.numel():
+            start = a.data_ptr()
+            if a.is_contiguous():
+                spans.append((start, start + a.nbytes))
+            else:
+                storage = a.untyped_storage()
+                spans.append((start, storage.data_ptr() + storage.nbytes()))
+    spans.sort()
+    end = -1
+    for begin, stop in spans:
+        if begin < end:
+            return True
+        end = max(end, stop)
+    return False
 
 
 # How many input layouts (strides) a compiled capture serves before it falls back.
@@ -885,8 +904,8 @@ def capture_failure(e: BaseException) -> str:
     """The reason of a failed capture, naming the error that caused it (``_cause``)."""
     if _inside_functional_optimizer_step(e):  # (Dynamo's own words name an optimizer internal)
         return (
-            "capture failed: functional_optimizer steps this optimizer through a torch.optim object "
-            "(every optimizer but SGD, when captured), which Dynamo cannot trace"
+            "capture failed: functional_optimizer steps this optimizer through a torch.optim object, which "
+            "Dynamo cannot trace (SGD steps are captured, unless fused, sparse or under global step hooks)"
         )
     return f"capture failed {_describe(_cause(e))}"
 
@@ -895,12 +914,17 @@ _TRAINING_FILE = __file__.rsplit("_stacked.py", 1)[0] + "training.py"
 
 
 def _inside_functional_optimizer_step(e: BaseException) -> bool:
-    """Whether Dynamo stopped inside ``FunctionalOptimizer.step`` (its user stack says)."""
-    return any(
-        frame.filename == _TRAINING_FILE and frame.name == "step"
-        for cur in exception_chain(e, inner=True)
-        for frame in getattr(cur, "real_stack", None) or ()
-    )
+    """Whether Dynamo stopped inside torch.optim, called from ``FunctionalOptimizer.step``
+    (its user stack says)."""
+    for cur in exception_chain(e, inner=True):
+        names = [(frame.filename, frame.name) for frame in getattr(cur, "real_stack", None) or ()]
+        steps = [k for k, (filename, name) in enumerate(names) if filename == _TRAINING_FILE and name == "step"]
+        if steps and any(_OPTIM_DIR in filename for filename, _ in names[steps[0] + 1 :]):
+            return True
+    return False
+
+
+_OPTIM_DIR = torch.optim.__file__.rsplit("__init__.py", 1)[0]
 
 
 def _cause(e: BaseException) -> BaseException:
