@@ -348,6 +348,53 @@ def catch_and_continue():
     os._exit(0)
 
 
+def failure_then_shutdown(in_backward=False):
+    """Rank 1 fails in a call (in its forward, or in the call's backward) and goes straight
+    to shutdown() in a ``finally``, while rank 0 waits in a psum of that call: rank 0 must
+    raise at once (rank 1's notice), not at the 20 s timeout, and both shutdowns return."""
+    tpd.initialize(timeout=20)
+    rank, L = tp.process_index(), tp.local_device_count()
+
+    class FailsBackwardOnRank1(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.clone()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            if rank == 1:
+                raise ValueError("rank 1 gives up in backward")
+            return g
+
+    def f(x):
+        if rank == 1 and not in_backward:
+            raise ValueError("rank 1 gives up")
+        # The backward runs FailsBackwardOnRank1's first, then the psum's exchange.
+        return FailsBackwardOnRank1.apply(tp.psum(x * 2, "i"))
+
+    t0 = time.monotonic()
+    try:
+        try:
+            x = torch.ones(L, 2, requires_grad=True)
+            out = tp.pmap(f, "i")(x)
+            out.unshard().sum().backward()
+            say(f"rank {rank} NO ERROR")
+        except Exception as e:
+            say(f"rank {rank} ERROR {type(e).__name__} after {time.monotonic() - t0:.1f}s: {str(e).splitlines()[0]}")
+    finally:
+        t1 = time.monotonic()
+        try:
+            tpd.shutdown()
+            say(f"rank {rank} SHUTDOWN ok after {time.monotonic() - t1:.1f}s")
+        except Exception as e:
+            say(f"rank {rank} SHUTDOWN raised {type(e).__name__} after {time.monotonic() - t1:.1f}s")
+    os._exit(0)
+
+
 def backward_out_of_step():
     """Process 0 runs a call's backward while process 1 skips it and makes its next
     call, whose psum looks like the backward's: both must fail, never pair the two."""
@@ -638,6 +685,8 @@ if __name__ == "__main__":
         "failure": failure,
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,
+        "failure_then_shutdown": failure_then_shutdown,
+        "failure_in_backward_then_shutdown": lambda: failure_then_shutdown(in_backward=True),
         "catch_and_continue": catch_and_continue,
         "hung_peer": hung_peer,
         "shutdown_after_failure": shutdown_after_failure,

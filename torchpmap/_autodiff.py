@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
 
 from . import _ops
-from .distributed import backward_runs
+from .distributed import backward_runs, tell_peers_a_run_failed
 
 if TYPE_CHECKING:
     from ._call import CallRecord, Executor, ReplicaGroup
@@ -389,7 +389,12 @@ class _ReplicaGraphs:
 
     def run(self, replica_fn: Callable[[int], T]) -> list[T]:
         with backward_runs():
-            return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
+            try:
+                return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
+            except Exception:
+                if self.group.axis_size > len(self.group.devices):  # peers may wait in its exchanges
+                    tell_peers_a_run_failed()
+                raise
 
     def vjp(
         self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool

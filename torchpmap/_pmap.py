@@ -761,9 +761,13 @@ class Pmapped:
     def _tell_other_processes_this_call_failed(
         self, group: ReplicaGroup | None, devices: tuple[torch.device, ...]
     ) -> None:
-        """This process cannot return its replicas' outputs: the other processes wait in
-        the output check, and learn it there (they raise too, and all stay in step)."""
+        """This process cannot return its replicas' outputs. With an output check the other
+        processes wait in it, and learn it there (they raise too, and all stay in step);
+        without one they may wait in any of the call's exchanges, and a notice ends the job's
+        collectives (``tell_peers_a_run_failed``)."""
         if not self._checks_across_processes(group, devices):
+            if group is not None and group.axis_size > len(devices):
+                _distributed.tell_peers_a_run_failed()
             return
         assert group is not None and group.new_backend is not None
         try:

@@ -365,10 +365,14 @@ class _Lockstep:
 
     def __init__(self) -> None:
         self._calls = itertools.count(1)
+        self.last_call = 0  # the number of the run that started last
+        self.refused_alike = 0  # the last run whose exchange every process refused alike, in step
         self._stopped: tuple[str, type[CollectiveError]] | None = None
+        self._notice: tuple[Any, ...] = ()  # a posted failure notice: its work and tensors, kept alive
 
     def next_call(self) -> int:
-        return next(self._calls)
+        self.last_call = next(self._calls)
+        return self.last_call
 
     @property
     def stopped(self) -> bool:
@@ -378,6 +382,23 @@ class _Lockstep:
         """Never exchange again; later collectives raise ``error_type`` saying ``why``."""
         if self._stopped is None:
             self._stopped = (why, error_type)
+
+    def post_failure_notice(self, check_group: dist.ProcessGroup) -> None:
+        """This process's run failed where its peers may wait for it in an exchange:
+        take that exchange's place in the check group with a notice, so that they
+        raise at once rather than at the timeout, and stop. Not waited for: the
+        peers meet it in the exchange they wait in, or in their next one (a run
+        without collectives left); this process cannot know which, so it never
+        exchanges again."""
+        if self._stopped is not None:
+            return  # a failed exchange or a mismatch: the peers know, or were told
+        if self.refused_alike == self.last_call:
+            return  # every process raised at the same exchange and stays in step
+        notice = torch.tensor([self.last_call, 0, FAILED, 0], dtype=torch.int64)
+        rows = [torch.empty_like(notice) for _ in range(dist.get_world_size(check_group))]
+        work = dist.all_gather(rows, notice, group=check_group, async_op=True)
+        self._notice = (work, rows, notice)
+        self.stop(f"pmap call #{self.last_call} failed on this process (its error said why)")
 
     def check(self, collective: str) -> None:
         if self._stopped is not None:
@@ -444,7 +465,11 @@ class ProcessGroupBackend(GroupBackend):
         self._failing_for_good(name, self._check_same_everywhere, collective, xs[0])
         # Every process passed the check with this dtype, so all refuse here alike, still
         # in step (a process whose dtype differs got CollectiveMismatchError instead).
-        _refuse_unreducible(collective, xs[0])
+        try:
+            _refuse_unreducible(collective, xs[0])
+        except TypeError:
+            self._lockstep.refused_alike = self._call  # no failure notice for this run
+            raise
         return self._failing_for_good(name, self._exchange, collective, xs)
 
     def _exchange(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -489,6 +514,9 @@ class ProcessGroupBackend(GroupBackend):
         theirs = [torch.empty_like(mine) for _ in range(dist.get_world_size(self._check_group))]
         self._wait(dist.all_gather(theirs, mine, group=self._check_group, async_op=True))
         rows = torch.stack(theirs).tolist()
+        failed = {p: call for p, (call, _, kind, _) in enumerate(rows) if kind == FAILED}
+        if failed:
+            raise self._peer_failed(collective.name, failed)
         steps = [(call, exchange, kind) for call, exchange, kind, _ in rows]
         if len(set(steps)) != 1:
             raise self._out_of_step(collective.name, steps)
@@ -506,6 +534,18 @@ class ProcessGroupBackend(GroupBackend):
                 f"may be out of step): restart the job; every process must make the same pmap calls "
                 f"with the same collectives."
             )
+
+    def _peer_failed(self, collective: str, failed: dict[int, int]) -> CollectiveError:
+        """The error for a check that met other processes' failure notices
+        (``failed``: process -> the number of its run that failed)."""
+        which = ", ".join(f"process {p} (its pmap call #{call})" for p, call in failed.items())
+        self._lockstep.stop(f"{which} failed", CollectiveError)
+        return CollectiveError(
+            f"a pmap call failed on {which} while this process waited in cross-process {collective} "
+            f"#{self._exchanges} of {_KIND_NAMES[self._kind]} of {self._function or 'a function'} "
+            f"(pmap call #{self._call}): that process raised why, and its log shows it. No process makes a "
+            f"cross-process collective any more (the processes are out of step): restart the job."
+        )
 
     def _out_of_step(self, collective: str, steps: list[tuple[int, int, int]]) -> CollectiveMismatchError:
         where = "; ".join(
@@ -558,8 +598,9 @@ class ProcessGroupBackend(GroupBackend):
 # What a run across processes is: its exchanges say so, so that a process in a backward
 # or an output check never pairs with another process's next forward call (numbered
 # alike) when their collectives look alike.
-FORWARD, BACKWARD, OUTPUT_CHECK = range(3)
-_KIND_NAMES = ("a forward pass", "a backward pass", "the output check (its call failed, or ended)")
+# FAILED: no exchange, a process's notice that its run failed (``_Lockstep.post_failure_notice``).
+FORWARD, BACKWARD, OUTPUT_CHECK, FAILED = range(4)
+_KIND_NAMES = ("a forward pass", "a backward pass", "the output check (its call failed, or ended)", "a failed call")
 _runs = threading.local()  # ``kind``: what the runs this thread starts are
 
 
@@ -576,6 +617,15 @@ def _runs_of_kind(kind: int) -> Iterator[None]:
 def backward_runs() -> contextlib.AbstractContextManager[None]:
     """The runs started inside are a call's backward passes."""
     return _runs_of_kind(BACKWARD)
+
+
+def tell_peers_a_run_failed() -> None:
+    """A run across processes (a call's forward or backward) failed on this process
+    before it finished its exchanges: its peers raise at their next check instead of
+    waiting for the timeout, and this process makes no cross-process collective
+    again (``_Lockstep.post_failure_notice``)."""
+    if _state and _state["check_group"] is not None:
+        _state["lockstep"].post_failure_notice(_state["check_group"])
 
 
 def check_outputs_across_processes(
