@@ -343,3 +343,18 @@ def test_dynamo_settings_come_back_when_capture_scopes_end_in_any_order():
     assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == (False, True)
     compiled.__exit__(None, None, None)
     assert (config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions) == before
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked"])
+def test_compile_tells_a_negative_zero_from_zero(how):
+    # Dynamo guards a float with ==, and -0.0 == 0.0: the threads executor's compiled
+    # copies, keyed by device only, replayed 0.0's graph for -0.0 (found by a hunt).
+    import math
+
+    f = lambda x, s, b: x + math.copysign(1.0, s) + 10 * math.copysign(1.0, b)  # noqa: E731
+    x = torch.zeros(2, 3)
+    with executor(how):
+        p = tp.pmap(f, static_broadcasted_argnums=1, in_axes=(0, None), devices=devices(2), compile=True)
+        for s, b in [(0.0, 0.0), (0.0, 0.0), (-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0)]:
+            want = math.copysign(1.0, s) + 10 * math.copysign(1.0, b)
+            assert torch.equal(p(x, s, b).unshard(), torch.full((2, 3), want)), (s, b)

@@ -311,6 +311,24 @@ def test_strided_input_captures():
     both(pm(lambda x: tp.psum(x, "i") + x), rows(N, 4, 6)[..., :3])
 
 
+def test_as_strided_on_rows_another_distance_apart_runs_as_on_the_threads():
+    """The batched as_strided names the stacked buffer's strides, which Dynamo's
+    guards on replica 0's row do not cover: a capture made on rows 4 apart read
+    other replicas' elements for rows 25 apart, with no error."""
+    f = pm(lambda x: x.as_strided((2,), (2,)) * 1)
+    dense = rows(N, 4)
+    spaced = rows(N, 25)[:, :4]  # each row (4,) with stride (1,), as dense's
+    offset = rows(N, 25)[:, 1:5]
+    both(f, dense)
+    with executor("stacked"):
+        f(dense)  # the capture, on dense rows
+    fallback(f, spaced, match="as_strided on inputs laid out otherwise")
+    with executor("stacked", allow_fallback=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for x in (offset, dense, spaced):
+            assert torch.equal(f(x).unshard(), torch.stack([r.as_strided((2,), (2,)) for r in x]))
+
+
 def fallback(pf, *args, match):
     """Runs pf stacked, expecting one fallback warning matching ``match``; the
     result must still be the threads executor's."""
@@ -923,6 +941,19 @@ def test_a_static_negative_zero_does_not_replay_the_positive_zeros_capture(how, 
         for _ in range(2):
             for s in zeros:
                 assert torch.equal(p(x, s).unshard(), torch.full((4, 2), sign(s))), s
+
+
+@pytest.mark.parametrize("how", ["stacked", "lockstep", "auto"])
+def test_a_broadcast_negative_zero_does_not_replay_the_positive_zeros_capture(how):
+    # The same with Python numbers passed broadcast (in_axes=None), alone or in a pytree,
+    # through the stacked fast path too: a hunt found +1 where the threads give -1.
+    f = lambda x, s, t: x + math.copysign(1.0, s) + 10 * math.copysign(1.0, t["a"][1])  # noqa: E731
+    x = torch.zeros(4, 2)
+    with executor(how):
+        p = tp.pmap(f, in_axes=(0, None, None), devices=devices(4))
+        for s, a in [(0.0, 0.0)] * 3 + [(-0.0, 0.0), (-0.0, -0.0), (0.0, -0.0), (-0.0, -0.0), (0.0, 0.0)]:
+            want = math.copysign(1.0, s) + 10 * math.copysign(1.0, a)
+            assert torch.equal(p(x, s, {"a": (1, a)}).unshard(), torch.full((4, 2), want)), (s, a)
 
 
 GLOBAL_X = torch.arange(24.0).reshape(4, 3, 2)

@@ -111,12 +111,13 @@ class CallRecord:
     def n(self) -> int:
         return len(self.group.devices)
 
-    def static_zero_signs(self) -> tuple[bool, ...]:
-        """Which float zeros among the static arguments are negative. Dynamo
-        guards a constant with ``==``, and ``-0.0 == 0.0``: a capture keyed by
-        this too is never replayed for the other zero (``math.copysign``,
-        ``1 / s`` and ``atan2`` tell them apart)."""
-        return _zero_signs(tuple(v for _, v in self.static_items))
+    def zero_signs(self) -> tuple[tuple[bool, ...], ...]:
+        """Which float zeros among the static arguments, and among the leaves that are
+        not tensors (Python numbers passed broadcast), are negative. Dynamo guards a
+        constant with ``==``, and ``-0.0 == 0.0``: a capture keyed by this too is never
+        replayed for the other zero (``math.copysign``, ``1 / s`` and ``atan2`` tell
+        them apart)."""
+        return zero_signs_of(tuple(v for _, v in self.static_items), self.caller_leaves)
 
     def replica_inputs(self) -> list[list[Any]]:
         """Per replica, its flattened inputs (new lists: callers may edit them)."""
@@ -280,6 +281,16 @@ def choose_executor(record: CallRecord) -> Executor:
     from . import _stacked  # it imports this module
 
     return _stacked.STACKED if name == "stacked" else _stacked.AUTO
+
+
+def zero_signs_of(static_values: tuple[Any, ...], leaves: Sequence[Any]) -> tuple[tuple[bool, ...], ...]:
+    """``CallRecord.zero_signs`` of a call with these static arguments and leaves."""
+    return _zero_signs(static_values), constant_zero_signs(leaves)
+
+
+def constant_zero_signs(leaves: Sequence[Any]) -> tuple[bool, ...]:
+    """The signs of the float zeros among ``leaves`` that are not tensors."""
+    return _zero_signs(tuple(v for v in leaves if not isinstance(v, torch.Tensor)))
 
 
 def _zero_signs(value: Any, _inside: tuple[int, ...] = ()) -> tuple[bool, ...]:

@@ -308,7 +308,7 @@ class CompiledReplicas:
         self._options = options
         self._fun_name = fun_name
         self.options = options  # the stacked executor compiles its batched graph with them
-        self._programs: dict[tuple[int, str] | tuple[int, str, int], Callable[..., Any]] = {}
+        self._programs: dict[tuple[Any, ...], Callable[..., Any]] = {}
         self._lock = threading.Lock()
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
@@ -317,15 +317,20 @@ class CompiledReplicas:
         _track_compiles()
 
     def programs(
-        self, devices: Sequence[torch.device], n: int, per_replica_objects: bool = False
+        self,
+        devices: Sequence[torch.device],
+        n: int,
+        per_replica_objects: bool = False,
+        zero_signs: tuple[Any, ...] = (),
     ) -> list[Callable[..., Any]]:
         """One callable per replica; replicas on the same physical device share,
         unless each replica gets its own objects (PerReplica modules): Dynamo
         guards on those, so sharing would recompile per replica until it hit
-        the recompile limit."""
+        the recompile limit. ``zero_signs`` (``CallRecord.zero_signs``): Dynamo's
+        guards take a -0.0 argument for 0.0, so each sign gets its own copy."""
         out: list[Callable[..., Any]] = []
         for rank, d in enumerate(devices):
-            key: tuple[int, str] | tuple[int, str, int] = (n, "cpu") if d.type == "cpu" else (n, str(d))
+            key: tuple[Any, ...] = (n, "cpu" if d.type == "cpu" else str(d), zero_signs)
             if per_replica_objects:
                 key = (*key, rank)
             prog = self._programs.get(key)

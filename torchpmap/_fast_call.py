@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import _config, _devices, _stacked
-from ._call import CallRecord, Placement, ReplicaGroup, unflatten_arguments
+from ._call import CallRecord, Placement, ReplicaGroup, constant_zero_signs, unflatten_arguments
 from ._layout import slices_overlap
 from ._sharded import ShardedTensor
 
@@ -36,7 +36,7 @@ class FastCall:
     plain tensor on the physical device mapped along its axis, or a
     non-tensor value (which Dynamo's guards check)."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "device")
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "device", "zero_signs")
 
     def __init__(
         self,
@@ -54,6 +54,8 @@ class FastCall:
         self.axes = tuple(record.axes)
         # Not the record itself: it holds this call's inputs, which the plan would keep alive.
         self.treedef = record.treedef
+        # Dynamo's guards take -0.0 for 0.0: the capture is keyed by the zeros' signs too.
+        self.zero_signs = constant_zero_signs(record.caller_leaves) if CONSTANT in self.kinds else ()
 
     @staticmethod
     def kinds_of(record: CallRecord, tensor_kinds: Sequence[bool]) -> list[int] | None:
@@ -79,6 +81,8 @@ class FastCall:
         if _config.executor_name() not in _STACKED_EXECUTORS:
             return None
         if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
+            return None
+        if self.zero_signs and constant_zero_signs(leaves) != self.zero_signs:
             return None
         state = _stacked._CallState(len(self.devices), {})
         row0 = self._rows(leaves, state)

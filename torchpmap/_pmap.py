@@ -28,7 +28,7 @@ from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
 from . import _devices, _random, _transfers
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, counted_once, named_grad_tensors
-from ._call import CallRecord, Placement, ReplicaGroup, choose_executor
+from ._call import CallRecord, Placement, ReplicaGroup, choose_executor, zero_signs_of
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._fast_call import FastCall
@@ -377,7 +377,8 @@ class Pmapped:
             programs, gate = [self._fun] * n, None
         else:
             per_replica = _PER_REPLICA in plan.kinds
-            programs, gate = self._compiled.programs(devices, n, per_replica), DYNAMO_GATE
+            signs = zero_signs_of(static_vals, leaves)
+            programs, gate = self._compiled.programs(devices, n, per_replica, signs), DYNAMO_GATE
         record = CallRecord(
             self._replica_group(devices, gate),
             self._fun,

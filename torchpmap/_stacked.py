@@ -404,6 +404,9 @@ class _Batched:
         # Whether it runs torch.utils.checkpoint, whose saved-tensor hooks functorch's vjp refuses.
         self.checkpoints = checkpoints
         self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
+        # as_strided's batched form names the stacked buffers' own strides and offsets (how
+        # far apart the rows are), which Dynamo's guards on replica 0's row do not cover.
+        self.layout = _layout(examples) if any(n.target is _AS_STRIDED for n in self.graph.graph.nodes) else None
         self.compiler = compiler
         # Per layout of the inputs, its compiled program: Dynamo guards replica 0's
         # row views, not how far apart the rows are, and Inductor's code assumes
@@ -438,6 +441,11 @@ class _Batched:
             if stacked is None and isinstance(a, torch.Tensor):
                 state.shared.append(a)  # a view of it is not a view of a row (see _view_of_every_row)
             inputs.append(a if stacked is None else stacked)
+        if self.layout is not None and _layout(inputs) != self.layout:
+            raise Unsupported(
+                "Tensor.as_strided on inputs laid out otherwise than at capture (rows another distance apart)",
+                per_call=True,
+            )
         if self.written and _aliases_a_written_input(inputs, self.written):
             # The capture writes through a copy of such an input, so the other input would read
             # the old values; eagerly, the write shows through it (or PyTorch refuses a write
@@ -471,6 +479,14 @@ class _Batched:
             rows.append(state.row_of(o))
         state.ran = True
         return rows
+
+
+_AS_STRIDED = torch.ops.aten.as_strided.default
+
+
+def _layout(inputs: Sequence[Any]) -> tuple[Any, ...]:
+    """The strides and storage offsets of the tensors among ``inputs``."""
+    return tuple((a.stride(), a.storage_offset()) if isinstance(a, torch.Tensor) else None for a in inputs)
 
 
 def _aliases_a_written_input(inputs: list[Any], written: frozenset[int]) -> bool:
@@ -701,14 +717,14 @@ _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = wea
 def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
     """What a function's captures (stacked or lockstep) are told apart by: the
     axis, where they run, compile= options, and the signs of static float
-    zeros (``CallRecord.static_zero_signs``)."""
+    zeros (``CallRecord.zero_signs``)."""
     options = record.compile_options
     return (
         record.group.axis_name,
         axis_size,
         where,
         None if options is None else options_key(options),
-        record.static_zero_signs(),
+        record.zero_signs(),
     )
 
 
