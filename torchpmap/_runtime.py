@@ -49,11 +49,25 @@ class CallerState:
     grad_enabled: bool
     inference_mode: bool
     autocast: tuple[tuple[str, torch.dtype], ...]  # ((device_type, dtype), ...) for each enabled autocast
+    # The caller's open TorchFunctionModes and TorchDispatchModes (``with torch.device(d):``,
+    # FlopCounterMode, modes of the user's own), bottom first: each replica runs under them,
+    # as the function would in a loop over the replicas, and as the captured executors
+    # trace it (Dynamo keeps function modes; a dispatch mode sends a call to the threads).
+    function_modes: tuple[Any, ...] = ()
+    dispatch_modes: tuple[Any, ...] = ()
 
     @staticmethod
     def capture() -> CallerState:
         autocast = tuple((dt, torch.get_autocast_dtype(dt)) for dt in _AUTOCAST_TYPES if torch.is_autocast_enabled(dt))
-        return CallerState(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast)
+        function_modes: tuple[Any, ...] = ()
+        dispatch_modes: tuple[Any, ...] = ()
+        if torch._C._len_torch_function_stack():
+            function_modes = tuple(torch.overrides._get_current_function_mode_stack())
+        if torch._C._len_torch_dispatch_stack():
+            dispatch_modes = tuple(torch.utils._python_dispatch._get_current_dispatch_mode_stack())
+        return CallerState(
+            torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast, function_modes, dispatch_modes
+        )
 
 
 _AUTOCAST_TYPES = ("cpu", "cuda")
@@ -67,12 +81,36 @@ def _run_with_state(state: CallerState | None, fn: Callable[[], Any]) -> Any:
         return fn()
     state = state or _DEFAULT_STATE
     with torch.inference_mode(state.inference_mode), torch.set_grad_enabled(state.grad_enabled):
-        if not state.autocast:
+        if not (state.autocast or state.function_modes or state.dispatch_modes):
             return fn()
         with contextlib.ExitStack() as stack:
             for device_type, dtype in state.autocast:
                 stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            for mode in state.function_modes:
+                stack.enter_context(_function_mode_pushed(mode))
+            for mode in state.dispatch_modes:
+                stack.enter_context(_dispatch_mode_pushed(mode))
             return fn()
+
+
+# Pushed as they are, not entered: a mode's __enter__ may reset what it holds
+# (FlopCounterMode's counts), and the caller's thread has it entered already.
+@contextlib.contextmanager
+def _function_mode_pushed(mode: Any) -> Any:
+    torch._C._push_on_torch_function_stack(mode)
+    try:
+        yield
+    finally:
+        torch._C._pop_torch_function_stack()
+
+
+@contextlib.contextmanager
+def _dispatch_mode_pushed(mode: Any) -> Any:
+    torch._C._push_on_torch_dispatch_stack(mode)
+    try:
+        yield
+    finally:
+        torch._C._pop_torch_dispatch_stack(getattr(mode, "_mode_key", None))
 
 
 def _reset_thread_state() -> None:

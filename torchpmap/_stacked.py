@@ -154,6 +154,9 @@ def blocked_reason() -> str | None:
         return "inference mode is enabled"
     if global_module_hooks():
         return GLOBAL_HOOKS_REASON
+    if torch.is_anomaly_enabled():
+        # Its checks do not trace (data-dependent guards); the threads' replicas run under it.
+        return "anomaly detection is enabled"
     if torch._C._len_torch_dispatch_stack():
         # Dynamo captures nothing under one; a failed capture would be remembered for later calls.
         return "a TorchDispatchMode is active"
