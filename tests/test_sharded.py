@@ -1084,3 +1084,41 @@ def test_a_replica_writing_shards_that_share_memory_raises():
     own = ShardedTensor([torch.zeros(3) for _ in range(4)], devs)  # distinct memory: fine
     tp.pmap(lambda a: a.add_(1) * 1, devices=devs)(own)
     assert all(s.eq(1).all() for s in own.shards)
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked", "lockstep", "auto"])
+def test_autograd_grad_with_respect_to_a_sharded_tensor(how):
+    # It said "appears to not have been used" (and None with allow_unused=True): autograd
+    # records the shards, or for a pmap output the stacked buffers they are rows of.
+    from helpers import executor
+
+    devs = tp.devices()[:4]
+    base = torch.linspace(-2, 2, 12, dtype=torch.float64).reshape(4, 3)
+    dsin = 2 * base * (base * base).cos()
+    with executor(how, allow_fallback=True):
+        pf = tp.pmap(lambda a: (a * a).sin(), devices=devs)
+        pg = tp.pmap(lambda a: tp.psum(a.exp(), "i"), "i", devices=devs)
+        for _ in range(3):  # auto: threads, then captured; the fast path
+            x = tp.device_put_sharded(list(base), devs).requires_grad_()
+            (g,) = torch.autograd.grad(pf(x).sum(), x)
+            assert isinstance(g, ShardedTensor) and g.devices == x.devices
+            torch.testing.assert_close(g.unshard(), dsin)
+            y = pf(x)  # a pmap output, then an input of the next call
+            gy, gx = torch.autograd.grad(pg(y).sum(), [y, x])
+            want_gy = 4 * (base * base).sin().exp()
+            torch.testing.assert_close(gy.unshard(), want_gy)
+            torch.testing.assert_close(gx.unshard(), want_gy * dsin)
+            (g,) = torch.autograd.grad(pf(x), x, grad_outputs=torch.ones(4, 3, dtype=torch.float64), create_graph=True)
+            (h,) = torch.autograd.grad(g.sum(), x)  # second order through the call
+            torch.testing.assert_close(h.unshard(), 2 * (base * base).cos() - 4 * base * base * (base * base).sin())
+            unused = torch.zeros(1, requires_grad=True)
+            with pytest.raises(RuntimeError, match="input 1 appears to not have been used"):
+                torch.autograd.grad(pf(x).sum(), [x, unused])
+            assert torch.autograd.grad(pf(x).sum(), [x, unused], allow_unused=True)[1] is None
+            # backward(inputs=...) accumulates into the shards, as a backward without inputs does.
+            w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+            (pf(x) * w).sum().backward(inputs=[x])
+            torch.testing.assert_close(torch.stack([s.grad for s in x.shards]), dsin)
+            assert w.grad is None
+            with pytest.raises(RuntimeError, match="use torch.autograd.grad"):
+                pf(y).sum().backward(inputs=[y])

@@ -415,6 +415,10 @@ class ShardedTensor(torch.Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if func is torch.autograd.grad:
+            return _autograd_grad(*args, **kwargs)
+        if func is torch.autograd.backward:
+            return _autograd_backward(*args, **kwargs)
         name = getattr(func, "__name__", None)
         if name == "__get__":
             attribute = _attribute_name(func)
@@ -484,6 +488,98 @@ def _tensor_attribute(name: str) -> Any:
 # Autograd hooks and retain_grad act on the tensor autograd records, which a
 # ShardedTensor is not: its shards are.
 _HOOKS = {torch.Tensor.register_hook, torch.Tensor.retain_grad, torch.Tensor.register_post_accumulate_grad_hook}
+
+
+def _autograd_grad(
+    outputs: Any, inputs: Sequence[Any], grad_outputs: Any = None, allow_unused: bool | None = None, **kwargs: Any
+) -> tuple[Any, ...]:
+    """``torch.autograd.grad`` where a ShardedTensor is among ``outputs`` (its
+    full tensor is differentiated) or ``inputs``: autograd records its shards
+    (or, for a pmap output, the stacked buffers they are rows of), so the
+    gradient is theirs, as a ShardedTensor of the same devices and axis."""
+
+    flat: list[torch.Tensor] = []
+    spans: list[tuple[int, int, ShardedTensor | None, bool]] = []  # start, count, input, stacked
+    for x in inputs:
+        if isinstance(x, ShardedTensor):
+            x._check_alive()
+            stacked = _autograd_records_buffers(x)
+            targets = x._stacked if stacked else x._shards
+            assert targets is not None  # (_autograd_records_buffers: only when they exist)
+            spans.append((len(flat), len(targets), x, stacked))
+            flat.extend(targets)
+        else:
+            spans.append((len(flat), 1, None, False))
+            flat.append(x)
+    with torch._C.DisableTorchFunctionSubclass():
+        # Unused targets come back as None: a ShardedTensor is unused only if all of them are.
+        grads = torch.autograd.grad(_fulls(outputs), flat, _fulls(grad_outputs), allow_unused=True, **kwargs)
+    result: list[Any] = []
+    for k, (start, count, x, stacked) in enumerate(spans):
+        part = list(grads[start : start + count])
+        if all(g is None for g in part) and not allow_unused and not kwargs.get("materialize_grads"):
+            raise RuntimeError(
+                f"torch.autograd.grad: input {k}{' (a ShardedTensor)' if x is not None else ''} appears to not have "
+                f"been used in the graph. Set allow_unused=True if this is the desired behavior."
+            )
+        if x is None:
+            result.append(part[0])
+        elif all(g is None for g in part):
+            result.append(None)
+        else:
+            part = [torch.zeros_like(t) if g is None else g for g, t in zip(part, flat[start : start + count])]
+            if stacked:
+                result.append(ShardedTensor._of_stacked(tuple(part), x._devices, x._axis))
+            else:
+                result.append(ShardedTensor(part, x._devices, x._axis))
+    return tuple(result)
+
+
+def _autograd_backward(
+    tensors: Any,
+    grad_tensors: Any = None,
+    retain_graph: bool | None = None,
+    create_graph: bool = False,
+    inputs: Any = None,
+) -> None:
+    """``torch.autograd.backward`` (``loss.backward(inputs=...)``) where a ShardedTensor
+    is among ``tensors`` (its full tensor is differentiated) or ``inputs``: its shards
+    accumulate the gradients (``x.shards[i].grad``), as in a backward without ``inputs``."""
+    if inputs is not None:
+        mapped: list[Any] = []
+        for k, x in enumerate(inputs):
+            if not isinstance(x, ShardedTensor):
+                mapped.append(x)
+                continue
+            shards = x.shards
+            if not all(s.is_leaf for s in shards):
+                raise RuntimeError(
+                    f"backward(inputs=...): input {k} is a ShardedTensor computed by autograd (a pmap output), whose "
+                    f"shards keep no .grad; use torch.autograd.grad(loss, x), which returns its gradient as a "
+                    f"ShardedTensor"
+                )
+            mapped.extend(shards)
+        inputs = tuple(mapped)
+    with torch._C.DisableTorchFunctionSubclass():
+        torch.autograd.backward(_fulls(tensors), _fulls(grad_tensors), retain_graph, create_graph, inputs=inputs)
+
+
+def _fulls(v: Any) -> Any:
+    """``v`` (a tensor, a sequence of them or None) with each ShardedTensor's full tensor."""
+    if isinstance(v, (tuple, list)):
+        return type(v)(_fulls(x) for x in v)
+    return _full(v)
+
+
+def _autograd_records_buffers(st: ShardedTensor) -> bool:
+    """Whether autograd records ``st`` through its stacked buffers (a pmap output:
+    its rows are views made from them, and the next call may read the buffers
+    themselves) rather than through its shards (leaves of their own)."""
+    buffers = st._stacked
+    if buffers is None or not any(b.requires_grad for b in buffers):
+        return False
+    views = st._shard_views
+    return views is None or not all(v.is_leaf for v in views)
 
 
 def _grad_of(st: ShardedTensor) -> torch.Tensor | None:
