@@ -1122,3 +1122,23 @@ def test_autograd_grad_with_respect_to_a_sharded_tensor(how):
             assert w.grad is None
             with pytest.raises(RuntimeError, match="use torch.autograd.grad"):
                 pf(y).sum().backward(inputs=[y])
+
+
+def test_an_op_writing_two_sharded_tensors_over_the_same_memory_updates_it_twice_or_raises():
+    # _foreach_add_([a, copy.copy(a)], 1) added 1, not 2: each got a full copy of its own and
+    # the second write-back overwrote the first (found by a hunt).
+    devs = tp.devices()[:4]
+    a = tp.device_put_sharded([torch.zeros(3) for _ in range(4)], devs)
+    torch._foreach_add_([a, copy.copy(a)], 1)
+    assert a.unshard().eq(2).all()
+    buf = torch.zeros(4, 3)
+    torch._foreach_mul_([ShardedTensor.from_stacked(buf, devs), ShardedTensor.from_stacked(buf, devs)], 3)
+    torch._foreach_add_([ShardedTensor.from_stacked(buf, devs), ShardedTensor.from_stacked(buf, devs)], 1)
+    assert buf.eq(2).all()
+    other_views = ShardedTensor([s.view(3) for s in a.shards], devs)  # the same memory, other tensors
+    with pytest.raises(RuntimeError, match="whose shards share memory"):
+        torch._foreach_add_([a, other_views], 1)
+    assert a.unshard().eq(2).all()  # refused before any write
+    b = tp.device_put_sharded([torch.zeros(3) for _ in range(4)], devs)
+    torch._foreach_add_([a, b], 1)  # distinct memory
+    assert a.unshard().eq(3).all() and b.unshard().eq(1).all()

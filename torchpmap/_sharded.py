@@ -935,14 +935,18 @@ def _call_on_full_tensors(
 ) -> Any:
     """Run ``func`` on the full tensors; write what it changed back into the shards.
     ``writes_first``: it writes its first argument whatever its name (a setter)."""
-    copies: dict[int, _FullCopy] = {}
+    copies: dict[tuple[Any, ...], _FullCopy] = {}
 
     def to_full(v: Any) -> Any:
         if not isinstance(v, ShardedTensor):
             return v
-        if id(v) not in copies:  # one full tensor per ShardedTensor: aliasing as in torch
-            copies[id(v)] = _FullCopy(v)
-        return copies[id(v)].full
+        # One full tensor per ShardedTensor, and per ShardedTensors over the same shards
+        # (copy.copy(x)): aliasing as in torch (_foreach_add_([x, y], 1) adds 2 where y is x's).
+        key = _alias_key(v)
+        copy = copies.get(key)
+        if copy is None:
+            copy = copies[key] = _FullCopy(v)
+        return copy.full
 
     result = func(*tree_map(to_full, args), **tree_map(to_full, kwargs))
 
@@ -957,6 +961,8 @@ def _call_on_full_tensors(
     for c in copies.values():
         c.check_shards_can_follow(name)
     written = [c for c in copies.values() if c.written]
+    if len(written) > 1:
+        _refuse_overlapping_write_backs(written, name)
     for c in written:
         _check_shards_writable(c.sharded, name)
     for c in written:
@@ -966,6 +972,30 @@ def _call_on_full_tensors(
         sharded_of = {id(c.full): c.sharded for c in copies.values()}
         result = tree_map(lambda v: sharded_of.get(id(v), v) if isinstance(v, torch.Tensor) else v, result)
     return _guard_views(result, [c.full for c in copies.values()])
+
+
+def _alias_key(st: ShardedTensor) -> tuple[Any, ...]:
+    """What tells apart the ShardedTensors an op gets one full tensor each for:
+    their axis and the tensors their shards are (or the stacked buffers of a
+    pmap output whose rows were never asked for)."""
+    if st._shard_views is None and st._stacked is not None:
+        return (st._axis, "stacked", *map(id, st._stacked))
+    return (st._axis, "shards", *map(id, st._shards))
+
+
+def _refuse_overlapping_write_backs(written: list[_FullCopy], name: str) -> None:
+    """Raise if two ShardedTensors an op wrote share memory without being over the
+    same shards: each was written in its own full copy, so writing both back would
+    keep one update and lose the other."""
+    shards = [s for c in written for s in c.sharded._shards]
+    owner = [k for k, c in enumerate(written) for _ in c.sharded._shards]
+    for i, j in pairs_sharing_memory(shards):
+        if owner[i] != owner[j]:
+            raise RuntimeError(
+                f"ShardedTensor: {name} writes two ShardedTensors whose shards share memory, which torchpmap "
+                f"cannot update as one tensor (only ShardedTensors over the very same shards are); update them "
+                f"one after the other"
+            )
 
 
 def _write_back(st: ShardedTensor, full: torch.Tensor) -> None:
