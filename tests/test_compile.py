@@ -358,3 +358,22 @@ def test_compile_tells_a_negative_zero_from_zero(how):
         for s, b in [(0.0, 0.0), (0.0, 0.0), (-0.0, 0.0), (0.0, -0.0), (-0.0, -0.0)]:
             want = math.copysign(1.0, s) + 10 * math.copysign(1.0, b)
             assert torch.equal(p(x, s, b).unshard(), torch.full((2, 3), want)), (s, b)
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked"])
+def test_compile_differentiates_a_tiled_all_gather(how):
+    # Its backward, a reduce_scatter, gave each replica a block of one sum at an offset:
+    # Inductor's alignment assert on the op's output failed (found by a hunt).
+    w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    x = torch.linspace(-1, 1, 12).reshape(4, 3).requires_grad_()
+
+    def f(r):
+        return tp.all_gather(r * w, "i", tiled=True).cos() * r.sum()
+
+    grads = []
+    for options in (None, True):
+        with executor(how if options else "threads", allow_fallback=True):
+            w.grad = x.grad = None
+            (tp.pmap(f, "i", devices=devices(4), compile=options)(x).unshard() ** 2).sum().backward()
+            grads.append((w.grad.clone(), x.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1])

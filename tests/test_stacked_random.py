@@ -406,3 +406,19 @@ def test_a_drawing_calls_per_replica_graphs_are_freed_by_its_backward():
         assert len(live_graphs_of_shape((64,))) == N  # each replica's draw and its mask
         out.sum().backward()
         assert not live_graphs_of_shape((64,))  # freed with the node's saved tensors, though out lives
+
+
+def test_a_backward_after_the_pmapped_function_is_gone_replays_its_draws():
+    # tp.pmap(f)(x) then backward: the capture was collected with the pmap object, its random
+    # sites forgotten, and the backward raised KeyError (found by a hunt).
+    x = torch.linspace(-1, 1, 12).reshape(4, 3).requires_grad_()
+    grads = {}
+    for how in ("threads", "stacked"):
+        with executor(how):
+            torch.manual_seed(5)
+            y = tp.pmap(lambda r: torch.nn.functional.dropout(r, 0.3), "i", devices=devices(4))(x)
+            gc.collect()
+            x.grad = None
+            y.unshard().sum().backward()
+            grads[how] = x.grad.clone()
+    assert torch.equal(grads["threads"], grads["stacked"])

@@ -224,7 +224,13 @@ def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
         raise _no_captured_form(collective.kind)
     _forward_ad.check_no_collective(collective.kind)
     _forward_ad.check_not_dual(collective, x)
-    return f.comm.exchange(f.index, collective, x)
+    out = f.comm.exchange(f.index, collective, x)
+    if out.storage_offset() or not out.is_contiguous():
+        # A block of a larger result (a scatter's chunk, a tiled gather's strided block): the
+        # fake kernels promise a tensor of its own, and compiled code asserts its strides and
+        # its 16-byte alignment.
+        out = out.clone(memory_format=torch.contiguous_format)
+    return out
 
 
 def _refuse_unbatched(axes: str, kind: str) -> None:
@@ -388,10 +394,7 @@ def _reduce_scatter_kernel(
     leaf: int = -1,
     dims: list[int] | None = None,
 ) -> Tensor:
-    out = _exchange(axes, x, _reduce_scatter_collective(op, groups, group_size, tree, leaf, dims))
-    # Contiguous, as the fake kernel says: a strided block (a tiled scatter along another
-    # dimension) broke the strides compiled code assumes.
-    return out.contiguous()
+    return _exchange(axes, x, _reduce_scatter_collective(op, groups, group_size, tree, leaf, dims))
 
 
 def _reduce_scatter_collective(

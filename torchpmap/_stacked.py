@@ -569,7 +569,9 @@ def _backend(
         except BaseException:
             _stacked_random.forget(sites)  # no program will draw at them
             raise
-        weakref.finalize(result, _stacked_random.forget, sites)
+        # On the program, not the callable: a backward of a call made from it (its autograd
+        # node holds the program) replays the draws after the capture is dropped.
+        weakref.finalize(program, _stacked_random.forget, sites)
         return result
 
     return backend
