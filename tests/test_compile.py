@@ -377,3 +377,38 @@ def test_compile_differentiates_a_tiled_all_gather(how):
             (tp.pmap(f, "i", devices=devices(4), compile=options)(x).unshard() ** 2).sum().backward()
             grads.append((w.grad.clone(), x.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked", "lockstep"])
+def test_compile_writes_an_argument_another_argument_shares_memory_with_as_eager(how):
+    # f(x, x.detach()): lockstep's compiled segment read b before a's write (a silent
+    # [43, ...] for [44, ...]); threads and stacked failed to compile. The memory check went
+    # by _base, which x.detach()'s slices do not share with x's (found by a hunt).
+    def f(a, b):
+        a.add_(1)
+        return a * 10 + b
+
+    with executor(how, allow_fallback=True):
+        p = tp.pmap(f, devices=devices(4), compile=True)
+        for _ in range(2):
+            x = torch.arange(12.0).reshape(4, 3)
+            want = (torch.arange(12.0).reshape(4, 3) + 1) * 11
+            assert torch.equal(p(x, x.detach()).unshard(), want)
+
+
+def test_lockstep_compile_refuses_an_out_of_range_one_hot_label():
+    # Inductor's scatter does not check its index: a label of 4 for 4 classes gave a row of
+    # zeros, where eager raises (found by a hunt).
+    import torch.nn.functional as F
+
+    with executor("lockstep", allow_fallback=True):
+        p = tp.pmap(lambda lab: tp.psum(F.one_hot(lab, 4).float(), "i"), "i", devices=devices(4), compile=True)
+        good = torch.zeros(4, 2, dtype=torch.long)
+        p(good)
+        bad = good.clone()
+        bad[3, 0] = 4
+        with pytest.raises(RuntimeError, match="Class values must be|out of bounds"):
+            p(bad)
+        want = torch.zeros(4, 2, 4)
+        want[..., 0] = 4  # every replica's labels are 0, summed over 4 replicas
+        torch.testing.assert_close(p(good).unshard(), want)  # and later calls still run

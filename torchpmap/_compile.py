@@ -407,25 +407,18 @@ def _why_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
 
 
 def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether two distinct tensor arguments that share memory are views of
-    one base (or one is the other's base): a mapped argument's slices are views
-    of the caller's tensor. The same tensor object twice is fine (Dynamo makes
-    it one input), and so are views that do not overlap (AOTAutograd keeps
-    them apart)."""
+    """Whether two distinct tensor arguments share memory: a mapped argument's
+    slices are views of the caller's tensor, and so are those of its
+    ``detach()`` or ``.data``, which are no views of it by ``_base``. The same
+    tensor object twice is fine (Dynamo makes it one input), and so are tensors
+    that share no element (AOTAutograd keeps them apart)."""
     leaves = {id(v): v for v in tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)}
-    groups: dict[int, list[torch.Tensor]] = {}
-    for v in leaves.values():
-        if v._base is not None:
-            groups.setdefault(id(v._base), []).append(v)
-    if not groups:
+    strided = [v for v in leaves.values() if v.layout is torch.strided and not v.is_meta]
+    if len(strided) < 2:
         return False
     from ._sharded import pairs_sharing_memory  # _sharded imports much of the package
 
-    for base, views in groups.items():
-        members = views + [leaves[base]] if base in leaves else views
-        if len(members) > 1 and next(pairs_sharing_memory(members), None) is not None:
-            return True
-    return False
+    return next(pairs_sharing_memory(strided), None) is not None
 
 
 def _user_exception_while_tracing(e: BaseException) -> bool:

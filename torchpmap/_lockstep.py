@@ -61,6 +61,7 @@ from ._stacked import (
     check_supported_ops,
     compile_graph,
     compile_per_replica,
+    refuse_value_guards,
     reusable_after_failures,
     trampoline_entry,
 )
@@ -442,6 +443,7 @@ def _backend(
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
+        refuse_value_guards("lockstep")
         state = _current()
         # What Dynamo was given as replica 0's value: the key's tensor (an alias of
         # ``vs[0]`` for an input, see _call_state), found among the tensors kept alive.

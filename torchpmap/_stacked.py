@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
@@ -355,6 +356,43 @@ def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
     return frozenset(written)
 
 
+_DETACHING = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
+
+
+def _written_from(gm: torch.fx.GraphModule) -> dict[int, frozenset[int]]:
+    """Per placeholder an in-place op writes (by position), the other placeholders whose
+    values reach what is written into it (through the graph, and through other writes)."""
+    placeholders = {node: k for k, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    into: dict[int, set[int]] = {}
+    changed = True
+    while changed:  # a write that reads a written input carries that input's sources too
+        changed = False
+        reach: dict[torch.fx.Node, set[int]] = {}
+        for node in gm.graph.nodes:
+            if node in placeholders:
+                k = placeholders[node]
+                reach[node] = {k} | into.get(k, set())
+                continue
+            sources: set[int] = set()
+            if node.target not in _DETACHING:  # a detached value carries no history
+                for arg in node.all_input_nodes:
+                    sources |= reach.get(arg, set())
+            reach[node] = sources
+            target = node.target
+            if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+                continue
+            for arg, value in zip(target._schema.arguments, node.args):
+                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+                    root = _view_root(value)
+                    if root in placeholders:
+                        k = placeholders[root]
+                        new = sources - {k} - into.get(k, set())
+                        if new:
+                            into.setdefault(k, set()).update(new)
+                            changed = True
+    return {k: frozenset(v) for k, v in into.items()}
+
+
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:
     """The node a chain of views (ops whose output aliases their first input) starts from,
     through the items of ops that return a list of views (split, unbind, chunk)."""
@@ -390,6 +428,45 @@ def check_supported_ops(graph: torch.fx.Graph, executor: str = "stacked") -> Non
                 )
 
 
+def refuse_value_guards(executor: str = "stacked") -> None:
+    """Refuse a capture that guards on a tensor's value: under fullgraph, Dynamo
+    turns ``.item()`` of a 0-dim input into a number it guards on (``if s.item() > 0``),
+    and a capture's guards check replica 0's values only, so other replicas would
+    take replica 0's branch. (Shapes and dtypes are alike in every replica; values
+    are not.)"""
+    context = torch._guards.TracingContext.try_get()
+    shape_env = None if context is None or context.fake_mode is None else context.fake_mode.shape_env
+    if shape_env is None:
+        return
+    # Dynamo makes such a number for every 0-dim integer input; only one a guard (a branch)
+    # or a replacement (a specialization) reads is replica 0's alone.
+    read = {
+        symbol: source.name
+        for symbol, sources in shape_env.var_to_sources.items()
+        for source in sources
+        if _reads_a_value(source)
+    }
+    if not read:
+        return
+    guarded = set(shape_env.replacements)
+    for guard in shape_env.guards:
+        guarded |= guard.expr.free_symbols
+    for symbol, name in read.items():
+        if symbol in guarded:
+            raise Unsupported(
+                f"a Python branch on a tensor's value ({name}), which the {executor} executor's capture "
+                f"would check in replica 0 only"
+            )
+
+
+def _reads_a_value(source: Any) -> bool:
+    while source is not None:
+        if isinstance(source, CallMethodItemSource):
+            return True
+        source = getattr(source, "base", None)
+    return False
+
+
 class _Batched:
     """The backend's callable for one guard set: the batched graph (compiled
     with ``compiler`` under compile=), and per Dynamo placeholder whether it is
@@ -407,6 +484,8 @@ class _Batched:
         # Whether it runs torch.utils.checkpoint, whose saved-tensor hooks functorch's vjp refuses.
         self.checkpoints = checkpoints
         self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
+        # Per written input, the inputs whose values flow into what is written there.
+        self.written_from = _written_from(self.graph) if self.written else {}
         # as_strided's batched form names the stacked buffers' own strides and offsets (how
         # far apart the rows are), which Dynamo's guards on replica 0's row do not cover.
         self.layout = _layout(examples) if any(n.target is _AS_STRIDED for n in self.graph.graph.nodes) else None
@@ -465,11 +544,25 @@ class _Batched:
                 raise Unsupported(
                     "autograd through a function that writes in place a tensor the replicas share", per_call=True
                 )
+            if any(
+                isinstance(inputs[j], torch.Tensor) and inputs[j].requires_grad
+                for sources in self.written_from.values()
+                for j in sources
+            ):
+                # Eagerly the written tensor would take the value's history (the threads raise,
+                # as a view made in no_grad); the batched node would drop it.
+                raise Unsupported(
+                    "autograd through a function that writes a value that requires grad into an input in place",
+                    per_call=True,
+                )
             if self.checkpoints:
                 raise Unsupported("autograd through torch.utils.checkpoint", per_call=True)
             if self.compiler is not None:  # the compiled program has no backward of its own
                 raise Unsupported("autograd through a compile= call", per_call=True)
-            program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written)
+            # An input stacked by a copy: autograd saves the copy, so a write into the caller's
+            # tensors before the backward would go unseen; the backward checks their versions.
+            copied = [v for a in inputs if isinstance(a, torch.Tensor) for v in state.copied.get(id(a), (None, ()))[1]]
+            program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written, copied)
         else:
             program = functools.partial(self._program(inputs), *inputs)
         state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
@@ -548,6 +641,7 @@ def _backend(
 ) -> Callable[[torch.fx.GraphModule, list[Any]], Callable[..., Any]]:
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
+        refuse_value_guards()
         state = _current()
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         stored = _escapes.stored_replica_tensor([t for t in state.keep if id(t) in state.stacked_of])

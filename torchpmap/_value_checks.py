@@ -38,6 +38,14 @@ def _one_hot(labels: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
     if num_classes < 0:  # the width depends on the values: Dynamo does not capture it
         return F.one_hot(labels, num_classes)
     zeros = torch.zeros((*labels.shape, num_classes), dtype=torch.int64, device=labels.device)
+    if not batched(labels):
+        # A lockstep segment, which compile= hands to Inductor: its scatter does not check
+        # the index (an out-of-range label gave a row of zeros). (Batched, the stacked
+        # executor's scatter checks; _assert_async has no batching rule.)
+        torch._assert_async(
+            ((labels >= 0) & (labels < num_classes)).all(),
+            "one_hot: Class values must be non-negative and smaller than num_classes.",
+        )
     return zeros.scatter(-1, labels.unsqueeze(-1), 1)
 
 
