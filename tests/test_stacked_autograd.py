@@ -587,3 +587,55 @@ def test_hooks_on_a_closed_over_tensor_raise_on_the_threads_and_run_once_stacked
         f(torch.ones(4, 3)).sum().backward()
         torch.testing.assert_close(w.grad, torch.full((3,), 2.0))
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("how", ["threads", "stacked"])
+def test_writing_an_input_stacked_by_a_copy_before_the_backward_raises(how):
+    # Shards of their own (device_put_replicated) are stacked by a copy, which autograd saved:
+    # an optimizer-like write into them before the backward went unseen, and the gradient was
+    # the old weights' (found by a hunt). Eager, and the threads executor, raise.
+    w0 = torch.tensor([0.5, -1.0, 2.0])
+    x = torch.linspace(-1, 1, 12).reshape(4, 3)
+    with executor(how):
+        pf = tp.pmap(lambda w, x: (w * w * x).sum(), devices=devices(4))
+        for _ in range(3):
+            w = tp.device_put_replicated(w0, devices(4)).requires_grad_()
+            loss = pf(w, x).sum()
+            with torch.no_grad():
+                w.sub_(0.5)
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+            w = tp.device_put_replicated(w0, devices(4)).requires_grad_()
+            pf(w, x).sum().backward()  # unwritten: the gradient
+            torch.testing.assert_close(torch.stack([s.grad for s in w.shards]), 2 * w0 * x)
+
+
+def test_writing_a_value_that_requires_grad_into_an_input_runs_as_on_the_threads():
+    # buf.add_(x): eagerly buf takes x's history (the threads refuse the write into a view
+    # made in no_grad); the batched node wrote the values and dropped the history, so a loss
+    # through buf lost its gradient with no error (found by a hunt). A detached value is fine.
+    def f(x, buf):
+        buf.add_(x)
+        return x.sin()
+
+    def g(x, buf):
+        buf.add_(x.detach() * 2)
+        return x.sin() * buf
+
+    x0 = torch.linspace(-1, 1, 12).reshape(4, 3)
+    errors = {}
+    for how in ("threads", "stacked"):
+        with executor(how, allow_fallback=True):
+            pf = pm(f)
+            for _ in range(3):
+                x, buf = x0.clone().requires_grad_(), torch.zeros(4, 3)
+                with pytest.raises(RuntimeError, match="modified inplace") as caught:
+                    pf(x, buf)
+                errors[how] = str(caught.value)
+    assert errors["stacked"] == errors["threads"]
+    with executor("stacked"):  # no fallback: a detached value carries no history
+        pg = pm(g)
+        for _ in range(3):
+            x, buf = x0.clone().requires_grad_(), torch.zeros(4, 3)
+            pg(x, buf).sum().backward()
+            torch.testing.assert_close(x.grad, x0.cos() * 2 * x0)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import reduce
 from typing import Any
@@ -362,15 +362,20 @@ def _fold(stack: torch.Tensor) -> torch.Tensor:
     return reduce(operator.add, stack.unbind(0))
 
 
-def run(program: ReplicaProgram, inputs: list[Any], written: frozenset[int] = frozenset()) -> tuple[torch.Tensor, ...]:
+def run(
+    program: ReplicaProgram, inputs: list[Any], written: frozenset[int] = frozenset(), copied: Sequence[Any] = ()
+) -> tuple[torch.Tensor, ...]:
     """The program's outputs on ``inputs``, of which it writes those at
     ``written`` in place (none requiring grad); recorded by autograd as one
-    node when grad mode is on and an input requires grad."""
+    node when grad mode is on and an input requires grad. ``copied``: the
+    caller's tensors that inputs are stacked copies of (their backward refuses
+    to run if they were written since, as for a saved tensor)."""
     graph = program.graph
     assert graph is not None, "run a traced program"
     tensors = [i for i in inputs if isinstance(i, torch.Tensor)]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _StackedCall.apply(program, written, *inputs)
+        watched = tuple((t, t._version) for t in copied if isinstance(t, torch.Tensor) and not t.is_inference())
+        return _StackedCall.apply(program, written, watched, *inputs)
     return tuple(graph(*inputs))
 
 
@@ -381,10 +386,13 @@ def _copy_as_is(t: torch.Tensor) -> torch.Tensor:
 
 class _StackedCall(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, program: ReplicaProgram, written: frozenset[int], *inputs: Any) -> tuple[torch.Tensor, ...]:
+    def forward(
+        ctx: Any, program: ReplicaProgram, written: frozenset[int], watched: tuple[Any, ...], *inputs: Any
+    ) -> tuple[torch.Tensor, ...]:
         assert program.graph is not None
         ctx.program = program
         ctx.written = written
+        ctx.watched = watched
         ctx.tensor_positions = [k for k, i in enumerate(inputs) if isinstance(i, torch.Tensor)]
         ctx.others = [None if isinstance(i, torch.Tensor) else i for i in inputs]
         # After a first backward, the forward keeps what the backward reads (the split's
@@ -420,6 +428,13 @@ class _StackedCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        for t, version in ctx.watched:
+            if t._version != version:
+                raise RuntimeError(
+                    f"one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a {tuple(t.shape)} {t.dtype} tensor (a shard of an argument of a stacked pmap "
+                    f"call, which autograd saved) is at version {t._version}; expected version {version} instead."
+                )
         saved = ctx.saved_tensors
         n_inputs, n_residuals = len(ctx.saved_positions), len(ctx.residual_positions)
         draw_graphs: _RandomGraphs = ctx.draw_graphs
@@ -448,7 +463,7 @@ class _StackedCall(torch.autograd.Function):
         if ctx.split is None:  # a recomputed forward writes these: into copies, the saved ones serve again
             for k in ctx.written:
                 inputs[k] = _copy_as_is(inputs[k])
-        diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 2])
+        diff = tuple(k for k in range(len(inputs)) if ctx.needs_input_grad[k + 3])
         if torch.is_grad_enabled() and ctx.written and ctx.split is not None:
             raise RuntimeError(
                 "torchpmap: create_graph=True through a stacked pmap call that writes its inputs in place, "
@@ -467,7 +482,7 @@ class _StackedCall(torch.autograd.Function):
                 residuals = list(ctx.residual_others)
                 for k, t in zip(ctx.residual_positions, saved_residuals):
                     residuals[k] = t
-            return (None, None, *split.gradients(residuals, grads, len(inputs)))
+            return (None, None, None, *split.gradients(residuals, grads, len(inputs)))
         # As on threads: an output the caller did not use has zero cotangents (materialized by autograd).
         cotangents = tuple(i for i, g in enumerate(grads) if g is not None and program.out_requires_grad[i])
         result: list[torch.Tensor | None] = [None] * len(inputs)
@@ -477,7 +492,7 @@ class _StackedCall(torch.autograd.Function):
             vjp.trace(vjp_inputs)  # the first time: captured here, where it is needed
             for p, g, connected in zip(diff, run(vjp, vjp_inputs, ctx.written), vjp.connected):
                 result[p] = g if connected else None
-        return (None, None, *result)
+        return (None, None, None, *result)
 
 
 class _RandomGraphs:
