@@ -395,6 +395,31 @@ def failure_then_shutdown(in_backward=False):
     os._exit(0)
 
 
+def failure_alike():
+    """Every replica of every process raises in the same call (a bad step caught and
+    skipped): the processes stay in step, and the next calls run."""
+    tpd.initialize(timeout=20)
+    rank, L, G = tp.process_index(), tp.local_device_count(), tp.device_count()
+
+    def f(x, step):
+        if step == 2:
+            raise ValueError("step 2 fails everywhere")
+        return tp.psum(x, "i")
+
+    pf = tp.pmap(f, "i", static_broadcasted_argnums=(1,))
+    outcomes = []
+    for step in range(1, 5):
+        t0 = time.monotonic()
+        try:
+            got = pf(torch.full((L, 1), float(step)), step).unshard().flatten().tolist()
+            outcomes.append("ok" if got == [step * G] * L else f"WRONG {got}")
+        except Exception as e:
+            outcomes.append(f"{type(e).__name__} after {time.monotonic() - t0:.1f}s")
+    say(f"OUTCOMES {rank} " + json.dumps(outcomes))
+    tpd.shutdown()
+    os._exit(0)
+
+
 def backward_out_of_step():
     """Process 0 runs a call's backward while process 1 skips it and makes its next
     call, whose psum looks like the backward's: both must fail, never pair the two."""
@@ -686,6 +711,7 @@ if __name__ == "__main__":
         "failure_stays_alive": lambda: failure(stay_alive=True),
         "late_peer": late_peer,
         "failure_then_shutdown": failure_then_shutdown,
+        "failure_alike": failure_alike,
         "failure_in_backward_then_shutdown": lambda: failure_then_shutdown(in_backward=True),
         "catch_and_continue": catch_and_continue,
         "hung_peer": hung_peer,

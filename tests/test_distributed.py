@@ -102,6 +102,21 @@ def test_a_call_failing_on_one_process_makes_the_others_raise_at_once(scenario):
     assert elapsed < 40
 
 
+def test_a_call_failing_alike_on_every_process_leaves_them_in_step():
+    # Every process posts its notice in the same place and sees only notices: no process
+    # stops, and the next calls run (a review found the first version ended the job here).
+    out, elapsed = torchrun("failure_alike", timeout=90)
+    outcomes = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("OUTCOMES "):
+            _, rank, rest = line.split(" ", 2)
+            outcomes[int(rank)] = json.loads(rest)
+    assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    for steps in outcomes.values():
+        assert steps[0] == "ok" and steps[2:] == ["ok", "ok"], outcomes
+        assert steps[1].startswith("ValueError") and seconds_after(steps[1]) < 2, outcomes
+
+
 def test_a_peer_later_than_the_timeout_is_an_error_not_a_hang():
     out, elapsed = torchrun("late_peer", timeout=90)
     lines = [line for line in out.stdout.splitlines() if line.startswith("rank ")]

@@ -391,9 +391,9 @@ class _ReplicaGraphs:
         with backward_runs():
             try:
                 return self.executor.run_replicas(self.group, replica_fn, self.caller_streams)
-            except Exception:
+            except Exception as e:
                 if self.group.axis_size > len(self.group.devices):  # peers may wait in its exchanges
-                    tell_peers_a_run_failed()
+                    tell_peers_a_run_failed(e)
                 raise
 
     def vjp(

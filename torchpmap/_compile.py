@@ -416,9 +416,17 @@ def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     strided = [v for v in leaves.values() if v.layout is torch.strided and not v.is_meta]
     if len(strided) < 2:
         return False
+    # Tensors of storages of their own (a model's parameters) share nothing: no element-wise
+    # check for them. (Two storages over one buffer, as from_numpy can make, are not seen.)
+    by_storage: dict[int, list[torch.Tensor]] = {}
+    for v in strided:
+        by_storage.setdefault(v.untyped_storage().data_ptr(), []).append(v)
+    shared = [v for group in by_storage.values() if len(group) > 1 for v in group]
+    if not shared:
+        return False
     from ._sharded import pairs_sharing_memory  # _sharded imports much of the package
 
-    return next(pairs_sharing_memory(strided), None) is not None
+    return next(pairs_sharing_memory(shared), None) is not None
 
 
 def _user_exception_while_tracing(e: BaseException) -> bool:

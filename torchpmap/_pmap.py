@@ -399,7 +399,7 @@ class Pmapped:
         try:
             outs = choose_executor(record).call(record)
         except Exception as e:
-            self._tell_other_processes_this_call_failed(record.group, devices)
+            self._tell_other_processes_this_call_failed(record.group, devices, e)
             if watched:  # the race on a shared module may be why a replica failed
                 check_not_written(watched, n, cause=e)
             raise
@@ -407,8 +407,8 @@ class Pmapped:
             _check_not_written(shared, plan.paths)
             if watched:
                 check_not_written(watched, n)
-        except Exception:
-            self._tell_other_processes_this_call_failed(record.group, devices)
+        except Exception as e:
+            self._tell_other_processes_this_call_failed(record.group, devices, e)
             raise
         if isinstance(outs, StackedOutput):
             if outs.replay is not None and not (donated or shared or shared_modules or grad_leaves):
@@ -736,8 +736,8 @@ class Pmapped:
         replicas, whose axis may span processes."""
         try:
             result, plan, spec = self._assembled_leaves(flat, devices)
-        except Exception:
-            self._tell_other_processes_this_call_failed(group, devices)
+        except Exception as e:
+            self._tell_other_processes_this_call_failed(group, devices, e)
             raise
         if self._checks_across_processes(group, devices):
             assert group is not None and group.new_backend is not None
@@ -760,7 +760,7 @@ class Pmapped:
         )
 
     def _tell_other_processes_this_call_failed(
-        self, group: ReplicaGroup | None, devices: tuple[torch.device, ...]
+        self, group: ReplicaGroup | None, devices: tuple[torch.device, ...], error: BaseException
     ) -> None:
         """This process cannot return its replicas' outputs. With an output check the other
         processes wait in it, and learn it there (they raise too, and all stay in step);
@@ -768,7 +768,7 @@ class Pmapped:
         collectives (``tell_peers_a_run_failed``)."""
         if not self._checks_across_processes(group, devices):
             if group is not None and group.axis_size > len(devices):
-                _distributed.tell_peers_a_run_failed()
+                _distributed.tell_peers_a_run_failed(error)
             return
         assert group is not None and group.new_backend is not None
         try:

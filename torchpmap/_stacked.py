@@ -359,6 +359,15 @@ def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
 _DETACHING = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
 
 
+def _may_require_grad(node: torch.fx.Node) -> bool:
+    """Whether ``node``'s value may carry autograd history: a floating or complex
+    tensor (or a value the trace did not record, or a tuple of values)."""
+    value = node.meta.get("val")
+    if isinstance(value, torch.Tensor):
+        return value.is_floating_point() or value.is_complex()
+    return True
+
+
 def _written_from(gm: torch.fx.GraphModule) -> dict[int, frozenset[int]]:
     """Per placeholder an in-place op writes (by position), the other placeholders whose
     values reach what is written into it (through the graph, and through other writes)."""
@@ -374,7 +383,9 @@ def _written_from(gm: torch.fx.GraphModule) -> dict[int, frozenset[int]]:
                 reach[node] = {k} | into.get(k, set())
                 continue
             sources: set[int] = set()
-            if node.target not in _DETACHING:  # a detached value carries no history
+            # A detached value carries no history, nor does one of a dtype that cannot
+            # require grad (a comparison, an index).
+            if node.target not in _DETACHING and _may_require_grad(node):
                 for arg in node.all_input_nodes:
                     sources |= reach.get(arg, set())
             reach[node] = sources

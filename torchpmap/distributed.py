@@ -30,6 +30,7 @@ import itertools
 import math
 import os
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypedDict, TypeVar
@@ -41,7 +42,7 @@ from . import _config, _devices
 from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, describe
 from ._devices import physical_device
 from ._sharded import ShardedTensor
-from .errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError
+from .errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError, exception_chain
 
 T = TypeVar("T")
 
@@ -366,7 +367,6 @@ class _Lockstep:
     def __init__(self) -> None:
         self._calls = itertools.count(1)
         self.last_call = 0  # the number of the run that started last
-        self.refused_alike = 0  # the last run whose exchange every process refused alike, in step
         self._stopped: tuple[str, type[CollectiveError]] | None = None
         self._notice: tuple[Any, ...] = ()  # a posted failure notice: its work and tensors, kept alive
 
@@ -383,21 +383,26 @@ class _Lockstep:
         if self._stopped is None:
             self._stopped = (why, error_type)
 
-    def post_failure_notice(self, check_group: dist.ProcessGroup) -> None:
+    def post_failure_notice(self, check_group: dist.ProcessGroup, wait: float) -> None:
         """This process's run failed where its peers may wait for it in an exchange:
         take that exchange's place in the check group with a notice, so that they
-        raise at once rather than at the timeout, and stop. Not waited for: the
-        peers meet it in the exchange they wait in, or in their next one (a run
-        without collectives left); this process cannot know which, so it never
-        exchanges again."""
+        raise at once rather than at the timeout. The peers meet it in the exchange
+        they wait in, or in their next one (a run without collectives left). If
+        within ``wait`` seconds every process turns out to have posted the same
+        run's notice (the run failed alike everywhere), all stay in step; else this
+        process cannot know where its peers are, and never exchanges again."""
         if self._stopped is not None:
             return  # a failed exchange or a mismatch: the peers know, or were told
-        if self.refused_alike == self.last_call:
-            return  # every process raised at the same exchange and stays in step
         notice = torch.tensor([self.last_call, 0, FAILED, 0], dtype=torch.int64)
         rows = [torch.empty_like(notice) for _ in range(dist.get_world_size(check_group))]
         work = dist.all_gather(rows, notice, group=check_group, async_op=True)
         self._notice = (work, rows, notice)
+        deadline = time.monotonic() + wait
+        while not work.is_completed() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if work.is_completed() and all(row.tolist() == notice.tolist() for row in rows):
+            self._notice = ()
+            return  # every process failed in this run, and each learns it here: in step
         self.stop(f"pmap call #{self.last_call} failed on this process (its error said why)")
 
     def check(self, collective: str) -> None:
@@ -467,8 +472,8 @@ class ProcessGroupBackend(GroupBackend):
         # in step (a process whose dtype differs got CollectiveMismatchError instead).
         try:
             _refuse_unreducible(collective, xs[0])
-        except TypeError:
-            self._lockstep.refused_alike = self._call  # no failure notice for this run
+        except TypeError as e:
+            e.torchpmap_raised_alike = True  # type: ignore[attr-defined]  # (no failure notice)
             raise
         return self._failing_for_good(name, self._exchange, collective, xs)
 
@@ -619,13 +624,16 @@ def backward_runs() -> contextlib.AbstractContextManager[None]:
     return _runs_of_kind(BACKWARD)
 
 
-def tell_peers_a_run_failed() -> None:
+def tell_peers_a_run_failed(error: BaseException) -> None:
     """A run across processes (a call's forward or backward) failed on this process
-    before it finished its exchanges: its peers raise at their next check instead of
-    waiting for the timeout, and this process makes no cross-process collective
-    again (``_Lockstep.post_failure_notice``)."""
+    with ``error`` before it finished its exchanges: its peers raise at their next
+    check instead of waiting for the timeout (``_Lockstep.post_failure_notice``),
+    unless every process raised it at the same exchange (a reduction all refuse)."""
+    if any(getattr(e, "torchpmap_raised_alike", False) for e in exception_chain(error)):
+        return
     if _state and _state["check_group"] is not None:
-        _state["lockstep"].post_failure_notice(_state["check_group"])
+        # Long enough for processes that fail alike to meet; short against the timeout.
+        _state["lockstep"].post_failure_notice(_state["check_group"], min(1.0, _state["timeout"] / 4))
 
 
 def check_outputs_across_processes(
