@@ -106,12 +106,7 @@ def test_a_call_failing_alike_on_every_process_leaves_them_in_step():
     # Every process posts its notice in the same place and sees only notices: no process
     # stops, and the next calls run (a review found the first version ended the job here).
     out, elapsed = torchrun("failure_alike", timeout=90)
-    outcomes = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("OUTCOMES "):
-            _, rank, rest = line.split(" ", 2)
-            outcomes[int(rank)] = json.loads(rest)
-    assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    outcomes = outcomes_by_rank(out)
     for steps in outcomes.values():
         assert steps[0] == "ok" and steps[2:] == ["ok", "ok"], outcomes
         assert steps[1].startswith("ValueError") and seconds_after(steps[1]) < 2, outcomes
@@ -125,6 +120,17 @@ def test_a_peer_later_than_the_timeout_is_an_error_not_a_hang():
     assert "ERROR" in rank0 and "Collective" in rank0, rank0
     assert float(rank0.rsplit("after ", 1)[1].rstrip("s")) < 5, rank0  # the 2 s timeout, not rank 1's 6 s
     assert elapsed < 60
+
+
+def outcomes_by_rank(out: subprocess.CompletedProcess) -> dict[int, list[str]]:
+    """Each rank's ``OUTCOMES <rank> <json list>`` line; both ranks must have said theirs."""
+    outcomes = {}
+    for line in out.stdout.splitlines():
+        if line.startswith("OUTCOMES "):
+            _, rank, rest = line.split(" ", 2)
+            outcomes[int(rank)] = json.loads(rest)
+    assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    return outcomes
 
 
 def seconds_after(line: str) -> float:
@@ -153,12 +159,7 @@ def test_shutdown_after_a_failed_collective_aborts_instead_of_waiting_for_peers(
 
 def test_a_rank_that_catches_an_error_and_goes_on_never_gets_wrong_results():
     out, _ = torchrun("catch_and_continue", timeout=90)
-    outcomes = {}
-    for line in out.stdout.splitlines():
-        if line.startswith("OUTCOMES "):
-            _, rank, rest = line.split(" ", 2)
-            outcomes[int(rank)] = json.loads(rest)
-    assert set(outcomes) == {0, 1}, out.stdout + out.stderr
+    outcomes = outcomes_by_rank(out)
     # Before the loop: rank 1's replicas disagreed on an out_axes=None output; rank 0
     # raised in the same exchange, well before the 10 s timeout, and both stayed in step.
     disagree = {int(line.split()[1]): line for line in out.stdout.splitlines() if line.startswith("DISAGREE ")}

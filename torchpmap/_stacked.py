@@ -343,17 +343,19 @@ def _written_inputs(gm: torch.fx.GraphModule) -> frozenset[int]:
     """The placeholders (by position) that an in-place op of ``gm`` writes,
     directly or through views."""
     placeholders = {node: k for k, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
-    written = set()
-    for node in gm.graph.nodes:
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        for arg, value in zip(target._schema.arguments, node.args):
-            if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
-                root = _view_root(value)
-                if root in placeholders:
-                    written.add(placeholders[root])
-    return frozenset(written)
+    return frozenset(k for node in gm.graph.nodes for k in _placeholders_written_by(node, placeholders))
+
+
+def _placeholders_written_by(node: torch.fx.Node, placeholders: dict[torch.fx.Node, int]) -> Iterator[int]:
+    """The positions of the placeholders ``node`` writes in place, directly or through views."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return
+    for arg, value in zip(target._schema.arguments, node.args):
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
+            root = _view_root(value)
+            if root in placeholders:
+                yield placeholders[root]
 
 
 _DETACHING = (torch.ops.aten.detach.default, torch.ops.aten.detach_.default)
@@ -389,18 +391,11 @@ def _written_from(gm: torch.fx.GraphModule) -> dict[int, frozenset[int]]:
                 for arg in node.all_input_nodes:
                     sources |= reach.get(arg, set())
             reach[node] = sources
-            target = node.target
-            if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-                continue
-            for arg, value in zip(target._schema.arguments, node.args):
-                if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
-                    root = _view_root(value)
-                    if root in placeholders:
-                        k = placeholders[root]
-                        new = sources - {k} - into.get(k, set())
-                        if new:
-                            into.setdefault(k, set()).update(new)
-                            changed = True
+            for k in _placeholders_written_by(node, placeholders):
+                new = sources - {k} - into.get(k, set())
+                if new:
+                    into.setdefault(k, set()).update(new)
+                    changed = True
     return {k: frozenset(v) for k, v in into.items()}
 
 
