@@ -391,7 +391,7 @@ class CompiledReplicas:
 
 def _why_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     """Why a compile= replica runs this call eagerly; None if compiled code may run it."""
-    if views_sharing_a_base(args, kwargs):
+    if arguments_share_memory(args, kwargs):
         # AOTAutograd would merge them into their common base (the caller's whole
         # tensor, every replica's rows) and write all of it back after a mutation,
         # over the other replicas' rows: eager runs them as PyTorch does.
@@ -406,7 +406,7 @@ def _why_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
     return None
 
 
-def views_sharing_a_base(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+def arguments_share_memory(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """Whether two distinct tensor arguments share memory: a mapped argument's
     slices are views of the caller's tensor, and so are those of its
     ``detach()`` or ``.data``, which are no views of it by ``_base``. The same

@@ -44,7 +44,7 @@ from . import _escapes, _forward_ad, _ops, _outside_views, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import Backend, capture_config, requested_backend, views_sharing_a_base
+from ._compile import Backend, arguments_share_memory, capture_config, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._stacked import (
@@ -387,7 +387,7 @@ class _Program:
             if len(args) != self.plan.inputs:
                 raise Unsupported("the captured graph takes other inputs than Dynamo gives it")
             per_input = [self._replicas(state, a, n) for a in args]
-            if self.plan.compiled and any(views_sharing_a_base(tuple(v[r] for v in per_input), {}) for r in range(n)):
+            if self.plan.compiled and any(arguments_share_memory(tuple(v[r] for v in per_input), {}) for r in range(n)):
                 raise Unsupported(
                     "compile= with two inputs of a replica that share memory (the same tensor passed twice, or "
                     "mapped and also whole): the compiled segments assume they do not"

@@ -490,8 +490,8 @@ class _Batched:
         # Whether it runs torch.utils.checkpoint, whose saved-tensor hooks functorch's vjp refuses.
         self.checkpoints = checkpoints
         self.written = _written_inputs(self.graph)  # read before a compiler may rewrite the graph
-        # Per written input, the inputs whose values flow into what is written there.
-        self.written_from = _written_from(self.graph) if self.written else {}
+        # The inputs whose values flow into what the program writes into its inputs.
+        self.written_from = frozenset().union(*_written_from(self.graph).values()) if self.written else frozenset()
         # as_strided's batched form names the stacked buffers' own strides and offsets (how
         # far apart the rows are), which Dynamo's guards on replica 0's row do not cover.
         self.layout = _layout(examples) if any(n.target is _AS_STRIDED for n in self.graph.graph.nodes) else None
@@ -550,11 +550,7 @@ class _Batched:
                 raise Unsupported(
                     "autograd through a function that writes in place a tensor the replicas share", per_call=True
                 )
-            if any(
-                isinstance(inputs[j], torch.Tensor) and inputs[j].requires_grad
-                for sources in self.written_from.values()
-                for j in sources
-            ):
+            if any(isinstance(inputs[j], torch.Tensor) and inputs[j].requires_grad for j in self.written_from):
                 # Eagerly the written tensor would take the value's history (the threads raise,
                 # as a view made in no_grad); the batched node would drop it.
                 raise Unsupported(
@@ -821,8 +817,8 @@ _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = wea
 
 def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
     """What a function's captures (stacked or lockstep) are told apart by: the
-    axis, where they run, compile= options, and the signs of static float
-    zeros (``CallRecord.zero_signs``)."""
+    axis, where they run, compile= options, and the signs of float zeros among
+    the static and broadcast non-tensor arguments (``CallRecord.zero_signs``)."""
     options = record.compile_options
     return (
         record.group.axis_name,
