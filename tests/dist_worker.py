@@ -207,8 +207,9 @@ def train():
             grads = torch.func.grad(loss_fn)(ref, X[rows], Y[rows])
             ref = {k: ref[k] - 0.1 * grads[k] for k in ref}
     results = {}
-    for k in ref:
-        check(f"param_{k}", params[k].shards[0].numpy(), ref[k].numpy(), results)
+    for k in ref:  # every local replica's copy, each named
+        for r, shard in enumerate(params[k].shards):
+            check(f"param_{k}_replica{tp.process_index() * L + r}", shard.numpy(), ref[k].numpy(), results)
     say("RESULTS " + json.dumps(results))
     tpd.shutdown()
     sys.exit(0 if all(results.values()) else 1)

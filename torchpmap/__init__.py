@@ -23,6 +23,7 @@ from ._pmap import Pmapped, pmap
 from ._reparametrize import install as _install_reparametrize_guard
 from ._sampler import ProcessBatchSampler
 from ._sharded import ShardedTensor, device_put_replicated, device_put_sharded, unreplicate
+from ._vector_math import settle_vector_math as _settle_vector_math
 from .batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .collectives import (
@@ -66,6 +67,8 @@ __version__ = "0.1.0"
 
 # torch.func.functional_call on a module the replicas share would race: raise instead (_reparametrize).
 _install_reparametrize_guard()
+# oneMKL's first call of a vector-math op races when replicas make it at once (_vector_math).
+_settle_vector_math()
 
 __all__ = [
     "pmap",
