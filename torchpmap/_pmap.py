@@ -322,7 +322,7 @@ class Pmapped:
             leaves, treedef = tree_flatten((dyn_args, kwargs))
             key_spec = treedef
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
-        key: _InKey = (key_spec, statics, len(args), tuple((type(v), getattr(v, "ndim", None)) for v in leaves))
+        key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
         plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
@@ -960,6 +960,15 @@ def _static_key(value: Any, _inside: tuple[int, ...] = ()) -> Any:
         except (AttributeError, TypeError):  # a field never set, or one its own hash leaves out
             pass
     return (type(value), value)
+
+
+def _leaf_kinds(leaves: list[Any]) -> tuple[tuple[type, int | None], ...]:
+    """Per leaf its type and rank: the part of a call's plan key that the leaves
+    give. Read with subclasses' __torch_function__ off: a ShardedTensor's rank is
+    its wrapper's, which its __torch_function__ would answer the same, at ~3 us a
+    leaf (a deleted one raises where the call reads its buffers)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return tuple((type(v), getattr(v, "ndim", None)) for v in leaves)
 
 
 def _refuse_function_transforms(fun_name: str) -> None:
