@@ -4,6 +4,7 @@ their first call at once compute what one thread computes, bit for bit."""
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import textwrap
@@ -35,6 +36,39 @@ class _Recorder(TorchDispatchMode):
 
 def _every_vml_call() -> set[tuple[str, torch.dtype, str]]:
     return {(name, dtype, "cpu") for name in VML_OPS for dtype in (torch.float32, torch.float64)}
+
+
+# oneMKL's real unary vector-math functions, by their VML name, and the torch op
+# that ATen computes with each (None: no torch op does).
+_VML_FUNCTIONS = {
+    "Abs": "abs", "Acos": "acos", "Acosh": "acosh", "Asin": "asin", "Asinh": "asinh", "Atan": "atan",
+    "Atanh": "atanh", "Cbrt": None, "CdfNorm": None, "CdfNormInv": None, "Ceil": "ceil", "Cos": "cos",
+    "Cosh": "cosh", "Erf": "erf", "Erfc": "erfc", "ErfcInv": None, "ErfInv": "erfinv", "Exp": "exp",
+    "Exp2": "exp2", "Exp10": None, "Expm1": "expm1", "Floor": "floor", "Frac": "frac", "Inv": "reciprocal",
+    "InvCbrt": None, "InvSqrt": "rsqrt", "LGamma": "lgamma", "Ln": "log", "Log10": "log10", "Log1p": "log1p",
+    "Log2": "log2", "NearbyInt": None, "Rint": None, "Round": "round", "Sin": "sin", "Sinh": "sinh",
+    "Sqr": "square", "Sqrt": "sqrt", "Tan": "tan", "Tanh": "tanh", "TGamma": None, "Trunc": "trunc",
+}  # fmt: skip
+
+
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    return ctypes.CDLL(str(lib)) if lib.exists() else None  # already loaded by torch: this only finds it
+
+
+@needs_mkl
+def test_every_vector_math_kernel_the_wheel_links_is_settled():
+    # The wheel links oneMKL statically and exports exactly the VML kernels ATen calls:
+    # a PyTorch that sends one more op to VML must find it in VML_OPS (erfinv was missing).
+    lib = _torch_cpu_library()
+    if lib is None:
+        pytest.skip("no libtorch_cpu.so (not a Linux wheel)")
+    linked = {name for name in _VML_FUNCTIONS if hasattr(lib, f"vms{name}")}
+    assert linked, "found no VML kernel in libtorch_cpu: the probe is broken"
+    unknown = sorted(name for name in linked if _VML_FUNCTIONS[name] is None)
+    assert not unknown, f"libtorch_cpu links VML's {unknown}: which torch ops use them? settle those"
+    missing = sorted({_VML_FUNCTIONS[name] for name in linked} - set(VML_OPS))
+    assert not missing, f"VML_OPS misses {missing}"
 
 
 @needs_mkl

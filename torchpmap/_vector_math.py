@@ -13,15 +13,19 @@ fresh process was exposed: a 2 x 2 training test saw one replica's first
 ``tanh`` come out this way about once in 120 runs (it matched oneMKL's AVX2
 low-accuracy kernel bit for bit). Calling each such op once, here, on the
 importing thread, settles the dispatch before any replica (or any intra-op
-thread of the stacked executor) can race for it.
+thread of the stacked executor) can race for it. (The choice is shared by
+VML's ops: settling the others settled ``erfinv`` too, before it was listed.
+Each is called all the same, in case another oneMKL keeps one per op.)
 """
 
 from __future__ import annotations
 
 import torch
 
-# The unary ops ATen sends to VML for float32 and float64 (aten/src/ATen/cpu/vml.h);
-# an op PyTorch computes itself only costs a microsecond here.
+# The unary ops ATen sends to VML for float32 and float64 (aten/src/ATen/cpu/vml.h;
+# the wheel's libtorch_cpu exports exactly the VML kernels it links, and a test
+# checks every one of them is here). An op PyTorch computes itself (abs, expm1 and
+# log1p in torch 2.13, sent to VML by other versions) only costs a microsecond.
 VML_OPS = (
     "abs",
     "acos",
@@ -30,6 +34,7 @@ VML_OPS = (
     "cos",
     "erf",
     "erfc",
+    "erfinv",
     "exp",
     "expm1",
     "log",
@@ -51,7 +56,7 @@ def settle_vector_math() -> None:
         return
     with torch.no_grad():
         for dtype in (torch.float32, torch.float64):
-            # In (0, 1): inside every op's domain. Explicitly on the CPU: a
+            # In (0, 1): inside every op's domain (erfinv's is (-1, 1)). Explicitly on the CPU: a
             # ``with torch.device(...)`` around the import must not move it.
             x = torch.full((1,), 0.5, dtype=dtype, device="cpu")
             for name in VML_OPS:
