@@ -650,8 +650,10 @@ def test_plan_cache_is_per_call_signature():
     p(x, b=x + 1)
     assert len(p._in_plans) == 3
     torch.testing.assert_close(p(x, b=x).unshard(), 2 * x)
-    # outputs: one plan per output structure
-    assert len(p._out_plans) == 2  # rank 2 and rank 3 outputs
+    # outputs: one plan per output structure and replica's rank (rank 2 and rank 3 outputs,
+    # rank 1 and 2 in a replica); the threads' TreeSpec and the stacked executor's _fast_tree
+    # key for one structure each make their own
+    assert {ranks for _, ranks in p._out_plans._plans} == {(1,), (2,)}
 
 
 def test_plan_cache_keeps_the_most_recently_used_plans():

@@ -39,10 +39,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_unflatten
+from torch.utils._pytree import TreeSpec
 
-from . import _config, _runtime
+from . import _config, _fast_tree, _runtime
 from ._autodiff import FlatOutput, differentiable_call
+from ._fast_tree import Structure
 from ._tree import flatten
 
 if TYPE_CHECKING:
@@ -153,15 +154,16 @@ class CallRecord:
 
 
 def unflatten_arguments(
-    treedef: TreeSpec | None, static_items: tuple[tuple[int, Any], ...], leaves: list[Any]
+    treedef: TreeSpec | Structure | None, static_items: tuple[tuple[int, Any], ...], leaves: list[Any]
 ) -> tuple[list[Any] | tuple[Any, ...], dict[str, Any]]:
     """The positional and keyword arguments of a call whose dynamic arguments
-    flatten to ``leaves`` (``CallRecord.treedef``, ``CallRecord.static_items``)."""
+    flatten to ``leaves`` (``CallRecord.treedef``, or its ``_fast_tree`` structure
+    key, and ``CallRecord.static_items``)."""
     if treedef is None:
         dyn: list[Any] | tuple[Any, ...] = leaves
         kw: dict[str, Any] = {}
     else:
-        dyn, kw = tree_unflatten(leaves, treedef)
+        dyn, kw = _fast_tree.unflatten(leaves, treedef)
     if static_items:
         dyn = list(dyn)
         for i, v in static_items:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import _config, _devices, _stacked
+from . import _config, _devices, _fast_tree, _stacked
 from ._call import CallRecord, Placement, ReplicaGroup, constant_zero_signs, unflatten_arguments
 from ._layout import slices_overlap
 from ._sharded import ShardedTensor
@@ -53,7 +53,9 @@ class FastCall:
         self.kinds = tuple(kinds)
         self.axes = tuple(record.axes)
         # Not the record itself: it holds this call's inputs, which the plan would keep alive.
-        self.treedef = record.treedef
+        # The arguments' structure as a _fast_tree key where it has one (cheaper to unflatten).
+        structure = None if record.treedef is None else _fast_tree.of_spec(record.treedef)
+        self.treedef = record.treedef if structure is None else structure
         # Dynamo's guards take -0.0 for 0.0: the capture is keyed by the zeros' signs too.
         self.zero_signs = constant_zero_signs(record.caller_leaves) if CONSTANT in self.kinds else ()
 

@@ -23,15 +23,16 @@ from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 import numpy as np
 import torch
-from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_structure, tree_unflatten
 
-from . import _devices, _random, _transfers
+from . import _devices, _fast_tree, _random, _transfers
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, counted_once, named_grad_tensors
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor, zero_signs_of
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
 from ._fast_call import FastCall
+from ._fast_tree import Structure
 from ._layout import slices_overlap
 from ._sharded import (
     ShardedTensor,
@@ -107,8 +108,8 @@ class _OutPlan:
 # What picks a cached plan. Inputs: (tree structure, static argument values,
 # positional argument count, (type, ndim) of every leaf). Outputs: (tree
 # structure, per leaf its rank if a tensor, else its type).
-_InKey: TypeAlias = "tuple[TreeSpec | None, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
-_OutKey: TypeAlias = "tuple[TreeSpec, tuple[int | type, ...]]"
+_InKey: TypeAlias = "tuple[TreeSpec | Structure | None, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
+_OutKey: TypeAlias = "tuple[TreeSpec | Structure, tuple[int | type, ...]]"
 
 
 @overload
@@ -314,13 +315,21 @@ class Pmapped:
                 ) from None
         else:
             static_vals, dyn_args = (), args
+        treedef: TreeSpec | None
+        key_spec: TreeSpec | Structure | None
         if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
             # The common call, positional tensors only: skip the generic flatten,
             # and key the plan without hashing a tree structure (None stands for it).
             leaves, treedef, key_spec = list(dyn_args), self._positional_spec(len(dyn_args)), None
         else:
-            leaves, treedef = tree_flatten((dyn_args, kwargs))
-            key_spec = treedef
+            # Tuples, lists and dicts of tensors and numbers: a structure key that is cheap to
+            # build and hash (_fast_tree); torch's TreeSpec only where the general path needs it.
+            found = _fast_tree.flatten((dyn_args, kwargs))
+            if found is not None:
+                (leaves, key_spec), treedef = found, None
+            else:
+                leaves, treedef = tree_flatten((dyn_args, kwargs))
+                key_spec = treedef
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
         plan = self._in_plans.get(key)
@@ -336,6 +345,8 @@ class Pmapped:
                 return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
+        if treedef is None:
+            treedef = tree_structure((dyn_args, kwargs))
         try:
             donated = self._donated_leaves(plan, len(args))
             with _claimed_for_donation([leaves[j] for j in donated]):
@@ -832,7 +843,7 @@ class Pmapped:
         plan = self._out_plans.get(key)
         if plan is None:
             first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
-            plan = self._make_out_plan(tree_unflatten(first, out.spec), first)
+            plan = self._make_out_plan(_fast_tree.unflatten(first, out.spec), first)
             self._out_plans.put(key, plan)
         result: list[Any] = []
         for j, axis in enumerate(plan.axes):
@@ -855,7 +866,7 @@ class Pmapped:
                     value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=d) for d in devices
                 ]
                 result.append(ShardedTensor._of_distinct(shards, devices, axis))
-        return tree_unflatten(result, out.spec)
+        return _fast_tree.unflatten(result, out.spec)
 
     def _make_out_plan(self, out0: PyTree, first_leaves: list[Any]) -> _OutPlan:
         axes = broadcast_prefix(self._out_axes, out0, "out_axes", "out")

@@ -52,7 +52,17 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from . import _axis, _escapes, _ops, _outside_views, _runtime, _stacked_autograd, _stacked_random, _transfers
+from . import (
+    _axis,
+    _escapes,
+    _fast_tree,
+    _ops,
+    _outside_views,
+    _runtime,
+    _stacked_autograd,
+    _stacked_random,
+    _transfers,
+)
 from ._autodiff import FlatOutput
 from ._call import _THREADS, CallRecord, Executor, Placement, ReplicaGroup
 from ._compile import (
@@ -66,6 +76,7 @@ from ._compile import (
     requested_backend,
     torch_compile,
 )
+from ._fast_tree import Structure
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view, pairs_sharing_memory
 from ._stacked_autograd import ReplicaProgram
@@ -91,7 +102,7 @@ class StackedOutput:
 
     leaves: list[Any]
     batched: list[bool]
-    spec: TreeSpec
+    spec: TreeSpec | Structure  # _fast_tree.unflatten takes either
     # Leaf k -> every replica's own value, where leaf k is an input returned unchanged that had
     # to be copied to be stacked: the replicas return their inputs themselves, as on the threads.
     inputs_returned: dict[int, list[Any]] = field(default_factory=dict)
@@ -1090,7 +1101,8 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
 
 
 def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
-    leaves, spec = tree_flatten(out)
+    found = _fast_tree.flatten(out)
+    leaves, spec = found if found is not None else tree_flatten(out)
     batched = []
     inputs_returned: dict[int, list[Any]] = {}
     for k, leaf in enumerate(leaves):

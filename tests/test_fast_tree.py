@@ -1,0 +1,146 @@
+"""_fast_tree's structure keys stand for torch's TreeSpecs on a call's hot path:
+the same leaves in the same order, the same trees rebuilt, equal keys exactly
+for equal specs, and None (torch's pytree decides) for any node it does not know."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same_bits, devices, executor, rows
+from torch.utils import _pytree as pytree
+
+import torchpmap as tp
+from torchpmap import _fast_tree
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def _random_tree(rng: random.Random, depth: int = 0):
+    """Tuples, lists and dicts (str, int and mixed keys, in any insertion order) of the leaves a call passes."""
+    kind = rng.choice(["leaf", "leaf", "tuple", "list", "dict"] if depth < 3 else ["leaf"])
+    if kind == "leaf":
+        return rng.choice([torch.zeros(2), torch.ones(()), 1, 2.5, True, None, "s", 1j, np.ones(2), np.float32(3)])
+    children = [_random_tree(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == "tuple":
+        return tuple(children)
+    if kind == "list":
+        return children
+    keys = rng.sample(["a", "b", "c", 0, 1], len(children))
+    return dict(zip(keys, children))
+
+
+def _corpus(n: int = 200):
+    rng = random.Random(0)
+    return [_random_tree(rng) for _ in range(n)]
+
+
+def _same_tree(a, b) -> bool:
+    """The same containers, keys and key order, holding the very same leaves."""
+    (leaves_a, spec_a), (leaves_b, spec_b) = pytree.tree_flatten(a), pytree.tree_flatten(b)
+    return spec_a == spec_b and len(leaves_a) == len(leaves_b) and all(x is y for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.mark.parametrize("tree", _corpus(), ids=lambda t: type(t).__name__)
+def test_flatten_gives_torchs_leaves_and_unflatten_its_tree(tree):
+    leaves, structure = _fast_tree.flatten(tree)
+    expected_leaves, spec = pytree.tree_flatten(tree)
+    assert len(leaves) == len(expected_leaves)
+    assert all(a is b for a, b in zip(leaves, expected_leaves))
+    assert _same_tree(_fast_tree.unflatten(leaves, structure), pytree.tree_unflatten(leaves, spec))
+    assert _same_tree(_fast_tree.unflatten(leaves, spec), tree)
+    assert _fast_tree.of_spec(spec) == structure
+
+
+def test_keys_are_equal_exactly_where_torchs_specs_are():
+    trees = _corpus(150) + [{"a": 1, "b": 2}, {"b": 2, "a": 1}, (1, 2), [1, 2], ((),), ([],), {}, (), [], ({},)]
+    found = [(_fast_tree.flatten(t)[1], pytree.tree_flatten(t)[1]) for t in trees]
+    for key_a, spec_a in found:
+        for key_b, spec_b in found:
+            assert (key_a == key_b) == (spec_a == spec_b)
+            if key_a == key_b:
+                assert hash(key_a) == hash(key_b)
+
+
+@dataclasses.dataclass
+class _Registered:
+    x: torch.Tensor
+
+
+pytree.register_dataclass(_Registered)
+
+
+class _MyDict(dict):
+    pass
+
+
+class _Unregistered:
+    pass
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        Pair(torch.zeros(1), 1),
+        collections.OrderedDict(a=torch.zeros(1)),
+        collections.defaultdict(list, a=torch.zeros(1)),
+        collections.deque([torch.zeros(1)]),
+        _MyDict(a=torch.zeros(1)),  # a leaf to torch: left to it all the same
+        _Registered(torch.zeros(1)),
+        _Unregistered(),
+        torch.Size([2, 3]),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_any_other_node_or_object_is_left_to_torchs_pytree(node):
+    assert _fast_tree.flatten(node) is None
+    assert _fast_tree.flatten({"params": [torch.zeros(1), (node,)]}) is None
+
+
+def test_a_type_registered_as_a_node_is_left_to_torchs_pytree():
+    class Box(torch.Tensor):  # a leaf type, until someone registers it
+        pass
+
+    box = torch.zeros(1).as_subclass(Box)
+    assert _fast_tree.flatten([box])[0] == [box]
+    pytree.register_pytree_node(Box, lambda b: ([], None), lambda children, context: Box())
+    try:
+        assert _fast_tree.flatten([box]) is None
+    finally:
+        pytree._deregister_pytree_node(Box)
+
+
+def test_unflatten_refuses_leaves_its_structure_does_not_hold():
+    _, structure = _fast_tree.flatten({"a": 1, "b": (2, 3)})
+    with pytest.raises(ValueError, match="more leaves"):
+        _fast_tree.unflatten([1, 2, 3, 4], structure)
+    with pytest.raises(StopIteration):
+        _fast_tree.unflatten([1, 2], structure)
+
+
+def test_calls_with_trees_torch_alone_knows_keep_their_types_on_the_fast_path():
+    # Dicts and lists take the structure keys; a namedtuple and an OrderedDict in the
+    # same call send the whole tree through torch's pytree, call after call.
+    n = 4
+
+    def f(t):
+        return {"pair": Pair(t["pair"].b, t["pair"].a), "od": t["od"], "l": [t["l"][0] * 2]}
+
+    pf = tp.pmap(f, "i", devices=devices(n))
+    tree = {
+        "pair": Pair(rows(n, 2), rows(n, 3)),
+        "od": collections.OrderedDict(z=rows(n, 1), a=rows(n, 2)),
+        "l": [rows(n, 2)],
+    }
+    with executor("threads"):
+        expected = pf(tree)
+    with executor("stacked"):
+        for _ in range(3):
+            out = pf(tree)
+            assert type(out["pair"]) is Pair and type(out["od"]) is collections.OrderedDict
+            assert list(out["od"]) == ["z", "a"]
+            assert_same_bits(expected, out)

@@ -1,0 +1,112 @@
+"""Structure keys: a cheaper stand-in for torch's TreeSpec on a call's hot path.
+
+Every call flattens its arguments (to key its plan) and its outputs (to wrap
+them), and torch.utils._pytree spends 10-30 us a call on that, more with a cold
+cache: it builds a TreeSpec object per node, and hashing or comparing one walks
+it in Python. The trees calls pass are nearly always tuples, lists and dicts of
+tensors and numbers. For those, ``flatten`` gives the leaves in torch's order
+and a nested tuple that stands for the structure (hashed and compared in C).
+Anything else (a namedtuple, an OrderedDict, a registered class, an object
+torch's pytree might know) gives None, and the caller uses torch's pytree, so
+the two never disagree: two trees get equal keys exactly when torch gives
+them equal TreeSpecs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import numpy as np
+import torch
+from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_unflatten
+
+# A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, *children).
+Structure: TypeAlias = "int | tuple[Any, ...]"
+_LEAF, _TUPLE, _LIST, _DICT = range(4)
+
+# Leaf types torch's pytree treats as leaves unless someone registers them as nodes
+# (None is a leaf there too).
+_SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
+_ARRAYS = (torch.Tensor, np.ndarray, np.generic)
+
+
+class _Unknown(Exception):
+    """A node ``flatten`` does not handle: the caller uses torch's pytree."""
+
+
+def flatten(tree: Any) -> tuple[list[Any], Structure] | None:
+    """torch's ``tree_flatten(tree)`` leaves and a structure key, or None when
+    ``tree`` holds anything but tuples, lists and dicts of tensors, numpy
+    arrays, None and Python numbers or strings."""
+    leaves: list[Any] = []
+    try:
+        if type(tree) in _CONTAINERS:
+            return leaves, _walk(tree, leaves)
+        _walk((tree,), leaves)  # a leaf, checked as a tuple's only child
+    except _Unknown:
+        return None
+    return leaves, _LEAF
+
+
+_CONTAINERS = (tuple, list, dict)
+
+
+def _walk(node: tuple[Any, ...] | list[Any] | dict[Any, Any], leaves: list[Any]) -> Structure:
+    kind = type(node)
+    if kind is dict:
+        # torch flattens a dict in insertion order, and its spec keeps the keys in that order.
+        structure: list[Any] = [_DICT, tuple(node)]
+        children: Any = node.values()  # type: ignore[union-attr]  # a dict here
+    else:
+        structure, children = [_TUPLE if kind is tuple else _LIST], node
+    for child in children:  # leaves inline: a call per leaf would be most of the time
+        ck = type(child)
+        if ck in _CONTAINERS:
+            structure.append(_walk(child, leaves))
+        elif ck in SUPPORTED_NODES or not (ck in _SCALARS or issubclass(ck, _ARRAYS)):
+            raise _Unknown
+        else:
+            leaves.append(child)
+            structure.append(_LEAF)
+    return tuple(structure)
+
+
+def unflatten(leaves: list[Any], structure: Structure | TreeSpec) -> Any:
+    """The tree of ``structure`` (a key from ``flatten``, or a TreeSpec) holding ``leaves``."""
+    if isinstance(structure, TreeSpec):
+        return tree_unflatten(leaves, structure)
+    it = iter(leaves)
+    tree = _build(structure, it)
+    if next(it, it) is not it:
+        raise ValueError("unflatten: more leaves than the structure holds")
+    return tree
+
+
+def _build(structure: Structure, it: Any) -> Any:
+    if type(structure) is int:  # _LEAF
+        return next(it)
+    assert isinstance(structure, tuple)
+    tag = structure[0]
+    if tag == _TUPLE:
+        return tuple([_build(child, it) for child in structure[1:]])
+    if tag == _LIST:
+        return [_build(child, it) for child in structure[1:]]
+    keys = structure[1]
+    return dict(zip(keys, [_build(child, it) for child in structure[2:]]))
+
+
+def of_spec(spec: TreeSpec) -> Structure | None:
+    """The structure key of trees of ``spec``, or None where ``flatten`` would
+    give None (a node type other than tuple, list and dict)."""
+    if spec.is_leaf():
+        return _LEAF
+    children = [of_spec(child) for child in spec.children()]
+    if any(child is None for child in children):
+        return None
+    if spec.type is tuple:
+        return (_TUPLE, *children)
+    if spec.type is list:
+        return (_LIST, *children)
+    if spec.type is dict:
+        return (_DICT, tuple(spec.context), *children)
+    return None
