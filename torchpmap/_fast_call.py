@@ -36,7 +36,7 @@ class FastCall:
     plain tensor on the physical device mapped along its axis, or a
     non-tensor value (which Dynamo's guards check)."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "treedef", "device", "zero_signs")
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "structure", "device", "zero_signs")
 
     def __init__(
         self,
@@ -53,9 +53,10 @@ class FastCall:
         self.kinds = tuple(kinds)
         self.axes = tuple(record.axes)
         # Not the record itself: it holds this call's inputs, which the plan would keep alive.
-        # The arguments' structure as a _fast_tree key where it has one (cheaper to unflatten).
-        structure = None if record.treedef is None else _fast_tree.of_spec(record.treedef)
-        self.treedef = record.treedef if structure is None else structure
+        # The arguments' structure: a _fast_tree key where it has one (cheaper to unflatten),
+        # else the record's TreeSpec (None: positional tensors only).
+        key = None if record.treedef is None else _fast_tree.of_spec(record.treedef)
+        self.structure = record.treedef if key is None else key
         # Dynamo's guards take -0.0 for 0.0: the capture is keyed by the zeros' signs too.
         self.zero_signs = constant_zero_signs(record.caller_leaves) if CONSTANT in self.kinds else ()
 
@@ -90,7 +91,7 @@ class FastCall:
         row0 = self._rows(leaves, state)
         if row0 is None:
             return None
-        args, kwargs = unflatten_arguments(self.treedef, static_items, row0)
+        args, kwargs = unflatten_arguments(self.structure, static_items, row0)
         try:
             return _stacked.run_capture(self.capture, self.group, args, kwargs, state)
         except _stacked.Unsupported:

@@ -30,14 +30,17 @@ _SCALARS = frozenset({int, float, bool, complex, str, bytes, type(None)})
 _ARRAYS = (torch.Tensor, np.ndarray, np.generic)
 
 
+_CONTAINERS = (tuple, list, dict)  # exactly these types: subclasses go to torch's pytree
+
+
 class _Unknown(Exception):
     """A node ``flatten`` does not handle: the caller uses torch's pytree."""
 
 
 def flatten(tree: Any) -> tuple[list[Any], Structure] | None:
     """torch's ``tree_flatten(tree)`` leaves and a structure key, or None when
-    ``tree`` holds anything but tuples, lists and dicts of tensors, numpy
-    arrays, None and Python numbers or strings."""
+    ``tree`` holds anything but tuples, lists and dicts (exactly those types) of
+    tensors, numpy arrays and scalars, None, and Python numbers, strings and bytes."""
     leaves: list[Any] = []
     try:
         if type(tree) in _CONTAINERS:
@@ -46,9 +49,6 @@ def flatten(tree: Any) -> tuple[list[Any], Structure] | None:
     except _Unknown:
         return None
     return leaves, _LEAF
-
-
-_CONTAINERS = (tuple, list, dict)
 
 
 def _walk(node: tuple[Any, ...] | list[Any] | dict[Any, Any], leaves: list[Any]) -> Structure:
@@ -96,8 +96,9 @@ def _build(structure: Structure, it: Any) -> Any:
 
 
 def of_spec(spec: TreeSpec) -> Structure | None:
-    """The structure key of trees of ``spec``, or None where ``flatten`` would
-    give None (a node type other than tuple, list and dict)."""
+    """The structure key of trees of ``spec``, or None where it has a node type
+    other than tuple, list and dict. Leaf types are not looked at (a spec does
+    not hold them): this key rebuilds trees, it does not decide what ``flatten`` takes."""
     if spec.is_leaf():
         return _LEAF
     children = [of_spec(child) for child in spec.children()]
