@@ -1,11 +1,13 @@
 """_fast_tree's structure keys stand for torch's TreeSpecs on a call's hot path:
 the same leaves in the same order, the same trees rebuilt, equal keys exactly
-for equal specs, and None (torch's pytree decides) for any node it does not know."""
+for equal specs with keys of the same types, and None (torch's pytree decides)
+for any node it does not know."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import random
 
 import numpy as np
@@ -18,6 +20,18 @@ import torchpmap as tp
 from torchpmap import _fast_tree
 
 Pair = collections.namedtuple("Pair", "a b")
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Name(str, enum.Enum):
+    A = "a"
+
+
+# Dict keys equal to each other (torch's specs are equal) but of other types.
+_EQUAL_KEYS = [1, True, 1.0, Color.RED, np.int64(1), "a", Name.A]
 
 
 def _random_tree(rng: random.Random, depth: int = 0):
@@ -56,14 +70,34 @@ def test_flatten_gives_torchs_leaves_and_unflatten_its_tree(tree):
     assert _fast_tree.of_spec(spec) == structure
 
 
-def test_keys_are_equal_exactly_where_torchs_specs_are():
+def _key_types(tree):
+    """The types of every dict key in ``tree``, in flattening order."""
+    if isinstance(tree, dict):
+        return (tuple(map(type, tree)), *[_key_types(v) for v in tree.values()])
+    if isinstance(tree, (tuple, list)):
+        return tuple(_key_types(v) for v in tree)
+    return None
+
+
+def test_keys_are_equal_exactly_where_torchs_specs_and_key_types_are():
     trees = _corpus(150) + [{"a": 1, "b": 2}, {"b": 2, "a": 1}, (1, 2), [1, 2], ((),), ([],), {}, (), [], ({},)]
-    found = [(_fast_tree.flatten(t)[1], pytree.tree_flatten(t)[1]) for t in trees]
-    for key_a, spec_a in found:
-        for key_b, spec_b in found:
-            assert (key_a == key_b) == (spec_a == spec_b)
+    trees += [{k: 1} for k in _EQUAL_KEYS] + [[{"x": {k: 2}}] for k in _EQUAL_KEYS]
+    found = [(_fast_tree.flatten(t)[1], pytree.tree_flatten(t)[1], _key_types(t)) for t in trees]
+    for key_a, spec_a, types_a in found:
+        for key_b, spec_b, types_b in found:
+            assert (key_a == key_b) == (spec_a == spec_b and types_a == types_b)
             if key_a == key_b:
                 assert hash(key_a) == hash(key_b)
+
+
+def test_context_types_tell_apart_specs_torch_takes_for_equal():
+    # The TreeSpec path's half of the plan key: an OrderedDict sends a tree there.
+    specs = [pytree.tree_structure([collections.OrderedDict([(k, 1)]), {k: 2}]) for k in _EQUAL_KEYS]
+    assert specs[0] == specs[1] == specs[2]  # what the context types are for
+    types = [_fast_tree.context_types(spec) for spec in specs]
+    assert len(set(types)) == len(_EQUAL_KEYS)
+    again = pytree.tree_structure([collections.OrderedDict([(True, 7)]), {True: 8}])
+    assert _fast_tree.context_types(again) == types[1]
 
 
 @dataclasses.dataclass
@@ -118,7 +152,7 @@ def test_unflatten_refuses_leaves_its_structure_does_not_hold():
     _, structure = _fast_tree.flatten({"a": 1, "b": (2, 3)})
     with pytest.raises(ValueError, match="more leaves"):
         _fast_tree.unflatten([1, 2, 3, 4], structure)
-    with pytest.raises(StopIteration):
+    with pytest.raises(ValueError, match="fewer leaves"):
         _fast_tree.unflatten([1, 2], structure)
 
 
@@ -144,3 +178,31 @@ def test_calls_with_trees_torch_alone_knows_keep_their_types_on_the_fast_path():
             assert type(out["pair"]) is Pair and type(out["od"]) is collections.OrderedDict
             assert list(out["od"]) == ["z", "a"]
             assert_same_bits(expected, out)
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked", "lockstep"])
+@pytest.mark.parametrize("ordered", [False, True], ids=["dict", "OrderedDict"])
+def test_each_call_gets_its_own_dict_keys_when_keys_of_other_types_are_equal(name, ordered):
+    # {1: x} and {True: x} have equal TreeSpecs. A plan keyed by the spec alone
+    # replayed the first call's keys: the stacked fast path gave the function
+    # {1: x} for {True: x}, and the output came back with the int key.
+    n = 2
+    container = collections.OrderedDict if ordered else dict
+    seen = []
+
+    def f(d):
+        seen.append(tuple(type(k) for k in d))
+        return container((k, v * 2) for k, v in d.items())
+
+    pf = tp.pmap(f, "i", devices=devices(n))
+    x = rows(n, 3)
+    with executor(name):
+        # (not np.int64: Dynamo cannot capture a dict keyed by one, and falls back)
+        for key in [1, True, 1.0, Color.RED, "a", Name.A, "a", True, 1]:
+            for _ in range(3):  # the second and third calls take the stacked fast path
+                out = pf(container([(key, x)]))
+                (got,) = out
+                assert type(got) is type(key) and got == key
+                assert type(out) is container
+                assert_same_bits(out[key].unshard(), x * 2)
+            assert seen[-1] == (type(key),)  # what the function saw (last capture or replica)

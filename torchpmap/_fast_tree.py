@@ -9,7 +9,12 @@ and a nested tuple that stands for the structure (hashed and compared in C).
 Anything else (a namedtuple, an OrderedDict, a registered class, an object
 torch's pytree might know) gives None, and the caller uses torch's pytree, so
 the two never disagree: two trees get equal keys exactly when torch gives
-them equal TreeSpecs.
+them equal TreeSpecs and their dict keys are of the same types.
+
+Key types matter: torch compares a spec's dict keys with ``==``, so ``{1: x}``,
+``{True: x}``, ``{1.0: x}`` and an IntEnum member's dict have equal specs, and a
+plan keyed by the spec alone would rebuild one call's arguments with another
+call's keys. ``context_types`` gives the same distinction for a TreeSpec.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_unflatten
 
-# A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, *children).
+# A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, key types, *children).
 Structure: TypeAlias = "int | tuple[Any, ...]"
 _LEAF, _TUPLE, _LIST, _DICT = range(4)
 
@@ -55,7 +60,8 @@ def _walk(node: tuple[Any, ...] | list[Any] | dict[Any, Any], leaves: list[Any])
     kind = type(node)
     if kind is dict:
         # torch flattens a dict in insertion order, and its spec keeps the keys in that order.
-        structure: list[Any] = [_DICT, tuple(node)]
+        keys = tuple(node)
+        structure: list[Any] = [_DICT, keys, tuple(map(type, keys))]
         children: Any = node.values()  # type: ignore[union-attr]  # a dict here
     else:
         structure, children = [_TUPLE if kind is tuple else _LIST], node
@@ -76,7 +82,10 @@ def unflatten(leaves: list[Any], structure: Structure | TreeSpec) -> Any:
     if isinstance(structure, TreeSpec):
         return tree_unflatten(leaves, structure)
     it = iter(leaves)
-    tree = _build(structure, it)
+    try:
+        tree = _build(structure, it)
+    except StopIteration:
+        raise ValueError("unflatten: fewer leaves than the structure holds") from None
     if next(it, it) is not it:
         raise ValueError("unflatten: more leaves than the structure holds")
     return tree
@@ -92,7 +101,7 @@ def _build(structure: Structure, it: Any) -> Any:
     if tag == _LIST:
         return [_build(child, it) for child in structure[1:]]
     keys = structure[1]
-    return dict(zip(keys, [_build(child, it) for child in structure[2:]]))
+    return dict(zip(keys, [_build(child, it) for child in structure[3:]]))
 
 
 def of_spec(spec: TreeSpec) -> Structure | None:
@@ -109,5 +118,21 @@ def of_spec(spec: TreeSpec) -> Structure | None:
     if spec.type is list:
         return (_LIST, *children)
     if spec.type is dict:
-        return (_DICT, tuple(spec.context), *children)
+        keys = tuple(spec.context)
+        return (_DICT, keys, tuple(map(type, keys)), *children)
     return None
+
+
+def context_types(spec: TreeSpec) -> Any:
+    """The types in ``spec``'s node contexts (dict keys, among others), nested as
+    the spec is: torch's TreeSpec compares contexts with ``==``, which takes
+    ``True`` for ``1``. A plan keyed by a TreeSpec is keyed by this too."""
+    if spec.is_leaf():
+        return None
+    return (_types_in(spec.context), *[context_types(child) for child in spec.children()])
+
+
+def _types_in(context: Any) -> Any:
+    if type(context) in (tuple, list):
+        return tuple([_types_in(c) for c in context])
+    return type(context)

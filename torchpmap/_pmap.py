@@ -105,10 +105,13 @@ class _OutPlan:
     paths: list[str]
 
 
-# What picks a cached plan. Inputs: (tree structure, static argument values,
-# positional argument count, (type, ndim) of every leaf). Outputs: (tree
+# What picks a cached plan. Inputs: (tree structure: a _fast_tree key, a TreeSpec
+# with its context types, or None for positional tensors; static argument values;
+# positional argument count; (type, ndim) of every leaf). Outputs: (tree
 # structure, per leaf its rank if a tensor, else its type).
-_InKey: TypeAlias = "tuple[TreeSpec | Structure | None, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
+_InKey: TypeAlias = (
+    "tuple[tuple[TreeSpec, Any] | Structure | None, tuple[Any, ...], int, tuple[tuple[type, int | None], ...]]"
+)
 _OutKey: TypeAlias = "tuple[TreeSpec | Structure, tuple[int | type, ...]]"
 
 
@@ -316,7 +319,7 @@ class Pmapped:
         else:
             static_vals, dyn_args = (), args
         treedef: TreeSpec | None
-        key_spec: TreeSpec | Structure | None
+        key_spec: tuple[TreeSpec, Any] | Structure | None
         if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
             # The common call, positional tensors only: skip the generic flatten,
             # and key the plan without hashing a tree structure (None stands for it).
@@ -329,7 +332,8 @@ class Pmapped:
                 (leaves, key_spec), treedef = found, None
             else:
                 leaves, treedef = tree_flatten((dyn_args, kwargs))
-                key_spec = treedef
+                # A TreeSpec's == takes a True key for 1: its context types tell them apart.
+                key_spec = (treedef, _fast_tree.context_types(treedef))
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
         plan = self._in_plans.get(key)
