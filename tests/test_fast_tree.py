@@ -206,3 +206,24 @@ def test_each_call_gets_its_own_dict_keys_when_keys_of_other_types_are_equal(nam
                 assert type(out) is container
                 assert_same_bits(out[key].unshard(), x * 2)
             assert seen[-1] == (type(key),)  # what the function saw (last capture or replica)
+
+
+def test_a_tensor_type_registered_as_a_node_is_a_tree_when_passed_positionally_too():
+    # Positional plain tensors skip flattening; a tensor subclass registered as a
+    # pytree node must still be flattened, as it is when passed by keyword.
+    class Scaled(torch.Tensor):
+        pass
+
+    pytree.register_pytree_node(
+        Scaled, lambda s: ([s.as_subclass(torch.Tensor) * 10], None), lambda children, _: children[0]
+    )
+    try:
+        n = 2
+        pf = tp.pmap(lambda s: s + 1, "i", devices=devices(n))
+        x = rows(n, 3)
+        scaled = x.clone().as_subclass(Scaled)
+        with executor("threads"):
+            assert_same_bits(pf(scaled).unshard(), x * 10 + 1)
+            assert_same_bits(pf(s=scaled).unshard(), x * 10 + 1)
+    finally:
+        pytree._deregister_pytree_node(Scaled)

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 import numpy as np
 import torch
-from torch.utils._pytree import PyTree, TreeSpec, tree_flatten, tree_structure, tree_unflatten
+from torch.utils._pytree import SUPPORTED_NODES, PyTree, TreeSpec, tree_flatten, tree_structure, tree_unflatten
 
 from . import _devices, _fast_tree, _random, _transfers
 from . import distributed as _distributed
@@ -320,9 +320,10 @@ class Pmapped:
             static_vals, dyn_args = (), args
         treedef: TreeSpec | None
         key_spec: tuple[TreeSpec, Any] | Structure | None
-        if not kwargs and all(isinstance(a, torch.Tensor) for a in dyn_args):
-            # The common call, positional tensors only: skip the generic flatten,
-            # and key the plan without hashing a tree structure (None stands for it).
+        if not kwargs and all(isinstance(a, torch.Tensor) and type(a) not in SUPPORTED_NODES for a in dyn_args):
+            # The common call, positional tensors only: skip the generic flatten, and key
+            # the plan without hashing a tree structure (None stands for it). A tensor
+            # type registered as a pytree node is a tree, flattened as torch's pytree does.
             leaves, treedef, key_spec = list(dyn_args), self._positional_spec(len(dyn_args)), None
         else:
             # Tuples, lists and dicts of tensors and numbers: a structure key that is cheap to
