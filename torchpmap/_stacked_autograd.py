@@ -46,6 +46,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
+from ._direct_calls import direct_forward
 from ._graph_passes import simplify
 from ._stacked_collectives import vmap_replicas
 
@@ -324,12 +325,14 @@ class ResidualSplit:
         self.backward = torch.fx.GraphModule(joint, backward)
         simplify(self.backward)
         self.n_saved = len(saved)
+        # What each call runs: the graphs' code with their aten ops called directly.
+        self.run_forward, self.run_backward = direct_forward(self.forward), direct_forward(self.backward)
 
     def gradients(self, residuals: list[Any], grads: tuple[torch.Tensor | None, ...], n_inputs: int) -> list[Any]:
         """Per input, its gradient (None where not differentiated or not reached)."""
         cotangents = [_cotangent(grads[i], i) for i in self.cot_outputs]
         result: list[torch.Tensor | None] = [None] * n_inputs
-        for p, g, connected in zip(self.diff, self.backward(*residuals, *cotangents), self.connected):
+        for p, g, connected in zip(self.diff, self.run_backward(*residuals, *cotangents), self.connected):
             result[p] = g if connected else None
         return result
 
@@ -408,7 +411,7 @@ class _StackedCall(torch.autograd.Function):
         if split is None:
             outs = tuple(program.graph(*inputs))
         else:
-            values = tuple(split.forward(*inputs))
+            values = tuple(split.run_forward(*inputs))
             outs, residuals = values[: split.n_outs], list(values[split.n_outs :])
         ctx.split = split
         ctx.residual_positions = [k for k, r in enumerate(residuals) if isinstance(r, torch.Tensor)]
@@ -477,7 +480,7 @@ class _StackedCall(torch.autograd.Function):
                 cot_outputs = [i for i, rg in enumerate(program.out_requires_grad) if rg]
                 cots = [_cotangent(grads[i], i) for i in cot_outputs]
                 split = program.split(diff, inputs, cots, ctx.written)
-                residuals = list(split.forward(*inputs))[split.n_outs :]
+                residuals = list(split.run_forward(*inputs))[split.n_outs :]
             else:
                 residuals = list(ctx.residual_others)
                 for k, t in zip(ctx.residual_positions, saved_residuals):

