@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 
 import torchpmap as tp
 from torchpmap import _fast_tree
+from torchpmap._constant_signature import spec_signature
 
 Pair = collections.namedtuple("Pair", "a b")
 
@@ -70,34 +71,43 @@ def test_flatten_gives_torchs_leaves_and_unflatten_its_tree(tree):
     assert _fast_tree.of_spec(spec) == structure
 
 
-def _key_types(tree):
-    """The types of every dict key in ``tree``, in flattening order."""
+def _keys_as_written(tree):
+    """Every dict key in ``tree`` as its type and repr, in flattening order: keys
+    equal by == but written otherwise ((1,) and (True,), 0.0 and -0.0) differ."""
     if isinstance(tree, dict):
-        return (tuple(map(type, tree)), *[_key_types(v) for v in tree.values()])
+        keys = tuple((type(k), repr(k)) for k in tree)
+        return (keys, *[_keys_as_written(v) for v in tree.values()])
     if isinstance(tree, (tuple, list)):
-        return tuple(_key_types(v) for v in tree)
+        return tuple(_keys_as_written(v) for v in tree)
     return None
 
 
-def test_keys_are_equal_exactly_where_torchs_specs_and_key_types_are():
+# Equal by ==, hashed alike, written otherwise: a tuple key's element types, a zero's sign.
+_NESTED_EQUAL_KEYS = [(1,), (True,), (1.0,), 0.0, -0.0, ("a", 1), ("a", 1.0), frozenset({1}), frozenset({1.0})]
+
+
+def test_keys_are_equal_exactly_where_torchs_specs_and_the_keys_as_written_are():
     trees = _corpus(150) + [{"a": 1, "b": 2}, {"b": 2, "a": 1}, (1, 2), [1, 2], ((),), ([],), {}, (), [], ({},)]
-    trees += [{k: 1} for k in _EQUAL_KEYS] + [[{"x": {k: 2}}] for k in _EQUAL_KEYS]
-    found = [(_fast_tree.flatten(t)[1], pytree.tree_flatten(t)[1], _key_types(t)) for t in trees]
-    for key_a, spec_a, types_a in found:
-        for key_b, spec_b, types_b in found:
-            assert (key_a == key_b) == (spec_a == spec_b and types_a == types_b)
+    # (not np.int64(1): numpy's == against a tuple key gives an array, ambiguous to compare)
+    keys = [k for k in _EQUAL_KEYS if not isinstance(k, np.generic)] + _NESTED_EQUAL_KEYS
+    trees += [{k: 1} for k in keys] + [[{"x": {k: 2}}] for k in keys]
+    found = [(_fast_tree.flatten(t)[1], pytree.tree_flatten(t)[1], _keys_as_written(t)) for t in trees]
+    for key_a, spec_a, keys_a in found:
+        for key_b, spec_b, keys_b in found:
+            assert (key_a == key_b) == (spec_a == spec_b and keys_a == keys_b)
             if key_a == key_b:
                 assert hash(key_a) == hash(key_b)
 
 
-def test_context_types_tell_apart_specs_torch_takes_for_equal():
+def test_spec_signatures_tell_apart_specs_torch_takes_for_equal():
     # The TreeSpec path's half of the plan key: an OrderedDict sends a tree there.
-    specs = [pytree.tree_structure([collections.OrderedDict([(k, 1)]), {k: 2}]) for k in _EQUAL_KEYS]
-    assert specs[0] == specs[1] == specs[2]  # what the context types are for
-    types = [_fast_tree.context_types(spec) for spec in specs]
-    assert len(set(types)) == len(_EQUAL_KEYS)
+    keys = _EQUAL_KEYS + _NESTED_EQUAL_KEYS
+    specs = [pytree.tree_structure([collections.OrderedDict([(k, 1)]), {k: 2}]) for k in keys]
+    assert specs[0] == specs[1] == specs[2] and specs[-2] == specs[-1]  # what the signatures are for
+    signatures = [spec_signature(spec) for spec in specs]
+    assert len(set(signatures)) == len(keys)
     again = pytree.tree_structure([collections.OrderedDict([(True, 7)]), {True: 8}])
-    assert _fast_tree.context_types(again) == types[1]
+    assert spec_signature(again) == signatures[1]
 
 
 @dataclasses.dataclass

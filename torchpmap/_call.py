@@ -30,9 +30,7 @@ modules) stay in the transform, around ``call``.
 from __future__ import annotations
 
 import abc
-import dataclasses
 import enum
-import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from torch.utils._pytree import TreeSpec
 
 from . import _config, _fast_tree, _runtime
 from ._autodiff import FlatOutput, differentiable_call
+from ._constant_signature import signature, spec_signature
 from ._fast_tree import Structure
 from ._tree import flatten
 
@@ -112,13 +111,13 @@ class CallRecord:
     def n(self) -> int:
         return len(self.group.devices)
 
-    def zero_signs(self) -> tuple[tuple[bool, ...], ...]:
-        """Which float zeros among the static arguments, and among the leaves that are
-        not tensors (Python numbers passed broadcast), are negative. Dynamo guards a
-        constant with ``==``, and ``-0.0 == 0.0``: a capture keyed by this too is never
-        replayed for the other zero (``math.copysign``, ``1 / s`` and ``atan2`` tell
-        them apart)."""
-        return zero_signs_of(tuple(v for _, v in self.static_items), self.caller_leaves)
+    def constants_signature(self) -> tuple[Any, ...]:
+        """The types and float zero signs (``_constant_signature``) of the static
+        arguments, of the leaves that are not tensors (Python values passed
+        broadcast) and of the tree's dict keys and contexts. Dynamo guards a
+        constant with ``==``, which takes ``-0.0`` for ``0.0`` and ``(True,)`` for
+        ``(1,)``: a capture keyed by this too is never replayed for the other."""
+        return constants_signature_of(tuple(v for _, v in self.static_items), self.caller_leaves, self.treedef)
 
     def replica_inputs(self) -> list[list[Any]]:
         """Per replica, its flattened inputs (new lists: callers may edit them)."""
@@ -285,27 +284,14 @@ def choose_executor(record: CallRecord) -> Executor:
     return _stacked.STACKED if name == "stacked" else _stacked.AUTO
 
 
-def zero_signs_of(static_values: tuple[Any, ...], leaves: Sequence[Any]) -> tuple[tuple[bool, ...], ...]:
-    """``CallRecord.zero_signs`` of a call with these static arguments and leaves."""
-    return _zero_signs(static_values), constant_zero_signs(leaves)
+def constants_signature_of(
+    static_values: tuple[Any, ...], leaves: Sequence[Any], treedef: TreeSpec | None
+) -> tuple[Any, ...]:
+    """``CallRecord.constants_signature`` of a call with these static arguments,
+    leaves and tree of arguments."""
+    return signature(static_values), constant_signature(leaves), spec_signature(treedef)
 
 
-def constant_zero_signs(leaves: Sequence[Any]) -> tuple[bool, ...]:
-    """The signs of the float zeros among ``leaves`` that are not tensors."""
-    return _zero_signs(tuple(v for v in leaves if not isinstance(v, torch.Tensor)))
-
-
-def _zero_signs(value: Any, _inside: tuple[int, ...] = ()) -> tuple[bool, ...]:
-    """The signs (True: negative) of the float zeros in ``value`` (a float, a
-    complex, or a tuple, list, frozenset or dataclass of such, nested), in order."""
-    if isinstance(value, float):
-        return (math.copysign(1.0, value) < 0,) if value == 0 else ()
-    if isinstance(value, complex):
-        return _zero_signs(value.real) + _zero_signs(value.imag)
-    if isinstance(value, (tuple, list, frozenset)):
-        return tuple(sign for v in value for sign in _zero_signs(v, _inside))
-    if dataclasses.is_dataclass(value) and not isinstance(value, type) and id(value) not in _inside:
-        inside = (*_inside, id(value))  # (a cycle back to it ends here)
-        fields = [f for f in dataclasses.fields(value) if f.compare and hasattr(value, f.name)]
-        return tuple(sign for f in fields for sign in _zero_signs(getattr(value, f.name), inside))
-    return ()
+def constant_signature(leaves: Sequence[Any]) -> tuple[Any, ...]:
+    """The ``signature`` of each of ``leaves`` that is not a tensor."""
+    return tuple([signature(v) for v in leaves if not isinstance(v, torch.Tensor)])

@@ -321,16 +321,17 @@ class CompiledReplicas:
         devices: Sequence[torch.device],
         n: int,
         per_replica_objects: bool = False,
-        zero_signs: tuple[Any, ...] = (),
+        signature: tuple[Any, ...] = (),
     ) -> list[Callable[..., Any]]:
         """One callable per replica; replicas on the same physical device share,
         unless each replica gets its own objects (PerReplica modules): Dynamo
         guards on those, so sharing would recompile per replica until it hit
-        the recompile limit. ``zero_signs`` (``CallRecord.zero_signs``): Dynamo's
-        guards take a -0.0 argument for 0.0, so each sign gets its own copy."""
+        the recompile limit. ``signature`` (``CallRecord.constants_signature``):
+        Dynamo's guards take a -0.0 argument for 0.0 (and (True,) for (1,)), so
+        each signature gets its own copy."""
         out: list[Callable[..., Any]] = []
         for rank, d in enumerate(devices):
-            key: tuple[Any, ...] = (n, "cpu" if d.type == "cpu" else str(d), zero_signs)
+            key: tuple[Any, ...] = (n, "cpu" if d.type == "cpu" else str(d), signature)
             if per_replica_objects:
                 key = (*key, rank)
             prog = self._programs.get(key)

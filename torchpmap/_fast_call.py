@@ -19,9 +19,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.utils._pytree import TreeSpec
 
-from . import _config, _devices, _fast_tree, _stacked
-from ._call import CallRecord, Placement, ReplicaGroup, constant_zero_signs, unflatten_arguments
+from . import _config, _devices, _stacked
+from ._call import CallRecord, Placement, ReplicaGroup, constant_signature, unflatten_arguments
+from ._fast_tree import Structure
 from ._layout import slices_overlap
 from ._sharded import ShardedTensor
 
@@ -36,7 +38,7 @@ class FastCall:
     plain tensor on the physical device mapped along its axis, or a
     non-tensor value (which Dynamo's guards check)."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "structure", "device", "zero_signs")
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "device", "constants")
 
     def __init__(
         self,
@@ -53,12 +55,10 @@ class FastCall:
         self.kinds = tuple(kinds)
         self.axes = tuple(record.axes)
         # Not the record itself: it holds this call's inputs, which the plan would keep alive.
-        # The arguments' structure: a _fast_tree key where it has one (cheaper to unflatten),
-        # else the record's TreeSpec (None: positional tensors only).
-        key = None if record.treedef is None else _fast_tree.of_spec(record.treedef)
-        self.structure = record.treedef if key is None else key
+        # Nor its tree structure: each call is rebuilt with its own dict keys and contexts
+        # (the plan's key finds them equal, but a function may tell equal keys apart).
         # Dynamo's guards take -0.0 for 0.0: the capture is keyed by the zeros' signs too.
-        self.zero_signs = constant_zero_signs(record.caller_leaves) if CONSTANT in self.kinds else ()
+        self.constants = constant_signature(record.caller_leaves) if CONSTANT in self.kinds else ()
 
     @staticmethod
     def kinds_of(record: CallRecord, tensor_kinds: Sequence[bool]) -> list[int] | None:
@@ -77,21 +77,26 @@ class FastCall:
                 return None
         return kinds
 
-    def call(self, leaves: list[Any], static_items: tuple[tuple[int, Any], ...]) -> _stacked.StackedOutput | None:
-        """The call's stacked output, or None: take the general path. ``static_items``:
-        this call's static arguments (equal to the first's by the plan's key, but the
-        function gets this call's own, and Dynamo's guards check them)."""
+    def call(
+        self, leaves: list[Any], structure: Structure | TreeSpec | None, static_items: tuple[tuple[int, Any], ...]
+    ) -> _stacked.StackedOutput | None:
+        """The call's stacked output, or None: take the general path. ``structure``:
+        this call's tree of arguments (a _fast_tree key or a TreeSpec; None: positional
+        tensors only). ``static_items``: its static arguments. Both are equal to the
+        first call's by the plan's key, but the function gets this call's own, and
+        Dynamo's guards check them."""
         if _config.executor_name() not in _STACKED_EXECUTORS:
             return None
         if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
             return None
-        if self.zero_signs and constant_zero_signs(leaves) != self.zero_signs:
+        if CONSTANT in self.kinds and constant_signature(leaves) != self.constants:
+            # (-0.0 for 0.0, or (True,) for (1,): equal to Dynamo's guards, another capture to the general path)
             return None
         state = _stacked._CallState(len(self.devices), {})
         row0 = self._rows(leaves, state)
         if row0 is None:
             return None
-        args, kwargs = unflatten_arguments(self.structure, static_items, row0)
+        args, kwargs = unflatten_arguments(structure, static_items, row0)
         try:
             return _stacked.run_capture(self.capture, self.group, args, kwargs, state)
         except _stacked.Unsupported:

@@ -9,12 +9,12 @@ and a nested tuple that stands for the structure (hashed and compared in C).
 Anything else (a namedtuple, an OrderedDict, a registered class, an object
 torch's pytree might know) gives None, and the caller uses torch's pytree, so
 the two never disagree: two trees get equal keys exactly when torch gives
-them equal TreeSpecs and their dict keys are of the same types.
+them equal TreeSpecs and their dict keys have equal ``_constant_signature``s.
 
 Key types matter: torch compares a spec's dict keys with ``==``, so ``{1: x}``,
-``{True: x}``, ``{1.0: x}`` and an IntEnum member's dict have equal specs, and a
-plan keyed by the spec alone would rebuild one call's arguments with another
-call's keys. ``context_types`` gives the same distinction for a TreeSpec.
+``{True: x}``, ``{1.0: x}``, ``{(1,): x}`` and ``{(True,): x}``, or an IntEnum
+member's dict, have equal specs, and a capture found through such a key would
+serve one for the other. ``spec_signature`` gives the same distinction for a TreeSpec.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_unflatten
 
-# A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, key types, *children).
+from ._constant_signature import keys_signature
+
+# A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, keys' signature, *children).
 Structure: TypeAlias = "int | tuple[Any, ...]"
 _LEAF, _TUPLE, _LIST, _DICT = range(4)
 
@@ -61,7 +63,7 @@ def _walk(node: tuple[Any, ...] | list[Any] | dict[Any, Any], leaves: list[Any])
     if kind is dict:
         # torch flattens a dict in insertion order, and its spec keeps the keys in that order.
         keys = tuple(node)
-        structure: list[Any] = [_DICT, keys, tuple(map(type, keys))]
+        structure: list[Any] = [_DICT, keys, keys_signature(keys)]
         children: Any = node.values()  # type: ignore[union-attr]  # a dict here
     else:
         structure, children = [_TUPLE if kind is tuple else _LIST], node
@@ -119,20 +121,5 @@ def of_spec(spec: TreeSpec) -> Structure | None:
         return (_LIST, *children)
     if spec.type is dict:
         keys = tuple(spec.context)
-        return (_DICT, keys, tuple(map(type, keys)), *children)
+        return (_DICT, keys, keys_signature(keys), *children)
     return None
-
-
-def context_types(spec: TreeSpec) -> Any:
-    """The types in ``spec``'s node contexts (dict keys, among others), nested as
-    the spec is: torch's TreeSpec compares contexts with ``==``, which takes
-    ``True`` for ``1``. A plan keyed by a TreeSpec is keyed by this too."""
-    if spec.is_leaf():
-        return None
-    return (_types_in(spec.context), *[context_types(child) for child in spec.children()])
-
-
-def _types_in(context: Any) -> Any:
-    if type(context) in (tuple, list):
-        return tuple([_types_in(c) for c in context])
-    return type(context)

@@ -28,9 +28,10 @@ from torch.utils._pytree import SUPPORTED_NODES, PyTree, TreeSpec, tree_flatten,
 from . import _devices, _fast_tree, _random, _transfers
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, counted_once, named_grad_tensors
-from ._call import CallRecord, Placement, ReplicaGroup, choose_executor, zero_signs_of
+from ._call import CallRecord, Placement, ReplicaGroup, choose_executor, constants_signature_of
 from ._communicator import GroupBackend, LocalBackend, ThreadRendezvous
 from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_options
+from ._constant_signature import spec_signature
 from ._fast_call import FastCall
 from ._fast_tree import Structure
 from ._layout import slices_overlap
@@ -334,7 +335,7 @@ class Pmapped:
             else:
                 leaves, treedef = tree_flatten((dyn_args, kwargs))
                 # A TreeSpec's == takes a True key for 1: its context types tell them apart.
-                key_spec = (treedef, _fast_tree.context_types(treedef))
+                key_spec = (treedef, spec_signature(treedef))
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
         plan = self._in_plans.get(key)
@@ -345,7 +346,9 @@ class Pmapped:
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
         if fast is not None and not recheck:
-            fast_out = fast.call(leaves, tuple(zip(static_pos, static_vals)) if static_pos else ())
+            # This call's own structure: a _fast_tree key, a TreeSpec, or None (positional tensors).
+            structure = key_spec if treedef is None else (None if key_spec is None else treedef)
+            fast_out = fast.call(leaves, structure, tuple(zip(static_pos, static_vals)) if static_pos else ())
             if fast_out is not None:
                 return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
@@ -393,8 +396,8 @@ class Pmapped:
             programs, gate = [self._fun] * n, None
         else:
             per_replica = _PER_REPLICA in plan.kinds
-            signs = zero_signs_of(static_vals, leaves)
-            programs, gate = self._compiled.programs(devices, n, per_replica, signs), DYNAMO_GATE
+            signature = constants_signature_of(static_vals, leaves, treedef)
+            programs, gate = self._compiled.programs(devices, n, per_replica, signature), DYNAMO_GATE
         record = CallRecord(
             self._replica_group(devices, gate),
             self._fun,

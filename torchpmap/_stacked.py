@@ -833,14 +833,15 @@ _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = wea
 def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
     """What a function's captures (stacked or lockstep) are told apart by: the
     axis, where they run, compile= options, and the signs of float zeros among
-    the static and broadcast non-tensor arguments (``CallRecord.zero_signs``)."""
+    the static and broadcast non-tensor arguments, and the types nested in them
+    and in the dict keys (``CallRecord.constants_signature``)."""
     options = record.compile_options
     return (
         record.group.axis_name,
         axis_size,
         where,
         None if options is None else options_key(options),
-        record.zero_signs(),
+        record.constants_signature(),
     )
 
 
