@@ -421,6 +421,32 @@ def test_shared_optimizer_is_refused_before_any_replica_runs():
     tp.pmap(shared_step, "i", in_axes=(None, None, 0, 0))(model, opt, x[:1], y[:1])
 
 
+def test_each_call_watches_the_modules_it_passes_not_the_first_calls():
+    # A plan is per signature: a later call of the same signature may pass another module
+    # of the same type. The plan kept the first call's module, watched it instead of this
+    # call's, and the replicas raced on the second module's running statistics silently.
+    import gc
+    import weakref
+
+    helpers.devices(4)
+    f = tp.pmap(lambda m, x: m(x), in_axes=(None, 0), devices=devices(4))
+    x = torch.randn(4, 8, 3)
+    first = torch.nn.BatchNorm1d(3).eval()  # reads its statistics only: fine shared
+    f(first, x)
+    second = torch.nn.BatchNorm1d(3).train()  # writes them: four replicas would race
+    with pytest.raises(RuntimeError, match=r"wrote args\[0\]\.num_batches_tracked in place"):
+        f(second, x)
+    opt = torch.optim.SGD(make_model().parameters(), lr=0.1)
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None  # the plan keeps no module alive
+    g = tp.pmap(lambda o, x: x, in_axes=(None, 0), devices=devices(4))
+    g(make_model(), x)
+    with pytest.raises(ValueError, match=r"args\[0\] is an optimizer \(SGD\) passed broadcast"):
+        g(opt, x)  # (another type: another plan, refused as the first call would be)
+
+
 def test_shared_module_written_by_replicas_raises():
     model = make_model()
     x, y = torch.randn(2, 3, 6), torch.randint(0, 3, (2, 3))

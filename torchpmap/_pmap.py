@@ -93,11 +93,23 @@ class _InPlan:
     kinds: list[int]  # per input leaf: _TENSOR, _SHARDED, ...
     paths: list[str]  # per input leaf: readable path (args[0]['w'])
     arg_of_leaf: list[int | None]  # positional index of the argument a leaf comes from (None: kwargs)
-    # Modules, optimizers and LR schedulers every replica receives as one object
-    # (broadcast leaves and static arguments): (path, object, how it is shared).
-    shared_objects: list[tuple[str, Any, str]]
+    # Modules, optimizers and LR schedulers every replica receives as one object: (path,
+    # leaf index or static argument position, how it is shared). Not the objects: a later
+    # call of this plan may pass others of the same type (``shared_objects``).
+    shared_leaves: list[tuple[str, int, str]]
+    shared_statics: list[tuple[str, int, str]]
     # The stacked executor's fast path for calls of this plan (``_fast_call``), once one ran stacked.
     fast: FastCall | None = None
+
+    @property
+    def shares_objects(self) -> bool:
+        return bool(self.shared_leaves or self.shared_statics)
+
+    def shared_objects(self, leaves: list[Any], static_vals: tuple[Any, ...]) -> list[tuple[str, Any, str]]:
+        """This call's shared modules, optimizers and schedulers: (path, object, how)."""
+        return [(path, leaves[j], how) for path, j, how in self.shared_leaves] + [
+            (path, static_vals[k], how) for path, k, how in self.shared_statics
+        ]
 
 
 @dataclass
@@ -379,7 +391,7 @@ class Pmapped:
         executor. ``donated``: the donated leaves, claimed for this call by the caller."""
         n = self._axis_length(plan, leaves)
         devices = self._choose_devices(n, plan, leaves)
-        shared_modules = watch_passed(plan.shared_objects, n) if plan.shared_objects else []
+        shared_modules = watch_passed(plan.shared_objects(leaves, static_vals), n) if plan.shares_objects else []
         grad_on = torch.is_grad_enabled()
         found = reached_by(self._fun) if n > 1 or grad_on else []
         # Not in ``shared_modules``: a fast path stays possible.
@@ -586,14 +598,14 @@ class Pmapped:
                     f"dimension(s) (shape {tuple(leaf.shape)})"
                 )
             canonical.append(axis % ndim)
-        shared_objects = [
-            (paths[j], leaves[j], "passed broadcast (in_axes=None)")
+        shared_leaves = [
+            (paths[j], j, "passed broadcast (in_axes=None)")
             for j in range(len(leaves))
             if canonical[j] is None and is_stateful_object(leaves[j])
         ]
-        shared_objects += [
-            (f"args[{i}]", args[i], "passed static (static_broadcasted_argnums)")
-            for i in static_pos
+        shared_statics = [
+            (f"args[{i}]", k, "passed static (static_broadcasted_argnums)")
+            for k, i in enumerate(static_pos)
             if is_stateful_object(args[i])
         ]
         mapped = [j for j, a in enumerate(canonical) if a is not None]
@@ -602,7 +614,7 @@ class Pmapped:
                 f"pmap: {self._fun_name} was called with no mapped argument, so the axis "
                 f"size is unknown; map at least one argument (in_axes) or pass axis_size"
             )
-        return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf, shared_objects)
+        return _InPlan(canonical, mapped, kinds, paths, arg_of_leaf, shared_leaves, shared_statics)
 
     def _axis_length(self, plan: _InPlan, leaves: list[Any]) -> int:
         n: int | None = None
