@@ -1153,3 +1153,36 @@ def test_static_dataclasses_are_keyed_by_what_their_equality_compares():
     node = Node(3.0)
     node.parent = node
     assert torch.equal(p(x, node).unshard(), x * 3)
+
+
+@pytest.mark.parametrize(
+    "rebind",
+    [
+        lambda x: setattr(x, "data", torch.full_like(x, 50.0)),
+        lambda x: x.set_(torch.full_like(x, 60.0)),
+        lambda x: x.requires_grad_(),
+    ],
+    ids=["data", "set_", "requires_grad_"],
+)
+def test_an_input_returned_is_a_view_of_the_callers_tensor_not_the_object(rebind, monkeypatch):
+    # A mapped input returned unchanged was wrapped around the caller's tensor itself:
+    # rebinding that tensor afterwards (.data =, set_) changed the earlier result. The
+    # threads return views of the input's memory, which a rebinding leaves as they were.
+    pf = pm(lambda x: (x, x * 2))
+    seen = {}
+    for general in (False, True):
+        # 1: every call takes the general path; else the second and third take the fast one
+        monkeypatch.setattr(tp._pmap, "_RECHECK_EVERY", 1 if general else 32)
+        for name in ("stacked", "threads"):
+            with executor(name):
+                for call in range(3):
+                    x = rows(N, 3)
+                    returned, _ = pf(x)
+                    rebind(x)
+                    before = returned.unshard().detach()
+                    x.data.add_(1)  # the memory x holds now (still the result's after requires_grad_)
+                    seen[general, name, call] = (before, returned.unshard().detach(), returned.requires_grad)
+    for (general, _name, call), (before, after, requires_grad) in seen.items():
+        expected = seen[general, "threads", call]
+        assert torch.equal(before, rows(N, 3))
+        assert torch.equal(after, expected[1]) and requires_grad == expected[2]

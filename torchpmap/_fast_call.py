@@ -126,6 +126,8 @@ class FastCall:
                 if type(leaf) is not torch.Tensor or leaf.ndim <= axis or leaf.shape[axis] != n:
                     return None
                 buffer = None if slices_overlap(leaf, axis) else _stacked.mapped_buffer(leaf, axis, self.device)
+                if buffer is leaf:
+                    state.caller_tensors.append(buffer)
             if buffer is None:
                 return None
             row0.append(state.row_of(buffer))

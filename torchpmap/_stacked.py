@@ -197,6 +197,9 @@ class _CallState:
     started: bool = False  # the batched program began to run: an error now is this call's data's
     # The inputs a started program writes in place, with their versions before it ran.
     written_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+    # Buffers that are the caller's own tensors (mapped along dim 0): an output returns a
+    # view of one, never the object, which the caller may rebind later (set_, .data =).
+    caller_tensors: list[torch.Tensor] = field(default_factory=list)
 
     def wrote_inputs(self) -> bool:
         """Whether the program wrote one of its inputs in place: no fallback then
@@ -239,6 +242,8 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
             values = list(record.per_leaf[j])
             buffer = torch.stack(values)
             state.copied[id(buffer)] = (buffer, values)
+        elif buffer is record.caller_leaves[j]:
+            state.caller_tensors.append(buffer)
         row0.append(state.row_of(buffer))
     return row0, state
 
@@ -1122,6 +1127,9 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
             stacked = state.stacked_of.get(id(leaf))
             if stacked is None:
                 stacked = _view_of_every_row(leaf, state)
+            elif state.caller_tensors and any(stacked is t for t in state.caller_tensors):
+                # The same memory under another object: a view, as the threads' shards of it are.
+                stacked = stacked.view(stacked.shape)
             if stacked is not None and state.copied:
                 originals = _copied_input(stacked, state)
                 if originals is not None:
