@@ -74,3 +74,19 @@ def test_a_stacked_call_runs_its_graph_directly_and_equals_the_threads():
             got = pf(x, w)
     assert calls.count == 0  # (the collective is a custom op: called directly too)
     assert_same_bits(expected.unshard(), got.unshard())
+
+
+@torch.library.custom_op("torchpmap_test::plus_length", mutates_args=())
+def _plus_length(x: torch.Tensor, text: str) -> torch.Tensor:
+    return x + len(text)
+
+
+@_plus_length.register_fake
+def _(x, text):
+    return torch.empty_like(x)
+
+
+def test_text_inside_a_string_argument_is_left_as_written():
+    text = "torch.ops.aten.add.Tensor(x)"  # what a call looks like in FX's code, as a string
+    gm = make_fx(lambda x: torch.ops.torchpmap_test.plus_length(x * 2, text))(torch.ones(3))
+    assert torch.equal(direct_forward(gm)(torch.ones(3)), torch.full((3,), 2.0 + len(text)))

@@ -1186,3 +1186,23 @@ def test_an_input_returned_is_a_view_of_the_callers_tensor_not_the_object(rebind
         expected = seen[general, "threads", call]
         assert torch.equal(before, rows(N, 3))
         assert torch.equal(after, expected[1]) and requires_grad == expected[2]
+
+
+def test_the_capture_scope_gives_everything_back_when_its_exit_is_interrupted(monkeypatch):
+    # An interrupt while the saved-tensor hooks switch is restored must not leave the
+    # Dynamo gate held, the collectives stacking or the frame bound (later calls would wait).
+    import threading
+    import types
+
+    from torchpmap import _axis, _ops
+    from torchpmap._compile import DYNAMO_GATE
+
+    def interrupted(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_stacked, "_restore_saved_tensor_hooks_switch", interrupted)
+    capture, tls = types.SimpleNamespace(failed=None, count=[0], frame=None), threading.local()
+    with pytest.raises(KeyboardInterrupt):
+        with _stacked.capture_scope(capture, tls, "state", "stacked"):
+            raise RuntimeError("the body failed")
+    assert not DYNAMO_GATE.held() and not _ops._stacking.on and tls.state is None and _axis.current_frame() is None

@@ -45,7 +45,10 @@ def spec_signature(spec: TreeSpec | None) -> Any:
     the spec is: torch's TreeSpec compares contexts with ``==``."""
     if spec is None or spec.is_leaf():
         return None
-    return (signature(spec.context), *[spec_signature(child) for child in spec.children()])
+    context = spec.context
+    # A dict's or an OrderedDict's context is its list of keys: the usual str keys cost a type each.
+    own = keys_signature(tuple(context)) if type(context) is list else signature(context)
+    return (own, *[None if child.is_leaf() else spec_signature(child) for child in spec.children()])
 
 
 # Dict keys whose type says all: nothing of theirs that == ignores.

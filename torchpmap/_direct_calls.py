@@ -11,7 +11,10 @@ Nothing else in the generated code changes.
 
 from __future__ import annotations
 
+import io
+import linecache
 import re
+import tokenize
 import types
 from collections.abc import Callable
 from typing import Any
@@ -28,8 +31,11 @@ def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
     code = gm.graph.python_code(root_module="self")
     namespace = dict(code.globals)
     names: dict[str, str] = {}
+    in_strings = _string_spans(code.src)
 
     def direct(match: re.Match[str]) -> str:
+        if any(start <= match.start() < end for start, end in in_strings):
+            return match.group(0)  # text inside a string argument (an einsum equation, a message)
         namespace_name, op_name, overload_name = match.groups()
         try:
             op = getattr(getattr(getattr(torch.ops, namespace_name), op_name), overload_name)
@@ -44,5 +50,19 @@ def direct_forward(gm: torch.fx.GraphModule) -> Callable[..., Any]:
         return name + "("
 
     source = _OVERLOAD_CALL.sub(direct, code.src)
-    exec(compile(source, f"<torchpmap direct forward of graph {id(gm):#x}>", "exec"), namespace)
+    filename = f"<torchpmap direct forward of graph {id(gm):#x}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show it
+    exec(compile(source, filename, "exec"), namespace)
     return types.MethodType(namespace["forward"], gm)
+
+
+def _string_spans(source: str) -> list[tuple[int, int]]:
+    """Where the string literals of ``source`` are, as (start, end) offsets."""
+    line_starts = [0]
+    for line in source.splitlines(True):
+        line_starts.append(line_starts[-1] + len(line))
+    return [
+        (line_starts[token.start[0] - 1] + token.start[1], line_starts[token.end[0] - 1] + token.end[1])
+        for token in tokenize.generate_tokens(io.StringIO(source).readline)
+        if token.type == tokenize.STRING
+    ]

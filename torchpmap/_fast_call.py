@@ -38,7 +38,7 @@ class FastCall:
     plain tensor on the physical device mapped along its axis, or a
     non-tensor value (which Dynamo's guards check)."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "device", "constants")
+    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "device", "has_constants", "constants")
 
     def __init__(
         self,
@@ -58,7 +58,8 @@ class FastCall:
         # Nor its tree structure: each call is rebuilt with its own dict keys and contexts
         # (the plan's key finds them equal, but a function may tell equal keys apart).
         # Dynamo's guards take -0.0 for 0.0: the capture is keyed by the zeros' signs too.
-        self.constants = constant_signature(record.caller_leaves) if CONSTANT in self.kinds else ()
+        self.has_constants = CONSTANT in self.kinds
+        self.constants = constant_signature(record.caller_leaves) if self.has_constants else ()
 
     @staticmethod
     def kinds_of(record: CallRecord, tensor_kinds: Sequence[bool]) -> list[int] | None:
@@ -89,7 +90,7 @@ class FastCall:
             return None
         if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
             return None
-        if CONSTANT in self.kinds and constant_signature(leaves) != self.constants:
+        if self.has_constants and constant_signature(leaves) != self.constants:
             # (-0.0 for 0.0, or (True,) for (1,): equal to Dynamo's guards, another capture to the general path)
             return None
         state = _stacked._CallState(len(self.devices), {})
@@ -127,7 +128,7 @@ class FastCall:
                     return None
                 buffer = None if slices_overlap(leaf, axis) else _stacked.mapped_buffer(leaf, axis, self.device)
                 if buffer is leaf:
-                    state.caller_tensors.append(buffer)
+                    state.caller_tensors.add(id(buffer))
             if buffer is None:
                 return None
             row0.append(state.row_of(buffer))

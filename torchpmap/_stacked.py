@@ -197,9 +197,10 @@ class _CallState:
     started: bool = False  # the batched program began to run: an error now is this call's data's
     # The inputs a started program writes in place, with their versions before it ran.
     written_versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
-    # Buffers that are the caller's own tensors (mapped along dim 0): an output returns a
-    # view of one, never the object, which the caller may rebind later (set_, .data =).
-    caller_tensors: list[torch.Tensor] = field(default_factory=list)
+    # ids of the buffers that are the caller's own tensors (mapped along dim 0; ``stacked_of`` holds
+    # them): an output returns a view of one, never the object, which the caller may rebind
+    # later (set_, .data =).
+    caller_tensors: set[int] = field(default_factory=set)
 
     def wrote_inputs(self) -> bool:
         """Whether the program wrote one of its inputs in place: no fallback then
@@ -243,7 +244,7 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
             buffer = torch.stack(values)
             state.copied[id(buffer)] = (buffer, values)
         elif buffer is record.caller_leaves[j]:
-            state.caller_tensors.append(buffer)
+            state.caller_tensors.add(id(buffer))
         row0.append(state.row_of(buffer))
     return row0, state
 
@@ -1020,12 +1021,14 @@ class capture_scope:
         self.hooks_disabled = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> None:
-        if kind is not None:
-            _restore_saved_tensor_hooks_switch(self.hooks_disabled)
-        _ops._stacking.on = False
-        _axis.bind(self.previous)
-        DYNAMO_GATE.exit()
-        self.tls.state = None
+        try:
+            if kind is not None:
+                _restore_saved_tensor_hooks_switch(self.hooks_disabled)
+        finally:  # whatever the restore raises (an interrupt), the gate and the thread's state go back
+            _ops._stacking.on = False
+            _axis.bind(self.previous)
+            DYNAMO_GATE.exit()
+            self.tls.state = None
 
 
 def _restore_saved_tensor_hooks_switch(disabled: str | None) -> None:
@@ -1127,7 +1130,7 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
             stacked = state.stacked_of.get(id(leaf))
             if stacked is None:
                 stacked = _view_of_every_row(leaf, state)
-            elif state.caller_tensors and any(stacked is t for t in state.caller_tensors):
+            elif id(stacked) in state.caller_tensors:
                 # The same memory under another object: a view, as the threads' shards of it are.
                 stacked = stacked.view(stacked.shape)
             if stacked is not None and state.copied:
