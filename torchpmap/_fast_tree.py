@@ -104,22 +104,3 @@ def _build(structure: Structure, it: Any) -> Any:
         return [_build(child, it) for child in structure[1:]]
     keys = structure[1]
     return dict(zip(keys, [_build(child, it) for child in structure[3:]]))
-
-
-def of_spec(spec: TreeSpec) -> Structure | None:
-    """The structure key of trees of ``spec``, or None where it has a node type
-    other than tuple, list and dict. Leaf types are not looked at (a spec does
-    not hold them): this key rebuilds trees, it does not decide what ``flatten`` takes."""
-    if spec.is_leaf():
-        return _LEAF
-    children = [of_spec(child) for child in spec.children()]
-    if any(child is None for child in children):
-        return None
-    if spec.type is tuple:
-        return (_TUPLE, *children)
-    if spec.type is list:
-        return (_LIST, *children)
-    if spec.type is dict:
-        keys = tuple(spec.context)
-        return (_DICT, keys, keys_signature(keys), *children)
-    return None

@@ -119,7 +119,7 @@ class _OutPlan:
 
 
 # What picks a cached plan. Inputs: (tree structure: a _fast_tree key, a TreeSpec
-# with its context types, or None for positional tensors; static argument values;
+# with its spec_signature, or None for positional tensors; static argument values;
 # positional argument count; (type, ndim) of every leaf). Outputs: (tree
 # structure, per leaf its rank if a tensor, else its type).
 _InKey: TypeAlias = (
@@ -333,21 +333,25 @@ class Pmapped:
             static_vals, dyn_args = (), args
         treedef: TreeSpec | None
         key_spec: tuple[TreeSpec, Any] | Structure | None
+        structure: Structure | TreeSpec | None  # this call's tree, as the fast path rebuilds it
         if not kwargs and all(isinstance(a, torch.Tensor) and type(a) not in SUPPORTED_NODES for a in dyn_args):
             # The common call, positional tensors only: skip the generic flatten, and key
             # the plan without hashing a tree structure (None stands for it). A tensor
             # type registered as a pytree node is a tree, flattened as torch's pytree does.
             leaves, treedef, key_spec = list(dyn_args), self._positional_spec(len(dyn_args)), None
+            structure = None
         else:
             # Tuples, lists and dicts of tensors and numbers: a structure key that is cheap to
             # build and hash (_fast_tree); torch's TreeSpec only where the general path needs it.
             found = _fast_tree.flatten((dyn_args, kwargs))
             if found is not None:
                 (leaves, key_spec), treedef = found, None
+                structure = key_spec
             else:
                 leaves, treedef = tree_flatten((dyn_args, kwargs))
-                # A TreeSpec's == takes a True key for 1: its context types tell them apart.
+                # A TreeSpec's == takes a True key for 1: its spec_signature tells them apart.
                 key_spec = (treedef, spec_signature(treedef))
+                structure = treedef
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
         plan = self._in_plans.get(key)
@@ -358,8 +362,6 @@ class Pmapped:
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
         if fast is not None and not recheck:
-            # This call's own structure: a _fast_tree key, a TreeSpec, or None (positional tensors).
-            structure = key_spec if treedef is None else (None if key_spec is None else treedef)
             fast_out = fast.call(leaves, structure, tuple(zip(static_pos, static_vals)) if static_pos else ())
             if fast_out is not None:
                 return self._assemble_stacked(fast_out, fast.devices)
