@@ -7,6 +7,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from torchpmap._graph_passes import _STRIDED_INPUT_CHANGES_BITS, simplify
+from torchpmap._stacked_collectives import replica_copies
 
 aten = torch.ops.aten
 
@@ -167,7 +168,7 @@ def _shapes_of(gm, target):
 def test_arithmetic_on_copies_of_one_row_runs_once():
     def f(x, p):
         total = x[0] + x[1]  # fresh, only read: an all-reduce's total
-        every = torch.stack([total] * 4)
+        every = replica_copies(total, 4)
         update = every / 4 * 0.1
         return p - update, every, every.sum(1), update + p
 
@@ -187,24 +188,24 @@ def test_arithmetic_on_copies_of_one_row_runs_once():
 def test_no_once_when_the_row_may_change_or_is_an_input():
     def written(x):
         total = x[0] + x[1]
-        every = torch.stack([total] * 3)
+        every = replica_copies(total, 3)
         total.add_(1)  # the stack holds the values from before
         return every * 2
 
     def viewed(x):
         total = x[0] + x[1]
-        every = torch.stack([total] * 3)
+        every = replica_copies(total, 3)
         total.view(-1).mul_(3)
         return every - 1
 
     def a_view(x):
         row = x[0]  # only read, but x, which it views, is written
-        every = torch.stack([row] * 3)
+        every = replica_copies(row, 3)
         x.add_(1)
         return every * 2
 
     def an_input(x):
-        every = torch.stack([x] * 3)
+        every = replica_copies(x, 3)
         x.add_(1)
         return every * 2
 
@@ -217,7 +218,7 @@ def test_no_once_when_the_row_may_change_or_is_an_input():
 
 def test_a_pointwise_user_whose_layout_would_change_gets_a_copy():
     def f(x, y):
-        every = torch.stack([x[0] * 2] * 3)  # (3, 4, 5)
+        every = replica_copies(x[0] * 2, 3)  # (3, 4, 5)
         other = y.permute(1, 0, 2)  # (3, 4, 5) laid out as (4, 3, 5): the kernel follows the first input's
         return torch.add(every, other), torch.add(other, every), every * y.permute(1, 0, 2)
 
@@ -229,17 +230,17 @@ def test_a_pointwise_user_whose_layout_would_change_gets_a_copy():
 
 def test_no_once_when_the_copies_or_a_result_of_them_are_written_through_a_view():
     def stack_written(x):
-        every = torch.stack([x[0] + x[1]] * 3)
+        every = replica_copies(x[0] + x[1], 3)
         every.view(-1).add_(100)  # the (3, ...) value changes; one row would not see it
         return every * x[0]
 
     def some_rows_written(x):
-        every = torch.stack([x[0] + x[1]] * 3)
+        every = replica_copies(x[0] + x[1], 3)
         every[1:].mul_(0)
         return every / 4
 
     def once_result_written(x):
-        every = torch.stack([x[0] + x[1]] * 3)
+        every = replica_copies(x[0] + x[1], 3)
         half = every * 0.5
         half.view(-1).add_(1)
         return half + x[0]
@@ -256,7 +257,7 @@ def test_any_pointwise_op_runs_once_and_pointwise_readers_read_the_view():
     # like the threads' per-replica tensor; readers get the broadcast view
     # except gelu_backward, whose strided path rounds differently.
     def f(x, p):
-        every = torch.stack([x[0] + x[1]] * 4)
+        every = replica_copies(x[0] + x[1], 4)
         once = every * every, torch.add(every, every, alpha=0.3), torch.sigmoid(every)
         readers = torch.add(p, every, alpha=0.3), every.exp() + p
         if x.is_complex():  # no complex gelu
@@ -343,7 +344,7 @@ def test_the_broadcast_view_gives_every_pointwise_reader_the_rows_own_bits(dtype
 def test_a_write_through_a_tensor_set_to_the_copies_keeps_them_stacked():
     def f(x):
         total = x[0] + x[1]
-        every = torch.stack([total] * 3)
+        every = replica_copies(total, 3)
         b = torch.zeros(3, 4)
         b.set_(every)  # b aliases every from here on: set_ returns it
         b.add_(1)
@@ -353,3 +354,53 @@ def test_a_write_through_a_tensor_set_to_the_copies_keeps_them_stacked():
     gm, _, after = traced(f, x)
     assert aten.expand.default not in after and _shapes_of(gm, aten.mul.Tensor) == [(3, 4)]
     assert torch.equal(gm(x), f(x))
+
+
+def test_true_and_1_are_not_one_argument():
+    # bool + True is a logical or, bool + 1 an integer add: equal by ==, not one computation.
+    def f(x):
+        b = x > 0
+        return (b + True) * 3, (b + 1) * 3, x * 0.0, x * complex(0.0, -0.0)
+
+    x = torch.tensor([-1.0, 1.0, 2.0])
+    gm, _, _ = traced(f, x)
+    for got, expected in zip(gm(x), f(x)):
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
+def test_a_replicas_own_stack_of_copies_is_computed_over_all_its_rows():
+    # Only a collective's stack (replica_copies) stands for one row per replica: a replica's
+    # own stack is computed in one loop over its rows, whose vectorised and scalar parts
+    # split them elsewhere than a loop over one row (cosh's last bit differs here).
+    def f(c):
+        c2 = c * 2
+        return torch.cosh(torch.stack([c2, c2]))
+
+    torch.manual_seed(0)
+    c = torch.randn(20)
+    gm, _, _ = traced(f, c)
+    assert _shapes_of(gm, aten.cosh.default) + _shapes_of(gm, aten.cosh_.default) == [(2, 20)]
+    assert torch.equal(gm(c), f(c))
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+def test_a_replicas_own_stack_and_equal_constants_give_the_threads_bits(name):
+    from helpers import devices, executor
+
+    import torchpmap as tp
+
+    def f(x, c):
+        b = x > 0
+        c2 = c * 2
+        return (b + True) * 3, (b + 1) * 3, torch.cosh(torch.stack([c2, c2])) + x[:1, :1]
+
+    torch.manual_seed(0)
+    x, c = torch.randn(4, 2, 20), torch.randn(20)
+    results = {}
+    for ex in ("threads", name):
+        pf = tp.pmap(f, "i", in_axes=(0, None), devices=devices(4))
+        with executor(ex):
+            results[ex] = [pf(x, c) for _ in range(3)]
+    for got, expected in zip(results[name], results["threads"]):
+        for g, e in zip(got, expected):
+            assert torch.equal(g.unshard(), e.unshard())

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ._stacked_collectives import REPLICA_COPIES
+
 aten = torch.ops.aten
 
 # Ops that return their first input's data (a view, or ``_unsafe_view``'s
@@ -127,15 +129,17 @@ def _writes(node: torch.fx.Node) -> bool:
 
 
 def _key(value: Any) -> Any:
-    """A hashable key equal for equal arguments: a float by its repr, so that
-    0.0 and -0.0 (equal, with one hash) and nan (unequal to itself) key right."""
+    """A hashable key equal for equal arguments of the same type: ``True == 1``
+    and ``1 == 1.0``, but ``b + True`` is a logical or where ``b + 1`` adds. A
+    float or complex by its repr, so that 0.0 and -0.0 (equal, with one hash) and
+    nan (unequal to itself) key right."""
     if isinstance(value, (list, tuple)):
         return (type(value).__name__, tuple(_key(v) for v in value))
     if isinstance(value, dict):
         return ("dict", tuple((k, _key(v)) for k, v in value.items()))
-    if isinstance(value, float):
-        return ("float", repr(value))
-    return value
+    if isinstance(value, (float, complex)):
+        return (type(value), repr(value))
+    return (type(value), value)
 
 
 # Pointwise kernels that, given the broadcast view, round differently from the
@@ -280,9 +284,14 @@ def _feed_users(
 
 
 def _copied_row(node: torch.fx.Node) -> torch.fx.Node | None:
-    """t when ``node`` is ``stack([t, ..., t])`` along dimension 0 and t is a
-    fresh value that every user only reads, else None."""
+    """t when ``node`` is ``stack([t, ..., t])`` along dimension 0 that a collective
+    made (``replica_copies``: every replica's copy of one value) and t is a fresh
+    value that every user only reads, else None. Not a user's own stack of copies:
+    each replica computes over all of its rows in one loop, whose vectorised and
+    scalar parts split them elsewhere than a loop over one row."""
     if node.target is not aten.stack.default or not isinstance(node.meta.get("val"), torch.Tensor):
+        return None
+    if not node.meta.get("custom", {}).get(REPLICA_COPIES):
         return None
     rows, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if dim != 0 or not isinstance(rows, (list, tuple)) or not rows or any(r is not rows[0] for r in rows):

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.fx.traceback as fx_traceback
 from torch import Tensor
 from torch._C._functorch import TransformType
 
@@ -95,6 +96,19 @@ def _fold(rows: Sequence[Tensor], reduce: Callable[[Tensor, Tensor], Tensor]) ->
     return total
 
 
+# The annotation that marks, in a traced graph, a stack of n copies of one value
+# that is every replica's (an all-reduce's total, an all-gather's stack):
+# _graph_passes computes pointwise ops on such a stack once. A user's own
+# ``torch.stack([t, t])`` is not one: each replica computes over all its rows.
+REPLICA_COPIES = "torchpmap_replica_copies"
+
+
+def replica_copies(row: Tensor, n: int) -> Tensor:
+    """``torch.stack([row] * n)``, annotated as ``REPLICA_COPIES`` when traced."""
+    with fx_traceback.preserve_node_meta(), fx_traceback.annotate({REPLICA_COPIES: True}):
+        return torch.stack([row] * n)
+
+
 def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
     """out[r]: the reduction over r's group of xs[m], folded in group order."""
     n = xs.shape[0]
@@ -103,7 +117,7 @@ def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
     rows = xs.unbind(0)
     if _is_everybody(groups, n):
         total = _fold(rows, reduce)
-        return torch.stack([total] * n) if n > 1 else total.unsqueeze(0)
+        return replica_copies(total, n) if n > 1 else total.unsqueeze(0)
     total_of: dict[int, Tensor] = {}  # replica -> its group's total
     for g in _groups(groups, n):
         total = _fold([rows[m] for m in g], reduce)
@@ -120,7 +134,7 @@ def all_gather(xs: Tensor, groups: Groups = None) -> Tensor:
     _check_stack(xs, n, "all_gather")
     groups_ = _equal_size_groups(groups, n, "all_gather")
     if _is_everybody(groups, n):
-        return torch.stack([xs] * n)
+        return replica_copies(xs, n)
     members, _ = _members_and_positions(groups_, n, xs.device)
     return xs[members]
 
