@@ -22,7 +22,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-# Python operator names whose aten op is named otherwise.
+# Python operator names whose aten op is named otherwise, and aliases whose own
+# aten packet is a composite without the pointwise tag (torch.multiply runs
+# aten.mul): tests/test_promotion_guard.py finds every function that runs one
+# pointwise op and checks that it is named here or is that op.
 _ATEN_NAME = {
     "truediv": "div",
     "floordiv": "floor_divide",
@@ -32,7 +35,22 @@ _ATEN_NAME = {
     "xor": "bitwise_xor",
     "lshift": "bitwise_left_shift",
     "rshift": "bitwise_right_shift",
+    "multiply": "mul",
+    "divide": "div",
+    "subtract": "sub",
+    "greater": "gt",
+    "greater_equal": "ge",
+    "less": "lt",
+    "less_equal": "le",
+    "not_equal": "ne",
+    "arctan2": "atan2",
+    "special_gammainc": "igamma",
+    "special_gammaincc": "igammac",
+    "special_xlogy": "xlogy",
+    "special_logit": "logit",
 }
+# Promoting elementwise ops that aten does not tag pointwise.
+_UNTAGGED_POINTWISE = {"floor_divide"}
 
 
 class PerReplicaScalarPromotion(Exception):
@@ -49,6 +67,8 @@ def _promotes(name: str) -> bool:
     if name[:1] in ("r", "i"):  # reflected and in-place operators: __radd__, __imul__
         candidates += [name[1:], _ATEN_NAME.get(name[1:], name[1:])]
     for candidate in candidates:
+        if candidate in _UNTAGGED_POINTWISE:
+            return True
         packet = getattr(torch.ops.aten, candidate, None)
         if isinstance(packet, torch._ops.OpOverloadPacket) and any(
             torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()
