@@ -102,6 +102,8 @@ def test_pmap_without_axis_name_binds_no_user_name():
     devices(2)  # maps 2 replicas on the default devices
     err, _ = expect_error(tp.pmap(lambda v: tp.psum(v, "i")), torch.ones(2, 3), kind=NameError)
     assert "unbound axis name: 'i'" in str(err)
+    # The message names the fix, not the placeholder the unnamed axis has inside.
+    assert "was given no axis_name: pass axis_name='i' to pmap" in str(err) and "unnamed" not in str(err)
 
 
 def test_axis_is_unbound_again_after_the_call():

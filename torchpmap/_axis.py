@@ -84,7 +84,21 @@ def _unbound(name: str, frame: ReplicaFrame | None) -> NameError:
             f"unbound axis name: {name!r}. Collectives can only be called inside a "
             f"function mapped by torchpmap.pmap(..., axis_name={name!r})."
         )
-    return NameError(f"unbound axis name: {name!r}; the enclosing pmap binds axis_name={frame.axis_name!r}.")
+    return unbound_in(name, frame.axis_name)
+
+
+# How a pmap given no axis_name names its axis (no user code can spell it).
+ANONYMOUS_AXIS = "<unnamed axis of pmap {:x}>"
+
+
+def unbound_in(name: str, bound: str) -> NameError:
+    """The error for axis ``name`` used inside a pmap whose axis is ``bound``."""
+    if bound.startswith(ANONYMOUS_AXIS.split("{")[0]):
+        return NameError(
+            f"unbound axis name: {name!r}; the enclosing pmap was given no axis_name: "
+            f"pass axis_name={name!r} to pmap to name its axis."
+        )
+    return NameError(f"unbound axis name: {name!r}; the enclosing pmap binds axis_name={bound!r}.")
 
 
 def resolve(axis_name: AxisName) -> ReplicaFrame:

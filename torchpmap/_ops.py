@@ -610,7 +610,7 @@ def _over_replicas(name: str, level: _axis.ReplicaLevel, xs: Tensor, args: tuple
     names = axes.split(AXIS_SEP)
     if _axis.bound_level(names) is not level:
         other = next(n for n in names if n != level.axis_name)
-        raise NameError(f"unbound axis name: {other!r}; the enclosing pmap binds axis_name={level.axis_name!r}.")
+        raise _axis.unbound_in(other, level.axis_name)
     if xs.shape[0] != level.size:
         raise ValueError(
             f"the replica axis {level.axis_name!r} has {level.size} replicas but vmap batches {xs.shape[0]}: "

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import SUPPORTED_NODES, PyTree, TreeSpec, tree_flatten, tree_structure, tree_unflatten
 
-from . import _devices, _fast_tree, _random, _transfers
+from . import _axis, _devices, _fast_tree, _random, _transfers
 from . import distributed as _distributed
 from ._autodiff import FlatOutput, counted_once, named_grad_tensors
 from ._call import CallRecord, Placement, ReplicaGroup, choose_executor, constants_signature_of
@@ -1140,7 +1140,7 @@ def _hashable(v: Any) -> bool:
 
 def _anonymous_axis(p: Pmapped) -> str:
     # An unnamed axis still needs a name internally; no user code can spell it.
-    return f"<unnamed axis of pmap {id(p):x}>"
+    return _axis.ANONYMOUS_AXIS.format(id(p))
 
 
 def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
