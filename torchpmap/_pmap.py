@@ -34,7 +34,7 @@ from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_optio
 from ._constant_signature import spec_signature
 from ._fast_call import FastCall
 from ._fast_tree import Structure
-from ._layout import slices_overlap
+from ._layout import device_groups, slices_overlap
 from ._sharded import (
     ShardedTensor,
     _lost_write_message,
@@ -868,6 +868,7 @@ class Pmapped:
             plan = self._make_out_plan(_fast_tree.unflatten(first, out.spec), first)
             self._out_plans.put(key, plan)
         result: list[Any] = []
+        physical = device_groups(devices)[0][0]
         for j, axis in enumerate(plan.axes):
             value, batched = out.leaves[j], out.batched[j]
             returned = out.inputs_returned.get(j)
@@ -879,6 +880,10 @@ class Pmapped:
             elif axis is None:
                 result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
             elif batched:
+                wrapped = ShardedTensor._of_batched(value, devices, axis, physical)
+                if wrapped is not None:
+                    result.append(wrapped)
+                    continue
                 try:
                     result.append(ShardedTensor._of_stacked((value,), devices, axis))
                 except ValueError:  # rows that overlap in memory (a strided input returned): as _assemble

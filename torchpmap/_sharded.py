@@ -181,8 +181,12 @@ class ShardedTensor(torch.Tensor):
         """How this tensor is laid out over its devices (see ``_layout``)."""
         if self._layout is None:
             self._check_alive()
-            first = self._shards[0]
-            self._layout = mapped_layout(first.shape, first.dtype, self._axis, self._devices)
+            if self._stacked is not None and self._shard_views is None:  # _of_batched's: rows not made
+                first = self._stacked[0]
+                self._layout = _stacked_layout(first.shape[1:], first.dtype, self._axis, self._devices)
+            else:
+                first = self._shards[0]
+                self._layout = mapped_layout(first.shape, first.dtype, self._axis, self._devices)
         return self._layout
 
     def is_mapped_on(self, axis: int, devices: tuple[torch.device, ...]) -> bool:
@@ -230,6 +234,37 @@ class ShardedTensor(torch.Tensor):
         if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
             st._shard_views = st._rows_of_stacked()  # autograd sees the views when they are made
         st._layout = _stacked_layout(shard_shape, first.dtype, axis, devices)
+        return st
+
+    @classmethod
+    def _of_batched(
+        cls, buffer: torch.Tensor, devices: tuple[torch.device, ...], axis: int, physical: torch.device
+    ) -> ShardedTensor | None:
+        """``_of_stacked((buffer,), devices, axis)`` for a stacked call's result on
+        ``physical``, the devices' one physical device, with ``axis`` in range (the
+        output plan checked it), built with no more than it needs: pmap wraps every
+        output of every call. None for anything else (rows sharing memory, another
+        device), which ``_of_stacked`` then handles as it does."""
+        n = len(devices)
+        if (
+            type(buffer) is not torch.Tensor
+            or buffer.ndim == 0
+            or buffer.shape[0] != n
+            or buffer.device != physical
+            or (n > 1 and _rows_overlap(buffer))
+            or buffer.requires_grad
+            or torch.is_inference_mode_enabled()  # (both make the shard views at once, as _of_stacked)
+        ):
+            return None
+        shape = list(buffer.shape)
+        shape[0:1] = []
+        shape.insert(axis, n)
+        st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=buffer.dtype, device=buffer.device)
+        st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, (buffer,)
+        st._overlap = False
+        st._rows_grad_mode = torch.is_grad_enabled()
+        st._shard_views = None
+        st._layout = None  # shard_layout builds it from the buffer on first use
         return st
 
     @classmethod
@@ -1112,9 +1147,14 @@ def _still_views_of(
     # that starts at its row's address on the buffer's device, with the row's
     # geometry, is that row's memory, the buffer keeping it alive.
     for buffer, (_, members) in zip(buffers, groups):
-        if _storage_key(buffer) is None:
+        # What _storage_key asks, without making a storage object (~1.5 us a call).
+        if buffer.layout != torch.strided or buffer.is_nested or buffer.device.type == "meta":
             return False
-        address, step = buffer.data_ptr(), buffer.stride(0) * buffer.element_size()
+        try:
+            address = buffer.data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (a functorch wrapper, for one)
+            return False
+        step = buffer.stride(0) * buffer.element_size()
         stride, shape, dtype, device = buffer.stride()[1:], buffer.shape[1:], buffer.dtype, buffer.device
         for row, i in enumerate(members):
             s = shards[i]
