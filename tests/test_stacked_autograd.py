@@ -541,6 +541,25 @@ def test_an_output_written_before_the_backward_raises(name):
             out.unshard().sum().backward()
 
 
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_an_output_written_before_the_first_backward_raises_only_where_the_backward_reads_it(name):
+    # The first backward of a stacked call recomputes the forward, so nothing of the
+    # forward's was saved: it checks the outputs it reads (exp's), as autograd checks saved ones.
+    reads, ignores = pm(lambda x: x.exp()), pm(lambda x: x * 3)
+    with executor(name):
+        out = reads(rows(N, 3).requires_grad_())
+        with torch.no_grad():
+            out.shards[1].add_(1)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.unshard().sum().backward()
+        x = rows(N, 3).requires_grad_()
+        out = ignores(x)
+        with torch.no_grad():
+            out.shards[1].add_(1)
+        out.unshard().sum().backward()  # the backward reads no output: nothing to refuse, as eagerly
+        assert torch.equal(x.grad, torch.full((N, 3), 3.0))
+
+
 def test_saved_tensor_hooks_around_a_stacked_call_and_its_backward():
     # torch.func refuses to run under saved-tensor hooks: they are set aside while
     # the backward is traced, and what the call saves still goes through them.

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import reduce
@@ -426,6 +427,9 @@ class _StackedCall(torch.autograd.Function):
         )
         # As the threads executor's node: outputs alias their values but are not views for autograd.
         outs = tuple(o.detach() for o in outs)
+        # The first backward recomputes what it reads: it checks that the caller has not
+        # written an output it reads since (as autograd checks a saved output's version).
+        ctx.out_versions = tuple((weakref.ref(o), o._version) for o in outs) if split is None else ()
         ctx.mark_non_differentiable(*[o for o, rg in zip(outs, program.out_requires_grad) if not rg])
         return outs
 
@@ -480,7 +484,9 @@ class _StackedCall(torch.autograd.Function):
                 cot_outputs = [i for i, rg in enumerate(program.out_requires_grad) if rg]
                 cots = [_cotangent(grads[i], i) for i in cot_outputs]
                 split = program.split(diff, inputs, cots, ctx.written)
-                residuals = list(split.run_forward(*inputs))[split.n_outs :]
+                values = list(split.run_forward(*inputs))
+                residuals = values[split.n_outs :]
+                _check_outputs_unwritten(ctx.out_versions, values[: split.n_outs], residuals)
             else:
                 residuals = list(ctx.residual_others)
                 for k, t in zip(ctx.residual_positions, saved_residuals):
@@ -496,6 +502,33 @@ class _StackedCall(torch.autograd.Function):
             for p, g, connected in zip(diff, run(vjp, vjp_inputs, ctx.written), vjp.connected):
                 result[p] = g if connected else None
         return (None, None, None, *result)
+
+
+def _check_outputs_unwritten(
+    versions: tuple[tuple[weakref.ref[torch.Tensor], int], ...], outs: list[Any], residuals: list[Any]
+) -> None:
+    """Raise as autograd does for a saved tensor written in place when the
+    caller wrote output i since the forward (its version moved) and the
+    backward reads its memory (the recomputed output shares storage with a
+    residual). An output the caller dropped is not checked."""
+    storages = {_storage_ptr(r) for r in residuals if isinstance(r, torch.Tensor)}
+    for i, ((ref, version), recomputed) in enumerate(zip(versions, outs)):
+        out = ref()
+        if out is None or out._version == version or not isinstance(recomputed, torch.Tensor):
+            continue
+        if _storage_ptr(recomputed) in storages:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: output {i} of a stacked pmap call, a {tuple(out.shape[1:])} {out.dtype} tensor per "
+                f"replica, is at version {out._version}; expected version {version} instead."
+            )
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 class _RandomGraphs:
