@@ -694,6 +694,20 @@ def test_replica_writing_a_broadcast_input_in_place_raises():
         tp.pmap(f, in_axes=(0, None), devices=_host(4))(_rows(4, 3), w)
 
 
+def test_a_prefix_of_another_container_type_says_so():
+    message = r"out_axes is a list of length 2 while out is a tuple of length 2 \(containers"
+    with pytest.raises(ValueError, match=message):
+        tp.pmap(lambda x: (x, x), out_axes=[0, 1], devices=_host(2))(_rows(2, 3))
+
+
+def test_a_write_through_a_mapped_view_of_a_broadcast_input_names_both():
+    # x mapped and x whole: a replica's write into its row is a write into the shared whole.
+    x = _rows(4, 3)
+    f = tp.pmap(lambda a, b: (a.mul_(2), b + 0)[1], in_axes=(0, None), devices=_host(4))
+    with pytest.raises(RuntimeError, match=r"wrote args\[1\] \(or args\[0\], which shares its memory\) in place"):
+        f(x, x)
+
+
 def test_batch_norm_updating_broadcast_running_statistics_raises():
     """aten's batch_norm updates its running statistics without counting a version: the
     replicas' updates of statistics they share are found all the same."""

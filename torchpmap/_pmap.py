@@ -437,7 +437,7 @@ class Pmapped:
                 check_not_written(watched, n, cause=e)
             raise
         try:
-            _check_not_written(shared, plan.paths)
+            _check_not_written(shared, plan.paths, leaves)
             if watched:
                 check_not_written(watched, n)
         except Exception as e:
@@ -1051,7 +1051,7 @@ _OVERLAPPING_SHARDS = "shards that share memory"
 _OTHER_AXIS_COPY = "a copy along another axis"
 
 
-def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
+def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any]) -> None:
     """A replica's in-place write to a shared input raced with the others
     (and changed the caller's tensor), or was lost: a wrong answer, so an error."""
     for j, t, version, why in shared:
@@ -1079,8 +1079,10 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
                 f"memory (clone each), or clone() inside the function before writing."
             )
         if why != "overlapping slices":
+            others = _sharing_memory_with(t, j, leaves, paths)
+            through = f" (or {others}, which shares its memory)" if others else ""
             raise RuntimeError(
-                f"pmap: a replica wrote {path} in place, but {path} is broadcast (in_axes=None) and "
+                f"pmap: a replica wrote {path}{through} in place, but {path} is broadcast (in_axes=None) and "
                 f"shared by {why} and the caller without a copy: the write changed the caller's "
                 f"tensor (and races with the other replicas). clone() it inside the function before "
                 f"writing to it, or map it (in_axes) so that each replica gets its own slice."
@@ -1091,6 +1093,21 @@ def _check_not_written(shared: list[_Shared], paths: list[str]) -> None:
             f"others' data. clone() the slice inside the function before writing to it, or pass "
             f"{path}.contiguous()."
         )
+
+
+def _sharing_memory_with(t: torch.Tensor, j: int, leaves: list[Any], paths: list[str]) -> str:
+    """The other arguments whose tensors share ``t``'s storage ("args[0]",
+    "args[0] or kwargs['y']"): a write through one of them shows as a write to ``t``."""
+    try:
+        storage = t.untyped_storage().data_ptr()
+        others = [
+            paths[k]
+            for k, leaf in enumerate(leaves)
+            if k != j and isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() == storage
+        ]
+    except (RuntimeError, NotImplementedError):  # a tensor without storage
+        return ""
+    return " or ".join(others)
 
 
 # How often the state a function reaches is checked when nothing about it changed (_watch_reached).

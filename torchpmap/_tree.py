@@ -48,9 +48,15 @@ def _broadcast(
     t_items = _children(tree)
 
     def mismatch() -> ValueError:
+        # Same length, other container: say what differs (a list prefix for a tuple, say).
+        kinds = (
+            f" (containers must be of the same type: use a {type(tree).__name__})"
+            if t_items is not None and type(prefix) is not type(tree)
+            else ""
+        )
         return ValueError(
             f"pmap: {roots[0]} must be a pytree prefix of {roots[1]}, but {pname} is "
-            f"{_describe(prefix)} while {tname} is {_describe(tree)}"
+            f"{_describe(prefix)} while {tname} is {_describe(tree)}{kinds}"
         )
 
     if t_items is None or type(prefix) is not type(tree):
