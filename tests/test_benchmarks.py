@@ -75,3 +75,10 @@ def test_update_readme_replaces_only_the_table(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(SystemExit, match="markers"):
         run.update_readme(readme, "x")
+
+
+@pytest.mark.parametrize("case", ["dispatch", "feedback", "psum", "pmean_tree", "mlp"])
+def test_count_instructions_cases_run(case):
+    # The counting itself needs valgrind and takes a minute: here each case runs as it would be counted.
+    out = _load("count_instructions").main([case, "--no-valgrind", "--calls", "2", "--warmup", "1"])
+    assert out == {"case": case, "calls": 3}
