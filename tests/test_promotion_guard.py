@@ -53,7 +53,62 @@ CASES = {
         torch.tensor([1, 2, 3, 250], dtype=torch.uint8),
         "greater",
     ),
+    # an integer 0-dim with bfloat16: one replica multiplies by 257 in float32, batching by 256
+    "int_times_bf16": (
+        lambda s, y: y * s,
+        torch.tensor([257, 3, 1025, 2049]),
+        torch.full((3,), 3.0, dtype=torch.bfloat16),
+        "mul",
+    ),
+    # a bfloat16 loss times a Python float: batching rounds 0.1 to bfloat16 first
+    "bf16_scalar_times_python_float": (
+        lambda s, y: s * 0.1 + y,
+        torch.tensor([1.1640625, 2.5, 7.0, 1000.0], dtype=torch.bfloat16),
+        torch.zeros(3, dtype=torch.bfloat16),
+        "mul",
+    ),
+    # a rounding division in bfloat16: batching rounds the quotient before truncating it
+    "bf16_trunc_division": (
+        lambda s, y: torch.div(y, s, rounding_mode="trunc"),
+        torch.tensor([3.0, 7.0, 3.0, 11.0], dtype=torch.bfloat16),
+        torch.tensor([-1528.0, -752.0, -608.0], dtype=torch.bfloat16),
+        "div",
+    ),
+    # ldexp by a 0-dim exponent: batching multiplies by 2**e (0 * inf = nan)
+    "ldexp": (
+        lambda s, y: torch.ldexp(y, s),
+        torch.tensor([200, -2000, 3, 0]),
+        torch.tensor([0.0, 1.0, float("inf")]),
+        "ldexp",
+    ),
 }
+
+# What one replica refuses and batching would let through: the threads raise as eager does.
+REFUSED = {
+    "bool_sub": (lambda s, y: y - (s > 0), torch.tensor([1, -2, 3, 4]), torch.arange(3), "Subtraction"),
+    "heaviside": (
+        lambda s, y: torch.heaviside(y, s > 0),
+        torch.tensor([1, -2, 3, 4]),
+        torch.ones(3),
+        "heaviside is not yet implemented for tensors with different dtypes",
+    ),
+    "index_fill_overflow": (
+        lambda s, y: y.index_fill(0, torch.tensor([0]), s * 100),
+        torch.tensor([2, 3, 4, 5]),
+        torch.ones(3, dtype=torch.int8),
+        "without overflow",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_what_one_replica_refuses_raises_on_every_executor(case):
+    fn, s, y, error = REFUSED[case]
+    for name in ("threads", "stacked"):
+        with executor(name, allow_fallback=True), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the stacked executor's fallback
+            with pytest.raises(RuntimeError, match=error):
+                run(fn, s, y)
 
 
 def run(fn, s, y):

@@ -58,38 +58,112 @@ class PerReplicaScalarPromotion(Exception):
 
 
 @functools.cache
-def _promotes(name: str) -> bool:
-    """Whether the torch function or Tensor method ``name`` (``mul``, ``mul_``,
-    ``__rmul__``, ``__truediv__``) is a pointwise aten op: those promote their
-    tensor arguments to one dtype."""
+def _aten_name(name: str) -> str | None:
+    """The pointwise aten op that the torch function or Tensor method ``name``
+    (``mul``, ``mul_``, ``__rmul__``, ``__truediv__``, ``multiply``) runs, None
+    for any other: pointwise ops promote their tensor arguments to one dtype."""
     name = name.strip("_")
     candidates = [name, _ATEN_NAME.get(name, name)]
     if name[:1] in ("r", "i"):  # reflected and in-place operators: __radd__, __imul__
         candidates += [name[1:], _ATEN_NAME.get(name[1:], name[1:])]
     for candidate in candidates:
         if candidate in _UNTAGGED_POINTWISE:
-            return True
+            return candidate
         packet = getattr(torch.ops.aten, candidate, None)
         if isinstance(packet, torch._ops.OpOverloadPacket) and any(
             torch.Tag.pointwise in getattr(packet, o).tags for o in packet.overloads()
         ):
-            return True
-    return False
+            return candidate
+    return None
+
+
+def _promotes(name: str) -> bool:
+    return _aten_name(name) is not None
+
+
+# Their CPU kernels read a 0-dim operand's value in float32 (the op's math type),
+# where batching first casts it to the tensor's dtype.
+_REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+# Ops one replica refuses for a bool operand, or for operands of two dtypes, which
+# a batched (n,) operand gets past: the threads raise as eager does.
+_REFUSES_BOOL = {"sub", "rsub"}
+_ONE_DTYPE_ONLY = {"heaviside", "nextafter"}
 
 
 def _diverges(scalar: torch.Tensor, other: torch.Tensor) -> bool:
     """Whether batching may promote a per-replica 0-dim ``scalar`` with ``other``
     unlike one replica does. Alike: the same dtype, a bool on either side (it
-    promotes to the other's dtype both ways), an integer scalar with a floating
-    tensor (cast to it both ways: ``x + axis_index``). Not: a floating scalar
-    with a tensor of another dtype (a reduced-precision tensor computes with the
-    scalar at full precision in eager, and ``where``/``clamp`` let the batched
-    scalar win), an integer scalar with an integer tensor of another dtype."""
+    promotes to the other's dtype both ways), an integer scalar with a float32
+    or float64 tensor (cast to it both ways: ``x + axis_index``). Not: a floating
+    scalar with a tensor of another dtype (a reduced-precision tensor computes
+    with the scalar at full precision in eager, and ``where``/``clamp`` let the
+    batched scalar win), an integer scalar with a bfloat16 or float16 tensor
+    (eager computes with 257 in float32, batching rounds it to 256 first), an
+    integer scalar with an integer tensor of another dtype."""
     if scalar.dtype == other.dtype or torch.bool in (scalar.dtype, other.dtype):
         return False
     if scalar.is_floating_point() or scalar.is_complex():
         return True
-    return not (other.is_floating_point() or other.is_complex())
+    return not (other.is_floating_point() or other.is_complex()) or other.dtype in _REDUCED_FLOATS
+
+
+def _refusal(name: str, aten: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """Why batching would compute pointwise op ``name`` (aten ``aten``) on these
+    arguments unlike one replica does, None if it would not."""
+    leaves = tree_leaves((args, kwargs))
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    per_replica_scalar = [t.dim() == 0 and batched(t) for t in tensors]
+    scalars = [t for t, s in zip(tensors, per_replica_scalar) if s]
+    if not scalars:
+        return None
+    others = [t for t, s in zip(tensors, per_replica_scalar) if not s]
+    s = scalars[0]
+    head = f"{name} of a per-replica 0-dim {s.dtype} tensor"
+    if aten == "ldexp":
+        return f"{head}: batching multiplies by a power of two (0 * inf gives nan where one replica gives 0)"
+    if aten in _REFUSES_BOOL and any(t.dtype == torch.bool for t in tensors):
+        return f"{head} and a bool operand, which one replica refuses and batching does not"
+    if aten in _ONE_DTYPE_ONLY and len({t.dtype for t in tensors}) > 1:
+        return f"{head} and a tensor of another dtype, which one replica refuses and batching does not"
+    rounding = aten == "floor_divide" or (aten == "div" and kwargs.get("rounding_mode") is not None)
+    if rounding and any(t.dtype in _REDUCED_FLOATS for t in tensors):
+        return (
+            f"{head}: a rounding division in bfloat16 or float16 rounds the quotient to it before the "
+            f"rounding mode when batched, one replica rounds once"
+        )
+    numbers = [a for a in leaves if isinstance(a, (int, float, complex)) and not isinstance(a, bool)]
+    reduced = next((t for t in scalars if t.dtype in _REDUCED_FLOATS), None)
+    if reduced is not None and numbers:
+        return (
+            f"{name} of a per-replica 0-dim {reduced.dtype} tensor and the Python number {numbers[0]!r}: batching "
+            f"rounds the number to {reduced.dtype} first, one replica computes with it in float32"
+        )
+    for scalar in scalars:
+        other = next((t for t in others if _diverges(scalar, t)), None)
+        if other is not None:
+            return (
+                f"{name} of a per-replica 0-dim {scalar.dtype} tensor and a {other.dtype} tensor: batching "
+                f"would promote them unlike one replica does (cast one to the other's dtype first)"
+            )
+    return None
+
+
+def _index_fill_refusal(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """index_fill's value, a per-replica 0-dim tensor of another dtype than the
+    tensor it fills: one replica checks that it fits (int8 overflow raises),
+    batching writes it converted."""
+    target = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    value = args[3] if len(args) > 3 else kwargs.get("value")
+    if isinstance(target, torch.Tensor) and isinstance(value, torch.Tensor) and value.dim() == 0 and batched(value):
+        if value.dtype != target.dtype:
+            return (
+                f"{name} of a per-replica 0-dim {value.dtype} value into a {target.dtype} tensor: batching "
+                f"skips the check one replica makes that the value fits"
+            )
+    return None
+
+
+_INDEX_FILLS = {"index_fill", "index_fill_"}
 
 
 def batched(t: torch.Tensor) -> bool:
@@ -108,19 +182,14 @@ class _Guard(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if name and _promotes(name):
-            tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-            if len(tensors) > 1:
-                per_replica_scalar = [t.dim() == 0 and batched(t) for t in tensors]
-                scalars = [t for t, s in zip(tensors, per_replica_scalar) if s]
-                others = [t for t, s in zip(tensors, per_replica_scalar) if not s]
-                for s in scalars:
-                    other = next((t for t in others if _diverges(s, t)), None)
-                    if other is not None:
-                        raise PerReplicaScalarPromotion(
-                            f"{name} of a per-replica 0-dim {s.dtype} tensor and a {other.dtype} tensor: batching "
-                            f"would promote them unlike one replica does (cast one to the other's dtype first)"
-                        )
+        aten = _aten_name(name) if name else None
+        reason = None
+        if aten is not None:
+            reason = _refusal(name, aten, args, kwargs)
+        elif name in _INDEX_FILLS:
+            reason = _index_fill_refusal(name, args, kwargs)
+        if reason is not None:
+            raise PerReplicaScalarPromotion(reason)
         return func(*args, **kwargs)
 
 
