@@ -6,10 +6,14 @@ under vmap. PyTorch promotes a 0-dim tensor more weakly than a dimensioned one
 precision; ``uint8 < int32_scalar`` compares as uint8), and functorch's batching
 rules do not all keep that: ``torch.where`` gives float64 for a float32 tensor
 and a float64 scalar, the comparison runs in int32, the product rounds the
-scalar to bfloat16 first. Each would be a silent difference from the threads
-executor, so while the batched graph is traced, a promoting (pointwise) op that
-meets a per-replica 0-dim tensor with a tensor of another dtype stops the
-capture: the call runs on the threads, with a warning naming the op.
+scalar to bfloat16 first. PyTorch's CPU kernels also read a 0-dim operand's
+value in the op's math type (float32 for bfloat16 and float16), where the
+batched operand is first cast to the tensor's dtype (``bf16_loss * 0.1``,
+``bf16_x * count``, a rounding division), and they check what batching skips
+(a bool operand of ``sub``, a fill value that overflows). Each would be a silent
+difference from the threads executor, so while the batched graph is traced, such
+an op (``_refusal``) stops the capture: the call runs on the threads, with a
+warning naming the op.
 """
 
 from __future__ import annotations
