@@ -69,6 +69,51 @@ def test_a_call_without_randomness_leaves_the_callers_generator_alone():
     assert torch.equal(after_call, torch.rand(3))
 
 
+NO_DRAW = {
+    "alpha_dropout, training by default False": lambda x: F.alpha_dropout(x, 0.5),
+    "feature_alpha_dropout, training by default False": lambda x: F.feature_alpha_dropout(x.view(2, 3), 0.5),
+    "dropout at p=1": lambda x: F.dropout(x, 1.0),
+    "dropout2d at p=1": lambda x: F.dropout2d(x.view(1, 2, 3), 1.0),
+    "alpha_dropout at p=1": lambda x: F.alpha_dropout(x, 1.0, True),
+    "dropout of an empty tensor": lambda x: F.dropout(x[:0], 0.5).sum() + x,
+    "a draw on the meta device": lambda x: x + torch.rand(3, device="meta").shape[0],
+    "dropout on the meta device": lambda x: x + F.dropout(torch.ones(3, device="meta")).shape[0],
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_DRAW))
+@pytest.mark.parametrize("name", ["threads", "stacked", "lockstep"])
+def test_what_eager_draws_nothing_for_leaves_the_callers_generator_alone(case, name):
+    # As eager PyTorch: dropout at p=1 returns zeros, an empty tensor has nothing to draw.
+    fn = NO_DRAW[case]
+    torch.manual_seed(0)
+    expected = fn(torch.ones(6))
+    expected_next = torch.rand(3)
+    with executor(name, allow_fallback=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)
+        f = pmap_k(fn, 2)
+        for _ in range(2):
+            out = f(torch.ones(2, 6))
+            assert torch.equal(out.unshard()[1], expected)
+        assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_draws_on_cpu_and_on_cpu_k_come_from_one_stream():
+    # Eager PyTorch has one CPU generator whatever the index: two draws spelled
+    # cpu and cpu:1 follow each other in a replica's stream, they do not repeat it.
+    def two(x):
+        return x + torch.cat([torch.rand(4), torch.rand(4, device="cpu:1")])
+
+    def one(x):
+        return x + torch.rand(8)
+
+    torch.manual_seed(5)
+    got = pmap_k(two, 2)(torch.zeros(2, 8)).unshard()
+    torch.manual_seed(5)
+    assert torch.equal(got, pmap_k(one, 2)(torch.zeros(2, 8)).unshard())
+
+
 def test_dropout_backward_uses_the_forward_mask():
     def f(x):
         y = F.dropout(x, 0.5)
@@ -142,6 +187,9 @@ def test_dropout_not_drawing_does_not_take_the_lock():
     assert not _random._draws(_random._SWAP_WHEN["dropout"], (torch.ones(2), 0.5, False), {})
     assert _random._draws(_random._SWAP_WHEN["dropout"], (torch.ones(2),), {})
     assert not _random._draws(_random._SWAP_WHEN["rrelu"], (torch.ones(2),), {})
+    assert not _random._draws(_random._SWAP_WHEN["dropout"], (torch.ones(2), 1.0), {})
+    assert _random._draws(_random._SWAP_WHEN["native_dropout"], (torch.ones(2), 1.0, True), {})  # as eager
+    assert not _random._draws(_random._SWAP_WHEN["alpha_dropout"], (torch.ones(2), 0.5), {})
 
 
 def test_every_aten_op_with_a_generator_is_covered():

@@ -37,7 +37,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -68,22 +68,37 @@ _TAKE_GENERATOR = frozenset(
 
 # Functions that draw from the default generator without taking one, or call
 # such functions internally once the mode has handed them over: they run with
-# the replica's state swapped in. The spec says when they draw at all: where to
-# find the probability, then the training flag, as (index, keywords, default);
-# None: not an argument.
+# the replica's state swapped in. The spec says when they draw at all, as eager
+# PyTorch does: where to find the probability, then the training flag, as
+# (index, keywords, default), None where not an argument; and the probabilities
+# at which nothing is drawn (dropout at p=1 returns zeros without a draw, and so
+# does any of them on an empty input, except native_dropout, which draws its
+# mask at p=1 all the same).
 _Where = tuple[int, tuple[str, ...], Any]
-_Spec = tuple[_Where | None, _Where | None]
-_DROPOUT: _Spec = ((1, ("p",), 0.5), (2, ("training", "train"), True))
+
+
+class _Spec(NamedTuple):
+    probability: _Where | None
+    training: _Where | None
+    no_draw_at: tuple[float, ...] = (0.0,)
+
+
+_P, _TRAINING = (1, ("p",), 0.5), (2, ("training", "train"), True)
+_DROPOUT = _Spec(_P, _TRAINING, (0.0, 1.0))
+# F.alpha_dropout and F.feature_alpha_dropout (training=False); torch.alpha_dropout's flag has no default.
+_DROPOUT_OFF_BY_DEFAULT = _Spec(_P, (2, ("training", "train"), False), (0.0, 1.0))
 _SWAP_WHEN: dict[str, _Spec | None] = {
     **dict.fromkeys(
-        """dropout dropout_ alpha_dropout alpha_dropout_ feature_dropout feature_dropout_
-        feature_alpha_dropout feature_alpha_dropout_ dropout1d dropout2d dropout3d native_dropout""".split(),
+        """dropout dropout_ alpha_dropout_ feature_dropout feature_dropout_ feature_alpha_dropout_
+        dropout1d dropout2d dropout3d""".split(),
         _DROPOUT,
     ),
-    "rrelu": (None, (3, ("training",), False)),
-    "rrelu_": (None, (3, ("training",), False)),
-    "scaled_dot_product_attention": ((4, ("dropout_p",), 0.0), None),
-    "multi_head_attention_forward": ((10, ("dropout_p",), 0.0), (13, ("training",), True)),
+    **dict.fromkeys(("alpha_dropout", "feature_alpha_dropout"), _DROPOUT_OFF_BY_DEFAULT),
+    "native_dropout": _Spec(_P, _TRAINING),
+    "rrelu": _Spec(None, (3, ("training",), False)),
+    "rrelu_": _Spec(None, (3, ("training",), False)),
+    "scaled_dot_product_attention": _Spec((4, ("dropout_p",), 0.0), None, (0.0, 1.0)),
+    "multi_head_attention_forward": _Spec((10, ("dropout_p",), 0.0), (13, ("training",), True)),
     # Always: their arguments vary by overload, and they are rarely hot.
     **dict.fromkeys(
         """gumbel_softmax fractional_max_pool2d fractional_max_pool3d fractional_max_pool2d_with_indices
@@ -293,20 +308,25 @@ class ReplicaRandomness(TorchFunctionMode):
             given = kwargs.get("generator")
             kwargs = dict(kwargs)
             if given is None:
+                device = _op_device(args, kwargs)
+                if device.type == "meta":  # no values: nothing to draw
+                    return func(*args, **kwargs)
                 _refuse_draw_in_checkpoint(func)
-                kwargs["generator"] = self._stream(_op_device(args, kwargs))
+                kwargs["generator"] = self._stream(device)
             elif given not in self._claimed:
                 self._call.claim(given, self._index)
                 self._claimed.add(given)
             return func(*args, **kwargs)
-        if kind is _SWAP and _draws(spec, args, kwargs):
+        if kind is _SWAP and _draws(spec, args, kwargs) and _op_device(args, kwargs).type != "meta":
             _refuse_draw_in_checkpoint(func)
             with self._swapped_in(_op_device(args, kwargs)):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 
     def _stream(self, device: torch.device) -> torch.Generator:
-        if device.type == "cuda" and device.index is None:
+        if device.type == "cpu":
+            device = _CPU  # one stream, as eager has one CPU generator for cpu, cpu:0, cpu:3
+        elif device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         g = self._streams.get(device)
         if g is None:
@@ -410,13 +430,15 @@ def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], where: _Where) -> Any:
 
 
 def _draws(spec: _Spec | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """Whether a call of a listed function draws at all (dropout with p=0 or in
-    eval mode does not, and need not take the lock)."""
+    """Whether a call of a listed function draws at all (dropout with p=0 or
+    p=1, in eval mode or on an empty tensor does not, and need not take the lock)."""
     if spec is None:
         return True
-    probability, training = spec
+    probability, training, no_draw_at = spec
     try:
-        if probability is not None and float(_arg(args, kwargs, probability)) == 0.0:
+        if args and isinstance(args[0], torch.Tensor) and args[0].numel() == 0:
+            return False
+        if probability is not None and float(_arg(args, kwargs, probability)) in no_draw_at:
             return False
         if training is not None:
             return bool(_arg(args, kwargs, training))
