@@ -511,7 +511,7 @@ def _check_outputs_unwritten(
     caller wrote output i since the forward (its version moved) and the
     backward reads its memory (the recomputed output shares storage with a
     residual). An output the caller dropped is not checked."""
-    storages = {_storage_ptr(r) for r in residuals if isinstance(r, torch.Tensor)}
+    storages = {_storage_ptr(r) for r in residuals if isinstance(r, torch.Tensor)} - {None}
     for i, ((ref, version), recomputed) in enumerate(zip(versions, outs)):
         out = ref()
         if out is None or out._version == version or not isinstance(recomputed, torch.Tensor):
@@ -525,8 +525,10 @@ def _check_outputs_unwritten(
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
+    """Where ``t``'s storage starts; None without one, or when it is empty (every
+    empty storage starts at 0)."""
     try:
-        return t.untyped_storage().data_ptr()
+        return t.untyped_storage().data_ptr() or None
     except (RuntimeError, NotImplementedError):
         return None
 
