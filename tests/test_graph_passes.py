@@ -404,3 +404,24 @@ def test_a_replicas_own_stack_and_equal_constants_give_the_threads_bits(name):
     for got, expected in zip(results[name], results["threads"]):
         for g, e in zip(got, expected):
             assert torch.equal(g.unshard(), e.unshard())
+
+
+def test_a_collectives_copies_are_marked_in_the_stacked_graph():
+    # The pass needs the mark on the collectives' stacks of the real batched graph
+    # (traced under the replica vmap level), not only on a stack traced directly.
+    from helpers import devices, executor
+
+    import torchpmap as tp
+    from torchpmap import _stacked
+
+    pf = tp.pmap(lambda x: tp.psum(x, "i") * 0.5, "i", devices=devices(4))
+    with executor("stacked"):
+        for _ in range(2):
+            pf(torch.ones(4, 3))
+    (plan,) = pf._in_plans._plans.values()
+    capture = plan.fast.capture
+    (entry,) = _stacked._cache_entries(capture.entry.__code__)
+    transformed = capture._transformed(entry.code)
+    (batched,) = [v for k, v in transformed.__globals__.items() if k.startswith("__compiled_fn")]
+    # psum's total times 0.5 runs once, on one row (3,), then every replica's copy is made.
+    assert (3,) in _shapes_of(batched.graph, aten.mul.Tensor) + _shapes_of(batched.graph, aten.mul_.Tensor)

@@ -291,7 +291,7 @@ def _copied_row(node: torch.fx.Node) -> torch.fx.Node | None:
     scalar parts split them elsewhere than a loop over one row."""
     if node.target is not aten.stack.default or not isinstance(node.meta.get("val"), torch.Tensor):
         return None
-    if not (node.meta.get("custom") or {}).get(REPLICA_COPIES):
+    if not node.meta.get(REPLICA_COPIES):
         return None
     rows, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if dim != 0 or not isinstance(rows, (list, tuple)) or not rows or any(r is not rows[0] for r in rows):

@@ -30,9 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.fx.traceback as fx_traceback
 from torch import Tensor
 from torch._C._functorch import TransformType
+from torch.fx.experimental import proxy_tensor
 
 from . import _axis
 
@@ -96,17 +96,25 @@ def _fold(rows: Sequence[Tensor], reduce: Callable[[Tensor, Tensor], Tensor]) ->
     return total
 
 
-# The annotation that marks, in a traced graph, a stack of n copies of one value
-# that is every replica's (an all-reduce's total, an all-gather's stack):
+# The node meta key that marks, in a traced graph, a stack of n copies of one
+# value that is every replica's (an all-reduce's total, an all-gather's stack):
 # _graph_passes computes pointwise ops on such a stack once. A user's own
 # ``torch.stack([t, t])`` is not one: each replica computes over all its rows.
 REPLICA_COPIES = "torchpmap_replica_copies"
 
 
 def replica_copies(row: Tensor, n: int) -> Tensor:
-    """``torch.stack([row] * n)``, annotated as ``REPLICA_COPIES`` when traced."""
-    with fx_traceback.preserve_node_meta(), fx_traceback.annotate({REPLICA_COPIES: True}):
-        return torch.stack([row] * n)
+    """``torch.stack([row] * n)``; under make_fx, its node is marked ``REPLICA_COPIES``.
+    The mark goes on the node itself, found through the tracer: fx_traceback's
+    annotations are process-wide state, which two threads tracing at once would
+    leave switched on for every later node of any graph."""
+    out = torch.stack([row] * n)
+    mode = proxy_tensor.get_proxy_mode()
+    if mode is not None:
+        proxy = proxy_tensor.get_proxy_slot(out, mode.tracer, None, lambda slot: slot.proxy)
+        if proxy is not None:
+            proxy.node.meta[REPLICA_COPIES] = True
+    return out
 
 
 def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
