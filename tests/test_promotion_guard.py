@@ -129,6 +129,37 @@ def test_promotion_batching_would_change_runs_on_the_threads_with_a_warning(case
     assert any(f"{op} of a per-replica 0-dim" in m and "threads executor" in m for m in messages), messages
 
 
+ALIKE = {
+    # a per-replica bfloat16 0-dim with a Python number, where the kernels compute as batching does
+    "bf16 + 0.1": lambda s, i, y: s + 0.1,
+    "bf16 - 0.1": lambda s, i, y: 0.1 - s,
+    "bf16 ** 2": lambda s, i, y: s**2,
+    "bf16 clamp": lambda s, i, y: s.clamp(min=0.1),
+    "bf16 where": lambda s, i, y: torch.where(s > 0, s, 0.1),
+    "bf16 fmod": lambda s, i, y: torch.fmod(s, 0.3),
+    # an integer 0-dim with a bfloat16 tensor, outside products and quotients
+    "bf16 tensor + int": lambda s, i, y: y + i,
+    "bf16 tensor clamp int": lambda s, i, y: y.clamp(min=i),
+    "bf16 tensor + axis_index": lambda s, i, y: y + tp.axis_index("i"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIKE))
+def test_what_batching_computes_alike_stays_stacked(case):
+    fn = ALIKE[case]
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(8, generator=g) * 100).bfloat16()
+    i = torch.randint(-3000, 3000, (8,), generator=g)
+    y = (torch.randn(5, generator=g) * 10).bfloat16()
+    pf = tp.pmap(fn, "i", in_axes=(0, 0, None), devices=devices(8))
+    with executor("threads"):
+        expected = pf(s, i, y).unshard()
+    with executor("stacked"):  # a fallback warning would fail the test
+        for _ in range(2):
+            got = pf(s, i, y).unshard()
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_an_integer_scalar_with_float_tensors_stays_stacked():
     """x + axis_index: batching casts the integer to the tensor's dtype, as one replica does."""
     f = tp.pmap(lambda x: x * tp.axis_index("i") + x.sum().long(), "i", devices=devices(4))

@@ -189,6 +189,7 @@ def test_dropout_not_drawing_does_not_take_the_lock():
     assert not _random._draws(_random._SWAP_WHEN["rrelu"], (torch.ones(2),), {})
     assert not _random._draws(_random._SWAP_WHEN["dropout"], (torch.ones(2), 1.0), {})
     assert _random._draws(_random._SWAP_WHEN["native_dropout"], (torch.ones(2), 1.0, True), {})  # as eager
+    assert _random._draws(_random._SWAP_WHEN["native_dropout"], (torch.ones(2), 0.0, True), {})  # as eager
     assert not _random._draws(_random._SWAP_WHEN["alpha_dropout"], (torch.ones(2), 0.5), {})
 
 

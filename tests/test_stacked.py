@@ -1206,3 +1206,15 @@ def test_the_capture_scope_gives_everything_back_when_its_exit_is_interrupted(mo
         with _stacked.capture_scope(capture, tls, "state", "stacked"):
             raise RuntimeError("the body failed")
     assert not DYNAMO_GATE.held() and not _ops._stacking.on and tls.state is None and _axis.current_frame() is None
+
+
+def test_a_stacked_result_is_laid_out_stacked_whichever_is_read_first():
+    # The wrapper builds its layout on first use: reading the shards first must not change it.
+    pf = tp.pmap(lambda x: x * 2, devices=devices(4))
+    with executor("stacked"):
+        for read_shards_first in (False, True):
+            out = pf(torch.ones(4, 3))
+            if read_shards_first:
+                assert len(out.shards) == 4
+            assert out.shard_layout.storage.value == "stacked"
+            assert out.stacked_buffers() is not None and out.shard_layout.storage.value == "stacked"

@@ -85,30 +85,35 @@ def _promotes(name: str) -> bool:
     return _aten_name(name) is not None
 
 
-# Their CPU kernels read a 0-dim operand's value in float32 (the op's math type),
-# where batching first casts it to the tensor's dtype.
+# For these, CPU kernels read a 0-dim operand's value (a tensor's or a Python
+# number's) in float32, the math type of bfloat16 and float16, where batching
+# first casts it to the tensor's dtype: ``bf16 * 0.1``, ``bf16 * count``. Others
+# (add, pow, clamp, where, ...) compute alike (tests/test_promotion_guard.py).
 _REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+_READS_SCALAR_IN_FLOAT32 = {"mul", "div", "floor_divide"}
 # Ops one replica refuses for a bool operand, or for operands of two dtypes, which
 # a batched (n,) operand gets past: the threads raise as eager does.
 _REFUSES_BOOL = {"sub", "rsub"}
 _ONE_DTYPE_ONLY = {"heaviside", "nextafter"}
 
 
-def _diverges(scalar: torch.Tensor, other: torch.Tensor) -> bool:
+def _diverges(scalar: torch.Tensor, other: torch.Tensor, aten: str) -> bool:
     """Whether batching may promote a per-replica 0-dim ``scalar`` with ``other``
-    unlike one replica does. Alike: the same dtype, a bool on either side (it
-    promotes to the other's dtype both ways), an integer scalar with a float32
-    or float64 tensor (cast to it both ways: ``x + axis_index``). Not: a floating
-    scalar with a tensor of another dtype (a reduced-precision tensor computes
-    with the scalar at full precision in eager, and ``where``/``clamp`` let the
-    batched scalar win), an integer scalar with a bfloat16 or float16 tensor
-    (eager computes with 257 in float32, batching rounds it to 256 first), an
-    integer scalar with an integer tensor of another dtype."""
+    in op ``aten`` unlike one replica does. Alike: the same dtype, a bool on
+    either side (it promotes to the other's dtype both ways), an integer scalar
+    with a floating tensor (cast to it both ways: ``x + axis_index``), except a
+    bfloat16 or float16 one in a product or quotient (eager multiplies by 257 in
+    float32, batching rounds it to 256 first). Not: a floating scalar with a
+    tensor of another dtype (a reduced-precision tensor computes with the scalar
+    at full precision in eager, and ``where``/``clamp`` let the batched scalar
+    win), an integer scalar with an integer tensor of another dtype."""
     if scalar.dtype == other.dtype or torch.bool in (scalar.dtype, other.dtype):
         return False
     if scalar.is_floating_point() or scalar.is_complex():
         return True
-    return not (other.is_floating_point() or other.is_complex()) or other.dtype in _REDUCED_FLOATS
+    if other.is_floating_point() or other.is_complex():
+        return other.dtype in _REDUCED_FLOATS and aten in _READS_SCALAR_IN_FLOAT32
+    return True
 
 
 def _refusal(name: str, aten: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -137,13 +142,14 @@ def _refusal(name: str, aten: str, args: tuple[Any, ...], kwargs: dict[str, Any]
         )
     numbers = [a for a in leaves if isinstance(a, (int, float, complex)) and not isinstance(a, bool)]
     reduced = next((t for t in scalars if t.dtype in _REDUCED_FLOATS), None)
-    if reduced is not None and numbers:
+    reads_in_float32 = aten in _READS_SCALAR_IN_FLOAT32 or ("alpha" in kwargs and aten in ("add", "sub", "rsub"))
+    if reduced is not None and numbers and reads_in_float32:
         return (
             f"{name} of a per-replica 0-dim {reduced.dtype} tensor and the Python number {numbers[0]!r}: batching "
             f"rounds the number to {reduced.dtype} first, one replica computes with it in float32"
         )
     for scalar in scalars:
-        other = next((t for t in others if _diverges(scalar, t)), None)
+        other = next((t for t in others if _diverges(scalar, t, aten)), None)
         if other is not None:
             return (
                 f"{name} of a per-replica 0-dim {scalar.dtype} tensor and a {other.dtype} tensor: batching "

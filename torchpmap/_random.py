@@ -72,8 +72,7 @@ _TAKE_GENERATOR = frozenset(
 # PyTorch does: where to find the probability, then the training flag, as
 # (index, keywords, default), None where not an argument; and the probabilities
 # at which nothing is drawn (dropout at p=1 returns zeros without a draw, and so
-# does any of them on an empty input, except native_dropout, which draws its
-# mask at p=1 all the same).
+# does any of them on an empty input; native_dropout draws its mask at any p).
 _Where = tuple[int, tuple[str, ...], Any]
 
 
@@ -94,7 +93,7 @@ _SWAP_WHEN: dict[str, _Spec | None] = {
         _DROPOUT,
     ),
     **dict.fromkeys(("alpha_dropout", "feature_alpha_dropout"), _DROPOUT_OFF_BY_DEFAULT),
-    "native_dropout": _Spec(_P, _TRAINING),
+    "native_dropout": _Spec(_P, _TRAINING, ()),  # draws its mask at p=0 and p=1 too (eager's kernel does)
     "rrelu": _Spec(None, (3, ("training",), False)),
     "rrelu_": _Spec(None, (3, ("training",), False)),
     "scaled_dot_product_attention": _Spec((4, ("dropout_p",), 0.0), None, (0.0, 1.0)),

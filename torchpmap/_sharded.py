@@ -181,7 +181,7 @@ class ShardedTensor(torch.Tensor):
         """How this tensor is laid out over its devices (see ``_layout``)."""
         if self._layout is None:
             self._check_alive()
-            if self._stacked is not None and self._shard_views is None:  # _of_batched's: rows not made
+            if self._stacked is not None:  # _of_batched's (its rows made or not)
                 first = self._stacked[0]
                 self._layout = _stacked_layout(first.shape[1:], first.dtype, self._axis, self._devices)
             else:
