@@ -39,6 +39,7 @@ from ._sharded import (
     ShardedTensor,
     _lost_write_message,
     _plain_view,
+    _storage_key,
     _TemporaryView,
 )
 from ._shared_state import (
@@ -1098,15 +1099,14 @@ def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any
 def _sharing_memory_with(t: torch.Tensor, j: int, leaves: list[Any], paths: list[str]) -> str:
     """The other arguments whose tensors share ``t``'s storage ("args[0]",
     "args[0] or kwargs['y']"): a write through one of them shows as a write to ``t``."""
-    try:
-        storage = t.untyped_storage().data_ptr()
-        others = [
-            paths[k]
-            for k, leaf in enumerate(leaves)
-            if k != j and isinstance(leaf, torch.Tensor) and leaf.untyped_storage().data_ptr() == storage
-        ]
-    except (RuntimeError, NotImplementedError):  # a tensor without storage
+    storage = _storage_key(t)
+    if storage is None:
         return ""
+    others = [
+        paths[k]
+        for k, leaf in enumerate(leaves)
+        if k != j and isinstance(leaf, torch.Tensor) and _storage_key(leaf) == storage
+    ]
     return " or ".join(others)
 
 

@@ -316,9 +316,12 @@ class ReplicaRandomness(TorchFunctionMode):
                 self._call.claim(given, self._index)
                 self._claimed.add(given)
             return func(*args, **kwargs)
-        if kind is _SWAP and _draws(spec, args, kwargs) and _op_device(args, kwargs).type != "meta":
+        if kind is _SWAP and _draws(spec, args, kwargs):
+            device = _op_device(args, kwargs)
+            if device.type == "meta":  # no values: nothing to draw
+                return func(*args, **kwargs)
             _refuse_draw_in_checkpoint(func)
-            with self._swapped_in(_op_device(args, kwargs)):
+            with self._swapped_in(device):
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -224,13 +224,7 @@ class ShardedTensor(torch.Tensor):
                 )
         if not 0 <= axis <= len(shard_shape):
             raise ValueError(f"ShardedTensor: axis {axis} out of range for shards of rank {len(shard_shape)}")
-        shape = list(shard_shape)
-        shape.insert(axis, len(devices))
-        st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=first.dtype, device=first.device)
-        st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, buffers
-        st._overlap = False  # rows of buffers whose rows share no memory (_check_stacked_buffers)
-        st._rows_grad_mode = torch.is_grad_enabled()
-        st._shard_views = None
+        st = cls._wrap_stacked(buffers, devices, axis)
         if torch.is_inference_mode_enabled() or any(b.requires_grad for b in buffers):
             st._shard_views = st._rows_of_stacked()  # autograd sees the views when they are made
         st._layout = _stacked_layout(shard_shape, first.dtype, axis, devices)
@@ -256,15 +250,24 @@ class ShardedTensor(torch.Tensor):
             or torch.is_inference_mode_enabled()  # (both make the shard views at once, as _of_stacked)
         ):
             return None
-        shape = list(buffer.shape)
+        return cls._wrap_stacked((buffer,), devices, axis)  # shard_layout builds the layout on first use
+
+    @classmethod
+    def _wrap_stacked(
+        cls, buffers: tuple[torch.Tensor, ...], devices: tuple[torch.device, ...], axis: int
+    ) -> ShardedTensor:
+        """The ShardedTensor of ``buffers`` (checked by the caller: rows that share no
+        memory, on their devices), its row views and layout not made yet."""
+        first = buffers[0]
+        shape = list(first.shape)
         shape[0:1] = []
-        shape.insert(axis, n)
-        st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=buffer.dtype, device=buffer.device)
-        st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, (buffer,)
-        st._overlap = False
+        shape.insert(axis, len(devices))
+        st = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=first.dtype, device=first.device)
+        st._devices, st._axis, st._deleted, st._stacked = devices, axis, False, buffers
+        st._overlap = False  # rows of buffers whose rows share no memory
         st._rows_grad_mode = torch.is_grad_enabled()
         st._shard_views = None
-        st._layout = None  # shard_layout builds it from the buffer on first use
+        st._layout = None
         return st
 
     @classmethod
@@ -780,9 +783,13 @@ def _guard_views(result: Any, temporaries: Sequence[torch.Tensor]) -> Any:
 
 
 def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
-    if t.layout != torch.strided or t.is_nested or t.device.type == "meta":
-        return None
-    return t.untyped_storage()
+    return t.untyped_storage() if _may_have_storage(t) else None
+
+
+def _may_have_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is of a kind that has a storage (a functorch wrapper still
+    raises when asked for it)."""
+    return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
 
 
 # Tensor.__iand__ & co. reach __torch_function__ under their own names (`t += v`
@@ -1148,7 +1155,7 @@ def _still_views_of(
     # geometry, is that row's memory, the buffer keeping it alive.
     for buffer, (_, members) in zip(buffers, groups):
         # What _storage_key asks, without making a storage object (~1.5 us a call).
-        if buffer.layout != torch.strided or buffer.is_nested or buffer.device.type == "meta":
+        if not _may_have_storage(buffer):
             return False
         try:
             address = buffer.data_ptr()

@@ -49,6 +49,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
 from ._direct_calls import direct_forward
 from ._graph_passes import simplify
+from ._sharded import _storage_key
 from ._stacked_collectives import vmap_replicas
 
 # A per-replica function at a given functorch depth (how many transforms,
@@ -511,26 +512,17 @@ def _check_outputs_unwritten(
     caller wrote output i since the forward (its version moved) and the
     backward reads its memory (the recomputed output shares storage with a
     residual). An output the caller dropped is not checked."""
-    storages = {_storage_ptr(r) for r in residuals if isinstance(r, torch.Tensor)} - {None}
+    storages = {_storage_key(r) for r in residuals if isinstance(r, torch.Tensor)} - {None}
     for i, ((ref, version), recomputed) in enumerate(zip(versions, outs)):
         out = ref()
         if out is None or out._version == version or not isinstance(recomputed, torch.Tensor):
             continue
-        if _storage_ptr(recomputed) in storages:
+        if _storage_key(recomputed) in storages:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace "
                 f"operation: output {i} of a stacked pmap call, a {tuple(out.shape[1:])} {out.dtype} tensor per "
                 f"replica, is at version {out._version}; expected version {version} instead."
             )
-
-
-def _storage_ptr(t: torch.Tensor) -> int | None:
-    """Where ``t``'s storage starts; None without one, or when it is empty (every
-    empty storage starts at 0)."""
-    try:
-        return t.untyped_storage().data_ptr() or None
-    except (RuntimeError, NotImplementedError):
-        return None
 
 
 class _RandomGraphs:
