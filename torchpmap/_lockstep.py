@@ -52,7 +52,6 @@ from ._stacked import (
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
-    _view_root,
     call_signature,
     capture_failure,
     capture_key,
@@ -66,6 +65,7 @@ from ._stacked import (
     trampoline_entry,
 )
 from ._tree import flatten
+from ._view_roots import view_root
 
 T = TypeVar("T")
 
@@ -259,7 +259,7 @@ class _PlanBuilder:
 
 def _writes_into_aliased_inputs(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:
     """Whether the segment writes in place while two of its inputs are views of one tensor."""
-    roots = [_view_root(a) for a in _inputs_from_outside(nodes, inside)]
+    roots = [view_root(a) for a in _inputs_from_outside(nodes, inside)]
     if len(set(roots)) == len(roots):
         return False
     return any(

@@ -36,7 +36,6 @@ RuntimeWarning once per function and reason.
 from __future__ import annotations
 
 import functools
-import operator
 import threading
 import types
 import warnings
@@ -80,6 +79,7 @@ from ._fast_tree import Structure
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view, pairs_sharing_memory
 from ._stacked_autograd import ReplicaProgram
+from ._view_roots import view_root
 from .errors import exception_chain
 
 T = TypeVar("T")
@@ -370,7 +370,7 @@ def _placeholders_written_by(node: torch.fx.Node, placeholders: dict[torch.fx.No
         return
     for arg, value in zip(target._schema.arguments, node.args):
         if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
-            root = _view_root(value)
+            root = view_root(value)
             if root in placeholders:
                 yield placeholders[root]
 
@@ -414,25 +414,6 @@ def _written_from(gm: torch.fx.GraphModule) -> dict[int, frozenset[int]]:
                     into.setdefault(k, set()).update(new)
                     changed = True
     return {k: frozenset(v) for k, v in into.items()}
-
-
-def _view_root(node: torch.fx.Node) -> torch.fx.Node:
-    """The node a chain of views (ops whose output aliases their first input) starts from,
-    through the items of ops that return a list of views (split, unbind, chunk)."""
-    while node.op == "call_function":
-        source = node.args[0] if node.target is operator.getitem and node.args else None
-        if isinstance(source, torch.fx.Node) and isinstance(source.target, torch._ops.OpOverload):
-            returns = source.target._schema.returns  # an item of a list of views (Tensor(a)[])
-            if len(returns) == 1 and returns[0].alias_info is not None:
-                node = source
-                continue
-        if not isinstance(node.target, torch._ops.OpOverload):
-            break
-        returns = node.target._schema.returns
-        if not returns or returns[0].alias_info is None or not node.args or not isinstance(node.args[0], torch.fx.Node):
-            break
-        node = node.args[0]
-    return node
 
 
 def check_supported_ops(graph: torch.fx.Graph, executor: str = "stacked") -> None:

@@ -49,6 +49,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
 from ._direct_calls import direct_forward
 from ._graph_passes import simplify
+from ._overlapping_writes import refuse_overlapping_writes
 from ._sharded import _storage_key
 from ._stacked_collectives import vmap_replicas
 
@@ -118,6 +119,7 @@ class ReplicaProgram:
                         graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
             finally:
                 _axis.bind(frame)
+            refuse_overlapping_writes(graph.graph)  # before the passes, which write temporaries of their own
             if self.simplified:
                 simplify(graph)  # it runs op by op on every call: no node that does nothing
             if self.connected_from is not None:
