@@ -144,6 +144,25 @@ def test_closed_over_parameters_accumulate_once_per_replica():
     assert_equal(grads["threads"], grads["stacked"], close=True)
 
 
+def test_closed_over_batch_norm_in_eval_mode_under_autograd():
+    # batch_norm was taken for a random draw by the stacked capture (its uncounted writes
+    # share the random module's table): the backward's replay then raised "drew random
+    # numbers its forward did not draw"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6)).eval()
+    model[1].running_var.fill_(2.0)
+    pf = pm(lambda x: tp.psum(model(x), "i"))
+    x = rows(N, 3, 6, scale=0.05)
+    grads = {}
+    for name in ("threads", "stacked"):
+        model.zero_grad(set_to_none=True)
+        with executor(name):
+            for _ in range(2):  # the first backward, then the split forward's
+                weighted_loss(pf(x)).backward()
+        grads[name] = [p.grad.clone() for p in model.parameters()]
+    assert_equal(grads["threads"], grads["stacked"], close=True)
+
+
 def test_closed_over_tensor_elementwise_is_exact():
     w = rows(3, offset=0.25).requires_grad_()
     pf = pm(lambda x: tp.psum(x * w, "i"))

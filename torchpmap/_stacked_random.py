@@ -117,6 +117,9 @@ def _example(value: Any) -> Any:
     return value.meta.get("example_value") if isinstance(value, torch.fx.Node) else value
 
 
+_RANDOM_KINDS = (_random._PASS_GENERATOR, _random._SWAP)
+
+
 def route_random_ops(gm: torch.fx.GraphModule) -> list[int]:
     """Turn every call of ``gm`` (Dynamo's per-replica graph) that draws random
     numbers into a call of `draw`, in place; the keys of its sites (`forget`
@@ -128,7 +131,7 @@ def route_random_ops(gm: torch.fx.GraphModule) -> list[int]:
         if func is None or func is draw:
             continue
         kind, _ = _random._kind_of(func)
-        if kind == _random._NOT_RANDOM:
+        if kind not in _RANDOM_KINDS:  # (batch_norm's uncounted writes are the threads' concern)
             continue
         key = next(_keys)
         site = _sites[key] = _new_site(node, func)
