@@ -877,3 +877,37 @@ def test_psum_latency_is_sane():
     per_psum = (time.perf_counter() - t) / reps
     torch.testing.assert_close(out.unshard(), x.mean(0).expand(4, 16))
     assert per_psum < 0.01, f"{per_psum * 1e3:.2f} ms per psum"
+
+
+# Each collective of a transposed (dense, non-contiguous) input: the fake kernel must
+# give the strides the kernel gives (a new contiguous tensor). all_reduce's and
+# permute's kept the input's strides, and compile=True on the threads failed Inductor's
+# stride assert (found by a hunt).
+FAKE_STRIDES = {
+    "psum": lambda v: tp.psum(v, "i"),
+    "pmean": lambda v: tp.pmean(v, "i"),
+    "pmax": lambda v: tp.pmax(v, "i"),
+    "pmin": lambda v: tp.pmin(v, "i"),
+    "ppermute": lambda v: tp.ppermute(v, "i", [(0, 1), (1, 0)]),
+    "pshuffle": lambda v: tp.pshuffle(v, "i", [1, 0, 3, 2]),
+    "all_gather": lambda v: tp.all_gather(v, "i"),
+    "all_gather_tiled": lambda v: tp.all_gather(v, "i", tiled=True, axis=1),
+    "psum_scatter": lambda v: tp.psum_scatter(v, "i", scatter_dimension=1, tiled=True),
+    "all_to_all": lambda v: tp.all_to_all(v, "i", 1, 0, tiled=True),
+}
+
+
+@pytest.mark.threads_only  # the kernels themselves, as each replica runs them
+@pytest.mark.parametrize("name", sorted(FAKE_STRIDES))
+def test_fake_kernels_give_the_kernels_strides(name):
+    op = FAKE_STRIDES[name]
+
+    def f(v):
+        t = v.T
+        real = op(t)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = op(mode.from_tensor(t))
+        assert (fake.shape, fake.stride()) == (real.shape, real.stride())
+        return real
+
+    tp.pmap(f, "i", devices=devices(4))(rows(4, 8, 4))

@@ -309,7 +309,7 @@ def _(
     dims: list[int] | None = None,
 ) -> Tensor:
     _refuse_unbatched(axes, "all_reduce")
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # as _exchange returns it
 
 
 def _all_reduce_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
@@ -500,7 +500,7 @@ permute = torch.library.custom_op("torchpmap::permute", _permute_kernel, mutates
 @permute.register_fake
 def _(x: Tensor, axes: str, pairs: list[int], tree: str = "", leaf: int = -1, dims: list[int] | None = None) -> Tensor:
     _refuse_unbatched(axes, "permute")
-    return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)  # as _exchange returns it
 
 
 def _permute_setup(ctx: Ctx, inputs: tuple[Any, ...], output: Tensor) -> None:
