@@ -106,6 +106,23 @@ def test_collectives_compile_with_fullgraph():
     assert backend.compiles == 1 and backend.runs == 4
 
 
+@pytest.mark.threads_only  # a replica's own torch.compile traces the threads' random-stream mode
+def test_a_replicas_own_fullgraph_compile_traces_the_collectives(monkeypatch):
+    # The mode classified a collective's OpOverload with str.split, which Dynamo cannot
+    # trace: "Unsupported method call ... split of class str" (found by a hunt).
+    from torchpmap import _random
+
+    monkeypatch.setattr(_random, "_kinds", {})  # as in a process that never ran the collective
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(x):
+        return tp.psum(x, "i") * 2 + tp.axis_index("i")
+
+    x = torch.randn(4, 3)
+    got = tp.pmap(step, "i", devices=devices(4))(x).unshard()
+    torch.testing.assert_close(got, x.sum(0) * 2 + torch.arange(4.0)[:, None])
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_pytree_collectives_compile_and_check_the_whole_tree(dynamic):
     """Dicts pair their leaves by key whatever their insertion order, and

@@ -410,7 +410,7 @@ def _classify(func: Callable[..., Any]) -> tuple[str, _Spec | None]:
         # One overload of an aten op (compiled graphs call these): overloads
         # without a generator argument (aten.rand.default, randint.low_out in
         # Inductor's seeds) draw from the default generator.
-        name = name.split(".", 1)[0]
+        name = func._opname  # (an attribute, not str.split: a replica's own torch.compile traces this mode)
         if name in _TAKE_GENERATOR:
             takes = any(a.name == "generator" for a in func._schema.arguments)
             return (_PASS_GENERATOR, None) if takes else (_SWAP, None)
