@@ -341,6 +341,28 @@ def test_per_replica_errors():
     assert twice[0] is not twice[1] and twice[0][0].weight.data_ptr() != twice[1][0].weight.data_ptr()
 
 
+def test_replicas_that_would_change_one_object_are_refused():
+    # Each replica steps its module and optimizer in place: one object for several replicas
+    # raced, and the training came out silently wrong (found by a hunt).
+    ds = devices(4)[:2]
+    model = make_model()
+    with pytest.raises(ValueError, match=r"replicas 0 and 1 share one Sequential"):
+        tp.PerReplica([model.to("cpu") for _ in ds], ds)  # .to returns the module itself
+    shared = torch.nn.Linear(3, 3)
+    with pytest.raises(ValueError, match=r"share one parameter \(0.weight\)"):
+        tp.PerReplica([torch.nn.Sequential(shared, torch.nn.ReLU()) for _ in ds], ds)
+    models = tp.replicate(make_model(), devices=ds)
+    opt = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"share one SGD"):
+        tp.PerReplica([opt, opt], ds)
+    with pytest.raises(ValueError, match=r"share one optimizer \(SGD\)"):
+        tp.PerReplica([torch.optim.lr_scheduler.StepLR(opt, 1) for _ in ds], ds)
+    with pytest.raises(ValueError, match="over the parameters it is given"):
+        tp.replicate(model, lambda params: torch.optim.SGD(model.parameters(), lr=0.1), ds)
+    tp.PerReplica([torch.zeros(3)] * 2, ds)  # values the replicas read may repeat
+    tp.PerReplica([0.5, 0.5], ds)
+
+
 def test_shard_batch_errors_and_padding():
     x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
     with pytest.raises(ValueError, match="batch size 10 is not a multiple of the 4 devices"):

@@ -48,6 +48,7 @@ class PerReplica:
         values, devices = list(values), as_devices(devices, "PerReplica")  # "cpu" is cpu:0, as in pmap
         if len(values) != len(devices):
             raise ValueError(f"PerReplica: {len(values)} values but {len(devices)} devices")
+        _refuse_shared_state(values)
         self.values = values
         self.devices = devices
 
@@ -145,6 +146,50 @@ class PerReplica:
             if not isinstance(v, torch.nn.Module):
                 raise TypeError(f"PerReplica.{method}: the replicas must be nn.Modules, got {type(v).__name__}")
         return self.values
+
+
+def _refuse_shared_state(values: list[Any]) -> None:
+    """Refuse values of which two replicas would change the same state at once: one
+    object given for several replicas (``[model.to("cpu") for d in devices]`` is one
+    module: ``.to`` returns it unchanged), or distinct ones holding the same
+    parameter, buffer or optimizer (an optimizer factory that ignores its argument).
+    The replicas would race on it, and the training would be silently wrong. (Other
+    values, tensors and configurations, may repeat: replicas read them.)"""
+    owner: dict[int, tuple[int, str]] = {}
+    for i, value in enumerate(values):
+        for what, obj in _state_of(value):
+            first = owner.setdefault(id(obj), (i, what))
+            if first[0] != i:
+                raise ValueError(
+                    f"PerReplica: replicas {first[0]} and {i} share one {what}: each replica changes its "
+                    f"own in place, so they would race on it. Give each replica its own "
+                    f"(torchpmap.replicate(model, optimizer_factory) copies a module and builds an optimizer "
+                    f"over each copy's parameters; on CPU devices module.to('cpu') returns the module itself)"
+                )
+
+
+def _state_of(value: Any) -> Iterator[tuple[str, Any]]:
+    """What a replica's module, optimizer or LR scheduler holds that its replica
+    changes in place (named for an error); nothing for other values."""
+    if isinstance(value, torch.nn.Module):
+        yield type(value).__name__, value
+        for name, t in value.named_parameters():
+            yield f"parameter ({name})", t
+        for name, t in value.named_buffers():
+            yield f"buffer ({name})", t
+    elif isinstance(value, torch.optim.Optimizer):
+        yield type(value).__name__, value
+        yield from _optimizer_state(value)
+    elif isinstance(getattr(value, "optimizer", None), torch.optim.Optimizer):  # an LR scheduler
+        yield type(value).__name__, value
+        yield f"optimizer ({type(value.optimizer).__name__})", value.optimizer
+        yield from _optimizer_state(value.optimizer)
+
+
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Any]]:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            yield f"parameter of its {type(optimizer).__name__}", p
 
 
 def _own_copy(state: Any, device: torch.device, *, cpu_too: bool) -> Any:
@@ -274,9 +319,16 @@ def replicate(
     if optimizer is None:
         return modules
     opts = [optimizer(m.parameters()) for m in modules]
-    for o in opts:
+    for i, (m, o) in enumerate(zip(modules, opts)):
         if not isinstance(o, torch.optim.Optimizer):
             raise TypeError(f"replicate: optimizer factory must return a torch.optim.Optimizer, got {type(o).__name__}")
+        own = {id(p) for p in m.parameters()}
+        if any(id(p) not in own for group in o.param_groups for p in group["params"]):
+            raise ValueError(
+                f"replicate: the optimizer factory must build the optimizer over the parameters it is given: "
+                f"replica {i}'s optimizer holds parameters its module copy does not have (write "
+                f"lambda params: torch.optim.SGD(params, lr=0.1), not ...SGD(model.parameters(), ...))"
+            )
     return modules, PerReplica(opts, modules.devices)
 
 
