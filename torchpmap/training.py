@@ -173,10 +173,10 @@ def _state_of(value: Any) -> Iterator[tuple[str, Any]]:
     changes in place (named for an error); nothing for other values."""
     if isinstance(value, torch.nn.Module):
         yield type(value).__name__, value
-        for name, t in value.named_parameters():
-            yield f"parameter ({name})", t
-        for name, t in value.named_buffers():
-            yield f"buffer ({name})", t
+        for name, p in value.named_parameters():
+            yield f"parameter ({name})", p
+        for name, b in value.named_buffers():
+            yield f"buffer ({name})", b
     elif isinstance(value, torch.optim.Optimizer):
         yield type(value).__name__, value
         yield from _optimizer_state(value)
