@@ -117,6 +117,18 @@ def test_broadcast_buffers_copies_the_source_replica():
         tp.pmap(lambda m: tp.broadcast_buffers(m, "i", source=N) or torch.zeros(()), "i")(models)
 
 
+def test_broadcast_buffers_copies_every_bit():
+    # psum(where(source, b, 0)) made -0.0 +0.0 on every replica, the source's included
+    models = tp.replicate(torch.nn.BatchNorm1d(3).double(), devices=devices(N))
+    odd = torch.tensor([-0.0, float("nan"), float("-inf")], dtype=torch.float64)
+    odd[1] = torch.tensor(0x7FF8_0000_0000_1234, dtype=torch.int64).view(torch.float64)  # a NaN payload
+    for i, m in enumerate(models):
+        m.running_mean.copy_(odd if i == 1 else torch.full((3,), float(i)))
+    tp.pmap(lambda m: tp.broadcast_buffers(m, "i", source=1) or torch.zeros(()), "i")(models)
+    for m in models:
+        assert torch.equal(m.running_mean.view(torch.int64), odd.view(torch.int64))
+
+
 def test_padding_rows_are_left_out_of_the_statistics_with_a_mask():
     rows = N * PER - 2  # padded to N * PER
     xs, ys = make_batches(2, rows)

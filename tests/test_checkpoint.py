@@ -106,6 +106,17 @@ def test_drifted_replicas_are_refused_naming_the_entry(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+def test_replicas_that_differ_only_in_what_is_not_saved_are_saved(tmp_path):
+    # A non-persistent buffer is not in the state_dict: replicas may differ there.
+    models = tp.replicate(torch.nn.Linear(2, 2), devices=devices(N))
+    for i, m in enumerate(models):
+        m.register_buffer("last_batch_max", torch.tensor(float(i)), persistent=False)
+    tp.save_checkpoint(tmp_path / "c.pt", net=models)
+    assert set(models.state_dict()) == {"weight", "bias"}
+    with pytest.raises(AssertionError, match="last_batch_max"):
+        tp.assert_replicas_identical(models)  # which still compares every buffer
+
+
 def test_optimizer_state_that_drifted_is_refused(tmp_path):
     models, opts = tp.replicate(torch.nn.Linear(2, 2), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), devices(2))
     for i, m in enumerate(models):

@@ -229,7 +229,13 @@ def _check_identical(per_replica: PerReplica, *, grads: bool) -> None:
 
 
 def _replica_state(value: Any, grads: bool) -> Iterator[tuple[str, Any]]:
-    if isinstance(value, torch.nn.Module):
+    """A replica's state by name: with ``grads``, a module's parameters, their
+    gradients and every buffer; without, what its ``state_dict`` saves (no
+    non-persistent buffer: replicas may differ there and still save alike)."""
+    if isinstance(value, torch.nn.Module) and not grads:
+        for name, v in value.state_dict().items():
+            yield from _walk(v, name)  # named as the module names them ("2.bias")
+    elif isinstance(value, torch.nn.Module):
         for name, p in value.named_parameters():
             yield name, p.detach()
             if grads and p.grad is not None:
@@ -401,11 +407,24 @@ def broadcast_buffers(module: torch.nn.Module, axis_name: AxisName, *, source: i
         return
     with torch.no_grad():
         is_source = axis_index(axis_name) == source
-        # psum of the source's values and zeros elsewhere: an exact copy (where, not a
-        # multiplication, so NaN and inf travel unchanged).
-        kept = [torch.where(is_source, b, torch.zeros_like(b)) for b in buffers]
+        # psum of the source's bits and zeros elsewhere: an exact copy (in floating point
+        # -0.0 + 0.0 is +0.0; integers keep every bit, NaN payloads included).
+        bits = [_as_bits(b) for b in buffers]
+        kept = [torch.where(is_source, b, torch.zeros_like(b)) for b in bits]
         for b, v in zip(buffers, psum(kept, axis_name)):
-            b.copy_(v)
+            b.copy_(v.view(b.dtype).reshape(b.shape) if b.is_floating_point() or b.is_complex() else v)
+
+
+# An integer dtype of each element size, to move floating-point bits unchanged.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A floating or complex tensor's bits as integers, flat (complex128 as two
+    int64 each); other tensors unchanged."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return t
+    return t.reshape(-1).view(_BITS.get(t.element_size(), torch.int64))
 
 
 def _module_buffers(module: torch.nn.Module, fn: str) -> list[torch.Tensor]:
