@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
 
+from ._sharded import _element_offsets, _storage_key
 from ._view_roots import view_root
 
 # Above this many elements, the exact element check is skipped: sharing is assumed.
@@ -107,23 +107,15 @@ def _shares_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.numel() > _EXACT_CHECK_LIMIT or b.numel() > _EXACT_CHECK_LIMIT:
         return True
-    return bool(torch.isin(_addresses(ga), _addresses(gb)).any())
+    return bool(torch.isin(_element_offsets(a) + ga[0], _element_offsets(b) + gb[0]).any())
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+    key = _storage_key(a)
+    return key is not None and key == _storage_key(b)
 
 
 def _span(geometry: Geometry) -> tuple[int, int]:
     """The first and last element offsets a tensor reaches in its storage (strides are never negative)."""
     first, shape, stride = geometry
     return first, first + sum((size - 1) * step for size, step in zip(shape, stride))
-
-
-def _addresses(geometry: Geometry) -> torch.Tensor:
-    """The storage offset of every element of a tensor (a real int64 tensor)."""
-    first, shape, stride = geometry
-    offsets = torch.tensor([first], dtype=torch.int64)
-    for size, step in zip(shape, stride):
-        offsets = (offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * step).flatten()
-    return offsets
