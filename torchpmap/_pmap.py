@@ -41,6 +41,7 @@ from ._sharded import (
     _plain_view,
     _storage_key,
     _TemporaryView,
+    pairs_sharing_memory,
 )
 from ._shared_state import (
     Snapshot,
@@ -702,6 +703,7 @@ class Pmapped:
         placements: list[Placement] = []
         grad_leaves: list[int] = []
         shared: list[_Shared] = []
+        mapped: list[tuple[int, torch.Tensor, int]] = []  # the plain tensors mapped: (leaf index, tensor, axis)
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
                 read_only = isinstance(leaf, np.ndarray) and not leaf.flags.writeable
@@ -752,6 +754,7 @@ class Pmapped:
                         _watch(shared, j, leaf, "overlapping slices")
                     if grad_on and leaf.requires_grad:
                         grad_leaves.append(j)
+                    mapped.append((j, leaf, axis))
                     per_leaf.append_slices(leaf, axis)
                     placements.append(_PLACED_MAPPED)
                     continue
@@ -759,6 +762,9 @@ class Pmapped:
                 values = [leaf] * n
                 placements.append(_PLACED_BROADCAST)
             per_leaf.append(values)
+        if len(mapped) > 1:
+            for j, t, k in _slices_shared_across_replicas(mapped, n):
+                _watch(shared, j, t, _OTHER_REPLICAS_SLICES + plan.paths[k])
         return per_leaf, placements, grad_leaves, shared
 
     # -- outputs -------------------------------------------------------------------------
@@ -1050,6 +1056,32 @@ _READ_ONLY_ARRAY = "a read-only numpy array"
 _OVERLAPPING_SHARDS = "shards that share memory"
 # Why a copy of a ShardedTensor mapped along another axis than its own is watched: a write to it is lost.
 _OTHER_AXIS_COPY = "a copy along another axis"
+# Why a mapped tensor is watched when another replica's slice of another argument is its memory
+# (followed by that argument's path).
+_OTHER_REPLICAS_SLICES = "another replica's slice of "
+
+
+def _slices_shared_across_replicas(
+    mapped: list[tuple[int, torch.Tensor, int]], n: int
+) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """(j, tensor j, k) for two mapped tensors j and k (views of one tensor, x[:4] and
+    x[1:]) of which replica i's slice of one shares an element with another replica's
+    slice of the other: a replica writing its slice races with the one reading it."""
+    by_storage: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
+    for j, t, axis in mapped:
+        key = _storage_key(t)
+        if key is not None and t.numel():
+            by_storage.setdefault(key, []).append((j, t, axis))
+    for group in by_storage.values():
+        for p, (j, a, a_axis) in enumerate(group):
+            for k, b, b_axis in group[p + 1 :]:
+                same_slices = (a.data_ptr(), a.shape, a.stride(), a_axis) == (b.data_ptr(), b.shape, b.stride(), b_axis)
+                if same_slices:  # one tensor given twice: each replica gets its own slice twice
+                    continue
+                slices = [a.select(a_axis, i) for i in range(n)] + [b.select(b_axis, i) for i in range(n)]
+                if any(q >= n and q - n != r for r, q in pairs_sharing_memory(slices) if r < n):
+                    yield j, a, k
+                    yield k, b, j
 
 
 def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any]) -> None:
@@ -1078,6 +1110,14 @@ def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any
                 f"pmap: a replica wrote {path} in place, but its shards share memory (one tensor given as "
                 f"several shards, say): every replica writes the others' data. Give the shards their own "
                 f"memory (clone each), or clone() inside the function before writing."
+            )
+        if why.startswith(_OTHER_REPLICAS_SLICES):
+            other = why[len(_OTHER_REPLICAS_SLICES) :]
+            raise RuntimeError(
+                f"pmap: a replica wrote {path} in place, but another replica's slice of {other} is the same "
+                f"memory ({path} and {other} are overlapping views of one tensor, x[:n] and x[1:] say): the "
+                f"replicas read and wrote each other's data in no set order, so the result is undefined. "
+                f"clone() inside the function before writing, or pass tensors that do not overlap."
             )
         if why != "overlapping slices":
             others = _sharing_memory_with(t, j, leaves, paths)
