@@ -323,6 +323,31 @@ def test_create_graph_through_a_call_that_writes_an_input():
         assert torch.equal(e, g)
 
 
+def test_an_output_viewing_a_written_input_stays_its_view_on_every_call():
+    # After the first backward, the forward ran the split graph, which writes a copy of the
+    # input and copies it back: the output viewed the copy, and the caller's write through it
+    # was lost (found by a hunt).
+    w = torch.ones(3, requires_grad=True)
+
+    def step(x, buf):
+        buf.add_(1)
+        return x * w, buf[0:2]
+
+    seen = {}
+    for name in ("threads", "stacked"):
+        pf = pm(step)
+        with executor(name):
+            for _ in range(3):
+                buf = torch.zeros(N, 3)
+                out, view = pf(torch.ones(N, 3), buf)
+                view.add_(100)  # through the returned view, into buf
+                out.unshard().sum().backward()
+                seen.setdefault(name, []).append(buf.clone())
+    want = torch.tensor([101.0, 101.0, 1.0]).expand(N, 3)
+    for got in seen["threads"] + seen["stacked"]:
+        assert torch.equal(got, want)
+
+
 def test_later_calls_that_write_an_input_keep_no_copy_of_it():
     import gc
 

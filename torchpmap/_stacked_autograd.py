@@ -85,6 +85,9 @@ class ReplicaProgram:
         self.connected: tuple[bool, ...] = ()
         self._vjps: dict[tuple[Any, ...], ReplicaProgram] = {}
         self.splits: dict[tuple[Any, ...], ResidualSplit] = {}  # by split_key
+        # Whether an output is a view of an input the program writes: a split's forward, which
+        # writes a copy of that input and then copies it back, would return a view of the copy.
+        self.outputs_view_written = False
         self._draws: bool | None = None
 
     def trace(self, examples: list[Any]) -> torch.fx.GraphModule:
@@ -405,7 +408,8 @@ class _StackedCall(torch.autograd.Function):
         # After a first backward, the forward keeps what the backward reads (the split's
         # residuals) instead of having it recompute the forward.
         diff = tuple(k for k in ctx.tensor_positions if inputs[k].requires_grad)
-        split = program.splits.get(split_key(diff, list(inputs))) if program.splits else None
+        use_split = program.splits and not program.outputs_view_written
+        split = program.splits.get(split_key(diff, list(inputs))) if use_split else None
         # A backward that recomputes the forward (the first one) reads the inputs it wrote as
         # they were before. Later calls keep residuals instead and save no written input (a
         # create_graph backward of theirs, which would recompute, refuses: ``_backward``).
@@ -414,6 +418,12 @@ class _StackedCall(torch.autograd.Function):
         residuals: list[Any] = []
         if split is None:
             outs = tuple(program.graph(*inputs))
+            if written and not program.outputs_view_written:
+                written_inputs = [inputs[k] for k in written]
+                written_storages = {_storage_key(t) for t in written_inputs}
+                program.outputs_view_written = any(
+                    _storage_key(o) in written_storages and not any(o is t for t in written_inputs) for o in outs
+                )
         else:
             values = tuple(split.run_forward(*inputs))
             outs, residuals = values[: split.n_outs], list(values[split.n_outs :])
