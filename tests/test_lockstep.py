@@ -474,3 +474,24 @@ def test_a_static_argument_new_every_call_stops_capturing_at_the_limit():
             pf(w, 0.001 * (i + 1))
     assert counters["stats"]["unique_graphs"] - before == _stacked._MAX_CAPTURES
     assert any(f"captured {_stacked._MAX_CAPTURES} times" in str(c.message) for c in caught)
+
+
+def test_batch_norm_updating_broadcast_statistics_raises_as_on_the_threads():
+    # aten's native_batch_norm updates running statistics without a version count: each
+    # replica updated the shared ones in turn, silently (found running the suite under
+    # TORCHPMAP_EXECUTOR=lockstep). Their own statistics per replica are fine.
+    def f(a, mean, var):
+        return torch.nn.functional.batch_norm(a, mean, var, training=True)
+
+    x = torch.randn(2, 4, 3)
+    with executor("lockstep"):
+        mean, var = torch.zeros(3), torch.ones(3)
+        with pytest.raises(RuntimeError, match=r"args\[1\] in place.*shared by every replica"):
+            tp.pmap(f, in_axes=(0, None, None), devices=devices(2))(x, mean, var)
+        means, variances = torch.zeros(2, 3), torch.ones(2, 3)
+        tp.pmap(f, devices=devices(2))(x, means, variances)
+    for r in range(2):
+        want_mean, want_var = torch.zeros(3), torch.ones(3)
+        f(x[r], want_mean, want_var)
+        torch.testing.assert_close(means[r], want_mean)
+        torch.testing.assert_close(variances[r], want_var)

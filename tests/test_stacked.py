@@ -7,6 +7,7 @@ import gc
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_same_bits, devices, executor, rows
@@ -1218,3 +1219,21 @@ def test_a_stacked_result_is_laid_out_stacked_whichever_is_read_first():
                 assert len(out.shards) == 4
             assert out.shard_layout.storage.value == "stacked"
             assert out.stacked_buffers() is not None and out.shard_layout.storage.value == "stacked"
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+@pytest.mark.parametrize(
+    "fn",
+    [lambda r: np.asarray(r.sum()), lambda r: r.sum().numpy(), lambda r: np.sum(np.asarray(r))],
+    ids=["asarray", "numpy", "np.sum"],
+)
+def test_a_numpy_output_is_each_replicas_own(name, fn):
+    # Dynamo makes a numpy output outside the graph, from replica 0's tensor: under
+    # out_axes=None every replica "agreed" on replica 0's value (found running the suite
+    # under TORCHPMAP_EXECUTOR=lockstep). Such a capture falls back to the threads.
+    x = rows(4, 3)
+    pf = tp.pmap(fn, out_axes=None, devices=devices(4))
+    with executor(name, allow_fallback=True), pytest.warns(RuntimeWarning, match="returns a numpy value"):
+        for _ in range(2):
+            with pytest.raises(ValueError, match="replica 1 returned a different value"):
+                pf(x)

@@ -40,7 +40,7 @@ from typing import Any, TypeAlias, TypeVar, cast
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _escapes, _forward_ad, _ops, _outside_views, _value_checks
+from . import _escapes, _forward_ad, _ops, _outside_views, _uncounted_writes, _value_checks
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
@@ -60,6 +60,7 @@ from ._stacked import (
     check_supported_ops,
     compile_graph,
     compile_per_replica,
+    refuse_numpy_outputs,
     refuse_value_guards,
     reusable_after_failures,
     trampoline_entry,
@@ -377,8 +378,9 @@ def _current() -> _CallState:
 class _Program:
     """The backend's callable for one guard set: the plan, run on every replica's inputs."""
 
-    def __init__(self, plan: _Plan) -> None:
+    def __init__(self, plan: _Plan, uncounted: tuple[int, ...]) -> None:
         self.plan = plan
+        self.uncounted = uncounted  # the inputs it writes without a version count (batch_norm's statistics)
 
     def __call__(self, *args: Any) -> list[Any]:
         state = _current()
@@ -406,6 +408,10 @@ class _Program:
         except BaseException as e:
             state.error = e
             raise
+        finally:
+            for k in self.uncounted:  # so that the check of shared inputs sees these writes
+                for t in {id(v): v for v in per_input[k]}.values():
+                    _uncounted_writes.record(t)
         outs0: list[Any] = []
         for s in self.plan.outputs:
             if s is None:
@@ -460,7 +466,8 @@ def _backend(
             graph = make_fx(checked, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
         check_supported_ops(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
-        return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build())
+        uncounted = _uncounted_writes.inputs_written_uncounted(graph.graph)
+        return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build(), uncounted)
 
     return backend
 
@@ -562,6 +569,7 @@ def _replica_outputs(out: Any, state: _CallState) -> list[FlatOutput]:
         # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
         raise Unsupported("the captured function has no graph to run")
     leaves, spec = flatten(out)
+    refuse_numpy_outputs(leaves)
     n = len(state.devices)
     per_leaf = [_every_replica(v, state) if isinstance(v, torch.Tensor) else [v] * n for v in leaves]
     return [([values[r] for values in per_leaf], spec) for r in range(n)]

@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -1125,7 +1126,16 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
         # No graph: nothing for the replicas to compute (the function returns its
         # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
         raise Unsupported("the captured function has no graph to run")
+    refuse_numpy_outputs(leaves)
     return StackedOutput(leaves, batched, spec, inputs_returned=inputs_returned)
+
+
+def refuse_numpy_outputs(leaves: Sequence[Any]) -> None:
+    """Refuse a numpy value among a capture's outputs: Dynamo's code makes it
+    outside the graph, from replica 0's tensor (``np.asarray(x.sum())``), so
+    every replica would return replica 0's (out_axes=None took it as agreed)."""
+    if any(isinstance(leaf, (np.ndarray, np.generic)) for leaf in leaves):
+        raise Unsupported("the function returns a numpy value (Dynamo makes it from replica 0's tensor)")
 
 
 def _copied_input(stacked: torch.Tensor, state: _CallState) -> list[Any] | None:
