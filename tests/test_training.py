@@ -363,6 +363,14 @@ def test_replicas_that_would_change_one_object_are_refused():
     tp.PerReplica([0.5, 0.5], ds)
 
 
+@pytest.mark.parametrize("bucket_mb", [float("nan"), -1, 0, float("inf"), "25", True])
+def test_a_bucket_size_that_is_not_a_positive_number_is_named(bucket_mb):
+    model = torch.nn.Linear(2, 2)
+    for fn in (tp.pmean_grads, tp.pmean_buffers):
+        with pytest.raises(ValueError, match="bucket_mb must be a positive number"):
+            fn(model, "i", bucket_mb=bucket_mb)
+
+
 def test_shard_batch_errors_and_padding():
     x, y = torch.arange(10.0).reshape(10, 1), torch.arange(10)
     with pytest.raises(ValueError, match="batch size 10 is not a multiple of the 4 devices"):

@@ -355,6 +355,7 @@ def pmean_grads(
             "pmean_grads: params must be a module or an iterable of parameters, got one tensor "
             "(pass [tensor], or pmean its gradient yourself)"
         )
+    _check_bucket_mb(bucket_mb, "pmean_grads")
     named = list(params.named_parameters()) if isinstance(params, torch.nn.Module) else list(enumerate(params))
     for name, p in named:
         if not isinstance(p, torch.Tensor):
@@ -391,8 +392,14 @@ def pmean_buffers(module: torch.nn.Module, axis_name: AxisName, *, bucket_mb: fl
     left alone: replicas that ran the same steps agree on them. Call it inside
     the pmapped step. The mean of per-shard running variances is not the
     variance of the whole batch; ``SyncBatchNorm`` gives the exact statistics."""
+    _check_bucket_mb(bucket_mb, "pmean_buffers")
     floating = [b for b in _module_buffers(module, "pmean_buffers") if b.is_floating_point() or b.is_complex()]
     _pmean_in_place(floating, axis_name, bucket_mb)
+
+
+def _check_bucket_mb(bucket_mb: Any, fn: str) -> None:
+    if isinstance(bucket_mb, bool) or not isinstance(bucket_mb, (int, float)) or not 0 < bucket_mb < float("inf"):
+        raise ValueError(f"{fn}: bucket_mb must be a positive number of megabytes, got {bucket_mb!r}")
 
 
 def broadcast_buffers(module: torch.nn.Module, axis_name: AxisName, *, source: int = 0) -> None:
