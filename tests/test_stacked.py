@@ -1237,3 +1237,27 @@ def test_a_numpy_output_is_each_replicas_own(name, fn):
         for _ in range(2):
             with pytest.raises(ValueError, match="replica 1 returned a different value"):
                 pf(x)
+
+
+VMAPS_INSIDE = {
+    "elementwise": lambda x: torch.func.vmap(lambda v: v * 2 + v.sum())(x),
+    "collective": lambda x: torch.func.vmap(lambda v: tp.psum(v, "i"))(x),
+    "grad_inside": lambda x: torch.func.vmap(
+        lambda v: torch.func.grad(lambda u: (u.sin() * tp.axis_index("i")).sum())(v)
+    )(x),
+    "nested": lambda x: torch.func.vmap(torch.func.vmap(lambda v: v.exp() * v.sum()))(x[:, None].expand(-1, 2, -1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VMAPS_INSIDE))
+def test_a_vmap_inside_the_function_stays_stacked(case):
+    # It fell back for a functorch call Dynamo writes first (lazy_load_decompositions),
+    # with that name as the reason (found by a hunt).
+    fn = VMAPS_INSIDE[case]
+    x = rows(4, 3, 2)
+    with executor("threads"):
+        want = tp.pmap(fn, "i", devices=devices(4))(x)
+    pf = tp.pmap(fn, "i", devices=devices(4))
+    with executor("stacked"):  # a fallback warning would fail the test
+        for _ in range(2):
+            assert_same_bits(pf(x), want)

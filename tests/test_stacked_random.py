@@ -221,7 +221,7 @@ def used_then_filled(x):
     [
         (
             lambda x: torch.func.vmap(lambda v: F.dropout(v, 0.5), randomness="different")(x),
-            "torch.func",  # today any vmap in the function falls back; a draw inside one must too
+            "inside torch.func.vmap",  # a draw per replica and vmapped row would need stacking there
         ),
         (used_then_filled, "without the replica dimension"),
         (

@@ -306,6 +306,7 @@ class _CaptureFrame(_axis.ReplicaFrame):
 # replica level it must move up by one. (target name, position of the level)
 _LEVEL_ARGS = {"_wrap_for_grad": 1, "_unwrap_for_grad": 1, "_add_batch_dim": 2, "_remove_batch_dim": 1}
 _LEVEL_FREE = {
+    "lazy_load_decompositions",  # (torch.func.vmap loads its decompositions first)
     "_grad_increment_nesting",
     "_grad_decrement_nesting",
     "_vmap_increment_nesting",

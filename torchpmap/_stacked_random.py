@@ -185,8 +185,13 @@ def _new_site(node: torch.fx.Node, func: Callable[..., Any]) -> _Site:
     leaves, out_spec = tree_flatten(out)
     out_leaves = [_meta(o) if isinstance(o, Tensor) else o for o in leaves]
     arg_strides = {}
-    for i, a in enumerate(node.args):
-        example = _example(a)
+    examples = [_example(a) for a in node.args]
+    if any(isinstance(e, Tensor) and torch._C._functorch.is_batchedtensor(e) for e in [*examples, *leaves]):
+        # (Dynamo's example values inside a vmap are its batched tensors, which escape their level here.)
+        raise _unsupported(
+            f"a random op ({name}) inside torch.func.vmap in the function: per-replica streams are not stacked there"
+        )
+    for i, example in enumerate(examples):
         if isinstance(example, Tensor):
             # The layout of a tensor the op allocates like this argument (empty_like):
             # the order a draw into it fills memory, and a dense layout to copy into.
@@ -254,9 +259,13 @@ def _check_transforms(name: str) -> None:
             continue
         if interpreter.key() != TransformType.Grad:
             kind = "torch.func.vmap" if interpreter.key() == TransformType.Vmap else "a forward-mode transform"
-            raise _unsupported(
-                f"a random op ({name}) inside {kind} in the function: per-replica streams are not stacked there"
-            )
+            raise _inside_transform(name, kind)
+
+
+def _inside_transform(name: str, kind: str) -> Exception:
+    return _unsupported(
+        f"a random op ({name}) inside {kind} in the function: per-replica streams are not stacked there"
+    )
 
 
 class _Draw(torch.autograd.Function):
