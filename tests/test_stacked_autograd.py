@@ -130,27 +130,25 @@ def test_only_the_broadcast_input_requires_grad():
     both_grads(pf, rows(N, 3), rows(3).requires_grad_())
 
 
-def test_closed_over_parameters_accumulate_once_per_replica():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-    pf = pm(lambda x: tp.psum(model(x), "i"))
-    x = rows(N, 3, 6, scale=0.05)
-    grads = {}
-    for name in ("threads", "stacked"):
-        model.zero_grad(set_to_none=True)
-        with executor(name):
-            weighted_loss(pf(x)).backward()
-        grads[name] = [p.grad.clone() for p in model.parameters()]
-    assert_equal(grads["threads"], grads["stacked"], close=True)
-
-
-def test_closed_over_batch_norm_in_eval_mode_under_autograd():
-    # batch_norm was taken for a random draw by the stacked capture (its uncounted writes
-    # share the random module's table): the backward's replay then raised "drew random
-    # numbers its forward did not draw"
-    torch.manual_seed(0)
+def _batch_norm_in_eval_mode():
     model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.BatchNorm1d(6)).eval()
     model[1].running_var.fill_(2.0)
+    return model
+
+
+CLOSED_OVER = {
+    "mlp": lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)),
+    # batch_norm was taken for a random draw by the stacked capture (its uncounted writes share
+    # the random module's table): the backward then raised "drew random numbers its forward did
+    # not draw"
+    "batch_norm_in_eval_mode": _batch_norm_in_eval_mode,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CLOSED_OVER))
+def test_closed_over_parameters_accumulate_once_per_replica(kind):
+    torch.manual_seed(0)
+    model = CLOSED_OVER[kind]()
     pf = pm(lambda x: tp.psum(model(x), "i"))
     x = rows(N, 3, 6, scale=0.05)
     grads = {}
