@@ -1261,3 +1261,19 @@ def test_a_vmap_inside_the_function_stays_stacked(case):
     with executor("stacked"):  # a fallback warning would fail the test
         for _ in range(2):
             assert_same_bits(pf(x), want)
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep"])
+def test_the_order_of_keyword_arguments_is_part_of_the_capture(name):
+    # Dynamo, forwarding **kwargs through the trampoline, does not guard their order: the
+    # capture made for a=, b= served b=, a= (found by a hunt).
+    def concat(**parts):
+        return torch.cat(list(parts.values()))
+
+    a, b = torch.zeros(4, 2), torch.ones(4, 2)
+    pf = tp.pmap(concat, "i", devices=devices(4))
+    with executor(name):
+        for _ in range(2):
+            assert torch.equal(pf(a=a, b=b).unshard(), torch.cat([a, b], 1))
+        for _ in range(2):
+            assert torch.equal(pf(b=b, a=a).unshard(), torch.cat([b, a], 1))

@@ -119,6 +119,13 @@ class CallRecord:
         ``(1,)``: a capture keyed by this too is never replayed for the other."""
         return constants_signature_of(tuple(v for _, v in self.static_items), self.caller_leaves, self.treedef)
 
+    def keyword_order(self) -> tuple[str, ...]:
+        """The keyword arguments' names in the order given: a function may read it
+        (``list(kwargs.values())``), and Dynamo, forwarding ``**kwargs``, does not guard it."""
+        if self.treedef is None:
+            return ()
+        return tuple(self.treedef.child(1).context)
+
     def replica_inputs(self) -> list[list[Any]]:
         """Per replica, its flattened inputs (new lists: callers may edit them)."""
         return [[vals[r] for vals in self.per_leaf] for r in range(len(self.group.devices))]

@@ -821,9 +821,10 @@ _captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = wea
 
 def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
     """What a function's captures (stacked or lockstep) are told apart by: the
-    axis, where they run, compile= options, and the signs of float zeros among
+    axis, where they run, compile= options, the signs of float zeros among
     the static and broadcast non-tensor arguments, and the types nested in them
-    and in the dict keys (``CallRecord.constants_signature``)."""
+    and in the dict keys (``CallRecord.constants_signature``), and the order of
+    the keyword arguments."""
     options = record.compile_options
     return (
         record.group.axis_name,
@@ -831,6 +832,7 @@ def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ..
         where,
         None if options is None else options_key(options),
         record.constants_signature(),
+        record.keyword_order(),
     )
 
 
