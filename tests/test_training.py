@@ -597,6 +597,28 @@ def test_state_the_replicas_share_without_being_passed_it_raises_when_written(ex
     tp.pmap(fun, "i")(x[:1])
 
 
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+def test_a_closed_over_tensor_written_from_a_later_call_on_raises_on_that_call(executor):
+    # The closed-over state was checked on the first call, when it changed, and every 32nd
+    # call: a write behind a Python flag turned on later raced (threads) or ran once per
+    # call (stacked) for up to 31 calls (found by a hunt). Tensors are checked every call.
+    acc = torch.zeros(3)
+    update = [False]
+
+    def f(x):
+        if update[0]:
+            acc.add_(1)
+        return x * 2
+
+    pf = tp.pmap(f, "i", devices=helpers.devices(4))
+    with helpers.executor(executor, allow_fallback=True):
+        for _ in range(3):  # the stacked fast path from the second call on
+            pf(torch.zeros(4, 3))
+        update[0] = True
+        with pytest.raises(RuntimeError, match=r"wrote acc in place, but acc is a tensor"):
+            pf(torch.zeros(4, 3))
+
+
 class Simulation:
     def __init__(self):
         self.state = torch.zeros(4, 3)

@@ -36,9 +36,21 @@ class FastCall:
     """One signature's capture and what its calls must still have for it to
     run them: the devices, and per leaf a ShardedTensor already in place, a
     plain tensor on the physical device mapped along its axis, or a
-    non-tensor value (which Dynamo's guards check)."""
+    non-tensor value (which Dynamo's guards check); and the tensors the function
+    reaches without being passed them, whose writes the caller checks."""
 
-    __slots__ = ("capture", "group", "devices", "local", "kinds", "axes", "device", "has_constants", "constants")
+    __slots__ = (
+        "capture",
+        "group",
+        "devices",
+        "local",
+        "kinds",
+        "axes",
+        "device",
+        "has_constants",
+        "constants",
+        "reached",
+    )
 
     def __init__(
         self,
@@ -46,8 +58,10 @@ class FastCall:
         record: CallRecord,
         local: tuple[torch.device, ...],
         kinds: Sequence[int],
+        reached: list[tuple[str, Any]],
     ) -> None:
         self.capture = capture
+        self.reached = reached  # (path, tensor): closed-over tensors, found when this was made
         self.group: ReplicaGroup = record.group
         self.devices = record.group.devices
         self.device = self.devices[0]

@@ -48,6 +48,7 @@ from ._shared_state import (
     check_not_written,
     is_stateful_object,
     reached_by,
+    tensors_reached,
     watch_passed,
     watch_reached,
     without_arguments,
@@ -364,8 +365,13 @@ class Pmapped:
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
         if fast is not None and not recheck:
+            # The closed-over tensors found when the fast path was made (the general path,
+            # every _RECHECK_EVERY-th call, looks for new ones): a write into one raises.
+            reached = watch_reached(fast.reached, len(fast.devices)) if fast.reached else []
             fast_out = fast.call(leaves, structure, tuple(zip(static_pos, static_vals)) if static_pos else ())
             if fast_out is not None:
+                if reached:
+                    check_not_written(reached, len(fast.devices))
                 return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
@@ -450,24 +456,27 @@ class Pmapped:
                 given_as_tensor = [kind in (_TENSOR, _SHARDED, _NUMPY) for kind in plan.kinds]
                 kinds = FastCall.kinds_of(record, given_as_tensor)
                 if kinds is not None:
-                    plan.fast = FastCall(outs.replay, record, _devices.local_device_tuple(), kinds)
+                    reached_tensors = tensors_reached(found, leaves) if n > 1 else []
+                    plan.fast = FastCall(outs.replay, record, _devices.local_device_tuple(), kinds, reached_tensors)
             return self._assemble_stacked(outs, devices)
         return self._assemble(outs, devices, record.group)
 
     def _watch_reached(self, found: list[tuple[str, Any]], leaves: list[Any], n: int, recheck: bool) -> list[Snapshot]:
         """Snapshots of what the function reaches without being passed it
-        (``_shared_state``), on the calls that check it: the first, each one
-        after those objects or their train/eval mode change, and every
-        ``_RECHECK_EVERY``-th call (``recheck``: the stacked fast path leaves
-        that one to the general path). A snapshot costs ~1-2 us per parameter
-        and buffer of a closed-over model, and the writes it finds (BatchNorm
-        statistics in training mode, a backward or an optimizer step inside the
-        call) happen on every call that has them, so the first checked call raises."""
+        (``_shared_state``). Tensors on every call (a version each: a write may
+        start on any call, behind a Python flag). Modules and optimizers on the
+        calls that check them: the first, each one after those objects or their
+        train/eval mode change, and every ``_RECHECK_EVERY``-th call (``recheck``:
+        the stacked fast path leaves that one to the general path). A module's
+        snapshot costs ~1-2 us per parameter and buffer, and the writes it finds
+        (BatchNorm statistics in training mode, a backward or an optimizer step
+        inside the call) happen on every call that has them, so the first checked
+        call raises."""
         if n < 2 or not found:
             return []
         fingerprint = tuple((id(obj), getattr(obj, "training", None)) for _, obj in found)
         if fingerprint == self._reached_fingerprint and not recheck:
-            return []
+            return watch_reached(tensors_reached(found, leaves), n)
         self._reached_fingerprint = fingerprint
         return watch_reached(without_arguments(found, leaves), n)
 

@@ -185,6 +185,13 @@ def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
     return list(found.values())
 
 
+def tensors_reached(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:
+    """The tensors among ``reached`` that are not the call's arguments' memory
+    (checked on every call: a version each)."""
+    tensors: list[tuple[str, Shared]] = [(path, obj) for path, obj in reached if isinstance(obj, torch.Tensor)]
+    return without_arguments(tensors, arguments) if tensors else []
+
+
 def without_arguments(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:
     """``reached`` less the tensors that share memory with the call's arguments:
     a replica writing its own slice of a mapped argument bumps the version counter
