@@ -285,3 +285,13 @@ def test_inductor_every_collective_and_training_step():
     with executor("stacked"):
         got = train(pm(mlp_step, in_axes=(None, 0, 0), out_axes=(None, None), compile=True))
     assert_same(expected, got, close=True)
+
+
+@pytest.mark.slow
+def test_inductor_sums_low_precision_collectives_in_their_dtype():
+    # Fused by Inductor, the batched psum's adds kept float32 partial sums: float16
+    # 60000 + 60000 - 60000 - 60000 gave 0, where every replica's own psum (and the
+    # README) gives inf (found by a hunt). Inductor rounds each op as eager does now.
+    x = torch.tensor([[6e4, 1.0], [6e4, 1.0], [-6e4, 1.0], [-6e4, 1.0]], dtype=torch.float16)
+    got = eager_threads_vs_compiled_stacked(lambda v: tp.psum(v, "i") * 2, x, compile=True)
+    assert got.unshard()[0, 0].isinf()

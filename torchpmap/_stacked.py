@@ -41,6 +41,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -515,7 +516,9 @@ class _Batched:
         if program is None:
             if len(self.programs) >= _MAX_LAYOUTS:
                 raise Unsupported(f"compiled for {_MAX_LAYOUTS} layouts of the inputs: not stacked any more")
-            program = self.programs[key] = compile_graph(self.compiler, self.graph, inputs)
+            program = self.programs[key] = compile_graph(
+                self.compiler, self.graph, inputs, eager_rounding=_computes_in_low_precision(self.graph.graph)
+            )
         return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
@@ -628,18 +631,36 @@ def _ranges_meet(inputs: list[Any]) -> bool:
 _MAX_LAYOUTS = 8
 
 
-def compile_graph(compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any]) -> Callable[..., Any]:
+def compile_graph(
+    compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any], eager_rounding: bool = False
+) -> Callable[..., Any]:
     """compile= over a graph of ours (the batched graph: one compiled program
     computes every replica; a lockstep segment). In a tracing context of its own:
     Dynamo's describes replica 0's graph (its inputs, fake tensors and output
     strides), not this one; a fake mode with a shape env lets Inductor cache the
-    compiled graph across processes."""
+    compiled graph across processes. ``eager_rounding``: Inductor rounds each
+    float16/bfloat16 op's result as eager does, instead of keeping fused ops in
+    float32 (``_computes_in_low_precision``)."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    rounding: Any = nullcontext()
+    if eager_rounding:
+        import torch._inductor.config  # (only a compile= call pays for importing Inductor)
+
+        rounding = torch._inductor.config.patch(emulate_precision_casts=True)
     # Without autograd: the compiled program serves calls autograd does not record
     # (one it records runs on the threads, see _Batched.__call__), and a joint graph
     # of a program whose graph passes write temporaries in place would not trace.
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.no_grad():
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.no_grad(), rounding:
         return compiler(graph, list(examples))
+
+
+def _computes_in_low_precision(graph: torch.fx.Graph) -> bool:
+    """Whether the batched graph has float16/bfloat16 values. Its collectives fold the
+    replicas' rows with pointwise adds, which Inductor would fuse keeping float32
+    partial sums: a psum that overflows to inf on the threads (each replica's compiled
+    program calls the collective's kernel, which adds in the dtype) would not."""
+    low = (torch.float16, torch.bfloat16)
+    return any(getattr(node.meta.get("val"), "dtype", None) in low for node in graph.nodes)
 
 
 def _backend(
