@@ -495,3 +495,22 @@ def test_batch_norm_updating_broadcast_statistics_raises_as_on_the_threads():
         f(x[r], want_mean, want_var)
         torch.testing.assert_close(means[r], want_mean)
         torch.testing.assert_close(variances[r], want_var)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: tp.psum(x.T, "i").flatten(),
+        lambda x: tp.pmax(x.mT, "i").reshape(2, -1),
+        lambda x: tp.ppermute(x.T, "i", [(0, 1), (1, 0)]).contiguous().view(-1),
+    ],
+    ids=["psum_flatten", "pmax_reshape", "ppermute_view"],
+)
+def test_a_collective_of_a_transposed_tensor_has_its_traced_layout(fn):
+    # The exchange kept the input's strides where the trace saw the fake kernel's contiguous
+    # tensor (and made the reshape a view): "view size is not compatible" (found by a hunt).
+    x = rows(4, 3, 4)
+    with executor("threads"):
+        want = tp.pmap(fn, "i", devices=devices(4))(x)
+    with executor("lockstep"):
+        assert_same_bits(tp.pmap(fn, "i", devices=devices(4))(x), want)

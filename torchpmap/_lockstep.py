@@ -334,7 +334,7 @@ def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices:
             _check_signatures(step.collective, xs)
             results = backend.run(step.collective, xs)
             for env, v in zip(envs, results):
-                env[step.output] = v
+                env[step.output] = _ops.as_kernel_result(v)  # as traced: the fake kernel's layout
         else:
             for r, env in enumerate(envs):
                 env[step.output] = torch.full((), first + r, dtype=torch.int64, device=step.devices[r])

@@ -224,11 +224,16 @@ def _exchange(axes: str, x: Tensor, collective: Collective) -> Tensor:
         raise _no_captured_form(collective.kind)
     _forward_ad.check_no_collective(collective.kind)
     _forward_ad.check_not_dual(collective, x)
-    out = f.comm.exchange(f.index, collective, x)
+    return as_kernel_result(f.comm.exchange(f.index, collective, x))
+
+
+def as_kernel_result(out: Tensor) -> Tensor:
+    """A collective's result as its fake kernel describes it: a tensor of its own,
+    contiguous, at offset 0. An exchange may give a block of a larger result (a
+    scatter's chunk, a tiled gather's strided block) or a reduction with its
+    input's strides; compiled code asserts the strides and the 16-byte alignment,
+    and a traced graph turns a reshape of it into a view."""
     if out.storage_offset() or not out.is_contiguous():
-        # A block of a larger result (a scatter's chunk, a tiled gather's strided block): the
-        # fake kernels promise a tensor of its own, and compiled code asserts its strides and
-        # its 16-byte alignment.
         out = out.clone(memory_format=torch.contiguous_format)
     return out
 
