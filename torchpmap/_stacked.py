@@ -644,9 +644,9 @@ def compile_graph(
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     rounding: Any = nullcontext()
     if eager_rounding:
-        import torch._inductor.config  # (only a compile= call pays for importing Inductor)
+        from torch._inductor import config as inductor_config  # (only such a call imports Inductor)
 
-        rounding = torch._inductor.config.patch(emulate_precision_casts=True)
+        rounding = inductor_config.patch(emulate_precision_casts=True)
     # Without autograd: the compiled program serves calls autograd does not record
     # (one it records runs on the threads, see _Batched.__call__), and a joint graph
     # of a program whose graph passes write temporaries in place would not trace.
