@@ -514,3 +514,18 @@ def test_a_collective_of_a_transposed_tensor_has_its_traced_layout(fn):
         want = tp.pmap(fn, "i", devices=devices(4))(x)
     with executor("lockstep"):
         assert_same_bits(tp.pmap(fn, "i", devices=devices(4))(x), want)
+
+
+def test_a_global_that_is_replica_0s_shard_requiring_grad_stays_one_value():
+    # Replica 0's value was given to Dynamo as the tensor itself when it required grad,
+    # so a closed-over S.shards[0] became each replica's shard (found by a hunt).
+    shards = [torch.full((3,), float(r)).requires_grad_() for r in range(4)]
+    s = tp.device_put_sharded(shards, devices(4))
+    first = tp.unreplicate(s)  # s.shards[0] itself
+
+    def distance_to_the_first(v):
+        return v - first
+
+    with torch.no_grad(), executor("lockstep"):
+        got = tp.pmap(distance_to_the_first, "i", devices=devices(4))(s)
+    assert torch.equal(got.unshard()[:, 0], torch.arange(4.0))

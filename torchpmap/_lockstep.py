@@ -517,10 +517,13 @@ def _call_state(record: CallRecord, devices: tuple[torch.device, ...]) -> tuple[
     aliases: dict[int, torch.Tensor] = {}
     for values in record.per_leaf:
         first = values[0]
-        if isinstance(first, torch.Tensor) and first.layout == torch.strided and not first.requires_grad:
+        if isinstance(first, torch.Tensor) and first.layout == torch.strided:
             # A fresh alias, not the tensor itself: a global that is replica 0's
             # tensor (``S.shards[0]``) must stay one value, not become each replica's.
-            first = aliases.setdefault(id(first), first.view_as(first))
+            # (One that requires grad, in a call autograd does not record: a leaf that
+            # does too, as a view made under no_grad would not.)
+            alias = first.detach().requires_grad_() if first.requires_grad else first.view_as(first)
+            first = aliases.setdefault(id(first), alias)
         row0.append(first)
         if not isinstance(first, torch.Tensor):
             continue
