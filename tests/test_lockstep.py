@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_same_bits, devices, executor, rows
+from helpers import assert_same_bits, devices, executor, expect_error, notes, rows
 
 import torchpmap as tp
 from torchpmap import _config, _lockstep, _stacked
@@ -529,3 +529,15 @@ def test_a_global_that_is_replica_0s_shard_requiring_grad_stays_one_value():
     with torch.no_grad(), executor("lockstep"):
         got = tp.pmap(distance_to_the_first, "i", devices=devices(4))(s)
     assert torch.equal(got.unshard()[:, 0], torch.arange(4.0))
+
+
+def test_an_error_in_one_replica_names_it_as_on_the_threads():
+    def f(i):
+        return torch.arange(5)[i] * 2
+
+    index = torch.tensor([[0], [1], [9], [2]])  # out of range in replica 2 only
+    for name in ("threads", "lockstep"):
+        with executor(name):
+            err, seconds = expect_error(tp.pmap(f, "i", devices=devices(4)), index, kind=IndexError)
+        assert "(raised in pmap replica 2 on device" in notes(err), name
+        assert seconds < 5

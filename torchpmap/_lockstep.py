@@ -47,6 +47,7 @@ from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_erro
 from ._compile import Backend, arguments_share_memory, capture_config, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
+from ._runtime import add_replica_note
 from ._stacked import (
     CapturedExecutor,
     Unsupported,
@@ -321,8 +322,12 @@ def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices:
         if isinstance(step, _Compute):
             for r, env in enumerate(envs):
                 # (A replica on the CPU beside GPUs, e.g. cuda:0 and cpu:0, has no CUDA device to make current.)
-                with torch.cuda.device(devices[r]) if devices[r].type == "cuda" else contextlib.nullcontext():
-                    outs = step.programs[r](*[env[s] for s in step.inputs])
+                try:
+                    with torch.cuda.device(devices[r]) if devices[r].type == "cuda" else contextlib.nullcontext():
+                        outs = step.programs[r](*[env[s] for s in step.inputs])
+                except Exception as e:
+                    add_replica_note(e, first + r, backend.devices[r])  # as the threads name the replica
+                    raise
                 for s, v in zip(step.outputs, outs):
                     env[s] = v
         elif isinstance(step, _Exchange):

@@ -530,8 +530,13 @@ def _root_cause(
     ranked = [(r, e) for r, e in enumerate(errors) if e is not None]
     own = [(r, e) for r, e in ranked if not _follows_an_abort(e)]
     rank, err = (own or ranked)[0]
-    _add_note(err, f"(raised in pmap replica {first_index + rank} on device {devices[rank]})")
+    add_replica_note(err, first_index + rank, devices[rank])
     return err
+
+
+def add_replica_note(err: BaseException, index: int, device: torch.device) -> None:
+    """Note on ``err`` which replica (its axis index) raised it, and where."""
+    _add_note(err, f"(raised in pmap replica {index} on device {device})")
 
 
 def _follows_an_abort(e: BaseException) -> bool:
