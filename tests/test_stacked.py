@@ -1277,3 +1277,18 @@ def test_the_order_of_keyword_arguments_is_part_of_the_capture(name):
             assert torch.equal(pf(a=a, b=b).unshard(), torch.cat([a, b], 1))
         for _ in range(2):
             assert torch.equal(pf(b=b, a=a).unshard(), torch.cat([b, a], 1))
+
+
+def test_two_pmaps_of_one_function_with_other_in_axes_both_stay_stacked():
+    # A row and a broadcast tensor of one shape pass the same guards: the two pmaps shared a
+    # capture, and the second fell back to the threads for good (found by a hunt).
+    def f(x, y):
+        return x * 2 + y
+
+    mapped = tp.pmap(f, "i", devices=devices(4))
+    broadcast = tp.pmap(f, "i", devices=devices(4), in_axes=(0, None))
+    x, y = rows(4, 3), rows(4, 3, offset=1.0)
+    with executor("stacked"):  # a fallback warning would fail the test
+        for _ in range(2):
+            assert torch.equal(broadcast(x, y[0]).unshard(), x * 2 + y[0])
+            assert torch.equal(mapped(x, y).unshard(), x * 2 + y)

@@ -844,8 +844,10 @@ def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ..
     """What a function's captures (stacked or lockstep) are told apart by: the
     axis, where they run, compile= options, the signs of float zeros among
     the static and broadcast non-tensor arguments, and the types nested in them
-    and in the dict keys (``CallRecord.constants_signature``), and the order of
-    the keyword arguments."""
+    and in the dict keys (``CallRecord.constants_signature``), the order of
+    the keyword arguments, and which leaves are broadcast (a row and a broadcast
+    tensor of one shape pass the same guards: two pmaps of one function with other
+    in_axes would share a capture, and one would fall back for good)."""
     options = record.compile_options
     return (
         record.group.axis_name,
@@ -854,6 +856,7 @@ def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ..
         None if options is None else options_key(options),
         record.constants_signature(),
         record.keyword_order(),
+        tuple(p is Placement.BROADCAST for p in record.placements),
     )
 
 
