@@ -1146,6 +1146,8 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
                 originals = _copied_input(stacked, state)
                 if originals is not None:
                     inputs_returned[k] = originals
+        elif isinstance(leaf, _NUMPY_VALUES):
+            raise Unsupported(_NUMPY_OUTPUT)
         if stacked is not None:
             leaves[k] = stacked
         batched.append(stacked is not None)
@@ -1153,16 +1155,20 @@ def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
         # No graph: nothing for the replicas to compute (the function returns its
         # inputs or constants), or Dynamo ran it eagerly on replica 0. Never trust that.
         raise Unsupported("the captured function has no graph to run")
-    refuse_numpy_outputs(leaves)
     return StackedOutput(leaves, batched, spec, inputs_returned=inputs_returned)
 
 
+# A numpy value among a capture's outputs is made by Dynamo's code outside the graph, from
+# replica 0's tensor (np.asarray(x.sum())): every replica would return replica 0's (and
+# out_axes=None would take them as agreed).
+_NUMPY_VALUES = (np.ndarray, np.generic)
+_NUMPY_OUTPUT = "the function returns a numpy value (Dynamo makes it from replica 0's tensor)"
+
+
 def refuse_numpy_outputs(leaves: Sequence[Any]) -> None:
-    """Refuse a numpy value among a capture's outputs: Dynamo's code makes it
-    outside the graph, from replica 0's tensor (``np.asarray(x.sum())``), so
-    every replica would return replica 0's (out_axes=None took it as agreed)."""
-    if any(isinstance(leaf, (np.ndarray, np.generic)) for leaf in leaves):
-        raise Unsupported("the function returns a numpy value (Dynamo makes it from replica 0's tensor)")
+    """Refuse a numpy value among a capture's outputs (``_NUMPY_OUTPUT``)."""
+    if any(isinstance(leaf, _NUMPY_VALUES) for leaf in leaves):
+        raise Unsupported(_NUMPY_OUTPUT)
 
 
 def _copied_input(stacked: torch.Tensor, state: _CallState) -> list[Any] | None:
