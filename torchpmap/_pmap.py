@@ -772,8 +772,9 @@ class Pmapped:
                 placements.append(_PLACED_BROADCAST)
             per_leaf.append(values)
         if len(mapped) > 1:
-            for j, t, k in _slices_shared_across_replicas(mapped, n):
-                _watch(shared, j, t, _OTHER_REPLICAS_SLICES + plan.paths[k])
+            for group in _storages_shared_by_arguments(mapped, n):
+                for j, t, _ in group.members:  # (views share a version counter; other aliases need not)
+                    _watch(shared, j, t, group)
         return per_leaf, placements, grad_leaves, shared
 
     # -- outputs -------------------------------------------------------------------------
@@ -1049,10 +1050,10 @@ def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
 
 # A tensor input no replica may write in place: (leaf index, the tensor, its
 # version before the call, why it is shared).
-_Shared: TypeAlias = "tuple[int, torch.Tensor, int, str]"
+_Shared: TypeAlias = "tuple[int, torch.Tensor, int, str | _SharedStorage]"
 
 
-def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str) -> None:
+def _watch(shared: list[_Shared], j: int, t: torch.Tensor, why: str | _SharedStorage) -> None:
     if not t.is_inference():  # inference tensors have no version counter
         shared.append((j, t, writes_of(t), why))
 
@@ -1065,32 +1066,39 @@ _READ_ONLY_ARRAY = "a read-only numpy array"
 _OVERLAPPING_SHARDS = "shards that share memory"
 # Why a copy of a ShardedTensor mapped along another axis than its own is watched: a write to it is lost.
 _OTHER_AXIS_COPY = "a copy along another axis"
-# Why a mapped tensor is watched when another replica's slice of another argument is its memory
-# (followed by that argument's path).
-_OTHER_REPLICAS_SLICES = "another replica's slice of "
 
 
-def _slices_shared_across_replicas(
-    mapped: list[tuple[int, torch.Tensor, int]], n: int
-) -> Iterator[tuple[int, torch.Tensor, int]]:
-    """(j, tensor j, k) for two mapped tensors j and k (views of one tensor, x[:4] and
-    x[1:]) of which replica i's slice of one shares an element with another replica's
-    slice of the other: a replica writing its slice races with the one reading it."""
+@dataclass(frozen=True)
+class _SharedStorage:
+    """Why mapped tensors are watched when two or more of them (of different
+    arguments) are views of one storage (x[:4] and x[1:]): if one was written,
+    ``overlap`` tells whether a replica's slice of one shares an element with
+    another replica's slice of another (a race), worked out only then."""
+
+    members: tuple[tuple[int, torch.Tensor, int], ...]  # (leaf index, tensor, mapped axis)
+    n: int
+
+    def overlap(self) -> tuple[int, int] | None:
+        """Two leaf indices whose slices meet across replicas, or None."""
+        members, n = self.members, self.n
+        for p, (j, a, a_axis) in enumerate(members):
+            for k, b, b_axis in members[p + 1 :]:
+                if (a.data_ptr(), a.shape, a.stride(), a_axis) == (b.data_ptr(), b.shape, b.stride(), b_axis):
+                    continue  # one tensor given twice: each replica gets its own slice twice
+                slices = [a.select(a_axis, i) for i in range(n)] + [b.select(b_axis, i) for i in range(n)]
+                if any(q >= n and q - n != r for r, q in pairs_sharing_memory(slices) if r < n):
+                    return j, k
+        return None
+
+
+def _storages_shared_by_arguments(mapped: list[tuple[int, torch.Tensor, int]], n: int) -> list[_SharedStorage]:
+    """The groups of mapped tensors of different arguments that share one storage."""
     by_storage: dict[int, list[tuple[int, torch.Tensor, int]]] = {}
     for j, t, axis in mapped:
         key = _storage_key(t)
         if key is not None and t.numel():
             by_storage.setdefault(key, []).append((j, t, axis))
-    for group in by_storage.values():
-        for p, (j, a, a_axis) in enumerate(group):
-            for k, b, b_axis in group[p + 1 :]:
-                same_slices = (a.data_ptr(), a.shape, a.stride(), a_axis) == (b.data_ptr(), b.shape, b.stride(), b_axis)
-                if same_slices:  # one tensor given twice: each replica gets its own slice twice
-                    continue
-                slices = [a.select(a_axis, i) for i in range(n)] + [b.select(b_axis, i) for i in range(n)]
-                if any(q >= n and q - n != r for r, q in pairs_sharing_memory(slices) if r < n):
-                    yield j, a, k
-                    yield k, b, j
+    return [_SharedStorage(tuple(group), n) for group in by_storage.values() if len(group) > 1]
 
 
 def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any]) -> None:
@@ -1120,13 +1128,18 @@ def _check_not_written(shared: list[_Shared], paths: list[str], leaves: list[Any
                 f"several shards, say): every replica writes the others' data. Give the shards their own "
                 f"memory (clone each), or clone() inside the function before writing."
             )
-        if why.startswith(_OTHER_REPLICAS_SLICES):
-            other = why[len(_OTHER_REPLICAS_SLICES) :]
+        if isinstance(why, _SharedStorage):
+            pair = why.overlap()
+            if pair is None:
+                continue  # views of one tensor, but each replica's own memory: no race
+            first, second = paths[pair[0]], paths[pair[1]]
+            written = " or ".join(dict.fromkeys(paths[k] for k, _, _ in why.members))
             raise RuntimeError(
-                f"pmap: a replica wrote {path} in place, but another replica's slice of {other} is the same "
-                f"memory ({path} and {other} are overlapping views of one tensor, x[:n] and x[1:] say): the "
-                f"replicas read and wrote each other's data in no set order, so the result is undefined. "
-                f"clone() inside the function before writing, or pass tensors that do not overlap."
+                f"pmap: a replica wrote {written} in place (views of one tensor, which share a version "
+                f"counter), and a replica's slice of {first} is the same memory as another replica's slice "
+                f"of {second} (overlapping views, x[:n] and x[1:] say): the replicas read and wrote each "
+                f"other's data in no set order, so the result is undefined. clone() inside the function "
+                f"before writing, or pass tensors that do not overlap."
             )
         if why != "overlapping slices":
             others = _sharing_memory_with(t, j, leaves, paths)
