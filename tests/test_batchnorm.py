@@ -129,6 +129,17 @@ def test_broadcast_buffers_copies_every_bit():
         assert torch.equal(m.running_mean.view(torch.int64), odd.view(torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64, torch.bool, torch.int8])
+def test_broadcast_buffers_copies_integer_buffers(dtype):
+    # uint16/32/64 have no add: their psum failed ("not implemented")
+    models = tp.replicate(torch.nn.Linear(1, 1), devices=devices(N))
+    for i, m in enumerate(models):
+        m.register_buffer("count", torch.tensor([i % 2, 1, 0], dtype=torch.int64).to(dtype))
+    tp.pmap(lambda m: tp.broadcast_buffers(m, "i", source=1) or torch.zeros(()), "i")(models)
+    for m in models:
+        assert torch.equal(m.count, torch.tensor([1, 1, 0], dtype=torch.int64).to(dtype))
+
+
 def test_padding_rows_are_left_out_of_the_statistics_with_a_mask():
     rows = N * PER - 2  # padded to N * PER
     xs, ys = make_batches(2, rows)

@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import devices, module_train_step, pmap_k
@@ -115,6 +116,21 @@ def test_replicas_that_differ_only_in_what_is_not_saved_are_saved(tmp_path):
     assert set(models.state_dict()) == {"weight", "bias"}
     with pytest.raises(AssertionError, match="last_batch_max"):
         tp.assert_replicas_identical(models)  # which still compares every buffer
+
+
+class WithExtraState(torch.nn.Linear):
+    def get_extra_state(self):
+        return {"table": np.ones(2), "handle": object()}  # neither compares with == to a bool
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_a_module_with_extra_state_is_saved(tmp_path):
+    # The replicas' comparison read the state_dict's extra state with == (review)
+    models = tp.replicate(WithExtraState(2, 2), devices=devices(N))
+    assert "_extra_state" in models.state_dict()
+    tp.save_checkpoint(tmp_path / "c.pt", net=models)
 
 
 def test_optimizer_state_that_drifted_is_refused(tmp_path):

@@ -346,10 +346,10 @@ def test_replicas_that_would_change_one_object_are_refused():
     # raced, and the training came out silently wrong (found by a hunt).
     ds = devices(4)[:2]
     model = make_model()
-    with pytest.raises(ValueError, match=r"replicas 0 and 1 share one Sequential"):
+    with pytest.raises(ValueError, match=r"replicas 0 and 1 share one trainable parameter \(0.weight\)"):
         tp.PerReplica([model.to("cpu") for _ in ds], ds)  # .to returns the module itself
     shared = torch.nn.Linear(3, 3)
-    with pytest.raises(ValueError, match=r"share one parameter \(0.weight\)"):
+    with pytest.raises(ValueError, match=r"share one trainable parameter \(0.weight\)"):
         tp.PerReplica([torch.nn.Sequential(shared, torch.nn.ReLU()) for _ in ds], ds)
     models = tp.replicate(make_model(), devices=ds)
     opt = torch.optim.SGD(models[0].parameters(), lr=0.1)
@@ -359,7 +359,14 @@ def test_replicas_that_would_change_one_object_are_refused():
         tp.PerReplica([torch.optim.lr_scheduler.StepLR(opt, 1) for _ in ds], ds)
     with pytest.raises(ValueError, match="over the parameters it is given"):
         tp.replicate(model, lambda params: torch.optim.SGD(model.parameters(), lr=0.1), ds)
-    tp.PerReplica([torch.zeros(3)] * 2, ds)  # values the replicas read may repeat
+    norm = torch.nn.BatchNorm1d(3, affine=False)
+    with pytest.raises(ValueError, match=r"share one buffer of a module in training mode \(1.running_mean\)"):
+        tp.PerReplica([torch.nn.Sequential(torch.nn.Linear(3, 3), norm) for _ in ds], ds)
+    # What the replicas only read may be shared: a frozen embedding, buffers in eval mode, tensors.
+    frozen = torch.nn.Embedding(5, 3).requires_grad_(False)
+    tp.PerReplica([torch.nn.Sequential(frozen, torch.nn.Linear(3, 3)) for _ in ds], ds)
+    tp.PerReplica([torch.nn.Sequential(torch.nn.Linear(3, 3), norm.eval()) for _ in ds], ds)
+    tp.PerReplica([torch.zeros(3)] * 2, ds)
     tp.PerReplica([0.5, 0.5], ds)
 
 

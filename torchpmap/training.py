@@ -151,10 +151,11 @@ class PerReplica:
 def _refuse_shared_state(values: list[Any]) -> None:
     """Refuse values of which two replicas would change the same state at once: one
     object given for several replicas (``[model.to("cpu") for d in devices]`` is one
-    module: ``.to`` returns it unchanged), or distinct ones holding the same
-    parameter, buffer or optimizer (an optimizer factory that ignores its argument).
-    The replicas would race on it, and the training would be silently wrong. (Other
-    values, tensors and configurations, may repeat: replicas read them.)"""
+    module: ``.to`` returns it unchanged), or distinct ones holding the same trainable
+    parameter, buffer in training mode or optimizer (an optimizer factory that ignores
+    its argument). The replicas would race on it, and the training would be silently
+    wrong. (Other values may repeat: frozen parameters, tensors, configurations, which
+    replicas read.)"""
     owner: dict[int, tuple[int, str]] = {}
     for i, value in enumerate(values):
         for what, obj in _state_of(value):
@@ -164,19 +165,24 @@ def _refuse_shared_state(values: list[Any]) -> None:
                     f"PerReplica: replicas {first[0]} and {i} share one {what}: each replica changes its "
                     f"own in place, so they would race on it. Give each replica its own "
                     f"(torchpmap.replicate(model, optimizer_factory) copies a module and builds an optimizer "
-                    f"over each copy's parameters; on CPU devices module.to('cpu') returns the module itself)"
+                    f"over each copy's parameters; on CPU devices module.to('cpu') returns the module itself); "
+                    f"a module every replica only reads goes in broadcast (in_axes=None) instead"
                 )
 
 
 def _state_of(value: Any) -> Iterator[tuple[str, Any]]:
-    """What a replica's module, optimizer or LR scheduler holds that its replica
-    changes in place (named for an error); nothing for other values."""
+    """What a replica's module, optimizer or LR scheduler holds that training
+    changes in place (named for an error): a module's trainable parameters and,
+    in training mode, its buffers (BatchNorm's statistics); nothing for other
+    values. Frozen parameters, and buffers in eval mode, may be shared."""
     if isinstance(value, torch.nn.Module):
-        yield type(value).__name__, value
         for name, p in value.named_parameters():
-            yield f"parameter ({name})", p
-        for name, b in value.named_buffers():
-            yield f"buffer ({name})", b
+            if p.requires_grad:
+                yield f"trainable parameter ({name})", p
+        for prefix, module in value.named_modules():
+            if module.training:
+                for name, b in module.named_buffers(prefix=prefix, recurse=False):
+                    yield f"buffer of a module in training mode ({name})", b
     elif isinstance(value, torch.optim.Optimizer):
         yield type(value).__name__, value
         yield from _optimizer_state(value)
@@ -234,7 +240,8 @@ def _replica_state(value: Any, grads: bool) -> Iterator[tuple[str, Any]]:
     non-persistent buffer: replicas may differ there and still save alike)."""
     if isinstance(value, torch.nn.Module) and not grads:
         for name, v in value.state_dict().items():
-            yield from _walk(v, name)  # named as the module names them ("2.bias")
+            if isinstance(v, torch.Tensor):  # (not a module's extra state, which may not compare with ==)
+                yield name, v.detach()
     elif isinstance(value, torch.nn.Module):
         for name, p in value.named_parameters():
             yield name, p.detach()
@@ -418,18 +425,22 @@ def broadcast_buffers(module: torch.nn.Module, axis_name: AxisName, *, source: i
         # -0.0 + 0.0 is +0.0; integers keep every bit, NaN payloads included).
         bits = [_as_bits(b) for b in buffers]
         kept = [torch.where(is_source, b, torch.zeros_like(b)) for b in bits]
-        for b, v in zip(buffers, psum(kept, axis_name)):
-            b.copy_(v.view(b.dtype).reshape(b.shape) if b.is_floating_point() or b.is_complex() else v)
+        for b, as_bits, v in zip(buffers, bits, psum(kept, axis_name)):
+            b.copy_(v if as_bits is b else v.view(b.dtype).reshape(b.shape))
 
 
 # An integer dtype of each element size, to move floating-point bits unchanged.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+# Unsigned dtypes PyTorch cannot add: moved as the signed integers of their size.
+_UNSIGNED_WITHOUT_ADD = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
-    """A floating or complex tensor's bits as integers, flat (complex128 as two
-    int64 each); other tensors unchanged."""
-    if not (t.is_floating_point() or t.is_complex()):
+    """A floating, complex or wide unsigned tensor's bits as integers, flat
+    (complex128 as two int64 each); other tensors unchanged."""
+    if not (t.is_floating_point() or t.is_complex() or t.dtype in _UNSIGNED_WITHOUT_ADD):
         return t
     return t.reshape(-1).view(_BITS.get(t.element_size(), torch.int64))
 
