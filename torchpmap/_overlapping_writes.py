@@ -2,14 +2,15 @@
 
 Eagerly, ``x[1:] += x[:-1]`` on a contiguous row raises ("some elements of the
 input tensor and the written-to tensor refer to a single memory location"), and
-``x.add_(x.t())`` runs element by element in the kernel's order. Batched over
-the replicas, the same operands are non-contiguous (n, ...) views, for which
-ATen's overlap check gives up ("too hard to tell"): the op runs and smears the
-row (a running sum where eager refuses). So a traced batched graph in which an
-op writes an argument sharing an element with another argument it reads, in
-another layout, stops the capture: the threads executor runs the call eagerly
-and raises or computes as PyTorch does. (Two different inputs that share memory
-are the call's, not the graph's: the stacked executor checks them on every call.)
+``x.mul_(x[:, :1])`` runs in the kernel's element order. Batched over the
+replicas, the same operands are non-contiguous (n, ...) views, for which ATen's
+overlap check gives up ("too hard to tell"): the op runs and smears the row (a
+running sum where eager refuses), or runs in another order. So a traced batched
+graph in which an op writes an argument sharing an element with another argument
+it reads, in another layout, stops the capture: the threads executor runs the
+call eagerly and raises or computes as PyTorch does. (Two different inputs that
+share memory are the call's, not the graph's: the stacked executor checks them on
+every call.)
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 
 import torch
 
-from ._sharded import _element_offsets, _storage_key
+from ._sharded import _storage_key
 from ._view_roots import view_root
 
-# Above this many elements, the exact element check is skipped: sharing is assumed.
-_EXACT_CHECK_LIMIT = 1 << 22
+# Above this many storage elements between two views, sharing is assumed (the check
+# takes a flag per element: 256 MB).
+_EXACT_CHECK_LIMIT = 1 << 28
 
 
 class OverlappingWrite(Exception):
@@ -47,7 +49,7 @@ def refuse_overlapping_writes(graph: torch.fx.Graph) -> None:
                 if _shares_an_element(w, r):
                     raise OverlappingWrite(
                         f"{target} writes memory that another of its arguments reads, laid out differently "
-                        "(eager PyTorch refuses a partial overlap, and runs a full one in the kernel's element order)"
+                        "(eager PyTorch refuses that or runs it in its kernel's element order; batched, neither)"
                     )
 
 
@@ -105,9 +107,14 @@ def _shares_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
     (a_first, a_last), (b_first, b_last) = _span(ga), _span(gb)
     if a_last < b_first or b_last < a_first:
         return False
-    if a.numel() > _EXACT_CHECK_LIMIT or b.numel() > _EXACT_CHECK_LIMIT:
+    # Mark a's elements in a flag per storage element of the span, then look under b's.
+    low = min(a_first, b_first)
+    span = max(a_last, b_last) - low + 1
+    if span > _EXACT_CHECK_LIMIT:
         return True
-    return bool(torch.isin(_element_offsets(a) + ga[0], _element_offsets(b) + gb[0]).any())
+    flags = torch.zeros(span, dtype=torch.bool)
+    flags.as_strided(ga[1], ga[2], a_first - low).fill_(True)
+    return bool(flags.as_strided(gb[1], gb[2], b_first - low).any())
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
