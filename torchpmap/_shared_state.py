@@ -187,8 +187,10 @@ def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
 
 def tensors_reached(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:
     """The tensors among ``reached`` that are not the call's arguments' memory
-    (checked on every call: a version each)."""
-    tensors: list[tuple[str, Shared]] = [(path, obj) for path, obj in reached if isinstance(obj, torch.Tensor)]
+    (checked on every call: a version each; inference tensors have none)."""
+    tensors: list[tuple[str, Shared]] = [
+        (path, obj) for path, obj in reached if isinstance(obj, torch.Tensor) and not obj.is_inference()
+    ]
     return without_arguments(tensors, arguments) if tensors else []
 
 
