@@ -1292,3 +1292,15 @@ def test_two_pmaps_of_one_function_with_other_in_axes_both_stay_stacked():
         for _ in range(2):
             assert torch.equal(broadcast(x, y[0]).unshard(), x * 2 + y[0])
             assert torch.equal(mapped(x, y).unshard(), x * 2 + y)
+
+
+def test_a_function_without_var_keywords_has_one_capture_for_every_keyword_order():
+    def f(a, b, c):
+        return a * 2 + b - c
+
+    x = rows(4, 3)
+    pf = tp.pmap(f, "i", devices=devices(4))
+    with executor("stacked"):
+        for order in ("abc", "cba", "bac"):
+            assert torch.equal(pf(**{k: x for k in order}).unshard(), x * 2)
+    assert len(_stacked._captures[f]) == 1

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import abc
 import enum
+import inspect
 import threading
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -120,9 +122,11 @@ class CallRecord:
         return constants_signature_of(tuple(v for _, v in self.static_items), self.caller_leaves, self.treedef)
 
     def keyword_order(self) -> tuple[str, ...]:
-        """The keyword arguments' names in the order given: a function may read it
-        (``list(kwargs.values())``), and Dynamo, forwarding ``**kwargs``, does not guard it."""
-        if self.treedef is None:
+        """The keyword arguments' names in the order given, where the function may
+        read it (``list(kwargs.values())`` of a ``**kwargs``), which Dynamo, forwarding
+        ``**kwargs``, does not guard; () for a plain function without ``**kwargs``,
+        which cannot tell the orders apart (a capture per order would be waste)."""
+        if self.treedef is None or not _may_take_any_keyword(self.fun):
             return ()
         return tuple(self.treedef.child(1).context)
 
@@ -157,6 +161,13 @@ class CallRecord:
             values = self.per_leaf[j]
             if isinstance(values, list):
                 values[rank] = None
+
+
+def _may_take_any_keyword(fun: Callable[..., Any]) -> bool:
+    """Whether ``fun`` may have a ``**kwargs`` (True unless a plain function or
+    method without one)."""
+    code = getattr(getattr(fun, "__func__", fun), "__code__", None)
+    return not isinstance(code, types.CodeType) or bool(code.co_flags & inspect.CO_VARKEYWORDS)
 
 
 def unflatten_arguments(
