@@ -517,7 +517,7 @@ class _Batched:
             if len(self.programs) >= _MAX_LAYOUTS:
                 raise Unsupported(f"compiled for {_MAX_LAYOUTS} layouts of the inputs: not stacked any more")
             program = self.programs[key] = compile_graph(
-                self.compiler, self.graph, inputs, eager_rounding=_computes_in_low_precision(self.graph.graph)
+                self.compiler, self.graph, inputs, round_low_precision=_computes_in_low_precision(self.graph.graph)
             )
         return program
 
@@ -632,18 +632,18 @@ _MAX_LAYOUTS = 8
 
 
 def compile_graph(
-    compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any], eager_rounding: bool = False
+    compiler: Backend, graph: torch.fx.GraphModule, examples: Sequence[Any], round_low_precision: bool = False
 ) -> Callable[..., Any]:
     """compile= over a graph of ours (the batched graph: one compiled program
     computes every replica; a lockstep segment). In a tracing context of its own:
     Dynamo's describes replica 0's graph (its inputs, fake tensors and output
     strides), not this one; a fake mode with a shape env lets Inductor cache the
-    compiled graph across processes. ``eager_rounding``: Inductor rounds each
+    compiled graph across processes. ``round_low_precision``: Inductor rounds each
     float16/bfloat16 op's result as eager does, instead of keeping fused ops in
     float32 (``_computes_in_low_precision``)."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     rounding: Any = nullcontext()
-    if eager_rounding:
+    if round_low_precision:
         from torch._inductor import config as inductor_config  # (only such a call imports Inductor)
 
         rounding = inductor_config.patch(emulate_precision_casts=True)
@@ -658,7 +658,9 @@ def _computes_in_low_precision(graph: torch.fx.Graph) -> bool:
     """Whether the batched graph has float16/bfloat16 values. Its collectives fold the
     replicas' rows with pointwise adds, which Inductor would fuse keeping float32
     partial sums: a psum that overflows to inf on the threads (each replica's compiled
-    program calls the collective's kernel, which adds in the dtype) would not."""
+    program calls the collective's kernel, which adds in the dtype) would not. The
+    whole graph then rounds as eager does, its other float16 ops too: in the last
+    place they may differ from the threads' compile=, whose fused ops keep float32."""
     low = (torch.float16, torch.bfloat16)
     return any(getattr(node.meta.get("val"), "dtype", None) in low for node in graph.nodes)
 
