@@ -1304,3 +1304,23 @@ def test_a_function_without_var_keywords_has_one_capture_for_every_keyword_order
         for order in ("abc", "cba", "bac"):
             assert torch.equal(pf(**{k: x for k in order}).unshard(), x * 2)
     assert len(_stacked._captures[f]) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scale:
+    factor: float
+
+    def __call__(self, x):
+        return x * self.factor + tp.psum(x, "i")
+
+
+@pytest.mark.parametrize("name", ["stacked", "lockstep", "auto"])
+def test_callables_that_compare_equal_keep_captures_of_their_own(name):
+    # _Scale(2) == _Scale(2.0): the captures, cached per function by ==, were shared, and
+    # one returned the other's dtype (int64 for the float scale) (found by a hunt).
+    x = torch.arange(8).view(4, 2)
+    as_int, as_float = (tp.pmap(_Scale(f), "i", devices=devices(4)) for f in (2, 2.0))
+    with executor(name):
+        for _ in range(3):
+            assert as_int(x).dtype == torch.int64
+            assert as_float(x).dtype == torch.float32

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar, cast
@@ -47,6 +46,7 @@ from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_erro
 from ._compile import Backend, arguments_share_memory, capture_config, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
+from ._identity_map import WeakIdentityMap
 from ._runtime import add_replica_note
 from ._stacked import (
     CapturedExecutor,
@@ -487,7 +487,7 @@ class _Capture:
 
 
 # Per function: its captures, per capture_key (the global axis size; the physical devices).
-_captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
+_captures: WeakIdentityMap[dict[tuple[Any, ...], _Capture]] = WeakIdentityMap()
 
 
 def _capture_for(record: CallRecord, devices: tuple[torch.device, ...], signature: Any) -> _Capture:

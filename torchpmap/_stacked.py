@@ -78,6 +78,7 @@ from ._compile import (
 )
 from ._direct_calls import direct_forward
 from ._fast_tree import Structure
+from ._identity_map import WeakIdentityMap
 from ._layout import device_groups
 from ._sharded import ShardedTensor, _stacked_view, pairs_sharing_memory
 from ._stacked_autograd import ReplicaProgram
@@ -839,7 +840,7 @@ _MAX_CAPTURES = _RECOMPILE_LIMIT - 1
 
 
 # Per function: its captures, per capture_key (the physical device is where they run).
-_captures: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], _Capture]] = weakref.WeakKeyDictionary()
+_captures: WeakIdentityMap[dict[tuple[Any, ...], _Capture]] = WeakIdentityMap()
 
 
 def capture_key(record: CallRecord, axis_size: int, where: Any) -> tuple[Any, ...]:
@@ -1291,7 +1292,7 @@ def auto_unsupported_reason(record: CallRecord) -> str | None:
 
 
 # The functions the default executor has seen a call of (their first ran on the threads).
-_called_once: weakref.WeakSet[Any] = weakref.WeakSet()
+_called_once: WeakIdentityMap[bool] = WeakIdentityMap()
 
 
 def _first_call(record: CallRecord) -> bool:
@@ -1301,9 +1302,9 @@ def _first_call(record: CallRecord) -> bool:
     if record.compile_options is not None:
         return False
     try:
-        if record.fun in _called_once:
+        if _called_once.get(record.fun):
             return False
-        _called_once.add(record.fun)
+        _called_once.setdefault(record.fun, True)
     except TypeError:  # not weakly referenceable or not hashable: captured at once
         return False
     return True
