@@ -156,7 +156,8 @@ def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None
                 f"pmap: a replica wrote {written} in place, but {path} is a tensor {how}: all {n} "
                 f"replicas share this one tensor, so their writes raced (a result that changes from run "
                 f"to run). clone() it inside the function before writing to it, or pass one per "
-                f"replica (a mapped argument, or a PerReplica)."
+                f"replica (a mapped argument, or a PerReplica). (The check reads its version counter: "
+                f"another thread writing it during the call reads the same.)"
             ) from cause
         if isinstance(snapshot.owner, torch.optim.Optimizer):
             raise RuntimeError(
