@@ -1224,7 +1224,7 @@ def _view_of_every_row(leaf: torch.Tensor, state: _CallState) -> torch.Tensor | 
 
 
 # -- warnings -----------------------------------------------------------------------------
-_warned: weakref.WeakKeyDictionary[Any, set[tuple[str, str]]] = weakref.WeakKeyDictionary()
+_warned: WeakIdentityMap[set[tuple[str, str]]] = WeakIdentityMap()
 _warned_by_id: dict[int, set[tuple[str, str]]] = {}  # functions that cannot be weakly referenced
 
 
