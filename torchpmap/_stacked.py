@@ -1302,7 +1302,7 @@ def _first_call(record: CallRecord) -> bool:
     if record.compile_options is not None:
         return False
     try:
-        if _called_once.get(record.fun):
+        if record.fun in _called_once:
             return False
         _called_once.setdefault(record.fun, True)
     except TypeError:  # not weakly referenceable or not hashable: captured at once

@@ -188,9 +188,7 @@ def _new_site(node: torch.fx.Node, func: Callable[..., Any]) -> _Site:
     examples = [_example(a) for a in node.args]
     if any(isinstance(e, Tensor) and torch._C._functorch.is_batchedtensor(e) for e in [*examples, *leaves]):
         # (Dynamo's example values inside a vmap are its batched tensors, which escape their level here.)
-        raise _unsupported(
-            f"a random op ({name}) inside torch.func.vmap in the function: per-replica streams are not stacked there"
-        )
+        raise _inside_transform(name, "torch.func.vmap")
     for i, example in enumerate(examples):
         if isinstance(example, Tensor):
             # The layout of a tensor the op allocates like this argument (empty_like):

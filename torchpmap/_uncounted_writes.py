@@ -61,6 +61,7 @@ def inputs_written_uncounted(graph: torch.fx.Graph) -> tuple[int, ...]:
         if node.op != "call_function" or node.target not in _BATCH_NORMS or len(node.args) < 6 or not node.args[5]:
             continue
         for stat in node.args[3:5]:
-            if isinstance(stat, torch.fx.Node) and view_root(stat) in placeholders:
-                written.add(placeholders[view_root(stat)])
+            k = placeholders.get(view_root(stat)) if isinstance(stat, torch.fx.Node) else None
+            if k is not None:
+                written.add(k)
     return tuple(sorted(written))
