@@ -64,6 +64,20 @@ FUNCTIONS = {
     "transposed_input_in_a_tree": lambda x: {"t": x.T, "twice": x.mT.mT, "sum": x.sum()},
     # Dynamo's default writes these as a fused multiply-add, which rounds otherwise.
     "in_place_updates_with_value_or_alpha": lambda x: _updated_in_place(x * 1.7, x + 0.3, x.abs() + 1),
+    # Flat containers: one graph node per collective (see test_a_collective_is_one_node_of_the_capture).
+    "collectives_of_flat_containers": lambda x: (
+        tp.pmean({"b": x, "a": x * 2}, "i"),  # not in JAX's (sorted) order: the caller's order comes back
+        tp.psum([x, x.sum(0)], "i"),
+        tp.pmax((x, -x), "i"),
+        tp.psum({"bool": x > 0, "int": x.to(torch.int32)}, "i"),
+        tp.pmean({"g": x}, "i", axis_index_groups=[[0], [1, 2, 3]]),
+        tp.all_gather({"z": x, "y": x[0]}, "i", tiled=True),
+        tp.psum_scatter([x, x * 2], "i", tiled=True),
+        tp.all_to_all({"k": x}, "i", 0, 1, tiled=True),
+        tp.pswapaxes([x], "i", 0),
+        tp.ppermute((x, x * 3), "i", [(0, 1), (1, 0)]),
+        tp.pshuffle((x,), "i", [1, 0, 3, 2]),
+    ),
 }
 
 
@@ -80,6 +94,32 @@ def _written_through_a_slice(total):
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_same_bits_as_threads(name):
     both(pm(FUNCTIONS[name]), rows(N, 4, 3))
+
+
+def test_a_collective_is_one_node_of_the_capture(monkeypatch):
+    """Dynamo interprets Python ~100x slower than it runs: a stacked capture takes each
+    collective of a tensor or flat container as one node, not the collective's own
+    Python (its checks, tree handling and pmean's division), which the backend runs."""
+    from torchpmap import _ops, collectives
+
+    graphs = []
+    refuse_autocast = _stacked._refuse_autocast
+
+    def spy(gm):
+        graphs.append([node.target for node in gm.graph.nodes if node.op == "call_function"])
+        return refuse_autocast(gm)
+
+    monkeypatch.setattr(_stacked, "_refuse_autocast", spy)
+
+    def f(x):
+        g = tp.pmean({"w": x, "b": x[0]}, "i")
+        return tp.psum(g["w"] * tp.axis_index("i"), "i"), tp.all_gather(g["b"], "i", tiled=True)
+
+    both(pm(f), rows(N, 4, 3))
+    (targets,) = graphs
+    assert targets.count(collectives._collective_node) == 3
+    assert targets.count(collectives._axis_index_node) == 1
+    assert _ops._opaque_call not in targets and torch.true_divide not in targets
 
 
 def _total_then_pointwise(x, p):

@@ -10,10 +10,11 @@ communication itself is one of the five custom ops in ``_ops``.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import torch
 from torch.utils import _pytree
@@ -171,6 +172,64 @@ def _size(axis_name: AxisName) -> int:
     return _axis.static_axis_size(_names(axis_name))
 
 
+# -- one graph node per collective under a stacked capture -----------------------------
+# Dynamo interprets Python bytecode about a hundred times slower than Python runs it:
+# tracing a psum's argument checks and tree handling cost ~50 ms of a capture, a pmean
+# of six leaves ~200 ms. Under a stacked capture a collective of a tensor (or of a flat
+# dict, list or tuple of them) with plain arguments is one node of Dynamo's graph
+# instead; the stacked backend's make_fx runs the same Python under the replica level,
+# at Python's speed, so the batched graph is the same op for op. Everything it reads
+# besides its arguments (the axis, the stacking mode) is fixed per capture, as before.
+_COLLECTIVES: dict[str, Callable[..., Any]] = {}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _one_node_when_stacking(collective: _F) -> _F:
+    name = collective.__name__
+    _COLLECTIVES[name] = collective
+
+    @functools.wraps(collective)
+    def traced(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling() and _ops._capturing_for_stacking() and _plain(args) and _plain(kwargs):
+            if isinstance(x, torch.Tensor):
+                return _collective_node(name, x, args, kwargs)
+            if _flat_tensors(x):
+                out = _collective_node(name, x, args, kwargs)
+                return dict(zip(x, out)) if type(x) is dict else type(x)(out)
+        return collective(x, *args, **kwargs)
+
+    return cast("_F", traced)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is a constant Dynamo passes to a graph node as it is."""
+    if value is None or type(value) in (str, int, bool):
+        return True
+    if type(value) in (tuple, list):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(_plain(v) for v in value.values())
+    return False
+
+
+def _flat_tensors(x: Any) -> bool:
+    """A non-empty dict, list or tuple (exactly) of tensors."""
+    values = x.values() if type(x) is dict else x if type(x) in (list, tuple) else ()
+    return len(values) > 0 and all(isinstance(v, torch.Tensor) for v in values)
+
+
+@torch._dynamo.allow_in_graph
+def _collective_node(name: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The collective ``name`` of x: a tensor, or the leaves of a flat container in its order.
+    (FX hands a graph node's containers over as its immutable kinds: made plain again.)"""
+    if isinstance(x, torch.Tensor):
+        return _COLLECTIVES[name](x, *args, **kwargs)
+    if isinstance(x, dict):
+        out = _COLLECTIVES[name](dict(x), *args, **kwargs)
+        return tuple(out[k] for k in x)
+    return tuple(_COLLECTIVES[name](tuple(x) if isinstance(x, tuple) else list(x), *args, **kwargs))
+
+
 # -- reductions -------------------------------------------------------------------------
 def _reduce(
     x: PyTree, axis_name: AxisName, op: str, axis_index_groups: AxisIndexGroups, fn: str, *, mean: bool = False
@@ -253,27 +312,32 @@ def _reduce(
     return leaves.unflatten()
 
 
+@_one_node_when_stacking
 def psum(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce sum of ``x`` over the named axis (booleans are summed as ints)."""
     return _reduce(x, axis_name, "sum", axis_index_groups, "psum")
 
 
+@_one_node_when_stacking
 def pmean(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce mean; integer and boolean inputs give floating results."""
     return _reduce(x, axis_name, "sum", axis_index_groups, "pmean", mean=True)
 
 
+@_one_node_when_stacking
 def pmax(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce maximum (not differentiable, as in JAX)."""
     return _reduce(x, axis_name, "max", axis_index_groups, "pmax")
 
 
+@_one_node_when_stacking
 def pmin(x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """All-reduce minimum (not differentiable, as in JAX)."""
     return _reduce(x, axis_name, "min", axis_index_groups, "pmin")
 
 
 # -- gathers and scatters ---------------------------------------------------------------
+@_one_node_when_stacking
 def all_gather(
     x: PyTree, axis_name: AxisName, *, axis_index_groups: AxisIndexGroups = None, axis: int = 0, tiled: bool = False
 ) -> PyTree:
@@ -298,6 +362,7 @@ def all_gather(
     return _map_leaves(leaf, x, prepare)
 
 
+@_one_node_when_stacking
 def psum_scatter(
     x: PyTree,
     axis_name: AxisName,
@@ -326,6 +391,7 @@ def psum_scatter(
     return _map_leaves(leaf, x, prepare)
 
 
+@_one_node_when_stacking
 def all_to_all(
     x: PyTree,
     axis_name: AxisName,
@@ -359,12 +425,14 @@ def all_to_all(
     return _map_leaves(leaf, x, prepare)
 
 
+@_one_node_when_stacking
 def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """Swap the mapped axis with the positional ``axis``: all_to_all(x, axis_name, axis, axis)."""
     return all_to_all(x, axis_name, axis, axis, axis_index_groups=axis_index_groups)
 
 
 # -- permutations -----------------------------------------------------------------------
+@_one_node_when_stacking
 def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> PyTree:
     """Send ``x`` from each ``source`` to its ``destination`` for every pair in
     ``perm``; replicas that no pair sends to receive zeros."""
@@ -389,6 +457,7 @@ def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) ->
     )
 
 
+@_one_node_when_stacking
 def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
     """Replica i receives ``x`` from replica ``perm[i]``."""
     try:
@@ -404,7 +473,17 @@ def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
 def axis_index(axis_name: AxisName) -> torch.Tensor:
     """This replica's index along the named axis (row-major over a tuple of
     names), as an int64 scalar tensor on the replica's device."""
+    if torch.compiler.is_compiling() and _ops._capturing_for_stacking() and _plain(axis_name):
+        return _axis_index_node(axis_name)  # see _one_node_when_stacking
     return _axis_index(_names(axis_name), None)
+
+
+@torch._dynamo.allow_in_graph
+def _axis_index_node(axis_name: AxisName) -> torch.Tensor:
+    names = _names(axis_name)
+    # Run by the stacked backend under the replica level (and no axis frame): each replica's own index.
+    level = _axis.bound_level(names)
+    return _stacked.axis_index_batched(level) if level is not None else _axis_index(names, None)
 
 
 def _stacked_level(names: tuple[str, ...]) -> _axis.ReplicaLevel | None:
