@@ -58,6 +58,7 @@ from . import (
     _fast_tree,
     _ops,
     _outside_views,
+    _row_layout,
     _runtime,
     _stacked_autograd,
     _stacked_random,
@@ -244,7 +245,9 @@ def _stack_inputs(record: CallRecord) -> tuple[list[Any], _CallState]:
         buffer = _stacked_leaf(record, j)
         if buffer is None:
             values = list(record.per_leaf[j])
-            buffer = torch.stack(values)
+            buffer = _row_layout.faithful_copy(values)
+            if buffer is None:
+                raise Unsupported(_UNFAITHFUL, per_call=True)
             state.copied[id(buffer)] = (buffer, values)
         elif buffer is record.caller_leaves[j]:
             state.caller_tensors.add(id(buffer))
@@ -263,21 +266,35 @@ def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
         buffer = mapped_buffer(caller, axis, record.group.devices[0])
     elif placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
         buffer = sharded_buffer(caller)
-    return buffer if buffer is not None else _stacked_view(record.per_leaf[j])
+    if buffer is None:
+        buffer = _stacked_view(record.per_leaf[j])
+    return buffer if buffer is not None and _row_layout.faithful(buffer) else None
+
+
+# An input whose replicas' tensors no stacked buffer computes as they do (see _row_layout).
+_UNFAITHFUL = (
+    "an input's replicas are laid out so that no stacked buffer computes as they do "
+    "(non-dense and not in row-major order, or dense with different strides)"
+)
 
 
 def mapped_buffer(t: torch.Tensor, axis: int, device: torch.device) -> torch.Tensor | None:
     """``t`` with its mapped ``axis`` first, when the replicas on ``device`` get
-    views of ``t`` itself (it is there already); None if they get copies."""
+    views of ``t`` itself (it is there already) and ops over it compute as over
+    those views (``_row_layout.faithful``); None if they get copies."""
     if not _transfers.is_there(t, device):
         return None
-    return t.movedim(axis, 0) if axis else t
+    buffer = t.movedim(axis, 0) if axis else t
+    return buffer if _row_layout.faithful(buffer) else None
 
 
 def sharded_buffer(st: ShardedTensor) -> torch.Tensor | None:
-    """The one stacked buffer whose rows are ``st``'s shards, or None."""
+    """The one stacked buffer whose rows are ``st``'s shards and over which ops
+    compute as over the shards, or None."""
     buffers = st.stacked_buffers()
-    return buffers[0] if buffers is not None and len(buffers) == 1 else None
+    if buffers is None or len(buffers) != 1:
+        return None
+    return buffers[0] if _row_layout.faithful(buffers[0]) else None
 
 
 # -- capture ---------------------------------------------------------------------------
