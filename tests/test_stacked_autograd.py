@@ -476,6 +476,30 @@ def test_which_inputs_get_a_gradient_as_on_threads():
     assert_equal([g for g in grads["threads"] if g is not None], [g for g in grads["stacked"] if g is not None])
 
 
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_derivative_that_is_zero_by_formula_is_a_zero_gradient_not_none(create_graph):
+    """``angle`` of a real tensor has a derivative that autograd computes as zeros
+    from the input alone; torch.func.vjp inside the stacked backward gives such
+    zeros for an input it never reaches too, and telling the two apart by whether
+    the gradient reads the cotangent gave None (a fuzzer found it: threads and
+    eager give zeros). ``y``, reached only through a detach, gets None."""
+
+    def f(x, y):
+        return x.angle() + y.detach(), y.detach().sum()
+
+    pf = pm(f)
+    grads = {}
+    for name in ("threads", "stacked"):
+        x, y = rows(N, 3).requires_grad_(), rows(N, 3).requires_grad_()
+        with executor(name):
+            a, b = pf(x, y)
+        loss = a.unshard().sum() + b.unshard().sum() * 0
+        grads[name] = torch.autograd.grad(loss, (x, y), create_graph=create_graph, allow_unused=True)
+    assert [g is None for g in grads["stacked"]] == [g is None for g in grads["threads"]] == [False, True]
+    assert_equal(grads["threads"][0], grads["stacked"][0])
+    assert not grads["stacked"][0].any()
+
+
 def test_gradcheck_and_gradgradcheck():
     def f(x, w):
         y = tp.psum(torch.tanh(x * w), "i") + tp.all_gather(x, "i").sum(0)

@@ -79,10 +79,8 @@ class ReplicaProgram:
         # split instead: an op may only write into a temporary on its own side).
         self.simplified = True
         self.out_requires_grad: tuple[bool, ...] = ()
-        # Per output, whether it depends on an input from this position on
-        # (a vjp: on a cotangent); None: not asked.
-        self.connected_from: int | None = None
-        self.connected: tuple[bool, ...] = ()
+        # A vjp program's: per differentiated input, whether autograd reached it (_Reached).
+        self.reached: _ReachedFlags | None = None
         self._vjps: dict[tuple[Any, ...], ReplicaProgram] = {}
         self.splits: dict[tuple[Any, ...], ResidualSplit] = {}  # by split_key
         # Whether an output is a view of an input the program writes: a split's forward, which
@@ -125,8 +123,6 @@ class ReplicaProgram:
             refuse_overlapping_writes(graph.graph)  # before the passes, which write temporaries of their own
             if self.simplified:
                 simplify(graph)  # it runs op by op on every call: no node that does nothing
-            if self.connected_from is not None:
-                self.connected = _outputs_depending_on(graph.graph, self.connected_from)
             self.graph = graph
         return self.graph
 
@@ -155,6 +151,8 @@ class ReplicaProgram:
         if program is None:
             inner, k = self.per_replica, len(self.in_dims)
 
+            reached = _ReachedFlags(len(diff))
+
             def per_replica(depth: int) -> Callable[..., tuple[torch.Tensor, ...]]:
                 fn = inner(depth + 1)  # under one more transform: the vjp
 
@@ -162,7 +160,7 @@ class ReplicaProgram:
                     primals, cots = list(args[:k]), args[k:]
 
                     def f(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                        full = _primals_to_write(primals, diff, diff_values, written)
+                        full = _primals_to_write(primals, diff, _probed(diff_values, reached), written)
                         outs = fn(*full)
                         return tuple(outs[i] for i in cotangents)
 
@@ -181,9 +179,7 @@ class ReplicaProgram:
                 (*self.in_dims, *cot_dims),
                 folded=tuple(self.in_dims[p] is None for p in diff),
             )
-            # torch.func.vjp gives zeros for an input the outputs do not reach,
-            # where autograd (and so the threads executor) gives None.
-            program.connected_from = k
+            program.reached = reached  # filled in when it is traced
             self._vjps[key] = program
         return program
 
@@ -202,6 +198,8 @@ class ReplicaProgram:
             cot_outputs = tuple(i for i, rg in enumerate(self.out_requires_grad) if rg)
             to_write = sorted(written)
 
+            reached = _ReachedFlags(len(diff))
+
             def per_replica(depth: int) -> Callable[..., tuple[torch.Tensor, ...]]:
                 fn = inner(depth + 1)  # under one more transform: the vjp
 
@@ -209,7 +207,7 @@ class ReplicaProgram:
                     primals, cots = list(args[:k]), args[k:]
 
                     def f(*diff_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
-                        full = _primals_to_write(primals, diff, diff_values, written)
+                        full = _primals_to_write(primals, diff, _probed(diff_values, reached), written)
                         outs = tuple(fn(*full))
                         return tuple(outs[i] for i in cot_outputs), (outs, tuple(full[p] for p in to_write))
 
@@ -233,7 +231,7 @@ class ReplicaProgram:
             )
             joint.simplified = False
             graph = joint.trace([*inputs, *cotangents])
-            split = self.splits[key] = ResidualSplit(graph, k, n_outs, diff, cot_outputs)
+            split = self.splits[key] = ResidualSplit(graph, k, n_outs, diff, cot_outputs, tuple(reached.flags))
         return split
 
 
@@ -269,6 +267,46 @@ def _primals_to_write(
     return full
 
 
+class _ReachedFlags:
+    """Per differentiated input, whether autograd reached it. An object of its own,
+    not a list: functorch rebuilds the containers among a Function's arguments."""
+
+    __slots__ = ("flags",)
+
+    def __init__(self, n: int) -> None:
+        self.flags = [False] * n
+
+
+class _Reached(torch.autograd.Function):
+    """The identity, whose backward notes in ``reached[k]`` that autograd brought a
+    gradient to input k while a vjp is traced. torch.func.vjp gives zeros for an
+    input autograd does not reach, where autograd (and so the threads executor)
+    gives None; whether the gradient depends on the cotangents does not tell them
+    apart, since some derivatives are zeros made from the input alone
+    (``angle`` of a real tensor)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, reached: _ReachedFlags, k: int) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        ctx.reached, ctx.k = inputs[1], inputs[2]
+        ctx.set_materialize_grads(False)  # no gradient comes as None, as to an AccumulateGrad
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
+        if grad is not None:
+            ctx.reached.flags[ctx.k] = True
+        return grad, None, None
+
+
+def _probed(diff_values: tuple[torch.Tensor, ...], reached: _ReachedFlags) -> tuple[torch.Tensor, ...]:
+    return tuple(_Reached.apply(v, reached, k) for k, v in enumerate(diff_values))
+
+
 def split_key(diff: tuple[int, ...], inputs: list[Any]) -> tuple[Any, ...]:
     """What a split is traced for: the differentiated inputs and every input's
     layout (a traced graph may hold views that only those strides allow)."""
@@ -290,8 +328,10 @@ class ResidualSplit:
         n_outs: int,
         diff: tuple[int, ...],
         cot_outputs: tuple[int, ...],
+        reached: tuple[bool, ...],
     ) -> None:
         self.diff, self.cot_outputs, self.n_outs = diff, cot_outputs, n_outs
+        self.reached = reached  # per input in diff: whether autograd reached it (else its gradient is None)
         graph = joint.graph
         placeholders = [node for node in graph.nodes if node.op == "placeholder"]
         cotangents = placeholders[n_inputs:]
@@ -301,9 +341,6 @@ class ResidualSplit:
                 backward_nodes.add(node)
         outputs = list(graph.output_node().args[0])  # type: ignore[arg-type]
         outs, grads = outputs[:n_outs], outputs[n_outs:]
-        # torch.func.vjp gives zeros for an input the outputs do not reach, where
-        # autograd (and so the threads executor) gives None.
-        self.connected = tuple(g in backward_nodes for g in grads)
         saved: dict[torch.fx.Node, None] = {}  # forward values the backward reads, in order
         for node in graph.nodes:
             if node in backward_nodes and node.op == "call_function":
@@ -339,8 +376,8 @@ class ResidualSplit:
         """Per input, its gradient (None where not differentiated or not reached)."""
         cotangents = [_cotangent(grads[i], i) for i in self.cot_outputs]
         result: list[torch.Tensor | None] = [None] * n_inputs
-        for p, g, connected in zip(self.diff, self.run_backward(*residuals, *cotangents), self.connected):
-            result[p] = g if connected else None
+        for p, g, reached in zip(self.diff, self.run_backward(*residuals, *cotangents), self.reached):
+            result[p] = g if reached else None
         return result
 
 
@@ -352,18 +389,6 @@ def _cotangent(g: torch.Tensor | None, i: int) -> torch.Tensor:
     # The backward graph was traced on contiguous cotangents (autograd may hand an expanded one).
     assert g is not None, f"autograd materializes the cotangent of output {i}"
     return g.contiguous()
-
-
-def _outputs_depending_on(graph: torch.fx.Graph, first: int) -> tuple[bool, ...]:
-    """Per output of ``graph``, whether it depends on a placeholder from position ``first`` on."""
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    dependent = set(placeholders[first:])
-    for node in graph.nodes:
-        if node.op != "placeholder" and any(a in dependent for a in node.all_input_nodes):
-            dependent.add(node)
-    outputs = graph.output_node().args[0]
-    assert isinstance(outputs, (tuple, list))
-    return tuple(o in dependent for o in outputs)
 
 
 def _fold(stack: torch.Tensor) -> torch.Tensor:
@@ -512,8 +537,9 @@ class _StackedCall(torch.autograd.Function):
             vjp_inputs = [*inputs, *[grads[i] for i in cotangents]]
             vjp = program.vjp(diff, cotangents, vjp_inputs, ctx.written)
             vjp.trace(vjp_inputs)  # the first time: captured here, where it is needed
-            for p, g, connected in zip(diff, run(vjp, vjp_inputs, ctx.written), vjp.connected):
-                result[p] = g if connected else None
+            assert vjp.reached is not None  # a vjp program's, filled in by its trace
+            for p, g, reached in zip(diff, run(vjp, vjp_inputs, ctx.written), vjp.reached.flags):
+                result[p] = g if reached else None
         return (None, None, None, *result)
 
 
