@@ -500,6 +500,25 @@ def test_a_derivative_that_is_zero_by_formula_is_a_zero_gradient_not_none(create
     assert not grads["stacked"][0].any()
 
 
+def test_an_inference_tensor_input_under_autograd_raises_as_on_threads():
+    """Eagerly, autograd refuses to save an inference tensor for a backward; the batched
+    backward saved its stacked copy and differentiated (a hunt found it). An inference
+    tensor that nothing saves (an addend) is fine everywhere."""
+    lin = torch.nn.Linear(2, 2)
+    with torch.inference_mode(), executor("threads"):
+        plain = torch.ones(N, 2)
+        shards = pm(lambda v: v * 2)(plain)  # one tensor per replica: stacked by a copy
+        stacked = tp.device_put_sharded(list(plain), devices(N))
+    for name in ("threads", "stacked"):
+        with executor(name, allow_fallback=True):
+            f = pm(lambda v: lin(v))
+            for x in (shards, plain, stacked, shards):
+                with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+                    f(x)
+            out = pm(lambda v: v + lin.weight.sum())(shards)
+            assert out.requires_grad
+
+
 def test_gradcheck_and_gradgradcheck():
     def f(x, w):
         y = tp.psum(torch.tanh(x * w), "i") + tp.all_gather(x, "i").sum(0)

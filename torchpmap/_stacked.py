@@ -589,6 +589,10 @@ class _Batched:
             # An input stacked by a copy: autograd saves the copy, so a write into the caller's
             # tensors before the backward would go unseen; the backward checks their versions.
             copied = [v for a in inputs if isinstance(a, torch.Tensor) for v in state.copied.get(id(a), (None, ()))[1]]
+            if any(isinstance(a, torch.Tensor) and a.is_inference() for a in (*inputs, *copied)):
+                # Eagerly, autograd refuses to save one for a backward (the threads raise as eager
+                # does); the batched backward would save its own stacked copy.
+                raise Unsupported("autograd with an inference-mode tensor among the inputs", per_call=True)
             program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written, copied)
         else:
             program = functools.partial(self._program(inputs), *inputs)
