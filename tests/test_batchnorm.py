@@ -227,6 +227,9 @@ def test_sync_batchnorm_1d_2d_3d_inputs_and_no_running_stats(shape):
 
 
 def test_sync_batchnorm_errors():
+    for bad in (5, "", ("i", 3)):
+        with pytest.raises(TypeError, match="SyncBatchNorm: axis_name must be a non-empty string"):
+            tp.SyncBatchNorm(5, bad)
     bn = tp.SyncBatchNorm(5, "i")
     with pytest.raises(NameError, match="pmap"):
         bn(torch.randn(4, 5))

@@ -560,6 +560,18 @@ def test_pswapaxes_swaps_the_mapped_axis(k):
     np.testing.assert_array_equal(np_of(y0), np.swapaxes(np_of(x0), 0, 1))
 
 
+def test_argument_errors_name_the_collective_called():
+    """pswapaxes forwards to all_to_all, whose message named split_axis; the axis-name
+    check named no function."""
+    x = sample(2, (3,), torch.float32)
+    with pytest.raises(ValueError, match=r"pswapaxes: axis=5 is out of range"):
+        pmap_k(lambda v: tp.pswapaxes(v, "i", 5), 2)(x)
+    for fn in (tp.psum, tp.all_gather, tp.axis_index):
+        name = fn.__name__
+        with pytest.raises(TypeError, match=f"{name}: axis_name must be a non-empty string or a tuple of them, got 3"):
+            pmap_k(lambda v, fn=fn: fn(v, 3) if fn is not tp.axis_index else v * fn(3), 2)(x)
+
+
 def test_pswapaxes_with_groups():
     x = sample(4, (2, 5), torch.float32)
     groups = [[0, 2], [3, 1]]

@@ -185,6 +185,17 @@ def test_bad_compile_option_is_named():
         tp.pmap(lambda x: x, compile=dict(backnd="eager"))
     with pytest.raises(TypeError, match="compile"):
         tp.pmap(lambda x: x, compile="yes")
+    # Checked when pmap is made, not at the first compile (a graph-less function never compiles).
+    with pytest.raises(ValueError, match="pmap: compile= mode must be one of .*'reduce-overhead'.*got 'bogus'"):
+        tp.pmap(lambda x: x, compile=dict(mode="bogus"))
+    for bad, message in [
+        (dict(backend=3), "backend must be a backend name or a callable, got 3"),
+        (dict(fullgraph="yes"), "fullgraph must be True, False or None"),
+        (dict(dynamic=1), "dynamic must be True, False or None"),
+        (dict(options=[("a", 1)]), "options must be a dict"),
+    ]:
+        with pytest.raises(TypeError, match=f"pmap: compile= {message}"):
+            tp.pmap(lambda x: x, compile=bad)
 
 
 def _mlp(p, x):

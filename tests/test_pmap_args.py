@@ -98,7 +98,8 @@ def test_axis_name_as_first_argument_is_a_clear_error():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(axis_name=3), r"axis_name must be a string or None, got 3"),
+        (dict(axis_name=3), r"axis_name must be a non-empty string or None, got 3"),
+        (dict(axis_name=""), r"axis_name must be a non-empty string or None, got ''"),
         (dict(in_axes="0"), r"in_axes must be an int, None, or a tuple"),
         (dict(axis_size=0), r"axis_size must be a positive int, got 0"),
         (dict(axis_size=True), r"axis_size must be a positive int, got True"),

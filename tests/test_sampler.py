@@ -94,6 +94,13 @@ def test_clear_errors(args, kw, message):
         tp.ProcessBatchSampler(*args, **kw)
 
 
+@pytest.mark.parametrize("kw", [dict(shuffle="x"), dict(drop_last=1), dict(seed=1.5), dict(seed=True)])
+def test_flags_and_seed_of_another_type_are_refused(kw):
+    (name,) = kw
+    with pytest.raises(TypeError, match=f"ProcessBatchSampler: {name} must be"):
+        tp.ProcessBatchSampler(10, 2, **kw)
+
+
 def test_mask_names_the_valid_batches():
     with pytest.raises(ValueError, match=r"batch must be an int in \[0, 3\)"):
         tp.ProcessBatchSampler(10, 4).mask(3)

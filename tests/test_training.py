@@ -341,6 +341,22 @@ def test_per_replica_errors():
     assert twice[0] is not twice[1] and twice[0][0].weight.data_ptr() != twice[1][0].weight.data_ptr()
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: tp.PerReplica(3, devices(2)), "PerReplica: values must be a sequence of one value per device"),
+        (lambda: tp.params_of(3), "params_of: module must be a torch.nn.Module, got int"),
+        (lambda: tp.functional_call(3, {}, (torch.ones(1),)), "functional_call: module must be a torch.nn.Module"),
+        (lambda: tp.pmean_grads(3, "i"), "pmean_grads: params must be a module or an iterable of parameters, got int"),
+        (lambda: tp.shard_batch(torch.ones(10, 2), 4, pad="yes"), "shard_batch: pad must be True or False, got 'yes'"),
+    ],
+)
+def test_a_wrong_type_is_named_at_once(call, message):
+    """A hunt found these failing deep inside (\"'int' object is not iterable\") or accepted."""
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
 def test_replicas_that_would_change_one_object_are_refused():
     # Each replica steps its module and optimizer in place: one object for several replicas
     # raced, and the training came out silently wrong (found by a hunt).

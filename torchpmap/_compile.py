@@ -154,8 +154,26 @@ def normalize_options(compile: Any) -> dict[str, Any] | None:
                 f"pmap: compile= got unknown option(s) {sorted(unknown)}; torch.compile options "
                 f"are {sorted(_COMPILE_KEYS)}"
             )
+        _check_options(compile)
         return dict(compile)
     raise TypeError(f"pmap: compile must be False, True or a dict of torch.compile options, got {compile!r}")
+
+
+def _check_options(compile: dict[str, Any]) -> None:
+    """The types torch.compile takes, checked now rather than at the first compile."""
+    backend, mode = compile.get("backend", "inductor"), compile.get("mode")
+    if not (isinstance(backend, str) or callable(backend)):
+        raise TypeError(f"pmap: compile= backend must be a backend name or a callable, got {backend!r}")
+    if mode is not None:
+        from torch._inductor import list_mode_options  # only for a mode: importing Inductor takes a while
+
+        if not isinstance(mode, str) or mode not in list_mode_options():
+            raise ValueError(f"pmap: compile= mode must be one of {sorted(list_mode_options())}, got {mode!r}")
+    for key in ("dynamic", "fullgraph"):
+        if compile.get(key) is not None and not isinstance(compile[key], bool):
+            raise TypeError(f"pmap: compile= {key} must be True, False or None, got {compile[key]!r}")
+    if compile.get("options") is not None and not isinstance(compile["options"], dict):
+        raise TypeError(f"pmap: compile= options must be a dict, got {compile['options']!r}")
 
 
 def _trampoline_factory(fun: Callable[..., Any]) -> Callable[..., Any]:

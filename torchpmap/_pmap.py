@@ -261,8 +261,8 @@ class Pmapped:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
-        if axis_name is not None and not isinstance(axis_name, str):
-            raise TypeError(f"pmap: axis_name must be a string or None, got {axis_name!r}")
+        if axis_name is not None and not (isinstance(axis_name, str) and axis_name):
+            raise TypeError(f"pmap: axis_name must be a non-empty string or None, got {axis_name!r}")
         if isinstance(in_axes, list):
             in_axes = tuple(in_axes)  # JAX accepts a list at the top level
         if not (is_axis_spec(in_axes) or isinstance(in_axes, tuple)):

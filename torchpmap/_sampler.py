@@ -66,9 +66,14 @@ class ProcessBatchSampler(Sampler[list[int]]):
             isinstance(process_index, bool) or not isinstance(process_index, int) or process_index < 0
         ):
             raise ValueError(f"ProcessBatchSampler: process_index must be an int >= 0, got {process_index!r}")
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"ProcessBatchSampler: {name} must be True or False, got {flag!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"ProcessBatchSampler: seed must be an int, got {seed!r}")
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
         self._process_index = process_index
         self._process_count = process_count
         self.epoch = 0

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._axis import AxisName, static_axis_size
-from .collectives import psum
+from .collectives import _names, psum
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
 
@@ -56,6 +56,7 @@ class SyncBatchNorm(_BatchNorm):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
+        _names(axis_name, "SyncBatchNorm")  # a bad axis name fails here, not at the first forward
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.axis_name = axis_name
 

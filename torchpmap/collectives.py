@@ -44,11 +44,12 @@ __all__ = [
 
 
 # -- argument checking (all before any communication) ---------------------------------
-def _names(axis_name: AxisName) -> tuple[str, ...]:
+def _names(axis_name: AxisName, fn: str = "") -> tuple[str, ...]:
     names = _axis.normalize_axis_names(axis_name)
     for n in names:
-        if not isinstance(n, str) or _ops.AXIS_SEP in n:
-            raise TypeError(f"axis_name must be a string or a tuple of strings, got {n!r}")
+        if not isinstance(n, str) or _ops.AXIS_SEP in n or not n:
+            where = f"{fn}: " if fn else ""
+            raise TypeError(f"{where}axis_name must be a non-empty string or a tuple of them, got {n!r}")
     return names
 
 
@@ -237,7 +238,7 @@ def _reduce(
     """The reduction of x; with ``mean``, the sum divided by the replica's group
     size (a tensor for groups of unequal sizes: it differs between replicas;
     made only when needed), one division per flat buffer rather than per leaf."""
-    names = _names(axis_name)
+    names = _names(axis_name, fn)
     axes = _ops.encode_axes(names)
     size = _size(names)
     groups, group_size = _groups(axis_index_groups, size, fn, equal_sizes=False)
@@ -343,7 +344,7 @@ def all_gather(
 ) -> PyTree:
     """Gather ``x`` from every replica of the group: stacked on a new ``axis``,
     or concatenated along ``axis`` when ``tiled``."""
-    names = _names(axis_name)
+    names = _names(axis_name, "all_gather")
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_gather", equal_sizes=True)
 
@@ -373,7 +374,7 @@ def psum_scatter(
 ) -> PyTree:
     """Sum over the group, then keep this replica's block of ``scatter_dimension``
     (untiled: that dimension must equal the group size and disappears)."""
-    names = _names(axis_name)
+    names = _names(axis_name, "psum_scatter")
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "psum_scatter", equal_sizes=True)
 
@@ -404,7 +405,7 @@ def all_to_all(
     """Split ``split_axis`` into one block per replica, send block j to replica j,
     and put the received blocks along ``concat_axis`` (stacked on a new axis
     untiled, concatenated when ``tiled``), as ``jax.lax.all_to_all``."""
-    names = _names(axis_name)
+    names = _names(axis_name, "all_to_all")
     axes = _ops.encode_axes(names)
     groups, g = _groups(axis_index_groups, _size(names), "all_to_all", equal_sizes=True)
 
@@ -428,6 +429,9 @@ def all_to_all(
 @_one_node_when_stacking
 def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: AxisIndexGroups = None) -> PyTree:
     """Swap the mapped axis with the positional ``axis``: all_to_all(x, axis_name, axis, axis)."""
+    for v in _pytree.tree_leaves(x):
+        if isinstance(v, torch.Tensor):
+            _canonical_axis(axis, max(v.ndim, 1), "pswapaxes", "axis")
     return all_to_all(x, axis_name, axis, axis, axis_index_groups=axis_index_groups)
 
 
@@ -436,7 +440,7 @@ def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: A
 def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> PyTree:
     """Send ``x`` from each ``source`` to its ``destination`` for every pair in
     ``perm``; replicas that no pair sends to receive zeros."""
-    names = _names(axis_name)
+    names = _names(axis_name, "ppermute")
     axes = _ops.encode_axes(names)
     size = _size(names)
     try:
@@ -475,12 +479,12 @@ def axis_index(axis_name: AxisName) -> torch.Tensor:
     names), as an int64 scalar tensor on the replica's device."""
     if torch.compiler.is_compiling() and _ops._capturing_for_stacking() and _plain(axis_name):
         return _axis_index_node(axis_name)  # see _one_node_when_stacking
-    return _axis_index(_names(axis_name), None)
+    return _axis_index(_names(axis_name, "axis_index"), None)
 
 
 @torch._dynamo.allow_in_graph
 def _axis_index_node(axis_name: AxisName) -> torch.Tensor:
-    names = _names(axis_name)
+    names = _names(axis_name, "axis_index")
     # Run by the stacked backend under the replica level (and no axis frame): each replica's own index.
     level = _axis.bound_level(names)
     return _stacked.axis_index_batched(level) if level is not None else _axis_index(names, None)

@@ -45,6 +45,10 @@ class PerReplica:
     devices: tuple[torch.device, ...]
 
     def __init__(self, values: Sequence[Any], devices: Sequence[torch.device]) -> None:
+        if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Iterable):
+            raise TypeError(
+                f"PerReplica: values must be a sequence of one value per device, got {type(values).__name__}"
+            )
         values, devices = list(values), as_devices(devices, "PerReplica")  # "cpu" is cpu:0, as in pmap
         if len(values) != len(devices):
             raise ValueError(f"PerReplica: {len(values)} values but {len(devices)} devices")
@@ -362,6 +366,10 @@ def pmean_grads(
             "pmean_grads: params must be a module or an iterable of parameters, got one tensor "
             "(pass [tensor], or pmean its gradient yourself)"
         )
+    if not isinstance(params, (torch.nn.Module, Iterable)):
+        raise TypeError(
+            f"pmean_grads: params must be a module or an iterable of parameters, got {type(params).__name__}"
+        )
     _check_bucket_mb(bucket_mb, "pmean_grads")
     named = list(params.named_parameters()) if isinstance(params, torch.nn.Module) else list(enumerate(params))
     for name, p in named:
@@ -506,6 +514,7 @@ def functional_call(
     every parameter and buffer the forward writes: an in-place write to one the
     replicas share is an error after the call.
     """
+    _require_module(module, "functional_call", "module")
     frame = _axis.current_frame()
     # Replicas on worker threads share the module object, so each swaps into a copy
     # of its own. A function being captured (the stacked and lockstep executors,
@@ -588,9 +597,15 @@ def _rebound(value: Any, made: dict[int, torch.nn.Module]) -> Any:
     return value
 
 
+def _require_module(module: Any, fn: str, arg: str) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{fn}: {arg} must be a torch.nn.Module, got {type(module).__name__}")
+
+
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers as a dict of detached tensors (a
     pytree to replicate with device_put_replicated)."""
+    _require_module(module, "params_of", "module")
     state = {k: v.detach() for k, v in module.named_parameters()}
     state.update({k: v.detach() for k, v in module.named_buffers()})
     return state
@@ -789,6 +804,8 @@ def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = Fa
     loss: ``psum((loss * mask).sum()) / psum(mask.sum())``, and pass it to
     ``SyncBatchNorm`` so the padding rows stay out of the batch statistics.
     """
+    if not isinstance(pad, bool):
+        raise TypeError(f"shard_batch: pad must be True or False, got {pad!r}")
     n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"shard_batch: num_devices must be a positive int, got {num_devices!r}")
