@@ -188,6 +188,15 @@ def test_bad_compile_option_is_named():
     # Checked when pmap is made, not at the first compile (a graph-less function never compiles).
     with pytest.raises(ValueError, match="pmap: compile= mode must be one of .*'reduce-overhead'.*got 'bogus'"):
         tp.pmap(lambda x: x, compile=dict(mode="bogus"))
+    seen_modes = []
+
+    def backend(gm, example_inputs, mode=None):
+        seen_modes.append(mode)
+        return gm.forward
+
+    f = tp.pmap(lambda x: x * 2, compile=dict(backend=backend, mode="fast"))
+    f(torch.ones(2, 3))  # a backend of its own takes modes of its own (Inductor's are checked)
+    assert "fast" in seen_modes
     for bad, message in [
         (dict(backend=3), "backend must be a backend name or a callable, got 3"),
         (dict(fullgraph="yes"), "fullgraph must be True, False or None"),

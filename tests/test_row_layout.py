@@ -123,6 +123,40 @@ def test_views_and_copies_follow_the_replicas_layout_on_every_executor(name, x, 
                 assert_same_bits(f(x.clone()), expected)
 
 
+@pytest.mark.parametrize(("name", "x", "axis"), list(_caller_layouts()), ids=[c[0] for c in _caller_layouts()])
+def test_autograd_through_every_layout(name, x, axis):
+    """A copy made for a layout must carry autograd to the caller's tensor (writing the
+    copy's rows through unbind's views raised under autograd, a review found)."""
+    f = tp.pmap(lambda v: (v.sin() * v.reshape(-1).sum()).sum(), "i", in_axes=axis, devices=devices(N))
+    grads = {}
+    for name_ in ("threads", "stacked"):
+        with executor(name_):
+            base = x._base.detach().clone().requires_grad_()  # the caller's memory, as a leaf
+            view = base.as_strided(x.shape, x.stride(), x.storage_offset())
+            grads[name_] = [torch.autograd.grad(f(view).unshard().sum(), base)[0] for _ in range(2)]
+    for got, want in zip(grads["stacked"], grads["threads"]):
+        assert_same_bits(got, want)
+
+
+def test_a_function_writing_an_input_runs_stacked_when_its_layout_needs_no_copy():
+    """Dense transposed rows with the replicas spaced out: no copy, so no fallback."""
+    x = torch.arange(48.0).reshape(2 * N, 2, 3)[::2].mT
+    assert _row_layout.faithful(x)
+
+    def f(v):
+        v.mul_(2)
+        return v.reshape(-1) * 1
+
+    with executor("threads"):
+        a = x.clone()
+        want = tp.pmap(f, "i", devices=devices(N))(a)
+    with executor("stacked"):
+        b = x.clone()
+        got = tp.pmap(f, "i", devices=devices(N))(b)
+    assert_same_bits(got, want)
+    assert torch.equal(a, b)
+
+
 def test_a_sharded_output_fed_back_along_another_axis_keeps_its_replicas_layout():
     f = tp.pmap(lambda x: x.mT * 2, "i", devices=devices(N), out_axes=1)
     g = tp.pmap(_views_and_copies, "i", in_axes=1, devices=devices(N))

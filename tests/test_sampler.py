@@ -94,11 +94,18 @@ def test_clear_errors(args, kw, message):
         tp.ProcessBatchSampler(*args, **kw)
 
 
-@pytest.mark.parametrize("kw", [dict(shuffle="x"), dict(drop_last=1), dict(seed=1.5), dict(seed=True)])
+@pytest.mark.parametrize("kw", [dict(shuffle="x"), dict(drop_last=None), dict(seed=1.5), dict(seed="0")])
 def test_flags_and_seed_of_another_type_are_refused(kw):
     (name,) = kw
     with pytest.raises(TypeError, match=f"ProcessBatchSampler: {name} must be"):
         tp.ProcessBatchSampler(10, 2, **kw)
+
+
+def test_numpy_flags_and_seeds_and_int_flags_are_taken():
+    import numpy as np
+
+    sampler = tp.ProcessBatchSampler(10, 2, shuffle=np.True_, drop_last=1, seed=np.int64(3))
+    assert list(sampler) == list(tp.ProcessBatchSampler(10, 2, shuffle=True, drop_last=True, seed=3))
 
 
 def test_mask_names_the_valid_batches():

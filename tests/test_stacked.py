@@ -3,6 +3,7 @@ and a warned fallback for everything outside its scope."""
 
 import collections
 import dataclasses
+import enum
 import gc
 import math
 import warnings
@@ -120,6 +121,37 @@ def test_a_collective_is_one_node_of_the_capture(monkeypatch):
     assert targets.count(collectives._collective_node) == 3
     assert targets.count(collectives._axis_index_node) == 1
     assert _ops._opaque_call not in targets and torch.true_divide not in targets
+
+
+class _Key(enum.Enum):
+    A = "a"
+
+
+def test_a_dict_with_keys_the_graph_cannot_spell_is_still_captured():
+    """An Enum key made the one-node collective's graph code unwritable (a review found it):
+    such a dict takes the traced path."""
+    both(pm(lambda x: tp.psum({_Key.A: x, 3: x * 2}, "i")[_Key.A]), rows(N, 3))
+
+
+def test_a_stacked_backward_reduces_each_leaf_on_its_own(monkeypatch):
+    """The backward's graphs are traced later, outside Dynamo: the collectives' Python must
+    still take the stacked per-leaf path, not concatenate the leaves (copies per call)."""
+    from torchpmap import _stacked_autograd
+
+    graphs = []
+    split = _stacked_autograd.ResidualSplit.__init__
+
+    def spy(self, joint, *args):
+        graphs.append([node.target for node in joint.graph.nodes])
+        return split(self, joint, *args)
+
+    monkeypatch.setattr(_stacked_autograd.ResidualSplit, "__init__", spy)
+    x = rows(N, 3).requires_grad_()
+    with executor("stacked"):
+        out = pm(lambda v: tp.pmean({"a": v, "b": v.sin(), "c": v * 2}, "i"))(x)
+        sum(o.unshard().sum() for o in out.values()).backward()
+    (targets,) = graphs
+    assert torch.ops.aten.cat.default not in targets and torch.ops.aten.split_with_sizes.default not in targets
 
 
 def _total_then_pointwise(x, p):

@@ -357,6 +357,16 @@ def test_a_wrong_type_is_named_at_once(call, message):
         call()
 
 
+def test_what_the_argument_checks_still_take():
+    """A tensor's elements as PerReplica values, numpy and int flags."""
+    import numpy as np
+
+    per = tp.PerReplica(torch.arange(2.0) * 10, devices(2))
+    assert [v.item() for v in per] == [0.0, 10.0]
+    (x,), mask = tp.shard_batch((torch.ones(6, 2),), 4, pad=np.True_)
+    assert x.shape == (4, 2, 2) and mask.sum() == 6
+
+
 def test_replicas_that_would_change_one_object_are_refused():
     # Each replica steps its module and optimizer in place: one object for several replicas
     # raced, and the training came out silently wrong (found by a hunt).

@@ -164,7 +164,7 @@ def _check_options(compile: dict[str, Any]) -> None:
     backend, mode = compile.get("backend", "inductor"), compile.get("mode")
     if not (isinstance(backend, str) or callable(backend)):
         raise TypeError(f"pmap: compile= backend must be a backend name or a callable, got {backend!r}")
-    if mode is not None:
+    if mode is not None and backend == "inductor":  # another backend takes its own modes
         from torch._inductor import list_mode_options  # only for a mode: importing Inductor takes a while
 
         if not isinstance(mode, str) or mode not in list_mode_options():

@@ -10,8 +10,11 @@ and as P processes x G/P devices. (torch's DistributedSampler interleaves
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Sized
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Sampler
 
@@ -67,13 +70,15 @@ class ProcessBatchSampler(Sampler[list[int]]):
         ):
             raise ValueError(f"ProcessBatchSampler: process_index must be an int >= 0, got {process_index!r}")
         for name, flag in (("shuffle", shuffle), ("drop_last", drop_last)):
-            if not isinstance(flag, bool):
+            if not is_flag(flag):
                 raise TypeError(f"ProcessBatchSampler: {name} must be True or False, got {flag!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"ProcessBatchSampler: seed must be an int, got {seed!r}")
-        self.shuffle = shuffle
+        try:
+            seed = operator.index(seed)  # numpy integers too; not 1.5
+        except TypeError:
+            raise TypeError(f"ProcessBatchSampler: seed must be an int, got {seed!r}") from None
+        self.shuffle = bool(shuffle)
         self.seed = seed
-        self.drop_last = drop_last
+        self.drop_last = bool(drop_last)
         self._process_index = process_index
         self._process_count = process_count
         self.epoch = 0
@@ -142,6 +147,11 @@ def _dataset_size(data_source_or_len: Sized | int) -> int:
     if n < 0:
         raise ValueError(f"ProcessBatchSampler: the dataset length must be >= 0, got {n}")
     return n
+
+
+def is_flag(value: Any) -> bool:
+    """A boolean argument: a bool, a numpy bool, or an int (0 and 1 as flags)."""
+    return isinstance(value, (bool, int, np.bool_))
 
 
 def _positive_int(value: object, name: str) -> int:

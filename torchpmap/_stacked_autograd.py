@@ -35,6 +35,7 @@ that draws random numbers recomputes its draws from the call's replayed streams
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 import weakref
@@ -160,7 +161,7 @@ class ReplicaProgram:
                     primals, cots = list(args[:k]), args[k:]
 
                     def f(*diff_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-                        full = _primals_to_write(primals, diff, _probed(diff_values, reached), written)
+                        full = _primals_to_write(primals, diff, reached.watch(diff_values), written)
                         outs = fn(*full)
                         return tuple(outs[i] for i in cotangents)
 
@@ -207,7 +208,7 @@ class ReplicaProgram:
                     primals, cots = list(args[:k]), args[k:]
 
                     def f(*diff_values: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], Any]:
-                        full = _primals_to_write(primals, diff, _probed(diff_values, reached), written)
+                        full = _primals_to_write(primals, diff, reached.watch(diff_values), written)
                         outs = tuple(fn(*full))
                         return tuple(outs[i] for i in cot_outputs), (outs, tuple(full[p] for p in to_write))
 
@@ -268,43 +269,26 @@ def _primals_to_write(
 
 
 class _ReachedFlags:
-    """Per differentiated input, whether autograd reached it. An object of its own,
-    not a list: functorch rebuilds the containers among a Function's arguments."""
+    """Per differentiated input, whether autograd brought it a gradient while a vjp
+    is traced. torch.func.vjp gives zeros for an input autograd does not reach,
+    where autograd (and so the threads executor) gives None; whether the gradient
+    reads the cotangents does not tell them apart, since some derivatives are
+    zeros made from the input alone (``angle`` of a real tensor)."""
 
     __slots__ = ("flags",)
 
     def __init__(self, n: int) -> None:
         self.flags = [False] * n
 
+    def watch(self, diff_values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``diff_values`` themselves, each with a hook that notes its gradient (a hook
+        adds no op to the traced graphs, which run on every call)."""
+        for k, v in enumerate(diff_values):
+            v.register_hook(functools.partial(self._note, k))
+        return diff_values
 
-class _Reached(torch.autograd.Function):
-    """The identity, whose backward notes in ``reached[k]`` that autograd brought a
-    gradient to input k while a vjp is traced. torch.func.vjp gives zeros for an
-    input autograd does not reach, where autograd (and so the threads executor)
-    gives None; whether the gradient depends on the cotangents does not tell them
-    apart, since some derivatives are zeros made from the input alone
-    (``angle`` of a real tensor)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: torch.Tensor, reached: _ReachedFlags, k: int) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        ctx.reached, ctx.k = inputs[1], inputs[2]
-        ctx.set_materialize_grads(False)  # no gradient comes as None, as to an AccumulateGrad
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, None, None]:
-        if grad is not None:
-            ctx.reached.flags[ctx.k] = True
-        return grad, None, None
-
-
-def _probed(diff_values: tuple[torch.Tensor, ...], reached: _ReachedFlags) -> tuple[torch.Tensor, ...]:
-    return tuple(_Reached.apply(v, reached, k) for k, v in enumerate(diff_values))
+    def _note(self, k: int, grad: torch.Tensor) -> None:
+        self.flags[k] = True
 
 
 def split_key(diff: tuple[int, ...], inputs: list[Any]) -> tuple[Any, ...]:

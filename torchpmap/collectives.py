@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias, TypeVar, cast
 
@@ -214,21 +215,38 @@ def _plain(value: Any) -> bool:
 
 
 def _flat_tensors(x: Any) -> bool:
-    """A non-empty dict, list or tuple (exactly) of tensors."""
+    """A non-empty dict (with str or int keys: the graph's code spells them), list or tuple
+    (exactly) of tensors."""
+    if type(x) is dict and not all(type(k) in (str, int) for k in x):
+        return False
     values = x.values() if type(x) is dict else x if type(x) in (list, tuple) else ()
     return len(values) > 0 and all(isinstance(v, torch.Tensor) for v in values)
+
+
+# Set while a _collective_node's Python runs: at Dynamo's fake run, in the stacked
+# backend, and when the stacked autograd traces its backward later (outside Dynamo).
+_in_node = threading.local()
+
+
+@torch._dynamo.assume_constant_result
+def _inside_collective_node() -> bool:
+    return getattr(_in_node, "depth", 0) > 0
 
 
 @torch._dynamo.allow_in_graph
 def _collective_node(name: str, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """The collective ``name`` of x: a tensor, or the leaves of a flat container in its order.
     (FX hands a graph node's containers over as its immutable kinds: made plain again.)"""
-    if isinstance(x, torch.Tensor):
-        return _COLLECTIVES[name](x, *args, **kwargs)
-    if isinstance(x, dict):
-        out = _COLLECTIVES[name](dict(x), *args, **kwargs)
-        return tuple(out[k] for k in x)
-    return tuple(_COLLECTIVES[name](tuple(x) if isinstance(x, tuple) else list(x), *args, **kwargs))
+    _in_node.depth = getattr(_in_node, "depth", 0) + 1
+    try:
+        if isinstance(x, torch.Tensor):
+            return _COLLECTIVES[name](x, *args, **kwargs)
+        if isinstance(x, dict):
+            out = _COLLECTIVES[name](dict(x), *args, **kwargs)
+            return tuple(out[k] for k in x)
+        return tuple(_COLLECTIVES[name](tuple(x) if isinstance(x, tuple) else list(x), *args, **kwargs))
+    finally:
+        _in_node.depth -= 1
 
 
 # -- reductions -------------------------------------------------------------------------
@@ -284,7 +302,7 @@ def _reduce(
     # buffer, in JAX's leaf order, and are split again, differentiably). The
     # stacked executor has no rendezvous to save, and there the flat buffer
     # would cost two copies of every replica's leaves: one collective per leaf.
-    per_leaf = torch.compiler.is_compiling() and _ops._capturing_for_stacking()
+    per_leaf = _inside_collective_node() or (torch.compiler.is_compiling() and _ops._capturing_for_stacking())
     buckets: dict[tuple[Any, ...], list[int]] = {}
     first_leaf: dict[tuple[Any, ...], int] = {}
     for k, j in enumerate(leaves.order):

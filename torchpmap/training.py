@@ -29,6 +29,7 @@ from . import _axis
 from ._axis import AxisName
 from ._devices import as_devices, default_devices, physical_device, usable_devices
 from ._optim_calls import step_directly, takes_direct_step
+from ._sampler import is_flag
 from ._sharded import tensor_leaves
 from .collectives import axis_index, pmean, psum
 
@@ -45,7 +46,7 @@ class PerReplica:
     devices: tuple[torch.device, ...]
 
     def __init__(self, values: Sequence[Any], devices: Sequence[torch.device]) -> None:
-        if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Iterable):
+        if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
             raise TypeError(
                 f"PerReplica: values must be a sequence of one value per device, got {type(values).__name__}"
             )
@@ -804,7 +805,7 @@ def shard_batch(batch: PyTree, num_devices: int | None = None, *, pad: bool = Fa
     loss: ``psum((loss * mask).sum()) / psum(mask.sum())``, and pass it to
     ``SyncBatchNorm`` so the padding rows stay out of the batch statistics.
     """
-    if not isinstance(pad, bool):
+    if not is_flag(pad):
         raise TypeError(f"shard_batch: pad must be True or False, got {pad!r}")
     n = num_devices if num_devices is not None else len(default_devices(None, "shard_batch"))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
