@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_same_bits, devices, executor
 
 import torchpmap as tp
@@ -174,3 +175,40 @@ def test_the_common_layouts_are_not_copied():
     are taken as they are: their rows already compute as the replicas do."""
     for t in (torch.zeros(N, 3, 2), torch.zeros(N, 2, 3).mT, torch.zeros(N, 3, 4)[..., ::2], torch.zeros(N)):
         assert _row_layout.faithful(t)
+
+
+_W = torch.arange(12.0).reshape(3, 4) / 7
+
+
+def _batch_norm_then_written(x):
+    y = F.batch_norm(x, torch.zeros(4), torch.ones(4), training=False)
+    z = y.reshape(-1)
+    y.add_(100)
+    return z
+
+
+def _mse_then_written(x):
+    y = F.mse_loss(x, _W, reduction="none")
+    z = y.mT.reshape(-1)
+    y.add_(100)
+    return z
+
+
+@pytest.mark.parametrize(
+    ("f", "x"),
+    [
+        (_batch_norm_then_written, torch.arange(N * 12.0).reshape(N, 3, 4)),
+        (_mse_then_written, torch.arange(N * 12.0).reshape(N, 4, 3).mT),
+    ],
+    ids=["batch_norm eval", "mse_loss none"],
+)
+def test_a_batching_rule_that_lays_out_otherwise_falls_back_before_a_view_or_copy(f, x):
+    """These batching rules lay their result out otherwise than one replica's op, even over
+    a contiguous buffer (a review found them): a reshape or contiguous of it would copy where
+    eager views (or the reverse), and the write after it was lost silently."""
+    pf = tp.pmap(f, "i", devices=devices(N))
+    with executor("threads"):
+        want = pf(x.clone())
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="would return a view on one"):
+        got = pf(x.clone())
+    assert_same_bits(got, want)

@@ -18,8 +18,8 @@ out; ``faithful_copy`` stacks separate tensors into one that is, or says that
 none is.
 
 Not every batching rule keeps the layout of TensorIterator: ``batch_norm`` in
-eval mode and a few others lay rows out otherwise even over a contiguous buffer
-(a known issue, in the README's section on the stacked executor).
+eval mode and a few others lay rows out otherwise even over a contiguous buffer;
+``_layout_decisions`` refuses a view-or-copy decision that then differs.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from . import (
     _axis,
     _escapes,
     _fast_tree,
+    _layout_decisions,
     _ops,
     _outside_views,
     _row_layout,
@@ -707,7 +708,12 @@ def _backend(
             _stacked_random.forget(sites)
             raise Unsupported("random ops under compile=")
         try:
-            program = ReplicaProgram(lambda depth: _quiet(_shifted_functorch_levels(gm, depth)), axis_name, n, in_dims)
+            program = ReplicaProgram(
+                lambda depth: _quiet(_layout_decisions.checked(_shifted_functorch_levels(gm, depth))),
+                axis_name,
+                n,
+                in_dims,
+            )
             check_supported_ops(program.trace(examples).graph)
             checkpoints = any(node.target is _CHECKPOINT for node in gm.graph.nodes)
             result = _Batched(program, compiler, examples, checkpoints)
