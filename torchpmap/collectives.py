@@ -176,12 +176,12 @@ def _size(axis_name: AxisName) -> int:
 
 # -- one graph node per collective under a stacked capture -----------------------------
 # Dynamo interprets Python bytecode about a hundred times slower than Python runs it:
-# tracing a psum's argument checks and tree handling cost ~50 ms of a capture, a pmean
-# of six leaves ~200 ms. Under a stacked capture a collective of a tensor (or of a flat
-# dict, list or tuple of them) with plain arguments is one node of Dynamo's graph
-# instead; the stacked backend's make_fx runs the same Python under the replica level,
-# at Python's speed, so the batched graph is the same op for op. Everything it reads
-# besides its arguments (the axis, the stacking mode) is fixed per capture, as before.
+# tracing a psum's argument checks and tree handling cost ~40 ms of a capture, a pmean
+# of six leaves ~200 ms. Under a stacked or lockstep capture a collective of a tensor
+# (or of a flat dict, list or tuple of them) with plain arguments is one node of
+# Dynamo's graph instead; the backend's make_fx runs the same Python (under the replica
+# level, stacked) at Python's speed, so its graph is the same op for op. Everything it
+# reads besides its arguments (the axis, the stacking mode) is fixed per capture, as before.
 _COLLECTIVES: dict[str, Callable[..., Any]] = {}
 _F = TypeVar("_F", bound=Callable[..., Any])
 
