@@ -194,21 +194,31 @@ def _mse_then_written(x):
     return z
 
 
+def _mse_then_as_strided(x):
+    return F.mse_loss(x.t(), x.t() * 0.5, reduction="none").as_strided((6,), (1,)) * 1
+
+
+def _pooled_then_as_strided(x):
+    return F.max_pool2d(x, 2, 1).as_strided((6,), (1,)) * 1
+
+
 @pytest.mark.parametrize(
-    ("f", "x"),
+    ("f", "x", "message"),
     [
-        (_batch_norm_then_written, torch.arange(N * 12.0).reshape(N, 3, 4)),
-        (_mse_then_written, torch.arange(N * 12.0).reshape(N, 4, 3).mT),
+        (_batch_norm_then_written, torch.arange(N * 12.0).reshape(N, 3, 4), "would return a view on one"),
+        (_mse_then_written, torch.arange(N * 12.0).reshape(N, 4, 3).mT, "would return a view on one"),
+        (_mse_then_as_strided, torch.arange(N * 12.0).reshape(N, 3, 4), "as_strided of a value"),
+        (_pooled_then_as_strided, torch.arange(N * 40.0).reshape(N, 4, 5, 2).permute(0, 3, 1, 2), "as_strided of"),
     ],
-    ids=["batch_norm eval", "mse_loss none"],
+    ids=["batch_norm eval", "mse_loss none", "as_strided of mse_loss none", "as_strided of a channels-last pool"],
 )
-def test_a_batching_rule_that_lays_out_otherwise_falls_back_before_a_view_or_copy(f, x):
+def test_a_batching_rule_that_lays_out_otherwise_falls_back_before_a_view_or_copy(f, x, message):
     """These batching rules lay their result out otherwise than one replica's op, even over
     a contiguous buffer (a review found them): a reshape or contiguous of it would copy where
     eager views (or the reverse), and the write after it was lost silently."""
     pf = tp.pmap(f, "i", devices=devices(N))
     with executor("threads"):
         want = pf(x.clone())
-    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match="would return a view on one"):
+    with executor("stacked", allow_fallback=True), pytest.warns(RuntimeWarning, match=message):
         got = pf(x.clone())
     assert_same_bits(got, want)

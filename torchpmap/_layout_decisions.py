@@ -1,6 +1,7 @@
 """While the batched graph is traced: a ``reshape``, ``flatten``, ``ravel`` or
 ``contiguous`` that would return a view on one executor and a copy on the other
-stops the capture (the threads run the function, with a warning).
+stops the capture (the threads run the function, with a warning), and so does
+an ``as_strided`` of a value laid out otherwise than on one replica.
 
 These return a view of their input exactly when its strides allow, and an
 in-place write afterwards shows through a view and not through a copy. The
@@ -25,8 +26,13 @@ class ViewOrCopyDiffers(Exception):
     """A call whose result would be a view on one executor and a copy on the other."""
 
 
-_METHODS = {"reshape", "flatten", "ravel", "contiguous", "reshape_as"}
-_FUNCTIONS: dict[Any, str] = {torch.reshape: "reshape", torch.flatten: "flatten", torch.ravel: "ravel"}
+_METHODS = {"reshape", "flatten", "ravel", "contiguous", "reshape_as", "as_strided"}
+_FUNCTIONS: dict[Any, str] = {
+    torch.reshape: "reshape",
+    torch.flatten: "flatten",
+    torch.ravel: "ravel",
+    torch.as_strided: "as_strided",
+}
 
 
 def checked(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -72,6 +78,11 @@ def _check(
     value) would alias otherwise than of a tensor of ``shape`` and ``stride``."""
     if not isinstance(value, torch.Tensor) or tuple(value.stride()) == stride:
         return
+    if name == "as_strided":  # reads the memory in its own order: any other layout reads other elements
+        raise ViewOrCopyDiffers(
+            f"Tensor.as_strided of a value a batching rule lays out otherwise than one replica's op "
+            f"(strides {tuple(value.stride())}, not {stride})"
+        )
     if name == "reshape_as":
         name, args = "reshape", (tuple(args[0].shape),)
     if any(isinstance(a, torch.Tensor) for a in (*args, *dict(kwargs).values())):
