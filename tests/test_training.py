@@ -345,8 +345,8 @@ def test_per_replica_errors():
     "call, message",
     [
         (lambda: tp.PerReplica(3, devices(2)), "PerReplica: values must be a sequence of one value per device"),
-        (lambda: tp.params_of(3), "params_of: module must be a torch.nn.Module, got int"),
-        (lambda: tp.functional_call(3, {}, (torch.ones(1),)), "functional_call: module must be a torch.nn.Module"),
+        (lambda: tp.params_of(3), "params_of: module must be an nn.Module, got int"),
+        (lambda: tp.functional_call(3, {}, (torch.ones(1),)), "functional_call: module must be an nn.Module"),
         (lambda: tp.pmean_grads(3, "i"), "pmean_grads: params must be a module or an iterable of parameters, got int"),
         (lambda: tp.shard_batch(torch.ones(10, 2), 4, pad="yes"), "shard_batch: pad must be True or False, got 'yes'"),
     ],

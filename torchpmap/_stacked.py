@@ -267,15 +267,17 @@ def _stacked_leaf(record: CallRecord, j: int) -> torch.Tensor | None:
         buffer = mapped_buffer(caller, axis, record.group.devices[0])
     elif placement is Placement.SHARDED and isinstance(caller, ShardedTensor):
         buffer = sharded_buffer(caller)
-    if buffer is None:
+    if buffer is None:  # (mapped_buffer and sharded_buffer check faithful themselves)
         buffer = _stacked_view(record.per_leaf[j])
-    return buffer if buffer is not None and _row_layout.faithful(buffer) else None
+        if buffer is not None and not _row_layout.faithful(buffer):
+            return None
+    return buffer
 
 
 # An input whose replicas' tensors no stacked buffer computes as they do (see _row_layout).
 _UNFAITHFUL = (
     "an input's replicas are laid out so that no stacked buffer computes as they do "
-    "(non-dense and not in row-major order, or dense with different strides)"
+    "(their tensors' strides are in different orders)"
 )
 
 

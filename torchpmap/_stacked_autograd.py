@@ -80,7 +80,7 @@ class ReplicaProgram:
         # split instead: an op may only write into a temporary on its own side).
         self.simplified = True
         self.out_requires_grad: tuple[bool, ...] = ()
-        # A vjp program's: per differentiated input, whether autograd reached it (_Reached).
+        # A vjp program's: per differentiated input, whether autograd reached it (_ReachedFlags).
         self.reached: _ReachedFlags | None = None
         self._vjps: dict[tuple[Any, ...], ReplicaProgram] = {}
         self.splits: dict[tuple[Any, ...], ResidualSplit] = {}  # by split_key

@@ -297,10 +297,14 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _require_module(module: Any, fn: str) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"{fn}: module must be an nn.Module, got {type(module).__name__}")
+
+
 def replicate_module(module: torch.nn.Module, devices: Sequence[torch.device] | None = None) -> PerReplica:
     """An identical copy of ``module`` on every device (each with its own storage)."""
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"replicate_module: module must be an nn.Module, got {type(module).__name__}")
+    _require_module(module, "replicate_module")
     devices = default_devices(None, "replicate") if devices is None else usable_devices(devices, "replicate")
     return PerReplica([copy.deepcopy(module).to(physical_device(d)) for d in devices], devices)
 
@@ -515,7 +519,7 @@ def functional_call(
     every parameter and buffer the forward writes: an in-place write to one the
     replicas share is an error after the call.
     """
-    _require_module(module, "functional_call", "module")
+    _require_module(module, "functional_call")
     frame = _axis.current_frame()
     # Replicas on worker threads share the module object, so each swaps into a copy
     # of its own. A function being captured (the stacked and lockstep executors,
@@ -598,15 +602,10 @@ def _rebound(value: Any, made: dict[int, torch.nn.Module]) -> Any:
     return value
 
 
-def _require_module(module: Any, fn: str, arg: str) -> None:
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"{fn}: {arg} must be a torch.nn.Module, got {type(module).__name__}")
-
-
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The module's parameters and buffers as a dict of detached tensors (a
     pytree to replicate with device_put_replicated)."""
-    _require_module(module, "params_of", "module")
+    _require_module(module, "params_of")
     state = {k: v.detach() for k, v in module.named_parameters()}
     state.update({k: v.detach() for k, v in module.named_buffers()})
     return state
