@@ -1,10 +1,12 @@
 """Data-parallel training: both idioms match single-device training."""
 
 import functools
+import gc
 import subprocess
 import sys
 import time
 import warnings
+import weakref
 from pathlib import Path
 
 import helpers
@@ -650,6 +652,66 @@ def test_a_closed_over_tensor_written_from_a_later_call_on_raises_on_that_call(e
         update[0] = True
         with pytest.raises(RuntimeError, match=r"wrote acc in place, but acc is a tensor"):
             pf(torch.zeros(4, 3))
+
+
+class CountsInTraining(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(()))
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        if self.training:
+            self.count.add_(1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+@pytest.mark.parametrize("switch", ["submodule_mode", "flag"])
+def test_a_closed_over_module_written_from_a_later_call_on_raises_on_that_call(executor, switch):
+    # Modules were checked on the first call, when the top module or its mode changed, and
+    # every 32nd call: a submodule switched to training (or a write behind a flag) raced on
+    # the threads or counted once per call stacked for up to 31 calls. Their tensors'
+    # versions are read on every call now.
+    model = torch.nn.Sequential(CountsInTraining()).eval()
+    write = [False]
+
+    def f(x):
+        y = model(x)
+        if write[0]:
+            model[0].lin.bias.add_(1)  # (the call runs under no_grad)
+        return y
+
+    pf = tp.pmap(f, "i", devices=helpers.devices(4))
+    with helpers.executor(executor, allow_fallback=True), torch.no_grad():
+        for _ in range(3):  # the stacked fast path from the second call on
+            pf(torch.zeros(4, 3))
+        if switch == "submodule_mode":
+            model[0].train()  # the top module stays in eval mode
+            written = r"model\.0\.count in place"
+        else:
+            write[0] = True
+            written = r"model\.0\.lin\.bias in place"
+        with pytest.raises(RuntimeError, match=written + r".*nn\.Module that the function reaches"):
+            pf(torch.zeros(4, 3))
+
+
+def test_the_fast_path_does_not_keep_a_module_the_function_stopped_reaching():
+    model = torch.nn.Linear(3, 3)
+    model_ref = weakref.ref(model)
+
+    def f(x):
+        return model(x)
+
+    pf = tp.pmap(f, "i", devices=helpers.devices(2))
+    with helpers.executor("stacked"), torch.no_grad():
+        for _ in range(3):  # the fast path watches the model's tensors
+            pf(torch.zeros(2, 3))
+        assert [path for path, _ in _shared_state.reached_by(f)] == ["model"]
+        model = torch.nn.Linear(3, 3)  # the closure's cell now holds another model
+        gc.collect()
+        assert model_ref() is None
+        assert torch.equal(pf(torch.ones(2, 3)).unshard(), model(torch.ones(2, 3)).expand(2, 3))
 
 
 class Simulation:

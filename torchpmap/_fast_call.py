@@ -26,6 +26,7 @@ from ._call import CallRecord, Placement, ReplicaGroup, constant_signature, unfl
 from ._fast_tree import Structure
 from ._layout import slices_overlap
 from ._sharded import ShardedTensor
+from ._shared_state import ReachedVersions
 
 # Per leaf, how the fast path finds its stacked buffer.
 SHARDED, MAPPED, CONSTANT = range(3)
@@ -36,8 +37,9 @@ class FastCall:
     """One signature's capture and what its calls must still have for it to
     run them: the devices, and per leaf a ShardedTensor already in place, a
     plain tensor on the physical device mapped along its axis, or a
-    non-tensor value (which Dynamo's guards check); and the tensors the function
-    reaches without being passed them, whose writes the caller checks."""
+    non-tensor value (which Dynamo's guards check); and the tensors, modules and
+    optimizers the function reaches without being passed them, whose writes the
+    caller checks."""
 
     __slots__ = (
         "capture",
@@ -58,10 +60,10 @@ class FastCall:
         record: CallRecord,
         local: tuple[torch.device, ...],
         kinds: Sequence[int],
-        reached: list[tuple[str, Any]],
+        reached: ReachedVersions | None,
     ) -> None:
         self.capture = capture
-        self.reached = reached  # (path, tensor): closed-over tensors, found when this was made
+        self.reached = reached  # what the function reached when this was made: the caller checks its writes
         self.group: ReplicaGroup = record.group
         self.devices = record.group.devices
         self.device = self.devices[0]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dis
 import functools
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,15 +60,14 @@ class Snapshot:
     grad_versions: list[int | None]
 
     @classmethod
-    def of(cls, owner: Shared, path: str, how: str) -> Snapshot:
-        if isinstance(owner, torch.Tensor):
-            params, buffers = [], [owner]
-        elif isinstance(owner, torch.optim.Optimizer):
-            params, buffers = [p for group in owner.param_groups for p in group["params"]], []
+    def of(cls, owner: Shared, path: str, how: str, walk: bool = True) -> Snapshot:
+        """``owner`` as it is now. ``walk=False``: a module's or optimizer's
+        tensors as its last walk found them (``_walked``), if it was walked."""
+        params: list[torch.Tensor]
+        if isinstance(owner, torch.Tensor):  # (not a weak key: == compares a tensor's elements)
+            params, tensors = [], [] if owner.is_inference() else [owner]
         else:
-            params, buffers = _tensors_of(owner)
-        every = [*params, *buffers]
-        tensors = [t for t in every if not t.is_inference()]  # inference tensors have no version counter
+            params, tensors = (None if walk else _last_walk(owner)) or _walk(owner)
         grads = [p.grad for p in params]
         versions = [t._version for t in tensors]
         return cls(path, how, owner, tensors, versions, params, grads, [version_of(g) for g in grads])
@@ -97,6 +97,80 @@ class Snapshot:
                     if p is t:
                         return f"{self.path}.param_groups[{g}]['params'][{i}]"
         return self.path
+
+
+# Per module or optimizer, its parameters and its tensors that have a version counter (parameters
+# and buffers), as its last walk found them. Walking a module costs ~1-2 us per parameter and
+# buffer; reading the versions of the tensors found ~0.1 us each, so the calls between two walks
+# (``_pmap``'s periodic check) read the versions only: a write on any call raises at once, and a
+# tensor the module gains after a walk is seen from the next. Weak keys: a module the function
+# stops reaching is freed with its tensors.
+_walked: weakref.WeakKeyDictionary[Any, tuple[list[torch.Tensor], list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+
+
+def _walk(owner: torch.nn.Module | torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``owner``'s parameters (whose gradients are watched too) and every tensor
+    of it that has a version counter (inference tensors have none)."""
+    buffers: list[torch.Tensor] = []
+    if isinstance(owner, torch.optim.Optimizer):
+        params = [p for group in owner.param_groups for p in group["params"]]
+    else:
+        params, buffers = _tensors_of(owner)
+    walked = params, [t for t in (*params, *buffers) if not t.is_inference()]
+    try:
+        _walked[owner] = walked
+    except TypeError:  # an unhashable module (its class defines __eq__): walked on every call
+        pass
+    return walked
+
+
+def _last_walk(owner: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    try:
+        return _walked.get(owner)
+    except TypeError:
+        return None
+
+
+class ReachedVersions:
+    """The check the stacked fast path makes around a call, for what the
+    function reached when the fast path was made: the version of each tensor it
+    reaches directly and of each tensor of its modules and optimizers as last
+    walked (no gradients: a backward inside the function never runs stacked).
+    Weak references: an object the function no longer reaches is not kept."""
+
+    __slots__ = ("reached",)
+
+    def __init__(self, reached: list[tuple[str, Shared]]) -> None:
+        self.reached = [(path, weakref.ref(obj)) for path, obj in reached]
+
+    def tensors(self) -> list[torch.Tensor] | None:
+        """The tensors to watch, or None: the general path (an object is gone, or not walked)."""
+        out: list[torch.Tensor] = []
+        for _, ref in self.reached:
+            obj = ref()
+            if isinstance(obj, torch.Tensor):
+                if not obj.is_inference():
+                    out.append(obj)
+                continue
+            walked = None if obj is None else _last_walk(obj)
+            if walked is None:
+                return None
+            out += walked[1]
+        return out
+
+    def check(self, tensors: list[torch.Tensor], versions: list[int], n: int) -> None:
+        """Raise as ``check_not_written`` if one of ``tensors`` moved from ``versions``."""
+        if [t._version for t in tensors] == versions:
+            return
+        snapshots, k = [], 0
+        for path, ref in self.reached:
+            obj = ref()
+            assert obj is not None  # ``tensors`` holds it
+            snapshot = Snapshot.of(obj, path, _REACHED, walk=False)
+            snapshot.versions = versions[k : k + len(snapshot.tensors)]  # as they were before the call
+            k += len(snapshot.tensors)
+            snapshots.append(snapshot)
+        check_not_written(snapshots, n)
 
 
 def _tensors_of(module: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -136,11 +210,12 @@ def watch_passed(objects: list[tuple[str, Any, str]], n: int) -> list[Snapshot]:
     return snapshots
 
 
-def watch_reached(reached: list[tuple[str, Shared]], n: int) -> list[Snapshot]:
-    """Snapshot the modules and tensors a function reaches without being passed them (``reached_by``)."""
+def watch_reached(reached: list[tuple[str, Shared]], n: int, walk: bool = True) -> list[Snapshot]:
+    """Snapshot the modules and tensors a function reaches without being passed
+    them (``reached_by``); ``walk=False``: modules as last walked (``_walked``)."""
     if n < 2:
         return []
-    return [Snapshot.of(obj, path, _REACHED) for path, obj in reached]
+    return [Snapshot.of(obj, path, _REACHED, walk) for path, obj in reached]
 
 
 def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None = None) -> None:
