@@ -320,6 +320,29 @@ def test_tree_reduction_leaves_untracked_leaves_untracked(fn, executor):
     torch.testing.assert_close(a.grad, torch.full_like(a, 4 * scale))
 
 
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+@pytest.mark.parametrize("fn", [tp.psum, tp.pmean], ids=["psum", "pmean"])
+def test_tree_reduction_inside_nested_grads_keeps_the_outer_levels_path(fn, executor):
+    """Under torch.func.grad of a torch.func.grad, a leaf the inner level does not
+    track (requires_grad False there) still depends on the outer level's input:
+    the tree's flat buffer detached it, so the mixed derivative came back zero on
+    the threads executor (found by a hunt)."""
+    tp.set_executor(executor)
+    x, y = double(4, 3, seed=1), double(4, 3, seed=2)
+
+    def loss(a, b):
+        s = fn({"a": a**2, "b": b**2}, "i")
+        return (s["a"] * s["b"]).sum()
+
+    def mixed(a, b):  # d/da of sum(d/db loss)
+        return torch.func.grad(lambda a_: torch.func.grad(loss, argnums=1)(a_, b).sum())(a)
+
+    scale = 1.0 if fn is tp.psum else 1 / 16  # each replica's loss holds two means
+    # Each replica's cotangent comes back summed over the 4 replicas (JAX's psum transpose).
+    expected = scale * 4 * 2 * (2 * y.sum(0)) * x
+    torch.testing.assert_close(pmap_k(mixed, 4)(x, y).unshard(), expected)
+
+
 # -- gradients inside replicas: JAX's rules -------------------------------------------------
 def _inside(loss_fn, k, x, how, **kwargs):
     """Per replica: the gradient of loss_fn(x) with respect to its own x."""

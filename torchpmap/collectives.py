@@ -308,7 +308,10 @@ def _reduce(
     for k, j in enumerate(leaves.order):
         v = values[j]
         if isinstance(v, torch.Tensor):
-            key = (j,) if per_leaf else (leaves.dtypes[j], v.device)
+            # Leaves autograd tracks apart from those it does not: one untracked leaf must come
+            # back untracked, as it would alone, without a detach (under torch.func.grad, requires_grad
+            # speaks for the innermost level only, and a detach would cut the outer ones too).
+            key = (j,) if per_leaf else (leaves.dtypes[j], v.device, v.requires_grad)
             first_leaf.setdefault(key, k)
             buckets.setdefault(key, []).append(j)
         elif v is not None:
@@ -321,13 +324,10 @@ def _reduce(
             values[j] = finish(_ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags))
             continue
         flat = torch.cat([values[j].reshape(-1) for j in idx])
-        # A leaf that autograd does not track comes back untracked, as it would alone
-        # (the flat buffer requires grad when any leaf does).
-        untracked = {j for j in idx if not values[j].requires_grad} if flat.requires_grad else set()
         reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
-            values[j] = piece.view(shape).detach() if j in untracked else piece.view(shape)
+            values[j] = piece.view(shape)
     return leaves.unflatten()
 
 
