@@ -108,6 +108,50 @@ def test_a_reduction_of_the_callers_dual_tensors_is_a_clear_error(executor, coll
         f(fwAD.make_dual(torch.randn(4, 4), torch.ones(4, 4)))
 
 
+@pytest.mark.parametrize("fn", [tp.pmax, tp.pmin], ids=["pmax", "pmin"])
+def test_stacked_pmax_of_the_callers_dual_tensors_raises_as_the_threads_do(fn):
+    # The batched pmax is torch.maximum folded over the replicas, whose tie rule passed a
+    # tangent through (0.25 or 0.5 at a three-way tie, by the tied replica's position):
+    # pmax/pmin have no derivative (as in JAX). Found by a hunt.
+    _config._executor = "stacked"
+    x = torch.tensor([[5.0], [5.0], [5.0], [1.0]], dtype=torch.float64)
+    f = pmap_k(lambda v: fn(v, "i") + v, 4)
+    total = x.max(0).values if fn is tp.pmax else x.min(0).values
+    for _ in range(2):  # captured (the default runs the first call on the threads), then the fast path
+        assert torch.equal(f(x).unshard(), total + x)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match=f"{fn.__name__} has no derivative"):
+        with pytest.warns(RuntimeWarning, match="forward-mode AD .* through pmax/pmin"):
+            f(fwAD.make_dual(x, torch.eye(4, 1, dtype=torch.float64)))
+    # Tangents that do not reach the reduction are fine.
+    g = pmap_k(lambda v, w: fn(w, "i") + v.sin(), 4)
+    with fwAD.dual_level():
+        out = g(fwAD.make_dual(x, torch.ones_like(x)), x)
+        tangent = fwAD.unpack_dual(out).tangent
+    tangent = tangent.unshard() if isinstance(tangent, tp.ShardedTensor) else tangent
+    torch.testing.assert_close(tangent, x.cos())
+
+
+@pytest.mark.parametrize("collective", ["psum", "pmean", "psum_scatter"])
+def test_stacked_reductions_of_the_callers_dual_tensors_carry_their_tangents(collective):
+    # The stacked executor's batched reductions are sums over the replica dimension: the
+    # tangent of a psum is the psum of the tangents (JAX's rule), where threads and lockstep raise.
+    ops = {
+        "psum": (lambda v: tp.psum(v, "i"), lambda t: t.sum(0).expand(4, 4)),
+        "pmean": (lambda v: tp.pmean(v, "i"), lambda t: t.mean(0).expand(4, 4)),
+        "psum_scatter": (lambda v: tp.psum_scatter(v, "i", tiled=True), lambda t: t.sum(0).reshape(4, 1)),
+    }
+    op, want = ops[collective]
+    _config._executor = "stacked"
+    x = torch.randn(4, 4, dtype=torch.float64)
+    t = torch.randn(4, 4, dtype=torch.float64)
+    f = pmap_k(lambda v: op(v.sin()), 4)
+    for _ in range(2):
+        with fwAD.dual_level():
+            tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+        tangent = tangent.unshard() if isinstance(tangent, tp.ShardedTensor) else tangent
+        torch.testing.assert_close(tangent, want(x.cos() * t))
+
+
 @pytest.mark.parametrize("executor", ["threads", "lockstep"])
 def test_a_gather_of_the_callers_dual_tensors_carries_their_tangents(executor):
     _config._executor = executor

@@ -49,11 +49,16 @@ def check_not_dual(collective: Collective, x: torch.Tensor) -> None:
     and PyTorch would fail inside the exchange with an error about out= kernels.
     (The gathers and permutations move tangents with the values: stack, cat, copy.)"""
     if collective.op is not None and _forward_ad._current_level >= 0 and _forward_ad.unpack_dual(x).tangent is not None:
+        why = (
+            "psum and pmean have no forward-mode rule on the threads and lockstep executors (the stacked "
+            "executor carries tangents through them)"
+            if collective.op == "sum"
+            else f"p{collective.op} has no derivative (as in JAX)"
+        )
         raise RuntimeError(
             f"torchpmap: {collective.name} of a dual tensor (forward-mode AD: torch.func.jvp or "
-            f"forward_ad.dual_level around the pmap call, whose inputs carry tangents). The reductions have no "
-            f"forward-mode rule on the threads and lockstep executors; pass the primal values "
-            f"(forward_ad.unpack_dual(x).primal), or differentiate in reverse mode."
+            f"forward_ad.dual_level around the pmap call, whose inputs carry tangents): {why}; pass the "
+            f"primal values (forward_ad.unpack_dual(x).primal), or differentiate in reverse mode."
         )
 
 

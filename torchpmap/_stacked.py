@@ -47,6 +47,7 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -562,6 +563,12 @@ class _Batched:
                 "Tensor.as_strided on inputs laid out otherwise than at capture (rows another distance apart)",
                 per_call=True,
             )
+        if self.program.order_reductions and _forward_ad._current_level >= 0 and _has_tangent(inputs):
+            # The batched pmax/pmin would pass tangents by torch.maximum's tie rule; they have no
+            # derivative (as in JAX): the threads raise if a tangent reaches one.
+            raise Unsupported(
+                "forward-mode AD (dual inputs) through pmax/pmin, which have no derivative", per_call=True
+            )
         if self.written and _aliases_a_written_input(inputs, self.written):
             # The capture writes through a copy of such an input, so the other input would read
             # the old values; eagerly, the write shows through it (or PyTorch refuses a write
@@ -612,6 +619,11 @@ class _Batched:
 
 
 _AS_STRIDED = torch.ops.aten.as_strided.default
+
+
+def _has_tangent(inputs: Sequence[Any]) -> bool:
+    """Whether a tensor among ``inputs`` carries a forward-mode tangent."""
+    return any(isinstance(a, torch.Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in inputs)
 
 
 def _layout(inputs: Sequence[Any]) -> tuple[Any, ...]:

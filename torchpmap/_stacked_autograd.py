@@ -52,7 +52,7 @@ from ._direct_calls import direct_forward
 from ._graph_passes import simplify
 from ._overlapping_writes import refuse_overlapping_writes
 from ._sharded import _storage_key
-from ._stacked_collectives import vmap_replicas
+from ._stacked_collectives import recording_order_reductions, vmap_replicas
 
 # A per-replica function at a given functorch depth (how many transforms,
 # the replica level included, it runs under): Dynamo writes the levels of a
@@ -88,6 +88,9 @@ class ReplicaProgram:
         # writes a copy of that input and then copies it back, would return a view of the copy.
         self.outputs_view_written = False
         self._draws: bool | None = None
+        # Whether the graph reduces by order (pmax/pmin, which have no derivative): tangents
+        # of the caller's forward-mode AD must not pass through it.
+        self.order_reductions = False
 
     def trace(self, examples: list[Any]) -> torch.fx.GraphModule:
         """The batched graph (made once, on ``examples``' shapes), remembering
@@ -114,11 +117,12 @@ class ReplicaProgram:
                 # add symbols (a strided input's) to Dynamo's shape env, which then has
                 # guards it cannot build.
                 with torch._guards.tracing(None), _saved_tensor_hooks_set_aside():
-                    with warnings.catch_warnings():
+                    with warnings.catch_warnings(), recording_order_reductions() as orders:
                         # functorch's loop for an op without a batching rule is traced once, into
                         # the graph: its "performance drop" warning is not the user's to act on.
                         warnings.filterwarnings("ignore", "There is a performance drop", UserWarning)
                         graph = make_fx(batched, tracing_mode="fake", _allow_non_fake_inputs=True)(*examples)
+                self.order_reductions = bool(orders)
             finally:
                 _axis.bind(frame)
             refuse_overlapping_writes(graph.graph)  # before the passes, which write temporaries of their own

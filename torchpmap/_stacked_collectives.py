@@ -26,7 +26,9 @@ one group of everybody; ``pairs`` are (source, destination) pairs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -117,9 +119,31 @@ def replica_copies(row: Tensor, n: int) -> Tensor:
     return out
 
 
+_traced = threading.local()  # .order_reductions: a list while a program is traced on this thread
+
+
+@contextmanager
+def recording_order_reductions() -> Iterator[list[str]]:
+    """The ops of the order reductions (pmax/pmin) traced in the scope. They have
+    no derivative (as in JAX), but their batched form is torch.maximum/minimum,
+    which would pass tangents through by its tie rule: the caller refuses
+    forward-mode AD through such a program."""
+    previous = getattr(_traced, "order_reductions", None)
+    found: list[str] = []
+    _traced.order_reductions = found
+    try:
+        yield found
+    finally:
+        _traced.order_reductions = previous
+
+
 def all_reduce(xs: Tensor, op: str, groups: Groups = None) -> Tensor:
     """out[r]: the reduction over r's group of xs[m], folded in group order."""
     n = xs.shape[0]
+    if op != "sum":
+        recording = getattr(_traced, "order_reductions", None)
+        if recording is not None:
+            recording.append(op)
     _check_stack(xs, n, "all_reduce")
     reduce = _REDUCERS[op]
     rows = xs.unbind(0)
