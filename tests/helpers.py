@@ -128,9 +128,18 @@ def assert_same_bits(a, b, close=False, rtol=1e-6, atol=1e-7):
             if close:
                 torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
             else:
-                assert torch.equal(x, y), (x, y)
+                assert torch.equal(x, y) or _equal_with_nans(x, y), (x, y)
         else:
             assert x == y
+
+
+def _equal_with_nans(x, y):
+    """Equal values, NaNs in the same places counting as equal."""
+    if not (x.dtype.is_floating_point or x.dtype.is_complex):
+        return False
+    x, y = torch.view_as_real(x) if x.is_complex() else x, torch.view_as_real(y) if y.is_complex() else y
+    nans = x.isnan()
+    return torch.equal(nans, y.isnan()) and torch.equal(x[~nans], y[~nans])
 
 
 def free_port() -> int:

@@ -205,9 +205,36 @@ def test_branch_on_a_tensor_value_falls_back():
 
 def test_item_and_data_dependent_shapes_run_per_replica():
     # Unlike stacked replicas, each replica's segment runs on its own values.
-    both(pm(lambda x: x * x.max().item()), rows(N, 3))
+    both(pm(lambda x: x * x.argmax().item()), rows(N, 3))
     both(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3))
     both(pm(lambda x: x * tp.axis_index("i").item()), rows(N, 3))
+    both(pm(lambda x: x * ((x.argmax().item() * 3 + 7) // 2 - 7)), rows(N, 3))  # integer arithmetic is exact
+
+
+MAGIC = 6755399441055744.0  # 1.5 * 2**52: (s + MAGIC) - MAGIC rounds s to an integer
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        lambda x: x + ((x[0].item() + MAGIC) - MAGIC),
+        lambda x: x + (x.max().item() - x.max().item()),  # nan for an inf
+        lambda x: torch.atan2(torch.tensor(x.sum().item() * 0.0, dtype=x.dtype), x),  # -0.0 for a negative sum
+        lambda x: x * x.max().item(),
+        lambda x: x + x.argmax().item() / 49 * 49,
+    ],
+    ids=["rounding", "inf_minus_itself", "signed_zero", "plain", "int_divided"],
+)
+def test_a_python_float_read_from_a_tensor_falls_back(f):
+    # Dynamo traces such a float as a symbol and simplifies the arithmetic on it as algebra:
+    # (s + c) - c gave s, s - s and s * 0.0 gave 0 (for inf too), silently (found by a hunt).
+    x = torch.tensor([[0.3, -1.0, 2.0], [float("inf"), 1.0, 0.0]] * (N // 2), dtype=torch.float64)
+    x[2, 0] = -5.0
+    fallback(pm(f), x, match="Python float read from a tensor")
+    with executor("lockstep", allow_fallback=True):
+        got = pm(f)(x).unshard()
+    want = torch.stack([f(row) for row in x])
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
 
 
 def test_a_failed_make_fx_names_its_error():
@@ -222,7 +249,7 @@ def test_a_failed_make_fx_names_its_error():
 
 def test_a_python_number_from_item_returned_falls_back():
     # Each replica's own number, which Dynamo would make replica 0's for every replica.
-    fallback(pm(lambda x: (x * 2, x.sum().item())), rows(N, 3), match="Python number|capture failed")
+    fallback(pm(lambda x: (x * 2, x.sum().item())), rows(N, 3), match="Python (number|float)|capture failed")
     fallback(pm(lambda x: (x * 2, x[x > 0].shape[0])), rows(N, 3), match="Python number|capture failed")
 
 

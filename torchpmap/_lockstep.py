@@ -455,6 +455,7 @@ def _backend(
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
         refuse_value_guards("lockstep")
+        _refuse_symbolic_floats(gm)
         state = _current()
         # What Dynamo was given as replica 0's value: the key's tensor (an alias of
         # ``vs[0]`` for an input, see _call_state), found among the tensors kept alive.
@@ -475,6 +476,22 @@ def _backend(
         return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build(), uncounted)
 
     return backend
+
+
+def _refuse_symbolic_floats(gm: torch.fx.GraphModule) -> None:
+    """Refuse a capture that computes with a Python float it read from a tensor
+    (``.item()``, or an int read so and divided): Dynamo traces such a number as
+    a symbol and simplifies the arithmetic on it as algebra, so ``(s + c) - c``
+    becomes ``s``, ``s - s`` and ``s * 0.0`` become 0 (for inf and nan too):
+    not what Python's rounding gives on the threads. (Captures are static, so
+    only such reads make symbolic floats; integer arithmetic is exact either way.)"""
+    graphs = [m.graph for m in gm.modules() if isinstance(m, torch.fx.GraphModule)]  # HOPs' bodies too
+    for node in (node for graph in graphs for node in graph.nodes):
+        if isinstance(node.meta.get("example_value"), torch.SymFloat):
+            raise Unsupported(
+                "a Python float read from a tensor (.item()): Dynamo computes with it as a symbol, "
+                "simplifying what Python would round"
+            )
 
 
 @dataclass
