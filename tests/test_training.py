@@ -654,6 +654,18 @@ def test_a_closed_over_tensor_written_from_a_later_call_on_raises_on_that_call(e
             pf(torch.zeros(4, 3))
 
 
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+def test_closed_over_statistics_that_batch_norm_updates_raise(executor):
+    # aten's batch_norm writes the running statistics without counting a version, so the
+    # version check saw nothing: the replicas raced, never reported (found by a hunt).
+    # The same tensors passed broadcast raised already.
+    rm, rv = torch.zeros(3), torch.ones(3)
+    pf = tp.pmap(lambda x: F.batch_norm(x, rm, rv, training=True), "i", devices=helpers.devices(4))
+    with helpers.executor(executor, allow_fallback=True):
+        with pytest.raises(RuntimeError, match=r"wrote (rm|rv) in place, but (rm|rv) is a tensor"):
+            pf(torch.randn(4, 5, 3))
+
+
 class CountsInTraining(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -370,7 +370,7 @@ class Pmapped:
             # a write into one of their tensors raises. Versions only, ~0.1 us each.
             watched = fast.reached.tensors() if fast.reached is not None else []
             if watched is not None:
-                versions = [t._version for t in watched]
+                versions = [writes_of(t) for t in watched]
                 fast_out = fast.call(leaves, structure, tuple(zip(static_pos, static_vals)) if static_pos else ())
                 if fast_out is not None:
                     if watched:

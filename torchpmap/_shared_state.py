@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ._sharded import version_of
+from ._uncounted_writes import writes_of
 
 REPLICATE_HINT = (
     "Give each replica its own copy with "
@@ -69,13 +70,13 @@ class Snapshot:
         else:
             params, tensors = (None if walk else _last_walk(owner)) or _walk(owner)
         grads = [p.grad for p in params]
-        versions = [t._version for t in tensors]
+        versions = [writes_of(t) for t in tensors]  # batch_norm's statistics are written uncounted
         return cls(path, how, owner, tensors, versions, params, grads, [version_of(g) for g in grads])
 
     def written(self) -> str | None:
         """What a replica wrote (a path), or None."""
         for t, version in zip(self.tensors, self.versions):
-            if t._version != version:
+            if writes_of(t) != version:
                 return self._name_of(t)
         for p, g, grad_version in zip(self.params, self.grads, self.grad_versions):
             if p.grad is not g or version_of(p.grad) != grad_version:
@@ -160,7 +161,7 @@ class ReachedVersions:
 
     def check(self, tensors: list[torch.Tensor], versions: list[int], n: int) -> None:
         """Raise as ``check_not_written`` if one of ``tensors`` moved from ``versions``."""
-        if [t._version for t in tensors] == versions:
+        if [writes_of(t) for t in tensors] == versions:
             return
         snapshots, k = [], 0
         for path, ref in self.reached:
