@@ -237,6 +237,33 @@ def test_a_python_float_read_from_a_tensor_falls_back(f):
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.signbit(), want.signbit())
 
 
+def test_a_data_dependent_size_the_capture_assumed_otherwise_falls_back_for_that_call():
+    # Dynamo assumes an unbacked size broadcasts without being 1; a replica whose x[x > 0] has
+    # one element broke that assertion at run time, where eager (the threads) broadcasts it.
+    def f(x):
+        return (x[x > 0] + torch.arange(3.0)).sum()
+
+    x = rows(N, 4)
+    x[1] = torch.tensor([-1.0, -1.0, 7.0, -1.0])  # one positive element in replica 1
+    x[0] = torch.tensor([1.0, 2.0, 3.0, -1.0])
+    x[2:] = x[0]
+    fallback(pm(f), x, match="assumption about a data-dependent size")
+    ok = x.clone()
+    ok[1] = x[0]
+    both(pm(f), ok)  # values that keep the assumption run in lockstep
+
+
+def test_a_broken_size_assumption_after_an_input_write_names_itself():
+    def f(x):
+        x.mul_(2)
+        return (x[x > 0] + torch.arange(3.0)).sum()
+
+    x = torch.tensor([[1.0, 2.0, 3.0, -1.0], [-1.0, -1.0, 7.0, -1.0]] * (N // 2))
+    with executor("lockstep"), pytest.raises(RuntimeError, match="Runtime assertion failed") as e:
+        pm(f)(x)
+    assert "set_executor('threads')" in "".join(getattr(e.value, "__notes__", [])) + str(e.value)
+
+
 def test_a_failed_make_fx_names_its_error():
     def f(x, idx):
         return tp.psum(x, "i")[idx]  # a tensor index: a data-dependent select make_fx cannot trace

@@ -53,6 +53,7 @@ from ._stacked import (
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
+    _written_inputs,
     call_signature,
     capture_failure,
     capture_key,
@@ -348,6 +349,18 @@ def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices:
                 env[s] = None
 
 
+_ASSERTION = "Runtime assertion failed for expression "
+
+
+def _broken_assumption(e: BaseException) -> str | None:
+    """The expression of a runtime assertion the traced graph carries (``aten._assert_scalar``:
+    what Dynamo assumed of an unbacked size), if ``e`` is its failure."""
+    message = str(e) if isinstance(e, RuntimeError) else ""
+    if not message.startswith(_ASSERTION):
+        return None
+    return message[len(_ASSERTION) :].split(" on node ")[0]
+
+
 def _check_signatures(collective: Collective, xs: Sequence[torch.Tensor]) -> None:
     """Shapes that depend on the data (``x[x > 0]``) may differ between replicas."""
     shape, dtype = xs[0].shape, xs[0].dtype
@@ -383,9 +396,10 @@ def _current() -> _CallState:
 class _Program:
     """The backend's callable for one guard set: the plan, run on every replica's inputs."""
 
-    def __init__(self, plan: _Plan, uncounted: tuple[int, ...]) -> None:
+    def __init__(self, plan: _Plan, uncounted: tuple[int, ...], writes_inputs: bool) -> None:
         self.plan = plan
         self.uncounted = uncounted  # the inputs it writes without a version count (batch_norm's statistics)
+        self.writes_inputs = writes_inputs  # whether it writes an input in place (counted or not)
 
     def __call__(self, *args: Any) -> list[Any]:
         state = _current()
@@ -405,12 +419,28 @@ class _Program:
         envs: list[list[Any]] = [[None] * self.plan.slots for _ in range(n)]
         for r, env in enumerate(envs):
             env[: len(per_input)] = [values[r] for values in per_input]
-        backend = state.record.group.new_backend  # made now: a process group numbers its runs
-        assert backend is not None  # unsupported_reason checked it
+        new_backend = state.record.group.new_backend
+        assert new_backend is not None  # unsupported_reason checked it
+        backend = new_backend()  # made now: a process group numbers its runs
         state.started = True
         try:
-            _execute(self.plan, envs, backend(), state.devices)
+            _execute(self.plan, envs, backend, state.devices)
         except BaseException as e:
+            assumption = _broken_assumption(e)
+            if assumption is not None and not self.writes_inputs and isinstance(backend, LocalBackend):
+                # The capture assumed of a data-dependent size what this call's values break (a
+                # replica's x[x > 0] has 1 element, which eager broadcasts): nothing was written and
+                # no other process waits, so the threads run this call, as eager would.
+                state.started = False
+                state.refused = Unsupported(f"a capture's assumption about a data-dependent size ({assumption})", True)
+                raise state.refused from None
+            if assumption is not None and hasattr(e, "add_note"):  # Python 3.11+
+                e.add_note(
+                    "(an assumption the lockstep executor's capture made about a data-dependent size, which this "
+                    "call's values break; it ran on, not again on the threads executor, because the function "
+                    "writes its inputs in place or other processes take part. torchpmap.set_executor('threads') "
+                    "runs it as eager does)"
+                )
             state.error = e
             raise
         finally:
@@ -473,7 +503,8 @@ def _backend(
         check_supported_ops(graph.graph, "lockstep")
         simplify(graph)  # each segment runs op by op per replica: no node that does nothing
         uncounted = _uncounted_writes.inputs_written_uncounted(graph.graph)
-        return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build(), uncounted)
+        writes = bool(uncounted or _written_inputs(graph))
+        return _Program(_PlanBuilder(graph, axis_name, devices, compiler).build(), uncounted, writes)
 
     return backend
 
