@@ -85,6 +85,19 @@ def test_a_collective_inside_a_forward_ad_region_raises_at_once(where, compiled,
     )
 
 
+def test_a_collective_of_tangents_inside_jvp_under_lockstep_does_not_suggest_lockstep():
+    # Lockstep falls back to the threads for a collective of a tangent-carrying tensor; the
+    # threads' error told the user to set the lockstep executor they had set (found by a hunt).
+    _config._executor = "lockstep"
+    f = pmap_k(lambda r: torch.func.jvp(lambda v: tp.psum(v.sin(), "i"), (r,), (torch.ones_like(r),))[1], 4)
+    with (
+        pytest.warns(RuntimeWarning, match="lockstep"),
+        pytest.raises(RuntimeError, match="inside torch.func.jvp") as e,
+    ):
+        f(_x()[:4])
+    assert "set_executor('lockstep')" not in str(e.value)
+
+
 def test_forward_ad_outside_replicas_is_untouched():
     x = _x()[0]
     with fwAD.dual_level():

@@ -25,6 +25,8 @@ import torch
 import torch._functorch.eager_transforms as _eager_transforms
 import torch.autograd.forward_ad as _forward_ad
 
+from . import _config
+
 if TYPE_CHECKING:
     from ._communicator import Collective
 
@@ -64,13 +66,20 @@ def check_not_dual(collective: Collective, x: torch.Tensor) -> None:
 
 def check_no_collective(kind: str) -> None:
     if held():
+        # Under set_executor("lockstep") the call got here by falling back (a collective of a
+        # dual tensor, which has no forward-mode rule): suggesting lockstep would send them round.
+        advice = (
+            "Move the collective out of the forward-AD region (a collective of a tangent-carrying "
+            "tensor has no forward-mode rule, so the lockstep executor runs it on the threads too)"
+            if _config.executor_name() == "lockstep"
+            else "Move the collective out of the forward-AD region or, for a collective of plain tensors "
+            "inside it, use torchpmap.set_executor('lockstep')"
+        )
         raise RuntimeError(
             f"torchpmap: a collective ({kind}) inside torch.func.jvp (or jacfwd, hessian, linearize, "
             f"forward_ad.dual_level) on the threads executor. PyTorch's forward-AD levels are "
             f"process-wide, so replicas on threads enter such regions one at a time and cannot meet in "
-            f"a collective inside one (and collectives have no forward-mode rule for dual tensors). Move "
-            f"the collective out of the forward-AD region or, for a collective of plain tensors inside "
-            f"it, use torchpmap.set_executor('lockstep')."
+            f"a collective inside one (and collectives have no forward-mode rule for dual tensors). {advice}."
         )
 
 
