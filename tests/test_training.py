@@ -387,6 +387,18 @@ def test_replicas_that_would_change_one_object_are_refused():
         tp.PerReplica([torch.optim.lr_scheduler.StepLR(opt, 1) for _ in ds], ds)
     with pytest.raises(ValueError, match="over the parameters it is given"):
         tp.replicate(model, lambda params: torch.optim.SGD(model.parameters(), lr=0.1), ds)
+    # A tensor learning rate closed over by the factory: every replica's LR scheduler decayed
+    # the one tensor in place, n times per step (found by a hunt).
+    lr = torch.tensor(0.1)
+    with pytest.raises(ValueError, match=r"share one tensor hyperparameter 'lr' of its SGD.*lr=lr.clone\(\)"):
+        tp.replicate(make_model(), lambda params: torch.optim.SGD(params, lr=lr), ds)
+    betas = (torch.tensor(0.9), torch.tensor(0.999))
+    with pytest.raises(ValueError, match=r"share one tensor hyperparameter 'betas' of its Adam"):
+        tp.replicate(make_model(), lambda params: torch.optim.Adam(params, betas=betas), ds)
+    _, opts = tp.replicate(make_model(), lambda params: torch.optim.SGD(params, lr=lr.clone()), ds)
+    scheds = tp.PerReplica([torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5) for o in opts], ds)
+    scheds.step()
+    assert [float(o.param_groups[0]["lr"]) for o in opts] == [float(torch.tensor(0.1) * 0.5)] * 2
     norm = torch.nn.BatchNorm1d(3, affine=False)
     with pytest.raises(ValueError, match=r"share one buffer of a module in training mode \(1.running_mean\)"):
         tp.PerReplica([torch.nn.Sequential(torch.nn.Linear(3, 3), norm) for _ in ds], ds)

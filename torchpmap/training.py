@@ -166,9 +166,15 @@ def _refuse_shared_state(values: list[Any]) -> None:
         for what, obj in _state_of(value):
             first = owner.setdefault(id(obj), (i, what))
             if first[0] != i:
+                hint = (
+                    " (an optimizer factory that closes over one tensor: make it inside the factory, "
+                    "or pass lr=lr.clone())"
+                    if what.startswith("tensor hyperparameter")
+                    else ""
+                )
                 raise ValueError(
                     f"PerReplica: replicas {first[0]} and {i} share one {what}: each replica changes its "
-                    f"own in place, so they would race on it. Give each replica its own "
+                    f"own in place, so they would race on it. Give each replica its own{hint} "
                     f"(torchpmap.replicate(model, optimizer_factory) copies a module and builds an optimizer "
                     f"over each copy's parameters; on CPU devices module.to('cpu') returns the module itself); "
                     f"a module every replica only reads goes in broadcast (in_axes=None) instead"
@@ -198,9 +204,17 @@ def _state_of(value: Any) -> Iterator[tuple[str, Any]]:
 
 
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, Any]]:
+    """Its parameters, and its hyperparameters given as tensors (a tensor ``lr``, which
+    LR schedulers change in place: shared, every replica's scheduler would decay it)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             yield f"parameter of its {type(optimizer).__name__}", p
+        for key, value in group.items():
+            if key == "params":
+                continue
+            for t in value if isinstance(value, (tuple, list)) else (value,):  # betas=(b1, b2)
+                if isinstance(t, torch.Tensor):
+                    yield f"tensor hyperparameter {key!r} of its {type(optimizer).__name__}", t
 
 
 def _own_copy(state: Any, device: torch.device, *, cpu_too: bool) -> Any:
