@@ -1087,6 +1087,22 @@ def test_functional_optimizer_matches_other_torch_optimizers(name):
         torch.testing.assert_close(params[name], p.detach(), rtol=0, atol=0)
 
 
+def test_functional_optimizer_builds_optimizers_that_take_only_matrices():
+    # It validates the hyperparameters on a template optimizer, whose one-element vector
+    # Muon (matrices only) refused, blaming the user's parameters (found by a hunt).
+    opt = tp.functional_optimizer(torch.optim.Muon, lr=0.01)
+    w = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    params, state = {"w": w.clone()}, opt.init({"w": w})
+    reference = torch.nn.Parameter(w.clone())
+    torch_opt = torch.optim.Muon([reference], lr=0.01)
+    for k in range(3):
+        g = torch.full_like(w, 0.5) + k * w
+        params, state = opt.step(params, {"w": g}, state)
+        reference.grad = g.clone()
+        torch_opt.step()
+    torch.testing.assert_close(params["w"], reference.detach(), rtol=0, atol=0)
+
+
 DIRECT_STEPS = [
     (torch.optim.SGD, dict(lr=0.1)),
     (torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, maximize=True)),

@@ -645,7 +645,8 @@ class FunctionalOptimizer:
         patches the class's step once, on this thread, not racing in the replica
         threads), and its param group holds them resolved, as the direct step takes
         them (None: this optimizer steps through an object)."""
-        template = self.optimizer_class([torch.zeros(1, requires_grad=True)], **self.hyperparams)
+        # A matrix: some optimizers take only those (Muon); every other takes any shape.
+        template = self.optimizer_class([torch.zeros(1, 1, requires_grad=True)], **self.hyperparams)
         group = template.param_groups[0]
         self._resolved_from = dict(self.hyperparams)
         self._direct_group = {k: v for k, v in group.items() if k != "params"} if takes_direct_step(template) else None
