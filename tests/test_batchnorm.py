@@ -230,6 +230,9 @@ def test_sync_batchnorm_errors():
     for bad in (5, "", ("i", 3)):
         with pytest.raises(TypeError, match="SyncBatchNorm: axis_name must be a non-empty string"):
             tp.SyncBatchNorm(5, bad)
+    for bad in ("3", 0, True, 2.0):
+        with pytest.raises(ValueError, match="SyncBatchNorm: num_features must be a positive int"):
+            tp.SyncBatchNorm(bad, "i")
     bn = tp.SyncBatchNorm(5, "i")
     with pytest.raises(NameError, match="pmap"):
         bn(torch.randn(4, 5))

@@ -327,3 +327,34 @@ def test_a_missing_random_state_is_refused_before_any_entry_loads(tmp_path):
     with pytest.raises(ValueError, match="saved without random state"):
         tp.load_checkpoint(tmp_path / "c.pt", opt=opts, model=models)
     assert unchanged(models, opts)
+
+
+def test_saving_into_a_missing_directory_names_the_path(tmp_path):
+    path = tmp_path / "missing" / "ckpt.pt"
+    with pytest.raises(FileNotFoundError, match="the directory of .*missing/ckpt.pt' does not exist"):
+        tp.save_checkpoint(path, step=1)
+
+
+class _HistogramState:
+    """Anything with state_dict/load_state_dict: here one holding a numpy array."""
+
+    def __init__(self):
+        self.hist = np.zeros(3)
+
+    def state_dict(self):
+        return {"hist": self.hist.copy()}
+
+    def load_state_dict(self, state):
+        self.hist = state["hist"].copy()
+
+
+def test_replicas_whose_state_holds_numpy_arrays_are_compared_element_by_element(tmp_path):
+    # numpy's == is an array: "truth value of an array is ambiguous" (found by a hunt).
+    per = tp.PerReplica([_HistogramState(), _HistogramState()], devices(2))
+    tp.assert_replicas_identical(per)
+    tp.save_checkpoint(tmp_path / "ok.pt", stats=per, rng=False)
+    per[1].hist[0] = np.nan
+    with pytest.raises(AssertionError, match=r"replica 1 differs from replica 0 at \['hist'\]"):
+        tp.assert_replicas_identical(per)
+    per[0].hist[0] = np.nan  # NaNs in the same places are equal
+    tp.assert_replicas_identical(per)

@@ -1,6 +1,7 @@
 """ProcessBatchSampler: every global replica sees the same rows whether the job
 runs as 1 process x G devices or P processes x G/P devices."""
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -111,3 +112,23 @@ def test_numpy_flags_and_seeds_and_int_flags_are_taken():
 def test_mask_names_the_valid_batches():
     with pytest.raises(ValueError, match=r"batch must be an int in \[0, 3\)"):
         tp.ProcessBatchSampler(10, 4).mask(3)
+
+
+def test_set_epoch_takes_ints_only():
+    # int(1.7) made it epoch 1 silently, and int("a") a bare ValueError (found by a hunt).
+    sampler = tp.ProcessBatchSampler(10, 2, shuffle=True, seed=0)
+    for epoch in (1.7, "a", None):
+        with pytest.raises(TypeError, match="ProcessBatchSampler.set_epoch: epoch must be an int"):
+            sampler.set_epoch(epoch)
+    sampler.set_epoch(np.int64(2))
+    again = tp.ProcessBatchSampler(10, 2, shuffle=True, seed=0)
+    again.set_epoch(2)
+    assert list(sampler) == list(again)
+
+
+@pytest.mark.parametrize("flag", [2, -1, np.int64(3)])
+def test_flags_outside_zero_and_one_are_refused(flag):
+    with pytest.raises(TypeError, match="shuffle must be True or False"):
+        tp.ProcessBatchSampler(10, 2, shuffle=flag)
+    with pytest.raises(TypeError, match="pad must be True or False"):
+        tp.shard_batch((torch.ones(4, 2),), 2, pad=flag)

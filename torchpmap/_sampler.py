@@ -86,7 +86,10 @@ class ProcessBatchSampler(Sampler[list[int]]):
 
     def set_epoch(self, epoch: int) -> None:
         """Use epoch ``epoch``'s order (with ``shuffle``): call it before each epoch."""
-        self.epoch = int(epoch)
+        try:
+            self.epoch = operator.index(epoch)  # numpy integers too; not 1.7 (int() made it epoch 1)
+        except TypeError:
+            raise TypeError(f"ProcessBatchSampler.set_epoch: epoch must be an int, got {epoch!r}") from None
 
     def __len__(self) -> int:
         full, rest = divmod(self.num_samples, self.global_batch_size)
@@ -150,8 +153,10 @@ def _dataset_size(data_source_or_len: Sized | int) -> int:
 
 
 def is_flag(value: Any) -> bool:
-    """A boolean argument: a bool, a numpy bool, or an int (0 and 1 as flags)."""
-    return isinstance(value, (bool, int, np.bool_))
+    """A boolean argument: a bool, a numpy bool, or the int 0 or 1 (numpy's too)."""
+    if isinstance(value, (bool, np.bool_)):
+        return True
+    return isinstance(value, (int, np.integer)) and value in (0, 1)
 
 
 def _positive_int(value: object, name: str) -> int:

@@ -12,6 +12,7 @@ with, and records, the statistics of the global batch.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -57,6 +58,13 @@ class SyncBatchNorm(_BatchNorm):
         dtype: Any = None,
     ) -> None:
         _names(axis_name, "SyncBatchNorm")  # a bad axis name fails here, not at the first forward
+        try:
+            count = operator.index(num_features)  # numpy integers too
+        except TypeError:
+            count = 0
+        if isinstance(num_features, bool) or count < 1:
+            raise ValueError(f"SyncBatchNorm: num_features must be a positive int, got {num_features!r}")
+        num_features = count
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.axis_name = axis_name
 

@@ -247,6 +247,8 @@ def _payload(entries: dict[str, Any], rng_per_process: list[Any] | None) -> dict
 
 def _write(path: str, payload: dict[str, Any]) -> None:
     directory, base = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):  # else the error would name the temporary file
+        raise FileNotFoundError(f"save_checkpoint: the directory of {path!r} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -21,6 +21,7 @@ import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, TypeAlias, overload
 
+import numpy as np
 import torch
 from torch.optim import optimizer as _torch_optimizer
 from torch.utils._pytree import PyTree, tree_flatten, tree_unflatten
@@ -300,9 +301,20 @@ def _compare_replica(first: dict[str, Any], other: dict[str, Any], r: int, kind:
                 )
             same = a.shape == b.shape and a.dtype == b.dtype and _bitwise_equal(a, b.to(a.device))
         else:
-            same = type(a) is type(b) and (a == b or (a != a and b != b))  # NaN hyperparameters are equal
+            same = type(a) is type(b) and _equal_values(a, b)
         if not same:
             raise AssertionError(f"{kind} replica {r} differs from replica 0 at {name}")
+
+
+def _equal_values(a: Any, b: Any) -> bool:
+    """Whether two state values of one type are equal: numpy arrays element by element
+    (their == is an array), NaNs equal to NaNs (a NaN hyperparameter)."""
+    if isinstance(a, np.ndarray):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    try:
+        return bool(a == b or (a != a and b != b))
+    except (TypeError, ValueError):  # an object whose == gives something without a truth value
+        return a is b
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
