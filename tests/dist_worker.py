@@ -137,6 +137,17 @@ def collectives():
         "psum_dict_order", run(lambda x: tp.psum(tree(x), "i")["b"]), np.broadcast_to(-full.sum(0), (L, G, 3)), results
     )
     wire_dtypes(full, first, L, G, results)
+    # The same values laid out otherwise on one process (a column-major batch): the process group
+    # reduces memory element by element, and the sum kept the input's strides (found by a hunt).
+    laid_out = (
+        torch.tensor(full[first : first + L]) if rank == 0 else torch.tensor(full[first : first + L]).mT.contiguous().mT
+    )
+    check(
+        "psum_other_layout", run(lambda x: tp.psum(x, "i"), laid_out), np.broadcast_to(full.sum(0), (L, G, 3)), results
+    )
+    ints = (laid_out * 7).round().int()
+    want = (np.round(full * 7).astype(np.int32)).max(0)
+    check("pmax_int_other_layout", run(lambda x: tp.pmax(x, "i"), ints), np.broadcast_to(want, (L, G, 3)), results)
     # A ShardedTensor goes back in without copies, and converts to a DTensor.
     y = tp.pmap(lambda x: x * 2, "i")(mine)
     dt = tpd.to_dtensor(y)

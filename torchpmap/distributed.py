@@ -586,7 +586,10 @@ class ProcessGroupBackend(GroupBackend):
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
             total = REDUCERS[op](total, x.to(dev))
-        wire = _to_wire(total)
+        # Dense rows in one order on every process: the process group reduces memory element
+        # by element, and the replicas' sum keeps the input's strides (a column-major batch on
+        # one process only would have summed its elements with other ones).
+        wire = _to_wire(total.contiguous())
         self._wait(dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group, async_op=True))
         total = _from_wire(wire, total)
         return [self.to(total, r).clone() for r in range(self.size)]
