@@ -529,6 +529,20 @@ def gradients():
     check(
         "shared_by_name_q", q.grad.numpy(), (full[~first_half].sum(0) + (full[first_half] ** 2).sum(0)).numpy(), results
     )
+
+    # Two tensors found under one name (each closure's own w): each gets its own gradient; they
+    # were one entry of the sum, and both got one total (found by a hunt).
+    def make_scale(value):
+        w = torch.full((3,), value, dtype=torch.float64, requires_grad=True)
+        return (lambda r: r * w), w
+
+    scale1, w1 = make_scale(2.0)
+    scale2, w2 = make_scale(3.0)
+    tp.pmap(lambda r: tp.psum((scale2(scale1(r)) + 10 * scale1(r)).sum(), "i"), "i", out_axes=None)(
+        full[mine]
+    ).backward()
+    check("same_name_first", w1.grad.numpy(), (13 * full.sum(0)).numpy(), results)
+    check("same_name_second", w2.grad.numpy(), (2 * full.sum(0)).numpy(), results)
     # A PerReplica tensor is each replica's own: never summed across processes. A broadcast
     # argument no replica uses gets no gradient (None), as in one process.
     own = tp.PerReplica(

@@ -426,7 +426,7 @@ class _ReplicaGraphs:
         order's backward must reach every replica's psum."""
         from .collectives import psum  # (not at the top: the collectives import the runtime)
 
-        slots = self.summed_across_processes
+        slots = _distinct_names(self.summed_across_processes)
         zeros = torch.zeros_like
         parts = {name: zeros(self.leaves[r][i]) if grads[i] is None else grads[i] for i, name in slots.items()}
         # And whether any replica had a gradient: none anywhere stays None, as in one process.
@@ -443,6 +443,18 @@ class _ReplicaGraphs:
                 grads[i] = total.masked_fill(torch.ones((), dtype=torch.bool, device=total.device), 0)
             else:
                 grads[i] = None
+
+
+def _distinct_names(slots: dict[int, str]) -> dict[int, str]:
+    """``slots`` with a name that comes again numbered by its occurrence: two tensors
+    found under one name (each closure's own ``w``) would be one dict entry, and get
+    one gradient. Every process finds them in the same order (the same code)."""
+    count: dict[str, int] = {}
+    out = {}
+    for i, name in slots.items():
+        count[name] = count.get(name, 0) + 1
+        out[i] = name if count[name] == 1 else f"{name} ({count[name]})"
+    return out
 
 
 class _ThroughReplicas(torch.autograd.Function):

@@ -323,6 +323,9 @@ def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None
     code = getattr(f, "__code__", None)
     if not isinstance(code, types.CodeType):
         return
+    module_globals = getattr(f, "__globals__", None)
+    if home is None:  # the pmapped function's own module: the functions it calls from there are followed
+        home = module_globals
     cells = getattr(f, "__closure__", None) or ()
     for name, cell in zip(code.co_freevars, cells):
         try:
@@ -330,12 +333,9 @@ def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None
         except ValueError:  # a cell not yet filled
             continue
         _add(name, value, found)
-        _follow(value, found, home, depth, seen)
-    module_globals = getattr(f, "__globals__", None)
+        _follow(value, found, home, depth, seen)  # (a closure over a function of that module: followed too)
     if module_globals is None:
         return
-    if home is None:  # the pmapped function's own module: the functions it calls from there are followed
-        home = module_globals
     for name in _global_names(code):
         if name in module_globals:
             value = module_globals[name]
