@@ -368,13 +368,14 @@ class Pmapped:
             # The closed-over tensors, modules and optimizers found when the fast path was made
             # (the general path, every _RECHECK_EVERY-th call, looks again and makes a new one):
             # a write into one of their tensors raises. Versions only, ~0.1 us each.
-            watched = fast.reached.tensors() if fast.reached is not None else []
-            if watched is not None:
-                versions = [writes_of(t) for t in watched]
+            reached = fast.reached
+            watched = reached.tensors() if reached is not None else None
+            if reached is None or watched is not None:
+                versions = [writes_of(t) for t in watched] if watched else None
                 fast_out = fast.call(leaves, structure, tuple(zip(static_pos, static_vals)) if static_pos else ())
                 if fast_out is not None:
-                    if watched:
-                        fast.reached.check(watched, versions, len(fast.devices))  # type: ignore[union-attr]
+                    if versions is not None:
+                        reached.check(watched, versions, len(fast.devices))  # type: ignore[union-attr,arg-type]
                     return self._assemble_stacked(fast_out, fast.devices)
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
