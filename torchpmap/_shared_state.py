@@ -166,7 +166,13 @@ class ReachedVersions:
         snapshots, k = [], 0
         for path, ref in self.reached:
             obj = ref()
-            assert obj is not None  # ``tensors`` holds it
+            if obj is None:  # freed during the call (its tensors live on in ``tensors``): name them all
+                paths = ", ".join(p for p, _ in self.reached)
+                raise RuntimeError(
+                    f"pmap: a replica wrote in place a tensor of {paths}, which the function reaches without "
+                    f"being passed it (its closure, a global, its object): all {n} replicas share it, so their "
+                    f"writes raced. {REPLICATE_HINT}"
+                )
             snapshot = Snapshot.of(obj, path, _REACHED, walk=False)
             snapshot.versions = versions[k : k + len(snapshot.tensors)]  # as they were before the call
             k += len(snapshot.tensors)
