@@ -3,6 +3,7 @@ device_put_replicated and unreplicate."""
 
 import copy
 
+import helpers
 import numpy as np
 import pytest
 import torch
@@ -1142,3 +1143,30 @@ def test_an_op_writing_two_sharded_tensors_over_the_same_memory_updates_it_twice
     b = tp.device_put_sharded([torch.zeros(3) for _ in range(4)], devs)
     torch._foreach_add_([a, b], 1)  # distinct memory
     assert a.unshard().eq(3).all() and b.unshard().eq(1).all()
+
+
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+def test_an_op_naming_a_stacked_result_twice_gets_one_full_tensor_for_it(executor):
+    # A result whose row views were never asked for was keyed by its stacked buffer, until
+    # the first full copy made the row views: a second mention of it in the same op got a
+    # copy of its own, a stale read or a lost write (found by a hunt).
+    x = torch.arange(4.0).reshape(4, 1)
+    with helpers.executor(executor):
+        f = tp.pmap(lambda r: r * 1, "i", devices=tp.devices()[:4])
+        for _ in range(2):  # the default runs the first call on the threads
+            a = f(x)
+        b, plain_a, plain_b = torch.ones(4, 1), x.clone(), torch.ones(4, 1)
+        torch._foreach_add_([a, b], [b, a])  # a += b, then b += the new a
+        torch._foreach_add_([plain_a, plain_b], [plain_b, plain_a])
+        assert torch.equal(a.unshard(), plain_a) and torch.equal(b, plain_b)
+        a = f(x)
+        torch._foreach_add_([a, a], 1)
+        assert torch.equal(a.unshard(), x + 2)
+        a, mask = f(x), torch.tensor([[True], [False], [True], [False]])
+        plain = x.clone()
+        a.masked_scatter_(mask, a)
+        plain.masked_scatter_(mask, plain)
+        assert torch.equal(a.unshard(), plain)
+    replicated = tp.device_put_replicated(torch.tensor([2.0]), tp.devices()[:4])
+    torch._foreach_add_([replicated, replicated], 1)
+    assert replicated.unshard().eq(4).all()

@@ -978,13 +978,16 @@ def _call_on_full_tensors(
     """Run ``func`` on the full tensors; write what it changed back into the shards.
     ``writes_first``: it writes its first argument whatever its name (a setter)."""
     copies: dict[tuple[Any, ...], _FullCopy] = {}
+    # The keys before any copy is made: making one makes a stacked result's row views, which
+    # changes its key, and a second mention of it got a copy of its own (a stale read, a lost write).
+    keys = {id(v): _alias_key(v) for v in tree_leaves((args, kwargs)) if isinstance(v, ShardedTensor)}
 
     def to_full(v: Any) -> Any:
         if not isinstance(v, ShardedTensor):
             return v
         # One full tensor per ShardedTensor, and per ShardedTensors over the same shards
         # (copy.copy(x)): aliasing as in torch (_foreach_add_([x, y], 1) adds 2 where y is x's).
-        key = _alias_key(v)
+        key = keys[id(v)]
         copy = copies.get(key)
         if copy is None:
             copy = copies[key] = _FullCopy(v)
