@@ -1170,3 +1170,17 @@ def test_an_op_naming_a_stacked_result_twice_gets_one_full_tensor_for_it(executo
     replicated = tp.device_put_replicated(torch.tensor([2.0]), tp.devices()[:4])
     torch._foreach_add_([replicated, replicated], 1)
     assert replicated.unshard().eq(4).all()
+
+
+def test_numpy_arrays_of_temporary_views_are_read_only():
+    # x.detach().cpu().numpy() gave a writable array over the temporary full tensor: a write
+    # meant for x was lost, where x.numpy() is read-only (found by a hunt).
+    x = tp.pmap(lambda r: r * 1, devices=tp.devices()[:4])(torch.zeros(4, 3))
+    for array in (x.detach().cpu().numpy(), x.cpu().numpy(), np.asarray(x.detach()), x.T.numpy()):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0, 0] = 5.0
+    assert x.unshard().eq(0).all()
+    own = np.array(x.detach())  # a copy of one's own
+    own[0, 0] = 5.0
+    converted = np.asarray(x.detach(), dtype=np.float64)  # a copy already: stays writable
+    converted[0, 0] = 1.0

@@ -642,6 +642,16 @@ def _attribute_name(descriptor_method: Callable[..., Any]) -> str:
 # -- views of a temporary full tensor -----------------------------------------------------------
 
 
+def _within_storage(array: np.ndarray, tensors: list[torch.Tensor]) -> bool:
+    """Whether ``array``'s memory lies in the storage of one of ``tensors``."""
+    start = array.__array_interface__["data"][0]
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.device.type == "cpu" and storage.data_ptr() <= start < storage.data_ptr() + storage.nbytes():
+            return True
+    return False
+
+
 class _TemporaryView(torch.Tensor):
     """A tensor that shares memory with the temporary full tensor an op on a
     ShardedTensor ran on (``x.T``, ``x[1:3]``, ``x.detach()``). It reads like a
@@ -669,6 +679,8 @@ class _TemporaryView(torch.Tensor):
             result = func(*args, **kwargs)
             if [version_of(v) for v in views] != versions:  # wrote without saying so (batch_norm's running stats)
                 raise TypeError(_lost_write_message(f"{_op_name(func)} wrote into"))
+            if isinstance(result, np.ndarray) and _within_storage(result, views):  # numpy(), np.asarray
+                result.flags.writeable = False  # a write would be lost with the temporary, as a tensor's would
             return _guard_views(result, views)
 
     # Tensor's own .real/.imag setters skip __torch_function__.
