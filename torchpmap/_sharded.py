@@ -642,7 +642,7 @@ def _attribute_name(descriptor_method: Callable[..., Any]) -> str:
 # -- views of a temporary full tensor -----------------------------------------------------------
 
 
-def _within_storage(array: np.ndarray, tensors: list[torch.Tensor]) -> bool:
+def _within_storage(array: np.ndarray, tensors: Sequence[torch.Tensor]) -> bool:
     """Whether ``array``'s memory lies in the storage of one of ``tensors``."""
     start = array.__array_interface__["data"][0]
     for t in tensors:
