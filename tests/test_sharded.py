@@ -1184,3 +1184,22 @@ def test_numpy_arrays_of_temporary_views_are_read_only():
     own[0, 0] = 5.0
     converted = np.asarray(x.detach(), dtype=np.float64)  # a copy already: stays writable
     converted[0, 0] = 1.0
+
+
+def test_torch_func_transforms_of_functions_of_a_sharded_tensor():
+    # The view guard asked functorch's wrappers for their storage: grad/vmap of a function
+    # closing over a ShardedTensor raised (found by a hunt), as jvp/jacfwd of one did.
+    x = torch.arange(8.0).reshape(4, 2)
+    st = tp.pmap(lambda r: r * 1, devices=tp.devices()[:4])(x)
+    w = torch.tensor([1.0, 2.0])
+    plain, sharded = (lambda v: (x * v * v).sum()), (lambda v: (st * v * v).sum())
+    torch.testing.assert_close(torch.func.grad(sharded)(w), torch.func.grad(plain)(w))
+    torch.testing.assert_close(torch.func.hessian(sharded)(w), torch.func.hessian(plain)(w))
+    batch = torch.ones(3, 2)
+    torch.testing.assert_close(torch.func.vmap(sharded)(batch), torch.func.vmap(plain)(batch))
+    torch.testing.assert_close(torch.func.jacrev(lambda v: st * v)(w), torch.func.jacrev(lambda v: x * v)(w))
+    tangent = torch.ones(4, 2)
+    got = torch.func.jvp(lambda s: (s.sin() * 2).sum(), (st,), (tangent,))
+    want = torch.func.jvp(lambda s: (s.sin() * 2).sum(), (x,), (tangent,))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.func.jacfwd(lambda s: (s * 2).sum())(st), torch.full((4, 2), 2.0))

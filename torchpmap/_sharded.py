@@ -801,7 +801,12 @@ def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
 def _may_have_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` is of a kind that has a storage (a functorch wrapper still
     raises when asked for it)."""
-    return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
+    return (
+        t.layout == torch.strided
+        and not t.is_nested
+        and t.device.type != "meta"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(t)  # under torch.func.grad or vmap
+    )
 
 
 # Tensor.__iand__ & co. reach __torch_function__ under their own names (`t += v`
@@ -936,6 +941,8 @@ class _Geometry:
 
     @staticmethod
     def of(t: torch.Tensor) -> _Geometry:
+        while torch._C._functorch.is_functorch_wrapped_tensor(t):  # made inside torch.func.grad or vmap
+            t = torch._C._functorch.get_unwrapped(t)
         if t.layout != torch.strided:  # no strides or storage to compare
             return _Geometry(t.shape, (), 0, t.dtype, t.device, 0)
         storage = t.untyped_storage().data_ptr()
