@@ -1396,3 +1396,25 @@ def test_callables_that_compare_equal_keep_captures_of_their_own(name):
         for _ in range(3):
             assert as_int(x).dtype == torch.int64
             assert as_float(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("executor_name", ["stacked", "lockstep"])
+def test_a_float_argument_that_keeps_changing_is_named_once(executor_name):
+    # A capture bakes a Python float in (static), so a learning rate passed as a float
+    # captured the function again on every step, silently, up to the recapture limit.
+    f = tp.pmap(lambda p, lr: p - lr * 2, in_axes=(0, None), devices=tp.devices()[:2])
+    p = torch.zeros(2, 3)
+    with executor(executor_name), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for step in range(8):
+            p = f(p, 0.5**step)
+    named = [w for w in caught if "a Python float argument took a new value" in str(w.message)]
+    assert len(named) == 1 and "torch.tensor(value)" in str(named[0].message)
+    assert torch.equal(p.unshard(), torch.full((2, 3), -2 * sum(0.5**k for k in range(8))))
+    g = tp.pmap(lambda p, lr: p - lr * 2, in_axes=(0, None), devices=tp.devices()[:2])
+    with executor(executor_name), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        for step in range(8):
+            p = g(p, torch.tensor(0.5**step))  # one capture serves every value
+            p = g(p, 0.25)  # the same float every call: captured once
+    assert not [w for w in caught if "Python float" in str(w.message)]

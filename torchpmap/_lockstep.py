@@ -50,6 +50,7 @@ from ._identity_map import WeakIdentityMap
 from ._runtime import add_replica_note
 from ._stacked import (
     CapturedExecutor,
+    RecaptureWatch,
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
@@ -532,6 +533,7 @@ class _Capture:
     count: list[int]  # how many times the backend captured (Dynamo compiled) it
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
     failed_for: dict[Any, str] = field(default_factory=dict)  # as the stacked executor's capture
+    recaptures: RecaptureWatch = field(default_factory=lambda: RecaptureWatch())
 
 
 # Per function: its captures, per capture_key (the global axis size; the physical devices).
@@ -595,6 +597,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
     signature = call_signature(record)
     capture = _capture_for(record, devices, signature)
     args, kwargs = record.unflatten(row0)
+    before = capture.count[0]
     try:
         with capture_scope(capture, _tls, state, "in lockstep"), capture_config(eager_rounding=True):
             out = capture.compiled(*args, **kwargs)
@@ -616,6 +619,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
         raise Unsupported(capture.failed) from None
     if record.donated:
         record.release_donated()
+    capture.recaptures.after_call(capture.count[0], before, args, kwargs, record.fun, "lockstep")
     return _replica_outputs(out, state)
 
 

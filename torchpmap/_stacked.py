@@ -792,6 +792,7 @@ class _Capture:
     failed_for: dict[Any, str] = field(default_factory=dict)
     # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
     transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
+    recaptures: RecaptureWatch = field(default_factory=lambda: RecaptureWatch())
 
     def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """``compiled(*args, **kwargs)``. When not inside another compiled frame,
@@ -864,6 +865,44 @@ class _UtilsWithoutIdleTiming:
     def record_pregraph_bytecode_exit(self, cm: Any) -> None:
         if cm is not None:
             self._utils.record_pregraph_bytecode_exit(cm)
+
+
+class RecaptureWatch:
+    """Tells the user once when a capture keeps being made again because a Python float
+    argument takes new values (a learning rate passed as a float): a capture bakes the
+    value in (static, as ``torch.compile(dynamic=False)``), so each value costs a capture,
+    until the recapture limit sends the function to the threads. A 0-dim tensor is traced."""
+
+    WARN_AFTER = 3  # recaptures with a new float value
+
+    __slots__ = ("floats", "count")
+
+    def __init__(self) -> None:
+        self.floats: list[float] | None = None  # the Python floats among the last capture's arguments
+        self.count = 0
+
+    def after_call(
+        self, captures: int, before: int, args: Any, kwargs: dict[str, Any], fun: Any, executor: str
+    ) -> None:
+        """``captures``/``before``: the capture count after and before the call."""
+        if captures == before:
+            return
+        floats = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if type(v) is float]
+        previous, self.floats = self.floats, floats
+        if before == 0 or previous is None or len(previous) != len(floats) or previous == floats:
+            return
+        self.count += 1
+        if self.count == self.WARN_AFTER:
+            changed = next((a, b) for a, b in zip(previous, floats) if a != b)
+            name = getattr(fun, "__qualname__", None) or repr(fun)
+            warnings.warn(
+                f"torchpmap: pmap of {name} ({executor}): a Python float argument took a new value "
+                f"({changed[0]!r} -> {changed[1]!r}), and each new value captures the function again "
+                f"({self.count} times so far): a capture bakes the value in. Pass it as a 0-dim tensor "
+                f"(torch.tensor(value), in_axes=None), which one capture serves for every value.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
 
 _eval_frame_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
@@ -1010,6 +1049,7 @@ def run_capture(
     buffers. Raises Unsupported as ``run``, with the caller's generator as it
     was (the threads executor draws the call's seed again)."""
     streams: _stacked_random.CallStreams | None = None
+    before = capture.count[0]
     try:
         with capture_scope(capture, _tls, state, "stacked"), _stacked_random.call_streams(group) as streams:
             out = capture.call(args, kwargs)
@@ -1044,6 +1084,7 @@ def run_capture(
     # Outside the try: a warning about the draws must not read as a capture failure.
     assert streams is not None  # entered, since the capture ran
     streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
+    capture.recaptures.after_call(capture.count[0], before, args, kwargs, capture.fun_ref(), "stacked")
     return result
 
 
