@@ -1203,3 +1203,19 @@ def test_torch_func_transforms_of_functions_of_a_sharded_tensor():
     want = torch.func.jvp(lambda s: (s.sin() * 2).sum(), (x,), (tangent,))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.func.jacfwd(lambda s: (s * 2).sum())(st), torch.full((4, 2), 2.0))
+
+
+def test_writes_through_temporary_views_raise_under_torch_func_too():
+    x = tp.pmap(lambda r: r * 1, devices=tp.devices()[:2])(torch.ones(2, 3))
+
+    def g(a):
+        v = x.T  # a view of a temporary full tensor
+        v.mul_(a[0])  # would be lost
+        return (v * a).sum()
+
+    for fn, arg in ((g, torch.full((3, 2), 2.0)), (torch.func.grad(g), torch.full((3, 2), 2.0))):
+        with pytest.raises(TypeError, match="would write into a view of a temporary copy"):
+            fn(arg)
+    with pytest.raises(TypeError, match="would write into a view of a temporary copy"):
+        torch.func.vmap(g)(torch.full((4, 3, 2), 2.0))
+    assert x.unshard().eq(1).all()

@@ -795,18 +795,15 @@ def _guard_views(result: Any, temporaries: Sequence[torch.Tensor]) -> Any:
 
 
 def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):  # under torch.func.grad or vmap: the tensor inside
+        t = torch._C._functorch.get_unwrapped(t)
     return t.untyped_storage() if _may_have_storage(t) else None
 
 
 def _may_have_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` is of a kind that has a storage (a functorch wrapper still
-    raises when asked for it)."""
-    return (
-        t.layout == torch.strided
-        and not t.is_nested
-        and t.device.type != "meta"
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)  # under torch.func.grad or vmap
-    )
+    raises when asked for it: unwrap it first)."""
+    return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
 
 
 # Tensor.__iand__ & co. reach __torch_function__ under their own names (`t += v`
