@@ -393,7 +393,9 @@ def _placeholders_written_by(node: torch.fx.Node, placeholders: dict[torch.fx.No
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return
-    for arg, value in zip(target._schema.arguments, node.args):
+    for k, arg in enumerate(target._schema.arguments):
+        # By position or by name: make_fx passes out= (torch.mul(x, 2, out=x)) by name.
+        value = node.args[k] if k < len(node.args) else node.kwargs.get(arg.name)
         if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.fx.Node):
             root = view_root(value)
             if root in placeholders:
