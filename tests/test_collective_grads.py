@@ -320,6 +320,22 @@ def test_tree_reduction_leaves_untracked_leaves_untracked(fn, executor):
     torch.testing.assert_close(a.grad, torch.full_like(a, 4 * scale))
 
 
+def test_replicas_may_differ_in_which_leaves_of_a_tree_autograd_tracks():
+    # Each replica sends one flat buffer per dtype, whatever autograd tracks: bucketing tracked
+    # and untracked leaves apart made replicas send buffers of other sizes (review).
+    w = torch.ones(3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        a = x * w
+        b = x * w if x.sum() > 0 else x * 2  # tracked in replica 0 only
+        return tp.psum((a, b), "i")
+
+    x = torch.tensor([[1.0, 1, 1], [-1, -1, -1]], dtype=torch.float64)
+    a, b = pmap_k(f, 2)(x)
+    torch.testing.assert_close(a.unshard(), torch.zeros(2, 3, dtype=torch.float64))
+    torch.testing.assert_close(b.unshard(), torch.full((2, 3), -1.0, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
 @pytest.mark.parametrize("fn", [tp.psum, tp.pmean], ids=["psum", "pmean"])
 def test_tree_reduction_inside_nested_grads_keeps_the_outer_levels_path(fn, executor):

@@ -308,10 +308,7 @@ def _reduce(
     for k, j in enumerate(leaves.order):
         v = values[j]
         if isinstance(v, torch.Tensor):
-            # Leaves autograd tracks apart from those it does not: one untracked leaf must come
-            # back untracked, as it would alone, without a detach (under torch.func.grad, requires_grad
-            # speaks for the innermost level only, and a detach would cut the outer ones too).
-            key = (j,) if per_leaf else (leaves.dtypes[j], v.device, v.requires_grad)
+            key = (j,) if per_leaf else (leaves.dtypes[j], v.device)
             first_leaf.setdefault(key, k)
             buckets.setdefault(key, []).append(j)
         elif v is not None:
@@ -324,10 +321,18 @@ def _reduce(
             values[j] = finish(_ops.call("all_reduce", values[j], op, axes, groups, group_size, *tags))
             continue
         flat = torch.cat([values[j].reshape(-1) for j in idx])
+        # A leaf that autograd does not track comes back untracked, as it would alone (the flat
+        # buffer requires grad when any leaf does). Not under a torch.func transform: there
+        # requires_grad speaks for the innermost level only, and a detach would cut the outer
+        # levels too (a zero mixed derivative of grad of grad); the piece's gradient at the inner
+        # level is zero anyway. (Not by bucketing tracked and untracked leaves apart: replicas
+        # may differ in which leaves autograd tracks, and must send one buffer alike.)
+        detach = flat.requires_grad and torch._C._functorch.peek_interpreter_stack() is None
+        untracked = {j for j in idx if not values[j].requires_grad} if detach else set()
         reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
-            values[j] = piece.view(shape)
+            values[j] = piece.view(shape).detach() if j in untracked else piece.view(shape)
     return leaves.unflatten()
 
 
