@@ -1295,3 +1295,57 @@ def test_functional_clipping_of_pmeaned_grads_matches_clip_grad_norm():
     for name, p in model.named_parameters():
         for shard in got[name].shards:
             torch.testing.assert_close(shard, p.grad, rtol=1e-12, atol=1e-15)
+
+
+class _EqualByValue(torch.nn.Linear):
+    """A module whose == compares by value (some libraries' modules do): two are one key of
+    a dict keyed by the module itself."""
+
+    def __eq__(self, other):
+        return isinstance(other, _EqualByValue) and self.in_features == other.in_features
+
+    def __hash__(self):
+        return hash(self.in_features)
+
+
+def test_reached_modules_are_kept_apart_by_identity_and_never_kept_alive():
+    # The walked tensors were cached by the module as a weak key (its own == and hash) and held
+    # strongly: two modules equal by value shared an entry (a write to one went unseen until the
+    # periodic check), and replaced weights lived on with their module (review).
+    m1, m2 = _EqualByValue(3, 3), _EqualByValue(3, 3)
+    write = [False]
+
+    def f(x):
+        if write[0]:
+            with torch.no_grad():
+                m1.weight.add_(1)
+        return m2(x) + m1(x)
+
+    pf = tp.pmap(f, "i", devices=helpers.devices(2))
+    with torch.no_grad():
+        for _ in range(3):
+            pf(torch.zeros(2, 3))
+        write[0] = True
+        with pytest.raises(RuntimeError, match=r"wrote m1\.weight in place"):
+            pf(torch.zeros(2, 3))
+    model = torch.nn.Linear(3, 3)
+    g = tp.pmap(lambda x: model(x), "i", devices=helpers.devices(2))
+    with torch.no_grad():
+        g(torch.zeros(2, 3))
+        old = weakref.ref(model.weight)
+        model.load_state_dict({"weight": torch.ones(3, 3), "bias": torch.zeros(3)}, assign=True)
+        gc.collect()
+        assert old() is None
+        assert torch.equal(g(torch.ones(2, 3)).unshard(), torch.full((2, 3), 3.0))
+    before = len(_shared_state._walked)
+
+    def call_with_a_module_its_tensor_refers_to():
+        held = torch.nn.Linear(3, 3)
+        held.weight.register_hook(lambda grad, held=held: grad)  # a tensor that refers to its module
+        with torch.no_grad():
+            tp.pmap(lambda x: held(x), "i", devices=helpers.devices(2))(torch.zeros(2, 3))
+
+    for _ in range(3):
+        call_with_a_module_its_tensor_refers_to()
+    gc.collect()
+    assert len(_shared_state._walked) <= before

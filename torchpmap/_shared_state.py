@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dis
 import functools
+import itertools
+import operator
 import types
 import weakref
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import _uncounted_writes
 from ._sharded import version_of
 from ._uncounted_writes import writes_of
 
@@ -70,17 +73,19 @@ class Snapshot:
         else:
             params, tensors = (None if walk else _last_walk(owner)) or _walk(owner)
         grads = [p.grad for p in params]
-        versions = [writes_of(t) for t in tensors]  # batch_norm's statistics are written uncounted
-        return cls(path, how, owner, tensors, versions, params, grads, [version_of(g) for g in grads])
+        return cls(path, how, owner, tensors, versions_of(tensors), params, grads, _grad_versions(grads))
 
     def written(self) -> str | None:
         """What a replica wrote (a path), or None."""
-        for t, version in zip(self.tensors, self.versions):
-            if writes_of(t) != version:
-                return self._name_of(t)
-        for p, g, grad_version in zip(self.params, self.grads, self.grad_versions):
-            if p.grad is not g or version_of(p.grad) != grad_version:
-                return f"{self._name_of(p)}.grad"
+        if versions_of(self.tensors) != self.versions:  # (the common case, no write: one comparison)
+            for t, version in zip(self.tensors, self.versions):
+                if writes_of(t) != version:
+                    return self._name_of(t)
+        grads = [p.grad for p in self.params]
+        if any(map(operator.is_not, grads, self.grads)) or _grad_versions(grads) != self.grad_versions:
+            for p, g, grad_version in zip(self.params, self.grads, self.grad_versions):
+                if p.grad is not g or version_of(p.grad) != grad_version:
+                    return f"{self._name_of(p)}.grad"
         return None
 
     def _name_of(self, t: torch.Tensor) -> str:
@@ -100,13 +105,29 @@ class Snapshot:
         return self.path
 
 
-# Per module or optimizer, its parameters and its tensors that have a version counter (parameters
-# and buffers), as its last walk found them. Walking a module costs ~1-2 us per parameter and
-# buffer; reading the versions of the tensors found ~0.1 us each, so the calls between two walks
-# (``_pmap``'s periodic check) read the versions only: a write on any call raises at once, and a
-# tensor the module gains after a walk is seen from the next. Weak keys: a module the function
-# stops reaching is freed with its tensors.
-_walked: weakref.WeakKeyDictionary[Any, tuple[list[torch.Tensor], list[torch.Tensor]]] = weakref.WeakKeyDictionary()
+def _grad_versions(grads: list[torch.Tensor | None]) -> list[int | None]:
+    """``version_of`` each gradient; at no cost per parameter while none has one."""
+    if not any(map(operator.is_not, grads, itertools.repeat(None))):  # (C loops, no frame per element)
+        return [None] * len(grads)
+    return [version_of(g) for g in grads]
+
+
+def versions_of(tensors: list[torch.Tensor]) -> list[int]:
+    """Each tensor's count of writes (``writes_of``), at a version's cost while no
+    uncounted write was ever recorded."""
+    return [writes_of(t) for t in tensors] if _uncounted_writes.recorded() else [t._version for t in tensors]
+
+
+# Per module or optimizer (by id: a module's own == and hash may say two are one), weak references
+# to its parameters and to its tensors that have a version counter (parameters and buffers), as its
+# last walk found them. Walking a module costs ~1-2 us per parameter and buffer, reading the versions
+# of the tensors found ~0.1 us each (with the dereferences and gradients, a call pays ~0.2 us per tensor
+# stacked, ~0.5 on the threads: 2,000 tensors measured), so the calls between two walks (``_pmap``'s periodic check)
+# read the versions only: a write on any call raises at once, and a tensor the module gains after a
+# walk is seen from the next one. Weak references throughout: a module the function stops reaching
+# is freed with its entry, a tensor it replaced (load_state_dict(assign=True)) is not kept alive
+# (and, freed, makes the next check walk again).
+_walked: dict[int, tuple[list[weakref.ref[torch.Tensor]], int | None, list[weakref.ref[torch.Tensor]]]] = {}
 
 
 def _walk(owner: torch.nn.Module | torch.optim.Optimizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -117,19 +138,32 @@ def _walk(owner: torch.nn.Module | torch.optim.Optimizer) -> tuple[list[torch.Te
         params = [p for group in owner.param_groups for p in group["params"]]
     else:
         params, buffers = _tensors_of(owner)
-    walked = params, [t for t in (*params, *buffers) if not t.is_inference()]
-    try:
-        _walked[owner] = walked
-    except TypeError:  # an unhashable module (its class defines __eq__): walked on every call
-        pass
-    return walked
+    tensors = [t for t in (*params, *buffers) if not t.is_inference()]
+    key = id(owner)
+    if key not in _walked:
+        try:
+            weakref.finalize(owner, _walked.pop, key, None)
+        except TypeError:  # no weak references to it: walked on every call
+            return params, tensors
+    refs = [weakref.ref(t) for t in tensors]
+    # The parameters lead ``tensors`` unless one is an inference tensor: then referenced apart.
+    leading = len(params) if len(tensors) >= len(params) and all(map(operator.is_, tensors, params)) else None
+    _walked[key] = (refs, leading, [] if leading is not None else [weakref.ref(p) for p in params])
+    return params, tensors
 
 
 def _last_walk(owner: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    try:
-        return _walked.get(owner)
-    except TypeError:
+    """What ``owner``'s last walk found, or None: walk it (never walked, or a tensor it held is gone)."""
+    walked = _walked.get(id(owner))
+    if walked is None:
         return None
+    refs, leading, param_refs = walked
+    tensors = [r() for r in refs]
+    params = tensors[:leading] if leading is not None else [r() for r in param_refs]
+    none = itertools.repeat(None)
+    if any(map(operator.is_, tensors, none)) or (leading is None and any(map(operator.is_, params, none))):
+        return None  # (not `None in`, which calls a tensor's ==)
+    return params, tensors  # type: ignore[return-value]  # no None in them
 
 
 class ReachedVersions:
@@ -161,7 +195,7 @@ class ReachedVersions:
 
     def check(self, tensors: list[torch.Tensor], versions: list[int], n: int) -> None:
         """Raise as ``check_not_written`` if one of ``tensors`` moved from ``versions``."""
-        if [writes_of(t) for t in tensors] == versions:
+        if versions_of(tensors) == versions:
             return
         snapshots, k = [], 0
         for path, ref in self.reached:

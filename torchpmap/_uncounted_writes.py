@@ -35,6 +35,11 @@ def record(t: torch.Tensor) -> None:
             _counts[key] = _counts.get(key, 0) + 1
 
 
+def recorded() -> bool:
+    """Whether a tensor alive now had a write recorded (else ``writes_of`` is its version)."""
+    return bool(_counts)
+
+
 def writes_of(t: torch.Tensor) -> int:
     """How many writes ``t`` had, as far as can be told: its version plus the recorded writes."""
     return t._version + _counts.get(id(t), 0) if _counts else t._version
