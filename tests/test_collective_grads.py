@@ -322,7 +322,8 @@ def test_tree_reduction_leaves_untracked_leaves_untracked(fn, executor):
 
 def test_replicas_may_differ_in_which_leaves_of_a_tree_autograd_tracks():
     # Each replica sends one flat buffer per dtype, whatever autograd tracks: bucketing tracked
-    # and untracked leaves apart made replicas send buffers of other sizes (review).
+    # and untracked leaves apart made replicas send buffers of other sizes (review). A leaf is
+    # detached only where no replica tracks it.
     w = torch.ones(3, dtype=torch.float64, requires_grad=True)
 
     def f(x):
@@ -334,6 +335,11 @@ def test_replicas_may_differ_in_which_leaves_of_a_tree_autograd_tracks():
     a, b = pmap_k(f, 2)(x)
     torch.testing.assert_close(a.unshard(), torch.zeros(2, 3, dtype=torch.float64))
     torch.testing.assert_close(b.unshard(), torch.full((2, 3), -1.0, dtype=torch.float64))
+    assert a.requires_grad and b.requires_grad  # b: replica 1's sum depends on replica 0's w
+    # Every replica's b is the sum with replica 0's x * w, so the loss holds it twice: JAX's rule
+    # gives 2 * x0 (replica 1's untracked piece was detached: 1 * x0, silently; review).
+    (a.unshard().sum() + b.unshard().sum()).backward()
+    torch.testing.assert_close(w.grad, torch.full((3,), 2.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])

@@ -329,6 +329,13 @@ def _reduce(
         # may differ in which leaves autograd tracks, and must send one buffer alike.)
         detach = flat.requires_grad and torch._C._functorch.peek_interpreter_stack() is None
         untracked = {j for j in idx if not values[j].requires_grad} if detach else set()
+        if detach and not torch.compiler.is_compiling():
+            # Only leaves no replica tracks: where another replica's is tracked, this replica's
+            # result depends on it too, and its cotangent must reach that replica (a detach lost
+            # it: a gradient of that replica's share only). One small exchange of the mask.
+            mask = torch.tensor([values[j].requires_grad for j in idx], dtype=torch.int32, device=flat.device)
+            anywhere = _ops.call("all_reduce", mask, "max", axes, groups, group_size).tolist()
+            untracked = {j for j, tracked in zip(idx, anywhere) if not tracked}
         reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
