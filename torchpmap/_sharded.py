@@ -795,9 +795,16 @@ def _guard_views(result: Any, temporaries: Sequence[torch.Tensor]) -> Any:
 
 
 def _storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
-    while torch._C._functorch.is_functorch_wrapped_tensor(t):  # under torch.func.grad or vmap: the tensor inside
-        t = torch._C._functorch.get_unwrapped(t)
+    t = _innermost(t)
     return t.untyped_storage() if _may_have_storage(t) else None
+
+
+def _innermost(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or under torch.func.grad or vmap the tensor its functorch wrappers hold
+    (a wrapper raises when asked for its storage)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _may_have_storage(t: torch.Tensor) -> bool:
@@ -938,8 +945,7 @@ class _Geometry:
 
     @staticmethod
     def of(t: torch.Tensor) -> _Geometry:
-        while torch._C._functorch.is_functorch_wrapped_tensor(t):  # made inside torch.func.grad or vmap
-            t = torch._C._functorch.get_unwrapped(t)
+        t = _innermost(t)  # made inside torch.func.grad or vmap
         if t.layout != torch.strided:  # no strides or storage to compare
             return _Geometry(t.shape, (), 0, t.dtype, t.device, 0)
         storage = t.untyped_storage().data_ptr()

@@ -68,7 +68,7 @@ class Snapshot:
         """``owner`` as it is now. ``walk=False``: a module's or optimizer's
         tensors as its last walk found them (``_walked``), if it was walked."""
         params: list[torch.Tensor]
-        if isinstance(owner, torch.Tensor):  # (not a weak key: == compares a tensor's elements)
+        if isinstance(owner, torch.Tensor):  # itself (not cached: nothing to walk)
             params, tensors = [], [] if owner.is_inference() else [owner]
         else:
             params, tensors = (None if walk else _last_walk(owner)) or _walk(owner)
@@ -300,15 +300,6 @@ def reached_by(fun: Callable[..., Any]) -> list[tuple[str, Shared]]:
     except Exception:
         pass
     return list(found.values())
-
-
-def tensors_reached(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:
-    """The tensors among ``reached`` that are not the call's arguments' memory
-    (checked on every call: a version each; inference tensors have none)."""
-    tensors: list[tuple[str, Shared]] = [
-        (path, obj) for path, obj in reached if isinstance(obj, torch.Tensor) and not obj.is_inference()
-    ]
-    return without_arguments(tensors, arguments) if tensors else []
 
 
 def without_arguments(reached: list[tuple[str, Shared]], arguments: list[Any]) -> list[tuple[str, Shared]]:

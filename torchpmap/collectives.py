@@ -327,15 +327,16 @@ def _reduce(
         # levels too (a zero mixed derivative of grad of grad); the piece's gradient at the inner
         # level is zero anyway. (Not by bucketing tracked and untracked leaves apart: replicas
         # may differ in which leaves autograd tracks, and must send one buffer alike.)
-        detach = flat.requires_grad and torch._C._functorch.peek_interpreter_stack() is None
-        untracked = {j for j in idx if not values[j].requires_grad} if detach else set()
-        if detach and not torch.compiler.is_compiling():
-            # Only leaves no replica tracks: where another replica's is tracked, this replica's
-            # result depends on it too, and its cotangent must reach that replica (a detach lost
-            # it: a gradient of that replica's share only). One small exchange of the mask.
-            mask = torch.tensor([values[j].requires_grad for j in idx], dtype=torch.int32, device=flat.device)
-            anywhere = _ops.call("all_reduce", mask, "max", axes, groups, group_size).tolist()
-            untracked = {j for j, tracked in zip(idx, anywhere) if not tracked}
+        untracked: set[int] = set()
+        if flat.requires_grad and torch._C._functorch.peek_interpreter_stack() is None:
+            tracked = [values[j].requires_grad for j in idx]
+            if not torch.compiler.is_compiling():
+                # Only leaves no replica tracks: where another replica's is tracked, this replica's
+                # result depends on it too, and its cotangent must reach that replica (a detach lost
+                # it: a gradient of that replica's share only). One small exchange of the mask.
+                mask = torch.tensor(tracked, dtype=torch.int32, device=flat.device)
+                tracked = _ops.call("all_reduce", mask, "max", axes, groups, group_size).tolist()
+            untracked = {j for j, t in zip(idx, tracked) if not t}
         reduced = finish(_ops.call("all_reduce", flat, op, axes, groups, group_size, *tags))
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
