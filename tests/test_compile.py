@@ -1,5 +1,6 @@
 """pmap(..., compile=...): torch.compile per device, warmed up once."""
 
+import time
 import warnings
 
 import pytest
@@ -449,3 +450,32 @@ def test_lockstep_compile_refuses_an_out_of_range_one_hot_label():
         want = torch.zeros(4, 2, 4)
         want[..., 0] = 4  # every replica's labels are 0, summed over 4 replicas
         torch.testing.assert_close(p(good).unshard(), want)  # and later calls still run
+
+
+@pytest.mark.threads_only
+def test_replicas_compile_a_backward_once_not_at_once():
+    # AOTAutograd compiles a graph's backward lazily, at its first run, with no lock. A
+    # backward from outside runs every replica's on its own worker at the same moment: the
+    # same backward graph would be compiled by four threads at once (Inductor is not
+    # thread-safe). It compiles with its forward, under the compile gate.
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    compiles = {"forward": 0, "backward": 0}
+
+    def counting(kind):
+        def compiler(gm, example_inputs):
+            compiles[kind] += 1
+            time.sleep(0.2)  # a compile takes a while: the workers all arrive during it
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"))
+    x = torch.randn(4, 5, 6)
+    w = torch.randn(6, 6, requires_grad=True)
+    out = tp.pmap(lambda x, w: torch.tanh(x @ w), "i", in_axes=(0, None), compile=dict(backend=backend))(x, w)
+    out.sum().backward()
+    assert compiles == {"forward": 1, "backward": 1}
+    (want,) = torch.autograd.grad(torch.tanh(x @ w).sum(), w)
+    torch.testing.assert_close(w.grad, want)

@@ -187,6 +187,20 @@ def test_grad_mode_carries_into_replicas():
     assert p(x).unshard().tolist() == [[True, False, False]] * 4  # nothing sticks to the workers
 
 
+@pytest.mark.threads_only
+def test_replicas_run_backward_passes_on_their_own_thread_once_cuda_is_in_use(monkeypatch):
+    # A replica on a CPU device may hold a CUDA node in its graph (``.cuda()`` inside it) once
+    # CUDA is in use: the engine would queue that node's backward on its CUDA device thread,
+    # which the caller's backward through the call blocks while it waits for the replicas.
+    def multithreaded(r):
+        return r * 0 + torch._C._is_multithreading_enabled()
+
+    x = _rows(4, 2)
+    assert tp.pmap(multithreaded)(x).unshard().eq(1).all()  # CUDA unused: as the engine has it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert tp.pmap(multithreaded)(x).unshard().eq(0).all()
+
+
 def test_no_grad_results_do_not_require_grad():
     x = _rows(4, 2).requires_grad_()
     with torch.no_grad():

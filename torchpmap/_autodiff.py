@@ -400,6 +400,13 @@ class _ReplicaGraphs:
         self, r: int, cotangents: list[torch.Tensor | None], keep: bool, create_graph: bool
     ) -> list[torch.Tensor | None]:
         """Replica r's gradients with respect to its leaves (None where unused)."""
+        if self.caller_streams is not None:
+            from ._call import used_on_this_stream  # (not at the top: _call imports this module)
+
+            # Read on this worker's stream: a cotangent the caller made on a stream of its
+            # own goes back to that stream's pool when the engine drops it, which does not
+            # wait for this stream (the caller's streams do, see run_replicas).
+            used_on_this_stream(cotangents)
         pairs = [(o, c) for o, c in zip(self.outputs[r], cotangents) if c is not None and o.requires_grad]
         grads: list[torch.Tensor | None] = [None] * len(self.leaves[r])
         if pairs:

@@ -215,7 +215,7 @@ class Executor(abc.ABC):
 
             def replica_of(rank: int) -> FlatOutput:
                 if on_gpus:
-                    _used_on_this_stream(inputs[rank])
+                    used_on_this_stream(inputs[rank])
                 return record.call_replica(rank, inputs[rank])
 
             return self.run_replicas(record.group, replica_of)
@@ -224,7 +224,7 @@ class Executor(abc.ABC):
 
         def replica(rank: int) -> FlatOutput:
             if on_gpus:
-                _used_on_this_stream(inputs[rank])
+                used_on_this_stream(inputs[rank])
             with release:  # the first replica to start deletes them; for the others it is a no-op
                 record.release_donated()
             # The replica's function holds its donated inputs from here on, and nothing
@@ -246,7 +246,7 @@ class Executor(abc.ABC):
         return self.run(record, record.replica_inputs())
 
 
-def _used_on_this_stream(values: list[Any]) -> None:
+def used_on_this_stream(values: list[Any]) -> None:
     """Tell the caching allocator that a replica's CUDA inputs are read on the
     stream it runs on (a threads worker's): their memory, allocated on another
     stream, is then not handed out again on that one before the replica's work

@@ -490,7 +490,14 @@ class WorkerPool:
         else:
             if torch.get_num_threads() != cpu_threads:  # also undoes a replica's own change
                 torch.set_num_threads(cpu_threads)
-            call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+            if torch.cuda.is_initialized():
+                # The same for a replica on a CPU device whose graph holds a CUDA node
+                # (``.cuda()`` inside it): the engine would queue that node's backward
+                # on the device thread the caller's backward is blocking.
+                with torch.autograd.set_multithreading_enabled(False):
+                    call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
+            else:
+                call.results[rank] = _run_with_state(state, lambda: replica_fn(rank))
 
 
 @functools.lru_cache(maxsize=256)
