@@ -155,6 +155,16 @@ def test_a_peer_that_never_reaches_shutdown_is_a_collective_error_and_an_abort(m
     assert fake.calls == ["abort"]
 
 
+def test_shutdown_waits_for_peers_on_the_gloo_group_first(monkeypatch):
+    # Under NCCL, a barrier of the main group waits on the GPU, with no timeout of
+    # torchpmap's, for a peer that never comes; the Gloo check group has the timeout.
+    fake = FakeTeardown(monkeypatch)
+    tpd._state["check_group"] = "check"
+    monkeypatch.setattr(tpd.dist, "barrier", lambda group=None: fake.calls.append(("barrier", group)))
+    tpd.shutdown()
+    assert fake.calls == [("barrier", "check"), ("barrier", None), "destroy"]
+
+
 def test_shutdown_after_a_failure_aborts_without_waiting(monkeypatch):
     fake = FakeTeardown(monkeypatch)
     tpd._state["lockstep"].stop("a cross-process psum failed")

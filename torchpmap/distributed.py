@@ -291,6 +291,7 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
     """
     global _state
     failed = "lockstep" in _state and _state["lockstep"].stopped
+    check_group = _state.get("check_group")
     if _state:
         _state = {}
         _devices._set_process_layout(None, None)
@@ -304,6 +305,10 @@ def shutdown(*, wait_for_peers: bool = True) -> None:
         gc.collect()
         return
     try:
+        if check_group is not None:
+            # First on the Gloo group, which has the timeout: an NCCL barrier waits on the GPU
+            # for a peer that never comes, until the watchdog (which may end the process).
+            dist.barrier(group=check_group)
         dist.barrier()
     except RuntimeError as e:  # Gloo/NCCL: a peer that never came (its process group's timeout), or died
         _abort_process_groups()
