@@ -275,7 +275,8 @@ def _check_backward_in_replica(axes: str, grad: Tensor) -> None:
 # Every op ends with the tree tags (tree, leaf, dims); the backward rules pass the
 # forward's tree and leaf on (the forward already compared every leaf's dims).
 def _saved_tags(ctx: Ctx, tags: list[Any]) -> None:
-    tree, leaf, _ = tags
+    # (A call may leave them out, as the tree reduction's exchange of the tracked mask does.)
+    tree, leaf = (tags[0], tags[1]) if tags else ("", -1)
     ctx.tags = (tree, leaf, None)
 
 
