@@ -651,6 +651,22 @@ def test_replicas_returning_one_tensor_get_shards_of_their_own():
     assert all(s._base is x or s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for s in views.shards)
 
 
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_a_returned_input_reads_the_callers_later_writes_under_autograd(axis):
+    # A returned input's shards are views of the caller's tensor, as a replica's own would be;
+    # slices of a tensor mapped on another axis were unbind's views, which autograd refuses to
+    # read once the tensor is written in place (stacked executor; fuzzing).
+    base = torch.arange(12.0).reshape(3, 4).movedim(0, axis).contiguous().requires_grad_()
+    f = tp.pmap(lambda a: (a, a * 2), "i", in_axes=axis, out_axes=axis, devices=_devices(3))
+    for _ in range(2):  # the default executor's first call runs on the threads, its second stacked
+        x = base * 1
+        out, _twice = f(x)
+    x.add_(100)
+    torch.testing.assert_close(out.unshard(), base.detach() + 100)
+    out.unshard().sum().backward()
+    torch.testing.assert_close(base.grad, torch.ones_like(base))
+
+
 def test_in_place_updates_of_shards_that_share_memory_raise():
     x, w = _rows(4, 3), torch.zeros(3)
     st = ShardedTensor([w] * 4, _devices(4))  # every shard is w itself

@@ -110,14 +110,15 @@ def _on_each(
 
 def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """Slice i of ``t`` along ``axis`` on ``devices[i]``, as ``to_device`` would
-    place it (slices on the host are views of ``t``)."""
+    place it (slices on the host are views of ``t``: ``select`` views, not
+    ``unbind``'s, which autograd refuses to read once ``t`` is written in place)."""
     if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
-        return [to_device(v, d) for v, d in zip(t.unbind(axis), devices)]
+        return [to_device(t.select(axis, i), d) for i, d in enumerate(devices)]
     # The mapped axis first, contiguous: each slice of the staged buffer is one block, one copy.
     staged = _staged(t.movedim(axis, 0), keep_strides=False)
     return [
-        staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(v, d)
-        for i, (v, d) in enumerate(zip(t.unbind(axis), devices))
+        staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(t.select(axis, i), d)
+        for i, d in enumerate(devices)
     ]
 
 
