@@ -153,7 +153,9 @@ class FakeGather:
     def __init__(self, monkeypatch, rank, processes, local, inputs):
         # Each process's stacked inputs, built now: only the backend's own tensors are counted.
         self.sent = [torch.stack(inputs[p * local : (p + 1) * local]) for p in range(processes)]
+        self.total = sum(sent.sum(0) for sent in self.sent)  # every process's sum of its replicas'
         monkeypatch.setattr(tpd.dist, "all_gather", self.all_gather)
+        monkeypatch.setattr(tpd.dist, "all_reduce", self.all_reduce)
         monkeypatch.setattr(tpd.dist, "get_world_size", lambda group=None: processes)
         monkeypatch.setattr(tpd.dist, "get_rank", lambda group=None: rank)
 
@@ -163,6 +165,11 @@ class FakeGather:
                 part.copy_(mine)
             else:
                 part.copy_(self.sent[p])
+        return DoneWork() if async_op else None
+
+    def all_reduce(self, t, op=None, group=None, async_op=False):
+        assert op == tpd.dist.ReduceOp.SUM
+        t.copy_(self.total)
         return DoneWork() if async_op else None
 
 
@@ -201,4 +208,7 @@ def test_a_process_builds_only_its_own_replicas_results(monkeypatch, collective)
     # The gathered inputs (the local stack sent, size inputs received) and the local results:
     # building every replica's results would add up to size² inputs.
     results = sum(t.untyped_storage().nbytes() for t in got)
+    if collective.kind == "reduce_scatter":
+        # Its rows of one all-reduced sum: nothing gathered (the sum is the results' buffer).
+        assert allocated.bytes <= 2 * one_input + 1024, allocated.bytes
     assert allocated.bytes <= (local + size) * one_input + results + one_input + 1024, allocated.bytes

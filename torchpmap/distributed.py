@@ -432,8 +432,8 @@ def _reduces_alike(collective: Collective, x: torch.Tensor) -> bool:
 
 class ProcessGroupBackend(GroupBackend):
     """This process's replicas' inputs in, their outputs out, with one torch.distributed
-    operation: an all-reduce for plain reductions, else an all-gather of every
-    process's inputs from which compute_results builds this process's results only.
+    operation: an all-reduce for plain reductions and reduce-scatters, else an all-gather
+    of every process's inputs from which compute_results builds this process's results only.
 
     Before any data moves, the processes compare (pmap run number, position of the
     exchange in the run, CRC of the collective's signature), so processes out of step
@@ -483,9 +483,16 @@ class ProcessGroupBackend(GroupBackend):
         return self._failing_for_good(name, self._exchange, collective, xs)
 
     def _exchange(self, collective: Collective, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if collective.kind == "all_reduce" and collective.groups is None and _reduces_alike(collective, xs[0]):
-            assert collective.op is not None  # reductions carry their op
-            return self._all_reduce(xs, collective.op)
+        if collective.kind in ("all_reduce", "reduce_scatter") and collective.groups is None:
+            if _reduces_alike(collective, xs[0]):
+                assert collective.op is not None  # reductions carry their op
+                total = self._all_reduce(xs, collective.op)
+                if collective.kind == "all_reduce":
+                    return [self.to(total, r).clone() for r in range(self.size)]
+                # A psum_scatter's replicas want only their own rows of the sum: one all-reduce
+                # of the size of one input, not every process's inputs gathered. (Rows of one
+                # fresh buffer, as compute_results gives them.)
+                return [self.to(total[self.first + r], r) for r in range(self.size)]
         everyone = self._gather_everything(xs)
         mine = range(self.first, self.first + self.size)
         return compute_results(collective, everyone, self.axis_size, self._to_global, mine)
@@ -586,7 +593,8 @@ class ProcessGroupBackend(GroupBackend):
         else:
             work.wait(datetime.timedelta(seconds=self._timeout))
 
-    def _all_reduce(self, xs_local: Sequence[torch.Tensor], op: str) -> list[torch.Tensor]:
+    def _all_reduce(self, xs_local: Sequence[torch.Tensor], op: str) -> torch.Tensor:
+        """The reduction of every replica's input of every process, on the communication device."""
         dev = self._comm_device()
         total = xs_local[0].to(dev, copy=True)
         for x in xs_local[1:]:
@@ -596,8 +604,7 @@ class ProcessGroupBackend(GroupBackend):
         # one process only would have summed its elements with other ones).
         wire = _to_wire(total.contiguous())
         self._wait(dist.all_reduce(wire, op=_DIST_OPS[op], group=self._group, async_op=True))
-        total = _from_wire(wire, total)
-        return [self.to(total, r).clone() for r in range(self.size)]
+        return _from_wire(wire, total)
 
     def _gather_everything(self, xs_local: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         dev = self._comm_device()
