@@ -110,16 +110,26 @@ def _on_each(
 
 def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """Slice i of ``t`` along ``axis`` on ``devices[i]``, as ``to_device`` would
-    place it (slices on the host are views of ``t``: ``select`` views, not
-    ``unbind``'s, which autograd refuses to read once ``t`` is written in place)."""
+    place it (slices on the host are views of ``t``)."""
+    views = _slices(t, axis, len(devices))
     if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
-        return [to_device(t.select(axis, i), d) for i, d in enumerate(devices)]
+        return [to_device(v, d) for v, d in zip(views, devices)]
     # The mapped axis first, contiguous: each slice of the staged buffer is one block, one copy.
     staged = _staged(t.movedim(axis, 0), keep_strides=False)
     return [
-        staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(t.select(axis, i), d)
-        for i, d in enumerate(devices)
+        staged[i].to(d, non_blocking=True) if d.type == "cuda" else to_device(v, d)
+        for i, (v, d) in enumerate(zip(views, devices))
     ]
+
+
+def _slices(t: torch.Tensor, axis: int, n: int) -> Sequence[torch.Tensor]:
+    """The views of ``t``'s slices along ``axis``. ``unbind``'s, whose in-place ops autograd
+    refuses: a replica's write of a value that requires grad would give ``t`` history from
+    several threads at once. Of a ``t`` that requires grad, ``select``'s: the replicas get
+    leaves of their own in its place, and a slice returned as an output (which may be this
+    view) must stay readable after the caller writes ``t`` in place, which autograd refuses
+    for unbind's views."""
+    return [t.select(axis, i) for i in range(n)] if t.requires_grad else t.unbind(axis)
 
 
 def stack_on_host(parts: Sequence[torch.Tensor], axis: int) -> torch.Tensor:
