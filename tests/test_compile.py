@@ -1,15 +1,16 @@
 """pmap(..., compile=...): torch.compile per device, warmed up once."""
 
+import math
 import time
 import warnings
 
 import pytest
 import torch
-from helpers import devices, executor
+from helpers import call_with_deadline, devices, executor, expect_error
 from torch.func import grad_and_value
 
 import torchpmap as tp
-from torchpmap import _devices
+from torchpmap import _config, _devices
 
 
 class CountingBackend:
@@ -479,3 +480,54 @@ def test_replicas_compile_a_backward_once_not_at_once():
     assert compiles == {"forward": 1, "backward": 1}
     (want,) = torch.autograd.grad(torch.tanh(x @ w).sum(), w)
     torch.testing.assert_close(w.grad, want)
+
+
+def test_a_collective_of_a_constant_compiles_and_runs_on_every_replica():
+    # Tracing folded ops on constants by running them: psum(torch.tensor(1.0)) exchanged for
+    # real on the thread tracing one replica while the others waited to enter Dynamo, and the
+    # call hung past the collective timeout (the gate's holder counted as compiling for ever).
+    def count(x):
+        return x + tp.psum(torch.tensor(1.0), "i") + tp.pmax(torch.tensor(-1.0), "i")
+
+    f = tp.pmap(count, "i", devices=devices(4), compile=dict(backend="aot_eager"))
+    for _ in range(2):
+        out, err, _ = call_with_deadline(f, torch.zeros(4, 3), deadline=60)
+        assert err is None, err
+        assert out.unshard().eq(3).all()
+
+
+@pytest.mark.threads_only
+def test_a_collective_that_runs_during_a_compile_fails_at_once(monkeypatch):
+    # The other replicas wait for the gate until the compile ends: waiting for them would hang.
+    def exchanging_backend(gm, example_inputs):
+        tp.psum(torch.ones(()), "i")
+        return gm.forward
+
+    monkeypatch.setattr(_config, "_timeout", _config._timeout)  # restored after the test
+    tp.set_collective_timeout(30)
+    f = tp.pmap(lambda x: x * 2, "i", devices=devices(2), compile=dict(backend=exchanging_backend))
+    err, seconds = expect_error(f, torch.zeros(2, 3), kind=tp.CompileError, deadline=60)
+    assert "ran for real while Dynamo compiled replica" in str(err.__cause__ or err)
+    assert seconds < 10
+
+
+@pytest.mark.threads_only
+def test_a_float_argument_is_a_constant_of_the_per_replica_program():
+    # Dynamo passed a float as a symbol from its second value on: it simplified (s + c) - c to s
+    # where Python rounds, and Inductor could keep an earlier value of it for good
+    # (pytorch/pytorch#194976; math.floor(s) stayed 2 once s became a symbol at 2.25).
+    def f(x, s):
+        return x * ((s + 1e8) - 1e8) + math.floor(s)
+
+    x = torch.ones(2, 3, dtype=torch.float64)
+    compiled = tp.pmap(f, "i", in_axes=(0, None), devices=devices(2), compile=dict(backend="aot_eager"))
+    values = [1.25, 2.5, -0.75, 3.999, 0.1, 7.3]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for s in values:
+            got = compiled(x, s).unshard()
+            assert torch.equal(got, x * ((s + 1e8) - 1e8) + math.floor(s)), s
+    # Each value compiles again, as the stacked executor captures again: a float that keeps
+    # changing is better passed as a 0-dim tensor, and a warning says so once.
+    said = [w for w in caught if "took a new value" in str(w.message)]
+    assert len(said) == 1 and "0-dim tensor" in str(said[0].message)

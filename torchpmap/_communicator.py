@@ -286,6 +286,14 @@ class ThreadRendezvous(Communicator):
             # Nobody to wait for; still return a fresh tensor like every path.
             return self._backend.run(collective, [x])[0]
         signature = collective.signature(x)
+        if self._gate is not None and self._gate.compiling_here():
+            # A compile runs no collective for real, save by folding constants (which the ops'
+            # tags forbid): the other replicas wait for the gate until this compile ends, and
+            # waiting for them would hang the call.
+            raise RuntimeError(
+                f"torchpmap: {describe(signature)} ran for real while Dynamo compiled replica {rank} "
+                f"(constant folding?): the other replicas cannot reach it until the compile ends"
+            )
         stream = None  # the replica's stream on its own device, where it will use its result
         if self._cuda:
             home = self._backend.devices[rank]

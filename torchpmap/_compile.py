@@ -32,6 +32,7 @@ import torch.nn.modules.module as _module_hooks
 from torch.utils._pytree import tree_leaves
 
 from . import _config, _random
+from ._recapture_watch import RecaptureWatch
 from .errors import CollectiveTimeoutError, CompileError, exception_chain
 
 # How often a replica waiting for the compile gate checks whether it, or the
@@ -70,7 +71,7 @@ def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any)
 
 
 @contextlib.contextmanager
-def capture_config(*, eager_rounding: bool) -> Iterator[None]:
+def capture_config(*, eager_rounding: bool, constant_floats: bool = False) -> Iterator[None]:
     """Dynamo's configuration for torchpmap's captures and compiles, which Dynamo reads
     while it traces and builds guards. Entered around the calls that may capture, with
     the gate held (not on the stacked fast path's guard check: setting Dynamo's config
@@ -85,15 +86,25 @@ def capture_config(*, eager_rounding: bool) -> Iterator[None]:
       batching rule (functorch loops over the replicas, and warns). ``compile=``
       replicas keep them, as ``torch.compile`` does: inductor rounds its own way anyway,
       and they spare ``fullgraph=True`` steps (a compiled Adam) a graph break.
+    * ``constant_floats`` (``compile=``'s per-replica programs): a Python float argument
+      is a constant of the program, a new value compiles again, as the stacked executor
+      captures again. Dynamo otherwise passes it as a symbol from its second value on, and
+      Inductor may then reuse an earlier value silently (pytorch/pytorch#194976: a
+      float's ``math.floor`` or ``clamp`` bound kept the value it had when it became a
+      symbol).
 
     Scopes on different threads overlap where the gate is paused (a rendezvous, a
     forward-AD region) and may end in any order: the newest open scope's settings
     apply, and the caller's come back when the last one ends."""
-    scope = _ConfigScope(eager_rounding)
+    scope = _ConfigScope(eager_rounding, constant_floats)
     with _config_lock:
         if not _open_scopes:
             config = torch._dynamo.config
-            _callers_config[:] = [config.skip_nnmodule_hook_guards, config.enable_dynamo_decompositions]
+            _callers_config[:] = [
+                config.skip_nnmodule_hook_guards,
+                config.enable_dynamo_decompositions,
+                config.specialize_float,
+            ]
         _open_scopes.append(scope)
         _apply_config()
     try:
@@ -105,10 +116,11 @@ def capture_config(*, eager_rounding: bool) -> Iterator[None]:
 
 
 class _ConfigScope:
-    __slots__ = ("eager_rounding",)
+    __slots__ = ("eager_rounding", "constant_floats")
 
-    def __init__(self, eager_rounding: bool) -> None:
+    def __init__(self, eager_rounding: bool, constant_floats: bool) -> None:
         self.eager_rounding = eager_rounding
+        self.constant_floats = constant_floats
 
 
 _config_lock = threading.Lock()
@@ -118,12 +130,14 @@ _callers_config: list[bool] = []  # Dynamo's settings before the first of them o
 
 def _apply_config() -> None:
     config = torch._dynamo.config
-    hooks_skipped, decompositions = _callers_config
+    hooks_skipped, decompositions, constant_floats = _callers_config
     if _open_scopes:
         hooks_skipped = False
         decompositions = decompositions and not _open_scopes[-1].eager_rounding
+        constant_floats = constant_floats or _open_scopes[-1].constant_floats
     config.skip_nnmodule_hook_guards = hooks_skipped
     config.enable_dynamo_decompositions = decompositions
+    config.specialize_float = constant_floats
 
 
 # Dynamo guards no global nn.Module hook: one added after a capture would be ignored.
@@ -307,12 +321,20 @@ def _backward_compiled_now() -> contextlib.AbstractContextManager[Any]:
     return config.patch(force_non_lazy_backward_lowering=True)
 
 
+_compiles = threading.local()  # ``count``: graphs _gated_backend compiled on this thread
+
+
+def compiles_on_this_thread() -> int:
+    return getattr(_compiles, "count", 0)
+
+
 def _gated_backend(options: dict[str, Any]) -> Backend:
     """The requested torch.compile backend, whose compiled graphs run with the
     gate released."""
     inner = requested_backend(options)
 
     def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        _compiles.count = compiles_on_this_thread() + 1
         with _backward_compiled_now():
             graph = inner(gm, example_inputs)
 
@@ -390,6 +412,7 @@ class CompiledReplicas:
         )
         clear_cache_when_dropped(compiled, code)
         name, where, fun = self._fun_name, device, self._fun
+        recompiles = RecaptureWatch()
 
         def run(*args: Any, **kwargs: Any) -> Any:
             eager = _why_eager(args, kwargs)
@@ -400,8 +423,11 @@ class CompiledReplicas:
                 return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
-                with _random.hidden_from_dynamo(), capture_config(eager_rounding=False):
-                    return compiled(*args, **kwargs)
+                before = compiles_on_this_thread()
+                with _random.hidden_from_dynamo(), capture_config(eager_rounding=False, constant_floats=True):
+                    out = compiled(*args, **kwargs)
+                recompiles.after_call(compiles_on_this_thread(), before, args, kwargs, fun, "compile=")
+                return out
             except torch._dynamo.exc.TorchDynamoException as e:
                 if _user_exception_while_tracing(e):
                     # With fullgraph=True Dynamo reports the user's own exception

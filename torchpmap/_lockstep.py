@@ -47,10 +47,10 @@ from ._compile import Backend, arguments_share_memory, capture_config, requested
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._identity_map import WeakIdentityMap
+from ._recapture_watch import RecaptureWatch
 from ._runtime import add_replica_note
 from ._stacked import (
     CapturedExecutor,
-    RecaptureWatch,
     Unsupported,
     _CaptureFrame,
     _unsupported_inside,
@@ -533,7 +533,7 @@ class _Capture:
     count: list[int]  # how many times the backend captured (Dynamo compiled) it
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
     failed_for: dict[Any, str] = field(default_factory=dict)  # as the stacked executor's capture
-    recaptures: RecaptureWatch = field(default_factory=lambda: RecaptureWatch())
+    recaptures: RecaptureWatch = field(default_factory=RecaptureWatch)
 
 
 # Per function: its captures, per capture_key (the global axis size; the physical devices).

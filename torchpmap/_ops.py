@@ -75,8 +75,12 @@ def _tree_place(tree: str, leaf: int, dims: Sequence[int] | None) -> TreePlace:
 
 # Every op waits for other replicas (or reads the running replica's index) on the
 # host: a CUDA graph would record one exchange and replay it without communicating.
-# Inductor's cudagraph trees (compile mode="reduce-overhead") keep such ops out.
-_TAGS = (torch.Tag.cudagraph_unsafe,)
+# Inductor's cudagraph trees (compile mode="reduce-overhead") keep such ops out. And
+# no trace may run one on constants to fold its result (fake tensors' and make_fx's
+# constant propagation, Inductor's constant folding skip ops tagged as random):
+# ``psum(torch.tensor(1.0))`` traced on one replica's thread exchanged for real there,
+# while the others waited to enter Dynamo (a hang), and would bake its result in.
+_TAGS = (torch.Tag.cudagraph_unsafe, torch.Tag.nondeterministic_seeded)
 
 OPS = torch.ops.torchpmap
 

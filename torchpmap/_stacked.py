@@ -83,6 +83,7 @@ from ._direct_calls import direct_forward
 from ._fast_tree import Structure
 from ._identity_map import WeakIdentityMap
 from ._layout import device_groups
+from ._recapture_watch import RecaptureWatch
 from ._sharded import ShardedTensor, _stacked_view, pairs_sharing_memory
 from ._stacked_autograd import ReplicaProgram
 from ._view_roots import view_root
@@ -451,7 +452,9 @@ def check_supported_ops(graph: torch.fx.Graph, executor: str = "stacked") -> Non
     for node in graph.nodes:
         target = node.target
         if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            if torch.Tag.nondeterministic_seeded in target.tags and not _stacked_random.is_replica_draw(target):
+            # (torchpmap's own ops carry the tag too: the collectives, so that no tracer folds
+            # them on constants, and the replica draws, which draw from each replica's stream.)
+            if torch.Tag.nondeterministic_seeded in target.tags and target.namespace != "torchpmap":
                 raise Unsupported(f"a random op the {executor} executor does not give each replica's stream ({target})")
             if target.overloadpacket is torch.ops.aten.set_:
                 raise Unsupported(
@@ -794,7 +797,7 @@ class _Capture:
     failed_for: dict[Any, str] = field(default_factory=dict)
     # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
     transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
-    recaptures: RecaptureWatch = field(default_factory=lambda: RecaptureWatch())
+    recaptures: RecaptureWatch = field(default_factory=RecaptureWatch)
 
     def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """``compiled(*args, **kwargs)``. When not inside another compiled frame,
@@ -867,44 +870,6 @@ class _UtilsWithoutIdleTiming:
     def record_pregraph_bytecode_exit(self, cm: Any) -> None:
         if cm is not None:
             self._utils.record_pregraph_bytecode_exit(cm)
-
-
-class RecaptureWatch:
-    """Tells the user once when a capture keeps being made again because a Python float
-    argument takes new values (a learning rate passed as a float): a capture bakes the
-    value in (static, as ``torch.compile(dynamic=False)``), so each value costs a capture,
-    until the recapture limit sends the function to the threads. A 0-dim tensor is traced."""
-
-    WARN_AFTER = 3  # recaptures with a new float value
-
-    __slots__ = ("floats", "count")
-
-    def __init__(self) -> None:
-        self.floats: list[float] | None = None  # the Python floats among the last capture's arguments
-        self.count = 0
-
-    def after_call(
-        self, captures: int, before: int, args: Any, kwargs: dict[str, Any], fun: Any, executor: str
-    ) -> None:
-        """``captures``/``before``: the capture count after and before the call."""
-        if captures == before:
-            return
-        floats = [v for v in torch.utils._pytree.tree_leaves((args, kwargs)) if type(v) is float]
-        previous, self.floats = self.floats, floats
-        if before == 0 or previous is None or len(previous) != len(floats) or previous == floats:
-            return
-        self.count += 1
-        if self.count == self.WARN_AFTER:
-            changed = next((a, b) for a, b in zip(previous, floats) if a != b)
-            name = getattr(fun, "__qualname__", None) or repr(fun)
-            warnings.warn(
-                f"torchpmap: pmap of {name} ({executor}): a Python float argument took a new value "
-                f"({changed[0]!r} -> {changed[1]!r}), and each new value captures the function again "
-                f"({self.count} times so far): a capture bakes the value in. Pass it as a 0-dim tensor "
-                f"(torch.tensor(value), in_axes=None), which one capture serves for every value.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
 
 
 _eval_frame_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
