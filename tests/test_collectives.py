@@ -224,6 +224,16 @@ def test_pmax_pmin_reject_complex():
             pmap_k(lambda v, fn=fn: fn(v, "i"), 2)(x)
 
 
+@pytest.mark.parametrize("fn", ["psum", "pmean", "pmax", "pmin", "psum_scatter"])
+def test_reductions_of_a_dtype_torch_cannot_reduce_name_the_collective(fn):
+    # torch has no CPU add or maximum for uint32: its own NotImplementedError came from inside
+    # the exchange ("add_stub" not implemented for 'UInt32'), naming no collective (JAX reduces them).
+    x = torch.arange(8).reshape(2, 4).to(torch.uint32)
+    err, seconds = expect_error(pmap_k(lambda v: getattr(tp, fn)(v, "i"), 2), x, kind=TypeError)
+    assert str(err).startswith(f"{fn}: torch cannot") and "torch.uint32" in str(err) and "cast" in str(err)
+    assert seconds < 1.0
+
+
 def test_psum_of_complex_is_exact():
     x = torch.tensor([1 + 2j, 3 - 1j, -2 + 0.5j], dtype=torch.complex128)
     out = pmap_k(lambda v: tp.psum(v, "i"), 3)(x).unshard()

@@ -26,6 +26,7 @@ Two pieces carry them out:
 from __future__ import annotations
 
 import abc
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,31 @@ REDUCERS: dict[str, Reducer] = {
     "max": torch.maximum,
     "min": torch.minimum,
 }
+
+
+# What every backend and the stacked reductions can reduce; other dtypes are asked.
+_REDUCIBLE = frozenset(
+    {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16}
+    | {torch.float32, torch.float64, torch.complex64, torch.complex128}
+)
+
+
+def reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why torch cannot reduce ``dtype`` tensors on ``device`` by ``op`` (uint16 to uint64
+    and float8 on the CPU: "add_stub" not implemented), or None."""
+    if dtype in _REDUCIBLE:
+        return None
+    return _asked_reduction_problem(op, dtype, device)
+
+
+@functools.cache
+def _asked_reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    try:
+        one = torch.zeros(1, dtype=dtype, device=device)
+        REDUCERS[op](one, one)
+    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
+        return str(e).splitlines()[0]
+    return None
 
 # The kinds of Collective (the names of the ops in _ops), and how errors name them.
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute")

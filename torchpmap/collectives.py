@@ -24,6 +24,7 @@ from torch.utils._pytree import PyTree
 from . import _axis, _ops, _tree
 from . import _stacked_collectives as _stacked
 from ._axis import AxisName
+from ._communicator import reduction_problem
 
 # axis_index_groups: None (one group of the whole axis) or groups of axis indices.
 AxisIndexGroups: TypeAlias = "Sequence[Sequence[int]] | None"
@@ -288,6 +289,7 @@ def _reduce(
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
             raise TypeError(f"{fn}: complex tensors have no order; p{op} is undefined for {v.dtype}")
+        _check_reducible(v, op, fn)
         return v
 
     leaves = _Leaves(x, prepare)
@@ -342,6 +344,17 @@ def _reduce(
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
             values[j] = piece.view(shape).detach() if j in untracked else piece.view(shape)
     return leaves.unflatten()
+
+
+def _check_reducible(v: torch.Tensor, op: str, fn: str) -> None:
+    """A TypeError naming the collective for a dtype torch cannot reduce (uint32 on the
+    CPU), rather than torch's own error from inside the exchange."""
+    problem = reduction_problem(op, v.dtype, v.device)
+    if problem is not None:
+        raise TypeError(
+            f"{fn}: torch cannot {op} {v.dtype} tensors on {v.device.type} ({problem}); cast to a "
+            f"dtype it reduces first (int64 holds every uint32)"
+        )
 
 
 @_one_node_when_stacking
@@ -413,7 +426,10 @@ def psum_scatter(
         v = _as_tensor(v, "psum_scatter")
         if v.ndim == 0:
             raise ValueError("psum_scatter: x must have at least one dimension to scatter")
-        return v.to(torch.int64) if v.dtype == torch.bool else v
+        if v.dtype == torch.bool:
+            return v.to(torch.int64)
+        _check_reducible(v, "sum", "psum_scatter")
+        return v
 
     def leaf(v: torch.Tensor, tags: Tags) -> torch.Tensor:
         d = _canonical_axis(scatter_dimension, v.ndim, "psum_scatter", "scatter_dimension")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
-import functools
 import gc
 import hashlib
 import itertools
@@ -39,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from . import _config, _devices
-from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, describe
+from ._communicator import REDUCERS, Collective, GroupBackend, compute_results, describe, reduction_problem
 from ._devices import physical_device
 from ._sharded import ShardedTensor
 from .errors import CollectiveError, CollectiveMismatchError, CollectiveTimeoutError, exception_chain
@@ -775,22 +774,12 @@ def _refuse_unreducible(collective: Collective, x: torch.Tensor) -> None:
     moved, and that failure would end the job's cross-process collectives."""
     if collective.op is None or (collective.groups and all(len(g) == 1 for g in collective.groups)):
         return
-    problem = _reduction_problem(collective.op, x.dtype, x.device)
+    problem = reduction_problem(collective.op, x.dtype, x.device)
     if problem is not None:
         raise TypeError(
             f"cross-process {collective.name} of a {x.dtype} tensor: torch cannot {collective.op} "
             f"{x.dtype} tensors on {x.device.type} ({problem}); cast to a wider dtype first"
         )
-
-
-@functools.cache
-def _reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
-    try:
-        one = torch.zeros(1, dtype=dtype, device=device)
-        REDUCERS[op](one, one)
-    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
-        return str(e).splitlines()[0]
-    return None
 
 
 def to_dtensor(x: ShardedTensor, mesh: DeviceMesh | None = None) -> DTensor:
