@@ -1047,6 +1047,39 @@ def test_functional_optimizer_in_pmap_matches_torch_optim_on_one_device(opt_name
     assert params["0.weight"].equal(make_model().double()[0].weight)  # the step left its input alone
 
 
+@pytest.mark.threads_only
+def test_a_compiled_functional_adam_step_compiles_once_not_at_every_step():
+    # Under compile= an Adam step goes through an optimizer object built per step: traced, each
+    # step's new object failed Dynamo's identity guard and compiled again (11-25 s per step with
+    # Inductor) until the recompile limit ran the function eagerly.
+    from torch._dynamo.utils import counters
+
+    n, steps, per = 2, 6, 5
+    xs, ys = make_data(steps, n, per)
+    model = make_model().double()
+    opt = tp.functional_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
+
+    def train_step(params, state, x, y):
+        grads = torch.func.grad(lambda p: F.cross_entropy(tp.functional_call(model, p, (x,)), y))(params)
+        return opt.step(params, tp.pmean(grads, "i"), state)
+
+    devs = helpers.devices(n)
+    compiled = tp.pmap(train_step, "i", devices=devs, compile=dict(backend="eager"))
+    eager = tp.pmap(train_step, "i", devices=devs)
+    params = tp.params_of(model)
+    rp, rs = tp.device_put_replicated((params, opt.init(params)), devs)
+    ep, es = rp, rs
+    graphs = []
+    for x, y in zip(xs.double(), ys):
+        args = (x.reshape(n, per, 6), y.reshape(n, per))
+        rp, rs = compiled(rp, rs, *args)
+        ep, es = eager(ep, es, *args)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[2:] == [graphs[2]] * (steps - 2), graphs  # the first step's state differs from the rest
+    for name in params:
+        torch.testing.assert_close(rp[name].unshard(), ep[name].unshard(), rtol=0, atol=0)
+
+
 def test_functional_optimizer_is_pure_and_skips_params_without_grads():
     opt = tp.functional_optimizer(torch.optim.AdamW, lr=0.1, weight_decay=0.5)
     params = {"w": torch.ones(3), "running_mean": torch.ones(2)}

@@ -91,6 +91,7 @@ def _asked_reduction_problem(op: str, dtype: torch.dtype, device: torch.device) 
         return str(e).splitlines()[0]
     return None
 
+
 # The kinds of Collective (the names of the ops in _ops), and how errors name them.
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "permute")
 _ERROR_NAMES = {"permute": "ppermute"}

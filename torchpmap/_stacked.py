@@ -1113,7 +1113,7 @@ def capture_failure(e: BaseException) -> str:
     if _inside_functional_optimizer_step(e):  # (Dynamo's own words name an optimizer internal)
         return (
             "capture failed: functional_optimizer steps this optimizer through a torch.optim object, which "
-            "Dynamo cannot trace (SGD steps are captured, unless fused, sparse or under global step hooks)"
+            "a capture leaves out (SGD steps are captured, unless fused, sparse or under global step hooks)"
         )
     return f"capture failed {_describe(_cause(e))}"
 
@@ -1123,11 +1123,14 @@ _TRAINING_FILE = __file__.rsplit("_stacked.py", 1)[0] + "training.py"
 
 def _inside_functional_optimizer_step(e: BaseException) -> bool:
     """Whether Dynamo stopped inside torch.optim, called from ``FunctionalOptimizer.step``
-    (its user stack says)."""
+    (its user stack says), or at the step's object path, which it never traces."""
     for cur in exception_chain(e, inner=True):
         names = [(frame.filename, frame.name) for frame in getattr(cur, "real_stack", None) or ()]
         steps = [k for k, (filename, name) in enumerate(names) if filename == _TRAINING_FILE and name == "step"]
-        if steps and any(_OPTIM_DIR in filename for filename, _ in names[steps[0] + 1 :]):
+        if steps and (
+            any(_OPTIM_DIR in filename for filename, _ in names[steps[0] + 1 :])
+            or "_step_through_an_object" in str(cur)
+        ):
             return True
     return False
 

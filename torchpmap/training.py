@@ -720,16 +720,29 @@ class FunctionalOptimizer:
                     [new_state[name] for name in trained],
                 )
                 return new, new_state
-            opt = self.optimizer_class([new[name] for name in trained], **self.hyperparams)
-            for name in trained:
-                new[name].grad = given[name].detach().clone()  # the step may write it
-                if new_state[name]:
-                    opt.state[new[name]] = new_state[name]
-            opt.step()
-            for name in trained:
-                new[name].grad = None
-                new_state[name] = dict(opt.state[new[name]])
+            self._step_through_an_object(new, given, trained, new_state)
         return new, new_state
+
+    # Never traced: Dynamo would guard on the identity of the optimizer object each step
+    # builds, and compile again at every step (a compile= program), until its recompile
+    # limit ran the function eagerly; a capture (stacked, lockstep) falls back as before.
+    @torch._dynamo.disable(reason="functional_optimizer builds an optimizer object per step")
+    def _step_through_an_object(
+        self,
+        new: dict[str, torch.Tensor],
+        given: dict[str, torch.Tensor],
+        trained: list[str],
+        new_state: dict[str, dict[str, Any]],
+    ) -> None:
+        opt = self.optimizer_class([new[name] for name in trained], **self.hyperparams)
+        for name in trained:
+            new[name].grad = given[name].detach().clone()  # the step may write it
+            if new_state[name]:
+                opt.state[new[name]] = new_state[name]
+        opt.step()
+        for name in trained:
+            new[name].grad = None
+            new_state[name] = dict(opt.state[new[name]])
 
 
 def functional_optimizer(optimizer_class: type[torch.optim.Optimizer], **hyperparams: Any) -> FunctionalOptimizer:
