@@ -350,7 +350,10 @@ class WorkerPool:
 
     def busy(self) -> bool:
         """Whether some worker is running a replica now."""
-        return any(w.running is not None for w in list(self._workers.values()))
+        for w in list(self._workers.values()):  # (a loop: asked on every stacked call)
+            if w.running is not None:
+                return True
+        return False
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no worker runs or has queued a task (e.g. until abandoned

@@ -245,7 +245,7 @@ class ShardedTensor(torch.Tensor):
             or buffer.ndim == 0
             or buffer.shape[0] != n
             or buffer.device != physical
-            or (n > 1 and _rows_overlap(buffer))
+            or (n > 1 and not buffer.is_contiguous() and _rows_overlap(buffer))
             or buffer.requires_grad
             or torch.is_inference_mode_enabled()  # (both make the shard views at once, as _of_stacked)
         ):
@@ -329,9 +329,14 @@ class ShardedTensor(torch.Tensor):
     @property
     def requires_grad(self) -> bool:
         self._check_alive()
-        if self._shard_views is None:  # rows not made yet: views require grad as their buffer does
-            return any(b.requires_grad for b in self._stacked or ())
-        return any(s.requires_grad for s in self._shard_views)
+        # A loop, not any() of a generator: pmap reads it of every ShardedTensor it is given.
+        views = self._shard_views
+        if views is None:  # rows not made yet: views require grad as their buffer does
+            views = self._stacked or ()
+        for t in views:
+            if t.requires_grad:
+                return True
+        return False
 
     @requires_grad.setter
     def requires_grad(self, requires_grad: bool) -> None:
@@ -1186,8 +1191,9 @@ def _still_views_of(
             address = buffer.data_ptr()
         except (RuntimeError, NotImplementedError):  # no storage (a functorch wrapper, for one)
             return False
-        step = buffer.stride(0) * buffer.element_size()
-        stride, shape, dtype, device = buffer.stride()[1:], buffer.shape[1:], buffer.dtype, buffer.device
+        strides = buffer.stride()
+        step = strides[0] * buffer.element_size()
+        stride, shape, dtype, device = strides[1:], buffer.shape[1:], buffer.dtype, buffer.device
         for row, i in enumerate(members):
             s = shards[i]
             if s.device != device or s.dtype != dtype or s.stride() != stride or s.shape != shape:

@@ -164,10 +164,15 @@ def _same_tensors(values: Sequence[Any]) -> bool:
     )
 
 
+# Whether autocast is on for any device type: one call without argument parsing, which
+# answers for the two blocked_reason asks about when it is False (the common case).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def blocked_reason() -> str | None:
     """Why no call can run from a capture right now (the state of the calling
     thread and of Dynamo, whatever the call); None if calls may."""
-    if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+    if _any_autocast() and (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
@@ -216,7 +221,7 @@ class _CallState:
 
     def row_of(self, buffer: torch.Tensor) -> torch.Tensor:
         """Replica 0's row view of ``buffer``, which stands for it in the captured program."""
-        row = buffer.select(0, 0)
+        row = buffer[0]  # select(0, 0) (the same view), without Tensor.select's argument parsing
         self.stacked_of[id(row)] = buffer
         self.keep.append(row)
         return row
@@ -581,7 +586,7 @@ class _Batched:
             raise Unsupported(
                 "the function writes in place an input that shares memory with another input", per_call=True
             )
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in inputs):
+        if torch.is_grad_enabled() and _any_requires_grad(inputs):
             if any(inputs[k].requires_grad for k in self.written):
                 raise Unsupported(
                     "autograd through a function that writes in place an input that requires grad", per_call=True
@@ -608,12 +613,16 @@ class _Batched:
                 # Eagerly, autograd refuses to save one for a backward (the threads raise as eager
                 # does); the batched backward would save its own stacked copy.
                 raise Unsupported("autograd with an inference-mode tensor among the inputs", per_call=True)
-            program = functools.partial(_stacked_autograd.run, self.program, inputs, self.written, copied)
+            program: Callable[..., Any] = functools.partial(
+                _stacked_autograd.run, self.program, inputs, self.written, copied
+            )
+            arguments: Sequence[Any] = ()
         else:
-            program = functools.partial(self._program(inputs), *inputs)
-        state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
+            program, arguments = self._program(inputs), inputs
+        if self.written:
+            state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
         state.started = True
-        outs = program()
+        outs = program(*arguments)
         rows = []
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
@@ -624,6 +633,14 @@ class _Batched:
 
 
 _AS_STRIDED = torch.ops.aten.as_strided.default
+
+
+def _any_requires_grad(inputs: Sequence[Any]) -> bool:
+    """Whether a tensor among ``inputs`` requires grad (a loop: asked on every call)."""
+    for a in inputs:
+        if isinstance(a, torch.Tensor) and a.requires_grad:
+            return True
+    return False
 
 
 def _has_tangent(inputs: Sequence[Any]) -> bool:
@@ -1051,7 +1068,8 @@ def run_capture(
     # Outside the try: a warning about the draws must not read as a capture failure.
     assert streams is not None  # entered, since the capture ran
     streams.finish(failed=not state.ran)  # not ran: the threads executor runs the call, and learns
-    capture.recaptures.after_call(capture.count[0], before, args, kwargs, capture.fun_ref(), "stacked")
+    if capture.count[0] != before:  # (after_call does nothing otherwise)
+        capture.recaptures.after_call(capture.count[0], before, args, kwargs, capture.fun_ref(), "stacked")
     return result
 
 
