@@ -211,6 +211,22 @@ def test_item_and_data_dependent_shapes_run_per_replica():
     both(pm(lambda x: x * ((x.argmax().item() * 3 + 7) // 2 - 7)), rows(N, 3))  # integer arithmetic is exact
 
 
+def test_item_and_data_dependent_shapes_compile_around_their_segments():
+    # With compile=, a segment holding a symbolic value (the integer .item() reads, a shape it
+    # decides) runs as traced and the others compile: compiling it failed the whole capture with
+    # "u0 possible memo disaster", and the call ran on the threads (Inductor hunt).
+    options = dict(compile=dict(backend="aot_eager"))
+    for f in (
+        lambda y, x: x * y.sum().item() + tp.psum(x, "i"),
+        lambda y, x: tp.psum(x[x > 0].sum(), "i") * x + y.argmax().item(),
+    ):
+        y, x = torch.tensor([[1, 5, 2], [3, 0, 7], [2, 2, 2], [9, 1, 0]]), rows(N, 3)
+        lockstep, got = ran_in_lockstep(pm(f, **options), y, x)
+        assert lockstep
+        with executor("threads"):
+            assert_same_bits(pm(f)(y, x), got)
+
+
 MAGIC = 6755399441055744.0  # 1.5 * 2**52: (s + MAGIC) - MAGIC rounds s to an integer
 
 

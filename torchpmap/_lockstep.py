@@ -201,7 +201,13 @@ class _PlanBuilder:
         # A compiled segment takes its inputs as unrelated tensors: one that writes a view
         # of a tensor it also reads (made before a collective cut them apart) would read
         # the old values. Such a segment runs as traced (eagerly) instead.
-        compiled = self.compiler is not None and not _writes_into_aliased_inputs(nodes, inside)
+        # So does one with a symbolic value (an integer read by ``.item()``, a shape it decides),
+        # for which there are no example inputs to compile with.
+        compiled = (
+            self.compiler is not None
+            and not _writes_into_aliased_inputs(nodes, inside)
+            and _static_values(nodes, inside)
+        )
         per_device: dict[torch.device, Callable[..., Any]] = {}
         for d in dict.fromkeys(self.devices):
             segment = _segment(self.gm, nodes, inside, leaving, first, d)
@@ -259,6 +265,19 @@ class _PlanBuilder:
             if s not in kept:
                 dead[k].append(s)
         return tuple(tuple(d) for d in dead)
+
+
+def _static_values(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:
+    """Whether every value the segment takes or makes is a tensor of static shape and strides
+    (or None): no SymInt, SymFloat or SymBool, as ``.item()`` and data-dependent shapes give."""
+    for node in (*_inputs_from_outside(nodes, inside), *nodes):
+        for value in torch.utils._pytree.tree_leaves(node.meta.get("val")):
+            if isinstance(value, torch.Tensor):
+                if not all(type(d) is int for d in (*value.shape, *value.stride())):
+                    return False
+            elif type(value) not in (int, float, bool):
+                return False
+    return True
 
 
 def _writes_into_aliased_inputs(nodes: list[torch.fx.Node], inside: set[torch.fx.Node]) -> bool:
