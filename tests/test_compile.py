@@ -531,3 +531,37 @@ def test_a_float_argument_is_a_constant_of_the_per_replica_program():
     # changing is better passed as a 0-dim tensor, and a warning says so once.
     said = [w for w in caught if "took a new value" in str(w.message)]
     assert len(said) == 1 and "0-dim tensor" in str(said[0].message)
+
+
+@pytest.mark.threads_only
+def test_an_eager_collective_runs_while_another_thread_compiles():
+    # The check above is of this thread's compile: the gate's compiling flag is process-wide
+    # (Dynamo's callbacks set it for any thread's torch.compile), and an eager collective of
+    # the gate's holder (between compiled graphs) raised while another thread compiled (review).
+    from torchpmap._compile import DYNAMO_GATE
+
+    @torch._dynamo.disable
+    def eager_total(x):
+        return tp.psum(x, "i")
+
+    f = tp.pmap(lambda x: eager_total(x * 2) + 1, "i", devices=devices(2), compile=dict(backend="eager"))
+    x = torch.arange(6.0).reshape(2, 3)
+    f(x)
+    DYNAMO_GATE.compile_started()  # as another thread's torch.compile does
+    try:
+        out = f(x)
+    finally:
+        DYNAMO_GATE.compile_ended()
+    torch.testing.assert_close(out.unshard(), (2 * x).sum(0).expand(2, 3) + 1)
+
+
+def test_a_reduction_of_a_dtype_torch_cannot_reduce_names_the_collective_when_compiled():
+    # Traced, the dtype probe ran on fake tensors, which never fail: torch's own error came from
+    # inside the exchange at run time (review).
+    x = torch.arange(8).reshape(2, 4).to(torch.uint32)
+    for options in (dict(backend="aot_eager"), dict(backend="aot_eager", fullgraph=True)):
+        f = tp.pmap(lambda v: tp.psum(v, "i"), "i", devices=devices(2), compile=options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a captured executor may fall back
+            with pytest.raises(TypeError, match=r"^psum: torch cannot sum torch\.uint32"):
+                f(x)

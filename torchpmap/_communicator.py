@@ -74,6 +74,7 @@ _REDUCIBLE = frozenset(
 )
 
 
+@torch._dynamo.assume_constant_result  # (traced, the probe would add fake tensors, which never fail)
 def reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
     """Why torch cannot reduce ``dtype`` tensors on ``device`` by ``op`` (uint16 to uint64
     and float8 on the CPU: "add_stub" not implemented), or None."""
@@ -84,11 +85,14 @@ def reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str 
 
 @functools.cache
 def _asked_reduction_problem(op: str, dtype: torch.dtype, device: torch.device) -> str | None:
-    try:
-        one = torch.zeros(1, dtype=dtype, device=device)
-        REDUCERS[op](one, one)
-    except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
-        return str(e).splitlines()[0]
+    # On real tensors, whatever traces now (a capture's fake tensors never fail, and the
+    # answer is cached for the process).
+    with torch.utils._python_dispatch._disable_current_modes():
+        try:
+            one = torch.zeros(1, dtype=dtype, device=device)
+            REDUCERS[op](one, one)
+        except (RuntimeError, TypeError) as e:  # NotImplementedError is a RuntimeError
+            return str(e).splitlines()[0]
     return None
 
 
@@ -313,10 +317,11 @@ class ThreadRendezvous(Communicator):
             # Nobody to wait for; still return a fresh tensor like every path.
             return self._backend.run(collective, [x])[0]
         signature = collective.signature(x)
-        if self._gate is not None and self._gate.compiling_here():
+        if self._gate is not None and self._gate.held() and torch._guards.CompileContext.try_get() is not None:
             # A compile runs no collective for real, save by folding constants (which the ops'
             # tags forbid): the other replicas wait for the gate until this compile ends, and
-            # waiting for them would hang the call.
+            # waiting for them would hang the call. (This thread's compile context, not the
+            # gate's compiling flag: another thread's torch.compile sets that one too.)
             raise RuntimeError(
                 f"torchpmap: {describe(signature)} ran for real while Dynamo compiled replica {rank} "
                 f"(constant folding?): the other replicas cannot reach it until the compile ends"
