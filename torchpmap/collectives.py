@@ -21,7 +21,7 @@ import torch
 from torch.utils import _pytree
 from torch.utils._pytree import PyTree
 
-from . import _axis, _ops, _tree
+from . import _axis, _devices, _ops, _tree
 from . import _stacked_collectives as _stacked
 from ._axis import AxisName
 from ._communicator import reduction_problem
@@ -350,7 +350,9 @@ def _check_reducible(v: torch.Tensor, op: str, fn: str) -> None:
     """A TypeError naming the collective for a dtype torch cannot reduce (uint32 on the
     CPU), rather than torch's own error from inside the exchange."""
     problem = reduction_problem(op, v.dtype, v.device)
-    if problem is not None:
+    # (Across processes the process group's backend refuses, after the processes compared
+    # their collectives: a dtype on one process only is then a mismatch on every process.)
+    if problem is not None and _devices.process_count() == 1:
         raise TypeError(
             f"{fn}: torch cannot {op} {v.dtype} tensors on {v.device.type} ({problem}); cast to a "
             f"dtype it reduces first (int64 holds every uint32)"
