@@ -172,6 +172,36 @@ def test_when_nccl_fails_it_says_so_once_and_the_gpus_copy_instead(cpu_nccl, mon
     assert all(torch.allclose(g, want) for g in again) and cpu_nccl.calls == ["broken"]
 
 
+def test_nccl_failing_for_one_dtype_leaves_the_others_on_nccl(cpu_nccl, monkeypatch):
+    monkeypatch.setattr(_gpu_collectives, "_failed", set())
+    working = cpu_nccl.all_reduce
+
+    def no_bfloat16(inputs, outputs, **kwargs):
+        if inputs[0].dtype == torch.bfloat16:
+            raise RuntimeError("NCCL error: invalid usage (bfloat16 needs NCCL 2.10)")
+        return working(inputs, outputs, **kwargs)
+
+    monkeypatch.setattr(cpu_nccl, "all_reduce", no_bfloat16)
+    collective = Collective("all_reduce", "sum")
+    with pytest.warns(RuntimeWarning, match="NCCL failed for the torch.bfloat16 collectives"):
+        _gpu_collectives.run(collective, _inputs((3,), torch.bfloat16), devices(4), None)
+    cpu_nccl.calls.clear()
+    _gpu_collectives.run(collective, _inputs((3,), torch.float32), devices(4), None)
+    assert cpu_nccl.calls  # float32 still went through NCCL
+
+
+def test_running_out_of_memory_inside_nccl_is_the_callers_error(cpu_nccl, monkeypatch):
+    monkeypatch.setattr(_gpu_collectives, "_failed", set())
+
+    def full(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (communicator buffers)")
+
+    monkeypatch.setattr(cpu_nccl, "all_reduce", full)
+    with pytest.raises(torch.OutOfMemoryError):
+        _gpu_collectives.run(Collective("all_reduce", "sum"), _inputs((3,), torch.float32), devices(4), None)
+    assert not _gpu_collectives._failed  # a later call tries NCCL again
+
+
 def test_an_error_of_the_tensors_is_not_taken_for_nccl_failing(cpu_nccl, monkeypatch):
     monkeypatch.setattr(_gpu_collectives, "_failed", set())
 

@@ -52,9 +52,10 @@ _LAUNCH = threading.Lock()
 
 # The module the NCCL calls go to (tests put a CPU model of NCCL here).
 nccl: Any = torch.cuda.nccl
-# Device lists whose NCCL call failed (communicator set-up, say, in a container
-# without peer access): they go the copying way from then on.
-_failed: set[tuple[torch.device, ...]] = set()
+# (Device list, dtype) pairs whose NCCL call failed (communicator set-up, say, in a
+# container without peer access; a dtype this NCCL lacks): they go the copying way from
+# then on. Per dtype: one NCCL refuses bfloat16 and still sums float32.
+_failed: set[tuple[tuple[torch.device, ...], torch.dtype]] = set()
 
 
 def nccl_built() -> bool:
@@ -76,7 +77,7 @@ def uses_nccl(collective: Collective, x: torch.Tensor) -> bool:
 def _nccl_applies(
     collective: Collective, x: torch.Tensor, groups: Sequence[tuple[int, ...]], devices: Sequence[torch.device]
 ) -> bool:
-    if not uses_nccl(collective, x) or tuple(devices) in _failed:
+    if not uses_nccl(collective, x) or (tuple(devices), x.dtype) in _failed:
         return False
     # NCCL's reduce_scatter gives rank k the k-th of g equal blocks: x must have a row per member.
     return collective.kind != "reduce_scatter" or all(x.ndim > 0 and x.shape[0] == len(g) for g in groups)
@@ -111,9 +112,9 @@ def run(
                 return _through_nccl(collective, xs, groups, streams)
             except _NcclFailed as failure:  # NCCL could not run here: say so once, and copy instead
                 e = failure.__cause__
-                _failed.add(tuple(devices))
+                _failed.add((tuple(devices), xs[0].dtype))
                 warnings.warn(
-                    f"torchpmap: NCCL failed for the collectives among {[str(d) for d in devices]} "
+                    f"torchpmap: NCCL failed for the {xs[0].dtype} collectives among {[str(d) for d in devices]} "
                     f"({type(e).__name__}: {e}); they copy between the GPUs instead from now on "
                     f"(set {_ENV_SWITCH}=0 to skip NCCL altogether)",
                     RuntimeWarning,
@@ -198,6 +199,8 @@ def nccl_group(
                 nccl.all_gather(inputs, outputs, streams=streams)
             else:
                 nccl.reduce_scatter(inputs, outputs, op=NCCL_OPS[collective.op or ""], streams=streams)
+        except torch.OutOfMemoryError:
+            raise  # the GPUs are full now, not NCCL unusable: the caller's error
         except Exception as e:
             raise _NcclFailed from e
     return outputs
