@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_same_bits, devices, executor, expect_error, notes, rows
 
 import torchpmap as tp
@@ -209,6 +210,24 @@ def test_item_and_data_dependent_shapes_run_per_replica():
     both(pm(lambda x: tp.psum(x[x > 0].sum(), "i")), rows(N, 3))
     both(pm(lambda x: x * tp.axis_index("i").item()), rows(N, 3))
     both(pm(lambda x: x * ((x.argmax().item() * 3 + 7) // 2 - 7)), rows(N, 3))  # integer arithmetic is exact
+
+
+def test_replicas_compute_with_the_threads_executors_intra_op_threads():
+    # The threads executor splits the caller's intra-op threads among the replicas; lockstep ran
+    # each replica with all of them, and conv2d's backward rounds otherwise on 2 threads than on
+    # 1: gradients differed from the threads' in the last place (training hunt).
+    def f(x, w):
+        return torch.func.grad(lambda w: (F.conv2d(x, w).relu() * x[:, :2, 1:-1, 1:-1]).sum())(w)
+
+    x = torch.randn(N, 3, 2, 6, 6, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    w = torch.randn(N, 2, 2, 3, 3, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        both(pm(f), x, w)
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_item_and_data_dependent_shapes_compile_around_their_segments():

@@ -335,7 +335,24 @@ def _segment(
 
 # -- running a plan ------------------------------------------------------------------------
 def _execute(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices: Sequence[torch.device]) -> None:
-    """Run every step for every replica; ``envs[r]`` holds replica r's slots."""
+    """Run every step for every replica; ``envs[r]`` holds replica r's slots. Replicas on
+    virtual CPU devices compute with the intra-op threads the threads executor gives each
+    (the caller's, split among the replicas): a kernel may round otherwise on another
+    thread count (conv2d's backward on 1 thread and on 2), and the results must be the
+    threads' bit for bit."""
+    before = torch.get_num_threads()
+    split = max(1, before // len(devices))
+    if split == before or not any(d.type == "cpu" for d in devices):
+        _execute_steps(plan, envs, backend, devices)
+        return
+    torch.set_num_threads(split)
+    try:
+        _execute_steps(plan, envs, backend, devices)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _execute_steps(plan: _Plan, envs: list[list[Any]], backend: GroupBackend, devices: Sequence[torch.device]) -> None:
     cuda = any(d.type == "cuda" for d in devices)
     local = isinstance(backend, LocalBackend)
     first = backend.first
