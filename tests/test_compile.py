@@ -565,3 +565,23 @@ def test_a_reduction_of_a_dtype_torch_cannot_reduce_names_the_collective_when_co
             warnings.simplefilter("ignore", RuntimeWarning)  # a captured executor may fall back
             with pytest.raises(TypeError, match=r"^psum: torch cannot sum torch\.uint32"):
                 f(x)
+
+
+@pytest.mark.threads_only
+def test_a_backward_through_compiled_replicas_may_retain_the_graph():
+    # Compiling the backward ahead (to compile it once) made AOTAutograd donate its buffers,
+    # and then refuse retain_graph=True and create_graph=True with its own message (review).
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(3, 3, requires_grad=True)
+    f = tp.pmap(
+        lambda x, w: tp.pmean(torch.tanh(x @ w), "i"), "i", in_axes=(0, None), compile=dict(backend="aot_eager")
+    )
+    loss = f(x, w).unshard().sum()
+    (first,) = torch.autograd.grad(loss, w, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, w)
+    torch.testing.assert_close(first, second)
+    (want,) = torch.autograd.grad(torch.tanh(x @ w).sum(), w)
+    torch.testing.assert_close(first, want)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        (g,) = torch.autograd.grad(f(x, w).unshard().sum(), w, create_graph=True)
+        g.sum().backward()

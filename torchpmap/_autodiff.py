@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
 
 from . import _ops
+from ._compile import DYNAMO_GATE
 from .distributed import backward_runs, tell_peers_a_run_failed
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def differentiable_call(executor: Executor, record: CallRecord) -> list[FlatOutp
         else None,
         per_replica=per_replica,
         stood_in={id(c) for c in record.reached_grads} if stand_ins else frozenset(),
+        compiled=record.compile_options is not None,
     )
     if hidden is not None:
         for r, slots in enumerate(tensor_slots):
@@ -210,6 +212,7 @@ def _hide_replica_graphs(
     named_shared: Sequence[tuple[str, torch.Tensor]] | None = None,
     per_replica: set[int] | frozenset[int] = frozenset(),
     stood_in: set[int] | frozenset[int] = frozenset(),
+    compiled: bool = False,
 ) -> TensorsPerReplica | None:
     """``outputs[r]``, which replica r recorded from ``leaves[r]`` (standing for
     ``caller_inputs[r]``), as tensors the caller's autograd differentiates
@@ -235,7 +238,9 @@ def _hide_replica_graphs(
             _refuse_hooks(captured)
             leaves[r] = [*leaves[r], *captured]
             caller_inputs[r] = [*caller_inputs[r], *captured]
-    graphs = _ReplicaGraphs(executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams)
+    graphs = _ReplicaGraphs(
+        executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams, compiled
+    )
     graphs.summed_across_processes = shared_slots
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
@@ -365,8 +370,10 @@ class _ReplicaGraphs:
         input_counts: list[int],
         shared: bool = False,
         caller_streams: list[torch.cuda.Stream | None] | None = None,
+        compiled: bool = False,
     ) -> None:
         self.executor = executor  # the backward's tasks run where the forward ran
+        self.compiled = compiled  # the replicas ran compile= programs
         self.group = group
         self.leaves = leaves  # per replica: what its graph is differentiated with respect to
         self.outputs = outputs  # per replica: its tensor outputs
@@ -411,16 +418,28 @@ class _ReplicaGraphs:
         grads: list[torch.Tensor | None] = [None] * len(self.leaves[r])
         if pairs:
             outs, cots = zip(*pairs)
-            grads = list(
-                torch.autograd.grad(
-                    outs,
-                    self.leaves[r],
-                    cots,
-                    retain_graph=keep or self.shared,
-                    create_graph=create_graph,
-                    allow_unused=True,
+            # Compiled replicas run their backward in turns, as a backward inside a replica
+            # does (between compiled graphs, with the gate held): AOTAutograd compiles a
+            # graph's backward at its first run, without a lock, and every worker would
+            # compile the one backward graph they share at once (Inductor is not thread-safe).
+            # A collective in it gives the gate up while it waits, as in the forward.
+            gated = self.compiled and not DYNAMO_GATE.held()
+            if gated:
+                DYNAMO_GATE.enter()
+            try:
+                grads = list(
+                    torch.autograd.grad(
+                        outs,
+                        self.leaves[r],
+                        cots,
+                        retain_graph=keep or self.shared,
+                        create_graph=create_graph,
+                        allow_unused=True,
+                    )
                 )
-            )
+            finally:
+                if gated:
+                    DYNAMO_GATE.exit()
         if self.summed_across_processes:
             self._sum_shared_across_processes(r, grads, create_graph)
         return grads
@@ -535,6 +554,7 @@ def _differentiable_vjp(
         shared=True,
         caller_streams=graphs.caller_streams,
         shared_inputs=graphs.summed_across_processes,  # next_callers[r] begins with caller_inputs[r]
+        compiled=graphs.compiled,
     )
     if hidden is None:  # no gradient depends on anything that requires grad
         return grads

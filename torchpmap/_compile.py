@@ -310,17 +310,6 @@ def options_key(options: dict[str, Any]) -> tuple[Any, ...]:
     return hashable(options)
 
 
-def _backward_compiled_now() -> contextlib.AbstractContextManager[Any]:
-    """AOTAutograd compiles a graph's backward with its forward, here under the gate,
-    not lazily at its first run: that runs without a lock, and a backward from outside
-    a call runs every replica's at once on its worker, which would compile the one
-    backward graph they share n times at once (Inductor is not thread-safe)."""
-    config = torch._functorch.config
-    if not hasattr(config, "force_non_lazy_backward_lowering"):  # a PyTorch without the option
-        return contextlib.nullcontext()
-    return config.patch(force_non_lazy_backward_lowering=True)
-
-
 _compiles = threading.local()  # ``count``: graphs _gated_backend compiled on this thread
 
 
@@ -335,8 +324,7 @@ def _gated_backend(options: dict[str, Any]) -> Backend:
 
     def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         _compiles.count = compiles_on_this_thread() + 1
-        with _backward_compiled_now():
-            graph = inner(gm, example_inputs)
+        graph = inner(gm, example_inputs)
 
         def run_graph(*args: Any) -> Any:
             paused = DYNAMO_GATE.pause()
