@@ -190,28 +190,22 @@ def test_nccl_failing_for_one_dtype_leaves_the_others_on_nccl(cpu_nccl, monkeypa
     assert cpu_nccl.calls  # float32 still went through NCCL
 
 
-def test_running_out_of_memory_inside_nccl_is_the_callers_error(cpu_nccl, monkeypatch):
-    monkeypatch.setattr(_gpu_collectives, "_failed", set())
-
-    def full(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (communicator buffers)")
-
-    monkeypatch.setattr(cpu_nccl, "all_reduce", full)
-    with pytest.raises(torch.OutOfMemoryError):
-        _gpu_collectives.run(Collective("all_reduce", "sum"), _inputs((3,), torch.float32), devices(4), None)
-    assert not _gpu_collectives._failed  # a later call tries NCCL again
-
-
-def test_an_error_of_the_tensors_is_not_taken_for_nccl_failing(cpu_nccl, monkeypatch):
+@pytest.mark.parametrize("where", ["making the results", "inside the NCCL call"])
+def test_running_out_of_memory_is_the_callers_error_not_nccl_failing(cpu_nccl, monkeypatch, where):
+    # Inside the call: NCCL's communicator buffers, say; taken for NCCL being unusable, it
+    # turned NCCL off for good.
     monkeypatch.setattr(_gpu_collectives, "_failed", set())
 
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("out of memory")
 
-    monkeypatch.setattr(torch, "empty_like", no_memory)
+    if where == "making the results":
+        monkeypatch.setattr(torch, "empty_like", no_memory)
+    else:
+        monkeypatch.setattr(cpu_nccl, "all_reduce", no_memory)
     with pytest.raises(torch.OutOfMemoryError):
         _gpu_collectives.run(Collective("all_reduce", "sum"), _inputs((3,), torch.float32), devices(4), None)
-    assert not _gpu_collectives._failed
+    assert not _gpu_collectives._failed  # a later call tries NCCL again
 
 
 def test_the_switch_keeps_collectives_off_nccl(cpu_nccl, monkeypatch):

@@ -313,7 +313,7 @@ def options_key(options: dict[str, Any]) -> tuple[Any, ...]:
 _compiles = threading.local()  # ``count``: graphs _gated_backend compiled on this thread
 
 
-def compiles_on_this_thread() -> int:
+def _compiles_on_this_thread() -> int:
     return getattr(_compiles, "count", 0)
 
 
@@ -323,7 +323,7 @@ def _gated_backend(options: dict[str, Any]) -> Backend:
     inner = requested_backend(options)
 
     def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-        _compiles.count = compiles_on_this_thread() + 1
+        _compiles.count = _compiles_on_this_thread() + 1
         graph = inner(gm, example_inputs)
 
         def run_graph(*args: Any) -> Any:
@@ -411,10 +411,10 @@ class CompiledReplicas:
                 return fun(*args, **kwargs)
             DYNAMO_GATE.enter()
             try:
-                before = compiles_on_this_thread()
+                before = _compiles_on_this_thread()
                 with _random.hidden_from_dynamo(), capture_config(eager_rounding=False, constant_floats=True):
                     out = compiled(*args, **kwargs)
-                recompiles.after_call(compiles_on_this_thread(), before, args, kwargs, fun, "compile=")
+                recompiles.after_call(_compiles_on_this_thread(), before, args, kwargs, fun, "compile=")
                 return out
             except torch._dynamo.exc.TorchDynamoException as e:
                 if _user_exception_while_tracing(e):
