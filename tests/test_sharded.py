@@ -1202,6 +1202,25 @@ def test_numpy_arrays_of_temporary_views_are_read_only():
     converted[0, 0] = 1.0
 
 
+def test_memory_of_a_sharded_tensor_is_not_handed_out_as_a_temporary():
+    # x.untyped_storage(), x.storage() and torch.from_dlpack(x) gave the memory of a temporary
+    # full tensor: a write through them was lost without a word (found by a hunt). They raise
+    # (DLPack unless a copy is asked for); a shard's own memory is still one's to write.
+    x = tp.pmap(lambda r: r * 1, devices=tp.devices()[:4])(torch.zeros(4, 3))
+    for get in (lambda: x.untyped_storage(), lambda: x.storage()):
+        with pytest.raises(TypeError, match=r"storage\(\) of a ShardedTensor: .*x.shards\[i\].untyped_storage\(\)"):
+            get()
+    for export in (lambda: torch.from_dlpack(x), lambda: np.from_dlpack(x), lambda: torch.from_dlpack(x.detach())):
+        with pytest.raises(BufferError, match=r"DLPack export of a .*ShardedTensor.*pass copy=True"):
+            export()
+    own = torch.from_dlpack(x.T, copy=True)
+    torch.testing.assert_close(own, x.unshard().T)
+    own.fill_(5.0)  # a copy of one's own
+    torch.from_dlpack(x.shards[1]).fill_(2.0)  # a shard's memory: shared
+    assert x.unshard()[1].eq(2).all() and x.unshard()[[0, 2, 3]].eq(0).all()
+    assert x.shards[2].untyped_storage().nbytes() > 0
+
+
 def test_torch_func_transforms_of_functions_of_a_sharded_tensor():
     # The view guard asked functorch's wrappers for their storage: grad/vmap of a function
     # closing over a ShardedTensor raised (found by a hunt), as jvp/jacfwd of one did.

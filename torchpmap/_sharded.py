@@ -490,6 +490,7 @@ class ShardedTensor(torch.Tensor):
             return _set_attribute(func, args)
         if func is torch.Tensor.requires_grad_:
             return _set_requires_grad(*args, **kwargs)
+        _refuse_memory_escapes(func, kwargs, "a ShardedTensor")
         done, result = _update_shards_directly(func, args, kwargs)
         if done:
             return result
@@ -676,6 +677,8 @@ class _TemporaryView(torch.Tensor):
         if any(issubclass(t, ShardedTensor) for t in types):
             return NotImplemented  # ShardedTensor runs it, and guards what it returns
         _refuse_writes_to_views(func, args, kwargs)
+        if func is torch.Tensor.__dlpack__:  # (not its storage: torch.compile's fake tensors read that)
+            _refuse_memory_escapes(func, kwargs, "a view of a temporary copy of a ShardedTensor (x.T, x.detach())")
         if torch.compiler.is_compiling():
             return _run_while_compiling(func, args, kwargs)
         views = [v for v in tree_leaves((args, kwargs)) if isinstance(v, _TemporaryView)]
@@ -844,6 +847,28 @@ def _refuse_writes_to_views(func: Callable[..., Any], args: Sequence[Any], kwarg
     name, targets = _write_targets(func, args, kwargs)
     if any(isinstance(v, _TemporaryView) for v in tree_leaves(targets)):
         raise TypeError(_lost_write_message(f"{name} would write into"))
+
+
+# Ways to reach a tensor's memory that no op sees: a write through them could not be
+# refused, and a ShardedTensor's full tensor (and its views) is a temporary copy.
+_STORAGE_GETTERS = {torch.Tensor.untyped_storage, torch.Tensor.storage, torch.Tensor._typed_storage}
+
+
+def _refuse_memory_escapes(func: Callable[..., Any], kwargs: dict[str, Any], what: str) -> None:
+    """Raise if ``func`` hands out the memory of ``what`` (its storage, or a DLPack capsule
+    that is not a copy): what is written there would be lost with the temporary, unseen."""
+    if func in _STORAGE_GETTERS:
+        raise TypeError(
+            f"{_op_name(func)}() of {what}: its memory would be a temporary copy, where a write is lost; use a "
+            f"shard's (x.shards[i].untyped_storage()), or x.unshard() for a tensor of your own"
+        )
+    if func is torch.Tensor.__dlpack__ and kwargs.get("copy") is not True:
+        # (BufferError, as the array API says for an export that would need a copy;
+        # torch.from_dlpack retries a TypeError with other arguments.)
+        raise BufferError(
+            f"DLPack export of {what}: it can only be exported as a copy, which a write meant for it would not "
+            f"reach; pass copy=True (torch.from_dlpack(x, copy=True)), or export one shard (x.shards[i])"
+        )
 
 
 def _write_targets(func: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> tuple[str, list[Any]]:
