@@ -357,6 +357,33 @@ def test_a_draw_inside_a_checkpoint_that_no_backward_recomputes_is_fine(reentran
     assert (y == 0).any()  # the dropout dropped
 
 
+@pytest.mark.threads_only
+def test_a_checkpoint_around_a_collective_that_preserves_the_rng_state_is_named_in_the_warning():
+    # Each replica's recomputation saves, sets and restores PyTorch's one CPU generator around a
+    # collective that waits for the others, so the caller's state after the backward depended on
+    # thread order; the warning blamed a draw the replicas never made. It now says what to pass.
+    def step(x, preserve):
+        block = lambda v: (tp.psum(v, "i").tanh() * v).sum()  # noqa: E731
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, preserve_rng_state=preserve)
+
+    pf = tp.pmap(step, "i", devices=devices(4), static_broadcasted_argnums=1)
+    for preserve in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            for _ in range(8):  # (with preserve, the state is left alone only when the right replica restores last)
+                out = pf(torch.randn(4, 8, requires_grad=True), preserve)
+                torch.rand(3)  # the caller draws between the forward and the backward
+                state = torch.get_rng_state()
+                out.sum().backward()
+                if not preserve:
+                    assert torch.equal(torch.get_rng_state(), state)
+        messages = [str(c.message) for c in caught if "random" in str(c.message)]
+        if preserve:
+            assert messages and all("pass preserve_rng_state=False to a checkpoint" in m for m in messages)
+        else:
+            assert not messages
+
+
 @pytest.mark.parametrize("name", ["threads", "stacked"])
 def test_a_checkpointed_function_that_draws_nothing_gives_the_plain_gradients(name):
     # Non-reentrant only: autograd through the call differentiates each replica with

@@ -252,7 +252,7 @@ class CallRandomness:
                 f"drew from PyTorch's shared generator ({where}) in thread order: this call's numbers are "
                 "not reproducible. From now on every call gives each replica its own stream. To have that "
                 "from the first call, make the first call draw (e.g. call it in train() mode first). "
-                "(Another thread drawing random numbers during the call also triggers this warning.)",
+                f"{_CHECKPOINT_HINT}",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -262,10 +262,19 @@ class CallRandomness:
             "torchpmap does not intercept (a function it does not know draws, or torch.manual_seed or "
             "set_rng_state inside the replica), so those numbers depend on thread timing and are not "
             "reproducible. Pass generator= to that function, or set the state outside the pmapped "
-            "function. (Another thread drawing random numbers during the call also triggers this warning.)",
+            f"function. {_CHECKPOINT_HINT}",
             RuntimeWarning,
             stacklevel=4,
         )
+
+
+# The other ways than a draw for a call to change a default generator's state.
+_CHECKPOINT_HINT = (
+    "torch.utils.checkpoint's recomputation also saves and restores that generator (preserve_rng_state=True, "
+    "its default), which replicas on threads do at once: pass preserve_rng_state=False to a checkpoint in a "
+    "pmapped function (a replica may not draw inside one anyway). Another thread drawing random numbers during "
+    "the call also triggers this warning."
+)
 
 
 class ReplicaRandomness(TorchFunctionMode):
