@@ -168,6 +168,23 @@ def test_padding_rows_are_left_out_of_the_statistics_with_a_mask():
     tp.assert_replicas_identical(models, opts)
 
 
+@pytest.mark.parametrize("flag", [2.0, -1.0, 0.5])
+def test_a_mask_is_a_flag_per_row_not_a_weight(flag):
+    # A float mask of -1 gave NaN outputs and one of 2 a wrong running variance, silently: it was
+    # used as a weight (found by a hunt). Any nonzero entry keeps its row, as True does.
+    x = torch.randn(N, 6, 3, dtype=torch.float64)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool).expand(N, 6)
+
+    def run(mask):
+        bn = tp.replicate(tp.SyncBatchNorm(3, "i").double(), devices=devices(N))
+        out = tp.pmap(lambda m, v, k: m(v, k), "i")(bn, x, mask)
+        return out.unshard(), bn[0].running_mean, bn[0].running_var
+
+    expected = run(keep)
+    for got, want in zip(run(torch.where(keep, flag, 0.0).double()), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_eval_mode_uses_running_stats_without_collectives(monkeypatch):
     model = tp.convert_sync_batchnorm(make_cnn(), "i")
     model[1].running_mean.uniform_()

@@ -603,6 +603,32 @@ def test_mistakes_are_reported_before_anything_runs(make_call, error, match):
     assert calls == []
 
 
+@pytest.mark.parametrize(
+    "make, kind",
+    [
+        (lambda: torch.eye(4).to_sparse(), "a sparse_coo tensor"),
+        (lambda: torch.eye(4).to_sparse_csr(), "a sparse_csr tensor"),
+        (lambda: torch.nested.nested_tensor([torch.ones(k + 1) for k in range(4)]), "a nested tensor"),
+        (lambda: torch.ones(4, 4, device="meta"), "a meta tensor"),
+    ],
+)
+def test_a_mapped_tensor_without_slices_is_refused_naming_it(make, kind):
+    # A sparse COO input ran once on the threads and then failed inside the stacked executor
+    # ("copy_() between dense and sparse"); CSR, nested and meta ones failed deep inside the call
+    # (found by a hunt). Checked on every call: a dense call first makes the plan they share.
+    f = tp.pmap(lambda v, w: w * 2, devices=_devices(4))
+    for _ in range(3):
+        f(torch.zeros(4, 4), torch.ones(4, 4))
+    for x in (make(), {"a": make()}):
+        start = time.monotonic()
+        with pytest.raises(ValueError, match=rf"cannot map over args\[1\](\['a'\])?, {kind}: a mapped argument must"):
+            f(torch.zeros(4, 4), x)
+        assert time.monotonic() - start < 1
+    sparse = torch.eye(4).to_sparse()  # broadcast as it is: fine
+    g = tp.pmap(lambda v, w: w * v.to_dense()[0], in_axes=(None, 0), devices=_devices(4))
+    torch.testing.assert_close(g(sparse, torch.ones(4, 4)).unshard(), torch.eye(4)[0].expand(4, 4))
+
+
 @pytest.mark.skipif(ON_CUDA, reason="the hint is for virtual CPU devices")
 def test_too_many_replicas_hint_names_the_env_var():
     n = tp.local_device_count() + 1

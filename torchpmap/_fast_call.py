@@ -140,7 +140,9 @@ class FastCall:
                     return None
                 buffer = _stacked.sharded_buffer(leaf)
             else:
-                if type(leaf) is not torch.Tensor or leaf.ndim <= axis or leaf.shape[axis] != n:
+                if type(leaf) is not torch.Tensor or leaf.layout is not torch.strided or leaf.is_nested:
+                    return None  # (the general path refuses sparse and nested tensors)
+                if leaf.ndim <= axis or leaf.shape[axis] != n:
                     return None
                 buffer = None if slices_overlap(leaf, axis) else _stacked.mapped_buffer(leaf, axis, self.device)
                 if buffer is leaf:

@@ -637,6 +637,8 @@ class Pmapped:
         n: int | None = None
         first: int | None = None  # the leaf n comes from
         for j in plan.mapped:
+            if plan.kinds[j] == _TENSOR:
+                _refuse_unmappable(leaves[j], plan.paths[j])
             size = leaves[j].shape[plan.axes[j]]
             if n is None:
                 n, first = size, j
@@ -1028,6 +1030,24 @@ def _leaf_kinds(leaves: list[Any]) -> tuple[tuple[type, int | None], ...]:
     leaf (a deleted one raises where the call reads its buffers)."""
     with torch._C.DisableTorchFunctionSubclass():
         return tuple((type(v), getattr(v, "ndim", None)) for v in leaves)
+
+
+def _refuse_unmappable(leaf: torch.Tensor, path: str) -> None:
+    """A mapped tensor is split into slices that are views (or rows of one buffer):
+    refuse those that have none, before anything fails deep inside the call. (Per
+    call: the plan is keyed by type and rank only.)"""
+    if leaf.is_nested:
+        kind, hint = "a nested tensor", f" (torch.nested.to_padded_tensor({path}, 0) makes one)"
+    elif leaf.layout is not torch.strided:
+        kind, hint = f"a {str(leaf.layout).removeprefix('torch.')} tensor", f" ({path}.to_dense() makes one)"
+    elif leaf.is_meta:
+        kind, hint = "a meta tensor", ""
+    else:
+        return
+    raise ValueError(
+        f"pmap: cannot map over {path}, {kind}: a mapped argument must be a dense tensor with data, "
+        f"which pmap splits along its mapped axis{hint}"
+    )
 
 
 def _refuse_function_transforms(fun_name: str) -> None:

@@ -40,7 +40,8 @@ class SyncBatchNorm(_BatchNorm):
 
     ``forward(input, mask=None)``: ``mask`` (shape ``(N,)``, bool or 0/1, as
     ``shard_batch(..., pad=True)`` returns it per replica) leaves the rows where
-    it is false out of the statistics; those rows are still normalised. A
+    it is false (zero) out of the statistics; those rows are still normalised.
+    It is a flag, not a weight: every nonzero entry keeps its row. A
     batch whose mask leaves at most one value per channel over the axis (the
     last batch of an epoch with one sample) leaves the running statistics as
     they were: the unbiased variance needs two values. Unmasked, that raises.
@@ -166,7 +167,8 @@ def _row_weights(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             f"SyncBatchNorm: mask must be a tensor of shape (N,) = ({x.shape[0]},), one flag per row of "
             f"this replica's input, got {shape}"
         )
-    return mask.detach().to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+    # A flag per row: a float mask of -1 or 2 used as a weight gave NaN or a wrong count, silently.
+    return (mask.detach() != 0).to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def _check_enough_values(count: int) -> None:
