@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import torchpmap as tp
-from torchpmap import _devices
+from torchpmap import _config, _devices
 
 HAS_CUDA = _devices.platform() == "cuda"  # what pmap runs on, not whether a GPU exists
 cpu_only = pytest.mark.skipif(HAS_CUDA, reason="virtual CPU devices are only used when there is no GPU")
@@ -307,3 +307,13 @@ def test_an_unknown_platform_is_an_error(monkeypatch, value):
 def test_platform_unset_or_empty_follows_the_machine(monkeypatch):
     monkeypatch.setenv("TORCHPMAP_PLATFORM", "")
     assert _devices.platform() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_the_executor_variable_reads_as_the_platform_variable(monkeypatch):
+    # TORCHPMAP_PLATFORM=CPU was accepted, TORCHPMAP_EXECUTOR=STACKED refused (found by a hunt).
+    monkeypatch.setattr(_config, "_executor", None)
+    monkeypatch.setenv("TORCHPMAP_EXECUTOR", " Stacked ")
+    assert _config.executor_name() == "stacked"
+    monkeypatch.setenv("TORCHPMAP_EXECUTOR", "stack")
+    with pytest.raises(ValueError, match=r"TORCHPMAP_EXECUTOR must be one of .*got 'stack'"):
+        _config.executor_name()

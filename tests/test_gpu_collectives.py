@@ -213,3 +213,18 @@ def test_the_switch_keeps_collectives_off_nccl(cpu_nccl, monkeypatch):
     xs = _inputs((3,), torch.float32)
     got = _gpu_collectives.run(Collective("all_reduce", "sum"), xs, devices(4), None)
     assert torch.allclose(got[2], xs[0] + xs[1] + xs[2] + xs[3]) and cpu_nccl.calls == []
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("False", False), ("1", True), ("", True)])
+def test_the_nccl_switch_reads_the_usual_spellings(cpu_nccl, monkeypatch, value, on):
+    # Only "0" turned NCCL off: TORCHPMAP_NCCL=false left it on (found by a hunt).
+    monkeypatch.setenv("TORCHPMAP_NCCL", value)
+    xs = _inputs((3,), torch.float32)
+    _gpu_collectives.run(Collective("all_reduce", "sum"), xs, devices(4), None)
+    assert bool(cpu_nccl.calls) == on
+
+
+def test_an_unknown_nccl_switch_value_is_an_error(monkeypatch):
+    monkeypatch.setenv("TORCHPMAP_NCCL", "maybe")
+    with pytest.raises(ValueError, match=r"TORCHPMAP_NCCL must be 0 or 1 .*got 'maybe'"):
+        _gpu_collectives._nccl_switched_on()

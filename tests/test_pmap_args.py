@@ -106,6 +106,12 @@ def test_axis_name_as_first_argument_is_a_clear_error():
         (dict(devices=[]), r"devices must not be empty"),
         (dict(static_broadcasted_argnums="1"), r"static_broadcasted_argnums must be an int or a sequence of ints"),
         (dict(donate_argnums=[0.5]), r"donate_argnums must be an int or a sequence of ints"),
+        # (found by a hunt: these were accepted, and out_axes raised only after the replicas ran)
+        (dict(out_axes="a"), r"out_axes must be ints or None \(or a pytree of them\), got 'a'"),
+        (dict(out_axes=(0, 1.5)), r"out_axes must be ints or None \(or a pytree of them\), got \(0, 1.5\)"),
+        (dict(out_axes={"k": True}), r"out_axes must be ints or None"),
+        (dict(static_broadcasted_argnums=1), r"static_broadcasted_argnums entry 1 is out of range.*1 positional"),
+        (dict(compile=dict(mode="max-autotune", options={})), r"compile= takes mode or options, not both"),
     ],
 )
 def test_bad_options_are_reported_at_pmap_time(kwargs, match):
@@ -378,7 +384,15 @@ def test_non_hashable_static_argument(value, name):
 
 def test_static_argnum_out_of_range():
     with pytest.raises(ValueError, match=r"static_broadcasted_argnums entry 2 is out of range.*2 positional"):
-        tp.pmap(lambda r, s: r, static_broadcasted_argnums=2)(_rows(2, 3), 1)
+        tp.pmap(lambda r, s: r, static_broadcasted_argnums=2)
+    tp.pmap(lambda r, *s: r, static_broadcasted_argnums=(1, 2))(_rows(2, 3), 1, 2)  # *args: any position
+
+
+def test_a_static_tensor_is_refused():
+    # A tensor hashes by identity: every new one was another cache entry and capture (JAX
+    # refuses arrays there; found by a hunt).
+    with pytest.raises(ValueError, match=r"argnums argument 1 is a tensor, which hashes by identity"):
+        tp.pmap(lambda r, s: r * s, static_broadcasted_argnums=1)(_rows(2, 3), torch.tensor(2.0))
 
 
 def test_donate_argnum_out_of_the_signature_is_refused_by_pmap():

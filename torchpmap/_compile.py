@@ -188,6 +188,8 @@ def _check_options(compile: dict[str, Any]) -> None:
             raise TypeError(f"pmap: compile= {key} must be True, False or None, got {compile[key]!r}")
     if compile.get("options") is not None and not isinstance(compile["options"], dict):
         raise TypeError(f"pmap: compile= options must be a dict, got {compile['options']!r}")
+    if mode is not None and compile.get("options") is not None:  # torch.compile's own rule, said now
+        raise ValueError("pmap: compile= takes mode or options, not both (as torch.compile)")
 
 
 def _trampoline_factory(fun: Callable[..., Any]) -> Callable[..., Any]:

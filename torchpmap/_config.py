@@ -80,6 +80,7 @@ def executor_name() -> str:
     raw = os.environ.get(_ENV_EXECUTOR)
     if not raw:
         return "auto"
-    if raw not in EXECUTORS:
+    name = raw.strip().lower()  # as TORCHPMAP_PLATFORM reads its value
+    if name not in EXECUTORS:
         raise ValueError(f"{_ENV_EXECUTOR} must be one of {EXECUTORS}, got {raw!r}")
-    return raw
+    return name

@@ -71,7 +71,17 @@ def uses_nccl(collective: Collective, x: torch.Tensor) -> bool:
             return False
         if collective.op != "sum" and x.dtype not in _NCCL_MAX_MIN_DTYPES:
             return False
-    return os.environ.get(_ENV_SWITCH, "1") != "0" and nccl_built()
+    return _nccl_switched_on() and nccl_built()
+
+
+def _nccl_switched_on() -> bool:
+    raw = os.environ.get(_ENV_SWITCH, "")
+    value = raw.strip().lower()
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{_ENV_SWITCH} must be 0 or 1 (or false/true, off/on), got {raw!r}")
 
 
 def _nccl_applies(

@@ -272,7 +272,10 @@ class Pmapped:
                 f"positional argument, got {in_axes!r}"
             )
         if not is_axis_spec(out_axes):
-            tree_flatten(out_axes, is_leaf=is_axis_spec)  # validated against outputs
+            # Its structure is checked against the outputs; its entries now, as in_axes' are.
+            for entry in tree_flatten(out_axes, is_leaf=is_axis_spec)[0]:
+                if not is_axis_spec(entry):
+                    raise TypeError(f"pmap: out_axes must be ints or None (or a pytree of them), got {out_axes!r}")
         if axis_size is not None and (
             isinstance(axis_size, bool) or not isinstance(axis_size, numbers.Integral) or axis_size < 1
         ):
@@ -289,6 +292,7 @@ class Pmapped:
         self._static = _argnums(static_broadcasted_argnums, "static_broadcasted_argnums")
         self._donate = _argnums(donate_argnums, "donate_argnums")
         _check_in_signature(fun, self._donate, "donate_argnums")
+        _check_in_signature(fun, self._static, "static_broadcasted_argnums")
         self._devices = devices
         self._devices_checked_for: tuple[torch.device, ...] | None = None  # the local devices they were checked against
         # Declared: mypy does not count int as a numbers.Integral, so after the check
@@ -326,11 +330,18 @@ class Pmapped:
             dyn_args = tuple(a for i, a in enumerate(args) if i not in static_pos)
             try:
                 hash(static_vals)
+                if any(isinstance(v, torch.Tensor) for v in static_vals):
+                    raise TypeError  # hashed by identity: every new tensor another cache entry and capture
             except TypeError:
-                bad = next(i for i in static_pos if not _hashable(args[i]))
+                bad = next(i for i in static_pos if isinstance(args[i], torch.Tensor) or not _hashable(args[i]))
+                what = (
+                    "is a tensor, which hashes by identity (every new tensor would be captured anew, as JAX refuses "
+                    "arrays there)"
+                    if isinstance(args[bad], torch.Tensor)
+                    else f"must be hashable, got {type(args[bad]).__name__}"
+                )
                 raise ValueError(
-                    f"pmap: static_broadcasted_argnums argument {bad} must be hashable, got "
-                    f"{type(args[bad]).__name__}; pass it as a regular argument with "
+                    f"pmap: static_broadcasted_argnums argument {bad} {what}; pass it as a regular argument with "
                     f"in_axes=None instead"
                 ) from None
         else:
