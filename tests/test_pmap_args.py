@@ -3,6 +3,7 @@ out_axes, static and donated arguments, devices and axis_size, the errors for
 every mistake, and the per-signature plan cache."""
 
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -88,6 +89,24 @@ def test_decorator_forms():
     torch.testing.assert_close(named(x).unshard(), x.sum(0).expand(4, 3))
     torch.testing.assert_close(positional_name(x).unshard(), x.sum(0) - x)
     torch.testing.assert_close(keyword(x).unshard(), x.sum(0) - x)
+
+
+def test_pmap_of_a_pmap_or_of_its_wrapper_is_nested_pmap():
+    # pmap copied its function's __dict__ over its own attributes: pmap(pmap(f, "j"), "i") became
+    # pmap(f, "j"), summing over the outer axis with the outer options lost, silently (found by a hunt).
+    inner = tp.pmap(lambda y: tp.psum(y, "j"), "j")
+    with pytest.raises(NotImplementedError, match="nested pmap is not supported: pmap of a pmapped function"):
+        tp.pmap(inner, "i")
+
+    @functools.wraps(inner)
+    def wrapper(y):
+        return inner(y)
+
+    wrapper.note = "kept"
+    outer = tp.pmap(wrapper, "i", in_axes=1)
+    assert outer._axis_name == "i" and outer._in_axes == 1 and outer.note == "kept"
+    with pytest.raises(NotImplementedError, match="nested pmap is not supported"):
+        outer(torch.ones(2, 2, 3))
 
 
 def test_axis_name_as_first_argument_is_a_clear_error():

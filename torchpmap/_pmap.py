@@ -262,6 +262,11 @@ class Pmapped:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
+        if isinstance(fun, Pmapped):
+            raise NotImplementedError(
+                "nested pmap is not supported: pmap of a pmapped function. Map the inner function with "
+                "torch.vmap, or flatten both axes into one pmap."
+            )
         if axis_name is not None and not (isinstance(axis_name, str) and axis_name):
             raise TypeError(f"pmap: axis_name must be a non-empty string or None, got {axis_name!r}")
         if isinstance(in_axes, list):
@@ -309,7 +314,11 @@ class Pmapped:
         self._calls = 0  # every call, fast or not: the periodic checks of _watch_reached
         options = normalize_options(compile)
         self._compiled = None if options is None else CompiledReplicas(fun, options, self._fun_name)
-        functools.update_wrapper(self, fun)
+        # fun's attributes, but not over this object's own: a wrapper of a pmap has the same
+        # names (update_wrapper's default overwrote them: the outer pmap became the inner one).
+        functools.update_wrapper(self, fun, updated=())
+        for name, value in getattr(fun, "__dict__", {}).items():
+            self.__dict__.setdefault(name, value)
 
     def __repr__(self) -> str:
         return f"<pmap of {self._fun_name} axis_name={self._axis_name!r}>"
