@@ -1076,6 +1076,30 @@ def test_hooks_on_a_sharded_tensor_raise_instead_of_never_running(method):
         getattr(y, method)(*args)
 
 
+def test_a_sharded_tensor_returned_by_an_autograd_function_raises_when_read():
+    # Autograd records a Function's output on the wrapper, whose shards know nothing of it:
+    # checkpoint(pmapped, x, use_reentrant=True).sum() + (x ** 2).sum() gave the gradient 2x,
+    # without pmap's term (found by a hunt).
+    p = tp.pmap(lambda v: v * 3, devices=tp.devices()[:4])
+
+    class Scaled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, v):
+            return p(v)
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 3
+
+    x = torch.randn(4, 3, requires_grad=True)
+    for out in (torch.utils.checkpoint.checkpoint(p, x, use_reentrant=True), Scaled.apply(x)):
+        for use in (lambda o: o.sum(), lambda o: o.shards, lambda o: o.unshard(), lambda o: p(o)):
+            with pytest.raises(RuntimeError, match=r"returned by a torch.autograd.Function \(\w+Backward"):
+                use(out)
+    torch.utils.checkpoint.checkpoint(p, x, use_reentrant=False).sum().backward()  # records the shards
+    torch.testing.assert_close(x.grad, torch.full((4, 3), 3.0))
+
+
 def test_reading_grad_of_a_sharded_tensor_whose_shards_have_gradients_raises():
     # torch.optim.SGD([st]) read st.grad as None and silently skipped every step.
     devs = tp.devices()[:4]

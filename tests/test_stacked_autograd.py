@@ -756,3 +756,21 @@ def test_writing_a_value_that_requires_grad_into_an_input_runs_as_on_the_threads
             x, buf = x0.clone().requires_grad_(), torch.zeros(4, 3)
             pg(x, buf).sum().backward()
             torch.testing.assert_close(x.grad, x0.cos() * 2 * x0)
+
+
+@pytest.mark.parametrize("name", ["stacked", "auto"])
+def test_non_reentrant_checkpoint_around_a_call_recomputes_it_stacked(name):
+    # The checkpoint's pack hook ends its recomputation early by raising; the stacked executor took
+    # that for a failure of the batched graph, ran the call again on the threads, whose saves the
+    # checkpoint refused ("target_frame.early_stop is set") (found by a hunt).
+    w = torch.randn(3, 3, dtype=torch.float64)
+    pf = pm(lambda v: (tp.psum(v, "i") @ w).tanh() * v)
+    x = torch.randn(N, 3, dtype=torch.float64, requires_grad=True)
+    with executor("threads"):
+        expected = torch.autograd.grad((pf(x) * x).sum(), x)[0]
+    with executor(name), warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback
+        for _ in range(3):
+            out = torch.utils.checkpoint.checkpoint(pf, x, use_reentrant=False)
+            got = torch.autograd.grad((out * x).sum(), x)[0]
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -319,10 +319,22 @@ class ShardedTensor(torch.Tensor):
         return ShardedTensor.from_stacked(buffers, self._devices, self._axis)
 
     def _check_alive(self) -> None:
+        """Raise if the shards are not what the ShardedTensor stands for (every read of them checks)."""
         if self._deleted:
             raise DeletedShardedTensorError(
                 "this ShardedTensor was donated to a pmap call (donate_argnums) or "
                 "deleted, so its buffers may have been reused; use the call's result instead"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            history = self.grad_fn
+        if history is not None:
+            # Autograd recorded the wrapper, whose shards know nothing of it: a gradient through
+            # them would silently miss that Function's backward.
+            raise RuntimeError(
+                f"this ShardedTensor was returned by a torch.autograd.Function ({type(history).__name__}; "
+                f"torch.utils.checkpoint(..., use_reentrant=True) is one), which records its history on the "
+                f"ShardedTensor, not on its shards, where torchpmap reads it: its gradient would be lost. Return "
+                f"x.unshard() from the Function, or use torch.utils.checkpoint(..., use_reentrant=False)"
             )
 
     # The shards carry autograd, not the wrapper: setting it sets it on every shard.

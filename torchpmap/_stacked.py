@@ -48,6 +48,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
+import torch.utils.checkpoint
 from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
@@ -1045,6 +1046,13 @@ def run_capture(
             streams.rewind()
         raise
     except Exception as e:
+        if isinstance(_cause(e), _STOP_RECOMPUTATION):
+            # Non-reentrant checkpoint's recomputation of a call has what its backward needs:
+            # its pack hook stops it, as it stops any recomputation (no fallback: the threads
+            # would save again, which the checkpoint refuses).
+            if streams is not None:
+                streams.rewind()
+            raise _cause(e) from None
         if state.wrote_inputs():
             # The threads would apply the writes a second time: the error is the call's.
             note = (
@@ -1154,6 +1162,10 @@ def _inside_functional_optimizer_step(e: BaseException) -> bool:
 
 
 _OPTIM_DIR = torch.optim.__file__.rsplit("__init__.py", 1)[0]
+
+
+# Raised by torch.utils.checkpoint's pack hook to end a recomputation early (private to PyTorch).
+_STOP_RECOMPUTATION: Any = getattr(torch.utils.checkpoint, "_StopRecomputationError", ())
 
 
 def _cause(e: BaseException) -> BaseException:
