@@ -174,3 +174,24 @@ def test_a_gather_of_the_callers_dual_tensors_carries_their_tangents(executor):
         tangent = fwAD.unpack_dual(out).tangent
     tangent = tangent.unshard() if isinstance(tangent, tp.ShardedTensor) else tangent
     torch.testing.assert_close(tangent[0], x.cos() * t)
+
+
+@pytest.mark.parametrize("collective", ["all_gather", "ppermute"])
+def test_compiled_replicas_run_the_callers_dual_tensors_eagerly(collective):
+    # A compile= replica's graph sees primals: the gathers' and permutations' tangents, which
+    # their kernels move eagerly, came out zero without an error (threads, and the default's
+    # fallbacks to them; found by a hunt). Such calls run eagerly, with a warning.
+    _config._executor = "threads"
+    x, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    if collective == "all_gather":
+        fn = lambda v: tp.all_gather(v.sin(), "i").sum(0) * v  # noqa: E731
+        want = (x.cos() * t).sum(0) * x + x.sin().sum(0) * t
+    else:
+        fn = lambda v: tp.ppermute(v.sin(), "i", [(i, (i + 1) % 4) for i in range(4)]) * v  # noqa: E731
+        want = x.sin().roll(1, 0) * t + (x.cos() * t).roll(1, 0) * x
+    f = pmap_k(fn, 4, compile=dict(backend="aot_eager"))
+    with pytest.warns(RuntimeWarning, match="inputs carry forward-mode tangents"):
+        for _ in range(2):
+            with fwAD.dual_level():
+                tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
+            torch.testing.assert_close(torch.as_tensor(tangent), want)

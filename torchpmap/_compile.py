@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.modules.module as _module_hooks
 from torch.utils._pytree import tree_leaves
 
@@ -450,6 +451,13 @@ def _why_eager(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         return (
             f"{GLOBAL_HOOKS_REASON}, which compiled code would not see if added later; calls run eagerly while they are"
         )
+    if _forward_ad._current_level >= 0 and any(
+        isinstance(v, torch.Tensor) and _forward_ad.unpack_dual(v).tangent is not None
+        for v in tree_leaves((args, kwargs))
+    ):
+        # The compiled graph sees primals: the collectives' kernels, which move tangents
+        # eagerly, would drop them without an error.
+        return "its inputs carry forward-mode tangents (forward_ad, torch.func.jvp), which run eagerly"
     return None
 
 
