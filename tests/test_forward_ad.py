@@ -4,6 +4,8 @@ PyTorch's forward-AD levels are process-wide: replicas on worker threads that
 entered them at once took each other's level (zero tangents, "no level exists",
 "Nested forward mode AD is not supported"). They now enter one at a time."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import expect_error, pmap_k
@@ -195,3 +197,17 @@ def test_compiled_replicas_run_the_callers_dual_tensors_eagerly(collective):
             with fwAD.dual_level():
                 tangent = fwAD.unpack_dual(f(fwAD.make_dual(x, t))).tangent
             torch.testing.assert_close(torch.as_tensor(tangent), want)
+
+
+@pytest.mark.parametrize("executor", ["threads", "stacked", "lockstep"])
+def test_an_input_that_requires_grad_and_carries_a_tangent_is_a_clear_error(executor):
+    # Autograd through the call is a Function without a forward-mode rule: PyTorch's "You must
+    # implement the jvp function for custom autograd.Function", about torchpmap's (found by a hunt).
+    _config._executor = executor
+    f = pmap_k(lambda v: v.sin(), 4)
+    x = torch.randn(4, 3, requires_grad=True)
+    with fwAD.dual_level(), pytest.warns() if executor == "stacked" else contextlib.nullcontext():
+        with pytest.raises(RuntimeError, match="pmap: an input that requires grad also carries a forward-mode tangent"):
+            f(fwAD.make_dual(x, torch.ones(4, 3)))
+        tangent = fwAD.unpack_dual(f(fwAD.make_dual(x.detach(), torch.ones(4, 3)))).tangent  # forward mode alone
+    torch.testing.assert_close(torch.as_tensor(tangent), x.detach().cos())

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
@@ -242,8 +243,23 @@ def _hide_replica_graphs(
         executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams, compiled
     )
     graphs.summed_across_processes = shared_slots
+    _refuse_dual_inputs(caller_inputs)
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
+
+
+def _refuse_dual_inputs(caller_inputs: TensorsPerReplica) -> None:
+    """Autograd through a call is one Function with no forward-mode rule: refuse inputs that
+    carry tangents too, rather than PyTorch's "implement the jvp function" about our Function."""
+    if _forward_ad._current_level < 0:
+        return
+    if any(_forward_ad.unpack_dual(t).tangent is not None for per in caller_inputs for t in per):
+        raise RuntimeError(
+            "pmap: an input that requires grad also carries a forward-mode tangent (forward_ad.make_dual, "
+            "torch.func.jvp): autograd through a pmap call has no forward-mode rule, so forward and reverse "
+            "mode cannot be mixed through the call. Give the tangent to a detached input (x.detach()) for "
+            "forward mode, drop it for reverse mode, or apply both transforms inside the pmapped function."
+        )
 
 
 def _refuse_bypassed_stand_in(c: torch.Tensor) -> None:
