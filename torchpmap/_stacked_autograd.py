@@ -461,6 +461,12 @@ class _StackedCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
+            return _StackedCall._batched_backward(ctx, grads)
+        return _StackedCall._one_backward(ctx, grads)
+
+    @staticmethod
+    def _one_backward(ctx: Any, grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
         for t, version in ctx.watched:
             if t._version != version:
                 raise RuntimeError(
@@ -484,6 +490,38 @@ class _StackedCall(torch.autograd.Function):
                     "the threads executor (torchpmap.set_executor('threads'))."
                 ) from None
             raise
+
+    @staticmethod
+    def _batched_backward(ctx: Any, grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
+        """The backward of a batch of cotangents (``autograd.grad(..., is_grads_batched=True)``,
+        ``jacobian(vectorize=True)``: PyTorch's legacy vmap of the backward pass): one backward
+        per cotangent, the gradients batched again. (The programs are traced for plain
+        tensors: a batched one has no fake form.)"""
+        level = torch._C._vmapmode_increment_nesting() - 1  # the vmap's own level: read it, leave it as it was
+        torch._C._vmapmode_decrement_nesting()
+        # (A tensor batched at this level ignores the batch size; one that is not is broadcast.)
+        physical = [
+            torch._remove_batch_dim(g, level, 1, 0)
+            if g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
+            else None
+            if g is None
+            else g.unsqueeze(0)
+            for g in grads
+        ]
+        size = max(p.shape[0] for p in physical if p is not None)
+        per_cotangent = [
+            _StackedCall._one_backward(ctx, tuple(None if p is None else p[min(b, p.shape[0] - 1)] for p in physical))
+            for b in range(size)
+        ]
+        result: list[torch.Tensor | None] = []
+        for parts in zip(*per_cotangent):
+            if all(part is None for part in parts):
+                result.append(None)
+            else:
+                like = next(part for part in parts if part is not None)
+                full = torch.stack([torch.zeros_like(like) if part is None else part for part in parts])
+                result.append(torch._add_batch_dim(full, 0, level))
+        return tuple(result)
 
     @staticmethod
     def _backward(
