@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import enum
 import gc
+import logging
 import math
 import warnings
 
@@ -1418,3 +1419,23 @@ def test_a_float_argument_that_keeps_changing_is_named_once(executor_name):
             p = g(p, torch.tensor(0.5**step))  # one capture serves every value
             p = g(p, 0.25)  # the same float every call: captured once
     assert not [w for w in caught if "Python float" in str(w.message)]
+
+
+def test_a_capture_of_a_failing_op_logs_no_traceback():
+    # Capturing `v @ w` with mismatched shapes logged a 20-line traceback from the fake-tensor
+    # module before the eager run raised the error itself (found by a hunt).
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    logger.addHandler(handler)
+    try:
+        f = tp.pmap(lambda v: v @ torch.ones(4, 4), devices=devices(2))
+        with executor("stacked"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match="cannot be multiplied"):
+                    f(torch.ones(2, 3))
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "failed while attempting to run meta" in r.getMessage()]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import threading
 import time
 import types
@@ -98,6 +99,7 @@ def capture_config(*, eager_rounding: bool, constant_floats: bool = False) -> It
     forward-AD region) and may end in any order: the newest open scope's settings
     apply, and the caller's come back when the last one ends."""
     scope = _ConfigScope(eager_rounding, constant_floats)
+    _quiet.depth = getattr(_quiet, "depth", 0) + 1
     with _config_lock:
         if not _open_scopes:
             config = torch._dynamo.config
@@ -111,9 +113,23 @@ def capture_config(*, eager_rounding: bool, constant_floats: bool = False) -> It
     try:
         yield
     finally:
+        _quiet.depth -= 1
         with _config_lock:
             _open_scopes.remove(scope)
             _apply_config()
+
+
+# Inside a capture a failing op (the user's shape mistake, traced on fake tensors) makes the
+# fake-tensor module log its traceback at ERROR level; the call then runs eagerly and raises
+# the error itself. The log says nothing more, so this thread's captures leave it out.
+_quiet = threading.local()
+
+
+def _not_a_capture_meta_failure(record: logging.LogRecord) -> bool:
+    return not (getattr(_quiet, "depth", 0) and record.msg == "failed while attempting to run meta for %s")
+
+
+logging.getLogger("torch._subclasses.fake_tensor").addFilter(_not_a_capture_meta_failure)
 
 
 class _ConfigScope:

@@ -1138,8 +1138,9 @@ def capture_failure(e: BaseException) -> str:
     """The reason of a failed capture, naming the error that caused it (``_cause``)."""
     if _inside_functional_optimizer_step(e):  # (Dynamo's own words name an optimizer internal)
         return (
-            "capture failed: functional_optimizer steps this optimizer through a torch.optim object, which "
-            "a capture leaves out (SGD steps are captured, unless fused, sparse or under global step hooks)"
+            "capture failed: functional_optimizer steps only SGD in a capture (unless fused, sparse or under "
+            "global step hooks); others step eagerly (Adam's and AdamW's bias corrections, traced, would round "
+            "otherwise than eager's)"
         )
     return f"capture failed {_describe(_cause(e))}"
 
