@@ -1087,3 +1087,21 @@ def test_a_sharded_tensor_being_donated_cannot_be_donated_by_another_threads_cal
         go.set()
         call.join()
     assert torch.equal(first[0].unshard(), torch.ones(2, 3))
+
+
+@pytest.mark.skipif(ON_CUDA, reason="an int names a GPU there")
+def test_device_and_array_mistakes_name_the_argument():
+    # Each gave PyTorch's message alone (an accelerator error, an overload list, numpy's dtype
+    # list), and unshard("cpu:99") was accepted (found by a hunt).
+    with pytest.raises(ValueError, match=r"pmap: devices\[0\] is 0, a GPU's index, but PyTorch sees no GPU here"):
+        tp.pmap(lambda v: v, devices=[0, 1])
+    with pytest.raises(ValueError, match=r"pmap: devices\[1\] is None, which is not a device \(a torch.device"):
+        tp.pmap(lambda v: v, devices=["cpu:0", None])
+    with pytest.raises(TypeError, match=r"pmap: args\[0\]\['a'\] is a numpy array of dtype object"):
+        tp.pmap(lambda t: t)({"a": np.array([object()] * 2)})
+    y = tp.pmap(lambda v: v * 2, devices=_devices(2))(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"unshard: device is 3, a GPU's index"):
+        y.unshard(3)
+    with pytest.raises(ValueError, match=r"unshard: device is cpu:99, which is not one of this process's devices"):
+        y.unshard("cpu:99")
+    torch.testing.assert_close(y.unshard("cpu"), torch.full((2, 3), 2.0))

@@ -742,7 +742,7 @@ class Pmapped:
         for j, (leaf, kind, axis) in enumerate(zip(leaves, plan.kinds, plan.axes)):
             if kind == _NUMPY:
                 read_only = isinstance(leaf, np.ndarray) and not leaf.flags.writeable
-                leaf = _numpy_as_tensor(leaf)
+                leaf = _numpy_as_tensor(leaf, plan.paths[j])
                 kind = _TENSOR
                 if read_only:  # a copy (torch shares no read-only memory): a write would be lost
                     _watch(shared, j, leaf, _READ_ONLY_ARRAY)
@@ -1083,13 +1083,16 @@ def _refuse_function_transforms(fun_name: str) -> None:
         )
 
 
-def _numpy_as_tensor(a: np.ndarray | np.generic) -> torch.Tensor:
-    if isinstance(a, np.ndarray):
-        if not a.flags.writeable:  # (np.asarray of a ShardedTensor): torch would write into it
-            a = a.copy()
-        # ascontiguousarray makes a 0-d array 1-d: reshape back.
-        return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
-    return torch.as_tensor(a)
+def _numpy_as_tensor(a: np.ndarray | np.generic, path: str) -> torch.Tensor:
+    try:
+        if isinstance(a, np.ndarray):
+            if not a.flags.writeable:  # (np.asarray of a ShardedTensor): torch would write into it
+                a = a.copy()
+            # ascontiguousarray makes a 0-d array 1-d: reshape back.
+            return torch.from_numpy(np.ascontiguousarray(a).reshape(a.shape))
+        return torch.as_tensor(a)
+    except TypeError as e:  # (an object or string array)
+        raise TypeError(f"pmap: {path} is a numpy array of dtype {a.dtype}, which torch cannot hold: {e}") from None
 
 
 # A tensor input no replica may write in place: (leaf index, the tensor, its

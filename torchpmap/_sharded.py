@@ -49,7 +49,7 @@ import torch
 from torch.utils._pytree import PyTree, tree_leaves, tree_map
 
 from . import _transfers
-from ._devices import default_devices, device_str, usable_devices
+from ._devices import default_devices, device_str, usable_device, usable_devices
 from ._layout import Layout, Storage, device_groups, mapped_layout
 from .errors import DeletedShardedTensorError
 
@@ -389,7 +389,7 @@ class ShardedTensor(torch.Tensor):
     def unshard(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The full tensor on ``device`` (default: the first shard's device)."""
         self._check_alive()
-        target = torch.device(device) if device is not None else self._shards[0].device
+        target = usable_device(device, "unshard: device") if device is not None else self._shards[0].device
         if target.type == "cpu":  # from several GPUs at once, through pinned memory
             return _transfers.stack_on_host(self._shards, self._axis)
         parts = [_transfers.between_gpus_safe(s, target).to(target) for s in self._shards]
