@@ -1211,9 +1211,7 @@ def test_functional_steps_give_the_threads_bits_on_the_captured_executors(captur
         got = train(captured)
     fell_back = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert bool(fell_back) == (optimizer_class is not torch.optim.SGD), [str(w.message) for w in fell_back]
-    assert all(
-        "functional_optimizer steps only SGD in a capture" in str(w.message) for w in fell_back
-    )
+    assert all("functional_optimizer steps only SGD in a capture" in str(w.message) for w in fell_back)
     for (p, s), (p_want, s_want) in zip(got, expected):
         # The same bits where the step ran on the threads; a stacked step's batched matmul
         # may round otherwise (it does on AVX-512 CPUs).

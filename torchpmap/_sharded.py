@@ -389,7 +389,7 @@ class ShardedTensor(torch.Tensor):
     def unshard(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The full tensor on ``device`` (default: the first shard's device)."""
         self._check_alive()
-        target = usable_device(device, "unshard: device") if device is not None else self._shards[0].device
+        target = self._shards[0].device if device is None else _unshard_target(device)
         if target.type == "cpu":  # from several GPUs at once, through pinned memory
             return _transfers.stack_on_host(self._shards, self._axis)
         parts = [_transfers.between_gpus_safe(s, target).to(target) for s in self._shards]
@@ -526,6 +526,21 @@ class ShardedTensor(torch.Tensor):
 # A saved ShardedTensor (its __reduce_ex__ calls the class on its shards, devices
 # and axis) loads with torch.load's default weights_only=True.
 torch.serialization.add_safe_globals([ShardedTensor])
+
+
+def _unshard_target(device: torch.device | str | int) -> torch.device:
+    """Where ``unshard(device)`` puts the full tensor: ``"cpu"`` is the host, whichever
+    virtual CPU devices this process has (those of a multi-process job are numbered
+    globally); any other device must be this process's."""
+    if isinstance(device, (str, torch.device)):
+        try:
+            host = torch.device(device)
+        except RuntimeError:
+            pass  # usable_device says what is wrong
+        else:
+            if host.type == "cpu" and host.index is None:
+                return host
+    return usable_device(device, "unshard: device")
 
 
 def _full(v: Any) -> Any:
