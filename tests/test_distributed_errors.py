@@ -2,10 +2,12 @@
 branches NCCL takes (timed waits, abort at exit) without GPUs or processes."""
 
 import datetime
+import time
 
 import pytest
 import torch
 
+import torchpmap as tp
 import torchpmap.distributed as tpd
 from torchpmap._communicator import Collective
 from torchpmap.errors import CollectiveError, CollectiveTimeoutError
@@ -183,3 +185,36 @@ def test_initialize_refuses_a_timeout_that_is_no_positive_number(timeout):
     with pytest.raises(ValueError, match="initialize: timeout must be a positive number of seconds"):
         tpd.initialize(init_method="tcp://127.0.0.1:1", rank=0, world_size=1, timeout=timeout)
     assert not tpd.is_initialized()
+
+
+@pytest.mark.timing
+@pytest.mark.parametrize(
+    "kwargs, env, error, match",
+    [
+        (dict(rank=1, world_size=1), {}, ValueError, r"rank must be in \[0, world_size\).*rank=1, world_size=1"),
+        (dict(rank=0, world_size=0), {}, ValueError, r"rank must be in \[0, world_size\)"),
+        (dict(rank="0", world_size=1), {}, TypeError, r"rank must be an int, got '0'"),
+        (
+            dict(backend="bogus", rank=0, world_size=1),
+            {},
+            ValueError,
+            r"backend must be one of \[.*'gloo'.*got 'bogus'",
+        ),
+        (dict(world_size=1), {"RANK": "zero"}, ValueError, r"RANK must be an integer, got 'zero'"),
+    ],
+)
+def test_initialize_refuses_bad_arguments_before_the_rendezvous(monkeypatch, kwargs, env, error, match):
+    # rank=1 of world_size=1 waited 8.5 s for the TCP timeout, "bogus" gave torch's AssertionError,
+    # RANK=zero a bare int() error (found by a hunt).
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    start = time.monotonic()
+    with pytest.raises(error, match=match):
+        tpd.initialize(init_method="tcp://127.0.0.1:1", **kwargs)
+    assert time.monotonic() - start < 1 and not tpd.is_initialized()
+
+
+def test_to_dtensor_refuses_a_mesh_that_is_not_one():
+    x = tp.device_put_replicated(torch.ones(2), tp.devices()[:2])
+    with pytest.raises(TypeError, match=r"to_dtensor: mesh must be a DeviceMesh .*got 3"):
+        tpd.to_dtensor(x, mesh=3)

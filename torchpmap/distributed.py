@@ -106,8 +106,10 @@ def initialize(
                 "torchpmap.distributed.initialize: no init_method and no MASTER_ADDR in the "
                 "environment; launch with torchrun, or pass init_method='tcp://HOST:PORT'"
             )
+        _check_rank(rank, world_size)
         if backend is None:
             backend = "nccl" if on_cuda else "gloo"
+        _check_backend(backend)
         gpu = _bind_gpu(None) if on_cuda else None
         dist.init_process_group(
             backend,
@@ -168,7 +170,31 @@ def _env_int(name: str) -> int:
         raise ValueError(
             f"torchpmap.distributed.initialize: {name} is not set; launch with torchrun or pass rank= and world_size="
         )
-    return int(raw)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"torchpmap.distributed.initialize: {name} must be an integer, got {raw!r}") from None
+
+
+def _check_rank(rank: Any, world_size: Any) -> None:
+    """Before the rendezvous, which would wait for processes that can never come."""
+    for name, value in (("rank", rank), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"torchpmap.distributed.initialize: {name} must be an int, got {value!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(
+            f"torchpmap.distributed.initialize: rank must be in [0, world_size) and world_size positive, got "
+            f"rank={rank}, world_size={world_size}"
+        )
+
+
+def _check_backend(backend: Any) -> None:
+    if not isinstance(backend, str):
+        raise TypeError(f"torchpmap.distributed.initialize: backend must be a string, got {backend!r}")
+    # ("cpu:gloo,cuda:nccl" names one per device type; torch checks those parts)
+    if ":" not in backend and backend.lower() not in dist.Backend.backend_list:
+        choices = [b for b in dist.Backend.backend_list if b not in ("undefined", "fake")]
+        raise ValueError(f"torchpmap.distributed.initialize: backend must be one of {choices}, got {backend!r}")
 
 
 def _env_count(name: str, default: int) -> int:
@@ -336,8 +362,8 @@ def call_layout(n_local: int) -> tuple[int, int, BackendFactory] | None:
         return None
     if n_local != _state["local_count"]:
         raise ValueError(
-            f"pmap: in a multi-process job each process maps exactly its "
-            f"{_state['local_count']} local devices, but the mapped axis has size {n_local}"
+            f"pmap: after torchpmap.distributed.initialize() (a job of {_state['world']} process(es)) each "
+            f"process maps exactly its {_state['local_count']} local devices, but the mapped axis has size {n_local}"
         )
     state = _state
     first, size = state["rank"] * n_local, state["world"] * n_local
@@ -786,11 +812,13 @@ def to_dtensor(x: ShardedTensor, mesh: DeviceMesh | None = None) -> DTensor:
     """This process's shards of ``x`` as a DTensor sharded over the processes
     (``Shard(x.axis)`` on a 1-D device mesh), to hand to the rest of PyTorch's
     distributed stack."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
 
     if not isinstance(x, ShardedTensor):
         raise TypeError(f"to_dtensor: expected a ShardedTensor, got {type(x).__name__}")
+    if mesh is not None and not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"to_dtensor: mesh must be a DeviceMesh (or None for one over the processes), got {mesh!r}")
     if mesh is None:
         kind = x.devices[0].type
         mesh = init_device_mesh(kind, (dist.get_world_size(),))
