@@ -2,6 +2,7 @@
 threads executor (bit for bit, except where batched matmuls may round
 differently), and a warned fallback for what it does not do."""
 
+import threading
 import warnings
 
 import pytest
@@ -801,3 +802,37 @@ def test_batched_cotangents_through_a_call(name, collective):
         jacobian = torch.autograd.functional.jacobian(lambda v: plain(pf(v)), x, vectorize=True)
         looped = torch.autograd.functional.jacobian(lambda v: plain(pf(v)), x)
         torch.testing.assert_close(jacobian, looped, rtol=1e-12, atol=1e-12)
+
+
+def test_a_backward_trace_and_another_threads_capture_take_turns():
+    # The stacked backward's make_fx ran outside the compile gate: FX's tracing flag and patcher
+    # are process-wide, so another thread's capture failed ("using FX to symbolically trace a
+    # dynamo-optimized function") and its function ran on the threads for good, and the backward
+    # sometimes raised "CURRENT_PATCHER is None" (found by a hunt).
+    f = tp.pmap(lambda x, w: tp.pmean(torch.tanh(x @ w).sum(), "i"), "i", in_axes=(0, None), out_axes=None)
+    g = tp.pmap(lambda x: tp.psum(x.cos(), "i"), "i", devices=devices(N))
+    errors = []
+
+    def backwards():
+        try:
+            for k in range(1, 16):
+                f(torch.randn(N, 3, k), torch.randn(k, k, requires_grad=True)).backward()
+        except Exception as e:
+            errors.append(e)
+
+    def captures():
+        try:
+            for k in range(1, 30):
+                g(torch.randn(N, k))
+        except Exception as e:
+            errors.append(e)
+
+    with executor("stacked"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        threads = [threading.Thread(target=backwards), threading.Thread(target=captures)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
+    assert not [str(w.message) for w in caught if "capture failed" in str(w.message)]

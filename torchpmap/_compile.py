@@ -283,6 +283,19 @@ class DynamoGate:
             self._holder = None
             self._lock.release()
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Hold the gate for the block (already held: as it is). For tracing outside
+        Dynamo (make_fx), whose patching of torch and FX's tracing flag are process-wide."""
+        if self.held():
+            yield
+            return
+        self.enter()
+        try:
+            yield
+        finally:
+            self.exit()
+
     def pause(self) -> bool:
         """Before blocking (in a collective): give the gate up if held."""
         if self.held():

@@ -43,7 +43,7 @@ from . import _escapes, _forward_ad, _ops, _outside_views, _uncounted_writes, _v
 from ._autodiff import FlatOutput
 from ._call import CallRecord
 from ._communicator import Collective, GroupBackend, LocalBackend, mismatch_error
-from ._compile import Backend, arguments_share_memory, capture_config, requested_backend
+from ._compile import DYNAMO_GATE, Backend, arguments_share_memory, capture_config, requested_backend
 from ._devices import physical_device
 from ._graph_passes import simplify
 from ._identity_map import WeakIdentityMap
@@ -534,7 +534,7 @@ def _backend(
         # The capture frame stays bound: a collective's backward checks its axis.
         # Away from Dynamo's tracing context: make_fx would otherwise trace in
         # Dynamo's fake mode and leave symbols in its shape environment.
-        with torch._guards.tracing(None):
+        with DYNAMO_GATE.holding(), torch._guards.tracing(None):
             checked = _value_checks.checked(gm)  # one_hot's value check, which tracing drops, kept
             graph = make_fx(checked, tracing_mode="fake", _allow_non_fake_inputs=True)(*example_inputs)
         check_supported_ops(graph.graph, "lockstep")

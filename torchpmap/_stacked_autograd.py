@@ -48,6 +48,7 @@ import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
+from ._compile import DYNAMO_GATE
 from ._direct_calls import direct_forward
 from ._graph_passes import simplify
 from ._overlapping_writes import refuse_overlapping_writes
@@ -116,7 +117,7 @@ class ReplicaProgram:
                 # Outside Dynamo's tracing context: make_fx's fake tensors would otherwise
                 # add symbols (a strided input's) to Dynamo's shape env, which then has
                 # guards it cannot build.
-                with torch._guards.tracing(None), _saved_tensor_hooks_set_aside():
+                with DYNAMO_GATE.holding(), torch._guards.tracing(None), _saved_tensor_hooks_set_aside():
                     with warnings.catch_warnings(), recording_order_reductions() as orders:
                         # functorch's loop for an op without a batching rule is traced once, into
                         # the graph: its "performance drop" warning is not the user's to act on.
