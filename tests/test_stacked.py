@@ -1439,3 +1439,19 @@ def test_a_capture_of_a_failing_op_logs_no_traceback():
     finally:
         logger.removeHandler(handler)
     assert not [r for r in records if "failed while attempting to run meta" in r.getMessage()]
+
+
+def _sine(x):
+    return x.sin() * 2 + 1
+
+
+def test_a_pmap_without_axis_name_made_anew_each_step_shares_one_capture():
+    # The unnamed axis was named after the pmap object, and a capture is keyed by its axis: a
+    # pmap(f) made each step added a capture of f (and its graphs) that lived as long as f did
+    # (found by a hunt).
+    with executor("stacked"):
+        for _ in range(5):
+            pf = tp.pmap(_sine, devices=devices(4))
+            x = torch.randn(4, 3)
+            torch.testing.assert_close(pf(x).unshard(), x.sin() * 2 + 1)
+    assert len(_stacked._captures[_sine]) == 1

@@ -87,13 +87,15 @@ def _unbound(name: str, frame: ReplicaFrame | None) -> NameError:
     return unbound_in(name, frame.axis_name)
 
 
-# How a pmap given no axis_name names its axis (no user code can spell it).
-ANONYMOUS_AXIS = "<unnamed axis of pmap {:x}>"
+# How a pmap given no axis_name names its axis (no user code can spell it). One name for every
+# such pmap: a capture is keyed by the axis name, and a pmap made anew each step would otherwise
+# add a capture each time (nested pmap, the one case two of them would meet, is refused).
+ANONYMOUS_AXIS = "<unnamed axis of pmap>"
 
 
 def unbound_in(name: str, bound: str) -> NameError:
     """The error for axis ``name`` used inside a pmap whose axis is ``bound``."""
-    if bound.startswith(ANONYMOUS_AXIS.split("{")[0]):
+    if bound == ANONYMOUS_AXIS:
         return NameError(
             f"unbound axis name: {name!r}; the enclosing pmap was given no axis_name: "
             f"pass axis_name={name!r} to pmap to name its axis."

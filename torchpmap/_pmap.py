@@ -1271,7 +1271,7 @@ def _hashable(v: Any) -> bool:
 
 def _anonymous_axis(p: Pmapped) -> str:
     # An unnamed axis still needs a name internally; no user code can spell it.
-    return _axis.ANONYMOUS_AXIS.format(id(p))
+    return _axis.ANONYMOUS_AXIS
 
 
 def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
