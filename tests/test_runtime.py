@@ -619,3 +619,65 @@ def test_cuda_forward_and_backward_on_a_callers_side_stream():
         grad = x.grad.clone()  # used at once, on the side stream
     side.synchronize()
     torch.testing.assert_close(grad, 2 * n * x.detach())
+
+
+def _call_in_forked_child(results):
+    f = tp.pmap(lambda x: tp.psum(x + 1, "i"), "i", devices=_devices(4))  # a first call: on the threads
+    start = time.monotonic()
+    try:
+        results.put(("ok", f(torch.ones(4)).unshard().tolist(), time.monotonic() - start))
+    except Exception as e:
+        results.put(("error", repr(e), time.monotonic() - start))
+
+
+@pytest.mark.threads_only
+def test_a_forked_child_runs_calls_on_threads_of_its_own():
+    # fork() keeps the calling thread only: the child's calls queued their replicas for the
+    # parent's worker threads, which were not there, and waited for the collective timeout
+    # (a DataLoader worker calling a pmapped function, say; found by a hunt).
+    import multiprocessing
+
+    tp.pmap(lambda x: x * 2, "i", devices=_devices(4))(torch.ones(4))  # the parent's workers run
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    child = context.Process(target=_call_in_forked_child, args=(results,))
+    child.start()
+    try:
+        outcome, value, seconds = results.get(timeout=60)
+    finally:
+        child.join(timeout=10)
+    assert (outcome, value) == ("ok", [8.0] * 4) and seconds < 10
+
+
+_CALL_AT_FINALIZATION = """
+import sys, time, torch, torchpmap as tp
+tp.set_executor(sys.argv[1])
+f = tp.pmap(lambda x: tp.psum(x, "i"), "i", devices=tp.devices()[:2])
+for _ in range(2):
+    f(torch.ones(2))  # the default's first call, then its captured one
+ones = torch.ones(2)
+class CallsAtExit:
+    def __del__(self, monotonic=time.monotonic, f=f, ones=ones):  # (module globals may be gone by now)
+        start = monotonic()
+        try:
+            f(ones)
+        except RuntimeError as e:
+            print("raised", str(e), f"after {monotonic() - start:.1f} s", flush=True)
+keeper = CallsAtExit()
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("executor", ["threads", "auto"])
+def test_a_call_while_python_shuts_down_raises_at_once(executor):
+    # From a __del__ at exit the threads' call waited for the collective timeout (300 s by
+    # default), and a captured one raised "sys.meta_path is None" (found by a hunt).
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CALL_AT_FINALIZATION, executor], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "raised pmap of <lambda> was called while Python shuts down" in done.stdout
+    assert "after 0.0 s" in done.stdout

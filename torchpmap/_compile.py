@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import threading
 import time
 import types
@@ -34,6 +35,7 @@ import torch.nn.modules.module as _module_hooks
 from torch.utils._pytree import tree_leaves
 
 from . import _config, _random
+from ._fork import reinit_after_fork
 from ._recapture_watch import RecaptureWatch
 from .errors import CollectiveTimeoutError, CompileError, exception_chain
 
@@ -140,7 +142,7 @@ class _ConfigScope:
         self.constant_floats = constant_floats
 
 
-_config_lock = threading.Lock()
+_config_lock = reinit_after_fork(threading.Lock())
 _open_scopes: list[_ConfigScope] = []  # capture_config scopes open now, oldest first
 _callers_config: list[bool] = []  # Dynamo's settings before the first of them opened
 
@@ -235,6 +237,17 @@ class DynamoGate:
         self._idle_since = 0.0
         self._compiling = False
 
+    def _after_fork(self) -> None:
+        """In a forked child, only the forking thread is there: the gate is held by it
+        or by none, and nothing compiles (``_fork``)."""
+        mine = self.held()
+        self._lock._at_fork_reinit()  # type: ignore[attr-defined]
+        self._compiling = False
+        self._holder = None
+        if mine:
+            self._lock.acquire()
+            self._holder = threading.get_ident()
+
     def held(self) -> bool:
         return getattr(self._tls, "held", False)
 
@@ -305,6 +318,7 @@ class DynamoGate:
 
 
 DYNAMO_GATE = DynamoGate()
+os.register_at_fork(after_in_child=DYNAMO_GATE._after_fork)
 _callbacks_installed = False
 
 

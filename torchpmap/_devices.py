@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from ._fork import reinit_after_fork
+
 # Eight virtual devices by default: enough to exercise real multi-device code
 # paths (rings, groups, all_to_all) on any laptop, and the count most JAX users
 # know from --xla_force_host_platform_device_count=8. Idle workers cost nothing
@@ -25,7 +27,7 @@ _ENV_VAR = "TORCHPMAP_CPU_DEVICES"
 _PLATFORM_VAR = "TORCHPMAP_PLATFORM"
 PLATFORMS = ("cpu", "cuda")
 
-_lock = threading.Lock()
+_lock = reinit_after_fork(threading.Lock())
 _cpu_count_override: int | None = None
 _frozen_local: tuple[torch.device, ...] | None = None
 # Set by torchpmap.distributed.initialize: (process_index, process_count,

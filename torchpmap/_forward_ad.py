@@ -26,11 +26,12 @@ import torch._functorch.eager_transforms as _eager_transforms
 import torch.autograd.forward_ad as _forward_ad
 
 from . import _config
+from ._fork import reinit_after_fork
 
 if TYPE_CHECKING:
     from ._communicator import Collective
 
-_GATE = threading.RLock()
+_GATE = reinit_after_fork(threading.RLock())
 _tls = threading.local()  # .worker: a threads-executor worker; .depth: forward-AD levels it holds
 
 

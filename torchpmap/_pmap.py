@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import inspect
 import numbers
+import sys
 import threading
 import types
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from ._compile import DYNAMO_GATE, CompiledReplicas, DynamoGate, normalize_optio
 from ._constant_signature import spec_signature
 from ._fast_call import FastCall
 from ._fast_tree import Structure
+from ._fork import reinit_after_fork
 from ._layout import device_groups, slices_overlap
 from ._sharded import (
     ShardedTensor,
@@ -332,6 +334,12 @@ class Pmapped:
 
     # -- the call ------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if sys.is_finalizing():
+            # Daemon threads are frozen and imports fail now: a call would wait for the timeout.
+            raise RuntimeError(
+                f"pmap of {self._fun_name} was called while Python shuts down (from __del__ or a finalizer "
+                f"at exit), when its replicas can no longer run; call it before exit (an atexit handler works)"
+            )
         _refuse_function_transforms(self._fun_name)
         static_pos = self._static_positions(len(args))
         if static_pos:
@@ -1286,7 +1294,7 @@ def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.T
 
 # The ShardedTensors that calls running now were donated (by id), claimed under the lock: a
 # second call donated one of them fails, instead of both running on it (another thread's).
-_DONATION_LOCK = threading.Lock()
+_DONATION_LOCK = reinit_after_fork(threading.Lock())
 _being_donated: set[int] = set()
 
 

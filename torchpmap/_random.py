@@ -44,11 +44,12 @@ import torch.utils.checkpoint
 from torch.overrides import TorchFunctionMode
 
 from . import _uncounted_writes
+from ._fork import reinit_after_fork
 from ._sharded import written_without_saying
 
 # Guards the process's default generators while a replica's state is swapped
 # into one, and the draws of call seeds from the caller's generator.
-_DEFAULT_GENERATORS_LOCK = threading.Lock()
+_DEFAULT_GENERATORS_LOCK = reinit_after_fork(threading.Lock())
 # Call seeds drawn so far: a call that sees this move during its run cannot
 # tell its own draws from another call's, and skips the bypass check.
 _seeds_drawn = 0

@@ -29,6 +29,7 @@ import torch
 import torch.nn.utils.stateless as _stateless
 
 from . import _axis
+from ._fork import reinit_after_fork
 
 _original = _stateless._reparametrize_module
 
@@ -36,7 +37,7 @@ _original = _stateless._reparametrize_module
 # reparametrized it first. Weak on both sides: a module made inside a replica
 # and freed cannot be confused with a later one at the same address.
 _claims: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[torch.nn.Module, int]] = weakref.WeakKeyDictionary()
-_claims_lock = threading.Lock()
+_claims_lock = reinit_after_fork(threading.Lock())
 
 
 class SharedModuleError(RuntimeError):

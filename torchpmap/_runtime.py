@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import queue
 import sys
 import threading
@@ -32,6 +33,7 @@ import torch
 from . import _axis, _config, _forward_ad
 from ._communicator import Communicator
 from ._devices import device_str
+from ._fork import reinit_after_fork
 from ._random import CallRandomness, Interception
 from .errors import CollectiveTimeoutError, ReplicaAbortedError, exception_chain
 
@@ -581,7 +583,7 @@ def raise_if_abandoned(ident: int) -> None:
 
 
 _pool: WorkerPool | None = None
-_pool_lock = threading.Lock()
+_pool_lock = reinit_after_fork(threading.Lock())
 
 
 def pool() -> WorkerPool:
@@ -591,3 +593,12 @@ def pool() -> WorkerPool:
             if _pool is None:
                 _pool = WorkerPool()
     return _pool
+
+
+def _forget_workers() -> None:
+    """In a forked child: the parent's worker threads are not there (``_fork``)."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_workers)

@@ -16,9 +16,10 @@ import weakref
 
 import torch
 
+from ._fork import reinit_after_fork
 from ._view_roots import view_root
 
-_lock = threading.Lock()
+_lock = reinit_after_fork(threading.Lock())
 # By id: a WeakKeyDictionary would compare tensors with ==. An entry leaves with its tensor.
 _counts: dict[int, int] = {}
 
