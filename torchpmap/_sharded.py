@@ -1568,7 +1568,9 @@ def device_put_replicated(x: PyTree, devices: Sequence[torch.device] | None = No
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-    """Shard 0 of every ShardedTensor in ``tree`` (no gather, no copy)."""
+    """Shard 0 of every ShardedTensor in ``tree`` (no gather, no copy). A view: where the
+    shards are rows of one stacked buffer (the stacked executor's outputs), it keeps the
+    whole buffer alive; ``.clone()`` it to hold one replica's memory only."""
 
     def first(v: Any) -> Any:
         # Shard 0 is the slice 0 of the mapped axis, whatever that axis is.
