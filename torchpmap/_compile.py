@@ -58,10 +58,33 @@ def clear_cache_when_dropped(compiled: Callable[..., Any], code: types.CodeType)
     graph compiled for it (a pmapped function made and called in a loop kept
     them all)."""
     if _reset_code is not None:
-        weakref.finalize(compiled, _reset_code, code).atexit = False
+        weakref.finalize(compiled, _drop_cache_entries, code).atexit = False
 
 
 _reset_code: Callable[[types.CodeType], None] | None = getattr(torch._C._dynamo.eval_frame, "reset_code", None)
+_cache_entries: Callable[[types.CodeType], list[Any]] | None = getattr(
+    torch._C._dynamo.eval_frame, "_debug_get_cache_entry_list", None
+)
+
+
+def _drop_cache_entries(code: types.CodeType) -> None:
+    """Drop Dynamo's cache entries on ``code``, and the finalizers Dynamo put on the
+    long-lived objects their guards name (modules, types): each holds the entry's guard
+    manager (~130 KB) for as long as that object lives, to invalidate an entry that is
+    gone now. (``torch.compile`` with ``reset_code`` leaks them alike.)"""
+    assert _reset_code is not None
+    managers = {id(e.guard_manager) for e in _cache_entries(code)} if _cache_entries is not None else set()
+    _reset_code(code)
+    if not managers:
+        return
+    for finalizer, info in list(weakref.finalize._registry.items()):  # type: ignore[attr-defined]
+        invalidate = getattr(info.func, "func", None)  # functools.partial(manager.invalidate, obj_str=...)
+        manager = getattr(invalidate, "__self__", None)
+        if (
+            getattr(invalidate, "__name__", None) == "invalidate"
+            and id(getattr(manager, "guard_manager", None)) in managers
+        ):
+            finalizer.detach()
 
 
 def torch_compile(fun: Callable[..., Any], recompile_limit: int, **options: Any) -> Callable[..., Any]:
