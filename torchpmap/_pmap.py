@@ -18,6 +18,7 @@ import numbers
 import sys
 import threading
 import types
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar, overload
@@ -264,6 +265,15 @@ class Pmapped:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
+        if hasattr(fun, "_torchdynamo_orig_callable"):  # torch.compile's function or OptimizedModule
+            warnings.warn(
+                "pmap of a torch.compile'd function: each replica calls it in a context of its own (its random "
+                "stream's torch-function mode), so Dynamo recompiles it per replica until its recompile limit, "
+                "then runs it eagerly. Pass the plain function with pmap(f, compile=True) (or compile=dict of "
+                "torch.compile's options): one compiled program per device, and one for all replicas stacked.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if isinstance(fun, Pmapped):
             raise NotImplementedError(
                 "nested pmap is not supported: pmap of a pmapped function. Map the inner function with "
