@@ -329,3 +329,11 @@ def test_low_precision_input_keeps_float32_statistics():
     torch.testing.assert_close(got, expected.detach(), atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(models[0].running_var, ref.running_var)
     tp.assert_replicas_identical(models)
+
+
+def test_a_shared_sync_batchnorm_written_by_the_replicas_is_not_told_to_use_one():
+    # The error for a closed-over module the replicas train said "tp.SyncBatchNorm for BatchNorm
+    # statistics", about a module that was one (found by a hunt).
+    bn = tp.SyncBatchNorm(3, "i")
+    with pytest.raises(RuntimeError, match="a SyncBatchNorm too: its collectives keep each replica's own copy equal"):
+        tp.pmap(lambda x: bn(x), "i", devices=devices(2))(torch.randn(2, 4, 3))

@@ -186,6 +186,16 @@ def test_a_replica_returning_none_where_the_others_return_a_tensor(which):
         f(torch.ones(2, 3))
 
 
+@pytest.mark.threads_only  # (a captured executor falls back to them for this function)
+def test_different_output_structures_are_written_as_python_writes_them():
+    # The message printed torch's TreeSpec(tuple, None, [*, ...]) text over several lines (found by a hunt).
+    f = pmap_k(lambda v: (v, v) if int(tp.axis_index("i")) == 0 else (v, {"a": v, "b": [v]}), 2)
+    with pytest.raises(
+        ValueError, match=r"replica 0 returned \(\*, \*\) but replica 1 returned \(\*, \{'a': \*, 'b': \[\*\]\}\)"
+    ):
+        f(torch.ones(2, 3))
+
+
 def test_non_tensor_leaves_raise_type_error():
     err, _ = expect_error(
         pmap_k(lambda v: tp.all_gather({"a": v, "b": "text"}, "i"), 2), torch.ones(2, 3), kind=TypeError

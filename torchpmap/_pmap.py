@@ -882,7 +882,7 @@ class Pmapped:
                 if aligned is None:
                     raise ValueError(
                         f"pmap: replicas returned different output structures: replica 0 "
-                        f"returned {spec} but replica {r} returned {s}"
+                        f"returned {_structure_text(spec)} but replica {r} returned {_structure_text(s)} (* is a leaf)"
                     )
                 flat[r] = (aligned, spec)
         first = flat[0][0]
@@ -1068,6 +1068,19 @@ def _leaf_kinds(leaves: list[Any]) -> tuple[tuple[type, int | None], ...]:
     leaf (a deleted one raises where the call reads its buffers)."""
     with torch._C.DisableTorchFunctionSubclass():
         return tuple((type(v), getattr(v, "ndim", None)) for v in leaves)
+
+
+class _Leaf:
+    def __repr__(self) -> str:
+        return "*"
+
+
+def _structure_text(spec: TreeSpec) -> str:
+    """A tree structure as Python writes the containers, each leaf a ``*``: ``(*, (*, *))``."""
+    try:
+        return repr(tree_unflatten([_Leaf()] * spec.num_leaves, spec))
+    except Exception:  # a node type whose unflatten needs real leaves
+        return str(spec)
 
 
 def _refuse_unmappable(leaf: torch.Tensor, path: str) -> None:

@@ -281,12 +281,23 @@ def check_not_written(snapshots: list[Snapshot], n: int, cause: Exception | None
                 f"({type(snapshot.owner).__name__}) {how}: all {n} replicas stepped this one object, and "
                 f"the parameters it updates, at once (wrong weights, different on every run). {REPLICATE_HINT}"
             ) from cause
+        from .batchnorm import SyncBatchNorm  # (it imports this module's package)
+
+        statistics = (
+            "a SyncBatchNorm too: its collectives keep each replica's own copy equal"
+            if any(isinstance(m, SyncBatchNorm) for m in _modules_in(snapshot.owner))
+            else "tp.SyncBatchNorm for BatchNorm statistics"
+        )
         raise RuntimeError(
             f"pmap: a replica wrote {written} in place, but {path} is an nn.Module {how}: "
             f"all {n} replicas share this one module, so they trained it at once and raced (wrong "
             f"weights, different on every run). A shared module is for reading only (eval mode, "
-            f"no backward into it, no updates; tp.SyncBatchNorm for BatchNorm statistics). {REPLICATE_HINT}"
+            f"no backward into it, no updates; {statistics}). {REPLICATE_HINT}"
         ) from cause
+
+
+def _modules_in(owner: Any) -> list[Any]:
+    return list(owner.modules()) if isinstance(owner, torch.nn.Module) else []
 
 
 # -- what a function reaches without being passed it -----------------------------------------

@@ -15,7 +15,9 @@ states, then wait for the write, so no process reads a half-written file.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import pickle
 import tempfile
 from typing import Any
 
@@ -252,7 +254,11 @@ def _write(path: str, payload: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            try:
+                torch.save(payload, f)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                _raise_naming_the_entry(payload["entries"], e)
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -262,6 +268,15 @@ def _write(path: str, payload: dict[str, Any]) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _raise_naming_the_entry(entries: dict[str, dict[str, Any]], error: BaseException) -> None:
+    """Pickle's error names the object, not the entry holding it: find that entry."""
+    for name, entry in entries.items():
+        try:
+            torch.save(entry["state"], io.BytesIO())
+        except (pickle.PicklingError, TypeError, AttributeError):
+            raise TypeError(f"save_checkpoint: entry {name!r} cannot be saved: {error}") from error
 
 
 def _check_path(path: Any, fn: str) -> str:

@@ -346,6 +346,21 @@ def _reduce(
     return leaves.unflatten()
 
 
+# A dtype that holds every value of one torch cannot reduce, for the message.
+_WIDER = {
+    torch.uint16: " (int32 holds every uint16)",
+    torch.uint32: " (int64 holds every uint32)",
+    **{
+        t: " (float32 holds every value of the float8 types)"
+        for t in (
+            getattr(torch, name)
+            for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+            if hasattr(torch, name)
+        )
+    },
+}
+
+
 def _check_reducible(v: torch.Tensor, op: str, fn: str) -> None:
     """A TypeError naming the collective for a dtype torch cannot reduce (uint32 on the
     CPU), rather than torch's own error from inside the exchange."""
@@ -355,7 +370,7 @@ def _check_reducible(v: torch.Tensor, op: str, fn: str) -> None:
     if problem is not None and _devices.process_count() == 1:
         raise TypeError(
             f"{fn}: torch cannot {op} {v.dtype} tensors on {v.device.type} ({problem}); cast to a "
-            f"dtype it reduces first (int64 holds every uint32)"
+            f"dtype it reduces first{_WIDER.get(v.dtype, '')}"
         )
 
 
