@@ -965,6 +965,8 @@ def test_assert_replicas_identical_names_the_drift():
         tp.assert_replicas_identical(opts)
     with pytest.raises(TypeError, match="expected PerReplica arguments"):
         tp.assert_replicas_identical(make_model())
+    with pytest.raises(TypeError, match="pass the PerReplica values to check"):  # it passed (found by a hunt)
+        tp.assert_replicas_identical()
     # Bit for bit: -0.0 is not 0.0.
     with torch.no_grad():
         models[2][2].bias.copy_(models[0][2].bias)

@@ -239,6 +239,8 @@ def assert_replicas_identical(*replicated: PerReplica) -> None:
     hyperparameters of an optimizer, ``state_dict()`` of anything else.
     Raises ``AssertionError`` naming the first tensor that differs (or that
     two replicas share) and the replica."""
+    if not replicated:  # a check of nothing would pass, whatever the caller meant to check
+        raise TypeError("assert_replicas_identical: pass the PerReplica values to check (models, optimizers, ...)")
     for per_replica in replicated:
         if not isinstance(per_replica, PerReplica):
             raise TypeError(
