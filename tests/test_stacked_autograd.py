@@ -836,3 +836,41 @@ def test_a_backward_trace_and_another_threads_capture_take_turns():
             t.join()
     assert not errors
     assert not [str(w.message) for w in caught if "capture failed" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked", "lockstep"])
+def test_batched_cotangents_of_an_output_every_replica_shares(name):
+    # out_axes=None: replica 0 got the batched cotangent and the others plain zeros, so replica 0's
+    # psum ran once per cotangent and the others' once: "replica 1 returned while replicas [0] wait
+    # in all_reduce" (found by a review). Every node now runs one backward per cotangent.
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    pf = pm(lambda x, w: tp.psum((x @ w).tanh(), "i"), in_axes=(0, None), out_axes=None)
+    x = torch.randn(N, 3, dtype=torch.float64, requires_grad=True)
+    cotangents = torch.randn(5, 3, dtype=torch.float64)
+    with executor(name), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(2):
+            got = torch.autograd.grad(pf(x, w), (x, w), cotangents, is_grads_batched=True)
+            each = [torch.autograd.grad(pf(x, w), (x, w), c) for c in cotangents]
+            for g, parts in zip(got, zip(*each)):
+                torch.testing.assert_close(g, torch.stack(parts), rtol=1e-12, atol=1e-12)
+
+
+def test_the_level_of_batched_cotangents_is_read_from_the_tensor():
+    # The vmap's own count is thread-local, and a GPU backward runs on the engine's device thread,
+    # where it reads 0 (found by a review): the level comes from the tensor, on any thread.
+    from torchpmap import _batched_cotangents
+
+    levels = []
+
+    def hook(g):
+        reader = threading.Thread(target=lambda: levels.append(_batched_cotangents._level_of(g)))
+        reader.start()
+        reader.join()
+        return g
+
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(hook)
+    torch.autograd.grad(y, x, torch.randn(4, 3), is_grads_batched=True)
+    assert levels == [1]

@@ -32,7 +32,7 @@ from torch.autograd.graph import Node
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import TreeSpec, tree_map_only
 
-from . import _ops
+from . import _batched_cotangents, _ops
 from ._compile import DYNAMO_GATE
 from .distributed import backward_runs, tell_peers_a_run_failed
 
@@ -523,6 +523,17 @@ class _ThroughReplicas(torch.autograd.Function):
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
         if not keep:
             ctx.graphs = None
+        if _batched_cotangents.is_batched(grads):
+            # (is_grads_batched=True: each pass keeps the graphs for the next; dropped with ctx's reference)
+            return _batched_cotangents.per_cotangent(
+                grads, lambda one: _ThroughReplicas._backward(ctx, graphs, one, True)
+            )
+        return _ThroughReplicas._backward(ctx, graphs, grads, keep)
+
+    @staticmethod
+    def _backward(
+        ctx: Any, graphs: _ReplicaGraphs, grads: tuple[torch.Tensor | None, ...], keep: bool
+    ) -> tuple[torch.Tensor | None, ...]:
         cotangents = _split(list(grads), [len(per) for per in graphs.outputs])
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable too
             caller_inputs = _split(list(ctx.saved_tensors), graphs.input_counts)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from . import _axis, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
+from . import _axis, _batched_cotangents, _batching_bugs, _promotion_guard, _stacked_random, _value_checks
 from ._compile import DYNAMO_GATE
 from ._direct_calls import direct_forward
 from ._graph_passes import simplify
@@ -462,8 +462,8 @@ class _StackedCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        if any(g is not None and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
-            return _StackedCall._batched_backward(ctx, grads)
+        if _batched_cotangents.is_batched(grads):  # (autograd.grad(..., is_grads_batched=True))
+            return _batched_cotangents.per_cotangent(grads, lambda one: _StackedCall._one_backward(ctx, one))
         return _StackedCall._one_backward(ctx, grads)
 
     @staticmethod
@@ -491,38 +491,6 @@ class _StackedCall(torch.autograd.Function):
                     "the threads executor (torchpmap.set_executor('threads'))."
                 ) from None
             raise
-
-    @staticmethod
-    def _batched_backward(ctx: Any, grads: tuple[torch.Tensor | None, ...]) -> tuple[torch.Tensor | None, ...]:
-        """The backward of a batch of cotangents (``autograd.grad(..., is_grads_batched=True)``,
-        ``jacobian(vectorize=True)``: PyTorch's legacy vmap of the backward pass): one backward
-        per cotangent, the gradients batched again. (The programs are traced for plain
-        tensors: a batched one has no fake form.)"""
-        level = torch._C._vmapmode_increment_nesting() - 1  # the vmap's own level: read it, leave it as it was
-        torch._C._vmapmode_decrement_nesting()
-        # (A tensor batched at this level ignores the batch size; one that is not is broadcast.)
-        physical = [
-            torch._remove_batch_dim(g, level, 1, 0)
-            if g is not None and torch._C._functorch.is_legacy_batchedtensor(g)
-            else None
-            if g is None
-            else g.unsqueeze(0)
-            for g in grads
-        ]
-        size = max(p.shape[0] for p in physical if p is not None)
-        per_cotangent = [
-            _StackedCall._one_backward(ctx, tuple(None if p is None else p[min(b, p.shape[0] - 1)] for p in physical))
-            for b in range(size)
-        ]
-        result: list[torch.Tensor | None] = []
-        for parts in zip(*per_cotangent):
-            if all(part is None for part in parts):
-                result.append(None)
-            else:
-                like = next(part for part in parts if part is not None)
-                full = torch.stack([torch.zeros_like(like) if part is None else part for part in parts])
-                result.append(torch._add_batch_dim(full, 0, level))
-        return tuple(result)
 
     @staticmethod
     def _backward(
