@@ -460,3 +460,15 @@ def test_the_multiprocess_example_under_nccl_with_one_process():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "['cuda:0']" in out.stdout and "global indices [0]" in out.stdout, out.stdout
     assert "learned w = [1.99" in out.stdout, out.stdout
+
+
+def test_unshard_to_the_current_gpu_and_to_a_gpu_the_call_did_not_use():
+    # unshard's device check refused "cuda" (no index) and GPUs outside the call's devices
+    # (found by a review, by reading).
+    y = tp.pmap(lambda v: v * 2, devices=["cuda:0", "cpu:0"])(torch.ones(2, 3))
+    full = torch.full((2, 3), 2.0)
+    assert y.unshard("cuda").device == torch.device("cuda", torch.cuda.current_device())
+    torch.testing.assert_close(y.unshard("cuda").cpu(), full)
+    torch.testing.assert_close(y.unshard("cpu"), full)
+    z = tp.pmap(lambda v: v * 2, devices=["cpu:0", "cpu:1"])(torch.ones(2, 3))
+    torch.testing.assert_close(z.unshard("cuda:0").cpu(), full)  # virtual CPU devices to a GPU

@@ -207,7 +207,21 @@ def test_an_input_that_requires_grad_and_carries_a_tangent_is_a_clear_error(exec
     f = pmap_k(lambda v: v.sin(), 4)
     x = torch.randn(4, 3, requires_grad=True)
     with fwAD.dual_level(), pytest.warns() if executor == "stacked" else contextlib.nullcontext():
-        with pytest.raises(RuntimeError, match="pmap: an input that requires grad also carries a forward-mode tangent"):
+        with pytest.raises(
+            RuntimeError, match="pmap: an input carries a forward-mode tangent .* while autograd records the call"
+        ):
             f(fwAD.make_dual(x, torch.ones(4, 3)))
         tangent = fwAD.unpack_dual(f(fwAD.make_dual(x.detach(), torch.ones(4, 3)))).tangent  # forward mode alone
     torch.testing.assert_close(torch.as_tensor(tangent), x.detach().cos())
+
+
+@pytest.mark.parametrize("executor", ["threads", "stacked"])
+def test_a_tangent_beside_an_input_that_requires_grad_is_refused_not_dropped(executor):
+    # f(make_dual(x, t), w) with w requiring grad returned an output without a tangent, silently:
+    # autograd through the call detaches the replicas' outputs (found by a review).
+    _config._executor = executor
+    f = pmap_k(lambda v, w: v.sin() * w, 4, in_axes=(0, None))
+    w = torch.randn(3, requires_grad=True)
+    with fwAD.dual_level(), pytest.warns() if executor == "stacked" else contextlib.nullcontext():
+        with pytest.raises(RuntimeError, match="pmap: an input carries a forward-mode tangent"):
+            f(fwAD.make_dual(torch.randn(4, 3), torch.ones(4, 3)), w)

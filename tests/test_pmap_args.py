@@ -407,6 +407,25 @@ def test_static_argnum_out_of_range():
     tp.pmap(lambda r, *s: r, static_broadcasted_argnums=(1, 2))(_rows(2, 3), 1, 2)  # *args: any position
 
 
+def test_argument_numbers_are_checked_against_a_wrappers_own_signature():
+    # inspect.signature followed __wrapped__ to the inner function, which takes fewer (found by a review).
+    def inner(r, scale):
+        return r * scale
+
+    @functools.wraps(inner)
+    def wrapper(r, scale, bias):
+        return inner(r, scale) + bias
+
+    x = _rows(2, 3)
+    torch.testing.assert_close(tp.pmap(wrapper, static_broadcasted_argnums=(1, 2))(x, 2.0, 1.0).unshard(), x * 2 + 1)
+
+
+def test_only_a_compiled_function_gets_the_compile_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tp.pmap(torch.compiler.disable(lambda r: r * 2))  # carries Dynamo's attribute too (found by a review)
+
+
 def test_a_static_tensor_is_refused():
     # A tensor hashes by identity: every new one was another cache entry and capture (JAX
     # refuses arrays there; found by a hunt).
@@ -1092,7 +1111,7 @@ def test_a_sharded_tensor_being_donated_cannot_be_donated_by_another_threads_cal
 @pytest.mark.skipif(ON_CUDA, reason="an int names a GPU there")
 def test_device_and_array_mistakes_name_the_argument():
     # Each gave PyTorch's message alone (an accelerator error, an overload list, numpy's dtype
-    # list), and unshard("cpu:99") was accepted (found by a hunt).
+    # list) (found by a hunt).
     with pytest.raises(ValueError, match=r"pmap: devices\[0\] is 0, a GPU's index, but PyTorch sees no GPU here"):
         tp.pmap(lambda v: v, devices=[0, 1])
     with pytest.raises(ValueError, match=r"pmap: devices\[1\] is None, which is not a device \(a torch.device"):
@@ -1102,6 +1121,10 @@ def test_device_and_array_mistakes_name_the_argument():
     y = tp.pmap(lambda v: v * 2, devices=_devices(2))(torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"unshard: device is 3, a GPU's index"):
         y.unshard(3)
-    with pytest.raises(ValueError, match=r"unshard: device is cpu:99, which is not one of this process's devices"):
-        y.unshard("cpu:99")
-    torch.testing.assert_close(y.unshard("cpu"), torch.full((2, 3), 2.0))
+    with pytest.raises(ValueError, match=r"unshard: device is 'bogus', which is not a device"):
+        y.unshard("bogus")
+    with pytest.raises(ValueError, match=r"pmap: devices\[0\] is 0, a GPU's index"):  # numpy ints read as ints
+        tp.pmap(lambda v: v, devices=list(np.arange(2)))
+    # Any CPU device is the host (a multi-process job numbers the virtual ones globally).
+    for host in ("cpu", "cpu:99", torch.device("cpu", 1)):
+        torch.testing.assert_close(y.unshard(host), torch.full((2, 3), 2.0))

@@ -243,22 +243,26 @@ def _hide_replica_graphs(
         executor, group, leaves, outputs, [len(c) for c in caller_inputs], shared, caller_streams, compiled
     )
     graphs.summed_across_processes = shared_slots
-    _refuse_dual_inputs(caller_inputs)
+    _refuse_dual_inputs(caller_inputs, outputs)
     flat_outputs = _ThroughReplicas.apply(graphs, *[t for per in caller_inputs for t in per])
     return _split(list(flat_outputs), [len(per) for per in outputs])
 
 
-def _refuse_dual_inputs(caller_inputs: TensorsPerReplica) -> None:
-    """Autograd through a call is one Function with no forward-mode rule: refuse inputs that
-    carry tangents too, rather than PyTorch's "implement the jvp function" about our Function."""
+def _refuse_dual_inputs(caller_inputs: TensorsPerReplica, outputs: TensorsPerReplica) -> None:
+    """Autograd through a call is one Function with no forward-mode rule: refuse tangents,
+    rather than PyTorch's "implement the jvp function" about our Function (an input that
+    requires grad carries one) or outputs whose tangents it would drop, silently (another
+    input carries one)."""
     if _forward_ad._current_level < 0:
         return
-    if any(_forward_ad.unpack_dual(t).tangent is not None for per in caller_inputs for t in per):
+    tensors = [t for per in (*caller_inputs, *outputs) for t in per]
+    if any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise RuntimeError(
-            "pmap: an input that requires grad also carries a forward-mode tangent (forward_ad.make_dual, "
-            "torch.func.jvp): autograd through a pmap call has no forward-mode rule, so forward and reverse "
-            "mode cannot be mixed through the call. Give the tangent to a detached input (x.detach()) for "
-            "forward mode, drop it for reverse mode, or apply both transforms inside the pmapped function."
+            "pmap: an input carries a forward-mode tangent (forward_ad.make_dual, torch.func.jvp) while "
+            "autograd records the call (an input requires grad): autograd through a pmap call has no "
+            "forward-mode rule, so forward and reverse mode cannot be mixed through the call. Pass detached "
+            "inputs (x.detach()) for forward mode, drop the tangents for reverse mode, or apply both transforms "
+            "inside the pmapped function."
         )
 
 

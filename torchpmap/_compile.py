@@ -73,17 +73,17 @@ def _drop_cache_entries(code: types.CodeType) -> None:
     manager (~130 KB) for as long as that object lives, to invalidate an entry that is
     gone now. (``torch.compile`` with ``reset_code`` leaks them alike.)"""
     assert _reset_code is not None
-    managers = {id(e.guard_manager) for e in _cache_entries(code)} if _cache_entries is not None else set()
+    # The entries' guard managers themselves, alive through the scan: compared by id alone, a
+    # manager freed meanwhile could lend its address to another thread's new one.
+    managers = [e.guard_manager for e in _cache_entries(code)] if _cache_entries is not None else []
     _reset_code(code)
     if not managers:
         return
+    ours = {id(m): m for m in managers}
     for finalizer, info in list(weakref.finalize._registry.items()):  # type: ignore[attr-defined]
         invalidate = getattr(info.func, "func", None)  # functools.partial(manager.invalidate, obj_str=...)
-        manager = getattr(invalidate, "__self__", None)
-        if (
-            getattr(invalidate, "__name__", None) == "invalidate"
-            and id(getattr(manager, "guard_manager", None)) in managers
-        ):
+        manager = getattr(getattr(invalidate, "__self__", None), "guard_manager", None)
+        if getattr(invalidate, "__name__", None) == "invalidate" and ours.get(id(manager)) is manager:
             finalizer.detach()
 
 
@@ -259,13 +259,14 @@ class DynamoGate:
         # compile callbacks tell; only the holder compiles).
         self._idle_since = 0.0
         self._compiling = False
+        self._tracing = False  # the holder traces outside Dynamo (``holding``): as long as a compile may take
 
     def _after_fork(self) -> None:
         """In a forked child, only the forking thread is there: the gate is held by it
         or by none, and nothing compiles (``_fork``)."""
         mine = self.held()
         self._lock._at_fork_reinit()  # type: ignore[attr-defined]
-        self._compiling = False
+        self._compiling = self._tracing = False
         self._holder = None
         if mine:
             self._lock.acquire()
@@ -303,7 +304,7 @@ class DynamoGate:
             _runtime.raise_if_abandoned(threading.get_ident())
             holder = self._holder
             held_for = time.monotonic() - self._idle_since
-            if holder is None or self._compiling or held_for < timeout:
+            if holder is None or self._compiling or self._tracing or held_for < timeout:
                 continue
             raise CollectiveTimeoutError(
                 f"torch.compile: waited for torchpmap's process-wide compile gate (Dynamo is not thread-safe, "
@@ -327,9 +328,11 @@ class DynamoGate:
             yield
             return
         self.enter()
+        self._tracing = True
         try:
             yield
         finally:
+            self._tracing = False
             self.exit()
 
     def pause(self) -> bool:

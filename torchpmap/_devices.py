@@ -8,6 +8,7 @@ thread, so programs written for N accelerators run unchanged on a laptop.
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from collections.abc import Iterable, Sequence
@@ -234,6 +235,8 @@ def check_not_repeated_across_processes(devices: Sequence[torch.device], fn: str
 
 
 def _as_device(d: torch.device | str | int, where: str) -> torch.device:
+    if isinstance(d, numbers.Integral) and not isinstance(d, bool):
+        d = int(d)  # (np.int64 from np.arange: torch reads those as an accelerator's index too)
     if isinstance(d, bool) or not isinstance(d, (torch.device, str, int)):
         raise ValueError(
             f"{where} is {d!r}, which is not a device (a torch.device, a name such as 'cpu:0' or 'cuda:1', "
@@ -262,7 +265,7 @@ def _as_device(d: torch.device | str | int, where: str) -> torch.device:
 _USE_LOCAL = "use this process's devices (torchpmap.local_devices())"
 
 
-def check_local(devices: Sequence[torch.device], fn: str, *, named: str | None = None) -> None:
+def check_local(devices: Sequence[torch.device], fn: str) -> None:
     """Every device is one of this process's devices. Beside GPUs, the virtual
     CPU devices (cpu:0 ... TORCHPMAP_CPU_DEVICES - 1) are allowed too: they run
     on the host, e.g. to test cross-device calls on one GPU."""
@@ -272,16 +275,14 @@ def check_local(devices: Sequence[torch.device], fn: str, *, named: str | None =
         if d not in local and not (d.type == "cpu" and d.index is not None and d.index < host):
             beside = f"; beside them, cpu:0 ... cpu:{host - 1}" if host else ""
             raise ValueError(
-                f"{named or f'{fn}: devices[{i}]'} is {device_str(d)}, which is not one of this process's devices "
+                f"{fn}: devices[{i}] is {device_str(d)}, which is not one of this process's devices "
                 f"({_describe_devices(local)}{beside}); {_USE_LOCAL}"
             )
 
 
-def usable_device(device: torch.device | str | int, where: str) -> torch.device:
-    """One device the caller named (``where`` names the argument), checked as ``usable_devices``."""
-    out = _as_device(device, where)
-    check_local((out,), where, named=where)
-    return out
+def as_device(device: torch.device | str | int, where: str) -> torch.device:
+    """One device the caller named (``where`` names the argument), as ``as_devices`` reads each."""
+    return _as_device(device, where)
 
 
 def usable_devices(devices: Sequence[torch.device | str | int], fn: str) -> tuple[torch.device, ...]:

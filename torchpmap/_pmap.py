@@ -232,7 +232,8 @@ def _check_in_signature(fun: Callable[..., Any], nums: tuple[int, ...], name: st
     """Refuse argument numbers past ``fun``'s positional parameters (when it has
     no ``*args`` and its signature can be read), as ``jax.jit`` does."""
     try:
-        parameters = inspect.signature(fun).parameters.values()
+        # The function's own signature: a functools.wraps wrapper's inner one may take fewer.
+        parameters = inspect.signature(fun, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):
         return
     kinds = [p.kind for p in parameters]
@@ -265,7 +266,8 @@ class Pmapped:
     ) -> None:
         if not callable(fun):
             raise TypeError(f"pmap: fun must be callable, got {type(fun).__name__}")
-        if hasattr(fun, "_torchdynamo_orig_callable"):  # torch.compile's function or OptimizedModule
+        # torch.compile's function or OptimizedModule (not torch.compiler.disable's, which carries it too)
+        if hasattr(fun, "_torchdynamo_orig_callable") and not getattr(fun, "_torchdynamo_disable", False):
             warnings.warn(
                 "pmap of a torch.compile'd function: each replica calls it in a context of its own (its random "
                 "stream's torch-function mode), so Dynamo recompiles it per replica until its recompile limit, "

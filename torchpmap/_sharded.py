@@ -49,7 +49,7 @@ import torch
 from torch.utils._pytree import PyTree, tree_leaves, tree_map
 
 from . import _transfers
-from ._devices import default_devices, device_str, usable_device, usable_devices
+from ._devices import as_device, default_devices, device_str, usable_devices
 from ._layout import Layout, Storage, device_groups, mapped_layout
 from .errors import DeletedShardedTensorError
 
@@ -529,18 +529,21 @@ torch.serialization.add_safe_globals([ShardedTensor])
 
 
 def _unshard_target(device: torch.device | str | int) -> torch.device:
-    """Where ``unshard(device)`` puts the full tensor: ``"cpu"`` is the host, whichever
-    virtual CPU devices this process has (those of a multi-process job are numbered
-    globally); any other device must be this process's."""
+    """Where ``unshard(device)`` puts the full tensor: any CPU device is the host (the
+    virtual devices' index says nothing about where memory goes; a multi-process job
+    numbers them globally); a GPU must exist (``"cuda"``: the current one), but need
+    not be one the call ran on."""
+    where = "unshard: device"
     if isinstance(device, (str, torch.device)):
         try:
-            host = torch.device(device)
+            named = torch.device(device)
         except RuntimeError:
-            pass  # usable_device says what is wrong
-        else:
-            if host.type == "cpu" and host.index is None:
-                return host
-    return usable_device(device, "unshard: device")
+            named = None  # as_device says what is wrong
+        if named is not None and named.type == "cpu":
+            return torch.device("cpu")
+        if named is not None and named.type == "cuda" and named.index is None and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+    return as_device(device, where)
 
 
 def _full(v: Any) -> Any:
@@ -890,7 +893,9 @@ def _refuse_memory_escapes(func: Callable[..., Any], kwargs: dict[str, Any], wha
             f"shard's (x.shards[i].untyped_storage()), or x.unshard() for a tensor of your own"
         )
     if func is torch.Tensor.__dlpack__ and kwargs.get("copy") is not True:
-        # (BufferError, as the array API says for an export that would need a copy;
+        # The array API lets copy=None export a copy, but a PyTorch consumer writes into
+        # from_dlpack's result expecting the producer to see it, as with any tensor: only an
+        # explicit copy=True is one's own. (BufferError, the array API's export error;
         # torch.from_dlpack retries a TypeError with other arguments.)
         raise BufferError(
             f"DLPack export of {what}: it can only be exported as a copy, which a write meant for it would not "
