@@ -3,8 +3,8 @@
 ``fork()`` copies the calling thread only: torchpmap's worker threads are gone
 in the child, their task queues would never be read (a call would wait for the
 collective timeout), and a lock another thread held at the fork stays held for
-ever. Locks are made anew in the child with ``after_fork``; the worker pool
-forgets its workers (``_runtime``)."""
+ever. Locks are made anew in the child (``reinit_after_fork``, and the compile gate's
+own hook); the worker pool forgets its workers (``_runtime``)."""
 
 from __future__ import annotations
 

@@ -93,9 +93,6 @@ def _eager_ok(x: Tensor) -> bool:
         type(x) is Tensor
         and not (x.requires_grad and torch.is_grad_enabled())
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        # (autograd.grad(is_grads_batched=True)'s cotangents: the op's batching fallback runs
-        # the kernel slice by slice; the kernel itself would exchange the batched tensor)
-        and not torch._C._functorch.is_legacy_batchedtensor(x)
         and (not torch._C._is_torch_function_mode_enabled() or replica_modes_only())
         and torch._C._len_torch_dispatch_stack() == 0
     )

@@ -357,22 +357,9 @@ class Pmapped:
         if static_pos:
             static_vals = tuple(args[i] for i in static_pos)
             dyn_args = tuple(a for i, a in enumerate(args) if i not in static_pos)
-            try:
-                hash(static_vals)
-                if any(isinstance(v, torch.Tensor) for v in static_vals):
-                    raise TypeError  # hashed by identity: every new tensor another cache entry and capture
-            except TypeError:
-                bad = next(i for i in static_pos if isinstance(args[i], torch.Tensor) or not _hashable(args[i]))
-                what = (
-                    "is a tensor, which hashes by identity (every new tensor would be captured anew, as JAX refuses "
-                    "arrays there)"
-                    if isinstance(args[bad], torch.Tensor)
-                    else f"must be hashable, got {type(args[bad]).__name__}"
-                )
-                raise ValueError(
-                    f"pmap: static_broadcasted_argnums argument {bad} {what}; pass it as a regular argument with "
-                    f"in_axes=None instead"
-                ) from None
+            # A tensor hashes by identity: every new one would be another cache entry and capture.
+            if not _hashable(static_vals) or any(isinstance(v, torch.Tensor) for v in static_vals):
+                raise _bad_static_argument(args, static_pos)
         else:
             static_vals, dyn_args = (), args
         treedef: TreeSpec | None
@@ -541,7 +528,8 @@ class Pmapped:
             group = self._last_group
             if group is not None and group.devices == devices:
                 return group
-        axis_name = self._axis_name if self._axis_name is not None else _anonymous_axis(self)
+        # An unnamed axis still needs a name internally; no user code can spell it.
+        axis_name = self._axis_name if self._axis_name is not None else _axis.ANONYMOUS_AXIS
         new_backend: Callable[[], GroupBackend]
         if layout is None:  # one process: the axis is this call's replicas
             size, first = len(devices), 0
@@ -1294,17 +1282,26 @@ class _PlanCache(Generic[K, V]):
                 break
 
 
+def _bad_static_argument(args: tuple[Any, ...], static_pos: tuple[int, ...]) -> ValueError:
+    """The error for the first static argument that cannot key the plan cache."""
+    bad = next(i for i in static_pos if isinstance(args[i], torch.Tensor) or not _hashable(args[i]))
+    what = (
+        "is a tensor, which hashes by identity (every new tensor would be captured anew, as JAX refuses arrays there)"
+        if isinstance(args[bad], torch.Tensor)
+        else f"must be hashable, got {type(args[bad]).__name__}"
+    )
+    return ValueError(
+        f"pmap: static_broadcasted_argnums argument {bad} {what}; pass it as a regular argument with "
+        f"in_axes=None instead"
+    )
+
+
 def _hashable(v: Any) -> bool:
     try:
         hash(v)
         return True
     except TypeError:
         return False
-
-
-def _anonymous_axis(p: Pmapped) -> str:
-    # An unnamed axis still needs a name internally; no user code can spell it.
-    return _axis.ANONYMOUS_AXIS
 
 
 def _named_grad_tensors(found: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:

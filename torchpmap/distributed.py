@@ -170,10 +170,7 @@ def _env_int(name: str) -> int:
         raise ValueError(
             f"torchpmap.distributed.initialize: {name} is not set; launch with torchrun or pass rank= and world_size="
         )
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"torchpmap.distributed.initialize: {name} must be an integer, got {raw!r}") from None
+    return _env_integer(name, raw)
 
 
 def _check_rank(rank: Any, world_size: Any) -> None:
@@ -201,6 +198,10 @@ def _env_count(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if not raw:
         return default
+    return _env_integer(name, raw)
+
+
+def _env_integer(name: str, raw: str) -> int:
     try:
         return int(raw)
     except ValueError:
