@@ -145,6 +145,30 @@ def test_a_shard_replaced_with_set_is_read_and_written_where_it_now_lives():
     assert got.shards[0].tolist() == [6.0] * 3  # three calls
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda s: s.t_(),  # same address and shape, other strides
+        lambda s: setattr(s, "data", s.t().contiguous()),  # other memory
+        lambda s: setattr(s, "data", s.t()),  # same address, other strides, version unchanged
+    ],
+    ids=["t_", "data_elsewhere", "data_transposed"],
+)
+def test_a_shard_whose_geometry_changed_in_place_is_read_as_it_now_is(change):
+    pf = pm(lambda x: x * 2)
+    values = torch.arange(N * 9, dtype=torch.float32).reshape(N, 3, 3)
+    x = tp.device_put_sharded(list(values.clone()), devices(N))
+    with executor("stacked", allow_fallback=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pf(x)
+        pf(x)
+        change(x.shards[1])
+        got = pf(x)
+    assert got.shards[1].tolist() == (x.shards[1] * 2).tolist()
+    assert got.shards[1].tolist() == (values[1].T * 2).tolist()
+    assert got.shards[0].tolist() == (values[0] * 2).tolist()
+
+
 def test_autocast_falls_back_with_its_warning():
     pf = pm(lambda x: x @ x.T)
     x = rows(N, 3, 3)
