@@ -556,11 +556,13 @@ def test_a_tiled_all_to_all_of_a_strided_block_view_runs_as_on_the_threads(split
     assert torch.equal(got.unshard(), want.unshard())
 
 
-def test_a_static_argument_new_every_call_stops_capturing_at_the_limit():
+def test_a_static_argument_new_every_call_stops_capturing_at_the_limit(monkeypatch):
     """Past its capture limit a function once got a new capture (its count started again),
     so a scheduled learning rate passed static captured on every call, for ever."""
     from torch._dynamo.utils import counters
 
+    # A lower limit than Dynamo's (63 lockstep captures took ~30 s): the same logic, sooner.
+    monkeypatch.setattr(_stacked, "_MAX_CAPTURES", 6)
     pf = pm(lambda w, lr: w - lr * tp.pmean(w, "i"), static_broadcasted_argnums=(1,))
     w = rows(N, 3)
     before = counters["stats"]["unique_graphs"]
