@@ -34,6 +34,7 @@ from torch.utils._pytree import TreeSpec, tree_map_only
 
 from . import _batched_cotangents, _ops
 from ._compile import DYNAMO_GATE
+from ._torch_originals import original
 from .distributed import backward_runs, tell_peers_a_run_failed
 
 if TYPE_CHECKING:
@@ -197,7 +198,7 @@ class _StandIns(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         args, kwargs = tree_map_only(torch.Tensor, lambda t: self.by_id.get(id(t), t), (args, kwargs or {}))
-        return func(*args, **kwargs)
+        return original(func)(*args, **kwargs)  # (a user's replacement would run again: _torch_originals)
 
 
 def _hide_replica_graphs(

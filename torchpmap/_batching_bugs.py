@@ -28,6 +28,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from ._promotion_guard import batched, under
+from ._torch_originals import original
 
 
 class BatchingRuleDiffers(Exception):
@@ -78,6 +79,7 @@ class _Refuse(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        func = original(func)  # (a user's replacement would run again: _torch_originals)
         wrong = _WRONG.get(getattr(func, "__name__", ""))
         if wrong is not None and args and isinstance(args[0], torch.Tensor):
             # The batching rule applies when any tensor argument is batched (the add-multiplies

@@ -64,6 +64,7 @@ from ._stacked import (
     compile_graph,
     compile_per_replica,
     refuse_numpy_outputs,
+    refuse_replaced_torch_functions,
     refuse_value_guards,
     reusable_after_failures,
     trampoline_entry,
@@ -522,6 +523,7 @@ def _backend(
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
         refuse_value_guards("lockstep")
+        refuse_replaced_torch_functions(gm)
         _refuse_symbolic_floats(gm)
         state = _current()
         # What Dynamo was given as replica 0's value: the key's tensor (an alias of

@@ -26,6 +26,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ._torch_originals import original
+
 # Python operator names whose aten op is named otherwise, and aliases whose own
 # aten packet is a composite without the pointwise tag (torch.multiply runs
 # aten.mul): tests/test_promotion_guard.py finds every function that runs one
@@ -191,6 +193,7 @@ class _Guard(TorchFunctionMode):
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        func = original(func)  # (a user's replacement would run again: _torch_originals)
         name = getattr(func, "__name__", "")
         aten = _aten_name(name) if name else None
         reason = None

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from . import _uncounted_writes
 from ._fork import reinit_after_fork
 from ._sharded import written_without_saying
+from ._torch_originals import original
 
 # Guards the process's default generators while a replica's state is swapped
 # into one, and the draws of call seeds from the caller's generator.
@@ -301,9 +302,9 @@ class ReplicaRandomness(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         try:
-            kind, spec = _kinds[func]
+            kind, spec, func = _kinds[func]
         except (KeyError, TypeError):
-            kind, spec = _kind_of(func)
+            kind, spec, func = _kind_of(func)
         if kind is _NOT_RANDOM:
             return func(*args, **kwargs) if kwargs else func(*args)
         kwargs = kwargs or {}
@@ -398,18 +399,20 @@ _REENTRANT_CHECKPOINT = torch.utils.checkpoint.CheckpointFunction.forward.__code
 _PASS_GENERATOR, _SWAP, _NOT_RANDOM = "pass generator", "swap", "not random"
 # Not random, but they update arguments without counting a version.
 _UNCOUNTED_WRITES = "uncounted writes"
-_kinds: dict[Any, tuple[str, _Spec | None]] = {}
+_kinds: dict[Any, tuple[str, _Spec | None, Callable[..., Any]]] = {}
 
 
-def _kind_of(func: Callable[..., Any]) -> tuple[str, _Spec | None]:
-    """How the mode handles ``func``, on a miss of the handler's ``_kinds``
-    lookup: classified once per function object and cached."""
-    kind = _classify(func)
+def _kind_of(func: Callable[..., Any]) -> tuple[str, _Spec | None, Callable[..., Any]]:
+    """How the mode handles ``func``, and what it calls for it (the torch function
+    a user's replacement stands in for: ``_torch_originals``), on a miss of the
+    handler's ``_kinds`` lookup: classified once per function object and cached."""
+    target = original(func)
+    entry = (*_classify(target), target)
     try:
-        _kinds[func] = kind
+        _kinds[func] = entry
     except TypeError:  # unhashable: classified on every call
         pass
-    return kind
+    return entry
 
 
 def _classify(func: Callable[..., Any]) -> tuple[str, _Spec | None]:

@@ -65,6 +65,7 @@ from . import (
     _runtime,
     _stacked_autograd,
     _stacked_random,
+    _torch_originals,
     _transfers,
 )
 from ._autodiff import FlatOutput
@@ -468,6 +469,18 @@ def check_supported_ops(graph: torch.fx.Graph, executor: str = "stacked") -> Non
                 )
 
 
+def refuse_replaced_torch_functions(gm: torch.fx.GraphModule) -> None:
+    """Refuse a capture whose graph calls a torch function that a user's
+    replacement now stands in for (``F.relu = logged_relu``): tracing the graph
+    would run the replacement inside itself (``_torch_originals``)."""
+    replaced = _torch_originals.replaced_in(gm.graph)
+    if replaced is not None:
+        raise Unsupported(
+            f"{replaced} replaces a torch function the function calls: a capture calls torch functions by name, "
+            f"and would apply the replacement twice"
+        )
+
+
 def refuse_value_guards(executor: str = "stacked") -> None:
     """Refuse a capture that guards on a tensor's value: under fullgraph, Dynamo
     turns ``.item()`` of a 0-dim input into a number it guards on (``if s.item() > 0``),
@@ -731,6 +744,7 @@ def _backend(
     def backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         count[0] += 1
         refuse_value_guards()
+        refuse_replaced_torch_functions(gm)
         state = _current()
         in_dims = tuple(0 if id(e) in state.stacked_of else None for e in example_inputs)
         stored = _escapes.stored_replica_tensor([t for t in state.keep if id(t) in state.stacked_of])

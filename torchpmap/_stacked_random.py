@@ -130,7 +130,7 @@ def route_random_ops(gm: torch.fx.GraphModule) -> list[int]:
         func = _function_of(node)
         if func is None or func is draw:
             continue
-        kind, _ = _random._kind_of(func)
+        kind, _, _ = _random._kind_of(func)
         if kind not in _RANDOM_KINDS:  # (batch_norm's uncounted writes are the threads' concern)
             continue
         key = next(_keys)
@@ -208,7 +208,7 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
 def draw(key: int, *args: Any, **kwargs: Any) -> Any:
     """The random call of site ``key``, traced under the replica vmap level."""
     site = _site(key)
-    kind, spec = _random._kind_of(site.func)
+    kind, spec, _ = _random._kind_of(site.func)
     if kind == _random._SWAP and not _random._draws(spec, args, kwargs):
         return site.func(*args, **kwargs)  # dropout in eval mode or with p=0 draws nothing
     flat, arg_spec = tree_flatten((args, kwargs))

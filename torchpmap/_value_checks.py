@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ._promotion_guard import batched, under
+from ._torch_originals import original
 
 
 class UncheckedLookup(Exception):
@@ -135,6 +136,7 @@ class _Checked(TorchFunctionMode):
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
+        func = original(func)  # (a user's replacement would run again: _torch_originals)
         rewrite = _REWRITES.get(func)
         if rewrite is not None:
             return rewrite(*args, **(kwargs or {}))
