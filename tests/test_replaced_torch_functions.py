@@ -100,3 +100,13 @@ def test_replacements_of_functions_a_capture_does_not_call_leave_it_captured(mon
     assert not caught
     for g in got:
         torch.testing.assert_close(g, x.relu() * 2, rtol=0, atol=0)
+
+
+def test_a_replacement_from_a_module_whose_name_starts_with_torch_is_recognised(tripled):
+    # (torchvision, a user's torch_utils: not torch's own functions)
+    tripled(torch.nn.functional, "relu")
+    F.relu.__module__ = "torch_utils"
+    x = torch.randn(N, 5)
+    got, _ = _calls(lambda v: F.relu(v) + 1, x, "threads")
+    for g in got:
+        torch.testing.assert_close(g, x.relu() * 3 + 1, rtol=0, atol=0)

@@ -68,8 +68,13 @@ def _may_replace(func: Any) -> bool:
     """Whether ``func`` is a Python function from outside torch: torch's own functions,
     builtins and aten overloads reach the modes by the thousand, and are never a replacement."""
     if isinstance(func, types.FunctionType):
-        return not (func.__module__ or "").startswith("torch")
+        return not _in_torch(func)
     return isinstance(func, functools.partial)
+
+
+def _in_torch(func: types.FunctionType) -> bool:
+    module = func.__module__ or ""
+    return module == "torch" or module.startswith("torch.")  # (not torchvision, not a user's torch_utils)
 
 
 def _find_original(func: Any) -> Any:
@@ -81,7 +86,7 @@ def _find_original(func: Any) -> Any:
     for _ in range(16):
         if inner is None or isinstance(inner, (types.BuiltinFunctionType, torch._ops.OpOverload)):
             return func if inner is None else inner
-        if isinstance(inner, types.FunctionType) and (inner.__module__ or "").startswith("torch"):
+        if isinstance(inner, types.FunctionType) and _in_torch(inner):
             return inner
         inner = getattr(inner, "__wrapped__", None)
     return func
