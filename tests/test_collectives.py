@@ -9,6 +9,7 @@ computes from all replicas' inputs (``ref_*`` below, written from the
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -207,6 +208,111 @@ def test_psum_of_python_constants_counts_the_replicas(k):
     assert n.unshard().tolist() == [k] * k
     assert g.unshard().tolist() == [2 if k == 2 else 4] * k
     assert m.unshard().tolist() == [3.0] * k
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 2, 3], [1]]], ids=["all", "unequal_groups"])
+def test_reductions_of_each_replicas_own_python_numbers_exchange_them(groups):
+    # A replica's own Python number (loss.item(), int(axis_index)) was taken for a constant:
+    # psum gave n * v and pmean, pmax, pmin each replica's own v, silently (found by a hunt).
+    kw = dict(axis_index_groups=groups)
+
+    def f(x):
+        loss = float((x * x).sum().item())  # 0, 1, 4, 9
+        i = int(tp.axis_index("i"))
+        numbers = [tp.psum(loss, "i", **kw), tp.pmean(loss, "i", **kw), tp.pmax(loss, "i", **kw)]
+        numbers += [tp.pmin(i, "i", **kw), tp.psum(i, "i", **kw), tp.pmean({"i": i, "t": x}, "i", **kw)["i"]]
+        return torch.tensor(numbers, dtype=torch.float64)
+
+    x = torch.arange(4.0).reshape(4, 1)
+    losses, sizes = [0.0, 1.0, 4.0, 9.0], {}
+    groups_of = groups or [[0, 1, 2, 3]]
+    expected = []
+    for r in range(4):
+        g = next(g for g in groups_of if r in g)
+        ls = [losses[m] for m in g]
+        expected.append([sum(ls), sum(ls) / len(g), max(ls), min(g), sum(g), sum(g) / len(g)])
+        sizes[r] = len(g)
+    pf = pmap_k(f, 4)
+    for _ in range(3):  # the first call on the threads, then whatever the executor makes of .item()
+        assert pf(x).unshard().tolist() == expected
+
+
+@pytest.mark.parametrize("how", ["lockstep", "compile"])
+def test_per_replica_numbers_in_a_trace_are_reduced_as_values_not_constants(how):
+    # The lockstep executor's integer .item() is each replica's own symbol, and a replica's
+    # own torch.compile (compile= on the threads) specialises on each replica's values:
+    # both took them for constants (psum gave 4 * i, pmax i).
+    from torchpmap import _config
+
+    def f(x):
+        i = x.sum().item()  # 0, 1, 2, 3
+        return x + tp.psum(i, "i"), x + tp.pmax(i, "i"), x + tp.pmin(i - 1, "i")
+
+    def g(x):  # (a float symbol: lockstep falls back to the threads)
+        return x * 0 + tp.pmean(x.sum().item(), "i")
+
+    kwargs = dict(compile=dict(backend="eager")) if how == "compile" else {}
+    pf, pg = (tp.pmap(fn, "i", devices=devices(4), **kwargs) for fn in (f, g))
+    _config._executor = "lockstep" if how == "lockstep" else "threads"  # (the autouse fixture restores it)
+    x = torch.arange(4).reshape(4, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if how == "lockstep" else "ignore")  # f runs lockstep, no fallback
+        for _ in range(3):
+            total, top, least = (o.unshard().flatten().tolist() for o in pf(x))
+            assert total == [6, 7, 8, 9] and top == [3, 4, 5, 6] and least == [-1, 0, 1, 2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            assert pg(x).unshard().flatten().tolist() == [1.5] * 4
+
+
+def test_python_numbers_reduce_with_python_types_and_rules():
+    def f(x):
+        r = int(tp.axis_index("i"))
+        mixed = r if r else 0.5  # an int on three replicas, a float on one
+        out = dict(
+            mixed_sum=tp.psum(mixed, "i"),
+            bools=tp.psum(r % 2 == 1, "i"),  # booleans count
+            any_bool=tp.pmax(r == 3, "i"),
+            nan=tp.pmax(float("nan") if r == 2 else float(r), "i"),
+            np32=tp.psum(np.float32(r) / 4, "i"),
+            same=tp.psum(0.1, "i"),  # equal everywhere: n * v, as a capture's constant
+            cplx=tp.psum(complex(r, 1), "i"),
+        )
+        types = {k: type(v).__name__ for k, v in out.items()}
+        as_tensor = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in out.items() if k != "cplx"}
+        as_tensor["cplx"] = torch.tensor(complex(out["cplx"]), dtype=torch.complex128)
+        return x * 0, as_tensor, types
+
+    k = 4
+    types_seen = []
+    pf = tp.pmap(lambda x: f(x)[:2], "i", devices=devices(k))
+    _, values = pf(torch.zeros(k))
+    pmap_k(lambda x: types_seen.append(f(x)[2]) or x, k)(torch.zeros(k))
+    assert values["mixed_sum"].unshard().tolist() == [6.5] * k
+    assert values["bools"].unshard().tolist() == [2.0] * k
+    assert values["any_bool"].unshard().tolist() == [1.0] * k
+    assert torch.isnan(values["nan"].unshard()).all()
+    assert values["np32"].unshard().tolist() == [1.5] * k
+    assert values["same"].unshard().tolist() == [0.1 * 4] * k
+    assert values["cplx"].unshard().tolist() == [complex(6, 4)] * k
+    for types in types_seen:
+        assert types == dict(
+            mixed_sum="float", bools="int", any_bool="bool", nan="float", np32="float32", same="float", cplx="complex"
+        )
+
+
+def test_pmax_of_per_replica_complex_numbers_raises_on_every_replica():
+    err, seconds = expect_error(
+        pmap_k(lambda x: x + tp.pmax(complex(int(tp.axis_index("i")), 1), "i").real, 4), torch.zeros(4), kind=TypeError
+    )
+    assert "pmax: complex numbers have no order" in str(err)
+    assert seconds < 2.0
+
+
+def test_a_python_int_past_64_bits_is_refused_by_name():
+    err, _ = expect_error(pmap_k(lambda x: x + tp.psum(2**70 + int(tp.axis_index("i")), "i"), 2), torch.zeros(2))
+    assert "psum: the Python int" in str(err) and "64 bits" in str(err)
 
 
 def test_pmean_of_ints_and_bools_is_floating():

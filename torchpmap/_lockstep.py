@@ -637,7 +637,7 @@ def run(record: CallRecord) -> list[FlatOutput]:
     args, kwargs = record.unflatten(row0)
     before = capture.count[0]
     try:
-        with capture_scope(capture, _tls, state, "in lockstep"), capture_config(eager_rounding=True):
+        with capture_scope(capture, _tls, state, _ops.LOCKSTEP_SCOPE), capture_config(eager_rounding=True):
             out = capture.compiled(*args, **kwargs)
     except Exception as e:
         if state.started:

@@ -124,8 +124,19 @@ stand_ins = threading.local()
 @torch._dynamo.assume_constant_result
 def _capturing_for_stacking() -> bool:
     """Whether Dynamo traces for the stacked executor (``_stacked``), which runs
-    the graph under torch.func.vmap: constant for a trace."""
+    the graph under torch.func.vmap, or for the lockstep one: constant for a trace."""
     return getattr(_stacking, "on", False)
+
+
+@torch._dynamo.assume_constant_result
+def _capturing_for_lockstep() -> bool:
+    """Whether that trace is the lockstep executor's, whose replicas run its pieces on
+    their own values (an integer ``.item()`` is each one's own)."""
+    return getattr(_stacking, "on", False) and getattr(_stacking, "executor", None) == LOCKSTEP_SCOPE
+
+
+# What the lockstep executor's captures call their scope (``_stacked.capture_scope``; in messages).
+LOCKSTEP_SCOPE = "in lockstep"
 
 
 @torch._dynamo.assume_constant_result

@@ -1118,7 +1118,7 @@ class capture_scope:
         DYNAMO_GATE.enter()
         self.previous = _axis.current_frame()
         _axis.bind(capture.frame)
-        _ops._stacking.on = True
+        _ops._stacking.on, _ops._stacking.executor = True, self.executor
         self.hooks_disabled = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None, tb: Any) -> None:

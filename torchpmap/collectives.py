@@ -25,6 +25,7 @@ from . import _axis, _devices, _ops, _tree
 from . import _stacked_collectives as _stacked
 from ._axis import AxisName
 from ._communicator import reduction_problem
+from ._number_reductions import number_dtype, reduce_numbers
 
 # axis_index_groups: None (one group of the whole axis) or groups of axis indices.
 AxisIndexGroups: TypeAlias = "Sequence[Sequence[int]] | None"
@@ -280,11 +281,18 @@ def _reduce(
             return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
         return v / n
 
+    numbers_rule = _numbers_rule()
+    as_tensors: list[torch.Tensor] = []  # numbers reduced as 0-dim tensors ("tensor" rule)
+
     def prepare(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
-            if isinstance(v, (bool, numbers.Number)):
+            if not isinstance(v, (bool, numbers.Number)):
+                v = _as_tensor(v, fn)
+            elif numbers_rule == "tensor":
+                v = torch.scalar_tensor(v, dtype=number_dtype(v, op, mean))  # type: ignore[arg-type]
+                as_tensors.append(v)
+            else:
                 return v
-            v = _as_tensor(v, fn)
         if op == "sum" and v.dtype == torch.bool:
             v = v.to(torch.int64)  # as jnp.sum: booleans count
         if op != "sum" and v.is_complex():
@@ -294,6 +302,7 @@ def _reduce(
 
     leaves = _Leaves(x, prepare)
     values, shapes = leaves.values, leaves.shapes
+    as_tensors_at = [j for j, v in enumerate(values) if any(v is t for t in as_tensors)]
 
     def first_tensor_device() -> torch.device | None:
         """Where a group size for constants goes: the tree's first tensor's device (None: the replica's)."""
@@ -305,6 +314,7 @@ def _reduce(
     # stacked executor has no rendezvous to save, and there the flat buffer
     # would cost two copies of every replica's leaves: one collective per leaf.
     per_leaf = _inside_collective_node() or (torch.compiler.is_compiling() and _ops._capturing_for_stacking())
+    numbers_at: list[int] = []
     buckets: dict[tuple[Any, ...], list[int]] = {}
     first_leaf: dict[tuple[Any, ...], int] = {}
     for k, j in enumerate(leaves.order):
@@ -313,9 +323,19 @@ def _reduce(
             key = (j,) if per_leaf else (leaves.dtypes[j], v.device)
             first_leaf.setdefault(key, k)
             buckets.setdefault(key, []).append(j)
+        elif v is not None and numbers_rule == "exchange":
+            numbers_at.append(j)
         elif v is not None:
-            # A constant is the same on every replica (JAX does the same).
             values[j] = finish(v * replica_group_size(v)) if op == "sum" else v
+    if numbers_at:
+        members = None  # (every replica of the axis)
+        if axis_index_groups is not None:  # (all_gather takes groups of one size only: the axis, then the group)
+            me = int(axis_index(axis_name))
+            members = next([operator.index(i) for i in g] for g in axis_index_groups if me in g)
+        gather = functools.partial(all_gather, axis_name=axis_name)
+        reduced_numbers = reduce_numbers([values[j] for j in numbers_at], op, mean, fn, gather, members)
+        for j, number in zip(numbers_at, reduced_numbers):
+            values[j] = number
     for key, idx in buckets.items():
         tags = leaves.tags(first_leaf[key])
         if len(idx) == 1:
@@ -343,7 +363,21 @@ def _reduce(
         sizes = cast("list[torch.Size]", [shapes[j] for j in idx])  # tensor leaves: no None
         for j, piece, shape in zip(idx, reduced.split([s.numel() for s in sizes]), sizes):
             values[j] = piece.view(shape).detach() if j in untracked else piece.view(shape)
+    for j in as_tensors_at:
+        values[j] = values[j].item()
     return leaves.unflatten()
+
+
+def _numbers_rule() -> str:
+    """How a reduction treats Python numbers (``_number_reductions``): "exchange" where
+    the replicas' own Python runs (the threads: ``loss.item()`` is each one's own);
+    "constant" in the stacked executor's capture, one trace for every replica whose
+    numbers are constants (n * v, as JAX); "tensor" in other traces (the lockstep
+    executor's integer ``.item()``, a replica's own torch.compile specialising on its
+    values): reduced as 0-dim tensors by the graph's collective, numbers again after."""
+    if not torch.compiler.is_compiling():
+        return "constant" if _inside_collective_node() else "exchange"  # (a node's leaves are tensors)
+    return "constant" if _ops._capturing_for_stacking() and not _ops._capturing_for_lockstep() else "tensor"
 
 
 # A dtype that holds every value of one torch cannot reduce, for the message.
