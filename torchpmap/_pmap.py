@@ -352,8 +352,10 @@ class Pmapped:
                 f"pmap of {self._fun_name} was called while Python shuts down (from __del__ or a finalizer "
                 f"at exit), when its replicas can no longer run; call it before exit (an atexit handler works)"
             )
-        _refuse_function_transforms(self._fun_name)
-        static_pos = self._static_positions(len(args))
+        if _functorch_level() is not None:
+            _refuse_function_transforms(self._fun_name)
+        # (No call without static arguments: most pmaps have none.)
+        static_pos = self._static_positions(len(args)) if self._static else ()
         if static_pos:
             static_vals = tuple(args[i] for i in static_pos)
             dyn_args = tuple(a for i, a in enumerate(args) if i not in static_pos)
@@ -365,11 +367,18 @@ class Pmapped:
         treedef: TreeSpec | None
         key_spec: tuple[TreeSpec, Any] | Structure | None
         structure: Structure | TreeSpec | None  # this call's tree, as the fast path rebuilds it
-        if not kwargs and all(isinstance(a, torch.Tensor) and type(a) not in SUPPORTED_NODES for a in dyn_args):
+        positional = not kwargs
+        if positional:  # (a loop, not all() of a generator: every call asks)
+            for a in dyn_args:
+                if not isinstance(a, torch.Tensor) or type(a) in SUPPORTED_NODES:
+                    positional = False
+                    break
+        if positional:
             # The common call, positional tensors only: skip the generic flatten, and key
             # the plan without hashing a tree structure (None stands for it). A tensor
             # type registered as a pytree node is a tree, flattened as torch's pytree does.
-            leaves, treedef, key_spec = list(dyn_args), self._positional_spec(len(dyn_args)), None
+            # Its TreeSpec (_positional_spec) only where the general path needs it.
+            leaves, treedef, key_spec = list(dyn_args), None, None
             structure = None
         else:
             # Tuples, lists and dicts of tensors and numbers: a structure key that is cheap to
@@ -385,10 +394,17 @@ class Pmapped:
                 structure = treedef
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
-        plan = self._in_plans.get(key)
+        # _PlanCache.get, inline (every call): a hit becomes the most recently used.
+        plans = self._in_plans._plans
+        plan = plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
             self._in_plans.put(key, plan)
+        else:
+            try:
+                plans.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
         self._calls += 1
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
@@ -408,7 +424,7 @@ class Pmapped:
             plan.fast = None  # the general path decides, and makes a new one if the call runs stacked
 
         if treedef is None:
-            treedef = tree_structure((dyn_args, kwargs))
+            treedef = self._positional_spec(len(dyn_args)) if structure is None else tree_structure((dyn_args, kwargs))
         try:
             donated = self._donated_leaves(plan, len(args))
             with _claimed_for_donation([leaves[j] for j in donated]):
@@ -909,15 +925,22 @@ class Pmapped:
         """The stacked executor's output: batched leaves wrapped without a copy,
         out_axes=None ones checked equal across the rows, like ``_assemble``."""
         # The key of _assemble: a row's rank is its buffer's less one.
-        key = (
-            out.spec,
-            tuple(v.ndim - b if isinstance(v, torch.Tensor) else type(v) for v, b in zip(out.leaves, out.batched)),
-        )
-        plan = self._out_plans.get(key)
+        kinds = []
+        for v, b in zip(out.leaves, out.batched):  # (a loop, not a generator: every call)
+            kinds.append(v.ndim - b if isinstance(v, torch.Tensor) else type(v))
+        key = (out.spec, tuple(kinds))
+        # _PlanCache.get, inline (every call): a hit becomes the most recently used.
+        plans = self._out_plans._plans
+        plan = plans.get(key)
         if plan is None:
             first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
             plan = self._make_out_plan(_fast_tree.unflatten(first, out.spec), first)
             self._out_plans.put(key, plan)
+        else:
+            try:
+                plans.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile
+                pass
         result: list[Any] = []
         physical = device_groups(devices)[0][0]
         for j, axis in enumerate(plan.axes):
@@ -944,6 +967,8 @@ class Pmapped:
                     value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=d) for d in devices
                 ]
                 result.append(ShardedTensor._of_distinct(shards, devices, axis))
+        if type(out.spec) is int and len(result) == 1:  # one output, not in a container (_fast_tree's leaf)
+            return result[0]
         return _fast_tree.unflatten(result, out.spec)
 
     def _make_out_plan(self, out0: PyTree, first_leaves: list[Any]) -> _OutPlan:
@@ -1056,8 +1081,11 @@ def _leaf_kinds(leaves: list[Any]) -> tuple[tuple[type, int | None], ...]:
     give. Read with subclasses' __torch_function__ off: a ShardedTensor's rank is
     its wrapper's, which its __torch_function__ would answer the same, at ~3 us a
     leaf (a deleted one raises where the call reads its buffers)."""
+    kinds = []
     with torch._C.DisableTorchFunctionSubclass():
-        return tuple((type(v), getattr(v, "ndim", None)) for v in leaves)
+        for v in leaves:  # (a loop, not a generator: every call keys its plan)
+            kinds.append((type(v), getattr(v, "ndim", None)))
+    return tuple(kinds)
 
 
 class _Leaf:
@@ -1091,10 +1119,14 @@ def _refuse_unmappable(leaf: torch.Tensor, path: str) -> None:
     )
 
 
+# functorch's current transform level, None outside every torch.func transform.
+_functorch_level = torch._C._functorch.maybe_current_level
+
+
 def _refuse_function_transforms(fun_name: str) -> None:
     # functorch's transform stack is per thread: the replicas' worker threads
     # would run outside the caller's grad/vmap and fail deep inside functorch.
-    if torch._C._functorch.maybe_current_level() is not None:
+    if _functorch_level() is not None:
         raise RuntimeError(
             f"pmap: {fun_name} was called inside a torch.func transform (torch.func.grad, "
             f"torch.vmap, jacrev, ...), which cannot see into a pmap call. Differentiate "
