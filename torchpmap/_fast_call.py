@@ -102,9 +102,12 @@ class FastCall:
         tensors only). ``static_items``: its static arguments. Both are equal to the
         first call's by the plan's key, but the function gets this call's own, and
         Dynamo's guards check them."""
-        if _config.executor_name() not in _STACKED_EXECUTORS:
+        # executor_name() and local_device_tuple() read without their calls where they are
+        # set (every call asks): an unset executor reads the environment; an unset device
+        # list (None) is not self.local, and the general path makes it.
+        if (_config._executor or _config.executor_name()) not in _STACKED_EXECUTORS:
             return None
-        if _devices.local_device_tuple() is not self.local or _stacked.blocked_reason() is not None:
+        if _devices._frozen_local is not self.local or _stacked.blocked_reason() is not None:
             return None
         if self.has_constants and constant_signature(leaves) != self.constants:
             # (-0.0 for 0.0, or (True,) for (1,): equal to Dynamo's guards, another capture to the general path)
@@ -113,7 +116,10 @@ class FastCall:
         row0 = self._rows(leaves, state)
         if row0 is None:
             return None
-        args, kwargs = unflatten_arguments(structure, static_items, row0)
+        if structure is None and not static_items:  # positional tensors only: unflatten_arguments' first case
+            args, kwargs = row0, {}
+        else:
+            args, kwargs = unflatten_arguments(structure, static_items, row0)
         try:
             return _stacked.run_capture(self.capture, self.group, args, kwargs, state)
         except _stacked.Unsupported:
@@ -132,16 +138,18 @@ class FastCall:
                 row0.append(leaf)
                 continue
             assert axis is not None  # SHARDED and MAPPED leaves are mapped
-            if grad_on and getattr(leaf, "requires_grad", False):
-                return None  # autograd must see this leaf: the general path
             buffer: torch.Tensor | None
             if kind == SHARDED:
-                if type(leaf) is not ShardedTensor or not leaf.is_mapped_on(axis, devices):
+                if type(leaf) is not ShardedTensor:
                     return None
-                buffer = _stacked.sharded_buffer(leaf)
+                # None where it requires grad (autograd must see it: the general path), is
+                # mapped otherwise, or has no one stacked buffer (_stacked.sharded_buffer).
+                buffer = leaf._fast_call_buffer(axis, devices, grad_on)
             else:
                 if type(leaf) is not torch.Tensor or leaf.layout is not torch.strided or leaf.is_nested:
                     return None  # (the general path refuses sparse and nested tensors)
+                if grad_on and leaf.requires_grad:
+                    return None  # autograd must see this leaf: the general path
                 if leaf.ndim <= axis or leaf.shape[axis] != n:
                     return None
                 buffer = None if slices_overlap(leaf, axis) else _stacked.mapped_buffer(leaf, axis, self.device)
@@ -149,5 +157,9 @@ class FastCall:
                     state.caller_tensors.add(id(buffer))
             if buffer is None:
                 return None
-            row0.append(state.row_of(buffer))
+            # state.row_of(buffer), inline (every leaf of every call)
+            row = buffer[0]
+            state.stacked_of[id(row)] = buffer
+            state.keep.append(row)
+            row0.append(row)
         return row0

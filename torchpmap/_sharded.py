@@ -51,6 +51,7 @@ from torch.utils._pytree import PyTree, tree_leaves, tree_map
 from . import _transfers
 from ._devices import as_device, default_devices, device_str, usable_devices
 from ._layout import Layout, Storage, device_groups, mapped_layout
+from ._row_layout import faithful
 from .errors import DeletedShardedTensorError
 
 # Tensor methods that only read metadata the wrapper already has.
@@ -297,6 +298,10 @@ class ShardedTensor(torch.Tensor):
             self._shard_views is None or _still_views_of(self._shard_views, self._stacked, groups)
         ):
             return self._stacked
+        return self._restack(groups)
+
+    def _restack(self, groups: tuple[tuple[torch.device, tuple[int, ...]], ...]) -> tuple[torch.Tensor, ...] | None:
+        """``stacked_buffers`` when the buffers it had are gone or no longer the shards'."""
         self._stacked = None
         found = [_stacked_view([self._shards[i] for i in members]) for _, members in groups]
         if any(b is None for b in found):
@@ -306,6 +311,35 @@ class ShardedTensor(torch.Tensor):
         self._stacked = tuple(b for b in found if b is not None)
         self._layout = self.shard_layout.with_storage(Storage.STACKED)
         return self._stacked
+
+    def _fast_call_buffer(self, axis: int, devices: tuple[torch.device, ...], grad_on: bool) -> torch.Tensor | None:
+        """What pmap's fast path (``_fast_call``) asks of a ShardedTensor argument on
+        every call, in one call: None where it requires grad (``grad_on``: grad mode is
+        on), is not ``is_mapped_on(axis, devices)``, or has no one ``faithful`` stacked
+        buffer (``_stacked.sharded_buffer``); else that buffer. The same checks, in the
+        same order, as ``requires_grad``, ``is_mapped_on`` and ``sharded_buffer`` (each
+        a call of its own: ~10 Python frames a leaf)."""
+        self._check_alive()
+        if grad_on:  # requires_grad's loop
+            views = self._shard_views
+            if views is None:  # rows not made yet: views require grad as their buffer does
+                views = self._stacked or ()
+            for t in views:
+                if t.requires_grad:
+                    return None
+        if self._axis != axis or self._devices != devices:
+            return None
+        # stacked_buffers, alive already
+        buffers = self._stacked
+        groups = device_groups(devices)
+        if buffers is None or (
+            self._shard_views is not None and not _still_views_of(self._shard_views, buffers, groups)
+        ):
+            buffers = self._restack(groups)
+        if buffers is None or len(buffers) != 1:
+            return None
+        buffer = buffers[0]
+        return buffer if buffer.is_contiguous() or faithful(buffer) else None  # (a contiguous one is)
 
     def to_stacked(self) -> ShardedTensor:
         """This tensor in the stacked form: itself when its shards already are
@@ -848,7 +882,7 @@ def _innermost(t: torch.Tensor) -> torch.Tensor:
 def _may_have_storage(t: torch.Tensor) -> bool:
     """Whether ``t`` is of a kind that has a storage (a functorch wrapper still
     raises when asked for it: unwrap it first)."""
-    return t.layout == torch.strided and not t.is_nested and t.device.type != "meta"
+    return t.layout is torch.strided and not t.is_nested and not t.is_meta  # (no device object made)
 
 
 # Tensor.__iand__ & co. reach __torch_function__ under their own names (`t += v`
