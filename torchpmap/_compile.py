@@ -315,7 +315,7 @@ class DynamoGate:
             )
 
     def exit(self) -> None:
-        if self.held():
+        if getattr(self._tls, "held", False):  # self.held(), inline (every stacked call)
             self._tls.held = False
             self._holder = None
             self._lock.release()

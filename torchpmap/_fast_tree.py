@@ -30,6 +30,7 @@ from ._constant_signature import keys_signature
 # A structure key: _LEAF, or a tuple (_TUPLE | _LIST, *children) or (_DICT, keys, keys' signature, *children).
 Structure: TypeAlias = "int | tuple[Any, ...]"
 _LEAF, _TUPLE, _LIST, _DICT = range(4)
+LEAF: Structure = _LEAF  # the structure of a tree that is one leaf
 
 # Leaf types torch's pytree treats as leaves unless someone registers them as nodes
 # (None is a leaf there too).

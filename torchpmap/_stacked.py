@@ -48,11 +48,13 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
+import torch.autograd.profiler as _profiler
+import torch.nn.modules.module as _module_hooks
 import torch.utils.checkpoint
 from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
-from torch.utils._pytree import TreeSpec, tree_flatten
+from torch.utils._pytree import SUPPORTED_NODES, TreeSpec, tree_flatten
 
 from . import (
     _axis,
@@ -76,7 +78,6 @@ from ._compile import (
     Backend,
     capture_config,
     clear_cache_when_dropped,
-    global_module_hooks,
     options_key,
     requested_backend,
     torch_compile,
@@ -178,7 +179,12 @@ def blocked_reason() -> str | None:
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
-    if global_module_hooks():
+    if (  # global_module_hooks(), inline (every call asks)
+        _module_hooks._global_forward_hooks
+        or _module_hooks._global_forward_pre_hooks
+        or _module_hooks._global_backward_hooks
+        or _module_hooks._global_backward_pre_hooks
+    ):
         return GLOBAL_HOOKS_REASON
     if torch.is_anomaly_enabled():
         # Its checks do not trace (data-dependent guards); the threads' replicas run under it.
@@ -190,7 +196,8 @@ def blocked_reason() -> str | None:
     if stance.stance != "default" or stance.skip_guard_eval_unsafe:
         # Dynamo would run the function eagerly on replica 0, or skip its guards.
         return _DYNAMO_OFF  # (a disabled Dynamo matters only to a capture: _Capture.call checks it)
-    if _axis.in_replica() or _runtime.pool().busy():
+    pool = _runtime._pool  # (_runtime.pool() makes it: none yet, no worker is busy)
+    if getattr(_axis._tls, "frame", None) is not None or (pool is not None and pool.busy()):  # (in_replica())
         # The threads executor detects a nested pmap (or one from a thread a replica started).
         return "called inside a replica, or while a call on the threads executor runs"
     return None
@@ -568,7 +575,9 @@ class _Batched:
         return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        state = _current()
+        state: _CallState | None = getattr(_tls, "state", None)  # _current(), inline (every call)
+        if state is None:
+            raise Unsupported("the captured program ran outside a stacked call")
         inputs = []
         for k, (a, d) in enumerate(zip(args, self.in_dims)):
             stacked = state.stacked_of.get(id(a)) if isinstance(a, torch.Tensor) else None
@@ -600,7 +609,13 @@ class _Batched:
             raise Unsupported(
                 "the function writes in place an input that shares memory with another input", per_call=True
             )
-        if torch.is_grad_enabled() and _any_requires_grad(inputs):
+        needs_grad = False
+        if torch.is_grad_enabled():  # _any_requires_grad(inputs), inline (every call)
+            for a in inputs:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    needs_grad = True
+                    break
+        if needs_grad:
             if any(inputs[k].requires_grad for k in self.written):
                 raise Unsupported(
                     "autograd through a function that writes in place an input that requires grad", per_call=True
@@ -632,29 +647,28 @@ class _Batched:
             )
             arguments: Sequence[Any] = ()
         else:
-            program, arguments = self._program(inputs), inputs
+            # self._program(inputs), without its call where the graph runs uncompiled and its direct forward is made
+            direct = self.direct
+            program = direct if direct is not None and self.compiler is None else self._program(inputs)
+            arguments = inputs
         if self.written:
             state.written_versions = [(inputs[k], inputs[k]._version) for k in self.written]
         state.started = True
         outs = program(*arguments)
         rows = []
+        stacked_of, keep = state.stacked_of, state.keep
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
                 o = o.contiguous()
-            rows.append(state.row_of(o))
+            row = o[0]  # state.row_of(o), inline (every output of every call)
+            stacked_of[id(row)] = o
+            keep.append(row)
+            rows.append(row)
         state.ran = True
         return rows
 
 
 _AS_STRIDED = torch.ops.aten.as_strided.default
-
-
-def _any_requires_grad(inputs: Sequence[Any]) -> bool:
-    """Whether a tensor among ``inputs`` requires grad (a loop: asked on every call)."""
-    for a in inputs:
-        if isinstance(a, torch.Tensor) and a.requires_grad:
-            return True
-    return False
 
 
 def _has_tangent(inputs: Sequence[Any]) -> bool:
@@ -827,8 +841,11 @@ class _Capture:
     failed: str | None = None  # why a capture failed: Dynamo may skip the code from then on
     # Per call_signature, why its capture failed (carried over to the capture that replaces this one).
     failed_for: dict[Any, str] = field(default_factory=dict)
-    # Per cache entry's transformed code, a function running it with the trampoline's globals and closure.
-    transformed: dict[types.CodeType, types.FunctionType | None] = field(default_factory=dict)
+    # Per cache entry's transformed code, two functions running it with the trampoline's globals
+    # and closure: without and with the pre-graph bytecode's timing (for the profiler).
+    transformed: dict[types.CodeType, tuple[types.FunctionType, types.FunctionType] | None] = field(
+        default_factory=dict
+    )
     recaptures: RecaptureWatch = field(default_factory=RecaptureWatch)
 
     def call(self, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -838,12 +855,20 @@ class _Capture:
         without Dynamo's frame machinery around it (~20 us a call); a miss goes
         through Dynamo, which captures again."""
         if _cache_entries is not None and _eval_frame_callback() is None:
-            # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its free variable.
-            scope = {"args": tuple(args), "kwargs": kwargs, "ref": self.fun_ref}
-            for cache_entry in _cache_entries(self.entry.__code__):
-                if cache_entry.guard_manager.check(scope):
-                    transformed = self._transformed(cache_entry.code)
-                    if transformed is not None:
+            entry = self.entry
+            # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its
+            # free variable (fun_ref, inline).
+            scope = {"args": tuple(args), "kwargs": kwargs, "ref": entry.__closure__[0].cell_contents}  # type: ignore[index]
+            for cache_entry in _cache_entries(entry.__code__):
+                # The guard manager's root, as its wrapper's check() (a Python frame) calls it.
+                if cache_entry.guard_manager.root.check(scope):
+                    code = cache_entry.code
+                    pair = self.transformed.get(code)  # (self._transformed, inline when made)
+                    if pair is None and code not in self.transformed:
+                        pair = self._transformed(code)
+                    if pair is not None:
+                        # The one that times the pre-graph bytecode while the profiler runs.
+                        transformed = pair[1] if _profiler._is_profiler_enabled else pair[0]
                         return transformed(*args, **kwargs)
                     break
         if torch._dynamo.config.disable:  # Dynamo would run the function eagerly on replica 0
@@ -857,24 +882,33 @@ class _Capture:
         assert closure is not None  # the trampoline closes over a weak reference to the function
         return closure[0].cell_contents
 
-    def _transformed(self, code: types.CodeType) -> types.FunctionType | None:
-        """A function of ``code``; None if it does not take the trampoline's
-        free variables (not Dynamo's usual code: its frame runs it)."""
+    def _transformed(self, code: types.CodeType) -> tuple[types.FunctionType, types.FunctionType] | None:
+        """Two functions of ``code`` (``_fast_globals``: timing off and on); None if
+        it does not take the trampoline's free variables (not Dynamo's usual code: its
+        frame runs it)."""
         if code in self.transformed:
             return self.transformed[code]
         e = self.entry
-        fn = None
+        pair = None
         if code.co_freevars == e.__code__.co_freevars:
-            fn = types.FunctionType(code, _fast_globals(code, e.__globals__), e.__name__, e.__defaults__, e.__closure__)
-        self.transformed[code] = fn
-        return fn
+            pair = (
+                types.FunctionType(
+                    code, _fast_globals(code, e.__globals__, False), e.__name__, e.__defaults__, e.__closure__
+                ),
+                types.FunctionType(
+                    code, _fast_globals(code, e.__globals__, True), e.__name__, e.__defaults__, e.__closure__
+                ),
+            )
+        self.transformed[code] = pair
+        return pair
 
 
-def _fast_globals(code: types.CodeType, module_globals: dict[str, Any]) -> dict[str, Any]:
+def _fast_globals(code: types.CodeType, module_globals: dict[str, Any], timed: bool) -> dict[str, Any]:
     """The globals for running Dynamo's transformed ``code`` with no eval-frame
     callback set (the fast path): the compiled function is our ``_Batched``
     itself, not Dynamo's wrapper that disables Dynamo (off already) around it,
-    and the pre-graph bytecode is timed only while the profiler runs. ~10 us a call."""
+    and the pre-graph bytecode is timed only while the profiler runs (``timed``:
+    the globals for then). ~10 us a call."""
     fast = dict(module_globals)
     for name in code.co_names:
         value = module_globals.get(name)
@@ -882,13 +916,13 @@ def _fast_globals(code: types.CodeType, module_globals: dict[str, Any]) -> dict[
         if name.startswith("__compiled_fn") and isinstance(wrapped, _Batched):
             fast[name] = wrapped
         elif name == "__import_torch_dot__dynamo_dot_utils" and value is torch._dynamo.utils:
-            fast[name] = _UtilsWithoutIdleTiming(value)
+            fast[name] = _UtilsTimedByProfiler(value) if timed else _UtilsWithoutTiming(value)
     return fast
 
 
-class _UtilsWithoutIdleTiming:
-    """``torch._dynamo.utils`` whose pre-graph bytecode timing costs nothing while
-    the profiler is off (the real ones are Dynamo-disabled calls, ~5 us each)."""
+class _UtilsTimedByProfiler:
+    """``torch._dynamo.utils`` whose pre-graph bytecode timing runs only while
+    the profiler is on (the real ones are Dynamo-disabled calls, ~5 us each)."""
 
     def __init__(self, utils: types.ModuleType) -> None:
         self._utils = utils
@@ -897,11 +931,25 @@ class _UtilsWithoutIdleTiming:
         return getattr(self._utils, name)
 
     def record_pregraph_bytecode_enter(self) -> Any:
-        return self._utils.record_pregraph_bytecode_enter() if torch.autograd.profiler._is_profiler_enabled else None
+        return self._utils.record_pregraph_bytecode_enter() if _profiler._is_profiler_enabled else None
 
     def record_pregraph_bytecode_exit(self, cm: Any) -> None:
         if cm is not None:
             self._utils.record_pregraph_bytecode_exit(cm)
+
+
+class _UtilsWithoutTiming:
+    """``torch._dynamo.utils`` without the pre-graph bytecode timing, for calls
+    while the profiler is off (``_Capture.call`` chooses): the timing functions are
+    C callables that do nothing, not two Python frames a call."""
+
+    def __init__(self, utils: types.ModuleType) -> None:
+        self._utils = utils
+        self.record_pregraph_bytecode_enter = type(None)  # returns None, the "not timed" of enter
+        self.record_pregraph_bytecode_exit = id  # takes enter's None; its result is dropped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._utils, name)
 
 
 _eval_frame_callback = torch._C._dynamo.eval_frame.get_eval_frame_callback
@@ -1116,8 +1164,9 @@ class capture_scope:
             raise Unsupported(f"captured {_MAX_CAPTURES} times (its guards keep failing): not {self.executor} any more")
         self.tls.state = self.state
         DYNAMO_GATE.enter()
-        self.previous = _axis.current_frame()
-        _axis.bind(capture.frame)
+        axis_tls = _axis._tls  # _axis.current_frame() and bind(), inline (every call)
+        self.previous = getattr(axis_tls, "frame", None)
+        axis_tls.frame = capture.frame
         _ops._stacking.on, _ops._stacking.executor = True, self.executor
         self.hooks_disabled = torch._C._autograd._saved_tensors_hooks_get_disabled_error_message()
 
@@ -1127,7 +1176,7 @@ class capture_scope:
                 _restore_saved_tensor_hooks_switch(self.hooks_disabled)
         finally:  # whatever the restore raises (an interrupt), the gate and the thread's state go back
             _ops._stacking.on = False
-            _axis.bind(self.previous)
+            _axis._tls.frame = self.previous  # (_axis.bind)
             DYNAMO_GATE.exit()
             self.tls.state = None
 
@@ -1229,7 +1278,10 @@ def _stacked_output(out: Any, state: _CallState) -> StackedOutput:
 
 
 def _mapped_output(out: Any, state: _CallState) -> StackedOutput:
-    found = _fast_tree.flatten(out)
+    if type(out) is torch.Tensor and torch.Tensor not in SUPPORTED_NODES:  # one tensor: flatten's answer, no call
+        found: tuple[list[Any], Structure] | None = [out], _fast_tree.LEAF
+    else:
+        found = _fast_tree.flatten(out)
     leaves, spec = found if found is not None else tree_flatten(out)
     batched = []
     inputs_returned: dict[int, list[Any]] = {}
