@@ -317,3 +317,19 @@ def test_the_executor_variable_reads_as_the_platform_variable(monkeypatch):
     monkeypatch.setenv("TORCHPMAP_EXECUTOR", "stack")
     with pytest.raises(ValueError, match=r"TORCHPMAP_EXECUTOR must be one of .*got 'stack'"):
         _config.executor_name()
+
+
+def test_the_executor_variable_is_read_as_os_environ_has_it(monkeypatch):
+    # Read from os.environ's own mapping (not os.environ.get, whose miss raises inside):
+    # an assignment, a deletion and a non-ASCII value are seen as os.environ sees them.
+    monkeypatch.setattr(_config, "_executor", None)
+    monkeypatch.delenv("TORCHPMAP_EXECUTOR", raising=False)
+    assert _config._executor_variable() is None and _config.executor_name() == "auto"
+    os.environ["TORCHPMAP_EXECUTOR"] = "threads"
+    try:
+        assert _config.executor_name() == "threads"
+        os.environ["TORCHPMAP_EXECUTOR"] = "st\u00e4cked"
+        assert _config._executor_variable() == os.environ.get("TORCHPMAP_EXECUTOR") == "st\u00e4cked"
+    finally:
+        del os.environ["TORCHPMAP_EXECUTOR"]
+    assert _config._executor_variable() is None
