@@ -116,6 +116,8 @@ class FastCall:
         row0 = self._rows(leaves, state)
         if row0 is None:
             return None
+        args: list[Any] | tuple[Any, ...]
+        kwargs: dict[str, Any]
         if structure is None and not static_items:  # positional tensors only: unflatten_arguments' first case
             args, kwargs = row0, {}
         else:
