@@ -421,7 +421,7 @@ def test_a_collectives_copies_are_marked_in_the_stacked_graph():
     (plan,) = pf._in_plans._plans.values()
     capture = plan.fast.capture
     (entry,) = _stacked._cache_entries(capture.entry.__code__)
-    transformed = capture._transformed(entry.code)
+    transformed, _ = capture._transformed(entry.code)
     # (the module holds every capture's compiled function: take the one this code calls)
     (name,) = [n for n in entry.code.co_names if n.startswith("__compiled_fn")]
     batched = transformed.__globals__[name]

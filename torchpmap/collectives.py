@@ -281,7 +281,7 @@ def _reduce(
             return torch.true_divide(v, n.to(v.device) if isinstance(n, torch.Tensor) else n)
         return v / n
 
-    numbers_rule = _numbers_rule()
+    numbers_rule = _numbers_rule(names)
     as_tensors: list[torch.Tensor] = []  # numbers reduced as 0-dim tensors ("tensor" rule)
 
     def prepare(v: Any) -> Any:
@@ -368,15 +368,17 @@ def _reduce(
     return leaves.unflatten()
 
 
-def _numbers_rule() -> str:
+def _numbers_rule(names: tuple[str, ...]) -> str:
     """How a reduction treats Python numbers (``_number_reductions``): "exchange" where
-    the replicas' own Python runs (the threads: ``loss.item()`` is each one's own);
-    "constant" in the stacked executor's capture, one trace for every replica whose
-    numbers are constants (n * v, as JAX); "tensor" in other traces (the lockstep
-    executor's integer ``.item()``, a replica's own torch.compile specialising on its
-    values): reduced as 0-dim tensors by the graph's collective, numbers again after."""
+    each replica's own Python runs (the threads: ``loss.item()`` is each one's own);
+    "constant" where one run of the Python serves every replica, whose numbers are
+    then constants (n * v, as JAX): the stacked executor's capture, and the replicas
+    stacked under vmap (``_stacked_collectives``); "tensor" in other traces (the
+    lockstep executor's integer ``.item()``, a replica's own torch.compile specialising
+    on its values): reduced as 0-dim tensors by the graph's collective, numbers again after."""
     if not torch.compiler.is_compiling():
-        return "constant" if _inside_collective_node() else "exchange"  # (a node's leaves are tensors)
+        # (A collective node's leaves are tensors; a stacked level's Python runs once for all.)
+        return "constant" if _inside_collective_node() or _axis.bound_level(names) is not None else "exchange"
     return "constant" if _ops._capturing_for_stacking() and not _ops._capturing_for_lockstep() else "tensor"
 
 
