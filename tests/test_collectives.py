@@ -266,6 +266,43 @@ def test_per_replica_numbers_in_a_trace_are_reduced_as_values_not_constants(how)
             assert pg(x).unshard().flatten().tolist() == [1.5] * 4
 
 
+def test_a_constant_number_stays_a_constant_in_a_lockstep_trace():
+    # psum(1, "i"), JAX's idiom for the axis size, used as a shape: reduced as a tensor it was a
+    # data-dependent value, and the lockstep capture fell back to the threads (found by a review).
+    from torchpmap import _config
+
+    def f(v):
+        n = tp.psum(1, "i")
+        return v.reshape(n, -1).sum(0) * tp.pmean(0.5, "i")
+
+    pf = tp.pmap(f, "i", devices=devices(4))
+    _config._executor = "lockstep"  # (the autouse fixture restores it)
+    x = torch.arange(32.0).reshape(4, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback
+        for _ in range(2):
+            got = pf(x).unshard()
+    assert got.tolist() == [(x[r].reshape(4, 2).sum(0) * 0.5).tolist() for r in range(4)]
+
+
+def test_a_number_exchange_under_another_default_device_and_on_some_replicas_only():
+    def under_meta(x):
+        with torch.device("meta"):  # (deferred initialisation): the exchange stays on the replica's device
+            n = tp.psum(1, "i")
+        return x * 0 + n
+
+    assert pmap_k(under_meta, 4)(torch.zeros(4)).unshard().tolist() == [4.0] * 4
+
+    def on_replica_0(x):
+        if int(tp.axis_index("i")) == 0:
+            tp.psum(1.5, "i")  # a log line on one replica: the others never exchange
+        return x
+
+    err, seconds = expect_error(pmap_k(on_replica_0, 4), torch.zeros(4), kind=tp.CollectiveMismatchError)
+    assert "psum of Python numbers exchanges them between the replicas" in str(err)
+    assert seconds < 2.0
+
+
 def test_python_numbers_reduce_with_python_types_and_rules():
     def f(x):
         r = int(tp.axis_index("i"))

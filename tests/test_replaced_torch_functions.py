@@ -9,6 +9,7 @@ stacked (found by a hunt)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -110,3 +111,35 @@ def test_a_replacement_from_a_module_whose_name_starts_with_torch_is_recognised(
     got, _ = _calls(lambda v: F.relu(v) + 1, x, "threads")
     for g in got:
         torch.testing.assert_close(g, x.relu() * 3 + 1, rtol=0, atol=0)
+
+
+def test_a_wrapper_made_with_functools_wraps_is_recognised(monkeypatch):
+    # functools.wraps copies __module__ ("torch.nn.functional"): the wrapper passed for torch's own.
+    original = F.relu
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return original(*args, **kwargs) * 3
+
+    monkeypatch.setattr(torch.nn.functional, "relu", wrapper)
+    x = torch.randn(N, 5)
+    for name in EXECUTORS:
+        got, _ = _calls(lambda v: F.relu(v) + 1, x, name)
+        for g in got:
+            torch.testing.assert_close(g, x.relu() * 3 + 1, rtol=0, atol=0)
+
+
+def test_a_function_replaced_before_import_is_found_through_its_wrapped(monkeypatch):
+    from torchpmap import _torch_originals
+
+    original = F.relu
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        return original(*args, **kwargs) * 3
+
+    monkeypatch.setattr(torch.nn.functional, "relu", wrapper)
+    # As if torchpmap had been imported after the replacement: the import-time binding is the wrapper.
+    monkeypatch.setitem(_torch_originals._bound_at_import, (2, "relu"), wrapper)
+    monkeypatch.setattr(_torch_originals, "_resolved", {})
+    assert _torch_originals.original(wrapper) is original

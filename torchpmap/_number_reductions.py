@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import CollectiveMismatchError
+
 # How a number travels: [kind, a, b] as int64 (floats by their bits).
 _BOOL, _INT, _FLOAT, _COMPLEX = range(4)
 
@@ -33,12 +35,20 @@ def reduce_numbers(
     fn: str,
     gather: Callable[[torch.Tensor], torch.Tensor],
     members: Sequence[int] | None,
+    device: torch.device | str,
 ) -> list[Any]:
     """``values`` (this replica's numbers) reduced with ``op`` over its group: the
     axis's replicas whose encodings ``gather`` stacks on a new first dimension
-    (all_gather), those at ``members`` only when given (axis_index_groups)."""
-    mine = torch.tensor([_encode(v, fn) for v in values], dtype=torch.int64)
-    every = gather(mine).tolist()  # [replica][leaf] -> [kind, a, b]
+    (all_gather), those at ``members`` only when given (axis_index_groups); the
+    encodings travel on ``device``, the replica's."""
+    mine = torch.tensor([_encode(v, fn) for v in values], dtype=torch.int64, device=device)
+    try:
+        every = gather(mine).tolist()  # [replica][leaf] -> [kind, a, b]
+    except CollectiveMismatchError as e:
+        raise CollectiveMismatchError(
+            f"{fn} of Python numbers exchanges them between the replicas (an all_gather of their bits): every "
+            f"replica must call it, with the same tree, at the same point. {e}"
+        ) from None
     if members is not None:
         every = [every[m] for m in members]
     results = []

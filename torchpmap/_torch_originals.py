@@ -73,15 +73,18 @@ def _may_replace(func: Any) -> bool:
 
 
 def _in_torch(func: types.FunctionType) -> bool:
-    module = func.__module__ or ""
+    # By the module that defined it (its globals): functools.wraps copies __module__, so a
+    # user's wrapper of F.relu says "torch.nn.functional" there.
+    module = func.__globals__.get("__name__") or ""
     return module == "torch" or module.startswith("torch.")  # (not torchvision, not a user's torch_utils)
 
 
 def _find_original(func: Any) -> Any:
     for k, namespace in enumerate(_NAMESPACES):
         for name, value in list(vars(namespace).items()):
-            if value is func:
-                return _bound_at_import.get((k, name), func)
+            bound = _bound_at_import.get((k, name), func)
+            if value is func and bound is not func:  # (bound before import: its __wrapped__, below)
+                return bound
     inner = getattr(func, "__wrapped__", None)  # functools.wraps of a function replaced before import
     for _ in range(16):
         if inner is None or isinstance(inner, (types.BuiltinFunctionType, torch._ops.OpOverload)):

@@ -282,14 +282,17 @@ def _reduce(
         return v / n
 
     numbers_rule = _numbers_rule(names)
+    lockstep = numbers_rule == "tensor" and _ops._capturing_for_lockstep()
     as_tensors: list[torch.Tensor] = []  # numbers reduced as 0-dim tensors ("tensor" rule)
 
     def prepare(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             if not isinstance(v, (bool, numbers.Number)):
                 v = _as_tensor(v, fn)
-            elif numbers_rule == "tensor":
-                v = torch.scalar_tensor(v, dtype=number_dtype(v, op, mean))  # type: ignore[arg-type]
+            elif numbers_rule == "tensor" and not (lockstep and _constant_in_trace(v)):
+                # On the replica's device, not the default one (``with torch.device("meta")``).
+                device = _axis.physical_device(names)
+                v = torch.scalar_tensor(v, dtype=number_dtype(v, op, mean), device=device)  # type: ignore[arg-type]
                 as_tensors.append(v)
             else:
                 return v
@@ -333,7 +336,8 @@ def _reduce(
             me = int(axis_index(axis_name))
             members = next([operator.index(i) for i in g] for g in axis_index_groups if me in g)
         gather = functools.partial(all_gather, axis_name=axis_name)
-        reduced_numbers = reduce_numbers([values[j] for j in numbers_at], op, mean, fn, gather, members)
+        device = _axis.physical_device(names)  # (not the default device: ``with torch.device("meta")``)
+        reduced_numbers = reduce_numbers([values[j] for j in numbers_at], op, mean, fn, gather, members, device)
         for j, number in zip(numbers_at, reduced_numbers):
             values[j] = number
     for key, idx in buckets.items():
@@ -366,6 +370,17 @@ def _reduce(
     for j in as_tensors_at:
         values[j] = values[j].item()
     return leaves.unflatten()
+
+
+def _constant_in_trace(v: Any) -> bool:
+    """Whether Dynamo traces number ``v`` as a constant: a symbol (the lockstep
+    executor's integer ``.item()``) compares to itself as a symbolic bool, not as
+    True (NaN, unequal to itself, is taken for a symbol: reduced as a tensor, still
+    right). In the lockstep executor's one trace a constant is every replica's;
+    reduced as a tensor, ``psum(1, "i")`` would become a data-dependent value.
+    (``isinstance(v, torch.SymInt)`` is False under Dynamo, which calls it an int.)
+    A test checks it on the installed torch."""
+    return (v == v) is True
 
 
 def _numbers_rule(names: tuple[str, ...]) -> str:
