@@ -339,6 +339,17 @@ def test_python_numbers_reduce_with_python_types_and_rules():
         )
 
 
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_pmax_of_a_complex_constant_raises_on_every_executor(name):
+    from torchpmap import _config
+
+    _config._executor = name  # (the autouse fixture restores it)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(TypeError, match="pmax: complex numbers have no order"):
+            pmap_k(lambda x: x + tp.pmax(1 + 2j, "i").real, 4)(torch.zeros(4))
+
+
 def test_pmax_of_per_replica_complex_numbers_raises_on_every_replica():
     err, seconds = expect_error(
         pmap_k(lambda x: x + tp.pmax(complex(int(tp.axis_index("i")), 1), "i").real, 4), torch.zeros(4), kind=TypeError

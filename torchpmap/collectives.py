@@ -287,6 +287,9 @@ def _reduce(
 
     def prepare(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
+            if op != "sum" and isinstance(v, numbers.Complex) and not isinstance(v, numbers.Real):
+                # (on every executor: a capture's constant is never exchanged, so nothing else would say it)
+                raise TypeError(f"{fn}: complex numbers have no order; p{op} is undefined for them")
             if not isinstance(v, (bool, numbers.Number)):
                 v = _as_tensor(v, fn)
             elif numbers_rule == "tensor" and not (lockstep and _constant_in_trace(v)):
