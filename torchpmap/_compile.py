@@ -389,13 +389,42 @@ def _compiles_on_this_thread() -> int:
     return getattr(_compiles, "count", 0)
 
 
-def _gated_backend(options: dict[str, Any]) -> Backend:
+def _writes_outside_objects() -> bool:
+    """Whether the frame Dynamo is compiling writes Python objects that existed
+    before it ran (Dynamo replays those writes after the graph); False if this
+    torch's Dynamo cannot tell (a test checks that it can)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew
+
+        effects = InstructionTranslator.current_tx().output.side_effects
+        return any(
+            not isinstance(v.mutation_type, (AttributeMutationNew, ValueMutationNew)) and effects.is_modified(v)
+            for v in effects.id_to_variable.values()
+        )
+    except Exception:  # (Dynamo's internals: a torch that moved them)
+        return False
+
+
+def _gated_backend(options: dict[str, Any], fun_name: str) -> Backend:
     """The requested torch.compile backend, whose compiled graphs run with the
     gate released."""
     inner = requested_backend(options)
+    warned: list[bool] = []
 
     def backend_fn(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
         _compiles.count = _compiles_on_this_thread() + 1
+        if not warned and _writes_outside_objects():
+            warned.append(True)
+            warnings.warn(
+                f"torchpmap: pmap of {fun_name} with compile=: the function writes Python objects it did not "
+                f"create (a list it appends to, a counter, an attribute). Each replica's compiled copy "
+                f"replays such writes after its graph, from what it read before, while the other replicas "
+                f"run theirs (their collectives must meet): writes to an object the replicas share are "
+                f"lost. Keep such writes outside the pmapped function, or pass compile=False",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         graph = inner(gm, example_inputs)
 
         def run_graph(*args: Any) -> Any:
@@ -424,7 +453,7 @@ class CompiledReplicas:
         self._lock = threading.Lock()
         # One backend object for every copy: Dynamo guards on the backend's
         # identity, so a backend per copy would recompile shared inner frames.
-        self._backend = _gated_backend(options)
+        self._backend = _gated_backend(options, fun_name)
         self._warned_eager: set[str] = set()  # why calls ran eagerly: each said once per function
         _track_compiles()
 
