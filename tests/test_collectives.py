@@ -793,6 +793,11 @@ def test_pshuffle_refuses_what_is_not_a_permutation(perm):
         pmap_k(lambda v: tp.pshuffle(v, "i", perm), 4)(torch.arange(4.0))
 
 
+def test_pshuffle_names_itself_in_its_errors():
+    err, _ = expect_error(pmap_k(lambda x: tp.pshuffle(3, "i", [1, 0]), 2), torch.zeros(2), kind=TypeError)
+    assert str(err).startswith("pshuffle: expected tensors")
+
+
 @pytest.mark.parametrize("k", DEVICE_COUNTS)
 def test_pshuffle_takes_from_perm_i(k):
     perm = list(np.random.default_rng(k).permutation(k))

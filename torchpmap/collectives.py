@@ -558,25 +558,28 @@ def pswapaxes(x: PyTree, axis_name: AxisName, axis: int, *, axis_index_groups: A
 def ppermute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]]) -> PyTree:
     """Send ``x`` from each ``source`` to its ``destination`` for every pair in
     ``perm``; replicas that no pair sends to receive zeros."""
-    names = _names(axis_name, "ppermute")
+    return _permute(x, axis_name, perm, "ppermute")
+
+
+def _permute(x: PyTree, axis_name: AxisName, perm: Sequence[tuple[int, int]], fn: str) -> PyTree:
+    """ppermute, its errors naming ``fn`` (the collective the user called)."""
+    names = _names(axis_name, fn)
     axes = _ops.encode_axes(names)
     size = _size(names)
     try:
         pairs = [(operator.index(s), operator.index(d)) for s, d in perm]  # integers only: 0.5 is no index
     except (TypeError, ValueError):
         raise ValueError(
-            f"ppermute: perm must be a list of (source, destination) pairs of integers, got {perm!r}"
+            f"{fn}: perm must be a list of (source, destination) pairs of integers, got {perm!r}"
         ) from None
     for s, d in pairs:
         if not (0 <= s < size and 0 <= d < size):
-            raise ValueError(f"ppermute: pair ({s}, {d}) in perm is out of range for axis size {size}")
+            raise ValueError(f"{fn}: pair ({s}, {d}) in perm is out of range for axis size {size}")
     sources, dests = [s for s, _ in pairs], [d for _, d in pairs]
     if len(set(sources)) != len(sources) or len(set(dests)) != len(dests):
-        raise ValueError(f"ppermute: perm has a repeated source or destination: {perm!r}")
+        raise ValueError(f"{fn}: perm has a repeated source or destination: {perm!r}")
     flat = [v for p in pairs for v in p]
-    return _map_leaves(
-        lambda v, tags: _ops.call("permute", v, axes, flat, *tags), x, lambda v: _as_tensor(v, "ppermute")
-    )
+    return _map_leaves(lambda v, tags: _ops.call("permute", v, axes, flat, *tags), x, lambda v: _as_tensor(v, fn))
 
 
 @_one_node_when_stacking
@@ -588,7 +591,7 @@ def pshuffle(x: PyTree, axis_name: AxisName, perm: Sequence[int]) -> PyTree:
         raise ValueError(f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}") from None
     if sorted(perm) != list(range(len(perm))) or len(perm) != _size(axis_name):
         raise ValueError(f"pshuffle: perm must be a permutation of range({_size(axis_name)}), got {perm!r}")
-    return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)])
+    return _permute(x, axis_name, [(src, dst) for dst, src in enumerate(perm)], "pshuffle")
 
 
 # -- axis queries -----------------------------------------------------------------------
