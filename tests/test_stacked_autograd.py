@@ -874,3 +874,18 @@ def test_the_level_of_batched_cotangents_is_read_from_the_tensor():
     y.register_hook(hook)
     torch.autograd.grad(y, x, torch.randn(4, 3), is_grads_batched=True)
     assert levels == [1]
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+def test_an_out_axes_none_output_that_requires_grad_can_be_written_in_place(name):
+    # Its rows were unbind's views, which autograd refuses to write ("Output 0 of Unbind is a
+    # view and is being modified inplace"), on the stacked executor only (found by a hunt).
+    x0 = torch.randn(4, 6, dtype=torch.float64)
+    f = tp.pmap(lambda x: tp.psum(x * 2, "i"), "i", out_axes=None, devices=devices(4))
+    with executor(name):
+        for _ in range(2):
+            x = x0.clone().requires_grad_()
+            y = f(x)
+            y.add_(1)
+            (g,) = torch.autograd.grad((y * y).sum(), x)
+            torch.testing.assert_close(g, (4 * (2 * x0.sum(0) + 1)).expand(4, 6))

@@ -952,7 +952,9 @@ class Pmapped:
                 else:
                     result.append(ShardedTensor._of_distinct(returned, devices, axis))
             elif axis is None:
-                result.append(_check_replicated(list(value.unbind(0)), plan.paths[j]) if batched else value)
+                # (_transfers.slices: not unbind's views where autograd records, which refuse in-place writes)
+                rows = list(_transfers.slices(value, 0, value.shape[0])) if batched else []
+                result.append(_check_replicated(rows, plan.paths[j]) if batched else value)
             elif batched:
                 wrapped = ShardedTensor._of_batched(value, devices, axis, physical)
                 if wrapped is not None:
@@ -961,7 +963,8 @@ class Pmapped:
                 try:
                     result.append(ShardedTensor._of_stacked((value,), devices, axis))
                 except ValueError:  # rows that overlap in memory (a strided input returned): as _assemble
-                    result.append(ShardedTensor._of_distinct(list(value.unbind(0)), devices, axis))
+                    rows = list(_transfers.slices(value, 0, len(devices)))
+                    result.append(ShardedTensor._of_distinct(rows, devices, axis))
             else:  # one value for every replica: as _assemble does with n equal values
                 shards = [
                     value if isinstance(value, torch.Tensor) else torch.as_tensor(value, device=d) for d in devices

@@ -111,7 +111,7 @@ def _on_each(
 def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> list[torch.Tensor]:
     """Slice i of ``t`` along ``axis`` on ``devices[i]``, as ``to_device`` would
     place it (slices on the host are views of ``t``)."""
-    views = _slices(t, axis, len(devices))
+    views = slices(t, axis, len(devices))
     if not any(d.type == "cuda" for d in devices) or not _pinnable(t):
         return [to_device(v, d) for v, d in zip(views, devices)]
     # The mapped axis first, contiguous: each slice of the staged buffer is one block, one copy.
@@ -122,7 +122,7 @@ def slices_to(t: torch.Tensor, axis: int, devices: Sequence[torch.device]) -> li
     ]
 
 
-def _slices(t: torch.Tensor, axis: int, n: int) -> Sequence[torch.Tensor]:
+def slices(t: torch.Tensor, axis: int, n: int) -> Sequence[torch.Tensor]:
     """The views of ``t``'s slices along ``axis``. ``unbind``'s, whose in-place ops autograd
     refuses: a replica's write of a value that requires grad would give ``t`` history from
     several threads at once. Of a ``t`` that requires grad, ``select``'s: the replicas get
