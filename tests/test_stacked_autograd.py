@@ -889,3 +889,36 @@ def test_an_out_axes_none_output_that_requires_grad_can_be_written_in_place(name
             y.add_(1)
             (g,) = torch.autograd.grad((y * y).sum(), x)
             torch.testing.assert_close(g, (4 * (2 * x0.sum(0) + 1)).expand(4, 6))
+
+
+@pytest.mark.parametrize("name", ["threads", "stacked"])
+@pytest.mark.parametrize("through", ["dict", "list", "default"])
+def test_a_computed_tensor_reached_through_a_container_gets_its_gradient_once(name, through):
+    # Reached through a dict, a list or a default argument (not a closure cell), a computed tensor
+    # that requires grad got no stand-in on the threads: every replica's backward ran its history,
+    # and the second failed ("Trying to backward through the graph a second time"; found by a hunt).
+    x0, w0 = torch.randn(4, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    w = w0.clone().requires_grad_()
+    box = {}
+    if through == "dict":
+        f = lambda x: x * box["c"]  # noqa: E731
+    elif through == "list":
+        box = []
+        f = lambda x: x * box[0]  # noqa: E731
+    pf = None
+    with executor(name, allow_fallback=True):
+        for _ in range(2):
+            c = w * 2
+            if through == "dict":
+                box["c"] = c
+            elif through == "list":
+                box[:] = [c]
+            else:
+                f = lambda x, c=c: x * c  # noqa: E731
+            pf = tp.pmap(f, devices=devices(4)) if pf is None or through == "default" else pf
+            x = x0.clone().requires_grad_()
+            gx, gw = torch.autograd.grad(pf(x).unshard().pow(2).sum(), [x, w])
+            xr, wr = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            ex, ew = torch.autograd.grad((xr * (wr * 2)).pow(2).sum(), [xr, wr])
+            torch.testing.assert_close(gx, ex)
+            torch.testing.assert_close(gw, ew)

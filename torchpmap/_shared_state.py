@@ -334,6 +334,16 @@ def without_arguments(reached: list[tuple[str, Shared]], arguments: list[Any]) -
 def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
     if isinstance(value, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor)) and id(value) not in found:
         found[id(value)] = (name, value)
+    elif type(value) in (dict, list, tuple) and len(value) <= _MAX_CONTAINER:
+        # A tensor the function reads as params["c"] is reached as surely as one closed over
+        # (a computed one's history is every replica's, and autograd must see it once).
+        items = value.items() if type(value) is dict else enumerate(value)
+        for key, item in items:
+            if isinstance(item, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor)) and id(item) not in found:
+                found[id(item)] = (f"{name}[{key!r}]", item)
+
+
+_MAX_CONTAINER = 256  # (a bigger dict or list closed over is looked into no further: a call reads it)
 
 
 def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None, depth: int, seen: set[int]) -> None:
@@ -368,6 +378,10 @@ def _scan(f: Any, found: dict[int, tuple[str, Any]], home: dict[str, Any] | None
     module_globals = getattr(f, "__globals__", None)
     if home is None:  # the pmapped function's own module: the functions it calls from there are followed
         home = module_globals
+    for i, value in enumerate(getattr(f, "__defaults__", None) or ()):  # def f(x, c=c)
+        _add(f"default argument {i}", value, found)
+    for name, value in (getattr(f, "__kwdefaults__", None) or {}).items():
+        _add(f"default argument {name}", value, found)
     cells = getattr(f, "__closure__", None) or ()
     for name, cell in zip(code.co_freevars, cells):
         try:
