@@ -113,15 +113,19 @@ def test_a_replacement_from_a_module_whose_name_starts_with_torch_is_recognised(
         torch.testing.assert_close(g, x.relu() * 3 + 1, rtol=0, atol=0)
 
 
-def test_a_wrapper_made_with_functools_wraps_is_recognised(monkeypatch):
-    # functools.wraps copies __module__ ("torch.nn.functional"): the wrapper passed for torch's own.
-    original = F.relu
+def _tripled_with_wraps(original):
+    """A wrapper of ``original`` times 3, made with functools.wraps (which copies __module__)."""
 
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         return original(*args, **kwargs) * 3
 
-    monkeypatch.setattr(torch.nn.functional, "relu", wrapper)
+    return wrapper
+
+
+def test_a_wrapper_made_with_functools_wraps_is_recognised(monkeypatch):
+    # functools.wraps copies __module__ ("torch.nn.functional"): the wrapper passed for torch's own.
+    monkeypatch.setattr(torch.nn.functional, "relu", _tripled_with_wraps(F.relu))
     x = torch.randn(N, 5)
     for name in EXECUTORS:
         got, _ = _calls(lambda v: F.relu(v) + 1, x, name)
@@ -133,11 +137,7 @@ def test_a_function_replaced_before_import_is_found_through_its_wrapped(monkeypa
     from torchpmap import _torch_originals
 
     original = F.relu
-
-    @functools.wraps(original)
-    def wrapper(*args, **kwargs):
-        return original(*args, **kwargs) * 3
-
+    wrapper = _tripled_with_wraps(original)
     monkeypatch.setattr(torch.nn.functional, "relu", wrapper)
     # As if torchpmap had been imported after the replacement: the import-time binding is the wrapper.
     monkeypatch.setitem(_torch_originals._bound_at_import, (2, "relu"), wrapper)

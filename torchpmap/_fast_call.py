@@ -159,9 +159,5 @@ class FastCall:
                     state.caller_tensors.add(id(buffer))
             if buffer is None:
                 return None
-            # state.row_of(buffer), inline (every leaf of every call)
-            row = buffer[0]
-            state.stacked_of[id(row)] = buffer
-            state.keep.append(row)
-            row0.append(row)
+            row0.append(state.row_of(buffer))
         return row0

@@ -54,9 +54,7 @@ def reduce_numbers(
     results = []
     for j, v in enumerate(values):
         coded = [member[j] for member in every]
-        decoded = [_decode(c) for c in coded]
-        if op != "sum" and any(c[0] == _COMPLEX for c in coded):
-            raise TypeError(f"{fn}: complex numbers have no order; p{op} is undefined for them")
+        decoded = [_decode(c) for c in coded]  # (a complex one only summed: pmax/pmin refuse it before)
         n = len(decoded)
         if all(c == coded[0] for c in coded):
             # The same number everywhere: exactly the constant rule (n * v), as a capture computes it.

@@ -353,7 +353,7 @@ class Pmapped:
                 f"at exit), when its replicas can no longer run; call it before exit (an atexit handler works)"
             )
         if _functorch_level() is not None:
-            _refuse_function_transforms(self._fun_name)
+            raise _inside_function_transform(self._fun_name)
         # (No call without static arguments: most pmaps have none.)
         static_pos = self._static_positions(len(args)) if self._static else ()
         if static_pos:
@@ -394,17 +394,10 @@ class Pmapped:
                 structure = treedef
         statics = tuple(_static_key(v) for v in static_vals) if static_pos else ()
         key: _InKey = (key_spec, statics, len(args), _leaf_kinds(leaves))
-        # _PlanCache.get, inline (every call): a hit becomes the most recently used.
-        plans = self._in_plans._plans
-        plan = plans.get(key)
+        plan = self._in_plans.get(key)
         if plan is None:
             plan = self._make_in_plan(args, static_pos, dyn_args, kwargs, leaves)
             self._in_plans.put(key, plan)
-        else:
-            try:
-                plans.move_to_end(key)
-            except KeyError:  # evicted by another thread meanwhile
-                pass
         self._calls += 1
         recheck = self._calls % _RECHECK_EVERY == 0  # this call takes the general path and its checks
         fast = plan.fast  # read once: another thread's call may replace it
@@ -929,18 +922,11 @@ class Pmapped:
         for v, b in zip(out.leaves, out.batched):  # (a loop, not a generator: every call)
             kinds.append(v.ndim - b if isinstance(v, torch.Tensor) else type(v))
         key = (out.spec, tuple(kinds))
-        # _PlanCache.get, inline (every call): a hit becomes the most recently used.
-        plans = self._out_plans._plans
-        plan = plans.get(key)
+        plan = self._out_plans.get(key)
         if plan is None:
             first = [v.select(0, 0) if b else v for v, b in zip(out.leaves, out.batched)]
             plan = self._make_out_plan(_fast_tree.unflatten(first, out.spec), first)
             self._out_plans.put(key, plan)
-        else:
-            try:
-                plans.move_to_end(key)
-            except KeyError:  # evicted by another thread meanwhile
-                pass
         result: list[Any] = []
         physical = device_groups(devices)[0][0]
         for j, axis in enumerate(plan.axes):
@@ -952,9 +938,9 @@ class Pmapped:
                 else:
                     result.append(ShardedTensor._of_distinct(returned, devices, axis))
             elif axis is None:
-                # (_transfers.slices: not unbind's views where autograd records, which refuse in-place writes)
-                rows = list(_transfers.slices(value, 0, value.shape[0])) if batched else []
-                result.append(_check_replicated(rows, plan.paths[j]) if batched else value)
+                if batched:  # (_transfers.slices: not unbind's views where autograd records, which refuse writes)
+                    value = _check_replicated(list(_transfers.slices(value, 0, value.shape[0])), plan.paths[j])
+                result.append(value)
             elif batched:
                 wrapped = ShardedTensor._of_batched(value, devices, axis, physical)
                 if wrapped is not None:
@@ -1126,17 +1112,16 @@ def _refuse_unmappable(leaf: torch.Tensor, path: str) -> None:
 _functorch_level = torch._C._functorch.maybe_current_level
 
 
-def _refuse_function_transforms(fun_name: str) -> None:
+def _inside_function_transform(fun_name: str) -> RuntimeError:
     # functorch's transform stack is per thread: the replicas' worker threads
     # would run outside the caller's grad/vmap and fail deep inside functorch.
-    if _functorch_level() is not None:
-        raise RuntimeError(
-            f"pmap: {fun_name} was called inside a torch.func transform (torch.func.grad, "
-            f"torch.vmap, jacrev, ...), which cannot see into a pmap call. Differentiate "
-            f"through a pmap call with torch.autograd (loss.backward(), torch.autograd.grad), "
-            f"or apply the torch.func transform inside the pmapped function, where each "
-            f"replica runs its own."
-        )
+    return RuntimeError(
+        f"pmap: {fun_name} was called inside a torch.func transform (torch.func.grad, "
+        f"torch.vmap, jacrev, ...), which cannot see into a pmap call. Differentiate "
+        f"through a pmap call with torch.autograd (loss.backward(), torch.autograd.grad), "
+        f"or apply the torch.func transform inside the pmapped function, where each "
+        f"replica runs its own."
+    )
 
 
 def _numpy_as_tensor(a: np.ndarray | np.generic, path: str) -> torch.Tensor:

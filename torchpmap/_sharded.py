@@ -293,7 +293,12 @@ class ShardedTensor(torch.Tensor):
         (``to_stacked`` copies them into such buffers). Checked on every call, so
         a shard whose storage changed since (``set_``) is never missed."""
         self._check_alive()
-        groups = device_groups(self._devices)
+        return self._current_buffers(device_groups(self._devices))
+
+    def _current_buffers(
+        self, groups: tuple[tuple[torch.device, tuple[int, ...]], ...]
+    ) -> tuple[torch.Tensor, ...] | None:
+        """``stacked_buffers`` of a ShardedTensor known to be alive."""
         if self._stacked is not None and (
             self._shard_views is None or _still_views_of(self._shard_views, self._stacked, groups)
         ):
@@ -320,26 +325,14 @@ class ShardedTensor(torch.Tensor):
         same order, as ``requires_grad``, ``is_mapped_on`` and ``sharded_buffer`` (each
         a call of its own: ~10 Python frames a leaf)."""
         self._check_alive()
-        if grad_on:  # requires_grad's loop
-            views = self._shard_views
-            if views is None:  # rows not made yet: views require grad as their buffer does
-                views = self._stacked or ()
-            for t in views:
-                if t.requires_grad:
-                    return None
+        if grad_on and self._views_require_grad():
+            return None
         if self._axis != axis or self._devices != devices:
             return None
-        # stacked_buffers, alive already
-        buffers = self._stacked
-        groups = device_groups(devices)
-        if buffers is None or (
-            self._shard_views is not None and not _still_views_of(self._shard_views, buffers, groups)
-        ):
-            buffers = self._restack(groups)
+        buffers = self._current_buffers(device_groups(devices))
         if buffers is None or len(buffers) != 1:
             return None
-        buffer = buffers[0]
-        return buffer if buffer.is_contiguous() or faithful(buffer) else None  # (a contiguous one is)
+        return buffers[0] if faithful(buffers[0]) else None
 
     def to_stacked(self) -> ShardedTensor:
         """This tensor in the stacked form: itself when its shards already are
@@ -375,6 +368,14 @@ class ShardedTensor(torch.Tensor):
     @property
     def requires_grad(self) -> bool:
         self._check_alive()
+        return self._views_require_grad()
+
+    @requires_grad.setter
+    def requires_grad(self, requires_grad: bool) -> None:
+        _set_requires_grad(self, requires_grad)
+
+    def _views_require_grad(self) -> bool:
+        """``requires_grad`` of a ShardedTensor known to be alive."""
         # A loop, not any() of a generator: pmap reads it of every ShardedTensor it is given.
         views = self._shard_views
         if views is None:  # rows not made yet: views require grad as their buffer does
@@ -383,10 +384,6 @@ class ShardedTensor(torch.Tensor):
             if t.requires_grad:
                 return True
         return False
-
-    @requires_grad.setter
-    def requires_grad(self, requires_grad: bool) -> None:
-        _set_requires_grad(self, requires_grad)
 
     # .real and .imag are the shards' (views of them), so that writes through
     # them (x.imag += 1, x.real.zero_()) reach the shards. Tensor's own setters

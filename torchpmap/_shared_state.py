@@ -339,8 +339,8 @@ def _add(name: str, value: Any, found: dict[int, tuple[str, Any]]) -> None:
         # (a computed one's history is every replica's, and autograd must see it once).
         items = value.items() if type(value) is dict else enumerate(value)
         for key, item in items:
-            if isinstance(item, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor)) and id(item) not in found:
-                found[id(item)] = (f"{name}[{key!r}]", item)
+            if isinstance(item, (torch.nn.Module, torch.optim.Optimizer, torch.Tensor)):  # (one level only)
+                _add(f"{name}[{key!r}]", item, found)
 
 
 _MAX_CONTAINER = 256  # (a bigger dict or list closed over is looked into no further: a call reads it)

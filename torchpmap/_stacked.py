@@ -49,7 +49,6 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 import torch.autograd.profiler as _profiler
-import torch.nn.modules.module as _module_hooks
 import torch.utils.checkpoint
 from torch._dynamo.source import CallMethodItemSource
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -78,6 +77,7 @@ from ._compile import (
     Backend,
     capture_config,
     clear_cache_when_dropped,
+    global_module_hooks,
     options_key,
     requested_backend,
     torch_compile,
@@ -179,12 +179,7 @@ def blocked_reason() -> str | None:
         return "autocast is enabled"
     if torch.is_inference_mode_enabled():
         return "inference mode is enabled"
-    if (  # global_module_hooks(), inline (every call asks)
-        _module_hooks._global_forward_hooks
-        or _module_hooks._global_forward_pre_hooks
-        or _module_hooks._global_backward_hooks
-        or _module_hooks._global_backward_pre_hooks
-    ):
+    if global_module_hooks():
         return GLOBAL_HOOKS_REASON
     if torch.is_anomaly_enabled():
         # Its checks do not trace (data-dependent guards); the threads' replicas run under it.
@@ -575,9 +570,7 @@ class _Batched:
         return program
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
-        state: _CallState | None = getattr(_tls, "state", None)  # _current(), inline (every call)
-        if state is None:
-            raise Unsupported("the captured program ran outside a stacked call")
+        state = _current()
         inputs = []
         for k, (a, d) in enumerate(zip(args, self.in_dims)):
             stacked = state.stacked_of.get(id(a)) if isinstance(a, torch.Tensor) else None
@@ -656,14 +649,10 @@ class _Batched:
         state.started = True
         outs = program(*arguments)
         rows = []
-        stacked_of, keep = state.stacked_of, state.keep
         for o in outs:
             if o.ndim and o.stride(0) == 0 and state.n > 1:  # a value the same in every replica, expanded
                 o = o.contiguous()
-            row = o[0]  # state.row_of(o), inline (every output of every call)
-            stacked_of[id(row)] = o
-            keep.append(row)
-            rows.append(row)
+            rows.append(state.row_of(o))
         state.ran = True
         return rows
 
@@ -855,11 +844,9 @@ class _Capture:
         without Dynamo's frame machinery around it (~20 us a call); a miss goes
         through Dynamo, which captures again."""
         if _cache_entries is not None and _eval_frame_callback() is None:
-            entry = self.entry
-            # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its
-            # free variable (fun_ref, inline).
-            scope = {"args": tuple(args), "kwargs": kwargs, "ref": entry.__closure__[0].cell_contents}  # type: ignore[index]
-            for cache_entry in _cache_entries(entry.__code__):
+            # The frame's locals as Dynamo's guards read them: the trampoline's arguments and its free variable.
+            scope = {"args": tuple(args), "kwargs": kwargs, "ref": self.fun_ref}
+            for cache_entry in _cache_entries(self.entry.__code__):
                 # The guard manager's root, as its wrapper's check() (a Python frame) calls it.
                 if cache_entry.guard_manager.root.check(scope):
                     code = cache_entry.code
@@ -891,14 +878,13 @@ class _Capture:
         e = self.entry
         pair = None
         if code.co_freevars == e.__code__.co_freevars:
-            pair = (
+            untimed, timed = (
                 types.FunctionType(
-                    code, _fast_globals(code, e.__globals__, False), e.__name__, e.__defaults__, e.__closure__
-                ),
-                types.FunctionType(
-                    code, _fast_globals(code, e.__globals__, True), e.__name__, e.__defaults__, e.__closure__
-                ),
+                    code, _fast_globals(code, e.__globals__, t), e.__name__, e.__defaults__, e.__closure__
+                )
+                for t in (False, True)
             )
+            pair = (untimed, timed)
         self.transformed[code] = pair
         return pair
 

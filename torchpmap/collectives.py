@@ -282,7 +282,6 @@ def _reduce(
         return v / n
 
     numbers_rule = _numbers_rule(names)
-    lockstep = numbers_rule == "tensor" and _ops._capturing_for_lockstep()
     as_tensors: list[torch.Tensor] = []  # numbers reduced as 0-dim tensors ("tensor" rule)
 
     def prepare(v: Any) -> Any:
@@ -292,7 +291,7 @@ def _reduce(
                 raise TypeError(f"{fn}: complex numbers have no order; p{op} is undefined for them")
             if not isinstance(v, (bool, numbers.Number)):
                 v = _as_tensor(v, fn)
-            elif numbers_rule == "tensor" and not (lockstep and _constant_in_trace(v)):
+            elif numbers_rule == "tensor" or (numbers_rule == "lockstep" and not _constant_in_trace(v)):
                 # On the replica's device, not the default one (``with torch.device("meta")``).
                 device = _axis.physical_device(names)
                 v = torch.scalar_tensor(v, dtype=number_dtype(v, op, mean), device=device)  # type: ignore[arg-type]
@@ -391,13 +390,16 @@ def _numbers_rule(names: tuple[str, ...]) -> str:
     each replica's own Python runs (the threads: ``loss.item()`` is each one's own);
     "constant" where one run of the Python serves every replica, whose numbers are
     then constants (n * v, as JAX): the stacked executor's capture, and the replicas
-    stacked under vmap (``_stacked_collectives``); "tensor" in other traces (the
-    lockstep executor's integer ``.item()``, a replica's own torch.compile specialising
-    on its values): reduced as 0-dim tensors by the graph's collective, numbers again after."""
+    stacked under vmap (``_stacked_collectives``); "tensor" in other traces (a replica's
+    own torch.compile specialising on its values): reduced as 0-dim tensors by the
+    graph's collective, numbers again after; "lockstep" in the lockstep executor's one
+    trace: its symbols (an integer ``.item()``) as "tensor", its constants as "constant"."""
     if not torch.compiler.is_compiling():
         # (A collective node's leaves are tensors; a stacked level's Python runs once for all.)
         return "constant" if _inside_collective_node() or _axis.bound_level(names) is not None else "exchange"
-    return "constant" if _ops._capturing_for_stacking() and not _ops._capturing_for_lockstep() else "tensor"
+    if _ops._capturing_for_lockstep():
+        return "lockstep"
+    return "constant" if _ops._capturing_for_stacking() else "tensor"
 
 
 # A dtype that holds every value of one torch cannot reduce, for the message.
